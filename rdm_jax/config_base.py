@@ -1,0 +1,77 @@
+"""Defaults shared by every experiment config; each `configs/*.py` edits a copy.
+
+Store paths derive from `config.data_dir` (see `paths`); `config.database` names the
+database store to retrieve from and may point anywhere (databases are swappable).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections as mlc
+
+# Logical axis -> mesh axes. Activations' batch goes over data and fsdp; FSDP shards the
+# input side of weights, tensor parallelism the output features / heads / MLP width.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("conv_in", "fsdp"),
+    ("embed", "fsdp"),
+    ("context", "fsdp"),
+    ("conv_out", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("norm", None),
+)
+
+
+def base_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.data_dir = "data/experiment"
+  c.database = ""  # database store to retrieve from; "" = <data_dir>/database (see `paths`)
+
+  c.dataset = mlc.ConfigDict(dict(name="", idx_dir="", allow_tfds=True, parts={}))
+  c.first_stage = mlc.ConfigDict(dict(name="identity", pad_to=32, latent_channels=1))
+  c.retrieval = mlc.ConfigDict(dict(
+      encoder="efficientnet_lite0",  # or clip_vit_b32 (later issue)
+      weights="",                    # local checkpoint; "" = the installed weights package
+      image_size=96,
+      embed_dim=1280,
+      batch_size=256,
+      num_neighbors=16,              # K stored per example
+      chunk_size=4096,
+  ))
+  c.k_train = 4
+  c.k_select = "first"  # "first": the k_train nearest of the stored K; "random": k_train of K
+
+  c.model = mlc.ConfigDict(dict(
+      model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4),
+      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32"))
+  c.diffusion = mlc.ConfigDict(dict(num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2))
+  c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=1000, b1=0.9, b2=0.999, weight_decay=0.01,
+                                grad_clip=1.0, ema_decay=0.9999))
+
+  c.train = mlc.ConfigDict(dict(
+      batch_size=64, num_steps=1000, seed=0, p_uncond=0.0,
+      log_every=50, checkpoint_every=500, keep_checkpoints=3,
+      sample_every=0, num_sample_images=16, eval_batches=8))
+  c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
+  c.sample = mlc.ConfigDict(dict(num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
+                                 query_part="test"))
+
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = DEFAULT_SHARDING_RULES
+  return c
+
+
+def paths(config: mlc.ConfigDict) -> dict[str, str]:
+  """Where each job reads and writes; all under `config.data_dir` but the database."""
+  d = config.data_dir
+  return {
+      "database": config.database or os.path.join(d, "database"),
+      "latents_train": os.path.join(d, "latents_train"),
+      "latents_test": os.path.join(d, "latents_test"),
+      "embeddings_train": os.path.join(d, "embeddings_train"),
+      "embeddings_test": os.path.join(d, "embeddings_test"),
+      "neighbors_train": os.path.join(d, "neighbors_train"),
+      "neighbors_test": os.path.join(d, "neighbors_test"),
+  }

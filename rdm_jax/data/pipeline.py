@@ -1,0 +1,159 @@
+"""Training input: latents + precomputed neighbour ids -> (z0 [B, H, W, C], context [B, k, d]).
+
+The batch of step s is a pure function of (seed, s): global positions s*B .. s*B+B-1 of an
+endless stream of per-epoch permutations of the examples. A resumed run therefore sees
+exactly the batches an uninterrupted run would, and each process reads only its own slice
+of the global batch (`process_index`-th block of B / process_count rows).
+
+tf.data runs the per-step loads in parallel (numpy on memory-mapped stores: latents rows,
+neighbour-id rows, then a gather of the database embeddings of the first k_train, or a
+random k_train, of the K stored neighbours) and prefetches ahead of the train step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from rdm_jax import config_base
+from rdm_jax.data import store
+from rdm_jax.errors import fail
+
+ENCODE_HINT = "python -m rdm_jax.jobs.encode --config=<this config>"
+EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config>"
+NEIGHBORS_HINT = "python -m rdm_jax.jobs.neighbors --config=<this config>"
+
+
+@dataclass(frozen=True)
+class RetrievalData:
+  """Validated, aligned stores for one part: latents [N, H, W, C], neighbor_ids [N, K], database [M, d]."""
+
+  latents: np.ndarray
+  neighbor_ids: np.ndarray
+  database: np.ndarray
+  latents_store: store.Store
+  neighbors_store: store.Store
+  database_store: store.Store
+
+  @property
+  def num_examples(self) -> int:
+    return self.latents.shape[0]
+
+  @property
+  def num_stored_neighbors(self) -> int:
+    return self.neighbor_ids.shape[1]
+
+
+def load_retrieval_data(config: Any, part: str = "train", encoder: dict | None = None) -> RetrievalData:
+  """Opens the latents, neighbours and database stores of `part` and checks they belong together.
+
+  Args:
+    encoder: the encoder identity the model was / will be trained with; the database must
+      have been embedded by the same encoder (None skips this check).
+  """
+  paths = config_base.paths(config)
+  latents = store.read(paths[f"latents_{part}"], "latents", hint=f"{ENCODE_HINT} --parts={part}")
+  neighbors = store.read(paths[f"neighbors_{part}"], "neighbors", hint=f"{NEIGHBORS_HINT} --parts={part}")
+  database = store.read(paths["database"], "database", hint=f"{EMBED_HINT} --parts=database")
+
+  if not np.array_equal(latents["ids"], neighbors["query_ids"]):
+    fail(f"{neighbors.path} is not aligned with {latents.path} (different example ids); "
+         f"rerun `{NEIGHBORS_HINT} --parts={part}`")
+  if neighbors.manifest["database_fingerprint"] != database.fingerprint:
+    fail(f"{neighbors.path} was computed against another database than {database.path}; "
+         f"rerun `{NEIGHBORS_HINT} --parts={part}` for this database")
+  if encoder is not None and database.manifest["encoder"] != encoder:
+    fail(f"database {database.path} was embedded by {database.manifest['encoder']}, but the model "
+         f"uses {encoder}; embed the database with the model's encoder")
+  d = database["embeddings"].shape[1]
+  if d != config.retrieval.embed_dim:
+    fail(f"database embeddings are {d}-d but config.retrieval.embed_dim={config.retrieval.embed_dim} "
+         "(the model's context width); fix the config or re-embed")
+  k_stored = neighbors["neighbor_ids"].shape[1]
+  if config.k_train > k_stored:
+    fail(f"config.k_train={config.k_train} is larger than the K={k_stored} neighbours stored in "
+         f"{neighbors.path}; lower k_train or rerun the neighbour job with "
+         f"--config.retrieval.num_neighbors={config.k_train}")
+  if config.k_train < 1:
+    fail(f"config.k_train={config.k_train}: need at least one neighbour")
+  ids = neighbors["neighbor_ids"]
+  lo, hi = int(ids.min()), int(ids.max())
+  if lo < 0 or hi >= len(database["embeddings"]):
+    fail(f"{neighbors.path} holds neighbour ids in [{lo}, {hi}] but the database has "
+         f"{len(database['embeddings'])} entries; rerun `{NEIGHBORS_HINT}`")
+  return RetrievalData(latents=latents["latents"], neighbor_ids=ids, database=database["embeddings"],
+                       latents_store=latents, neighbors_store=neighbors, database_store=database)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def example_indices(seed: int, step: int, global_batch: int, n: int, shuffle: bool = True,
+                    process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """Rows of the examples in this process's slice of the global batch of `step`."""
+  local = global_batch // process_count
+  pos = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+  if not shuffle:
+    return pos % n
+  epochs, within = pos // n, pos % n
+  out = np.empty(local, np.int64)
+  for e in np.unique(epochs):
+    sel = epochs == e
+    out[sel] = _epoch_permutation(seed, int(e), n)[within[sel]]
+  return out
+
+
+def select_neighbors(ids: np.ndarray, k: int, mode: str, rng: np.random.Generator | None) -> np.ndarray:
+  """[B, K] stored neighbour ids -> [B, k]: the k nearest ('first') or k random of K ('random')."""
+  if mode == "first":
+    return ids[:, :k]
+  if mode == "random":
+    order = np.argsort(rng.random(ids.shape), axis=1)[:, :k]
+    return np.take_along_axis(ids, order, axis=1)
+  fail(f"config.k_select={mode!r}; use 'first' or 'random'")
+
+
+def load_batch(data: RetrievalData, rows: np.ndarray, k: int, mode: str,
+               rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(z0 [B, H, W, C] float32, context [B, k, d] float32) of the given example rows."""
+  order = np.argsort(rows)  # sorted reads are kinder to memory-mapped files
+  sorted_rows = rows[order]
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(len(order))
+  z0 = np.asarray(data.latents[sorted_rows], np.float32)[inverse]
+  ids = np.asarray(data.neighbor_ids[sorted_rows])[inverse]
+  ids = select_neighbors(ids, k, mode, rng)
+  context = np.asarray(data.database[ids.reshape(-1)], np.float32).reshape(ids.shape + (-1,))
+  return z0, context
+
+
+def train_iterator(data: RetrievalData, config: Any, start_step: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Process-local batches for steps start_step, start_step+1, ... via tf.data with prefetch."""
+  import tensorflow as tf
+
+  tf.config.set_visible_devices([], "GPU")
+  b = config.train.batch_size
+  if b % process_count:
+    fail(f"config.train.batch_size={b} is not divisible by {process_count} processes")
+  seed, k, mode = config.train.seed, config.k_train, config.k_select
+
+  def fetch(step):
+    step = int(step)
+    rows = example_indices(seed, step, b, data.num_examples, True, process_index, process_count)
+    rng = np.random.default_rng([seed, step, process_index, 1]) if mode == "random" else None
+    return load_batch(data, rows, k, mode, rng)
+
+  shapes = ((b // process_count,) + data.latents.shape[1:], (b // process_count, k, data.database.shape[1]))
+  ds = tf.data.Dataset.range(start_step, config.train.num_steps)
+  ds = ds.map(lambda s: tf.numpy_function(fetch, [s], (tf.float32, tf.float32), stateful=False),
+              num_parallel_calls=tf.data.AUTOTUNE if config.input.num_parallel_calls < 0
+              else config.input.num_parallel_calls, deterministic=True)
+  ds = ds.map(lambda z, c: (tf.ensure_shape(z, shapes[0]), tf.ensure_shape(c, shapes[1])))
+  ds = ds.prefetch(config.input.prefetch)
+  return ds.as_numpy_iterator()

@@ -1,0 +1,111 @@
+"""Image sources: IDX files (Fashion-MNIST / MNIST layout), TFDS as a fallback.
+
+`load_split(cfg, split)` returns uint8 images [N, H, W, C] and int labels [N] of the named
+part of a dataset ("train" | "database" | "test" for the embedded default), together with
+`source` metadata written into manifests so any store can point back to its pixels
+(neighbour provenance).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from typing import Any
+
+import numpy as np
+
+from rdm_jax.errors import fail
+
+FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (optionally .gz); validates magic number and size."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:
+    fail(f"cannot read {path} ({e}); reinstall it (apt-get install --reinstall dataset-fashion-mnist)")
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+    fail(f"{path} is not an IDX file (bad magic number)")
+  ndim = data[3]
+  dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+  dtype = np.dtype(_IDX_DTYPES[data[2]])
+  expected = int(np.prod(dims)) * dtype.itemsize
+  body = data[4 + 4 * ndim:]
+  if len(body) != expected:
+    fail(f"{path} is truncated or padded: {len(body)} bytes of data, the header says {expected}; "
+         "reinstall it (apt-get install --reinstall dataset-fashion-mnist)")
+  return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _find(idx_dir: str, stem: str) -> str:
+  for name in (stem + ".gz", stem):
+    path = os.path.join(idx_dir, name)
+    if os.path.isfile(path):
+      return path
+  fail(f"{stem}(.gz) not found in {idx_dir}: `apt-get install dataset-fashion-mnist` "
+       "or set config.dataset.idx_dir")
+
+
+def load_idx_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Images uint8 [N, H, W, 1] and labels int32 [N] of an IDX split ("train" | "test")."""
+  images_file, labels_file = _IDX_FILES[split]
+  images = read_idx(_find(idx_dir, images_file))
+  labels = read_idx(_find(idx_dir, labels_file)).astype(np.int32)
+  if images.ndim != 3 or labels.shape != images.shape[:1]:
+    fail(f"{idx_dir}: {split} images {images.shape} and labels {labels.shape} do not match")
+  return images[..., None], labels
+
+
+def _load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  import tensorflow_datasets as tfds
+  try:
+    ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, download=True))
+  except Exception as e:  # no network, no local copy
+    fail(f"TFDS {name}/{split} unavailable ({type(e).__name__}); install the IDX files instead "
+         "(apt-get install dataset-fashion-mnist)")
+  return ds["image"], ds["label"].astype(np.int32)
+
+
+def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split of the raw dataset named by `dataset.name` ("fashion_mnist")."""
+  if dataset.name != "fashion_mnist":
+    fail(f"dataset {dataset.name!r} has no image loader here; supported: fashion_mnist "
+         "(bring latents and embeddings made elsewhere as stores instead)")
+  idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)
+  if os.path.isdir(idx_dir):
+    return load_idx_split(idx_dir, source_split)
+  if dataset.get("allow_tfds", True):
+    return _load_tfds("fashion_mnist", source_split)
+  fail(f"{idx_dir} does not exist: `apt-get install dataset-fashion-mnist`")
+
+
+def split_range(dataset: Any, part: str) -> tuple[str, int, int]:
+  """(source split, start, stop) of a part: 'train' | 'database' | 'test'."""
+  spec = dataset.parts[part]
+  return spec.split, spec.start, spec.stop
+
+
+def check_disjoint(dataset: Any) -> None:
+  """Training images and the database must not overlap (the paper's D is disjoint from X)."""
+  tr_split, tr_a, tr_b = split_range(dataset, "train")
+  db_split, db_a, db_b = split_range(dataset, "database")
+  if tr_split == db_split and tr_a < db_b and db_a < tr_b:
+    fail(f"config.dataset.parts: train [{tr_a}, {tr_b}) and database [{db_a}, {db_b}) of "
+         f"'{tr_split}' overlap; make them disjoint")
+
+
+def load_part(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """(images uint8 [N, H, W, C], labels [N], source metadata) of a configured part."""
+  split, start, stop = split_range(dataset, part)
+  images, labels = load_source_split(dataset, split)
+  if not 0 <= start < stop <= len(images):
+    fail(f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(images)})")
+  source = {"dataset": dataset.name, "split": split, "start": start, "stop": stop}
+  return images[start:stop], labels[start:stop], source

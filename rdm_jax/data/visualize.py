@@ -1,0 +1,40 @@
+"""Image grids and neighbour panels as PNG."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one uint8 image [rows*(H+pad)+pad, ncol*(W+pad)+pad, C]."""
+  n, h, w, c = images.shape
+  rows = -(-n // ncol)
+  out = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncol)
+    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+  return out
+
+
+def neighbor_panel(neighbors: np.ndarray, samples: np.ndarray, gap: int = 8) -> np.ndarray:
+  """Rows of [k neighbour images | gap | sample]: neighbors [B, k, H, W, C], samples [B, H, W, C]."""
+  b, k = neighbors.shape[:2]
+  left = grid(neighbors.reshape((b * k,) + neighbors.shape[2:]), ncol=k)
+  right = grid(samples, ncol=1)
+  spacer = np.full((left.shape[0], gap, left.shape[2]), 255, np.uint8)
+  return np.concatenate([left, spacer, right], axis=1)
+
+
+def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
+  """Writes atomically; grayscale for one channel; nearest upscaling by `scale`."""
+  if scale > 1:
+    image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+  if image.shape[-1] == 1:
+    image = image[..., 0]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp.png"
+  Image.fromarray(image).save(tmp)
+  os.replace(tmp, path)

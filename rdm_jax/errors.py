@@ -1,0 +1,32 @@
+"""One exception type for problems the user can fix, and the wrapper that prints it.
+
+Jobs raise `UserError` for bad input (missing files, mismatched manifests, impossible
+configs). `run_main` turns it into one readable line on stderr and exit status 2, so a
+user sees what to do next instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+class UserError(Exception):
+  """An error the user can fix; the message says how."""
+
+
+def fail(message: str) -> NoReturn:
+  raise UserError(message)
+
+
+def run_main(main: Callable[..., object]) -> Callable[..., None]:
+  """Wraps an absl `main` so a `UserError` exits with a one-line message."""
+
+  def wrapped(argv):
+    try:
+      main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  return wrapped

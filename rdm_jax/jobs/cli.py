@@ -1,0 +1,31 @@
+"""What every job entry point shares: the --config flag and one-line user errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rdm_jax.errors import fail, run_main  # noqa: E402,F401
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                         lock_config=True)
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax and XLA's backend probing; warnings still pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = "/orbax/" in record.pathname or record.pathname.endswith("xla_bridge.py")
+    return record.levelno >= logging.WARNING or not noisy
+
+
+def run(main) -> None:
+  """app.run with UserError -> one-line message, exit status 2."""
+  flags.mark_flags_as_required(["config"])
+  logging.getLogger("absl").addFilter(_QuietLibraries())
+  app.run(run_main(main))

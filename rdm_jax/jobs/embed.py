@@ -1,0 +1,53 @@
+"""Embed job: retrieval-encoder embeddings of the database and of the query parts.
+
+Writes the database store (embeddings + ids + labels + source: provenance of every entry)
+and embeddings stores of the train and test parts (the queries for the neighbour job).
+
+  python -m rdm_jax.jobs.embed --config=configs/fashion_mnist_rdm.py [--parts=database,train,test]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import flags
+
+from rdm_jax import config_base
+from rdm_jax.data import sources, store
+from rdm_jax.jobs import cli
+from rdm_jax.retrieval import encoders
+
+_PARTS = flags.DEFINE_list("parts", ["database", "train", "test"], "Dataset parts to embed.")
+
+
+def embed_part(config, part: str, encode=None) -> store.Store:
+  paths = config_base.paths(config)
+  out, kind = (paths["database"], "database") if part == "database" else (paths[f"embeddings_{part}"], "embeddings")
+  if store.exists(out):
+    print(f"{out} exists; skipping (delete it to recompute)")
+    return store.read(out, kind, hint="rdm_jax.jobs.embed")
+  images, labels, source = sources.load_part(config.dataset, part)
+  ids = np.arange(source["start"], source["stop"], dtype=np.int64)
+  encode = encode or encoders.make_encoder(config.retrieval)
+  result = store.write_chunked(
+      out, kind, len(images), chunk_size=config.retrieval.chunk_size,
+      compute=lambda a, b: {"embeddings": encode(images[a:b]), "ids": ids[a:b], "labels": labels[a:b]},
+      encoder=encoders.encoder_identity(config.retrieval), source=source,
+      made_by="rdm_jax.jobs.embed")
+  print(f"wrote {out}: embeddings {result['embeddings'].shape}")
+  return result
+
+
+def main(argv):
+  del argv
+  config = cli.CONFIG.value
+  sources.check_disjoint(config.dataset)
+  encode = None
+  for part in _PARTS.value:
+    out = config_base.paths(config)["database" if part == "database" else f"embeddings_{part}"]
+    if encode is None and not store.exists(out):
+      encode = encoders.make_encoder(config.retrieval)
+    embed_part(config, part, encode)
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,45 @@
+"""Encode job: images of the train and test parts -> first-stage latents stores.
+
+  python -m rdm_jax.jobs.encode --config=configs/fashion_mnist_rdm.py [--parts=train,test]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import flags
+
+from rdm_jax import config_base
+from rdm_jax.data import sources, store
+from rdm_jax.jobs import cli
+from rdm_jax.models import first_stage
+
+_PARTS = flags.DEFINE_list("parts", ["train", "test"], "Dataset parts to encode.")
+
+
+def encode_part(config, part: str) -> store.Store:
+  out = config_base.paths(config)[f"latents_{part}"]
+  if store.exists(out):
+    print(f"{out} exists; skipping (delete it to recompute)")
+    return store.read(out, "latents", hint="rdm_jax.jobs.encode")
+  images, labels, source = sources.load_part(config.dataset, part)
+  ids = np.arange(source["start"], source["stop"], dtype=np.int64)
+  result = store.write_chunked(
+      out, "latents", len(images), chunk_size=8192,
+      compute=lambda a, b: {"latents": first_stage.encode(config.first_stage, images[a:b]),
+                            "ids": ids[a:b], "labels": labels[a:b]},
+      source=source, first_stage=config.first_stage.to_dict(), image_shape=list(images.shape[1:]),
+      made_by="rdm_jax.jobs.encode")
+  print(f"wrote {out}: latents {result['latents'].shape}")
+  return result
+
+
+def main(argv):
+  del argv
+  config = cli.CONFIG.value
+  sources.check_disjoint(config.dataset)
+  for part in _PARTS.value:
+    encode_part(config, part)
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,261 @@
+"""The LDM/RDM UNet eps_theta(z_t, t, context) with spatial-transformer cross-attention.
+
+A Flax port of `ldm.modules.diffusionmodules.openaimodel.UNetModel` as the RDM release
+configures it (use_spatial_transformer=True, num_head_channels=32, no scale-shift norm):
+
+  conv_in -> [ResBlock (+ SpatialTransformer where the downsampling factor is in
+  `attention_resolutions`)] x num_res_blocks per level, Downsample between levels
+  -> middle ResBlock, SpatialTransformer, ResBlock
+  -> mirrored output levels with skip concatenation and Upsample
+  -> GroupNorm, SiLU, zero-initialised conv_out.
+
+The neighbour context `context: [B, k, d]` enters each SpatialTransformer through the
+key/value projections of its cross-attention (raw retrieval embeddings, as in RDM).
+
+Details kept from the original: GroupNorm with 32 groups computed in float32, eps 1e-5
+in res blocks and the output norm (torch default) and eps 1e-6 in the transformer's
+input norm (`ldm.modules.attention.Normalize`); LayerNorm eps 1e-5; GEGLU feed-forward
+with exact GELU and inner width 4x; bias-free q/k/v projections; zero-initialised
+`proj_out` (1x1 conv), res-block second conv and `conv_out`; sinusoidal timestep
+embedding ordered [cos, sin].
+
+Parameters carry logical axis names (see `rdm_jax.parallel.sharding`):
+  conv kernels  (None, None, "conv_in", "conv_out")
+  dense kernels ("embed", "mlp") / ("mlp", "embed"); attention ("embed", "heads"),
+                ("heads", "embed"); context k/v ("context", "heads")
+  biases/scales ("norm",)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_default_kernel_init = nn.initializers.lecun_normal()
+_zeros = nn.initializers.zeros_init()
+
+
+def _kernel(names: tuple[str | None, ...], init=_default_kernel_init):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _bias(init=_zeros):
+  return nn.with_logical_partitioning(init, ("norm",))
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of integer timesteps t: [B] -> [B, dim], ordered [cos, sin]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm32 of the original: statistics in float32, 32 groups."""
+
+  eps: float = 1e-5
+  num_groups: int = 32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", _bias(nn.initializers.ones_init()), (c,))
+    bias = self.param("bias", _bias(), (c,))
+    x32 = x.astype(jnp.float32)
+    g = x32.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+    axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+    mean = g.mean(axis=axes, keepdims=True)
+    var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + self.eps)
+    y = g.reshape(x.shape) * scale + bias
+    return y.astype(x.dtype)
+
+
+def Conv(features: int, kernel_size: int = 3, stride: int = 1, zero_init: bool = False,
+         dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
+  """2-D conv with logical axis names; torch-style symmetric padding (k // 2)."""
+  p = kernel_size // 2
+  return nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=((p, p), (p, p)),
+                 dtype=dtype, name=name,
+                 kernel_init=_kernel((None, None, "conv_in", "conv_out"),
+                                     _zeros if zero_init else _default_kernel_init),
+                 bias_init=_bias())
+
+
+def Dense(features: int, names: tuple[str | None, str | None] = ("embed", "mlp"),
+          use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """Dense layer whose kernel carries the logical axis names `names`."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=_kernel(names), bias_init=_bias())
+
+
+class ResBlock(nn.Module):
+  """openaimodel.ResBlock without scale-shift norm: x + f(x, emb)."""
+
+  out_channels: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool = True) -> jax.Array:
+    h = nn.silu(GroupNorm(name="in_norm")(x))
+    h = Conv(self.out_channels, dtype=self.dtype, name="in_conv")(h)
+    e = Dense(self.out_channels, ("embed", "mlp"), dtype=self.dtype, name="emb_proj")(nn.silu(emb))
+    h = h + e[:, None, None, :]
+    h = nn.silu(GroupNorm(name="out_norm")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Conv(self.out_channels, zero_init=True, dtype=self.dtype, name="out_conv")(h)
+    if x.shape[-1] != self.out_channels:
+      x = Conv(self.out_channels, kernel_size=1, dtype=self.dtype, name="skip")(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Multi-head (cross-)attention of ldm.modules.attention.CrossAttention."""
+
+  heads: int
+  dim_head: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    """x: [B, N, c]; context: [B, k, d] (self-attention when None) -> [B, N, c]."""
+    inner = self.heads * self.dim_head
+    ctx_names = ("embed", "heads") if context is None else ("context", "heads")
+    context = x if context is None else context
+    q = Dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="to_q")(x)
+    k = Dense(inner, ctx_names, use_bias=False, dtype=self.dtype, name="to_k")(context)
+    v = Dense(inner, ctx_names, use_bias=False, dtype=self.dtype, name="to_v")(context)
+    split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.dim_head))
+    q, k, v = split(q), split(k), split(v)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.dim_head ** -0.5)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape[:2] + (inner,))
+    return Dense(x.shape[-1], ("heads", "embed"), dtype=self.dtype, name="to_out")(out)
+
+
+class GEGLUFeedForward(nn.Module):
+  """FeedForward(glu=True): Linear(c, 2*4c) -> a * gelu(gate) -> Linear(4c, c)."""
+
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    inner = x.shape[-1] * self.mult
+    h = Dense(2 * inner, ("embed", "mlp"), dtype=self.dtype, name="proj_in")(x)
+    a, gate = jnp.split(h, 2, axis=-1)
+    h = a * nn.gelu(gate, approximate=False)
+    return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="proj_out")(h)
+
+
+class TransformerBlock(nn.Module):
+  """BasicTransformerBlock: self-attention, cross-attention to the context, GEGLU FF."""
+
+  heads: int
+  dim_head: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name,
+                                   scale_init=_bias(nn.initializers.ones_init()), bias_init=_bias())
+    x = x + Attention(self.heads, self.dim_head, self.dtype, name="attn1")(ln("norm1")(x).astype(x.dtype))
+    x = x + Attention(self.heads, self.dim_head, self.dtype, name="attn2")(
+        ln("norm2")(x).astype(x.dtype), context)
+    x = x + GEGLUFeedForward(dtype=self.dtype, name="ff")(ln("norm3")(x).astype(x.dtype))
+    return x
+
+
+class SpatialTransformer(nn.Module):
+  """GroupNorm(eps 1e-6) -> 1x1 proj_in -> transformer blocks -> zero 1x1 proj_out, + residual."""
+
+  heads: int
+  dim_head: int
+  depth: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    inner = self.heads * self.dim_head
+    y = GroupNorm(eps=1e-6, name="norm")(x)
+    y = Conv(inner, kernel_size=1, dtype=self.dtype, name="proj_in")(y)
+    y = y.reshape(b, h * w, inner)
+    for i in range(self.depth):
+      y = TransformerBlock(self.heads, self.dim_head, self.dtype, name=f"block_{i}")(y, context)
+    y = y.reshape(b, h, w, inner)
+    y = Conv(c, kernel_size=1, zero_init=True, dtype=self.dtype, name="proj_out")(y)
+    return x + y
+
+
+class UNet(nn.Module):
+  """eps_theta(z_t, t, context): [B, H, W, C], [B], [B, k, d] -> [B, H, W, C]."""
+
+  model_channels: int
+  channel_mult: Sequence[int]
+  num_res_blocks: int
+  attention_resolutions: Sequence[int]  # downsampling factors with attention (1 = top level)
+  num_head_channels: int = 32
+  transformer_depth: int = 1
+  out_channels: int | None = None
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  def _attn(self, ch: int, name: str) -> SpatialTransformer:
+    heads = ch // self.num_head_channels
+    return SpatialTransformer(heads, self.num_head_channels, self.transformer_depth, self.dtype, name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
+               deterministic: bool = True) -> jax.Array:
+    mc = self.model_channels
+    dt = self.dtype
+    emb = timestep_embedding(t, mc)
+    emb = Dense(4 * mc, ("norm", "mlp"), dtype=dt, name="time_embed_0")(emb)
+    emb = Dense(4 * mc, ("mlp", "embed"), dtype=dt, name="time_embed_1")(nn.silu(emb))
+    context = context.astype(dt)
+
+    h = Conv(mc, dtype=dt, name="conv_in")(x.astype(dt))
+    skips = [h]
+    ds = 1
+    for level, mult in enumerate(self.channel_mult):
+      for i in range(self.num_res_blocks):
+        h = ResBlock(mult * mc, self.dropout, dt, name=f"down_{level}_res_{i}")(h, emb, deterministic)
+        if ds in self.attention_resolutions:
+          h = self._attn(mult * mc, f"down_{level}_attn_{i}")(h, context)
+        skips.append(h)
+      if level != len(self.channel_mult) - 1:
+        h = Conv(mult * mc, stride=2, dtype=dt, name=f"down_{level}_downsample")(h)
+        skips.append(h)
+        ds *= 2
+
+    ch = self.channel_mult[-1] * mc
+    h = ResBlock(ch, self.dropout, dt, name="mid_res_0")(h, emb, deterministic)
+    h = self._attn(ch, "mid_attn")(h, context)
+    h = ResBlock(ch, self.dropout, dt, name="mid_res_1")(h, emb, deterministic)
+
+    for level, mult in reversed(list(enumerate(self.channel_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = ResBlock(mult * mc, self.dropout, dt, name=f"up_{level}_res_{i}")(h, emb, deterministic)
+        if ds in self.attention_resolutions:
+          h = self._attn(mult * mc, f"up_{level}_attn_{i}")(h, context)
+        if level and i == self.num_res_blocks:
+          h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest, as F.interpolate x2
+          h = Conv(mult * mc, dtype=dt, name=f"up_{level}_upsample")(h)
+          ds //= 2
+
+    h = nn.silu(GroupNorm(name="out_norm")(h))
+    out = Conv(self.out_channels or x.shape[-1], zero_init=True, dtype=dt, name="conv_out")(h)
+    return out.astype(jnp.float32)

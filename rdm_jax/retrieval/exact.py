@@ -1,0 +1,69 @@
+"""Exact maximum-inner-product search on L2-normalised embeddings, in JAX.
+
+The ground truth for approximate indices, and the search used for small databases.
+Cosine similarity = dot product of L2-normalised vectors (the RDM search metric).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdm_jax.errors import fail
+
+
+def l2_normalize(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
+  """Row-normalises float vectors; NaN/inf or zero rows are an error (they cannot be searched)."""
+  x = np.asarray(x, np.float32)
+  bad = ~np.isfinite(x).all(axis=1)
+  if bad.any():
+    fail(f"{what}: {int(bad.sum())} rows contain NaN or inf (first at row {int(np.argmax(bad))}); "
+         "recompute them")
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  if (norms == 0).any():
+    fail(f"{what}: {int((norms == 0).sum())} rows have zero norm (first at row "
+         f"{int(np.argmax(norms[:, 0] == 0))}); they have no direction to search with")
+  return x / norms
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _chunk_topk(q: jax.Array, db: jax.Array, offset: jax.Array, k: int):
+  scores, ids = jax.lax.top_k(q @ db.T, k)
+  return scores, ids + offset
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge(s1, i1, s2, i2, k: int):
+  s = jnp.concatenate([s1, s2], axis=1)
+  i = jnp.concatenate([i1, i2], axis=1)
+  top, pos = jax.lax.top_k(s, k)
+  return top, jnp.take_along_axis(i, pos, axis=1)
+
+
+def exact_search(queries: np.ndarray, database: np.ndarray, k: int, query_batch: int = 1024,
+                 database_chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k by inner product. queries [Q, d], database [N, d] (already normalised).
+
+  Returns (scores [Q, k] float32 descending, ids [Q, k] int32). Memory is bounded by
+  query_batch x database_chunk scores at a time.
+  """
+  if queries.shape[1] != database.shape[1]:
+    fail(f"query width {queries.shape[1]} differs from database width {database.shape[1]}: "
+         "queries and database must come from the same encoder")
+  if k > database.shape[0]:
+    fail(f"asked for K={k} neighbours but the database has only {database.shape[0]} entries")
+  out_s, out_i = [], []
+  for qa in range(0, len(queries), query_batch):
+    q = jnp.asarray(queries[qa:qa + query_batch])
+    best = None
+    for da in range(0, len(database), database_chunk):
+      db = jnp.asarray(database[da:da + database_chunk])
+      kk = min(k, db.shape[0])
+      s, i = _chunk_topk(q, db, jnp.int32(da), kk)
+      best = (s, i) if best is None else _merge(*best, s, i, k)
+    out_s.append(np.asarray(best[0]))
+    out_i.append(np.asarray(best[1]))
+  return np.concatenate(out_s), np.concatenate(out_i).astype(np.int32)

@@ -1,0 +1,138 @@
+r"""Train a retrieval-augmented diffusion model on pre-encoded latents and precomputed neighbours.
+
+  python -m rdm_jax.train --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
+      [--config.k_train=8] [--config.mesh.fsdp=2]
+
+Resumes from the latest checkpoint in --workdir by default, with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import flags, logging
+
+from rdm_jax.jobs import cli
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E402
+
+from rdm_jax import checkpoint, conditioning, training  # noqa: E402
+from rdm_jax.data import pipeline, visualize  # noqa: E402
+from rdm_jax.models import first_stage  # noqa: E402
+from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
+from rdm_jax.retrieval import encoders  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+
+
+def write_samples(config, workdir, step, model, sched, params, latent_shape, image_hw, encoder, writer):
+  """A DDIM sample grid (with guidance) next to the neighbours that conditioned each sample."""
+  n = config.train.num_sample_images
+  cond = conditioning.exemplar_conditioning(config, n, config.k_train, config.sample.query_part, encoder)
+  sampler = training.make_sampler(config, model, sched, latent_shape, config.sample.num_steps,
+                                  config.sample.guidance_scale, config.sample.eta)
+  z = sampler(params, jnp.asarray(cond.context), jax.random.PRNGKey(config.train.seed + 1))
+  images = first_stage.decode(config.first_stage, np.asarray(jax.device_get(z)), image_hw)
+  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
+  panel = visualize.neighbor_panel(neighbors, images)
+  out = os.path.join(workdir, "samples")
+  visualize.save_png(os.path.join(out, f"samples_{step:07d}.png"), visualize.grid(images, 4), scale=2)
+  visualize.save_png(os.path.join(out, f"neighbors_and_samples_{step:07d}.png"), panel, scale=2)
+  writer.write_images(step, {"samples": visualize.grid(images, 4)[None], "neighbors_and_samples": panel[None]})
+  return out
+
+
+def main(argv):
+  del argv
+  config = cli.CONFIG.value
+  workdir = _WORKDIR.value
+  if not workdir:
+    cli.fail("--workdir is required (checkpoints, logs and samples go there)")
+  os.makedirs(workdir, exist_ok=True)
+
+  # --------------------------------------------------------------------------- Data
+  data = pipeline.load_retrieval_data(config, "train")
+  encoder = data.database_store.manifest["encoder"]
+  if config.retrieval.encoder != encoder["name"]:
+    cli.fail(f"config.retrieval.encoder={config.retrieval.encoder!r} but the database was embedded by "
+             f"{encoder['name']!r}")
+  latent_shape = data.latents.shape[1:]
+  image_hw = tuple(data.latents_store.manifest["image_shape"][:2])
+
+  # --------------------------------------------------------------------------- Mesh
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  rules = [tuple(r) for r in config.sharding_rules]
+  batch_devices = int(np.prod([mesh.shape[a] for a in dict(rules)["batch"]]))
+  if config.train.batch_size % batch_devices:
+    cli.fail(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
+             f"{batch_devices} devices of the batch axes {dict(rules)['batch']}")
+  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+
+  # --------------------------------------------------------------------------- Model
+  model = training.make_model(config)
+  tx = training.make_optimizer(config)
+  sched = training.make_schedule(config)
+  inputs = training.example_inputs(config, 1, latent_shape, config.k_train)
+  abstract, state_sh = training.state_shardings(model, tx, inputs, mesh, rules)
+
+  # --------------------------------------------------------------------------- Checkpoint
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  state = checkpoint.restore(mngr, abstract, state_sh)
+  if state is None:
+    state = training.init_state(model, tx, inputs, jax.random.PRNGKey(config.train.seed), state_sh)
+    logging.info("initialised a new model")
+  else:
+    logging.info("resumed from step %d", int(state.step))
+  start_step = int(state.step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    with open(os.path.join(workdir, "model_info.json"), "w") as f:
+      json.dump({"encoder": encoder, "database": data.database_store.path,
+                 "database_fingerprint": data.database_store.fingerprint,
+                 "latent_shape": list(latent_shape), "image_hw": list(image_hw)}, f, indent=1)
+  parameter_overview.log_parameter_overview(state.params)
+
+  # --------------------------------------------------------------------------- Update step
+  train_step = training.jit_train_step(
+      training.make_train_step(config, model, tx, sched), state_sh, mesh, rules, len(latent_shape) + 1)
+  rng = jax.random.PRNGKey(config.train.seed + 2)
+
+  # --------------------------------------------------------------------------- Train loop
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                asynchronous=True)
+  num_steps = config.train.num_steps
+  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=config.train.log_every)
+  batches = pipeline.train_iterator(data, config, start_step, jax.process_index(), jax.process_count())
+  losses = []
+  with jax.set_mesh(mesh):
+    for step in range(start_step + 1, num_steps + 1):
+      z0, context = next(batches)
+      z0, context = training.put_batch(mesh, rules, z0, context)
+      state, metrics = train_step(state, z0, context, rng)
+      losses.append(metrics["loss"])
+      progress(step)
+      if step % config.train.log_every == 0 or step == num_steps:
+        values = jax.device_get(losses)
+        writer.write_scalars(step, {"loss": float(np.mean(values)),
+                                    "grad_norm": float(jax.device_get(metrics["grad_norm"]))})
+        logging.info("step %d loss %.4f", step, float(np.mean(values)))
+        losses = []
+      if step % config.train.checkpoint_every == 0 or step == num_steps:
+        checkpoint.save(mngr, step, state)
+      if config.train.sample_every and (step % config.train.sample_every == 0 or step == num_steps):
+        out = write_samples(config, workdir, step, model, sched, state.ema_params, latent_shape,
+                            image_hw, encoder, writer)
+        logging.info("step %d: samples in %s", step, out)
+  mngr.wait_until_finished()
+  writer.flush()
+  print(f"trained to step {num_steps}; checkpoints, TensorBoard logs and samples in {workdir}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

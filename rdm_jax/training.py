@@ -1,0 +1,144 @@
+"""Model construction, train state, the sharded train step and the EMA, shared by all jobs.
+
+The train state is one pytree (`TrainState`) whose parameter-shaped parts (params, EMA
+params, Adam moments) take their shardings from the parameters' logical axis names
+through `config.sharding_rules` (see `rdm_jax.parallel.sharding`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rdm_jax.diffusion import ddim, schedule as schedule_lib
+from rdm_jax.models.unet import UNet
+from rdm_jax.parallel import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_model(config: Any) -> UNet:
+  m = config.model
+  return UNet(model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
+              num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
+              num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
+              out_channels=config.first_stage.latent_channels, dropout=m.dropout,
+              dtype=jnp.dtype(m.dtype))
+
+
+def make_schedule(config: Any) -> schedule_lib.Schedule:
+  d = config.diffusion
+  return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end)
+
+
+def make_optimizer(config: Any) -> optax.GradientTransformation:
+  """AdamW with a linear warm-up to a constant rate (LDM's LambdaLR warm-up), global-norm clipping."""
+  o = config.optim
+  lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
+      [max(o.warmup_steps, 1)])
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  return optax.chain(*parts)
+
+
+def example_inputs(config: Any, batch: int, latent_shape: tuple[int, ...], k: int) -> tuple[jax.Array, ...]:
+  return (jnp.zeros((batch,) + tuple(latent_shape), jnp.float32), jnp.zeros((batch,), jnp.int32),
+          jnp.zeros((batch, k, config.retrieval.embed_dim), jnp.float32))
+
+
+def _init_boxed(model: UNet, tx: optax.GradientTransformation, inputs, rng) -> TrainState:
+  params = model.init(rng, *inputs)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+  """(abstract unboxed state, its NamedShardings) from the logical axis names of the params."""
+  abstract = jax.eval_shape(functools.partial(_init_boxed, model, tx, inputs), jax.random.PRNGKey(0))
+  shardings = sharding.logical_shardings(abstract, mesh, rules)
+  return nn.meta.unbox(abstract), shardings
+
+
+def init_state(model: UNet, tx, inputs, rng, shardings: TrainState) -> TrainState:
+  """Initialises the state directly into its shardings (no full copy on one device)."""
+  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, inputs, r)), out_shardings=shardings)
+  return init(rng)
+
+
+def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
+  """LDM's LitEma: the effective decay min(decay, (1 + n) / (10 + n)) warms up from 0.1."""
+  n = num_updates.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
+                    ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
+  """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); eps-MSE of Eq. 3.
+
+  With probability `config.train.p_uncond` an example's context is replaced by zeros,
+  the unconditional branch that classifier-free guidance samples against.
+  """
+  p_uncond = config.train.p_uncond
+  decay = config.optim.ema_decay
+
+  def step(state: TrainState, z0, context, rng):
+    rng = jax.random.fold_in(rng, state.step)
+    drop_rng, loss_rng = jax.random.split(rng)
+    if p_uncond > 0:
+      keep = jax.random.uniform(drop_rng, (context.shape[0], 1, 1)) >= p_uncond
+      context = jnp.where(keep, context, 0.0)
+
+    def loss_fn(params):
+      eps_fn = lambda z_t, t: model.apply({"params": params}, z_t, t, context)
+      return schedule_lib.eps_loss(eps_fn, sched, z0, loss_rng)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay(decay, state.step)
+    ema = jax.tree.map(lambda e, p: e - (1.0 - d) * (e - p), state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+  return step
+
+
+def jit_train_step(step_fn, state_sh: TrainState, mesh: Mesh, rules, latent_ndim: int):
+  """jax.jit with explicit in/out shardings and the state donated."""
+  z_sh = sharding.batch_sharding(mesh, rules, latent_ndim)
+  c_sh = sharding.batch_sharding(mesh, rules, 3)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, in_shardings=(state_sh, z_sh, c_sh, replicated),
+                 out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+
+def make_sampler(config: Any, model: UNet, sched: schedule_lib.Schedule, latent_shape, num_steps: int,
+                 guidance_scale: float, eta: float):
+  """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with DDIM + guidance."""
+
+  def sample(params, context, rng):
+    eps_fn = lambda z, t, c: model.apply({"params": params}, z, t, c)
+    return ddim.ddim_sample(eps_fn, sched, context, (context.shape[0],) + tuple(latent_shape), rng,
+                            num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
+
+  return jax.jit(sample)
+
+
+def put_batch(mesh: Mesh, rules, *local_arrays):
+  """Process-local numpy batches -> global jax.Arrays sharded over the batch axes."""
+  return tuple(jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, a.ndim), a)
+               for a in local_arrays)

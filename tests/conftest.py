@@ -1,0 +1,77 @@
+"""Test set-up: 8 fake CPU devices (sharding tests need a multi-axis mesh) and tiny stores."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tiny_stores(data_dir: str, n_train: int = 64, n_db: int = 40, k: int = 6, d: int = 16,
+                     seed: int = 0, encoder: dict | None = None) -> dict:
+  """Writes latents / neighbours / database stores of random data as the jobs would."""
+  from rdm_jax.data import store
+
+  rng = np.random.default_rng(seed)
+  encoder = encoder or {"name": "efficientnet_lite0", "weights_sha256": "test", "image_size": 32,
+                        "embed_dim": d}
+  source = {"dataset": "synthetic", "split": "train", "start": 0, "stop": n_train}
+  db = store.write(os.path.join(data_dir, "database"), "database",
+                   {"embeddings": rng.normal(size=(n_db, d)).astype(np.float32),
+                    "ids": np.arange(n_db, dtype=np.int64), "labels": np.zeros(n_db, np.int32)},
+                   encoder=encoder, source={"dataset": "synthetic", "split": "db", "start": 0, "stop": n_db})
+  for part, n in (("train", n_train), ("test", n_train // 2)):
+    ids = np.arange(n, dtype=np.int64)
+    store.write(os.path.join(data_dir, f"latents_{part}"), "latents",
+                {"latents": rng.normal(size=(n, 8, 8, 1)).astype(np.float32), "ids": ids,
+                 "labels": np.zeros(n, np.int32)},
+                source=source, first_stage={"name": "identity", "pad_to": 8}, image_shape=[8, 8, 1])
+    store.write(os.path.join(data_dir, f"embeddings_{part}"), "embeddings",
+                {"embeddings": rng.normal(size=(n, d)).astype(np.float32), "ids": ids,
+                 "labels": np.zeros(n, np.int32)}, encoder=encoder, source=source)
+    store.write(os.path.join(data_dir, f"neighbors_{part}"), "neighbors",
+                {"neighbor_ids": rng.integers(0, n_db, size=(n, k)).astype(np.int32),
+                 "scores": np.zeros((n, k), np.float32), "query_ids": ids},
+                database_fingerprint=db.fingerprint, encoder=encoder, num_neighbors=k)
+  return {"encoder": encoder, "d": d, "k": k}
+
+
+TINY_OVERRIDES = [
+    "--config.model.model_channels=32", "--config.model.channel_mult=(1,2)",
+    "--config.model.attention_resolutions=(2,)", "--config.model.num_res_blocks=1",
+    "--config.retrieval.embed_dim=16", "--config.first_stage.pad_to=8", "--config.train.batch_size=8",
+    "--config.optim.warmup_steps=2", "--config.train.log_every=1", "--config.train.sample_every=0",
+    "--config.k_train=4",
+]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+  info = make_tiny_stores(str(tmp_path / "data"))
+  info["data_dir"] = str(tmp_path / "data")
+  return info
+
+
+def tiny_config(data_dir: str):
+  """The fashion_mnist config shrunk to the tiny stores (in-process tests)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", "fashion_mnist_rdm.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.data_dir = data_dir
+  c.model.model_channels = 32
+  c.model.channel_mult = (1, 2)
+  c.model.attention_resolutions = (2,)
+  c.model.num_res_blocks = 1
+  c.retrieval.embed_dim = 16
+  c.first_stage.pad_to = 8
+  c.train.batch_size = 8
+  c.optim.warmup_steps = 2
+  c.k_train = 4
+  return c

@@ -1,0 +1,97 @@
+"""Noise schedule, forward process, loss and DDIM against closed forms and hand-worked cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdm_jax.diffusion import ddim, schedule
+
+
+def test_linear_schedule_closed_form():
+  T, b0, b1 = 1000, 1.5e-3, 1.95e-2
+  s = schedule.linear_schedule(T, b0, b1)
+  t = np.arange(T)
+  betas = (np.sqrt(b0) + t / (T - 1) * (np.sqrt(b1) - np.sqrt(b0))) ** 2
+  np.testing.assert_allclose(np.asarray(s.betas), betas, rtol=1e-6)
+  assert abs(float(s.betas[0]) - b0) < 1e-9 and abs(float(s.betas[-1]) - b1) < 1e-8
+  a_bar = 1.0
+  expected = []
+  for beta in betas:
+    a_bar *= 1.0 - beta
+    expected.append(a_bar)
+  np.testing.assert_allclose(np.asarray(s.alphas_cumprod), expected, rtol=1e-5)
+
+
+def test_q_sample_moments():
+  s = schedule.linear_schedule()
+  z0 = jnp.full((20000, 1), 0.7)
+  t = jnp.full((20000,), 300)
+  noise = jax.random.normal(jax.random.PRNGKey(0), z0.shape)
+  zt = np.asarray(schedule.q_sample(s, z0, t, noise))
+  a = float(s.alphas_cumprod[300])
+  assert abs(zt.mean() - np.sqrt(a) * 0.7) < 0.02
+  assert abs(zt.var() - (1 - a)) < 0.02
+
+
+def test_eps_loss_of_oracle_is_zero_and_of_zero_predictor_is_one():
+  s = schedule.linear_schedule()
+  z0 = jax.random.normal(jax.random.PRNGKey(1), (512, 4, 4, 1))
+  rng = jax.random.PRNGKey(2)
+  # Oracle: knows z0, so eps = (z_t - sqrt(a) z0) / sqrt(1 - a) exactly.
+  def oracle(z_t, t):
+    a = s.alphas_cumprod[t][:, None, None, None]
+    return (z_t - jnp.sqrt(a) * z0) / jnp.sqrt(1 - a)
+  assert float(schedule.eps_loss(oracle, s, z0, rng)) < 1e-8
+  zero = float(schedule.eps_loss(lambda z_t, t: jnp.zeros_like(z_t), s, z0, rng))
+  assert abs(zero - 1.0) < 0.05  # E[eps^2] = 1
+
+
+def test_ddim_timesteps_match_ldm():
+  # ldm make_ddim_timesteps("uniform", 50, 1000) = arange(0, 1000, 20) + 1
+  np.testing.assert_array_equal(ddim.ddim_timesteps(1000, 50), np.arange(0, 1000, 20) + 1)
+  np.testing.assert_array_equal(ddim.ddim_timesteps(1000, 100)[:3], [1, 11, 21])
+
+
+def test_ddim_is_exact_for_point_mass_data():
+  """For data = a single point x0 the optimal eps(z_t) = (z_t - sqrt(a_t) x0)/sqrt(1-a_t). DDIM with
+  eta=0 (Song et al. 2021, Eq. 12) then keeps eps constant, so the result is the closed form
+  sqrt(a_0) x0 + sqrt(1 - a_0) eps, eps fixed by the start z_T at the first DDIM timestep."""
+  s = schedule.linear_schedule()
+  x0 = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4, 2)), jnp.float32)
+
+  def eps_fn(z, t, context):
+    a = s.alphas_cumprod[t][:, None, None, None]
+    return (z - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+
+  rng = jax.random.PRNGKey(0)
+  out = ddim.ddim_sample(eps_fn, s, jnp.ones((3, 2, 5)), x0.shape, rng, num_steps=20, guidance_scale=1.0)
+  z_T = np.asarray(jax.random.normal(jax.random.split(rng)[0], x0.shape), np.float64)
+  a_first = float(s.alphas_cumprod[ddim.ddim_timesteps(1000, 20)[-1]])
+  a_0 = float(s.alphas_cumprod[0])
+  eps = (z_T - np.sqrt(a_first) * np.asarray(x0)) / np.sqrt(1 - a_first)
+  want = np.sqrt(a_0) * np.asarray(x0) + np.sqrt(1 - a_0) * eps
+  np.testing.assert_allclose(np.asarray(out), want, atol=1e-4)
+
+
+def test_one_ddim_step_by_hand():
+  s = schedule.linear_schedule(10, 0.1, 0.2)
+  rng = jax.random.PRNGKey(3)
+  init_rng, _ = jax.random.split(rng)
+  z_T = np.asarray(jax.random.normal(init_rng, (1, 1, 1, 1)))[0, 0, 0, 0]
+  e = 0.3
+  out = ddim.ddim_sample(lambda z, t, c: jnp.full_like(z, e), s, jnp.zeros((1, 1, 1)), (1, 1, 1, 1), rng,
+                         num_steps=1, guidance_scale=1.0)
+  a_t = float(s.alphas_cumprod[1])  # tau = [1]
+  a_prev = float(s.alphas_cumprod[0])
+  pred_x0 = (z_T - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+  want = np.sqrt(a_prev) * pred_x0 + np.sqrt(1 - a_prev) * e
+  np.testing.assert_allclose(float(out[0, 0, 0, 0]), want, rtol=1e-5)
+
+
+def test_guidance_combines_zero_and_true_context():
+  # eps_fn returns 1 for a zeros context and 3 otherwise: e = 1 + s (3 - 1)
+  def eps_fn(z, t, c):
+    is_cond = (jnp.abs(c).sum(axis=(1, 2)) > 0).astype(jnp.float32)
+    return jnp.ones_like(z) * (1.0 + 2.0 * is_cond)[:, None, None, None]
+  out = ddim.guided_eps(eps_fn, jnp.zeros((2, 1, 1, 1)), jnp.array([5, 5]), jnp.ones((2, 4, 3)), 2.5)
+  np.testing.assert_allclose(np.asarray(out), 1.0 + 2.5 * 2.0)

@@ -1,0 +1,87 @@
+"""Training on 8 fake CPU devices: the rules give the asked-for parameter shardings, and data
+parallel, FSDP and tensor parallel layouts compute the same steps as one device."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rdm_jax import training
+from rdm_jax.data import pipeline
+from rdm_jax.errors import UserError
+from rdm_jax.parallel import mesh as mesh_lib
+from conftest import tiny_config
+
+
+def _run(config, mesh_axes, steps=3, devices=None, tx=None):
+  mesh = mesh_lib.make_mesh(mesh_axes, devices)
+  rules = [tuple(r) for r in config.sharding_rules]
+  data = pipeline.load_retrieval_data(config, "train")
+  model, sched = training.make_model(config), training.make_schedule(config)
+  tx = tx or training.make_optimizer(config)
+  inputs = training.example_inputs(config, 1, data.latents.shape[1:], config.k_train)
+  _, sh = training.state_shardings(model, tx, inputs, mesh, rules)
+  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh)
+  step = training.jit_train_step(training.make_train_step(config, model, tx, sched), sh, mesh, rules, 4)
+  losses = []
+  with jax.set_mesh(mesh):
+    for s in range(steps):
+      rows = pipeline.example_indices(0, s, config.train.batch_size, data.num_examples)
+      z0, ctx = training.put_batch(mesh, rules, *pipeline.load_batch(data, rows, config.k_train, "first"))
+      state, metrics = step(state, z0, ctx, jax.random.PRNGKey(1))
+      losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def _spec(state, path):
+  node = state.params
+  for key in path.split("/"):
+    node = node[key]
+  return node.sharding.spec
+
+
+def test_eight_devices_are_there():
+  assert jax.device_count() == 8
+
+
+def test_fsdp_and_tensor_shardings_follow_the_rules(tiny_data):
+  config = tiny_config(tiny_data["data_dir"])
+  state, _ = _run(config, {"data": 2, "fsdp": 2, "tensor": 2}, steps=1)
+  # conv kernels (None, None, conv_in -> fsdp, conv_out -> tensor)
+  assert _spec(state, "down_0_res_0/in_conv/kernel") == P(None, None, "fsdp", "tensor")
+  # first conv has 1 input channel: fsdp=2 cannot divide it, so that dimension stays replicated
+  assert _spec(state, "conv_in/kernel") == P(None, None, None, "tensor")
+  # attention: q (embed -> fsdp, heads -> tensor); cross-attention k (context -> fsdp, heads -> tensor)
+  assert _spec(state, "mid_attn/block_0/attn1/to_q/kernel") == P("fsdp", "tensor")
+  assert _spec(state, "mid_attn/block_0/attn2/to_k/kernel") == P("fsdp", "tensor")
+  assert _spec(state, "mid_attn/block_0/attn2/to_out/kernel") == P("tensor", "fsdp")
+  assert _spec(state, "mid_attn/block_0/ff/proj_out/kernel") == P("tensor", "fsdp")
+  # norms replicated; Adam moments and EMA sharded like their parameters
+  assert _spec(state, "out_norm/scale") == P(None)
+  mu = state.opt_state[1][0].mu["mid_attn"]["block_0"]["attn1"]["to_q"]["kernel"]
+  assert mu.sharding.spec == P("fsdp", "tensor")
+  assert state.ema_params["conv_in"]["kernel"].sharding.spec == P(None, None, None, "tensor")
+
+
+def test_layouts_compute_the_same_training_steps(tiny_data):
+  """Same losses and parameters as one device. SGD here: Adam's first updates are ~lr * sign(g),
+  which turns reduction-order rounding of near-zero gradients into lr-sized differences."""
+  config = tiny_config(tiny_data["data_dir"])
+  sgd = optax.sgd(1e-3)
+  ref_state, ref_losses = _run(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], tx=sgd)
+  for axes in ({"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": -1, "fsdp": 1, "tensor": 1}):
+    state, losses = _run(config, axes, tx=sgd)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(axes))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=str(axes))
+
+
+def test_mesh_errors():
+  with pytest.raises(UserError, match="does not divide 8 devices"):
+    mesh_lib.make_mesh({"data": -1, "fsdp": 3})
+  with pytest.raises(UserError, match="has 4 devices but 8"):
+    mesh_lib.make_mesh({"data": 2, "fsdp": 2})
+  with pytest.raises(UserError, match="more than one -1"):
+    mesh_lib.make_mesh({"data": -1, "fsdp": -1})
+  assert dict(mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}).shape) == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -1,0 +1,128 @@
+"""Stores (atomic, resumable, validated) and the input pipeline (order, per-process split, gather)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rdm_jax.data import pipeline, store
+from rdm_jax.errors import UserError
+from conftest import make_tiny_stores, tiny_config
+
+
+def test_write_chunked_is_atomic_and_resumes(tmp_path):
+  out = str(tmp_path / "s")
+  calls = []
+
+  def compute(a, b, fail_at=None):
+    calls.append(a)
+    if a == fail_at:
+      raise KeyboardInterrupt  # the job is killed in the middle
+    return {"x": np.arange(a, b, dtype=np.float32)[:, None] * 2}
+
+  with pytest.raises(KeyboardInterrupt):
+    store.write_chunked(out, "thing", 10, 3, lambda a, b: compute(a, b, fail_at=6), log=lambda m: None)
+  assert not os.path.exists(out)  # nothing half-written under the final name
+  assert os.path.isdir(out + ".partial")
+  calls.clear()
+  s = store.write_chunked(out, "thing", 10, 3, compute, log=lambda m: None)
+  assert calls == [6, 9]  # resumed: chunks 0 and 3 were not recomputed
+  np.testing.assert_array_equal(s["x"][:, 0], np.arange(10) * 2)
+  assert s.manifest["count"] == 10 and not os.path.exists(out + ".partial")
+
+
+def test_truncated_and_missing_files_are_clear_errors(tmp_path):
+  out = str(tmp_path / "s")
+  store.write(out, "thing", {"x": np.zeros((100, 8), np.float32)})
+  path = os.path.join(out, "x.npy")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(UserError, match="truncated or corrupt"):
+    store.read(out, "thing", hint="make it")
+  os.remove(path)
+  with pytest.raises(UserError, match="missing"):
+    store.read(out, "thing", hint="make it")
+  with pytest.raises(UserError, match="run `make it` first"):
+    store.read(str(tmp_path / "nope"), "thing", hint="make it")
+  with pytest.raises(UserError, match="holds a 'thing' store"):
+    store.write(out, "thing", {"x": np.zeros(3)})
+    store.read(out, "database", hint="make it")
+
+
+def test_example_order_is_a_function_of_step_and_covers_each_epoch():
+  n, b = 50, 8
+  seen = np.concatenate([pipeline.example_indices(3, s, b, n) for s in range(25)])  # 200 = 4 epochs
+  for e in range(4):
+    assert sorted(seen[e * n:(e + 1) * n]) == list(range(n))
+  again = pipeline.example_indices(3, 7, b, n)
+  np.testing.assert_array_equal(again, seen[56:64])
+  # processes split the global batch into disjoint, contiguous blocks
+  parts = [pipeline.example_indices(3, 7, b, n, True, p, 4) for p in range(4)]
+  np.testing.assert_array_equal(np.concatenate(parts), again)
+
+
+def test_select_neighbors():
+  ids = np.arange(24).reshape(3, 8)
+  np.testing.assert_array_equal(pipeline.select_neighbors(ids, 3, "first", None), ids[:, :3])
+  got = pipeline.select_neighbors(ids, 5, "random", np.random.default_rng(0))
+  assert got.shape == (3, 5)
+  for row, orig in zip(got, ids):
+    assert len(set(row)) == 5 and set(row) <= set(orig)
+
+
+def test_load_batch_gathers_database_rows(tiny_data):
+  config = tiny_config(tiny_data["data_dir"])
+  data = pipeline.load_retrieval_data(config, "train", encoder=tiny_data["encoder"])
+  rows = np.array([5, 0, 17])
+  z0, ctx = pipeline.load_batch(data, rows, 4, "first")
+  np.testing.assert_array_equal(z0, data.latents[rows])
+  for i, r in enumerate(rows):
+    for j in range(4):
+      np.testing.assert_array_equal(ctx[i, j], data.database[data.neighbor_ids[r, j]])
+
+
+def _rewrite_manifest(path, **changes):
+  mpath = os.path.join(path, "manifest.json")
+  with open(mpath) as f:
+    m = json.load(f)
+  m.update(changes)
+  with open(mpath, "w") as f:
+    json.dump(m, f)
+
+
+def test_mismatched_stores_are_refused(tiny_data):
+  config = tiny_config(tiny_data["data_dir"])
+  d = tiny_data["data_dir"]
+  config.k_train = 7  # K = 6 stored
+  with pytest.raises(UserError, match="larger than the K=6"):
+    pipeline.load_retrieval_data(config, "train")
+  config.k_train = 4
+  other = dict(tiny_data["encoder"], name="clip_vit_b32")
+  with pytest.raises(UserError, match="embedded by"):
+    pipeline.load_retrieval_data(config, "train", encoder=other)
+  # neighbour ids outside the database
+  ids_path = os.path.join(d, "neighbors_train", "neighbor_ids.npy")
+  ids = np.load(ids_path)
+  ids[3, 2] = 40  # database has 40 rows
+  np.save(ids_path, ids)
+  with pytest.raises(UserError, match=r"neighbour ids in \[0, 40\] but the database has 40"):
+    pipeline.load_retrieval_data(config, "train")
+  # neighbours computed against another database
+  _rewrite_manifest(os.path.join(d, "database"), source={"other": 1})
+  with pytest.raises(UserError, match="another database"):
+    pipeline.load_retrieval_data(config, "train")
+
+
+def test_train_iterator_yields_the_batches_of_each_step(tiny_data):
+  config = tiny_config(tiny_data["data_dir"])
+  config.train.num_steps = 6
+  data = pipeline.load_retrieval_data(config, "train")
+  it = pipeline.train_iterator(data, config, start_step=3)
+  batches = list(it)
+  assert len(batches) == 3
+  for step, (z0, ctx) in zip(range(3, 6), batches):
+    rows = pipeline.example_indices(config.train.seed, step, 8, data.num_examples)
+    want_z, want_c = pipeline.load_batch(data, rows, 4, "first")
+    np.testing.assert_array_equal(z0, want_z)
+    np.testing.assert_array_equal(ctx, want_c)
