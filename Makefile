@@ -1,0 +1,45 @@
+# The two set-up commands of the README:
+#   make demo   set everything up and run the embedded default end to end (Fashion-MNIST)
+#   make test   set everything up and run the tests
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/fashion_mnist_rdm.py
+WORKDIR ?= runs/fashion_mnist
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test setup setup-test data clean
+
+$(VENV)/.installed: requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0
+	touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+$(FMNIST):
+	(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) > /dev/null
+
+data: $(FMNIST)
+
+demo: setup data
+	$(PY) -m rdm_jax.jobs.encode --config=$(CONFIG)
+	$(PY) -m rdm_jax.jobs.embed --config=$(CONFIG)
+	$(PY) -m rdm_jax.jobs.neighbors --config=$(CONFIG)
+	$(PY) -m rdm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m rdm_jax.jobs.context_ablation --config=$(CONFIG) --workdir=$(WORKDIR)
+	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, TensorBoard logs in $(WORKDIR)"
+
+test: setup-test data
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q
+
+clean:
+	rm -rf data runs
