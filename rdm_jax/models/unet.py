@@ -61,7 +61,12 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm32 of the original: statistics in float32, 32 groups."""
+  """GroupNorm32 of the original: statistics in float32, 32 groups, x: [B, ..., C].
+
+  Statistics are reduced per channel over the spatial axes first, then per group: the
+  same two-pass mean/variance as a grouped reduction, but XLA's CPU backend runs it ~10x
+  faster than reducing a [B, HW, G, C/G] view over two non-adjacent axes (measured here).
+  """
 
   eps: float = 1e-5
   num_groups: int = 32
@@ -69,16 +74,19 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
+    g = self.num_groups
     scale = self.param("scale", _bias(nn.initializers.ones_init()), (c,))
     bias = self.param("bias", _bias(), (c,))
     x32 = x.astype(jnp.float32)
-    g = x32.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-    axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-    mean = g.mean(axis=axes, keepdims=True)
-    var = jnp.square(g - mean).mean(axis=axes, keepdims=True)
-    g = (g - mean) * jax.lax.rsqrt(var + self.eps)
-    y = g.reshape(x.shape) * scale + bias
-    return y.astype(x.dtype)
+    spatial = tuple(range(1, x.ndim - 1))
+    b = x.shape[0]
+    group_mean = x32.mean(axis=spatial).reshape(b, g, c // g).mean(-1)                  # [B, G]
+    mean_c = jnp.repeat(group_mean, c // g, axis=-1).reshape((b,) + (1,) * len(spatial) + (c,))
+    centered = x32 - mean_c
+    group_var = jnp.square(centered).mean(axis=spatial).reshape(b, g, c // g).mean(-1)  # [B, G]
+    inv_c = jnp.repeat(jax.lax.rsqrt(group_var + self.eps), c // g, axis=-1)
+    inv_c = inv_c.reshape((b,) + (1,) * len(spatial) + (c,))
+    return (centered * (inv_c * scale) + bias).astype(x.dtype)
 
 
 def Conv(features: int, kernel_size: int = 3, stride: int = 1, zero_init: bool = False,
