@@ -50,7 +50,7 @@ def get_config() -> mlc.ConfigDict:
   c.train = mlc.ConfigDict(dict(
       batch_size=1280, num_steps=400000, seed=0, p_uncond=0.0,
       log_every=100, checkpoint_every=5000, keep_checkpoints=3,
-      sample_every=20000, num_sample_images=16, eval_batches=8))
+      sample_every=20000, num_sample_images=16))
   c.sample = mlc.ConfigDict(dict(num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
                                  query_part="test"))
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

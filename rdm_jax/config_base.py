@@ -53,7 +53,7 @@ def base_config() -> mlc.ConfigDict:
   c.train = mlc.ConfigDict(dict(
       batch_size=64, num_steps=1000, seed=0, p_uncond=0.0,
       log_every=50, checkpoint_every=500, keep_checkpoints=3,
-      sample_every=0, num_sample_images=16, eval_batches=8))
+      sample_every=0, num_sample_images=16))
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
   c.sample = mlc.ConfigDict(dict(num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
                                  query_part="test"))

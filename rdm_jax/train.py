@@ -26,14 +26,20 @@ from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 from rdm_jax.retrieval import encoders  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
+                                "(shared by all processes of a multi-host run).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host). "
+                                 "On TPU pods and SLURM the cluster is detected; elsewhere give the flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 
 def write_samples(config, workdir, step, model, sched, params, latent_shape, image_hw, encoder, writer):
   """A DDIM sample grid (with guidance) next to the neighbours that conditioned each sample."""
   n = config.train.num_sample_images
   cond = conditioning.exemplar_conditioning(config, n, config.k_train, config.sample.query_part, encoder)
-  sampler = training.make_sampler(config, model, sched, latent_shape, config.sample.num_steps,
+  sampler = training.make_sampler(model, sched, latent_shape, config.sample.num_steps,
                                   config.sample.guidance_scale, config.sample.eta)
   z = sampler(params, jnp.asarray(cond.context), jax.random.PRNGKey(config.train.seed + 1))
   images = first_stage.decode(config.first_stage, np.asarray(jax.device_get(z)), image_hw)
@@ -52,6 +58,10 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     cli.fail("--workdir is required (checkpoints, logs and samples go there)")
+  if _DISTRIBUTED.value:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts (tests); others ignore it
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   os.makedirs(workdir, exist_ok=True)
 
   # --------------------------------------------------------------------------- Data
@@ -121,7 +131,7 @@ def main(argv):
         values = jax.device_get(losses)
         writer.write_scalars(step, {"loss": float(np.mean(values)),
                                     "grad_norm": float(jax.device_get(metrics["grad_norm"]))})
-        logging.info("step %d loss %.4f", step, float(np.mean(values)))
+        logging.info("step %d loss %.6f", step, float(np.mean(values)))
         losses = []
       if step % config.train.checkpoint_every == 0 or step == num_steps:
         checkpoint.save(mngr, step, state)

@@ -126,7 +126,7 @@ def jit_train_step(step_fn, state_sh: TrainState, mesh: Mesh, rules, latent_ndim
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 
-def make_sampler(config: Any, model: UNet, sched: schedule_lib.Schedule, latent_shape, num_steps: int,
+def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, num_steps: int,
                  guidance_scale: float, eta: float):
   """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with DDIM + guidance."""
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU pod slice: the same command on every worker; jax.distributed detects the pod.
+#
+#   TPU=my-v4-64 ZONE=us-central2-b WORKDIR=/mnt/shared/runs/imagenet_rdm \
+#     bash launch/tpu_pod.sh --config.mesh.fsdp=8
+#
+# Needs: this repo and its stores at the same path on every worker (or a shared filesystem),
+# and a WORKDIR every worker can write (checkpoints are written by all processes together).
+set -euo pipefail
+: "${TPU:?name of the TPU VM}" "${ZONE:?zone}" "${WORKDIR:?shared run directory}"
+CONFIG=${CONFIG:-configs/imagenet_rdm.py}
+REPO_DIR=${REPO_DIR:-rdm_jax}
+gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="
+  cd $REPO_DIR && .venv/bin/python -m rdm_jax.train --config=$CONFIG --workdir=$WORKDIR --distributed $*"

@@ -1,0 +1,61 @@
+"""Multi-host training emulated by two local processes (4 CPU devices each, gloo collectives):
+each process feeds its own slice of the global batch, and the global losses equal those of one
+process driving all 8 devices on the same (data=4, fsdp=2) mesh."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, TINY_OVERRIDES
+
+CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _cmd(data_dir, workdir, *extra):
+  return [sys.executable, "-m", "rdm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
+          f"--config.data_dir={data_dir}", "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
+          "--config.mesh.data=4", "--config.mesh.fsdp=2", *TINY_OVERRIDES, *extra]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _losses(log: str) -> list[float]:
+  return [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", log)]
+
+
+def test_two_processes_equal_one(tiny_data, tmp_path):
+  data_dir = tiny_data["data_dir"]
+  single = subprocess.run(_cmd(data_dir, str(tmp_path / "single")), env=_env(8), capture_output=True,
+                          text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(_cmd(data_dir, str(tmp_path / "multi"), "--distributed",
+                                 f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                 f"--process_id={i}"),
+                            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    assert "over 8 devices, 2 processes" in err
+  want = _losses(single.stderr)
+  assert len(want) == 3
+  for _, err in outs:
+    np.testing.assert_allclose(_losses(err), want, rtol=1e-4)
+  assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "3")
