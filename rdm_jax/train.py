@@ -24,7 +24,6 @@ from rdm_jax import checkpoint, conditioning, training  # noqa: E402
 from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
-from rdm_jax.retrieval import encoders  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                 "(shared by all processes of a multi-host run).")
@@ -35,21 +34,27 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 
-def write_samples(config, workdir, step, model, sched, params, latent_shape, image_hw, encoder, writer):
-  """A DDIM sample grid (with guidance) next to the neighbours that conditioned each sample."""
-  n = config.train.num_sample_images
-  cond = conditioning.exemplar_conditioning(config, n, config.k_train, config.sample.query_part, encoder)
+def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer):
+  """Builds, once, the conditioning (test queries -> neighbours in D) and the jitted DDIM sampler;
+  returns a function that writes a guided sample grid next to the neighbours that conditioned it."""
+  cond = conditioning.exemplar_conditioning(config, config.train.num_sample_images, config.k_train,
+                                            config.sample.query_part, encoder)
+  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
   sampler = training.make_sampler(model, sched, latent_shape, config.sample.num_steps,
                                   config.sample.guidance_scale, config.sample.eta)
-  z = sampler(params, jnp.asarray(cond.context), jax.random.PRNGKey(config.train.seed + 1))
-  images = first_stage.decode(config.first_stage, np.asarray(jax.device_get(z)), image_hw)
-  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
-  panel = visualize.neighbor_panel(neighbors, images)
+  context = jnp.asarray(cond.context)
   out = os.path.join(workdir, "samples")
-  visualize.save_png(os.path.join(out, f"samples_{step:07d}.png"), visualize.grid(images, 4), scale=2)
-  visualize.save_png(os.path.join(out, f"neighbors_and_samples_{step:07d}.png"), panel, scale=2)
-  writer.write_images(step, {"samples": visualize.grid(images, 4)[None], "neighbors_and_samples": panel[None]})
-  return out
+
+  def write(step, params):
+    z = sampler(params, context, jax.random.PRNGKey(config.train.seed + 1))
+    images = first_stage.decode(config.first_stage, np.asarray(jax.device_get(z)), image_hw)
+    samples, panel = visualize.grid(images, 4), visualize.neighbor_panel(neighbors, images)
+    visualize.save_png(os.path.join(out, f"samples_{step:07d}.png"), samples, scale=2)
+    visualize.save_png(os.path.join(out, f"neighbors_and_samples_{step:07d}.png"), panel, scale=2)
+    writer.write_images(step, {"samples": samples[None], "neighbors_and_samples": panel[None]})
+    logging.info("step %d: samples in %s", step, out)
+
+  return write
 
 
 def main(argv):
@@ -119,6 +124,9 @@ def main(argv):
   progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                              every_steps=config.train.log_every)
   batches = pipeline.train_iterator(data, config, start_step, jax.process_index(), jax.process_count())
+  write_samples = None
+  if config.train.sample_every:  # checked before training: a missing store fails now, not at step N
+    write_samples = make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer)
   losses = []
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, num_steps + 1):
@@ -135,10 +143,8 @@ def main(argv):
         losses = []
       if step % config.train.checkpoint_every == 0 or step == num_steps:
         checkpoint.save(mngr, step, state)
-      if config.train.sample_every and (step % config.train.sample_every == 0 or step == num_steps):
-        out = write_samples(config, workdir, step, model, sched, state.ema_params, latent_shape,
-                            image_hw, encoder, writer)
-        logging.info("step %d: samples in %s", step, out)
+      if write_samples and (step % config.train.sample_every == 0 or step == num_steps):
+        write_samples(step, state.ema_params)
   mngr.wait_until_finished()
   writer.flush()
   print(f"trained to step {num_steps}; checkpoints, TensorBoard logs and samples in {workdir}")

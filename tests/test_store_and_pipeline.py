@@ -8,7 +8,7 @@ import pytest
 
 from rdm_jax.data import pipeline, store
 from rdm_jax.errors import UserError
-from conftest import make_tiny_stores, tiny_config
+from conftest import tiny_config
 
 
 def test_write_chunked_is_atomic_and_resumes(tmp_path):
@@ -126,3 +126,18 @@ def test_train_iterator_yields_the_batches_of_each_step(tiny_data):
     want_z, want_c = pipeline.load_batch(data, rows, 4, "first")
     np.testing.assert_array_equal(z0, want_z)
     np.testing.assert_array_equal(ctx, want_c)
+
+
+def test_resume_never_mixes_chunks_of_other_inputs(tmp_path):
+  out = str(tmp_path / "s")
+  with pytest.raises(KeyboardInterrupt):
+    def boom(a, b):
+      if a == 4:
+        raise KeyboardInterrupt
+      return {"x": np.full((b - a, 1), 1.0)}
+    store.write_chunked(out, "thing", 8, 4, boom, log=lambda m: None, encoder={"name": "old"})
+  s = store.write_chunked(out, "thing", 8, 4, lambda a, b: {"x": np.full((b - a, 1), 2.0)},
+                          log=lambda m: None, encoder={"name": "new"})
+  np.testing.assert_array_equal(s["x"][:, 0], 2.0)  # the old encoder's chunk was not reused
+  assert store.reusable(out, "thing", "h", encoder={"name": "new"}) is not None
+  assert store.reusable(out, "thing", "h", encoder={"name": "other"}) is None

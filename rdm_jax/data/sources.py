@@ -101,11 +101,17 @@ def check_disjoint(dataset: Any) -> None:
          f"'{tr_split}' overlap; make them disjoint")
 
 
+def part_source(dataset: Any, part: str) -> dict[str, Any]:
+  """The provenance a store of this part records: dataset, split and example range."""
+  split, start, stop = split_range(dataset, part)
+  return {"dataset": dataset.name, "split": split, "start": start, "stop": stop}
+
+
 def load_part(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """(images uint8 [N, H, W, C], labels [N], source metadata) of a configured part."""
-  split, start, stop = split_range(dataset, part)
+  source = part_source(dataset, part)
+  split, start, stop = source["split"], source["start"], source["stop"]
   images, labels = load_source_split(dataset, split)
   if not 0 <= start < stop <= len(images):
     fail(f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(images)})")
-  source = {"dataset": dataset.name, "split": split, "start": start, "stop": stop}
   return images[start:stop], labels[start:stop], source

@@ -70,6 +70,23 @@ def exists(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MANIFEST))
 
 
+def reusable(path: str, kind: str, hint: str, **expected: Any) -> Store | None:
+  """The complete store at `path` if its manifest matches `expected`, else None (recompute).
+
+  Lets a rerun job skip finished work, but never reuse a store made from other inputs
+  (another encoder, source range or first stage than the config now asks for).
+  """
+  if not exists(path):
+    return None
+  existing = read(path, kind, hint=hint)
+  stale = [k for k, v in expected.items() if existing.manifest.get(k) != v]
+  if stale:
+    print(f"{path} was made with other {', '.join(stale)}; recomputing")
+    return None
+  print(f"{path} exists and matches the config; skipping (delete it to recompute)")
+  return existing
+
+
 def read(path: str, kind: str, hint: str, mmap: bool = True) -> Store:
   """Opens and validates the store at `path`.
 
@@ -125,7 +142,7 @@ def _finish(path: str, kind: str, arrays: Mapping[str, np.ndarray], fields: Mapp
   manifest["arrays"] = {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()}
   _atomic_write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
   for leftover in os.listdir(partial):
-    if leftover.startswith("chunk_"):
+    if leftover.startswith("chunk_") or leftover == "inputs.json":
       os.remove(os.path.join(partial, leftover))
   if os.path.exists(path):
     shutil.rmtree(path)
@@ -145,7 +162,15 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
   if count <= 0:
     fail(f"nothing to write for {path}: the input has {count} examples")
   partial = path + ".partial"
+  inputs = json.dumps({"count": count, "chunk_size": chunk_size, **manifest_fields}, sort_keys=True, default=str)
+  inputs_path = os.path.join(partial, "inputs.json")
+  if os.path.isdir(partial):
+    previous = open(inputs_path).read() if os.path.isfile(inputs_path) else None
+    if previous != inputs:  # chunks of another job configuration: never mix them in
+      log(f"{partial} holds chunks made from other inputs; starting over")
+      shutil.rmtree(partial)
   os.makedirs(partial, exist_ok=True)
+  _atomic_write_text(inputs_path, inputs)
   starts = list(range(0, count, chunk_size))
   names: list[str] | None = None
   for i, start in enumerate(starts):

@@ -22,16 +22,18 @@ _PARTS = flags.DEFINE_list("parts", ["database", "train", "test"], "Dataset part
 def embed_part(config, part: str, encode=None) -> store.Store:
   paths = config_base.paths(config)
   out, kind = (paths["database"], "database") if part == "database" else (paths[f"embeddings_{part}"], "embeddings")
-  if store.exists(out):
-    print(f"{out} exists; skipping (delete it to recompute)")
-    return store.read(out, kind, hint="rdm_jax.jobs.embed")
+  identity = encoders.encoder_identity(config.retrieval)
+  done = store.reusable(out, kind, "rdm_jax.jobs.embed", source=sources.part_source(config.dataset, part),
+                        encoder=identity)
+  if done is not None:
+    return done
   images, labels, source = sources.load_part(config.dataset, part)
   ids = np.arange(source["start"], source["stop"], dtype=np.int64)
   encode = encode or encoders.make_encoder(config.retrieval)
   result = store.write_chunked(
       out, kind, len(images), chunk_size=config.retrieval.chunk_size,
       compute=lambda a, b: {"embeddings": encode(images[a:b]), "ids": ids[a:b], "labels": labels[a:b]},
-      encoder=encoders.encoder_identity(config.retrieval), source=source,
+      encoder=identity, source=source,
       made_by="rdm_jax.jobs.embed")
   print(f"wrote {out}: embeddings {result['embeddings'].shape}")
   return result
@@ -41,12 +43,20 @@ def main(argv):
   del argv
   config = cli.CONFIG.value
   sources.check_disjoint(config.dataset)
-  encode = None
+  encode = _Lazy(lambda: encoders.make_encoder(config.retrieval))  # skipped parts load no weights
   for part in _PARTS.value:
-    out = config_base.paths(config)["database" if part == "database" else f"embeddings_{part}"]
-    if encode is None and not store.exists(out):
-      encode = encoders.make_encoder(config.retrieval)
     embed_part(config, part, encode)
+
+
+class _Lazy:
+  """Builds the encoder the first time it is called."""
+
+  def __init__(self, make):
+    self._make, self._fn = make, None
+
+  def __call__(self, images):
+    self._fn = self._fn or self._make()
+    return self._fn(images)
 
 
 if __name__ == "__main__":

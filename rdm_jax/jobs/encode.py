@@ -18,9 +18,10 @@ _PARTS = flags.DEFINE_list("parts", ["train", "test"], "Dataset parts to encode.
 
 def encode_part(config, part: str) -> store.Store:
   out = config_base.paths(config)[f"latents_{part}"]
-  if store.exists(out):
-    print(f"{out} exists; skipping (delete it to recompute)")
-    return store.read(out, "latents", hint="rdm_jax.jobs.encode")
+  done = store.reusable(out, "latents", "rdm_jax.jobs.encode", source=sources.part_source(config.dataset, part),
+                        first_stage=config.first_stage.to_dict())
+  if done is not None:
+    return done
   images, labels, source = sources.load_part(config.dataset, part)
   ids = np.arange(source["start"], source["stop"], dtype=np.int64)
   result = store.write_chunked(

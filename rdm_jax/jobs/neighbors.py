@@ -25,12 +25,10 @@ def neighbors_part(config, part: str) -> store.Store:
   paths = config_base.paths(config)
   out = paths[f"neighbors_{part}"]
   database = store.read(paths["database"], "database", hint=EMBED_HINT + " --parts=database")
-  if store.exists(out):
-    existing = store.read(out, "neighbors", hint="rdm_jax.jobs.neighbors")
-    if existing.manifest["database_fingerprint"] == database.fingerprint:
-      print(f"{out} exists; skipping (delete it to recompute)")
-      return existing
-    print(f"{out} was made against another database; recomputing")
+  done = store.reusable(out, "neighbors", "rdm_jax.jobs.neighbors", database_fingerprint=database.fingerprint,
+                        num_neighbors=config.retrieval.num_neighbors)
+  if done is not None:
+    return done
   queries = store.read(paths[f"embeddings_{part}"], "embeddings", hint=f"{EMBED_HINT} --parts={part}")
   encoders.check_same_encoder(queries.manifest["encoder"], database.manifest["encoder"],
                               f"queries {queries.path}", f"database {database.path}",
