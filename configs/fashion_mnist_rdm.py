@@ -51,4 +51,5 @@ def get_config() -> mlc.ConfigDict:
   c.train.sample_every = 400
   c.sample.num_steps = 50
   c.sample.guidance_scale = 2.0
+  c.sample.clip_x0 = 1.0  # pixels live in [-1, 1]
   return c

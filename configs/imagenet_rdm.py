@@ -52,6 +52,6 @@ def get_config() -> mlc.ConfigDict:
       log_every=100, checkpoint_every=5000, keep_checkpoints=3,
       sample_every=20000, num_sample_images=16))
   c.sample = mlc.ConfigDict(dict(num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
-                                 query_part="test"))
+                                 query_part="test", clip_x0=0.0))
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

@@ -56,7 +56,7 @@ def base_config() -> mlc.ConfigDict:
       sample_every=0, num_sample_images=16))
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
   c.sample = mlc.ConfigDict(dict(num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
-                                 query_part="test"))
+                                 query_part="test", clip_x0=0.0))  # clip_x0 > 0: pixel-space clipping
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = DEFAULT_SHARDING_RULES

@@ -41,7 +41,8 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
                                             config.sample.query_part, encoder)
   neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
   sampler = training.make_sampler(model, sched, latent_shape, config.sample.num_steps,
-                                  config.sample.guidance_scale, config.sample.eta)
+                                  config.sample.guidance_scale, config.sample.eta,
+                                  config.sample.clip_x0 or None)
   context = jnp.asarray(cond.context)
   out = os.path.join(workdir, "samples")
 

@@ -95,3 +95,19 @@ def test_guidance_combines_zero_and_true_context():
     return jnp.ones_like(z) * (1.0 + 2.0 * is_cond)[:, None, None, None]
   out = ddim.guided_eps(eps_fn, jnp.zeros((2, 1, 1, 1)), jnp.array([5, 5]), jnp.ones((2, 4, 3)), 2.5)
   np.testing.assert_allclose(np.asarray(out), 1.0 + 2.5 * 2.0)
+
+
+def test_clipped_ddim_step_by_hand():
+  """clip_x0: the predicted x0 is clipped and eps re-derived from it (guided-diffusion's DDIM
+  with clip_denoised=True), worked by hand for one step."""
+  s = schedule.linear_schedule(10, 0.1, 0.2)
+  rng = jax.random.PRNGKey(3)
+  z_T = float(jax.random.normal(jax.random.split(rng)[0], (1, 1, 1, 1))[0, 0, 0, 0])
+  e = 20.0  # a large eps drives the unclipped x0 prediction far below -1
+  out = ddim.ddim_sample(lambda z, t, c: jnp.full_like(z, e), s, jnp.zeros((1, 1, 1)), (1, 1, 1, 1), rng,
+                         num_steps=1, guidance_scale=1.0, clip_x0=1.0)
+  a_t, a_prev = float(s.alphas_cumprod[1]), float(s.alphas_cumprod[0])
+  x0 = float(np.clip((z_T - np.sqrt(1 - a_t) * e) / np.sqrt(a_t), -1, 1))
+  assert x0 in (-1.0, 1.0)
+  eps = (z_T - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+  np.testing.assert_allclose(float(out[0, 0, 0, 0]), np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps, rtol=1e-5)

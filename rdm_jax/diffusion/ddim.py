@@ -42,8 +42,13 @@ def guided_eps(eps_fn: EpsFn, z: jax.Array, t: jax.Array, context: jax.Array,
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tuple[int, ...],
                 rng: jax.Array, num_steps: int = 100, guidance_scale: float = 2.0,
-                eta: float = 0.0) -> jax.Array:
-  """Draws z_0 ~ p_theta(z | context) with DDIM. context: [B, k, d]; shape: (B, H, W, C)."""
+                eta: float = 0.0, clip_x0: float | None = None) -> jax.Array:
+  """Draws z_0 ~ p_theta(z | context) with DDIM. context: [B, k, d]; shape: (B, H, W, C).
+
+  clip_x0: for pixel-space models (identity first stage), clip the predicted z_0 to
+  [-clip_x0, clip_x0] and re-derive eps from it, as guided-diffusion's DDIM does with
+  clip_denoised=True. None (latent models, as LDM) leaves the prediction as it is.
+  """
   taus = ddim_timesteps(schedule.num_timesteps, num_steps)
   a_all = schedule.alphas_cumprod
   alphas = a_all[taus]
@@ -56,6 +61,9 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
     t = jnp.full((shape[0],), tau, jnp.int32)
     e = guided_eps(eps_fn, z, t, context, guidance_scale)
     pred_z0 = (z - jnp.sqrt(1.0 - a_t) * e) / jnp.sqrt(a_t)
+    if clip_x0 is not None:
+      pred_z0 = jnp.clip(pred_z0, -clip_x0, clip_x0)
+      e = (z - jnp.sqrt(a_t) * pred_z0) / jnp.sqrt(1.0 - a_t)
     sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
     direction = jnp.sqrt(1.0 - a_prev - sigma ** 2) * e
     noise = sigma * jax.random.normal(key, shape, jnp.float32)
