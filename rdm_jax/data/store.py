@@ -172,8 +172,7 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
   os.makedirs(partial, exist_ok=True)
   _atomic_write_text(inputs_path, inputs)
   starts = list(range(0, count, chunk_size))
-  names: list[str] | None = None
-  for i, start in enumerate(starts):
+  for start in starts:
     stop = min(start + chunk_size, count)
     done_marker = os.path.join(partial, f"chunk_{start:012d}.done")
     if os.path.exists(done_marker):
