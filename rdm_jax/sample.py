@@ -35,8 +35,7 @@ def main(argv):
   s = config.sample
   cond = conditioning.exemplar_conditioning(config, s.num_images, config.k_train, s.query_part,
                                             encoder=info["encoder"])
-  sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"],
-                                  s.num_steps, s.guidance_scale, s.eta, s.clip_x0 or None)
+  sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
   z = np.asarray(jax.device_get(sampler(params, jnp.asarray(cond.context),
                                         jax.random.PRNGKey(config.train.seed + 7))))
   images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))

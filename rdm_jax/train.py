@@ -40,9 +40,7 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
   cond = conditioning.exemplar_conditioning(config, config.train.num_sample_images, config.k_train,
                                             config.sample.query_part, encoder)
   neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
-  sampler = training.make_sampler(model, sched, latent_shape, config.sample.num_steps,
-                                  config.sample.guidance_scale, config.sample.eta,
-                                  config.sample.clip_x0 or None)
+  sampler = training.make_sampler(model, sched, latent_shape, config.sample)
   context = jnp.asarray(cond.context)
   out = os.path.join(workdir, "samples")
 

@@ -126,14 +126,16 @@ def jit_train_step(step_fn, state_sh: TrainState, mesh: Mesh, rules, latent_ndim
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 
-def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, num_steps: int,
-                 guidance_scale: float, eta: float, clip_x0: float | None = None):
-  """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with DDIM + guidance."""
+def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample_config: Any):
+  """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with DDIM + guidance,
+  set up by `config.sample` (num_steps, guidance_scale, eta, clip_x0: 0 = no clipping)."""
+  s = sample_config
 
   def sample(params, context, rng):
     eps_fn = lambda z, t, c: model.apply({"params": params}, z, t, c)
     return ddim.ddim_sample(eps_fn, sched, context, (context.shape[0],) + tuple(latent_shape), rng,
-                            num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, clip_x0=clip_x0)
+                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
+                            clip_x0=s.clip_x0 or None)
 
   return jax.jit(sample)
 

@@ -50,6 +50,26 @@ TINY_OVERRIDES = [
 ]
 
 
+TRAIN_CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
+
+
+def train_command(data_dir: str, workdir: str, *overrides: str) -> list[str]:
+  """`python -m rdm_jax.train` on the tiny stores with the tiny model, plus `overrides`."""
+  import sys
+  return [sys.executable, "-m", "rdm_jax.train", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+          f"--config.data_dir={data_dir}", *TINY_OVERRIDES, *overrides]
+
+
+def subprocess_env(devices: int | None = None) -> dict:
+  """The test environment for a job in a subprocess, with this repo importable."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
   info = make_tiny_stores(str(tmp_path / "data"))

@@ -6,13 +6,11 @@ import os
 import re
 import socket
 import subprocess
-import sys
 
 import numpy as np
 
-from conftest import REPO, TINY_OVERRIDES
+from conftest import subprocess_env, train_command
 
-CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
 
 
 def _free_port() -> int:
@@ -22,17 +20,8 @@ def _free_port() -> int:
 
 
 def _cmd(data_dir, workdir, *extra):
-  return [sys.executable, "-m", "rdm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
-          f"--config.data_dir={data_dir}", "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
-          "--config.mesh.data=4", "--config.mesh.fsdp=2", *TINY_OVERRIDES, *extra]
-
-
-def _env(devices):
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return train_command(data_dir, workdir, "--config.train.num_steps=3", "--config.train.checkpoint_every=3",
+                       "--config.mesh.data=4", "--config.mesh.fsdp=2", *extra)
 
 
 def _losses(log: str) -> list[float]:
@@ -41,14 +30,14 @@ def _losses(log: str) -> list[float]:
 
 def test_two_processes_equal_one(tiny_data, tmp_path):
   data_dir = tiny_data["data_dir"]
-  single = subprocess.run(_cmd(data_dir, str(tmp_path / "single")), env=_env(8), capture_output=True,
+  single = subprocess.run(_cmd(data_dir, str(tmp_path / "single")), env=subprocess_env(8), capture_output=True,
                           text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
   procs = [subprocess.Popen(_cmd(data_dir, str(tmp_path / "multi"), "--distributed",
                                  f"--coordinator_address=localhost:{port}", "--num_processes=2",
                                  f"--process_id={i}"),
-                            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):

@@ -11,23 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_OVERRIDES, tiny_config
+from conftest import REPO, subprocess_env, tiny_config, train_command
 from rdm_jax import checkpoint, training
 from rdm_jax.parallel import mesh as mesh_lib
 
-CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
 
 
 def _train_cmd(data_dir, workdir, steps, *extra):
-  return [sys.executable, "-m", "rdm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
-          f"--config.data_dir={data_dir}", f"--config.train.num_steps={steps}",
-          "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=100", *TINY_OVERRIDES, *extra]
-
-
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+  return train_command(data_dir, workdir, f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=3",
+                       "--config.train.keep_checkpoints=100", *extra)
 
 
 def _final_state(data_dir, workdir, step):
@@ -46,10 +38,10 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
   data_dir = tiny_data["data_dir"]
   steps = 30
   straight = str(tmp_path / "straight")
-  subprocess.run(_train_cmd(data_dir, straight, steps), env=_env(), check=True, capture_output=True)
+  subprocess.run(_train_cmd(data_dir, straight, steps), env=subprocess_env(), check=True, capture_output=True)
 
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(_train_cmd(data_dir, killed, 100000), env=_env(), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_train_cmd(data_dir, killed, 100000), env=subprocess_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   ckpt3 = os.path.join(killed, "checkpoints", "3")
   deadline = time.time() + 300
@@ -60,7 +52,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
   assert os.path.isdir(ckpt3), "the run never wrote its first checkpoint"
   done = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
   assert done[-1] < steps, f"killed too late ({done})"
-  out = subprocess.run(_train_cmd(data_dir, killed, steps), env=_env(), check=True, capture_output=True, text=True)
+  out = subprocess.run(_train_cmd(data_dir, killed, steps), env=subprocess_env(), check=True, capture_output=True, text=True)
   assert "resumed from step" in out.stderr
 
   a, b = _final_state(data_dir, straight, steps), _final_state(data_dir, killed, steps)
@@ -70,7 +62,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 
 def _one_line_error(cmd):
-  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=REPO)
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 2, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
   errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]

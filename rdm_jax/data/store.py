@@ -165,7 +165,10 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
   inputs = json.dumps({"count": count, "chunk_size": chunk_size, **manifest_fields}, sort_keys=True, default=str)
   inputs_path = os.path.join(partial, "inputs.json")
   if os.path.isdir(partial):
-    previous = open(inputs_path).read() if os.path.isfile(inputs_path) else None
+    previous = None
+    if os.path.isfile(inputs_path):
+      with open(inputs_path) as f:
+        previous = f.read()
     if previous != inputs:  # chunks of another job configuration: never mix them in
       log(f"{partial} holds chunks made from other inputs; starting over")
       shutil.rmtree(partial)
