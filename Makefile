@@ -32,6 +32,7 @@ data: $(FMNIST)
 demo: setup data
 	$(PY) -m rdm_jax.jobs.encode --config=$(CONFIG)
 	$(PY) -m rdm_jax.jobs.embed --config=$(CONFIG)
+	$(PY) -m rdm_jax.jobs.index --config=$(CONFIG)
 	$(PY) -m rdm_jax.jobs.neighbors --config=$(CONFIG)
 	$(PY) -m rdm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR)

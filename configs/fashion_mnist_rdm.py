@@ -9,6 +9,7 @@ Run the whole chain (what `make demo` does):
 
   python -m rdm_jax.jobs.encode    --config=configs/fashion_mnist_rdm.py
   python -m rdm_jax.jobs.embed     --config=configs/fashion_mnist_rdm.py
+  python -m rdm_jax.jobs.index     --config=configs/fashion_mnist_rdm.py
   python -m rdm_jax.jobs.neighbors --config=configs/fashion_mnist_rdm.py
   python -m rdm_jax.train          --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
   python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
@@ -34,7 +35,6 @@ def get_config() -> mlc.ConfigDict:
   ))
   c.first_stage = mlc.ConfigDict(dict(name="identity", pad_to=32, latent_channels=1))
   c.retrieval.image_size = 64
-  c.retrieval.num_neighbors = 16
   c.k_train = 4
 
   c.model = mlc.ConfigDict(dict(

@@ -1,7 +1,9 @@
 """Conditioning for sampling: query embeddings -> neighbours in a database D -> context [B, k, d].
 
-The exemplar mode of RDM: a query (here an embedded held-out image) retrieves its k
-nearest neighbours from D, whose raw embeddings condition the model. D is read from
+Two query sources: exemplars (embedded held-out images) and pseudo-queries drawn from
+the proposal p_D with top-m truncation (unconditional sampling, paper Eq. 5-6). A query
+retrieves its k nearest neighbours from D (through D's index when one is built), whose
+raw embeddings condition the model. D is read from
 `config.database` at sampling time, so a model can sample with another database than
 the one it was trained with, provided the same encoder embedded it.
 """
@@ -16,7 +18,7 @@ import numpy as np
 from rdm_jax import config_base
 from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
-from rdm_jax.retrieval import exact
+from rdm_jax.retrieval import exact, index, proposal
 
 
 @dataclass(frozen=True)
@@ -27,26 +29,64 @@ class Conditioning:
   database: store.Store
 
 
-def exemplar_conditioning(config: Any, n: int, k: int, part: str = "test",
-                          encoder: dict | None = None) -> Conditioning:
-  paths = config_base.paths(config)
-  database = store.read(paths["database"], "database",
+def open_search(config: Any, database: store.Store):
+  """search(queries_normalised, k) -> (scores, rows) over `database`: its index when one is
+  built (rdm_jax.jobs.index), else exact search."""
+  path = config_base.paths(config)["index"]
+  if store.exists(path):
+    return index.load(path, database, config.retrieval.index).search
+  emb = database["embeddings"]
+  return lambda q, k: exact.exact_search(q, emb, k, normalize_database=True)
+
+
+def _open_database(config: Any, encoder: dict | None) -> store.Store:
+  database = store.read(config_base.paths(config)["database"], "database",
                         hint="python -m rdm_jax.jobs.embed --config=... --parts=database")
-  queries = store.read(paths[f"embeddings_{part}"], "embeddings",
-                       hint=f"python -m rdm_jax.jobs.embed --config=... --parts={part}")
   if encoder is not None and database.manifest["encoder"] != encoder:
     fail(f"database {database.path} was embedded by {database.manifest['encoder']} but the model was "
          f"trained with {encoder}; embed this database with the model's encoder")
+  return database
+
+
+def _retrieve(config: Any, database: store.Store, queries: np.ndarray, k: int, query_rows: np.ndarray,
+              what: str) -> Conditioning:
+  q = exact.l2_normalize(queries, what)
+  _, ids = open_search(config, database)(q, k)
+  ids = np.asarray(ids)
+  context = np.asarray(database["embeddings"][ids.reshape(-1)], np.float32).reshape(ids.shape + (-1,))
+  return Conditioning(context=context, neighbor_rows=ids, query_rows=query_rows, database=database)
+
+
+def exemplar_conditioning(config: Any, n: int, k: int, part: str = "test",
+                          encoder: dict | None = None) -> Conditioning:
+  """The first n embedded images of `part` as queries (exemplar-conditional sampling)."""
+  database = _open_database(config, encoder)
+  queries = store.read(config_base.paths(config)[f"embeddings_{part}"], "embeddings",
+                       hint=f"python -m rdm_jax.jobs.embed --config=... --parts={part}")
   if queries.manifest["encoder"] != database.manifest["encoder"]:
     fail(f"queries {queries.path} and database {database.path} come from different encoders")
   if n > len(queries["embeddings"]):
     fail(f"asked for {n} samples but {queries.path} has {len(queries['embeddings'])} queries")
   rows = np.arange(n)
-  db = exact.l2_normalize(database["embeddings"], f"database {database.path}")
-  q = exact.l2_normalize(queries["embeddings"][rows], f"queries {queries.path}")
-  _, ids = exact.exact_search(q, db, k)
-  context = np.asarray(database["embeddings"][ids.reshape(-1)], np.float32).reshape(ids.shape + (-1,))
-  return Conditioning(context=context, neighbor_rows=ids, query_rows=rows, database=database)
+  return _retrieve(config, database, queries["embeddings"][rows], k, rows, f"queries {queries.path}")
+
+
+def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
+                          encoder: dict | None = None) -> Conditioning:
+  """Unconditional sampling (Eq. 6): pseudo-queries x~ ~ p_D (top-m), then their k neighbours in D.
+
+  `query_rows` are the pseudo-queries' database rows.
+  """
+  database = _open_database(config, encoder)
+  p = store.read(config_base.paths(config)["proposal"], proposal.KIND,
+                 hint="python -m rdm_jax.jobs.neighbors --config=... --parts=train")
+  if p.manifest["database_fingerprint"] != database.fingerprint:
+    fail(f"proposal {p.path} was computed for another database than {database.path}; rerun the neighbour "
+         "job for this database, or sample with --config.sample.condition=exemplar")
+  s = config.sample
+  rows = proposal.draw(p, n, rng, top_m=s.top_m, top_count=s.top_count, weighted=s.proposal_weighted)
+  return _retrieve(config, database, np.asarray(database["embeddings"][rows]),
+                   k, rows, f"database {database.path}")
 
 
 def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np.ndarray:

@@ -37,8 +37,25 @@ def base_config() -> mlc.ConfigDict:
       image_size=96,
       embed_dim=1280,
       batch_size=256,
-      num_neighbors=16,              # K stored per example
-      chunk_size=4096,
+      num_neighbors=20,              # K stored per example (the paper's 20)
+      chunk_size=4096,               # rows per resumable unit of the embed / neighbour jobs
+      exclude="auto",                # drop self / near-duplicates: auto (when D and X overlap) | always | never
+      duplicate_score=0.995,         # near-duplicate: cosine >= this (when excluding; 0 = ids only)
+      recall_sample=1000,            # queries checked against exact search; recall@K goes in the manifest
+      proposal_k=0,                  # k of p_D (Eq. 5); 0 = k_train
+  ))
+  # Nearest-neighbour index over the database (rdm_jax/retrieval/index.py for the recipe).
+  c.retrieval.index = mlc.ConfigDict(dict(
+      kind="auto",                   # auto (by size, as below) | exact | brute | ah | tree_ah
+      exact_below=20000, ah_below=100000,
+      num_leaves=0, leaves_to_search=0, training_sample=0,  # 0 = sqrt(n), num_leaves/20, n/10
+      dims_per_block=2, anisotropic_threshold=0.2,
+      reorder=0,                     # candidates re-scored exactly; 0 = 10K (original: 2K)
+      spherical=True,                # spherical k-means tree (needed on unit-norm data)
+      max_memory_gb=16.0,            # peak RAM of one shard's build / of loaded shards
+      shard_size=0,                  # 0 = derived from max_memory_gb
+      threads=0,                     # 0 = all cores
+      path="",                       # "" = <database>_index
   ))
   c.k_train = 4
   c.k_select = "first"  # "first": the k_train nearest of the stored K; "random": k_train of K
@@ -55,8 +72,13 @@ def base_config() -> mlc.ConfigDict:
       log_every=50, checkpoint_every=500, keep_checkpoints=3,
       sample_every=0, num_sample_images=16))
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
-  c.sample = mlc.ConfigDict(dict(num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
-                                 query_part="test", clip_x0=0.0))  # clip_x0 > 0: pixel-space clipping
+  c.sample = mlc.ConfigDict(dict(
+      num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
+      condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m)
+      query_part="test",
+      top_m=0.01, top_count=0,       # proposal: the top fraction m of D by p_D (or the top count)
+      proposal_weighted=False,       # proposal: draw by p_D within the top set (else uniformly)
+      clip_x0=0.0))                  # clip_x0 > 0: pixel-space clipping
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = DEFAULT_SHARDING_RULES
@@ -66,8 +88,11 @@ def base_config() -> mlc.ConfigDict:
 def paths(config: mlc.ConfigDict) -> dict[str, str]:
   """Where each job reads and writes; all under `config.data_dir` but the database."""
   d = config.data_dir
+  database = config.database or os.path.join(d, "database")
   return {
-      "database": config.database or os.path.join(d, "database"),
+      "database": database,
+      "index": config.retrieval.index.path or database.rstrip("/") + "_index",
+      "proposal": os.path.join(d, "proposal"),
       "latents_train": os.path.join(d, "latents_train"),
       "latents_test": os.path.join(d, "latents_test"),
       "embeddings_train": os.path.join(d, "embeddings_train"),

@@ -1,11 +1,17 @@
-r"""Sample from a trained RDM: exemplar queries -> neighbours in config.database -> DDIM + guidance.
+r"""Sample from a trained RDM: queries -> neighbours in config.database -> DDIM + guidance.
+
+Queries are embedded held-out images (`--config.sample.condition=exemplar`, default) or
+pseudo-queries drawn from the proposal p_D with top-m truncation (`=proposal`,
+unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train part).
 
   python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
       [--config.sample.num_images=16] [--config.sample.guidance_scale=2.0] [--config.database=...]
+      [--config.sample.condition=proposal --config.sample.top_m=0.01]
 
 Writes <workdir>/samples/final_samples.png, final_neighbors_and_samples.png (each row: the k
 retrieved neighbours that conditioned it, then the sample) and samples.npz (latents,
-images, neighbour rows, database path).
+images, neighbour rows, query rows, database path); proposal sampling writes
+proposal_samples.png, proposal_neighbors_and_samples.png and proposal_samples.npz.
 """
 
 from __future__ import annotations
@@ -33,25 +39,33 @@ def main(argv):
   workdir = _WORKDIR.value or fail("--workdir is required")
   model, params, info, step = checkpoint.load_trained(config, workdir, _STEP.value)
   s = config.sample
-  cond = conditioning.exemplar_conditioning(config, s.num_images, config.k_train, s.query_part,
-                                            encoder=info["encoder"])
+  if s.condition == "exemplar":
+    cond = conditioning.exemplar_conditioning(config, s.num_images, config.k_train, s.query_part,
+                                              encoder=info["encoder"])
+  elif s.condition == "proposal":
+    cond = conditioning.proposal_conditioning(config, s.num_images, config.k_train,
+                                              np.random.default_rng(config.train.seed + 11), encoder=info["encoder"])
+  else:
+    fail(f"config.sample.condition={s.condition!r}; use 'exemplar' or 'proposal'")
   sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
   z = np.asarray(jax.device_get(sampler(params, jnp.asarray(cond.context),
                                         jax.random.PRNGKey(config.train.seed + 7))))
   images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))
   neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
   out = os.path.join(workdir, "samples")
-  visualize.save_png(os.path.join(out, "final_samples.png"), visualize.grid(images, 4), scale=2)
-  visualize.save_png(os.path.join(out, "final_neighbors_and_samples.png"),
-                     visualize.neighbor_panel(neighbors, images), scale=2)
-  tmp = os.path.join(out, "samples.tmp.npz")
-  np.savez(tmp, latents=z, images=images, neighbor_rows=cond.neighbor_rows,
-           database=np.asarray(cond.database.path), checkpoint_step=np.asarray(step))
-  os.replace(tmp, os.path.join(out, "samples.npz"))
-  print(f"step {step}: {len(images)} samples with guidance {s.guidance_scale}, {s.num_steps} DDIM steps\n"
-        f"  {os.path.join(out, 'final_samples.png')}\n  {os.path.join(out, 'final_neighbors_and_samples.png')}"
-        f"  (rows: {config.k_train} retrieved neighbours | sample)")
-
+  prefix = "final" if s.condition == "exemplar" else s.condition
+  grid_png = os.path.join(out, f"{prefix}_samples.png")
+  panel_png = os.path.join(out, f"{prefix}_neighbors_and_samples.png")
+  visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
+  visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images), scale=2)
+  npz = os.path.join(out, "samples.npz" if s.condition == "exemplar" else f"{prefix}_samples.npz")
+  tmp = npz[:-4] + ".tmp.npz"
+  np.savez(tmp, latents=z, images=images, neighbor_rows=cond.neighbor_rows, query_rows=cond.query_rows,
+           condition=np.asarray(s.condition), database=np.asarray(cond.database.path),
+           checkpoint_step=np.asarray(step))
+  os.replace(tmp, npz)
+  print(f"step {step}: {len(images)} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
+        f"{s.num_steps} DDIM steps\n  {grid_png}\n  {panel_png}  (rows: {config.k_train} retrieved neighbours | sample)")
 
 if __name__ == "__main__":
   cli.run(main)

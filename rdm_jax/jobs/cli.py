@@ -28,4 +28,5 @@ def run(main) -> None:
   """app.run with UserError -> one-line message, exit status 2."""
   flags.mark_flags_as_required(["config"])
   logging.getLogger("absl").addFilter(_QuietLibraries())
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # backend probing chatter
   app.run(run_main(main))

@@ -1,62 +1,152 @@
-"""Neighbour job: top-K database neighbours of every query (train / test part), exact search.
+r"""Neighbour job: the top-K database neighbours of every query, and p_D for top-m sampling.
 
-Writes `neighbor_ids [N, K]` (int32 rows of the database store), `scores [N, K]`
-(cosine similarity) and `query_ids [N]`, aligned with the query part's examples, plus
-the database's fingerprint so training can check it retrieves from the same database.
+For each query part (train / test embeddings, or a bring-your-own .npy), searches the
+database index built by `rdm_jax.jobs.index` and writes a neighbours store aligned with the
+queries: `neighbor_ids [N, K]` (int32 database rows), `scores [N, K]` (cosine similarity,
+descending), `query_ids [N]`. When database and queries overlap (same dataset split, same
+file), each query's own entry and its near-duplicates are excluded (config.retrieval.exclude,
+.duplicate_score). The manifest records recall@K against exact search on a random sample
+of the queries. For the train part it also writes the proposal store p_D (paper Eq. 5).
 
+Processes or hosts sharing the output filesystem split the queries by range: run one with
+each --process_id in [0, --num_processes); every process resumes its own chunks, and the
+one that finishes last merges.
+
+  python -m rdm_jax.jobs.index     --config=configs/fashion_mnist_rdm.py
   python -m rdm_jax.jobs.neighbors --config=configs/fashion_mnist_rdm.py [--parts=train,test]
+  # bring your own embeddings:
+  python -m rdm_jax.jobs.index     --config=... --database=db.npy
+  python -m rdm_jax.jobs.neighbors --config=... --database=db.npy --queries=x.npy --out=nbrs
 """
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 from absl import flags
 
 from rdm_jax import config_base
 from rdm_jax.data import store
+from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
-from rdm_jax.retrieval import encoders, exact
+from rdm_jax.jobs import index as index_job
+from rdm_jax.retrieval import encoders, exact, exclusion, index, proposal
 
 _PARTS = flags.DEFINE_list("parts", ["train", "test"], "Query parts to search for.")
+_QUERIES = flags.DEFINE_string("queries", None, "Query embeddings (store directory or [N, d] .npy) "
+                               "instead of the config's parts; needs --out.")
+_OUT = flags.DEFINE_string("out", None, "Output store for --queries.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, --num_processes).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes splitting the queries by range.")
 
-EMBED_HINT = "python -m rdm_jax.jobs.embed --config=..."
+EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config>"
+NEIGHBORS_HINT = "python -m rdm_jax.jobs.neighbors --config=<this config>"
 
 
-def neighbors_part(config, part: str) -> store.Store:
-  paths = config_base.paths(config)
-  out = paths[f"neighbors_{part}"]
-  database = store.read(paths["database"], "database", hint=EMBED_HINT + " --parts=database")
-  done = store.reusable(out, "neighbors", "rdm_jax.jobs.neighbors", database_fingerprint=database.fingerprint,
-                        num_neighbors=config.retrieval.num_neighbors)
-  if done is not None:
-    return done
-  queries = store.read(paths[f"embeddings_{part}"], "embeddings", hint=f"{EMBED_HINT} --parts={part}")
+def recall_at_k(approx: np.ndarray, truth: np.ndarray) -> float:
+  """Mean fraction of the true top-K found in the approximate top-K (rows aligned)."""
+  k = truth.shape[1]
+  return float(np.mean([len(np.intersect1d(a, t)) / k for a, t in zip(approx, truth)]))
+
+
+def find_neighbors(config, queries: store.Store, database: store.Store, idx: index.Index, out: str,
+                   process_index: int = 0, process_count: int = 1) -> store.Store | None:
+  """Searches `idx` for every query and writes the neighbours store `out` (resumable).
+
+  Returns the store, or None when another process merges the result.
+  """
+  r = config.retrieval
+  k = r.num_neighbors
   encoders.check_same_encoder(queries.manifest["encoder"], database.manifest["encoder"],
                               f"queries {queries.path}", f"database {database.path}",
-                              "re-embed both with the same config.retrieval")
-  k = config.retrieval.num_neighbors
-  db = exact.l2_normalize(database["embeddings"], f"database {database.path}")
-  q_all = queries["embeddings"]
+                              "embed both with the same config.retrieval")
+  q_emb, db_emb = queries["embeddings"], database["embeddings"]
+  if q_emb.shape[1] != db_emb.shape[1]:
+    fail(f"queries {queries.path} are {q_emb.shape[1]}-d but database {database.path} is "
+         f"{db_emb.shape[1]}-d: embed both with the same encoder")
+  if k > len(db_emb):
+    fail(f"config.retrieval.num_neighbors={k} but database {database.path} has only {len(db_emb)} "
+         "entries; lower K")
+  if idx.manifest["num_neighbors"] < k:
+    fail(f"index {idx.path} was built for K={idx.manifest['num_neighbors']} < {k}; rebuild it: "
+         f"`{index.INDEX_HINT}`")
+  excl = exclusion.exclusion_for(r.exclude, r.duplicate_score, queries.manifest["source"],
+                                 database.manifest["source"])
+  inputs = dict(database_fingerprint=database.fingerprint, index_fingerprint=idx.fingerprint,
+                queries_fingerprint=queries.fingerprint, num_neighbors=k, exclusion=excl.describe())
+  done = store.reusable(out, "neighbors", NEIGHBORS_HINT, **inputs)
+  if done is not None:
+    return done
+  q_ids, db_ids = queries["ids"], database["ids"]
+  starts = store.process_block(range(0, len(q_emb), r.chunk_size), process_index, process_count)
+  if len(starts):  # validate this process's queries before any work is saved
+    index.check_finite_nonzero(q_emb[starts[0]:starts[-1] + r.chunk_size], f"queries {queries.path}")
+  if excl.active:
+    print(f"{out}: database and queries overlap; excluding {excl.describe()}")
 
   def search(a, b):
-    q = exact.l2_normalize(q_all[a:b], f"queries {queries.path}")
-    scores, ids = exact.exact_search(q, db, k)
-    return {"neighbor_ids": ids, "scores": scores, "query_ids": queries["ids"][a:b]}
+    q = exact.l2_normalize(q_emb[a:b], f"queries {queries.path}")
+    scores, rows = exclusion.search_excluding(idx.search, q, k, excl, q_ids[a:b], db_ids)
+    return {"neighbor_ids": rows.astype(np.int32), "scores": scores, "query_ids": np.asarray(q_ids[a:b])}
 
-  result = store.write_chunked(
-      out, "neighbors", len(q_all), chunk_size=config.retrieval.chunk_size, compute=search,
-      num_neighbors=k, search="exact", database_path=database.path,
-      database_fingerprint=database.fingerprint, database_size=len(db),
-      encoder=database.manifest["encoder"], query_source=queries.manifest["source"],
-      made_by="rdm_jax.jobs.neighbors")
-  print(f"wrote {out}: neighbor_ids {result['neighbor_ids'].shape}")
+  def check_recall(arrays):
+    n = min(r.recall_sample, len(q_emb))
+    if n <= 0:
+      return {}
+    rows = np.sort(np.random.default_rng(0).choice(len(q_emb), n, replace=False))
+    q = exact.l2_normalize(q_emb[rows], f"queries {queries.path}")
+    exact_search = lambda qq, kk: exact.exact_search(qq, db_emb, kk, normalize_database=True)  # noqa: E731
+    _, truth = exclusion.search_excluding(exact_search, q, k, excl, np.asarray(q_ids)[rows], db_ids)
+    recall = recall_at_k(np.asarray(arrays["neighbor_ids"][rows]), truth)
+    print(f"{out}: recall@{k} against exact search on {n} random queries: {recall:.4f}")
+    return {"recall_at_k": round(recall, 6), "recall_sample": n}
+
+  return store.write_chunked(
+      out, "neighbors", len(q_emb), chunk_size=r.chunk_size, compute=search,
+      process_index=process_index, process_count=process_count, finalize=check_recall,
+      search=sorted({s["recipe"]["kind"] for s in idx.shards}), index_path=os.path.abspath(idx.path),
+      database_path=database.path, database_size=len(db_emb), encoder=database.manifest["encoder"],
+      query_source=queries.manifest["source"], made_by="rdm_jax.jobs.neighbors", **inputs)
+
+
+def write_proposal(config, neighbors: store.Store, database: store.Store, path: str) -> store.Store:
+  """p_D of the training part's neighbours (k = config.retrieval.proposal_k or k_train)."""
+  k = config.retrieval.proposal_k or config.k_train
+  done = store.reusable(path, proposal.KIND, NEIGHBORS_HINT, neighbors_fingerprint=neighbors.fingerprint, k=k)
+  if done is not None:
+    return done
+  result = proposal.write_proposal(path, neighbors, database, k)
+  top = result["probs"]
+  print(f"wrote {path}: p_D over {len(top)} database entries (k={k}); {int(np.count_nonzero(top))} "
+        f"have p_D > 0, the top 1% hold {top[:max(1, len(top) // 100)].sum():.3f} of the mass")
   return result
 
 
 def main(argv):
   del argv
   config = cli.CONFIG.value
-  for part in _PARTS.value:
-    neighbors_part(config, part)
+  database, index_path = index_job.database_and_index_paths(config)
+  idx = index.load(index_path, database, config.retrieval.index) if store.exists(index_path) else fail(
+      f"no index at {index_path} for database {database.path}: run `{index.INDEX_HINT}` first")
+  pid, count = _PROCESS_ID.value, _NUM_PROCESSES.value
+  if _QUERIES.value:
+    out = _OUT.value or fail("--queries needs --out (the neighbours store to write)")
+    queries = index_job.open_embeddings(config, _QUERIES.value, "embeddings", "(your query embeddings)")
+    jobs = [(queries, out, out.rstrip("/") + "_proposal")]
+  else:
+    paths = config_base.paths(config)
+    jobs = [(store.read(paths[f"embeddings_{part}"], "embeddings", hint=f"{EMBED_HINT} --parts={part}"),
+             paths[f"neighbors_{part}"], paths["proposal"] if part == "train" else None)
+            for part in _PARTS.value]
+  for queries, out, proposal_path in jobs:
+    result = find_neighbors(config, queries, database, idx, out, pid, count)
+    if result is None:
+      continue
+    print(f"wrote {out}: neighbor_ids {result['neighbor_ids'].shape}, recall@K "
+          f"{result.manifest.get('recall_at_k', 'not checked')}")
+    if proposal_path:
+      write_proposal(config, result, database, proposal_path)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,12 @@ def _merge(s1, i1, s2, i2, k: int):
 
 
 def exact_search(queries: np.ndarray, database: np.ndarray, k: int, query_batch: int = 1024,
-                 database_chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
-  """Top-k by inner product. queries [Q, d], database [N, d] (already normalised).
+                 database_chunk: int = 1 << 18, normalize_database: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k by inner product. queries [Q, d] (normalised), database [N, d].
 
+  The database is used as given, or L2-normalised chunk by chunk with
+  `normalize_database` (so a memory-mapped store is never copied whole into RAM).
   Returns (scores [Q, k] float32 descending, ids [Q, k] int32). Memory is bounded by
   query_batch x database_chunk scores at a time.
   """
@@ -55,12 +58,19 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, query_batch:
          "queries and database must come from the same encoder")
   if k > database.shape[0]:
     fail(f"asked for K={k} neighbours but the database has only {database.shape[0]} entries")
+  chunks = range(0, len(database), database_chunk)
+  prepared = {}  # one query batch -> reuse the normalised chunks when the database is one chunk
   out_s, out_i = [], []
   for qa in range(0, len(queries), query_batch):
     q = jnp.asarray(queries[qa:qa + query_batch])
     best = None
-    for da in range(0, len(database), database_chunk):
-      db = jnp.asarray(database[da:da + database_chunk])
+    for da in chunks:
+      db = prepared.get(da)
+      if db is None:
+        db = database[da:da + database_chunk]
+        db = jnp.asarray(l2_normalize(db, "database") if normalize_database else db)
+        if len(chunks) == 1:
+          prepared[da] = db
       kk = min(k, db.shape[0])
       s, i = _chunk_topk(q, db, jnp.int32(da), kk)
       best = (s, i) if best is None else _merge(*best, s, i, k)

@@ -1,0 +1,185 @@
+r"""Neighbour search at scale: the job's queries/s and recall@K against raw ScaNN on the same
+index and exact JAX search on the same data, plus peak memory of the index build and of
+the job per million database vectors.
+
+  python benchmarks/neighbors_scale.py [--n=1000000] [--d=512] [--queries=20000] [--workdir=/tmp/nbench]
+
+Data: `rdm_jax.retrieval.synthetic.clustered_unit_vectors` (N / 500 clusters, noise 0.6),
+queries near random database points (not in the database: no exclusion). Each phase runs
+in a child process so its peak RSS is its own; a child that only imports the same modules
+gives the baseline subtracted from the peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+_N = flags.DEFINE_integer("n", 1_000_000, "Database vectors.")
+_D = flags.DEFINE_integer("d", 512, "Width.")
+_Q = flags.DEFINE_integer("queries", 20_000, "Queries searched by the job and by raw ScaNN.")
+_K = flags.DEFINE_integer("k", 20, "Neighbours.")
+_EXACT_Q = flags.DEFINE_integer("exact_queries", 1000, "Queries for recall against exact search.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/nbench", "Where stores and the index go.")
+_PHASE = flags.DEFINE_string("phase", "", "Internal: run one phase in this process.")
+
+
+def config(workdir: str):
+  from rdm_jax import config_base
+
+  c = config_base.base_config()
+  c.data_dir = workdir
+  c.retrieval.num_neighbors = _K.value
+  c.retrieval.chunk_size = 4096
+  c.retrieval.recall_sample = 0  # measured separately below
+  c.retrieval.index.max_memory_gb = 64.0
+  return c
+
+
+def phase_data(c) -> dict:
+  from rdm_jax import config_base
+  from rdm_jax.data import store
+  from rdm_jax.retrieval import synthetic
+
+  paths = config_base.paths(c)
+  x = synthetic.clustered_unit_vectors(_N.value, _D.value)
+  q = synthetic.perturbed_queries(x, _Q.value)
+  enc = {"name": "synthetic", "embed_dim": _D.value}
+  store.write(paths["database"], "database", {"embeddings": x, "ids": np.arange(len(x))}, encoder=enc,
+              source={"dataset": "synthetic", "split": "database"})
+  store.write(paths["embeddings_train"], "embeddings", {"embeddings": q, "ids": np.arange(len(q))}, encoder=enc,
+              source={"dataset": "synthetic", "split": "queries"})
+  return {}
+
+
+def phase_build(c) -> dict:
+  from rdm_jax import config_base
+  from rdm_jax.data import store
+  from rdm_jax.retrieval import index
+
+  paths = config_base.paths(c)
+  db = store.read(paths["database"], "database", hint="")
+  t = time.perf_counter()
+  idx = index.build(db, c.retrieval.index, c.retrieval.num_neighbors, paths["index"])
+  return {"build_s": time.perf_counter() - t, "shards": [s["recipe"] for s in idx.shards]}
+
+
+def phase_job(c) -> dict:
+  from rdm_jax import config_base
+  from rdm_jax.data import store
+  from rdm_jax.jobs import neighbors
+  from rdm_jax.retrieval import index
+
+  paths = config_base.paths(c)
+  db = store.read(paths["database"], "database", hint="")
+  idx = index.load(paths["index"], db, c.retrieval.index)
+  idx.search(np.asarray(store.read(paths["embeddings_train"], "embeddings", hint="")["embeddings"][:64]), 20)
+  queries = store.read(paths["embeddings_train"], "embeddings", hint="")
+  t = time.perf_counter()
+  neighbors.find_neighbors(c, queries, db, idx, paths["neighbors_train"])
+  return {"job_s": time.perf_counter() - t}
+
+
+def phase_raw(c) -> dict:
+  import scann
+
+  from rdm_jax import config_base
+  from rdm_jax.data import store
+
+  paths = config_base.paths(c)
+  manifest = store.read(paths["index"], "index", hint="").manifest
+  shard = manifest["shards"][0]
+  searcher = scann.scann_ops_pybind.load_searcher(os.path.join(os.path.abspath(paths["index"]), shard["dir"]))
+  q = np.asarray(store.read(paths["embeddings_train"], "embeddings", hint="")["embeddings"])
+  searcher.search_batched_parallel(q[:64])
+  t = time.perf_counter()
+  ids, _ = searcher.search_batched_parallel(q, final_num_neighbors=_K.value)
+  raw_s = time.perf_counter() - t
+  np.save(os.path.join(c.data_dir, "raw_ids.npy"), ids.astype(np.int64))
+  return {"raw_s": raw_s}
+
+
+def phase_exact(c) -> dict:
+  from rdm_jax import config_base
+  from rdm_jax.data import store
+  from rdm_jax.retrieval import exact
+
+  paths = config_base.paths(c)
+  db = np.asarray(store.read(paths["database"], "database", hint="")["embeddings"])
+  q = np.asarray(store.read(paths["embeddings_train"], "embeddings", hint="")["embeddings"][:_EXACT_Q.value])
+  exact.exact_search(q[:8], db, _K.value)
+  t = time.perf_counter()
+  _, ids = exact.exact_search(q, db, _K.value)
+  exact_s = time.perf_counter() - t
+  np.save(os.path.join(c.data_dir, "exact_ids.npy"), ids.astype(np.int64))
+  return {"exact_s": exact_s}
+
+
+def phase_baseline(c) -> dict:
+  import scann  # noqa: F401
+
+  from rdm_jax.jobs import neighbors  # noqa: F401
+  return {}
+
+
+PHASES = {"data": phase_data, "baseline": phase_baseline, "build": phase_build, "job": phase_job,
+          "raw": phase_raw, "exact": phase_exact}
+
+
+def run_phase(name: str) -> dict:
+  """Runs a phase in a child process; returns its figures and peak RSS in GiB."""
+  out = subprocess.run([sys.executable, __file__, f"--phase={name}"] + [a for a in sys.argv[1:]
+                                                                      if not a.startswith("--phase")],
+                       capture_output=True, text=True)
+  if out.returncode:
+    sys.exit(f"phase {name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  return result
+
+
+def recall(ids: np.ndarray, truth: np.ndarray) -> float:
+  return float(np.mean([len(np.intersect1d(a, t)) / truth.shape[1] for a, t in zip(ids, truth)]))
+
+
+def main(argv):
+  del argv
+  c = config(_WORKDIR.value)
+  if _PHASE.value:
+    result = PHASES[_PHASE.value](c)
+    result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+    return
+  from rdm_jax.data import store
+
+  r = {name: run_phase(name) for name in ("data", "baseline", "build", "job", "raw", "exact")}
+  n, q, k, nq = _N.value, _Q.value, _K.value, _EXACT_Q.value
+  job_ids = np.asarray(store.read(os.path.join(c.data_dir, "neighbors_train"), "neighbors", hint="")["neighbor_ids"])
+  exact_ids = np.load(os.path.join(c.data_dir, "exact_ids.npy"))
+  raw_ids = np.load(os.path.join(c.data_dir, "raw_ids.npy"))
+  base = r["baseline"]["peak_gib"]
+  per_m = 1e6 / n
+  job_qps, raw_qps, exact_qps = q / r["job"]["job_s"], q / r["raw"]["raw_s"], nq / r["exact"]["exact_s"]
+  print(f"database {n} x {_D.value}, {q} queries, K={k}, index {r['build']['shards'][0]}")
+  print(f"build: {r['build']['build_s']:.1f} s, peak {r['build']['peak_gib']:.2f} GiB "
+        f"({(r['build']['peak_gib'] - base) * per_m:.2f} GiB per 1M vectors above the {base:.2f} GiB baseline)")
+  print(f"job:   {job_qps:.0f} queries/s, recall@{k} {recall(job_ids[:nq], exact_ids):.4f}, peak "
+        f"{r['job']['peak_gib']:.2f} GiB ({(r['job']['peak_gib'] - base) * per_m:.2f} GiB per 1M above baseline)")
+  print(f"raw ScaNN (same index): {raw_qps:.0f} queries/s, recall@{k} {recall(raw_ids[:nq], exact_ids):.4f}")
+  print(f"exact JAX: {exact_qps:.0f} queries/s (recall 1 by definition)")
+  print(f"job / raw ScaNN throughput: {job_qps / raw_qps:.3f}; job / exact: {job_qps / exact_qps:.1f}x; "
+        f"job and raw ids identical: {np.array_equal(job_ids, raw_ids)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,280 @@
+"""Nearest-neighbour index over a database store: exact JAX search or ScaNN, in shards.
+
+The recipe follows CompVis RDM's `train_searcher` by the size n of each shard, on
+L2-normalised vectors with dot-product scores (cosine similarity):
+
+  n < exact_below (2e4)   exact search (JAX matmul + top-k; no index files)
+  n < ah_below (1e5)      ScaNN asymmetric hashing (2 dims per block, anisotropic threshold
+                          0.2) + exact float reordering of 10K candidates (the original: 2K,
+                          which loses recall; see REORDER_PER_NEIGHBOR)
+  otherwise               ScaNN tree (num_leaves = sqrt(n), search num_leaves / 20, k-means
+                          trained on n / 10 vectors, spherical) + the same AH + reordering
+
+`spherical=True` matters: on unit-norm data a generic k-means tree caps recall@20 at ~0.84
+whatever the reordering (STACK_NOTES). Every knob is in `config.retrieval.index`.
+
+A database too large for one index in RAM is split into row shards, each small enough
+that building its index stays within `max_memory_gb`; a search queries every shard and
+merges the per-shard top-k (so the result over shards equals that of one index whenever
+each shard's search is exact). Shards are loaded lazily and evicted so that the loaded
+ones stay within the same memory budget.
+
+On disk (`<database>_index/`): `manifest.json` (kind "index", the database fingerprint,
+width, K, the shards with their row ranges and recipes) and one ScaNN directory per ScaNN
+shard. The build resumes shard by shard; the index appears under its name when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from rdm_jax.data import store
+from rdm_jax.errors import fail
+from rdm_jax.retrieval import exact
+
+KIND = "index"
+INDEX_HINT = "python -m rdm_jax.jobs.index --config=<this config>"
+# Peak bytes per float of the database while one shard's ScaNN index is built (the
+# normalised copy, ScaNN's own copy for reordering, training buffers) and while it is
+# loaded for search; measured on 1M x 512 (benchmarks/RESULTS.md) with a margin.
+BUILD_BYTES_PER_FLOAT = 12.0
+LOADED_BYTES_PER_FLOAT = 5.0
+# Candidates re-scored exactly per neighbour asked for. The original used 2 (reorder 2K):
+# on 1M clustered 512-d vectors that caps recall@20 at 0.70; 10 gives 0.988 for 15% more
+# search time (benchmarks/RESULTS.md).
+REORDER_PER_NEIGHBOR = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How one shard is searched. kind: exact | brute | ah | tree_ah."""
+
+  kind: str
+  num_leaves: int = 0
+  leaves_to_search: int = 0
+  training_sample: int = 0
+  dims_per_block: int = 2
+  anisotropic_threshold: float = 0.2
+  reorder: int = 0
+  spherical: bool = True
+
+
+KINDS = ("auto", "exact", "brute", "ah", "tree_ah")
+
+
+def recipe_for(n: int, k: int, cfg: Any) -> Recipe:
+  """The recipe for a shard of n vectors searched for k neighbours (config.retrieval.index)."""
+  kind = cfg.kind
+  if kind not in KINDS:
+    fail(f"config.retrieval.index.kind={kind!r}; use one of {', '.join(KINDS)}")
+  if kind == "auto":
+    kind = "exact" if n < cfg.exact_below else "ah" if n < cfg.ah_below else "tree_ah"
+  if kind in ("exact", "brute"):
+    return Recipe(kind=kind)
+  reorder = cfg.reorder or REORDER_PER_NEIGHBOR * k
+  ah = dict(dims_per_block=cfg.dims_per_block, anisotropic_threshold=cfg.anisotropic_threshold,
+            reorder=max(reorder, k))
+  if kind == "ah":
+    return Recipe(kind="ah", **ah)
+  num_leaves = cfg.num_leaves or max(1, int(math.sqrt(n)))
+  if num_leaves > n:
+    fail(f"config.retrieval.index.num_leaves={num_leaves} exceeds the shard size {n}")
+  return Recipe(kind="tree_ah", num_leaves=num_leaves,
+                leaves_to_search=cfg.leaves_to_search or max(1, num_leaves // 20),
+                training_sample=cfg.training_sample or max(num_leaves, n // 10),
+                spherical=bool(cfg.spherical), **ah)
+
+
+def shard_ranges(n: int, d: int, cfg: Any) -> list[tuple[int, int]]:
+  """Row ranges [start, stop) of the shards: equal sizes, each buildable within max_memory_gb."""
+  size = cfg.shard_size or int(cfg.max_memory_gb * 2**30 / (BUILD_BYTES_PER_FLOAT * 4 * d))
+  if size < 1:
+    fail(f"config.retrieval.index.max_memory_gb={cfg.max_memory_gb} is too small for one {d}-d vector")
+  num = max(1, math.ceil(n / size))
+  bounds = [round(i * n / num) for i in range(num + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def check_finite_nonzero(x: np.ndarray, what: str, chunk: int = 1 << 16) -> None:
+  """Scans [N, d] embeddings in chunks: NaN/inf or zero-norm rows are an error (no search)."""
+  for a in range(0, len(x), chunk):
+    exact.l2_normalize(x[a:a + chunk], f"{what} (rows {a}:{min(a + chunk, len(x))})")
+
+
+def _scann_builder(data: np.ndarray, k: int, recipe: Recipe, threads: int):
+  import scann  # heavy import (TensorFlow ops); only when an index is built
+
+  b = scann.scann_ops_pybind.builder(data, k, "dot_product")
+  b.set_n_training_threads(threads or os.cpu_count() or 1)
+  if recipe.kind == "brute":
+    return b.score_brute_force()
+  if recipe.kind == "tree_ah":
+    b = b.tree(num_leaves=recipe.num_leaves, num_leaves_to_search=recipe.leaves_to_search,
+               training_sample_size=recipe.training_sample, spherical=recipe.spherical)
+  return b.score_ah(recipe.dims_per_block,
+                    anisotropic_quantization_threshold=recipe.anisotropic_threshold).reorder(recipe.reorder)
+
+
+def build_scann(data: np.ndarray, k: int, recipe: Recipe, threads: int = 0):
+  """A ScaNN searcher over L2-normalised `data` [n, d] (not for recipe kind 'exact')."""
+  return _scann_builder(data, k, recipe, threads).build()
+
+
+def plan(n: int, d: int, k: int, cfg: Any) -> list[dict[str, Any]]:
+  """The shards of an index over [n, d]: row ranges, recipes and directory names."""
+  if k > n:
+    fail(f"asked for K={k} neighbours but the database has only {n} entries")
+  shards = []
+  for i, (a, b) in enumerate(shard_ranges(n, d, cfg)):
+    recipe = recipe_for(b - a, min(k, b - a), cfg)
+    shards.append(dict(start=a, stop=b, recipe=dataclasses.asdict(recipe),
+                       dir="" if recipe.kind == "exact" else f"shard_{i:05d}"))
+  return shards
+
+
+def ensure(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
+  """The index at `path` if it was built for this database, K and knobs; else builds it."""
+  if store.exists(path):
+    m = store.read(path, KIND, hint=INDEX_HINT).manifest
+    n, d = database["embeddings"].shape
+    if (m["database_fingerprint"], m["num_neighbors"], m["shards"]) == (database.fingerprint, k, plan(n, d, k, cfg)):
+      log(f"{path} exists and matches the database and config; skipping (delete it to rebuild)")
+      return load(path, database, cfg)
+    log(f"{path} was built for another database or other settings; rebuilding")
+  return build(database, cfg, k, path, log)
+
+
+def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
+  """Builds (or resumes building) the index of `database` at `path`, shard by shard."""
+  emb = database["embeddings"]
+  n, d = emb.shape
+  shards = plan(n, d, k, cfg)
+  fields = dict(database_path=os.path.abspath(database.path), database_fingerprint=database.fingerprint,
+                dim=d, num_neighbors=k, shards=shards)
+  partial = store.open_partial(path, fields, log)
+  log(f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "
+      + ", ".join(f"{s['stop'] - s['start']} rows {s['recipe']['kind']}" for s in shards))
+  check_finite_nonzero(emb, f"database {database.path}")
+  t0 = time.time()
+  for shard in shards:
+    if not shard["dir"] or os.path.isdir(os.path.join(partial, shard["dir"])):
+      continue
+    final = os.path.join(partial, shard["dir"])
+    recipe = Recipe(**shard["recipe"])
+    t = time.time()
+    data = exact.l2_normalize(emb[shard["start"]:shard["stop"]], f"database {database.path}")
+    searcher = build_scann(data, min(k, len(data)), recipe, cfg.threads)
+    del data
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    searcher.serialize(os.path.abspath(tmp), relative_path=True)  # relative paths reload anywhere
+    del searcher
+    os.replace(tmp, final)
+    log(f"{path}: shard rows {shard['start']}:{shard['stop']} built in {time.time() - t:.1f} s")
+  manifest = dict(kind=KIND, format_version=store.FORMAT_VERSION, count=n, arrays={},
+                  build_seconds=round(time.time() - t0, 1), made_by="rdm_jax.jobs.index", **fields)
+  store.atomic_write_text(os.path.join(partial, store.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+  os.remove(os.path.join(partial, store.INPUTS))
+  store.publish(partial, path)
+  return load(path, database, cfg)
+
+
+def load(path: str, database: store.Store, cfg: Any) -> "Index":
+  """Opens the index at `path` and checks it was built on exactly this database."""
+  s = store.read(path, KIND, hint=INDEX_HINT)
+  m = s.manifest
+  if m["database_fingerprint"] != database.fingerprint:
+    fail(f"index {path} was built on another database ({m['database_path']}, fingerprint "
+         f"{m['database_fingerprint']}) than {database.path} ({database.fingerprint}); rebuild it: "
+         f"`{INDEX_HINT}`")
+  n, d = database["embeddings"].shape
+  if (m["count"], m["dim"]) != (n, d):
+    fail(f"index {path} covers [{m['count']}, {m['dim']}] but the database is [{n}, {d}]; rebuild it")
+  for shard in m["shards"]:
+    if shard["dir"] and not os.path.isdir(os.path.join(path, shard["dir"])):
+      fail(f"index {path} lacks {shard['dir']}; delete {path} and rebuild it: `{INDEX_HINT}`")
+  return Index(path, m, database, cfg.max_memory_gb, cfg.threads)
+
+
+class Index:
+  """Searches every shard of a built index and merges the per-shard top-k."""
+
+  def __init__(self, path: str, manifest: dict, database: store.Store, max_memory_gb: float,
+               threads: int = 0):
+    self.path, self.manifest, self.database = path, manifest, database
+    self.shards = manifest["shards"]
+    self.budget = max_memory_gb * 2**30
+    self.threads = threads
+    self._loaded: collections.OrderedDict[int, Any] = collections.OrderedDict()
+
+  @property
+  def size(self) -> int:
+    return self.manifest["count"]
+
+  @property
+  def fingerprint(self) -> str:
+    return store.fingerprint(self.manifest)
+
+  def _shard_bytes(self, i: int) -> float:
+    s = self.shards[i]
+    return (s["stop"] - s["start"]) * self.manifest["dim"] * LOADED_BYTES_PER_FLOAT
+
+  def _searcher(self, i: int):
+    if i in self._loaded:
+      self._loaded.move_to_end(i)
+      return self._loaded[i]
+    while self._loaded and sum(map(self._shard_bytes, [*self._loaded, i])) > self.budget:
+      self._loaded.popitem(last=False)  # least recently used shard leaves RAM
+    import scann
+
+    searcher = scann.scann_ops_pybind.load_searcher(os.path.abspath(os.path.join(self.path, self.shards[i]["dir"])))
+    if self.threads:
+      searcher.set_num_threads(self.threads)
+    self._loaded[i] = searcher
+    return searcher
+
+  def search_shard(self, i: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, database rows) of L2-normalised queries within shard i."""
+    shard = self.shards[i]
+    a, b = shard["start"], shard["stop"]
+    k = min(k, b - a)
+    recipe = shard["recipe"]
+    if recipe["kind"] == "exact":
+      scores, rows = exact.exact_search(queries, self.database["embeddings"][a:b], k, normalize_database=True)
+    else:
+      extra = {}
+      if recipe["reorder"]:  # keep the built ratio of reordered candidates when k grows
+        extra["pre_reorder_num_neighbors"] = max(recipe["reorder"],
+                                                 math.ceil(recipe["reorder"] * k / self.manifest["num_neighbors"]))
+      rows, scores = self._searcher(i).search_batched_parallel(queries, final_num_neighbors=k, **extra)
+    return np.asarray(scores, np.float32), np.asarray(rows, np.int64) + a
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over all shards: (scores [Q, k] descending, database rows [Q, k] int64)."""
+    if queries.shape[1] != self.manifest["dim"]:
+      fail(f"queries are {queries.shape[1]}-d but index {self.path} is {self.manifest['dim']}-d: "
+           "queries and database must come from the same encoder")
+    if k > self.size:
+      fail(f"asked for K={k} neighbours but the database has only {self.size} entries")
+    results = [self.search_shard(i, queries, k) for i in range(len(self.shards))]
+    if len(results) == 1:
+      return results[0]
+    return merge_topk([r[0] for r in results], [r[1] for r in results], k)
+
+
+def merge_topk(scores: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Merges per-shard top lists into the overall top-k (ties keep shard order)."""
+  s = np.concatenate(scores, axis=1)
+  r = np.concatenate(rows, axis=1)
+  order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(s, order, axis=1), np.take_along_axis(r, order, axis=1)
