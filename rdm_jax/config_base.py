@@ -52,7 +52,8 @@ def base_config() -> mlc.ConfigDict:
       dims_per_block=2, anisotropic_threshold=0.2,
       reorder=0,                     # candidates re-scored exactly; 0 = 10K (original: 2K)
       spherical=True,                # spherical k-means tree (needed on unit-norm data)
-      max_memory_gb=16.0,            # peak RAM of one shard's build / of loaded shards
+      max_memory_gb=16.0,            # peak RAM (GiB) of one shard's build: sets the shard size
+      search_memory_gb=0.0,          # RAM for shards loaded at once while searching; 0 = max_memory_gb
       shard_size=0,                  # 0 = derived from max_memory_gb
       threads=0,                     # 0 = all cores
       path="",                       # "" = <database>_index

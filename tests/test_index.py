@@ -52,11 +52,11 @@ def test_recipe_follows_the_original_size_rules():
 
 
 def test_shards_cover_the_database_within_the_memory_budget():
-  # 2 GiB budget / (12 bytes per float * 4 * 512) = 87381 rows per shard at most
+  # 2 GiB budget / (14 bytes per float * 512 floats per row) = 299593 rows per shard at most
   ranges = index.shard_ranges(1_000_000, 512, index_cfg(max_memory_gb=2.0))
   assert ranges[0][0] == 0 and ranges[-1][1] == 1_000_000
   assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))
-  assert len(ranges) == 12 and max(b - a for a, b in ranges) <= 87381
+  assert len(ranges) == 4 and max(b - a for a, b in ranges) <= 299_593
 
 
 @pytest.fixture(scope="module")

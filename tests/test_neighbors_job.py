@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config
 
-from rdm_jax import config_base
+from rdm_jax import conditioning, config_base
 from rdm_jax.data import pipeline, store
 from rdm_jax.errors import UserError
 from rdm_jax.jobs import index as index_job
@@ -52,6 +52,13 @@ def test_job_finds_exact_neighbours_and_training_reads_them(tmp_path):
   data = pipeline.load_retrieval_data(c, "train")
   _, context = pipeline.load_batch(data, np.arange(4), c.k_train, "first")
   np.testing.assert_array_equal(context, db["embeddings"][out["neighbor_ids"][:4, :c.k_train]])
+  # unconditional sampling: pseudo-queries from the top 10% of p_D, then their neighbours in D
+  c.sample.top_m = 0.1
+  cond = conditioning.proposal_conditioning(c, 8, c.k_train, np.random.default_rng(0))
+  assert set(cond.query_rows) <= set(p["rows"][:4])
+  np.testing.assert_array_equal(cond.neighbor_rows,
+                                reference_neighbors(db["embeddings"][cond.query_rows], db["embeddings"], c.k_train))
+  np.testing.assert_array_equal(cond.context, db["embeddings"][cond.neighbor_rows])
 
 
 def test_overlapping_database_excludes_the_query_itself(tmp_path):

@@ -141,3 +141,12 @@ def test_resume_never_mixes_chunks_of_other_inputs(tmp_path):
   np.testing.assert_array_equal(s["x"][:, 0], 2.0)  # the old encoder's chunk was not reused
   assert store.reusable(out, "thing", "h", encoder={"name": "new"}) is not None
   assert store.reusable(out, "thing", "h", encoder={"name": "other"}) is None
+
+
+def test_read_rows_equals_the_memory_mapped_slice(tmp_path):
+  x = np.arange(7 * 3 * 2, dtype=np.float32).reshape(7, 3, 2)
+  s = store.write(str(tmp_path / "s"), "things", {"x": x, "ids": np.arange(7)})
+  for a, b in [(0, 7), (2, 5), (6, 7), (3, 3), (5, 99)]:
+    np.testing.assert_array_equal(store.read_rows(s, "x", a, b), x[a:b])
+  np.testing.assert_array_equal(store.read_rows(s, "ids", 1, 4), [1, 2, 3])
+

@@ -81,12 +81,17 @@ def find_neighbors(config, queries: store.Store, database: store.Store, idx: ind
   q_ids, db_ids = queries["ids"], database["ids"]
   starts = store.process_block(range(0, len(q_emb), r.chunk_size), process_index, process_count)
   if len(starts):  # validate this process's queries before any work is saved
-    index.check_finite_nonzero(q_emb[starts[0]:starts[-1] + r.chunk_size], f"queries {queries.path}")
+    index.check_embeddings(queries, f"queries {queries.path}", starts[0], starts[-1] + r.chunk_size)
   if excl.active:
     print(f"{out}: database and queries overlap; excluding {excl.describe()}")
+  scann_shards = sum(bool(s["dir"]) for s in idx.shards)
+  if idx.shards_in_memory < scann_shards:
+    print(f"{out}: {idx.shards_in_memory} of {scann_shards} index shards fit in "
+          f"retrieval.index.max_memory_gb={r.index.max_memory_gb} at once, so every chunk of "
+          f"{r.chunk_size} queries reloads shards; a larger retrieval.chunk_size amortises that")
 
   def search(a, b):
-    q = exact.l2_normalize(q_emb[a:b], f"queries {queries.path}")
+    q = exact.l2_normalize(store.read_rows(queries, "embeddings", a, b), f"queries {queries.path}", copy=False)
     scores, rows = exclusion.search_excluding(idx.search, q, k, excl, q_ids[a:b], db_ids)
     return {"neighbor_ids": rows.astype(np.int32), "scores": scores, "query_ids": np.asarray(q_ids[a:b])}
 

@@ -16,8 +16,8 @@ whatever the reordering (STACK_NOTES). Every knob is in `config.retrieval.index`
 A database too large for one index in RAM is split into row shards, each small enough
 that building its index stays within `max_memory_gb`; a search queries every shard and
 merges the per-shard top-k (so the result over shards equals that of one index whenever
-each shard's search is exact). Shards are loaded lazily and evicted so that the loaded
-ones stay within the same memory budget.
+each shard's search is exact). Shards are loaded lazily and the least recently used ones
+evicted so that the loaded ones stay within `search_memory_gb` (default: max_memory_gb).
 
 On disk (`<database>_index/`): `manifest.json` (kind "index", the database fingerprint,
 width, K, the shards with their row ranges and recipes) and one ScaNN directory per ScaNN
@@ -43,11 +43,12 @@ from rdm_jax.retrieval import exact
 
 KIND = "index"
 INDEX_HINT = "python -m rdm_jax.jobs.index --config=<this config>"
-# Peak bytes per float of the database while one shard's ScaNN index is built (the
-# normalised copy, ScaNN's own copy for reordering, training buffers) and while it is
-# loaded for search; measured on 1M x 512 (benchmarks/RESULTS.md) with a margin.
-BUILD_BYTES_PER_FLOAT = 12.0
-LOADED_BYTES_PER_FLOAT = 5.0
+# Peak bytes per database float (element) while one shard's ScaNN index is built (our
+# normalised copy, then ScaNN's copies while it trains: 13.0 measured) and while it is
+# loaded for search (float data for reordering + hashes: 4.8 measured); 1M x 512 tree
+# index, benchmarks/RESULTS.md. With a margin.
+BUILD_BYTES_PER_FLOAT = 14.0
+LOADED_BYTES_PER_FLOAT = 5.5
 # Candidates re-scored exactly per neighbour asked for. The original used 2 (reorder 2K):
 # on 1M clustered 512-d vectors that caps recall@20 at 0.70; 10 gives 0.988 for 15% more
 # search time (benchmarks/RESULTS.md).
@@ -96,7 +97,7 @@ def recipe_for(n: int, k: int, cfg: Any) -> Recipe:
 
 def shard_ranges(n: int, d: int, cfg: Any) -> list[tuple[int, int]]:
   """Row ranges [start, stop) of the shards: equal sizes, each buildable within max_memory_gb."""
-  size = cfg.shard_size or int(cfg.max_memory_gb * 2**30 / (BUILD_BYTES_PER_FLOAT * 4 * d))
+  size = cfg.shard_size or int(cfg.max_memory_gb * 2**30 / (BUILD_BYTES_PER_FLOAT * d))
   if size < 1:
     fail(f"config.retrieval.index.max_memory_gb={cfg.max_memory_gb} is too small for one {d}-d vector")
   num = max(1, math.ceil(n / size))
@@ -104,10 +105,14 @@ def shard_ranges(n: int, d: int, cfg: Any) -> list[tuple[int, int]]:
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def check_finite_nonzero(x: np.ndarray, what: str, chunk: int = 1 << 16) -> None:
-  """Scans [N, d] embeddings in chunks: NaN/inf or zero-norm rows are an error (no search)."""
-  for a in range(0, len(x), chunk):
-    exact.l2_normalize(x[a:a + chunk], f"{what} (rows {a}:{min(a + chunk, len(x))})")
+def check_embeddings(s: store.Store, what: str, start: int = 0, stop: int | None = None,
+                     chunk: int = 1 << 16) -> None:
+  """Scans rows [start, stop) of a store's embeddings in chunks (file reads, not the memory
+  map): NaN/inf or zero-norm rows are an error, raised before any work is saved."""
+  stop = len(s["embeddings"]) if stop is None else min(stop, len(s["embeddings"]))
+  for a in range(start, stop, chunk):
+    b = min(a + chunk, stop)
+    exact.l2_normalize(store.read_rows(s, "embeddings", a, b), f"{what} (rows {a}:{b})", copy=False)
 
 
 def _scann_builder(data: np.ndarray, k: int, recipe: Recipe, threads: int):
@@ -163,7 +168,7 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
   partial = store.open_partial(path, fields, log)
   log(f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "
       + ", ".join(f"{s['stop'] - s['start']} rows {s['recipe']['kind']}" for s in shards))
-  check_finite_nonzero(emb, f"database {database.path}")
+  check_embeddings(database, f"database {database.path}")
   t0 = time.time()
   for shard in shards:
     if not shard["dir"] or os.path.isdir(os.path.join(partial, shard["dir"])):
@@ -171,7 +176,8 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
     final = os.path.join(partial, shard["dir"])
     recipe = Recipe(**shard["recipe"])
     t = time.time()
-    data = exact.l2_normalize(emb[shard["start"]:shard["stop"]], f"database {database.path}")
+    data = exact.l2_normalize(store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
+                              f"database {database.path}", copy=False)
     searcher = build_scann(data, min(k, len(data)), recipe, cfg.threads)
     del data
     tmp = final + ".tmp"
@@ -203,7 +209,7 @@ def load(path: str, database: store.Store, cfg: Any) -> "Index":
   for shard in m["shards"]:
     if shard["dir"] and not os.path.isdir(os.path.join(path, shard["dir"])):
       fail(f"index {path} lacks {shard['dir']}; delete {path} and rebuild it: `{INDEX_HINT}`")
-  return Index(path, m, database, cfg.max_memory_gb, cfg.threads)
+  return Index(path, m, database, cfg.search_memory_gb or cfg.max_memory_gb, cfg.threads)
 
 
 class Index:
@@ -228,6 +234,12 @@ class Index:
   def _shard_bytes(self, i: int) -> float:
     s = self.shards[i]
     return (s["stop"] - s["start"]) * self.manifest["dim"] * LOADED_BYTES_PER_FLOAT
+
+  @property
+  def shards_in_memory(self) -> int:
+    """How many ScaNN shards stay loaded at once within the memory budget."""
+    sizes = [self._shard_bytes(i) for i, s in enumerate(self.shards) if s["dir"]]
+    return len(sizes) if not sizes else max(1, min(len(sizes), int(self.budget // max(sizes))))
 
   def _searcher(self, i: int):
     if i in self._loaded:
