@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt setup.py
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0
+	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 torchvision==0.28.0 pytorch-fid==0.3.0 torch-fidelity==0.4.0
 	touch $@
 
 setup: $(VENV)/.installed
@@ -36,8 +36,10 @@ demo: setup data
 	$(PY) -m rdm_jax.jobs.neighbors --config=$(CONFIG)
 	$(PY) -m rdm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(PY) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR) --config.sample.condition=proposal
 	$(PY) -m rdm_jax.jobs.context_ablation --config=$(CONFIG) --workdir=$(WORKDIR)
-	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, TensorBoard logs in $(WORKDIR)"
+	$(PY) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
+	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, $(WORKDIR)/eval/metrics.md, TensorBoard logs in $(WORKDIR)"
 
 test: setup-test data
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q

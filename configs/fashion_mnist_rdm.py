@@ -13,7 +13,10 @@ Run the whole chain (what `make demo` does):
   python -m rdm_jax.jobs.neighbors --config=configs/fashion_mnist_rdm.py
   python -m rdm_jax.train          --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
   python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+  python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
+      --config.sample.condition=proposal
   python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+  python -m rdm_jax.evaluate       --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
 
 Override anything on the command line, e.g. --config.k_train=8 --config.mesh.data=2.
 """
@@ -52,4 +55,8 @@ def get_config() -> mlc.ConfigDict:
   c.sample.num_steps = 50
   c.sample.guidance_scale = 2.0
   c.sample.clip_x0 = 1.0  # pixels live in [-1, 1]
+  c.sample.num_images = 128  # the evaluation's sample sets (PNGs show the first 16)
+  c.sample.top_m = 0.1       # proposal sampling: pseudo-queries from the top 10% of D by p_D
+  c.eval.image_size = 64     # EfficientNet-Lite0 features at the retrieval encoder's input size
+  c.eval.reference = "test"  # the 10k held-out test images
   return c

@@ -74,12 +74,22 @@ def base_config() -> mlc.ConfigDict:
       sample_every=0, num_sample_images=16))
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
   c.sample = mlc.ConfigDict(dict(
-      num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16,
+      num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m)
       query_part="test",
       top_m=0.01, top_count=0,       # proposal: the top fraction m of D by p_D (or the top count)
       proposal_weighted=False,       # proposal: draw by p_D within the top set (else uniformly)
       clip_x0=0.0))                  # clip_x0 > 0: pixel-space clipping
+
+  # rdm_jax.evaluate: metrics of sample sets against a reference set, on one extractor's features.
+  c.eval = mlc.ConfigDict(dict(
+      extractor="efficientnet_lite0",  # | inception_v3_fid (FID; weights: pytorch-fid's .pth, local path)
+      weights="", image_size=224, batch_size=256,  # inception_v3_fid: image_size 299
+      reference="test",              # a dataset part | tfds:NAME/SPLIT | image folder | .npz with images
+      num_reference=0,               # 0 = all reference images
+      baseline_part="train",         # real images scored like a sample set ("" = skip)
+      metrics=("fd", "precision_recall", "is", "kid"),
+      k=3, is_splits=10, kid_subsets=100, kid_subset_size=1000))
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = DEFAULT_SHARDING_RULES

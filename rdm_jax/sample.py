@@ -33,6 +33,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 
+NUM_SHOWN = 16
+
+
+def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng: jax.Array) -> np.ndarray:
+  """Latents for every context row, `batch_size` at a time (batch i uses fold_in(rng, i); the
+  last batch is padded so one compiled shape serves all)."""
+  out = []
+  for i, a in enumerate(range(0, len(context), batch_size)):
+    c = context[a:a + batch_size]
+    n = len(c)
+    if n < batch_size and len(context) > batch_size:
+      c = np.concatenate([c, np.zeros((batch_size - n,) + c.shape[1:], c.dtype)])
+    out.append(np.asarray(jax.device_get(sampler(params, jnp.asarray(c), jax.random.fold_in(rng, i))))[:n])
+  return np.concatenate(out)
+
+
 def main(argv):
   del argv
   config = cli.CONFIG.value
@@ -48,16 +64,16 @@ def main(argv):
   else:
     fail(f"config.sample.condition={s.condition!r}; use 'exemplar' or 'proposal'")
   sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
-  z = np.asarray(jax.device_get(sampler(params, jnp.asarray(cond.context),
-                                        jax.random.PRNGKey(config.train.seed + 7))))
+  z = sample_in_batches(sampler, params, cond.context, s.batch_size, jax.random.PRNGKey(config.train.seed + 7))
   images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))
-  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
+  shown = min(len(images), NUM_SHOWN)  # the PNGs show the first samples; the .npz holds all
+  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows[:shown])
   out = os.path.join(workdir, "samples")
   prefix = "final" if s.condition == "exemplar" else s.condition
   grid_png = os.path.join(out, f"{prefix}_samples.png")
   panel_png = os.path.join(out, f"{prefix}_neighbors_and_samples.png")
-  visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
-  visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images), scale=2)
+  visualize.save_png(grid_png, visualize.grid(images[:shown], 4), scale=2)
+  visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images[:shown]), scale=2)
   npz = os.path.join(out, "samples.npz" if s.condition == "exemplar" else f"{prefix}_samples.npz")
   tmp = npz[:-4] + ".tmp.npz"
   np.savez(tmp, latents=z, images=images, neighbor_rows=cond.neighbor_rows, query_rows=cond.query_rows,

@@ -63,7 +63,7 @@ def load_idx_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images[..., None], labels
 
 
-def _load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   import tensorflow_datasets as tfds
   try:
     ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, download=True))
@@ -82,7 +82,7 @@ def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.n
   if os.path.isdir(idx_dir):
     return load_idx_split(idx_dir, source_split)
   if dataset.get("allow_tfds", True):
-    return _load_tfds("fashion_mnist", source_split)
+    return load_tfds("fashion_mnist", source_split)
   fail(f"{idx_dir} does not exist: `apt-get install dataset-fashion-mnist`")
 
 

@@ -19,7 +19,8 @@ from rdm_jax.errors import fail
 from rdm_jax.models import efficientnet_lite
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """sha256 (16 hex digits) of a file: identifies weights."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -34,7 +35,7 @@ def encoder_identity(cfg: Any) -> dict[str, Any]:
   path = cfg.weights or efficientnet_lite.default_weights_path()
   if not path or not os.path.isfile(path):
     efficientnet_lite.load_params(path)  # raises the helpful error
-  return {"name": cfg.encoder, "weights_sha256": _file_sha256(path), "image_size": cfg.image_size,
+  return {"name": cfg.encoder, "weights_sha256": file_sha256(path), "image_size": cfg.image_size,
           "embed_dim": efficientnet_lite.EMBED_DIM}
 
 

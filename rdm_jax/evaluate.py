@@ -1,0 +1,218 @@
+r"""Evaluate generated samples against a reference set: Frechet distance, precision/recall
+(k=3), Inception-style score and KID, on the features of one named extractor.
+
+  python -m rdm_jax.evaluate --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
+      [--samples=a.npz,dir_of_npz_shards,image_folder] [--config.eval.reference=test]
+
+Samples: the sample job's .npz files (`images`, uint8), a directory of such shards, or a
+folder of PNG/JPEG images; by default every `*samples.npz` in <workdir>/samples.
+Reference (`config.eval.reference`): a part of the config's dataset ("test", "train",
+"database"), "tfds:NAME/SPLIT", a folder of images, or an .npz with `images`. Its features
+are cached under <data_dir>/eval_cache, keyed by the reference, the extractor (name,
+weights hash, preprocessing) and the count, and reused by later runs.
+A row "real (<baseline part>)" evaluates as many real images from `config.eval.baseline_part`
+as the largest sample set has: what a perfect model would score at that sample count.
+
+Writes <workdir>/eval/metrics.json and <workdir>/eval/metrics.md (the table it prints).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+from rdm_jax import metrics
+from rdm_jax.data import sources, store
+from rdm_jax.errors import fail
+from rdm_jax.jobs import cli
+from rdm_jax.metrics import extractors
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (samples in, eval/ out).")
+_SAMPLES = flags.DEFINE_list("samples", None, "Sample sets: .npz files, directories of .npz shards or "
+                             "image folders (default: <workdir>/samples/*samples.npz).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def read_image_folder(path: str) -> np.ndarray:
+  """All PNG/JPEG images under `path` (sorted), as uint8 [N, H, W, 1|3]; sizes must agree."""
+  from PIL import Image
+
+  files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  if not files:
+    fail(f"{path} holds no {', '.join(IMAGE_EXTENSIONS)} images")
+  images = []
+  for f in files:
+    with Image.open(f) as im:
+      a = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+    images.append(a[..., None] if a.ndim == 2 else a)
+    if images[-1].shape != images[0].shape:
+      fail(f"{f} is {images[-1].shape} but {files[0]} is {images[0].shape}: images of one set must "
+           "share size and channels; resize them first")
+  return np.stack(images)
+
+
+def read_samples(path: str) -> tuple[str, np.ndarray]:
+  """(label, uint8 images) of a sample set: an .npz, a directory of .npz shards, or an image folder."""
+  if path.endswith(".npz"):
+    shards = [path]
+  elif os.path.isdir(path):
+    shards = sorted(glob.glob(os.path.join(path, "*.npz")))
+    if not shards:
+      return os.path.basename(path.rstrip("/")), read_image_folder(path)
+  else:
+    fail(f"{path}: expected an .npz file, a directory of .npz shards or an image folder")
+  images, label = [], None
+  for shard in shards:
+    if not os.path.isfile(shard):
+      fail(f"{shard} does not exist; run `python -m rdm_jax.sample` first")
+    with np.load(shard, allow_pickle=False) as z:
+      if "images" not in z:
+        fail(f"{shard} has no 'images' array (keys: {', '.join(z.files)})")
+      images.append(z["images"])
+      label = label or (str(z["condition"]) if "condition" in z else None)
+  if len({im.shape[1:] for im in images}) > 1:
+    fail(f"{path}: shards hold images of different shapes {sorted({im.shape[1:] for im in images})}")
+  return label or os.path.basename(path).removesuffix(".npz"), np.concatenate(images)
+
+
+def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
+  """(uint8 images, source description) of the reference set named by config.eval.reference."""
+  if spec in config.dataset.get("parts", {}):
+    images, _, source = sources.load_part(config.dataset, spec)
+    return images, source
+  if spec.startswith("tfds:"):
+    name, _, split = spec[5:].partition("/")
+    images, _ = sources.load_tfds(name, split or "test")
+    return images, {"tfds": name, "split": split or "test"}
+  if spec.endswith(".npz") or os.path.isdir(spec):
+    _, images = read_samples(spec)
+    st = os.stat(spec)
+    return images, {"path": os.path.realpath(spec), "mtime_ns": st.st_mtime_ns}
+  fail(f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
+       "tfds:NAME/SPLIT, a folder of images or an .npz with 'images'")
+
+
+def cached_features(config: Any, extractor: extractors.Extractor, images: np.ndarray,
+                    source: dict[str, Any]) -> store.Store:
+  """Features of a real image set, computed once per (source, extractor, count) and cached."""
+  key = {"source": source, "extractor": extractor.identity, "count": len(images)}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  path = os.path.join(config.data_dir, "eval_cache", f"{extractor.identity['name']}_{digest}")
+  done = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)
+  if done is not None:
+    return done
+  out = extractor(images, what=f"reference images {source}")
+  return store.write(path, "eval_features", out, made_by="rdm_jax.evaluate", **key)
+
+
+def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> None:
+  if images.shape[1:] != reference.shape[1:]:
+    fail(f"{what} images are {'x'.join(map(str, images.shape[1:]))} but the reference images are "
+         f"{'x'.join(map(str, reference.shape[1:]))} (H x W x C): evaluate at the reference's size and "
+         "channels (crop, resize or convert the samples first)")
+
+
+def compute_metrics(cfg: Any, fake: dict[str, np.ndarray], real: dict[str, np.ndarray],
+                    real_stats: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+  """The metrics named in cfg.metrics for one sample set against the reference features."""
+  out: dict[str, Any] = {"num_samples": len(fake["features"])}
+  if "fd" in cfg.metrics:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      mu, sigma = metrics.feature_statistics(fake["features"])
+      out["fd"] = metrics.frechet_distance(mu, sigma, *real_stats)
+    out["warnings"] = sorted({str(w.message) for w in caught})
+  if "precision_recall" in cfg.metrics:
+    out["precision"], out["recall"] = metrics.precision_recall(real["features"], fake["features"], k=cfg.k)
+  if "is" in cfg.metrics:
+    splits = min(cfg.is_splits, len(fake["logits"]))
+    out["is_mean"], out["is_std"] = metrics.inception_score(fake["logits"], splits=splits)
+  if "kid" in cfg.metrics:
+    size = min(cfg.kid_subset_size, len(fake["features"]), len(real["features"]))
+    out["kid_mean"], out["kid_std"] = metrics.kernel_inception_distance(
+        real["features"], fake["features"], subsets=cfg.kid_subsets, subset_size=size)
+    out["kid_subset_size"] = size
+  return out
+
+
+def table(rows: dict[str, dict[str, Any]], extractor: str, reference: str) -> str:
+  """A markdown table of the results, metric names labelled with the extractor."""
+  fd = "FID" if extractor == "Inception" else f"FD ({extractor})"
+  cols = [("num_samples", "samples", "{:d}"), ("fd", fd, "{:.2f}"),
+          ("precision", "precision (k=3)", "{:.3f}"), ("recall", "recall (k=3)", "{:.3f}"),
+          ("is_mean", f"IS ({extractor})", "{:.2f}"), ("kid_mean", f"KID ({extractor})", "{:.4f}")]
+  cols = [c for c in cols if any(c[0] in r for r in rows.values())]
+  lines = [f"| set (reference: {reference}) | " + " | ".join(c[1] for c in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+  for name, r in rows.items():
+    lines.append(f"| {name} | " + " | ".join(fmt.format(r[k]) if k in r else "" for k, _, fmt in cols) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  config = cli.CONFIG.value
+  cfg = config.eval
+  workdir = _WORKDIR.value
+  paths = _SAMPLES.value or sorted(glob.glob(os.path.join(workdir or fail("--workdir or --samples is required"),
+                                                          "samples", "*samples.npz")))
+  if not paths:
+    fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
+  out_dir = _OUT.value or os.path.join(workdir or ".", "eval")
+  unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid"}
+  if unknown:
+    fail(f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid")
+
+  sets = dict(read_samples(p) for p in paths)
+  ref_images, ref_source = read_reference(config, cfg.reference)
+  if cfg.num_reference:
+    ref_images = ref_images[:cfg.num_reference]
+  for name, images in sets.items():
+    extractors.check_images(images, f"sample set {name}")
+    check_comparable(f"sample set {name}", images, ref_images)
+  extractor = extractors.make_extractor(cfg)
+  real = cached_features(config, extractor, ref_images, {**ref_source, "count": len(ref_images)})
+  real = {"features": np.asarray(real["features"]), "logits": np.asarray(real["logits"])}
+  real_stats = metrics.feature_statistics(real["features"])
+
+  rows = {}
+  for name, images in sets.items():
+    print(f"evaluating {name}: {len(images)} samples")
+    rows[name] = compute_metrics(cfg, extractor(images, what=f"{name} samples"), real, real_stats)
+  if cfg.baseline_part:
+    n = max(len(im) for im in sets.values())
+    base, _, base_source = sources.load_part(config.dataset, cfg.baseline_part)
+    if len(base) < n:
+      fail(f"config.eval.baseline_part={cfg.baseline_part!r} has {len(base)} images, fewer than {n}")
+    idx = np.random.default_rng(0).choice(len(base), n, replace=False)
+    feats = cached_features(config, extractor, base[np.sort(idx)], {**base_source, "subset": f"random {n}, seed 0"})
+    rows[f"real ({cfg.baseline_part} images)"] = compute_metrics(
+        cfg, {"features": np.asarray(feats["features"]), "logits": np.asarray(feats["logits"])}, real, real_stats)
+
+  ref_label = f"{cfg.reference}, {len(ref_images)} images"
+  md = table(rows, extractor.name, ref_label)
+  os.makedirs(out_dir, exist_ok=True)
+  result = {"extractor": extractor.identity, "reference": {**ref_source, "count": len(ref_images)}, "sets": rows,
+            "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
+            if extractor.identity["name"] != "inception_v3_fid" else ""}
+  for name, text in (("metrics.json", json.dumps(result, indent=1)), ("metrics.md", md + "\n")):
+    store.atomic_write_text(os.path.join(out_dir, name), text)
+  print(md)
+  for name, r in rows.items():
+    for w in r.get("warnings", []):
+      print(f"note ({name}): {w}")
+  print(f"wrote {os.path.join(out_dir, 'metrics.json')} and metrics.md")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,91 @@
+"""The evaluate job: extractor sharding, the reference cache, the table, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, subprocess_env
+
+from rdm_jax import metrics
+from rdm_jax.errors import UserError
+from rdm_jax.metrics import extractors
+from rdm_jax.models import efficientnet_lite
+
+CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
+
+
+def shapes_images(n: int, seed: int, size: int = 28) -> np.ndarray:
+  """Blurry random rectangles: images with some structure for features to tell apart."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((n, size, size, 1), np.uint8)
+  for i in range(n):
+    a, b = sorted(rng.integers(0, size, 2))
+    c, d = sorted(rng.integers(0, size, 2))
+    out[i, a:b + 1, c:d + 1] = rng.integers(80, 255)
+  return out
+
+
+def test_extractor_is_sharded_and_matches_the_model():
+  assert jax.local_device_count() == 8
+  ex = extractors.efficientnet_lite0(image_size=32, batch_size=12)  # 12 -> 16 per call, 2 per device
+  images = shapes_images(21, 0)
+  out = ex(images, log=None)
+  params = efficientnet_lite.load_params()
+  x = efficientnet_lite.preprocess(images, 32)
+  feats, logits = efficientnet_lite.EfficientNetLite0().apply({"params": params}, x)
+  np.testing.assert_allclose(out["features"], feats, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-4)
+  assert out["features"].shape == (21, 1280) and out["logits"].shape == (21, 1000)
+
+
+def run_evaluate(tmp_path, *args):
+  cmd = [sys.executable, "-m", "rdm_jax.evaluate", f"--config={CONFIG}", f"--config.data_dir={tmp_path}/data",
+         "--config.eval.image_size=32", "--config.eval.baseline_part=", "--config.eval.kid_subsets=5", *args]
+  return subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_job_writes_table_and_caches_reference(tmp_path):
+  ref, fake = shapes_images(80, 1), shapes_images(60, 2)
+  np.savez(tmp_path / "ref.npz", images=ref)
+  np.savez(tmp_path / "fake.npz", images=fake, condition=np.asarray("proposal"))
+  args = [f"--samples={tmp_path}/fake.npz", f"--config.eval.reference={tmp_path}/ref.npz", f"--out={tmp_path}/eval"]
+  first = run_evaluate(tmp_path, *args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "| proposal | 60 |" in first.stdout and "FD (EfficientNet-Lite0)" in first.stdout
+  result = json.load(open(tmp_path / "eval" / "metrics.json"))
+  row = result["sets"]["proposal"]
+  # the job's numbers are the metric functions on the extractor's features
+  ex = extractors.efficientnet_lite0(image_size=32)
+  f_ref, f_fake = ex(ref, log=None), ex(fake, log=None)
+  assert row["fd"] == pytest.approx(metrics.frechet_distance(*metrics.feature_statistics(f_fake["features"]),
+                                                             *metrics.feature_statistics(f_ref["features"])), rel=1e-4)
+  assert (row["precision"], row["recall"]) == pytest.approx(
+      metrics.precision_recall(f_ref["features"], f_fake["features"]), abs=0.02)
+  assert row["kid_subset_size"] == 60 and any("singular" in w for w in row["warnings"])
+  assert "not comparable with Inception" in result["note"]
+  second = run_evaluate(tmp_path, *args)
+  assert second.returncode == 0 and "exists and matches" in second.stdout  # cached reference features
+  assert json.load(open(tmp_path / "eval" / "metrics.json"))["sets"]["proposal"]["fd"] == row["fd"]
+
+
+@pytest.mark.parametrize("fake,message", [
+    (np.full((10, 28, 28, 1), np.nan, np.float32), "NaN"),
+    (np.zeros((10, 32, 32, 1), np.uint8), "32x32x1 but the reference images are 28x28x1"),
+    (np.zeros((10, 28, 28, 3), np.uint8), "28x28x3 but the reference images are 28x28x1"),
+])
+def test_evaluate_refuses_bad_samples(tmp_path, fake, message):
+  np.savez(tmp_path / "ref.npz", images=shapes_images(20, 1))
+  np.savez(tmp_path / "fake.npz", images=fake)
+  out = run_evaluate(tmp_path, f"--samples={tmp_path}/fake.npz", f"--config.eval.reference={tmp_path}/ref.npz",
+                     f"--out={tmp_path}/eval")
+  assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "eval" / "metrics.json")
+
+
+def test_check_images_messages():
+  with pytest.raises(UserError, match=r"\[N, H, W, 1 or 3\]"):
+    extractors.check_images(np.zeros((4, 28, 28), np.uint8), "x")
