@@ -84,11 +84,12 @@ def base_config() -> mlc.ConfigDict:
   # rdm_jax.evaluate: metrics of sample sets against a reference set, on one extractor's features.
   c.eval = mlc.ConfigDict(dict(
       extractor="efficientnet_lite0",  # | inception_v3_fid (FID; weights: pytorch-fid's .pth, local path)
+                                       # | clip_image (CLIP-FID, CLIP score; weights: a saved transformers CLIP dir)
       weights="", image_size=224, batch_size=256,  # inception_v3_fid: image_size 299
       reference="test",              # a dataset part | tfds:NAME/SPLIT | image folder | .npz with images
       num_reference=0,               # 0 = all reference images
       baseline_part="train",         # real images scored like a sample set ("" = skip)
-      metrics=("fd", "precision_recall", "is", "kid"),
+      metrics=("fd", "precision_recall", "is", "kid", "clip_score"),  # clip_score: samples with captions
       k=3, is_splits=10, kid_subsets=100, kid_subset_size=1000))
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

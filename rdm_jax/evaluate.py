@@ -1,5 +1,6 @@
-r"""Evaluate generated samples against a reference set: Frechet distance, precision/recall
-(k=3), Inception-style score and KID, on the features of one named extractor.
+r"""Evaluate generated samples against a reference set: Frechet distance (FID with the FID
+Inception, CLIP-FID with CLIP), precision/recall (k=3), IS, KID and the CLIP score, on the
+features of one named extractor (config.eval.extractor).
 
   python -m rdm_jax.evaluate --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
       [--samples=a.npz,dir_of_npz_shards,image_folder] [--config.eval.reference=test]
@@ -61,17 +62,18 @@ def read_image_folder(path: str) -> np.ndarray:
   return np.stack(images)
 
 
-def read_samples(path: str) -> tuple[str, np.ndarray]:
-  """(label, uint8 images) of a sample set: an .npz, a directory of .npz shards, or an image folder."""
+def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
+  """(label, uint8 images, captions) of a sample set: an .npz (optionally with `captions`, for
+  the CLIP score of text-conditioned samples), a directory of .npz shards, or an image folder."""
   if path.endswith(".npz"):
     shards = [path]
   elif os.path.isdir(path):
     shards = sorted(glob.glob(os.path.join(path, "*.npz")))
     if not shards:
-      return os.path.basename(path.rstrip("/")), read_image_folder(path)
+      return os.path.basename(path.rstrip("/")), read_image_folder(path), []
   else:
     fail(f"{path}: expected an .npz file, a directory of .npz shards or an image folder")
-  images, label = [], None
+  images, label, captions = [], None, []
   for shard in shards:
     if not os.path.isfile(shard):
       fail(f"{shard} does not exist; run `python -m rdm_jax.sample` first")
@@ -80,9 +82,14 @@ def read_samples(path: str) -> tuple[str, np.ndarray]:
         fail(f"{shard} has no 'images' array (keys: {', '.join(z.files)})")
       images.append(z["images"])
       label = label or (str(z["condition"]) if "condition" in z else None)
+      if "captions" in z:
+        captions.extend(str(c) for c in z["captions"])
   if len({im.shape[1:] for im in images}) > 1:
     fail(f"{path}: shards hold images of different shapes {sorted({im.shape[1:] for im in images})}")
-  return label or os.path.basename(path).removesuffix(".npz"), np.concatenate(images)
+  images = np.concatenate(images)
+  if captions and len(captions) != len(images):
+    fail(f"{path}: {len(captions)} captions for {len(images)} images; they must pair up")
+  return label or os.path.basename(path).removesuffix(".npz"), images, captions
 
 
 def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -95,7 +102,7 @@ def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
     images, _ = sources.load_tfds(name, split or "test")
     return images, {"tfds": name, "split": split or "test"}
   if spec.endswith(".npz") or os.path.isdir(spec):
-    _, images = read_samples(spec)
+    _, images, _ = read_samples(spec)
     st = os.stat(spec)
     return images, {"path": os.path.realpath(spec), "mtime_ns": st.st_mtime_ns}
   fail(f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
@@ -134,7 +141,7 @@ def compute_metrics(cfg: Any, fake: dict[str, np.ndarray], real: dict[str, np.nd
     out["warnings"] = sorted({str(w.message) for w in caught})
   if "precision_recall" in cfg.metrics:
     out["precision"], out["recall"] = metrics.precision_recall(real["features"], fake["features"], k=cfg.k)
-  if "is" in cfg.metrics:
+  if "is" in cfg.metrics and fake["logits"].shape[1]:
     splits = min(cfg.is_splits, len(fake["logits"]))
     out["is_mean"], out["is_std"] = metrics.inception_score(fake["logits"], splits=splits)
   if "kid" in cfg.metrics:
@@ -142,15 +149,18 @@ def compute_metrics(cfg: Any, fake: dict[str, np.ndarray], real: dict[str, np.nd
     out["kid_mean"], out["kid_std"] = metrics.kernel_inception_distance(
         real["features"], fake["features"], subsets=cfg.kid_subsets, subset_size=size)
     out["kid_subset_size"] = size
+  if "clip_score" in cfg.metrics and "text_features" in fake:
+    out["clip_score"] = metrics.clip_score(fake["features"], fake["text_features"])
   return out
 
 
 def table(rows: dict[str, dict[str, Any]], extractor: str, reference: str) -> str:
   """A markdown table of the results, metric names labelled with the extractor."""
-  fd = "FID" if extractor == "Inception" else f"FD ({extractor})"
+  fd = {"Inception": "FID", "CLIP": "CLIP-FID"}.get(extractor, f"FD ({extractor})")
   cols = [("num_samples", "samples", "{:d}"), ("fd", fd, "{:.2f}"),
           ("precision", "precision (k=3)", "{:.3f}"), ("recall", "recall (k=3)", "{:.3f}"),
-          ("is_mean", f"IS ({extractor})", "{:.2f}"), ("kid_mean", f"KID ({extractor})", "{:.4f}")]
+          ("is_mean", "IS" if extractor == "Inception" else f"IS ({extractor})", "{:.2f}"),
+          ("kid_mean", f"KID ({extractor})", "{:.4f}"), ("clip_score", "CLIP score (cosine)", "{:.4f}")]
   cols = [c for c in cols if any(c[0] in r for r in rows.values())]
   lines = [f"| set (reference: {reference}) | " + " | ".join(c[1] for c in cols) + " |",
            "|---|" + "---|" * len(cols)]
@@ -169,11 +179,15 @@ def main(argv):
   if not paths:
     fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
   out_dir = _OUT.value or os.path.join(workdir or ".", "eval")
-  unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid"}
+  unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
   if unknown:
-    fail(f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid")
+    fail(f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid, "
+         "clip_score")
 
-  sets = dict(read_samples(p) for p in paths)
+  sets, captions = {}, {}
+  for p in paths:
+    name, images, caps = read_samples(p)
+    sets[name], captions[name] = images, caps
   ref_images, ref_source = read_reference(config, cfg.reference)
   if cfg.num_reference:
     ref_images = ref_images[:cfg.num_reference]
@@ -188,7 +202,12 @@ def main(argv):
   rows = {}
   for name, images in sets.items():
     print(f"evaluating {name}: {len(images)} samples")
-    rows[name] = compute_metrics(cfg, extractor(images, what=f"{name} samples"), real, real_stats)
+    fake = extractor(images, what=f"{name} samples")
+    if captions[name] and "clip_score" in cfg.metrics:
+      if extractor.identity["name"] != "clip_image":
+        fail("config.eval.metrics has clip_score: it needs --config.eval.extractor=clip_image")
+      fake["text_features"] = extractors.clip_text_features(cfg.weights, captions[name])
+    rows[name] = compute_metrics(cfg, fake, real, real_stats)
   if cfg.baseline_part:
     n = max(len(im) for im in sets.values())
     base, _, base_source = sources.load_part(config.dataset, cfg.baseline_part)

@@ -12,6 +12,8 @@
   RandomState(2020), float64 softmax, exp of the mean KL per split; mean and std).
 - `kernel_inception_distance`: torch-fidelity's KID (cubic polynomial kernel, unbiased
   MMD^2 over 100 random subsets of 1000, RandomState(2020)); mean and std.
+- `clip_score`: the mean cosine similarity of paired CLIP image and text embeddings, as the
+  RDM paper reports it (other papers scale it: 100 x, or CLIPScore's 2.5 x max(cos, 0)).
 
 Features are whatever an extractor produced (Inception pool3, CLIP, EfficientNet-Lite0);
 the metric's name in reports always carries the extractor's name.
@@ -197,3 +199,16 @@ def kernel_inception_distance(real_features: np.ndarray, fake_features: np.ndarr
     mmds[i] = ((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
                - 2 * kxy.sum() / (m * m))
   return float(np.mean(mmds)), float(np.std(mmds))
+
+
+def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
+  """Mean over pairs i of cos(image_i, text_i)."""
+  a = _features(image_embeddings, "image embeddings")
+  b = _features(text_embeddings, "text embeddings")
+  if a.shape != b.shape:
+    fail(f"image embeddings {list(a.shape)} and text embeddings {list(b.shape)} must pair up row by row")
+  na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+  if (na == 0).any() or (nb == 0).any():
+    fail("zero-norm embedding: the cosine is undefined")
+  return float(np.mean(np.sum(a * b, axis=1) / (na * nb)))
+

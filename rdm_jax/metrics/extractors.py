@@ -10,10 +10,12 @@ gives an "FD (EfficientNet-Lite0)" and an "IS (EfficientNet-Lite0)", never "FID"
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -24,23 +26,30 @@ from rdm_jax.retrieval import encoders
 
 @dataclasses.dataclass
 class Extractor:
-  """name: short label used in metric names; identity: what makes two feature sets comparable."""
+  """name: short label used in metric names; identity: what makes two feature sets comparable.
+
+  `apply(params, images)` maps a device batch (uint8 [B, H, W, C], after the optional
+  host-side `host_preprocess`) to (features [B, d], logits [B, classes]; classes may be 0).
+  """
 
   name: str
   identity: dict[str, Any]
-  apply: Callable[[jax.Array], tuple[jax.Array, jax.Array]]  # uint8 [B, H, W, C] -> (features, logits)
+  apply: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+  params: Any
   batch_size: int
+  host_preprocess: Callable[[np.ndarray], np.ndarray] | None = None
 
   def __call__(self, images: np.ndarray, log: Callable[[str], None] | None = print,
                what: str = "images") -> dict[str, np.ndarray]:
     """{'features': [N, d], 'logits': [N, classes]} of uint8 images [N, H, W, 1|3], in batches
-    split over every local device."""
+    split over every local device (parameters replicated)."""
     check_images(images, what)
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",))
-    sharded = NamedSharding(mesh, P("data"))
+    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     batch = -(-self.batch_size // len(devices)) * len(devices)  # a multiple of the device count
-    fn = jax.jit(self.apply, in_shardings=sharded, out_shardings=(sharded, sharded))
+    fn = jax.jit(self.apply, in_shardings=(replicated, sharded), out_shardings=(sharded, sharded))
+    params = jax.device_put(self.params, replicated)
     feats, logits = [], []
     t0 = last = time.time()
     for a in range(0, len(images), batch):
@@ -48,7 +57,9 @@ class Extractor:
       n = len(chunk)
       if n < batch:  # pad the last batch: one compiled shape
         chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
-      f, lg = fn(jax.device_put(chunk, sharded))
+      if self.host_preprocess is not None:
+        chunk = self.host_preprocess(chunk)
+      f, lg = fn(params, jax.device_put(chunk, sharded))
       feats.append(np.asarray(f)[:n])
       logits.append(np.asarray(lg)[:n])
       if log and time.time() - last > 10:
@@ -79,12 +90,12 @@ def efficientnet_lite0(weights: str = "", image_size: int = 224, batch_size: int
   params = efficientnet_lite.load_params(path)
   model = efficientnet_lite.EfficientNetLite0()
 
-  def apply(images):
-    return model.apply({"params": params}, efficientnet_lite.preprocess(images, image_size))
+  def apply(p, images):
+    return model.apply({"params": p}, efficientnet_lite.preprocess(images, image_size))
 
   identity = {"name": "efficientnet_lite0", "weights_sha256": encoders.file_sha256(path),
               "preprocess": f"bilinear {image_size}, imagenet mean/std"}
-  return Extractor("EfficientNet-Lite0", identity, apply, batch_size)
+  return Extractor("EfficientNet-Lite0", identity, apply, params, batch_size)
 
 
 def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int = 256) -> Extractor:
@@ -98,15 +109,94 @@ def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int =
   params = inception_fid.load_params(weights)
   model = inception_fid.FIDInceptionV3()
 
-  def apply(images):
-    return model.apply({"params": params}, inception_fid.preprocess(images))
+  def apply(p, images):
+    return model.apply({"params": p}, inception_fid.preprocess(images))
 
   identity = {"name": "inception_v3_fid", "weights_sha256": encoders.file_sha256(weights),
               "preprocess": "pytorch-fid: bilinear 299, 2x-1"}
-  return Extractor("Inception", identity, apply, batch_size)
+  return Extractor("Inception", identity, apply, params, batch_size)
 
 
-EXTRACTORS = {"efficientnet_lite0": efficientnet_lite0, "inception_v3_fid": inception_v3_fid}
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def _load_clip(weights: str):
+  if not weights or not os.path.isdir(weights):
+    fail(f"CLIP weights directory {weights!r} not found: save a transformers CLIP model once "
+         "(FlaxCLIPModel / CLIPModel .save_pretrained) and set config.eval.weights to that directory")
+  from transformers import FlaxCLIPModel
+
+  try:
+    return FlaxCLIPModel.from_pretrained(weights, local_files_only=True)
+  except (OSError, ValueError) as e:
+    fail(f"could not load a Flax CLIP model from {weights} ({e})")
+
+
+def clip_resize_crop(images: np.ndarray, size: int) -> np.ndarray:
+  """clean-fid's `img_preprocess_clip`: RGB, PIL bicubic resize of the shorter side to `size`,
+  centre crop `size` x `size` (uint8 [B, H, W, 1|3] -> uint8 [B, size, size, 3])."""
+  from PIL import Image
+
+  out = np.empty((len(images), size, size, 3), np.uint8)
+  for i, im in enumerate(images):
+    x = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).convert("RGB")
+    w, h = x.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)  # torchvision Resize(int): the shorter side becomes `size`
+    x = x.resize((size, new_long) if w < h else (new_long, size) if w > h else (size, size), Image.BICUBIC)
+    left, top = int(round((x.size[0] - size) / 2.0)), int(round((x.size[1] - size) / 2.0))
+    out[i] = np.asarray(x.crop((left, top, left + size, top + size)))
+  return out
+
+
+def clip_image(weights: str = "", image_size: int = 224, batch_size: int = 256) -> Extractor:
+  """CLIP image embeddings (the projected `get_image_features`, as OpenAI's `encode_image`) with
+  clean-fid's `clip_vit_b_32` preprocessing: features for CLIP-FID and for the CLIP score."""
+  model = _load_clip(weights)
+  size = model.config.vision_config.image_size
+
+  def apply(p, images):
+    x = (images.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+    feats = model.get_image_features(jnp.transpose(x, (0, 3, 1, 2)), params=p)
+    return feats, feats[:, :0]  # no class logits
+
+  identity = {"name": "clip_image", "projection_dim": model.config.projection_dim, "image_size": size,
+              "weights_sha256": _dir_sha256(weights), "preprocess": f"clean-fid clip: bicubic {size}, crop"}
+  return Extractor("CLIP", identity, apply, model.params, batch_size,
+                   host_preprocess=lambda imgs: clip_resize_crop(imgs, size))
+
+
+def clip_text_features(weights: str, captions: list[str], batch_size: int = 256) -> np.ndarray:
+  """CLIP text embeddings (projected, as OpenAI's `encode_text`) of captions, tokenised by the
+  tokenizer saved in the same local directory (padded to the model's 77 positions)."""
+  from transformers import CLIPTokenizer
+
+  model = _load_clip(weights)
+  try:
+    tok = CLIPTokenizer.from_pretrained(weights, local_files_only=True)
+  except (OSError, ValueError) as e:
+    fail(f"no CLIP tokenizer in {weights} ({e}); save it there with CLIPTokenizer.save_pretrained")
+  length = model.config.text_config.max_position_embeddings
+  fn = jax.jit(lambda p, ids, mask: model.get_text_features(ids, attention_mask=mask, params=p))
+  out = []
+  for a in range(0, len(captions), batch_size):
+    t = tok(list(captions[a:a + batch_size]), padding="max_length", truncation=True, max_length=length,
+            return_tensors="np")
+    out.append(np.asarray(fn(model.params, t["input_ids"], t["attention_mask"])))
+  return np.concatenate(out).astype(np.float32)
+
+
+def _dir_sha256(path: str) -> str:
+  """sha256 of the weights file in a saved transformers model directory."""
+  files = os.listdir(path)
+  names = sorted(f for f in files if f.endswith((".msgpack", ".safetensors", ".bin"))) or sorted(
+      f for f in files if f.endswith(".json"))
+  return encoders.file_sha256(os.path.join(path, names[0])) if names else ""
+
+
+EXTRACTORS = {"efficientnet_lite0": efficientnet_lite0, "inception_v3_fid": inception_v3_fid,
+              "clip_image": clip_image}
 
 
 def make_extractor(cfg: Any) -> Extractor:

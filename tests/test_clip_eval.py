@@ -1,0 +1,97 @@
+"""CLIP features for CLIP-FID and the CLIP score, on a tiny random CLIP saved to a local directory.
+
+References: clean-fid's `img_preprocess_clip` (its six lines, written out below with the same
+torchvision transforms: importing clean-fid's module needs OpenAI's `clip` package), and
+transformers' FlaxCLIPModel called directly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, subprocess_env
+from torch_references import reference
+
+from rdm_jax import metrics
+from rdm_jax.errors import UserError
+from rdm_jax.metrics import extractors
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+  """A random CLIP (32 px images, 16-d projections) and a byte-level tokenizer, saved to a dir."""
+  from transformers import CLIPConfig, CLIPTokenizer, FlaxCLIPModel
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+  path = tmp_path_factory.mktemp("clip")
+  chars = list(bytes_to_unicode().values())
+  vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+  (path / "vocab.json").write_text(json.dumps(vocab))
+  (path / "merges.txt").write_text("#version: 0.2\n")
+  CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(str(path))
+  config = CLIPConfig(
+      text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"]),
+      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=2),
+      projection_dim=16)
+  FlaxCLIPModel(config, seed=0).save_pretrained(str(path))
+  return str(path)
+
+
+def clean_fid_clip_preprocess(img_np, size):
+  """cleanfid.clip_features.img_preprocess_clip, with the model's input size."""
+  from PIL import Image
+  reference("torch_fidelity")  # makes torchvision importable on CPU-only torch
+  import torchvision.transforms as transforms
+  x = Image.fromarray(img_np.astype(np.uint8)).convert("RGB")
+  t = transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                          transforms.CenterCrop(size)])
+  return np.asarray(t(x)).clip(0, 255).astype(np.uint8)
+
+
+def test_clip_image_features_follow_clean_fid_preprocessing(tiny_clip):
+  import jax.numpy as jnp
+  from transformers import FlaxCLIPModel
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(5, 28, 40, 3), dtype=np.uint8)  # not square: resize + crop
+  want_pixels = np.stack([clean_fid_clip_preprocess(im, 32) for im in images])
+  np.testing.assert_array_equal(extractors.clip_resize_crop(images, 32), want_pixels)
+  grey = rng.integers(0, 256, size=(2, 28, 28, 1), dtype=np.uint8)
+  np.testing.assert_array_equal(extractors.clip_resize_crop(grey, 32),
+                                np.stack([clean_fid_clip_preprocess(im[..., 0], 32) for im in grey]))
+  model = FlaxCLIPModel.from_pretrained(tiny_clip, local_files_only=True)
+  x = (want_pixels / 255.0 - extractors.CLIP_MEAN) / extractors.CLIP_STD
+  want = np.asarray(model.get_image_features(jnp.asarray(x.transpose(0, 3, 1, 2), jnp.float32)))
+  got = extractors.clip_image(tiny_clip, batch_size=8)(images, log=None)  # sharded over 8 devices
+  np.testing.assert_allclose(got["features"], want, rtol=1e-4, atol=1e-5)
+  assert got["logits"].shape == (5, 0)
+
+
+def test_clip_score_hand_worked_and_text_features(tiny_clip):
+  a = np.array([[1.0, 0.0], [0.0, 2.0]])
+  b = np.array([[1.0, 1.0], [0.0, 3.0]])
+  assert metrics.clip_score(a, b) == pytest.approx((1 / np.sqrt(2) + 1) / 2)
+  with pytest.raises(UserError, match="pair up"):
+    metrics.clip_score(a, b[:1])
+  t = extractors.clip_text_features(tiny_clip, ["a shirt", "a shoe", "a shirt"])
+  assert t.shape == (3, 16) and np.allclose(t[0], t[2]) and not np.allclose(t[0], t[1])
+
+
+def test_evaluate_with_clip_and_captions(tmp_path, tiny_clip):
+  rng = np.random.default_rng(1)
+  np.savez(tmp_path / "ref.npz", images=rng.integers(0, 256, size=(40, 28, 28, 1), dtype=np.uint8))
+  np.savez(tmp_path / "text.npz", images=rng.integers(0, 256, size=(30, 28, 28, 1), dtype=np.uint8),
+           captions=np.array(["a shirt"] * 15 + ["a bag"] * 15), condition=np.asarray("text"))
+  cmd = [sys.executable, "-m", "rdm_jax.evaluate", f"--config={os.path.join(REPO, 'configs', 'fashion_mnist_rdm.py')}",
+         f"--config.data_dir={tmp_path}/data", "--config.eval.extractor=clip_image", f"--config.eval.weights={tiny_clip}",
+         "--config.eval.baseline_part=", "--config.eval.kid_subsets=3", f"--samples={tmp_path}/text.npz",
+         f"--config.eval.reference={tmp_path}/ref.npz", f"--out={tmp_path}/eval"]
+  out = subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "CLIP-FID" in out.stdout and "CLIP score (cosine)" in out.stdout
+  row = json.load(open(tmp_path / "eval" / "metrics.json"))["sets"]["text"]
+  assert -1 <= row["clip_score"] <= 1 and "is_mean" not in row  # CLIP has no class logits
