@@ -49,6 +49,13 @@ def main(argv):
   ex = extractors.Extractor("Inception", {"name": "random"},
                             lambda p, x: model.apply({"params": p}, inception_fid.preprocess(x)), params, 64)
   print(f"FID Inception at 299px: {rate(ex, images[:256]):.1f} images/s")
+  from transformers import CLIPConfig, FlaxCLIPModel
+  clip = FlaxCLIPModel(CLIPConfig(), seed=0)  # the default config is ViT-B/32 (random weights)
+  clip_ex = extractors.Extractor(
+      "CLIP", {"name": "random"}, lambda p, x: (clip.get_image_features(
+          jnp.transpose((x / 255.0 - extractors.CLIP_MEAN) / extractors.CLIP_STD, (0, 3, 1, 2)), params=p),) * 2,
+      clip.params, 64, host_preprocess=lambda imgs: extractors.clip_resize_crop(imgs, 224))
+  print(f"CLIP ViT-B/32 at 224px (clean-fid preprocessing): {rate(clip_ex, images[:256]):.1f} images/s")
 
   rng = np.random.default_rng(1)
   real = rng.normal(size=(_N.value, _D.value)).astype(np.float32)

@@ -86,6 +86,7 @@ def base_config() -> mlc.ConfigDict:
       extractor="efficientnet_lite0",  # | inception_v3_fid (FID; weights: pytorch-fid's .pth, local path)
                                        # | clip_image (CLIP-FID, CLIP score; weights: a saved transformers CLIP dir)
       weights="", image_size=224, batch_size=256,  # inception_v3_fid: image_size 299
+      resize="pytorch_fid",          # inception_v3_fid: pytorch_fid (bilinear) | clean (clean-fid's PIL bicubic)
       reference="test",              # a dataset part | tfds:NAME/SPLIT | image folder | .npz with images
       num_reference=0,               # 0 = all reference images
       baseline_part="train",         # real images scored like a sample set ("" = skip)

@@ -89,6 +89,21 @@ def test_fid_extractor_sharded_matches_pytorch_fid(tmp_path, torch_fid_model):
   assert ex.name == "Inception" and ex.identity["name"] == "inception_v3_fid"
 
 
+def test_clean_fid_resize_matches_clean_fid(tmp_path, torch_fid_model):
+  import torch
+  make_resizer = reference("cleanfid.resize").make_resizer
+  resizer = make_resizer("PIL", False, "bicubic", (299, 299))
+  images = np.random.default_rng(2).integers(0, 256, size=(2, 28, 28, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(extractors.clean_fid_resize(images), np.stack([resizer(im) for im in images]))
+  model, full = torch_fid_model
+  torch.save(full.state_dict(), tmp_path / "pt_inception.pth")
+  out = extractors.inception_v3_fid(str(tmp_path / "pt_inception.pth"), batch_size=8, resize="clean")(images, log=None)
+  x = torch.from_numpy(np.stack([resizer(im) for im in images]) / 255.0).permute(0, 3, 1, 2).float()
+  with torch.no_grad():  # pytorch-fid's network on clean-resized inputs (its own resize is a no-op at 299)
+    pool3 = model(x)[0][:, :, 0, 0].numpy()
+  np.testing.assert_allclose(out["features"], pool3, atol=1e-4 * np.abs(pool3).max(), rtol=1e-4)
+
+
 def test_load_params_refuses_missing_or_foreign_files(tmp_path):
   import torch
   with pytest.raises(UserError, match="download pytorch-fid"):

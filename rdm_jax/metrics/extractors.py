@@ -98,23 +98,44 @@ def efficientnet_lite0(weights: str = "", image_size: int = 224, batch_size: int
   return Extractor("EfficientNet-Lite0", identity, apply, params, batch_size)
 
 
-def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int = 256) -> Extractor:
+def clean_fid_resize(images: np.ndarray, size: int = 299) -> np.ndarray:
+  """clean-fid's "clean" resize: each channel as a float image, PIL bicubic (antialiased) to
+  size x size, clipped to [0, 255] (uint8 [B, H, W, 1|3] -> float32 [B, size, size, 3])."""
+  from PIL import Image
+
+  out = np.empty((len(images), size, size, 3), np.float32)
+  for i, im in enumerate(images):
+    im = np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im
+    for c in range(3):
+      ch = Image.fromarray(im[..., c].astype(np.float32), mode="F").resize((size, size), resample=Image.BICUBIC)
+      out[i, ..., c] = np.asarray(ch).clip(0, 255)
+  return out
+
+
+def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int = 256,
+                     resize: str = "pytorch_fid") -> Extractor:
   """pytorch-fid's FID InceptionV3 (weights: a local pt_inception-2015-12-05-6726825d.pth):
   pool3 features (2048-d, for FID, precision/recall, KID) and the 1008 logits (for IS).
 
-  Preprocessing as pytorch-fid: bilinear resize to 299 (no antialias), [0, 1] -> [-1, 1].
+  resize "pytorch_fid": bilinear to 299 without antialias (pytorch-fid's numbers);
+  "clean": clean-fid's antialiased PIL bicubic resize. Then [0, 1] -> [-1, 1].
   """
   if image_size != 299:
     fail(f"config.eval.image_size={image_size}: the FID Inception takes 299x299 inputs (set 299)")
+  if resize not in ("pytorch_fid", "clean"):
+    fail(f"config.eval.resize={resize!r}; use pytorch_fid or clean")
   params = inception_fid.load_params(weights)
   model = inception_fid.FIDInceptionV3()
 
   def apply(p, images):
-    return model.apply({"params": p}, inception_fid.preprocess(images))
+    x = inception_fid.preprocess(images) if resize == "pytorch_fid" else images / 127.5 - 1.0
+    return model.apply({"params": p}, x)
 
   identity = {"name": "inception_v3_fid", "weights_sha256": encoders.file_sha256(weights),
-              "preprocess": "pytorch-fid: bilinear 299, 2x-1"}
-  return Extractor("Inception", identity, apply, params, batch_size)
+              "preprocess": "pytorch-fid: bilinear 299, 2x-1" if resize == "pytorch_fid"
+              else "clean-fid: PIL bicubic 299, 2x-1"}
+  return Extractor("Inception", identity, apply, params, batch_size,
+                   host_preprocess=clean_fid_resize if resize == "clean" else None)
 
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -203,4 +224,6 @@ def make_extractor(cfg: Any) -> Extractor:
   """config.eval -> Extractor."""
   if cfg.extractor not in EXTRACTORS:
     fail(f"config.eval.extractor={cfg.extractor!r}; available: {', '.join(EXTRACTORS)}")
+  if cfg.extractor == "inception_v3_fid":
+    return inception_v3_fid(cfg.weights, cfg.image_size, cfg.batch_size, cfg.resize)
   return EXTRACTORS[cfg.extractor](cfg.weights, cfg.image_size, cfg.batch_size)
