@@ -10,9 +10,14 @@ Needs, in order (each job validates what the previous one wrote):
 
   python -m rdm_jax.jobs.encode    --config=configs/imagenet_rdm.py   # VQ-f4 latents
   python -m rdm_jax.jobs.embed     --config=configs/imagenet_rdm.py   # CLIP database + queries
-  python -m rdm_jax.jobs.neighbors --config=configs/imagenet_rdm.py   # top-20 neighbours
+  python -m rdm_jax.jobs.index     --config=configs/imagenet_rdm.py   # ScaNN, in shards of 16 GiB
+  python -m rdm_jax.jobs.neighbors --config=configs/imagenet_rdm.py   # top-20 neighbours + p_D
   python -m rdm_jax.train          --config=configs/imagenet_rdm.py --workdir=$WORKDIR \
       --config.mesh.data=-1 --config.mesh.fsdp=4
+  python -m rdm_jax.sample         --config=configs/imagenet_rdm.py --workdir=$WORKDIR \
+      --config.sample.condition=proposal --config.sample.num_images=50000
+  python -m rdm_jax.evaluate       --config=configs/imagenet_rdm.py --workdir=$WORKDIR \
+      --config.eval.weights=/path/to/pt_inception-2015-12-05-6726825d.pth   # FID, IS, P/R
 
 The VQ-f4 first stage and the CLIP encoder are not ported yet (later issues): the encode and
 embed jobs say so; latents and embeddings made elsewhere can be written as stores.
@@ -55,4 +60,10 @@ def get_config() -> mlc.ConfigDict:
   c.train.log_every = 100
   c.train.checkpoint_every = 5000
   c.train.sample_every = 20000
+  c.sample.top_m = 0.01        # the paper's top-m for unconditional samples
+  c.sample.batch_size = 256
+  c.eval.extractor = "inception_v3_fid"  # FID / IS / precision-recall on pool3 (weights: a local path)
+  c.eval.image_size = 299
+  c.eval.reference = "train"   # the ImageNet training images (a config part)
+  c.eval.num_reference = 50000
   return c

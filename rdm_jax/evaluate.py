@@ -33,64 +33,12 @@ from rdm_jax import metrics
 from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
-from rdm_jax.metrics import extractors
+from rdm_jax.metrics import extractors, sample_sets
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (samples in, eval/ out).")
 _SAMPLES = flags.DEFINE_list("samples", None, "Sample sets: .npz files, directories of .npz shards or "
                              "image folders (default: <workdir>/samples/*samples.npz).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-def read_image_folder(path: str) -> np.ndarray:
-  """All PNG/JPEG images under `path` (sorted), as uint8 [N, H, W, 1|3]; sizes must agree."""
-  from PIL import Image
-
-  files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
-  if not files:
-    fail(f"{path} holds no {', '.join(IMAGE_EXTENSIONS)} images")
-  images = []
-  for f in files:
-    with Image.open(f) as im:
-      a = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
-    images.append(a[..., None] if a.ndim == 2 else a)
-    if images[-1].shape != images[0].shape:
-      fail(f"{f} is {images[-1].shape} but {files[0]} is {images[0].shape}: images of one set must "
-           "share size and channels; resize them first")
-  return np.stack(images)
-
-
-def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
-  """(label, uint8 images, captions) of a sample set: an .npz (optionally with `captions`, for
-  the CLIP score of text-conditioned samples), a directory of .npz shards, or an image folder."""
-  if path.endswith(".npz"):
-    shards = [path]
-  elif os.path.isdir(path):
-    shards = sorted(glob.glob(os.path.join(path, "*.npz")))
-    if not shards:
-      return os.path.basename(path.rstrip("/")), read_image_folder(path), []
-  else:
-    fail(f"{path}: expected an .npz file, a directory of .npz shards or an image folder")
-  images, label, captions = [], None, []
-  for shard in shards:
-    if not os.path.isfile(shard):
-      fail(f"{shard} does not exist; run `python -m rdm_jax.sample` first")
-    with np.load(shard, allow_pickle=False) as z:
-      if "images" not in z:
-        fail(f"{shard} has no 'images' array (keys: {', '.join(z.files)})")
-      images.append(z["images"])
-      label = label or (str(z["condition"]) if "condition" in z else None)
-      if "captions" in z:
-        captions.extend(str(c) for c in z["captions"])
-  if len({im.shape[1:] for im in images}) > 1:
-    fail(f"{path}: shards hold images of different shapes {sorted({im.shape[1:] for im in images})}")
-  images = np.concatenate(images)
-  if captions and len(captions) != len(images):
-    fail(f"{path}: {len(captions)} captions for {len(images)} images; they must pair up")
-  return label or os.path.basename(path).removesuffix(".npz"), images, captions
-
 
 def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
   """(uint8 images, source description) of the reference set named by config.eval.reference."""
@@ -102,7 +50,7 @@ def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
     images, _ = sources.load_tfds(name, split or "test")
     return images, {"tfds": name, "split": split or "test"}
   if spec.endswith(".npz") or os.path.isdir(spec):
-    _, images, _ = read_samples(spec)
+    _, images, _ = sample_sets.read_samples(spec)
     st = os.stat(spec)
     return images, {"path": os.path.realpath(spec), "mtime_ns": st.st_mtime_ns}
   fail(f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
@@ -186,7 +134,7 @@ def main(argv):
 
   sets, captions = {}, {}
   for p in paths:
-    name, images, caps = read_samples(p)
+    name, images, caps = sample_sets.read_samples(p)
     sets[name], captions[name] = images, caps
   ref_images, ref_source = read_reference(config, cfg.reference)
   if cfg.num_reference:

@@ -12,7 +12,7 @@ from conftest import REPO, subprocess_env
 
 from rdm_jax import metrics
 from rdm_jax.errors import UserError
-from rdm_jax.metrics import extractors
+from rdm_jax.metrics import extractors, sample_sets
 from rdm_jax.models import efficientnet_lite
 
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
@@ -93,15 +93,14 @@ def test_check_images_messages():
 
 def test_image_folder_samples(tmp_path):
   from PIL import Image
-  from rdm_jax import evaluate
   images = shapes_images(3, 4)
   (tmp_path / "imgs" / "sub").mkdir(parents=True)
   for i, im in enumerate(images):
     Image.fromarray(im[..., 0]).save(tmp_path / "imgs" / ("sub" if i else "") / f"{i}.png")
-  name, got, captions = evaluate.read_samples(str(tmp_path / "imgs"))
+  name, got, captions = sample_sets.read_samples(str(tmp_path / "imgs"))
   assert name == "imgs" and captions == [] and got.shape == (3, 28, 28, 1)
   np.testing.assert_array_equal(got, images[[0, 1, 2]])  # sorted paths: 0.png, sub/1.png, sub/2.png
   Image.fromarray(np.zeros((30, 28), np.uint8)).save(tmp_path / "imgs" / "sub" / "3.png")
   with pytest.raises(UserError, match="must share size and channels"):
-    evaluate.read_samples(str(tmp_path / "imgs"))
+    sample_sets.read_samples(str(tmp_path / "imgs"))
 
