@@ -148,7 +148,7 @@ def main(argv):
     result = find_neighbors(config, queries, database, idx, out, pid, count)
     if result is None:
       continue
-    print(f"wrote {out}: neighbor_ids {result['neighbor_ids'].shape}, recall@K "
+    print(f"{out}: neighbor_ids {result['neighbor_ids'].shape}, recall@K "
           f"{result.manifest.get('recall_at_k', 'not checked')}")
     if proposal_path:
       write_proposal(config, result, database, proposal_path)
