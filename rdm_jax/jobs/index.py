@@ -10,6 +10,9 @@ before the neighbour job and before sampling; both refuse an index of another da
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 from absl import flags
 
 from rdm_jax import config_base
@@ -27,9 +30,6 @@ EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config> --parts=databa
 def open_embeddings(config, path: str, kind: str, hint: str) -> store.Store:
   """A database / embeddings store, or a user's .npy file wrapped as one (under data_dir/imported)."""
   if path.endswith(".npy"):
-    import hashlib
-    import os
-
     real = os.path.realpath(path)
     name = f"{kind}_{os.path.basename(real)[:-4]}_{hashlib.sha256(real.encode()).hexdigest()[:8]}"
     return store.link_npy(real, os.path.join(config.data_dir, "imported", name), kind, hint=f"(import of {real})")
