@@ -87,8 +87,8 @@ def find_neighbors(config, queries: store.Store, database: store.Store, idx: ind
   scann_shards = sum(bool(s["dir"]) for s in idx.shards)
   if idx.shards_in_memory < scann_shards:
     print(f"{out}: {idx.shards_in_memory} of {scann_shards} index shards fit in "
-          f"retrieval.index.max_memory_gb={r.index.max_memory_gb} at once, so every chunk of "
-          f"{r.chunk_size} queries reloads shards; a larger retrieval.chunk_size amortises that")
+          f"{idx.budget / 2**30:g} GiB (retrieval.index.search_memory_gb, else max_memory_gb) at once, so "
+          f"every chunk of {r.chunk_size} queries reloads shards; a larger retrieval.chunk_size amortises that")
 
   def search(a, b):
     q = exact.l2_normalize(store.read_rows(queries, "embeddings", a, b), f"queries {queries.path}", copy=False)
@@ -132,8 +132,7 @@ def main(argv):
   del argv
   config = cli.CONFIG.value
   database, index_path = index_job.database_and_index_paths(config)
-  idx = index.load(index_path, database, config.retrieval.index) if store.exists(index_path) else fail(
-      f"no index at {index_path} for database {database.path}: run `{index.INDEX_HINT}` first")
+  idx = index.load(index_path, database, config.retrieval.index)  # none there: says to run the index job
   pid, count = _PROCESS_ID.value, _NUM_PROCESSES.value
   if _QUERIES.value:
     out = _OUT.value or fail("--queries needs --out (the neighbours store to write)")

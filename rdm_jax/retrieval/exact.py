@@ -64,18 +64,18 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, query_batch:
   if k > database.shape[0]:
     fail(f"asked for K={k} neighbours but the database has only {database.shape[0]} entries")
   chunks = range(0, len(database), database_chunk)
-  prepared = {}  # one query batch -> reuse the normalised chunks when the database is one chunk
+
+  def prepare(da):
+    db = database[da:da + database_chunk]
+    return jnp.asarray(l2_normalize(db, "database") if normalize_database else db)
+
+  whole = prepare(0) if len(chunks) == 1 else None  # one chunk: prepared once for every query batch
   out_s, out_i = [], []
   for qa in range(0, len(queries), query_batch):
     q = jnp.asarray(queries[qa:qa + query_batch])
     best = None
     for da in chunks:
-      db = prepared.get(da)
-      if db is None:
-        db = database[da:da + database_chunk]
-        db = jnp.asarray(l2_normalize(db, "database") if normalize_database else db)
-        if len(chunks) == 1:
-          prepared[da] = db
+      db = whole if whole is not None else prepare(da)
       kk = min(k, db.shape[0])
       s, i = _chunk_topk(q, db, jnp.int32(da), kk)
       best = (s, i) if best is None else _merge(*best, s, i, k)

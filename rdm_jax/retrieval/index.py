@@ -115,23 +115,19 @@ def check_embeddings(s: store.Store, what: str, start: int = 0, stop: int | None
     exact.l2_normalize(store.read_rows(s, "embeddings", a, b), f"{what} (rows {a}:{b})", copy=False)
 
 
-def _scann_builder(data: np.ndarray, k: int, recipe: Recipe, threads: int):
+def build_scann(data: np.ndarray, k: int, recipe: Recipe, threads: int = 0):
+  """A ScaNN searcher over L2-normalised `data` [n, d] (not for recipe kind 'exact')."""
   import scann  # heavy import (TensorFlow ops); only when an index is built
 
   b = scann.scann_ops_pybind.builder(data, k, "dot_product")
   b.set_n_training_threads(threads or os.cpu_count() or 1)
   if recipe.kind == "brute":
-    return b.score_brute_force()
+    return b.score_brute_force().build()
   if recipe.kind == "tree_ah":
     b = b.tree(num_leaves=recipe.num_leaves, num_leaves_to_search=recipe.leaves_to_search,
                training_sample_size=recipe.training_sample, spherical=recipe.spherical)
   return b.score_ah(recipe.dims_per_block,
-                    anisotropic_quantization_threshold=recipe.anisotropic_threshold).reorder(recipe.reorder)
-
-
-def build_scann(data: np.ndarray, k: int, recipe: Recipe, threads: int = 0):
-  """A ScaNN searcher over L2-normalised `data` [n, d] (not for recipe kind 'exact')."""
-  return _scann_builder(data, k, recipe, threads).build()
+                    anisotropic_quantization_threshold=recipe.anisotropic_threshold).reorder(recipe.reorder).build()
 
 
 def plan(n: int, d: int, k: int, cfg: Any) -> list[dict[str, Any]]:
@@ -215,11 +211,12 @@ def load(path: str, database: store.Store, cfg: Any) -> "Index":
 class Index:
   """Searches every shard of a built index and merges the per-shard top-k."""
 
-  def __init__(self, path: str, manifest: dict, database: store.Store, max_memory_gb: float,
+  def __init__(self, path: str, manifest: dict, database: store.Store, memory_gb: float,
                threads: int = 0):
+    """memory_gb: RAM for the ScaNN shards loaded at once (config search_memory_gb)."""
     self.path, self.manifest, self.database = path, manifest, database
     self.shards = manifest["shards"]
-    self.budget = max_memory_gb * 2**30
+    self.budget = memory_gb * 2**30
     self.threads = threads
     self._loaded: collections.OrderedDict[int, Any] = collections.OrderedDict()
 
