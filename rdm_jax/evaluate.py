@@ -40,6 +40,7 @@ _SAMPLES = flags.DEFINE_list("samples", None, "Sample sets: .npz files, director
                              "image folders (default: <workdir>/samples/*samples.npz).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
 
+
 def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
   """(uint8 images, source description) of the reference set named by config.eval.reference."""
   if spec in config.dataset.get("parts", {}):
@@ -58,16 +59,17 @@ def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def cached_features(config: Any, extractor: extractors.Extractor, images: np.ndarray,
-                    source: dict[str, Any]) -> store.Store:
-  """Features of a real image set, computed once per (source, extractor, count) and cached."""
+                    source: dict[str, Any]) -> dict[str, np.ndarray]:
+  """{'features', 'logits'} of a real image set, computed once per (source, extractor, count)
+  and cached as a store."""
   key = {"source": source, "extractor": extractor.identity, "count": len(images)}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(config.data_dir, "eval_cache", f"{extractor.identity['name']}_{digest}")
-  done = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)
-  if done is not None:
-    return done
-  out = extractor(images, what=f"reference images {source}")
-  return store.write(path, "eval_features", out, made_by="rdm_jax.evaluate", **key)
+  cached = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)
+  if cached is None:
+    out = extractor(images, what=f"reference images {source}")
+    cached = store.write(path, "eval_features", out, made_by="rdm_jax.evaluate", **key)
+  return {name: np.asarray(cached[name]) for name in ("features", "logits")}
 
 
 def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> None:
@@ -144,7 +146,6 @@ def main(argv):
     check_comparable(f"sample set {name}", images, ref_images)
   extractor = extractors.make_extractor(cfg)
   real = cached_features(config, extractor, ref_images, {**ref_source, "count": len(ref_images)})
-  real = {"features": np.asarray(real["features"]), "logits": np.asarray(real["logits"])}
   real_stats = metrics.feature_statistics(real["features"])
 
   rows = {}
@@ -164,8 +165,7 @@ def main(argv):
       fail(f"config.eval.baseline_part={cfg.baseline_part!r} has {len(base)} images, fewer than {n}")
     idx = np.random.default_rng(0).choice(len(base), n, replace=False)
     feats = cached_features(config, extractor, base[np.sort(idx)], {**base_source, "subset": f"random {n}, seed 0"})
-    rows[f"real ({cfg.baseline_part} images)"] = compute_metrics(
-        cfg, {"features": np.asarray(feats["features"]), "logits": np.asarray(feats["logits"])}, real, real_stats)
+    rows[f"real ({cfg.baseline_part} images)"] = compute_metrics(cfg, feats, real, real_stats)
 
   ref_label = f"{cfg.reference}, {len(ref_images)} images"
   md = table(rows, extractor.name, ref_label)
