@@ -1,120 +1,325 @@
-"""Reads PyTorch checkpoints into NumPy without importing torch.
+"""Reads PyTorch checkpoints into NumPy without importing torch, and without running code.
 
 Handles both of torch.save's formats:
 - the legacy format (torch < 1.6): pickled magic number, protocol version and system
   info, the pickled object whose tensors refer to storages by key, the list of storage
   keys, then each storage's raw bytes preceded by its int64 element count;
-- the zip format (torch >= 1.6): `archive/data.pkl` plus one file per storage.
-Only tensors, OrderedDicts and plain Python containers are rebuilt: a restricted
-unpickler refuses any other class, so a checkpoint cannot run code.
+- the zip format (torch >= 1.6): `archive/data.pkl` plus one uncompressed file per storage.
+
+A checkpoint is untrusted input. Every pickle in it, in both formats and at every position,
+is read by `_SafeUnpickler`, an allowlist over pickle opcodes and globals (stricter than
+`torch.load(weights_only=True)`):
+- globals: `torch._utils._rebuild_tensor(_v2)`, `torch._utils._rebuild_parameter`, the
+  `torch.<Type>Storage` classes of `_STORAGE_DTYPES` and `collections.OrderedDict`; any other
+  name is refused before it is looked up;
+- REDUCE calls only those functions; BUILD is accepted only on an OrderedDict (torch puts a
+  state dict's `_metadata` there; it is dropped); INST, OBJ, NEWOBJ, NEWOBJ_EX, the copyreg
+  extension codes and out-of-band buffers are refused outright;
+- persistent ids must be `('storage', <storage type>, key, location, numel)`, plus a sixth
+  field `None` (no storage view) in the legacy format.
+Tensor views are checked against their storage before anything is copied: offset, sizes and
+strides are non-negative integers, the last element lies inside the storage, and no tensor
+has more elements than its storage; storage sizes must equal the bytes the file holds, and
+all tensors together may not exceed twice the stored bytes.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
+import os
 import pickle
+import re
 import struct
 import zipfile
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
+_STORAGE_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
+_MAX_DEPTH = 64  # nesting of containers in a checkpoint object
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is malformed, or that asks for something a weights file never needs."""
 
 
 class _StorageType:
+  """What `torch.FloatStorage` etc. unpickle to: only a dtype (not callable)."""
+
+  __slots__ = ("dtype",)
+
   def __init__(self, name: str):
     self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
 class _Storage:
-  def __init__(self, dtype: np.dtype):
-    self.dtype = dtype
+  """A storage declared by a persistent id: dtype, declared element count, bytes once read."""
+
+  __slots__ = ("key", "dtype", "numel", "data")
+
+  def __init__(self, key: str, dtype: np.dtype, numel: int):
+    self.key, self.dtype, self.numel = key, dtype, numel
     self.data: np.ndarray | None = None
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, size, stride, *unused) -> "_LazyTensor":
-  return _LazyTensor(storage, offset, tuple(size), tuple(stride))
-
-
 class _LazyTensor:
-  """A tensor view whose storage bytes are read after the pickle (legacy format)."""
+  """A validated view (offset, size, stride in elements) into a storage whose bytes may be read
+  after the pickle (legacy format)."""
 
-  def __init__(self, storage, offset, size, stride):
+  __slots__ = ("storage", "offset", "size", "stride", "numel")
+
+  def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
     self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+    self.numel = math.prod(size)
 
   def numpy(self) -> np.ndarray:
     data = self.storage.data
+    if data is None or data.size != self.storage.numel:
+      raise CheckpointError(f"storage {self.storage.key} is referenced but its data is missing")
     item = data.dtype.itemsize
     return np.lib.stride_tricks.as_strided(
         data[self.offset:], shape=self.size, strides=[s * item for s in self.stride]).copy()
 
 
-class _Unpickler(pickle.Unpickler):
-  def __init__(self, f, storages: dict[str, _Storage], load_storage=None):
-    super().__init__(f)
-    self.storages = storages
-    self.load_storage = load_storage
+def _is_int(x: Any) -> bool:
+  return type(x) is int  # not bool, not float
 
-  def find_class(self, module, name):
-    if module == "collections" and name == "OrderedDict":
-      return collections.OrderedDict
-    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-      return _rebuild_tensor
+
+def _rebuild_tensor(storage, offset, size, stride, *rest) -> _LazyTensor:
+  """torch._utils._rebuild_tensor(_v2): a view, bounds-checked against the declared storage."""
+  if type(storage) is not _Storage:
+    raise CheckpointError("a tensor is rebuilt from something other than a storage")
+  if not (_is_int(offset) and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
+          and all(map(_is_int, size + stride))):
+    raise CheckpointError(f"tensor on storage {storage.key} has a malformed view "
+                          f"(offset {offset!r}, size {size!r}, stride {stride!r})")
+  if offset < 0 or min(size + stride, default=0) < 0:
+    raise CheckpointError(f"tensor on storage {storage.key} has a negative offset, size or stride")
+  numel = math.prod(size)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else offset - 1
+  if last >= storage.numel or offset > storage.numel:
+    raise CheckpointError(f"tensor {list(size)} (offset {offset}, stride {list(stride)}) reaches past the "
+                          f"end of storage {storage.key} ({storage.numel} elements)")
+  if numel > storage.numel:
+    raise CheckpointError(f"tensor {list(size)} has {numel} elements but storage {storage.key} holds only "
+                          f"{storage.numel}; views larger than their storage are refused")
+  if rest[:1] and type(rest[0]) is not bool:  # requires_grad
+    raise CheckpointError("malformed tensor (requires_grad is not a bool)")
+  if len(rest) > 1 and rest[1]:  # backward hooks: code, never in a weights file
+    raise CheckpointError("a tensor carries backward hooks")
+  return _LazyTensor(storage, offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, *rest) -> _LazyTensor:
+  """torch._utils._rebuild_parameter: a Parameter is its tensor here."""
+  if type(data) is not _LazyTensor or type(requires_grad) is not bool or backward_hooks or rest:
+    raise CheckpointError("malformed parameter")
+  return data
+
+
+_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("collections", "OrderedDict"): collections.OrderedDict}
+_CALLABLE = (_rebuild_tensor, _rebuild_parameter, collections.OrderedDict)
+
+# Opcodes that only build data (or go through the checks below); everything else is refused.
+_DATA_OPCODES = (
+    "MARK STOP POP POP_MARK DUP FLOAT INT BININT BININT1 LONG BININT2 NONE PERSID BINPERSID STRING "
+    "BINSTRING SHORT_BINSTRING UNICODE BINUNICODE APPEND GLOBAL DICT EMPTY_DICT APPENDS GET BINGET "
+    "LONG_BINGET LIST EMPTY_LIST PUT BINPUT LONG_BINPUT SETITEM TUPLE EMPTY_TUPLE SETITEMS BINFLOAT "
+    "PROTO TUPLE1 TUPLE2 TUPLE3 NEWTRUE NEWFALSE LONG1 LONG4 BINBYTES SHORT_BINBYTES SHORT_BINUNICODE "
+    "BINUNICODE8 BINBYTES8 EMPTY_SET ADDITEMS FROZENSET STACK_GLOBAL MEMOIZE FRAME").split()
+_OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in __import__("pickletools").opcodes}
+
+
+class _Dispatch(dict):
+  def __missing__(self, code: int):
+    name = _OPCODE_NAMES.get(code, f"unknown opcode {code:#x}")
+    raise pickle.UnpicklingError(f"refusing pickle opcode {name} (it can construct arbitrary objects)")
+
+
+class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode table is ours to restrict
+  """Unpickles only data, tensors, storages and OrderedDicts (see the module docstring)."""
+
+  def __init__(self, file, storages: dict[str, _Storage], zip_storage=None):
+    super().__init__(file)
+    self.storages = storages
+    self.zip_storage = zip_storage  # zip format: key -> bytes of the storage (checked)
+    self.pid_length = 5 if zip_storage else 6  # the legacy format adds view metadata (always None)
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in _GLOBALS:
+      return _GLOBALS[module, name]
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(name)
     raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a checkpoint")
 
-  def persistent_load(self, pid):
-    typename, storage_type, key, _location, numel = pid[:5]
-    if typename != "storage":
-      raise pickle.UnpicklingError(f"unknown persistent id {typename}")
-    if key not in self.storages:
-      self.storages[key] = _Storage(storage_type.dtype)
-      if self.load_storage is not None:
-        self.storages[key].data = self.load_storage(key, storage_type.dtype, numel)
-    return self.storages[key]
+  def load_reduce(self):
+    args = self.stack.pop()
+    func = self.stack[-1]
+    if not any(func is f for f in _CALLABLE) or type(args) is not tuple:
+      raise pickle.UnpicklingError(f"refusing to call {func!r} while unpickling a checkpoint")
+    self.stack[-1] = func(*args)
+
+  def load_build(self):
+    self.stack.pop()  # the state: only an OrderedDict's attributes (torch's _metadata), dropped
+    if type(self.stack[-1]) is not collections.OrderedDict:
+      raise pickle.UnpicklingError(f"refusing to set the state of {type(self.stack[-1]).__name__}")
+
+  def persistent_load(self, pid: Any) -> _Storage:
+    if not (type(pid) is tuple and len(pid) == self.pid_length and pid[0] == "storage"
+            and type(pid[1]) is _StorageType and type(pid[2]) is str and _STORAGE_KEY.fullmatch(pid[2])
+            and type(pid[3]) is str and _is_int(pid[4]) and pid[4] >= 0 and pid[5:] in ((), (None,))):
+      raise pickle.UnpicklingError(f"refusing persistent id {str(pid)[:100]} (not a plain torch storage)")
+    _, storage_type, key, _location, numel = pid[:5]
+    if key in self.storages:
+      storage = self.storages[key]
+      if storage.dtype != storage_type.dtype or storage.numel != numel:
+        raise CheckpointError(f"storage {key} is declared twice with different types or sizes")
+      return storage
+    storage = self.storages[key] = _Storage(key, storage_type.dtype, numel)
+    if self.zip_storage is not None:
+      storage.data = np.frombuffer(self.zip_storage(key, storage.dtype.itemsize * numel), dtype=storage.dtype)
+    return storage
 
 
-def _materialize(obj: Any) -> Any:
-  if isinstance(obj, _LazyTensor):
+dispatch = _Dispatch({getattr(pickle, n)[0]: pickle._Unpickler.dispatch[getattr(pickle, n)[0]]
+                      for n in _DATA_OPCODES})
+dispatch[pickle.REDUCE[0]] = _SafeUnpickler.load_reduce
+dispatch[pickle.BUILD[0]] = _SafeUnpickler.load_build
+_SafeUnpickler.dispatch = dispatch
+del dispatch
+
+
+class _Bounded(io.RawIOBase):
+  """A read-only view of bytes [start, end) of a file: reads never allocate past its end."""
+
+  def __init__(self, f, end: int):
+    super().__init__()
+    self.f, self.end = f, end
+
+  def readable(self) -> bool:
+    return True
+
+  def _left(self) -> int:
+    return max(0, self.end - self.f.tell())
+
+  def readinto(self, b) -> int:
+    n = min(len(b), self._left())
+    data = self.f.read(n)
+    b[:len(data)] = data
+    return len(data)
+
+  def read(self, n: int = -1) -> bytes:
+    return self.f.read(self._left() if n is None or n < 0 else min(n, self._left()))
+
+  def readline(self, n: int = -1) -> bytes:
+    return self.f.readline(self._left() if n is None or n < 0 else min(n, self._left()))
+
+
+def _materialize(obj: Any, budget: list[int], depth: int = 0, active: frozenset = frozenset()) -> Any:
+  """Tensors -> arrays (identical views share one array); containers rebuilt; anything else refused."""
+  if depth > _MAX_DEPTH or id(obj) in active:
+    raise CheckpointError("the checkpoint object nests too deeply or refers to itself")
+  if type(obj) is _LazyTensor:
+    budget[0] -= obj.numel * obj.storage.dtype.itemsize
+    if budget[0] < 0:
+      raise CheckpointError("the tensors together are much larger than the data stored in the file")
     return obj.numpy()
-  if isinstance(obj, dict):
-    return type(obj)((k, _materialize(v)) for k, v in obj.items())
-  if isinstance(obj, (list, tuple)):
-    return type(obj)(_materialize(v) for v in obj)
-  return obj
+  if type(obj) in (dict, collections.OrderedDict, list, tuple):
+    inner = active | {id(obj)}
+    if isinstance(obj, dict):
+      if not all(type(k) in (str, int) for k in obj):
+        raise CheckpointError("a dict in the checkpoint has keys other than str or int")
+      return type(obj)((k, _materialize(v, budget, depth + 1, inner)) for k, v in obj.items())
+    return type(obj)(_materialize(v, budget, depth + 1, inner) for v in obj)
+  if obj is None or type(obj) in (bool, int, float, str, bytes):
+    return obj
+  raise CheckpointError(f"unexpected {type(obj).__name__} in the checkpoint object")
+
+
+def _member(zf: zipfile.ZipFile, name: str, size: int | None = None) -> bytes:
+  """An uncompressed zip member (torch writes them so), its declared size checked before reading."""
+  try:
+    info = zf.getinfo(name)
+  except KeyError:
+    raise CheckpointError(f"the archive has no {name}") from None
+  if info.compress_type != zipfile.ZIP_STORED:
+    raise CheckpointError(f"{name} is compressed; torch.save writes uncompressed archives (re-save it)")
+  if size is not None and info.file_size != size:
+    raise CheckpointError(f"{name} holds {info.file_size} bytes but its tensors declare {size}")
+  return zf.read(info)
+
+
+def _load_zip(path: str) -> tuple[Any, dict[str, _Storage]]:
+  with zipfile.ZipFile(path) as zf:
+    names = zf.namelist()
+    root = names[0].split("/")[0] if names else ""
+    byteorder = f"{root}/byteorder"
+    if byteorder in names and _member(zf, byteorder).strip() not in (b"little", b""):
+      raise CheckpointError("it was saved on a big-endian machine; not supported")
+    data_pkl = _member(zf, f"{root}/data.pkl")
+    storages: dict[str, _Storage] = {}
+    obj = _SafeUnpickler(io.BytesIO(data_pkl), storages,
+                         lambda key, nbytes: _member(zf, f"{root}/data/{key}", nbytes)).load()
+    return obj, storages
+
+
+def _load_legacy(path: str) -> tuple[Any, dict[str, _Storage]]:
+  size = os.path.getsize(path)
+  with open(path, "rb") as raw:
+    f = _Bounded(raw, size)
+    storages: dict[str, _Storage] = {}
+    if _SafeUnpickler(f, {}).load() != _LEGACY_MAGIC:
+      raise CheckpointError("it is not a torch checkpoint (bad magic number)")
+    protocol = _SafeUnpickler(f, {}).load()
+    sys_info = _SafeUnpickler(f, {}).load()
+    if not _is_int(protocol) or type(sys_info) is not dict:
+      raise CheckpointError("malformed header")
+    if not sys_info.get("little_endian", True):
+      raise CheckpointError("it was saved on a big-endian machine; not supported")
+    obj = _SafeUnpickler(f, storages).load()
+    keys = _SafeUnpickler(f, {}).load()
+    if type(keys) is not list or sorted(map(str, keys)) != sorted(storages):
+      raise CheckpointError("its list of stored storages does not match the storages its tensors use")
+    for key in keys:
+      header = raw.read(8)
+      if len(header) != 8:
+        raise CheckpointError(f"it is truncated (no data for storage {key})")
+      (numel,) = struct.unpack("<q", header)
+      storage = storages[key]
+      if numel != storage.numel:
+        raise CheckpointError(f"storage {key} holds {numel} elements but its tensors declare {storage.numel}")
+      nbytes = numel * storage.dtype.itemsize
+      if nbytes > size - raw.tell():
+        raise CheckpointError(f"it is truncated (storage {key} needs {nbytes} bytes, "
+                              f"{size - raw.tell()} are left)")
+      storage.data = np.frombuffer(raw.read(nbytes), dtype=storage.dtype)
+  return obj, storages
 
 
 def load(path: str) -> Any:
-  """Loads a torch checkpoint (legacy or zip format) with tensors as np.ndarray."""
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as zf:
-      root = zf.namelist()[0].split("/")[0]
-      def read_storage(key, dtype, numel):
-        return np.frombuffer(zf.read(f"{root}/data/{key}"), dtype=dtype)
-      obj = _Unpickler(io.BytesIO(zf.read(f"{root}/data.pkl")), {}, read_storage).load()
-      return _materialize(obj)
-  with open(path, "rb") as f:
-    if pickle.load(f) != _LEGACY_MAGIC:
-      raise ValueError(f"{path} is not a torch checkpoint (bad magic number)")
-    pickle.load(f)  # protocol version
-    sys_info = pickle.load(f)
-    if not sys_info.get("little_endian", True):
-      raise ValueError(f"{path} was saved on a big-endian machine; not supported")
-    storages: dict[str, _Storage] = {}
-    obj = _Unpickler(f, storages).load()
-    keys = pickle.load(f)
-    for key in keys:
-      (numel,) = struct.unpack("<q", f.read(8))
-      storage = storages[key]
-      storage.data = np.frombuffer(f.read(numel * storage.dtype.itemsize), dtype=storage.dtype)
-      if storage.data.size != numel:
-        raise ValueError(f"{path} is truncated (storage {key} has {storage.data.size} of {numel} elements)")
-  return _materialize(obj)
+  """Loads a torch checkpoint (legacy or zip format) with tensors as np.ndarray.
+
+  Raises CheckpointError for any file that is malformed or asks for more than tensors and
+  plain containers (see the module docstring); nothing in the file is ever executed.
+  """
+  try:
+    obj, storages = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    stored = sum(s.numel * s.dtype.itemsize for s in storages.values())
+    return _materialize(obj, [2 * stored + (1 << 20)])
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+          struct.error, zipfile.BadZipFile, RecursionError, MemoryError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: refused or unreadable ({type(e).__name__}: {str(e)[:200]})") from None
