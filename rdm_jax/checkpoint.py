@@ -40,6 +40,36 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
          "use the config it was trained with or a new --workdir")
 
 
+RUN_FILES = ("model_info.json", "checkpoints")  # a directory holding either is a training run of ours
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a --workdir that holds files but is not a training run (train would overwrite them)."""
+  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+    fail(f"--workdir={workdir} exists and is not a directory; choose another --workdir")
+  if os.path.isdir(workdir) and os.listdir(workdir) and not any(
+      os.path.exists(os.path.join(workdir, f)) for f in RUN_FILES):
+    fail(f"--workdir={workdir} holds files but no training run (no {' or '.join(RUN_FILES)}); refusing to "
+         "write into it: choose a new or empty --workdir")
+
+
+def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]) -> None:
+  """Refuses to resume checkpoints trained against another database or encoder than `info`'s."""
+  path = os.path.join(workdir, "model_info.json")
+  if mngr.latest_step() is None or not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      before = json.load(f)
+  except (OSError, ValueError) as e:
+    fail(f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it or use a new --workdir")
+  for field, what in (("database_fingerprint", "database"), ("encoder", "retrieval encoder")):
+    if before.get(field) != info[field]:
+      fail(f"the checkpoints in {workdir} were trained with another {what} ({field} {before.get(field)} in "
+           f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "
+           f"{what} of that run ({before.get('database')})")
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> None:
   mngr.save(step, args=ocp.args.StandardSave(state), force=force)
 

@@ -100,11 +100,11 @@ def base_config() -> mlc.ConfigDict:
 
 def paths(config: mlc.ConfigDict) -> dict[str, str]:
   """Where each job reads and writes; all under `config.data_dir` but the database."""
-  d = config.data_dir
-  database = config.database or os.path.join(d, "database")
+  d = os.path.normpath(config.data_dir)  # "data/" and "data" name the same stores
+  database = os.path.normpath(config.database or os.path.join(d, "database"))
   return {
       "database": database,
-      "index": config.retrieval.index.path or database.rstrip("/") + "_index",
+      "index": os.path.normpath(config.retrieval.index.path or database + "_index"),
       "proposal": os.path.join(d, "proposal"),
       "latents_train": os.path.join(d, "latents_train"),
       "latents_test": os.path.join(d, "latents_test"),

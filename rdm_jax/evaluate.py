@@ -41,6 +41,21 @@ _SAMPLES = flags.DEFINE_list("samples", None, "Sample sets: .npz files, director
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
 
 
+def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+  """({row name: uint8 images}, {row name: captions}) of the sample sets; sets that share a
+  condition (e.g. two seeds) get one row each, named by their file."""
+  read = [(p, *sample_sets.read_samples(p)) for p in paths]
+  labels = [name for _, name, _, _ in read]
+  sets, captions = {}, {}
+  for p, name, images, caps in read:
+    if labels.count(name) > 1:
+      name = f"{name} ({os.path.basename(os.path.normpath(p))})"
+    if name in sets:
+      fail(f"two sample sets are both called {name!r}; pass each once")
+    sets[name], captions[name] = images, caps
+  return sets, captions
+
+
 def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
   """(uint8 images, source description) of the reference set named by config.eval.reference."""
   if spec in config.dataset.get("parts", {}):
@@ -52,17 +67,18 @@ def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
     return images, {"tfds": name, "split": split or "test"}
   if spec.endswith(".npz") or os.path.isdir(spec):
     _, images, _ = sample_sets.read_samples(spec)
-    st = os.stat(spec)
-    return images, {"path": os.path.realpath(spec), "mtime_ns": st.st_mtime_ns}
+    return images, {"path": os.path.realpath(spec)}
   fail(f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
        "tfds:NAME/SPLIT, a folder of images or an .npz with 'images'")
 
 
 def cached_features(config: Any, extractor: extractors.Extractor, images: np.ndarray,
                     source: dict[str, Any]) -> dict[str, np.ndarray]:
-  """{'features', 'logits'} of a real image set, computed once per (source, extractor, count)
-  and cached as a store."""
-  key = {"source": source, "extractor": extractor.identity, "count": len(images)}
+  """{'features', 'logits'} of a real image set, computed once per (source, extractor, count,
+  content) and cached as a store: the key holds the sha256 of the images themselves, so an
+  image edited in place (any file, any subfolder, any mtime) is never scored from the cache."""
+  key = {"source": source, "extractor": extractor.identity, "count": len(images),
+         "images_sha256": store.checksum(images)}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(config.data_dir, "eval_cache", f"{extractor.identity['name']}_{digest}")
   cached = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)
@@ -70,6 +86,26 @@ def cached_features(config: Any, extractor: extractors.Extractor, images: np.nda
     out = extractor(images, what=f"reference images {source}")
     cached = store.write(path, "eval_features", out, made_by="rdm_jax.evaluate", **key)
   return {name: np.asarray(cached[name]) for name in ("features", "logits")}
+
+
+MADE_BY = "rdm_jax.evaluate"
+OUTPUTS = ("metrics.json", "metrics.md")
+
+
+def check_output_dir(out_dir: str) -> None:
+  """Refuses an output directory whose metrics files an earlier evaluation did not write."""
+  if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    fail(f"{out_dir} exists and is not a directory; choose another --out")
+  try:
+    with open(os.path.join(out_dir, OUTPUTS[0])) as f:
+      ours = json.load(f).get("made_by") == MADE_BY
+  except FileNotFoundError:
+    ours = not os.path.lexists(os.path.join(out_dir, OUTPUTS[1]))
+  except (OSError, ValueError, AttributeError):
+    ours = False
+  if not ours:
+    fail(f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to overwrite "
+         "them: choose another --out")
 
 
 def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> None:
@@ -128,16 +164,14 @@ def main(argv):
                                                           "samples", "*samples.npz")))
   if not paths:
     fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
-  out_dir = _OUT.value or os.path.join(workdir or ".", "eval")
+  out_dir = os.path.normpath(_OUT.value or os.path.join(workdir or ".", "eval"))
+  check_output_dir(out_dir)
   unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
   if unknown:
     fail(f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid, "
          "clip_score")
 
-  sets, captions = {}, {}
-  for p in paths:
-    name, images, caps = sample_sets.read_samples(p)
-    sets[name], captions[name] = images, caps
+  sets, captions = read_sample_sets(paths)
   ref_images, ref_source = read_reference(config, cfg.reference)
   if cfg.num_reference:
     ref_images = ref_images[:cfg.num_reference]
@@ -170,7 +204,7 @@ def main(argv):
   ref_label = f"{cfg.reference}, {len(ref_images)} images"
   md = table(rows, extractor.name, ref_label)
   os.makedirs(out_dir, exist_ok=True)
-  result = {"extractor": extractor.identity, "reference": {**ref_source, "count": len(ref_images)}, "sets": rows,
+  result = {"made_by": MADE_BY, "extractor": extractor.identity, "reference": {**ref_source, "count": len(ref_images)}, "sets": rows,
             "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
             if extractor.identity["name"] != "inception_v3_fid" else ""}
   for name, text in (("metrics.json", json.dumps(result, indent=1)), ("metrics.md", md + "\n")):

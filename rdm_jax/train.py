@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E402
 
 from rdm_jax import checkpoint, conditioning, training  # noqa: E402
-from rdm_jax.data import pipeline, visualize  # noqa: E402
+from rdm_jax.data import pipeline, store, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 
@@ -66,6 +66,8 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts (tests); others ignore it
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
+  workdir = os.path.normpath(workdir)
+  checkpoint.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
 
   # --------------------------------------------------------------------------- Data
@@ -95,6 +97,10 @@ def main(argv):
 
   # --------------------------------------------------------------------------- Checkpoint
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  info = {"encoder": encoder, "database": data.database_store.path,
+          "database_fingerprint": data.database_store.fingerprint,
+          "latent_shape": list(latent_shape), "image_hw": list(image_hw)}
+  checkpoint.check_resume(mngr, workdir, info)
   state = checkpoint.restore(mngr, abstract, state_sh)
   if state is None:
     state = training.init_state(model, tx, inputs, jax.random.PRNGKey(config.train.seed), state_sh)
@@ -103,12 +109,8 @@ def main(argv):
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    with open(os.path.join(workdir, "model_info.json"), "w") as f:
-      json.dump({"encoder": encoder, "database": data.database_store.path,
-                 "database_fingerprint": data.database_store.fingerprint,
-                 "latent_shape": list(latent_shape), "image_hw": list(image_hw)}, f, indent=1)
+    store.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    store.atomic_write_text(os.path.join(workdir, "model_info.json"), json.dumps(info, indent=1))
   parameter_overview.log_parameter_overview(state.params)
 
   # --------------------------------------------------------------------------- Update step

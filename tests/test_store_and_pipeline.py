@@ -106,6 +106,13 @@ def test_mismatched_stores_are_refused(tiny_data):
   ids = np.load(ids_path)
   ids[3, 2] = 40  # database has 40 rows
   np.save(ids_path, ids)
+  with pytest.raises(UserError, match="does not match the checksum in its manifest"):
+    pipeline.load_retrieval_data(config, "train")
+  # ... and when a faulty job wrote them with a consistent manifest, the id range still catches it
+  with open(os.path.join(d, "neighbors_train", "manifest.json")) as f:
+    arrays = json.load(f)["arrays"]
+  arrays["neighbor_ids"]["sha256"] = store.checksum(ids)
+  _rewrite_manifest(os.path.join(d, "neighbors_train"), arrays=arrays)
   with pytest.raises(UserError, match=r"neighbour ids in \[0, 40\] but the database has 40"):
     pipeline.load_retrieval_data(config, "train")
   # neighbours computed against another database

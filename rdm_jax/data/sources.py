@@ -9,8 +9,10 @@ part of a dataset ("train" | "database" | "test" for the embedded default), toge
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -23,25 +25,45 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally .gz); validates magic number and size."""
+def read_idx(path: str, max_bytes: int | None = None) -> np.ndarray:
+  """Reads an IDX file (optionally .gz); validates magic number and size.
+
+  The header's declared size is checked (against `max_bytes`, default half the machine's
+  memory) before the body is read or inflated, and exactly that many bytes are read.
+  """
   opener = gzip.open if path.endswith(".gz") else open
+  reinstall = "reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
   try:
     with opener(path, "rb") as f:
-      data = f.read()
-  except (OSError, EOFError) as e:
-    fail(f"cannot read {path} ({e}); reinstall it (apt-get install --reinstall dataset-fashion-mnist)")
-  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-    fail(f"{path} is not an IDX file (bad magic number)")
-  ndim = data[3]
-  dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-  dtype = np.dtype(_IDX_DTYPES[data[2]])
-  expected = int(np.prod(dims)) * dtype.itemsize
-  body = data[4 + 4 * ndim:]
-  if len(body) != expected:
-    fail(f"{path} is truncated or padded: {len(body)} bytes of data, the header says {expected}; "
-         "reinstall it (apt-get install --reinstall dataset-fashion-mnist)")
+      head = f.read(4)
+      if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+        fail(f"{path} is not an IDX file (bad magic number)")
+      ndim = head[3]
+      raw_dims = f.read(4 * ndim)
+      if len(raw_dims) != 4 * ndim:
+        fail(f"{path} is truncated (in its header); {reinstall}")
+      dims = struct.unpack(">" + "I" * ndim, raw_dims)
+      dtype = np.dtype(_IDX_DTYPES[head[2]])
+      expected = math.prod(dims) * dtype.itemsize
+      limit = max_bytes if max_bytes is not None else memory_budget()
+      if expected > limit:
+        fail(f"{path} declares {list(dims)} {dtype} ({expected / 2**30:.1f} GiB), more than the "
+             f"{limit / 2**30:.1f} GiB it may take; it is not the dataset file it claims to be")
+      body = f.read(expected)
+      padded = bool(f.read(1))
+  except (OSError, EOFError, zlib.error) as e:
+    fail(f"cannot read {path} ({e}); {reinstall}")
+  if len(body) != expected or padded:
+    fail(f"{path} is truncated or padded: the header says {expected} bytes of data; {reinstall}")
   return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def memory_budget() -> int:
+  """Half the machine's memory: the most one declared array in an input file may take."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+  except (ValueError, OSError, AttributeError):
+    return 8 << 30
 
 
 def _find(idx_dir: str, stem: str) -> str:
@@ -66,10 +88,10 @@ def load_idx_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   import tensorflow_datasets as tfds
   try:
-    ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, download=True))
-  except Exception as e:  # no network, no local copy
-    fail(f"TFDS {name}/{split} unavailable ({type(e).__name__}); install the IDX files instead "
-         "(apt-get install dataset-fashion-mnist)")
+    ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, download=False))  # never fetched at run time
+  except Exception as e:  # no local copy
+    fail(f"TFDS {name}/{split} is not prepared locally ({type(e).__name__}); prepare it once with "
+         f"`tfds build {name}` (or set TFDS_DATA_DIR), or install the IDX files (apt-get install dataset-fashion-mnist)")
   return ds["image"], ds["label"].astype(np.int32)
 
 
@@ -102,9 +124,13 @@ def check_disjoint(dataset: Any) -> None:
 
 
 def part_source(dataset: Any, part: str) -> dict[str, Any]:
-  """The provenance a store of this part records: dataset, split and example range."""
+  """The provenance a store of this part records: dataset, split, example range and where the
+  images come from (the IDX directory, or TFDS when it does not exist): every field that
+  changes the data, so a store made from other files is never reused."""
   split, start, stop = split_range(dataset, part)
-  return {"dataset": dataset.name, "split": split, "start": start, "stop": stop}
+  idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)  # as load_source_split resolves it
+  origin = os.path.realpath(idx_dir) if os.path.isdir(idx_dir) or not dataset.get("allow_tfds", True) else "tfds"
+  return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": origin}
 
 
 def load_part(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -3,23 +3,41 @@
 Every offline job writes one store. Writing goes to `<dir>.partial/` (chunk files, each
 written under a temporary name and renamed when complete, so an interrupted job resumes
 from its last finished chunk); the store appears under its final name only once every
-array and the manifest are complete (`os.replace` of the directory). Readers validate
-the manifest (kind, array shapes and dtypes, file sizes) before they trust the data.
+array and the manifest are complete. Readers validate the manifest (kind, array names,
+shapes and dtypes, file sizes, and the arrays' sha256 for stores up to `VERIFY_BELOW_BYTES`
+or with `--verify`) before they trust the data.
+
+What a job may write or delete (nothing the user owns is ever removed):
+- output paths are normalised (`normalize`: a trailing slash names the same store);
+- a job refuses, before computing anything, an output path that holds anything but a store
+  of the kind it writes, and a `<dir>.partial` that is not a partial store (`check_output`);
+- one process at a time publishes a store (`Lock`: `<dir>.lock` holds pid, host and process
+  start time; a lock whose process is gone, or that was not refreshed for `LOCK_STALE_S`, is
+  broken); a single-process job holds it from start to end, so a second copy of the same job
+  waits and then reuses the first one's result;
+- publishing renames the old store aside, moves the new one in, then deletes the old one
+  (a crash in between leaves both on disk);
+- chunk files carry the hash of the inputs they were computed from, so a process started
+  with another config can never contribute to a store.
 
 Manifest layout::
 
-  {"kind": "database", "format_version": 1, "count": N,
+  {"kind": "database", "format_version": 1, "count": N, "inputs_sha256": "...",
    "arrays": {"embeddings": {"shape": [N, d], "dtype": "float32", "sha256": "..."}, ...},
    "encoder": {...}, "source": {...}, "made_by": "rdm_jax.jobs.embed", ...}
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,11 +48,31 @@ from rdm_jax.errors import fail
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INPUTS = "inputs.json"    # in <store>.partial/: what the chunks there were computed from
-MERGE_LOCK = "merging"    # in <store>.partial/: the directory a merging process holds
+ARRAY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+VERIFY_BELOW_BYTES = 1 << 30  # stores up to this size are checksummed whenever they are read (~0.6 s/GiB)
+LOCK_STALE_S = 3600.0         # a lock on another host that was not refreshed for this long is stale
+_verify_all = False
+
+
+def verify_all_stores(enabled: bool = True) -> None:
+  """Checksum every store read from now on, whatever its size (the jobs' --verify flag)."""
+  global _verify_all
+  _verify_all = enabled
+
+
+def normalize(path: str) -> str:
+  """The canonical spelling of an output path (`out/` and `out/.` name the store `out`)."""
+  if not path or not str(path).strip():
+    fail("an output path is empty; name a directory")
+  return os.path.normpath(str(path))
+
+
+def _tmp_name(path: str) -> str:
+  return f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # unique: two processes never write one temporary
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp"
+  tmp = _tmp_name(path)
   with open(tmp, "wb") as f:
     np.save(f, array)
   os.replace(tmp, path)
@@ -42,10 +80,15 @@ def _atomic_save_npy(path: str, array: np.ndarray) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
   """Writes a text file under a temporary name, then renames it into place."""
-  tmp = path + ".tmp"
+  tmp = _tmp_name(path)
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def inputs_digest(inputs: Mapping[str, Any]) -> str:
+  """16 hex digits of sha256 over what a store is computed from (its chunk files carry it)."""
+  return hashlib.sha256(json.dumps(dict(inputs), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def checksum(array: np.ndarray, block_bytes: int = 1 << 26) -> str:
@@ -105,27 +148,195 @@ def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
 
 
 def exists(path: str) -> bool:
+  """Whether a complete store (one with a manifest) is at `path`."""
   return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _manifest_kind(path: str) -> str | None:
+  """The kind named by the manifest at `path`, or None if there is no readable manifest."""
+  try:
+    with open(os.path.join(path, MANIFEST)) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return manifest.get("kind") if isinstance(manifest, dict) else None
+
+
+def _is_partial_store(partial: str) -> bool:
+  """A `<store>.partial` a job of ours made: a real directory, empty or holding our inputs record."""
+  if os.path.islink(partial) or not os.path.isdir(partial):
+    return False
+  return not os.listdir(partial) or os.path.isfile(os.path.join(partial, INPUTS)) or exists(partial)
+
+
+def check_output(path: str, kind: str) -> str:
+  """The normalised `path`, once it is safe for a job to write a `kind` store there.
+
+  Refuses (one line, before any work) a path that holds anything but a store of this kind,
+  and a `<path>.partial` or `<path>.lock` that a job of ours did not make: a job replaces
+  only what an earlier run of the same kind of job wrote.
+  """
+  path = normalize(path)
+  if os.path.lexists(path) and _manifest_kind(path) != kind:
+    what = f"a {_manifest_kind(path)!r} store" if _manifest_kind(path) else "files that are not a store"
+    fail(f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another output path "
+         "(or move it away)")
+  partial = path + ".partial"
+  if os.path.lexists(partial) and not _is_partial_store(partial):
+    fail(f"{partial} exists but is not an unfinished {kind!r} store; refusing to touch it: move it away "
+         "or choose another output path")
+  lock = path + ".lock"
+  if os.path.lexists(lock) and Lock.holder(lock) is None:
+    fail(f"{lock} exists but is not a lock of ours; move it away or choose another output path")
+  return path
+
+
+class Lock:
+  """An exclusive lock on writing the store at `path`: the file `<path>.lock`.
+
+  The file holds the pid, host and process start time of its holder. It is stale, and is
+  broken, when that process is gone (same host) or when the holder has not refreshed it for
+  `stale_s` seconds (another host). `acquire` waits for a live holder.
+  """
+
+  def __init__(self, path: str, log: Callable[[str], None] = print, stale_s: float = LOCK_STALE_S,
+               poll_s: float = 0.2):
+    self.file = normalize(path) + ".lock"
+    self.log, self.stale_s, self.poll_s = log, stale_s, poll_s
+    self.text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+                            "token": uuid.uuid4().hex})
+
+  @staticmethod
+  def holder(file: str) -> dict | None:
+    """The lock's contents, {} if it vanished or is being written, None if it is not one of ours."""
+    try:
+      with open(file) as f:
+        text = f.read()
+    except FileNotFoundError:
+      return {}
+    except OSError:
+      return None
+    if not text:
+      return {}  # created, not yet written
+    try:
+      info = json.loads(text)
+    except ValueError:
+      return None
+    return info if isinstance(info, dict) and {"pid", "host", "token"} <= set(info) else None
+
+  def _stale(self, info: dict) -> bool:
+    try:
+      age = time.time() - os.stat(self.file).st_mtime
+    except FileNotFoundError:
+      return False
+    if info.get("host") == socket.gethostname():
+      return not _alive(info["pid"], info.get("start"))
+    return age > self.stale_s
+
+  def _break(self, info: dict) -> None:
+    aside = f"{self.file}.{uuid.uuid4().hex[:8]}.stale"
+    try:
+      os.rename(self.file, aside)
+    except FileNotFoundError:
+      return
+    if Lock.holder(aside) != info:  # a fresh lock appeared between the check and the rename: give it back
+      try:
+        os.link(aside, self.file)
+      except FileExistsError:
+        pass
+    os.remove(aside)
+
+  def acquire(self) -> "Lock":
+    os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
+    last_note = 0.0
+    while True:
+      try:
+        fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        info = Lock.holder(self.file)
+        if info is None:
+          fail(f"{self.file} exists but is not a lock of ours; move it away")
+        if info and self._stale(info):
+          self.log(f"{self.file}: breaking the stale lock of pid {info['pid']} on {info['host']}")
+          self._break(info)
+          continue
+        if info and time.monotonic() - last_note > 60:
+          self.log(f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; waiting for it "
+                   "(its result is reused when it matches)")
+          last_note = time.monotonic()
+        time.sleep(self.poll_s)
+        continue
+      with os.fdopen(fd, "w") as f:
+        f.write(self.text)
+      return self
+
+  def refresh(self) -> None:
+    """Marks the lock as alive (a holder on another host is judged by this time)."""
+    try:
+      os.utime(self.file)
+    except FileNotFoundError:
+      pass
+
+  def release(self) -> None:
+    try:
+      with open(self.file) as f:
+        mine = f.read() == self.text
+    except FileNotFoundError:
+      return
+    if mine:
+      os.remove(self.file)
+
+  def __enter__(self) -> "Lock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _process_start(pid: int) -> str | None:
+  """The start time of a process (Linux /proc), so a reused pid is not mistaken for the holder."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _alive(pid: Any, start: Any) -> bool:
+  if type(pid) is not int or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return start is None or _process_start(pid) in (None, start)
 
 
 def reusable(path: str, kind: str, hint: str, **expected: Any) -> Store | None:
   """The complete store at `path` if its manifest matches `expected`, else None (recompute).
 
   Lets a rerun job skip finished work, but never reuse a store made from other inputs
-  (another encoder, source range or first stage than the config now asks for).
+  (another encoder, source range or first stage than the config now asks for). Refuses an
+  output path that holds anything but a store of this kind (`check_output`).
   """
+  path = check_output(path, kind)
   if not exists(path):
     return None
-  existing = read(path, kind, hint=hint)
+  existing = read(path, kind, hint=hint, verify=False)
   stale = [k for k, v in expected.items() if existing.manifest.get(k) != v]
   if stale:
     print(f"{path} was made with other {', '.join(stale)}; recomputing")
+    return None
+  if _should_verify(existing.arrays, None) and (changed := _changed_array(existing)):
+    print(f"{path}: {changed}.npy no longer matches its manifest's checksum; recomputing")
     return None
   print(f"{path} exists and matches the config; skipping (delete it to recompute)")
   return existing
 
 
-def read(path: str, kind: str, hint: str, mmap: bool = True) -> Store:
+def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None = None) -> Store:
   """Opens and validates the store at `path`.
 
   Args:
@@ -133,7 +344,10 @@ def read(path: str, kind: str, hint: str, mmap: bool = True) -> Store:
     kind: the `kind` the manifest must carry (e.g. "database").
     hint: the command that makes this store, quoted in errors.
     mmap: memory-map arrays instead of reading them into RAM.
+    verify: compare every array's sha256 with the manifest; None = for stores up to
+      VERIFY_BELOW_BYTES, or for all after `verify_all_stores()`.
   """
+  path = normalize(path)
   manifest_path = os.path.join(path, MANIFEST)
   if not os.path.isfile(manifest_path):
     partial = " (an interrupted run left " + path + ".partial; rerun to resume)" if os.path.isdir(
@@ -144,12 +358,17 @@ def read(path: str, kind: str, hint: str, mmap: bool = True) -> Store:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     fail(f"{manifest_path} is not valid JSON ({e}); delete {path} and rerun `{hint}`")
+  if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
+    fail(f"{manifest_path} is not a store manifest; delete {path} and rerun `{hint}`")
   if manifest.get("kind") != kind:
     fail(f"{path} holds a {manifest.get('kind')!r} store, expected {kind!r}; check the path or rerun `{hint}`")
   if manifest.get("format_version") != FORMAT_VERSION:
     fail(f"{path} has store format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; rerun `{hint}`")
   arrays = {}
   for name, spec in manifest["arrays"].items():
+    if not ARRAY_NAME.fullmatch(name) or not isinstance(spec, dict):
+      fail(f"{manifest_path} names an array {name[:80]!r}; array names are letters, digits and '_'. "
+           f"Delete {path} and rerun `{hint}`")
     file = os.path.join(path, name + ".npy")
     if not os.path.isfile(file):
       fail(f"{file} is missing; delete {path} and rerun `{hint}`")
@@ -157,43 +376,89 @@ def read(path: str, kind: str, hint: str, mmap: bool = True) -> Store:
       arr = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
       fail(f"{file} is truncated or corrupt ({e}); delete {path} and rerun `{hint}`")
-    if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
-      fail(f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says {spec['dtype']}{spec['shape']}; "
+    if list(arr.shape) != list(spec.get("shape", [])) or str(arr.dtype) != spec.get("dtype"):
+      fail(f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says {spec.get('dtype')}{spec.get('shape')}; "
            f"delete {path} and rerun `{hint}`")
     arrays[name] = arr
-  return Store(path=path, manifest=manifest, arrays=arrays)
+  s = Store(path=path, manifest=manifest, arrays=arrays)
+  if _should_verify(arrays, verify) and (changed := _changed_array(s)):
+    fail(f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: it changed after "
+         f"it was written; delete {path} and rerun `{hint}`")
+  return s
+
+
+def _should_verify(arrays: Mapping[str, np.ndarray], verify: bool | None) -> bool:
+  if verify is not None:
+    return verify
+  return _verify_all or sum(a.nbytes for a in arrays.values()) <= VERIFY_BELOW_BYTES
+
+
+def _changed_array(s: Store) -> str | None:
+  """The first array whose content no longer matches the manifest's sha256, or None."""
+  for name, arr in s.arrays.items():
+    if checksum(arr) != s.manifest["arrays"][name].get("sha256"):
+      return name
+  return None
+
+
+def _check_array_names(names) -> None:
+  bad = [n for n in names if not ARRAY_NAME.fullmatch(n)]
+  if bad:
+    raise ValueError(f"array names {bad}: use letters, digits and '_'")
 
 
 def write(path: str, kind: str, arrays: Mapping[str, np.ndarray], **manifest_fields: Any) -> Store:
   """Writes a complete store atomically (all arrays, then the manifest, then rename)."""
-  partial = path + ".partial"
-  os.makedirs(partial, exist_ok=True)
-  for name, arr in arrays.items():
-    _atomic_save_npy(os.path.join(partial, name + ".npy"), np.asarray(arr))
-  return _finish(path, kind, {k: np.asarray(v) for k, v in arrays.items()}, manifest_fields)
+  path = check_output(path, kind)
+  _check_array_names(arrays)
+  inputs = {"kind": kind, **manifest_fields}
+  with Lock(path):
+    partial = open_partial(path, inputs)
+    for name, arr in arrays.items():
+      _atomic_save_npy(os.path.join(partial, name + ".npy"), np.asarray(arr))
+    return _finish(path, kind, list(arrays), manifest_fields, inputs_digest(inputs))
 
 
-def publish(partial: str, path: str) -> None:
-  """Moves a completed `<path>.partial` directory to `path` (replacing an older store)."""
-  if os.path.exists(path):
-    shutil.rmtree(path)
+def publish(partial: str, path: str, kind: str) -> None:
+  """Moves a completed `<path>.partial` directory to `path`, replacing an older store of `kind`.
+
+  The old store is renamed aside before the new one moves in and deleted after, so a crash
+  never loses both; anything at `path` that is not a `kind` store is refused, never removed.
+  Call it holding the path's `Lock`.
+  """
+  path = normalize(path)
+  for old in glob.glob(glob.escape(path) + ".replaced-*"):  # left by a crash between the renames below
+    if re.fullmatch(r"\.replaced-[0-9a-f]{8}", old[len(path):]) and _manifest_kind(old) == kind:
+      shutil.rmtree(old)
+  if not os.path.lexists(path):
+    os.replace(partial, path)
+    return
+  check_output(path, kind)
+  if os.path.islink(path):
+    fail(f"{path} is a symbolic link; refusing to replace it (the new store is complete in {partial}): "
+         "remove the link or choose another output path")
+  aside = f"{path}.replaced-{uuid.uuid4().hex[:8]}"
+  os.replace(path, aside)
   os.replace(partial, path)
+  shutil.rmtree(aside)
 
 
-def _finish(path: str, kind: str, arrays: Mapping[str, np.ndarray], fields: Mapping[str, Any]) -> Store:
+def _finish(path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any], digest: str) -> Store:
+  """Writes the manifest of `<path>.partial` (checksums read back from its files) and publishes it."""
   partial = path + ".partial"
+  arrays = {n: np.load(os.path.join(partial, n + ".npy"), mmap_mode="r", allow_pickle=False) for n in names}
   manifest = dict(kind=kind, format_version=FORMAT_VERSION, **fields)
   manifest["count"] = int(len(next(iter(arrays.values()))))
+  manifest["inputs_sha256"] = digest
   manifest["arrays"] = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": checksum(a)}
                         for n, a in arrays.items()}
+  del arrays
   atomic_write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
   for leftover in os.listdir(partial):
-    if leftover.startswith("chunk_") or leftover == INPUTS:
+    if leftover.startswith("chunk_") or leftover.endswith(".tmp"):
       os.remove(os.path.join(partial, leftover))
-    elif leftover == MERGE_LOCK:
-      os.rmdir(os.path.join(partial, leftover))
-  publish(partial, path)
-  return read(path, kind, hint="(just written)")
+  publish(partial, path, kind)
+  return read(path, kind, hint="(just written)", verify=False)
 
 
 def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None] = print,
@@ -203,6 +468,7 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
   Work left there by a run with the same inputs is kept (resume); work from other inputs is
   never mixed in: the owner (process 0) clears it, other processes wait for the owner.
   """
+  path = normalize(path)
   partial = path + ".partial"
   text = json.dumps(dict(inputs), sort_keys=True, default=str)
   inputs_path = os.path.join(partial, INPUTS)
@@ -222,11 +488,14 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
              "start process 0 with the same config and flags")
       time.sleep(0.5)
     return partial
+  if os.path.lexists(partial) and not _is_partial_store(partial):
+    fail(f"{partial} exists but is not an unfinished store; refusing to touch it: move it away")
   if os.path.isdir(partial) and current() != text:
     log(f"{partial} holds work made from other inputs; starting over")
     shutil.rmtree(partial)
   os.makedirs(partial, exist_ok=True)
-  atomic_write_text(inputs_path, text)
+  if current() != text:
+    atomic_write_text(inputs_path, text)
   return partial
 
 
@@ -238,6 +507,15 @@ def process_block(items: Sequence[int], process_index: int, process_count: int) 
   return items[process_index * n // process_count:(process_index + 1) * n // process_count]
 
 
+def _published(path: str, kind: str, digest: str) -> Store | None:
+  """The store at `path` if it is complete and was made from the inputs with this digest."""
+  if exists(path) and _manifest_kind(path) == kind:
+    s = read(path, kind, hint="(this job)", verify=False)
+    if s.manifest.get("inputs_sha256") == digest:
+      return s
+  return None
+
+
 def write_chunked(path: str, kind: str, count: int, chunk_size: int,
                   compute: Callable[[int, int], Mapping[str, np.ndarray]],
                   log: Callable[[str], None] = print, process_index: int = 0, process_count: int = 1,
@@ -245,62 +523,82 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
                   **manifest_fields: Any) -> Store | None:
   """Runs `compute(start, stop)` over [0, count) in chunks and writes a store, resumably.
 
-  Each finished chunk is saved under `<path>.partial/chunk_<start>_<name>.npy`; a rerun
-  after an interruption skips the chunks that exist. With `process_count` > 1 (processes
-  or hosts sharing the filesystem), process p computes the p-th contiguous block of chunks.
-  The process that finds every chunk done merges them into the final arrays, streaming
-  through memory-mapped files so RAM stays at one chunk; `finalize(arrays)` may then add
-  manifest fields (e.g. a quality check of the merged result). It returns the Store; a
-  process that leaves the merge to another returns None.
+  Each finished chunk is saved under `<path>.partial/chunk_<inputs digest>_<start>_<name>.npy`;
+  a rerun after an interruption skips the chunks that exist. With `process_count` > 1
+  (processes or hosts sharing the filesystem), process p computes the p-th contiguous block of
+  chunks, and the process that finds every chunk done merges them (under the store's lock)
+  into the final arrays, streaming through memory-mapped files so RAM stays at one chunk;
+  `finalize(arrays)` may then add manifest fields (e.g. a quality check of the merged result).
+  A single process holds the lock throughout, so a second copy of the job waits and reuses
+  its result. It returns the Store; a process that leaves the merge to another returns None.
   """
   if count <= 0:
     fail(f"nothing to write for {path}: the input has {count} examples")
-  partial = open_partial(path, {"count": count, "chunk_size": chunk_size, **manifest_fields}, log,
-                         owner=process_index == 0)
-  starts = range(0, count, chunk_size)
-
-  def marker(start):
-    return os.path.join(partial, f"chunk_{start:012d}.done")
-
-  for start in process_block(starts, process_index, process_count):
-    stop = min(start + chunk_size, count)
-    if os.path.exists(marker(start)):
-      continue
-    out = compute(start, stop)
-    for name, arr in out.items():
-      arr = np.asarray(arr)
-      if arr.shape[0] != stop - start:
-        raise ValueError(f"chunk {start}:{stop} of {name} has {arr.shape[0]} rows")
-      _atomic_save_npy(os.path.join(partial, f"chunk_{start:012d}_{name}.npy"), arr)
-    atomic_write_text(marker(start), ",".join(out))
-    log(f"{path}: rows {start}:{stop} done ({stop - start} of {count})")
-  missing = [s for s in starts if not os.path.exists(marker(s))]
-  if missing:
-    log(f"{path}: {len(starts) - len(missing)}/{len(starts)} chunks done; the process that "
-        "finishes the last chunk merges them")
-    return None
+  path = check_output(path, kind)
+  inputs = {"count": count, "chunk_size": chunk_size, **manifest_fields}
+  digest = inputs_digest(inputs)
+  alone = process_count == 1
+  lock = Lock(path, log)
+  if alone:
+    lock.acquire()
   try:
-    os.makedirs(os.path.join(partial, MERGE_LOCK), exist_ok=process_count == 1)  # alone: a lock is stale
-  except FileExistsError:
-    log(f"{path}: another process is merging; if none is running, remove "
-        f"{os.path.join(partial, MERGE_LOCK)} and rerun")
-    return None
-  with open(marker(starts[0])) as f:
-    names = f.read().split(",")
-  arrays = {}
-  for name in names:
-    first = np.load(os.path.join(partial, f"chunk_{starts[0]:012d}_{name}.npy"), mmap_mode="r")
-    final = os.path.join(partial, name + ".npy")
-    merged = np.lib.format.open_memmap(final + ".tmp", mode="w+", dtype=first.dtype,
-                                       shape=(count,) + first.shape[1:])
-    for start in starts:
-      merged[start:start + chunk_size] = np.load(os.path.join(partial, f"chunk_{start:012d}_{name}.npy"))
-    merged.flush()
-    del merged
-    os.replace(final + ".tmp", final)
-    arrays[name] = np.load(final, mmap_mode="r")
-  extra = dict(finalize(arrays)) if finalize else {}
-  return _finish(path, kind, arrays, {**manifest_fields, **extra})
+    if alone and (done := _published(path, kind, digest)) is not None:
+      log(f"{path} was written by another run from the same inputs; reusing it")
+      return done
+    partial = open_partial(path, inputs, log, owner=process_index == 0)
+    if alone and exists(partial) and _manifest_kind(partial) == kind:  # finished, not yet published (crash)
+      publish(partial, path, kind)
+      return read(path, kind, hint="(this job)")
+    starts = range(0, count, chunk_size)
+
+    def chunk(start, name=None):
+      return os.path.join(partial, f"chunk_{digest}_{start:012d}" + (f"_{name}.npy" if name else ".done"))
+
+    for start in process_block(starts, process_index, process_count):
+      stop = min(start + chunk_size, count)
+      if os.path.exists(chunk(start)):
+        continue
+      out = compute(start, stop)
+      _check_array_names(out)
+      for name, arr in out.items():
+        arr = np.asarray(arr)
+        if arr.shape[0] != stop - start:
+          raise ValueError(f"chunk {start}:{stop} of {name} has {arr.shape[0]} rows")
+        _atomic_save_npy(chunk(start, name), arr)
+      atomic_write_text(chunk(start), ",".join(out))
+      lock.refresh()
+      log(f"{path}: rows {start}:{stop} done ({stop - start} of {count})")
+    missing = [s for s in starts if not os.path.exists(chunk(s))]
+    if missing:
+      log(f"{path}: {len(starts) - len(missing)}/{len(starts)} chunks done; the process that "
+          "finishes the last chunk merges them")
+      return None
+    if not alone:
+      lock.acquire()
+      if _published(path, kind, digest) is not None or not os.path.exists(chunk(starts[0])):
+        log(f"{path}: another process merged the chunks")
+        return None
+    with open(chunk(starts[0])) as f:
+      names = f.read().split(",")
+    _check_array_names(names)
+    arrays = {}
+    for name in names:
+      first = np.load(chunk(starts[0], name), mmap_mode="r", allow_pickle=False)
+      final = os.path.join(partial, name + ".npy")
+      tmp = _tmp_name(final)
+      merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(count,) + first.shape[1:])
+      for start in starts:
+        merged[start:start + chunk_size] = np.load(chunk(start, name), allow_pickle=False)
+      merged.flush()
+      del merged
+      os.replace(tmp, final)
+      arrays[name] = np.load(final, mmap_mode="r")
+      lock.refresh()
+    extra = dict(finalize(arrays)) if finalize else {}
+    del arrays
+    return _finish(path, kind, names, {**manifest_fields, **extra}, digest)
+  finally:
+    lock.release()
 
 
 def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: Any) -> Store:
@@ -324,13 +622,14 @@ def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: 
   done = reusable(path, kind, hint, source=source)
   if done is not None:
     return done
-  partial = path + ".partial"
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
-  os.symlink(real, os.path.join(partial, "embeddings.npy"))
-  ids = np.arange(len(emb), dtype=np.int64)
-  _atomic_save_npy(os.path.join(partial, "ids.npy"), ids)
-  return _finish(path, kind, {"embeddings": emb, "ids": ids},
-                 {"source": source, "encoder": {"name": "external", "embed_dim": int(emb.shape[1])},
-                  **manifest_fields})
-
+  path = normalize(path)
+  fields = {"source": source, "encoder": {"name": "external", "embed_dim": int(emb.shape[1])}, **manifest_fields}
+  inputs = {"kind": kind, **fields}
+  with Lock(path):
+    partial = open_partial(path, inputs)
+    link = os.path.join(partial, "embeddings.npy")
+    if os.path.lexists(link):
+      os.remove(link)
+    os.symlink(real, link)
+    _atomic_save_npy(os.path.join(partial, "ids.npy"), np.arange(len(emb), dtype=np.int64))
+    return _finish(path, kind, ["embeddings", "ids"], fields, inputs_digest(inputs))

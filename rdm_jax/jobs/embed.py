@@ -19,9 +19,14 @@ from rdm_jax.retrieval import encoders
 _PARTS = flags.DEFINE_list("parts", ["database", "train", "test"], "Dataset parts to embed.")
 
 
-def embed_part(config, part: str, encode=None) -> store.Store:
+def output(config, part: str) -> tuple[str, str]:
+  """(store path, kind) the embed job writes for a part."""
   paths = config_base.paths(config)
-  out, kind = (paths["database"], "database") if part == "database" else (paths[f"embeddings_{part}"], "embeddings")
+  return (paths["database"], "database") if part == "database" else (paths[f"embeddings_{part}"], "embeddings")
+
+
+def embed_part(config, part: str, encode=None) -> store.Store:
+  out, kind = output(config, part)
   identity = encoders.encoder_identity(config.retrieval)
   done = store.reusable(out, kind, "rdm_jax.jobs.embed", source=sources.part_source(config.dataset, part),
                         encoder=identity)
@@ -43,6 +48,8 @@ def main(argv):
   del argv
   config = cli.CONFIG.value
   sources.check_disjoint(config.dataset)
+  for part in _PARTS.value:  # every output is safe to write before any work starts
+    store.check_output(*output(config, part))
   encode = _Lazy(lambda: encoders.make_encoder(config.retrieval))  # skipped parts load no weights
   for part in _PARTS.value:
     embed_part(config, part, encode)

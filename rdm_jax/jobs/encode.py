@@ -38,6 +38,8 @@ def main(argv):
   del argv
   config = cli.CONFIG.value
   sources.check_disjoint(config.dataset)
+  for part in _PARTS.value:  # every output is safe to write before any work starts
+    store.check_output(config_base.paths(config)[f"latents_{part}"], "latents")
   for part in _PARTS.value:
     encode_part(config, part)
 

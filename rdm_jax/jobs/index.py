@@ -40,7 +40,7 @@ def database_and_index_paths(config) -> tuple[store.Store, str]:
   """The database the config (or --database) names, and where its index lives."""
   if _DATABASE.value:
     database = open_embeddings(config, _DATABASE.value, "database", EMBED_HINT)
-    return database, config.retrieval.index.path or database.path.rstrip("/") + "_index"
+    return database, store.normalize(config.retrieval.index.path or database.path + "_index")
   paths = config_base.paths(config)
   return store.read(paths["database"], "database", hint=EMBED_HINT), paths["index"]
 

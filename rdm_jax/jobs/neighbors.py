@@ -135,14 +135,18 @@ def main(argv):
   idx = index.load(index_path, database, config.retrieval.index)  # none there: says to run the index job
   pid, count = _PROCESS_ID.value, _NUM_PROCESSES.value
   if _QUERIES.value:
-    out = _OUT.value or fail("--queries needs --out (the neighbours store to write)")
+    out = store.normalize(_OUT.value or fail("--queries needs --out (the neighbours store to write)"))
     queries = index_job.open_embeddings(config, _QUERIES.value, "embeddings", "(your query embeddings)")
-    jobs = [(queries, out, out.rstrip("/") + "_proposal")]
+    jobs = [(queries, out, out + "_proposal")]
   else:
     paths = config_base.paths(config)
     jobs = [(store.read(paths[f"embeddings_{part}"], "embeddings", hint=f"{EMBED_HINT} --parts={part}"),
              paths[f"neighbors_{part}"], paths["proposal"] if part == "train" else None)
             for part in _PARTS.value]
+  for _, out, proposal_path in jobs:  # every output is safe to write before any work starts
+    store.check_output(out, "neighbors")
+    if proposal_path:
+      store.check_output(proposal_path, proposal.KIND)
   for queries, out, proposal_path in jobs:
     result = find_neighbors(config, queries, database, idx, out, pid, count)
     if result is None:

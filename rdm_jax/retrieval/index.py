@@ -20,8 +20,11 @@ each shard's search is exact). Shards are loaded lazily and the least recently u
 evicted so that the loaded ones stay within `search_memory_gb` (default: max_memory_gb).
 
 On disk (`<database>_index/`): `manifest.json` (kind "index", the database fingerprint,
-width, K, the shards with their row ranges and recipes) and one ScaNN directory per ScaNN
-shard. The build resumes shard by shard; the index appears under its name when complete.
+width, K, the shards with their row ranges and recipes, the files of each shard) and one
+ScaNN directory `shard_NNNNN` per ScaNN shard. The build resumes shard by shard; the index
+appears under its name when complete. An index is untrusted input: it loads only if its
+shards are exactly that layout (`_check_shards`), and never through ScaNN's
+`load_searcher`, which unpickles a `scann_docids.pkl` if one is there.
 """
 
 from __future__ import annotations
@@ -130,6 +133,22 @@ def build_scann(data: np.ndarray, k: int, recipe: Recipe, threads: int = 0):
                     anisotropic_quantization_threshold=recipe.anisotropic_threshold).reorder(recipe.reorder).build()
 
 
+# Every file ScaNN 1.4's serialize may write (scann_ops_pybind_backcompat lists the assets).
+SCANN_FILES = frozenset({
+    "scann_assets.pbtxt", "scann_config.pb", "ah_codebook.pb", "serialized_partitioner.pb",
+    "datapoint_to_token.npy", "hashed_dataset.npy", "int8_dataset.npy", "int8_multipliers.npy",
+    "dp_norms.npy", "dataset.npy"})
+
+
+def _load_scann(shard_dir: str):
+  """A ScaNN searcher from a checked shard directory, without `load_searcher`'s pickle of docids."""
+  from scann.scann_ops.py import scann_ops_pybind
+
+  with open(os.path.join(shard_dir, "scann_assets.pbtxt")) as f:
+    assets = f.read()
+  return scann_ops_pybind.ScannSearcher(scann_ops_pybind.scann_pybind.ScannNumpy(shard_dir, assets), None)
+
+
 def plan(n: int, d: int, k: int, cfg: Any) -> list[dict[str, Any]]:
   """The shards of an index over [n, d]: row ranges, recipes and directory names."""
   if k > n:
@@ -144,10 +163,12 @@ def plan(n: int, d: int, k: int, cfg: Any) -> list[dict[str, Any]]:
 
 def ensure(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
   """The index at `path` if it was built for this database, K and knobs; else builds it."""
+  path = store.check_output(path, KIND)
   if store.exists(path):
     m = store.read(path, KIND, hint=INDEX_HINT).manifest
     n, d = database["embeddings"].shape
-    if (m["database_fingerprint"], m["num_neighbors"], m["shards"]) == (database.fingerprint, k, plan(n, d, k, cfg)):
+    if (m.get("database_fingerprint"), m.get("num_neighbors"), m.get("shards"), "shard_files" in m) == (
+        database.fingerprint, k, plan(n, d, k, cfg), True):
       log(f"{path} exists and matches the database and config; skipping (delete it to rebuild)")
       return load(path, database, cfg)
     log(f"{path} was built for another database or other settings; rebuilding")
@@ -156,56 +177,122 @@ def ensure(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[st
 
 def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
   """Builds (or resumes building) the index of `database` at `path`, shard by shard."""
+  path = store.check_output(path, KIND)
   emb = database["embeddings"]
   n, d = emb.shape
   shards = plan(n, d, k, cfg)
   fields = dict(database_path=os.path.abspath(database.path), database_fingerprint=database.fingerprint,
                 dim=d, num_neighbors=k, shards=shards)
-  partial = store.open_partial(path, fields, log)
-  log(f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "
-      + ", ".join(f"{s['stop'] - s['start']} rows {s['recipe']['kind']}" for s in shards))
-  check_embeddings(database, f"database {database.path}")
-  t0 = time.time()
-  for shard in shards:
-    if not shard["dir"] or os.path.isdir(os.path.join(partial, shard["dir"])):
-      continue
-    final = os.path.join(partial, shard["dir"])
-    recipe = Recipe(**shard["recipe"])
-    t = time.time()
-    data = exact.l2_normalize(store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
-                              f"database {database.path}", copy=False)
-    searcher = build_scann(data, min(k, len(data)), recipe, cfg.threads)
-    del data
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    searcher.serialize(os.path.abspath(tmp), relative_path=True)  # relative paths reload anywhere
-    del searcher
-    os.replace(tmp, final)
-    log(f"{path}: shard rows {shard['start']}:{shard['stop']} built in {time.time() - t:.1f} s")
-  manifest = dict(kind=KIND, format_version=store.FORMAT_VERSION, count=n, arrays={},
-                  build_seconds=round(time.time() - t0, 1), made_by="rdm_jax.jobs.index", **fields)
-  store.atomic_write_text(os.path.join(partial, store.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
-  os.remove(os.path.join(partial, store.INPUTS))
-  store.publish(partial, path)
+  with store.Lock(path, log) as lock:
+    partial = store.open_partial(path, fields, log)
+    log(f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "
+        + ", ".join(f"{s['stop'] - s['start']} rows {s['recipe']['kind']}" for s in shards))
+    check_embeddings(database, f"database {database.path}")
+    t0 = time.time()
+    for shard in shards:
+      if not shard["dir"] or os.path.isdir(os.path.join(partial, shard["dir"])):
+        continue
+      final = os.path.join(partial, shard["dir"])
+      recipe = Recipe(**shard["recipe"])
+      t = time.time()
+      data = exact.l2_normalize(store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
+                                f"database {database.path}", copy=False)
+      searcher = build_scann(data, min(k, len(data)), recipe, cfg.threads)
+      del data
+      tmp = final + ".tmp"
+      if os.path.isdir(tmp):
+        shutil.rmtree(tmp)  # an interrupted build's (ours: inside our partial)
+      os.makedirs(tmp)
+      searcher.serialize(os.path.abspath(tmp), relative_path=True)  # relative paths reload anywhere
+      del searcher
+      os.replace(tmp, final)
+      lock.refresh()
+      log(f"{path}: shard rows {shard['start']}:{shard['stop']} built in {time.time() - t:.1f} s")
+    shard_files = {s["dir"]: {f: os.path.getsize(os.path.join(partial, s["dir"], f))
+                              for f in sorted(os.listdir(os.path.join(partial, s["dir"])))}
+                   for s in shards if s["dir"]}
+    for files in shard_files.values():
+      if set(files) - SCANN_FILES or "scann_assets.pbtxt" not in files:
+        raise RuntimeError(f"ScaNN wrote files this code does not know ({sorted(files)}); update SCANN_FILES")
+    manifest = dict(kind=KIND, format_version=store.FORMAT_VERSION, count=n, arrays={},
+                    build_seconds=round(time.time() - t0, 1), made_by="rdm_jax.jobs.index",
+                    shard_files=shard_files, **fields)
+    store.atomic_write_text(os.path.join(partial, store.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    store.publish(partial, path, KIND)
   return load(path, database, cfg)
 
 
+def _check_shards(path: str, m: dict) -> None:
+  """The manifest's shards are the plain, contiguous layout the build writes; nothing else loads.
+
+  A shard directory must be `shard_NNNNN` (its position), a real directory inside the index,
+  holding exactly the ScaNN files the build recorded (names from SCANN_FILES, sizes as
+  recorded, no symbolic links): ScaNN's own loader would unpickle a `scann_docids.pkl` found
+  there, and `scann_assets.pbtxt` names the files ScaNN opens.
+  """
+  bad = lambda why: fail(f"index {path} is damaged or was not written by the index job ({why}); "  # noqa: E731
+                         f"delete it and rebuild: `{INDEX_HINT}`")
+  shards, files = m.get("shards"), m.get("shard_files")
+  if not isinstance(shards, list) or not shards or not isinstance(files, dict):
+    bad("no shard list")
+  expected_start = 0
+  for i, shard in enumerate(shards):
+    recipe = shard.get("recipe") if isinstance(shard, dict) else None
+    if not isinstance(recipe, dict) or recipe.get("kind") not in KINDS[1:]:
+      bad(f"shard {i} has no known recipe")
+    if (type(shard.get("start")), type(shard.get("stop"))) != (int, int) or shard["start"] != expected_start \
+        or shard["stop"] <= shard["start"]:
+      bad(f"shard {i} rows are not contiguous")
+    expected_start = shard["stop"]
+    want_dir = "" if recipe["kind"] == "exact" else f"shard_{i:05d}"
+    if shard.get("dir") != want_dir:
+      bad(f"shard {i} names directory {str(shard.get('dir'))[:80]!r}, the build writes {want_dir!r}")
+    if want_dir:
+      _check_shard_dir(path, want_dir, files.get(want_dir), bad)
+  if expected_start != m.get("count"):
+    bad("the shards do not cover the database")
+
+
+def _check_shard_dir(path: str, name: str, recorded: Any, bad: Callable[[str], None]) -> None:
+  shard_dir = os.path.join(path, name)
+  if os.path.islink(shard_dir) or not os.path.isdir(shard_dir) or \
+      os.path.dirname(os.path.realpath(shard_dir)) != os.path.realpath(path):
+    bad(f"{name} is not a directory inside the index")
+  present = set(os.listdir(shard_dir))
+  if "scann_docids.pkl" in present:
+    bad(f"{name} holds scann_docids.pkl, a pickle (code) the build never writes")
+  if not isinstance(recorded, dict) or present != set(recorded) or present - SCANN_FILES:
+    bad(f"{name} holds {sorted(present)[:12]}, the build wrote {sorted(recorded or {})[:12]}")
+  for f, size in recorded.items():
+    full = os.path.join(shard_dir, f)
+    if os.path.islink(full) or not os.path.isfile(full) or os.path.getsize(full) != size:
+      bad(f"{name}/{f} is not the {size}-byte file the build wrote")
+  from google.protobuf import text_format
+  from scann.scann_ops import scann_assets_pb2
+
+  with open(os.path.join(shard_dir, "scann_assets.pbtxt")) as f:
+    try:
+      assets = text_format.Parse(f.read(), scann_assets_pb2.ScannAssets())
+    except text_format.ParseError:
+      bad(f"{name}/scann_assets.pbtxt does not parse")
+  for asset in assets.assets:
+    if asset.asset_path not in present or asset.asset_path == "scann_assets.pbtxt":
+      bad(f"{name}/scann_assets.pbtxt points outside the shard ({asset.asset_path[:80]!r})")
+
+
 def load(path: str, database: store.Store, cfg: Any) -> "Index":
-  """Opens the index at `path` and checks it was built on exactly this database."""
+  """Opens the index at `path` and checks it was built on exactly this database, by the index job."""
   s = store.read(path, KIND, hint=INDEX_HINT)
   m = s.manifest
-  if m["database_fingerprint"] != database.fingerprint:
-    fail(f"index {path} was built on another database ({m['database_path']}, fingerprint "
-         f"{m['database_fingerprint']}) than {database.path} ({database.fingerprint}); rebuild it: "
+  if m.get("database_fingerprint") != database.fingerprint:
+    fail(f"index {path} was built on another database ({m.get('database_path')}, fingerprint "
+         f"{m.get('database_fingerprint')}) than {database.path} ({database.fingerprint}); rebuild it: "
          f"`{INDEX_HINT}`")
   n, d = database["embeddings"].shape
-  if (m["count"], m["dim"]) != (n, d):
-    fail(f"index {path} covers [{m['count']}, {m['dim']}] but the database is [{n}, {d}]; rebuild it")
-  for shard in m["shards"]:
-    if shard["dir"] and not os.path.isdir(os.path.join(path, shard["dir"])):
-      fail(f"index {path} lacks {shard['dir']}; delete {path} and rebuild it: `{INDEX_HINT}`")
-  return Index(path, m, database, cfg.search_memory_gb or cfg.max_memory_gb, cfg.threads)
+  if (m["count"], m.get("dim")) != (n, d):
+    fail(f"index {path} covers [{m['count']}, {m.get('dim')}] but the database is [{n}, {d}]; rebuild it")
+  _check_shards(s.path, m)
+  return Index(s.path, m, database, cfg.search_memory_gb or cfg.max_memory_gb, cfg.threads)
 
 
 class Index:
@@ -244,9 +331,7 @@ class Index:
       return self._loaded[i]
     while self._loaded and sum(map(self._shard_bytes, [*self._loaded, i])) > self.budget:
       self._loaded.popitem(last=False)  # least recently used shard leaves RAM
-    import scann
-
-    searcher = scann.scann_ops_pybind.load_searcher(os.path.abspath(os.path.join(self.path, self.shards[i]["dir"])))
+    searcher = _load_scann(os.path.abspath(os.path.join(self.path, self.shards[i]["dir"])))
     if self.threads:
       searcher.set_num_threads(self.threads)
     self._loaded[i] = searcher

@@ -1,0 +1,418 @@
+"""Data safety: crafted indexes never run code, output paths never delete a user's files,
+concurrent runs give one correct store, and stale data is never reused.
+
+Everything is made in the test; each attack that would run code tries to create a sentinel.
+"""
+
+import gzip
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
+
+from rdm_jax import evaluate
+from rdm_jax.data import sources, store
+from rdm_jax.errors import UserError
+from rdm_jax.metrics import sample_sets
+from rdm_jax.retrieval import index
+
+CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
+
+
+class _System:
+  def __init__(self, cmd):
+    self.cmd = cmd
+
+  def __reduce__(self):
+    return (os.system, (self.cmd,))
+
+
+def unit(x):
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _snapshot(root):
+  """{relative path: bytes} of every file under root (what the user owns)."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      out[os.path.relpath(p, root)] = open(p, "rb").read()
+  return out
+
+
+def _user_dir(path):
+  os.makedirs(os.path.join(path, "sub"))
+  for name, text in (("thesis.tex", "chapter 1"), ("sub/results.csv", "1,2,3")):
+    with open(os.path.join(path, name), "w") as f:
+      f.write(text)
+  return _snapshot(path)
+
+
+@pytest.fixture
+def scann_index(tmp_path):
+  """A one-shard ScaNN (brute force) index over 300 random 8-d vectors."""
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(300, 8)).astype(np.float32)
+  db = store.write(str(tmp_path / "db"), "database", {"embeddings": emb, "ids": np.arange(300)},
+                   encoder={"name": "test"}, source={"dataset": "synthetic"})
+  cfg = tiny_config(str(tmp_path)).retrieval.index
+  cfg.kind = "brute"
+  built = index.build(db, cfg, 5, str(tmp_path / "db_index"))
+  return db, cfg, built.path, rng.normal(size=(7, 8)).astype(np.float32)
+
+
+def test_index_with_a_pickle_in_a_shard_is_refused(scann_index, tmp_path):
+  db, cfg, path, q = scann_index
+  sentinel = tmp_path / "pwned"
+  assert index.load(path, db, cfg).search(unit(q), 5)[1].shape == (7, 5)
+  with open(os.path.join(path, "shard_00000", "scann_docids.pkl"), "wb") as f:
+    pickle.dump(_System(f"touch {sentinel}"), f)
+  with pytest.raises(UserError, match="scann_docids.pkl"):
+    index.load(path, db, cfg).search(unit(q), 5)
+  assert not sentinel.exists()
+
+
+def _edit_manifest(path, edit):
+  m = json.load(open(os.path.join(path, "manifest.json")))
+  edit(m)
+  json.dump(m, open(os.path.join(path, "manifest.json"), "w"))
+
+
+@pytest.mark.parametrize("attack", ["traversal", "absolute", "symlinked_dir", "extra_file", "symlinked_file",
+                                    "assets_outside"])
+def test_index_shards_must_be_what_the_build_wrote(scann_index, tmp_path, attack):
+  db, cfg, path, q = scann_index
+  shard = os.path.join(path, "shard_00000")
+  sentinel = tmp_path / "pwned"
+  evil = tmp_path / "evil"
+  shutil.copytree(shard, evil)
+  with open(evil / "scann_docids.pkl", "wb") as f:
+    pickle.dump(_System(f"touch {sentinel}"), f)
+  if attack == "traversal":
+    _edit_manifest(path, lambda m: m["shards"][0].update(dir="../evil"))
+  elif attack == "absolute":
+    _edit_manifest(path, lambda m: m["shards"][0].update(dir=str(evil)))
+  elif attack == "symlinked_dir":
+    shutil.rmtree(shard)
+    os.symlink(evil, shard)
+  elif attack == "extra_file":
+    open(os.path.join(shard, "notes.txt"), "w").close()
+  elif attack == "symlinked_file":
+    os.remove(os.path.join(shard, "dataset.npy"))
+    os.symlink(evil / "dataset.npy", os.path.join(shard, "dataset.npy"))
+  elif attack == "assets_outside":
+    pbtxt = os.path.join(shard, "scann_assets.pbtxt")
+    text = open(pbtxt).read().replace('"dataset.npy"', f'"{evil}/dataset.npy"')
+    open(pbtxt, "w").write(text)
+    _edit_manifest(path, lambda m: m["shard_files"]["shard_00000"].update({"scann_assets.pbtxt": len(text)}))
+  with pytest.raises(UserError, match="damaged or was not written by the index job"):
+    index.load(path, db, cfg).search(unit(q), 5)
+  assert not sentinel.exists()
+
+
+def test_writers_refuse_a_directory_of_user_files(tmp_path):
+  user = str(tmp_path / "experiment")
+  before = _user_dir(user)
+  computed = []
+
+  def compute(a, b):
+    computed.append(a)
+    return {"x": np.zeros((b - a, 1))}
+
+  with pytest.raises(UserError, match="not a 'thing' store; refusing to replace it"):
+    store.write_chunked(user, "thing", 10, 5, compute, log=lambda m: None)
+  assert computed == []  # refused before any work
+  with pytest.raises(UserError, match="refusing"):
+    store.write(user + "/", "thing", {"x": np.zeros(3)})
+  db = store.write(str(tmp_path / "db"), "database", {"embeddings": np.eye(4, dtype=np.float32), "ids": np.arange(4)})
+  with pytest.raises(UserError, match="refusing"):
+    index.ensure(db, tiny_config(str(tmp_path)).retrieval.index, 2, user)
+  with pytest.raises(UserError, match="'database' store"):  # another kind of store is not replaced either
+    store.write(str(tmp_path / "db"), "neighbors", {"x": np.zeros(3)})
+  os.makedirs(str(tmp_path / "s.partial"))
+  open(str(tmp_path / "s.partial" / "mine.txt"), "w").close()
+  with pytest.raises(UserError, match="not an unfinished"):
+    store.write(str(tmp_path / "s"), "thing", {"x": np.zeros(3)})
+  assert _snapshot(user) == before and os.path.exists(str(tmp_path / "s.partial" / "mine.txt"))
+
+
+def _neighbors_cmd(tmp_path, out, *extra):
+  return [sys.executable, "-m", "rdm_jax.jobs.neighbors", f"--config={CONFIG}", f"--config.data_dir={tmp_path / 'data'}",
+          "--config.retrieval.num_neighbors=5", "--config.retrieval.chunk_size=64",
+          f"--database={tmp_path / 'db.npy'}", f"--queries={tmp_path / 'q.npy'}", f"--out={out}", *extra]
+
+
+@pytest.fixture
+def npy_inputs(tmp_path):
+  rng = np.random.default_rng(1)
+  db, q = rng.normal(size=(500, 12)).astype(np.float32), rng.normal(size=(1500, 12)).astype(np.float32)
+  np.save(tmp_path / "db.npy", db)
+  np.save(tmp_path / "q.npy", q)
+  subprocess.run([sys.executable, "-m", "rdm_jax.jobs.index", f"--config={CONFIG}",
+                  f"--config.data_dir={tmp_path / 'data'}", "--config.retrieval.num_neighbors=5",
+                  f"--database={tmp_path / 'db.npy'}"], env=subprocess_env(devices=1), check=True,
+                 capture_output=True)
+  sims = unit(q.astype(np.float64)) @ unit(db.astype(np.float64)).T
+  return np.argsort(-sims, axis=1, kind="stable")[:, :5]
+
+
+def test_neighbors_job_out_at_user_files_and_with_a_trailing_slash(tmp_path, npy_inputs):
+  user = str(tmp_path / "experiment")
+  before = _user_dir(user)
+  out = subprocess.run(_neighbors_cmd(tmp_path, user), env=subprocess_env(devices=1), capture_output=True, text=True)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "refusing to replace it" in out.stderr
+  assert _snapshot(user) == before and not os.path.exists(user + ".partial")
+  # --out=nbrs/ names the store nbrs (before: nbrs/.partial inside it, deleted on publish)
+  out = subprocess.run(_neighbors_cmd(tmp_path, str(tmp_path / "nbrs") + "/"), env=subprocess_env(devices=1),
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = store.read(str(tmp_path / "nbrs"), "neighbors", hint="")
+  np.testing.assert_array_equal(result["neighbor_ids"], npy_inputs)
+  assert sorted(os.listdir(tmp_path / "nbrs")) == sorted(
+      ["inputs.json", "manifest.json", "neighbor_ids.npy", "query_ids.npy", "scores.npy"])
+
+
+def test_two_concurrent_runs_of_one_job_leave_one_correct_store(tmp_path, npy_inputs):
+  out = str(tmp_path / "nbrs")
+  procs = [subprocess.Popen(_neighbors_cmd(tmp_path, out), env=subprocess_env(devices=1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  result = store.read(out, "neighbors", hint="", verify=True)
+  np.testing.assert_array_equal(result["neighbor_ids"], npy_inputs)
+  leftovers = [f for f in os.listdir(tmp_path) if f.startswith("nbrs") and f not in ("nbrs", "nbrs_proposal")]
+  assert leftovers == [], leftovers
+
+
+def _dead_pid():
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def test_lock_breaks_stale_locks_and_waits_for_live_ones(tmp_path):
+  path = str(tmp_path / "s")
+  # a holder that died (same host) is stale: the write goes ahead and the lock is gone after
+  with open(path + ".lock", "w") as f:
+    json.dump({"pid": _dead_pid(), "host": os.uname().nodename, "start": None, "token": "x"}, f)
+  store.write(path, "thing", {"x": np.arange(3)})
+  assert not os.path.exists(path + ".lock")
+  # another host's lock is judged by its age
+  with open(path + ".lock", "w") as f:
+    json.dump({"pid": 1, "host": "elsewhere", "start": None, "token": "y"}, f)
+  os.utime(path + ".lock", (time.time() - 7200, time.time() - 7200))
+  store.write(path, "thing", {"x": np.arange(4)})
+  assert not os.path.exists(path + ".lock")
+  # a live holder is waited for
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    with open(path + ".lock", "w") as f:
+      json.dump({"pid": holder.pid, "host": os.uname().nodename, "start": None, "token": "z"}, f)
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (store.write(path, "thing", {"x": np.arange(5)}), done.set()))
+    writer.start()
+    assert not done.wait(1.5)  # still waiting: the holder is alive
+    assert len(store.read(path, "thing", hint="")["x"]) == 4
+  finally:
+    holder.kill()
+    holder.wait()
+  writer.join(timeout=60)
+  assert done.is_set() and len(store.read(path, "thing", hint="")["x"]) == 5
+  # a file that is not a lock of ours is never removed
+  open(path + ".lock", "w").write("my notes")
+  with pytest.raises(UserError, match="not a lock of ours"):
+    store.write(path, "thing", {"x": np.arange(3)})
+  assert open(path + ".lock").read() == "my notes"
+
+
+def test_chunks_of_other_inputs_never_enter_a_store(tmp_path):
+  """A process started with another config (digest A) leaves chunks in the partial store of
+  config B; B's merge uses only chunks named with its own inputs digest."""
+  out = str(tmp_path / "s")
+  log = lambda m: None  # noqa: E731
+  inputs_b = {"count": 8, "chunk_size": 4, "encoder": "b"}
+  partial = store.open_partial(out, inputs_b, log)
+  digest_a = store.inputs_digest({"count": 8, "chunk_size": 4, "encoder": "a"})
+  for start in (0, 4):
+    np.save(os.path.join(partial, f"chunk_{digest_a}_{start:012d}_x.npy"), np.full((4, 1), -1.0))
+    open(os.path.join(partial, f"chunk_{digest_a}_{start:012d}.done"), "w").write("x")
+  computed = []
+
+  def compute(a, b):
+    computed.append(a)
+    return {"x": np.full((b - a, 1), 2.0)}
+
+  s = store.write_chunked(out, "thing", 8, 4, compute, log=log, encoder="b")
+  assert computed == [0, 4]
+  np.testing.assert_array_equal(s["x"][:, 0], 2.0)
+
+
+def test_publish_keeps_the_old_store_until_the_new_one_is_in(tmp_path, monkeypatch):
+  path = str(tmp_path / "s")
+  store.write(path, "thing", {"x": np.arange(3)})
+  partial = store.open_partial(path, {"v": 2}, log=lambda m: None)
+  real_replace = os.replace
+
+  def crash_moving_the_new_store_in(src, dst):
+    if src == partial:
+      raise KeyboardInterrupt  # killed between moving the old store aside and the new one in
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", crash_moving_the_new_store_in)
+  with pytest.raises(KeyboardInterrupt):
+    store.publish(partial, path, "thing")
+  monkeypatch.undo()
+  aside = [f for f in os.listdir(tmp_path) if ".replaced-" in f]
+  assert len(aside) == 1  # the old store survives, whole
+  np.testing.assert_array_equal(store.read(str(tmp_path / aside[0]), "thing", hint="")["x"], np.arange(3))
+  store.write(path, "thing", {"x": np.arange(5)})  # the next publish cleans up what the crash left
+  assert [f for f in os.listdir(tmp_path) if ".replaced-" in f] == []
+  np.testing.assert_array_equal(store.read(path, "thing", hint="")["x"], np.arange(5))
+
+
+def test_reads_verify_checksums(tmp_path, monkeypatch):
+  path = str(tmp_path / "s")
+  store.write(path, "thing", {"x": np.arange(100, dtype=np.float32)})
+  arr = np.load(os.path.join(path, "x.npy"), mmap_mode="r+")
+  arr[7] = -1.0  # same shape and dtype: only the content changed
+  arr.flush()
+  del arr
+  with pytest.raises(UserError, match="does not match the checksum"):
+    store.read(path, "thing", hint="")  # small stores are always checked
+  monkeypatch.setattr(store, "VERIFY_BELOW_BYTES", 0)  # a "large" store: checked on request
+  assert store.read(path, "thing", hint="")["x"][7] == -1.0
+  with pytest.raises(UserError, match="does not match the checksum"):
+    store.read(path, "thing", hint="", verify=True)
+  store.verify_all_stores(True)  # --verify
+  try:
+    with pytest.raises(UserError, match="does not match the checksum"):
+      store.read(path, "thing", hint="")
+  finally:
+    store.verify_all_stores(False)
+  monkeypatch.undo()
+  assert store.reusable(path, "thing", "h") is None  # a changed store is recomputed, not reused
+
+
+def test_array_names_in_a_manifest_cannot_leave_the_store(tmp_path):
+  path = str(tmp_path / "s")
+  store.write(path, "thing", {"x": np.arange(3)})
+  np.save(str(tmp_path / "outside.npy"), np.arange(3))
+  _edit_manifest(path, lambda m: m["arrays"].update({"../outside": m["arrays"]["x"]}))
+  with pytest.raises(UserError, match="array names are letters"):
+    store.read(path, "thing", hint="")
+
+
+class _FakeExtractor:
+  """Features = per-image means (what a cache must recompute when an image changes)."""
+
+  identity = {"name": "fake"}
+
+  def __call__(self, images, what=""):
+    f = images.reshape(len(images), -1).astype(np.float32)
+    return {"features": f.mean(axis=1, keepdims=True), "logits": np.zeros((len(images), 0), np.float32)}
+
+
+def test_eval_cache_follows_image_content(tmp_path):
+  from PIL import Image
+
+  folder = tmp_path / "ref"
+  os.makedirs(folder / "a" / "b")
+  for i in range(3):
+    Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(folder / "a" / "b" / f"{i}.png")
+  config = tiny_config(str(tmp_path / "data"))
+  images, source = evaluate.read_reference(config, str(folder))
+  first = evaluate.cached_features(config, _FakeExtractor(), images, source)
+  times = [(p, os.stat(p)) for p in (folder, folder / "a", folder / "a" / "b")]
+  Image.fromarray(np.full((4, 4), 200, np.uint8)).save(folder / "a" / "b" / "1.png")  # edited in place
+  for p, st in times:  # folders keep their modification times
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+  images, source = evaluate.read_reference(config, str(folder))
+  second = evaluate.cached_features(config, _FakeExtractor(), images, source)
+  assert first["features"][1, 0] == 10 and second["features"][1, 0] == 200
+
+
+def test_image_folders_do_not_follow_directory_links(tmp_path):
+  from PIL import Image
+
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "one.png")
+  os.symlink(tmp_path, tmp_path / "loop")
+  os.symlink(tmp_path / "one.png", tmp_path / "same.png")
+  assert len(sample_sets.read_image_folder(str(tmp_path))) == 1
+
+
+def test_sample_sets_of_one_condition_get_one_row_each(tmp_path):
+  for seed in (0, 1):
+    np.savez(tmp_path / f"seed{seed}.npz", images=np.full((2, 4, 4, 1), seed, np.uint8), condition="exemplar")
+  sets, _ = evaluate.read_sample_sets([str(tmp_path / "seed0.npz"), str(tmp_path / "seed1.npz")])
+  assert sorted(sets) == ["exemplar (seed0.npz)", "exemplar (seed1.npz)"]
+  assert sets["exemplar (seed1.npz)"].max() == 1
+
+
+def test_npz_and_gzip_sizes_are_checked_before_inflating(tmp_path, monkeypatch):
+  # an .npz whose header claims far more than its member holds
+  import io
+  import zipfile
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (9999999, 4, 4, 1)})
+  with zipfile.ZipFile(tmp_path / "lie.npz", "w") as z:
+    z.writestr("images.npy", buf.getvalue() + bytes(32))
+  with pytest.raises(UserError, match="declares"):
+    sample_sets.read_samples(str(tmp_path / "lie.npz"))
+  # a compressed member larger than this machine may inflate
+  monkeypatch.setattr(sources, "memory_budget", lambda: 1 << 19)
+  np.savez_compressed(tmp_path / "bomb.npz", images=np.zeros((64, 128, 128, 1), np.uint8))  # 1 MiB -> 1 KiB
+  with pytest.raises(UserError, match="declares"):
+    sample_sets.read_samples(str(tmp_path / "bomb.npz"))
+  # an IDX .gz whose header declares more than the budget, and one padded past its header's size
+  with gzip.open(tmp_path / "big-idx3-ubyte.gz", "wb") as f:
+    f.write(bytes([0, 0, 0x08, 3]) + np.array([60000, 280, 280], ">u4").tobytes() + b"\0" * 100)
+  with pytest.raises(UserError, match="declares"):
+    sources.read_idx(str(tmp_path / "big-idx3-ubyte.gz"))
+  with gzip.open(tmp_path / "pad-idx3-ubyte.gz", "wb") as f:
+    f.write(bytes([0, 0, 0x08, 3]) + np.array([1, 2, 2], ">u4").tobytes() + b"\0" * (4 << 20))
+  with pytest.raises(UserError, match="truncated or padded"):
+    sources.read_idx(str(tmp_path / "pad-idx3-ubyte.gz"))
+
+
+def test_source_identity_names_the_image_files(tmp_path):
+  c = tiny_config(str(tmp_path))
+  c.dataset.name = "fashion_mnist"
+  c.dataset.parts = {"train": {"split": "train", "start": 0, "stop": 10}}
+  c.dataset.idx_dir = str(tmp_path / "one")
+  os.makedirs(tmp_path / "one")
+  os.makedirs(tmp_path / "two")
+  a = sources.part_source(c.dataset, "train")
+  c.dataset.idx_dir = str(tmp_path / "two")
+  assert sources.part_source(c.dataset, "train") != a
+
+
+def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path):
+  data_dir = str(tmp_path / "data")
+  make_tiny_stores(data_dir)
+  user = str(tmp_path / "notes")
+  before = _user_dir(user)
+
+  def run(workdir, steps):
+    return subprocess.run(train_command(data_dir, workdir, f"--config.train.num_steps={steps}",
+                                        "--config.train.checkpoint_every=2"),
+                          env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+
+  out = run(user, 2)
+  assert out.returncode == 2 and "no training run" in out.stderr and "Traceback" not in out.stderr
+  assert _snapshot(user) == before
+  workdir = str(tmp_path / "run")
+  assert run(workdir, 2).returncode == 0
+  make_tiny_stores(data_dir, seed=1)  # the database (and the rest) re-made with other content
+  out = run(workdir, 4)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "trained with another database" in out.stderr
