@@ -20,7 +20,6 @@ Writes <workdir>/eval/metrics.json and <workdir>/eval/metrics.md (the table it p
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import warnings
@@ -39,53 +38,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (s
 _SAMPLES = flags.DEFINE_list("samples", None, "Sample sets: .npz files, directories of .npz shards or "
                              "image folders (default: <workdir>/samples/*samples.npz).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
-
-
-def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
-  """({row name: uint8 images}, {row name: captions}) of the sample sets; sets that share a
-  condition (e.g. two seeds) get one row each, named by their file."""
-  read = [(p, *sample_sets.read_samples(p)) for p in paths]
-  labels = [name for _, name, _, _ in read]
-  sets, captions = {}, {}
-  for p, name, images, caps in read:
-    if labels.count(name) > 1:
-      name = f"{name} ({os.path.basename(os.path.normpath(p))})"
-    if name in sets:
-      fail(f"two sample sets are both called {name!r}; pass each once")
-    sets[name], captions[name] = images, caps
-  return sets, captions
-
-
-def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
-  """(uint8 images, source description) of the reference set named by config.eval.reference."""
-  if spec in config.dataset.get("parts", {}):
-    images, _, source = sources.load_part(config.dataset, spec)
-    return images, source
-  if spec.startswith("tfds:"):
-    name, _, split = spec[5:].partition("/")
-    images, _ = sources.load_tfds(name, split or "test")
-    return images, {"tfds": name, "split": split or "test"}
-  if spec.endswith(".npz") or os.path.isdir(spec):
-    _, images, _ = sample_sets.read_samples(spec)
-    return images, {"path": os.path.realpath(spec)}
-  fail(f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
-       "tfds:NAME/SPLIT, a folder of images or an .npz with 'images'")
-
-
-def cached_features(config: Any, extractor: extractors.Extractor, images: np.ndarray,
-                    source: dict[str, Any]) -> dict[str, np.ndarray]:
-  """{'features', 'logits'} of a real image set, computed once per (source, extractor, count,
-  content) and cached as a store: the key holds the sha256 of the images themselves, so an
-  image edited in place (any file, any subfolder, any mtime) is never scored from the cache."""
-  key = {"source": source, "extractor": extractor.identity, "count": len(images),
-         "images_sha256": store.checksum(images)}
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-  path = os.path.join(config.data_dir, "eval_cache", f"{extractor.identity['name']}_{digest}")
-  cached = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)
-  if cached is None:
-    out = extractor(images, what=f"reference images {source}")
-    cached = store.write(path, "eval_features", out, made_by="rdm_jax.evaluate", **key)
-  return {name: np.asarray(cached[name]) for name in ("features", "logits")}
 
 
 MADE_BY = "rdm_jax.evaluate"
@@ -171,15 +123,15 @@ def main(argv):
     fail(f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid, "
          "clip_score")
 
-  sets, captions = read_sample_sets(paths)
-  ref_images, ref_source = read_reference(config, cfg.reference)
+  sets, captions = sample_sets.read_sample_sets(paths)
+  ref_images, ref_source = sample_sets.read_reference(config, cfg.reference)
   if cfg.num_reference:
     ref_images = ref_images[:cfg.num_reference]
   for name, images in sets.items():
     extractors.check_images(images, f"sample set {name}")
     check_comparable(f"sample set {name}", images, ref_images)
   extractor = extractors.make_extractor(cfg)
-  real = cached_features(config, extractor, ref_images, {**ref_source, "count": len(ref_images)})
+  real = sample_sets.cached_features(config, extractor, ref_images, {**ref_source, "count": len(ref_images)})
   real_stats = metrics.feature_statistics(real["features"])
 
   rows = {}
@@ -198,7 +150,7 @@ def main(argv):
     if len(base) < n:
       fail(f"config.eval.baseline_part={cfg.baseline_part!r} has {len(base)} images, fewer than {n}")
     idx = np.random.default_rng(0).choice(len(base), n, replace=False)
-    feats = cached_features(config, extractor, base[np.sort(idx)], {**base_source, "subset": f"random {n}, seed 0"})
+    feats = sample_sets.cached_features(config, extractor, base[np.sort(idx)], {**base_source, "subset": f"random {n}, seed 0"})
     rows[f"real ({cfg.baseline_part} images)"] = compute_metrics(cfg, feats, real, real_stats)
 
   ref_label = f"{cfg.reference}, {len(ref_images)} images"

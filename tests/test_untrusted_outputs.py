@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
 
-from rdm_jax import evaluate
 from rdm_jax.data import sources, store
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
@@ -330,14 +329,14 @@ def test_eval_cache_follows_image_content(tmp_path):
   for i in range(3):
     Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(folder / "a" / "b" / f"{i}.png")
   config = tiny_config(str(tmp_path / "data"))
-  images, source = evaluate.read_reference(config, str(folder))
-  first = evaluate.cached_features(config, _FakeExtractor(), images, source)
+  images, source = sample_sets.read_reference(config, str(folder))
+  first = sample_sets.cached_features(config, _FakeExtractor(), images, source)
   times = [(p, os.stat(p)) for p in (folder, folder / "a", folder / "a" / "b")]
   Image.fromarray(np.full((4, 4), 200, np.uint8)).save(folder / "a" / "b" / "1.png")  # edited in place
   for p, st in times:  # folders keep their modification times
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-  images, source = evaluate.read_reference(config, str(folder))
-  second = evaluate.cached_features(config, _FakeExtractor(), images, source)
+  images, source = sample_sets.read_reference(config, str(folder))
+  second = sample_sets.cached_features(config, _FakeExtractor(), images, source)
   assert first["features"][1, 0] == 10 and second["features"][1, 0] == 200
 
 
@@ -353,7 +352,7 @@ def test_image_folders_do_not_follow_directory_links(tmp_path):
 def test_sample_sets_of_one_condition_get_one_row_each(tmp_path):
   for seed in (0, 1):
     np.savez(tmp_path / f"seed{seed}.npz", images=np.full((2, 4, 4, 1), seed, np.uint8), condition="exemplar")
-  sets, _ = evaluate.read_sample_sets([str(tmp_path / "seed0.npz"), str(tmp_path / "seed1.npz")])
+  sets, _ = sample_sets.read_sample_sets([str(tmp_path / "seed0.npz"), str(tmp_path / "seed1.npz")])
   assert sorted(sets) == ["exemplar (seed0.npz)", "exemplar (seed1.npz)"]
   assert sets["exemplar (seed1.npz)"].max() == 1
 

@@ -1,14 +1,18 @@
-"""Reading sample sets and image folders for evaluation: uint8 [N, H, W, 1|3] arrays."""
+"""Reading sample sets, reference sets and image folders for evaluation (uint8 [N, H, W, 1|3]
+arrays), and the content-keyed cache of reference features."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import math
 import os
+from typing import Any
 
 import numpy as np
 
-from rdm_jax.data import sources
+from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -93,3 +97,50 @@ def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
   if captions and len(captions) != len(images):
     fail(f"{path}: {len(captions)} captions for {len(images)} images; they must pair up")
   return label or os.path.basename(path).removesuffix(".npz"), images, captions
+
+
+def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+  """({row name: uint8 images}, {row name: captions}) of the sample sets; sets that share a
+  condition (e.g. two seeds) get one row each, named by their file."""
+  read = [(p, *read_samples(p)) for p in paths]
+  labels = [name for _, name, _, _ in read]
+  sets, captions = {}, {}
+  for p, name, images, caps in read:
+    if labels.count(name) > 1:
+      name = f"{name} ({os.path.basename(os.path.normpath(p))})"
+    if name in sets:
+      fail(f"two sample sets are both called {name!r}; pass each once")
+    sets[name], captions[name] = images, caps
+  return sets, captions
+
+
+def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
+  """(uint8 images, source description) of the reference set named by config.eval.reference."""
+  if spec in config.dataset.get("parts", {}):
+    images, _, source = sources.load_part(config.dataset, spec)
+    return images, source
+  if spec.startswith("tfds:"):
+    name, _, split = spec[5:].partition("/")
+    images, _ = sources.load_tfds(name, split or "test")
+    return images, {"tfds": name, "split": split or "test"}
+  if spec.endswith(".npz") or os.path.isdir(spec):
+    _, images, _ = read_samples(spec)
+    return images, {"path": os.path.realpath(spec)}
+  fail(f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
+       "tfds:NAME/SPLIT, a folder of images or an .npz with 'images'")
+
+
+def cached_features(config: Any, extractor: Any, images: np.ndarray,
+                    source: dict[str, Any]) -> dict[str, np.ndarray]:
+  """{'features', 'logits'} of a real image set, computed once per (source, extractor, count,
+  content) and cached as a store: the key holds the sha256 of the images themselves, so an
+  image edited in place (any file, any subfolder, any mtime) is never scored from the cache."""
+  key = {"source": source, "extractor": extractor.identity, "count": len(images),
+         "images_sha256": store.checksum(images)}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+  path = os.path.join(config.data_dir, "eval_cache", f"{extractor.identity['name']}_{digest}")
+  cached = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)
+  if cached is None:
+    out = extractor(images, what=f"reference images {source}")
+    cached = store.write(path, "eval_features", out, made_by="rdm_jax.evaluate", **key)
+  return {name: np.asarray(cached[name]) for name in ("features", "logits")}
