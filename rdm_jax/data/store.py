@@ -229,6 +229,8 @@ class Lock:
       age = time.time() - os.stat(self.file).st_mtime
     except FileNotFoundError:
       return False
+    if not info:  # still empty long after it was created: its creator died before writing it
+      return age > 30
     if info.get("host") == socket.gethostname():
       return not _alive(info["pid"], info.get("start"))
     return age > self.stale_s
@@ -256,8 +258,8 @@ class Lock:
         info = Lock.holder(self.file)
         if info is None:
           fail(f"{self.file} exists but is not a lock of ours; move it away")
-        if info and self._stale(info):
-          self.log(f"{self.file}: breaking the stale lock of pid {info['pid']} on {info['host']}")
+        if self._stale(info):
+          self.log(f"{self.file}: breaking the stale lock of pid {info.get('pid')} on {info.get('host')}")
           self._break(info)
           continue
         if info and time.monotonic() - last_note > 60:
