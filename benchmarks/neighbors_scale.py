@@ -28,6 +28,10 @@ from absl import app, flags  # noqa: E402
 
 _N = flags.DEFINE_integer("n", 1_000_000, "Database vectors.")
 _D = flags.DEFINE_integer("d", 512, "Width.")
+_CLUSTERS = flags.DEFINE_integer("clusters", 0, "Clusters of the synthetic database; 0 = n / 500.")
+_NOISE = flags.DEFINE_float("noise", 0.6, "Noise around the cluster centres (larger: harder).")
+_THREADS_CMP = flags.DEFINE_bool("compare_threads", False, "Also build with deterministic=False (all cores) "
+                                 "to measure what single-threaded, reproducible training costs.")
 _Q = flags.DEFINE_integer("num_queries", 50_000, "Queries searched by the job and by raw ScaNN.")
 _K = flags.DEFINE_integer("k", 20, "Neighbours.")
 _EXACT_Q = flags.DEFINE_integer("exact_queries", 1000, "Queries for recall against exact search.")
@@ -55,7 +59,7 @@ def phase_data(c) -> dict:
   from rdm_jax.retrieval import synthetic
 
   paths = config_base.paths(c)
-  x = synthetic.clustered_unit_vectors(_N.value, _D.value)
+  x = synthetic.clustered_unit_vectors(_N.value, _D.value, num_clusters=_CLUSTERS.value or None, noise=_NOISE.value)
   q = synthetic.perturbed_queries(x, _Q.value)
   enc = {"name": "synthetic", "embed_dim": _D.value}
   store.write(paths["database"], "database", {"embeddings": x, "ids": np.arange(len(x))}, encoder=enc,
@@ -74,7 +78,27 @@ def phase_build(c) -> dict:
   db = store.read(paths["database"], "database", hint="")
   t = time.perf_counter()
   idx = index.build(db, c.retrieval.index, c.retrieval.num_neighbors, paths["index"])
-  return {"build_s": time.perf_counter() - t, "shards": [s["recipe"] for s in idx.shards]}
+  return {"build_s": time.perf_counter() - t, "shards": [s["recipe"] for s in idx.shards],
+          "search": idx.manifest["search"]}
+
+
+def phase_build_threaded(c) -> dict:
+  """The same build with every core training (not reproducible), into a scratch path."""
+  import shutil
+
+  from rdm_jax import config_base
+  from rdm_jax.data import store
+  from rdm_jax.retrieval import index
+
+  paths = config_base.paths(c)
+  db = store.read(paths["database"], "database", hint="")
+  c.retrieval.index.deterministic = False
+  out = os.path.join(c.data_dir, "threaded_index")
+  t = time.perf_counter()
+  index.build(db, c.retrieval.index, c.retrieval.num_neighbors, out)
+  seconds = time.perf_counter() - t
+  shutil.rmtree(out)
+  return {"build_s": seconds}
 
 
 def phase_job(c) -> dict:
@@ -109,10 +133,11 @@ def phase_compare(c) -> dict:
   q = exact.l2_normalize(queries["embeddings"], "queries")
   searcher = idx._searcher(0)
   searcher.search_batched_parallel(q[:64])
+  tuned = tuned_settings(idx.manifest)
   job, raw = [], []
   for i in range(3):
     t = time.perf_counter()
-    searcher.search_batched_parallel(q, final_num_neighbors=_K.value)
+    searcher.search_batched_parallel(q, final_num_neighbors=_K.value, **tuned)
     raw.append(time.perf_counter() - t)
     out = os.path.join(c.data_dir, f"compare_{i}")
     t = time.perf_counter()
@@ -122,8 +147,19 @@ def phase_compare(c) -> dict:
   return {"job_best_s": min(job), "raw_best_s": min(raw), "job_all_s": job, "raw_all_s": raw}
 
 
+def tuned_settings(manifest: dict) -> dict:
+  """ScaNN search arguments at the settings the index job chose for shard 0."""
+  tuned = manifest["search"].get(manifest["shards"][0]["dir"], {})
+  out = {}
+  if tuned.get("leaves_to_search"):
+    out["leaves_to_search"] = tuned["leaves_to_search"]
+  if tuned.get("reorder"):
+    out["pre_reorder_num_neighbors"] = tuned["reorder"]
+  return out
+
+
 def phase_raw(c) -> dict:
-  import scann
+  from scann.scann_ops.py import scann_ops_pybind
 
   from rdm_jax import config_base
   from rdm_jax.data import store
@@ -131,11 +167,12 @@ def phase_raw(c) -> dict:
   paths = config_base.paths(c)
   manifest = store.read(paths["index"], "index", hint="").manifest
   shard = manifest["shards"][0]
-  searcher = scann.scann_ops_pybind.load_searcher(os.path.join(os.path.abspath(paths["index"]), shard["dir"]))
+  # our own index; scann's load_searcher reads it as the ScaNN docs show (no docids pickle here)
+  searcher = scann_ops_pybind.load_searcher(os.path.join(os.path.abspath(paths["index"]), shard["dir"]))
   q = np.asarray(store.read(paths["embeddings_train"], "embeddings", hint="")["embeddings"])
   searcher.search_batched_parallel(q[:64])
   t = time.perf_counter()
-  ids, _ = searcher.search_batched_parallel(q, final_num_neighbors=_K.value)
+  ids, _ = searcher.search_batched_parallel(q, final_num_neighbors=_K.value, **tuned_settings(manifest))
   raw_s = time.perf_counter() - t
   np.save(os.path.join(c.data_dir, "raw_ids.npy"), ids.astype(np.int64))
   return {"raw_s": raw_s}
@@ -165,6 +202,7 @@ def phase_baseline(c) -> dict:
 
 
 PHASES = {"data": phase_data, "baseline": phase_baseline, "build": phase_build, "job": phase_job,
+          "build_threaded": phase_build_threaded,
           "raw": phase_raw, "exact": phase_exact, "compare": phase_compare}
 
 
@@ -208,6 +246,14 @@ def main(argv):
         f"{r['build']['shards'][0]}")
   print(f"build: {r['build']['build_s']:.1f} s, peak {r['build']['peak_gib']:.2f} GiB "
         f"({(r['build']['peak_gib'] - base) * per_m:.2f} GiB per 1M vectors above the {base:.2f} GiB baseline)")
+  for name, tuned in r["build"]["search"].items():
+    print(f"  {name} search chosen for target_recall {c.retrieval.index.target_recall}: "
+          + "; ".join(f"leaves {t['leaves_to_search']} reorder {t['reorder']}: recall {t['recall_at_k']:.4f} "
+                      f"{t['ms_per_query']:.3f} ms/q" for t in tuned["tried"]))
+  if _THREADS_CMP.value:
+    threaded = run_phase("build_threaded")["build_s"]
+    print(f"build with all {os.cpu_count()} cores training (deterministic=False): {threaded:.1f} s; "
+          f"single-threaded / threaded: {r['build']['build_s'] / threaded:.2f}x")
   print(f"job:   {job_qps:.0f} queries/s, recall@{k} {recall(job_ids[:nq], exact_ids):.4f}, peak "
         f"{r['job']['peak_gib']:.2f} GiB ({(r['job']['peak_gib'] - base) * per_m:.2f} GiB per 1M above baseline)")
   print(f"exact JAX: {exact_qps:.0f} queries/s (recall 1 by definition); job / exact: {job_qps / exact_qps:.1f}x")

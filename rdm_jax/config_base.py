@@ -55,7 +55,12 @@ def base_config() -> mlc.ConfigDict:
       max_memory_gb=16.0,            # peak RAM (GiB) of one shard's build: sets the shard size
       search_memory_gb=0.0,          # RAM for shards loaded at once while searching; 0 = max_memory_gb
       shard_size=0,                  # 0 = derived from max_memory_gb
-      threads=0,                     # 0 = all cores
+      threads=0,                     # search threads, and training threads when not deterministic; 0 = all cores
+      deterministic=True,            # train on one thread: same index and neighbours on every run
+      target_recall=0.97,            # widen each shard's search until recall@K (exact search) reaches this; 0 = off
+      tune_queries=1000,             # shard rows used as queries to measure it
+      tune_seed=0,
+      max_reorder=0,                 # widest reorder the tuning may choose; 0 = 100 per neighbour
       path="",                       # "" = <database>_index
   ))
   c.k_train = 4
@@ -71,7 +76,8 @@ def base_config() -> mlc.ConfigDict:
   c.train = mlc.ConfigDict(dict(
       batch_size=64, num_steps=1000, seed=0, p_uncond=0.0,
       log_every=50, checkpoint_every=500, keep_checkpoints=3,
-      sample_every=0, num_sample_images=16))
+      sample_every=0, num_sample_images=16,
+      nonfinite="stop"))  # a step with NaN/inf loss or gradients: stop (before any checkpoint) | skip it
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
   c.sample = mlc.ConfigDict(dict(
       num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,

@@ -13,6 +13,20 @@ L2-normalised vectors with dot-product scores (cosine similarity):
 `spherical=True` matters: on unit-norm data a generic k-means tree caps recall@20 at ~0.84
 whatever the reordering (STACK_NOTES). Every knob is in `config.retrieval.index`.
 
+Builds are deterministic: the same database and knobs give the same index files and the
+same neighbours, byte for byte, whatever the machine's thread count. ScaNN 1.4's
+RANDOM_INITIALIZATION of the tree's k-means ignores its seed, so the tree starts from
+k-means++ (seeded by ScaNN's `clustering_seed`), and with more than one training thread
+the point-to-leaf lists and the AH codebooks come out in thread-timing order, so
+`deterministic=True` (the default) trains on one thread (benchmarks/RESULTS.md: the cost).
+
+Recall is a target, not a hope (`target_recall`, default 0.97): after each ScaNN shard is
+built, `tune_search` measures recall@K against exact search on a sample of the shard's own
+rows (each query's own row left out of both lists) and widens the search (leaves searched,
+candidates reordered) until the target is met, or fails with the table of what it tried.
+The chosen settings, the measured recall and the time per query go in the manifest and
+are what `Index.search` uses.
+
 A database too large for one index in RAM is split into row shards, each small enough
 that building its index stays within `max_memory_gb`; a search queries every shard and
 merges the per-shard top-k (so the result over shards equals that of one index whenever
@@ -118,17 +132,21 @@ def check_embeddings(s: store.Store, what: str, start: int = 0, stop: int | None
     exact.l2_normalize(store.read_rows(s, "embeddings", a, b), f"{what} (rows {a}:{b})", copy=False)
 
 
-def build_scann(data: np.ndarray, k: int, recipe: Recipe, threads: int = 0):
-  """A ScaNN searcher over L2-normalised `data` [n, d] (not for recipe kind 'exact')."""
+def build_scann(data: np.ndarray, k: int, recipe: Recipe, threads: int = 1):
+  """A ScaNN searcher over L2-normalised `data` [n, d] (not for recipe kind 'exact').
+
+  threads: training threads; 1 (the default) is what makes the build deterministic.
+  """
   import scann  # heavy import (TensorFlow ops); only when an index is built
 
   b = scann.scann_ops_pybind.builder(data, k, "dot_product")
-  b.set_n_training_threads(threads or os.cpu_count() or 1)
+  b.set_n_training_threads(max(1, threads))
   if recipe.kind == "brute":
     return b.score_brute_force().build()
   if recipe.kind == "tree_ah":
+    # random_init=False: k-means++ from ScaNN's seed (its random initialisation is unseeded)
     b = b.tree(num_leaves=recipe.num_leaves, num_leaves_to_search=recipe.leaves_to_search,
-               training_sample_size=recipe.training_sample, spherical=recipe.spherical)
+               training_sample_size=recipe.training_sample, spherical=recipe.spherical, random_init=False)
   return b.score_ah(recipe.dims_per_block,
                     anisotropic_quantization_threshold=recipe.anisotropic_threshold).reorder(recipe.reorder).build()
 
@@ -138,6 +156,100 @@ SCANN_FILES = frozenset({
     "scann_assets.pbtxt", "scann_config.pb", "ah_codebook.pb", "serialized_partitioner.pb",
     "datapoint_to_token.npy", "hashed_dataset.npy", "int8_dataset.npy", "int8_multipliers.npy",
     "dp_norms.npy", "dataset.npy"})
+
+
+def training_threads(cfg: Any) -> int:
+  """ScaNN training threads: 1 when builds must be reproducible, else `threads` (0 = all cores)."""
+  return 1 if cfg.deterministic else cfg.threads or os.cpu_count() or 1
+
+
+def _search_scann(searcher, queries: np.ndarray, k: int, leaves: int, reorder: int) -> np.ndarray:
+  """Database rows [Q, k] of a ScaNN search with explicit leaves searched / reorder (0: as built)."""
+  extra = {}
+  if leaves:
+    extra["leaves_to_search"] = leaves
+  if reorder:
+    extra["pre_reorder_num_neighbors"] = max(reorder, k)
+  rows, _ = searcher.search_batched_parallel(queries, final_num_neighbors=k, **extra)
+  return np.asarray(rows, np.int64)
+
+
+def recall_leaving_out_self(approx: np.ndarray, truth: np.ndarray, self_rows: np.ndarray, k: int) -> float:
+  """Mean recall@k of approx against truth (both [Q, >= k+1] row lists), each query's own row
+  (self_rows) removed from both first: the query is a database point, and finding itself is free."""
+  hits = 0
+  for a, t, me in zip(approx, truth, self_rows):
+    t = [r for r in t if r != me][:k]
+    a = [r for r in a if r != me][:k]
+    hits += len(set(a) & set(t))
+  return hits / (k * len(truth))
+
+
+def needs_tuning(recipe: Recipe, cfg: Any, n: int, k: int) -> bool:
+  return recipe.kind not in ("exact", "brute") and cfg.target_recall > 0 and n > k + 1
+
+
+def tuning_queries(data: np.ndarray, k: int, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(rows, queries, exact top-(k+1) rows) for `tune_search`: `cfg.tune_queries` rows of the
+  shard (a fixed seed). Computed before the ScaNN build, so its memory does not add to the
+  build's peak."""
+  rng = np.random.default_rng(cfg.tune_seed)
+  n = len(data)
+  rows = np.sort(rng.choice(n, min(cfg.tune_queries, n), replace=False))
+  queries = np.ascontiguousarray(data[rows])
+  _, truth = exact.exact_search(queries, data, min(k + 1, n))
+  return rows, queries, truth
+
+
+def tune_search(searcher, data: np.ndarray, k: int, recipe: Recipe, cfg: Any,
+                log: Callable[[str], None] = print, what: str = "shard",
+                queries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+  """The cheapest search settings of a built ScaNN shard that reach `cfg.target_recall`.
+
+  Queries are `cfg.tune_queries` rows of the shard (`tuning_queries`), searched for k+1
+  neighbours so that each can drop itself; truth is exact search. Starting from the
+  recipe, each step widens whichever of (leaves searched x2, reorder x2) gains more recall,
+  within num_leaves and `max_reorder` (0 = 100 per neighbour). Returns the settings with
+  the measured recall and ms per query, and every setting tried. Fails with that table
+  when the widest search allowed misses the target.
+  """
+  n = len(data)
+  if not needs_tuning(recipe, cfg, n, k):
+    return {}
+  self_rows, queries, truth = queries or tuning_queries(data, k, cfg)
+  kk = min(k + 1, n)
+  leaves, reorder = recipe.leaves_to_search, max(recipe.reorder, k)
+  max_leaves = max(recipe.num_leaves, leaves)
+  max_reorder = max(min(n, cfg.max_reorder or 100 * k), reorder)  # never narrower than the recipe
+  tried: dict[tuple[int, int], dict[str, float]] = {}
+
+  def measure(leaves: int, reorder: int) -> float:
+    if (leaves, reorder) not in tried:
+      _search_scann(searcher, queries[:64], kk, leaves, reorder)  # warm-up
+      t = time.perf_counter()
+      rows = _search_scann(searcher, queries, kk, leaves, reorder)
+      ms = (time.perf_counter() - t) * 1e3 / len(queries)
+      tried[(leaves, reorder)] = dict(recall=recall_leaving_out_self(rows, truth, self_rows, k), ms_per_query=ms)
+    return tried[(leaves, reorder)]["recall"]
+
+  while measure(leaves, reorder) < cfg.target_recall:
+    steps = [(min(2 * leaves, max_leaves), reorder), (leaves, min(2 * reorder, max_reorder))]
+    steps = [s for s in steps if s != (leaves, reorder)]
+    if not steps:
+      table = "\n".join(f"  leaves {a:>6} reorder {b:>6}: recall@{k} {v['recall']:.4f}, {v['ms_per_query']:.3f} ms/query"
+                         for (a, b), v in sorted(tried.items()))
+      fail(f"{what}: recall@{k} against exact search stays below retrieval.index.target_recall="
+           f"{cfg.target_recall} within the search budget (leaves searched <= num_leaves={max_leaves}, "
+           f"reorder <= max_reorder={max_reorder}):\n{table}\nRaise retrieval.index.max_reorder, use a finer "
+           "quantisation (dims_per_block=1) or more leaves (num_leaves), or lower target_recall.")
+    leaves, reorder = max(steps, key=lambda s: (measure(*s), -s[0] * s[1]))
+  chosen = tried[(leaves, reorder)]
+  log(f"{what}: search {leaves} leaves, reorder {reorder}: recall@{k} {chosen['recall']:.4f} "
+      f"(target {cfg.target_recall}), {chosen['ms_per_query']:.3f} ms/query")
+  return dict(leaves_to_search=leaves, reorder=reorder, recall_at_k=round(chosen["recall"], 6),
+              ms_per_query=round(chosen["ms_per_query"], 4), queries=len(queries),
+              tried=[dict(leaves_to_search=a, reorder=b, recall_at_k=round(v["recall"], 6),
+                          ms_per_query=round(v["ms_per_query"], 4)) for (a, b), v in sorted(tried.items())])
 
 
 def _load_scann(shard_dir: str):
@@ -161,14 +273,20 @@ def plan(n: int, d: int, k: int, cfg: Any) -> list[dict[str, Any]]:
   return shards
 
 
+def search_target(cfg: Any) -> dict[str, Any]:
+  """The knobs the build's search tuning and determinism depend on (recorded; a change rebuilds)."""
+  return dict(target_recall=cfg.target_recall, tune_queries=cfg.tune_queries, tune_seed=cfg.tune_seed,
+              max_reorder=cfg.max_reorder, deterministic=bool(cfg.deterministic))
+
+
 def ensure(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
   """The index at `path` if it was built for this database, K and knobs; else builds it."""
   path = store.check_output(path, KIND)
   if store.exists(path):
     m = store.read(path, KIND, hint=INDEX_HINT).manifest
     n, d = database["embeddings"].shape
-    if (m.get("database_fingerprint"), m.get("num_neighbors"), m.get("shards"), "shard_files" in m) == (
-        database.fingerprint, k, plan(n, d, k, cfg), True):
+    if (m.get("database_fingerprint"), m.get("num_neighbors"), m.get("shards"), m.get("search_target"),
+        "shard_files" in m) == (database.fingerprint, k, plan(n, d, k, cfg), search_target(cfg), True):
       log(f"{path} exists and matches the database and config; skipping (delete it to rebuild)")
       return load(path, database, cfg)
     log(f"{path} was built for another database or other settings; rebuilding")
@@ -182,22 +300,34 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
   n, d = emb.shape
   shards = plan(n, d, k, cfg)
   fields = dict(database_path=os.path.abspath(database.path), database_fingerprint=database.fingerprint,
-                dim=d, num_neighbors=k, shards=shards)
+                dim=d, num_neighbors=k, shards=shards, search_target=search_target(cfg))
   with store.Lock(path, log) as lock:
     partial = store.open_partial(path, fields, log)
     log(f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "
         + ", ".join(f"{s['stop'] - s['start']} rows {s['recipe']['kind']}" for s in shards))
     check_embeddings(database, f"database {database.path}")
     t0 = time.time()
+    search = {}
     for shard in shards:
-      if not shard["dir"] or os.path.isdir(os.path.join(partial, shard["dir"])):
+      if not shard["dir"]:
         continue
       final = os.path.join(partial, shard["dir"])
+      tuned = final + ".search.json"  # the shard's tuned search settings, written before the shard
+      if os.path.isdir(final):
+        with open(tuned) as f:
+          search[shard["dir"]] = json.load(f)
+        continue
       recipe = Recipe(**shard["recipe"])
       t = time.time()
       data = exact.l2_normalize(store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
                                 f"database {database.path}", copy=False)
-      searcher = build_scann(data, min(k, len(data)), recipe, cfg.threads)
+      tune_k = min(k, len(data) - 1)
+      probe = tuning_queries(data, tune_k, cfg) if needs_tuning(recipe, cfg, len(data), tune_k) else None
+      t_build = time.time()
+      searcher = build_scann(data, min(k, len(data)), recipe, training_threads(cfg))
+      build_s = time.time() - t_build
+      search[shard["dir"]] = tune_search(searcher, data, tune_k, recipe, cfg, log,
+                                         f"{path}: shard rows {shard['start']}:{shard['stop']}", probe)
       del data
       tmp = final + ".tmp"
       if os.path.isdir(tmp):
@@ -205,9 +335,13 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
       os.makedirs(tmp)
       searcher.serialize(os.path.abspath(tmp), relative_path=True)  # relative paths reload anywhere
       del searcher
+      store.atomic_write_text(tuned, json.dumps(search[shard["dir"]], sort_keys=True))
       os.replace(tmp, final)
       lock.refresh()
-      log(f"{path}: shard rows {shard['start']}:{shard['stop']} built in {time.time() - t:.1f} s")
+      log(f"{path}: shard rows {shard['start']}:{shard['stop']} built in {build_s:.1f} s "
+          f"(+{time.time() - t - build_s:.1f} s reading, tuning the search, writing)")
+    for name in search:
+      os.remove(os.path.join(partial, name + ".search.json"))  # ours; the manifest holds them now
     shard_files = {s["dir"]: {f: os.path.getsize(os.path.join(partial, s["dir"], f))
                               for f in sorted(os.listdir(os.path.join(partial, s["dir"])))}
                    for s in shards if s["dir"]}
@@ -216,7 +350,7 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
         raise RuntimeError(f"ScaNN wrote files this code does not know ({sorted(files)}); update SCANN_FILES")
     manifest = dict(kind=KIND, format_version=store.FORMAT_VERSION, count=n, arrays={},
                     build_seconds=round(time.time() - t0, 1), made_by="rdm_jax.jobs.index",
-                    shard_files=shard_files, **fields)
+                    shard_files=shard_files, search=search, **fields)
     store.atomic_write_text(os.path.join(partial, store.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
     store.publish(partial, path, KIND)
   return load(path, database, cfg)
@@ -249,6 +383,11 @@ def _check_shards(path: str, m: dict) -> None:
       bad(f"shard {i} names directory {str(shard.get('dir'))[:80]!r}, the build writes {want_dir!r}")
     if want_dir:
       _check_shard_dir(path, want_dir, files.get(want_dir), bad)
+      tuned = m.get("search", {}).get(want_dir, {}) if isinstance(m.get("search", {}), dict) else None
+      if not isinstance(tuned, dict) or any(
+          type(tuned.get(key, 0)) is not int or not 0 <= tuned.get(key, 0) <= shard["stop"] - shard["start"]
+          for key in ("leaves_to_search", "reorder")):
+        bad(f"the search settings of {want_dir} are not what the build writes")
   if expected_start != m.get("count"):
     bad("the shards do not cover the database")
 
@@ -346,10 +485,14 @@ class Index:
     if recipe["kind"] == "exact":
       scores, rows = exact.exact_search(queries, self.database["embeddings"][a:b], k, normalize_database=True)
     else:
+      tuned = self.manifest.get("search", {}).get(shard["dir"]) or {}
+      leaves = tuned.get("leaves_to_search", recipe["leaves_to_search"])
+      reorder = tuned.get("reorder", recipe["reorder"])
       extra = {}
-      if recipe["reorder"]:  # keep the built ratio of reordered candidates when k grows
-        extra["pre_reorder_num_neighbors"] = max(recipe["reorder"],
-                                                 math.ceil(recipe["reorder"] * k / self.manifest["num_neighbors"]))
+      if leaves:
+        extra["leaves_to_search"] = leaves
+      if reorder:  # keep the tuned ratio of reordered candidates when k grows
+        extra["pre_reorder_num_neighbors"] = max(reorder, math.ceil(reorder * k / self.manifest["num_neighbors"]))
       rows, scores = self._searcher(i).search_batched_parallel(queries, final_num_neighbors=k, **extra)
     return np.asarray(scores, np.float32), np.asarray(rows, np.int64) + a
 
