@@ -49,7 +49,7 @@ def get_config() -> mlc.ConfigDict:
       num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="bfloat16"))
   # diffusion (T=1000, linear 1.5e-3..1.95e-2) and sampling (DDIM 100, guidance 2.0) are the defaults
   c.optim.lr = 1e-4
-  c.optim.warmup_steps = 10000
+  c.optim.warmup_steps = 100  # CompVis RDM configs/rdm/imagenet.yaml: LambdaLinearScheduler warm_up_steps 100
   c.optim.ema_decay = 0.9999
   c.optim.grad_clip = 0.0
   # Global batch: 1280 as we read the paper's hyper-parameter table (appendix, not in

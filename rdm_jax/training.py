@@ -44,11 +44,17 @@ def make_schedule(config: Any) -> schedule_lib.Schedule:
   return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end)
 
 
+# LDM's LambdaLinearScheduler as the RDM configs set it (f_start 1e-6, f_max = f_min = 1;
+# CompVis RDM configs/rdm/imagenet.yaml, latent-diffusion ldm/lr_scheduler.py): the factor of
+# update n (from 0) is f_start + (1 - f_start) n / warm_up_steps, then 1.
+WARMUP_START = 1e-6
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
-  """AdamW with a linear warm-up to a constant rate (LDM's LambdaLR warm-up), global-norm clipping."""
+  """AdamW with LDM's linear warm-up to a constant rate, optional global-norm clipping."""
   o = config.optim
   lr = optax.join_schedules(
-      [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
+      [optax.linear_schedule(o.lr * WARMUP_START, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
       [max(o.warmup_steps, 1)])
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
@@ -80,7 +86,7 @@ def init_state(model: UNet, tx, inputs, rng, shardings: TrainState) -> TrainStat
 
 
 def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
-  """LDM's LitEma: the effective decay min(decay, (1 + n) / (10 + n)) warms up from 0.1."""
+  """LDM's LitEma: min(decay, (1 + n) / (10 + n)), n counting this update (the first is 2/11)."""
   n = num_updates.astype(jnp.float32)
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
@@ -90,7 +96,10 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
   """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); eps-MSE of Eq. 3.
 
   With probability `config.train.p_uncond` an example's context is replaced by zeros,
-  the unconditional branch that classifier-free guidance samples against.
+  the unconditional branch that classifier-free guidance samples against. A step whose
+  loss or gradient norm is not finite changes nothing but the step counter (so no NaN
+  reaches the parameters, the optimiser or the EMA) and reports metrics["finite"] = False;
+  the train loop stops on it or skips it (config.train.nonfinite).
   """
   p_uncond = config.train.p_uncond
   decay = config.optim.ema_decay
@@ -109,10 +118,14 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    d = ema_decay(decay, state.step)
+    d = ema_decay(decay, state.step + 1)  # LitEma increments num_updates before using it
     ema = jax.tree.map(lambda e, p: e - (1.0 - d) * (e - p), state.ema_params, params)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    kept = state.replace(step=state.step + 1)
+    new_state = jax.tree.map(lambda u, k: jnp.where(finite, u, k), updated, kept)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
   return step
 
