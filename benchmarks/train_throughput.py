@@ -85,6 +85,11 @@ def time_jax(config, latent_shape, steps: int) -> tuple[float, int]:
 def time_torch(config, latent_shape, steps: int) -> tuple[float, int]:
   """The same UNet as diffusers' UNet2DConditionModel, AdamW step, CPU threads as available."""
   import torch
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+  from torch_references import define_missing_torchvision_ops
+
+  define_missing_torchvision_ops()  # the --no-deps torchvision of `make setup-test` breaks `import diffusers`
   from diffusers import UNet2DConditionModel
 
   m = config.model

@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 
 
-def _define_missing_torchvision_ops() -> None:
+def define_missing_torchvision_ops() -> None:
   import torch
 
   try:
@@ -27,7 +27,7 @@ def _define_missing_torchvision_ops() -> None:
       lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     except RuntimeError:
       pass  # already defined
-  _define_missing_torchvision_ops.lib = lib  # keep the registration alive
+  define_missing_torchvision_ops.lib = lib  # keep the registration alive
 
 
 def reference(module: str):
@@ -35,5 +35,5 @@ def reference(module: str):
   for package in ("torch", "torchvision", module.split(".")[0]):
     if importlib.util.find_spec(package) is None:
       pytest.skip(f"{package} is not installed (make setup-test installs it)")
-  _define_missing_torchvision_ops()
+  define_missing_torchvision_ops()
   return importlib.import_module(module)
