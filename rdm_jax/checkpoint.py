@@ -6,14 +6,18 @@ straight into the current mesh layout (which may differ from the one that saved 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from rdm_jax import training
+from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.parallel import mesh as mesh_lib
 
@@ -26,18 +30,128 @@ def manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointM
   return ocp.CheckpointManager(directory, options=options)
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, step: int | None = None) -> Any:
-  """Restores `step` (default: latest) into `shardings`; None when there is no checkpoint."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+DIGESTS = "checkpoint_digests"  # beside checkpoints/: <step>.json, every file's size and sha256
+
+
+def _digest_dir(mngr: ocp.CheckpointManager) -> str:
+  return os.path.join(os.path.dirname(str(mngr.directory)), DIGESTS)
+
+
+def _step_files(step_dir: str) -> dict[str, list]:
+  """{relative path: [size, sha256]} of every file of a finished checkpoint."""
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      full = os.path.join(root, name)
+      h = hashlib.sha256()
+      with open(full, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+          h.update(block)
+      out[os.path.relpath(full, step_dir)] = [os.path.getsize(full), h.hexdigest()]
+  return out
+
+
+def record_digests(mngr: ocp.CheckpointManager) -> None:
+  """Process 0 records the file digests of every checkpoint that has none yet; call it only when
+  no save is in flight (`finish`: orbax lists a step before its last metadata files are
+  written). Digests of checkpoints orbax has since deleted are removed (they are ours)."""
+  if jax.process_index() != 0:
+    return
+  out = _digest_dir(mngr)
+  os.makedirs(out, exist_ok=True)
+  steps = set(mngr.all_steps())
+  for step in sorted(steps):
+    path = os.path.join(out, f"{step}.json")
+    if not os.path.exists(path):
+      try:
+        files = _step_files(os.path.join(str(mngr.directory), str(step)))
+      except FileNotFoundError:  # deleted by orbax (max_to_keep) meanwhile
+        continue
+      store.atomic_write_text(path, json.dumps({"step": step, "files": files}, sort_keys=True))
+  for name in os.listdir(out):
+    if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) not in steps:
+      os.remove(os.path.join(out, name))
+
+
+def _damage(mngr: ocp.CheckpointManager, step: int) -> str | None:
+  """Why checkpoint `step` no longer matches the digests recorded when it was written (None: it does,
+  or it has none)."""
+  path = os.path.join(_digest_dir(mngr), f"{step}.json")
+  if not os.path.isfile(path):
     return None
+  try:
+    with open(path) as f:
+      want = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"its digest record {path} is unreadable"
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  have = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      have[os.path.relpath(os.path.join(root, name), step_dir)] = os.path.getsize(os.path.join(root, name))
+  if set(have) != set(want):
+    return f"files missing or added: {sorted(set(want) ^ set(have))[:3]}"
+  for rel, (size, _) in want.items():
+    if have[rel] != size:
+      return f"{rel} is {have[rel]} bytes, {size} when written (truncated?)"
+  for rel, (_, digest) in _step_files(step_dir).items():
+    if digest != want[rel][1]:
+      return f"{rel} changed since it was written (sha256)"
+  return None
+
+
+def _shapes(tree: Any) -> list:
+  return sorted(tuple(int(d) for d in x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
+def steps(mngr: ocp.CheckpointManager) -> list[int]:
+  return sorted(mngr.all_steps())
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, step: int | None = None) -> Any:
+  """Restores `step` (default: the newest intact one) into `shardings`; None when there is none.
+
+  A checkpoint is damaged when its files differ from the digests recorded after it was
+  written, or when reading it fails. Without an explicit step, a damaged one is passed over
+  with a warning that names it, for the next newest; when every checkpoint is damaged (or
+  the one asked for is), one line says what to delete. A checkpoint whose arrays have other
+  shapes than this config's model is not damage: that is an error of its own.
+  """
+  available = steps(mngr)
+  if step is not None and step not in available:
+    fail(f"no checkpoint of step {step} in {mngr.directory}; steps there: "
+         f"{', '.join(map(str, available)) or 'none (train first)'}")
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, shardings)
-  try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))
-  except (ValueError, KeyError) as e:
-    fail(f"checkpoint {step} in {mngr.directory} does not fit this config's model ({str(e)[:200]}); "
-         "use the config it was trained with or a new --workdir")
+  damaged = []
+  for s in [step] if step is not None else available[::-1]:
+    why = _damage(mngr, s)
+    if why is None:
+      try:
+        meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(s), "default"))
+        saved = _shapes(getattr(meta, "item_metadata", meta))
+      except Exception as e:  # noqa: BLE001  unreadable metadata: damaged
+        why, saved = f"its metadata does not read ({type(e).__name__}: {str(e)[:120]})", None
+      if saved is not None and saved != _shapes(target):
+        fail(f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays have other "
+             "shapes); use the config it was trained with or a new --workdir")
+    if why is None:
+      try:
+        state = mngr.restore(s, args=ocp.args.StandardRestore(target))
+      except Exception as e:  # noqa: BLE001  TensorStore reports damage as plain Exception
+        why = f"reading it failed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+    if why is None:
+      if damaged:
+        logging.warning("checkpoint(s) %s in %s are damaged (%s); restored the newest intact one, step %d",
+                        ", ".join(str(d) for d, _ in damaged), mngr.directory, damaged[0][1], s)
+      return state
+    damaged.append((s, why))
+  if damaged:
+    listing = " ".join(os.path.join(str(mngr.directory), str(d)) for d, _ in damaged)
+    fail(f"checkpoint {damaged[0][0]} in {mngr.directory} is damaged ({damaged[0][1]})"
+         + (f" and no intact checkpoint is left (steps {', '.join(str(d) for d, _ in damaged)})" if step is None
+            else "") + f"; move or delete it to go on without it (`rm -r {listing}`), or restore it from a copy")
+  return None
 
 
 RUN_FILES = ("model_info.json", "checkpoints")  # a directory holding either is a training run of ours
@@ -70,8 +184,40 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
            f"{what} of that run ({before.get('database')})")
 
 
+def set_aside_newer(mngr: ocp.CheckpointManager, step: int, keep: int) -> ocp.CheckpointManager:
+  """Moves the (damaged) checkpoints newer than `step` to <workdir>/damaged_checkpoints/, so that
+  training resumed from `step` can save those steps again (orbax skips a step it already has).
+  Nothing is deleted. Returns a fresh manager over the remaining checkpoints."""
+  from jax.experimental import multihost_utils
+
+  newer = [s for s in steps(mngr) if s > step]
+  workdir = os.path.dirname(str(mngr.directory))
+  aside = os.path.join(workdir, "damaged_checkpoints")
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for s in newer:
+      dest = os.path.join(aside, f"{s}.{time.strftime('%Y%m%d-%H%M%S')}")
+      os.replace(os.path.join(str(mngr.directory), str(s)), dest)
+      digest = os.path.join(_digest_dir(mngr), f"{s}.json")
+      if os.path.exists(digest):
+        os.replace(digest, os.path.join(dest + ".digests.json"))
+      logging.warning("moved damaged checkpoint %d to %s; training goes on from step %d", s, dest, step)
+  multihost_utils.sync_global_devices("rdm_jax_set_aside_damaged_checkpoints")
+  mngr.close()
+  return manager(workdir, keep=keep)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> None:
+  """Starts an async save of `step`; first records the digests of the previous one (orbax waits
+  for it before starting another anyway; a step is listed before its last files are written)."""
+  finish(mngr)
   mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the last async save and records its digests."""
+  mngr.wait_until_finished()
+  record_digests(mngr)
 
 
 def load_trained(config, workdir: str, step: int | None = None):

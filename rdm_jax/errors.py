@@ -19,13 +19,16 @@ def fail(message: str) -> NoReturn:
   raise UserError(message)
 
 
-def run_main(main: Callable[..., object]) -> Callable[..., None]:
-  """Wraps an absl `main` so a `UserError` exits with a one-line message."""
+def run_main(main: Callable[..., object], verbose: Callable[[], bool] = lambda: False) -> Callable[..., None]:
+  """Wraps an absl `main` so a `UserError` exits with a one-line message (a traceback when
+  `verbose()`)."""
 
   def wrapped(argv):
     try:
       main(argv)
     except UserError as e:
+      if verbose():
+        raise
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 

@@ -56,6 +56,51 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
   return write
 
 
+class NonFiniteGuard:
+  """Collects each step's `finite` flag and checks them in one transfer when asked (before
+  logging, checkpoints and samples), so the loop does not wait on the device every step.
+
+  mode "stop": the first non-finite step is an error naming it and its examples (the step
+  itself changed nothing; the newest checkpoint is from before it). "skip": a warning,
+  training goes on.
+  """
+
+  def __init__(self, mode: str, example_ids, seed: int, batch_size: int, before_stop=lambda: None):
+    if mode not in ("stop", "skip"):
+      cli.fail(f"config.train.nonfinite={mode!r}; use 'stop' or 'skip'")
+    self.mode, self.example_ids, self.seed, self.batch_size = mode, example_ids, seed, batch_size
+    self.before_stop = before_stop  # lets the checkpoints of earlier steps finish writing
+    self.pending: list[tuple[int, object]] = []
+    self.skipped = 0
+
+  def batch_ids(self, step: int) -> np.ndarray:
+    """Example ids of the global batch of train step `step` (loop steps count from 1)."""
+    rows = pipeline.example_indices(self.seed, step - 1, self.batch_size, len(self.example_ids))
+    return np.asarray(self.example_ids[rows])
+
+  def add(self, step: int, finite) -> None:
+    self.pending.append((step, finite))
+
+  def check(self) -> None:
+    flags_ = jax.device_get([f for _, f in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    for step, ok in zip(steps, flags_):
+      if ok:
+        continue
+      ids = self.batch_ids(step)
+      shown = ", ".join(map(str, ids[:32])) + (f", ... ({len(ids)} in all)" if len(ids) > 32 else "")
+      if self.mode == "stop":
+        self.before_stop()
+        cli.fail(f"step {step}: the loss or the gradients are not finite (NaN/inf); stopped before any "
+                 f"checkpoint of it. Batch example ids: {shown}. Lower config.optim.lr, check those examples, "
+                 "or set --config.train.nonfinite=skip to skip such steps; rerunning resumes from the newest "
+                 "checkpoint")
+      self.skipped += 1
+      logging.warning("step %d: non-finite loss or gradients; update skipped (%d so far). Batch example ids: %s",
+                      step, self.skipped, shown)
+
+
 def main(argv):
   del argv
   config = cli.CONFIG.value
@@ -102,6 +147,8 @@ def main(argv):
           "latent_shape": list(latent_shape), "image_hw": list(image_hw)}
   checkpoint.check_resume(mngr, workdir, info)
   state = checkpoint.restore(mngr, abstract, state_sh)
+  if state is not None and checkpoint.steps(mngr)[-1] > int(state.step):  # newer ones were damaged
+    mngr = checkpoint.set_aside_newer(mngr, int(state.step), config.train.keep_checkpoints)
   if state is None:
     state = training.init_state(model, tx, inputs, jax.random.PRNGKey(config.train.seed), state_sh)
     logging.info("initialised a new model")
@@ -128,6 +175,8 @@ def main(argv):
   write_samples = None
   if config.train.sample_every:  # checked before training: a missing store fails now, not at step N
     write_samples = make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer)
+  guard = NonFiniteGuard(config.train.nonfinite, data.latents_store["ids"], config.train.seed,
+                         config.train.batch_size, before_stop=lambda: checkpoint.finish(mngr))
   losses = []
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, num_steps + 1):
@@ -135,7 +184,12 @@ def main(argv):
       z0, context = training.put_batch(mesh, rules, z0, context)
       state, metrics = train_step(state, z0, context, rng)
       losses.append(metrics["loss"])
+      guard.add(step, metrics["finite"])
       progress(step)
+      due = [step % every == 0 or step == num_steps for every in
+             (config.train.log_every, config.train.checkpoint_every, config.train.sample_every or num_steps)]
+      if any(due):
+        guard.check()  # before anything of this step is logged or written
       if step % config.train.log_every == 0 or step == num_steps:
         values = jax.device_get(losses)
         writer.write_scalars(step, {"loss": float(np.mean(values)),
@@ -146,7 +200,7 @@ def main(argv):
         checkpoint.save(mngr, step, state)
       if write_samples and (step % config.train.sample_every == 0 or step == num_steps):
         write_samples(step, state.ema_params)
-  mngr.wait_until_finished()
+  checkpoint.finish(mngr)
   writer.flush()
   print(f"trained to step {num_steps}; checkpoints, TensorBoard logs and samples in {workdir}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,6 +17,7 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file
                                          lock_config=True)
 VERIFY = flags.DEFINE_bool("verify", False, "Check the sha256 of every store read against its manifest "
                            "(always done for stores up to 1 GiB).")
+VERBOSE = flags.DEFINE_bool("verbose", False, "Show the Python traceback of an error instead of one line.")
 
 
 class _QuietLibraries(logging.Filter):
@@ -24,6 +26,52 @@ class _QuietLibraries(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     noisy = "/orbax/" in record.pathname or record.pathname.endswith("xla_bridge.py")
     return record.levelno >= logging.WARNING or not noisy
+
+
+def _config_arg(argv: list[str]) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def _innermost(e: BaseException) -> BaseException:
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a missing or broken config file, an override of an unknown field
+  (with ml_collections' "did you mean"), or a bad flag value is one line and exit status 2."""
+  verbose = "--verbose" in argv
+
+  def stop(message: str):
+    if verbose:
+      raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    stop(f"{e} (--helpshort lists the flags)")
+  except KeyError as e:  # an override of a field the config does not have
+    hint = str(e.args[0]) if e.args else str(e)
+    stop("unknown config field in an override: " + " ".join(hint.strip("'\"").split()))
+  except Exception as e:  # noqa: BLE001  config_flags loads the file and applies overrides here
+    stop(f"--config={_config_arg(argv)}: {type(_innermost(e)).__name__}: {_innermost(e)}")
+  try:
+    CONFIG.value.keys()  # a config file that failed to load raises only when first read
+  except Exception as e:  # noqa: BLE001
+    cause = _innermost(e)
+    path = _config_arg(argv)
+    if isinstance(cause, FileNotFoundError) or (path and not os.path.isfile(path.split(":")[0])):
+      stop(f"--config={path}: no such config file (the configs are in configs/*.py)")
+    stop(f"--config={path} does not load: {type(cause).__name__}: {cause}")
+  return rest
 
 
 def run(main) -> None:
@@ -37,4 +85,4 @@ def run(main) -> None:
   flags.mark_flags_as_required(["config"])
   logging.getLogger("absl").addFilter(_QuietLibraries())
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # backend probing chatter
-  app.run(run_main(with_flags))
+  app.run(run_main(with_flags, lambda: VERBOSE.value), flags_parser=parse_flags)

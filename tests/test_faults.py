@@ -1,0 +1,230 @@
+"""Faults a real run meets: damaged checkpoints, a diverging loss, and mistyped command lines.
+
+References: the steps and example ids are worked out from the data order
+(`pipeline.example_indices`) and the damage is done by hand to the files orbax wrote; what
+each job must do is the README's Reliability table.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
+from rdm_jax import checkpoint, training
+from rdm_jax.data import pipeline, store
+from rdm_jax.errors import UserError
+from rdm_jax.parallel import mesh as mesh_lib
+
+
+def _run(cmd):
+  return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+
+
+def _one_line_error(cmd) -> str:
+  out = _run(cmd)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, out.stderr[-3000:]
+  return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny run with checkpoints at steps 2 and 4 (and their digests)."""
+  root = tmp_path_factory.mktemp("faults")
+  data_dir = str(root / "data")
+  make_tiny_stores(data_dir)
+  workdir = str(root / "run")
+  out = _run(train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return data_dir, workdir
+
+
+def _restore(data_dir, workdir, step=None):
+  config = tiny_config(data_dir)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  rules = [tuple(r) for r in config.sharding_rules]
+  model, tx = training.make_model(config), training.make_optimizer(config)
+  abstract, sh = training.state_shardings(model, tx, training.example_inputs(config, 1, (8, 8, 1), 4), mesh, rules)
+  return checkpoint.restore(checkpoint.manager(workdir, create=False), abstract, sh, step)
+
+
+def _largest_array_file(workdir, step):
+  return max(glob.glob(os.path.join(workdir, "checkpoints", str(step), "default", "ocdbt.process_0", "d", "*")),
+             key=os.path.getsize)
+
+
+def _copy(workdir, tmp_path):
+  dest = str(tmp_path / "run")
+  shutil.copytree(workdir, dest)
+  return dest
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_digests_are_recorded_for_every_checkpoint(trained):
+  _, workdir = trained
+  digests = sorted(os.listdir(os.path.join(workdir, checkpoint.DIGESTS)))
+  assert digests == ["2.json", "4.json"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "metadata"])
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(trained, tmp_path, damage, caplog):
+  data_dir, original = trained
+  intact2, intact4 = _restore(data_dir, original, 2), _restore(data_dir, original, 4)
+  workdir = _copy(original, tmp_path)
+  if damage == "truncate":
+    f = _largest_array_file(workdir, 4)
+    os.truncate(f, os.path.getsize(f) // 2)
+  elif damage == "overwrite":  # same size: only the recorded sha256 can tell
+    f = _largest_array_file(workdir, 4)
+    with open(f, "r+b") as fh:
+      fh.seek(os.path.getsize(f) // 2)
+      fh.write(b"\x5a" * 4096)
+  else:
+    with open(os.path.join(workdir, "checkpoints", "4", "default", "_METADATA"), "w") as fh:
+      fh.write("{not json")
+  state = _restore(data_dir, workdir)
+  assert int(state.step) == 2 and _leaves_equal(state, intact2)
+  assert "checkpoint(s) 4" in caplog.text and "damaged" in caplog.text
+  with pytest.raises(UserError, match=r"checkpoint 4 .* is damaged .*rm -r .*checkpoints/4"):
+    _restore(data_dir, workdir, 4)
+  assert not _leaves_equal(intact2, intact4)
+
+
+def test_every_checkpoint_damaged_says_what_to_delete(trained, tmp_path):
+  data_dir, original = trained
+  workdir = _copy(original, tmp_path)
+  for step in (2, 4):
+    f = _largest_array_file(workdir, step)
+    os.truncate(f, 10)
+  with pytest.raises(UserError, match=r"no intact checkpoint is left \(steps 4, 2\).*rm -r \S+checkpoints/4 \S+checkpoints/2"):
+    _restore(data_dir, workdir)
+
+
+def test_training_resumes_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_path):
+  data_dir, original = trained
+  workdir = _copy(original, tmp_path)
+  f = _largest_array_file(workdir, 4)
+  os.truncate(f, os.path.getsize(f) // 2)
+  out = _run(train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step 2" in out.stderr and "moved damaged checkpoint 4" in out.stderr
+  aside = os.listdir(os.path.join(workdir, "damaged_checkpoints"))
+  assert any(name.startswith("4.") and not name.endswith(".json") for name in aside)  # kept, not deleted
+  # the retrained step 4 is the uninterrupted run's step 4 (same data order, same keys)
+  assert _leaves_equal(_restore(data_dir, workdir, 4), _restore(data_dir, original, 4))
+
+
+def test_sample_names_the_steps_that_exist(trained):
+  data_dir, workdir = trained
+  from conftest import TINY_OVERRIDES, TRAIN_CONFIG
+  line = _one_line_error([sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+                          f"--config.data_dir={data_dir}", "--step=999", *TINY_OVERRIDES])
+  assert "no checkpoint of step 999" in line and "steps there: 2, 4" in line
+
+
+def _first_step_with(row: int, seed: int, batch: int, n: int) -> int:
+  """Loop step (from 1) whose batch first holds example row `row` (the data order, by hand)."""
+  step = 1
+  while row not in pipeline.example_indices(seed, step - 1, batch, n):
+    step += 1
+  return step
+
+
+def test_a_nonfinite_step_changes_nothing_but_the_step(tiny_data):
+  """In process: the step on a batch with a NaN keeps params, EMA and Adam state, counts the step."""
+  config = tiny_config(tiny_data["data_dir"])
+  model, tx, sched = training.make_model(config), training.make_optimizer(config), training.make_schedule(config)
+  inputs = training.example_inputs(config, 1, (8, 8, 1), 4)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:1])
+  abstract, sh = training.state_shardings(model, tx, inputs, mesh, [tuple(r) for r in config.sharding_rules])
+  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh)
+  step = jax.jit(training.make_train_step(config, model, tx, sched))
+  rng = np.random.default_rng(0)
+  z0 = rng.normal(size=(8, 8, 8, 1)).astype(np.float32)
+  ctx = rng.normal(size=(8, 4, 16)).astype(np.float32)
+  good, m_good = step(state, z0, ctx, jax.random.PRNGKey(1))
+  z_bad = z0.copy()  # never write into an array a dispatched step may still be reading (CPU aliases it)
+  z_bad[5, 2, 2, 0] = np.inf
+  bad, m_bad = step(good, z_bad, ctx, jax.random.PRNGKey(1))
+  assert bool(m_good["finite"]) and not bool(m_bad["finite"])
+  assert int(bad.step) == int(good.step) + 1 == 2
+  for part in ("params", "ema_params", "opt_state"):
+    assert _leaves_equal(getattr(good, part), getattr(bad, part)), part
+  assert not _leaves_equal(state.params, good.params)
+
+
+@pytest.mark.parametrize("mode", ["stop", pytest.param("skip", marks=pytest.mark.slow)])
+def test_nonfinite_loss(tmp_path, mode):
+  data_dir = str(tmp_path / "data")
+  make_tiny_stores(data_dir)
+  lat = store.read(os.path.join(data_dir, "latents_train"), "latents", hint="")
+  z = np.array(lat["latents"])
+  bad_row = 37
+  z[bad_row, 3, 3, 0] = np.nan  # one diverging example
+  store.write(os.path.join(data_dir, "latents_train"), "latents",
+              {"latents": z, "ids": np.array(lat["ids"]) + 1000, "labels": np.array(lat["labels"])},
+              **{k: lat.manifest[k] for k in ("source", "first_stage", "image_shape")})
+  nb = store.read(os.path.join(data_dir, "neighbors_train"), "neighbors", hint="")
+  store.write(os.path.join(data_dir, "neighbors_train"), "neighbors",
+              {"neighbor_ids": np.array(nb["neighbor_ids"]), "scores": np.array(nb["scores"]),
+               "query_ids": np.array(nb["query_ids"]) + 1000},
+              **{k: nb.manifest[k] for k in ("database_fingerprint", "encoder", "num_neighbors")})
+  bad_step = _first_step_with(bad_row, 0, 8, 64)
+  assert 2 <= bad_step <= 12
+  workdir = str(tmp_path / "run")
+  cmd = train_command(data_dir, workdir, f"--config.train.num_steps={bad_step + 1}", "--config.train.checkpoint_every=1",
+                      "--config.train.keep_checkpoints=100", f"--config.train.nonfinite={mode}")
+  if mode == "stop":
+    line = _one_line_error(cmd)
+    assert f"step {bad_step}:" in line and "not finite" in line and str(bad_row + 1000) in line
+    assert checkpoint.steps(checkpoint.manager(workdir, create=False)) == list(range(1, bad_step))
+    return
+  out = _run(cmd)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"step {bad_step}: non-finite loss or gradients; update skipped" in out.stderr
+  before, at, after = (_restore(data_dir, workdir, s) for s in (bad_step - 1, bad_step, bad_step + 1))
+  assert int(at.step) == bad_step
+  assert _leaves_equal(before.params, at.params) and _leaves_equal(before.ema_params, at.ema_params)
+  assert _leaves_equal(before.opt_state, at.opt_state)
+  assert not _leaves_equal(at.params, after.params)  # the next step trains again
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after))
+
+
+ENTRY_POINTS = ["rdm_jax.train", "rdm_jax.sample", "rdm_jax.evaluate", "rdm_jax.jobs.encode", "rdm_jax.jobs.embed",
+                "rdm_jax.jobs.index", "rdm_jax.jobs.neighbors", "rdm_jax.jobs.context_ablation"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_entry_points_turn_command_line_mistakes_into_one_line(module, tmp_path):
+  run = [sys.executable, "-m", module, f"--workdir={tmp_path}"] if module in (
+      "rdm_jax.train", "rdm_jax.sample", "rdm_jax.evaluate", "rdm_jax.jobs.context_ablation") else [
+      sys.executable, "-m", module]
+  line = _one_line_error(run + ["--config=configs/missing.py"])
+  assert "--config=configs/missing.py: no such config file" in line
+  line = _one_line_error(run + ["--config=configs/fashion_mnist_rdm.py", "--config.trian.num_steps=3"])
+  assert 'Did you mean "train" instead of "trian"?' in line
+  out = _run(run + ["--config=configs/missing.py", "--verbose"])
+  assert out.returncode != 0 and "Traceback" in out.stderr  # asked for
+
+
+def test_checkpoint_of_another_model_config_is_not_called_damaged(trained):
+  data_dir, workdir = trained
+  config = tiny_config(data_dir)
+  config.model.model_channels = 64  # the run trained 32
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  rules = [tuple(r) for r in config.sharding_rules]
+  model, tx = training.make_model(config), training.make_optimizer(config)
+  abstract, sh = training.state_shardings(model, tx, training.example_inputs(config, 1, (8, 8, 1), 4), mesh, rules)
+  with pytest.raises(UserError, match="checkpoint 4 .* does not fit this config's model"):
+    checkpoint.restore(checkpoint.manager(workdir, create=False), abstract, sh)
