@@ -99,7 +99,7 @@ def torch_reference(cfg, z0, ctx, seen, params0):
     with torch.no_grad():
       for k in ema:
         ema[k] -= (1 - decay) * (ema[k] - p[k])
-    out.append((float(loss), {k: v.detach().numpy().copy() for k, v in p.items()},
+    out.append((loss.item(), {k: v.detach().numpy().copy() for k, v in p.items()},
                 {k: v.numpy().copy() for k, v in ema.items()}))
   return out
 
