@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as logging_lib
 import os
 import time
 from typing import Any
@@ -104,6 +105,25 @@ def _shapes(tree: Any) -> list:
   return sorted(tuple(int(d) for d in x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
 
+class _NoStepMetadataWarning(logging_lib.Filter):
+  """Orbax warns that an item directory has no step metadata (that lives one level up)."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+def _saved_shapes(item_dir: str) -> list:
+  """The array shapes of a saved state item, from its metadata (no array is read)."""
+  quiet = _NoStepMetadataWarning()
+  logger = logging_lib.getLogger("absl")
+  logger.addFilter(quiet)
+  try:
+    meta = ocp.StandardCheckpointer().metadata(item_dir)
+  finally:
+    logger.removeFilter(quiet)
+  return _shapes(getattr(meta, "item_metadata", meta))
+
+
 def steps(mngr: ocp.CheckpointManager) -> list[int]:
   return sorted(mngr.all_steps())
 
@@ -128,8 +148,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
     why = _damage(mngr, s)
     if why is None:
       try:
-        meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(s), "default"))
-        saved = _shapes(getattr(meta, "item_metadata", meta))
+        saved = _saved_shapes(os.path.join(str(mngr.directory), str(s), "default"))
       except Exception as e:  # noqa: BLE001  unreadable metadata: damaged
         why, saved = f"its metadata does not read ({type(e).__name__}: {str(e)[:120]})", None
       if saved is not None and saved != _shapes(target):
