@@ -137,7 +137,7 @@ def phase_compare(c) -> dict:
   job, raw = [], []
   for i in range(3):
     t = time.perf_counter()
-    searcher.search_batched_parallel(q, final_num_neighbors=_K.value, **tuned)
+    searcher.search_batched_parallel(q, **tuned)
     raw.append(time.perf_counter() - t)
     out = os.path.join(c.data_dir, f"compare_{i}")
     t = time.perf_counter()
@@ -148,14 +148,11 @@ def phase_compare(c) -> dict:
 
 
 def tuned_settings(manifest: dict) -> dict:
-  """ScaNN search arguments at the settings the index job chose for shard 0."""
+  """ScaNN search arguments (K neighbours) at the settings the index job chose for shard 0."""
+  from rdm_jax.retrieval import index
+
   tuned = manifest["search"].get(manifest["shards"][0]["dir"], {})
-  out = {}
-  if tuned.get("leaves_to_search"):
-    out["leaves_to_search"] = tuned["leaves_to_search"]
-  if tuned.get("reorder"):
-    out["pre_reorder_num_neighbors"] = tuned["reorder"]
-  return out
+  return index.scann_search_args(tuned.get("leaves_to_search", 0), tuned.get("reorder", 0), _K.value)
 
 
 def phase_raw(c) -> dict:
@@ -172,7 +169,7 @@ def phase_raw(c) -> dict:
   q = np.asarray(store.read(paths["embeddings_train"], "embeddings", hint="")["embeddings"])
   searcher.search_batched_parallel(q[:64])
   t = time.perf_counter()
-  ids, _ = searcher.search_batched_parallel(q, final_num_neighbors=_K.value, **tuned_settings(manifest))
+  ids, _ = searcher.search_batched_parallel(q, **tuned_settings(manifest))
   raw_s = time.perf_counter() - t
   np.save(os.path.join(c.data_dir, "raw_ids.npy"), ids.astype(np.int64))
   return {"raw_s": raw_s}

@@ -6,7 +6,6 @@ straight into the current mesh layout (which may differ from the one that saved 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging as logging_lib
 import os
@@ -38,18 +37,15 @@ def _digest_dir(mngr: ocp.CheckpointManager) -> str:
   return os.path.join(os.path.dirname(str(mngr.directory)), DIGESTS)
 
 
+def _step_sizes(step_dir: str) -> dict[str, int]:
+  """{relative path: size} of every file of a checkpoint."""
+  return {os.path.relpath(os.path.join(root, name), step_dir): os.path.getsize(os.path.join(root, name))
+          for root, _, files in os.walk(step_dir) for name in files}
+
+
 def _step_files(step_dir: str) -> dict[str, list]:
   """{relative path: [size, sha256]} of every file of a finished checkpoint."""
-  out = {}
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      full = os.path.join(root, name)
-      h = hashlib.sha256()
-      with open(full, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-          h.update(block)
-      out[os.path.relpath(full, step_dir)] = [os.path.getsize(full), h.hexdigest()]
-  return out
+  return {rel: [size, store.file_sha256(os.path.join(step_dir, rel))] for rel, size in _step_sizes(step_dir).items()}
 
 
 def record_digests(mngr: ocp.CheckpointManager) -> None:
@@ -86,17 +82,14 @@ def _damage(mngr: ocp.CheckpointManager, step: int) -> str | None:
   except (OSError, ValueError, KeyError, TypeError):
     return f"its digest record {path} is unreadable"
   step_dir = os.path.join(str(mngr.directory), str(step))
-  have = {}
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      have[os.path.relpath(os.path.join(root, name), step_dir)] = os.path.getsize(os.path.join(root, name))
+  have = _step_sizes(step_dir)  # sizes first: a truncated file is found without hashing the rest
   if set(have) != set(want):
     return f"files missing or added: {sorted(set(want) ^ set(have))[:3]}"
   for rel, (size, _) in want.items():
     if have[rel] != size:
       return f"{rel} is {have[rel]} bytes, {size} when written (truncated?)"
-  for rel, (_, digest) in _step_files(step_dir).items():
-    if digest != want[rel][1]:
+  for rel, (_, digest) in want.items():
+    if store.file_sha256(os.path.join(step_dir, rel)) != digest:
       return f"{rel} changed since it was written (sha256)"
   return None
 
@@ -143,6 +136,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
          f"{', '.join(map(str, available)) or 'none (train first)'}")
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, shardings)
+  want_shapes = _shapes(target)
   damaged = []
   for s in [step] if step is not None else available[::-1]:
     why = _damage(mngr, s)
@@ -151,7 +145,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
         saved = _saved_shapes(os.path.join(str(mngr.directory), str(s), "default"))
       except Exception as e:  # noqa: BLE001  unreadable metadata: damaged
         why, saved = f"its metadata does not read ({type(e).__name__}: {str(e)[:120]})", None
-      if saved is not None and saved != _shapes(target):
+      if saved is not None and saved != want_shapes:
         fail(f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays have other "
              "shapes); use the config it was trained with or a new --workdir")
     if why is None:
@@ -219,7 +213,7 @@ def set_aside_newer(mngr: ocp.CheckpointManager, step: int, keep: int) -> ocp.Ch
       os.replace(os.path.join(str(mngr.directory), str(s)), dest)
       digest = os.path.join(_digest_dir(mngr), f"{s}.json")
       if os.path.exists(digest):
-        os.replace(digest, os.path.join(dest + ".digests.json"))
+        os.replace(digest, dest + ".digests.json")
       logging.warning("moved damaged checkpoint %d to %s; training goes on from step %d", s, dest, step)
   multihost_utils.sync_global_devices("rdm_jax_set_aside_damaged_checkpoints")
   mngr.close()

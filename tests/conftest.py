@@ -60,6 +60,17 @@ def train_command(data_dir: str, workdir: str, *overrides: str) -> list[str]:
           f"--config.data_dir={data_dir}", *TINY_OVERRIDES, *overrides]
 
 
+def one_line_error(cmd: list[str]) -> str:
+  """Runs a job that must fail on bad input: exit status 2, no traceback, exactly one `error: ` line."""
+  import subprocess
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, out.stderr[-3000:]
+  return errors[0]
+
+
 def subprocess_env(devices: int | None = None) -> dict:
   """The test environment for a job in a subprocess, with this repo importable."""
   env = dict(os.environ)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
+from conftest import REPO, make_tiny_stores, one_line_error, subprocess_env, tiny_config, train_command
 from rdm_jax import checkpoint, training
 from rdm_jax.data import pipeline, store
 from rdm_jax.errors import UserError
@@ -24,15 +24,6 @@ from rdm_jax.parallel import mesh as mesh_lib
 
 def _run(cmd):
   return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
-
-
-def _one_line_error(cmd) -> str:
-  out = _run(cmd)
-  assert out.returncode == 2, out.stderr[-3000:]
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, out.stderr[-3000:]
-  return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +119,7 @@ def test_training_resumes_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_pa
 def test_sample_names_the_steps_that_exist(trained):
   data_dir, workdir = trained
   from conftest import TINY_OVERRIDES, TRAIN_CONFIG
-  line = _one_line_error([sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+  line = one_line_error([sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
                           f"--config.data_dir={data_dir}", "--step=999", *TINY_OVERRIDES])
   assert "no checkpoint of step 999" in line and "steps there: 2, 4" in line
 
@@ -186,7 +177,7 @@ def test_nonfinite_loss(tmp_path, mode):
   cmd = train_command(data_dir, workdir, f"--config.train.num_steps={bad_step + 1}", "--config.train.checkpoint_every=1",
                       "--config.train.keep_checkpoints=100", f"--config.train.nonfinite={mode}")
   if mode == "stop":
-    line = _one_line_error(cmd)
+    line = one_line_error(cmd)
     assert f"step {bad_step}:" in line and "not finite" in line and str(bad_row + 1000) in line
     assert checkpoint.steps(checkpoint.manager(workdir, create=False)) == list(range(1, bad_step))
     return
@@ -210,9 +201,9 @@ def test_entry_points_turn_command_line_mistakes_into_one_line(module, tmp_path)
   run = [sys.executable, "-m", module, f"--workdir={tmp_path}"] if module in (
       "rdm_jax.train", "rdm_jax.sample", "rdm_jax.evaluate", "rdm_jax.jobs.context_ablation") else [
       sys.executable, "-m", module]
-  line = _one_line_error(run + ["--config=configs/missing.py"])
+  line = one_line_error(run + ["--config=configs/missing.py"])
   assert "--config=configs/missing.py: no such config file" in line
-  line = _one_line_error(run + ["--config=configs/fashion_mnist_rdm.py", "--config.trian.num_steps=3"])
+  line = one_line_error(run + ["--config=configs/fashion_mnist_rdm.py", "--config.trian.num_steps=3"])
   assert 'Did you mean "train" instead of "trian"?' in line
   out = _run(run + ["--config=configs/missing.py", "--verbose"])
   assert out.returncode != 0 and "Traceback" in out.stderr  # asked for

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, subprocess_env, tiny_config, train_command
+from conftest import one_line_error, subprocess_env, tiny_config, train_command
 from rdm_jax import checkpoint, training
 from rdm_jax.parallel import mesh as mesh_lib
 
@@ -61,24 +61,15 @@ def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _one_line_error(cmd):
-  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
-  assert out.returncode == 2, out.stderr[-2000:]
-  assert "Traceback" not in out.stderr
-  errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
-  assert len(errors) == 1, out.stderr[-2000:]
-  return errors[0]
-
-
 def test_imagenet_without_latents_names_the_job_to_run(tmp_path):
-  line = _one_line_error([sys.executable, "-m", "rdm_jax.train", "--config=configs/imagenet_rdm.py",
+  line = one_line_error([sys.executable, "-m", "rdm_jax.train", "--config=configs/imagenet_rdm.py",
                           f"--workdir={tmp_path / 'x'}", f"--config.data_dir={tmp_path / 'nothing'}"])
   assert "python -m rdm_jax.jobs.encode" in line and "latents" in line
 
 
 def test_bad_train_inputs_are_one_line_errors(tiny_data, tmp_path):
   base = _train_cmd(tiny_data["data_dir"], str(tmp_path / "w"), 3)
-  assert "K=6" in _one_line_error(base + ["--config.k_train=9"])
-  assert "does not divide 8 devices" in _one_line_error(base + ["--config.mesh.fsdp=3"])
+  assert "K=6" in one_line_error(base + ["--config.k_train=9"])
+  assert "does not divide 8 devices" in one_line_error(base + ["--config.mesh.fsdp=3"])
   np.save(os.path.join(tiny_data["data_dir"], "latents_train", "latents.npy"), np.zeros((3, 8, 8, 1), np.float32))
-  assert "manifest says" in _one_line_error(base)
+  assert "manifest says" in one_line_error(base)

@@ -91,6 +91,15 @@ def inputs_digest(inputs: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(dict(inputs), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str) -> str:
+  """sha256 (16 hex digits) of a file's bytes, read in blocks: identifies weights and checkpoint files."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()[:16]
+
+
 def checksum(array: np.ndarray, block_bytes: int = 1 << 26) -> str:
   """sha256 (16 hex digits) of an array's bytes, read in blocks (memory-mapped arrays stay on disk).
 

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.models import efficientnet_lite, inception_fid
-from rdm_jax.retrieval import encoders
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ def efficientnet_lite0(weights: str = "", image_size: int = 224, batch_size: int
   def apply(p, images):
     return model.apply({"params": p}, efficientnet_lite.preprocess(images, image_size))
 
-  identity = {"name": "efficientnet_lite0", "weights_sha256": encoders.file_sha256(path),
+  identity = {"name": "efficientnet_lite0", "weights_sha256": store.file_sha256(path),
               "preprocess": f"bilinear {image_size}, imagenet mean/std"}
   return Extractor("EfficientNet-Lite0", identity, apply, params, batch_size)
 
@@ -131,7 +131,7 @@ def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int =
     x = inception_fid.preprocess(images) if resize == "pytorch_fid" else images / 127.5 - 1.0
     return model.apply({"params": p}, x)
 
-  identity = {"name": "inception_v3_fid", "weights_sha256": encoders.file_sha256(weights),
+  identity = {"name": "inception_v3_fid", "weights_sha256": store.file_sha256(weights),
               "preprocess": "pytorch-fid: bilinear 299, 2x-1" if resize == "pytorch_fid"
               else "clean-fid: PIL bicubic 299, 2x-1"}
   return Extractor("Inception", identity, apply, params, batch_size,
@@ -213,7 +213,7 @@ def _dir_sha256(path: str) -> str:
   files = os.listdir(path)
   names = sorted(f for f in files if f.endswith((".msgpack", ".safetensors", ".bin"))) or sorted(
       f for f in files if f.endswith(".json"))
-  return encoders.file_sha256(os.path.join(path, names[0])) if names else ""
+  return store.file_sha256(os.path.join(path, names[0])) if names else ""
 
 
 EXTRACTORS = {"efficientnet_lite0": efficientnet_lite0, "inception_v3_fid": inception_v3_fid,

@@ -7,7 +7,6 @@ model) made by different encoders, since their embedding spaces are unrelated.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from typing import Any, Callable
 
@@ -15,17 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.models import efficientnet_lite
-
-
-def file_sha256(path: str) -> str:
-  """sha256 (16 hex digits) of a file: identifies weights."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()[:16]
 
 
 def encoder_identity(cfg: Any) -> dict[str, Any]:
@@ -35,7 +26,7 @@ def encoder_identity(cfg: Any) -> dict[str, Any]:
   path = cfg.weights or efficientnet_lite.default_weights_path()
   if not path or not os.path.isfile(path):
     efficientnet_lite.load_params(path)  # raises the helpful error
-  return {"name": cfg.encoder, "weights_sha256": file_sha256(path), "image_size": cfg.image_size,
+  return {"name": cfg.encoder, "weights_sha256": store.file_sha256(path), "image_size": cfg.image_size,
           "embed_dim": efficientnet_lite.EMBED_DIM}
 
 

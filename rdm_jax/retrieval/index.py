@@ -163,14 +163,19 @@ def training_threads(cfg: Any) -> int:
   return 1 if cfg.deterministic else cfg.threads or os.cpu_count() or 1
 
 
+def scann_search_args(leaves: int, reorder: int, k: int) -> dict[str, int]:
+  """ScaNN `search_batched_parallel` keywords for k neighbours with leaves searched / reorder (0: as built)."""
+  args = {"final_num_neighbors": k}
+  if leaves:
+    args["leaves_to_search"] = leaves
+  if reorder:
+    args["pre_reorder_num_neighbors"] = max(reorder, k)
+  return args
+
+
 def _search_scann(searcher, queries: np.ndarray, k: int, leaves: int, reorder: int) -> np.ndarray:
   """Database rows [Q, k] of a ScaNN search with explicit leaves searched / reorder (0: as built)."""
-  extra = {}
-  if leaves:
-    extra["leaves_to_search"] = leaves
-  if reorder:
-    extra["pre_reorder_num_neighbors"] = max(reorder, k)
-  rows, _ = searcher.search_batched_parallel(queries, final_num_neighbors=k, **extra)
+  rows, _ = searcher.search_batched_parallel(queries, **scann_search_args(leaves, reorder, k))
   return np.asarray(rows, np.int64)
 
 
@@ -488,12 +493,9 @@ class Index:
       tuned = self.manifest.get("search", {}).get(shard["dir"]) or {}
       leaves = tuned.get("leaves_to_search", recipe["leaves_to_search"])
       reorder = tuned.get("reorder", recipe["reorder"])
-      extra = {}
-      if leaves:
-        extra["leaves_to_search"] = leaves
       if reorder:  # keep the tuned ratio of reordered candidates when k grows
-        extra["pre_reorder_num_neighbors"] = max(reorder, math.ceil(reorder * k / self.manifest["num_neighbors"]))
-      rows, scores = self._searcher(i).search_batched_parallel(queries, final_num_neighbors=k, **extra)
+        reorder = max(reorder, math.ceil(reorder * k / self.manifest["num_neighbors"]))
+      rows, scores = self._searcher(i).search_batched_parallel(queries, **scann_search_args(leaves, reorder, k))
     return np.asarray(scores, np.float32), np.asarray(rows, np.int64) + a
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
