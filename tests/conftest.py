@@ -88,13 +88,18 @@ def tiny_data(tmp_path):
   return info
 
 
-def tiny_config(data_dir: str):
-  """The fashion_mnist config shrunk to the tiny stores (in-process tests)."""
+def repo_config(name: str):
+  """`configs/<name>.py`'s get_config()."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", "fashion_mnist_rdm.py"))
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", f"{name}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config()
+  return mod.get_config()
+
+
+def tiny_config(data_dir: str):
+  """The fashion_mnist config shrunk to the tiny stores (in-process tests)."""
+  c = repo_config("fashion_mnist_rdm")
   c.data_dir = data_dir
   c.model.model_channels = 32
   c.model.channel_mult = (1, 2)
