@@ -60,3 +60,25 @@ def test_bad_weights_file_is_a_clear_error(tmp_path):
     efficientnet_lite.load_params(str(bad))
   with pytest.raises(UserError, match="not found"):
     efficientnet_lite.load_params(str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (28, 3), (96, 3), (200, 3)])
+def test_preprocess_matches_the_reference_transforms(size, channels):
+  """efficientnet_lite_pytorch's transforms (model.py: Resize, ToTensor, Normalize) on PIL images.
+
+  Grey images go through PIL's convert("RGB"). PIL rounds the resized image to uint8, so the
+  two may differ by one grey level (1/255/std in normalised units), on average far less.
+  """
+  from PIL import Image
+  from torch_references import reference
+  transforms = reference("torchvision.transforms")
+  tf = transforms.Compose([transforms.Resize(64), transforms.ToTensor(),
+                           transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+  images = np.random.default_rng(size + channels).integers(0, 256, (3, size, size, channels), dtype=np.uint8)
+  want = np.stack([tf(Image.fromarray(im.squeeze(-1) if channels == 1 else im).convert("RGB")).numpy()
+                   for im in images]).transpose(0, 2, 3, 1)
+  got = np.asarray(efficientnet_lite.preprocess(jnp.asarray(images), 64))
+  one_level = 1.0 / 255 / 0.225
+  assert got.shape == want.shape == (3, 64, 64, 3)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1.1 * one_level)
+  assert np.abs(got - want).mean() < 0.4 * one_level  # rounding alone: about 0.25-0.3

@@ -196,9 +196,15 @@ def load_params(path: str = "") -> dict[str, Any]:
 
 
 def preprocess(images: jax.Array, image_size: int) -> jax.Array:
-  """uint8 [B, H, W, 1 or 3] -> float [B, S, S, 3], bilinear resize, ImageNet normalisation."""
+  """uint8 [B, H, W, 1 or 3] -> float [B, S, S, 3], bilinear resize, ImageNet normalisation.
+
+  The reference's own transforms (efficientnet_lite_pytorch: Resize(S) on the PIL image,
+  ToTensor, Normalize) up to PIL's rounding to uint8: PIL's bilinear filter widens with the
+  downscale factor, hence antialias=True (without it a 200 -> 64 px downscale is off by up
+  to 130 grey levels; upscaling is the same either way).
+  """
   x = images.astype(jnp.float32) / 255.0
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
-  x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method="bilinear", antialias=False)
+  x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method="bilinear", antialias=True)
   return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
