@@ -71,14 +71,49 @@ def test_clip_image_features_follow_clean_fid_preprocessing(tiny_clip):
   assert got["logits"].shape == (5, 0)
 
 
+def torch_clip(path):
+  """transformers' PyTorch CLIPModel and tokenizer on the same saved weights (the reference)."""
+  reference("torch")
+  from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, FlaxCLIPModel
+  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+  model = CLIPModel(CLIPConfig.from_pretrained(path, local_files_only=True))
+  flax_params = FlaxCLIPModel.from_pretrained(path, local_files_only=True).params
+  return load_flax_weights_in_pytorch_model(model, flax_params).eval(), \
+      CLIPTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def torch_text_features(model, tok, captions):
+  """Padded only to the longest caption (ours pads to 77 positions): padding must not matter."""
+  import torch
+  t = tok(list(captions), padding=True, return_tensors="pt")
+  with torch.no_grad():
+    return model.get_text_features(**t).numpy()
+
+
+def torch_clip_score(model, tok, images, captions):
+  """clean-fid pixels -> PyTorch image features; cosine with the PyTorch text features, averaged."""
+  import torch
+  pixels = np.stack([clean_fid_clip_preprocess(im.squeeze(-1) if im.shape[-1] == 1 else im, 32) for im in images])
+  from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+  x = torch.from_numpy(((pixels / 255.0 - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD)).transpose(0, 3, 1, 2)).float()
+  with torch.no_grad():
+    img = model.get_image_features(pixel_values=x)
+  txt = torch.from_numpy(torch_text_features(model, tok, captions))
+  return float(torch.nn.functional.cosine_similarity(img, txt, dim=1).mean())
+
+
 def test_clip_score_hand_worked_and_text_features(tiny_clip):
   a = np.array([[1.0, 0.0], [0.0, 2.0]])
   b = np.array([[1.0, 1.0], [0.0, 3.0]])
   assert metrics.clip_score(a, b) == pytest.approx((1 / np.sqrt(2) + 1) / 2)
   with pytest.raises(UserError, match="pair up"):
     metrics.clip_score(a, b[:1])
-  t = extractors.clip_text_features(tiny_clip, ["a shirt", "a shoe", "a shirt"])
-  assert t.shape == (3, 16) and np.allclose(t[0], t[2]) and not np.allclose(t[0], t[1])
+  captions = ["a shirt", "a shoe", "a long-sleeved shirt with buttons", "a shirt"]
+  t = extractors.clip_text_features(tiny_clip, captions, batch_size=3)  # two batches
+  model, tok = torch_clip(tiny_clip)
+  want = torch_text_features(model, tok, captions)
+  assert t.shape == (4, 16)
+  np.testing.assert_allclose(t, want, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluate_with_clip_and_captions(tmp_path, tiny_clip):
@@ -94,4 +129,7 @@ def test_evaluate_with_clip_and_captions(tmp_path, tiny_clip):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "CLIP-FID" in out.stdout and "CLIP score (cosine)" in out.stdout
   row = json.load(open(tmp_path / "eval" / "metrics.json"))["sets"]["text"]
-  assert -1 <= row["clip_score"] <= 1 and "is_mean" not in row  # CLIP has no class logits
+  assert "is_mean" not in row  # CLIP has no class logits
+  text = np.load(tmp_path / "text.npz")
+  want = torch_clip_score(*torch_clip(tiny_clip), text["images"], text["captions"])
+  assert row["clip_score"] == pytest.approx(want, abs=1e-5)
