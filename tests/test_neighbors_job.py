@@ -40,6 +40,34 @@ def setup(data_dir, k=6, chunk=16, **index_overrides):
   return c, paths, db, idx
 
 
+def test_recall_at_k_hand_worked():
+  approx = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+  truth = np.array([[3, 2, 0], [0, 10, 11], [9, 8, 7]])  # order within a row does not matter
+  assert neighbors.recall_at_k(approx, truth) == pytest.approx((2 / 3 + 0 + 1) / 3)
+
+
+def test_recorded_recall_is_measured_on_an_index_that_misses(tmp_path, monkeypatch):
+  """An index whose last neighbour is always the database's worst match: recall@6 = 5/6 exactly."""
+  c, paths, db, idx = setup(str(tmp_path / "data"))
+  c.retrieval.recall_sample = 40  # of 64 queries
+  true_search = idx.search
+
+  def missing_search(q, k):
+    scores, rows = true_search(q, k)
+    worst = np.argmin(q @ unit(db["embeddings"]).T, axis=1)
+    rows[:, -1] = worst
+    return scores, rows
+
+  monkeypatch.setattr(idx, "search", missing_search)
+  queries = store.read(paths["embeddings_train"], "embeddings", hint="")
+  out = neighbors.find_neighbors(c, queries, db, idx, paths["neighbors_train"])
+  truth = reference_neighbors(queries["embeddings"], db["embeddings"], 6)
+  np.testing.assert_array_equal(out["neighbor_ids"][:, :5], truth[:, :5])
+  assert not (out["neighbor_ids"][:, 5:] == truth).any()  # the worst match is never among a row's top 6
+  assert out.manifest["recall_at_k"] == pytest.approx(5 / 6, abs=1e-6)
+  assert out.manifest["recall_sample"] == 40
+
+
 def test_job_finds_exact_neighbours_and_training_reads_them(tmp_path):
   c, paths, db, idx = setup(str(tmp_path / "data"))
   queries = store.read(paths["embeddings_train"], "embeddings", hint="")

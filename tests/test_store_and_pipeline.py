@@ -62,6 +62,40 @@ def test_example_order_is_a_function_of_step_and_covers_each_epoch():
   np.testing.assert_array_equal(np.concatenate(parts), again)
 
 
+def _chi2_uniform(counts: np.ndarray) -> tuple[float, float]:
+  """Pearson's chi-squared statistic of counts against a uniform law, and its 99.9% quantile."""
+  from scipy.stats import chi2
+  expected = counts.sum() / counts.size
+  return float(((counts - expected) ** 2 / expected).sum()), float(chi2.ppf(0.999, counts.size - 1))
+
+
+def test_shuffled_epochs_are_uniform_random_permutations():
+  """Over 1600 seeds, each of 8 examples sits at each of the 8 positions equally often (chi-squared,
+  fixed seeds: the check is deterministic), and an epoch's order is not the previous epoch's."""
+  n = 8
+  counts = np.zeros((n, n))
+  for seed in range(1600):
+    counts[np.arange(n), pipeline.example_indices(seed, 0, n, n)] += 1
+  stat, limit = _chi2_uniform(counts)
+  assert stat < limit, (stat, limit)
+  e0, e1 = pipeline.example_indices(5, 0, 64, 64), pipeline.example_indices(5, 1, 64, 64)
+  assert sorted(e0) == sorted(e1) == list(range(64))
+  assert np.mean(e0 == e1) < 0.1 and np.mean(e0 == np.arange(64)) < 0.1
+
+
+def test_random_neighbour_selection_is_uniform_over_subsets():
+  """k=3 of K=6: each of the 20 subsets equally likely, and the first pick uniform over the 6."""
+  from itertools import combinations
+  ids = np.tile(np.arange(6), (6000, 1))
+  got = pipeline.select_neighbors(ids, 3, "random", np.random.default_rng(0))
+  subsets = {s: i for i, s in enumerate(combinations(range(6), 3))}
+  subset_counts = np.bincount([subsets[tuple(sorted(r))] for r in got], minlength=20)
+  stat, limit = _chi2_uniform(subset_counts)
+  assert stat < limit, (stat, limit)
+  stat, limit = _chi2_uniform(np.bincount(got[:, 0], minlength=6))
+  assert stat < limit, (stat, limit)
+
+
 def test_select_neighbors():
   ids = np.arange(24).reshape(3, 8)
   np.testing.assert_array_equal(pipeline.select_neighbors(ids, 3, "first", None), ids[:, :3])
