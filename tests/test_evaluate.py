@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO, subprocess_env
+from torch_references import reference
 
 from rdm_jax import metrics
 from rdm_jax.errors import UserError
@@ -66,6 +67,18 @@ def test_evaluate_job_writes_table_and_caches_reference(tmp_path):
   assert (row["precision"], row["recall"]) == pytest.approx(
       metrics.precision_recall(f_ref["features"], f_fake["features"]), abs=0.02)
   assert row["kid_subset_size"] == 60 and any("singular" in w for w in row["warnings"])
+  # IS and KID are torch-fidelity's on the same features (splits 10, 5 subsets of 60, seed 2020)
+  import torch
+  want_is = reference("torch_fidelity.metric_isc").isc_features_to_metric(
+      torch.from_numpy(np.asarray(f_fake["logits"], np.float64)), splits=10)
+  assert (row["is_mean"], row["is_std"]) == pytest.approx(
+      (want_is["inception_score_mean"], want_is["inception_score_std"]), rel=1e-4)
+  want_kid = reference("torch_fidelity.metric_kid").kid_features_to_metric(
+      torch.from_numpy(np.asarray(f_fake["features"], np.float64)),
+      torch.from_numpy(np.asarray(f_ref["features"], np.float64)),
+      kid_subsets=5, kid_subset_size=60, rng_seed=2020, verbose=False)
+  assert (row["kid_mean"], row["kid_std"]) == pytest.approx(
+      (want_kid["kernel_inception_distance_mean"], want_kid["kernel_inception_distance_std"]), rel=1e-3)
   assert "not comparable with Inception" in result["note"]
   second = run_evaluate(tmp_path, *args)
   assert second.returncode == 0 and "exists and matches" in second.stdout  # cached reference features
