@@ -66,20 +66,21 @@ def main(argv):
   sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
   z = sample_in_batches(sampler, params, cond.context, s.batch_size, jax.random.PRNGKey(config.train.seed + 7))
   images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))
-  shown = min(len(images), NUM_SHOWN)  # the PNGs show the first samples; the .npz holds all
-  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows[:shown])
   out = os.path.join(workdir, "samples")
+  os.makedirs(out, exist_ok=True)
   prefix = "final" if s.condition == "exemplar" else s.condition
-  grid_png = os.path.join(out, f"{prefix}_samples.png")
-  panel_png = os.path.join(out, f"{prefix}_neighbors_and_samples.png")
-  visualize.save_png(grid_png, visualize.grid(images[:shown], 4), scale=2)
-  visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images[:shown]), scale=2)
   npz = os.path.join(out, "samples.npz" if s.condition == "exemplar" else f"{prefix}_samples.npz")
   tmp = npz[:-4] + ".tmp.npz"
   np.savez(tmp, latents=z, images=images, neighbor_rows=cond.neighbor_rows, query_rows=cond.query_rows,
            condition=np.asarray(s.condition), database=np.asarray(cond.database.path),
            checkpoint_step=np.asarray(step))
-  os.replace(tmp, npz)
+  os.replace(tmp, npz)  # the samples are safe before anything is drawn
+  shown = min(len(images), NUM_SHOWN)  # the PNGs show the first samples; the .npz holds all
+  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows[:shown])
+  grid_png = os.path.join(out, f"{prefix}_samples.png")
+  panel_png = os.path.join(out, f"{prefix}_neighbors_and_samples.png")
+  visualize.save_png(grid_png, visualize.grid(images[:shown], 4), scale=2)
+  visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images[:shown]), scale=2)
   print(f"step {step}: {len(images)} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
         f"{s.num_steps} DDIM steps\n  {grid_png}\n  {panel_png}  (rows: {config.k_train} retrieved neighbours | sample)")
 

@@ -12,19 +12,29 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+FMNIST_DB_START = 40000  # the demo config's database part of Fashion-MNIST's train split
+
+
 def make_tiny_stores(data_dir: str, n_train: int = 64, n_db: int = 40, k: int = 6, d: int = 16,
-                     seed: int = 0, encoder: dict | None = None) -> dict:
-  """Writes latents / neighbours / database stores of random data as the jobs would."""
+                     seed: int = 0, encoder: dict | None = None, fmnist_database: bool = False) -> dict:
+  """Writes latents / neighbours / database stores of random data as the jobs would.
+
+  fmnist_database: the database entries claim Fashion-MNIST train rows 40000.. as their source
+  (as the embed job records them), so jobs that show neighbour pixels can load them.
+  """
   from rdm_jax.data import store
 
   rng = np.random.default_rng(seed)
   encoder = encoder or {"name": "efficientnet_lite0", "weights_sha256": "test", "image_size": 32,
                         "embed_dim": d}
   source = {"dataset": "synthetic", "split": "train", "start": 0, "stop": n_train}
+  first = FMNIST_DB_START if fmnist_database else 0
+  db_source = {"dataset": "fashion_mnist" if fmnist_database else "synthetic",
+               "split": "train" if fmnist_database else "db", "start": first, "stop": first + n_db}
   db = store.write(os.path.join(data_dir, "database"), "database",
                    {"embeddings": rng.normal(size=(n_db, d)).astype(np.float32),
-                    "ids": np.arange(n_db, dtype=np.int64), "labels": np.zeros(n_db, np.int32)},
-                   encoder=encoder, source={"dataset": "synthetic", "split": "db", "start": 0, "stop": n_db})
+                    "ids": np.arange(first, first + n_db, dtype=np.int64), "labels": np.zeros(n_db, np.int32)},
+                   encoder=encoder, source=db_source)
   for part, n in (("train", n_train), ("test", n_train // 2)):
     ids = np.arange(n, dtype=np.int64)
     store.write(os.path.join(data_dir, f"latents_{part}"), "latents",
@@ -111,3 +121,18 @@ def tiny_config(data_dir: str):
   c.optim.warmup_steps = 2
   c.k_train = 4
   return c
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """(data_dir, workdir) of one tiny training run with checkpoints at steps 2 and 4 (and their
+  digests), its database sourced from Fashion-MNIST rows. Shared: tests copy it before changing it."""
+  import subprocess
+  root = tmp_path_factory.mktemp("trained")
+  data_dir = str(root / "data")
+  make_tiny_stores(data_dir, fmnist_database=True)
+  workdir = str(root / "run")
+  out = subprocess.run(train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2"),
+                       env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return data_dir, workdir

@@ -26,18 +26,6 @@ def _run(cmd):
   return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A tiny run with checkpoints at steps 2 and 4 (and their digests)."""
-  root = tmp_path_factory.mktemp("faults")
-  data_dir = str(root / "data")
-  make_tiny_stores(data_dir)
-  workdir = str(root / "run")
-  out = _run(train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2"))
-  assert out.returncode == 0, out.stderr[-3000:]
-  return data_dir, workdir
-
-
 def _restore(data_dir, workdir, step=None):
   config = tiny_config(data_dir)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())

@@ -19,9 +19,27 @@ def grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.nda
   return out
 
 
+def _like(images: np.ndarray, hw: tuple[int, int], channels: int) -> np.ndarray:
+  """uint8 [N, h, w, c] -> [N, H, W, channels]: bilinear resize and grey <-> RGB as needed."""
+  if images.shape[1:3] != tuple(hw):
+    images = np.stack([np.asarray(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im)
+                                  .resize((hw[1], hw[0]), Image.BILINEAR)).reshape(hw + (im.shape[-1],))
+                       for im in images])
+  if images.shape[-1] != channels:
+    images = images.repeat(channels, axis=-1) if images.shape[-1] == 1 else \
+        np.round(images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(np.uint8)
+  return images
+
+
 def neighbor_panel(neighbors: np.ndarray, samples: np.ndarray, gap: int = 8) -> np.ndarray:
-  """Rows of [k neighbour images | gap | sample]: neighbors [B, k, H, W, C], samples [B, H, W, C]."""
+  """Rows of [k neighbour images | gap | sample]: neighbors [B, k, h, w, c], samples [B, H, W, C].
+
+  Neighbours of another size or channel count (a database from another dataset) are shown
+  resized and converted to the samples' H, W, C.
+  """
   b, k = neighbors.shape[:2]
+  neighbors = _like(neighbors.reshape((b * k,) + neighbors.shape[2:]), samples.shape[1:3],
+                    samples.shape[-1]).reshape((b, k) + samples.shape[1:])
   left = grid(neighbors.reshape((b * k,) + neighbors.shape[2:]), ncol=k)
   right = grid(samples, ncol=1)
   spacer = np.full((left.shape[0], gap, left.shape[2]), 255, np.uint8)

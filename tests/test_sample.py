@@ -1,0 +1,139 @@
+"""The sample job: batching and keys, exemplar conditioning, neighbour pixels, the trained (EMA)
+weights, and what it writes.
+
+References: brute-force cosine neighbours in NumPy; Fashion-MNIST pixels read straight from
+the IDX file (16-byte header, then rows of 28x28 bytes); the batching rule of
+`sample_in_batches`' docstring written out with a sampler whose output is known.
+"""
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import FMNIST_DB_START, REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env, tiny_config
+
+from rdm_jax import checkpoint, conditioning, config_base, training
+from rdm_jax.data import store
+from rdm_jax.sample import sample_in_batches
+
+FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def brute_force_neighbors(queries, database, k):
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  sims = unit(np.asarray(queries, np.float64)) @ unit(np.asarray(database, np.float64)).T
+  return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def test_sample_in_batches_pads_the_last_batch_and_gives_each_batch_its_key():
+  """7 rows in batches of 3: batches [0:3], [3:6], [6:7] padded to 3 rows; batch i uses fold_in(rng, i)."""
+  shapes = []
+
+  def sampler(params, context, key):  # row value: its context sum plus the key's noise for that row
+    shapes.append(context.shape)
+    return context.sum(axis=(1, 2)) * params + jax.random.uniform(key, (context.shape[0],))
+
+  context = np.arange(7 * 2 * 3, dtype=np.float32).reshape(7, 2, 3)
+  rng = jax.random.PRNGKey(5)
+  got = sample_in_batches(sampler, 10.0, context, 3, rng)
+  assert shapes == [(3, 2, 3)] * 3  # one compiled shape for every batch
+  want = []
+  for i, (a, b) in enumerate([(0, 3), (3, 6), (6, 7)]):
+    noise = np.asarray(jax.random.uniform(jax.random.fold_in(rng, i), (3,)))[: b - a]
+    want.append(context[a:b].sum(axis=(1, 2)) * 10.0 + noise)
+  np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-6)
+  # fewer rows than a batch: no padding, one call
+  shapes.clear()
+  assert sample_in_batches(sampler, 1.0, context[:2], 3, rng).shape == (2,) and shapes == [(2, 2, 3)]
+
+
+def test_exemplar_conditioning_retrieves_the_first_queries_neighbours(tiny_data):
+  config = tiny_config(tiny_data["data_dir"])
+  cond = conditioning.exemplar_conditioning(config, 5, 4, "test")
+  paths = config_base.paths(config)
+  queries = store.read(paths["embeddings_test"], "embeddings", hint="")["embeddings"][:5]
+  db = store.read(paths["database"], "database", hint="")["embeddings"]
+  want = brute_force_neighbors(queries, db, 4)
+  np.testing.assert_array_equal(cond.query_rows, np.arange(5))
+  np.testing.assert_array_equal(cond.neighbor_rows, want)
+  np.testing.assert_array_equal(cond.context, np.asarray(db)[want])
+  from rdm_jax.errors import UserError
+  with pytest.raises(UserError, match="trained with"):
+    conditioning.exemplar_conditioning(config, 5, 4, "test", encoder={"name": "another"})
+  with pytest.raises(UserError, match="asked for 99 samples"):
+    conditioning.exemplar_conditioning(config, 99, 4, "test")
+
+
+def _fmnist_train_rows(rows):
+  with gzip.open(FMNIST_TRAIN, "rb") as f:
+    raw = f.read()
+  assert int.from_bytes(raw[4:8], "big") == 60000
+  return np.frombuffer(raw, np.uint8, offset=16).reshape(60000, 28, 28)[rows]
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")
+def test_database_images_follow_the_stores_ids_to_the_source_pixels(tmp_path):
+  from conftest import make_tiny_stores
+  make_tiny_stores(str(tmp_path / "data"), fmnist_database=True)
+  config = tiny_config(str(tmp_path / "data"))
+  db = store.read(config_base.paths(config)["database"], "database", hint="")
+  rows = np.array([[3, 0], [39, 3]])
+  got = conditioning.database_images(db, config.dataset, rows)
+  assert got.shape == (2, 2, 28, 28, 1)
+  np.testing.assert_array_equal(got[..., 0], _fmnist_train_rows(FMNIST_DB_START + rows))
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")
+def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_path):
+  data_dir, original = trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(original, workdir)
+  cmd = [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+         f"--config.data_dir={data_dir}", *TINY_OVERRIDES, "--config.sample.num_images=5",
+         "--config.sample.batch_size=2", "--config.sample.num_steps=3"]
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = np.load(os.path.join(workdir, "samples", "samples.npz"))
+  assert int(got["checkpoint_step"]) == 4 and str(got["condition"]) == "exemplar"
+  assert got["latents"].shape == (5, 8, 8, 1) and got["images"].shape[0] == 5
+  config = tiny_config(data_dir)
+  paths = config_base.paths(config)
+  queries = store.read(paths["embeddings_test"], "embeddings", hint="")["embeddings"][:5]
+  db = store.read(paths["database"], "database", hint="")["embeddings"]
+  np.testing.assert_array_equal(got["query_rows"], np.arange(5))
+  np.testing.assert_array_equal(got["neighbor_rows"], brute_force_neighbors(queries, db, 4))
+  for name in ("final_samples.png", "final_neighbors_and_samples.png"):
+    assert os.path.getsize(os.path.join(workdir, "samples", name)) > 0
+  assert not [f for f in os.listdir(os.path.join(workdir, "samples")) if ".tmp" in f]
+
+  # the samples are those of the checkpoint's EMA weights, not of its raw weights
+  config.sample.num_steps, config.sample.batch_size = 3, 2
+  model, params, info, step = checkpoint.load_trained(config, workdir)
+  from test_faults import _restore
+  state = _restore(data_dir, workdir)
+  assert step == int(state.step) == 4
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params)))
+  sampler = training.make_sampler(model, training.make_schedule(config), (8, 8, 1), config.sample)
+  context = np.asarray(db)[got["neighbor_rows"]]
+  rng = jax.random.PRNGKey(config.train.seed + 7)
+  np.testing.assert_allclose(sample_in_batches(sampler, state.ema_params, context, 2, rng), got["latents"],
+                             rtol=1e-5, atol=1e-5)
+  raw = sample_in_batches(sampler, state.params, context, 2, rng)
+  assert np.abs(raw - got["latents"]).max() > 1e-4
+
+
+def test_neighbour_panel_shows_neighbours_of_another_size_at_the_samples_size():
+  """A database from another dataset: grey 6x6 neighbours beside RGB 3x3 samples (pad 2, gap 8)."""
+  from rdm_jax.data import visualize
+  neighbors = np.stack([np.full((6, 6, 1), 10, np.uint8), np.full((6, 6, 1), 200, np.uint8)])[None]
+  samples = np.full((1, 3, 3, 3), 77, np.uint8)
+  panel = visualize.neighbor_panel(neighbors, samples)
+  assert panel.shape == (2 + 3 + 2, (2 + 2 * (3 + 2)) + 8 + (2 + 3 + 2), 3)
+  np.testing.assert_array_equal(panel[2:5, 2:5], 10)    # first neighbour, resized, grey -> RGB
+  np.testing.assert_array_equal(panel[2:5, 7:10], 200)  # second neighbour
+  np.testing.assert_array_equal(panel[2:5, 22:25], 77)  # the sample
