@@ -223,3 +223,65 @@ def test_index_refuses_bad_input(tmp_path):
   with pytest.raises(UserError, match="another database"):
     index.load(str(tmp_path / "index"), other, index_cfg())
   assert os.path.isdir(str(tmp_path / "index"))
+
+
+def _tree_files(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(dirpath, f)
+      out[os.path.relpath(p, root)] = open(p, "rb").read().replace(str(root).encode(), b"ROOT")
+  return out
+
+
+def test_index_resumes_shard_by_shard_and_is_reused(tmp_path, monkeypatch):
+  """Interrupted after its second shard, then while finishing: the rerun builds only what is
+  missing and writes the uninterrupted build's files; `ensure` then reuses the index as it is."""
+  rng = np.random.default_rng(4)
+  x = exact.l2_normalize(rng.normal(size=(900, 16)).astype(np.float32), "x")
+  db = write_database(tmp_path / "db", x)
+  cfg = index_cfg(kind="brute", shard_size=300, tune_queries=100)
+  straight = index.build(db, cfg, 10, str(tmp_path / "straight"), log=lambda m: None)
+  assert len(straight.shards) == 3
+  built = []
+  real_build = index.build_scann
+
+  def counting_build(*args, **kwargs):
+    if len(built) == 2 and fail_at == "third shard":
+      raise KeyboardInterrupt
+    built.append(args[0].shape[0])
+    return real_build(*args, **kwargs)
+
+  monkeypatch.setattr(index, "build_scann", counting_build)
+  path = str(tmp_path / "resumed")
+  fail_at = "third shard"
+  with pytest.raises(KeyboardInterrupt):
+    index.build(db, cfg, 10, path, log=lambda m: None)
+  assert built == [300, 300] and not store.exists(path)
+
+  real_publish = store.publish
+
+  def interrupted_publish(*args):  # after the manifest is written and the tuning files removed
+    raise KeyboardInterrupt
+
+  fail_at = "publish"
+  monkeypatch.setattr(store, "publish", interrupted_publish)
+  with pytest.raises(KeyboardInterrupt):
+    index.build(db, cfg, 10, path, log=lambda m: None)
+  assert built == [300, 300, 300]  # only the missing shard was built
+  monkeypatch.setattr(store, "publish", real_publish)
+  resumed = index.build(db, cfg, 10, path, log=lambda m: None)
+  assert built == [300, 300, 300]  # nothing built again: the settings came from the partial's manifest
+  want = _tree_files(tmp_path / "straight")
+  got = _tree_files(path)
+  assert set(got) == set(want)
+  for name in want:
+    if name != "manifest.json":
+      assert got[name] == want[name], name
+  strip = lambda m: {k: v for k, v in m.items() if k != "build_seconds"}  # noqa: E731
+  assert strip(resumed.manifest) == strip(straight.manifest)
+  np.testing.assert_array_equal(resumed.search(x[:50], 10)[1], straight.search(x[:50], 10)[1])
+  logs = []
+  again = index.ensure(db, cfg, 10, path, log=logs.append)
+  assert built == [300, 300, 300] and "skipping" in logs[0]
+  assert again.manifest == resumed.manifest

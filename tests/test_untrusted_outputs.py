@@ -144,6 +144,24 @@ def test_writers_refuse_a_directory_of_user_files(tmp_path):
   assert _snapshot(user) == before and os.path.exists(str(tmp_path / "s.partial" / "mine.txt"))
 
 
+def test_a_job_killed_while_recording_its_inputs_resumes(tmp_path):
+  """kill -9 between writing `<store>.partial/inputs.json.<hex>.tmp` and renaming it (found by the
+  kill suite): the rerun takes the directory as its own, drops the temporary and finishes; a
+  file of anyone else's beside such a temporary is still refused."""
+  partial = tmp_path / "s.partial"
+  os.makedirs(partial)
+  (partial / "inputs.json.0123abcd.tmp").write_text('{"half": ')
+  out = store.write_chunked(str(tmp_path / "s"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None)
+  np.testing.assert_array_equal(out["x"], np.arange(10))
+  assert not os.path.exists(partial)
+  os.makedirs(tmp_path / "t.partial")
+  (tmp_path / "t.partial" / "inputs.json.0123abcd.tmp").write_text("")
+  (tmp_path / "t.partial" / "notes.txt").write_text("mine")
+  with pytest.raises(UserError, match="not an unfinished"):
+    store.write_chunked(str(tmp_path / "t"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None)
+  assert (tmp_path / "t.partial" / "notes.txt").read_text() == "mine"
+
+
 def _neighbors_cmd(tmp_path, out, *extra):
   return [sys.executable, "-m", "rdm_jax.jobs.neighbors", f"--config={CONFIG}", f"--config.data_dir={tmp_path / 'data'}",
           "--config.retrieval.num_neighbors=5", "--config.retrieval.chunk_size=64",

@@ -171,11 +171,17 @@ def _manifest_kind(path: str) -> str | None:
   return manifest.get("kind") if isinstance(manifest, dict) else None
 
 
+_INPUTS_TMP = re.compile(re.escape(INPUTS) + r"\.[0-9a-f]{8}\.tmp")  # _tmp_name(INPUTS)
+
+
 def _is_partial_store(partial: str) -> bool:
-  """A `<store>.partial` a job of ours made: a real directory, empty or holding our inputs record."""
+  """A `<store>.partial` a job of ours made: a real directory, empty, holding our inputs record, or
+  holding nothing but the temporary of that record (a job killed while writing it)."""
   if os.path.islink(partial) or not os.path.isdir(partial):
     return False
-  return not os.listdir(partial) or os.path.isfile(os.path.join(partial, INPUTS)) or exists(partial)
+  names = os.listdir(partial)
+  return (all(_INPUTS_TMP.fullmatch(n) for n in names) or os.path.isfile(os.path.join(partial, INPUTS))
+          or exists(partial))
 
 
 def check_output(path: str, kind: str) -> str:
@@ -505,6 +511,9 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
     log(f"{partial} holds work made from other inputs; starting over")
     shutil.rmtree(partial)
   os.makedirs(partial, exist_ok=True)
+  for name in os.listdir(partial):  # the record's temporaries from a run killed while writing it
+    if _INPUTS_TMP.fullmatch(name):
+      os.remove(os.path.join(partial, name))
   if current() != text:
     atomic_write_text(inputs_path, text)
   return partial

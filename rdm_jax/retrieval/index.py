@@ -313,15 +313,21 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
     check_embeddings(database, f"database {database.path}")
     t0 = time.time()
     search = {}
+    finished = _partial_manifest_search(partial)  # a run killed while finishing had written these
     for shard in shards:
       if not shard["dir"]:
         continue
       final = os.path.join(partial, shard["dir"])
       tuned = final + ".search.json"  # the shard's tuned search settings, written before the shard
-      if os.path.isdir(final):
+      if os.path.isdir(final) and os.path.isfile(tuned):
         with open(tuned) as f:
           search[shard["dir"]] = json.load(f)
         continue
+      if os.path.isdir(final) and shard["dir"] in finished:
+        search[shard["dir"]] = finished[shard["dir"]]
+        continue
+      if os.path.isdir(final):
+        shutil.rmtree(final)  # built, but its search settings were lost: build it again (deterministic)
       recipe = Recipe(**shard["recipe"])
       t = time.time()
       data = exact.l2_normalize(store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
@@ -345,8 +351,9 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
       lock.refresh()
       log(f"{path}: shard rows {shard['start']}:{shard['stop']} built in {build_s:.1f} s "
           f"(+{time.time() - t - build_s:.1f} s reading, tuning the search, writing)")
-    for name in search:
-      os.remove(os.path.join(partial, name + ".search.json"))  # ours; the manifest holds them now
+    for name in os.listdir(partial):  # temporaries of a run killed while writing them (ours)
+      if name.endswith(".tmp"):
+        (shutil.rmtree if os.path.isdir(os.path.join(partial, name)) else os.remove)(os.path.join(partial, name))
     shard_files = {s["dir"]: {f: os.path.getsize(os.path.join(partial, s["dir"], f))
                               for f in sorted(os.listdir(os.path.join(partial, s["dir"])))}
                    for s in shards if s["dir"]}
@@ -357,8 +364,21 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
                     build_seconds=round(time.time() - t0, 1), made_by="rdm_jax.jobs.index",
                     shard_files=shard_files, search=search, **fields)
     store.atomic_write_text(os.path.join(partial, store.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    for name in search:  # ours; the manifest holds them now
+      if os.path.isfile(os.path.join(partial, name + ".search.json")):
+        os.remove(os.path.join(partial, name + ".search.json"))
     store.publish(partial, path, KIND)
   return load(path, database, cfg)
+
+
+def _partial_manifest_search(partial: str) -> dict[str, Any]:
+  """The per-shard search settings in a manifest an interrupted build wrote into its partial."""
+  try:
+    with open(os.path.join(partial, store.MANIFEST)) as f:
+      search = json.load(f).get("search", {})
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return search if isinstance(search, dict) else {}
 
 
 def _check_shards(path: str, m: dict) -> None:

@@ -1,0 +1,69 @@
+"""The encode and embed jobs on small parts of the real Fashion-MNIST: chunks that cut across
+batches and a padded last batch give the rows an image-by-image computation gives.
+
+References: pixels and labels read straight from the IDX files (16- and 8-byte headers); the
+identity first stage written out (x / 127.5 - 1, padded with -1 to 32x32); embeddings of each
+image computed alone (a batch of one: no padding anywhere).
+"""
+
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, TRAIN_CONFIG, subprocess_env
+
+from rdm_jax.data import store
+from rdm_jax.models import efficientnet_lite
+
+IDX = "/usr/share/datasets/fashion-mnist"
+pytestmark = pytest.mark.skipif(not os.path.isdir(IDX), reason="needs dataset-fashion-mnist (make data)")
+
+
+def idx_rows(stem, header, shape, rows):
+  with gzip.open(os.path.join(IDX, stem + ".gz"), "rb") as f:
+    raw = f.read()
+  return np.frombuffer(raw, np.uint8, offset=header).reshape((-1,) + shape)[rows]
+
+
+SMALL = ["--config.dataset.parts.train.stop=50", "--config.dataset.parts.test.stop=20",
+         "--config.dataset.parts.database.start=40000", "--config.dataset.parts.database.stop=40030",
+         "--config.retrieval.batch_size=16",  # 50 = 3 x 16 + 2, 30 = 16 + 14: the last batch is padded
+         "--config.retrieval.chunk_size=24",  # chunks cut across batches
+         "--config.retrieval.image_size=32"]
+
+
+def run_job(module, data_dir, part):
+  """The job as a user runs it (each job module owns its command-line flags)."""
+  cmd = [sys.executable, "-m", module, f"--config={TRAIN_CONFIG}", f"--config.data_dir={data_dir}",
+         f"--parts={part}", *SMALL]
+  out = subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_encode_job_writes_the_identity_latents_of_the_parts_rows(tmp_path):
+  run_job("rdm_jax.jobs.encode", str(tmp_path), "train")
+  out = store.read(str(tmp_path / "latents_train"), "latents", hint="")
+  images = idx_rows("train-images-idx3-ubyte", 16, (28, 28), np.arange(50)).astype(np.float64)
+  want = np.pad(images / 127.5 - 1.0, ((0, 0), (2, 2), (2, 2)), constant_values=-1.0)[..., None]
+  np.testing.assert_allclose(out["latents"], want, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(out["ids"], np.arange(50))
+  np.testing.assert_array_equal(out["labels"], idx_rows("train-labels-idx1-ubyte", 8, (), np.arange(50)))
+
+
+def test_embed_job_equals_embedding_each_image_alone(tmp_path):
+  import jax
+  run_job("rdm_jax.jobs.embed", str(tmp_path), "database")
+  out = store.read(str(tmp_path / "database"), "database", hint="")
+  rows = np.arange(40000, 40030)
+  images = idx_rows("train-images-idx3-ubyte", 16, (28, 28), rows)[..., None]
+  params = efficientnet_lite.load_params()
+  model = efficientnet_lite.EfficientNetLite0()
+  one = jax.jit(lambda x: model.apply({"params": params}, efficientnet_lite.preprocess(x, 32))[0])
+  want = np.concatenate([np.asarray(one(images[i:i + 1])) for i in range(len(images))])
+  assert out["embeddings"].shape == (30, efficientnet_lite.EMBED_DIM)
+  np.testing.assert_allclose(out["embeddings"], want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(out["ids"], rows)
+  np.testing.assert_array_equal(out["labels"], idx_rows("train-labels-idx1-ubyte", 8, (), rows))

@@ -1,0 +1,138 @@
+"""kill -9 every job at seeded commit points, rerun it, and get what an uninterrupted run writes.
+
+The jobs run on small parts of the real Fashion-MNIST (encode, embed, index, neighbours) or on
+the shared tiny training run (sample, evaluate), under `tests/kill_at.py`, which SIGKILLs the
+process just before its N-th `os.replace` (its N-th commit). N is drawn with a fixed seed from
+the commit points an uninterrupted run goes through. After the kill the job is run again, and
+every file it writes must equal, byte for byte, the uninterrupted run's (manifests compared
+with the run's own directory written as ROOT); nothing half-written may be read on the way.
+Training is SIGKILLed in test_train_job.py. Slow (about 40 subprocess runs): `-m slow`.
+"""
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                                 reason="needs dataset-fashion-mnist (make data)")]
+
+KILL_AT = os.path.join(REPO, "tests", "kill_at.py")
+SMALL = [  # 96 train, 40 test, 80 database images: several chunks and a padded last batch
+    "--config.dataset.parts.train.stop=96", "--config.dataset.parts.test.stop=40",
+    "--config.dataset.parts.database.start=40000", "--config.dataset.parts.database.stop=40080",
+    "--config.retrieval.batch_size=32", "--config.retrieval.chunk_size=40", "--config.retrieval.image_size=32",
+    "--config.retrieval.recall_sample=20",
+    "--config.retrieval.index.kind=brute", "--config.retrieval.index.shard_size=32",  # 3 ScaNN shards
+    "--config.retrieval.index.tune_queries=20",
+]
+PIPELINE = [  # (job, the stores it writes)
+    ("rdm_jax.jobs.encode", ["latents_train", "latents_test"]),
+    ("rdm_jax.jobs.embed", ["database", "embeddings_train", "embeddings_test"]),
+    ("rdm_jax.jobs.index", ["database_index"]),
+    ("rdm_jax.jobs.neighbors", ["neighbors_train", "neighbors_test", "proposal"]),
+]
+POINTS_PER_JOB = int(os.environ.get("KILL_POINTS_PER_JOB", "2"))  # a large number: every commit point
+
+
+def run(module, args, kill_at=0, count_file=""):
+  cmd = [sys.executable, KILL_AT, str(kill_at), count_file, module, f"--config={TRAIN_CONFIG}", *args]
+  return subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def assert_same_files(got_root, got, want_root, want):
+  """Every file under `want` is under `got` with the same bytes (text: ROOT for the run's dir)."""
+  for dirpath, _, files in os.walk(want):
+    for name in files:
+      a = os.path.join(got, os.path.relpath(os.path.join(dirpath, name), want))
+      b = os.path.join(dirpath, name)
+      assert os.path.isfile(a), f"{a} missing after the rerun"
+      if name.endswith(".json"):
+        assert open(a).read().replace(got_root, "ROOT") == open(b).read().replace(want_root, "ROOT"), a
+      else:
+        assert filecmp.cmp(a, b, shallow=False), f"{a} differs from the uninterrupted run's"
+  leftovers = [f for _, _, fs in os.walk(got) for f in fs if ".tmp" in f or ".partial" in f]
+  assert not leftovers, leftovers
+
+
+def kill_points(count: int, seed: int) -> list[int]:
+  """POINTS_PER_JOB distinct commit points in [1, count], drawn with a fixed seed."""
+  return sorted(np.random.default_rng(seed).choice(np.arange(1, count + 1), min(POINTS_PER_JOB, count),
+                                                    replace=False).tolist())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The data pipeline run uninterrupted: (root, {job: commits}), each job's inputs kept aside."""
+  root = tmp_path_factory.mktemp("uninterrupted")
+  data = str(root / "data")
+  commits = {}
+  for i, (module, outputs) in enumerate(PIPELINE):
+    shutil.copytree(data, str(root / f"before_{i}")) if os.path.isdir(data) else None
+    count_file = str(root / f"count_{i}")
+    out = run(module, [f"--config.data_dir={data}", *SMALL], count_file=count_file)
+    assert out.returncode == 0, out.stderr[-3000:]
+    commits[module] = int(open(count_file).read())
+  return str(root), commits
+
+
+@pytest.mark.parametrize("step", range(len(PIPELINE)), ids=[m.split(".")[-1] for m, _ in PIPELINE])
+def test_data_jobs_killed_at_seeded_commits_then_rerun_equal_uninterrupted(reference, tmp_path, step):
+  root, commits = reference
+  module, outputs = PIPELINE[step]
+  for n in kill_points(commits[module], seed=step):
+    data = str(tmp_path / f"killed_{n}" / "data")
+    if step:
+      shutil.copytree(os.path.join(root, f"before_{step}"), data)
+    args = [f"--config.data_dir={data}", *SMALL]
+    killed = run(module, args, kill_at=n)
+    assert killed.returncode == -9, (n, killed.stderr[-2000:])
+    again = run(module, args)
+    assert again.returncode == 0, (n, again.stderr[-3000:])
+    for name in outputs:
+      assert_same_files(data, os.path.join(data, name), os.path.join(root, "data"), os.path.join(root, "data", name))
+
+
+def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterrupted(trained, tmp_path):
+  data_dir, original = trained
+  ref_images = np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
+  np.savez(tmp_path / "ref.npz", images=ref_images)
+
+  def fresh(name, samples_from=None):
+    """A copy of the trained run and of its data (the evaluate job caches features in the data dir)."""
+    shutil.copytree(original, str(tmp_path / name / "run"))
+    shutil.copytree(data_dir, str(tmp_path / name / "data"))
+    if samples_from:
+      shutil.copytree(os.path.join(samples_from, "run", "samples"), str(tmp_path / name / "run" / "samples"))
+    return str(tmp_path / name)
+
+  def args(module, base):
+    common = [f"--workdir={base}/run", f"--config.data_dir={base}/data", *TINY_OVERRIDES]
+    if module == "rdm_jax.sample":
+      return common + ["--config.sample.num_images=5", "--config.sample.batch_size=2", "--config.sample.num_steps=3"]
+    return common + [f"--samples={base}/run/samples/samples.npz", "--config.eval.image_size=32",
+                     f"--config.eval.reference={tmp_path}/ref.npz", "--config.eval.baseline_part=",
+                     "--config.eval.kid_subsets=3"]
+
+  straight = fresh("straight")
+  counts = {}
+  for module in ("rdm_jax.sample", "rdm_jax.evaluate"):
+    out = run(module, args(module, straight), count_file=str(tmp_path / "count"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts[module] = int(open(tmp_path / "count").read())
+
+  for seed, module in enumerate(("rdm_jax.sample", "rdm_jax.evaluate")):
+    for n in kill_points(counts[module], seed=10 + seed):
+      base = fresh(f"{module.split('.')[-1]}_{n}", samples_from=straight if module == "rdm_jax.evaluate" else None)
+      killed = run(module, args(module, base), kill_at=n)
+      assert killed.returncode == -9, (module, n, killed.stderr[-2000:])
+      again = run(module, args(module, base))
+      assert again.returncode == 0, (module, n, again.stderr[-3000:])
+      for name in ("run/samples",) if module == "rdm_jax.sample" else ("run/eval", "data/eval_cache"):
+        assert_same_files(base, os.path.join(base, name), straight, os.path.join(straight, name))
