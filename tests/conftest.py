@@ -125,14 +125,17 @@ def tiny_config(data_dir: str):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-  """(data_dir, workdir) of one tiny training run with checkpoints at steps 2 and 4 (and their
-  digests), its database sourced from Fashion-MNIST rows. Shared: tests copy it before changing it."""
+  """(data_dir, workdir) of one tiny training run with checkpoints and training-time samples at
+  steps 2 and 4 (4 images, 2 DDIM steps), its database sourced from Fashion-MNIST rows. Shared:
+  tests copy it before changing it."""
   import subprocess
   root = tmp_path_factory.mktemp("trained")
   data_dir = str(root / "data")
   make_tiny_stores(data_dir, fmnist_database=True)
   workdir = str(root / "run")
-  out = subprocess.run(train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2"),
+  out = subprocess.run(train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
+                                     "--config.train.sample_every=2", "--config.train.num_sample_images=4",
+                                     "--config.sample.num_steps=2"),
                        env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   return data_dir, workdir

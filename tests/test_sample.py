@@ -137,3 +137,30 @@ def test_neighbour_panel_shows_neighbours_of_another_size_at_the_samples_size():
   np.testing.assert_array_equal(panel[2:5, 2:5], 10)    # first neighbour, resized, grey -> RGB
   np.testing.assert_array_equal(panel[2:5, 7:10], 200)  # second neighbour
   np.testing.assert_array_equal(panel[2:5, 22:25], 77)  # the sample
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")
+def test_training_writes_samples_of_its_ema_weights_every_sample_every_steps(trained):
+  """sample_every=2 over 4 steps: grids at steps 2 and 4, each the step's EMA weights sampled with
+  key seed+1 from the first 4 test queries (2 DDIM steps), decoded and laid out 4 to a row."""
+  from PIL import Image
+  from rdm_jax.data import visualize
+  from rdm_jax.models import first_stage
+  from test_faults import _restore
+  data_dir, workdir = trained
+  config = tiny_config(data_dir)
+  config.sample.num_steps = 2
+  cond = conditioning.exemplar_conditioning(config, 4, 4, "test")
+  files = sorted(os.listdir(os.path.join(workdir, "samples")))
+  assert files == ["neighbors_and_samples_0000002.png", "neighbors_and_samples_0000004.png",
+                   "samples_0000002.png", "samples_0000004.png"]
+  for step in (2, 4):
+    state = _restore(data_dir, workdir, step)
+    sampler = training.make_sampler(training.make_model(config), training.make_schedule(config), (8, 8, 1),
+                                    config.sample)
+    z = sampler(state.ema_params, cond.context, jax.random.PRNGKey(config.train.seed + 1))
+    images = first_stage.decode(config.first_stage, np.asarray(z), (8, 8))
+    want = visualize.grid(images, 4).repeat(2, 0).repeat(2, 1)[..., 0]
+    got = np.asarray(Image.open(os.path.join(workdir, "samples", f"samples_{step:07d}.png")))
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float noise may flip a rounding

@@ -357,6 +357,27 @@ def test_eval_cache_follows_image_content(tmp_path):
   second = sample_sets.cached_features(config, _FakeExtractor(), images, source)
   assert first["features"][1, 0] == 10 and second["features"][1, 0] == 200
 
+  class Doubled(_FakeExtractor):  # another extractor (other weights, size...): never its features
+    identity = {"name": "fake", "image_size": 64}
+
+    def __call__(self, images, what=""):
+      out = super().__call__(images, what)
+      return {"features": 2 * out["features"], "logits": out["logits"]}
+
+  third = sample_sets.cached_features(config, Doubled(), images, source)
+  assert third["features"][1, 0] == 400
+
+  class Counting(_FakeExtractor):
+    calls = 0
+
+    def __call__(self, images, what=""):
+      Counting.calls += 1
+      return super().__call__(images, what)
+
+  # the first extractor's features for these images are still cached: read, not recomputed
+  assert sample_sets.cached_features(config, Counting(), images, source)["features"][1, 0] == 200
+  assert Counting.calls == 0
+
 
 def test_image_folders_do_not_follow_directory_links(tmp_path):
   from PIL import Image
