@@ -1,0 +1,45 @@
+"""The context ablation's three losses, worked by hand with an oracle model.
+
+With alpha_bar_t = 1/2 at every t and the model eps(z_t, t, ctx) = (z_t - sqrt(a) X) / sqrt(1 - a),
+X = the context reshaped to a latent, the error is sqrt(a / (1 - a)) (z0 - X) = z0 - X whatever
+t and the noise: the loss is 0 with each example's own latent as its neighbour, mean(z0^2) with
+the zeros context, and mean((z0 - z0 of the example the shuffle pairs it with)^2) with shuffled
+neighbours (the job's documented pairing: permutation default_rng([seed, repeat, first row])).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rdm_jax.data.pipeline import RetrievalData
+from rdm_jax.diffusion.schedule import Schedule
+from rdm_jax.jobs.context_ablation import context_losses
+
+
+class OracleModel:
+  def __init__(self, schedule):
+    self.a = schedule.alphas_cumprod
+
+  def apply(self, variables, z_t, t, ctx):
+    a = self.a[t][:, None, None, None]
+    return (z_t - jnp.sqrt(a) * ctx[:, 0].reshape(z_t.shape)) / jnp.sqrt(1 - a)
+
+
+def test_context_losses_by_hand():
+  rng = np.random.default_rng(0)
+  n, batch, repeats, seed = 8, 4, 2, 3
+  z0 = rng.normal(size=(n, 2, 2, 1)).astype(np.float32)
+  data = RetrievalData(latents=z0, neighbor_ids=np.arange(n)[:, None], database=z0.reshape(n, 4),
+                       latents_store=None, neighbors_store=None, database_store=None)
+  half = Schedule(betas=jnp.zeros(10), alphas_cumprod=jnp.full(10, 0.5))
+  got = context_losses(OracleModel(half), {}, half, data, k=1, num_examples=n, repeats=repeats, batch=batch, seed=seed)
+  shuffled = []
+  for r in range(repeats):
+    for a in range(0, n, batch):
+      perm = np.random.default_rng([seed, r, a]).permutation(batch)
+      shuffled.append(np.mean((z0[a:a + batch] - z0[a:a + batch][perm]) ** 2, axis=(1, 2, 3)))
+  assert got["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
+  assert got["zeros_context"] == pytest.approx(float(np.mean(z0.astype(np.float64) ** 2)), rel=1e-5)
+  assert got["shuffled_neighbors"] == pytest.approx(float(np.mean(shuffled)), rel=1e-5)
+  assert got["shuffled_neighbors"] > 0.5  # the pairing really moves examples
+  assert (got["examples"], got["repeats"]) == (n, repeats)
