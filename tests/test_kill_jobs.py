@@ -10,6 +10,7 @@ Training is SIGKILLed in test_train_job.py. Slow (about 40 subprocess runs): `-m
 """
 
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env
+
+from rdm_jax.retrieval import index
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
@@ -46,15 +49,28 @@ def run(module, args, kill_at=0, count_file=""):
   return subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
+def _json(path, root):
+  """A JSON file with the run's directory written as ROOT and the measured times left out."""
+  return index.without_timings(json.loads(open(path).read().replace(root, "ROOT")))
+
+
 def assert_same_files(got_root, got, want_root, want):
-  """Every file under `want` is under `got` with the same bytes (text: ROOT for the run's dir)."""
+  """Every file under `want` is under `got` with the same bytes; JSON with ROOT for the run's
+  directory and without measured times (an index manifest's build time and ms per query); .npz
+  by its arrays (zip members carry the time they were written)."""
   for dirpath, _, files in os.walk(want):
     for name in files:
       a = os.path.join(got, os.path.relpath(os.path.join(dirpath, name), want))
       b = os.path.join(dirpath, name)
       assert os.path.isfile(a), f"{a} missing after the rerun"
       if name.endswith(".json"):
-        assert open(a).read().replace(got_root, "ROOT") == open(b).read().replace(want_root, "ROOT"), a
+        assert _json(a, got_root) == _json(b, want_root), a
+      elif name.endswith(".npz"):
+        with np.load(a) as x, np.load(b) as y:
+          assert sorted(x.files) == sorted(y.files), a
+          for key in x.files:
+            assert np.array_equal(x[key], y[key]) or str(x[key]).replace(got_root, "ROOT") == \
+                str(y[key]).replace(want_root, "ROOT"), (a, key)
       else:
         assert filecmp.cmp(a, b, shallow=False), f"{a} differs from the uninterrupted run's"
   leftovers = [f for _, _, fs in os.walk(got) for f in fs if ".tmp" in f or ".partial" in f]

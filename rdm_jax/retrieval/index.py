@@ -371,6 +371,18 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
   return load(path, database, cfg)
 
 
+TIMINGS = ("build_seconds", "ms_per_query")  # measured, so different on every build
+
+
+def without_timings(value: Any) -> Any:
+  """A manifest (or part of one) without the measured times, at any depth."""
+  if isinstance(value, dict):
+    return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+  if isinstance(value, list):
+    return [without_timings(v) for v in value]
+  return value
+
+
 def _partial_manifest_search(partial: str) -> dict[str, Any]:
   """The per-shard search settings in a manifest an interrupted build wrote into its partial."""
   try:
@@ -477,7 +489,9 @@ class Index:
 
   @property
   def fingerprint(self) -> str:
-    return store.fingerprint(self.manifest)
+    """What the index is (shards, files, search settings, recall), not how long it took: a
+    deterministic rebuild has the same fingerprint, so the neighbours made with it stay valid."""
+    return store.fingerprint(without_timings(self.manifest))
 
   def _shard_bytes(self, i: int) -> float:
     s = self.shards[i]
