@@ -85,25 +85,33 @@ def kill_points(count: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The data pipeline run uninterrupted: (root, {job: commits}), each job's inputs kept aside."""
-  root = tmp_path_factory.mktemp("uninterrupted")
-  data = str(root / "data")
+  """The data pipeline run uninterrupted in one directory: (that data dir, snapshots, {job: commits}).
+
+  Every run of this module uses the same data directory (manifests record absolute paths, and
+  the neighbour job's inputs include the index's), restored from the snapshot taken before
+  the job: `before_<i>`; `after_<i>` holds the job's outputs as the uninterrupted run wrote them.
+  """
+  root = tmp_path_factory.mktemp("kill_jobs")
+  data = str(root / "work" / "data")
   commits = {}
   for i, (module, outputs) in enumerate(PIPELINE):
-    shutil.copytree(data, str(root / f"before_{i}")) if os.path.isdir(data) else None
+    if os.path.isdir(data):
+      shutil.copytree(data, str(root / f"before_{i}"))
     count_file = str(root / f"count_{i}")
     out = run(module, [f"--config.data_dir={data}", *SMALL], count_file=count_file)
     assert out.returncode == 0, out.stderr[-3000:]
     commits[module] = int(open(count_file).read())
-  return str(root), commits
+    for name in outputs:
+      shutil.copytree(os.path.join(data, name), str(root / f"after_{i}" / name))
+  return data, str(root), commits
 
 
 @pytest.mark.parametrize("step", range(len(PIPELINE)), ids=[m.split(".")[-1] for m, _ in PIPELINE])
-def test_data_jobs_killed_at_seeded_commits_then_rerun_equal_uninterrupted(reference, tmp_path, step):
-  root, commits = reference
+def test_data_jobs_killed_at_seeded_commits_then_rerun_equal_uninterrupted(reference, step):
+  data, root, commits = reference
   module, outputs = PIPELINE[step]
   for n in kill_points(commits[module], seed=step):
-    data = str(tmp_path / f"killed_{n}" / "data")
+    shutil.rmtree(data, ignore_errors=True)
     if step:
       shutil.copytree(os.path.join(root, f"before_{step}"), data)
     args = [f"--config.data_dir={data}", *SMALL]
@@ -112,7 +120,7 @@ def test_data_jobs_killed_at_seeded_commits_then_rerun_equal_uninterrupted(refer
     again = run(module, args)
     assert again.returncode == 0, (n, again.stderr[-3000:])
     for name in outputs:
-      assert_same_files(data, os.path.join(data, name), os.path.join(root, "data"), os.path.join(root, "data", name))
+      assert_same_files(data, os.path.join(data, name), data, os.path.join(root, f"after_{step}", name))
 
 
 def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterrupted(trained, tmp_path):
@@ -125,7 +133,8 @@ def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterru
     shutil.copytree(original, str(tmp_path / name / "run"))
     shutil.copytree(data_dir, str(tmp_path / name / "data"))
     if samples_from:
-      shutil.copytree(os.path.join(samples_from, "run", "samples"), str(tmp_path / name / "run" / "samples"))
+      shutil.copytree(os.path.join(samples_from, "run", "samples"), str(tmp_path / name / "run" / "samples"),
+                      dirs_exist_ok=True)
     return str(tmp_path / name)
 
   def args(module, base):

@@ -434,9 +434,9 @@ def test_source_identity_names_the_image_files(tmp_path):
   assert sources.part_source(c.dataset, "train") != a
 
 
-def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path):
+def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path, trained):
   data_dir = str(tmp_path / "data")
-  make_tiny_stores(data_dir)
+  shutil.copytree(trained[0], data_dir)
   user = str(tmp_path / "notes")
   before = _user_dir(user)
 
@@ -449,8 +449,9 @@ def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path):
   assert out.returncode == 2 and "no training run" in out.stderr and "Traceback" not in out.stderr
   assert _snapshot(user) == before
   workdir = str(tmp_path / "run")
-  assert run(workdir, 2).returncode == 0
-  make_tiny_stores(data_dir, seed=1)  # the database (and the rest) re-made with other content
-  out = run(workdir, 4)
+  shutil.copytree(trained[1], workdir)  # a run of 4 steps on these stores
+  shutil.rmtree(data_dir)
+  make_tiny_stores(data_dir, seed=1, fmnist_database=True)  # the database (and the rest) re-made with other content
+  out = run(workdir, 6)
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "trained with another database" in out.stderr
