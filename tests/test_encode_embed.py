@@ -67,3 +67,25 @@ def test_embed_job_equals_embedding_each_image_alone(tmp_path):
   np.testing.assert_allclose(out["embeddings"], want, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(out["ids"], rows)
   np.testing.assert_array_equal(out["labels"], idx_rows("train-labels-idx1-ubyte", 8, (), rows))
+
+
+def test_identity_first_stage_by_hand():
+  """27x26 pixels in a 32x32 latent: padded (2, 3) rows and (3, 3) columns with -1 (black); decode
+  crops the same window, rounds and clips; latents out of [-1, 1] come back clipped."""
+  import ml_collections as mlc
+  from rdm_jax.errors import UserError
+  from rdm_jax.models import first_stage
+  cfg = mlc.ConfigDict(dict(name="identity", pad_to=32))
+  images = np.random.default_rng(0).integers(0, 256, (2, 27, 26, 1), dtype=np.uint8)
+  z = first_stage.encode(cfg, images)
+  assert z.shape == (2, 32, 32, 1) and z.dtype == np.float32
+  np.testing.assert_allclose(z[:, 2:29, 3:29], images / 127.5 - 1.0, atol=1e-6)
+  assert (z[:, :2] == -1).all() and (z[:, 29:] == -1).all() and (z[:, :, :3] == -1).all() and (z[:, :, 29:] == -1).all()
+  np.testing.assert_array_equal(first_stage.decode(cfg, z, (27, 26)), images)
+  z[0, 2, 3, 0], z[0, 2, 4, 0] = 3.0, -7.0
+  out = first_stage.decode(cfg, z, (27, 26))
+  assert out[0, 0, 0, 0] == 255 and out[0, 0, 1, 0] == 0
+  with pytest.raises(UserError, match="do not fit"):
+    first_stage.encode(cfg, np.zeros((1, 33, 20, 1), np.uint8))
+  with pytest.raises(UserError, match="not available"):
+    first_stage.encode(mlc.ConfigDict(dict(name="vq_f4", pad_to=256)), images)
