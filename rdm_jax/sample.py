@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rdm_jax import checkpoint, conditioning, training
@@ -34,19 +33,6 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 
 NUM_SHOWN = 16
-
-
-def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng: jax.Array) -> np.ndarray:
-  """Latents for every context row, `batch_size` at a time (batch i uses fold_in(rng, i); the
-  last batch is padded so one compiled shape serves all)."""
-  out = []
-  for i, a in enumerate(range(0, len(context), batch_size)):
-    c = context[a:a + batch_size]
-    n = len(c)
-    if n < batch_size and len(context) > batch_size:
-      c = np.concatenate([c, np.zeros((batch_size - n,) + c.shape[1:], c.dtype)])
-    out.append(np.asarray(jax.device_get(sampler(params, jnp.asarray(c), jax.random.fold_in(rng, i))))[:n])
-  return np.concatenate(out)
 
 
 def main(argv):
@@ -64,7 +50,7 @@ def main(argv):
   else:
     fail(f"config.sample.condition={s.condition!r}; use 'exemplar' or 'proposal'")
   sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
-  z = sample_in_batches(sampler, params, cond.context, s.batch_size, jax.random.PRNGKey(config.train.seed + 7))
+  z = training.sample_in_batches(sampler, params, cond.context, s.batch_size, jax.random.PRNGKey(config.train.seed + 7))
   images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))
   out = os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)

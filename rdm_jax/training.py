@@ -14,10 +14,13 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rdm_jax.data import pipeline
 from rdm_jax.diffusion import ddim, schedule as schedule_lib
+from rdm_jax.errors import fail
 from rdm_jax.models.unet import UNet
 from rdm_jax.parallel import sharding
 
@@ -151,6 +154,49 @@ def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample
                             clip_x0=s.clip_x0 or None)
 
   return jax.jit(sample)
+
+
+def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng: jax.Array) -> np.ndarray:
+  """Latents for every context row, `batch_size` at a time (batch i uses fold_in(rng, i); the
+  last batch is padded so one compiled shape serves all)."""
+  out = []
+  for i, a in enumerate(range(0, len(context), batch_size)):
+    c = context[a:a + batch_size]
+    n = len(c)
+    if n < batch_size and len(context) > batch_size:
+      c = np.concatenate([c, np.zeros((batch_size - n,) + c.shape[1:], c.dtype)])
+    out.append(np.asarray(jax.device_get(sampler(params, jnp.asarray(c), jax.random.fold_in(rng, i))))[:n])
+  return np.concatenate(out)
+
+
+def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,
+                   repeats: int, batch: int = 256, seed: int = 0) -> dict[str, float]:
+  """Mean eps-MSE over the first `num_examples` of `data` for each context variant."""
+  n = min(num_examples, data.num_examples)
+
+  @jax.jit
+  def losses(z0, context, perm, rng):
+    def loss(ctx):
+      eps_fn = lambda z_t, t: model.apply({"params": params}, z_t, t, ctx)
+      return schedule_lib.eps_loss(eps_fn, sched, z0, rng, reduce=False)
+    return loss(context), loss(jnp.zeros_like(context)), loss(context[perm])
+
+  totals = np.zeros(3)
+  count = 0
+  for r in range(repeats):
+    for a in range(0, n - batch + 1, batch):
+      rows = np.arange(a, a + batch)
+      z0, context = pipeline.load_batch(data, rows, k, "first")
+      perm = np.random.default_rng([seed, r, a]).permutation(batch)
+      out = losses(jnp.asarray(z0), jnp.asarray(context), jnp.asarray(perm),
+                   jax.random.PRNGKey(seed * 1000003 + r * 7919 + a))
+      totals += np.array([float(np.sum(o)) for o in out])
+      count += batch
+  if count == 0:
+    fail(f"need at least {batch} test examples, have {n}")
+  true, zeros, shuffled = totals / count
+  return {"true_neighbors": true, "zeros_context": zeros, "shuffled_neighbors": shuffled, "examples": n,
+          "repeats": repeats}
 
 
 def put_batch(mesh: Mesh, rules, *local_arrays):

@@ -19,7 +19,7 @@ from conftest import FMNIST_DB_START, REPO, TINY_OVERRIDES, TRAIN_CONFIG, subpro
 
 from rdm_jax import checkpoint, conditioning, config_base, training
 from rdm_jax.data import store
-from rdm_jax.sample import sample_in_batches
+from rdm_jax.training import sample_in_batches
 
 FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 

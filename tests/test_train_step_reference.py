@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from rdm_jax import training
-from rdm_jax.diffusion import schedule as schedule_lib
 
 torch = pytest.importorskip("torch")
 

@@ -13,14 +13,10 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
 from rdm_jax import checkpoint, training
 from rdm_jax.data import pipeline
-from rdm_jax.diffusion import schedule as schedule_lib
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
 
@@ -29,43 +25,13 @@ _EXAMPLES = flags.DEFINE_integer("num_examples", 2048, "Test examples to average
 _REPEATS = flags.DEFINE_integer("repeats", 4, "Noise draws per example.")
 
 
-def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,
-                   repeats: int, batch: int = 256, seed: int = 0) -> dict[str, float]:
-  """Mean eps-MSE over the first `num_examples` of `data` for each context variant."""
-  n = min(num_examples, data.num_examples)
-
-  @jax.jit
-  def losses(z0, context, perm, rng):
-    def loss(ctx):
-      eps_fn = lambda z_t, t: model.apply({"params": params}, z_t, t, ctx)
-      return schedule_lib.eps_loss(eps_fn, sched, z0, rng, reduce=False)
-    return loss(context), loss(jnp.zeros_like(context)), loss(context[perm])
-
-  totals = np.zeros(3)
-  count = 0
-  for r in range(repeats):
-    for a in range(0, n - batch + 1, batch):
-      rows = np.arange(a, a + batch)
-      z0, context = pipeline.load_batch(data, rows, k, "first")
-      perm = np.random.default_rng([seed, r, a]).permutation(batch)
-      out = losses(jnp.asarray(z0), jnp.asarray(context), jnp.asarray(perm),
-                   jax.random.PRNGKey(seed * 1000003 + r * 7919 + a))
-      totals += np.array([float(np.sum(o)) for o in out])
-      count += batch
-  if count == 0:
-    fail(f"need at least {batch} test examples, have {n}")
-  true, zeros, shuffled = totals / count
-  return {"true_neighbors": true, "zeros_context": zeros, "shuffled_neighbors": shuffled, "examples": n,
-          "repeats": repeats}
-
-
 def main(argv):
   del argv
   config = cli.CONFIG.value
   workdir = _WORKDIR.value or fail("--workdir is required")
   model, params, info, step = checkpoint.load_trained(config, workdir)
   data = pipeline.load_retrieval_data(config, "test", encoder=info["encoder"])
-  result = context_losses(model, params, training.make_schedule(config), data, config.k_train,
+  result = training.context_losses(model, params, training.make_schedule(config), data, config.k_train,
                           _EXAMPLES.value, _REPEATS.value, seed=config.train.seed)
   result["checkpoint_step"] = step
   tmp = os.path.join(workdir, "context_ablation.json.tmp")
