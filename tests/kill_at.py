@@ -1,13 +1,14 @@
-"""Runs a job module and SIGKILLs it at the N-th call of `os.replace` (fault injection for tests).
+"""Runs a job module and SIGKILLs it at its N-th commit: the N-th call of `os.replace` or `os.rename`.
 
   python tests/kill_at.py N COUNT_FILE MODULE [ARGS...]
 
-Every file the jobs commit goes through `os.replace` (stores, index shards, sample sets,
-metrics), so the N-th call is the moment just before the N-th commit: everything before it
-is on disk, the N-th file is written under its temporary name, and nothing else runs (no
-`finally`, no atexit: what a preemption or an OOM kill leaves). N = 0 never kills; the
-number of calls is then written to COUNT_FILE, so a test can choose N among the real
-commit points of an uninterrupted run.
+Every file the jobs commit goes through one of the two (our stores, index shards, sample
+sets, metrics and checkpoint digests through `os.replace`; Orbax's checkpoint directories
+through `os.rename`, from its commit thread), so the N-th call is the moment just before the
+N-th commit: everything before it is on disk, the N-th is written under its temporary name,
+and nothing else runs (no `finally`, no atexit: what a preemption or an OOM kill leaves).
+N = 0 never kills; the number of calls is then written to COUNT_FILE, so a test can choose N
+among the real commit points of an uninterrupted run.
 """
 
 import atexit
@@ -19,17 +20,18 @@ import sys
 
 def main() -> None:
   kill_at, count_file, module = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-  real_replace = os.replace
   calls = 0
 
-  def replace(*args, **kwargs):
-    nonlocal calls
-    calls += 1
-    if calls == kill_at:
-      os.kill(os.getpid(), signal.SIGKILL)
-    return real_replace(*args, **kwargs)
+  def counted(real):
+    def commit(*args, **kwargs):
+      nonlocal calls
+      calls += 1
+      if calls == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return real(*args, **kwargs)
+    return commit
 
-  os.replace = replace
+  os.replace, os.rename = counted(os.replace), counted(os.rename)
   if count_file:
     atexit.register(lambda: open(count_file, "w").write(str(calls)))
   sys.argv = [module] + sys.argv[4:]

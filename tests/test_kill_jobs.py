@@ -2,11 +2,12 @@
 
 The jobs run on small parts of the real Fashion-MNIST (encode, embed, index, neighbours) or on
 the shared tiny training run (sample, evaluate), under `tests/kill_at.py`, which SIGKILLs the
-process just before its N-th `os.replace` (its N-th commit). N is drawn with a fixed seed from
+process just before its N-th commit (`os.replace` or `os.rename`). N is drawn with a fixed seed from
 the commit points an uninterrupted run goes through. After the kill the job is run again, and
 every file it writes must equal, byte for byte, the uninterrupted run's (manifests compared
 with the run's own directory written as ROOT); nothing half-written may be read on the way.
-Training is SIGKILLed in test_train_job.py. Slow (about 40 subprocess runs): `-m slow`.
+Training, killed at seeded commits too (checkpoints, digests), must resume to the uninterrupted
+run's final state. Slow (about 45 subprocess runs): `-m slow`.
 """
 
 import filecmp
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env
@@ -161,3 +163,24 @@ def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterru
       assert again.returncode == 0, (module, n, again.stderr[-3000:])
       for name in ("run/samples",) if module == "rdm_jax.sample" else ("run/eval", "data/eval_cache"):
         assert_same_files(base, os.path.join(base, name), straight, os.path.join(straight, name))
+
+
+def test_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tiny_data, tmp_path):
+  from test_train_job import _final_state
+  data_dir = tiny_data["data_dir"]
+  args = ["--config.train.num_steps=6", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10",
+          f"--config.data_dir={data_dir}", *TINY_OVERRIDES]
+  straight = str(tmp_path / "straight")
+  out = run("rdm_jax.train", [f"--workdir={straight}", *args], count_file=str(tmp_path / "count"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  want = _final_state(data_dir, straight, 6)
+  for n in kill_points(int(open(tmp_path / "count").read()), seed=20):
+    workdir = str(tmp_path / f"killed_{n}")
+    killed = run("rdm_jax.train", [f"--workdir={workdir}", *args], kill_at=n)
+    assert killed.returncode == -9, (n, killed.stderr[-2000:])
+    again = run("rdm_jax.train", [f"--workdir={workdir}", *args])
+    assert again.returncode == 0, (n, again.stderr[-3000:])
+    got = _final_state(data_dir, workdir, 6)
+    assert int(got.step) == 6
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
