@@ -160,6 +160,7 @@ def main(argv):
             "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
             if extractor.identity["name"] != "inception_v3_fid" else ""}
   for name, text in (("metrics.json", json.dumps(result, indent=1)), ("metrics.md", md + "\n")):
+    store.remove_own_temporaries(os.path.join(out_dir, name))  # of a run killed while writing it
     store.atomic_write_text(os.path.join(out_dir, name), text)
   print(md)
   for name, r in rows.items():

@@ -160,6 +160,12 @@ def test_a_job_killed_while_recording_its_inputs_resumes(tmp_path):
   with pytest.raises(UserError, match="not an unfinished"):
     store.write_chunked(str(tmp_path / "t"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None)
   assert (tmp_path / "t.partial" / "notes.txt").read_text() == "mine"
+  # a metrics file's temporary left by a kill goes on the rerun; look-alikes of the user's stay
+  for name in ("metrics.json", "metrics.json.0123abcd.tmp", "metrics.json.notes.tmp", "metrics.md.0123abcd.tmp"):
+    (tmp_path / name).write_text("x")
+  store.remove_own_temporaries(str(tmp_path / "metrics.json"))
+  assert sorted(p.name for p in tmp_path.glob("metrics*")) == ["metrics.json", "metrics.json.notes.tmp",
+                                                               "metrics.md.0123abcd.tmp"]
 
 
 def _neighbors_cmd(tmp_path, out, *extra):

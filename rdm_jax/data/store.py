@@ -78,6 +78,16 @@ def _atomic_save_npy(path: str, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def remove_own_temporaries(path: str) -> None:
+  """Removes `<path>.<8 hex>.tmp` files (what `atomic_write_text` / an array save leaves when
+  killed before its rename) next to a file only this job writes."""
+  folder, name = os.path.split(path)
+  pattern = re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.tmp")
+  for entry in os.listdir(folder or "."):
+    if pattern.fullmatch(entry) and os.path.isfile(os.path.join(folder, entry)):
+      os.remove(os.path.join(folder, entry))
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes a text file under a temporary name, then renames it into place."""
   tmp = _tmp_name(path)
