@@ -78,11 +78,16 @@ def _atomic_save_npy(path: str, array: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+def _tmp_pattern(name: str) -> re.Pattern:
+  """What `_tmp_name` makes of a file called `name`."""
+  return re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.tmp")
+
+
 def remove_own_temporaries(path: str) -> None:
   """Removes `<path>.<8 hex>.tmp` files (what `atomic_write_text` / an array save leaves when
   killed before its rename) next to a file only this job writes."""
   folder, name = os.path.split(path)
-  pattern = re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.tmp")
+  pattern = _tmp_pattern(name)
   for entry in os.listdir(folder or "."):
     if pattern.fullmatch(entry) and os.path.isfile(os.path.join(folder, entry)):
       os.remove(os.path.join(folder, entry))
@@ -181,7 +186,7 @@ def _manifest_kind(path: str) -> str | None:
   return manifest.get("kind") if isinstance(manifest, dict) else None
 
 
-_INPUTS_TMP = re.compile(re.escape(INPUTS) + r"\.[0-9a-f]{8}\.tmp")  # _tmp_name(INPUTS)
+_INPUTS_TMP = _tmp_pattern(INPUTS)
 
 
 def _is_partial_store(partial: str) -> bool:
@@ -521,9 +526,7 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
     log(f"{partial} holds work made from other inputs; starting over")
     shutil.rmtree(partial)
   os.makedirs(partial, exist_ok=True)
-  for name in os.listdir(partial):  # the record's temporaries from a run killed while writing it
-    if _INPUTS_TMP.fullmatch(name):
-      os.remove(os.path.join(partial, name))
+  remove_own_temporaries(inputs_path)  # of a run killed while writing the record
   if current() != text:
     atomic_write_text(inputs_path, text)
   return partial

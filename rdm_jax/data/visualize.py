@@ -38,9 +38,8 @@ def neighbor_panel(neighbors: np.ndarray, samples: np.ndarray, gap: int = 8) -> 
   resized and converted to the samples' H, W, C.
   """
   b, k = neighbors.shape[:2]
-  neighbors = _like(neighbors.reshape((b * k,) + neighbors.shape[2:]), samples.shape[1:3],
-                    samples.shape[-1]).reshape((b, k) + samples.shape[1:])
-  left = grid(neighbors.reshape((b * k,) + neighbors.shape[2:]), ncol=k)
+  left = grid(_like(neighbors.reshape((b * k,) + neighbors.shape[2:]), samples.shape[1:3], samples.shape[-1]),
+              ncol=k)
   right = grid(samples, ncol=1)
   spacer = np.full((left.shape[0], gap, left.shape[2]), 255, np.uint8)
   return np.concatenate([left, spacer, right], axis=1)
