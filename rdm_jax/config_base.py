@@ -80,7 +80,9 @@ def base_config() -> mlc.ConfigDict:
       nonfinite="stop"))  # a step with NaN/inf loss or gradients: stop (before any checkpoint) | skip it
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
   c.sample = mlc.ConfigDict(dict(
-      num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,
+      sampler="ddim",                # ddim | ddpm (ancestral, respaced to num_steps) | dpm_solver++ (2M)
+      num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,  # eta: DDIM only
+      timestep_spacing="logsnr",     # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m)
       query_part="test",
       top_m=0.01, top_count=0,       # proposal: the top fraction m of D by p_D (or the top count)

@@ -1,4 +1,4 @@
-r"""Sample from a trained RDM: queries -> neighbours in config.database -> DDIM + guidance.
+r"""Sample from a trained RDM: queries -> neighbours in config.database -> DDIM/DDPM/DPM-Solver++ + guidance.
 
 Queries are embedded held-out images (`--config.sample.condition=exemplar`, default) or
 pseudo-queries drawn from the proposal p_D with top-m truncation (`=proposal`,
@@ -7,11 +7,13 @@ unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train 
   python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
       [--config.sample.num_images=16] [--config.sample.guidance_scale=2.0] [--config.database=...]
       [--config.sample.condition=proposal --config.sample.top_m=0.01]
+      [--config.sample.sampler=dpm_solver++ --config.sample.num_steps=20]  # or ddim (eta) | ddpm
 
 Writes <workdir>/samples/final_samples.png, final_neighbors_and_samples.png (each row: the k
 retrieved neighbours that conditioned it, then the sample) and samples.npz (latents,
-images, neighbour rows, query rows, database path); proposal sampling writes
-proposal_samples.png, proposal_neighbors_and_samples.png and proposal_samples.npz.
+images, neighbour rows, query rows, database path, checkpoint step and sampler settings);
+proposal sampling writes proposal_samples.png, proposal_neighbors_and_samples.png and
+proposal_samples.npz.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main(argv):
   workdir = _WORKDIR.value or fail("--workdir is required")
   model, params, info, step = checkpoint.load_trained(config, workdir, _STEP.value)
   s = config.sample
+  sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
   if s.condition == "exemplar":
     cond = conditioning.exemplar_conditioning(config, s.num_images, config.k_train, s.query_part,
                                               encoder=info["encoder"])
@@ -49,7 +52,6 @@ def main(argv):
                                               np.random.default_rng(config.train.seed + 11), encoder=info["encoder"])
   else:
     fail(f"config.sample.condition={s.condition!r}; use 'exemplar' or 'proposal'")
-  sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
   z = training.sample_in_batches(sampler, params, cond.context, s.batch_size, jax.random.PRNGKey(config.train.seed + 7))
   images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))
   out = os.path.join(workdir, "samples")
@@ -59,7 +61,8 @@ def main(argv):
   tmp = npz[:-4] + ".tmp.npz"
   np.savez(tmp, latents=z, images=images, neighbor_rows=cond.neighbor_rows, query_rows=cond.query_rows,
            condition=np.asarray(s.condition), database=np.asarray(cond.database.path),
-           checkpoint_step=np.asarray(step))
+           checkpoint_step=np.asarray(step), sampler=np.asarray(s.sampler), num_steps=np.asarray(s.num_steps),
+           guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta))
   os.replace(tmp, npz)  # the samples are safe before anything is drawn
   shown = min(len(images), NUM_SHOWN)  # the PNGs show the first samples; the .npz holds all
   neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows[:shown])
@@ -68,7 +71,7 @@ def main(argv):
   visualize.save_png(grid_png, visualize.grid(images[:shown], 4), scale=2)
   visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images[:shown]), scale=2)
   print(f"step {step}: {len(images)} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
-        f"{s.num_steps} DDIM steps\n  {grid_png}\n  {panel_png}  (rows: {config.k_train} retrieved neighbours | sample)")
+        f"{s.sampler}, {s.num_steps} steps\n  {grid_png}\n  {panel_png}  (rows: {config.k_train} retrieved neighbours | sample)")
 
 if __name__ == "__main__":
   cli.run(main)

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rdm_jax.data import pipeline
-from rdm_jax.diffusion import ddim, schedule as schedule_lib
+from rdm_jax.diffusion import samplers, schedule as schedule_lib
 from rdm_jax.errors import fail
 from rdm_jax.models.unet import UNet
 from rdm_jax.parallel import sharding
@@ -143,15 +143,20 @@ def jit_train_step(step_fn, state_sh: TrainState, mesh: Mesh, rules, latent_ndim
 
 
 def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample_config: Any):
-  """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with DDIM + guidance,
-  set up by `config.sample` (num_steps, guidance_scale, eta, clip_x0: 0 = no clipping)."""
+  """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with guidance, set up by
+  `config.sample` (sampler, num_steps, guidance_scale, eta, timestep_spacing, clip_x0: 0 = none).
+  A sampler, spacing or step count that does not exist is a UserError here, before compiling."""
   s = sample_config
+  try:
+    samplers.timesteps(s.sampler, sched, s.num_steps, s.timestep_spacing)
+  except ValueError as e:
+    fail(f"{e} (config.sample)")
 
   def sample(params, context, rng):
     eps_fn = lambda z, t, c: model.apply({"params": params}, z, t, c)
-    return ddim.ddim_sample(eps_fn, sched, context, (context.shape[0],) + tuple(latent_shape), rng,
-                            num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
-                            clip_x0=s.clip_x0 or None)
+    return samplers.sample(eps_fn, sched, context, (context.shape[0],) + tuple(latent_shape), rng,
+                           sampler=s.sampler, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                           eta=s.eta, clip_x0=s.clip_x0 or None, timestep_spacing=s.timestep_spacing)
 
   return jax.jit(sample)
 

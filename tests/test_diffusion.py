@@ -47,12 +47,6 @@ def test_eps_loss_of_oracle_is_zero_and_of_zero_predictor_is_one():
   assert abs(zero - 1.0) < 0.05  # E[eps^2] = 1
 
 
-def test_ddim_timesteps_match_ldm():
-  # ldm make_ddim_timesteps("uniform", 50, 1000) = arange(0, 1000, 20) + 1
-  np.testing.assert_array_equal(ddim.ddim_timesteps(1000, 50), np.arange(0, 1000, 20) + 1)
-  np.testing.assert_array_equal(ddim.ddim_timesteps(1000, 100)[:3], [1, 11, 21])
-
-
 def test_ddim_is_exact_for_point_mass_data():
   """For data = a single point x0 the optimal eps(z_t) = (z_t - sqrt(a_t) x0)/sqrt(1-a_t). DDIM with
   eta=0 (Song et al. 2021, Eq. 12) then keeps eps constant, so the result is the closed form

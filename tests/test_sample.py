@@ -95,11 +95,12 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   shutil.copytree(original, workdir)
   cmd = [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
          f"--config.data_dir={data_dir}", *TINY_OVERRIDES, "--config.sample.num_images=5",
-         "--config.sample.batch_size=2", "--config.sample.num_steps=3"]
+         "--config.sample.batch_size=2", "--config.sample.num_steps=3", "--config.sample.sampler=dpm_solver++"]
   out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   got = np.load(os.path.join(workdir, "samples", "samples.npz"))
   assert int(got["checkpoint_step"]) == 4 and str(got["condition"]) == "exemplar"
+  assert str(got["sampler"]) == "dpm_solver++" and int(got["num_steps"]) == 3
   assert got["latents"].shape == (5, 8, 8, 1) and got["images"].shape[0] == 5
   config = tiny_config(data_dir)
   paths = config_base.paths(config)
@@ -112,7 +113,7 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert not [f for f in os.listdir(os.path.join(workdir, "samples")) if ".tmp" in f]
 
   # the samples are those of the checkpoint's EMA weights, not of its raw weights
-  config.sample.num_steps, config.sample.batch_size = 3, 2
+  config.sample.num_steps, config.sample.batch_size, config.sample.sampler = 3, 2, "dpm_solver++"
   model, params, info, step = checkpoint.load_trained(config, workdir)
   from test_faults import _restore
   state = _restore(data_dir, workdir)

@@ -1,7 +1,11 @@
 """DDIM sampling (Song et al. 2021, Eq. 12) with classifier-free guidance against a zeros context.
 
-Timesteps follow LDM's `make_ddim_timesteps(..., "uniform")`: tau_i = i * (T // S) + 1, and
-alpha_prev of the first step is alpha_bar_0, as in `ldm.models.diffusion.ddim.DDIMSampler`.
+Timesteps follow LDM's `make_ddim_timesteps(..., "uniform")` (ldm/modules/diffusionmodules/util.py),
+used by RDM's `DDIMSampler.make_schedule` (rdm/models/diffusion/ddim.py, line 29): every c-th
+timestep, c = T // S, plus one: `range(0, T, c) + 1`, not truncated to S, so an S that does not
+divide T runs len(range(0, T, c)) steps (S = 400: 500 steps from 999). alpha_prev of the last
+step is alpha_bar_0. One departure: for S > T/2 (c = 1) the original's last timestep is T, past
+the end of alpha_bar, where it raises an IndexError; we drop it (S = T runs 999 steps from 999).
 
 Guidance (Ho & Salimans 2022; RDM Sec. 3.3): e = e_u + s (e_c - e_u), where e_u is the
 prediction with an all-zeros context [B, k, d]. Both branches run as one doubled batch.
@@ -21,12 +25,18 @@ EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (z_t, t, conte
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """The uniform DDIM sub-sequence of LDM, ascending: [num_steps] ints in [1, T)."""
+  """The uniform DDIM sub-sequence of LDM, ascending ints in [1, T): range(0, T, T // S) + 1."""
   if not 0 < num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
-  c = num_timesteps // num_steps
-  steps = np.arange(0, num_timesteps, c)[:num_steps] + 1
-  return np.minimum(steps, num_timesteps - 1)
+  steps = np.arange(0, num_timesteps, num_timesteps // num_steps) + 1
+  return steps[steps < num_timesteps]
+
+
+def start(rng: jax.Array, shape: tuple[int, ...], z_init: jax.Array | None = None):
+  """(z_T, the rest of rng): z_T ~ N(0, I) from the first half of rng, or z_init as given."""
+  init_rng, rng = jax.random.split(rng)
+  z = jax.random.normal(init_rng, shape, jnp.float32) if z_init is None else jnp.asarray(z_init, jnp.float32)
+  return z, rng
 
 
 def guided_eps(eps_fn: EpsFn, z: jax.Array, t: jax.Array, context: jax.Array,
@@ -42,19 +52,20 @@ def guided_eps(eps_fn: EpsFn, z: jax.Array, t: jax.Array, context: jax.Array,
 
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tuple[int, ...],
                 rng: jax.Array, num_steps: int = 100, guidance_scale: float = 2.0,
-                eta: float = 0.0, clip_x0: float | None = None) -> jax.Array:
+                eta: float = 0.0, clip_x0: float | None = None,
+                z_init: jax.Array | None = None) -> jax.Array:
   """Draws z_0 ~ p_theta(z | context) with DDIM. context: [B, k, d]; shape: (B, H, W, C).
 
   clip_x0: for pixel-space models (identity first stage), clip the predicted z_0 to
   [-clip_x0, clip_x0] and re-derive eps from it, as guided-diffusion's DDIM does with
   clip_denoised=True. None (latent models, as LDM) leaves the prediction as it is.
+  z_init: the start z_T (default: drawn from rng).
   """
   taus = ddim_timesteps(schedule.num_timesteps, num_steps)
   a_all = schedule.alphas_cumprod
   alphas = a_all[taus]
   alphas_prev = jnp.concatenate([a_all[:1], a_all[taus[:-1]]])
-  init_rng, rng = jax.random.split(rng)
-  z = jax.random.normal(init_rng, shape, jnp.float32)
+  z, rng = start(rng, shape, z_init)
 
   def step(z, inputs):
     tau, a_t, a_prev, key = inputs
@@ -69,7 +80,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
     noise = sigma * jax.random.normal(key, shape, jnp.float32)
     return jnp.sqrt(a_prev) * pred_z0 + direction + noise, None
 
-  keys = jax.random.split(rng, num_steps)
+  keys = jax.random.split(rng, len(taus))
   xs = (jnp.asarray(taus[::-1]), alphas[::-1], alphas_prev[::-1], keys)
   z, _ = jax.lax.scan(step, z, xs)
   return z
