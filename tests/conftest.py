@@ -61,6 +61,11 @@ TINY_OVERRIDES = [
 
 
 TRAIN_CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
+KILL_AT = os.path.join(REPO, "tests", "kill_at.py")
+TRAINED_MESH = ("--config.mesh.data=4", "--config.mesh.fsdp=2")
+TRAINED_STEPS = (*TRAINED_MESH, "--config.train.num_steps=4", "--config.train.checkpoint_every=2")
+TRAINED_ARGS = (*TRAINED_STEPS, "--config.train.sample_every=2", "--config.train.num_sample_images=4",
+                "--config.sample.num_steps=2")  # the shared `trained` run
 
 
 def train_command(data_dir: str, workdir: str, *overrides: str) -> list[str]:
@@ -68,6 +73,14 @@ def train_command(data_dir: str, workdir: str, *overrides: str) -> list[str]:
   import sys
   return [sys.executable, "-m", "rdm_jax.train", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
           f"--config.data_dir={data_dir}", *TINY_OVERRIDES, *overrides]
+
+
+def killable(cmd: list[str], kill_at: int | str = 0, count_file: str = "") -> list[str]:
+  """`cmd` (python -m MODULE ARGS) under tests/kill_at.py: SIGKILLed at its kill_at-th commit, or at
+  the first commit to a path containing TEXT for kill_at="path:TEXT" (0: never); the number of
+  commits is written to count_file at a normal exit."""
+  assert cmd[1] == "-m", cmd
+  return [cmd[0], KILL_AT, str(kill_at), count_file, cmd[2], *cmd[3:]]
 
 
 def one_line_error(cmd: list[str]) -> str:
@@ -125,17 +138,21 @@ def tiny_config(data_dir: str):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-  """(data_dir, workdir) of one tiny training run with checkpoints and training-time samples at
-  steps 2 and 4 (4 images, 2 DDIM steps), its database sourced from Fashion-MNIST rows. Shared:
-  tests copy it before changing it."""
+  """(data_dir, workdir) of one tiny training run (TRAINED_ARGS: a (data=4, fsdp=2) mesh, checkpoints
+  and training-time samples at steps 2 and 4, 4 images, 2 DDIM steps), its database sourced from
+  Fashion-MNIST rows. Its stderr is `trained_log(workdir)`. Shared: tests copy it before changing it."""
   import subprocess
   root = tmp_path_factory.mktemp("trained")
   data_dir = str(root / "data")
   make_tiny_stores(data_dir, fmnist_database=True)
   workdir = str(root / "run")
-  out = subprocess.run(train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.checkpoint_every=2",
-                                     "--config.train.sample_every=2", "--config.train.num_sample_images=4",
-                                     "--config.sample.num_steps=2"),
-                       env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  out = subprocess.run(train_command(data_dir, workdir, *TRAINED_ARGS), env=subprocess_env(), capture_output=True,
+                       text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
+  (root / "train.stderr").write_text(out.stderr)
   return data_dir, workdir
+
+
+def trained_log(workdir: str) -> str:
+  """What the shared `trained` run printed (stderr)."""
+  return open(os.path.join(os.path.dirname(workdir), "train.stderr")).read()

@@ -1,6 +1,7 @@
 """Runs a job module and SIGKILLs it at its N-th commit: the N-th call of `os.replace` or `os.rename`.
 
   python tests/kill_at.py N COUNT_FILE MODULE [ARGS...]
+  python tests/kill_at.py path:TEXT COUNT_FILE MODULE [ARGS...]   (the first commit to a path with TEXT)
 
 Every file the jobs commit goes through one of the two (our stores, index shards, sample
 sets, metrics and checkpoint digests through `os.replace`; Orbax's checkpoint directories
@@ -19,16 +20,17 @@ import sys
 
 
 def main() -> None:
-  kill_at, count_file, module = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+  when, count_file, module = sys.argv[1], sys.argv[2], sys.argv[3]
+  kill_at = 0 if when.startswith("path:") else int(when)
   calls = 0
 
   def counted(real):
-    def commit(*args, **kwargs):
+    def commit(src, dst, *args, **kwargs):
       nonlocal calls
       calls += 1
-      if calls == kill_at:
+      if calls == kill_at or (when.startswith("path:") and when[5:] in os.fspath(dst)):
         os.kill(os.getpid(), signal.SIGKILL)
-      return real(*args, **kwargs)
+      return real(src, dst, *args, **kwargs)
     return commit
 
   os.replace, os.rename = counted(os.replace), counted(os.rename)

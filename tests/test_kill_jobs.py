@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env
+from conftest import KILL_AT, REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env
 
 from rdm_jax.retrieval import index
 
@@ -28,7 +28,6 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
                                  reason="needs dataset-fashion-mnist (make data)")]
 
-KILL_AT = os.path.join(REPO, "tests", "kill_at.py")
 SMALL = [  # 96 train, 40 test, 80 database images: several chunks and a padded last batch
     "--config.dataset.parts.train.stop=96", "--config.dataset.parts.test.stop=40",
     "--config.dataset.parts.database.start=40000", "--config.dataset.parts.database.stop=40080",

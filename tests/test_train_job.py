@@ -5,13 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
-import pytest
 
-from conftest import one_line_error, subprocess_env, tiny_config, train_command
+from conftest import REPO, TRAINED_STEPS, killable, one_line_error, subprocess_env, tiny_config, train_command
 from rdm_jax import checkpoint, training
 from rdm_jax.parallel import mesh as mesh_lib
 
@@ -33,30 +31,24 @@ def _final_state(data_dir, workdir, step):
   return checkpoint.restore(mngr, abstract, sh, step)
 
 
-@pytest.mark.timeout(600)
-def test_kill_and_resume_equals_uninterrupted(tiny_data, tmp_path):
-  data_dir = tiny_data["data_dir"]
-  steps = 18  # 6 checkpoints; the killed run is stopped within a step or two of its first
-  straight = str(tmp_path / "straight")
-  subprocess.run(_train_cmd(data_dir, straight, steps), env=subprocess_env(), check=True, capture_output=True)
-
-  killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(_train_cmd(data_dir, killed, 100000), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpt3 = os.path.join(killed, "checkpoints", "3")
-  deadline = time.time() + 300
-  while not os.path.isdir(ckpt3) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)  # no chance to clean up: a real crash / preemption
-  proc.wait()
-  assert os.path.isdir(ckpt3), "the run never wrote its first checkpoint"
-  done = sorted(int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit())
-  assert done[-1] < steps, f"killed too late ({done})"
-  out = subprocess.run(_train_cmd(data_dir, killed, steps), env=subprocess_env(), check=True, capture_output=True, text=True)
-  assert "resumed from step" in out.stderr
-
-  a, b = _final_state(data_dir, straight, steps), _final_state(data_dir, killed, steps)
-  assert int(a.step) == int(b.step) == steps
+def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
+  """The shared run's training, without its sampling, killed (SIGKILL, no cleanup: a preemption)
+  just as its last checkpoint is being committed, then rerun: it resumes from step 2 and ends in
+  the uninterrupted run's state, bit for bit. (That run also sampled at steps 2 and 4, so
+  sampling must not touch the training state or its random numbers.) Kill points everywhere in
+  every job: tests/test_kill_jobs.py (slow)."""
+  data_dir, original = trained
+  workdir = str(tmp_path / "killed")
+  cmd = train_command(data_dir, workdir, *TRAINED_STEPS)
+  killed = subprocess.run(killable(cmd, kill_at="path:checkpoints/4"), env=subprocess_env(), capture_output=True,
+                          text=True, cwd=REPO)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert checkpoint.steps(checkpoint.manager(workdir, create=False)) == [2]
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step 2" in out.stderr
+  a, b = _final_state(data_dir, original, 4), _final_state(data_dir, workdir, 4)
+  assert int(a.step) == int(b.step) == 4
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
