@@ -22,8 +22,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import importlib.util  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -31,19 +29,12 @@ from absl import app, flags  # noqa: E402
 from rdm_jax import training  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import diffusers_unet, load_config  # noqa: E402
+
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
 _ONLY = flags.DEFINE_list("only", ["demo", "imagenet_small"], "Cases to run.")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
-
 
 def cases():
   demo = load_config("fashion_mnist_rdm")
@@ -86,25 +77,7 @@ def time_torch(config, latent_shape, steps: int) -> tuple[float, int]:
   """The same UNet as diffusers' UNet2DConditionModel, AdamW step, CPU threads as available."""
   import torch
 
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-  from torch_references import define_missing_torchvision_ops
-
-  define_missing_torchvision_ops()  # the --no-deps torchvision of `make setup-test` breaks `import diffusers`
-  from diffusers import UNet2DConditionModel
-
-  m = config.model
-  mc = m.model_channels
-  channels = tuple(mc * x for x in m.channel_mult)
-  ds = [2 ** i for i in range(len(channels))]
-  attn = [d in m.attention_resolutions for d in ds]
-  model = UNet2DConditionModel(
-      sample_size=latent_shape[0], in_channels=latent_shape[2], out_channels=latent_shape[2],
-      block_out_channels=channels, layers_per_block=m.num_res_blocks,
-      down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-      up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-      cross_attention_dim=config.retrieval.embed_dim,
-      attention_head_dim=tuple(c // m.num_head_channels for c in channels),  # diffusers: = heads
-      norm_num_groups=32, transformer_layers_per_block=m.transformer_depth)
+  model = diffusers_unet(config, latent_shape)
   n_params = sum(p.numel() for p in model.parameters())
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
   b = config.train.batch_size

@@ -1,0 +1,39 @@
+"""What the benchmarks share: the repo's configs, and our UNet rebuilt as diffusers' PyTorch UNet."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def diffusers_unet(config, latent_shape):
+  """Our UNet as diffusers' UNet2DConditionModel (torch, CPU, random weights, same parameter count)."""
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  from torch_references import define_missing_torchvision_ops
+
+  define_missing_torchvision_ops()  # the --no-deps torchvision of `make setup-test` breaks `import diffusers`
+  from diffusers import UNet2DConditionModel
+
+  m = config.model
+  mc = m.model_channels
+  channels = tuple(mc * x for x in m.channel_mult)
+  ds = [2 ** i for i in range(len(channels))]
+  attn = [d in m.attention_resolutions for d in ds]
+  return UNet2DConditionModel(
+      sample_size=latent_shape[0], in_channels=latent_shape[2], out_channels=latent_shape[2],
+      block_out_channels=channels, layers_per_block=m.num_res_blocks,
+      down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+      up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+      cross_attention_dim=config.retrieval.embed_dim,
+      attention_head_dim=tuple(c // m.num_head_channels for c in channels),  # diffusers: = heads
+      norm_num_groups=32, transformer_layers_per_block=m.transformer_depth)
