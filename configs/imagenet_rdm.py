@@ -61,6 +61,8 @@ def get_config() -> mlc.ConfigDict:
   c.train.checkpoint_every = 5000
   c.train.sample_every = 20000
   c.sample.top_m = 0.01        # the paper's top-m for unconditional samples
+  c.sample.top_m_of = "retrieved"  # m as the original code reads it (get_qids: a fraction of the entries
+                                   # retrieved at least once), which made the paper's tables
   # The paper's quantitative results sample with DDIM, 100 steps, eta = 1 (Sec. 4, first paragraph);
   # its Fig. 5 samples use guidance s = 2.0 and 100 DDIM steps. --config.sample.sampler=dpm_solver++
   # --config.sample.num_steps=20 is the fast alternative (eta does not apply to it).

@@ -84,7 +84,8 @@ def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
     fail(f"proposal {p.path} was computed for another database than {database.path}; rerun the neighbour "
          "job for this database, or sample with --config.sample.condition=exemplar")
   s = config.sample
-  rows = proposal.draw(p, n, rng, top_m=s.top_m, top_count=s.top_count, weighted=s.proposal_weighted)
+  rows = proposal.draw(p, n, rng, top_m=s.top_m, top_count=s.top_count, weighted=s.proposal_weighted,
+                       top_m_of=s.top_m_of)
   return _retrieve(config, database, np.asarray(database["embeddings"][rows]),
                    k, rows, f"database {database.path}")
 

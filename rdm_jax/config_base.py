@@ -86,6 +86,7 @@ def base_config() -> mlc.ConfigDict:
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m)
       query_part="test",
       top_m=0.01, top_count=0,       # proposal: the top fraction m of D by p_D (or the top count)
+      top_m_of="database",           # m of all of D (Sec. 3.3) | "retrieved": of the entries with p_D > 0 (original code)
       proposal_weighted=False,       # proposal: draw by p_D within the top set (else uniformly)
       clip_x0=0.0))                  # clip_x0 > 0: pixel-space clipping
 

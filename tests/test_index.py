@@ -203,6 +203,17 @@ def test_proposal_matches_a_hand_count(tmp_path):
   assert set(proposal.draw(p, 200, rng, top_m=1.0)) == {0, 1, 2, 3}  # p_D = 0 is never drawn
   weighted = proposal.draw(p, 20_000, rng, top_count=2, weighted=True)
   assert np.mean(weighted == 1) == pytest.approx(4 / 6, abs=0.02)
+  # m of D (ceil(0.6 * 5) = 3 rows) against m of the 4 retrieved entries, as the original's
+  # get_qids (int(0.6 * 4) = 2 rows; int(0.1 * 4) = 0 -> at least one)
+  assert set(proposal.draw(p, 200, rng, top_m=0.6)) == {1, 0, 2}
+  assert set(proposal.draw(p, 200, rng, top_m=0.6, top_m_of="retrieved")) == {1, 0}
+  assert set(proposal.draw(p, 200, rng, top_m=0.1, top_m_of="retrieved")) == {1}
+  assert set(proposal.draw(p, 200, rng, top_m=1.0, top_m_of="retrieved")) == {0, 1, 2, 3}
+  for bad in (0.0, 1.5):
+    with pytest.raises(UserError, match="choose a fraction in"):
+      proposal.draw(p, 2, rng, top_m=bad)
+  with pytest.raises(UserError, match="use one of database, retrieved"):
+    proposal.draw(p, 2, rng, top_m=0.5, top_m_of="memory")
 
 
 def test_index_refuses_bad_input(tmp_path):

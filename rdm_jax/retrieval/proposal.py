@@ -45,13 +45,20 @@ def write_proposal(path: str, neighbors: store.Store, database: store.Store, k: 
                      neighbors_fingerprint=neighbors.fingerprint, made_by="rdm_jax.jobs.neighbors")
 
 
+TOP_M_OF = ("database", "retrieved")
+
+
 def draw(proposal: store.Store, n: int, rng: np.random.Generator, top_m: float = 1.0, top_count: int = 0,
-         weighted: bool = False) -> np.ndarray:
+         weighted: bool = False, top_m_of: str = "database") -> np.ndarray:
   """n database rows drawn (with replacement) from the top of p_D.
 
-  The candidates are the `top_count` most likely rows if given, else the fraction `top_m`
-  of the database (at least one row); rows with p_D = 0 are never drawn. `weighted` draws
-  proportionally to p_D within the candidates, otherwise uniformly.
+  The candidates are the `top_count` most likely rows if given, else a fraction `top_m` of
+    "database":  all of D: ceil(m |D|) rows (at least one), as Sec. 3.3 defines m;
+    "retrieved": the entries with p_D > 0 only: int(m |supp p_D|) rows (at least one), as the
+                 original's `get_qids` reads m (memsize times its nn_memory, which holds the
+                 entries retrieved at least once, most frequent first; rdm/models/diffusion/ddpm.py).
+  Rows with p_D = 0 are never drawn. `weighted` draws proportionally to p_D within the
+  candidates, otherwise uniformly.
   """
   counts = np.asarray(proposal["counts"])
   support = int(np.count_nonzero(counts))
@@ -61,8 +68,13 @@ def draw(proposal: store.Store, n: int, rng: np.random.Generator, top_m: float =
     size = top_count
   else:
     if not 0 < top_m <= 1:
-      fail(f"top_m={top_m}: choose a fraction in (0, 1]")
-    size = max(1, math.ceil(top_m * len(counts)))
+      fail(f"config.sample.top_m={top_m}: choose a fraction in (0, 1] (or a row count with sample.top_count)")
+    if top_m_of == "database":
+      size = max(1, math.ceil(top_m * len(counts)))
+    elif top_m_of == "retrieved":
+      size = max(1, int(top_m * support))
+    else:
+      fail(f"config.sample.top_m_of={top_m_of!r}; use one of {', '.join(TOP_M_OF)}")
   size = min(size, support)
   rows = np.asarray(proposal["rows"][:size])
   p = counts[:size] / counts[:size].sum() if weighted else None
