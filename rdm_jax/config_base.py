@@ -85,6 +85,8 @@ def base_config() -> mlc.ConfigDict:
       timestep_spacing="logsnr",     # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m)
       query_part="test",
+      include_query=False,           # exemplar: the query's own embedding + its k-1 neighbours (the
+                                     # original's default, omit_query=False) instead of k neighbours
       top_m=0.01, top_count=0,       # proposal: the top fraction m of D by p_D (or the top count)
       top_m_of="database",           # m of all of D (Sec. 3.3) | "retrieved": of the entries with p_D > 0 (original code)
       proposal_weighted=False,       # proposal: draw by p_D within the top set (else uniformly)

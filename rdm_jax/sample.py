@@ -46,7 +46,7 @@ def main(argv):
   sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
   if s.condition == "exemplar":
     cond = conditioning.exemplar_conditioning(config, s.num_images, config.k_train, s.query_part,
-                                              encoder=info["encoder"])
+                                              encoder=info["encoder"], include_query=s.include_query)
   elif s.condition == "proposal":
     cond = conditioning.proposal_conditioning(config, s.num_images, config.k_train,
                                               np.random.default_rng(config.train.seed + 11), encoder=info["encoder"])
@@ -65,13 +65,13 @@ def main(argv):
            guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta))
   os.replace(tmp, npz)  # the samples are safe before anything is drawn
   shown = min(len(images), NUM_SHOWN)  # the PNGs show the first samples; the .npz holds all
-  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows[:shown])
+  neighbors = conditioning.context_images(cond, config.dataset, shown)
   grid_png = os.path.join(out, f"{prefix}_samples.png")
   panel_png = os.path.join(out, f"{prefix}_neighbors_and_samples.png")
   visualize.save_png(grid_png, visualize.grid(images[:shown], 4), scale=2)
   visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images[:shown]), scale=2)
   print(f"step {step}: {len(images)} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
-        f"{s.sampler}, {s.num_steps} steps\n  {grid_png}\n  {panel_png}  (rows: {config.k_train} retrieved neighbours | sample)")
+        f"{s.sampler}, {s.num_steps} steps\n  {grid_png}\n  {panel_png}  (rows: the {config.k_train} conditioning entries | sample)")
 
 if __name__ == "__main__":
   cli.run(main)

@@ -38,8 +38,8 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
   """Builds, once, the conditioning (test queries -> neighbours in D) and the jitted DDIM sampler;
   returns a function that writes a guided sample grid next to the neighbours that conditioned it."""
   cond = conditioning.exemplar_conditioning(config, config.train.num_sample_images, config.k_train,
-                                            config.sample.query_part, encoder)
-  neighbors = conditioning.database_images(cond.database, config.dataset, cond.neighbor_rows)
+                                            config.sample.query_part, encoder, config.sample.include_query)
+  neighbors = conditioning.context_images(cond, config.dataset)
   sampler = training.make_sampler(model, sched, latent_shape, config.sample)
   context = jnp.asarray(cond.context)
   out = os.path.join(workdir, "samples")

@@ -69,11 +69,11 @@ def test_exemplar_conditioning_retrieves_the_first_queries_neighbours(tiny_data)
     conditioning.exemplar_conditioning(config, 99, 4, "test")
 
 
-def _fmnist_train_rows(rows):
-  with gzip.open(FMNIST_TRAIN, "rb") as f:
+def _fmnist_train_rows(rows, path=FMNIST_TRAIN):
+  with gzip.open(path, "rb") as f:
     raw = f.read()
-  assert int.from_bytes(raw[4:8], "big") == 60000
-  return np.frombuffer(raw, np.uint8, offset=16).reshape(60000, 28, 28)[rows]
+  n = int.from_bytes(raw[4:8], "big")
+  return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 28, 28)[rows]
 
 
 @pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")
@@ -86,6 +86,40 @@ def test_database_images_follow_the_stores_ids_to_the_source_pixels(tmp_path):
   got = conditioning.database_images(db, config.dataset, rows)
   assert got.shape == (2, 2, 28, 28, 1)
   np.testing.assert_array_equal(got[..., 0], _fmnist_train_rows(FMNIST_DB_START + rows))
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")
+def test_exemplar_conditioning_can_put_the_query_itself_first(tmp_path):
+  """include_query (the original's omit_query=False): the query's own embedding, then its k-1
+  nearest; the panel shows the query image in its slot (row -1), read from the query's source.
+  k = 1 is the query alone (the original's caption-only mode)."""
+  from conftest import make_tiny_stores
+  make_tiny_stores(str(tmp_path / "data"), fmnist_database=True)
+  config = tiny_config(str(tmp_path / "data"))
+  paths = config_base.paths(config)
+  q = store.read(paths["embeddings_test"], "embeddings", hint="")
+  store.write(paths["embeddings_test"] + "_fm", "embeddings",  # as the embed job records test rows 100..
+              {"embeddings": np.array(q["embeddings"]), "ids": np.arange(100, 100 + len(q["ids"])),
+               "labels": np.array(q["labels"])}, encoder=q.manifest["encoder"],
+              source={"dataset": "fashion_mnist", "split": "test", "start": 100, "stop": 100 + len(q["ids"])})
+  shutil.rmtree(paths["embeddings_test"])
+  os.rename(paths["embeddings_test"] + "_fm", paths["embeddings_test"])
+  queries = np.asarray(q["embeddings"][:5])
+  db = np.asarray(store.read(paths["database"], "database", hint="")["embeddings"])
+  nearest = brute_force_neighbors(queries, db, 3)
+
+  cond = conditioning.exemplar_conditioning(config, 5, 4, "test", include_query=True)
+  np.testing.assert_array_equal(cond.neighbor_rows, np.concatenate([np.full((5, 1), -1), nearest], axis=1))
+  np.testing.assert_array_equal(cond.context, np.concatenate([queries[:, None], db[nearest]], axis=1))
+  images = conditioning.context_images(cond, config.dataset)
+  assert images.shape == (5, 4, 28, 28, 1)
+  np.testing.assert_array_equal(images[:, 0, ..., 0],
+                                _fmnist_train_rows(np.arange(100, 105), FMNIST_TRAIN.replace("train-", "t10k-")))
+  np.testing.assert_array_equal(images[:, 1:, ..., 0], _fmnist_train_rows(FMNIST_DB_START + nearest))
+
+  alone = conditioning.exemplar_conditioning(config, 5, 1, "test", include_query=True)
+  np.testing.assert_array_equal(alone.context, queries[:, None])
+  assert (alone.neighbor_rows == -1).all()
 
 
 @pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")

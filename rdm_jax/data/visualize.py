@@ -19,7 +19,7 @@ def grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.nda
   return out
 
 
-def _like(images: np.ndarray, hw: tuple[int, int], channels: int) -> np.ndarray:
+def resize_like(images: np.ndarray, hw: tuple[int, int], channels: int) -> np.ndarray:
   """uint8 [N, h, w, c] -> [N, H, W, channels]: bilinear resize and grey <-> RGB as needed."""
   if images.shape[1:3] != tuple(hw):
     images = np.stack([np.asarray(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im)
@@ -38,7 +38,7 @@ def neighbor_panel(neighbors: np.ndarray, samples: np.ndarray, gap: int = 8) -> 
   resized and converted to the samples' H, W, C.
   """
   b, k = neighbors.shape[:2]
-  left = grid(_like(neighbors.reshape((b * k,) + neighbors.shape[2:]), samples.shape[1:3], samples.shape[-1]),
+  left = grid(resize_like(neighbors.reshape((b * k,) + neighbors.shape[2:]), samples.shape[1:3], samples.shape[-1]),
               ncol=k)
   right = grid(samples, ncol=1)
   spacer = np.full((left.shape[0], gap, left.shape[2]), 255, np.uint8)
