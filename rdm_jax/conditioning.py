@@ -1,7 +1,8 @@
 """Conditioning for sampling: query embeddings -> neighbours in a database D -> context [B, k, d].
 
-Two query sources: exemplars (embedded held-out images) and pseudo-queries drawn from
-the proposal p_D with top-m truncation (unconditional sampling, paper Eq. 5-6). A query
+Query sources: exemplars (embedded held-out images), pseudo-queries drawn from the proposal
+p_D with top-m truncation (unconditional sampling, paper Eq. 5-6), embeddings from a .npy,
+and class pools (class-conditional sampling, Sec. 3.3, from the database's labels). A query
 retrieves its k nearest neighbours from D (through D's index when one is built), whose
 raw embeddings condition the model. D is read from
 `config.database` at sampling time, so a model can sample with another database than
@@ -27,7 +28,7 @@ class Conditioning:
   neighbor_rows: np.ndarray  # [B, k] rows of the database store; -1: the query's own embedding
   query_rows: np.ndarray     # [B] rows of the query store
   database: store.Store
-  queries: store.Store       # the query store (the database itself for proposal pseudo-queries)
+  queries: store.Store | None  # the query store (the database for proposal and class; None: a .npy)
 
 
 def open_search(config: Any, database: store.Store):
@@ -49,18 +50,25 @@ def _open_database(config: Any, encoder: dict | None) -> store.Store:
   return database
 
 
-def _retrieve(config: Any, database: store.Store, query_store: store.Store, query_rows: np.ndarray, k: int,
-              include_query: bool = False) -> Conditioning:
+def _gather(database: store.Store, rows: np.ndarray) -> np.ndarray:
+  d = database["embeddings"].shape[1]
+  return np.asarray(database["embeddings"][rows.reshape(-1)], np.float32).reshape(rows.shape + (d,))
+
+
+def _retrieve(config: Any, database: store.Store, query_store: store.Store | None, query_rows: np.ndarray, k: int,
+              include_query: bool = False, queries: np.ndarray | None = None) -> Conditioning:
   """The k nearest database rows of each query as context; with include_query, the query's own
-  embedding first and its k-1 nearest after it (the original's `omit_query=False`)."""
-  queries = np.asarray(query_store["embeddings"][query_rows], np.float32)
+  embedding first and its k-1 nearest after it (the original's `omit_query=False`). The queries
+  are the query store's rows, or given."""
+  if queries is None:
+    queries = np.asarray(query_store["embeddings"][query_rows], np.float32)
   n_search = k - 1 if include_query else k
   ids = np.zeros((len(query_rows), 0), np.int64)
   if n_search:
-    _, ids = open_search(config, database)(exact.l2_normalize(queries, f"queries {query_store.path}"), n_search)
+    what = f"queries {query_store.path if query_store else ''}"
+    _, ids = open_search(config, database)(exact.l2_normalize(queries, what), n_search)
     ids = np.asarray(ids)
-  d = database["embeddings"].shape[1]
-  context = np.asarray(database["embeddings"][ids.reshape(-1)], np.float32).reshape(ids.shape + (d,))
+  context = _gather(database, ids)
   if include_query:
     context = np.concatenate([queries[:, None], context], axis=1)
     ids = np.concatenate([np.full((len(ids), 1), -1, ids.dtype), ids], axis=1)
@@ -100,6 +108,75 @@ def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
   return _retrieve(config, database, database, rows, k)
 
 
+def embeddings_conditioning(config: Any, n: int, k: int, path: str, encoder: dict | None = None,
+                            include_query: bool = False) -> Conditioning:
+  """The first n rows of a .npy of query embeddings [N, d] (made by the database's encoder)."""
+  database = _open_database(config, encoder)
+  try:
+    queries = np.load(path, allow_pickle=False)  # an object array would need pickle: refused
+  except (OSError, ValueError) as e:
+    fail(f"config.sample.embeddings_path={path!r}: {e}")
+  d = database["embeddings"].shape[1]
+  if queries.ndim != 2 or queries.shape[1] != d or queries.dtype.kind != "f":
+    fail(f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the database's "
+         f"encoder {database.manifest['encoder'].get('name')}")
+  if n > len(queries):
+    fail(f"asked for {n} samples but {path} has {len(queries)} embeddings")
+  return _retrieve(config, database, None, np.arange(n), k, include_query,
+                   queries=np.asarray(queries[:n], np.float32))
+
+
+def class_ids(names_or_ids: str, names: tuple[str, ...], labels: np.ndarray) -> list[int]:
+  """"Dress,7" -> [3, 7]: class names (any case) or label ids, comma-separated; "" = every label."""
+  present = sorted(set(np.unique(labels).tolist()))
+  if not names_or_ids.strip():
+    return present
+  out = []
+  lower = [x.lower() for x in names]
+  for item in (x.strip() for x in names_or_ids.split(",")):
+    if item.lstrip("-").isdigit():
+      c = int(item)
+    elif item.lower() in lower:
+      c = lower.index(item.lower())
+    else:
+      fail(f"unknown class {item!r} in config.sample.classes; the classes are: "
+           + (", ".join(f"{i} {x}" for i, x in enumerate(names)) or ", ".join(map(str, present))))
+    if c not in present:
+      fail(f"class {item!r} (label {c}) has no entry in the database")
+    out.append(c)
+  return out
+
+
+def class_pool(database: store.Store, label: int, size: int) -> np.ndarray:
+  """xi_l(c) from labels: the `size` database rows labelled c nearest (cosine) to their mean
+  direction, nearest first: the class's own prototype stands in for the text embedding of
+  'An image of a {c}.' (Sec. 3.3) when the database has labels."""
+  rows = np.flatnonzero(np.asarray(database["labels"]) == label)
+  if len(rows) < size:
+    fail(f"class {label} has {len(rows)} database entries, fewer than sample.class_pool_size={size}")
+  unit = exact.l2_normalize(np.asarray(database["embeddings"][rows], np.float32), f"database {database.path}")
+  prototype = unit.mean(axis=0)
+  return rows[np.argsort(-(unit @ prototype), kind="stable")[:size]]
+
+
+def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
+                       encoder: dict | None = None) -> Conditioning:
+  """Class-conditional sampling (Sec. 3.3): sample i takes class classes[i % C] and k adjacent
+  entries of its pool xi_l(c), at a random offset. `query_rows` are the classes' labels."""
+  s = config.sample
+  database = _open_database(config, encoder)
+  labels = np.asarray(database["labels"])
+  classes = class_ids(s.classes, sources.class_names(config.dataset), labels)
+  if not k <= s.class_pool_size:
+    fail(f"sample.class_pool_size={s.class_pool_size} must be at least k={k}")
+  pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}
+  query_rows = np.array([classes[i % len(classes)] for i in range(n)], np.int64)
+  starts = rng.integers(0, s.class_pool_size - k + 1, size=n)
+  rows = np.stack([pools[c][a:a + k] for c, a in zip(query_rows, starts)])
+  return Conditioning(context=_gather(database, rows), neighbor_rows=rows, query_rows=query_rows,
+                      database=database, queries=database)
+
+
 def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np.ndarray:
   """Pixels of a store's rows (database entries, queries) through the store's source metadata."""
   src = database.manifest["source"]
@@ -117,7 +194,9 @@ def context_images(cond: Conditioning, dataset: Any, n: int | None = None) -> np
   rows = cond.neighbor_rows[:n]
   own = rows < 0
   images = database_images(cond.database, dataset, np.where(own, 0, rows))
-  if own.any():
+  if own.any() and cond.queries is None:  # embeddings given as numbers: no image to show
+    images[own] = 255
+  elif own.any():
     query = database_images(cond.queries, dataset, cond.query_rows[:n])
     images[own] = visualize.resize_like(query, images.shape[2:4], images.shape[-1])[np.nonzero(own)[0]]
   return images

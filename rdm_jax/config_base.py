@@ -83,9 +83,12 @@ def base_config() -> mlc.ConfigDict:
       sampler="ddim",                # ddim | ddpm (ancestral, respaced to num_steps) | dpm_solver++ (2M)
       num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,  # eta: DDIM only
       timestep_spacing="logsnr",     # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
-      condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m)
+      condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m) |
+                                     # class: k adjacent entries of a class pool | embeddings: a .npy
       query_part="test",
-      include_query=False,           # exemplar: the query's own embedding + its k-1 neighbours (the
+      classes="", class_pool_size=16,  # class: names or labels, comma-separated ("" = all); pool size l
+      embeddings_path="",            # embeddings: float [N, d] queries from the database's encoder
+      include_query=False,           # exemplar, embeddings: the query's own embedding + its k-1 neighbours (the
                                      # original's default, omit_query=False) instead of k neighbours
       top_m=0.01, top_count=0,       # proposal: the top fraction m of D by p_D (or the top count)
       top_m_of="database",           # m of all of D (Sec. 3.3) | "retrieved": of the entries with p_D > 0 (original code)

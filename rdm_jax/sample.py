@@ -1,19 +1,23 @@
 r"""Sample from a trained RDM: queries -> neighbours in config.database -> DDIM/DDPM/DPM-Solver++ + guidance.
 
-Queries are embedded held-out images (`--config.sample.condition=exemplar`, default) or
+Queries are embedded held-out images (`--config.sample.condition=exemplar`, default),
 pseudo-queries drawn from the proposal p_D with top-m truncation (`=proposal`,
-unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train part).
+unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train part),
+class pools from the database's labels (`=class`, Sec. 3.3: k adjacent entries of the
+class's pool), or embeddings from a .npy (`=embeddings`).
 
   python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
       [--config.sample.num_images=16] [--config.sample.guidance_scale=2.0] [--config.database=...]
       [--config.sample.condition=proposal --config.sample.top_m=0.01]
+      [--config.sample.condition=class --config.sample.classes=Dress,Sneaker]
+      [--config.sample.condition=embeddings --config.sample.embeddings_path=q.npy]
       [--config.sample.sampler=dpm_solver++ --config.sample.num_steps=20]  # or ddim (eta) | ddpm
 
 Writes <workdir>/samples/final_samples.png, final_neighbors_and_samples.png (each row: the k
 retrieved neighbours that conditioned it, then the sample) and samples.npz (latents,
 images, neighbour rows, query rows, database path, checkpoint step and sampler settings);
-proposal sampling writes proposal_samples.png, proposal_neighbors_and_samples.png and
-proposal_samples.npz.
+the other conditions write <condition>_samples.png, <condition>_neighbors_and_samples.png
+and <condition>_samples.npz.
 """
 
 from __future__ import annotations
@@ -50,8 +54,14 @@ def main(argv):
   elif s.condition == "proposal":
     cond = conditioning.proposal_conditioning(config, s.num_images, config.k_train,
                                               np.random.default_rng(config.train.seed + 11), encoder=info["encoder"])
+  elif s.condition == "class":
+    cond = conditioning.class_conditioning(config, s.num_images, config.k_train,
+                                           np.random.default_rng(config.train.seed + 13), encoder=info["encoder"])
+  elif s.condition == "embeddings":
+    cond = conditioning.embeddings_conditioning(config, s.num_images, config.k_train, s.embeddings_path,
+                                                encoder=info["encoder"], include_query=s.include_query)
   else:
-    fail(f"config.sample.condition={s.condition!r}; use 'exemplar' or 'proposal'")
+    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class or embeddings")
   z = training.sample_in_batches(sampler, params, cond.context, s.batch_size, jax.random.PRNGKey(config.train.seed + 7))
   images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))
   out = os.path.join(workdir, "samples")

@@ -20,6 +20,8 @@ import numpy as np
 from rdm_jax.errors import fail
 
 FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")  # label 0..9, as Zalando's dataset card names them
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -93,6 +95,14 @@ def load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     fail(f"TFDS {name}/{split} is not prepared locally ({type(e).__name__}); prepare it once with "
          f"`tfds build {name}` (or set TFDS_DATA_DIR), or install the IDX files (apt-get install dataset-fashion-mnist)")
   return ds["image"], ds["label"].astype(np.int32)
+
+
+def class_names(dataset: Any) -> tuple[str, ...]:
+  """The names of the dataset's labels 0..C-1 (config.dataset.class_names, or the known ones)."""
+  names = tuple(dataset.get("class_names", ()) or ())
+  if not names and dataset.name == "fashion_mnist":
+    names = FASHION_MNIST_CLASSES
+  return names
 
 
 def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
