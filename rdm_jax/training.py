@@ -176,7 +176,8 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
 
 def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,
                    repeats: int, batch: int = 256, seed: int = 0) -> dict[str, float]:
-  """Mean eps-MSE over the first `num_examples` of `data` for each context variant."""
+  """Mean eps-MSE over the first `num_examples` of `data` for each context variant, in whole
+  batches (a last partial batch would shuffle among fewer examples): `examples` says how many."""
   n = min(num_examples, data.num_examples)
 
   @jax.jit
@@ -200,8 +201,8 @@ def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, n
   if count == 0:
     fail(f"need at least {batch} test examples, have {n}")
   true, zeros, shuffled = totals / count
-  return {"true_neighbors": true, "zeros_context": zeros, "shuffled_neighbors": shuffled, "examples": n,
-          "repeats": repeats}
+  return {"true_neighbors": true, "zeros_context": zeros, "shuffled_neighbors": shuffled,
+          "examples": count // repeats, "repeats": repeats}
 
 
 def put_batch(mesh: Mesh, rules, *local_arrays):

@@ -43,3 +43,7 @@ def test_context_losses_by_hand():
   assert got["shuffled_neighbors"] == pytest.approx(float(np.mean(shuffled)), rel=1e-5)
   assert got["shuffled_neighbors"] > 0.5  # the pairing really moves examples
   assert (got["examples"], got["repeats"]) == (n, repeats)
+  # 7 examples in batches of 4: one whole batch is used, and the result says so
+  part = context_losses(OracleModel(half), {}, half, data, k=1, num_examples=7, repeats=1, batch=batch, seed=seed)
+  assert part["examples"] == 4
+  assert part["zeros_context"] == pytest.approx(float(np.mean(z0[:4].astype(np.float64) ** 2)), rel=1e-5)
