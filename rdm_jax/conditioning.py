@@ -41,7 +41,8 @@ def open_search(config: Any, database: store.Store):
   return lambda q, k: exact.exact_search(q, emb, k, normalize_database=True)
 
 
-def _open_database(config: Any, encoder: dict | None) -> store.Store:
+def open_database(config: Any, encoder: dict | None = None) -> store.Store:
+  """config.database, checked to come from the model's encoder (when given)."""
   database = store.read(config_base.paths(config)["database"], "database",
                         hint="python -m rdm_jax.jobs.embed --config=... --parts=database")
   if encoder is not None and database.manifest["encoder"] != encoder:
@@ -56,7 +57,7 @@ def _gather(database: store.Store, rows: np.ndarray) -> np.ndarray:
 
 
 def _retrieve(config: Any, database: store.Store, query_store: store.Store | None, query_rows: np.ndarray, k: int,
-              include_query: bool = False, queries: np.ndarray | None = None) -> Conditioning:
+              include_query: bool = False, queries: np.ndarray | None = None, search=None) -> Conditioning:
   """The k nearest database rows of each query as context; with include_query, the query's own
   embedding first and its k-1 nearest after it (the original's `omit_query=False`). The queries
   are the query store's rows, or given."""
@@ -66,7 +67,7 @@ def _retrieve(config: Any, database: store.Store, query_store: store.Store | Non
   ids = np.zeros((len(query_rows), 0), np.int64)
   if n_search:
     what = f"queries {query_store.path if query_store else ''}"
-    _, ids = open_search(config, database)(exact.l2_normalize(queries, what), n_search)
+    _, ids = (search or open_search(config, database))(exact.l2_normalize(queries, what), n_search)
     ids = np.asarray(ids)
   context = _gather(database, ids)
   if include_query:
@@ -76,27 +77,28 @@ def _retrieve(config: Any, database: store.Store, query_store: store.Store | Non
                       queries=query_store)
 
 
-def exemplar_conditioning(config: Any, n: int, k: int, part: str = "test",
-                          encoder: dict | None = None, include_query: bool = False) -> Conditioning:
+def exemplar_conditioning(config: Any, n: int, k: int, part: str = "test", encoder: dict | None = None,
+                          include_query: bool = False, database: store.Store | None = None,
+                          search=None) -> Conditioning:
   """The first n embedded images of `part` as queries (exemplar-conditional sampling); their k
   nearest database entries condition, or (include_query) the query itself and its k-1 nearest."""
-  database = _open_database(config, encoder)
+  database = open_database(config, encoder) if database is None else database
   queries = store.read(config_base.paths(config)[f"embeddings_{part}"], "embeddings",
                        hint=f"python -m rdm_jax.jobs.embed --config=... --parts={part}")
   if queries.manifest["encoder"] != database.manifest["encoder"]:
     fail(f"queries {queries.path} and database {database.path} come from different encoders")
   if n > len(queries["embeddings"]):
     fail(f"asked for {n} samples but {queries.path} has {len(queries['embeddings'])} queries")
-  return _retrieve(config, database, queries, np.arange(n), k, include_query)
+  return _retrieve(config, database, queries, np.arange(n), k, include_query, search=search)
 
 
-def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
-                          encoder: dict | None = None) -> Conditioning:
+def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, encoder: dict | None = None,
+                          database: store.Store | None = None, search=None) -> Conditioning:
   """Unconditional sampling (Eq. 6): pseudo-queries x~ ~ p_D (top-m), then their k neighbours in D.
 
   `query_rows` are the pseudo-queries' database rows.
   """
-  database = _open_database(config, encoder)
+  database = open_database(config, encoder) if database is None else database
   p = store.read(config_base.paths(config)["proposal"], proposal.KIND,
                  hint="python -m rdm_jax.jobs.neighbors --config=... --parts=train")
   if p.manifest["database_fingerprint"] != database.fingerprint:
@@ -105,13 +107,11 @@ def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
   s = config.sample
   rows = proposal.draw(p, n, rng, top_m=s.top_m, top_count=s.top_count, weighted=s.proposal_weighted,
                        top_m_of=s.top_m_of)
-  return _retrieve(config, database, database, rows, k)
+  return _retrieve(config, database, database, rows, k, search=search)
 
 
-def embeddings_conditioning(config: Any, n: int, k: int, path: str, encoder: dict | None = None,
-                            include_query: bool = False) -> Conditioning:
-  """The first n rows of a .npy of query embeddings [N, d] (made by the database's encoder)."""
-  database = _open_database(config, encoder)
+def load_query_embeddings(path: str, database: store.Store) -> np.ndarray:
+  """float32 [N, d] query embeddings from a .npy, checked against the database's width (no pickle)."""
   try:
     queries = np.load(path, allow_pickle=False)  # an object array would need pickle: refused
   except (OSError, ValueError) as e:
@@ -120,10 +120,20 @@ def embeddings_conditioning(config: Any, n: int, k: int, path: str, encoder: dic
   if queries.ndim != 2 or queries.shape[1] != d or queries.dtype.kind != "f":
     fail(f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the database's "
          f"encoder {database.manifest['encoder'].get('name')}")
-  if n > len(queries):
-    fail(f"asked for {n} samples but {path} has {len(queries)} embeddings")
-  return _retrieve(config, database, None, np.arange(n), k, include_query,
-                   queries=np.asarray(queries[:n], np.float32))
+  return np.asarray(queries, np.float32)
+
+
+def embeddings_conditioning(config: Any, queries: np.ndarray, k: int, encoder: dict | None = None,
+                            include_query: bool = False, database: store.Store | None = None,
+                            search=None) -> Conditioning:
+  """Query embeddings [N, d] made by the database's encoder (e.g. `load_query_embeddings`)."""
+  database = open_database(config, encoder) if database is None else database
+  queries = np.asarray(queries, np.float32)
+  d = database["embeddings"].shape[1]
+  if queries.ndim != 2 or queries.shape[1] != d:
+    fail(f"query embeddings of shape {queries.shape}; expected [N, {d}] from the database's encoder")
+  return _retrieve(config, database, None, np.arange(len(queries)), k, include_query, queries=queries,
+                   search=search)
 
 
 def class_ids(names_or_ids: str, names: tuple[str, ...], labels: np.ndarray) -> list[int]:
@@ -159,14 +169,14 @@ def class_pool(database: store.Store, label: int, size: int) -> np.ndarray:
   return rows[np.argsort(-(unit @ prototype), kind="stable")[:size]]
 
 
-def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
-                       encoder: dict | None = None) -> Conditioning:
+def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, encoder: dict | None = None,
+                       classes: str | None = None, database: store.Store | None = None) -> Conditioning:
   """Class-conditional sampling (Sec. 3.3): sample i takes class classes[i % C] and k adjacent
   entries of its pool xi_l(c), at a random offset. `query_rows` are the classes' labels."""
   s = config.sample
-  database = _open_database(config, encoder)
+  database = open_database(config, encoder) if database is None else database
   labels = np.asarray(database["labels"])
-  classes = class_ids(s.classes, sources.class_names(config.dataset), labels)
+  classes = class_ids(s.classes if classes is None else classes, sources.class_names(config.dataset), labels)
   if not k <= s.class_pool_size:
     fail(f"sample.class_pool_size={s.class_pool_size} must be at least k={k}")
   pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 
-from rdm_jax import checkpoint, conditioning, training
+from absl import flags
+
+from rdm_jax import inference
 from rdm_jax.data import visualize
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
-from rdm_jax.models import first_stage
-from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -45,25 +44,10 @@ def main(argv):
   del argv
   config = cli.CONFIG.value
   workdir = _WORKDIR.value or fail("--workdir is required")
-  model, params, info, step = checkpoint.load_trained(config, workdir, _STEP.value)
+  rdm = inference.RDM(config, workdir, _STEP.value)  # checks the sampler settings before any retrieval
   s = config.sample
-  sampler = training.make_sampler(model, training.make_schedule(config), info["latent_shape"], s)
-  if s.condition == "exemplar":
-    cond = conditioning.exemplar_conditioning(config, s.num_images, config.k_train, s.query_part,
-                                              encoder=info["encoder"], include_query=s.include_query)
-  elif s.condition == "proposal":
-    cond = conditioning.proposal_conditioning(config, s.num_images, config.k_train,
-                                              np.random.default_rng(config.train.seed + 11), encoder=info["encoder"])
-  elif s.condition == "class":
-    cond = conditioning.class_conditioning(config, s.num_images, config.k_train,
-                                           np.random.default_rng(config.train.seed + 13), encoder=info["encoder"])
-  elif s.condition == "embeddings":
-    cond = conditioning.embeddings_conditioning(config, s.num_images, config.k_train, s.embeddings_path,
-                                                encoder=info["encoder"], include_query=s.include_query)
-  else:
-    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class or embeddings")
-  z = training.sample_in_batches(sampler, params, cond.context, s.batch_size, jax.random.PRNGKey(config.train.seed + 7))
-  images = first_stage.decode(config.first_stage, z, tuple(info["image_hw"]))
+  out_samples = rdm.sample(rdm.from_config())
+  cond, z, images, step = out_samples.conditioning, out_samples.latents, out_samples.images, rdm.step
   out = os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)
   prefix = "final" if s.condition == "exemplar" else s.condition
@@ -75,11 +59,10 @@ def main(argv):
            guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta))
   os.replace(tmp, npz)  # the samples are safe before anything is drawn
   shown = min(len(images), NUM_SHOWN)  # the PNGs show the first samples; the .npz holds all
-  neighbors = conditioning.context_images(cond, config.dataset, shown)
   grid_png = os.path.join(out, f"{prefix}_samples.png")
   panel_png = os.path.join(out, f"{prefix}_neighbors_and_samples.png")
   visualize.save_png(grid_png, visualize.grid(images[:shown], 4), scale=2)
-  visualize.save_png(panel_png, visualize.neighbor_panel(neighbors, images[:shown]), scale=2)
+  visualize.save_png(panel_png, rdm.panel(out_samples, shown), scale=2)
   print(f"step {step}: {len(images)} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
         f"{s.sampler}, {s.num_steps} steps\n  {grid_png}\n  {panel_png}  (rows: the {config.k_train} conditioning entries | sample)")
 

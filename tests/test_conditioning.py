@@ -57,19 +57,20 @@ def test_class_pool_by_hand(tmp_path):
 def test_embeddings_from_a_npy_condition_as_the_same_exemplars_do(tiny_data, tmp_path):
   config = tiny_config(tiny_data["data_dir"])
   queries = store.read(config_base.paths(config)["embeddings_test"], "embeddings", hint="")["embeddings"]
+  database = conditioning.open_database(config)
   path = str(tmp_path / "q.npy")
-  np.save(path, np.asarray(queries[:6]))
+  np.save(path, np.asarray(queries[:5]))
   for include in (False, True):
-    got = conditioning.embeddings_conditioning(config, 5, 4, path, include_query=include)
+    got = conditioning.embeddings_conditioning(config, conditioning.load_query_embeddings(path, database), 4,
+                                               include_query=include)
     want = conditioning.exemplar_conditioning(config, 5, 4, "test", include_query=include)
     np.testing.assert_array_equal(got.neighbor_rows, want.neighbor_rows)
     np.testing.assert_array_equal(got.context, want.context)
   np.save(path, np.asarray(queries[:6])[:, :3])
   with pytest.raises(UserError, match=r"expected float \[N, 16\]"):
-    conditioning.embeddings_conditioning(config, 5, 4, path)
+    conditioning.load_query_embeddings(path, database)
   np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
   with pytest.raises(UserError, match="embeddings_path"):  # an object array needs pickle: refused
-    conditioning.embeddings_conditioning(config, 1, 4, path)
-  np.save(path, np.asarray(queries[:2]))
-  with pytest.raises(UserError, match="asked for 5 samples"):
-    conditioning.embeddings_conditioning(config, 5, 4, path)
+    conditioning.load_query_embeddings(path, database)
+  with pytest.raises(UserError, match=r"expected \[N, 16\]"):
+    conditioning.embeddings_conditioning(config, np.zeros((2, 3)), 4)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import FMNIST_DB_START, REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env, tiny_config
 
-from rdm_jax import checkpoint, conditioning, config_base, training
+from rdm_jax import checkpoint, conditioning, config_base, inference, training
 from rdm_jax.data import store
 from rdm_jax.training import sample_in_batches
 
@@ -160,6 +160,28 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
                              rtol=1e-5, atol=1e-5)
   raw = sample_in_batches(sampler, state.params, context, 2, rng)
   assert np.abs(raw - got["latents"]).max() > 1e-4
+
+
+def test_python_api_samples_with_one_loaded_model(trained):
+  """inference.RDM: exemplars, the same queries given as embeddings (same neighbours, and with
+  the same seed the same samples), and class pools; the panel has a row per sample."""
+  data_dir, workdir = trained
+  config = tiny_config(data_dir)
+  config.sample.num_steps, config.sample.batch_size = 2, 4
+  rdm = inference.RDM(config, workdir)
+  assert rdm.step == 4
+  out = rdm.sample(rdm.exemplars(3), seed=5)
+  assert out.latents.shape == (3, 8, 8, 1) and out.images.shape == (3, 8, 8, 1) and out.images.dtype == np.uint8
+  queries = store.read(config_base.paths(config)["embeddings_test"], "embeddings", hint="")["embeddings"][:3]
+  again = rdm.sample(rdm.embeddings(np.asarray(queries)), seed=5)
+  np.testing.assert_array_equal(again.conditioning.neighbor_rows, out.conditioning.neighbor_rows)
+  np.testing.assert_array_equal(again.latents, out.latents)
+  assert np.abs(rdm.sample(rdm.exemplars(3), seed=6).latents - out.latents).max() > 1e-3
+  by_class = rdm.sample(rdm.classes(4, "0", seed=1))  # the tiny database is all label 0
+  pool = conditioning.class_pool(rdm.database, 0, config.sample.class_pool_size)
+  assert set(by_class.conditioning.neighbor_rows.ravel()) <= set(pool.tolist())
+  panel = rdm.panel(by_class)
+  assert panel.dtype == np.uint8 and panel.shape[0] >= 4 * 8
 
 
 def test_neighbour_panel_shows_neighbours_of_another_size_at_the_samples_size():

@@ -1,0 +1,104 @@
+"""A trained RDM with its database and index, loaded once, to sample from a notebook.
+
+  from rdm_jax import inference
+  rdm = inference.RDM(config, "runs/fashion_mnist")        # EMA weights of the latest checkpoint
+  out = rdm.sample(rdm.exemplars(8))                        # held-out images as queries
+  out = rdm.sample(rdm.classes(8, "Dress,Sneaker"), seed=1) # class pools (Sec. 3.3)
+  out = rdm.sample(rdm.proposal(8))                         # unconditional: p_D, top-m (Eq. 6)
+  out = rdm.sample(rdm.embeddings(q, include_query=True))   # your own query embeddings [N, d]
+  out.images                                                # uint8 [N, H, W, C]
+  out.conditioning.neighbor_rows                            # the database rows that conditioned each
+  rdm.panel(out)                                            # uint8 image: neighbours | sample, per row
+
+Sampling follows `config.sample` (sampler, steps, guidance, eta, batch size) as the sample job
+does; `rdm_jax.sample` is this class plus files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from rdm_jax import checkpoint, conditioning, training
+from rdm_jax.data import visualize
+from rdm_jax.errors import fail
+from rdm_jax.models import first_stage
+
+
+@dataclass(frozen=True)
+class Samples:
+  images: np.ndarray                    # uint8 [N, H, W, C]
+  latents: np.ndarray                   # [N, h, w, c]
+  conditioning: conditioning.Conditioning
+
+
+class RDM:
+  """Model (EMA weights), database, search and the compiled sampler of one training run."""
+
+  def __init__(self, config: Any, workdir: str, step: int | None = None):
+    self.config = config
+    self.model, self.params, self.info, self.step = checkpoint.load_trained(config, workdir, step)
+    self.k = config.k_train
+    self._sampler = training.make_sampler(self.model, training.make_schedule(config), self.info["latent_shape"],
+                                          config.sample)
+    self.database = conditioning.open_database(config, self.info["encoder"])
+    self._search = conditioning.open_search(config, self.database)
+
+  def exemplars(self, n: int, part: str | None = None, include_query: bool | None = None):
+    """The first n embedded images of `part` (default config.sample.query_part) as queries."""
+    s = self.config.sample
+    return conditioning.exemplar_conditioning(
+        self.config, n, self.k, part or s.query_part, self.info["encoder"],
+        s.include_query if include_query is None else include_query, self.database, self._search)
+
+  def proposal(self, n: int, seed: int = 0):
+    """n pseudo-queries from p_D (config.sample.top_m, top_m_of, proposal_weighted)."""
+    return conditioning.proposal_conditioning(self.config, n, self.k, np.random.default_rng(seed),
+                                              self.info["encoder"], self.database, self._search)
+
+  def classes(self, n: int, classes: str | None = None, seed: int = 0):
+    """n samples cycling over `classes` (names or labels, comma-separated; default config.sample.classes)."""
+    return conditioning.class_conditioning(self.config, n, self.k, np.random.default_rng(seed),
+                                           self.info["encoder"], classes, self.database)
+
+  def embeddings(self, queries: np.ndarray, include_query: bool | None = None):
+    """Your own query embeddings [N, d], made by the database's encoder."""
+    s = self.config.sample
+    return conditioning.embeddings_conditioning(
+        self.config, queries, self.k, self.info["encoder"],
+        s.include_query if include_query is None else include_query, self.database, self._search)
+
+  def from_config(self, n: int | None = None):
+    """The conditioning `config.sample.condition` names, for n (default num_images) samples."""
+    s = self.config.sample
+    n = s.num_images if n is None else n
+    seed = self.config.train.seed
+    if s.condition == "exemplar":
+      return self.exemplars(n)
+    if s.condition == "proposal":
+      return self.proposal(n, seed + 11)
+    if s.condition == "class":
+      return self.classes(n, seed=seed + 13)
+    if s.condition == "embeddings":
+      queries = conditioning.load_query_embeddings(s.embeddings_path, self.database)
+      if n > len(queries):
+        fail(f"asked for {n} samples but {s.embeddings_path} has {len(queries)} embeddings")
+      return self.embeddings(queries[:n])
+    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class or embeddings")
+
+  def sample(self, cond: conditioning.Conditioning, seed: int | None = None) -> Samples:
+    """One sample per conditioning row (batch i of config.sample.batch_size uses fold_in(seed, i))."""
+    seed = self.config.train.seed + 7 if seed is None else seed
+    z = training.sample_in_batches(self._sampler, self.params, cond.context, self.config.sample.batch_size,
+                                   jax.random.PRNGKey(seed))
+    images = first_stage.decode(self.config.first_stage, z, tuple(self.info["image_hw"]))
+    return Samples(images=images, latents=z, conditioning=cond)
+
+  def panel(self, samples: Samples, n: int = 16) -> np.ndarray:
+    """uint8 image: a row per sample, its k conditioning entries then the sample (first n)."""
+    n = min(n, len(samples.images))
+    return visualize.neighbor_panel(conditioning.context_images(samples.conditioning, self.config.dataset, n),
+                                    samples.images[:n])
