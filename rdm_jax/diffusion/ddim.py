@@ -39,6 +39,16 @@ def start(rng: jax.Array, shape: tuple[int, ...], z_init: jax.Array | None = Non
   return z, rng
 
 
+def x0_and_eps(z: jax.Array, e: jax.Array, a_t: jax.Array, clip_x0: float | None):
+  """(x0, eps) at abar a_t: the x0 that eps implies; with clipping, x0 clipped to [-clip_x0,
+  clip_x0] and eps re-derived from it (guided-diffusion's clip_denoised)."""
+  x0 = (z - jnp.sqrt(1.0 - a_t) * e) / jnp.sqrt(a_t)
+  if clip_x0 is not None:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
+    e = (z - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
+  return x0, e
+
+
 def guided_eps(eps_fn: EpsFn, z: jax.Array, t: jax.Array, context: jax.Array,
                guidance_scale: float) -> jax.Array:
   """Classifier-free guided eps with the zeros context as the unconditional branch."""
@@ -71,10 +81,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
     tau, a_t, a_prev, key = inputs
     t = jnp.full((shape[0],), tau, jnp.int32)
     e = guided_eps(eps_fn, z, t, context, guidance_scale)
-    pred_z0 = (z - jnp.sqrt(1.0 - a_t) * e) / jnp.sqrt(a_t)
-    if clip_x0 is not None:
-      pred_z0 = jnp.clip(pred_z0, -clip_x0, clip_x0)
-      e = (z - jnp.sqrt(a_t) * pred_z0) / jnp.sqrt(1.0 - a_t)
+    pred_z0, e = x0_and_eps(z, e, a_t, clip_x0)
     sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
     direction = jnp.sqrt(1.0 - a_prev - sigma ** 2) * e
     noise = sigma * jax.random.normal(key, shape, jnp.float32)
