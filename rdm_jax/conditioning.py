@@ -66,7 +66,7 @@ def _retrieve(config: Any, database: store.Store, query_store: store.Store | Non
   n_search = k - 1 if include_query else k
   ids = np.zeros((len(query_rows), 0), np.int64)
   if n_search:
-    what = f"queries {query_store.path if query_store else ''}"
+    what = "queries" + (f" {query_store.path}" if query_store is not None else "")
     _, ids = (search or open_search(config, database))(exact.l2_normalize(queries, what), n_search)
     ids = np.asarray(ids)
   context = _gather(database, ids)
@@ -175,6 +175,8 @@ def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, en
   entries of its pool xi_l(c), at a random offset. `query_rows` are the classes' labels."""
   s = config.sample
   database = open_database(config, encoder) if database is None else database
+  if "labels" not in database.arrays:
+    fail(f"database {database.path} has no labels: class pools need a labelled database (or a text tower)")
   labels = np.asarray(database["labels"])
   classes = class_ids(s.classes if classes is None else classes, sources.class_names(config.dataset), labels)
   if not k <= s.class_pool_size:
