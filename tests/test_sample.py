@@ -19,6 +19,7 @@ from conftest import FMNIST_DB_START, REPO, TINY_OVERRIDES, TRAIN_CONFIG, subpro
 
 from rdm_jax import checkpoint, conditioning, config_base, inference, training
 from rdm_jax.data import store
+from rdm_jax.retrieval import proposal
 from rdm_jax.training import sample_in_batches
 
 FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -162,10 +163,12 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert np.abs(raw - got["latents"]).max() > 1e-4
 
 
-def test_python_api_samples_with_one_loaded_model(trained):
+def test_python_api_samples_with_one_loaded_model(trained, tmp_path):
   """inference.RDM: exemplars, the same queries given as embeddings (same neighbours, and with
   the same seed the same samples), and class pools; the panel has a row per sample."""
-  data_dir, workdir = trained
+  data_dir = str(tmp_path / "data")
+  shutil.copytree(trained[0], data_dir)  # the proposal store is written below
+  workdir = trained[1]
   config = tiny_config(data_dir)
   config.sample.num_steps, config.sample.batch_size = 2, 4
   rdm = inference.RDM(config, workdir)
@@ -182,6 +185,17 @@ def test_python_api_samples_with_one_loaded_model(trained):
   assert set(by_class.conditioning.neighbor_rows.ravel()) <= set(pool.tolist())
   panel = rdm.panel(by_class)
   assert panel.dtype == np.uint8 and panel.shape[0] >= 4 * 8
+  # unconditional: pseudo-queries from p_D (written here from the training neighbours), then their
+  # k nearest; each pseudo-query is a database entry, so it is its own nearest neighbour
+  paths = config_base.paths(config)
+  nbrs = store.read(paths["neighbors_train"], "neighbors", hint="")
+  proposal.write_proposal(paths["proposal"], nbrs, rdm.database, k=config.k_train)
+  unconditional = rdm.sample(rdm.proposal(3, seed=2))
+  got = unconditional.conditioning
+  np.testing.assert_array_equal(got.neighbor_rows[:, 0], got.query_rows)
+  np.testing.assert_array_equal(got.neighbor_rows, brute_force_neighbors(
+      np.asarray(rdm.database["embeddings"])[got.query_rows], rdm.database["embeddings"], 4))
+  assert unconditional.images.shape[0] == 3
 
 
 def test_neighbour_panel_shows_neighbours_of_another_size_at_the_samples_size():
