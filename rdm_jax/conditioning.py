@@ -206,9 +206,11 @@ def context_images(cond: Conditioning, dataset: Any, n: int | None = None) -> np
   rows = cond.neighbor_rows[:n]
   own = rows < 0
   images = database_images(cond.database, dataset, np.where(own, 0, rows))
-  if own.any() and cond.queries is None:  # embeddings given as numbers: no image to show
+  if not own.any():
+    return images
+  if cond.queries is None:  # embeddings given as numbers: no image to show
     images[own] = 255
-  elif own.any():
+  else:
     query = database_images(cond.queries, dataset, cond.query_rows[:n])
     images[own] = visualize.resize_like(query, images.shape[2:4], images.shape[-1])[np.nonzero(own)[0]]
   return images

@@ -16,6 +16,7 @@ does; `rdm_jax.sample` is this class plus files.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,11 @@ class RDM:
     self._sampler = training.make_sampler(self.model, training.make_schedule(config), self.info["latent_shape"],
                                           config.sample)
     self.database = conditioning.open_database(config, self.info["encoder"])
-    self._search = conditioning.open_search(config, self.database)
+
+  @functools.cached_property
+  def _search(self):
+    """The database's index (or exact search), loaded on first use: class pools need none."""
+    return conditioning.open_search(self.config, self.database)
 
   def exemplars(self, n: int, part: str | None = None, include_query: bool | None = None):
     """The first n embedded images of `part` (default config.sample.query_part) as queries."""

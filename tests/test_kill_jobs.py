@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import KILL_AT, REPO, TINY_OVERRIDES, TRAIN_CONFIG, subprocess_env
+from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, killable, subprocess_env
 
 from rdm_jax.retrieval import index
 
@@ -46,7 +46,7 @@ POINTS_PER_JOB = int(os.environ.get("KILL_POINTS_PER_JOB", "2"))  # a large numb
 
 
 def run(module, args, kill_at=0, count_file=""):
-  cmd = [sys.executable, KILL_AT, str(kill_at), count_file, module, f"--config={TRAIN_CONFIG}", *args]
+  cmd = killable([sys.executable, "-m", module, f"--config={TRAIN_CONFIG}", *args], kill_at, count_file)
   return subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO, timeout=600)
 
 

@@ -20,9 +20,9 @@ SCHED = schedule.linear_schedule()
 A_BAR = np.asarray(SCHED.alphas_cumprod, np.float64)
 
 
-def _gaussian_eps(mu):
+def _gaussian_eps(mu, sched=SCHED):
   def eps_fn(z, t, context):
-    a = SCHED.alphas_cumprod[t][:, None, None, None]
+    a = sched.alphas_cumprod[t][:, None, None, None]
     return jnp.sqrt(1 - a) * (z - jnp.sqrt(a) * mu) / (a * SD ** 2 + 1 - a)
   return eps_fn
 
@@ -66,12 +66,8 @@ def test_ddim_runs_every_original_timestep():
   def eps_np(z, a):
     return np.sqrt(1 - a) * (z - np.sqrt(a) * MU) / (a * SD ** 2 + 1 - a)
 
-  def eps_fn(z, t, c):
-    a = s.alphas_cumprod[t][:, None, None, None]
-    return jnp.sqrt(1 - a) * (z - jnp.sqrt(a) * MU) / (a * SD ** 2 + 1 - a)
-
   z_T = np.linspace(-2, 2, 5).reshape(5, 1, 1, 1)
-  out = ddim.ddim_sample(eps_fn, s, jnp.zeros((5, 1, 1)), z_T.shape, jax.random.PRNGKey(0),
+  out = ddim.ddim_sample(_gaussian_eps(MU, s), s, jnp.zeros((5, 1, 1)), z_T.shape, jax.random.PRNGKey(0),
                          num_steps=3, guidance_scale=1.0, z_init=z_T)
   z = z_T
   for tau, prev in ((7, 4), (4, 1), (1, 0)):
