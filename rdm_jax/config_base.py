@@ -82,6 +82,8 @@ def base_config() -> mlc.ConfigDict:
   c.sample = mlc.ConfigDict(dict(
       sampler="ddim",                # ddim | ddpm (ancestral, respaced to num_steps) | dpm_solver++ (2M)
       num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,  # eta: DDIM only
+      seed=-1,                       # sample i's noise: fold_in(PRNGKey(seed), i); -1 = train.seed + 7
+      shard_size=1024,               # samples per .npz shard of the sample job (its unit of resumption)
       timestep_spacing="logsnr",     # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m) |
                                      # class: k adjacent entries of a class pool | embeddings: a .npy

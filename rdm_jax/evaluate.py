@@ -3,10 +3,11 @@ Inception, CLIP-FID with CLIP), precision/recall (k=3), IS, KID and the CLIP sco
 features of one named extractor (config.eval.extractor).
 
   python -m rdm_jax.evaluate --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
-      [--samples=a.npz,dir_of_npz_shards,image_folder] [--config.eval.reference=test]
+      [--samples=sample_set_dir,a.npz,image_folder] [--config.eval.reference=test]
 
-Samples: the sample job's .npz files (`images`, uint8), a directory of such shards, or a
-folder of PNG/JPEG images; by default every `*samples.npz` in <workdir>/samples.
+Samples: the sample job's directories of .npz shards (`images`, uint8; a set whose run did not
+finish is refused), single .npz files, or folders of PNG/JPEG images; by default every set the
+sample job wrote in <workdir>/samples (one row each, named by its directory).
 Reference (`config.eval.reference`): a part of the config's dataset ("test", "train",
 "database"), "tfds:NAME/SPLIT", a folder of images, or an .npz with `images`. Its features
 are cached under <data_dir>/eval_cache, keyed by the reference, the extractor (name,
@@ -36,7 +37,7 @@ from rdm_jax.metrics import extractors, sample_sets
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (samples in, eval/ out).")
 _SAMPLES = flags.DEFINE_list("samples", None, "Sample sets: .npz files, directories of .npz shards or "
-                             "image folders (default: <workdir>/samples/*samples.npz).")
+                             "image folders (default: the sample job's sets in <workdir>/samples).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
 
 
@@ -58,6 +59,11 @@ def check_output_dir(out_dir: str) -> None:
   if not ours:
     fail(f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to overwrite "
          "them: choose another --out")
+
+
+def default_sample_sets(workdir: str) -> list[str]:
+  """The sample job's sets in <workdir>/samples: directories with its settings.json."""
+  return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "samples", "*", "settings.json")))
 
 
 def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> None:
@@ -112,8 +118,7 @@ def main(argv):
   config = cli.CONFIG.value
   cfg = config.eval
   workdir = _WORKDIR.value
-  paths = _SAMPLES.value or sorted(glob.glob(os.path.join(workdir or fail("--workdir or --samples is required"),
-                                                          "samples", "*samples.npz")))
+  paths = _SAMPLES.value or default_sample_sets(workdir or fail("--workdir or --samples is required"))
   if not paths:
     fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
   out_dir = os.path.normpath(_OUT.value or os.path.join(workdir or ".", "eval"))

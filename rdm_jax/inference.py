@@ -27,12 +27,13 @@ from rdm_jax import checkpoint, conditioning, training
 from rdm_jax.data import visualize
 from rdm_jax.errors import fail
 from rdm_jax.models import first_stage
+from rdm_jax.parallel import mesh as mesh_lib
 
 
 @dataclass(frozen=True)
 class Samples:
   images: np.ndarray                    # uint8 [N, H, W, C]
-  latents: np.ndarray                   # [N, h, w, c]
+  latents: np.ndarray | None            # [N, h, w, c]
   conditioning: conditioning.Conditioning
 
 
@@ -46,6 +47,8 @@ class RDM:
     self._sampler = training.make_sampler(self.model, training.make_schedule(config), self.info["latent_shape"],
                                           config.sample)
     self.database = conditioning.open_database(config, self.info["encoder"])
+    self.mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    self.rules = [tuple(r) for r in config.sharding_rules]
 
   @functools.cached_property
   def _search(self):
@@ -94,13 +97,29 @@ class RDM:
       return self.embeddings(queries[:n])
     fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class or embeddings")
 
-  def sample(self, cond: conditioning.Conditioning, seed: int | None = None) -> Samples:
-    """One sample per conditioning row (batch i of config.sample.batch_size uses fold_in(seed, i))."""
-    seed = self.config.train.seed + 7 if seed is None else seed
-    z = training.sample_in_batches(self._sampler, self.params, cond.context, self.config.sample.batch_size,
-                                   jax.random.PRNGKey(seed))
-    images = first_stage.decode(self.config.first_stage, z, tuple(self.info["image_hw"]))
-    return Samples(images=images, latents=z, conditioning=cond)
+  def sample(self, cond: conditioning.Conditioning, seed: int | None = None, first_index: int = 0) -> Samples:
+    """One sample per conditioning row; row i is sample first_index + i, drawn with key
+    fold_in(PRNGKey(seed), first_index + i) whatever the batch size, devices or processes
+    (default seed: config.sample.seed, or config.train.seed + 7 when that is -1). With several
+    processes every one passes the same conditioning; each batch is sharded over all devices."""
+    z = self.latents(cond.context, seed, first_index)
+    return Samples(images=self.decode(z), latents=z, conditioning=cond)
+
+  def decode(self, latents: np.ndarray) -> np.ndarray:
+    """uint8 images [N, H, W, C] of latents [N, h, w, c] through the first stage."""
+    return first_stage.decode(self.config.first_stage, latents, tuple(self.info["image_hw"]))
+
+  def latents(self, context: np.ndarray, seed: int | None = None, first_index: int = 0) -> np.ndarray:
+    """Latents [N, h, w, c] for context [N, k, d] (see `sample`)."""
+    return training.sample_in_batches(self._sampler, self.params, context, self.config.sample.batch_size,
+                                      jax.random.PRNGKey(self.seed if seed is None else seed), first_index,
+                                      self.mesh, self.rules)
+
+  @property
+  def seed(self) -> int:
+    """The default sampling seed: config.sample.seed, or config.train.seed + 7 when that is -1."""
+    s = self.config.sample.seed
+    return self.config.train.seed + 7 if s == -1 else s
 
   def panel(self, samples: Samples, n: int = 16) -> np.ndarray:
     """uint8 image: a row per sample, its k conditioning entries then the sample (first n)."""

@@ -7,64 +7,190 @@ class pools from the database's labels (`=class`, Sec. 3.3: k adjacent entries o
 class's pool), or embeddings from a .npy (`=embeddings`).
 
   python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
-      [--config.sample.num_images=16] [--config.sample.guidance_scale=2.0] [--config.database=...]
+      [--out=DIR] [--config.sample.num_images=50000] [--config.sample.guidance_scale=2.0]
       [--config.sample.condition=proposal --config.sample.top_m=0.01]
       [--config.sample.condition=class --config.sample.classes=Dress,Sneaker]
       [--config.sample.condition=embeddings --config.sample.embeddings_path=q.npy]
       [--config.sample.sampler=dpm_solver++ --config.sample.num_steps=20]  # or ddim (eta) | ddpm
+      [--distributed ...]  # one program over every process: each batch is sharded over all devices
 
-Writes <workdir>/samples/final_samples.png, final_neighbors_and_samples.png (each row: the k
-retrieved neighbours that conditioned it, then the sample) and samples.npz (latents,
-images, neighbour rows, query rows, database path, checkpoint step and sampler settings);
-the other conditions write <condition>_samples.png, <condition>_neighbors_and_samples.png
-and <condition>_samples.npz.
+Writes the sample set to DIR (default <workdir>/samples/<condition>):
+  shard-NNNNN-of-MMMMM.npz  config.sample.shard_size samples each: uint8 `images`, `latents`, the
+                            database rows (`neighbor_rows`) and ids (`neighbor_ids`) that conditioned
+                            each, `query_rows`, `sample_index` and `seed` (sample i's noise is
+                            fold_in(PRNGKey(seed), i), so an image does not depend on the batch size
+                            or the number of processes), and the sampler settings;
+  settings.json             every setting, the checkpoint step and a digest of the conditioning;
+  samples.png, neighbors_and_samples.png  the first 16 samples, and each beside its k neighbours.
+A killed run, rerun with the same command, keeps the shards it finished and makes the rest (the
+same images an uninterrupted run makes); a directory made with other settings is refused.
+`rdm_jax.evaluate` reads the directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from typing import Any
 
+import jax
 import numpy as np
-
 from absl import flags
+from jax.experimental import multihost_utils
 
 from rdm_jax import inference
-from rdm_jax.data import visualize
+from rdm_jax.data import store, visualize
 from rdm_jax.errors import fail
-from rdm_jax.jobs import cli
+from rdm_jax.jobs import cli, distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_OUT = flags.DEFINE_string("out", None, "The sample set's directory (default <workdir>/samples/<condition>).")
 
 
 NUM_SHOWN = 16
+MADE_BY = "rdm_jax.sample"
+SETTINGS = "settings.json"
+UNCOMPARED = ("batch_size", "processes", "devices", "config")  # may change between a run and its resumption
+
+
+def shard_name(i: int, num_shards: int) -> str:
+  return f"shard-{i:05d}-of-{num_shards:05d}.npz"
+
+
+def settings_of(rdm: inference.RDM, cond, num_shards: int) -> dict[str, Any]:
+  """Everything the samples depend on (compared on resumption), and how they were made (not)."""
+  s = rdm.config.sample
+  digest = hashlib.sha256()
+  for a in (cond.context, cond.neighbor_rows, cond.query_rows):
+    digest.update(np.ascontiguousarray(a).tobytes())
+  sample = {k: v for k, v in s.to_dict().items() if k not in ("batch_size", "seed")}
+  return {"made_by": MADE_BY, "checkpoint_step": rdm.step, "seed": rdm.seed, "num_images": len(cond.context),
+          "num_shards": num_shards, "k": rdm.k, "database": cond.database.path, "sample": sample,
+          "image_shape": [*rdm.info["image_hw"]], "conditioning_sha256": digest.hexdigest(),
+          "batch_size": s.batch_size, "processes": jax.process_count(), "devices": jax.device_count(),
+          "config": json.loads(rdm.config.to_json_best_effort())}
+
+
+def check_out_dir(out: str, settings: dict[str, Any]) -> bool:
+  """Whether `out` already holds this run's settings (a resumption); refuses a directory that holds
+  anything else, or samples made with other settings."""
+  path = os.path.join(out, SETTINGS)
+  if os.path.lexists(out) and not os.path.isdir(out):
+    fail(f"{out} exists and is not a directory; choose another --out")
+  if not os.path.isfile(path):
+    if os.path.isdir(out) and os.listdir(out):
+      fail(f"{out} holds files that rdm_jax.sample did not write (no {SETTINGS}); choose another --out")
+    return False
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    fail(f"{path} is not readable JSON ({e}); choose another --out")
+  if not isinstance(old, dict) or old.get("made_by") != MADE_BY:
+    fail(f"{path} was not written by rdm_jax.sample; choose another --out")
+  diff = sorted(k for k in set(old) | set(settings) if k not in UNCOMPARED and old.get(k) != settings.get(k))
+  if diff:
+    shown = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(settings.get(k))} now" for k in diff)
+    fail(f"{out} holds samples made with other settings ({shown}): choose another --out for these "
+         "settings, or rerun with the old ones to finish that set")
+  return True
+
+
+def _short(v: Any) -> str:
+  text = json.dumps(v, sort_keys=True)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def finished_shards(out: str, num_shards: int, settings: dict[str, Any]) -> np.ndarray:
+  """[num_shards] bool: the shards on disk, each checked to be the one this run would write."""
+  done = np.zeros(num_shards, bool)
+  n, shard = settings["num_images"], settings["sample"]["shard_size"]
+  for i in range(num_shards):
+    path = os.path.join(out, shard_name(i, num_shards))
+    if not os.path.exists(path):
+      continue
+    want = np.arange(i * shard, min(n, (i + 1) * shard))
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        index, images = z["sample_index"], z["images"]
+    except (OSError, ValueError, KeyError) as e:
+      fail(f"{path} is not a readable shard ({e}); move it away and rerun to make it again")
+    if not np.array_equal(index, want) or images.dtype != np.uint8 or len(images) != len(want):
+      fail(f"{path} does not hold samples {want[0]}-{want[-1]} as uint8 images; move it away and rerun")
+    done[i] = True
+  return done
+
+
+def write_shard(path: str, rdm: inference.RDM, cond, rows: np.ndarray, z: np.ndarray) -> np.ndarray:
+  """Decodes and writes one shard (temporary name, then rename); returns its images."""
+  s = rdm.config.sample
+  images = rdm.decode(z)
+  ids = np.asarray(cond.database["ids"])[np.maximum(cond.neighbor_rows[rows], 0)]
+  store.atomic_savez(
+      path, images=images, latents=z, neighbor_rows=cond.neighbor_rows[rows],
+      neighbor_ids=np.where(cond.neighbor_rows[rows] < 0, -1, ids), query_rows=cond.query_rows[rows],
+      sample_index=rows.astype(np.int64), seed=np.full(len(rows), rdm.seed, np.int64),
+      condition=np.asarray(s.condition), database=np.asarray(cond.database.path),
+      checkpoint_step=np.asarray(rdm.step), sampler=np.asarray(s.sampler), num_steps=np.asarray(s.num_steps),
+      guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta))
+  return images
 
 
 def main(argv):
   del argv
+  distributed.initialize()
   config = cli.CONFIG.value
   workdir = _WORKDIR.value or fail("--workdir is required")
-  rdm = inference.RDM(config, workdir, _STEP.value)  # checks the sampler settings before any retrieval
   s = config.sample
-  out_samples = rdm.sample(rdm.from_config())
-  cond, z, images, step = out_samples.conditioning, out_samples.latents, out_samples.images, rdm.step
-  out = os.path.join(workdir, "samples")
-  os.makedirs(out, exist_ok=True)
-  prefix = "final" if s.condition == "exemplar" else s.condition
-  npz = os.path.join(out, "samples.npz" if s.condition == "exemplar" else f"{prefix}_samples.npz")
-  tmp = npz[:-4] + ".tmp.npz"
-  np.savez(tmp, latents=z, images=images, neighbor_rows=cond.neighbor_rows, query_rows=cond.query_rows,
-           condition=np.asarray(s.condition), database=np.asarray(cond.database.path),
-           checkpoint_step=np.asarray(step), sampler=np.asarray(s.sampler), num_steps=np.asarray(s.num_steps),
-           guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta))
-  os.replace(tmp, npz)  # the samples are safe before anything is drawn
-  shown = min(len(images), NUM_SHOWN)  # the PNGs show the first samples; the .npz holds all
-  grid_png = os.path.join(out, f"{prefix}_samples.png")
-  panel_png = os.path.join(out, f"{prefix}_neighbors_and_samples.png")
-  visualize.save_png(grid_png, visualize.grid(images[:shown], 4), scale=2)
-  visualize.save_png(panel_png, rdm.panel(out_samples, shown), scale=2)
-  print(f"step {step}: {len(images)} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
-        f"{s.sampler}, {s.num_steps} steps\n  {grid_png}\n  {panel_png}  (rows: the {config.k_train} conditioning entries | sample)")
+  if s.shard_size < 1:
+    fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")
+  rdm = inference.RDM(config, workdir, _STEP.value)  # checks the sampler settings before any retrieval
+  cond = rdm.from_config()  # every process: the same conditioning of all N samples
+  n = len(cond.context)
+  num_shards = -(-n // s.shard_size)
+  out = os.path.normpath(_OUT.value or os.path.join(workdir, "samples", s.condition))
+  settings = settings_of(rdm, cond, num_shards)
+  resumed = check_out_dir(out, settings)  # every process: all refuse alike
+  lead = jax.process_index() == 0
+  if lead:
+    os.makedirs(out, exist_ok=True)
+    for i in range(num_shards):
+      store.remove_own_temporaries(os.path.join(out, shard_name(i, num_shards)))  # of a killed run
+    if not resumed:
+      store.atomic_write_text(os.path.join(out, SETTINGS), json.dumps(settings, indent=1))
+    done = finished_shards(out, num_shards, settings)
+  else:
+    done = np.zeros(num_shards, bool)
+  done = np.asarray(multihost_utils.broadcast_one_to_all(done))  # process 0's view of the disk
+  if done.any():
+    print(f"resuming: {int(done.sum())} of {num_shards} shards are done")
+  shown = []
+  for i in range(num_shards):
+    path = os.path.join(out, shard_name(i, num_shards))
+    rows = np.arange(i * s.shard_size, min(n, (i + 1) * s.shard_size))
+    if done[i]:
+      if lead and sum(map(len, shown)) < NUM_SHOWN:
+        with np.load(path, allow_pickle=False) as z:
+          shown.append(z["images"])
+      continue
+    z = rdm.latents(cond.context[rows], first_index=int(rows[0]))  # all processes take part
+    if lead:
+      images = write_shard(path, rdm, cond, rows, z)
+      print(f"{shard_name(i, num_shards)}: samples {rows[0]}-{rows[-1]}")
+      if sum(map(len, shown)) < NUM_SHOWN:
+        shown.append(images)
+  if lead:
+    images = np.concatenate(shown)[:NUM_SHOWN]
+    grid_png, panel_png = os.path.join(out, "samples.png"), os.path.join(out, "neighbors_and_samples.png")
+    visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
+    visualize.save_png(panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2)
+    print(f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
+          f"{s.sampler}, {s.num_steps} steps, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
+          f"(rows: the {config.k_train} conditioning entries | sample)")
+  multihost_utils.sync_global_devices("rdm_jax.sample done")
+
 
 if __name__ == "__main__":
   cli.run(main)

@@ -13,7 +13,7 @@ import os
 
 from absl import flags, logging
 
-from rdm_jax.jobs import cli
+from rdm_jax.jobs import cli, distributed
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,11 +27,6 @@ from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                 "(shared by all processes of a multi-host run).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize (multi-host). "
-                                 "On TPU pods and SLURM the cluster is detected; elsewhere give the flags below.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 
 def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer):
@@ -107,10 +102,7 @@ def main(argv):
   workdir = _WORKDIR.value
   if not workdir:
     cli.fail("--workdir is required (checkpoints, logs and samples go there)")
-  if _DISTRIBUTED.value:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts (tests); others ignore it
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+  distributed.initialize()
   workdir = os.path.normpath(workdir)
   checkpoint.check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rdm_jax.data import pipeline
@@ -161,17 +162,47 @@ def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample
   return jax.jit(sample)
 
 
-def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng: jax.Array) -> np.ndarray:
-  """Latents for every context row, `batch_size` at a time (batch i uses fold_in(rng, i); the
-  last batch is padded so one compiled shape serves all)."""
+def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
+  """Per-sample keys fold_in(rng, i) for sample indices i: a sample's noise depends on the seed
+  and its index alone, not on the batch, device or process that draws it."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng: jax.Array,
+                      first_index: int = 0, mesh: Mesh | None = None, rules=None) -> np.ndarray:
+  """Latents for every context row, `batch_size` rows at a time; row i is sample first_index + i
+  and uses key fold_in(rng, first_index + i) (`sample_keys`). The last batch is padded so one
+  compiled shape serves all.
+
+  With a mesh, each batch is sharded over the axes of the 'batch' rule across all processes
+  (every process passes the same context; the batch is rounded up to a multiple of those
+  devices) and the latents are gathered to every process.
+  """
+  if not len(context):
+    raise ValueError("no context rows to sample from")
+  n_dev = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(rules)]))
+  size = -(-min(batch_size, len(context)) // n_dev) * n_dev  # one batch: no more padding than needed
   out = []
-  for i, a in enumerate(range(0, len(context), batch_size)):
-    c = context[a:a + batch_size]
+  for a in range(0, len(context), size):
+    c = context[a:a + size]
     n = len(c)
-    if n < batch_size and len(context) > batch_size:
-      c = np.concatenate([c, np.zeros((batch_size - n,) + c.shape[1:], c.dtype)])
-    out.append(np.asarray(jax.device_get(sampler(params, jnp.asarray(c), jax.random.fold_in(rng, i))))[:n])
+    index = first_index + a + np.arange(size)
+    if n < size:
+      c = np.concatenate([c, np.zeros((size - n,) + c.shape[1:], c.dtype)])
+    keys = np.asarray(sample_keys(rng, index))
+    if mesh is None:
+      z = sampler(params, jnp.asarray(c), jnp.asarray(keys))
+    else:
+      c, keys = (jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, rules, x.ndim),
+                                              lambda i, x=x: x[i]) for x in (c, keys))
+      z = multihost_utils.process_allgather(sampler(params, c, keys), tiled=True)
+    out.append(np.asarray(jax.device_get(z))[:n])
   return np.concatenate(out)
+
+
+def _batch_axes(rules) -> tuple[str, ...]:
+  axes = dict((k, v) for k, v in rules).get("batch")
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,

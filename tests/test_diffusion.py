@@ -60,7 +60,7 @@ def test_ddim_is_exact_for_point_mass_data():
 
   rng = jax.random.PRNGKey(0)
   out = ddim.ddim_sample(eps_fn, s, jnp.ones((3, 2, 5)), x0.shape, rng, num_steps=20, guidance_scale=1.0)
-  z_T = np.asarray(jax.random.normal(jax.random.split(rng)[0], x0.shape), np.float64)
+  z_T = _z_T(rng, x0.shape)
   a_first = float(s.alphas_cumprod[ddim.ddim_timesteps(1000, 20)[-1]])
   a_0 = float(s.alphas_cumprod[0])
   eps = (z_T - np.sqrt(a_first) * np.asarray(x0)) / np.sqrt(1 - a_first)
@@ -68,11 +68,17 @@ def test_ddim_is_exact_for_point_mass_data():
   np.testing.assert_allclose(np.asarray(out), want, atol=1e-4)
 
 
+def _z_T(rng, shape):
+  """The start noise as the samplers document it: one key per sample, split(rng, B); sample b's
+  z_T from the first half of split(key_b)."""
+  keys = jax.random.split(rng, shape[0])
+  return np.stack([np.asarray(jax.random.normal(jax.random.split(k)[0], shape[1:]), np.float64) for k in keys])
+
+
 def test_one_ddim_step_by_hand():
   s = schedule.linear_schedule(10, 0.1, 0.2)
   rng = jax.random.PRNGKey(3)
-  init_rng, _ = jax.random.split(rng)
-  z_T = np.asarray(jax.random.normal(init_rng, (1, 1, 1, 1)))[0, 0, 0, 0]
+  z_T = _z_T(rng, (1, 1, 1, 1))[0, 0, 0, 0]
   e = 0.3
   out = ddim.ddim_sample(lambda z, t, c: jnp.full_like(z, e), s, jnp.zeros((1, 1, 1)), (1, 1, 1, 1), rng,
                          num_steps=1, guidance_scale=1.0)
@@ -97,7 +103,7 @@ def test_clipped_ddim_step_by_hand():
   with clip_denoised=True), worked by hand for one step."""
   s = schedule.linear_schedule(10, 0.1, 0.2)
   rng = jax.random.PRNGKey(3)
-  z_T = float(jax.random.normal(jax.random.split(rng)[0], (1, 1, 1, 1))[0, 0, 0, 0])
+  z_T = float(_z_T(rng, (1, 1, 1, 1))[0, 0, 0, 0])
   e = 20.0  # a large eps drives the unclipped x0 prediction far below -1
   out = ddim.ddim_sample(lambda z, t, c: jnp.full_like(z, e), s, jnp.zeros((1, 1, 1)), (1, 1, 1, 1), rng,
                          num_steps=1, guidance_scale=1.0, clip_x0=1.0)

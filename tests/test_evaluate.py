@@ -117,3 +117,24 @@ def test_image_folder_samples(tmp_path):
   with pytest.raises(UserError, match="must share size and channels"):
     sample_sets.read_samples(str(tmp_path / "imgs"))
 
+
+
+def test_the_sample_jobs_sets_are_found_and_read_in_shard_order(tmp_path):
+  """<workdir>/samples/<set>/ with settings.json and shards: found by default (not the training
+  run's PNGs, not a folder without settings), labelled by the folder, shards in index order."""
+  from rdm_jax import evaluate
+  samples = tmp_path / "samples"
+  images = shapes_images(5, 7)
+  for name in ("proposal", "exemplar"):
+    (samples / name).mkdir(parents=True)
+    (samples / name / "settings.json").write_text(json.dumps({"made_by": "rdm_jax.sample", "num_shards": 3}))
+    for i, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)]):
+      np.savez(samples / name / f"shard-{i:05d}-of-00003.npz", images=images[a:b], condition=np.asarray(name))
+  (samples / "other").mkdir()
+  np.savez(samples / "other" / "x.npz", images=images)
+  (samples / "samples_0000002.png").write_bytes(b"")
+  paths = evaluate.default_sample_sets(str(tmp_path))
+  assert paths == [str(samples / "exemplar"), str(samples / "proposal")]
+  sets, _ = sample_sets.read_sample_sets(paths)
+  assert list(sets) == ["exemplar", "proposal"]
+  np.testing.assert_array_equal(sets["exemplar"], images)

@@ -141,8 +141,9 @@ def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterru
   def args(module, base):
     common = [f"--workdir={base}/run", f"--config.data_dir={base}/data", *TINY_OVERRIDES]
     if module == "rdm_jax.sample":
-      return common + ["--config.sample.num_images=5", "--config.sample.batch_size=2", "--config.sample.num_steps=3"]
-    return common + [f"--samples={base}/run/samples/samples.npz", "--config.eval.image_size=32",
+      return common + ["--config.sample.num_images=5", "--config.sample.batch_size=2", "--config.sample.num_steps=3",
+                       "--config.sample.shard_size=2"]
+    return common + [f"--samples={base}/run/samples/exemplar", "--config.eval.image_size=32",
                      f"--config.eval.reference={tmp_path}/ref.npz", "--config.eval.baseline_part=",
                      "--config.eval.kid_subsets=3"]
 

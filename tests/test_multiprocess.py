@@ -1,15 +1,25 @@
-"""Multi-host training emulated by two local processes (4 CPU devices each, gloo collectives):
-each process feeds its own slice of the global batch, and the global losses equal those of one
-process driving all 8 devices on the same (data=4, fsdp=2) mesh: the shared `trained` run."""
+"""Multi-host jobs emulated by two local processes (4 CPU devices each, gloo collectives) on the
+same (data=4, fsdp=2) mesh as one process driving all 8 devices.
+
+Training: each process feeds its own slice of the global batch, and the global losses equal
+those of the shared `trained` run. Sampling: the shards two processes write equal, image for
+image, those of one process, and those of a run killed after its first shard and rerun.
+"""
 
 import os
 import re
 import socket
 import subprocess
 
-import numpy as np
+import sys
 
-from conftest import TRAINED_STEPS, subprocess_env, train_command, trained_log
+import numpy as np
+import pytest
+
+from conftest import (REPO, TINY_OVERRIDES, TRAIN_CONFIG, TRAINED_MESH, TRAINED_STEPS, killable, one_line_error,
+                      subprocess_env, train_command, trained_log)
+from rdm_jax.errors import UserError
+from rdm_jax.metrics import sample_sets
 
 
 
@@ -57,3 +67,58 @@ def test_two_processes_equal_one(trained, tmp_path):
   for _, err in outs:
     np.testing.assert_allclose(_losses(err), want, rtol=1e-4)
   assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "4")
+
+
+def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_path):
+  """6 samples in shards of 4 (DDIM eta=1: fresh noise at every step), each batch sharded over 8
+  devices: two processes write the same shards as one (to float rounding); a run SIGKILLed just before its second
+  shard, rerun, keeps the first and writes the same second; other settings in that directory
+  are refused; the evaluate job refuses an unfinished set."""
+  data_dir, workdir = trained
+  def cmd(out, *extra):
+    return [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+            f"--config.data_dir={data_dir}", *TINY_OVERRIDES, *TRAINED_MESH, f"--out={tmp_path / out}",
+            "--config.sample.num_images=6", "--config.sample.shard_size=4", "--config.sample.batch_size=4",
+            "--config.sample.num_steps=2", "--config.sample.eta=1.0", *extra]
+  def shards(out):
+    return [dict(np.load(tmp_path / out / f"shard-0000{i}-of-00002.npz")) for i in range(2)]
+
+  one = subprocess.run(cmd("one"), env=subprocess_env(8), capture_output=True, text=True, cwd=REPO)
+  assert one.returncode == 0, one.stderr[-3000:]
+  want = shards("one")
+  assert [len(s["images"]) for s in want] == [4, 2]
+  assert len({s["images"].tobytes() for s in want[0:1]} | {want[1]["images"][:1].tobytes()}) == 2
+
+  outs = run_processes(lambda port, i: cmd("two", "--distributed", f"--coordinator_address=localhost:{port}",
+                                           "--num_processes=2", f"--process_id={i}"), 2, subprocess_env(4))
+  for p, err in outs:
+    assert p.returncode == 0, err[-3000:]
+  for got, ref in zip(shards("two"), want):  # two compiled programs: latents equal to float rounding
+    assert got.keys() == ref.keys()
+    for k in ref:
+      if k == "latents":
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-6)
+      elif k == "images":  # a rounding may flip a grey level
+        diff = np.abs(got[k].astype(int) - ref[k])
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+      else:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+  killed = subprocess.run(killable(cmd("killed"), "path:shard-00001"), env=subprocess_env(8), capture_output=True,
+                          text=True, cwd=REPO)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert sorted(f for f in os.listdir(tmp_path / "killed") if f.endswith(".npz")) == ["shard-00000-of-00002.npz"]
+  with pytest.raises(UserError, match="holds 1 of 2 shards: its sample run did not finish"):
+    sample_sets.read_samples(str(tmp_path / "killed"))
+  first = os.stat(tmp_path / "killed" / "shard-00000-of-00002.npz").st_mtime_ns
+  rerun = subprocess.run(cmd("killed"), env=subprocess_env(8), capture_output=True, text=True, cwd=REPO)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resuming: 1 of 2 shards are done" in rerun.stdout
+  assert os.stat(tmp_path / "killed" / "shard-00000-of-00002.npz").st_mtime_ns == first
+  assert not [f for f in os.listdir(tmp_path / "killed") if f.endswith(".tmp")]
+  for got, ref in zip(shards("killed"), want):
+    for k in ref:
+      np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+  error = one_line_error(cmd("one", "--config.sample.num_steps=3"))
+  assert "holds samples made with other settings" in error and "choose another --out" in error

@@ -7,6 +7,7 @@ the IDX file (16-byte header, then rows of 28x28 bytes); the batching rule of
 """
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -31,24 +32,24 @@ def brute_force_neighbors(queries, database, k):
   return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
 
-def test_sample_in_batches_pads_the_last_batch_and_gives_each_batch_its_key():
-  """7 rows in batches of 3: batches [0:3], [3:6], [6:7] padded to 3 rows; batch i uses fold_in(rng, i)."""
+def test_sample_in_batches_pads_the_last_batch_and_gives_each_sample_its_key():
+  """7 rows in batches of 3: batches [0:3], [3:6], [6:7] padded to 3 rows; row i (sample
+  first_index + i) uses fold_in(rng, first_index + i), whatever batch it is in."""
   shapes = []
 
-  def sampler(params, context, key):  # row value: its context sum plus the key's noise for that row
+  def sampler(params, context, keys):  # row value: its context sum plus its own key's noise
     shapes.append(context.shape)
-    return context.sum(axis=(1, 2)) * params + jax.random.uniform(key, (context.shape[0],))
+    return context.sum(axis=(1, 2)) * params + jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
 
   context = np.arange(7 * 2 * 3, dtype=np.float32).reshape(7, 2, 3)
   rng = jax.random.PRNGKey(5)
-  got = sample_in_batches(sampler, 10.0, context, 3, rng)
+  noise = lambda i: float(jax.random.uniform(jax.random.fold_in(rng, i), ()))  # noqa: E731
+  got = sample_in_batches(sampler, 10.0, context, 3, rng, first_index=100)
   assert shapes == [(3, 2, 3)] * 3  # one compiled shape for every batch
-  want = []
-  for i, (a, b) in enumerate([(0, 3), (3, 6), (6, 7)]):
-    noise = np.asarray(jax.random.uniform(jax.random.fold_in(rng, i), (3,)))[: b - a]
-    want.append(context[a:b].sum(axis=(1, 2)) * 10.0 + noise)
-  np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-6)
-  # fewer rows than a batch: no padding, one call
+  want = context.sum(axis=(1, 2)) * 10.0 + np.array([noise(100 + i) for i in range(7)])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # other batch sizes, the same samples; fewer rows than a batch: no padding, one call
+  np.testing.assert_allclose(sample_in_batches(sampler, 10.0, context, 2, rng, first_index=100), want, rtol=1e-6)
   shapes.clear()
   assert sample_in_batches(sampler, 1.0, context[:2], 3, rng).shape == (2,) and shapes == [(2, 2, 3)]
 
@@ -130,10 +131,20 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   shutil.copytree(original, workdir)
   cmd = [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
          f"--config.data_dir={data_dir}", *TINY_OVERRIDES, "--config.sample.num_images=5",
-         "--config.sample.batch_size=2", "--config.sample.num_steps=3", "--config.sample.sampler=dpm_solver++"]
+         "--config.sample.batch_size=2", "--config.sample.num_steps=3", "--config.sample.sampler=dpm_solver++",
+         "--config.sample.shard_size=2"]
   out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
-  got = np.load(os.path.join(workdir, "samples", "samples.npz"))
+  set_dir = os.path.join(workdir, "samples", "exemplar")
+  assert sorted(os.listdir(set_dir)) == ["neighbors_and_samples.png", "samples.png", "settings.json",
+                                         "shard-00000-of-00003.npz", "shard-00001-of-00003.npz",
+                                         "shard-00002-of-00003.npz"]
+  shards = [dict(np.load(os.path.join(set_dir, f"shard-0000{i}-of-00003.npz"))) for i in range(3)]
+  got = {k: np.concatenate([sh[k] for sh in shards]) for k in ("latents", "images", "neighbor_rows", "query_rows",
+                                                               "sample_index", "seed", "neighbor_ids")}
+  got.update({k: shards[0][k] for k in ("checkpoint_step", "condition", "sampler", "num_steps")})
+  assert [len(sh["images"]) for sh in shards] == [2, 2, 1]
+  np.testing.assert_array_equal(got["sample_index"], np.arange(5))
   assert int(got["checkpoint_step"]) == 4 and str(got["condition"]) == "exemplar"
   assert str(got["sampler"]) == "dpm_solver++" and int(got["num_steps"]) == 3
   assert got["latents"].shape == (5, 8, 8, 1) and got["images"].shape[0] == 5
@@ -143,9 +154,11 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   db = store.read(paths["database"], "database", hint="")["embeddings"]
   np.testing.assert_array_equal(got["query_rows"], np.arange(5))
   np.testing.assert_array_equal(got["neighbor_rows"], brute_force_neighbors(queries, db, 4))
-  for name in ("final_samples.png", "final_neighbors_and_samples.png"):
-    assert os.path.getsize(os.path.join(workdir, "samples", name)) > 0
-  assert not [f for f in os.listdir(os.path.join(workdir, "samples")) if ".tmp" in f]
+  db_ids = store.read(paths["database"], "database", hint="")["ids"]
+  np.testing.assert_array_equal(got["neighbor_ids"], np.asarray(db_ids)[got["neighbor_rows"]])
+  settings = json.load(open(os.path.join(set_dir, "settings.json")))
+  assert settings["num_images"] == 5 and settings["num_shards"] == 3 and settings["checkpoint_step"] == 4
+  assert settings["sample"]["sampler"] == "dpm_solver++" and (got["seed"] == settings["seed"]).all()
 
   # the samples are those of the checkpoint's EMA weights, not of its raw weights
   config.sample.num_steps, config.sample.batch_size, config.sample.sampler = 3, 2, "dpm_solver++"
@@ -156,8 +169,8 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params)))
   sampler = training.make_sampler(model, training.make_schedule(config), (8, 8, 1), config.sample)
   context = np.asarray(db)[got["neighbor_rows"]]
-  rng = jax.random.PRNGKey(config.train.seed + 7)
-  np.testing.assert_allclose(sample_in_batches(sampler, state.ema_params, context, 2, rng), got["latents"],
+  rng = jax.random.PRNGKey(config.train.seed + 7)  # the default seed; sample i uses fold_in(rng, i)
+  np.testing.assert_allclose(sample_in_batches(sampler, state.ema_params, context, 5, rng), got["latents"],
                              rtol=1e-5, atol=1e-5)
   raw = sample_in_batches(sampler, state.params, context, 2, rng)
   assert np.abs(raw - got["latents"]).max() > 1e-4

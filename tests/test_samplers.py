@@ -205,3 +205,21 @@ def test_unknown_sampler_is_a_clear_error():
   with pytest.raises(ValueError, match="use one of ddim, ddpm, dpm_solver\\+\\+"):
     samplers.sample(_context_mean_eps, SCHED, jnp.zeros((1, 1, 1)), (1, 1, 1, 1), jax.random.PRNGKey(0),
                     sampler="euler")
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 1.0), ("ddpm", 0.0), ("dpm_solver++", 0.0)])
+def test_each_sample_draws_its_noise_from_its_own_key(sampler, eta):
+  """Given one key per sample, a sample drawn alone equals the same sample drawn in a batch of
+  others (start noise, and DDIM eta=1 / DDPM noise at every step); rows with the same context
+  but different keys differ."""
+  n = 3
+  context = jnp.ones((n, 2, 3), jnp.float32)
+  keys = jax.random.split(jax.random.PRNGKey(9), n)
+  run = lambda c, k: np.asarray(samplers.sample(_context_mean_eps, SCHED, c, (len(c), 2, 2, 1), k,  # noqa: E731
+                                                sampler=sampler, num_steps=6, guidance_scale=2.0, eta=eta))
+  batch = run(context, keys)
+  for i in range(n):
+    np.testing.assert_allclose(run(context[i:i + 1], keys[i:i + 1])[0], batch[i], rtol=1e-5, atol=1e-6)
+  assert np.abs(batch[0] - batch[1]).min() > 1e-4
+  with pytest.raises(ValueError, match="2 per-sample keys for a batch of 3"):
+    run(context, keys[:2])

@@ -93,6 +93,14 @@ def remove_own_temporaries(path: str) -> None:
       os.remove(os.path.join(folder, entry))
 
 
+def atomic_savez(path: str, **arrays: np.ndarray) -> None:
+  """np.savez under a temporary name (not ending in .npz), then a rename into place."""
+  tmp = _tmp_name(path)
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes a text file under a temporary name, then renames it into place."""
   tmp = _tmp_name(path)

@@ -32,11 +32,33 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return steps[steps < num_timesteps]
 
 
+def per_sample_keys(rng: jax.Array, n: int) -> jax.Array:
+  """[n] PRNG keys, one per sample: `rng` itself when it already is n keys (raw uint32 [n, 2] or
+  typed [n]), else split(rng, n). Per-sample keys make a sample independent of the batch it is in."""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.ndim == (1 if typed else 2):
+    if rng.shape[0] != n:
+      raise ValueError(f"{rng.shape[0]} per-sample keys for a batch of {n}")
+    return rng
+  return jax.random.split(rng, n)
+
+
+def normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """N(0, I) of `shape` (B, ...): row b drawn from keys[b] alone."""
+  return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
+
+
 def start(rng: jax.Array, shape: tuple[int, ...], z_init: jax.Array | None = None):
-  """(z_T, the rest of rng): z_T ~ N(0, I) from the first half of rng, or z_init as given."""
-  init_rng, rng = jax.random.split(rng)
-  z = jax.random.normal(init_rng, shape, jnp.float32) if z_init is None else jnp.asarray(z_init, jnp.float32)
-  return z, rng
+  """(z_T, per-sample keys [B] for the rest): z_T ~ N(0, I), row b from the first half of sample
+  b's key (see per_sample_keys), or z_init as given."""
+  init_keys, rest = jnp.swapaxes(jax.vmap(jax.random.split)(per_sample_keys(rng, shape[0])), 0, 1)
+  z = normal(init_keys, shape) if z_init is None else jnp.asarray(z_init, jnp.float32)
+  return z, rest
+
+
+def step_keys(keys: jax.Array, num_steps: int) -> jax.Array:
+  """[num_steps, B] keys for a scan over steps: step i's noise for sample b from keys[b]."""
+  return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num_steps))(keys), 0, 1)
 
 
 def x0_and_eps(z: jax.Array, e: jax.Array, a_t: jax.Array, clip_x0: float | None):
@@ -70,6 +92,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
   [-clip_x0, clip_x0] and re-derive eps from it, as guided-diffusion's DDIM does with
   clip_denoised=True. None (latent models, as LDM) leaves the prediction as it is.
   z_init: the start z_T (default: drawn from rng).
+  rng: one key, or one key per sample (then sample b depends on rng[b] only, see per_sample_keys).
   """
   taus = ddim_timesteps(schedule.num_timesteps, num_steps)
   a_all = schedule.alphas_cumprod
@@ -84,10 +107,9 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
     pred_z0, e = x0_and_eps(z, e, a_t, clip_x0)
     sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
     direction = jnp.sqrt(1.0 - a_prev - sigma ** 2) * e
-    noise = sigma * jax.random.normal(key, shape, jnp.float32)
+    noise = sigma * normal(key, shape)
     return jnp.sqrt(a_prev) * pred_z0 + direction + noise, None
 
-  keys = jax.random.split(rng, len(taus))
-  xs = (jnp.asarray(taus[::-1]), alphas[::-1], alphas_prev[::-1], keys)
+  xs = (jnp.asarray(taus[::-1]), alphas[::-1], alphas_prev[::-1], step_keys(rng, len(taus)))
   z, _ = jax.lax.scan(step, z, xs)
   return z

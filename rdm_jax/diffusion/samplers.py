@@ -60,11 +60,11 @@ def ddpm_sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array, shap
     tau, a_t, c_x0, c_z, sd, key = inputs
     e = ddim.guided_eps(eps_fn, z, jnp.full((shape[0],), tau, jnp.int32), context, guidance_scale)
     x0, _ = ddim.x0_and_eps(z, e, a_t, clip_x0)
-    return c_x0 * x0 + c_z * z + sd * jax.random.normal(key, shape, jnp.float32), None
+    return c_x0 * x0 + c_z * z + sd * ddim.normal(key, shape), None
 
   f32 = lambda v: jnp.asarray(v[::-1], jnp.float32)
   xs = (jnp.asarray(taus[::-1], jnp.int32), f32(a), f32(coef_x0), f32(coef_z), f32(std),
-        jax.random.split(rng, len(taus)))
+        ddim.step_keys(rng, len(taus)))
   z, _ = jax.lax.scan(step, z, xs)
   return z
 
@@ -166,7 +166,8 @@ def sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array, shape: tu
   """z_0 ~ p_theta(z | context) with the named sampler. context: [B, k, d]; shape: (B, H, W, C).
 
   eta applies to DDIM only (eta = 1 is DDPM's posterior noise on the DDIM timesteps), and
-  timestep_spacing to DPM-Solver++ only.
+  timestep_spacing to DPM-Solver++ only. rng: one key, or one per sample ([B] keys): then sample
+  b's noise comes from rng[b] alone, whatever batch it is drawn in.
   """
   timesteps(sampler, schedule, num_steps, timestep_spacing)  # a bad choice fails here, in one line
   if sampler == "ddim":

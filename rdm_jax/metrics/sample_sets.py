@@ -69,6 +69,22 @@ def npz_member(z: "np.lib.npyio.NpzFile", name: str, path: str) -> np.ndarray:
   return z[name]
 
 
+def check_complete(path: str, shards: list[str]) -> None:
+  """A sample job's directory (it has settings.json) must hold all its shards: a killed run is
+  finished by rerunning it, not evaluated on what it has."""
+  settings = os.path.join(path, "settings.json")
+  if not os.path.isfile(settings):
+    return
+  try:
+    with open(settings) as f:
+      expected = json.load(f)["num_shards"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    fail(f"{settings} does not say how many shards the set has ({e}); pass the shards as .npz files")
+  if not isinstance(expected, int) or len(shards) != expected:
+    fail(f"{path} holds {len(shards)} of {expected} shards: its sample run did not finish; rerun the same "
+         "`python -m rdm_jax.sample` command to complete it")
+
+
 def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
   """(label, uint8 images, captions) of a sample set: an .npz (optionally with `captions`, for
   the CLIP score of text-conditioned samples), a directory of .npz shards, or an image folder."""
@@ -78,9 +94,12 @@ def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
     shards = sorted(glob.glob(os.path.join(path, "*.npz")))
     if not shards:
       return os.path.basename(path.rstrip("/")), read_image_folder(path), []
+    check_complete(path, shards)
   else:
     fail(f"{path}: expected an .npz file, a directory of .npz shards or an image folder")
   images, label, captions = [], None, []
+  if os.path.isdir(path):
+    label = os.path.basename(os.path.normpath(path))  # a sample job's set: its directory's name
   for shard in shards:
     if not os.path.isfile(shard):
       fail(f"{shard} does not exist; run `python -m rdm_jax.sample` first")
