@@ -36,6 +36,9 @@ def get_config() -> mlc.ConfigDict:
       database=dict(split="train", start=40000, stop=60000),
       test=dict(split="test", start=0, stop=10000),
   ))
+  # a database from an image folder (--config.dataset.parts.database.split=folder:PATH ...stop=0) is
+  # converted to Fashion-MNIST's 28x28 grey
+  c.dataset.folder = mlc.ConfigDict(dict(image_size=28, channels=1, background="white", max_pixels=50_000_000))
   c.first_stage = mlc.ConfigDict(dict(name="identity", pad_to=32, latent_channels=1))
   c.retrieval.image_size = 64
   c.k_train = 4

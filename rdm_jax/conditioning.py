@@ -31,12 +31,16 @@ class Conditioning:
   queries: store.Store | None  # the query store (the database for proposal and class; None: a .npy)
 
 
-def open_search(config: Any, database: store.Store):
+def open_search(config: Any, database: store.Store, build: bool = False):
   """search(queries_normalised, k) -> (scores, rows) over `database`: its index when one is
-  built (rdm_jax.jobs.index), else exact search."""
+  built (rdm_jax.jobs.index); else, with `build`, the index built now (as the index job would);
+  else exact search."""
   path = config_base.paths(config)["index"]
   if store.exists(path):
     return index.load(path, database, config.retrieval.index).search
+  if build:
+    print(f"{database.path} has no index at {path}: building it (rdm_jax.jobs.index)")
+    return index.ensure(database, config.retrieval.index, config.retrieval.num_neighbors, path).search
   emb = database["embeddings"]
   return lambda q, k: exact.exact_search(q, emb, k, normalize_database=True)
 
@@ -48,6 +52,10 @@ def open_database(config: Any, encoder: dict | None = None) -> store.Store:
   if encoder is not None and database.manifest["encoder"] != encoder:
     fail(f"database {database.path} was embedded by {database.manifest['encoder']} but the model was "
          f"trained with {encoder}; embed this database with the model's encoder")
+  width = database["embeddings"].shape[1]
+  if width != config.retrieval.embed_dim:
+    fail(f"database {database.path} holds {width}-d embeddings but the model takes "
+         f"config.retrieval.embed_dim={config.retrieval.embed_dim}-d context; use a database of the model's encoder")
   return database
 
 
@@ -191,10 +199,7 @@ def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, en
 
 def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np.ndarray:
   """Pixels of a store's rows (database entries, queries) through the store's source metadata."""
-  src = database.manifest["source"]
-  if src.get("dataset") != dataset.name:
-    fail(f"{database.path} comes from {src.get('dataset')!r}; no image loader configured for it")
-  images, _ = sources.load_source_split(dataset, src["split"])
+  images, _ = sources.source_images(dataset, database.manifest["source"])
   ids = np.asarray(database["ids"])[rows.reshape(-1)]
   return images[ids].reshape(rows.shape + images.shape[1:])
 

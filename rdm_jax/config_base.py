@@ -29,7 +29,9 @@ def base_config() -> mlc.ConfigDict:
   c.data_dir = "data/experiment"
   c.database = ""  # database store to retrieve from; "" = <data_dir>/database (see `paths`)
 
-  c.dataset = mlc.ConfigDict(dict(name="", idx_dir="", allow_tfds=True, parts={}))
+  c.dataset = mlc.ConfigDict(dict(name="", idx_dir="", allow_tfds=True, parts={},
+                                  # parts with split "folder:PATH" (stop 0 = every file): images converted to
+                                  folder=dict(image_size=0, channels=0, background="white", max_pixels=50_000_000)))
   c.first_stage = mlc.ConfigDict(dict(name="identity", pad_to=32, latent_channels=1))
   c.retrieval = mlc.ConfigDict(dict(
       encoder="efficientnet_lite0",  # or clip_vit_b32 (later issue)

@@ -52,8 +52,10 @@ class RDM:
 
   @functools.cached_property
   def _search(self):
-    """The database's index (or exact search), loaded on first use: class pools need none."""
-    return conditioning.open_search(self.config, self.database)
+    """The database's index, loaded on first use (class pools need none). A database swapped in
+    with config.database gets its index built when it has none; the default one is searched
+    exactly then."""
+    return conditioning.open_search(self.config, self.database, build=bool(self.config.database))
 
   def exemplars(self, n: int, part: str | None = None, include_query: bool | None = None):
     """The first n embedded images of `part` (default config.sample.query_part) as queries."""

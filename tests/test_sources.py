@@ -46,3 +46,46 @@ def test_overlapping_parts_are_refused():
     sources.check_disjoint(ds)
   ds.parts.database.start = 100
   sources.check_disjoint(ds)
+
+
+def _folder_dataset(path, size=4, channels=1, max_pixels=8, stop=0):
+  import ml_collections as mlc
+  return mlc.ConfigDict(dict(name="fashion_mnist", parts=dict(database=dict(split=f"folder:{path}", start=0, stop=stop)),
+                             folder=dict(image_size=size, channels=channels, background="white",
+                                         max_pixels=max_pixels)))
+
+
+def test_image_folder_source_worked_by_hand(tmp_path):
+  """A 4x2 RGBA image, left half opaque black, right half transparent: composited on white,
+  padded to 4x4 with white rows above and below; labels are the top-level folders (sorted), -1
+  at the top; an unreadable file and one over max_pixels are skipped and listed; a changed folder
+  is refused."""
+  from PIL import Image
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  rgba = np.zeros((2, 4, 4), np.uint8)
+  rgba[:, :2, 3] = 255  # opaque black on the left; the right is transparent (its colour must not show)
+  rgba[:, 2:, :3] = 7
+  Image.fromarray(rgba, "RGBA").save(tmp_path / "b" / "x.png")
+  Image.fromarray(np.full((2, 2), 100, np.uint8)).save(tmp_path / "a" / "y.png")
+  Image.fromarray(np.full((2, 1), 50, np.uint8)).save(tmp_path / "z.png")
+  Image.fromarray(np.zeros((3, 3), np.uint8)).save(tmp_path / "a" / "big.png")  # 9 pixels > 8
+  (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+
+  images, labels, source = sources.load_part(_folder_dataset(tmp_path), "database")
+  assert source["files"] == 3 and source["stop"] == 3
+  assert sorted(source["skipped"]) == ["a/big.png: 3x3 pixels", "a/broken.png: UnidentifiedImageError"]
+  assert images.shape == (3, 4, 4, 1) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, [0, 1, -1])  # a/y.png, b/x.png, z.png
+  np.testing.assert_array_equal(images[0, ..., 0], np.full((4, 4), 100))  # 2x2 -> 4x4, one grey
+  want = np.full((4, 4), 255)
+  want[1:3, :2] = 0
+  np.testing.assert_array_equal(images[1, ..., 0], want)
+  rgb, _, _ = sources.load_part(_folder_dataset(tmp_path, channels=3), "database")
+  np.testing.assert_array_equal(rgb[1], np.repeat(want[..., None], 3, axis=2))
+
+  Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "b" / "new.png")
+  with pytest.raises(UserError, match="changed .4 usable files now, 3 then.*embed the folder again"):
+    sources.load_folder(source)
+  with pytest.raises(UserError, match="give image_size > 0, channels 1 or 3"):
+    sources.load_part(_folder_dataset(tmp_path, channels=2), "database")

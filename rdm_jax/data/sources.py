@@ -1,17 +1,27 @@
-"""Image sources: IDX files (Fashion-MNIST / MNIST layout), TFDS as a fallback.
+"""Image sources: IDX files (Fashion-MNIST / MNIST layout), TFDS as a fallback, image folders.
 
 `load_split(cfg, split)` returns uint8 images [N, H, W, C] and int labels [N] of the named
 part of a dataset ("train" | "database" | "test" for the embedded default), together with
 `source` metadata written into manifests so any store can point back to its pixels
 (neighbour provenance).
+
+A part whose split is "folder:PATH" comes from every PNG/JPEG under PATH (sorted; linked folders
+not entered), e.g. the openclipart-png package's clip art as a new database: transparency
+composited on `dataset.folder.background`, padded to a square with it, resized to
+`dataset.folder.image_size` and converted to `dataset.folder.channels`; the label of an image is
+the index of its top-level subfolder among the sorted subfolders (-1 for files at the top).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import gzip
+import hashlib
 import math
 import os
 import struct
+import warnings
 import zlib
 from typing import Any
 
@@ -105,8 +115,123 @@ def class_names(dataset: Any) -> tuple[str, ...]:
   return names
 
 
+FOLDER = "folder:"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+BACKGROUNDS = {"white": 255, "black": 0}
+
+
+def image_files(path: str) -> list[str]:
+  """The PNG/JPEG files under `path`, sorted. Linked directories are not entered (a `loop -> .`
+  link would repeat the folder) and a file reached twice through links counts once."""
+  files, seen = [], set()
+  for root, dirs, names in os.walk(path, followlinks=False):
+    dirs.sort()
+    for name in sorted(names):
+      full = os.path.join(root, name)
+      if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full) and os.path.realpath(full) not in seen:
+        seen.add(os.path.realpath(full))
+        files.append(full)
+  return sorted(files)
+
+
+def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
+  """What a "folder:PATH" split's pixels depend on: the folder, its usable files (names and sizes,
+  digested; files PIL cannot open or over `folder.max_pixels` are skipped and listed), and the
+  size, channels and background they are converted to."""
+  path = split[len(FOLDER):]
+  if not os.path.isdir(path):
+    fail(f"{path} is not a folder of images (split {split!r}); "
+         "e.g. `apt-get install openclipart-png` gives folder:/usr/share/openclipart/png")
+  f = dataset.get("folder", None) or {}
+  size, channels, background = f.get("image_size", 0), f.get("channels", 0), f.get("background", "white")
+  max_pixels = f.get("max_pixels", 0) or 50_000_000
+  if size < 1 or channels not in (1, 3) or background not in BACKGROUNDS:
+    fail(f"config.dataset.folder = {dict(f)}: give image_size > 0, channels 1 or 3 and background "
+         f"{' or '.join(BACKGROUNDS)} (what the folder's images are converted to)")
+  files, skipped = usable_images(path, max_pixels)
+  if not files:
+    fail(f"{path} holds no usable {', '.join(IMAGE_EXTENSIONS)} images ({len(skipped)} skipped)")
+  digest = hashlib.sha256()
+  for name in files:
+    digest.update(f"{name}\0{os.path.getsize(os.path.join(path, name))}\0".encode())
+  return {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
+          "background": background, "max_pixels": int(max_pixels), "files": len(files),
+          "files_sha256": digest.hexdigest(), "skipped": skipped}
+
+
+def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
+  """(the image files under `path` that PIL opens and that have at most max_pixels pixels, the
+  others with the reason), as paths relative to `path`; only headers are read."""
+  from PIL import Image
+  files, skipped = [], []
+  for full in image_files(path):
+    name = os.path.relpath(full, path)
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged here, by max_pixels
+        with Image.open(full) as im:
+          w, h = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      skipped.append(f"{name}: {type(e).__name__}")
+      continue
+    if w * h > max_pixels:
+      skipped.append(f"{name}: {w}x{h} pixels")
+    else:
+      files.append(name)
+  return files, skipped
+
+
+def _folder_image(name: str, size: int, channels: int, fill: int) -> np.ndarray:
+  """One image file as uint8 [size, size, channels] (see the module docstring)."""
+  from PIL import Image
+  try:
+    with Image.open(name) as im:
+      im.load()
+      if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (fill, fill, fill, 255)), rgba)
+      im = im.convert("L" if channels == 1 else "RGB")
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    fail(f"cannot read the image {name} ({e}); remove it from the folder or replace it")
+  w, h = im.size
+  side = max(w, h)
+  square = Image.new(im.mode, (side, side), fill if channels == 1 else (fill,) * 3)
+  square.paste(im, ((side - w) // 2, (side - h) // 2))
+  a = np.asarray(square.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0))
+  return a[..., None] if a.ndim == 2 else a
+
+
+@functools.lru_cache(maxsize=2)
+def _load_folder(path: str, files: tuple[str, ...], size: int, channels: int, background: str
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+  parts = [name.split(os.sep) for name in files]
+  classes = tuple(sorted({p[0] for p in parts if len(p) > 1}))
+  labels = np.array([classes.index(p[0]) if len(p) > 1 else -1 for p in parts], np.int32)
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+    images = list(pool.map(lambda f: _folder_image(os.path.join(path, f), size, channels, BACKGROUNDS[background]),
+                           files))
+  images = np.stack(images)
+  images.flags.writeable = False  # cached: callers index it, nobody writes to it
+  return images, labels, classes
+
+
+def load_folder(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+  """(uint8 images [N, s, s, C], labels [N], class names) of an image folder, as `folder_settings`
+  describes it; refused when its files changed since (a store's ids would point elsewhere)."""
+  path = settings["images_from"]
+  now = folder_settings({"folder": settings}, FOLDER + path)
+  if now["files_sha256"] != settings["files_sha256"]:
+    fail(f"the images in {path} changed ({now['files']} usable files now, {settings['files']} then): the "
+         "stores made from it no longer match; embed the folder again")
+  files, _ = usable_images(path, settings["max_pixels"])
+  return _load_folder(path, tuple(files), settings["image_size"], settings["channels"], settings["background"])
+
+
 def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split of the raw dataset named by `dataset.name` ("fashion_mnist")."""
+  """A whole split of the raw dataset named by `dataset.name` ("fashion_mnist"), or of an image
+  folder ("folder:PATH")."""
+  if source_split.startswith(FOLDER):
+    return load_folder(folder_settings(dataset, source_split))[:2]
   if dataset.name != "fashion_mnist":
     fail(f"dataset {dataset.name!r} has no image loader here; supported: fashion_mnist "
          "(bring latents and embeddings made elsewhere as stores instead)")
@@ -135,19 +260,34 @@ def check_disjoint(dataset: Any) -> None:
 
 def part_source(dataset: Any, part: str) -> dict[str, Any]:
   """The provenance a store of this part records: dataset, split, example range and where the
-  images come from (the IDX directory, or TFDS when it does not exist): every field that
-  changes the data, so a store made from other files is never reused."""
+  images come from (the IDX directory, TFDS when it does not exist, or an image folder with its
+  files' digest and conversion): every field that changes the data, so a store made from other
+  files is never reused."""
   split, start, stop = split_range(dataset, part)
+  if split.startswith(FOLDER):
+    folder = folder_settings(dataset, split)
+    return {"dataset": "folder", "split": split, "start": start, "stop": stop or folder["files"], **folder}
   idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)  # as load_source_split resolves it
   origin = os.path.realpath(idx_dir) if os.path.isdir(idx_dir) or not dataset.get("allow_tfds", True) else "tfds"
   return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": origin}
+
+
+def source_images(dataset: Any, source: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+  """The whole split a store's `source` record names: an image folder as the record converted
+  it (whatever the config says now), else the config's dataset."""
+  if source.get("dataset") == "folder":
+    return load_folder(source)[:2]
+  if source.get("dataset") != dataset.name:
+    fail(f"the store comes from {source.get('dataset')!r} but config.dataset.name is {dataset.name!r}; "
+         "no image loader configured for it")
+  return load_source_split(dataset, source["split"])
 
 
 def load_part(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """(images uint8 [N, H, W, C], labels [N], source metadata) of a configured part."""
   source = part_source(dataset, part)
   split, start, stop = source["split"], source["start"], source["stop"]
-  images, labels = load_source_split(dataset, split)
+  images, labels = source_images(dataset, source)
   if not 0 <= start < stop <= len(images):
     fail(f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(images)})")
   return images[start:stop], labels[start:stop], source

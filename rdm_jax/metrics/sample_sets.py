@@ -15,21 +15,7 @@ import numpy as np
 from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-def image_files(path: str) -> list[str]:
-  """The PNG/JPEG files under `path`, sorted. Linked directories are not entered (a `loop -> .`
-  link would repeat the folder) and a file reached twice through links counts once."""
-  files, seen = [], set()
-  for root, dirs, names in os.walk(path, followlinks=False):
-    dirs.sort()
-    for name in sorted(names):
-      full = os.path.join(root, name)
-      if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full) and os.path.realpath(full) not in seen:
-        seen.add(os.path.realpath(full))
-        files.append(full)
-  return sorted(files)
+IMAGE_EXTENSIONS, image_files = sources.IMAGE_EXTENSIONS, sources.image_files
 
 
 def read_image_folder(path: str) -> np.ndarray:
