@@ -146,7 +146,7 @@ def embeddings_conditioning(config: Any, queries: np.ndarray, k: int, encoder: d
 
 def class_ids(names_or_ids: str, names: tuple[str, ...], labels: np.ndarray) -> list[int]:
   """"Dress,7" -> [3, 7]: class names (any case) or label ids, comma-separated; "" = every label."""
-  present = sorted(set(np.unique(labels).tolist()))
+  present = sorted(set(np.unique(labels).tolist()) - {-1})  # -1: unlabelled
   if not names_or_ids.strip():
     return present
   out = []
@@ -186,7 +186,8 @@ def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, en
   if "labels" not in database.arrays:
     fail(f"database {database.path} has no labels: class pools need a labelled database (or a text tower)")
   labels = np.asarray(database["labels"])
-  classes = class_ids(s.classes if classes is None else classes, sources.class_names(config.dataset), labels)
+  classes = class_ids(s.classes if classes is None else classes,
+                      sources.source_class_names(config.dataset, database.manifest["source"]), labels)
   if not k <= s.class_pool_size:
     fail(f"sample.class_pool_size={s.class_pool_size} must be at least k={k}")
   pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}

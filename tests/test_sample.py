@@ -20,6 +20,7 @@ from conftest import FMNIST_DB_START, REPO, TINY_OVERRIDES, TRAIN_CONFIG, subpro
 
 from rdm_jax import checkpoint, conditioning, config_base, inference, training
 from rdm_jax.data import store
+from rdm_jax.errors import UserError
 from rdm_jax.retrieval import proposal
 from rdm_jax.training import sample_in_batches
 
@@ -248,3 +249,59 @@ def test_training_writes_samples_of_its_ema_weights_every_sample_every_steps(tra
     got = np.asarray(Image.open(os.path.join(workdir, "samples", f"samples_{step:07d}.png")))
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float noise may flip a rounding
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")
+def test_sample_job_with_an_image_folder_swapped_in_as_the_database(trained, tmp_path):
+  """--config.database= a store embedded from an image folder (two class folders of 6 images, each
+  one grey level): class pools from the folder names, held-out queries searched through an index
+  built on first use, and the neighbours' pixels read back from the folder for the panel."""
+  from PIL import Image
+  from rdm_jax.data import sources
+  data_dir, workdir = trained
+  for c, name in enumerate(("cats", "dogs")):
+    (tmp_path / "art" / name).mkdir(parents=True)
+    for i in range(6):
+      Image.fromarray(np.full((4, 4), 10 + 120 * c + 15 * i, np.uint8)).save(tmp_path / "art" / name / f"{i}.png")
+  config = tiny_config(data_dir)
+  config.dataset.parts.database = dict(split=f"folder:{tmp_path}/art", start=0, stop=0)
+  config.dataset.folder = dict(image_size=8, channels=1, background="white", max_pixels=100)
+  source = sources.part_source(config.dataset, "database")
+  encoder = store.read(os.path.join(data_dir, "database"), "database", hint="").manifest["encoder"]
+  emb = np.random.default_rng(3).normal(size=(12, 16)).astype(np.float32)
+  db_path = str(tmp_path / "art_db")
+  store.write(db_path, "database", {"embeddings": emb, "ids": np.arange(12), "labels": np.repeat([0, 1], 6).astype(np.int32)},
+              encoder=encoder, source=source)
+
+  def run(condition, *extra):
+    out = str(tmp_path / condition)
+    cmd = [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+           f"--config.data_dir={data_dir}", *TINY_OVERRIDES, f"--config.database={db_path}", f"--out={out}",
+           "--config.sample.num_images=3", "--config.sample.num_steps=2", f"--config.sample.condition={condition}",
+           "--config.sample.class_pool_size=5", "--config.retrieval.num_neighbors=4", *extra]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(os.path.join(out, "shard-00000-of-00001.npz")), result.stdout
+
+  by_class, _ = run("class", "--config.sample.classes=DOGS")
+  assert (by_class["query_rows"] == 1).all() and (by_class["neighbor_rows"] >= 6).all()
+  assert by_class["images"].shape == (3, 8, 8, 1)
+  exemplar, stdout = run("exemplar")
+  assert "building it" in stdout and store.exists(db_path + "_index")
+  queries = store.read(config_base.paths(config)["embeddings_test"], "embeddings", hint="")["embeddings"][:3]
+  np.testing.assert_array_equal(exemplar["neighbor_rows"], brute_force_neighbors(queries, emb, 4))
+  np.testing.assert_array_equal(exemplar["neighbor_ids"], exemplar["neighbor_rows"])
+  # the panel's neighbours: each file's grey, read back through the store's source record
+  config.database = db_path
+  pixels = conditioning.database_images(store.read(db_path, "database", hint=""), config.dataset,
+                                        exemplar["neighbor_rows"])
+  np.testing.assert_array_equal(pixels[..., 0, 0, 0], 10 + 120 * (exemplar["neighbor_rows"] // 6)
+                                + 15 * (exemplar["neighbor_rows"] % 6))
+  assert os.path.getsize(tmp_path / "exemplar" / "neighbors_and_samples.png") > 0
+  # a database of another width is refused before anything is sampled
+  narrow = str(tmp_path / "narrow_db")
+  store.write(narrow, "database", {"embeddings": emb[:, :8], "ids": np.arange(12), "labels": np.zeros(12, np.int32)},
+              encoder=encoder, source=source)
+  config.database = narrow
+  with pytest.raises(UserError, match="holds 8-d embeddings but the model takes config.retrieval.embed_dim=16"):
+    conditioning.open_database(config, encoder)

@@ -73,7 +73,7 @@ def test_image_folder_source_worked_by_hand(tmp_path):
   (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
 
   images, labels, source = sources.load_part(_folder_dataset(tmp_path), "database")
-  assert source["files"] == 3 and source["stop"] == 3
+  assert source["files"] == 3 and source["stop"] == 3 and source["classes"] == ["a", "b"]
   assert sorted(source["skipped"]) == ["a/big.png: 3x3 pixels", "a/broken.png: UnidentifiedImageError"]
   assert images.shape == (3, 4, 4, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, [0, 1, -1])  # a/y.png, b/x.png, z.png

@@ -156,7 +156,12 @@ def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
     digest.update(f"{name}\0{os.path.getsize(os.path.join(path, name))}\0".encode())
   return {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
           "background": background, "max_pixels": int(max_pixels), "files": len(files),
-          "files_sha256": digest.hexdigest(), "skipped": skipped}
+          "files_sha256": digest.hexdigest(), "skipped": skipped, "classes": list(folder_classes(files))}
+
+
+def folder_classes(files: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+  """The sorted top-level subfolders of relative file paths: label i is classes[i]."""
+  return tuple(sorted({f.split(os.sep)[0] for f in files if os.sep in f}))
 
 
 def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
@@ -205,7 +210,7 @@ def _folder_image(name: str, size: int, channels: int, fill: int) -> np.ndarray:
 def _load_folder(path: str, files: tuple[str, ...], size: int, channels: int, background: str
                  ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
   parts = [name.split(os.sep) for name in files]
-  classes = tuple(sorted({p[0] for p in parts if len(p) > 1}))
+  classes = folder_classes(files)
   labels = np.array([classes.index(p[0]) if len(p) > 1 else -1 for p in parts], np.int32)
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
     images = list(pool.map(lambda f: _folder_image(os.path.join(path, f), size, channels, BACKGROUNDS[background]),
@@ -225,6 +230,14 @@ def load_folder(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple
          "stores made from it no longer match; embed the folder again")
   files, _ = usable_images(path, settings["max_pixels"])
   return _load_folder(path, tuple(files), settings["image_size"], settings["channels"], settings["background"])
+
+
+def source_class_names(dataset: Any, source: dict[str, Any]) -> tuple[str, ...]:
+  """The names of labels 0..C-1 of a store's entries: an image folder's subfolders as its record
+  lists them, else the dataset's (`class_names`)."""
+  if source.get("dataset") == "folder":
+    return tuple(source.get("classes", ()))
+  return class_names(dataset)
 
 
 def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
