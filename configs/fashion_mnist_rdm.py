@@ -18,6 +18,15 @@ Run the whole chain (what `make demo` does):
   python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
   python -m rdm_jax.evaluate       --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
 
+Swap the database at sample time, e.g. for Debian's clip art (apt-get install openclipart-png):
+
+  python -m rdm_jax.jobs.embed     --config=configs/fashion_mnist_rdm.py --parts=database \
+      --config.dataset.parts.database.split=folder:/usr/share/openclipart/png \
+      --config.dataset.parts.database.start=0 --config.dataset.parts.database.stop=0 \
+      --config.database=data/fashion_mnist/openclipart
+  python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
+      --config.database=data/fashion_mnist/openclipart --out=runs/fmnist/samples/openclipart
+
 Override anything on the command line, e.g. --config.k_train=8 --config.mesh.data=2.
 """
 

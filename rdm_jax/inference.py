@@ -97,6 +97,10 @@ class RDM:
       if n > len(queries):
         fail(f"asked for {n} samples but {s.embeddings_path} has {len(queries)} embeddings")
       return self.embeddings(queries[:n])
+    if s.condition == "text":
+      fail(f"config.sample.condition='text' needs a retrieval encoder with a text tower (CLIP); "
+           f"config.retrieval.encoder={self.config.retrieval.encoder!r} has none: use exemplar, proposal, class "
+           "or embeddings")
     fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class or embeddings")
 
   def sample(self, cond: conditioning.Conditioning, seed: int | None = None, first_index: int = 0) -> Samples:

@@ -210,6 +210,9 @@ def test_python_api_samples_with_one_loaded_model(trained, tmp_path):
   np.testing.assert_array_equal(got.neighbor_rows, brute_force_neighbors(
       np.asarray(rdm.database["embeddings"])[got.query_rows], rdm.database["embeddings"], 4))
   assert unconditional.images.shape[0] == 3
+  config.sample.condition = "text"  # a later issue's CLIP retriever brings the text tower
+  with pytest.raises(UserError, match="needs a retrieval encoder with a text tower"):
+    rdm.from_config()
 
 
 def test_neighbour_panel_shows_neighbours_of_another_size_at_the_samples_size():
