@@ -20,7 +20,6 @@ Writes <workdir>/eval/metrics.json and <workdir>/eval/metrics.md (the table it p
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import warnings
@@ -59,11 +58,6 @@ def check_output_dir(out_dir: str) -> None:
   if not ours:
     fail(f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to overwrite "
          "them: choose another --out")
-
-
-def default_sample_sets(workdir: str) -> list[str]:
-  """The sample job's sets in <workdir>/samples: directories with its settings.json."""
-  return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "samples", "*", "settings.json")))
 
 
 def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> None:
@@ -118,7 +112,7 @@ def main(argv):
   config = cli.CONFIG.value
   cfg = config.eval
   workdir = _WORKDIR.value
-  paths = _SAMPLES.value or default_sample_sets(workdir or fail("--workdir or --samples is required"))
+  paths = _SAMPLES.value or sample_sets.default_sample_sets(workdir or fail("--workdir or --samples is required"))
   if not paths:
     fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
   out_dir = os.path.normpath(_OUT.value or os.path.join(workdir or ".", "eval"))

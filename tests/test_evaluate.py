@@ -122,7 +122,6 @@ def test_image_folder_samples(tmp_path):
 def test_the_sample_jobs_sets_are_found_and_read_in_shard_order(tmp_path):
   """<workdir>/samples/<set>/ with settings.json and shards: found by default (not the training
   run's PNGs, not a folder without settings), labelled by the folder, shards in index order."""
-  from rdm_jax import evaluate
   samples = tmp_path / "samples"
   images = shapes_images(5, 7)
   for name in ("proposal", "exemplar"):
@@ -133,7 +132,7 @@ def test_the_sample_jobs_sets_are_found_and_read_in_shard_order(tmp_path):
   (samples / "other").mkdir()
   np.savez(samples / "other" / "x.npz", images=images)
   (samples / "samples_0000002.png").write_bytes(b"")
-  paths = evaluate.default_sample_sets(str(tmp_path))
+  paths = sample_sets.default_sample_sets(str(tmp_path))
   assert paths == [str(samples / "exemplar"), str(samples / "proposal")]
   sets, _ = sample_sets.read_sample_sets(paths)
   assert list(sets) == ["exemplar", "proposal"]

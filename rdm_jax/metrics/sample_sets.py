@@ -55,6 +55,11 @@ def npz_member(z: "np.lib.npyio.NpzFile", name: str, path: str) -> np.ndarray:
   return z[name]
 
 
+def default_sample_sets(workdir: str) -> list[str]:
+  """The sample job's sets in <workdir>/samples: directories with its settings.json."""
+  return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "samples", "*", "settings.json")))
+
+
 def check_complete(path: str, shards: list[str]) -> None:
   """A sample job's directory (it has settings.json) must hold all its shards: a killed run is
   finished by rerunning it, not evaluated on what it has."""
