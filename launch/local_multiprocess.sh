@@ -3,12 +3,13 @@
 # multi-host input sharding and checkpointing on a laptop:
 #
 #   bash launch/local_multiprocess.sh 2 configs/fashion_mnist_rdm.py runs/mp --config.train.num_steps=20
+#   JOB=rdm_jax.sample bash launch/local_multiprocess.sh 2 configs/fashion_mnist_rdm.py runs/mp  # sample on 2
 set -euo pipefail
 N=$1; CONFIG=$2; WORKDIR=$3; shift 3
 PORT=${PORT:-12355}
 for ((i = 0; i < N; i++)); do
   XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4} JAX_PLATFORMS=cpu \
-    ${PYTHON:-.venv/bin/python} -m rdm_jax.train --config="$CONFIG" --workdir="$WORKDIR" --distributed \
+    ${PYTHON:-.venv/bin/python} -m ${JOB:-rdm_jax.train} --config="$CONFIG" --workdir="$WORKDIR" --distributed \
     --coordinator_address=localhost:$PORT --num_processes="$N" --process_id=$i "$@" &
 done
 wait
