@@ -23,7 +23,7 @@ from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E4
 from rdm_jax import checkpoint, conditioning, training  # noqa: E402
 from rdm_jax.data import pipeline, store, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
-from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
+from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                 "(shared by all processes of a multi-host run).")
@@ -119,7 +119,7 @@ def main(argv):
   # --------------------------------------------------------------------------- Mesh
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = [tuple(r) for r in config.sharding_rules]
-  batch_devices = int(np.prod([mesh.shape[a] for a in dict(rules)["batch"]]))
+  batch_devices = sharding.batch_devices(mesh, rules)
   if config.train.batch_size % batch_devices:
     cli.fail(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
              f"{batch_devices} devices of the batch axes {dict(rules)['batch']}")

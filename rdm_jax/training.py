@@ -180,7 +180,7 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
   """
   if not len(context):
     raise ValueError("no context rows to sample from")
-  n_dev = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _batch_axes(rules)]))
+  n_dev = 1 if mesh is None else sharding.batch_devices(mesh, rules)
   size = -(-min(batch_size, len(context)) // n_dev) * n_dev  # one batch: no more padding than needed
   out = []
   for a in range(0, len(context), size):
@@ -198,11 +198,6 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
       z = multihost_utils.process_allgather(sampler(params, c, keys), tiled=True)
     out.append(np.asarray(jax.device_get(z))[:n])
   return np.concatenate(out)
-
-
-def _batch_axes(rules) -> tuple[str, ...]:
-  axes = dict((k, v) for k, v in rules).get("batch")
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,

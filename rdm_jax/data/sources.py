@@ -148,15 +148,22 @@ def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
   if size < 1 or channels not in (1, 3) or background not in BACKGROUNDS:
     fail(f"config.dataset.folder = {dict(f)}: give image_size > 0, channels 1 or 3 and background "
          f"{' or '.join(BACKGROUNDS)} (what the folder's images are converted to)")
-  files, skipped = usable_images(path, max_pixels)
+  files, skipped, digest = folder_listing(path, max_pixels)
   if not files:
     fail(f"{path} holds no usable {', '.join(IMAGE_EXTENSIONS)} images ({len(skipped)} skipped)")
+  return {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
+          "background": background, "max_pixels": int(max_pixels), "files": len(files),
+          "files_sha256": digest, "skipped": skipped, "classes": list(folder_classes(files))}
+
+
+def folder_listing(path: str, max_pixels: int) -> tuple[list[str], list[str], str]:
+  """(usable files, skipped files with the reason, sha256 of the usable files' names and sizes):
+  one pass over the folder's headers (`usable_images`)."""
+  files, skipped = usable_images(path, max_pixels)
   digest = hashlib.sha256()
   for name in files:
     digest.update(f"{name}\0{os.path.getsize(os.path.join(path, name))}\0".encode())
-  return {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
-          "background": background, "max_pixels": int(max_pixels), "files": len(files),
-          "files_sha256": digest.hexdigest(), "skipped": skipped, "classes": list(folder_classes(files))}
+  return files, skipped, digest.hexdigest()
 
 
 def folder_classes(files: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -224,11 +231,10 @@ def load_folder(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple
   """(uint8 images [N, s, s, C], labels [N], class names) of an image folder, as `folder_settings`
   describes it; refused when its files changed since (a store's ids would point elsewhere)."""
   path = settings["images_from"]
-  now = folder_settings({"folder": settings}, FOLDER + path)
-  if now["files_sha256"] != settings["files_sha256"]:
-    fail(f"the images in {path} changed ({now['files']} usable files now, {settings['files']} then): the "
+  files, _, digest = folder_listing(path, settings["max_pixels"])
+  if digest != settings["files_sha256"]:
+    fail(f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): the "
          "stores made from it no longer match; embed the folder again")
-  files, _ = usable_images(path, settings["max_pixels"])
   return _load_folder(path, tuple(files), settings["image_size"], settings["channels"], settings["background"])
 
 

@@ -15,16 +15,13 @@ import numpy as np
 from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
 
-IMAGE_EXTENSIONS, image_files = sources.IMAGE_EXTENSIONS, sources.image_files
-
-
 def read_image_folder(path: str) -> np.ndarray:
-  """All PNG/JPEG images under `path` (see `image_files`), as uint8 [N, H, W, 1|3]; sizes must agree."""
+  """All PNG/JPEG images under `path` (see `sources.image_files`), as uint8 [N, H, W, 1|3]; sizes must agree."""
   from PIL import Image
 
-  files = image_files(path)
+  files = sources.image_files(path)
   if not files:
-    fail(f"{path} holds no {', '.join(IMAGE_EXTENSIONS)} images")
+    fail(f"{path} holds no {', '.join(sources.IMAGE_EXTENSIONS)} images")
   images = []
   for f in files:
     with Image.open(f) as im:

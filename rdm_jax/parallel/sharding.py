@@ -50,6 +50,11 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
       mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
 
 
+def batch_devices(mesh: Mesh, rules: Rules) -> int:
+  """How many devices the 'batch' rule's mesh axes span (a batch splits into that many parts)."""
+  return _axis_size(mesh, dict((k, v) for k, v in rules).get("batch"))
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
   """Shards the leading (batch) dimension over the axes the 'batch' rule names."""
   axes = dict((k, v) for k, v in rules).get("batch")
