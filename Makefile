@@ -18,7 +18,8 @@ $(VENV)/.installed: requirements.txt setup.py
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 torchvision==0.28.0 pytorch-fid==0.3.0 torch-fidelity==0.4.0 clean-fid==0.1.35
+	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 torchvision==0.28.0 pytorch-fid==0.3.0 torch-fidelity==0.4.0 clean-fid==0.1.35 \
+		taming-transformers-rom1504==0.0.6 clip-anytorch==2.6.0
 	touch $@
 
 setup: $(VENV)/.installed

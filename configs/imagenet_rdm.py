@@ -37,7 +37,10 @@ def get_config() -> mlc.ConfigDict:
       database=dict(split="openimages", start=0, stop=20000000),  # RDM-OI: OpenImages as D
       test=dict(split="validation", start=0, stop=50000),
   ))
-  c.first_stage = mlc.ConfigDict(dict(name="vq_f4", pad_to=256, latent_channels=3))
+  # LDM VQ-f4 (vq-f4.zip of the latent-diffusion README, unpacked where the original's configs
+  # expect it); 256 px images -> 3x64x64 latents, scale factor 1.0 (as the RDM release).
+  c.first_stage.update(name="vq_f4", pad_to=0, latent_channels=3,
+                       weights="models/first_stage_models/vq-f4/model.ckpt", scale_factor=1.0)
   c.retrieval.encoder = "clip_vit_b32"
   c.retrieval.embed_dim = 512
   c.retrieval.image_size = 224

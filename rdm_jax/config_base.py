@@ -32,7 +32,12 @@ def base_config() -> mlc.ConfigDict:
   c.dataset = mlc.ConfigDict(dict(name="", idx_dir="", allow_tfds=True, parts={},
                                   # parts with split "folder:PATH" (stop 0 = every file): images converted to
                                   folder=dict(image_size=0, channels=0, background="white", max_pixels=50_000_000)))
-  c.first_stage = mlc.ConfigDict(dict(name="identity", pad_to=32, latent_channels=1))
+  # First stage: identity, or an LDM autoencoder (rdm_jax/models/first_stage.py) read from its
+  # published .ckpt; `arch` overrides fields of the named preset (None = the preset's).
+  c.first_stage = mlc.ConfigDict(dict(
+      name="identity", pad_to=32, latent_channels=1, weights="", scale_factor=1.0, batch_size=16,
+      arch={k: None for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "embed_dim", "z_channels",
+                              "n_embed", "resolution")}))
   c.retrieval = mlc.ConfigDict(dict(
       encoder="efficientnet_lite0",  # or clip_vit_b32 (later issue)
       weights="",                    # local checkpoint; "" = the installed weights package

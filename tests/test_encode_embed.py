@@ -87,5 +87,5 @@ def test_identity_first_stage_by_hand():
   assert out[0, 0, 0, 0] == 255 and out[0, 0, 1, 0] == 0
   with pytest.raises(UserError, match="do not fit"):
     first_stage.encode(cfg, np.zeros((1, 33, 20, 1), np.uint8))
-  with pytest.raises(UserError, match="not available"):
-    first_stage.encode(mlc.ConfigDict(dict(name="vq_f4", pad_to=256)), images)
+  with pytest.raises(UserError, match="weights file '' not found"):  # LDM autoencoders need their checkpoint
+    first_stage.encode(mlc.ConfigDict(dict(name="vq_f4", pad_to=256, weights="")), images)

@@ -19,7 +19,7 @@ _PARTS = flags.DEFINE_list("parts", ["train", "test"], "Dataset parts to encode.
 def encode_part(config, part: str) -> store.Store:
   out = config_base.paths(config)[f"latents_{part}"]
   done = store.reusable(out, "latents", "rdm_jax.jobs.encode", source=sources.part_source(config.dataset, part),
-                        first_stage=config.first_stage.to_dict())
+                        first_stage=first_stage.identity(config.first_stage))
   if done is not None:
     return done
   images, labels, source = sources.load_part(config.dataset, part)
@@ -28,7 +28,7 @@ def encode_part(config, part: str) -> store.Store:
       out, "latents", len(images), chunk_size=8192,
       compute=lambda a, b: {"latents": first_stage.encode(config.first_stage, images[a:b]),
                             "ids": ids[a:b], "labels": labels[a:b]},
-      source=source, first_stage=config.first_stage.to_dict(), image_shape=list(images.shape[1:]),
+      source=source, first_stage=first_stage.identity(config.first_stage), image_shape=list(images.shape[1:]),
       made_by="rdm_jax.jobs.encode")
   print(f"wrote {out}: latents {result['latents'].shape}")
   return result

@@ -10,18 +10,16 @@ gives an "FD (EfficientNet-Lite0)" and an "IS (EfficientNet-Lite0)", never "FID"
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rdm_jax.data import store
 from rdm_jax.errors import fail
-from rdm_jax.models import efficientnet_lite, inception_fid
+from rdm_jax.models import clip, efficientnet_lite, inception_fid
+from rdm_jax.parallel.batched import BatchedApply
 
 
 @dataclasses.dataclass
@@ -44,29 +42,9 @@ class Extractor:
     """{'features': [N, d], 'logits': [N, classes]} of uint8 images [N, H, W, 1|3], in batches
     split over every local device (parameters replicated)."""
     check_images(images, what)
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("data",))
-    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    batch = -(-self.batch_size // len(devices)) * len(devices)  # a multiple of the device count
-    fn = jax.jit(self.apply, in_shardings=(replicated, sharded), out_shardings=(sharded, sharded))
-    params = jax.device_put(self.params, replicated)
-    feats, logits = [], []
-    t0 = last = time.time()
-    for a in range(0, len(images), batch):
-      chunk = np.asarray(images[a:a + batch])
-      n = len(chunk)
-      if n < batch:  # pad the last batch: one compiled shape
-        chunk = np.concatenate([chunk, np.zeros((batch - n,) + chunk.shape[1:], chunk.dtype)])
-      if self.host_preprocess is not None:
-        chunk = self.host_preprocess(chunk)
-      f, lg = fn(params, jax.device_put(chunk, sharded))
-      feats.append(np.asarray(f)[:n])
-      logits.append(np.asarray(lg)[:n])
-      if log and time.time() - last > 10:
-        last = time.time()
-        log(f"{self.name}: {a + n}/{len(images)} {what} ({(a + n) / (last - t0):.0f}/s)")
-    return {"features": np.concatenate(feats).astype(np.float32),
-            "logits": np.concatenate(logits).astype(np.float32)}
+    run = BatchedApply(self.apply, self.params, self.batch_size, self.host_preprocess)
+    feats, logits = run(images, log=log and (lambda m: log(f"{self.name}: {m}")), what=what)
+    return {"features": feats.astype(np.float32), "logits": logits.astype(np.float32)}
 
 
 def check_images(images: np.ndarray, what: str) -> None:
@@ -138,20 +116,7 @@ def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int =
                    host_preprocess=clean_fid_resize if resize == "clean" else None)
 
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-
-
-def _load_clip(weights: str):
-  if not weights or not os.path.isdir(weights):
-    fail(f"CLIP weights directory {weights!r} not found: save a transformers CLIP model once "
-         "(FlaxCLIPModel / CLIPModel .save_pretrained) and set config.eval.weights to that directory")
-  from transformers import FlaxCLIPModel
-
-  try:
-    return FlaxCLIPModel.from_pretrained(weights, local_files_only=True)
-  except (OSError, ValueError) as e:
-    fail(f"could not load a Flax CLIP model from {weights} ({e})")
+CLIP_MEAN, CLIP_STD = clip.CLIP_MEAN, clip.CLIP_STD
 
 
 def clip_resize_crop(images: np.ndarray, size: int) -> np.ndarray:
@@ -173,17 +138,17 @@ def clip_resize_crop(images: np.ndarray, size: int) -> np.ndarray:
 
 def clip_image(weights: str = "", image_size: int = 224, batch_size: int = 256) -> Extractor:
   """CLIP image embeddings (the projected `get_image_features`, as OpenAI's `encode_image`) with
-  clean-fid's `clip_vit_b_32` preprocessing: features for CLIP-FID and for the CLIP score."""
-  model = _load_clip(weights)
-  size = model.config.vision_config.image_size
+  clean-fid's `clip_vit_b_32` preprocessing: features for CLIP-FID and for the CLIP score.
+  weights: a saved transformers CLIP directory or OpenAI's .pt (`rdm_jax.models.clip.load`)."""
+  model = clip.load(weights)
+  size = model.image_size
 
   def apply(p, images):
-    x = (images.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-    feats = model.get_image_features(jnp.transpose(x, (0, 3, 1, 2)), params=p)
+    feats = model.image_features(p, (images.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
     return feats, feats[:, :0]  # no class logits
 
-  identity = {"name": "clip_image", "projection_dim": model.config.projection_dim, "image_size": size,
-              "weights_sha256": _dir_sha256(weights), "preprocess": f"clean-fid clip: bicubic {size}, crop"}
+  identity = {"name": "clip_image", "projection_dim": model.embed_dim, "image_size": size,
+              "weights_sha256": model.weights_sha256, "preprocess": f"clean-fid clip: bicubic {size}, crop"}
   return Extractor("CLIP", identity, apply, model.params, batch_size,
                    host_preprocess=lambda imgs: clip_resize_crop(imgs, size))
 
@@ -193,27 +158,19 @@ def clip_text_features(weights: str, captions: list[str], batch_size: int = 256)
   tokenizer saved in the same local directory (padded to the model's 77 positions)."""
   from transformers import CLIPTokenizer
 
-  model = _load_clip(weights)
+  model = clip.load(weights)
   try:
     tok = CLIPTokenizer.from_pretrained(weights, local_files_only=True)
   except (OSError, ValueError) as e:
     fail(f"no CLIP tokenizer in {weights} ({e}); save it there with CLIPTokenizer.save_pretrained")
-  length = model.config.text_config.max_position_embeddings
-  fn = jax.jit(lambda p, ids, mask: model.get_text_features(ids, attention_mask=mask, params=p))
+  length = model.model.config.text_config.max_position_embeddings
+  fn = jax.jit(model.text_features)
   out = []
   for a in range(0, len(captions), batch_size):
     t = tok(list(captions[a:a + batch_size]), padding="max_length", truncation=True, max_length=length,
             return_tensors="np")
     out.append(np.asarray(fn(model.params, t["input_ids"], t["attention_mask"])))
   return np.concatenate(out).astype(np.float32)
-
-
-def _dir_sha256(path: str) -> str:
-  """sha256 of the weights file in a saved transformers model directory."""
-  files = os.listdir(path)
-  names = sorted(f for f in files if f.endswith((".msgpack", ".safetensors", ".bin"))) or sorted(
-      f for f in files if f.endswith(".json"))
-  return store.file_sha256(os.path.join(path, names[0])) if names else ""
 
 
 EXTRACTORS = {"efficientnet_lite0": efficientnet_lite0, "inception_v3_fid": inception_v3_fid,

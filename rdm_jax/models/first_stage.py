@@ -1,18 +1,40 @@
 """First stages E/D that map images to the latents the diffusion model works on.
 
-`identity`: pixels scaled to [-1, 1] and padded (with -1, the background) to a square of
-`pad_to`: honest for 28x28 Fashion-MNIST. The LDM autoencoders (KL-f8, VQ-f4) of the
-paper's ImageNet models need their PyTorch checkpoints converted; that port is not here
-yet, and asking for them says so instead of producing wrong latents.
+`config.first_stage.name`:
+- `identity`: pixels scaled to [-1, 1] and padded (with -1) to a square of `pad_to`: honest
+  for 28x28 Fashion-MNIST.
+- the LDM autoencoders (`rdm_jax.models.autoencoder.PRESETS`): `vq_f4` (the paper's ImageNet
+  RDM, 3x64x64 latents at 256 px), `vq_f8`, `vq_f16` (RARM's tokens), `kl_f4`, `kl_f8`,
+  `kl_f16`, with weights read from the published PyTorch Lightning `.ckpt`
+  (`config.first_stage.weights`) through the restricted reader, which never runs code.
+  `config.first_stage.arch` overrides fields of the preset (tests use tiny ones).
+
+As `LatentDiffusion.get_first_stage_encoding` / `decode_first_stage`: latents are the first
+stage's encoding times `scale_factor` (1.0 for the RDM's VQ-f4), decoded after dividing by
+it. Images enter as uint8 [B, H, W, C] (grey is repeated to RGB), scaled to [-1, 1], padded
+to `pad_to` when it is set; decoded images are clipped to [-1, 1] and rounded to uint8 (the
+original's image logger truncates; rounding is the unbiased choice).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from rdm_jax.data import store
 from rdm_jax.errors import fail
+from rdm_jax.models import autoencoder, torch_legacy
+from rdm_jax.parallel.batched import BatchedApply
+
+ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "embed_dim", "z_channels", "n_embed",
+               "resolution")
 
 
 def _pads(size: int, target: int) -> tuple[int, int]:
@@ -22,20 +44,167 @@ def _pads(size: int, target: int) -> tuple[int, int]:
   return lo, target - size - lo
 
 
+def _to_unit(images: np.ndarray, pad_to: int) -> np.ndarray:
+  x = images.astype(np.float32) / 127.5 - 1.0
+  if pad_to:
+    ph, pw = _pads(x.shape[1], pad_to), _pads(x.shape[2], pad_to)
+    x = np.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=-1.0)
+  return x
+
+
+def _from_unit(x: np.ndarray, image_hw: tuple[int, int], pad_to: int) -> np.ndarray:
+  if pad_to:
+    (t, _), (l, _) = _pads(image_hw[0], pad_to), _pads(image_hw[1], pad_to)
+    x = x[:, t:t + image_hw[0], l:l + image_hw[1]]
+  return np.clip(np.round((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def spec(cfg: Any) -> autoencoder.Spec:
+  """The autoencoder `config.first_stage` names: its preset with `arch` overrides."""
+  if cfg.name not in autoencoder.PRESETS:
+    fail(f"config.first_stage.name={cfg.name!r}; available: identity, {', '.join(autoencoder.PRESETS)}")
+  arch = {k: v for k, v in dict(cfg.get("arch", {})).items() if v is not None}
+  unknown = sorted(set(arch) - set(ARCH_FIELDS))
+  if unknown:
+    fail(f"config.first_stage.arch has unknown fields {unknown}; known: {', '.join(ARCH_FIELDS)}")
+  arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items()}
+  s = dataclasses.replace(autoencoder.PRESETS[cfg.name], **arch)
+  if any((s.ch * m) % 32 for m in s.ch_mult):
+    fail(f"first stage {cfg.name}: channel widths {[s.ch * m for m in s.ch_mult]} must be multiples of 32 "
+         "(GroupNorm with 32 groups)")
+  return s
+
+
+def load_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
+  """A PyTorch state dict (a Lightning `.ckpt`'s "state_dict", or a bare one) read without running
+  anything in the file; any failure is one line naming the file."""
+  if not path or not os.path.isfile(path):
+    fail(f"{what}: weights file {path!r} not found; set the path to a local checkpoint (README: "
+         "'Pretrained weights')")
+  try:
+    obj = torch_legacy.load(path)
+  except torch_legacy.CheckpointError as e:
+    fail(f"{what}: refused {e}")
+  sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+  if not isinstance(sd, dict) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+    fail(f"{what}: {path} holds no state dict of tensors")
+  return sd
+
+
+@dataclasses.dataclass
+class FirstStage:
+  """A loaded LDM autoencoder: host-array encode / decode in batches over the local devices."""
+
+  name: str
+  spec: autoencoder.Spec
+  params: Any
+  scale_factor: float
+  pad_to: int
+  batch_size: int
+  weights_sha256: str
+
+  def __post_init__(self):
+    model = autoencoder.Autoencoder(self.spec)
+    s = self.scale_factor
+
+    def enc(p, x):
+      return model.apply({"params": p}, x, method=autoencoder.Autoencoder.encode) * s
+
+    def dec(p, z):
+      return jnp.clip(model.apply({"params": p}, z / s, method=autoencoder.Autoencoder.decode), -1.0, 1.0)
+
+    def tok(p, x):
+      return model.apply({"params": p}, x, method=autoencoder.Autoencoder.encode_tokens)
+
+    def untok(p, t):
+      return jnp.clip(model.apply({"params": p}, t, method=autoencoder.Autoencoder.decode_tokens), -1.0, 1.0)
+
+    self._fns = {k: BatchedApply(f, self.params, self.batch_size) for k, f in
+                 dict(encode=enc, decode=dec, tokens=tok, untokens=untok).items()}
+
+  def _images(self, images: np.ndarray) -> np.ndarray:
+    if images.ndim != 4 or images.dtype != np.uint8:
+      fail(f"first stage {self.name}: expected uint8 images [B, H, W, C], got {images.dtype} {list(images.shape)}")
+    x = _to_unit(images, self.pad_to)
+    if x.shape[-1] == 1 and self.spec.in_channels == 3:
+      x = np.repeat(x, 3, axis=-1)
+    f = self.spec.factor
+    if x.shape[1] % f or x.shape[2] % f or x.shape[-1] != self.spec.in_channels:
+      fail(f"first stage {self.name} takes images whose sides are multiples of {f} with "
+           f"{self.spec.in_channels} channels, got {list(x.shape[1:])}; set config.dataset's image size "
+           "(or config.first_stage.pad_to)")
+    return x
+
+  def encode(self, images: np.ndarray) -> np.ndarray:
+    """uint8 images [B, H, W, C] -> float32 latents [B, H/f, W/f, embed_dim] (times scale_factor)."""
+    return self._fns["encode"](self._images(images), what="images")
+
+  def decode(self, latents: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """latents [B, h, w, embed_dim] -> uint8 images [B, H, W, out_ch]."""
+    return _from_unit(self._fns["decode"](np.asarray(latents, np.float32), what="latents"), image_hw, self.pad_to)
+
+  def encode_tokens(self, images: np.ndarray) -> np.ndarray:
+    """VQ: uint8 images -> int32 code indices [B, H/f, W/f]."""
+    self._need_vq()
+    return self._fns["tokens"](self._images(images), what="images")
+
+  def decode_tokens(self, tokens: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """VQ: code indices [B, h, w] -> uint8 images."""
+    self._need_vq()
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.spec.n_embed):
+      fail(f"token ids must lie in [0, {self.spec.n_embed}); got [{tokens.min()}, {tokens.max()}]")
+    return _from_unit(self._fns["untokens"](tokens.astype(np.int32), what="token maps"), image_hw, self.pad_to)
+
+  def _need_vq(self):
+    if self.spec.kind != "vq":
+      fail(f"first stage {self.name} is a KL autoencoder: it has no tokens (use a vq_* first stage)")
+
+
+@functools.lru_cache(maxsize=4)
+def _load(cfg_json: str) -> FirstStage:
+  cfg = json.loads(cfg_json)
+  s = spec(_Attrs(cfg))
+  what = f"first stage {cfg['name']}"
+  sd = load_state_dict(cfg.get("weights", ""), what)
+  try:
+    params = autoencoder.convert_state_dict(sd, s)
+  except ValueError as e:
+    fail(f"{what}: {cfg['weights']} is not a checkpoint of this architecture ({s}): {e}")
+  if cfg.get("latent_channels", s.embed_dim) != s.embed_dim:
+    fail(f"config.first_stage.latent_channels={cfg['latent_channels']} but {cfg['name']} makes "
+         f"{s.embed_dim}-channel latents; set latent_channels={s.embed_dim}")
+  return FirstStage(cfg["name"], s, jax.tree.map(jnp.asarray, params), float(cfg.get("scale_factor", 1.0)),
+                    int(cfg.get("pad_to", 0)), int(cfg.get("batch_size", 16)), store.file_sha256(cfg["weights"]))
+
+
+class _Attrs(dict):
+  __getattr__ = dict.__getitem__
+
+
+def load(cfg: Any) -> FirstStage:
+  """The LDM first stage `config.first_stage` describes, loaded once per process."""
+  return _load(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), sort_keys=True))
+
+
+def identity(cfg: Any) -> dict[str, Any]:
+  """What a latents store records about the first stage that made it (weights hash included)."""
+  d = cfg.to_dict()
+  if cfg.name != "identity":
+    d["weights_sha256"] = load(cfg).weights_sha256
+    d.pop("batch_size", None)
+  return d
+
+
 def encode(cfg: Any, images: np.ndarray) -> np.ndarray:
   """uint8 images [B, H, W, C] -> float32 latents [B, h, w, c]."""
-  if cfg.name != "identity":
-    fail(f"first stage {cfg.name!r} is not available in rdm_jax yet (only 'identity'); "
-         "encode latents elsewhere and write them as a latents store")
-  x = images.astype(np.float32) / 127.5 - 1.0
-  ph, pw = _pads(x.shape[1], cfg.pad_to), _pads(x.shape[2], cfg.pad_to)
-  return np.pad(x, ((0, 0), ph, pw, (0, 0)), constant_values=-1.0)
+  if cfg.name == "identity":
+    return _to_unit(images, cfg.pad_to)
+  return load(cfg).encode(images)
 
 
 def decode(cfg: Any, latents: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
   """float latents [B, h, w, c] -> uint8 images [B, H, W, C] (inverse of `encode`)."""
-  if cfg.name != "identity":
-    fail(f"first stage {cfg.name!r} is not available in rdm_jax yet (only 'identity')")
-  (t, _), (l, _) = _pads(image_hw[0], cfg.pad_to), _pads(image_hw[1], cfg.pad_to)
-  x = np.asarray(latents)[:, t:t + image_hw[0], l:l + image_hw[1]]
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  if cfg.name == "identity":
+    return _from_unit(np.asarray(latents), image_hw, cfg.pad_to)
+  return load(cfg).decode(latents, image_hw)

@@ -10,11 +10,19 @@ A checkpoint is untrusted input. Every pickle in it, in both formats and at ever
 is read by `_SafeUnpickler`, an allowlist over pickle opcodes and globals (stricter than
 `torch.load(weights_only=True)`):
 - globals: `torch._utils._rebuild_tensor(_v2)`, `torch._utils._rebuild_parameter`, the
-  `torch.<Type>Storage` classes of `_STORAGE_DTYPES` and `collections.OrderedDict`; any other
-  name is refused before it is looked up;
+  `torch.<Type>Storage` classes of `_STORAGE_DTYPES` and `collections.OrderedDict`; classes of
+  PyTorch Lightning (a `.ckpt` keys its `callbacks` by them) become their dotted names, inert
+  strings that are never imported and that REDUCE and BUILD refuse; any other name is refused
+  before it is looked up;
 - REDUCE calls only those functions; BUILD is accepted only on an OrderedDict (torch puts a
-  state dict's `_metadata` there; it is dropped); INST, OBJ, NEWOBJ, NEWOBJ_EX, the copyreg
+  state dict's `_metadata` there; it is dropped); INST, OBJ, NEWOBJ_EX, the copyreg
   extension codes and out-of-band buffers are refused outright;
+- TorchScript archives (`torch.jit.save`, e.g. OpenAI's CLIP `.pt` files) pickle each module
+  as GLOBAL `__torch__.<class>`, NEWOBJ with no arguments, BUILD with a dict of attributes.
+  Such a class becomes a `_ScriptClass` name (never imported); NEWOBJ is accepted only on one,
+  with no arguments, and makes a `_ScriptObject` record; BUILD on a record only stores the
+  dict. `load` returns records as plain dicts of their attributes (`script_state_dict`
+  flattens them to a state dict); the archive's code/ folder is never read;
 - persistent ids must be `('storage', <storage type>, key, location, numel)`, plus a sixth
   field `None` (no storage view) in the legacy format.
 Tensor views are checked against their storage before anything is copied: offset, sizes and
@@ -50,6 +58,28 @@ _MAX_DEPTH = 64  # nesting of containers in a checkpoint object
 
 class CheckpointError(ValueError):
   """A checkpoint that is malformed, or that asks for something a weights file never needs."""
+
+
+class _GlobalName(str):
+  """A class named by a PyTorch Lightning checkpoint (its `callbacks` dict is keyed by callback
+  classes): kept as its dotted name, never imported, called or built."""
+
+
+# Lightning checkpoints name these classes as dict keys; they unpickle as their names only.
+_NAMED_ONLY_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric")
+
+
+class _ScriptClass(str):
+  """A TorchScript class name (`__torch__.<module>.<class>`): never imported or called."""
+
+
+class _ScriptObject:
+  """An instance of a TorchScript class in a `torch.jit.save` archive: its attributes only."""
+
+  __slots__ = ("cls", "attrs")
+
+  def __init__(self, cls: _ScriptClass):
+    self.cls, self.attrs = cls, None
 
 
 class _StorageType:
@@ -162,6 +192,10 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcod
       return _GLOBALS[module, name]
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(name)
+    if module.split(".")[0] in _NAMED_ONLY_MODULES:
+      return _GlobalName(f"{module}.{name}")
+    if module == "__torch__" or module.startswith("__torch__."):
+      return _ScriptClass(f"{module}.{name}")
     raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a checkpoint")
 
   def load_reduce(self):
@@ -171,8 +205,21 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcod
       raise pickle.UnpicklingError(f"refusing to call {func!r} while unpickling a checkpoint")
     self.stack[-1] = func(*args)
 
+  def load_newobj(self):
+    args = self.stack.pop()
+    cls = self.stack[-1]
+    if type(cls) is not _ScriptClass or args != ():
+      raise pickle.UnpicklingError(f"refusing to construct {str(cls)[:100]} while unpickling a checkpoint")
+    self.stack[-1] = _ScriptObject(cls)
+
   def load_build(self):
-    self.stack.pop()  # the state: only an OrderedDict's attributes (torch's _metadata), dropped
+    state = self.stack.pop()
+    if type(self.stack[-1]) is _ScriptObject:  # a TorchScript module's attributes: stored, nothing set
+      if type(state) is not dict or self.stack[-1].attrs is not None:
+        raise pickle.UnpicklingError("malformed TorchScript object state")
+      self.stack[-1].attrs = state
+      return
+    # otherwise only an OrderedDict's attributes (torch's _metadata), dropped
     if type(self.stack[-1]) is not collections.OrderedDict:
       raise pickle.UnpicklingError(f"refusing to set the state of {type(self.stack[-1]).__name__}")
 
@@ -197,6 +244,7 @@ dispatch = _Dispatch({getattr(pickle, n)[0]: pickle._Unpickler.dispatch[getattr(
                       for n in _DATA_OPCODES})
 dispatch[pickle.REDUCE[0]] = _SafeUnpickler.load_reduce
 dispatch[pickle.BUILD[0]] = _SafeUnpickler.load_build
+dispatch[pickle.NEWOBJ[0]] = _SafeUnpickler.load_newobj
 _SafeUnpickler.dispatch = dispatch
 del dispatch
 
@@ -239,12 +287,17 @@ def _materialize(obj: Any, budget: list[int], depth: int = 0, active: frozenset 
   if type(obj) in (dict, collections.OrderedDict, list, tuple):
     inner = active | {id(obj)}
     if isinstance(obj, dict):
-      if not all(type(k) in (str, int) for k in obj):
+      if not all(type(k) in (str, int, _GlobalName) for k in obj):
         raise CheckpointError("a dict in the checkpoint has keys other than str or int")
-      return type(obj)((k, _materialize(v, budget, depth + 1, inner)) for k, v in obj.items())
+      return type(obj)((str(k) if type(k) is _GlobalName else k, _materialize(v, budget, depth + 1, inner))
+                       for k, v in obj.items())
     return type(obj)(_materialize(v, budget, depth + 1, inner) for v in obj)
   if obj is None or type(obj) in (bool, int, float, str, bytes):
     return obj
+  if type(obj) is _GlobalName:
+    return str(obj)
+  if type(obj) is _ScriptObject:  # a TorchScript module: the dict of its attributes
+    return _materialize(obj.attrs or {}, budget, depth + 1, active | {id(obj)})
   raise CheckpointError(f"unexpected {type(obj).__name__} in the checkpoint object")
 
 
@@ -306,6 +359,18 @@ def _load_legacy(path: str) -> tuple[Any, dict[str, _Storage]]:
                               f"{size - raw.tell()} are left)")
       storage.data = np.frombuffer(raw.read(nbytes), dtype=storage.dtype)
   return obj, storages
+
+
+def script_state_dict(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
+  """The arrays of a nested dict (as `load` returns a TorchScript archive's modules) keyed by
+  dotted path, as `module.state_dict()` names them; other attributes are left out."""
+  out: dict[str, np.ndarray] = {}
+  for k, v in obj.items():
+    if isinstance(v, np.ndarray):
+      out[prefix + str(k)] = v
+    elif isinstance(v, dict):
+      out.update(script_state_dict(v, f"{prefix}{k}."))
+  return out
 
 
 def load(path: str) -> Any:

@@ -90,10 +90,10 @@ class GroupNorm(nn.Module):
 
 
 def Conv(features: int, kernel_size: int = 3, stride: int = 1, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
-  """2-D conv with logical axis names; torch-style symmetric padding (k // 2)."""
+         dtype: Dtype = jnp.float32, name: str | None = None, padding: Any = None) -> nn.Conv:
+  """2-D conv with logical axis names; torch-style symmetric padding (k // 2) unless given."""
   p = kernel_size // 2
-  return nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=((p, p), (p, p)),
+  return nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=padding or ((p, p), (p, p)),
                  dtype=dtype, name=name,
                  kernel_init=_kernel((None, None, "conv_in", "conv_out"),
                                      _zeros if zero_init else _default_kernel_init),

