@@ -19,8 +19,11 @@ Needs, in order (each job validates what the previous one wrote):
   python -m rdm_jax.evaluate       --config=configs/imagenet_rdm.py --workdir=$WORKDIR \
       --config.eval.weights=/path/to/pt_inception-2015-12-05-6726825d.pth   # FID, IS, P/R
 
-The VQ-f4 first stage and the CLIP encoder are not ported yet (later issues): the encode and
-embed jobs say so; latents and embeddings made elsewhere can be written as stores.
+Needs, as local files (README: "The paper's configuration"): ImageNet prepared for TFDS
+(`tfds build imagenet2012`), OpenImages' train images unpacked under data/openimages/train (the
+database: 10 random 256-px crops per image resized to 1200 px, embedded as float16), LDM's
+vq-f4 model.ckpt and OpenAI's ViT-B-32.pt at the paths below. Animal subsets as the RARM
+configs: --config.dataset.label_range=(151,280) (dogs), (147,388) (mammals), (0,397) (animals).
 """
 
 import ml_collections as mlc
@@ -31,17 +34,23 @@ from rdm_jax.config_base import base_config
 def get_config() -> mlc.ConfigDict:
   c = base_config()
   c.data_dir = "data/imagenet"
-  c.dataset.name = "imagenet2012"
+  c.dataset.name = "imagenet2012"  # TFDS, prepared once with `tfds build imagenet2012`
+  c.dataset.image_size = 256       # shorter side to 256, centre crop (the original's ImageNet size 256)
   c.dataset.parts = mlc.ConfigDict(dict(
       train=dict(split="train", start=0, stop=1281167),
-      database=dict(split="openimages", start=0, stop=20000000),  # RDM-OI: OpenImages as D
+      # RDM-OI: the database is OpenImages, as an image folder (its train images, unpacked),
+      # cut into random 256-px crops of images resized to 1200 px (config.database_build)
+      database=dict(split="folder:data/openimages/train", start=0, stop=0),
       test=dict(split="validation", start=0, stop=50000),
   ))
   # LDM VQ-f4 (vq-f4.zip of the latent-diffusion README, unpacked where the original's configs
   # expect it); 256 px images -> 3x64x64 latents, scale factor 1.0 (as the RDM release).
   c.first_stage.update(name="vq_f4", pad_to=0, latent_channels=3,
                        weights="models/first_stage_models/vq-f4/model.ckpt", scale_factor=1.0)
+  c.dataset.folder.update(image_size=256, channels=3, background="white")
+  c.database_build.update(crops_per_image=10, crop_size=256, resize_to=1200, embeddings_dtype="float16")
   c.retrieval.encoder = "clip_vit_b32"
+  c.retrieval.weights = "models/clip/ViT-B-32.pt"  # OpenAI's file, or a saved transformers CLIP dir
   c.retrieval.embed_dim = 512
   c.retrieval.image_size = 224
   c.retrieval.num_neighbors = 20

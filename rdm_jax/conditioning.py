@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from rdm_jax import config_base
-from rdm_jax.data import sources, store, visualize
+from rdm_jax.data import crops, sources, store, visualize
 from rdm_jax.errors import fail
 from rdm_jax.retrieval import exact, index, proposal
 
@@ -200,9 +200,14 @@ def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, en
 
 def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np.ndarray:
   """Pixels of a store's rows (database entries, queries) through the store's source metadata."""
-  images, _ = sources.source_images(dataset, database.manifest["source"])
   ids = np.asarray(database["ids"])[rows.reshape(-1)]
-  return images[ids].reshape(rows.shape + images.shape[1:])
+  if "boxes" in database.arrays:  # a database of crops: show the crop each entry is
+    raw = sources.source_raw_reader(dataset, database.manifest["source"])(ids)
+    images = crops.crop_pixels(raw, np.asarray(database["boxes"])[rows.reshape(-1)], database.manifest["crops"])
+  else:
+    read, _ = sources.source_reader(dataset, database.manifest["source"])
+    images = read(ids)
+  return images.reshape(rows.shape + images.shape[1:])
 
 
 def context_images(cond: Conditioning, dataset: Any, n: int | None = None) -> np.ndarray:

@@ -30,14 +30,21 @@ def base_config() -> mlc.ConfigDict:
   c.database = ""  # database store to retrieve from; "" = <data_dir>/database (see `paths`)
 
   c.dataset = mlc.ConfigDict(dict(name="", idx_dir="", allow_tfds=True, parts={},
+                                  # TFDS splits ("tfds:NAME/SPLIT", or any split of a dataset other than
+                                  # fashion_mnist): shorter side to image_size, centre crop; prepared locally
+                                  image_size=0, tfds_data_dir="",
+                                  # labels kept, as the original SubsetSampler reads label_range:
+                                  # (151, 280) = ImageNet dogs 151..280 inclusive; () = all
+                                  label_range=(),
                                   # parts with split "folder:PATH" (stop 0 = every file): images converted to
                                   folder=dict(image_size=0, channels=0, background="white", max_pixels=50_000_000)))
   # First stage: identity, or an LDM autoencoder (rdm_jax/models/first_stage.py) read from its
-  # published .ckpt; `arch` overrides fields of the named preset (None = the preset's).
+  # published .ckpt; `arch` overrides fields of the named preset (0 or () = the preset's;
+  # attn_resolutions=(0,) = no attention).
   c.first_stage = mlc.ConfigDict(dict(
       name="identity", pad_to=32, latent_channels=1, weights="", scale_factor=1.0, batch_size=16,
-      arch={k: None for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "embed_dim", "z_channels",
-                              "n_embed", "resolution")}))
+      arch=dict(ch=0, ch_mult=(), num_res_blocks=0, attn_resolutions=(), embed_dim=0, z_channels=0, n_embed=0,
+                resolution=0)))
   c.retrieval = mlc.ConfigDict(dict(
       encoder="efficientnet_lite0",  # or clip_vit_b32 (later issue)
       weights="",                    # local checkpoint; "" = the installed weights package
@@ -51,6 +58,10 @@ def base_config() -> mlc.ConfigDict:
       recall_sample=1000,            # queries checked against exact search; recall@K goes in the manifest
       proposal_k=0,                  # k of p_D (Eq. 5); 0 = k_train
   ))
+  # The database as random crops of its images (rdm_jax/data/crops.py; the paper's OpenImages
+  # recipe); crops_per_image 0 = one entry per whole image, as the parts' other stores.
+  c.database_build = mlc.ConfigDict(dict(crops_per_image=0, crop_size=0, resize_to=0, seed=0,
+                                         embeddings_dtype="float16"))
   # Nearest-neighbour index over the database (rdm_jax/retrieval/index.py for the recipe).
   c.retrieval.index = mlc.ConfigDict(dict(
       kind="auto",                   # auto (by size, as below) | exact | brute | ah | tree_ah

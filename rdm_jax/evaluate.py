@@ -123,7 +123,7 @@ def main(argv):
          "clip_score")
 
   sets, captions = sample_sets.read_sample_sets(paths)
-  ref_images, ref_source = sample_sets.read_reference(config, cfg.reference)
+  ref_images, ref_source = sample_sets.read_reference(config, cfg.reference, cfg.num_reference)
   if cfg.num_reference:
     ref_images = ref_images[:cfg.num_reference]
   for name, images in sets.items():

@@ -1,10 +1,27 @@
-"""Test set-up: 8 fake CPU devices (sharding tests need a multi-axis mesh) and tiny stores."""
+"""Test set-up: 8 fake CPU devices (sharding tests need a multi-axis mesh) and tiny stores.
+
+The tests and the jobs they start share one XLA compilation cache for the session (a fresh
+temporary directory, removed at the end): many tests run the same tiny train step or sampler
+in new processes, and a cached program is the program XLA would compile again. It takes the
+suite from about 17 to about 14 minutes on 2 cores.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rdm_jax_tests_xla_cache_")
+else:
+  _CACHE = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _CACHE is not None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

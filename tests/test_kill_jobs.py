@@ -184,3 +184,30 @@ def test_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(ti
     assert int(got.step) == 6
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupted(tmp_path):
+  """The database built from crops of an image folder (config.database_build), killed and rerun."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for i in range(10):
+    sub = tmp_path / "collection" / ("a" if i % 2 else "b")
+    sub.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+  args = ["--parts=database", f"--config.dataset.parts.database.split=folder:{tmp_path}/collection",
+          "--config.dataset.parts.database.start=0", "--config.dataset.parts.database.stop=0",
+          "--config.dataset.folder.channels=3", "--config.database_build.crops_per_image=3",
+          "--config.database_build.crop_size=16", "--config.retrieval.chunk_size=6",  # 2 images per chunk
+          "--config.retrieval.batch_size=8", "--config.retrieval.image_size=32"]
+  want = str(tmp_path / "want" / "data")
+  count_file = str(tmp_path / "count")
+  out = run("rdm_jax.jobs.embed", [f"--config.data_dir={want}", *args], count_file=count_file)
+  assert out.returncode == 0, out.stderr[-3000:]
+  data = str(tmp_path / "run" / "data")
+  for n in kill_points(int(open(count_file).read()), seed=11):
+    shutil.rmtree(data, ignore_errors=True)
+    killed = run("rdm_jax.jobs.embed", [f"--config.data_dir={data}", *args], kill_at=n)
+    assert killed.returncode == -9, (n, killed.stderr[-2000:])
+    again = run("rdm_jax.jobs.embed", [f"--config.data_dir={data}", *args])
+    assert again.returncode == 0, (n, again.stderr[-3000:])
+    assert_same_files(data, os.path.join(data, "database"), want, os.path.join(want, "database"))

@@ -89,3 +89,43 @@ def test_image_folder_source_worked_by_hand(tmp_path):
     sources.load_folder(source)
   with pytest.raises(UserError, match="give image_size > 0, channels 1 or 3"):
     sources.load_part(_folder_dataset(tmp_path, channels=2), "database")
+
+
+def test_label_range_is_read_as_the_original_subset_sampler():
+  """rdm/data/base.py SubsetSampler: two values that are not neighbours are an inclusive range
+  from min to max; anything else is the list of labels itself."""
+  np.testing.assert_array_equal(sources.label_set([151, 280]), np.arange(151, 281))  # dogs: 130 classes
+  np.testing.assert_array_equal(sources.label_set((280, 151)), np.arange(151, 281))
+  np.testing.assert_array_equal(sources.label_set([3, 4]), [3, 4])
+  np.testing.assert_array_equal(sources.label_set([9, 1, 5]), [1, 5, 9])
+  assert sources.label_set(()) is None
+
+
+def test_tfds_parts_stream_rows_and_keep_a_label_range(tmp_path):
+  """A mocked TFDS split read by row ranges in any order equals the whole split read at once, the
+  label range keeps exactly the examples whose label is in it, and a dataset that is not there
+  is one line."""
+  import ml_collections as mlc
+  import tensorflow_datasets as tfds
+
+  ds = mlc.ConfigDict(dict(name="imagenet2012", image_size=12, tfds_data_dir="", label_range=(),
+                           parts=dict(train=dict(split="train", start=2, stop=14))))
+  with tfds.testing.mock_data(num_examples=16):
+    part = sources.open_part(ds, "train")
+    whole = part.images()
+    assert whole.shape == (12, 12, 12, 3) and whole.dtype == np.uint8
+    np.testing.assert_array_equal(part.images(7, 10), whole[7:10])
+    np.testing.assert_array_equal(part.images(1, 3), whole[1:3])  # backwards: the stream restarts
+    labels = part.labels
+    ds.label_range = (int(labels.min()), int(np.median(labels)))
+    kept = sources.open_part(ds, "train")
+    inside = (labels >= labels.min()) & (labels <= np.median(labels))
+    np.testing.assert_array_equal(kept.ids, np.arange(2, 14)[inside])
+    np.testing.assert_array_equal(kept.images(), whole[inside])
+    assert kept.source["label_range"] == list(ds.label_range)
+  ds.name, ds.tfds_data_dir = "no_such_dataset_here", str(tmp_path)
+  with pytest.raises(UserError, match="not available"):
+    sources.open_part(ds, "train")
+  ds.name = "mnist"  # a real TFDS dataset, not prepared in this directory
+  with pytest.raises(UserError, match="tfds build mnist"):
+    sources.open_part(ds, "train")

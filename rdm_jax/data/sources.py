@@ -1,4 +1,4 @@
-"""Image sources: IDX files (Fashion-MNIST / MNIST layout), TFDS as a fallback, image folders.
+"""Image sources: IDX files (Fashion-MNIST / MNIST layout), TFDS datasets, image folders.
 
 `load_split(cfg, split)` returns uint8 images [N, H, W, C] and int labels [N] of the named
 part of a dataset ("train" | "database" | "test" for the embedded default), together with
@@ -10,11 +10,24 @@ not entered), e.g. the openclipart-png package's clip art as a new database: tra
 composited on `dataset.folder.background`, padded to a square with it, resized to
 `dataset.folder.image_size` and converted to `dataset.folder.channels`; the label of an image is
 the index of its top-level subfolder among the sorted subfolders (-1 for files at the top).
+
+A part whose split is "tfds:NAME/SPLIT" (or any split of a `dataset.name` other than
+fashion_mnist, e.g. imagenet2012) is read from a TFDS dataset prepared locally (never
+downloaded at run time), streamed in file order: the shorter side resized to
+`dataset.image_size` (PIL bicubic, antialiased), then centre-cropped square, as the ImageNet
+loaders of the original (taming's ImagePaths: SmallestMaxSize + CenterCrop) without their
+random crop. `open_part` gives a part's ids, labels and an image reader that loads only the
+rows asked for, so a 1.28M-image split never sits in memory.
+
+`dataset.label_range` keeps the examples whose label is in the range, read as the original
+`SubsetSampler` reads it: two values [a, b] that are not neighbours mean every label from
+min to max inclusive (ImageNet dogs [151, 280]); any other list is the labels themselves.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -23,7 +36,7 @@ import os
 import struct
 import warnings
 import zlib
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -156,19 +169,36 @@ def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
           "files_sha256": digest, "skipped": skipped, "classes": list(folder_classes(files))}
 
 
+_LISTINGS: dict[tuple[str, int], tuple[tuple, tuple[list[str], list[str], str]]] = {}
+
+
 def folder_listing(path: str, max_pixels: int) -> tuple[list[str], list[str], str]:
   """(usable files, skipped files with the reason, sha256 of the usable files' names and sizes):
-  one pass over the folder's headers (`usable_images`)."""
+  one pass over the folder's headers (`usable_images`), reused within a process while no file's
+  name, size or modification time changed (a job asks several times; a stat is much cheaper
+  than opening an image)."""
+  stats = tuple((f, st.st_size, st.st_mtime_ns) for f in image_files(path) for st in [os.stat(f)])
+  cached = _LISTINGS.get((path, max_pixels))
+  if cached is not None and cached[0] == stats:
+    files, skipped, digest = cached[1]
+    return list(files), list(skipped), digest
   files, skipped = usable_images(path, max_pixels)
   digest = hashlib.sha256()
   for name in files:
     digest.update(f"{name}\0{os.path.getsize(os.path.join(path, name))}\0".encode())
+  _LISTINGS[(path, max_pixels)] = (stats, (list(files), list(skipped), digest.hexdigest()))
   return files, skipped, digest.hexdigest()
 
 
 def folder_classes(files: list[str] | tuple[str, ...]) -> tuple[str, ...]:
   """The sorted top-level subfolders of relative file paths: label i is classes[i]."""
   return tuple(sorted({f.split(os.sep)[0] for f in files if os.sep in f}))
+
+
+def folder_labels(files: list[str] | tuple[str, ...]) -> np.ndarray:
+  """int32 labels of relative file paths: the index of the top-level subfolder, -1 at the top."""
+  classes = folder_classes(files)
+  return np.array([classes.index(f.split(os.sep)[0]) if os.sep in f else -1 for f in files], np.int32)
 
 
 def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
@@ -193,16 +223,22 @@ def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
   return files, skipped
 
 
+def _open_image(name: str, channels: int, fill: int):
+  """A PIL image in mode L or RGB, transparency composited on `fill`; raises OSError/ValueError."""
+  from PIL import Image
+  with Image.open(name) as im:
+    im.load()
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+      rgba = im.convert("RGBA")
+      im = Image.alpha_composite(Image.new("RGBA", rgba.size, (fill, fill, fill, 255)), rgba)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
 def _folder_image(name: str, size: int, channels: int, fill: int) -> np.ndarray:
   """One image file as uint8 [size, size, channels] (see the module docstring)."""
   from PIL import Image
   try:
-    with Image.open(name) as im:
-      im.load()
-      if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (fill, fill, fill, 255)), rgba)
-      im = im.convert("L" if channels == 1 else "RGB")
+    im = _open_image(name, channels, fill)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     fail(f"cannot read the image {name} ({e}); remove it from the folder or replace it")
   w, h = im.size
@@ -216,9 +252,8 @@ def _folder_image(name: str, size: int, channels: int, fill: int) -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def _load_folder(path: str, files: tuple[str, ...], size: int, channels: int, background: str
                  ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-  parts = [name.split(os.sep) for name in files]
   classes = folder_classes(files)
-  labels = np.array([classes.index(p[0]) if len(p) > 1 else -1 for p in parts], np.int32)
+  labels = folder_labels(files)
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
     images = list(pool.map(lambda f: _folder_image(os.path.join(path, f), size, channels, BACKGROUNDS[background]),
                            files))
@@ -230,12 +265,49 @@ def _load_folder(path: str, files: tuple[str, ...], size: int, channels: int, ba
 def load_folder(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
   """(uint8 images [N, s, s, C], labels [N], class names) of an image folder, as `folder_settings`
   describes it; refused when its files changed since (a store's ids would point elsewhere)."""
+  files = folder_files(settings)
+  return _load_folder(settings["images_from"], tuple(files), settings["image_size"], settings["channels"],
+                      settings["background"])
+
+
+def folder_files(settings: dict[str, Any]) -> list[str]:
+  """The usable files of an image folder as `folder_settings` listed them (relative paths);
+  refused when the folder changed since."""
   path = settings["images_from"]
   files, _, digest = folder_listing(path, settings["max_pixels"])
   if digest != settings["files_sha256"]:
     fail(f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): the "
          "stores made from it no longer match; embed the folder again")
-  return _load_folder(path, tuple(files), settings["image_size"], settings["channels"], settings["background"])
+  return files
+
+
+def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndarray], list]:
+  """read(ids) -> for each id its image at full resolution (uint8 [H, W, C]; an image folder's file
+  as the folder's channels and background make it, no resizing), or a str saying why it cannot be
+  read (an unreadable file: counted and skipped by the caller)."""
+  if source.get("dataset") == "folder":
+    from PIL import Image
+    files = folder_files(source)
+
+    def read_file(i):
+      name = os.path.join(source["images_from"], files[i])
+      try:
+        a = np.asarray(_open_image(name, source["channels"], BACKGROUNDS[source["background"]]))
+      except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"{files[i]}: {type(e).__name__}: {str(e)[:100]}"
+      return a[..., None] if a.ndim == 2 else a
+
+    def read(ids):
+      with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return list(pool.map(read_file, [int(i) for i in ids]))
+
+    return read
+  if source.get("images_from") == "tfds" and "tfds_name" in source:
+    reader = _tfds_reader(source["tfds_name"], source["tfds_split"], source.get("tfds_data_dir", ""),
+                          source["image_size"])
+    return lambda ids: reader.read(np.asarray(ids, np.int64), raw=True)
+  images, _ = source_images(dataset, source)
+  return lambda ids: [images[int(i)] for i in ids]
 
 
 def source_class_names(dataset: Any, source: dict[str, Any]) -> tuple[str, ...]:
@@ -247,19 +319,187 @@ def source_class_names(dataset: Any, source: dict[str, Any]) -> tuple[str, ...]:
 
 
 def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split of the raw dataset named by `dataset.name` ("fashion_mnist"), or of an image
-  folder ("folder:PATH")."""
+  """A whole in-memory split of the raw dataset named by `dataset.name` ("fashion_mnist"), or of an
+  image folder ("folder:PATH")."""
   if source_split.startswith(FOLDER):
     return load_folder(folder_settings(dataset, source_split))[:2]
-  if dataset.name != "fashion_mnist":
-    fail(f"dataset {dataset.name!r} has no image loader here; supported: fashion_mnist "
-         "(bring latents and embeddings made elsewhere as stores instead)")
   idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)
   if os.path.isdir(idx_dir):
     return load_idx_split(idx_dir, source_split)
   if dataset.get("allow_tfds", True):
     return load_tfds("fashion_mnist", source_split)
   fail(f"{idx_dir} does not exist: `apt-get install dataset-fashion-mnist`")
+
+
+TFDS = "tfds:"
+
+
+def tfds_name_split(dataset: Any, split: str) -> tuple[str, str] | None:
+  """(TFDS name, split) when a part's split is read from TFDS, else None."""
+  if split.startswith(TFDS):
+    name, _, sub = split[len(TFDS):].partition("/")
+    if not name or not sub:
+      fail(f"split {split!r}: write tfds:NAME/SPLIT, e.g. tfds:imagenet2012/train")
+    return name, sub
+  if split.startswith(FOLDER) or dataset.name == "fashion_mnist":
+    return None
+  return dataset.name, split
+
+
+def label_set(label_range: Any) -> np.ndarray | None:
+  """The labels `dataset.label_range` keeps (None: all), as `rdm.data.base.SubsetSampler` reads it."""
+  r = [int(x) for x in (label_range or ())]
+  if not r:
+    return None
+  if len(r) == 2 and abs(r[1] - r[0]) != 1:
+    return np.arange(min(r), max(r) + 1)
+  return np.unique(r)
+
+
+def _tfds_builder(name: str, data_dir: str):
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # unknown name, no local copy
+    fail(f"TFDS dataset {name!r} is not available ({type(e).__name__}: {str(e)[:200]}); prepare it once with "
+         f"`tfds build {name}` (ImageNet: put the tar files in ~/tensorflow_datasets/downloads/manual) or set "
+         "config.dataset.tfds_data_dir")
+
+
+class TfdsReader:
+  """Streams a TFDS split in file order (no shuffling), decoding only the examples asked for."""
+
+  def __init__(self, name: str, split: str, data_dir: str, image_size: int):
+    if image_size < 1:
+      fail(f"TFDS source {name}/{split}: set config.dataset.image_size (e.g. 256) to size its images")
+    self.name, self.split, self.data_dir, self.image_size = name, split, data_dir, image_size
+    self._it: Iterator | None = None
+    self._pos = 0
+
+  def _dataset(self, decode_images: bool):
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    tf.config.set_visible_devices([], "GPU")
+    builder = _tfds_builder(self.name, self.data_dir)
+    try:
+      return builder.as_dataset(split=self.split, shuffle_files=False, read_config=tfds.ReadConfig(
+          interleave_cycle_length=1, add_tfds_id=False), decoders=None if decode_images else {
+              "image": tfds.decode.SkipDecoding()})
+    except Exception as e:
+      fail(f"TFDS {self.name}/{self.split} is not prepared locally ({type(e).__name__}: {str(e)[:200]}); "
+           f"run `tfds build {self.name}` once or set config.dataset.tfds_data_dir")
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """Every example's label (-1 when the dataset has none), in file order: one pass, images skipped."""
+    ds = self._dataset(decode_images=False)
+    has_label = "label" in ds.element_spec
+    return np.fromiter((int(ex["label"]) if has_label else -1 for ex in ds.as_numpy_iterator()), np.int32)
+
+  def _image(self, image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+    im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    w, h = im.size
+    s = self.image_size
+    scale = s / min(w, h)
+    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - s) // 2, (nh - s) // 2
+    a = np.asarray(im.crop((left, top, left + s, top + s)))
+    return a[..., None] if a.ndim == 2 else a
+
+  def read(self, ids: np.ndarray, raw: bool = False) -> np.ndarray | list[np.ndarray]:
+    """uint8 images [len(ids), s, s, C] of the examples at file positions `ids` (ascending); with
+    `raw`, the list of decoded images at their own sizes."""
+    ids = np.asarray(ids, np.int64)
+    if len(ids) and (np.any(np.diff(ids) <= 0) or ids[0] < 0):
+      raise ValueError("TfdsReader.read takes ascending, unique positions")
+    out = []
+    for i in ids:
+      if self._it is None or i < self._pos:  # (re)start: skip to i without decoding what is skipped
+        ds = self._dataset(decode_images=False).skip(int(i))
+        feature = _tfds_builder(self.name, self.data_dir).info.features["image"]
+        self._it = iter(ds.map(lambda ex: feature.decode_example(ex["image"])).as_numpy_iterator())
+        self._pos = int(i)
+      while self._pos < i:
+        next(self._it)
+        self._pos += 1
+      try:
+        image = next(self._it)
+      except StopIteration:
+        fail(f"TFDS {self.name}/{self.split} has no example {i}")
+      self._pos += 1
+      out.append(image if raw else self._image(image))
+    if raw:
+      return out
+    return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_reader(name: str, split: str, data_dir: str, image_size: int) -> TfdsReader:
+  return TfdsReader(name, split, data_dir, image_size)
+
+
+@dataclasses.dataclass
+class Part:
+  """A configured part: `source` (its provenance record), `ids` (positions in the source split,
+  ascending), `labels`, and `images(a, b)` reading rows a..b of the part only."""
+
+  source: dict[str, Any]
+  ids: np.ndarray
+  labels: np.ndarray
+  read_ids: Callable[[np.ndarray], np.ndarray]
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def images(self, a: int = 0, b: int | None = None) -> np.ndarray:
+    return self.read_ids(self.ids[a:b])
+
+
+def open_part(dataset: Any, part: str) -> Part:
+  """The examples of config.dataset.parts[part] (in [start, stop) of its split, with a label in
+  `dataset.label_range` when set), read lazily."""
+  source = part_source(dataset, part)
+  split, start, stop = source["split"], source["start"], source["stop"]
+  read, labels = source_reader(dataset, source)
+  if not 0 <= start < stop <= len(labels):
+    fail(f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(labels)})")
+  ids = np.arange(start, stop, dtype=np.int64)
+  keep = label_set(source.get("label_range"))
+  if keep is not None:
+    ids = ids[np.isin(labels[start:stop], keep)]
+    if not len(ids):
+      fail(f"config.dataset.label_range={list(source['label_range'])} keeps no example of part {part}")
+  return Part(source, ids, labels[ids], read)
+
+
+def source_reader(dataset: Any, source: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]:
+  """(read(ids) -> uint8 images, labels of the whole split) of the split a store's `source` names."""
+  if source.get("images_from") == "tfds" and "tfds_name" in source:
+    reader = _tfds_reader(source["tfds_name"], source["tfds_split"], source.get("tfds_data_dir", ""),
+                          source["image_size"])
+
+    def read(ids):
+      ids = np.asarray(ids, np.int64)
+      order, inverse = np.unique(ids, return_inverse=True)
+      return reader.read(order)[inverse.reshape(-1)]
+
+    return read, reader.labels
+  if source.get("dataset") == "folder":  # decode only the files asked for
+    files = folder_files(source)
+    path, size, channels = source["images_from"], source["image_size"], source["channels"]
+    fill = BACKGROUNDS[source["background"]]
+    labels = folder_labels(files)
+
+    def read_files(ids):
+      with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+        out = list(pool.map(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill), ids))
+      return np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
+
+    return read_files, labels
+  images, labels = source_images(dataset, source)
+  return (lambda ids: images[np.asarray(ids, np.int64)]), labels
 
 
 def split_range(dataset: Any, part: str) -> tuple[str, int, int]:
@@ -279,16 +519,24 @@ def check_disjoint(dataset: Any) -> None:
 
 def part_source(dataset: Any, part: str) -> dict[str, Any]:
   """The provenance a store of this part records: dataset, split, example range and where the
-  images come from (the IDX directory, TFDS when it does not exist, or an image folder with its
-  files' digest and conversion): every field that changes the data, so a store made from other
+  images come from (the IDX directory, TFDS, or an image folder with its files' digest and
+  conversion), the label range: every field that changes the data, so a store made from other
   files is never reused."""
   split, start, stop = split_range(dataset, part)
+  label_range = [int(x) for x in (dataset.get("label_range", ()) or ())]
+  extra = {"label_range": label_range} if label_range else {}
   if split.startswith(FOLDER):
     folder = folder_settings(dataset, split)
-    return {"dataset": "folder", "split": split, "start": start, "stop": stop or folder["files"], **folder}
+    return {"dataset": "folder", "split": split, "start": start, "stop": stop or folder["files"], **folder, **extra}
+  tf = tfds_name_split(dataset, split)
+  if tf is not None:
+    data_dir = dataset.get("tfds_data_dir", "") or os.environ.get("TFDS_DATA_DIR", "")
+    return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": "tfds",
+            "tfds_name": tf[0], "tfds_split": tf[1], "tfds_data_dir": data_dir,
+            "image_size": int(dataset.get("image_size", 0)), **extra}
   idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)  # as load_source_split resolves it
   origin = os.path.realpath(idx_dir) if os.path.isdir(idx_dir) or not dataset.get("allow_tfds", True) else "tfds"
-  return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": origin}
+  return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": origin, **extra}
 
 
 def source_images(dataset: Any, source: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -303,10 +551,6 @@ def source_images(dataset: Any, source: dict[str, Any]) -> tuple[np.ndarray, np.
 
 
 def load_part(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-  """(images uint8 [N, H, W, C], labels [N], source metadata) of a configured part."""
-  source = part_source(dataset, part)
-  split, start, stop = source["split"], source["start"], source["stop"]
-  images, labels = source_images(dataset, source)
-  if not 0 <= start < stop <= len(images):
-    fail(f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(images)})")
-  return images[start:stop], labels[start:stop], source
+  """(images uint8 [N, H, W, C], labels [N], source metadata) of a configured part, in memory."""
+  p = open_part(dataset, part)
+  return p.images(), p.labels, p.source

@@ -561,7 +561,7 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
                   compute: Callable[[int, int], Mapping[str, np.ndarray]],
                   log: Callable[[str], None] = print, process_index: int = 0, process_count: int = 1,
                   finalize: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None,
-                  **manifest_fields: Any) -> Store | None:
+                  variable_rows: bool = False, **manifest_fields: Any) -> Store | None:
   """Runs `compute(start, stop)` over [0, count) in chunks and writes a store, resumably.
 
   Each finished chunk is saved under `<path>.partial/chunk_<inputs digest>_<start>_<name>.npy`;
@@ -570,6 +570,8 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
   chunks, and the process that finds every chunk done merges them (under the store's lock)
   into the final arrays, streaming through memory-mapped files so RAM stays at one chunk;
   `finalize(arrays)` may then add manifest fields (e.g. a quality check of the merged result).
+  With `variable_rows`, a chunk of inputs [start, stop) may give any number of rows (the same
+  for all its arrays; e.g. several crops per image, none for an unreadable one).
   A single process holds the lock throughout, so a second copy of the job waits and reuses
   its result. It returns the Store; a process that leaves the merge to another returns None.
   """
@@ -601,9 +603,10 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
         continue
       out = compute(start, stop)
       _check_array_names(out)
+      rows = {np.shape(arr)[0] for arr in out.values()}
       for name, arr in out.items():
         arr = np.asarray(arr)
-        if arr.shape[0] != stop - start:
+        if (arr.shape[0] != stop - start and not variable_rows) or len(rows) > 1:
           raise ValueError(f"chunk {start}:{stop} of {name} has {arr.shape[0]} rows")
         _atomic_save_npy(chunk(start, name), arr)
       atomic_write_text(chunk(start), ",".join(out))
@@ -623,13 +626,18 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
       names = f.read().split(",")
     _check_array_names(names)
     arrays = {}
+    sizes = [np.load(chunk(s, names[0]), mmap_mode="r", allow_pickle=False).shape[0] for s in starts]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    if offsets[-1] == 0:
+      fail(f"nothing to write for {path}: no input gave a row")
     for name in names:
       first = np.load(chunk(starts[0], name), mmap_mode="r", allow_pickle=False)
       final = os.path.join(partial, name + ".npy")
       tmp = _tmp_name(final)
-      merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(count,) + first.shape[1:])
-      for start in starts:
-        merged[start:start + chunk_size] = np.load(chunk(start, name), allow_pickle=False)
+      merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype,
+                                         shape=(int(offsets[-1]),) + first.shape[1:])
+      for i, start in enumerate(starts):
+        merged[offsets[i]:offsets[i + 1]] = np.load(chunk(start, name), allow_pickle=False)
       merged.flush()
       del merged
       os.replace(tmp, final)

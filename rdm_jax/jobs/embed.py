@@ -2,21 +2,29 @@
 
 Writes the database store (embeddings + ids + labels + source: provenance of every entry)
 and embeddings stores of the train and test parts (the queries for the neighbour job).
+With `config.database_build.crops_per_image` > 0 the database holds random crops of its
+images instead (`rdm_jax.data.crops`: the paper's OpenImages recipe), each entry with its
+image id and box, its embeddings stored as `config.database_build.embeddings_dtype`
+(float16 by default: 1 GB per 1M 512-d vectors; searched in float32). Unreadable images are
+logged, skipped and counted in the manifest. Resumable by chunk; --num_processes processes
+(or hosts sharing the filesystem) split the images by range, as the neighbour job does.
 
   python -m rdm_jax.jobs.embed --config=configs/fashion_mnist_rdm.py [--parts=database,train,test]
+      [--process_id=P --num_processes=N]
 """
 
 from __future__ import annotations
 
-import numpy as np
 from absl import flags
 
 from rdm_jax import config_base
-from rdm_jax.data import sources, store
+from rdm_jax.data import crops, sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.retrieval import encoders
 
 _PARTS = flags.DEFINE_list("parts", ["database", "train", "test"], "Dataset parts to embed.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, --num_processes).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes splitting the rows by range.")
 
 
 def output(config, part: str) -> tuple[str, str]:
@@ -25,22 +33,25 @@ def output(config, part: str) -> tuple[str, str]:
   return (paths["database"], "database") if part == "database" else (paths[f"embeddings_{part}"], "embeddings")
 
 
-def embed_part(config, part: str, encode=None) -> store.Store:
+def embed_part(config, part: str, encode=None, process_index: int = 0, process_count: int = 1) -> store.Store | None:
+  """Writes one part's store (None: another process merges it)."""
+  if part == "database" and crops.enabled(config.get("database_build")):
+    return crops.build_database(config, encode, process_index, process_count)
   out, kind = output(config, part)
   identity = encoders.encoder_identity(config.retrieval)
   done = store.reusable(out, kind, "rdm_jax.jobs.embed", source=sources.part_source(config.dataset, part),
                         encoder=identity)
   if done is not None:
     return done
-  images, labels, source = sources.load_part(config.dataset, part)
-  ids = np.arange(source["start"], source["stop"], dtype=np.int64)
+  p = sources.open_part(config.dataset, part)  # rows are read chunk by chunk
   encode = encode or encoders.make_encoder(config.retrieval)
   result = store.write_chunked(
-      out, kind, len(images), chunk_size=config.retrieval.chunk_size,
-      compute=lambda a, b: {"embeddings": encode(images[a:b]), "ids": ids[a:b], "labels": labels[a:b]},
-      encoder=identity, source=source,
+      out, kind, len(p), chunk_size=config.retrieval.chunk_size,
+      compute=lambda a, b: {"embeddings": encode(p.images(a, b)), "ids": p.ids[a:b], "labels": p.labels[a:b]},
+      encoder=identity, source=p.source, process_index=process_index, process_count=process_count,
       made_by="rdm_jax.jobs.embed")
-  print(f"wrote {out}: embeddings {result['embeddings'].shape}")
+  if result is not None:
+    print(f"wrote {out}: embeddings {result['embeddings'].shape}")
   return result
 
 
@@ -52,7 +63,7 @@ def main(argv):
     store.check_output(*output(config, part))
   encode = _Lazy(lambda: encoders.make_encoder(config.retrieval))  # skipped parts load no weights
   for part in _PARTS.value:
-    embed_part(config, part, encode)
+    embed_part(config, part, encode, _PROCESS_ID.value, _NUM_PROCESSES.value)
 
 
 class _Lazy:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from absl import flags
 
 from rdm_jax import config_base
@@ -22,13 +21,12 @@ def encode_part(config, part: str) -> store.Store:
                         first_stage=first_stage.identity(config.first_stage))
   if done is not None:
     return done
-  images, labels, source = sources.load_part(config.dataset, part)
-  ids = np.arange(source["start"], source["stop"], dtype=np.int64)
+  p = sources.open_part(config.dataset, part)  # rows are read chunk by chunk
   result = store.write_chunked(
-      out, "latents", len(images), chunk_size=8192,
-      compute=lambda a, b: {"latents": first_stage.encode(config.first_stage, images[a:b]),
-                            "ids": ids[a:b], "labels": labels[a:b]},
-      source=source, first_stage=first_stage.identity(config.first_stage), image_shape=list(images.shape[1:]),
+      out, "latents", len(p), chunk_size=config.first_stage.get("chunk_size", 8192),
+      compute=lambda a, b: {"latents": first_stage.encode(config.first_stage, p.images(a, b)),
+                            "ids": p.ids[a:b], "labels": p.labels[a:b]},
+      source=p.source, first_stage=first_stage.identity(config.first_stage), image_shape=list(p.images(0, 1).shape[1:]),
       made_by="rdm_jax.jobs.encode")
   print(f"wrote {out}: latents {result['latents'].shape}")
   return result

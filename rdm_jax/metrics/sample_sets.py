@@ -121,11 +121,13 @@ def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str,
   return sets, captions
 
 
-def read_reference(config: Any, spec: str) -> tuple[np.ndarray, dict[str, Any]]:
-  """(uint8 images, source description) of the reference set named by config.eval.reference."""
+def read_reference(config: Any, spec: str, limit: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+  """(uint8 images, source description) of the reference set named by config.eval.reference: its
+  first `limit` images (0: all); a dataset part reads only those (ImageNet's train split is not
+  loaded whole)."""
   if spec in config.dataset.get("parts", {}):
-    images, _, source = sources.load_part(config.dataset, spec)
-    return images, source
+    part = sources.open_part(config.dataset, spec)
+    return part.images(0, limit or None), part.source
   if spec.startswith("tfds:"):
     name, _, split = spec[5:].partition("/")
     images, _ = sources.load_tfds(name, split or "test")

@@ -158,13 +158,8 @@ def load(path: str) -> Clip:
     except (OSError, ValueError) as e:
       fail(f"could not load a Flax CLIP model from {path} ({e})")
     return Clip(model, model.params, dir_sha256(path))
-  if not path or not os.path.isfile(path):
-    fail(f"CLIP weights {path!r} not found: give a directory with a saved transformers CLIP "
-         "(save_pretrained) or OpenAI's ViT-B-32.pt (README: 'Pretrained weights')")
-  try:
-    obj = torch_legacy.load(path)
-  except torch_legacy.CheckpointError as e:
-    fail(f"CLIP weights: refused {e}")
+  obj = torch_legacy.load_weights(path, "CLIP", "give a directory with a saved transformers CLIP (save_pretrained) "
+                                  "or OpenAI's ViT-B-32.pt (README: \"The paper's configuration\")")
   sd = torch_legacy.script_state_dict(obj) if isinstance(obj, dict) else {}
   config, params = convert_openai_state_dict(sd)
   model = FlaxCLIPModel(config, _do_init=False)

@@ -7,7 +7,8 @@
   RDM, 3x64x64 latents at 256 px), `vq_f8`, `vq_f16` (RARM's tokens), `kl_f4`, `kl_f8`,
   `kl_f16`, with weights read from the published PyTorch Lightning `.ckpt`
   (`config.first_stage.weights`) through the restricted reader, which never runs code.
-  `config.first_stage.arch` overrides fields of the preset (tests use tiny ones).
+  `config.first_stage.arch` overrides fields of the preset (tests use tiny ones; 0 or () keeps
+  the preset's value, attn_resolutions=(0,) means no attention).
 
 As `LatentDiffusion.get_first_stage_encoding` / `decode_first_stage`: latents are the first
 stage's encoding times `scale_factor` (1.0 for the RDM's VQ-f4), decoded after dividing by
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
@@ -63,7 +63,7 @@ def spec(cfg: Any) -> autoencoder.Spec:
   """The autoencoder `config.first_stage` names: its preset with `arch` overrides."""
   if cfg.name not in autoencoder.PRESETS:
     fail(f"config.first_stage.name={cfg.name!r}; available: identity, {', '.join(autoencoder.PRESETS)}")
-  arch = {k: v for k, v in dict(cfg.get("arch", {})).items() if v is not None}
+  arch = {k: v for k, v in dict(cfg.get("arch", {})).items() if v not in (None, 0, (), [])}
   unknown = sorted(set(arch) - set(ARCH_FIELDS))
   if unknown:
     fail(f"config.first_stage.arch has unknown fields {unknown}; known: {', '.join(ARCH_FIELDS)}")
@@ -78,13 +78,8 @@ def spec(cfg: Any) -> autoencoder.Spec:
 def load_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
   """A PyTorch state dict (a Lightning `.ckpt`'s "state_dict", or a bare one) read without running
   anything in the file; any failure is one line naming the file."""
-  if not path or not os.path.isfile(path):
-    fail(f"{what}: weights file {path!r} not found; set the path to a local checkpoint (README: "
-         "'Pretrained weights')")
-  try:
-    obj = torch_legacy.load(path)
-  except torch_legacy.CheckpointError as e:
-    fail(f"{what}: refused {e}")
+  obj = torch_legacy.load_weights(path, what, "set config.first_stage.weights to the local .ckpt (README: "
+                                  "\"The paper's configuration\")")
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if not isinstance(sd, dict) or not all(isinstance(v, np.ndarray) for v in sd.values()):
     fail(f"{what}: {path} holds no state dict of tensors")

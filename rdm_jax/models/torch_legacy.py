@@ -388,3 +388,16 @@ def load(path: str) -> Any:
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
           struct.error, zipfile.BadZipFile, RecursionError, MemoryError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path}: refused or unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_weights(path: str, what: str, hint: str) -> Any:
+  """`load` for a job: a missing file or a refused one is one line (a UserError) naming `what`
+  and, for a missing file, `hint` (what to give instead)."""
+  from rdm_jax.errors import fail
+
+  if not path or not os.path.isfile(path):
+    fail(f"{what}: weights file {path!r} not found; {hint}")
+  try:
+    return load(path)
+  except CheckpointError as e:
+    fail(f"{what}: refused {e}")

@@ -1,0 +1,155 @@
+"""The paper's ImageNet configuration end to end, offline: `configs/imagenet_rdm.py` with size
+overrides runs encode -> embed (the database as random crops of an image folder) -> index ->
+neighbours -> train (8 fake devices, fsdp=2) -> sample -> evaluate, from the command lines a
+user types, with TFDS's mock standing in for imagenet2012 (tests/with_mock_tfds.py) and tiny
+random-weight VQ-f4 and CLIP converted through the same converters from PyTorch references
+(a Lightning .ckpt of taming's modules; a TorchScript archive of OpenAI's CLIP).
+
+Checked against independent references: the latents store against the PyTorch VQ-f4 encoder
+applied to the same mock images (read back through TFDS directly, resized by hand with PIL),
+and the database entries against OpenAI's CLIP on the crops cut by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, subprocess_env
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("taming.modules.diffusionmodules.model")
+
+from test_clip_retriever import openai_clip_module  # noqa: E402
+from test_first_stage import TINY, TorchAutoencoder, nhwc, save_lightning_ckpt  # noqa: E402
+
+from rdm_jax.data import store  # noqa: E402
+
+MOCK = os.path.join(REPO, "tests", "with_mock_tfds.py")
+N_MOCK = 24  # examples in every mocked split
+
+
+def overrides(root: str) -> list[str]:
+  a = TINY["vq_f4"]
+  return [
+      f"--config.data_dir={root}/data", "--config.dataset.image_size=32",
+      "--config.dataset.parts.train.stop=24", "--config.dataset.parts.test.stop=8",
+      f"--config.dataset.parts.database.split=folder:{root}/openimages", "--config.dataset.folder.image_size=32",
+      "--config.database_build.crops_per_image=4", "--config.database_build.crop_size=24",
+      "--config.database_build.resize_to=0",
+      f"--config.first_stage.weights={root}/vq-f4.ckpt", f"--config.first_stage.arch.ch={a['ch']}",
+      "--config.first_stage.arch.ch_mult=(1,2,2)", f"--config.first_stage.arch.num_res_blocks={a['num_res_blocks']}",
+      "--config.first_stage.arch.attn_resolutions=(0,)", f"--config.first_stage.arch.n_embed={a['n_embed']}",
+      "--config.first_stage.arch.resolution=32", "--config.first_stage.batch_size=8",
+      f"--config.retrieval.weights={root}/ViT-tiny.pt", "--config.retrieval.image_size=32",
+      "--config.retrieval.embed_dim=48", "--config.retrieval.num_neighbors=8", "--config.retrieval.batch_size=8",
+      "--config.retrieval.chunk_size=16", "--config.k_train=4",
+      "--config.model.model_channels=32", "--config.model.channel_mult=(1,2)", "--config.model.attention_resolutions=(2,)",
+      "--config.model.num_res_blocks=1", "--config.model.dtype=float32",
+      "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
+      "--config.train.log_every=1", "--config.train.sample_every=0", "--config.optim.warmup_steps=1",
+      "--config.mesh.data=-1", "--config.mesh.fsdp=2",
+      "--config.sample.num_images=8", "--config.sample.num_steps=3", "--config.sample.batch_size=8",
+      "--config.eval.extractor=clip_image", f"--config.eval.weights={root}/ViT-tiny.pt", "--config.eval.image_size=32",
+      "--config.eval.num_reference=24", "--config.eval.batch_size=8",
+  ]
+
+
+def run(root, module, *args):
+  cmd = [sys.executable, MOCK, str(N_MOCK), module, f"--config={REPO}/configs/imagenet_rdm.py", *overrides(root),
+         *args]
+  out = subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, f"{module}: {out.stderr[-4000:]}"
+  return out
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  from PIL import Image
+
+  root = tmp_path_factory.mktemp("imagenet_chain")
+  vq = TorchAutoencoder("vq", TINY["vq_f4"], seed=7)
+  save_lightning_ckpt(root / "vq-f4.ckpt", dict(vq.state_dict()))
+  cm = openai_clip_module()
+  torch.manual_seed(1)
+  clip_model = cm.CLIP(embed_dim=48, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
+                       context_length=16, vocab_size=100, transformer_width=128, transformer_heads=2,
+                       transformer_layers=2).float().eval()
+  torch.jit.trace(clip_model, (torch.zeros(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.long))).save(
+      str(root / "ViT-tiny.pt"))
+  rng = np.random.default_rng(0)
+  for i in range(6):  # the "OpenImages" folder: 6 images, 4 crops each = 24 database entries
+    sub = root / "openimages" / ("a" if i < 3 else "b")
+    sub.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(sub / f"{i}.jpg", quality=95)
+  return str(root), vq, clip_model
+
+
+def mock_images(split, n, size):
+  """The first n mocked images of imagenet2012/split: their stored (encoded) bytes read through
+  TFDS, decoded by TensorFlow (libjpeg builds differ by a grey level or two) and resized by hand
+  (shorter side to size, PIL bicubic, centre crop)."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from PIL import Image
+
+  out = []
+  with tfds.testing.mock_data(num_examples=N_MOCK):
+    ds = tfds.builder("imagenet2012").as_dataset(split=split, shuffle_files=False,
+                                                 decoders={"image": tfds.decode.SkipDecoding()})
+    for ex in list(tfds.as_numpy(ds))[:n]:
+      im = Image.fromarray(tf.io.decode_image(ex["image"], channels=3).numpy())
+      w, h = im.size
+      s = size / min(w, h)
+      nw, nh = max(size, round(w * s)), max(size, round(h * s))
+      im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+      l, t = (nw - size) // 2, (nh - size) // 2
+      out.append(np.asarray(im.crop((l, t, l + size, t + size))))
+  return np.stack(out)
+
+
+def test_the_imagenet_config_runs_end_to_end_on_mock_imagenet(assets):
+  root, vq, clip_model = assets
+  data = f"{root}/data"
+  run(root, "rdm_jax.jobs.encode")
+  latents = store.read(f"{data}/latents_train", "latents", hint="")
+  images = mock_images("train", 24, 32)
+  with torch.no_grad():
+    want = vq.encode(torch.as_tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2))
+  assert latents["latents"].shape == (24, 8, 8, 3)
+  np.testing.assert_allclose(latents["latents"], nhwc(want), atol=1e-4 * float(np.abs(nhwc(want)).max()))
+  assert latents.manifest["source"]["images_from"] == "tfds"
+  assert latents.manifest["first_stage"]["name"] == "vq_f4" and latents.manifest["first_stage"]["weights_sha256"]
+
+  run(root, "rdm_jax.jobs.embed")
+  db = store.read(f"{data}/database", "database", hint="")
+  assert db["embeddings"].dtype == np.float16 and db["embeddings"].shape == (24, 48)
+  assert db.manifest["encoder"]["name"] == "clip_vit_b32"
+  from PIL import Image
+  files = sorted(f"{d}/{f}" for d in ("a", "b") for f in os.listdir(f"{root}/openimages/{d}"))
+  row = 9  # image 2, its second crop
+  x0, y0, x1, y1 = db["boxes"][row]
+  crop = np.asarray(Image.open(f"{root}/openimages/{files[db['ids'][row]]}").convert("RGB"))[y0:y1, x0:x1]
+  x = torch.as_tensor(crop[None].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+  x = (torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=True) + 1) / 2
+  from rdm_jax.models import clip
+  x = (x - torch.as_tensor(clip.CLIP_MEAN)[:, None, None]) / torch.as_tensor(clip.CLIP_STD)[:, None, None]
+  with torch.no_grad():
+    ref = clip_model.encode_image(x).numpy()[0]
+  np.testing.assert_allclose(db["embeddings"][row].astype(np.float32), ref, atol=2e-3 * np.abs(ref).max())
+
+  run(root, "rdm_jax.jobs.index")
+  run(root, "rdm_jax.jobs.neighbors")
+  nb = store.read(f"{data}/neighbors_train", "neighbors", hint="")
+  assert nb["neighbor_ids"].shape == (24, 8)
+  run(root, "rdm_jax.train", f"--workdir={root}/run")
+  out = run(root, "rdm_jax.sample", f"--workdir={root}/run")
+  shards = [f for f in os.listdir(f"{root}/run/samples/exemplar") if f.startswith("shard-")]
+  assert shards, out.stderr[-2000:]
+  with np.load(f"{root}/run/samples/exemplar/{shards[0]}") as z:
+    assert z["images"].shape == (8, 32, 32, 3) and z["images"].dtype == np.uint8
+  run(root, "rdm_jax.evaluate", f"--workdir={root}/run")
+  assert os.path.exists(f"{root}/run/eval/metrics.md")
