@@ -11,7 +11,7 @@ the one it was trained with, provided the same encoder embedded it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import numpy as np
 from rdm_jax import config_base
 from rdm_jax.data import crops, sources, store, visualize
 from rdm_jax.errors import fail
-from rdm_jax.retrieval import exact, index, proposal
+from rdm_jax.retrieval import encoders, exact, index, proposal
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Conditioning:
   query_rows: np.ndarray     # [B] rows of the query store
   database: store.Store
   queries: store.Store | None  # the query store (the database for proposal and class; None: a .npy)
+  captions: np.ndarray | None = None  # [B] str: the text of each row (condition=text)
 
 
 def open_search(config: Any, database: store.Store, build: bool = False):
@@ -144,6 +145,41 @@ def embeddings_conditioning(config: Any, queries: np.ndarray, k: int, encoder: d
                    search=search)
 
 
+TEXT_MODES = ("caption_and_neighbors", "caption", "neighbors")
+
+
+def text_queries(config: Any, database: store.Store, texts: list[str]) -> np.ndarray:
+  """CLIP text embeddings [N, d] of `texts`, from the CLIP that embedded `database` (checked)."""
+  identity = encoders.encoder_identity(config.retrieval)
+  if identity != database.manifest["encoder"]:
+    fail(f"config.retrieval names encoder {identity} but database {database.path} was embedded by "
+         f"{database.manifest['encoder']}: text and image embeddings must come from one CLIP")
+  return encoders.embed_text(config.retrieval, texts)
+
+
+def text_conditioning(config: Any, prompts: list[str] | tuple[str, ...], k: int, encoder: dict | None = None,
+                      database: store.Store | None = None, search=None, mode: str | None = None) -> Conditioning:
+  """Captions as queries (Sec. 4.2; the original's knn2img with a prompt), `mode` (default
+  config.sample.text_mode): "caption_and_neighbors": each caption's CLIP text embedding first and
+  its k-1 nearest database entries after it; "caption": the text embedding alone (k = 1);
+  "neighbors": its k nearest database entries alone."""
+  database = open_database(config, encoder) if database is None else database
+  mode = mode or config.sample.get("text_mode", TEXT_MODES[0])
+  if mode not in TEXT_MODES:
+    fail(f"config.sample.text_mode={mode!r}; use {', '.join(TEXT_MODES)}")
+  if not prompts:
+    fail("config.sample.condition=text needs captions: --config.sample.prompts=\"('a red dress','a sneaker')\"")
+  queries = text_queries(config, database, list(prompts))
+  rows = np.arange(len(prompts))
+  if mode == "caption":
+    cond = Conditioning(context=queries[:, None], neighbor_rows=np.full((len(rows), 1), -1, np.int64),
+                        query_rows=rows, database=database, queries=None)
+  else:
+    cond = _retrieve(config, database, None, rows, k, include_query=mode == "caption_and_neighbors",
+                     queries=queries, search=search)
+  return replace(cond, captions=np.asarray(list(prompts), dtype=str))
+
+
 def class_ids(names_or_ids: str, names: tuple[str, ...], labels: np.ndarray) -> list[int]:
   """"Dress,7" -> [3, 7]: class names (any case) or label ids, comma-separated; "" = every label."""
   present = sorted(set(np.unique(labels).tolist()) - {-1})  # -1: unlabelled
@@ -180,17 +216,35 @@ def class_pool(database: store.Store, label: int, size: int) -> np.ndarray:
 def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, encoder: dict | None = None,
                        classes: str | None = None, database: store.Store | None = None) -> Conditioning:
   """Class-conditional sampling (Sec. 3.3): sample i takes class classes[i % C] and k adjacent
-  entries of its pool xi_l(c), at a random offset. `query_rows` are the classes' labels."""
+  entries of its pool xi_l(c), at a random offset. The pool of class c is, with
+  `sample.class_prompt` (e.g. "An image of a {}."), the l database entries nearest to the
+  CLIP text embedding of the prompt with c's name, as in the paper; else, from a labelled
+  database, the entries labelled c nearest to their mean direction (`class_pool`).
+  `query_rows` are the classes' labels (with a prompt: their positions in `classes`)."""
   s = config.sample
   database = open_database(config, encoder) if database is None else database
-  if "labels" not in database.arrays:
-    fail(f"database {database.path} has no labels: class pools need a labelled database (or a text tower)")
-  labels = np.asarray(database["labels"])
-  classes = class_ids(s.classes if classes is None else classes,
-                      sources.source_class_names(config.dataset, database.manifest["source"]), labels)
+  names_or_ids = s.classes if classes is None else classes
   if not k <= s.class_pool_size:
     fail(f"sample.class_pool_size={s.class_pool_size} must be at least k={k}")
-  pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}
+  if s.get("class_prompt", ""):
+    if "{}" not in s.class_prompt:
+      fail(f"config.sample.class_prompt={s.class_prompt!r} needs a {{}} where the class name goes")
+    names = [x.strip() for x in names_or_ids.split(",") if x.strip()]
+    if not names:
+      fail("config.sample.classes: name the classes for the class prompt, comma-separated")
+    if s.class_pool_size > database["embeddings"].shape[0]:
+      fail(f"sample.class_pool_size={s.class_pool_size} exceeds the database's {database['embeddings'].shape[0]} entries")
+    queries = text_queries(config, database, [s.class_prompt.format(c) for c in names])
+    _, nearest = open_search(config, database)(exact.l2_normalize(queries, "class prompts"), s.class_pool_size)
+    classes, pools = list(range(len(names))), {i: np.asarray(nearest[i]) for i in range(len(names))}
+  else:
+    if "labels" not in database.arrays:
+      fail(f"database {database.path} has no labels: class pools need a labelled database or "
+           "config.sample.class_prompt with a CLIP retriever")
+    labels = np.asarray(database["labels"])
+    classes = class_ids(names_or_ids, sources.source_class_names(config.dataset, database.manifest["source"]),
+                        labels)
+    pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}
   query_rows = np.array([classes[i % len(classes)] for i in range(n)], np.int64)
   starts = rng.integers(0, s.class_pool_size - k + 1, size=n)
   rows = np.stack([pools[c][a:a + k] for c, a in zip(query_rows, starts)])

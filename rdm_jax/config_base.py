@@ -46,8 +46,9 @@ def base_config() -> mlc.ConfigDict:
       arch=dict(ch=0, ch_mult=(), num_res_blocks=0, attn_resolutions=(), embed_dim=0, z_channels=0, n_embed=0,
                 resolution=0)))
   c.retrieval = mlc.ConfigDict(dict(
-      encoder="efficientnet_lite0",  # or clip_vit_b32 (later issue)
+      encoder="efficientnet_lite0",  # or clip_vit_b32 (the paper's; text tower too)
       weights="",                    # local checkpoint; "" = the installed weights package
+      tokenizer="",                  # clip_vit_b32 text: a saved CLIPTokenizer directory ("" = weights, if a directory)
       image_size=96,
       embed_dim=1280,
       batch_size=256,
@@ -104,9 +105,13 @@ def base_config() -> mlc.ConfigDict:
       shard_size=1024,               # samples per .npz shard of the sample job (its unit of resumption)
       timestep_spacing="logsnr",     # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m) |
-                                     # class: k adjacent entries of a class pool | embeddings: a .npy
+                                     # class: k adjacent entries of a class pool | embeddings: a .npy |
+                                     # text: CLIP text embeddings of `prompts` (the caption, then its k-1 neighbours)
+      prompts=(),                    # text: captions, cycled over the samples
+      text_mode="caption_and_neighbors",  # text: caption_and_neighbors | caption (alone, k=1) | neighbors (its k)
       query_part="test",
       classes="", class_pool_size=16,  # class: names or labels, comma-separated ("" = all); pool size l
+      class_prompt="",               # class: "An image of a {}." = pools from CLIP text (Sec. 3.3); "" = from labels
       embeddings_path="",            # embeddings: float [N, d] queries from the database's encoder
       include_query=False,           # exemplar, embeddings: the query's own embedding + its k-1 neighbours (the
                                      # original's default, omit_query=False) instead of k neighbours

@@ -145,11 +145,12 @@ def main(argv):
     rows[name] = compute_metrics(cfg, fake, real, real_stats)
   if cfg.baseline_part:
     n = max(len(im) for im in sets.values())
-    base, _, base_source = sources.load_part(config.dataset, cfg.baseline_part)
+    base = sources.open_part(config.dataset, cfg.baseline_part)  # reads only the rows drawn
     if len(base) < n:
       fail(f"config.eval.baseline_part={cfg.baseline_part!r} has {len(base)} images, fewer than {n}")
-    idx = np.random.default_rng(0).choice(len(base), n, replace=False)
-    feats = sample_sets.cached_features(config, extractor, base[np.sort(idx)], {**base_source, "subset": f"random {n}, seed 0"})
+    idx = np.sort(np.random.default_rng(0).choice(len(base), n, replace=False))
+    feats = sample_sets.cached_features(config, extractor, base.read_ids(base.ids[idx]),
+                                        {**base.source, "subset": f"random {n}, seed 0"})
     rows[f"real ({cfg.baseline_part} images)"] = compute_metrics(cfg, feats, real, real_stats)
 
   ref_label = f"{cfg.reference}, {len(ref_images)} images"

@@ -81,6 +81,11 @@ class RDM:
         self.config, queries, self.k, self.info["encoder"],
         s.include_query if include_query is None else include_query, self.database, self._search)
 
+  def text(self, prompts: list[str]):
+    """Captions: each one's CLIP text embedding and its k-1 nearest database entries."""
+    return conditioning.text_conditioning(self.config, prompts, self.k, self.info["encoder"], self.database,
+                                          self._search)
+
   def from_config(self, n: int | None = None):
     """The conditioning `config.sample.condition` names, for n (default num_images) samples."""
     s = self.config.sample
@@ -98,10 +103,9 @@ class RDM:
         fail(f"asked for {n} samples but {s.embeddings_path} has {len(queries)} embeddings")
       return self.embeddings(queries[:n])
     if s.condition == "text":
-      fail(f"config.sample.condition='text' needs a retrieval encoder with a text tower (CLIP); "
-           f"config.retrieval.encoder={self.config.retrieval.encoder!r} has none: use exemplar, proposal, class "
-           "or embeddings")
-    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class or embeddings")
+      prompts = list(s.prompts)
+      return self.text([prompts[i % len(prompts)] for i in range(n)] if prompts else [])
+    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings or text")
 
   def sample(self, cond: conditioning.Conditioning, seed: int | None = None, first_index: int = 0) -> Samples:
     """One sample per conditioning row; row i is sample first_index + i, drawn with key

@@ -4,13 +4,19 @@ Queries are embedded held-out images (`--config.sample.condition=exemplar`, defa
 pseudo-queries drawn from the proposal p_D with top-m truncation (`=proposal`,
 unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train part),
 class pools from the database's labels (`=class`, Sec. 3.3: k adjacent entries of the
-class's pool), or embeddings from a .npy (`=embeddings`).
+class's pool), embeddings from a .npy (`=embeddings`), or captions (`=text`, with the CLIP
+retriever: each caption's text embedding is the first context entry, its k-1 nearest database
+entries follow; the captions go into the shards, where the evaluate job's CLIP score reads them).
 
   python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
       [--out=DIR] [--config.sample.num_images=50000] [--config.sample.guidance_scale=2.0]
       [--config.sample.condition=proposal --config.sample.top_m=0.01]
       [--config.sample.condition=class --config.sample.classes=Dress,Sneaker]
       [--config.sample.condition=embeddings --config.sample.embeddings_path=q.npy]
+      [--config.sample.condition=text --config.sample.prompts="('a red dress','a sneaker')"
+       --config.sample.text_mode=caption_and_neighbors]  # | caption | neighbors
+      [--config.sample.condition=class --config.sample.classes=cat,dog
+       --config.sample.class_prompt="An image of a {}."]  # pools from CLIP text
       [--config.sample.sampler=dpm_solver++ --config.sample.num_steps=20]  # or ddim (eta) | ddpm
       [--distributed ...]  # one program over every process: each batch is sharded over all devices
 
@@ -128,13 +134,14 @@ def write_shard(path: str, rdm: inference.RDM, cond, rows: np.ndarray, z: np.nda
   s = rdm.config.sample
   images = rdm.decode(z)
   ids = np.asarray(cond.database["ids"])[np.maximum(cond.neighbor_rows[rows], 0)]
+  extra = {} if cond.captions is None else {"captions": cond.captions[rows]}  # the CLIP score reads them
   store.atomic_savez(
       path, images=images, latents=z, neighbor_rows=cond.neighbor_rows[rows],
       neighbor_ids=np.where(cond.neighbor_rows[rows] < 0, -1, ids), query_rows=cond.query_rows[rows],
       sample_index=rows.astype(np.int64), seed=np.full(len(rows), rdm.seed, np.int64),
       condition=np.asarray(s.condition), database=np.asarray(cond.database.path),
       checkpoint_step=np.asarray(rdm.step), sampler=np.asarray(s.sampler), num_steps=np.asarray(s.num_steps),
-      guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta))
+      guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta), **extra)
   return images
 
 

@@ -133,3 +133,55 @@ def test_evaluate_with_clip_and_captions(tmp_path, tiny_clip):
   text = np.load(tmp_path / "text.npz")
   want = torch_clip_score(*torch_clip(tiny_clip), text["images"], text["captions"])
   assert row["clip_score"] == pytest.approx(want, abs=1e-5)
+
+
+def test_text_conditioning_is_the_caption_then_its_nearest_database_entries(tiny_clip, tmp_path):
+  """condition=text: context row 0 is the caption's CLIP text embedding (transformers' FlaxCLIPModel
+  and tokenizer called directly), rows 1..k-1 the database entries nearest to it by cosine
+  (numpy brute force); the captions travel with the conditioning."""
+  import ml_collections as mlc
+  from transformers import CLIPTokenizer, FlaxCLIPModel
+
+  from rdm_jax import conditioning
+  from rdm_jax.data import store
+  from rdm_jax.retrieval import encoders
+
+  c = mlc.ConfigDict(dict(data_dir=str(tmp_path), database=str(tmp_path / "database"),
+                          retrieval=dict(encoder="clip_vit_b32", weights=tiny_clip, tokenizer="", image_size=32,
+                                         embed_dim=16, batch_size=8, index=dict(path="")),
+                          sample=dict(text_mode="caption_and_neighbors")))
+  db = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
+  store.write(c.database, "database", {"embeddings": db, "ids": np.arange(30), "labels": np.zeros(30, np.int32)},
+              encoder=encoders.encoder_identity(c.retrieval), source={"dataset": "synthetic"})
+  prompts = ["a red dress", "two cats on a mat"]
+  cond = conditioning.text_conditioning(c, prompts, k=3)
+  model = FlaxCLIPModel.from_pretrained(tiny_clip)
+  tok = CLIPTokenizer.from_pretrained(tiny_clip)(prompts, padding="max_length", max_length=77, return_tensors="np")
+  want = np.asarray(model.get_text_features(tok["input_ids"], attention_mask=tok["attention_mask"]))
+  np.testing.assert_allclose(cond.context[:, 0], want, rtol=1e-5, atol=1e-6)
+  unit = db / np.linalg.norm(db, axis=1, keepdims=True)
+  q = want / np.linalg.norm(want, axis=1, keepdims=True)
+  nearest = np.argsort(-(q @ unit.T), axis=1)[:, :2]
+  np.testing.assert_array_equal(cond.neighbor_rows[:, 1:], nearest)
+  np.testing.assert_array_equal(cond.neighbor_rows[:, 0], [-1, -1])
+  np.testing.assert_allclose(cond.context[:, 1:], db[nearest])
+  assert list(cond.captions) == prompts
+  alone = conditioning.text_conditioning(c, prompts, k=3, mode="caption")  # (i) the text embedding alone
+  assert alone.context.shape == (2, 1, 16) and (alone.neighbor_rows == -1).all()
+  np.testing.assert_allclose(alone.context[:, 0], want, rtol=1e-5, atol=1e-6)
+  only = conditioning.text_conditioning(c, prompts, k=3, mode="neighbors")  # (iii) its k neighbours alone
+  np.testing.assert_array_equal(only.neighbor_rows, np.argsort(-(q @ unit.T), axis=1)[:, :3])
+  # class pools from the prompt template (Sec. 3.3): the l entries nearest to "An image of a {c}."
+  c.sample.update(dict(classes="cat,dog", class_pool_size=5, class_prompt="An image of a {}."))
+  cls = conditioning.class_conditioning(c, 6, 2, np.random.default_rng(0))
+  tok = CLIPTokenizer.from_pretrained(tiny_clip)(["An image of a cat.", "An image of a dog."], padding="max_length",
+                                                 max_length=77, return_tensors="np")
+  t = np.asarray(model.get_text_features(tok["input_ids"], attention_mask=tok["attention_mask"]))
+  pools = np.argsort(-((t / np.linalg.norm(t, axis=1, keepdims=True)) @ unit.T), axis=1)[:, :5]
+  np.testing.assert_array_equal(cls.query_rows, [0, 1, 0, 1, 0, 1])
+  for i, rows in enumerate(cls.neighbor_rows):  # k adjacent entries of the class's pool
+    pool = list(pools[i % 2])
+    start = pool.index(rows[0])
+    assert list(rows) == pool[start:start + 2]
+  with pytest.raises(UserError, match="text_mode"):
+    conditioning.text_conditioning(c, prompts, k=3, mode="both")

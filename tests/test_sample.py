@@ -210,8 +210,11 @@ def test_python_api_samples_with_one_loaded_model(trained, tmp_path):
   np.testing.assert_array_equal(got.neighbor_rows, brute_force_neighbors(
       np.asarray(rdm.database["embeddings"])[got.query_rows], rdm.database["embeddings"], 4))
   assert unconditional.images.shape[0] == 3
-  config.sample.condition = "text"  # a later issue's CLIP retriever brings the text tower
-  with pytest.raises(UserError, match="needs a retrieval encoder with a text tower"):
+  config.sample.condition = "text"  # needs captions, and a database embedded by the config's CLIP
+  with pytest.raises(UserError, match="needs captions"):
+    rdm.from_config()
+  config.sample.prompts = ("a dress",)
+  with pytest.raises(UserError, match="must come from one CLIP"):
     rdm.from_config()
 
 

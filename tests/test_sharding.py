@@ -70,7 +70,8 @@ def test_layouts_compute_the_same_training_steps(tiny_data):
   config = tiny_config(tiny_data["data_dir"])
   sgd = optax.sgd(1e-3)
   ref_state, ref_losses = _run(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], tx=sgd)
-  for axes in ({"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": -1, "fsdp": 1, "tensor": 1}):
+  # (pure data parallelism is the data axis of both; one compile fewer than testing it alone)
+  for axes in ({"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
     state, losses = _run(config, axes, tx=sgd)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(axes))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):

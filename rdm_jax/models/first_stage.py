@@ -183,11 +183,13 @@ def load(cfg: Any) -> FirstStage:
 
 
 def identity(cfg: Any) -> dict[str, Any]:
-  """What a latents store records about the first stage that made it (weights hash included)."""
-  d = cfg.to_dict()
+  """What a latents store records about the first stage that made it: for an autoencoder its
+  resolved architecture, scale factor and the sha256 of its weights (not their path)."""
+  d = {"name": cfg.name, "pad_to": int(cfg.pad_to), "latent_channels": int(cfg.latent_channels)}
   if cfg.name != "identity":
-    d["weights_sha256"] = load(cfg).weights_sha256
-    d.pop("batch_size", None)
+    fs = load(cfg)
+    arch = json.loads(json.dumps(dataclasses.asdict(fs.spec)))  # as the manifest holds it (lists, not tuples)
+    d.update(weights_sha256=fs.weights_sha256, scale_factor=fs.scale_factor, arch=arch)
   return d
 
 

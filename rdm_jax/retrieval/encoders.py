@@ -110,6 +110,29 @@ def make_text_encoder(cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
   return lambda ids: np.asarray(fn(enc.params, jnp.asarray(ids, jnp.int32)), np.float32)
 
 
+def embed_text(cfg: Any, texts: list[str] | tuple[str, ...]) -> np.ndarray:
+  """float32 [N, embed_dim] CLIP text embeddings of captions (OpenAI's `encode_text`), tokenised by
+  the CLIPTokenizer saved in `cfg.tokenizer` (or in the weights directory) and padded to the
+  model's context length."""
+  from transformers import CLIPTokenizer
+
+  enc = _get(cfg, load=True)
+  if enc.text is None:
+    fail(f"config.retrieval.encoder={cfg.encoder!r} has no text tower; use clip_vit_b32")
+  path = cfg.get("tokenizer", "") or (cfg.weights if os.path.isdir(cfg.weights) else "")
+  try:
+    tok = CLIPTokenizer.from_pretrained(path, local_files_only=True) if path else None
+  except (OSError, ValueError) as e:
+    fail(f"no CLIP tokenizer in {path!r} ({str(e)[:200]}); save one there (CLIPTokenizer.save_pretrained) "
+         "and set config.retrieval.tokenizer")
+  if tok is None:
+    fail("config.retrieval.tokenizer: give a directory with a saved CLIPTokenizer (OpenAI's .pt holds none)")
+  length = _clip_model(cfg.weights).model.config.text_config.max_position_embeddings
+  t = tok(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="np")
+  fn = jax.jit(enc.text)
+  return np.asarray(fn(enc.params, jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"])), np.float32)
+
+
 def check_same_encoder(a: dict[str, Any], b: dict[str, Any], what_a: str, what_b: str, fix: str) -> None:
   if a != b:
     fail(f"{what_a} was made by encoder {a} but {what_b} by {b}; {fix}")
