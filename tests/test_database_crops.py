@@ -118,3 +118,15 @@ def test_an_interrupted_build_resumes_to_the_same_rows(tmp_path):
   for name in ("embeddings", "ids", "labels", "boxes"):
     np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(full[name]))
   assert store.read(again.path, "database", hint="").fingerprint == again.fingerprint
+
+
+def test_two_processes_split_the_images_and_the_last_merges(tmp_path):
+  """--process_id/--num_processes: each process embeds its block of images; the one that finds
+  every chunk done merges, and the store equals a single process's."""
+  root, _ = folder(tmp_path, [(20 + i, 12 + i) for i in range(7)])
+  single = crops.build_database(config(tmp_path / "one", root), encode=mean_colour)
+  c = config(tmp_path / "two", root)
+  assert crops.build_database(c, encode=mean_colour, process_index=0, process_count=2) is None  # 1's block missing
+  merged = crops.build_database(c, encode=mean_colour, process_index=1, process_count=2)
+  for name in ("embeddings", "ids", "labels", "boxes"):
+    np.testing.assert_array_equal(np.asarray(merged[name]), np.asarray(single[name]))

@@ -1,6 +1,7 @@
 """Encode job: images of the train and test parts -> first-stage latents stores.
 
   python -m rdm_jax.jobs.encode --config=configs/fashion_mnist_rdm.py [--parts=train,test]
+      [--process_id=P --num_processes=N]  # split the rows over processes or hosts
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from rdm_jax.jobs import cli
 from rdm_jax.models import first_stage
 
 _PARTS = flags.DEFINE_list("parts", ["train", "test"], "Dataset parts to encode.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, --num_processes).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes (or hosts sharing the filesystem) "
+                                      "splitting the rows by range; the last to finish merges.")
 
 
-def encode_part(config, part: str) -> store.Store:
+def encode_part(config, part: str, process_index: int = 0, process_count: int = 1) -> store.Store | None:
+  """Writes one part's latents store (None: another process merges it)."""
   out = config_base.paths(config)[f"latents_{part}"]
   done = store.reusable(out, "latents", "rdm_jax.jobs.encode", source=sources.part_source(config.dataset, part),
                         first_stage=first_stage.identity(config.first_stage))
@@ -27,8 +32,9 @@ def encode_part(config, part: str) -> store.Store:
       compute=lambda a, b: {"latents": first_stage.encode(config.first_stage, p.images(a, b)),
                             "ids": p.ids[a:b], "labels": p.labels[a:b]},
       source=p.source, first_stage=first_stage.identity(config.first_stage), image_shape=list(p.images(0, 1).shape[1:]),
-      made_by="rdm_jax.jobs.encode")
-  print(f"wrote {out}: latents {result['latents'].shape}")
+      process_index=process_index, process_count=process_count, made_by="rdm_jax.jobs.encode")
+  if result is not None:
+    print(f"wrote {out}: latents {result['latents'].shape}")
   return result
 
 
@@ -39,7 +45,7 @@ def main(argv):
   for part in _PARTS.value:  # every output is safe to write before any work starts
     store.check_output(config_base.paths(config)[f"latents_{part}"], "latents")
   for part in _PARTS.value:
-    encode_part(config, part)
+    encode_part(config, part, _PROCESS_ID.value, _NUM_PROCESSES.value)
 
 
 if __name__ == "__main__":
