@@ -43,7 +43,7 @@ demo: setup data
 	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, $(WORKDIR)/eval/metrics.md, TensorBoard logs in $(WORKDIR)"
 
 test: setup-test data
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf data runs

@@ -72,6 +72,7 @@ def settings_of(rdm: inference.RDM, cond, num_shards: int) -> dict[str, Any]:
   for a in (cond.context, cond.neighbor_rows, cond.query_rows):
     digest.update(np.ascontiguousarray(a).tobytes())
   sample = {k: v for k, v in s.to_dict().items() if k not in ("batch_size", "seed")}
+  sample = json.loads(json.dumps(sample))  # as settings.json holds it (tuples are lists), so a rerun compares equal
   return {"made_by": MADE_BY, "checkpoint_step": rdm.step, "seed": rdm.seed, "num_images": len(cond.context),
           "num_shards": num_shards, "k": rdm.k, "database": cond.database.path, "sample": sample,
           "image_shape": [*rdm.info["image_hw"]], "conditioning_sha256": digest.hexdigest(),
