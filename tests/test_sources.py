@@ -86,7 +86,7 @@ def test_image_folder_source_worked_by_hand(tmp_path):
 
   Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "b" / "new.png")
   with pytest.raises(UserError, match="changed .4 usable files now, 3 then.*embed the folder again"):
-    sources.load_folder(source)
+    sources.folder_files(source)
   with pytest.raises(UserError, match="give image_size > 0, channels 1 or 3"):
     sources.load_part(_folder_dataset(tmp_path, channels=2), "database")
 

@@ -37,19 +37,6 @@ def enabled(cfg: Any) -> bool:
   return cfg is not None and int(cfg.get("crops_per_image", 0)) > 0
 
 
-def resized(image: np.ndarray, resize_to: int) -> np.ndarray:
-  """The image with its shorter side resized to `resize_to` (PIL bicubic; 0 = unchanged)."""
-  if not resize_to or min(image.shape[:2]) == resize_to:
-    return image
-  from PIL import Image
-  h, w = image.shape[:2]
-  scale = resize_to / min(h, w)
-  im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  a = np.asarray(im.resize((max(resize_to, round(w * scale)), max(resize_to, round(h * scale))),
-                           Image.Resampling.BICUBIC))
-  return a[..., None] if a.ndim == 2 else a
-
-
 def boxes(h: int, w: int, s: dict[str, int], image_id: int, what: str) -> np.ndarray:
   """int32 [crops_per_image, 4] boxes (x0, y0, x1, y1) of one h x w (resized) image."""
   c = s["crop_size"]
@@ -64,7 +51,7 @@ def boxes(h: int, w: int, s: dict[str, int], image_id: int, what: str) -> np.nda
 
 def crops_of(image: np.ndarray, s: dict[str, int], image_id: int, what: str) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 crops [n, c, c, C], boxes [n, 4]) of one image."""
-  image = resized(image, s["resize_to"])
+  image = sources.resize_shorter_side(image, s["resize_to"])
   b = boxes(image.shape[0], image.shape[1], s, image_id, what)
   return np.stack([image[y0:y1, x0:x1] for x0, y0, x1, y1 in b]), b
 
@@ -72,7 +59,7 @@ def crops_of(image: np.ndarray, s: dict[str, int], image_id: int, what: str) -> 
 def crop_pixels(raw_images: list, image_boxes: np.ndarray, s: dict[str, int]) -> np.ndarray:
   """uint8 [n, c, c, C]: the crops entries point to, each raw image resized as at build time and
   cut to its box (white where an image can no longer be read)."""
-  cut = [None if isinstance(im, str) else resized(im, s["resize_to"])[y0:y1, x0:x1]
+  cut = [None if isinstance(im, str) else sources.resize_shorter_side(im, s["resize_to"])[y0:y1, x0:x1]
          for im, (x0, y0, x1, y1) in zip(raw_images, np.asarray(image_boxes))]
   channels = max([c.shape[-1] for c in cut if c is not None] or [3])
   size = s["crop_size"]

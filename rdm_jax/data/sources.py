@@ -249,25 +249,10 @@ def _folder_image(name: str, size: int, channels: int, fill: int) -> np.ndarray:
   return a[..., None] if a.ndim == 2 else a
 
 
-@functools.lru_cache(maxsize=2)
-def _load_folder(path: str, files: tuple[str, ...], size: int, channels: int, background: str
-                 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-  classes = folder_classes(files)
-  labels = folder_labels(files)
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
-    images = list(pool.map(lambda f: _folder_image(os.path.join(path, f), size, channels, BACKGROUNDS[background]),
-                           files))
-  images = np.stack(images)
-  images.flags.writeable = False  # cached: callers index it, nobody writes to it
-  return images, labels, classes
-
-
-def load_folder(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-  """(uint8 images [N, s, s, C], labels [N], class names) of an image folder, as `folder_settings`
-  describes it; refused when its files changed since (a store's ids would point elsewhere)."""
-  files = folder_files(settings)
-  return _load_folder(settings["images_from"], tuple(files), settings["image_size"], settings["channels"],
-                      settings["background"])
+def _threaded(fn: Callable[[Any], Any], items) -> list:
+  """[fn(x) for x in items] on a thread per core: PIL decodes without the GIL."""
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    return list(pool.map(fn, items))
 
 
 def folder_files(settings: dict[str, Any]) -> list[str]:
@@ -297,11 +282,7 @@ def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndar
         return f"{files[i]}: {type(e).__name__}: {str(e)[:100]}"
       return a[..., None] if a.ndim == 2 else a
 
-    def read(ids):
-      with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        return list(pool.map(read_file, [int(i) for i in ids]))
-
-    return read
+    return lambda ids: _threaded(read_file, [int(i) for i in ids])
   if source.get("images_from") == "tfds" and "tfds_name" in source:
     reader = _tfds_reader(source["tfds_name"], source["tfds_split"], source.get("tfds_data_dir", ""),
                           source["image_size"])
@@ -319,10 +300,7 @@ def source_class_names(dataset: Any, source: dict[str, Any]) -> tuple[str, ...]:
 
 
 def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
-  """A whole in-memory split of the raw dataset named by `dataset.name` ("fashion_mnist"), or of an
-  image folder ("folder:PATH")."""
-  if source_split.startswith(FOLDER):
-    return load_folder(folder_settings(dataset, source_split))[:2]
+  """A whole in-memory split of the raw dataset named by `dataset.name` ("fashion_mnist")."""
   idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)
   if os.path.isdir(idx_dir):
     return load_idx_split(idx_dir, source_split)
@@ -366,6 +344,19 @@ def _tfds_builder(name: str, data_dir: str):
          "config.dataset.tfds_data_dir")
 
 
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, C] with its shorter side resized to `size` (PIL bicubic, antialiased; 0 or the
+  same size: unchanged)."""
+  if not size or min(image.shape[:2]) == size:
+    return image
+  from PIL import Image
+  h, w = image.shape[:2]
+  scale = size / min(h, w)
+  im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  a = np.asarray(im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC))
+  return a[..., None] if a.ndim == 2 else a
+
+
 class TfdsReader:
   """Streams a TFDS split in file order (no shuffling), decoding only the examples asked for."""
 
@@ -397,16 +388,9 @@ class TfdsReader:
     return np.fromiter((int(ex["label"]) if has_label else -1 for ex in ds.as_numpy_iterator()), np.int32)
 
   def _image(self, image: np.ndarray) -> np.ndarray:
-    from PIL import Image
-    im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    w, h = im.size
-    s = self.image_size
-    scale = s / min(w, h)
-    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - s) // 2, (nh - s) // 2
-    a = np.asarray(im.crop((left, top, left + s, top + s)))
-    return a[..., None] if a.ndim == 2 else a
+    a, s = resize_shorter_side(image, self.image_size), self.image_size
+    top, left = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
+    return a[top:top + s, left:left + s]
 
   def read(self, ids: np.ndarray, raw: bool = False) -> np.ndarray | list[np.ndarray]:
     """uint8 images [len(ids), s, s, C] of the examples at file positions `ids` (ascending); with
@@ -493,8 +477,7 @@ def source_reader(dataset: Any, source: dict[str, Any]) -> tuple[Callable[[np.nd
     labels = folder_labels(files)
 
     def read_files(ids):
-      with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
-        out = list(pool.map(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill), ids))
+      out = _threaded(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill), ids)
       return np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
 
     return read_files, labels
@@ -540,10 +523,8 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
 
 
 def source_images(dataset: Any, source: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-  """The whole split a store's `source` record names: an image folder as the record converted
-  it (whatever the config says now), else the config's dataset."""
-  if source.get("dataset") == "folder":
-    return load_folder(source)[:2]
+  """The whole in-memory split a store's IDX `source` record names (image folders and TFDS are
+  read by `source_reader`, file by file)."""
   if source.get("dataset") != dataset.name:
     fail(f"the store comes from {source.get('dataset')!r} but config.dataset.name is {dataset.name!r}; "
          "no image loader configured for it")

@@ -61,16 +61,17 @@ def _from_unit(x: np.ndarray, image_hw: tuple[int, int], pad_to: int) -> np.ndar
 
 def spec(cfg: Any) -> autoencoder.Spec:
   """The autoencoder `config.first_stage` names: its preset with `arch` overrides."""
-  if cfg.name not in autoencoder.PRESETS:
-    fail(f"config.first_stage.name={cfg.name!r}; available: identity, {', '.join(autoencoder.PRESETS)}")
+  name = cfg["name"]
+  if name not in autoencoder.PRESETS:
+    fail(f"config.first_stage.name={name!r}; available: identity, {', '.join(autoencoder.PRESETS)}")
   arch = {k: v for k, v in dict(cfg.get("arch", {})).items() if v not in (None, 0, (), [])}
   unknown = sorted(set(arch) - set(ARCH_FIELDS))
   if unknown:
     fail(f"config.first_stage.arch has unknown fields {unknown}; known: {', '.join(ARCH_FIELDS)}")
   arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items()}
-  s = dataclasses.replace(autoencoder.PRESETS[cfg.name], **arch)
+  s = dataclasses.replace(autoencoder.PRESETS[name], **arch)
   if any((s.ch * m) % 32 for m in s.ch_mult):
-    fail(f"first stage {cfg.name}: channel widths {[s.ch * m for m in s.ch_mult]} must be multiples of 32 "
+    fail(f"first stage {name}: channel widths {[s.ch * m for m in s.ch_mult]} must be multiples of 32 "
          "(GroupNorm with 32 groups)")
   return s
 
@@ -159,7 +160,7 @@ class FirstStage:
 @functools.lru_cache(maxsize=4)
 def _load(cfg_json: str) -> FirstStage:
   cfg = json.loads(cfg_json)
-  s = spec(_Attrs(cfg))
+  s = spec(cfg)
   what = f"first stage {cfg['name']}"
   sd = load_state_dict(cfg.get("weights", ""), what)
   try:
@@ -171,10 +172,6 @@ def _load(cfg_json: str) -> FirstStage:
          f"{s.embed_dim}-channel latents; set latent_channels={s.embed_dim}")
   return FirstStage(cfg["name"], s, jax.tree.map(jnp.asarray, params), float(cfg.get("scale_factor", 1.0)),
                     int(cfg.get("pad_to", 0)), int(cfg.get("batch_size", 16)), store.file_sha256(cfg["weights"]))
-
-
-class _Attrs(dict):
-  __getattr__ = dict.__getitem__
 
 
 def load(cfg: Any) -> FirstStage:
