@@ -191,6 +191,8 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
   except (OSError, ValueError) as e:
     fail(f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it or use a new --workdir")
   for field, what in (("database_fingerprint", "database"), ("encoder", "retrieval encoder")):
+    if field == "database_fingerprint" and before.get("imported_from"):
+      continue  # imported weights (jobs/import_checkpoint.py) are not tied to a database of ours
     if before.get(field) != info[field]:
       fail(f"the checkpoints in {workdir} were trained with another {what} ({field} {before.get(field)} in "
            f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "

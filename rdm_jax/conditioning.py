@@ -253,7 +253,10 @@ def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, en
 
 
 def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np.ndarray:
-  """Pixels of a store's rows (database entries, queries) through the store's source metadata."""
+  """Pixels of a store's rows (database entries, queries) through the store's source metadata;
+  grey for a store of imported embeddings (no images to show)."""
+  if not sources.has_pixels(database.manifest["source"]):
+    return np.full(rows.shape + (8, 8, 3), 128, np.uint8)
   ids = np.asarray(database["ids"])[rows.reshape(-1)]
   if "boxes" in database.arrays:  # a database of crops: show the crop each entry is
     raw = sources.source_raw_reader(dataset, database.manifest["source"])(ids)

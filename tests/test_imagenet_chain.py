@@ -153,3 +153,56 @@ def test_the_imagenet_config_runs_end_to_end_on_mock_imagenet(assets):
     assert z["images"].shape == (8, 32, 32, 3) and z["images"].dtype == np.uint8
   run(root, "rdm_jax.evaluate", f"--workdir={root}/run")
   assert os.path.exists(f"{root}/run/eval/metrics.md")
+
+  # A published RDM checkpoint: this run's UNet (raw weights and EMA) written in the original's
+  # Lightning format, keys as openaimodel.UNetModel names them (diffusers' LDM converter agrees:
+  # test_unet_diffusers.py), with its first stage and noise schedule, imports and samples the
+  # same images as the run itself.
+  _export_in_the_original_format(root, vq, f"{root}/rdm.ckpt")
+  out = run(root, "rdm_jax.jobs.import_checkpoint", f"--checkpoint={root}/rdm.ckpt", f"--workdir={root}/imported")
+  assert "step 1000, EMA and raw weights" in out.stdout, out.stdout
+  run(root, "rdm_jax.sample", f"--workdir={root}/imported")
+  for shard in shards:
+    with np.load(f"{root}/run/samples/exemplar/{shard}") as a, np.load(f"{root}/imported/samples/exemplar/{shard}") as b:
+      np.testing.assert_array_equal(a["images"], b["images"])
+  # another schedule or UNet than the config's: one line, and nothing written
+  for bad, says in (("--config.diffusion.beta_end=0.02", "another noise schedule"),
+                    ("--config.model.model_channels=64", "its UNet is not config.model's")):
+    cmd = [sys.executable, MOCK, str(N_MOCK), "rdm_jax.jobs.import_checkpoint", f"--config={REPO}/configs/imagenet_rdm.py",
+           *overrides(root), bad, f"--checkpoint={root}/rdm.ckpt", f"--workdir={root}/refused"]
+    out = subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not os.path.exists(f"{root}/refused")
+
+
+def _export_in_the_original_format(root: str, vq, path: str) -> None:
+  """The trained run as the original's model.ckpt: model.diffusion_model.* (here 2x the EMA, so that
+  importing the raw weights instead of the EMA would sample other images), model_ema.* (LitEma's
+  dot-less names), first_stage_model.*, and the DDPM's betas buffer (float32, as LDM registers it)."""
+  import ast
+
+  from conftest import repo_config
+  from rdm_jax import checkpoint, training
+  from rdm_jax.models import torch_convert, unet
+
+  config = repo_config("imagenet_rdm")
+  for override in overrides(root):  # --config.a.b=value, as the jobs read them
+    key, value = override[len("--config."):].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  model, ema, _, _ = checkpoint.load_trained(config, f"{root}/run")
+  names = unet.ldm_names(model, ema)
+  sd = {}
+  for key, value in torch_convert.to_torch(ema, names).items():
+    sd["model.diffusion_model." + key] = torch.from_numpy(2 * np.array(value))
+    sd["model_ema.diffusion_model" + key.replace(".", "")] = torch.from_numpy(np.array(value))
+  sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(2)})
+  sd.update({"first_stage_model." + k: v for k, v in vq.state_dict().items()})
+  sd["betas"] = torch.tensor(np.asarray(training.make_schedule(config).betas), dtype=torch.float32)
+  save_lightning_ckpt(path, sd)

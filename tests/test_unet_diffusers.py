@@ -159,3 +159,47 @@ def test_bf16_unet_is_within_tolerance_of_the_f32_reference():
   assert err < 0.04 * scale, (err, scale)  # measured: 0.017-0.022
   # and bf16 is not secretly f32: some error must be there
   assert err > 1e-4 * scale
+
+
+def test_original_state_dict_names_agree_with_diffusers_ldm_converter():
+  """`unet.ldm_names` (our parameters -> openaimodel.UNetModel's state-dict keys, used to import the
+  published RDM checkpoints) against diffusers' own converter of LDM checkpoints
+  (`convert_ldm_unet_checkpoint`, what diffusers' single-file loading uses): our random weights,
+  written under the original's keys and converted by diffusers, load strictly into its UNet and
+  compute our output; and the import (`torch_convert.to_flax`) gives our weights back exactly."""
+  import torch
+  from rdm_jax.models import torch_convert, unet
+
+  convert = reference("diffusers.loaders.single_file_utils").convert_ldm_unet_checkpoint
+  config, latent_shape = _imagenet_config()
+  model = training.make_model(config)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2,) + latent_shape).astype(np.float32)
+  t = np.array([3, 861], np.int32)
+  ctx = rng.normal(size=(2, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
+  params = _random_params(model, x, t, ctx, seed=5)
+  names = unet.ldm_names(model, params)
+  original = {"model.diffusion_model." + k: torch.from_numpy(v)
+              for k, v in torch_convert.to_torch(params, names).items()}
+  assert "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight" in original
+  assert "model.diffusion_model.output_blocks.2.2.conv.weight" in original  # attention before Upsample
+
+  net = _diffusers_unet(model, latent_shape[-1], config.retrieval.embed_dim)
+  converted = convert(original, dict(net.config))
+  net.load_state_dict({k: v.double() for k, v in converted.items()}, strict=True)
+  with torch.no_grad():
+    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), torch.from_numpy(t).long(),
+               encoder_hidden_states=torch.from_numpy(ctx).double()).sample.numpy().transpose(0, 2, 3, 1)
+  ours = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx))
+  scale = float(np.abs(want).max())
+  assert scale > 0.1
+  np.testing.assert_allclose(ours, want, rtol=0, atol=2e-5 * scale)
+
+  back = torch_convert.to_flax({k[len("model.diffusion_model."):]: v.numpy() for k, v in original.items()},
+                               torch_convert.flat_shapes(params), names)
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+  # a checkpoint of another architecture: one line listing what differs
+  del original["model.diffusion_model.middle_block.1.proj_in.weight"]
+  with pytest.raises(ValueError, match=r"1 missing \(middle_block.1.proj_in.weight\)"):
+    torch_convert.to_flax({k[len("model.diffusion_model."):]: v.numpy() for k, v in original.items()},
+                          torch_convert.flat_shapes(params), names)

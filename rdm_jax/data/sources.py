@@ -266,6 +266,12 @@ def folder_files(settings: dict[str, Any]) -> list[str]:
   return files
 
 
+def has_pixels(source: dict[str, Any]) -> bool:
+  """Whether a store's entries can be shown: not for embeddings imported from a file (a .npy of
+  one's own, the original's .npz database), which carry no images."""
+  return not source.get("file")
+
+
 def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndarray], list]:
   """read(ids) -> for each id its image at full resolution (uint8 [H, W, C]; an image folder's file
   as the folder's channels and background make it, no resizing), or a str saying why it cannot be

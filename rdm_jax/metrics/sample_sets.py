@@ -36,6 +36,15 @@ def read_image_folder(path: str) -> np.ndarray:
 def npz_member(z: "np.lib.npyio.NpzFile", name: str, path: str) -> np.ndarray:
   """One array of an .npz, its declared shape and dtype checked before it is inflated: it must
   fit the member's stored size and half the machine's memory (a small file cannot claim GiBs)."""
+  npz_header(z, name, path)
+  return z[name]
+
+
+def npz_header(z: "np.lib.npyio.NpzFile", name: str, path: str) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) an .npz member declares, checked against its stored size and half the
+  machine's memory, without inflating it."""
+  if name + ".npy" not in z.zip.namelist():
+    fail(f"{path} has no array {name!r} (it has {', '.join(z.files) or 'none'})")
   info = z.zip.getinfo(name + ".npy")
   with z.zip.open(info) as f:
     try:
@@ -48,8 +57,8 @@ def npz_member(z: "np.lib.npyio.NpzFile", name: str, path: str) -> np.ndarray:
   nbytes = math.prod(shape) * dtype.itemsize
   if dtype.hasobject or header + nbytes != info.file_size or nbytes > sources.memory_budget():
     fail(f"{path}: {name} declares {dtype}{list(shape)} ({nbytes / 2**30:.2f} GiB) in a member of "
-         f"{info.file_size} bytes; rewrite the sample set with np.savez")
-  return z[name]
+         f"{info.file_size} bytes; rewrite it with np.savez")
+  return tuple(shape), dtype
 
 
 def default_sample_sets(workdir: str) -> list[str]:

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdm_jax.models import torch_convert
 from rdm_jax.models.unet import Conv, GroupNorm
 
 
@@ -301,37 +302,5 @@ def init_shapes(spec: Spec) -> dict[str, Any]:
 def convert_state_dict(state_dict: dict[str, np.ndarray], spec: Spec) -> dict[str, Any]:
   """Flax params of `spec` from an LDM autoencoder state dict (keys as `encoder.down.0.block.0.
   norm1.weight`). Raises ValueError listing the missing, unexpected and misshapen keys."""
-  expected = {tuple(str(getattr(k, "key", k)) for k in path): leaf
-              for path, leaf in jax.tree_util.tree_flatten_with_path(init_shapes(spec))[0]}
-  by_torch = {torch_name(p): p for p in expected}
-  given = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
-  def shallow_first(keys):  # top-level parts (quantize.embedding.weight) before deep block keys
-    return sorted(keys, key=lambda k: (k.count("."), k))
-
-  missing = shallow_first(set(by_torch) - set(given))
-  extra = shallow_first(set(given) - set(by_torch))
-  params: dict[str, Any] = {}
-  misshapen = []
-  for key, path in by_torch.items():
-    if key not in given:
-      continue
-    a = np.asarray(given[key], np.float32)
-    want = tuple(expected[path].shape)
-    if a.ndim == 4:  # conv [out, in, kh, kw] -> [kh, kw, in, out]
-      a = a.transpose(2, 3, 1, 0)
-      want_torch = (want[3], want[2], want[0], want[1]) if len(want) == 4 else want
-    else:
-      want_torch = want
-    if a.shape != want:
-      misshapen.append(f"{key} {list(np.shape(given[key]))} (expected {list(want_torch)})")
-      continue
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = a
-  if missing or extra or misshapen:
-    def show(name, items):
-      return f"{len(items)} {name} ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})" if items else ""
-    raise ValueError("; ".join(x for x in (show("missing", missing), show("unexpected", extra),
-                                            show("of another shape", misshapen)) if x))
-  return params
+  expected = torch_convert.flat_shapes(init_shapes(spec))
+  return torch_convert.to_flax(state_dict, expected, {p: torch_name(p) for p in expected}, IGNORED_PREFIXES)

@@ -267,3 +267,58 @@ class UNet(nn.Module):
     h = nn.silu(GroupNorm(name="out_norm")(h))
     out = Conv(self.out_channels or x.shape[-1], zero_init=True, dtype=dt, name="conv_out")(h)
     return out.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# The original's state dict (ldm/rdm openaimodel.UNetModel keys, e.g. `input_blocks.1.1.
+# transformer_blocks.0.attn2.to_k.weight`), for importing the published RDM checkpoints
+
+# inside a ResBlock (in_layers = GroupNorm, SiLU, conv; emb_layers = SiLU, Linear;
+# out_layers = GroupNorm, SiLU, Dropout, conv) and a transformer block (to_out = Linear,
+# Dropout; ff.net = GEGLU(proj), Dropout, Linear)
+_LDM_INNER = {"in_norm": "in_layers.0", "in_conv": "in_layers.2", "emb_proj": "emb_layers.1",
+              "out_norm": "out_layers.0", "out_conv": "out_layers.3", "skip": "skip_connection",
+              "to_out": "to_out.0"}
+_LDM_FF = {"proj_in": "net.0.proj", "proj_out": "net.2"}
+
+
+def ldm_prefixes(model: UNet) -> dict[str, str]:
+  """Our top-level module names -> the original's module paths (input_blocks / middle_block /
+  output_blocks numbered as openaimodel.UNetModel builds them with use_spatial_transformer)."""
+  p = {"time_embed_0": "time_embed.0", "time_embed_1": "time_embed.2", "conv_in": "input_blocks.0.0",
+       "mid_res_0": "middle_block.0", "mid_attn": "middle_block.1", "mid_res_1": "middle_block.2",
+       "out_norm": "out.0", "conv_out": "out.2"}
+  levels, n, ds = len(model.channel_mult), 1, 1
+  for level in range(levels):
+    for i in range(model.num_res_blocks):
+      p[f"down_{level}_res_{i}"], p[f"down_{level}_attn_{i}"] = f"input_blocks.{n}.0", f"input_blocks.{n}.1"
+      n += 1
+    if level != levels - 1:
+      p[f"down_{level}_downsample"] = f"input_blocks.{n}.0.op"
+      n, ds = n + 1, ds * 2
+  m = 0
+  for level in reversed(range(levels)):
+    for i in range(model.num_res_blocks + 1):
+      p[f"up_{level}_res_{i}"], p[f"up_{level}_attn_{i}"] = f"output_blocks.{m}.0", f"output_blocks.{m}.1"
+      if level and i == model.num_res_blocks:  # Upsample comes after the block's attention, if any
+        p[f"up_{level}_upsample"] = f"output_blocks.{m}.{2 if ds in model.attention_resolutions else 1}.conv"
+      m += 1
+    ds //= 2 if level else 1
+  return p
+
+
+def ldm_names(model: UNet, params: Any) -> dict[tuple[str, ...], str]:
+  """{our parameter path: the original's state-dict key} for every leaf of `params`."""
+  prefixes = ldm_prefixes(model)
+  names = {}
+  for path in jax.tree_util.tree_flatten_with_path(params)[0]:
+    top, *inner, leaf = (str(getattr(k, "key", k)) for k in path[0])
+    parts = [prefixes[top]]
+    for parent, part in zip([top] + inner, inner):
+      if part.startswith("block_"):
+        parts.append("transformer_blocks." + part[len("block_"):])
+      else:
+        parts.append(_LDM_FF[part] if parent == "ff" else _LDM_INNER.get(part, part))
+    parts.append({"kernel": "weight", "scale": "weight"}.get(leaf, leaf))
+    names[(top, *inner, leaf)] = ".".join(parts)
+  return names

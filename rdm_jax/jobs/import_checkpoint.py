@@ -1,0 +1,177 @@
+r"""Imports a published RDM checkpoint (the original's Lightning `model.ckpt`) as a training run.
+
+  python -m rdm_jax.jobs.import_checkpoint --config=configs/imagenet_rdm.py \
+      --checkpoint=models/rdm/imagenet/model.ckpt --workdir=runs/rdm_imagenet_released
+
+The UNet's weights (`model.diffusion_model.*`) and their EMA (`model_ema.*`, LitEma's names
+without dots) become a checkpoint of `--workdir` at the original's global step, so that
+`rdm_jax.sample`, `rdm_jax.evaluate`, the context ablation and `rdm_jax.inference.RDM` use it
+as they use a run of ours, and `rdm_jax.train --workdir=...` fine-tunes it (with a raised
+--config.train.num_steps; Adam's moments start from zero, as the original's are not imported).
+
+The file is read by the restricted reader (nothing in it can run) and checked before anything
+is written: the UNet must be `config.model`'s (every key and shape; a difference is listed in
+one line), the noise schedule it holds (`betas`) must be `config.diffusion`'s, and its first
+stage must have `config.first_stage`'s architecture and, when `config.first_stage.weights`
+is there, its weights (the latents it was trained on). The run is not tied to a database:
+any store embedded by `config.retrieval`'s encoder serves it (model_info.json records the
+encoder and where the weights came from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import flags, logging
+
+from rdm_jax import checkpoint, training
+from rdm_jax.data import store
+from rdm_jax.errors import fail
+from rdm_jax.jobs import cli
+from rdm_jax.models import autoencoder, first_stage, torch_convert, torch_legacy, unet
+from rdm_jax.parallel import mesh as mesh_lib
+from rdm_jax.retrieval import encoders
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The original's Lightning model.ckpt (README: \"The "
+                                  "published checkpoints\").")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A new or empty directory for the imported run.")
+
+UNET_PREFIX = "model.diffusion_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+
+
+def ema_key(key: str) -> str:
+  """LitEma's buffer name of parameter `key` ("model.diffusion_model.out.2.weight" ->
+  "model_ema.diffusion_modelout2weight"): the module path below `model.`, dots removed."""
+  return "model_ema." + key.split(".", 1)[1].replace(".", "")
+
+
+def unet_params(sd: dict[str, np.ndarray], model: unet.UNet, abstract: dict, ema: bool) -> dict:
+  """The UNet's parameters (or their EMA) from the original's state dict; ValueError on a mismatch."""
+  names = unet.ldm_names(model, abstract)
+  shapes = torch_convert.flat_shapes(abstract)
+  if ema:
+    names = {p: ema_key(UNET_PREFIX + k) for p, k in names.items()}
+    given = {k: v for k, v in sd.items() if k.startswith("model_ema.") and k not in (
+        "model_ema.decay", "model_ema.num_updates")}
+  else:
+    names = {p: UNET_PREFIX + k for p, k in names.items()}
+    given = {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+  return torch_convert.to_flax(given, shapes, names)
+
+
+def check_schedule(sd: dict[str, np.ndarray], config, path: str) -> None:
+  if "betas" not in sd:
+    logging.warning("%s holds no noise schedule (betas); assuming config.diffusion's", path)
+    return
+  ours = np.asarray(training.make_schedule(config).betas, np.float64)
+  theirs = np.asarray(sd["betas"], np.float64)
+  if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-5, atol=0):
+    fail(f"{path} was trained with another noise schedule than config.diffusion's ({theirs.shape[0]} steps, "
+         f"betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, {ours[0]:.6g}..{ours[-1]:.6g}): "
+         "set --config.diffusion.num_timesteps / beta_start / beta_end to the checkpoint's")
+
+
+def check_first_stage(sd: dict[str, np.ndarray], config, path: str) -> None:
+  """Its first stage must be config.first_stage's: same architecture, and same weights if we have them."""
+  fs = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
+  if not fs:
+    logging.warning("%s holds no first stage; assuming config.first_stage's", path)
+    return
+  if config.first_stage.name == "identity":
+    fail(f"{path} was trained on the latents of a neural first stage but config.first_stage.name='identity': "
+         "use a config with the checkpoint's first stage (configs/imagenet_rdm.py: vq_f4)")
+  try:
+    theirs = autoencoder.convert_state_dict(fs, first_stage.spec(config.first_stage))
+  except ValueError as e:
+    fail(f"{path}: its first stage is not config.first_stage.name={config.first_stage.name!r} ({e})")
+  if config.first_stage.weights and os.path.isfile(config.first_stage.weights):
+    ours = first_stage.load(config.first_stage).params
+    same = jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), ours, theirs))
+    if not same:
+      fail(f"{path}: its first stage's weights differ from config.first_stage.weights="
+           f"{config.first_stage.weights}; its UNet models the latents of its own: point "
+           "config.first_stage.weights at the first stage it was trained with")
+
+
+def latent_shape(config) -> tuple[int, int, int]:
+  f = first_stage.spec(config.first_stage).factor
+  size = config.dataset.image_size
+  if not size or size % f:
+    fail(f"config.dataset.image_size={size} must be a multiple of the first stage's factor {f}")
+  return (size // f, size // f, config.first_stage.latent_channels)
+
+
+def main(argv):
+  del argv
+  config = cli.CONFIG.value
+  path = _CHECKPOINT.value or fail("--checkpoint is required (the original's model.ckpt)")
+  workdir = os.path.normpath(_WORKDIR.value or fail("--workdir is required (a new or empty directory)"))
+  checkpoint.check_workdir(workdir)
+  digest = store.file_sha256(path) if os.path.isfile(path) else ""
+  info_path = os.path.join(workdir, "model_info.json")
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      before = json.load(f).get("imported_from") or {}
+    if before.get("sha256") != digest:
+      fail(f"--workdir={workdir} already holds another run; importing would mix the two: choose a new or "
+           "empty --workdir")
+    print(f"{workdir} already holds {path} (imported at step {before.get('global_step')}); nothing to do")
+    return
+
+  obj = torch_legacy.load_weights(path, "RDM checkpoint", "download it as the README says (\"The published "
+                                  "checkpoints\") and give its local path")
+  sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+  if not isinstance(sd, dict) or not any(k.startswith(UNET_PREFIX) for k in sd):
+    fail(f"{path} holds no RDM state dict (no {UNET_PREFIX}* keys): give the model.ckpt of an RDM")
+  check_schedule(sd, config, path)
+  check_first_stage(sd, config, path)
+
+  shape = latent_shape(config)
+  model = training.make_model(config)
+  tx = training.make_optimizer(config)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  rules = [tuple(r) for r in config.sharding_rules]
+  inputs = training.example_inputs(config, 1, shape, config.k_train)
+  abstract, shardings = training.state_shardings(model, tx, inputs, mesh, rules)
+  try:
+    params = unet_params(sd, model, abstract.params, ema=False)
+  except ValueError as e:
+    fail(f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's architecture "
+         "(configs/imagenet_rdm.py is the released ImageNet RDM's)")
+  if any(k.startswith("model_ema.") for k in sd):
+    try:
+      ema = unet_params(sd, model, abstract.params, ema=True)
+    except ValueError as e:
+      fail(f"{path}: its EMA weights do not match its UNet ({e})")
+  else:
+    logging.warning("%s holds no EMA weights (model_ema.*); sampling will use the raw weights", path)
+    ema = params
+  step = obj.get("global_step", 0) if isinstance(obj, dict) else 0
+  step = int(step) if isinstance(step, (int, np.integer)) and step >= 0 else 0
+
+  put = lambda tree, sh: jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), tree, sh)
+  state = training.TrainState(
+      step=jax.device_put(np.asarray(step, np.int32), shardings.step),
+      params=put(params, shardings.params), ema_params=put(ema, shardings.ema_params),
+      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(put(params, shardings.params)))
+  info = {"encoder": encoders.encoder_identity(config.retrieval), "database": None, "database_fingerprint": None,
+          "latent_shape": list(shape), "image_hw": [config.dataset.image_size] * 2,
+          "imported_from": {"checkpoint": os.path.abspath(path), "sha256": digest,
+                            "global_step": step}}
+  os.makedirs(workdir, exist_ok=True)
+  mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  if step not in checkpoint.steps(mngr):  # else a killed import saved it but had not written model_info
+    checkpoint.save(mngr, step, state, force=True)
+  checkpoint.finish(mngr)
+  if jax.process_index() == 0:  # written last: its presence means the import is complete
+    store.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    store.atomic_write_text(os.path.join(workdir, "model_info.json"), json.dumps(info, indent=1))
+  print(f"imported {path} (step {step}, {'EMA and raw' if ema is not params else 'raw'} weights) into {workdir}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
