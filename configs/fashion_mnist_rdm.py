@@ -47,7 +47,7 @@ def get_config() -> mlc.ConfigDict:
   ))
   # a database from an image folder (--config.dataset.parts.database.split=folder:PATH ...stop=0) is
   # converted to Fashion-MNIST's 28x28 grey
-  c.dataset.folder = mlc.ConfigDict(dict(image_size=28, channels=1, background="white", max_pixels=50_000_000))
+  c.dataset.folder.update(image_size=28, channels=1, background="white", max_pixels=50_000_000)
   c.first_stage.update(name="identity", pad_to=32, latent_channels=1)
   c.retrieval.image_size = 64
   c.k_train = 4

@@ -157,6 +157,18 @@ def text_queries(config: Any, database: store.Store, texts: list[str]) -> np.nda
   return encoders.embed_text(config.retrieval, texts)
 
 
+def part_captions(config: Any, part: str) -> list[str]:
+  """The captions of a part's embeddings store, in row order (config.sample.prompts_from)."""
+  if part not in ("train", "test"):
+    fail(f"config.sample.prompts_from={part!r}; use train or test (a part whose embeddings store has captions)")
+  path = config_base.paths(config)[f"embeddings_{part}"]
+  queries = store.read(path, "embeddings", hint="run `python -m rdm_jax.jobs.embed` first")
+  if "captions" not in queries.arrays:
+    fail(f"{path} has no captions: its source has none (a TFDS caption feature, config.dataset.caption_feature, "
+         "or an image folder's captions.jsonl); give --config.sample.prompts instead")
+  return [str(c) for c in queries["captions"]]
+
+
 def text_conditioning(config: Any, prompts: list[str] | tuple[str, ...], k: int, encoder: dict | None = None,
                       database: store.Store | None = None, search=None, mode: str | None = None) -> Conditioning:
   """Captions as queries (Sec. 4.2; the original's knn2img with a prompt), `mode` (default
@@ -168,7 +180,8 @@ def text_conditioning(config: Any, prompts: list[str] | tuple[str, ...], k: int,
   if mode not in TEXT_MODES:
     fail(f"config.sample.text_mode={mode!r}; use {', '.join(TEXT_MODES)}")
   if not prompts:
-    fail("config.sample.condition=text needs captions: --config.sample.prompts=\"('a red dress','a sneaker')\"")
+    fail("config.sample.condition=text needs captions: --config.sample.prompts=\"('a red dress','a sneaker')\", "
+         "or --config.sample.prompts_from=test (the test part's own captions)")
   queries = text_queries(config, database, list(prompts))
   rows = np.arange(len(prompts))
   if mode == "caption":

@@ -36,8 +36,13 @@ def base_config() -> mlc.ConfigDict:
                                   # labels kept, as the original SubsetSampler reads label_range:
                                   # (151, 280) = ImageNet dogs 151..280 inclusive; () = all
                                   label_range=(),
+                                  # TFDS captions: "auto" (a "caption" or coco_captions' "captions/text"
+                                  # feature when present), "" (none) or a feature path; image folders:
+                                  # folder.captions, a JSON-lines side file {"file": ..., "caption": ...}
+                                  caption_feature="auto",
                                   # parts with split "folder:PATH" (stop 0 = every file): images converted to
-                                  folder=dict(image_size=0, channels=0, background="white", max_pixels=50_000_000)))
+                                  folder=dict(image_size=0, channels=0, background="white", max_pixels=50_000_000,
+                                              captions="captions.jsonl")))
   # First stage: identity, or an LDM autoencoder (rdm_jax/models/first_stage.py) read from its
   # published .ckpt; `arch` overrides fields of the named preset (0 or () = the preset's;
   # attn_resolutions=(0,) = no attention).
@@ -108,6 +113,7 @@ def base_config() -> mlc.ConfigDict:
                                      # class: k adjacent entries of a class pool | embeddings: a .npy |
                                      # text: CLIP text embeddings of `prompts` (the caption, then its k-1 neighbours)
       prompts=(),                    # text: captions, cycled over the samples
+      prompts_from="",               # text: "train" | "test" = the captions of that part's embeddings store, in order
       text_mode="caption_and_neighbors",  # text: caption_and_neighbors | caption (alone, k=1) | neighbors (its k)
       query_part="test",
       classes="", class_pool_size=16,  # class: names or labels, comma-separated ("" = all); pool size l

@@ -103,7 +103,8 @@ class RDM:
         fail(f"asked for {n} samples but {s.embeddings_path} has {len(queries)} embeddings")
       return self.embeddings(queries[:n])
     if s.condition == "text":
-      prompts = list(s.prompts)
+      prompts = list(s.prompts) or (conditioning.part_captions(self.config, s.prompts_from)[:n]
+                                    if s.get("prompts_from") else [])
       return self.text([prompts[i % len(prompts)] for i in range(n)] if prompts else [])
     fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings or text")
 

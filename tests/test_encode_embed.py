@@ -89,3 +89,37 @@ def test_identity_first_stage_by_hand():
     first_stage.encode(cfg, np.zeros((1, 33, 20, 1), np.uint8))
   with pytest.raises(UserError, match="weights file '' not found"):  # LDM autoencoders need their checkpoint
     first_stage.encode(mlc.ConfigDict(dict(name="vq_f4", pad_to=256, weights="")), images)
+
+
+def test_embed_job_keeps_a_folders_captions_and_sampling_can_prompt_with_them(tmp_path):
+  """An image-folder test part with a captions.jsonl: its embeddings store holds each row's caption
+  (one fixed width across chunks, the longest whole), and `sample.prompts_from=test` reads them."""
+  import json
+
+  from PIL import Image
+
+  from conftest import repo_config
+  from rdm_jax import conditioning
+
+  folder = tmp_path / "captioned"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  captions = {}
+  for i in range(30):
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    if i % 4:
+      captions[f"{i:02d}.png"] = f"garment {i} " + "long " * (i if i == 29 else 0)
+  (folder / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": c}) + "\n"
+                                                 for f, c in captions.items()))
+  data_dir = str(tmp_path / "data")
+  cmd = [sys.executable, "-m", "rdm_jax.jobs.embed", f"--config={TRAIN_CONFIG}", f"--config.data_dir={data_dir}",
+         "--parts=test", *SMALL, f"--config.dataset.parts.test.split=folder:{folder}",
+         "--config.dataset.parts.test.stop=0"]
+  out = subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  queries = store.read(os.path.join(data_dir, "embeddings_test"), "embeddings", hint="")
+  want = [captions.get(f"{i:02d}.png", "") for i in range(30)]
+  assert list(queries["captions"]) == want  # 30 rows in chunks of 24: the longest caption is in the last
+  config = repo_config("fashion_mnist_rdm")
+  config.data_dir = data_dir
+  assert conditioning.part_captions(config, "test") == want

@@ -129,3 +129,74 @@ def test_tfds_parts_stream_rows_and_keep_a_label_range(tmp_path):
   ds.name = "mnist"  # a real TFDS dataset, not prepared in this directory
   with pytest.raises(UserError, match="tfds build mnist"):
     sources.open_part(ds, "train")
+
+
+def test_image_folder_captions_come_from_its_side_file(tmp_path):
+  """captions.jsonl ({"file", "caption"} per line) gives each listed file its caption and the others
+  ""; a malformed line names itself; a side file changed after the stores were made is refused."""
+  import json
+
+  from PIL import Image
+  for name in ("a/1.png", "a/2.png", "b/3.png"):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / name)
+  lines = [{"file": "b/3.png", "caption": "a sneaker, ünïcode"}, {"file": "a/1.png", "caption": "a red dress"}]
+  (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+  ds = _folder_dataset(tmp_path, max_pixels=100)
+  part = sources.open_part(ds, "database")
+  assert list(part.captions) == ["a red dress", "", "a sneaker, ünïcode"]
+  assert part.source["captions_sha256"]
+  (tmp_path / "captions.jsonl").write_text('{"file": "a/1.png", "caption": "changed"}\n')
+  with pytest.raises(UserError, match="changed or went away"):
+    sources.folder_captions(part.source, ["a/1.png"])
+  (tmp_path / "captions.jsonl").write_text('{"file": "a/1.png", "caption": "ok"}\n{"file": "a/2.png"}\n')
+  with pytest.raises(UserError, match=r"captions.jsonl:2 is not a JSON object"):
+    sources.open_part(ds, "database")
+  (tmp_path / "captions.jsonl").unlink()
+  assert sources.open_part(ds, "database").captions is None
+
+
+def _captioned_builder(data_dir: str):
+  """A tiny TFDS dataset prepared locally, captioned as coco_captions is (`captions/text`, a list)."""
+  import tensorflow_datasets as tfds
+
+  class CaptionedSquares(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+      return {"val": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(10):
+        image = np.full((6 + i, 9, 3), 20 * i, np.uint8)
+        texts = [f"square {i}, caption {j}" for j in range(i % 3)]  # 0, 1 or 2 captions
+        yield i, {"image": image, "captions": {"text": texts}}
+
+  builder = CaptionedSquares(data_dir=data_dir)
+  builder.download_and_prepare()
+  return builder
+
+
+def test_tfds_captions_are_the_first_caption_of_each_example(tmp_path):
+  """A locally prepared TFDS dataset captioned like coco_captions: a part's captions are each
+  example's first `captions/text` ("" for none), aligned with its images in file order."""
+  import ml_collections as mlc
+
+  builder = _captioned_builder(str(tmp_path))
+  ds = mlc.ConfigDict(dict(name=builder.name, image_size=4, tfds_data_dir=str(tmp_path), label_range=(),
+                           caption_feature="auto", parts=dict(test=dict(split="val", start=3, stop=9))))
+  part = sources.open_part(ds, "test")
+  means = part.images().reshape(6, -1).mean(-1)  # the images say which example each row is
+  order = [int(round(m / 20)) for m in means]
+  assert len(set(order)) == 6
+  assert list(part.captions) == [f"square {i}, caption 0" if i % 3 else "" for i in order]
+  ds.caption_feature = "captions/id"
+  with pytest.raises(UserError, match="no feature 'captions/id'"):
+    sources.open_part(ds, "test")
+  ds.caption_feature = ""
+  assert sources.open_part(ds, "test").captions is None

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import json
 import math
 import os
 import struct
@@ -40,6 +41,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from rdm_jax.data import store
 from rdm_jax.errors import fail
 
 FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
@@ -164,9 +166,38 @@ def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
   files, skipped, digest = folder_listing(path, max_pixels)
   if not files:
     fail(f"{path} holds no usable {', '.join(IMAGE_EXTENSIONS)} images ({len(skipped)} skipped)")
-  return {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
-          "background": background, "max_pixels": int(max_pixels), "files": len(files),
-          "files_sha256": digest, "skipped": skipped, "classes": list(folder_classes(files))}
+  record = {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
+            "background": background, "max_pixels": int(max_pixels), "files": len(files),
+            "files_sha256": digest, "skipped": skipped, "classes": list(folder_classes(files))}
+  captions = os.path.join(path, f.get("captions", CAPTIONS_FILE) or CAPTIONS_FILE)
+  if os.path.isfile(captions):
+    record.update(captions_file=os.path.realpath(captions), captions_sha256=store.file_sha256(captions))
+  return record
+
+
+CAPTIONS_FILE = "captions.jsonl"  # an image folder's captions: {"file": relative path, "caption": text} per line
+
+
+def folder_captions(settings: dict[str, Any], files: list[str]) -> np.ndarray | None:
+  """Captions of an image folder's files from its side file ("" for a file it does not list), or
+  None without one; the side file must be the one the store's record digested."""
+  path = settings.get("captions_file")
+  if not path:
+    return None
+  if not os.path.isfile(path) or store.file_sha256(path) != settings.get("captions_sha256"):
+    fail(f"{path} changed or went away since the stores were made from it; embed the folder again")
+  by_file: dict[str, str] = {}
+  with open(path, encoding="utf-8") as fh:
+    for n, line in enumerate(fh, 1):
+      if not line.strip():
+        continue
+      try:
+        entry = json.loads(line)
+        by_file[os.path.normpath(str(entry["file"]))] = str(entry["caption"])
+      except (ValueError, KeyError, TypeError) as e:
+        fail(f"{path}:{n} is not a JSON object with \"file\" and \"caption\" ({type(e).__name__}: {e}); fix "
+             "that line")
+  return np.array([by_file.get(os.path.normpath(f), "") for f in files], dtype=str)
 
 
 _LISTINGS: dict[tuple[str, int], tuple[tuple, tuple[list[str], list[str], str]]] = {}
@@ -290,8 +321,7 @@ def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndar
 
     return lambda ids: _threaded(read_file, [int(i) for i in ids])
   if source.get("images_from") == "tfds" and "tfds_name" in source:
-    reader = _tfds_reader(source["tfds_name"], source["tfds_split"], source.get("tfds_data_dir", ""),
-                          source["image_size"])
+    reader = _source_tfds_reader(source)
     return lambda ids: reader.read(np.asarray(ids, np.int64), raw=True)
   images, _ = source_images(dataset, source)
   return lambda ids: [images[int(i)] for i in ids]
@@ -366,10 +396,11 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
 class TfdsReader:
   """Streams a TFDS split in file order (no shuffling), decoding only the examples asked for."""
 
-  def __init__(self, name: str, split: str, data_dir: str, image_size: int):
+  def __init__(self, name: str, split: str, data_dir: str, image_size: int, caption_feature: str = "auto"):
     if image_size < 1:
       fail(f"TFDS source {name}/{split}: set config.dataset.image_size (e.g. 256) to size its images")
     self.name, self.split, self.data_dir, self.image_size = name, split, data_dir, image_size
+    self.caption_feature = caption_feature
     self._it: Iterator | None = None
     self._pos = 0
 
@@ -387,11 +418,26 @@ class TfdsReader:
            f"run `tfds build {self.name}` once or set config.dataset.tfds_data_dir")
 
   @functools.cached_property
-  def labels(self) -> np.ndarray:
-    """Every example's label (-1 when the dataset has none), in file order: one pass, images skipped."""
+  def _index(self) -> tuple[np.ndarray, np.ndarray | None]:
     ds = self._dataset(decode_images=False)
     has_label = "label" in ds.element_spec
-    return np.fromiter((int(ex["label"]) if has_label else -1 for ex in ds.as_numpy_iterator()), np.int32)
+    path = caption_path(ds.element_spec, self.caption_feature, f"TFDS {self.name}")
+    labels, captions = [], []
+    for ex in ds.as_numpy_iterator():
+      labels.append(int(ex["label"]) if has_label else -1)
+      if path:
+        captions.append(_caption_of(ex, path))
+    return np.array(labels, np.int32), (np.array(captions, dtype=str) if path else None)
+
+  @property
+  def labels(self) -> np.ndarray:
+    """Every example's label (-1 when the dataset has none), in file order: one pass, images skipped."""
+    return self._index[0]
+
+  @property
+  def captions(self) -> np.ndarray | None:
+    """Every example's caption (its first, for a list of them), from the same pass; None without."""
+    return self._index[1]
 
   def _image(self, image: np.ndarray) -> np.ndarray:
     a, s = resize_shorter_side(image, self.image_size), self.image_size
@@ -426,8 +472,44 @@ class TfdsReader:
 
 
 @functools.lru_cache(maxsize=8)
-def _tfds_reader(name: str, split: str, data_dir: str, image_size: int) -> TfdsReader:
-  return TfdsReader(name, split, data_dir, image_size)
+def _tfds_reader(name: str, split: str, data_dir: str, image_size: int, caption_feature: str = "auto") -> TfdsReader:
+  return TfdsReader(name, split, data_dir, image_size, caption_feature)
+
+
+def _source_tfds_reader(source: dict[str, Any]) -> TfdsReader:
+  return _tfds_reader(source["tfds_name"], source["tfds_split"], source.get("tfds_data_dir", ""),
+                      source["image_size"], source.get("caption_feature", "auto"))
+
+
+CAPTION_FEATURES = ("caption", "captions/text")  # what "auto" looks for, in order (coco_captions: the second)
+
+
+def caption_path(spec: Any, feature: str, what: str) -> str:
+  """The caption feature of a TFDS element spec: `feature` ("a/b" for nested features; "" = none;
+  "auto" = the first of CAPTION_FEATURES present, else none)."""
+  def present(path):
+    node = spec
+    for key in path.split("/"):
+      if not isinstance(node, dict) or key not in node:
+        return False
+      node = node[key]
+    return True
+
+  if feature == "auto":
+    return next((f for f in CAPTION_FEATURES if present(f)), "")
+  if feature and not present(feature):
+    fail(f"{what} has no feature {feature!r} (config.dataset.caption_feature); it has "
+         f"{', '.join(sorted(spec))}; use \"\" for none")
+  return feature
+
+
+def _caption_of(example: dict, path: str) -> str:
+  value = example
+  for key in path.split("/"):
+    value = value[key]
+  if isinstance(value, np.ndarray) and value.ndim:  # a list of captions: the first
+    value = value[0] if len(value) else b""
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclasses.dataclass
@@ -439,6 +521,7 @@ class Part:
   ids: np.ndarray
   labels: np.ndarray
   read_ids: Callable[[np.ndarray], np.ndarray]
+  captions: np.ndarray | None = None  # str, one per id: TFDS caption features, an image folder's side file
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -461,14 +544,23 @@ def open_part(dataset: Any, part: str) -> Part:
     ids = ids[np.isin(labels[start:stop], keep)]
     if not len(ids):
       fail(f"config.dataset.label_range={list(source['label_range'])} keeps no example of part {part}")
-  return Part(source, ids, labels[ids], read)
+  captions = source_captions(source)
+  return Part(source, ids, labels[ids], read, None if captions is None else captions[ids])
+
+
+def source_captions(source: dict[str, Any]) -> np.ndarray | None:
+  """Captions of the whole split a store's `source` names (str [N]), or None when it has none."""
+  if source.get("images_from") == "tfds" and "tfds_name" in source:
+    return _source_tfds_reader(source).captions
+  if source.get("dataset") == "folder":
+    return folder_captions(source, folder_files(source))
+  return None
 
 
 def source_reader(dataset: Any, source: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]:
   """(read(ids) -> uint8 images, labels of the whole split) of the split a store's `source` names."""
   if source.get("images_from") == "tfds" and "tfds_name" in source:
-    reader = _tfds_reader(source["tfds_name"], source["tfds_split"], source.get("tfds_data_dir", ""),
-                          source["image_size"])
+    reader = _source_tfds_reader(source)
 
     def read(ids):
       ids = np.asarray(ids, np.int64)
@@ -520,6 +612,9 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
   tf = tfds_name_split(dataset, split)
   if tf is not None:
     data_dir = dataset.get("tfds_data_dir", "") or os.environ.get("TFDS_DATA_DIR", "")
+    captions = dataset.get("caption_feature", "auto")
+    if captions != "auto":  # recorded when set: the stores' captions depend on it
+      extra["caption_feature"] = captions
     return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": "tfds",
             "tfds_name": tf[0], "tfds_split": tf[1], "tfds_data_dir": data_dir,
             "image_size": int(dataset.get("image_size", 0)), **extra}

@@ -1,7 +1,8 @@
 """Embed job: retrieval-encoder embeddings of the database and of the query parts.
 
 Writes the database store (embeddings + ids + labels + source: provenance of every entry)
-and embeddings stores of the train and test parts (the queries for the neighbour job).
+and embeddings stores of the train and test parts (the queries for the neighbour job), with
+`captions` when the source has them (a TFDS caption feature, an image folder's side file).
 With `config.database_build.crops_per_image` > 0 the database holds random crops of its
 images instead (`rdm_jax.data.crops`: the paper's OpenImages recipe), each entry with its
 image id and box, its embeddings stored as `config.database_build.embeddings_dtype`
@@ -45,9 +46,15 @@ def embed_part(config, part: str, encode=None, process_index: int = 0, process_c
     return done
   p = sources.open_part(config.dataset, part)  # rows are read chunk by chunk
   encode = encode or encoders.make_encoder(config.retrieval)
+  # captions (when the source has them) in one fixed width, so that chunks merge into one array
+  width = max([1] + [len(c) for c in p.captions]) if p.captions is not None else 0
+
+  def compute(a, b):
+    rows = {"embeddings": encode(p.images(a, b)), "ids": p.ids[a:b], "labels": p.labels[a:b]}
+    return {**rows, "captions": p.captions[a:b].astype(f"<U{width}")} if width else rows
+
   result = store.write_chunked(
-      out, kind, len(p), chunk_size=config.retrieval.chunk_size,
-      compute=lambda a, b: {"embeddings": encode(p.images(a, b)), "ids": p.ids[a:b], "labels": p.labels[a:b]},
+      out, kind, len(p), chunk_size=config.retrieval.chunk_size, compute=compute,
       encoder=identity, source=p.source, process_index=process_index, process_count=process_count,
       made_by="rdm_jax.jobs.embed")
   if result is not None:
