@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging as logging_lib
-import os
 import time
 from typing import Any
 
@@ -16,15 +15,14 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rdm_jax import training
-from rdm_jax.data import store
+from rdm_jax import files, training
 from rdm_jax.errors import fail
 from rdm_jax.parallel import mesh as mesh_lib
 
 
 def manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  if not create and not os.path.isdir(directory):
+  directory = files.abspath(files.join(workdir, "checkpoints"))
+  if not create and not files.isdir(directory):
     fail(f"no checkpoints in {workdir}: train first with `python -m rdm_jax.train --workdir={workdir}`")
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)
   return ocp.CheckpointManager(directory, options=options)
@@ -34,18 +32,17 @@ DIGESTS = "checkpoint_digests"  # beside checkpoints/: <step>.json, every file's
 
 
 def _digest_dir(mngr: ocp.CheckpointManager) -> str:
-  return os.path.join(os.path.dirname(str(mngr.directory)), DIGESTS)
+  return files.join(files.dirname(str(mngr.directory)), DIGESTS)
 
 
 def _step_sizes(step_dir: str) -> dict[str, int]:
   """{relative path: size} of every file of a checkpoint."""
-  return {os.path.relpath(os.path.join(root, name), step_dir): os.path.getsize(os.path.join(root, name))
-          for root, _, files in os.walk(step_dir) for name in files}
+  return files.walk_sizes(step_dir)
 
 
 def _step_files(step_dir: str) -> dict[str, list]:
   """{relative path: [size, sha256]} of every file of a finished checkpoint."""
-  return {rel: [size, store.file_sha256(os.path.join(step_dir, rel))] for rel, size in _step_sizes(step_dir).items()}
+  return {rel: [size, files.sha256(files.join(step_dir, rel))] for rel, size in _step_sizes(step_dir).items()}
 
 
 def record_digests(mngr: ocp.CheckpointManager) -> None:
@@ -55,33 +52,32 @@ def record_digests(mngr: ocp.CheckpointManager) -> None:
   if jax.process_index() != 0:
     return
   out = _digest_dir(mngr)
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   steps = set(mngr.all_steps())
   for step in sorted(steps):
-    path = os.path.join(out, f"{step}.json")
-    if not os.path.exists(path):
+    path = files.join(out, f"{step}.json")
+    if not files.exists(path):
       try:
-        files = _step_files(os.path.join(str(mngr.directory), str(step)))
+        digests = _step_files(files.join(str(mngr.directory), str(step)))
       except FileNotFoundError:  # deleted by orbax (max_to_keep) meanwhile
         continue
-      store.atomic_write_text(path, json.dumps({"step": step, "files": files}, sort_keys=True))
-  for name in os.listdir(out):
+      files.atomic_write_text(path, json.dumps({"step": step, "files": digests}, sort_keys=True))
+  for name in files.listdir(out):
     if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) not in steps:
-      os.remove(os.path.join(out, name))
+      files.remove(files.join(out, name))
 
 
 def _damage(mngr: ocp.CheckpointManager, step: int) -> str | None:
   """Why checkpoint `step` no longer matches the digests recorded when it was written (None: it does,
   or it has none)."""
-  path = os.path.join(_digest_dir(mngr), f"{step}.json")
-  if not os.path.isfile(path):
+  path = files.join(_digest_dir(mngr), f"{step}.json")
+  if not files.isfile(path):
     return None
   try:
-    with open(path) as f:
-      want = json.load(f)["files"]
+    want = json.loads(files.read_text(path))["files"]
   except (OSError, ValueError, KeyError, TypeError):
     return f"its digest record {path} is unreadable"
-  step_dir = os.path.join(str(mngr.directory), str(step))
+  step_dir = files.join(str(mngr.directory), str(step))
   have = _step_sizes(step_dir)  # sizes first: a truncated file is found without hashing the rest
   if set(have) != set(want):
     return f"files missing or added: {sorted(set(want) ^ set(have))[:3]}"
@@ -89,7 +85,7 @@ def _damage(mngr: ocp.CheckpointManager, step: int) -> str | None:
     if have[rel] != size:
       return f"{rel} is {have[rel]} bytes, {size} when written (truncated?)"
   for rel, (_, digest) in want.items():
-    if store.file_sha256(os.path.join(step_dir, rel)) != digest:
+    if files.sha256(files.join(step_dir, rel)) != digest:
       return f"{rel} changed since it was written (sha256)"
   return None
 
@@ -142,7 +138,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
     why = _damage(mngr, s)
     if why is None:
       try:
-        saved = _saved_shapes(os.path.join(str(mngr.directory), str(s), "default"))
+        saved = _saved_shapes(files.join(str(mngr.directory), str(s), "default"))
       except Exception as e:  # noqa: BLE001  unreadable metadata: damaged
         why, saved = f"its metadata does not read ({type(e).__name__}: {str(e)[:120]})", None
       if saved is not None and saved != want_shapes:
@@ -160,7 +156,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
       return state
     damaged.append((s, why))
   if damaged:
-    listing = " ".join(os.path.join(str(mngr.directory), str(d)) for d, _ in damaged)
+    listing = " ".join(files.join(str(mngr.directory), str(d)) for d, _ in damaged)
     fail(f"checkpoint {damaged[0][0]} in {mngr.directory} is damaged ({damaged[0][1]})"
          + (f" and no intact checkpoint is left (steps {', '.join(str(d) for d, _ in damaged)})" if step is None
             else "") + f"; move or delete it to go on without it (`rm -r {listing}`), or restore it from a copy")
@@ -172,22 +168,21 @@ RUN_FILES = ("model_info.json", "checkpoints")  # a directory holding either is 
 
 def check_workdir(workdir: str) -> None:
   """Refuses a --workdir that holds files but is not a training run (train would overwrite them)."""
-  if os.path.lexists(workdir) and not os.path.isdir(workdir):
+  if files.exists(workdir) and not files.isdir(workdir):
     fail(f"--workdir={workdir} exists and is not a directory; choose another --workdir")
-  if os.path.isdir(workdir) and os.listdir(workdir) and not any(
-      os.path.exists(os.path.join(workdir, f)) for f in RUN_FILES):
+  if files.isdir(workdir) and files.listdir(workdir) and not any(
+      files.exists(files.join(workdir, f)) for f in RUN_FILES):
     fail(f"--workdir={workdir} holds files but no training run (no {' or '.join(RUN_FILES)}); refusing to "
          "write into it: choose a new or empty --workdir")
 
 
 def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]) -> None:
   """Refuses to resume checkpoints trained against another database or encoder than `info`'s."""
-  path = os.path.join(workdir, "model_info.json")
-  if mngr.latest_step() is None or not os.path.isfile(path):
+  path = files.join(workdir, "model_info.json")
+  if mngr.latest_step() is None or not files.isfile(path):
     return
   try:
-    with open(path) as f:
-      before = json.load(f)
+    before = json.loads(files.read_text(path))
   except (OSError, ValueError) as e:
     fail(f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it or use a new --workdir")
   for field, what in (("database_fingerprint", "database"), ("encoder", "retrieval encoder")):
@@ -206,16 +201,16 @@ def set_aside_newer(mngr: ocp.CheckpointManager, step: int, keep: int) -> ocp.Ch
   from jax.experimental import multihost_utils
 
   newer = [s for s in steps(mngr) if s > step]
-  workdir = os.path.dirname(str(mngr.directory))
-  aside = os.path.join(workdir, "damaged_checkpoints")
+  workdir = files.dirname(str(mngr.directory))
+  aside = files.join(workdir, "damaged_checkpoints")
   if jax.process_index() == 0:
-    os.makedirs(aside, exist_ok=True)
+    files.makedirs(aside)
     for s in newer:
-      dest = os.path.join(aside, f"{s}.{time.strftime('%Y%m%d-%H%M%S')}")
-      os.replace(os.path.join(str(mngr.directory), str(s)), dest)
-      digest = os.path.join(_digest_dir(mngr), f"{s}.json")
-      if os.path.exists(digest):
-        os.replace(digest, dest + ".digests.json")
+      dest = files.join(aside, f"{s}.{time.strftime('%Y%m%d-%H%M%S')}")
+      files.move(files.join(str(mngr.directory), str(s)), dest)
+      digest = files.join(_digest_dir(mngr), f"{s}.json")
+      if files.exists(digest):
+        files.move(digest, dest + ".digests.json")
       logging.warning("moved damaged checkpoint %d to %s; training goes on from step %d", s, dest, step)
   multihost_utils.sync_global_devices("rdm_jax_set_aside_damaged_checkpoints")
   mngr.close()
@@ -237,11 +232,10 @@ def finish(mngr: ocp.CheckpointManager) -> None:
 
 def load_trained(config, workdir: str, step: int | None = None):
   """(model, EMA params, model_info) of a run, restored onto the config's mesh."""
-  info_path = os.path.join(workdir, "model_info.json")
-  if not os.path.isfile(info_path):
+  info_path = files.join(workdir, "model_info.json")
+  if not files.isfile(info_path):
     fail(f"{workdir} holds no trained model: run `python -m rdm_jax.train --workdir={workdir}` first")
-  with open(info_path) as f:
-    info = json.load(f)
+  info = json.loads(files.read_text(info_path))
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = [tuple(r) for r in config.sharding_rules]
   model = training.make_model(config)

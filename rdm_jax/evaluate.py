@@ -21,15 +21,14 @@ Writes <workdir>/eval/metrics.json and <workdir>/eval/metrics.md (the table it p
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from typing import Any
 
 import numpy as np
 from absl import flags
 
-from rdm_jax import metrics
-from rdm_jax.data import sources, store
+from rdm_jax import files, metrics
+from rdm_jax.data import sources
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
 from rdm_jax.metrics import extractors, sample_sets
@@ -46,13 +45,12 @@ OUTPUTS = ("metrics.json", "metrics.md")
 
 def check_output_dir(out_dir: str) -> None:
   """Refuses an output directory whose metrics files an earlier evaluation did not write."""
-  if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+  if files.exists(out_dir) and not files.isdir(out_dir):
     fail(f"{out_dir} exists and is not a directory; choose another --out")
   try:
-    with open(os.path.join(out_dir, OUTPUTS[0])) as f:
-      ours = json.load(f).get("made_by") == MADE_BY
+    ours = json.loads(files.read_text(files.join(out_dir, OUTPUTS[0]))).get("made_by") == MADE_BY
   except FileNotFoundError:
-    ours = not os.path.lexists(os.path.join(out_dir, OUTPUTS[1]))
+    ours = not files.exists(files.join(out_dir, OUTPUTS[1]))
   except (OSError, ValueError, AttributeError):
     ours = False
   if not ours:
@@ -115,7 +113,7 @@ def main(argv):
   paths = _SAMPLES.value or sample_sets.default_sample_sets(workdir or fail("--workdir or --samples is required"))
   if not paths:
     fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
-  out_dir = os.path.normpath(_OUT.value or os.path.join(workdir or ".", "eval"))
+  out_dir = files.normpath(_OUT.value or files.join(workdir or ".", "eval"))
   check_output_dir(out_dir)
   unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
   if unknown:
@@ -155,18 +153,18 @@ def main(argv):
 
   ref_label = f"{cfg.reference}, {len(ref_images)} images"
   md = table(rows, extractor.name, ref_label)
-  os.makedirs(out_dir, exist_ok=True)
+  files.makedirs(out_dir)
   result = {"made_by": MADE_BY, "extractor": extractor.identity, "reference": {**ref_source, "count": len(ref_images)}, "sets": rows,
             "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
             if extractor.identity["name"] != "inception_v3_fid" else ""}
   for name, text in (("metrics.json", json.dumps(result, indent=1)), ("metrics.md", md + "\n")):
-    store.remove_own_temporaries(os.path.join(out_dir, name))  # of a run killed while writing it
-    store.atomic_write_text(os.path.join(out_dir, name), text)
+    files.remove_own_temporaries(files.join(out_dir, name))  # of a run killed while writing it
+    files.atomic_write_text(files.join(out_dir, name), text)
   print(md)
   for name, r in rows.items():
     for w in r.get("warnings", []):
       print(f"note ({name}): {w}")
-  print(f"wrote {os.path.join(out_dir, 'metrics.json')} and metrics.md")
+  print(f"wrote {files.join(out_dir, 'metrics.json')} and metrics.md")
 
 
 if __name__ == "__main__":

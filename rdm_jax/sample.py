@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any
 
 import jax
@@ -45,8 +44,8 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from rdm_jax import inference
-from rdm_jax.data import store, visualize
+from rdm_jax import files, inference
+from rdm_jax.data import visualize
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli, distributed
 
@@ -83,16 +82,15 @@ def settings_of(rdm: inference.RDM, cond, num_shards: int) -> dict[str, Any]:
 def check_out_dir(out: str, settings: dict[str, Any]) -> bool:
   """Whether `out` already holds this run's settings (a resumption); refuses a directory that holds
   anything else, or samples made with other settings."""
-  path = os.path.join(out, SETTINGS)
-  if os.path.lexists(out) and not os.path.isdir(out):
+  path = files.join(out, SETTINGS)
+  if files.exists(out) and not files.isdir(out):
     fail(f"{out} exists and is not a directory; choose another --out")
-  if not os.path.isfile(path):
-    if os.path.isdir(out) and os.listdir(out):
+  if not files.isfile(path):
+    if files.isdir(out) and files.listdir(out):
       fail(f"{out} holds files that rdm_jax.sample did not write (no {SETTINGS}); choose another --out")
     return False
   try:
-    with open(path) as f:
-      old = json.load(f)
+    old = json.loads(files.read_text(path))
   except (OSError, ValueError) as e:
     fail(f"{path} is not readable JSON ({e}); choose another --out")
   if not isinstance(old, dict) or old.get("made_by") != MADE_BY:
@@ -115,12 +113,12 @@ def finished_shards(out: str, num_shards: int, settings: dict[str, Any]) -> np.n
   done = np.zeros(num_shards, bool)
   n, shard = settings["num_images"], settings["sample"]["shard_size"]
   for i in range(num_shards):
-    path = os.path.join(out, shard_name(i, num_shards))
-    if not os.path.exists(path):
+    path = files.join(out, shard_name(i, num_shards))
+    if not files.exists(path):
       continue
     want = np.arange(i * shard, min(n, (i + 1) * shard))
     try:
-      with np.load(path, allow_pickle=False) as z:
+      with files.load_npz(path) as z:
         index, images = z["sample_index"], z["images"]
     except (OSError, ValueError, KeyError) as e:
       fail(f"{path} is not a readable shard ({e}); move it away and rerun to make it again")
@@ -136,7 +134,7 @@ def write_shard(path: str, rdm: inference.RDM, cond, rows: np.ndarray, z: np.nda
   images = rdm.decode(z)
   ids = np.asarray(cond.database["ids"])[np.maximum(cond.neighbor_rows[rows], 0)]
   extra = {} if cond.captions is None else {"captions": cond.captions[rows]}  # the CLIP score reads them
-  store.atomic_savez(
+  files.atomic_savez(
       path, images=images, latents=z, neighbor_rows=cond.neighbor_rows[rows],
       neighbor_ids=np.where(cond.neighbor_rows[rows] < 0, -1, ids), query_rows=cond.query_rows[rows],
       sample_index=rows.astype(np.int64), seed=np.full(len(rows), rdm.seed, np.int64),
@@ -158,16 +156,16 @@ def main(argv):
   cond = rdm.from_config()  # every process: the same conditioning of all N samples
   n = len(cond.context)
   num_shards = -(-n // s.shard_size)
-  out = os.path.normpath(_OUT.value or os.path.join(workdir, "samples", s.condition))
+  out = files.normpath(_OUT.value or files.join(workdir, "samples", s.condition))
   settings = settings_of(rdm, cond, num_shards)
   resumed = check_out_dir(out, settings)  # every process: all refuse alike
   lead = jax.process_index() == 0
   if lead:
-    os.makedirs(out, exist_ok=True)
+    files.makedirs(out)
     for i in range(num_shards):
-      store.remove_own_temporaries(os.path.join(out, shard_name(i, num_shards)))  # of a killed run
+      files.remove_own_temporaries(files.join(out, shard_name(i, num_shards)))  # of a killed run
     if not resumed:
-      store.atomic_write_text(os.path.join(out, SETTINGS), json.dumps(settings, indent=1))
+      files.atomic_write_text(files.join(out, SETTINGS), json.dumps(settings, indent=1))
     done = finished_shards(out, num_shards, settings)
   else:
     done = np.zeros(num_shards, bool)
@@ -176,11 +174,11 @@ def main(argv):
     print(f"resuming: {int(done.sum())} of {num_shards} shards are done")
   shown = []
   for i in range(num_shards):
-    path = os.path.join(out, shard_name(i, num_shards))
+    path = files.join(out, shard_name(i, num_shards))
     rows = np.arange(i * s.shard_size, min(n, (i + 1) * s.shard_size))
     if done[i]:
       if lead and sum(map(len, shown)) < NUM_SHOWN:
-        with np.load(path, allow_pickle=False) as z:
+        with files.load_npz(path) as z:
           shown.append(z["images"])
       continue
     z = rdm.latents(cond.context[rows], first_index=int(rows[0]))  # all processes take part
@@ -191,7 +189,7 @@ def main(argv):
         shown.append(images)
   if lead:
     images = np.concatenate(shown)[:NUM_SHOWN]
-    grid_png, panel_png = os.path.join(out, "samples.png"), os.path.join(out, "neighbors_and_samples.png")
+    grid_png, panel_png = files.join(out, "samples.png"), files.join(out, "neighbors_and_samples.png")
     visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
     visualize.save_png(panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2)
     print(f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "

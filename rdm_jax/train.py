@@ -9,7 +9,6 @@ Resumes from the latest checkpoint in --workdir by default, with the same data o
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags, logging
 
@@ -20,8 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E402
 
-from rdm_jax import checkpoint, conditioning, training  # noqa: E402
-from rdm_jax.data import pipeline, store, visualize  # noqa: E402
+from rdm_jax import checkpoint, conditioning, files, training  # noqa: E402
+from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
 
@@ -37,14 +36,14 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
   neighbors = conditioning.context_images(cond, config.dataset)
   sampler = training.make_sampler(model, sched, latent_shape, config.sample)
   context = jnp.asarray(cond.context)
-  out = os.path.join(workdir, "samples")
+  out = files.join(workdir, "samples")
 
   def write(step, params):
     z = sampler(params, context, jax.random.PRNGKey(config.train.seed + 1))
     images = first_stage.decode(config.first_stage, np.asarray(jax.device_get(z)), image_hw)
     samples, panel = visualize.grid(images, 4), visualize.neighbor_panel(neighbors, images)
-    visualize.save_png(os.path.join(out, f"samples_{step:07d}.png"), samples, scale=2)
-    visualize.save_png(os.path.join(out, f"neighbors_and_samples_{step:07d}.png"), panel, scale=2)
+    visualize.save_png(files.join(out, f"samples_{step:07d}.png"), samples, scale=2)
+    visualize.save_png(files.join(out, f"neighbors_and_samples_{step:07d}.png"), panel, scale=2)
     writer.write_images(step, {"samples": samples[None], "neighbors_and_samples": panel[None]})
     logging.info("step %d: samples in %s", step, out)
 
@@ -103,9 +102,9 @@ def main(argv):
   if not workdir:
     cli.fail("--workdir is required (checkpoints, logs and samples go there)")
   distributed.initialize()
-  workdir = os.path.normpath(workdir)
+  workdir = files.normpath(workdir)
   checkpoint.check_workdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
 
   # --------------------------------------------------------------------------- Data
   data = pipeline.load_retrieval_data(config, "train")
@@ -148,8 +147,8 @@ def main(argv):
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)
   if jax.process_index() == 0:
-    store.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
-    store.atomic_write_text(os.path.join(workdir, "model_info.json"), json.dumps(info, indent=1))
+    files.atomic_write_text(files.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    files.atomic_write_text(files.join(workdir, "model_info.json"), json.dumps(info, indent=1))
   parameter_overview.log_parameter_overview(state.params)
 
   # --------------------------------------------------------------------------- Update step

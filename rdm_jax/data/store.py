@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from rdm_jax import files
 from rdm_jax.errors import fail
 
 FORMAT_VERSION = 1
@@ -61,66 +62,31 @@ def verify_all_stores(enabled: bool = True) -> None:
 
 
 def normalize(path: str) -> str:
-  """The canonical spelling of an output path (`out/` and `out/.` name the store `out`)."""
+  """The canonical spelling of a store path (`out/` and `out/.` name the store `out`); a bucket URI
+  is refused: stores are memory-mapped, renamed into place and locked, which needs a filesystem."""
   if not path or not str(path).strip():
     fail("an output path is empty; name a directory")
+  if files.is_uri(path):
+    fail(f"{path}: stores (config.data_dir, config.database, indexes) need a filesystem, not a bucket "
+         "(they are memory-mapped, renamed into place and locked): mount the bucket with gcsfuse or use a "
+         "shared filesystem (NFS, Filestore) and give its path; run directories (--workdir) may be gs://")
   return os.path.normpath(str(path))
 
 
-def _tmp_name(path: str) -> str:
-  return f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # unique: two processes never write one temporary
+# atomic writes and digests: the one file layer's (local paths here: stores are on POSIX filesystems)
+_tmp_name, _tmp_pattern = files.tmp_name, files.tmp_pattern
+remove_own_temporaries, atomic_savez, atomic_write_text = (files.remove_own_temporaries, files.atomic_savez,
+                                                          files.atomic_write_text)
+file_sha256 = files.sha256
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)
-
-
-def _tmp_pattern(name: str) -> re.Pattern:
-  """What `_tmp_name` makes of a file called `name`."""
-  return re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.tmp")
-
-
-def remove_own_temporaries(path: str) -> None:
-  """Removes `<path>.<8 hex>.tmp` files (what `atomic_write_text` / an array save leaves when
-  killed before its rename) next to a file only this job writes."""
-  folder, name = os.path.split(path)
-  pattern = _tmp_pattern(name)
-  for entry in os.listdir(folder or "."):
-    if pattern.fullmatch(entry) and os.path.isfile(os.path.join(folder, entry)):
-      os.remove(os.path.join(folder, entry))
-
-
-def atomic_savez(path: str, **arrays: np.ndarray) -> None:
-  """np.savez under a temporary name (not ending in .npz), then a rename into place."""
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes a text file under a temporary name, then renames it into place."""
-  tmp = _tmp_name(path)
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.atomic_write(path, lambda f: np.save(f, array))
 
 
 def inputs_digest(inputs: Mapping[str, Any]) -> str:
   """16 hex digits of sha256 over what a store is computed from (its chunk files carry it)."""
   return hashlib.sha256(json.dumps(dict(inputs), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str) -> str:
-  """sha256 (16 hex digits) of a file's bytes, read in blocks: identifies weights and checkpoint files."""
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()[:16]
 
 
 def checksum(array: np.ndarray, block_bytes: int = 1 << 26) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from rdm_jax import files
 
 
 def grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
@@ -51,7 +51,5 @@ def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
     image = image.repeat(scale, axis=0).repeat(scale, axis=1)
   if image.shape[-1] == 1:
     image = image[..., 0]
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp.png"
-  Image.fromarray(image).save(tmp)
-  os.replace(tmp, path)
+  files.makedirs(files.dirname(path))
+  files.atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))

@@ -11,11 +11,10 @@ or the neighbours of other test examples (shuffled within the batch). Writes
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags
 
-from rdm_jax import checkpoint, training
+from rdm_jax import checkpoint, files, training
 from rdm_jax.data import pipeline
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
@@ -34,10 +33,7 @@ def main(argv):
   result = training.context_losses(model, params, training.make_schedule(config), data, config.k_train,
                           _EXAMPLES.value, _REPEATS.value, seed=config.train.seed)
   result["checkpoint_step"] = step
-  tmp = os.path.join(workdir, "context_ablation.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, "context_ablation.json"))
+  files.atomic_write_text(files.join(workdir, "context_ablation.json"), json.dumps(result, indent=1))
   print(f"held-out eps-MSE at step {step} ({result['examples']} test examples x {result['repeats']} noise draws):")
   print(f"  true neighbours     {result['true_neighbors']:.4f}")
   print(f"  zeros context       {result['zeros_context']:.4f}")

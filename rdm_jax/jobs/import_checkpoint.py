@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from rdm_jax import checkpoint, training
+from rdm_jax import checkpoint, files, training
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
@@ -109,13 +109,12 @@ def main(argv):
   del argv
   config = cli.CONFIG.value
   path = _CHECKPOINT.value or fail("--checkpoint is required (the original's model.ckpt)")
-  workdir = os.path.normpath(_WORKDIR.value or fail("--workdir is required (a new or empty directory)"))
+  workdir = files.normpath(_WORKDIR.value or fail("--workdir is required (a new or empty directory)"))
   checkpoint.check_workdir(workdir)
   digest = store.file_sha256(path) if os.path.isfile(path) else ""
-  info_path = os.path.join(workdir, "model_info.json")
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      before = json.load(f).get("imported_from") or {}
+  info_path = files.join(workdir, "model_info.json")
+  if files.exists(info_path):
+    before = json.loads(files.read_text(info_path)).get("imported_from") or {}
     if before.get("sha256") != digest:
       fail(f"--workdir={workdir} already holds another run; importing would mix the two: choose a new or "
            "empty --workdir")
@@ -162,14 +161,14 @@ def main(argv):
           "latent_shape": list(shape), "image_hw": [config.dataset.image_size] * 2,
           "imported_from": {"checkpoint": os.path.abspath(path), "sha256": digest,
                             "global_step": step}}
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   if step not in checkpoint.steps(mngr):  # else a killed import saved it but had not written model_info
     checkpoint.save(mngr, step, state, force=True)
   checkpoint.finish(mngr)
   if jax.process_index() == 0:  # written last: its presence means the import is complete
-    store.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
-    store.atomic_write_text(os.path.join(workdir, "model_info.json"), json.dumps(info, indent=1))
+    files.atomic_write_text(files.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    files.atomic_write_text(files.join(workdir, "model_info.json"), json.dumps(info, indent=1))
   print(f"imported {path} (step {step}, {'EMA and raw' if ema is not params else 'raw'} weights) into {workdir}")
 
 

@@ -3,7 +3,6 @@ arrays), and the content-keyed cache of reference features."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from rdm_jax import files
 from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
 
@@ -63,18 +63,17 @@ def npz_header(z: "np.lib.npyio.NpzFile", name: str, path: str) -> tuple[tuple[i
 
 def default_sample_sets(workdir: str) -> list[str]:
   """The sample job's sets in <workdir>/samples: directories with its settings.json."""
-  return sorted(os.path.dirname(p) for p in glob.glob(os.path.join(workdir, "samples", "*", "settings.json")))
+  return [d for d in files.glob(files.join(workdir, "samples"), "*") if files.isfile(files.join(d, "settings.json"))]
 
 
 def check_complete(path: str, shards: list[str]) -> None:
   """A sample job's directory (it has settings.json) must hold all its shards: a killed run is
   finished by rerunning it, not evaluated on what it has."""
-  settings = os.path.join(path, "settings.json")
-  if not os.path.isfile(settings):
+  settings = files.join(path, "settings.json")
+  if not files.isfile(settings):
     return
   try:
-    with open(settings) as f:
-      expected = json.load(f)["num_shards"]
+    expected = json.loads(files.read_text(settings))["num_shards"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     fail(f"{settings} does not say how many shards the set has ({e}); pass the shards as .npz files")
   if not isinstance(expected, int) or len(shards) != expected:
@@ -87,20 +86,20 @@ def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
   the CLIP score of text-conditioned samples), a directory of .npz shards, or an image folder."""
   if path.endswith(".npz"):
     shards = [path]
-  elif os.path.isdir(path):
-    shards = sorted(glob.glob(os.path.join(path, "*.npz")))
+  elif files.isdir(path):
+    shards = files.glob(path, "*.npz")
     if not shards:
-      return os.path.basename(path.rstrip("/")), read_image_folder(path), []
+      return files.basename(files.normpath(path)), read_image_folder(path), []
     check_complete(path, shards)
   else:
     fail(f"{path}: expected an .npz file, a directory of .npz shards or an image folder")
   images, label, captions = [], None, []
-  if os.path.isdir(path):
-    label = os.path.basename(os.path.normpath(path))  # a sample job's set: its directory's name
+  if files.isdir(path):
+    label = files.basename(files.normpath(path))  # a sample job's set: its directory's name
   for shard in shards:
-    if not os.path.isfile(shard):
+    if not files.isfile(shard):
       fail(f"{shard} does not exist; run `python -m rdm_jax.sample` first")
-    with np.load(shard, allow_pickle=False) as z:
+    with files.load_npz(shard) as z:
       if "images" not in z:
         fail(f"{shard} has no 'images' array (keys: {', '.join(z.files)[:200]})")
       images.append(npz_member(z, "images", shard))
@@ -112,7 +111,7 @@ def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
   images = np.concatenate(images)
   if captions and len(captions) != len(images):
     fail(f"{path}: {len(captions)} captions for {len(images)} images; they must pair up")
-  return label or os.path.basename(path).removesuffix(".npz"), images, captions
+  return label or files.basename(path).removesuffix(".npz"), images, captions
 
 
 def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
@@ -123,7 +122,7 @@ def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str,
   sets, captions = {}, {}
   for p, name, images, caps in read:
     if labels.count(name) > 1:
-      name = f"{name} ({os.path.basename(os.path.normpath(p))})"
+      name = f"{name} ({files.basename(files.normpath(p))})"
     if name in sets:
       fail(f"two sample sets are both called {name!r}; pass each once")
     sets[name], captions[name] = images, caps

@@ -1,0 +1,212 @@
+"""The one file layer: local paths and bucket URIs (gs://, s3://; etils.epath over tf.io.gfile) alike.
+
+Run directories go through it: --workdir (checkpoints, config.json, model_info.json, TensorBoard
+logs, training-time sample grids), sample sets and evaluation outputs, so that on TPU VMs they
+may live in a bucket (`--workdir=gs://bucket/runs/imagenet_rdm`). Stores (`config.data_dir`,
+`config.database`, indexes) need a POSIX filesystem (memory-mapped reads, atomic renames, lock
+files): `rdm_jax.data.store` refuses a URI and says to mount the bucket (gcsfuse) or use a
+shared filesystem.
+
+Writes are all-or-nothing either way: a local file is written under a temporary name
+(`<name>.<8 hex>.tmp`) and renamed into place; an object in a bucket appears whole when its
+upload completes, so it is written under its final name. Nothing here deletes what it did not
+write, except `remove_own_temporaries` (a killed write's leftovers) and `move`.
+"""
+
+from __future__ import annotations
+
+import glob as glob_lib
+import hashlib
+import io
+import os
+import re
+import uuid
+from typing import Any, Callable, IO
+
+import numpy as np
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # gs://b/x, and gs:/b/x as os.path.normpath leaves it
+
+
+def is_uri(path: Any) -> bool:
+  """Whether `path` names an object store (gs://...) rather than a local file."""
+  return bool(_URI.match(str(path)))
+
+
+def _epath(path: Any):
+  from etils import epath
+  return epath.Path(str(path))
+
+
+def normpath(path: str) -> str:
+  """The canonical spelling: os.path.normpath for local paths; a URI with one `//` after its scheme
+  and no trailing `/` (os.path.normpath would turn gs://b into gs:/b)."""
+  path = str(path)
+  if not is_uri(path):
+    return os.path.normpath(path)
+  scheme, rest = path.split(":", 1)
+  rest = "/".join(p for p in rest.split("/") if p not in ("", "."))
+  return f"{scheme}://{rest}"
+
+
+def join(base: str, *parts: str) -> str:
+  return f"{normpath(base)}/{'/'.join(parts)}" if is_uri(base) else os.path.join(base, *parts)
+
+
+def dirname(path: str) -> str:
+  return normpath(path).rsplit("/", 1)[0] if is_uri(path) else os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+  return normpath(path).rsplit("/", 1)[-1] if is_uri(path) else os.path.basename(path)
+
+
+def abspath(path: str) -> str:
+  return normpath(path) if is_uri(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  """Whether anything is at `path` (locally a dangling link counts: it is not ours to replace)."""
+  return _epath(path).exists() if is_uri(path) else os.path.lexists(path)
+
+
+def isdir(path: str) -> bool:
+  return _epath(path).is_dir() if is_uri(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+  if is_uri(path):
+    p = _epath(path)
+    return p.exists() and not p.is_dir()
+  return os.path.isfile(path)
+
+
+def listdir(path: str) -> list[str]:
+  return sorted(p.name for p in _epath(path).iterdir()) if is_uri(path) else os.listdir(path)
+
+
+def makedirs(path: str) -> None:
+  if is_uri(path):
+    _epath(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path or ".", exist_ok=True)
+
+
+def remove(path: str) -> None:
+  if is_uri(path):
+    _epath(path).unlink()
+  else:
+    os.remove(path)
+
+
+def open_file(path: str, mode: str = "r") -> IO:
+  return _epath(path).open(mode) if is_uri(path) else open(path, mode)
+
+
+def read_text(path: str) -> str:
+  with open_file(path, "r") as f:
+    return f.read()
+
+
+def glob(folder: str, pattern: str) -> list[str]:
+  """Sorted paths of the entries of `folder` whose names match `pattern` (a shell pattern)."""
+  if is_uri(folder):
+    return sorted(join(folder, p.name) for p in _epath(folder).glob(pattern))
+  return sorted(glob_lib.glob(os.path.join(glob_lib.escape(folder), pattern)))
+
+
+def walk_sizes(folder: str) -> dict[str, int]:
+  """{relative path: size} of every file under `folder`."""
+  if is_uri(folder):  # listed level by level: object stores refuse recursive globs
+    out: dict[str, int] = {}
+
+    def visit(p, rel: str) -> None:
+      for child in p.iterdir():
+        if child.is_dir():
+          visit(child, f"{rel}{child.name}/")
+        else:
+          out[f"{rel}{child.name}"] = child.stat().length
+
+    visit(_epath(folder), "")
+    return out
+  return {os.path.relpath(os.path.join(d, n), folder): os.path.getsize(os.path.join(d, n))
+          for d, _, names in os.walk(folder) for n in names}
+
+
+def sha256(path: str) -> str:
+  """sha256 (16 hex digits) of a file's bytes, read in blocks: identifies weights and checkpoint files."""
+  h = hashlib.sha256()
+  with open_file(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()[:16]
+
+
+def tmp_name(path: str) -> str:
+  return f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # unique: two processes never write one temporary
+
+
+def tmp_pattern(name: str) -> re.Pattern:
+  """What `tmp_name` makes of a file called `name`."""
+  return re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.tmp")
+
+
+def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True) -> None:
+  """Calls write(f) on a file that appears at `path` only once complete (see the module docstring)."""
+  mode = "wb" if binary else "w"
+  if is_uri(path):
+    buffer = io.BytesIO() if binary else io.StringIO()
+    write(buffer)  # serialised first: a failure leaves nothing behind
+    with open_file(path, mode) as f:
+      f.write(buffer.getvalue())
+    return
+  tmp = tmp_name(path)
+  with open(tmp, mode) as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes a text file whole or not at all."""
+  atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_savez(path: str, **arrays: np.ndarray) -> None:
+  """np.savez whole or not at all (locally under a temporary name not ending in .npz)."""
+  atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_npz(path: str) -> "np.lib.npyio.NpzFile":
+  """np.load of an .npz without pickle (from a bucket: its bytes read first)."""
+  if is_uri(path):
+    with open_file(path, "rb") as f:
+      return np.load(io.BytesIO(f.read()), allow_pickle=False)
+  return np.load(path, allow_pickle=False)
+
+
+def remove_own_temporaries(path: str) -> None:
+  """Removes `<path>.<8 hex>.tmp` files (what an atomic write leaves when killed before its rename)
+  next to a file only this job writes."""
+  if is_uri(path):
+    return  # objects are written under their final names: there are no temporaries
+  folder, name = os.path.split(path)
+  pattern = tmp_pattern(name)
+  for entry in os.listdir(folder or "."):
+    if pattern.fullmatch(entry) and os.path.isfile(os.path.join(folder, entry)):
+      os.remove(os.path.join(folder, entry))
+
+
+def move(src: str, dst: str) -> None:
+  """Moves a file or directory to a new name (in a bucket: copied object by object, then removed)."""
+  if not is_uri(src):
+    os.replace(src, dst)
+    return
+  source = _epath(src)
+  if not source.is_dir():
+    source.rename(_epath(dst))
+    return
+  for rel in walk_sizes(src):
+    target = _epath(join(dst, rel))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _epath(join(src, rel)).copy(target)
+  source.rmtree()
