@@ -5,7 +5,8 @@
 #     bash launch/tpu_pod.sh --config.mesh.fsdp=8
 #
 # Needs: this repo and its stores at the same path on every worker (or a shared filesystem),
-# and a WORKDIR every worker can write (checkpoints are written by all processes together).
+# and a WORKDIR every worker can write (checkpoints are written by all processes together): a
+# shared filesystem or a bucket (WORKDIR=gs://my-bucket/runs/imagenet_rdm).
 set -euo pipefail
 : "${TPU:?name of the TPU VM}" "${ZONE:?zone}" "${WORKDIR:?shared run directory}"
 CONFIG=${CONFIG:-configs/imagenet_rdm.py}
