@@ -256,3 +256,37 @@ def test_presets_are_the_published_architectures():
     want += spec.n_embed * e
     got = sum(a.size for a in jax.tree.leaves(autoencoder.init_shapes(spec)))
     assert got == want, name
+
+
+def test_kl_autoencoder_matches_diffusers_autoencoder_kl():
+  """A second, independent reference (the issue's): diffusers' AutoencoderKL, loaded from the same
+  LDM state dict through diffusers' own converter (`convert_ldm_vae_checkpoint`), strictly. Its
+  blocks have attention only in the middle, as the published kl-f8 / kl-f16 (attn_resolutions [])."""
+  import jax.numpy as jnp
+  from torch_references import reference
+
+  diffusers = reference("diffusers")
+  convert = reference("diffusers.loaders.single_file_utils").convert_ldm_vae_checkpoint
+  arch = dict(TINY["kl_f8"], attn_resolutions=())
+  ref = TorchAutoencoder("kl", arch, seed=5)
+  sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+  widths = tuple(arch["ch"] * m for m in arch["ch_mult"])
+  net = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+      up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
+      layers_per_block=arch["num_res_blocks"], latent_channels=arch["embed_dim"], norm_num_groups=32,
+      sample_size=arch["resolution"]).double().eval()
+  net.load_state_dict({k: v.double() for k, v in convert(sd, dict(net.config)).items()}, strict=True)
+
+  spec = autoencoder.Spec("kl", **arch)
+  params = autoencoder.convert_state_dict({k: v.numpy() for k, v in sd.items()}, spec)
+  model = autoencoder.Autoencoder(spec)
+  x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+  mean = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(x)), method=autoencoder.Autoencoder.encode))
+  with torch.no_grad():
+    want = net.encode(x.double()).latent_dist.mean
+    rec = net.decode(want).sample
+  close(mean, nhwc(want))
+  ours = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(want).astype(np.float32)),
+                                method=autoencoder.Autoencoder.decode))
+  close(ours, nhwc(rec))
