@@ -123,3 +123,34 @@ def test_embed_job_keeps_a_folders_captions_and_sampling_can_prompt_with_them(tm
   config = repo_config("fashion_mnist_rdm")
   config.data_dir = data_dir
   assert conditioning.part_captions(config, "test") == want
+
+
+def test_an_unreadable_image_is_logged_skipped_and_counted_by_encode_and_embed(tmp_path):
+  """A PNG whose header reads but whose pixels do not (truncated): the encode and embed jobs log it
+  with its path, leave its row out of both stores alike (they stay aligned by id) and count it in
+  the manifest; every other row is the image's own."""
+  from PIL import Image
+
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  for i in range(6):
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
+  raw = (folder / "3.png").read_bytes()
+  (folder / "3.png").write_bytes(raw[:len(raw) // 2])  # the header still reads
+  data_dir = str(tmp_path / "data")
+  for module in ("rdm_jax.jobs.encode", "rdm_jax.jobs.embed"):
+    cmd = [sys.executable, "-m", module, f"--config={TRAIN_CONFIG}", f"--config.data_dir={data_dir}", "--parts=test",
+           *SMALL, f"--config.dataset.parts.test.split=folder:{folder}", "--config.dataset.parts.test.stop=0"]
+    out = subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"skipping unreadable image {folder}/3.png" in out.stdout, out.stdout
+  latents = store.read(os.path.join(data_dir, "latents_test"), "latents", hint="")
+  queries = store.read(os.path.join(data_dir, "embeddings_test"), "embeddings", hint="")
+  for s in (latents, queries):
+    np.testing.assert_array_equal(s["ids"], [0, 1, 2, 4, 5])
+    assert s.manifest["unreadable_images"] == 1 and s.manifest["unreadable_ids"] == [3]
+  for row, i in enumerate([0, 1, 2, 4, 5]):  # identity first stage: x / 127.5 - 1, padded with -1 to 32
+    image = np.asarray(Image.open(folder / f"{i}.png"), np.float64)
+    want = np.pad(image / 127.5 - 1.0, 2, constant_values=-1.0)
+    np.testing.assert_allclose(latents["latents"][row, ..., 0], want, atol=1e-6)

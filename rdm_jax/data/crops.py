@@ -104,15 +104,10 @@ def build_database(config: Any, encode: Callable[[np.ndarray], np.ndarray] | Non
     return {"embeddings": encode(np.concatenate(pixels)).astype(dtype), "ids": np.concatenate(ids),
             "labels": np.concatenate(labels), "boxes": np.concatenate(boxes)}
 
-  def finalize(arrays):
-    missing = np.setdiff1d(p.ids, np.unique(np.asarray(arrays["ids"])))
-    if len(missing):
-      print(f"{out}: {len(missing)} unreadable images skipped (ids {missing[:10].tolist()}...)")
-    return {"unreadable_images": int(len(missing)), "unreadable_ids": missing[:1000].tolist()}
-
   images_per_chunk = max(1, config.retrieval.chunk_size // cs["crops_per_image"])
   result = store.write_chunked(out, kind, len(p), chunk_size=images_per_chunk, compute=compute,
-                               process_index=process_index, process_count=process_count, finalize=finalize,
+                               process_index=process_index, process_count=process_count,
+                               finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]),
                                variable_rows=True, made_by="rdm_jax.jobs.embed", **fields)
   if result is not None:
     print(f"wrote {out}: {len(result['ids'])} crops of {len(p)} images, embeddings "

@@ -265,12 +265,15 @@ def _open_image(name: str, channels: int, fill: int):
     return im.convert("L" if channels == 1 else "RGB")
 
 
-def _folder_image(name: str, size: int, channels: int, fill: int) -> np.ndarray:
-  """One image file as uint8 [size, size, channels] (see the module docstring)."""
+def _folder_image(name: str, size: int, channels: int, fill: int, lenient: bool = False) -> np.ndarray | str:
+  """One image file as uint8 [size, size, channels] (see the module docstring); an unreadable
+  file is one line, or with `lenient` the str saying why."""
   from PIL import Image
   try:
     im = _open_image(name, channels, fill)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
+    if lenient:
+      return f"{name}: {type(e).__name__}: {str(e)[:100]}"
     fail(f"cannot read the image {name} ({e}); remove it from the folder or replace it")
   w, h = im.size
   side = max(w, h)
@@ -322,7 +325,7 @@ def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndar
     return lambda ids: _threaded(read_file, [int(i) for i in ids])
   if source.get("images_from") == "tfds" and "tfds_name" in source:
     reader = _source_tfds_reader(source)
-    return lambda ids: reader.read(np.asarray(ids, np.int64), raw=True)
+    return lambda ids: reader.read(np.asarray(ids, np.int64), raw=True, lenient=True)
   images, _ = source_images(dataset, source)
   return lambda ids: [images[int(i)] for i in ids]
 
@@ -444,29 +447,38 @@ class TfdsReader:
     top, left = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
     return a[top:top + s, left:left + s]
 
-  def read(self, ids: np.ndarray, raw: bool = False) -> np.ndarray | list[np.ndarray]:
+  def read(self, ids: np.ndarray, raw: bool = False, lenient: bool = False) -> np.ndarray | list:
     """uint8 images [len(ids), s, s, C] of the examples at file positions `ids` (ascending); with
-    `raw`, the list of decoded images at their own sizes."""
+    `raw`, the list of decoded images at their own sizes. A record that does not decode is one
+    line naming it, or with `lenient` (a list is returned) the str saying why, in its place."""
+    import tensorflow as tf
     ids = np.asarray(ids, np.int64)
     if len(ids) and (np.any(np.diff(ids) <= 0) or ids[0] < 0):
       raise ValueError("TfdsReader.read takes ascending, unique positions")
+    feature = _tfds_builder(self.name, self.data_dir).info.features["image"]
     out = []
     for i in ids:
       if self._it is None or i < self._pos:  # (re)start: skip to i without decoding what is skipped
-        ds = self._dataset(decode_images=False).skip(int(i))
-        feature = _tfds_builder(self.name, self.data_dir).info.features["image"]
-        self._it = iter(ds.map(lambda ex: feature.decode_example(ex["image"])).as_numpy_iterator())
+        self._it = iter(self._dataset(decode_images=False).skip(int(i)).as_numpy_iterator())
         self._pos = int(i)
       while self._pos < i:
         next(self._it)
         self._pos += 1
       try:
-        image = next(self._it)
+        encoded = next(self._it)["image"]
       except StopIteration:
         fail(f"TFDS {self.name}/{self.split} has no example {i}")
       self._pos += 1
+      try:  # decoded here, one record at a time, so that a corrupt one is skipped, not fatal
+        image = feature.decode_example(tf.constant(encoded)).numpy()
+      except (tf.errors.InvalidArgumentError, ValueError) as e:
+        why = f"TFDS {self.name}/{self.split} example {i}: {type(e).__name__}: {' '.join(str(e).split())[:100]}"
+        if not lenient:
+          fail(f"cannot decode {why}")
+        out.append(why)
+        continue
       out.append(image if raw else self._image(image))
-    if raw:
+    if raw or lenient:
       return out
     return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
 
@@ -522,12 +534,25 @@ class Part:
   labels: np.ndarray
   read_ids: Callable[[np.ndarray], np.ndarray]
   captions: np.ndarray | None = None  # str, one per id: TFDS caption features, an image folder's side file
+  read_lenient: Callable[[np.ndarray], list] | None = None  # an image or the str why not, per id
+  image_shape: tuple[int, ...] = ()  # (H, W, C) of every image read
 
   def __len__(self) -> int:
     return len(self.ids)
 
   def images(self, a: int = 0, b: int | None = None) -> np.ndarray:
+    """uint8 images of rows a..b; an unreadable one stops with one line naming it."""
     return self.read_ids(self.ids[a:b])
+
+  def readable(self, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 images of rows a..b, bool mask of the readable ones, why each other one is not): an
+    unreadable image (a corrupt file or record) holds zeros, for the caller to drop and count."""
+    got = self.read_lenient(self.ids[a:b]) if self.read_lenient else list(self.images(a, b))
+    shape = self.image_shape
+    ok = np.array([not isinstance(g, str) for g in got], bool)
+    images = np.stack([np.zeros(shape, np.uint8) if isinstance(g, str) else g for g in got]) if got else \
+        np.zeros((0,) + tuple(shape), np.uint8)
+    return images, ok, [g for g in got if isinstance(g, str)]
 
 
 def open_part(dataset: Any, part: str) -> Part:
@@ -545,7 +570,24 @@ def open_part(dataset: Any, part: str) -> Part:
     if not len(ids):
       fail(f"config.dataset.label_range={list(source['label_range'])} keeps no example of part {part}")
   captions = source_captions(source)
-  return Part(source, ids, labels[ids], read, None if captions is None else captions[ids])
+  if source.get("images_from") == "tfds" and "tfds_name" in source:
+    lenient, _ = source_reader(dataset, source, lenient=True)
+    feature = _tfds_builder(source["tfds_name"], source.get("tfds_data_dir", "")).info.features["image"]
+    shape = (source["image_size"], source["image_size"], int(feature.shape[-1] or 3))
+  elif source.get("dataset") == "folder":
+    lenient, _ = source_reader(dataset, source, lenient=True)
+    shape = (source["image_size"], source["image_size"], source["channels"])
+  else:  # in memory: every image is readable
+    lenient, shape = (lambda i: list(read(i))), tuple(read(ids[:1]).shape[1:])
+  return Part(source, ids, labels[ids], read, None if captions is None else captions[ids], lenient, shape)
+
+
+def skipped_report(out: str, part_ids: np.ndarray, written_ids: np.ndarray) -> dict[str, Any]:
+  """Manifest fields counting the part's images that a store left out as unreadable (logged)."""
+  missing = np.setdiff1d(part_ids, np.unique(np.asarray(written_ids)))
+  if len(missing):
+    print(f"{out}: {len(missing)} unreadable images skipped (ids {missing[:10].tolist()}...)")
+  return {"unreadable_images": int(len(missing)), "unreadable_ids": missing[:1000].tolist()}
 
 
 def source_captions(source: dict[str, Any]) -> np.ndarray | None:
@@ -557,15 +599,19 @@ def source_captions(source: dict[str, Any]) -> np.ndarray | None:
   return None
 
 
-def source_reader(dataset: Any, source: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]:
-  """(read(ids) -> uint8 images, labels of the whole split) of the split a store's `source` names."""
+def source_reader(dataset: Any, source: dict[str, Any], lenient: bool = False
+                  ) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
+  """(read(ids) -> uint8 images, labels of the whole split) of the split a store's `source` names.
+  With `lenient`, read(ids) gives a list: an image per id, or the str saying why it is unreadable
+  (a corrupt file or record), for the caller to skip and count."""
   if source.get("images_from") == "tfds" and "tfds_name" in source:
     reader = _source_tfds_reader(source)
 
     def read(ids):
       ids = np.asarray(ids, np.int64)
       order, inverse = np.unique(ids, return_inverse=True)
-      return reader.read(order)[inverse.reshape(-1)]
+      images = reader.read(order, lenient=lenient)
+      return [images[j] for j in inverse.reshape(-1)] if lenient else images[inverse.reshape(-1)]
 
     return read, reader.labels
   if source.get("dataset") == "folder":  # decode only the files asked for
@@ -575,11 +621,13 @@ def source_reader(dataset: Any, source: dict[str, Any]) -> tuple[Callable[[np.nd
     labels = folder_labels(files)
 
     def read_files(ids):
-      out = _threaded(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill), ids)
-      return np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
+      out = _threaded(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill, lenient), ids)
+      return out if lenient else np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
 
     return read_files, labels
   images, labels = source_images(dataset, source)
+  if lenient:
+    return (lambda ids: list(images[np.asarray(ids, np.int64)])), labels
   return (lambda ids: images[np.asarray(ids, np.int64)]), labels
 
 

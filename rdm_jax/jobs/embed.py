@@ -49,12 +49,16 @@ def embed_part(config, part: str, encode=None, process_index: int = 0, process_c
   # captions (when the source has them) in one fixed width, so that chunks merge into one array
   width = max([1] + [len(c) for c in p.captions]) if p.captions is not None else 0
 
-  def compute(a, b):
-    rows = {"embeddings": encode(p.images(a, b)), "ids": p.ids[a:b], "labels": p.labels[a:b]}
-    return {**rows, "captions": p.captions[a:b].astype(f"<U{width}")} if width else rows
+  def compute(a, b):  # an unreadable image is logged and left out (counted in the manifest)
+    images, ok, unreadable = p.readable(a, b)
+    for why in unreadable:
+      print(f"{out}: skipping unreadable image {why}")
+    rows = {"embeddings": encode(images)[ok], "ids": p.ids[a:b][ok], "labels": p.labels[a:b][ok]}
+    return {**rows, "captions": p.captions[a:b][ok].astype(f"<U{width}")} if width else rows
 
   result = store.write_chunked(
-      out, kind, len(p), chunk_size=config.retrieval.chunk_size, compute=compute,
+      out, kind, len(p), chunk_size=config.retrieval.chunk_size, compute=compute, variable_rows=True,
+      finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]),
       encoder=identity, source=p.source, process_index=process_index, process_count=process_count,
       made_by="rdm_jax.jobs.embed")
   if result is not None:

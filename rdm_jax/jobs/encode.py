@@ -27,11 +27,18 @@ def encode_part(config, part: str, process_index: int = 0, process_count: int = 
   if done is not None:
     return done
   p = sources.open_part(config.dataset, part)  # rows are read chunk by chunk
+
+  def compute(a, b):
+    images, ok, unreadable = p.readable(a, b)
+    for why in unreadable:
+      print(f"{out}: skipping unreadable image {why}")
+    return {"latents": first_stage.encode(config.first_stage, images)[ok], "ids": p.ids[a:b][ok],
+            "labels": p.labels[a:b][ok]}
+
   result = store.write_chunked(
-      out, "latents", len(p), chunk_size=config.first_stage.get("chunk_size", 8192),
-      compute=lambda a, b: {"latents": first_stage.encode(config.first_stage, p.images(a, b)),
-                            "ids": p.ids[a:b], "labels": p.labels[a:b]},
-      source=p.source, first_stage=first_stage.identity(config.first_stage), image_shape=list(p.images(0, 1).shape[1:]),
+      out, "latents", len(p), chunk_size=config.first_stage.get("chunk_size", 8192), compute=compute,
+      finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]), variable_rows=True,
+      source=p.source, first_stage=first_stage.identity(config.first_stage), image_shape=list(p.image_shape),
       process_index=process_index, process_count=process_count, made_by="rdm_jax.jobs.encode")
   if result is not None:
     print(f"wrote {out}: latents {result['latents'].shape}")

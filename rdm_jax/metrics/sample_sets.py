@@ -135,7 +135,10 @@ def read_reference(config: Any, spec: str, limit: int = 0) -> tuple[np.ndarray, 
   loaded whole)."""
   if spec in config.dataset.get("parts", {}):
     part = sources.open_part(config.dataset, spec)
-    return part.images(0, limit or None), part.source
+    images, ok, unreadable = part.readable(0, limit or None)
+    for why in unreadable:
+      print(f"reference {spec}: skipping unreadable image {why}")
+    return images[ok], part.source
   if spec.startswith("tfds:"):
     name, _, split = spec[5:].partition("/")
     images, _ = sources.load_tfds(name, split or "test")
