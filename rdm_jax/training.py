@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rdm_jax.data import pipeline
 from rdm_jax.diffusion import samplers, schedule as schedule_lib
 from rdm_jax.errors import fail
+from rdm_jax.models import rarm
 from rdm_jax.models.unet import UNet
 from rdm_jax.parallel import sharding
 
@@ -34,8 +35,35 @@ class TrainState:
   opt_state: Any
 
 
-def make_model(config: Any) -> UNet:
+FAMILIES = ("unet", "rarm")
+
+
+def family(config: Any) -> str:
+  """config.model.family: "unet" (the RDM, default) or "rarm" (the autoregressive transformer)."""
+  name = config.model.get("family", "unet")
+  if name not in FAMILIES:
+    fail(f"config.model.family={name!r}; use {' or '.join(FAMILIES)}")
+  return name
+
+
+def make_rarm(config: Any) -> rarm.RARM:
+  """The RARM of config.model over the first stage's tokens (codes = its codebook size, sequence =
+  its latent grid at config.dataset.image_size)."""
+  from rdm_jax.models import first_stage
   m = config.model
+  spec = first_stage.spec(config.first_stage)
+  if spec.kind != "vq":
+    fail(f"config.model.family='rarm' models VQ tokens but config.first_stage.name={config.first_stage.name!r} "
+         "is not a VQ model (use vq_f16, the original's)")
+  side = config.dataset.image_size // spec.factor
+  return rarm.RARM(num_codes=spec.n_embed, seq_len=side * side, heads=m.heads, dim_head=m.dim_head,
+                   depth=m.depth, dtype=jnp.dtype(m.dtype))
+
+
+def make_model(config: Any) -> UNet | rarm.RARM:
+  m = config.model
+  if family(config) == "rarm":
+    return make_rarm(config)
   return UNet(model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
               num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
               num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
@@ -66,8 +94,11 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
 
 
 def example_inputs(config: Any, batch: int, latent_shape: tuple[int, ...], k: int) -> tuple[jax.Array, ...]:
-  return (jnp.zeros((batch,) + tuple(latent_shape), jnp.float32), jnp.zeros((batch,), jnp.int32),
-          jnp.zeros((batch, k, config.retrieval.embed_dim), jnp.float32))
+  """The model's init inputs: (latents, timesteps, context) for the UNet, (tokens, context) for RARM."""
+  context = jnp.zeros((batch, k, config.retrieval.embed_dim), jnp.float32)
+  if family(config) == "rarm":
+    return jnp.zeros((batch,) + tuple(latent_shape), jnp.int32), context
+  return jnp.zeros((batch,) + tuple(latent_shape), jnp.float32), jnp.zeros((batch,), jnp.int32), context
 
 
 def _init_boxed(model: UNet, tx: optax.GradientTransformation, inputs, rng) -> TrainState:
@@ -97,7 +128,8 @@ def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
 
 def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
                     ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
-  """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); eps-MSE of Eq. 3.
+  """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); eps-MSE of Eq. 3 (for RARM:
+  z0 = tokens [B, S], next-token cross-entropy of Eq. 4).
 
   With probability `config.train.p_uncond` an example's context is replaced by zeros,
   the unconditional branch that classifier-free guidance samples against. A step whose
@@ -107,6 +139,7 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
   """
   p_uncond = config.train.p_uncond
   decay = config.optim.ema_decay
+  autoregressive = isinstance(model, rarm.RARM)
 
   def step(state: TrainState, z0, context, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -116,6 +149,8 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
       context = jnp.where(keep, context, 0.0)
 
     def loss_fn(params):
+      if autoregressive:  # z0: tokens [B, S]; Eq. 4's next-token cross-entropy
+        return rarm.nll(model.apply({"params": params}, z0, context), z0)
       eps_fn = lambda z_t, t: model.apply({"params": params}, z_t, t, context)
       return schedule_lib.eps_loss(eps_fn, sched, z0, loss_rng)
 
