@@ -145,6 +145,11 @@ def base_config() -> mlc.ConfigDict:
   return c
 
 
+def model_family(config: mlc.ConfigDict) -> str:
+  """"unet" (an RDM: latents stores) or "rarm" (the autoregressive transformer: token stores)."""
+  return config.model.get("family", "unet")
+
+
 def paths(config: mlc.ConfigDict) -> dict[str, str]:
   """Where each job reads and writes; all under `config.data_dir` but the database."""
   d = os.path.normpath(config.data_dir)  # "data/" and "data" name the same stores

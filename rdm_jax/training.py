@@ -19,6 +19,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rdm_jax import config_base
 from rdm_jax.data import pipeline
 from rdm_jax.diffusion import samplers, schedule as schedule_lib
 from rdm_jax.errors import fail
@@ -40,7 +41,7 @@ FAMILIES = ("unet", "rarm")
 
 def family(config: Any) -> str:
   """config.model.family: "unet" (the RDM, default) or "rarm" (the autoregressive transformer)."""
-  name = config.model.get("family", "unet")
+  name = config_base.model_family(config)
   if name not in FAMILIES:
     fail(f"config.model.family={name!r}; use {' or '.join(FAMILIES)}")
   return name
@@ -183,6 +184,13 @@ def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample
   `config.sample` (sampler, num_steps, guidance_scale, eta, timestep_spacing, clip_x0: 0 = none).
   A sampler, spacing or step count that does not exist is a UserError here, before compiling."""
   s = sample_config
+  if isinstance(model, rarm.RARM):  # tokens [B, S], one position at a time with the KV cache
+    if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+      fail(f"config.sample: temperature={s.temperature} (> 0), top_k={s.top_k} (>= 0, 0 = all), "
+           f"top_p={s.top_p} (in (0, 1]) for RARM sampling")
+    return jax.jit(lambda params, context, keys: rarm.sample(
+        model, params, context, keys, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        guidance_scale=s.guidance_scale))
   try:
     samplers.timesteps(s.sampler, sched, s.num_steps, s.timestep_spacing)
   except ValueError as e:

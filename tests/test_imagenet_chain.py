@@ -32,8 +32,17 @@ MOCK = os.path.join(REPO, "tests", "with_mock_tfds.py")
 N_MOCK = 24  # examples in every mocked split
 
 
-def overrides(root: str) -> list[str]:
+RARM_OVERRIDES = [  # configs/imagenet_rarm.py on the same tiny VQ (its tokens) and database
+    "--config.first_stage.name=vq_f4", "--config.first_stage.latent_channels=3", "--config.dataset.label_range=()",
+    "--config.model.heads=2", "--config.model.dim_head=16", "--config.model.depth=2",
+    "--config.model.dtype=float32", "--config.sample.top_k=20"]
+
+
+def overrides(root: str, rarm: bool = False) -> list[str]:
   a = TINY["vq_f4"]
+  model = RARM_OVERRIDES if rarm else [
+      "--config.model.model_channels=32", "--config.model.channel_mult=(1,2)", "--config.model.attention_resolutions=(2,)",
+      "--config.model.num_res_blocks=1", "--config.model.dtype=float32"]
   return [
       f"--config.data_dir={root}/data", "--config.dataset.image_size=32",
       "--config.dataset.parts.train.stop=24", "--config.dataset.parts.test.stop=8",
@@ -47,20 +56,19 @@ def overrides(root: str) -> list[str]:
       f"--config.retrieval.weights={root}/ViT-tiny.pt", "--config.retrieval.image_size=32",
       "--config.retrieval.embed_dim=48", "--config.retrieval.num_neighbors=8", "--config.retrieval.batch_size=8",
       "--config.retrieval.chunk_size=16", "--config.k_train=4",
-      "--config.model.model_channels=32", "--config.model.channel_mult=(1,2)", "--config.model.attention_resolutions=(2,)",
-      "--config.model.num_res_blocks=1", "--config.model.dtype=float32",
+      *model,
       "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
       "--config.train.log_every=1", "--config.train.sample_every=0", "--config.optim.warmup_steps=1",
       "--config.mesh.data=-1", "--config.mesh.fsdp=2",
       "--config.sample.num_images=8", "--config.sample.num_steps=3", "--config.sample.batch_size=8",
       "--config.eval.extractor=clip_image", f"--config.eval.weights={root}/ViT-tiny.pt", "--config.eval.image_size=32",
       "--config.eval.num_reference=24", "--config.eval.batch_size=8",
-  ]
+  ] + ([f"--config.data_dir={root}/data_rarm", f"--config.database={root}/data/database"] if rarm else [])
 
 
-def run(root, module, *args):
-  cmd = [sys.executable, MOCK, str(N_MOCK), module, f"--config={REPO}/configs/imagenet_rdm.py", *overrides(root),
-         *args]
+def run(root, module, *args, rarm=False):
+  config = f"{REPO}/configs/imagenet_rarm.py" if rarm else f"{REPO}/configs/imagenet_rdm.py"
+  cmd = [sys.executable, MOCK, str(N_MOCK), module, f"--config={config}", *overrides(root, rarm), *args]
   out = subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, f"{module}: {out.stderr[-4000:]}"
   return out
@@ -179,23 +187,10 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
   """The trained run as the original's model.ckpt: model.diffusion_model.* (here 2x the EMA, so that
   importing the raw weights instead of the EMA would sample other images), model_ema.* (LitEma's
   dot-less names), first_stage_model.*, and the DDPM's betas buffer (float32, as LDM registers it)."""
-  import ast
-
-  from conftest import repo_config
   from rdm_jax import checkpoint, training
   from rdm_jax.models import torch_convert, unet
 
-  config = repo_config("imagenet_rdm")
-  for override in overrides(root):  # --config.a.b=value, as the jobs read them
-    key, value = override[len("--config."):].split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
+  config = config_of(root)
   model, ema, _, _ = checkpoint.load_trained(config, f"{root}/run")
   names = unet.ldm_names(model, ema)
   sd = {}
@@ -206,3 +201,66 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
   sd.update({"first_stage_model." + k: v for k, v in vq.state_dict().items()})
   sd["betas"] = torch.tensor(np.asarray(training.make_schedule(config).betas), dtype=torch.float32)
   save_lightning_ckpt(path, sd)
+
+
+def config_of(root: str, rarm: bool = False):
+  """The config the jobs run with: the file's, with the overrides applied as --config.a.b=value."""
+  import ast
+
+  from conftest import repo_config
+  config = repo_config("imagenet_rarm" if rarm else "imagenet_rdm")
+  for override in overrides(root, rarm):
+    key, value = override[len("--config."):].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
+def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):
+  """configs/imagenet_rarm.py on the tiny VQ: the encode job writes its tokens (taming's indices of
+  the same images), the neighbour, train and sample jobs run unchanged; training stopped at its
+  checkpoint and resumed ends where an uninterrupted run ends, bit for bit; samples are tokens
+  decoded by the first stage."""
+  from rdm_jax import checkpoint
+
+  root, vq, _ = assets
+  run(root, "rdm_jax.jobs.encode", rarm=True)
+  tokens = store.read(f"{root}/data_rarm/latents_train", "latents", hint="")
+  images = mock_images("train", 24, 32)
+  with torch.no_grad():
+    want = vq.tokens(torch.as_tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)).numpy()
+  assert tokens.manifest["tokens"] and tokens["latents"].dtype == np.int32
+  np.testing.assert_array_equal(tokens["latents"], want.reshape(24, 64))
+  for job in ("rdm_jax.jobs.embed", "rdm_jax.jobs.index", "rdm_jax.jobs.neighbors"):
+    run(root, job, rarm=True)  # the database and its index are the RDM chain's, reused
+  steps = ["--config.train.num_steps=4", "--config.train.checkpoint_every=2"]
+  run(root, "rdm_jax.train", f"--workdir={root}/rarm_a", *steps, rarm=True)
+  run(root, "rdm_jax.train", f"--workdir={root}/rarm_b", "--config.train.num_steps=2", rarm=True)
+  out = run(root, "rdm_jax.train", f"--workdir={root}/rarm_b", *steps, rarm=True)
+  assert "resumed from step 2" in out.stderr, out.stderr[-2000:]
+  config = config_of(root, rarm=True)
+  _, a, _, step_a = checkpoint.load_trained(config, f"{root}/rarm_a")
+  _, b, _, step_b = checkpoint.load_trained(config, f"{root}/rarm_b")
+  assert step_a == step_b == 4
+  for x, y in zip(jax_leaves(a), jax_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  run(root, "rdm_jax.sample", f"--workdir={root}/rarm_a", rarm=True)
+  shards = [f for f in os.listdir(f"{root}/rarm_a/samples/exemplar") if f.startswith("shard-")]
+  with np.load(f"{root}/rarm_a/samples/exemplar/{shards[0]}") as z:
+    assert z["images"].shape == (8, 32, 32, 3) and z["images"].dtype == np.uint8
+    assert z["latents"].shape == (8, 64) and z["latents"].max() < TINY["vq_f4"]["n_embed"]
+    with torch.no_grad():  # the images are the first stage's decoding of the sampled tokens
+      decoded = vq.decode_code(torch.as_tensor(z["latents"]).long(), (8, 8, 8, 3))
+    pixels = np.clip(np.round((nhwc(decoded) + 1) * 127.5), 0, 255)
+    assert np.abs(pixels - z["images"]).max() <= 1
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -68,6 +68,11 @@ def load_retrieval_data(config: Any, part: str = "train", encoder: dict | None =
   if encoder is not None and database.manifest["encoder"] != encoder:
     fail(f"database {database.path} was embedded by {database.manifest['encoder']}, but the model "
          f"uses {encoder}; embed the database with the model's encoder")
+  if config_base.model_family(config) == "rarm":
+    check_tokens(config, latents)
+  elif latents.manifest.get("tokens"):
+    fail(f"{latents.path} holds VQ tokens (made for RARM) but config.model is an RDM's; encode latents with "
+         f"this config (`{ENCODE_HINT} --parts={part}`) into another config.data_dir")
   d = database["embeddings"].shape[1]
   if d != config.retrieval.embed_dim:
     fail(f"database embeddings are {d}-d but config.retrieval.embed_dim={config.retrieval.embed_dim} "
@@ -86,6 +91,31 @@ def load_retrieval_data(config: Any, part: str = "train", encoder: dict | None =
          f"{len(database['embeddings'])} entries; rerun `{NEIGHBORS_HINT}`")
   return RetrievalData(latents=latents["latents"], neighbor_ids=ids, database=database["embeddings"],
                        latents_store=latents, neighbors_store=neighbors, database_store=database)
+
+
+def check_tokens(config: Any, latents: store.Store) -> None:
+  """A RARM's token store must come from the config's VQ first stage, hold int tokens [N, S] with
+  S the model's sequence length, and every id inside the codebook."""
+  from rdm_jax import training  # the model fixes S and the codebook size
+  from rdm_jax.models import first_stage
+  model = training.make_rarm(config)
+  if not latents.manifest.get("tokens"):
+    fail(f"{latents.path} holds continuous latents, not VQ tokens; config.model.family='rarm' trains on "
+         f"tokens: encode them with this config (`{ENCODE_HINT}`) into another config.data_dir")
+  if latents.manifest.get("first_stage") != first_stage.identity(config.first_stage):
+    fail(f"{latents.path} was encoded by another first stage ({latents.manifest.get('first_stage', {}).get('name')}, "
+         f"weights {latents.manifest.get('first_stage', {}).get('weights_sha256')}) than config.first_stage's; "
+         f"its token ids mean other codes: rerun `{ENCODE_HINT}`")
+  z = latents["latents"]
+  if z.ndim != 2 or z.dtype.kind not in "iu" or z.shape[1] != model.seq_len:
+    side = int(model.seq_len ** 0.5)
+    fail(f"{latents.path} holds {z.dtype}{list(z.shape[1:])} per image, but the model reads {model.seq_len} "
+         f"tokens ({side} x {side}: config.dataset.image_size={config.dataset.image_size} over the first "
+         "stage's factor); encode at the config's image size")
+  lo, hi = (int(z.min()), int(z.max())) if z.size else (0, 0)
+  if lo < 0 or hi >= model.num_codes:
+    fail(f"{latents.path} holds token ids in [{lo}, {hi}] but the codebook has {model.num_codes} codes "
+         f"(ids 0..{model.num_codes - 1}); the store is damaged or from another first stage: rerun `{ENCODE_HINT}`")
 
 
 @functools.lru_cache(maxsize=4)
@@ -120,12 +150,13 @@ def select_neighbors(ids: np.ndarray, k: int, mode: str, rng: np.random.Generato
 
 def load_batch(data: RetrievalData, rows: np.ndarray, k: int, mode: str,
                rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(z0 [B, H, W, C] float32, context [B, k, d] float32) of the given example rows."""
+  """(z0 [B, H, W, C] float32, or RARM's tokens [B, S] int32; context [B, k, d] float32) of the rows."""
   order = np.argsort(rows)  # sorted reads are kinder to memory-mapped files
   sorted_rows = rows[order]
   inverse = np.empty_like(order)
   inverse[order] = np.arange(len(order))
-  z0 = np.asarray(data.latents[sorted_rows], np.float32)[inverse]
+  z0 = np.asarray(data.latents[sorted_rows])[inverse]
+  z0 = z0.astype(np.int32 if z0.dtype.kind in "iu" else np.float32)  # RARM's tokens stay integers
   ids = np.asarray(data.neighbor_ids[sorted_rows])[inverse]
   ids = select_neighbors(ids, k, mode, rng)
   context = np.asarray(data.database[ids.reshape(-1)], np.float32).reshape(ids.shape + (-1,))
@@ -151,7 +182,8 @@ def train_iterator(data: RetrievalData, config: Any, start_step: int, process_in
 
   shapes = ((b // process_count,) + data.latents.shape[1:], (b // process_count, k, data.database.shape[1]))
   ds = tf.data.Dataset.range(start_step, config.train.num_steps)
-  ds = ds.map(lambda s: tf.numpy_function(fetch, [s], (tf.float32, tf.float32), stateful=False),
+  z_type = tf.int32 if data.latents.dtype.kind in "iu" else tf.float32
+  ds = ds.map(lambda s: tf.numpy_function(fetch, [s], (z_type, tf.float32), stateful=False),
               num_parallel_calls=tf.data.AUTOTUNE if config.input.num_parallel_calls < 0
               else config.input.num_parallel_calls, deterministic=True)
   ds = ds.map(lambda z, c: (tf.ensure_shape(z, shapes[0]), tf.ensure_shape(c, shapes[1])))

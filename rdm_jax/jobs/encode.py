@@ -1,5 +1,9 @@
 """Encode job: images of the train and test parts -> first-stage latents stores.
 
+For an RDM the latents are the first stage's continuous codes [N, h, w, c]; for RARM
+(config.model.family = "rarm") they are the VQ first stage's token ids [N, h*w] (int32, raster
+order; the manifest says tokens: true).
+
   python -m rdm_jax.jobs.encode --config=configs/fashion_mnist_rdm.py [--parts=train,test]
       [--process_id=P --num_processes=N]  # split the rows over processes or hosts
 """
@@ -22,8 +26,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes (or hosts s
 def encode_part(config, part: str, process_index: int = 0, process_count: int = 1) -> store.Store | None:
   """Writes one part's latents store (None: another process merges it)."""
   out = config_base.paths(config)[f"latents_{part}"]
+  tokens = config_base.model_family(config) == "rarm"  # RARM trains on the VQ's code indices
+  kind = {"tokens": True} if tokens else {}
   done = store.reusable(out, "latents", "rdm_jax.jobs.encode", source=sources.part_source(config.dataset, part),
-                        first_stage=first_stage.identity(config.first_stage))
+                        first_stage=first_stage.identity(config.first_stage), **kind)
   if done is not None:
     return done
   p = sources.open_part(config.dataset, part)  # rows are read chunk by chunk
@@ -32,14 +38,15 @@ def encode_part(config, part: str, process_index: int = 0, process_count: int = 
     images, ok, unreadable = p.readable(a, b)
     for why in unreadable:
       print(f"{out}: skipping unreadable image {why}")
-    return {"latents": first_stage.encode(config.first_stage, images)[ok], "ids": p.ids[a:b][ok],
+    encode = first_stage.encode_tokens if tokens else first_stage.encode
+    return {"latents": encode(config.first_stage, images)[ok], "ids": p.ids[a:b][ok],
             "labels": p.labels[a:b][ok]}
 
   result = store.write_chunked(
       out, "latents", len(p), chunk_size=config.first_stage.get("chunk_size", 8192), compute=compute,
       finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]), variable_rows=True,
       source=p.source, first_stage=first_stage.identity(config.first_stage), image_shape=list(p.image_shape),
-      process_index=process_index, process_count=process_count, made_by="rdm_jax.jobs.encode")
+      process_index=process_index, process_count=process_count, made_by="rdm_jax.jobs.encode", **kind)
   if result is not None:
     print(f"wrote {out}: latents {result['latents'].shape}")
   return result

@@ -198,7 +198,28 @@ def encode(cfg: Any, images: np.ndarray) -> np.ndarray:
 
 
 def decode(cfg: Any, latents: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-  """float latents [B, h, w, c] -> uint8 images [B, H, W, C] (inverse of `encode`)."""
+  """float latents [B, h, w, c] -> uint8 images [B, H, W, C] (inverse of `encode`); integer
+  tokens [B, S] (RARM's, raster order) are decoded through the VQ codebook."""
+  latents = np.asarray(latents)
+  if latents.dtype.kind in "iu":
+    return decode_tokens(cfg, latents, image_hw)
   if cfg.name == "identity":
-    return _from_unit(np.asarray(latents), image_hw, cfg.pad_to)
+    return _from_unit(latents, image_hw, cfg.pad_to)
   return load(cfg).decode(latents, image_hw)
+
+
+def encode_tokens(cfg: Any, images: np.ndarray) -> np.ndarray:
+  """VQ first stage: uint8 images [B, H, W, C] -> int32 tokens [B, (H/f)(W/f)] in raster order."""
+  if cfg.name == "identity":
+    fail("config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage (vq_f16)")
+  tokens = load(cfg).encode_tokens(images)
+  return tokens.reshape(tokens.shape[0], -1).astype(np.int32)
+
+
+def decode_tokens(cfg: Any, tokens: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+  """int tokens [B, S] in raster order (S a square) -> uint8 images [B, H, W, C]."""
+  tokens = np.asarray(tokens)
+  side = int(round(tokens.shape[1] ** 0.5))
+  if side * side != tokens.shape[1]:
+    fail(f"{tokens.shape[1]} tokens per image do not make a square latent grid")
+  return load(cfg).decode_tokens(tokens.reshape(tokens.shape[0], side, side), image_hw)
