@@ -90,3 +90,40 @@ def test_the_original_configs_sizes():
   params = jax.tree.leaves(shapes)
   assert shapes["params"]["tok_emb"]["embedding"].value.shape == (16386, 768)
   assert isinstance(model, rarm.RARM) and len(params) > 0
+
+
+def test_bad_token_stores_are_refused_in_one_line(tmp_path):
+  """Continuous latents, tokens of another first stage, another sequence length, ids outside the
+  codebook: each one line that says what to do."""
+  import pytest
+  torch = pytest.importorskip("torch")  # noqa: F841  (the tiny VQ checkpoint is written with it)
+  from test_first_stage import TINY, TorchAutoencoder, save_lightning_ckpt
+
+  from rdm_jax.data import pipeline, store
+  from rdm_jax.errors import UserError
+  from rdm_jax.models import first_stage
+
+  save_lightning_ckpt(tmp_path / "vq.ckpt", dict(TorchAutoencoder("vq", TINY["vq_f4"], seed=7).state_dict()))
+  config = _tiny_config()
+  config.first_stage.update(name="vq_f4", latent_channels=3, weights=str(tmp_path / "vq.ckpt"))
+  config.first_stage.arch.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, n_embed=64, resolution=32,
+                                 attn_resolutions=(0,))
+  identity = first_stage.identity(config.first_stage)
+  good = np.random.default_rng(0).integers(0, 64, (5, 16)).astype(np.int32)
+
+  def latents(name, array, **fields):
+    return store.write(str(tmp_path / name), "latents", {"latents": array, "ids": np.arange(5)}, **fields)
+
+  pipeline.check_tokens(config, latents("ok", good, tokens=True, first_stage=identity))
+  cases = [
+      (latents("continuous", good.astype(np.float32), first_stage=identity), "holds continuous latents"),
+      (latents("other", good, tokens=True, first_stage={**identity, "weights_sha256": "0" * 16}),
+       "another first stage"),
+      (latents("short", good[:, :9], tokens=True, first_stage=identity), r"int32\[9\] per image, but the model reads 16"),
+      (latents("range", np.where(good == good.max(), 64, good), tokens=True, first_stage=identity),
+       r"ids in \[0, 64\] but the codebook has 64 codes"),
+  ]
+  for bad, says in cases:
+    with pytest.raises(UserError, match=says) as e:
+      pipeline.check_tokens(config, bad)
+    assert "\n" not in str(e.value)
