@@ -245,13 +245,19 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
 
 def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,
                    repeats: int, batch: int = 256, seed: int = 0) -> dict[str, float]:
-  """Mean eps-MSE over the first `num_examples` of `data` for each context variant, in whole
-  batches (a last partial batch would shuffle among fewer examples): `examples` says how many."""
+  """Mean eps-MSE (RARM: next-token NLL in nats per token) over the first `num_examples` of `data`
+  for each context variant, in whole batches (a last partial batch would shuffle among fewer
+  examples): `examples` says how many. RARM's NLL has no noise, so its repeats agree."""
   n = min(num_examples, data.num_examples)
+  autoregressive = isinstance(model, rarm.RARM)
 
   @jax.jit
   def losses(z0, context, perm, rng):
     def loss(ctx):
+      if autoregressive:
+        logits = model.apply({"params": params}, z0, ctx)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, z0[..., None], axis=-1)[..., 0], axis=-1)
       eps_fn = lambda z_t, t: model.apply({"params": params}, z_t, t, ctx)
       return schedule_lib.eps_loss(eps_fn, sched, z0, rng, reduce=False)
     return loss(context), loss(jnp.zeros_like(context)), loss(context[perm])

@@ -250,6 +250,13 @@ def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):
   assert step_a == step_b == 4
   for x, y in zip(jax_leaves(a), jax_leaves(b)):
     np.testing.assert_array_equal(x, y)
+  run(root, "rdm_jax.jobs.context_ablation", f"--workdir={root}/rarm_a", "--num_examples=8", "--repeats=1",
+      "--batch=4", rarm=True)
+  import json
+  with open(f"{root}/rarm_a/context_ablation.json") as f:
+    ablation = json.load(f)
+  for key in ("true_neighbors", "zeros_context", "shuffled_neighbors"):  # NLL in nats per token
+    assert 0 < ablation[key] < 2 * np.log(TINY["vq_f4"]["n_embed"]), ablation
   run(root, "rdm_jax.sample", f"--workdir={root}/rarm_a", rarm=True)
   shards = [f for f in os.listdir(f"{root}/rarm_a/samples/exemplar") if f.startswith("shard-")]
   with np.load(f"{root}/rarm_a/samples/exemplar/{shards[0]}") as z:
