@@ -96,7 +96,7 @@ def test_bad_token_stores_are_refused_in_one_line(tmp_path):
   """Continuous latents, tokens of another first stage, another sequence length, ids outside the
   codebook: each one line that says what to do."""
   import pytest
-  torch = pytest.importorskip("torch")  # noqa: F841  (the tiny VQ checkpoint is written with it)
+  pytest.importorskip("torch")  # the tiny VQ checkpoint is written with it
   from test_first_stage import TINY, TorchAutoencoder, save_lightning_ckpt
 
   from rdm_jax.data import pipeline, store
