@@ -10,12 +10,14 @@ order; the manifest says tokens: true).
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from rdm_jax import config_base
 from rdm_jax.data import sources, store
 from rdm_jax.jobs import cli
-from rdm_jax.models import first_stage
+from rdm_jax.models import first_stage, palette
 
 _PARTS = flags.DEFINE_list("parts", ["train", "test"], "Dataset parts to encode.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, --num_processes).")
@@ -26,6 +28,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes (or hosts s
 def encode_part(config, part: str, process_index: int = 0, process_count: int = 1) -> store.Store | None:
   """Writes one part's latents store (None: another process merges it)."""
   out = config_base.paths(config)[f"latents_{part}"]
+  fit_palette(config)
   tokens = config_base.model_family(config) == "rarm"  # RARM trains on the VQ's code indices
   kind = {"tokens": True} if tokens else {}
   done = store.reusable(out, "latents", "rdm_jax.jobs.encode", source=sources.part_source(config.dataset, part),
@@ -50,6 +53,21 @@ def encode_part(config, part: str, process_index: int = 0, process_count: int = 
   if result is not None:
     print(f"wrote {out}: latents {result['latents'].shape}")
   return result
+
+
+def fit_palette(config) -> None:
+  """The demo's palette tokenizer (first_stage.name = "palette"): fitted once from the train part's
+  first images when its file is not there yet (k-means, deterministic), then reused."""
+  cfg = config.first_stage
+  if cfg.name != "palette" or os.path.isfile(cfg.weights):
+    return
+  if not cfg.weights:
+    cli.fail("config.first_stage.weights must name the palette file (the encode job writes it there)")
+  train = sources.open_part(config.dataset, "train")
+  images, ok, _ = train.readable(0, min(len(train), 4000))
+  colours = palette.fit(images[ok], cfg)
+  palette.save(cfg.weights, colours)
+  print(f"fitted a {len(colours)}-colour palette on {int(ok.sum())} train images: {cfg.weights}")
 
 
 def main(argv):

@@ -30,7 +30,7 @@ import numpy as np
 
 from rdm_jax.data import store
 from rdm_jax.errors import fail
-from rdm_jax.models import autoencoder, torch_legacy
+from rdm_jax.models import autoencoder, palette, torch_legacy
 from rdm_jax.parallel.batched import BatchedApply
 
 ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "embed_dim", "z_channels", "n_embed",
@@ -59,9 +59,12 @@ def _from_unit(x: np.ndarray, image_hw: tuple[int, int], pad_to: int) -> np.ndar
   return np.clip(np.round((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def spec(cfg: Any) -> autoencoder.Spec:
-  """The autoencoder `config.first_stage` names: its preset with `arch` overrides."""
+def spec(cfg: Any) -> autoencoder.Spec | palette.Spec:
+  """The autoencoder `config.first_stage` names: its preset with `arch` overrides (or the demo's
+  palette tokenizer's)."""
   name = cfg["name"]
+  if name == "palette":
+    return palette.spec(cfg)
   if name not in autoencoder.PRESETS:
     fail(f"config.first_stage.name={name!r}; available: identity, {', '.join(autoencoder.PRESETS)}")
   arch = {k: v for k, v in dict(cfg.get("arch", {})).items() if v not in (None, 0, (), [])}
@@ -183,7 +186,11 @@ def identity(cfg: Any) -> dict[str, Any]:
   """What a latents store records about the first stage that made it: for an autoencoder its
   resolved architecture, scale factor and the sha256 of its weights (not their path)."""
   d = {"name": cfg.name, "pad_to": int(cfg.pad_to), "latent_channels": int(cfg.latent_channels)}
-  if cfg.name != "identity":
+  if cfg.name == "palette":
+    palette.load(cfg.weights, cfg)  # checked
+    s = palette.spec(cfg)
+    d.update(palette_sha256=store.file_sha256(cfg.weights), palette_size=s.n_embed, palette_factor=s.factor)
+  elif cfg.name != "identity":
     fs = load(cfg)
     arch = json.loads(json.dumps(dataclasses.asdict(fs.spec)))  # as the manifest holds it (lists, not tuples)
     d.update(weights_sha256=fs.weights_sha256, scale_factor=fs.scale_factor, arch=arch)
@@ -212,6 +219,8 @@ def encode_tokens(cfg: Any, images: np.ndarray) -> np.ndarray:
   """VQ first stage: uint8 images [B, H, W, C] -> int32 tokens [B, (H/f)(W/f)] in raster order."""
   if cfg.name == "identity":
     fail("config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage (vq_f16)")
+  if cfg.name == "palette":
+    return palette.encode(images, palette.load(cfg.weights, cfg), palette.spec(cfg).factor)
   tokens = load(cfg).encode_tokens(images)
   return tokens.reshape(tokens.shape[0], -1).astype(np.int32)
 
@@ -222,4 +231,9 @@ def decode_tokens(cfg: Any, tokens: np.ndarray, image_hw: tuple[int, int]) -> np
   side = int(round(tokens.shape[1] ** 0.5))
   if side * side != tokens.shape[1]:
     fail(f"{tokens.shape[1]} tokens per image do not make a square latent grid")
+  if cfg.name == "palette":
+    colours = palette.load(cfg.weights, cfg)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= len(colours)):
+      fail(f"token ids must lie in [0, {len(colours)}); got [{tokens.min()}, {tokens.max()}]")
+    return _from_unit(palette.decode(tokens, colours, palette.spec(cfg).factor), image_hw, 0)
   return load(cfg).decode_tokens(tokens.reshape(tokens.shape[0], side, side), image_hw)
