@@ -127,3 +127,9 @@ def test_bad_token_stores_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=says) as e:
       pipeline.check_tokens(config, bad)
     assert "\n" not in str(e.value)
+
+
+def test_the_demo_config_models_palette_tokens():
+  """configs/fashion_mnist_rarm.py: 14 x 14 palette tokens of 16 grey levels per 28-px image."""
+  model = training.make_model(repo_config("fashion_mnist_rarm"))
+  assert (model.num_codes, model.seq_len, model.heads * model.dim_head, model.depth) == (16, 196, 128, 4)
