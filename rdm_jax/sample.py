@@ -192,8 +192,10 @@ def main(argv):
     grid_png, panel_png = files.join(out, "samples.png"), files.join(out, "neighbors_and_samples.png")
     visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
     visualize.save_png(panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2)
+    how = (f"tokens with temperature {s.temperature}, top-k {s.top_k or 'off'}, top-p {s.top_p}"
+           if config.model.get("family", "unet") == "rarm" else f"{s.sampler}, {s.num_steps} steps")
     print(f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
-          f"{s.sampler}, {s.num_steps} steps, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
+          f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
           f"(rows: the {config.k_train} conditioning entries | sample)")
   multihost_utils.sync_global_devices("rdm_jax.sample done")
 
