@@ -20,23 +20,15 @@ transformer (4 heads x 32, depth 4), lr 1e-3 with a 100-step warm-up, batch 32, 
 unconditional branch and guidance is possible).
 """
 
-import importlib.util
 import os
 
 import ml_collections as mlc
 
-
-def _rdm_config() -> mlc.ConfigDict:
-  """configs/fashion_mnist_rdm.py's config (loaded by path: configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("fashion_mnist_rdm", os.path.join(os.path.dirname(__file__),
-                                                                                  "fashion_mnist_rdm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from rdm_jax.config_base import config_file
 
 
 def get_config() -> mlc.ConfigDict:
-  c = _rdm_config()
+  c = config_file(os.path.join(os.path.dirname(__file__), "fashion_mnist_rdm.py"))
   c.data_dir = "data/fashion_mnist_rarm"
   c.dataset.image_size = 28  # the token grid: 28 / 2 = 14 per side
   c.first_stage.update(name="palette", pad_to=0, latent_channels=1, weights="data/fashion_mnist_rarm/palette_16.npy")

@@ -18,19 +18,12 @@ train.batch_size = 100 per update (raise it with the pod). Departures: a one-ste
 The database, retriever and data pipeline are the RDM's (configs/imagenet_rdm.py).
 """
 
-import importlib.util
 import os
 
 import ml_collections as mlc
 
+from rdm_jax.config_base import config_file
 
-def _rdm_config() -> mlc.ConfigDict:
-  """configs/imagenet_rdm.py's config (loaded by path: configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("imagenet_rdm", os.path.join(os.path.dirname(__file__),
-                                                                             "imagenet_rdm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 SUBSETS = {"dogs": (151, 280), "mammals": (147, 388), "animals": (0, 397)}
 
@@ -38,7 +31,7 @@ SUBSETS = {"dogs": (151, 280), "mammals": (147, 388), "animals": (0, 397)}
 def get_config(subset: str = "dogs") -> mlc.ConfigDict:
   if subset not in SUBSETS:
     raise ValueError(f"subset {subset!r}: use one of {', '.join(SUBSETS)}")
-  c = _rdm_config()
+  c = config_file(os.path.join(os.path.dirname(__file__), "imagenet_rdm.py"))
   c.data_dir = f"data/imagenet_{subset}"
   c.dataset.label_range = SUBSETS[subset]
   c.first_stage.update(name="vq_f16", latent_channels=8, weights="models/first_stage_models/vq-f16/model.ckpt",

@@ -145,6 +145,16 @@ def base_config() -> mlc.ConfigDict:
   return c
 
 
+def config_file(path: str, *args: str) -> mlc.ConfigDict:
+  """get_config(*args) of a config file, loaded by path (configs/ is not a package): how one
+  config builds on another (configs/imagenet_rarm.py on configs/imagenet_rdm.py)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
 def model_family(config: mlc.ConfigDict) -> str:
   """"unet" (an RDM: latents stores) or "rarm" (the autoregressive transformer: token stores)."""
   return config.model.get("family", "unet")
