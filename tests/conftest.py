@@ -39,11 +39,14 @@ FMNIST_DB_START = 40000  # the demo config's database part of Fashion-MNIST's tr
 
 
 def make_tiny_stores(data_dir: str, n_train: int = 64, n_db: int = 40, k: int = 6, d: int = 16,
-                     seed: int = 0, encoder: dict | None = None, fmnist_database: bool = False) -> dict:
+                     seed: int = 0, encoder: dict | None = None, fmnist_database: bool = False,
+                     tokens: dict | None = None) -> dict:
   """Writes latents / neighbours / database stores of random data as the jobs would.
 
   fmnist_database: the database entries claim Fashion-MNIST train rows 40000.. as their source
   (as the embed job records them), so jobs that show neighbour pixels can load them.
+  tokens: {"first_stage": identity, "seq_len": S, "num_codes": V}: RARM token stores (int32
+  [N, S], manifest tokens: true) instead of continuous latents.
   """
   from rdm_jax.data import store
 
@@ -60,10 +63,16 @@ def make_tiny_stores(data_dir: str, n_train: int = 64, n_db: int = 40, k: int = 
                    encoder=encoder, source=db_source)
   for part, n in (("train", n_train), ("test", n_train // 2)):
     ids = np.arange(n, dtype=np.int64)
-    store.write(os.path.join(data_dir, f"latents_{part}"), "latents",
-                {"latents": rng.normal(size=(n, 8, 8, 1)).astype(np.float32), "ids": ids,
-                 "labels": np.zeros(n, np.int32)},
-                source=source, first_stage={"name": "identity", "pad_to": 8}, image_shape=[8, 8, 1])
+    if tokens:
+      store.write(os.path.join(data_dir, f"latents_{part}"), "latents",
+                  {"latents": rng.integers(0, tokens["num_codes"], (n, tokens["seq_len"])).astype(np.int32),
+                   "ids": ids, "labels": np.zeros(n, np.int32)},
+                  source=source, first_stage=tokens["first_stage"], tokens=True, image_shape=[8, 8, 1])
+    else:
+      store.write(os.path.join(data_dir, f"latents_{part}"), "latents",
+                  {"latents": rng.normal(size=(n, 8, 8, 1)).astype(np.float32), "ids": ids,
+                   "labels": np.zeros(n, np.int32)},
+                  source=source, first_stage={"name": "identity", "pad_to": 8}, image_shape=[8, 8, 1])
     store.write(os.path.join(data_dir, f"embeddings_{part}"), "embeddings",
                 {"embeddings": rng.normal(size=(n, d)).astype(np.float32), "ids": ids,
                  "labels": np.zeros(n, np.int32)}, encoder=encoder, source=source)
@@ -141,6 +150,36 @@ def repo_config(name: str):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
+
+
+def with_overrides(config, overrides):
+  """`config` with command-line overrides (--config.a.b=value) applied as the jobs apply them."""
+  import ast
+  for override in overrides:
+    if not override.startswith("--config."):
+      continue
+    key, value = override[len("--config."):].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
+def final_state(config, workdir: str, latent_shape: tuple, step: int):
+  """The whole train state (step, params, optimizer state, EMA) of a run's checkpoint at `step`."""
+  from rdm_jax import checkpoint, training
+  from rdm_jax.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  rules = [tuple(r) for r in config.sharding_rules]
+  model, tx = training.make_model(config), training.make_optimizer(config)
+  inputs = training.example_inputs(config, 1, latent_shape, config.k_train)
+  abstract, sh = training.state_shardings(model, tx, inputs, mesh, rules)
+  return checkpoint.restore(checkpoint.manager(workdir, create=False), abstract, sh, step)
 
 
 def tiny_config(data_dir: str):

@@ -205,18 +205,5 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
 
 def config_of(root: str, rarm: bool = False):
   """The config the jobs run with: the file's, with the overrides applied as --config.a.b=value."""
-  import ast
-
-  from conftest import repo_config
-  config = repo_config("imagenet_rarm" if rarm else "imagenet_rdm")
-  for override in overrides(root, rarm):
-    key, value = override[len("--config."):].split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
-  return config
+  from conftest import repo_config, with_overrides
+  return with_overrides(repo_config("imagenet_rarm" if rarm else "imagenet_rdm"), overrides(root, rarm))

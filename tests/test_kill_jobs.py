@@ -211,3 +211,30 @@ def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupt
     again = run("rdm_jax.jobs.embed", [f"--config.data_dir={data}", *args])
     assert again.returncode == 0, (n, again.stderr[-3000:])
     assert_same_files(data, os.path.join(data, "database"), want, os.path.join(want, "database"))
+
+
+def test_rarm_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tmp_path):
+  """The tiny RARM run of tests/test_rarm_training.py, killed at seeded commit points."""
+  from test_rarm_training import rarm_final_state, tiny_token_run
+  args = [a for a in tiny_token_run(tmp_path) if not a.startswith("--config=")]
+  args += ["--config.train.num_steps=6", "--config.train.keep_checkpoints=10"]
+  rarm = [f"--config={REPO}/configs/fashion_mnist_rarm.py"]
+
+  def train(workdir, **kill):
+    cmd = killable([sys.executable, "-m", "rdm_jax.train", *rarm, f"--workdir={workdir}", *args], **kill)
+    return subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO, timeout=600)
+
+  straight = str(tmp_path / "straight")
+  out = train(straight, count_file=str(tmp_path / "count"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  want = rarm_final_state(args, straight, 6)
+  for n in kill_points(int(open(tmp_path / "count").read()), seed=21):
+    workdir = str(tmp_path / f"killed_{n}")
+    killed = train(workdir, kill_at=n)
+    assert killed.returncode == -9, (n, killed.stderr[-2000:])
+    again = train(workdir)
+    assert again.returncode == 0, (n, again.stderr[-3000:])
+    got = rarm_final_state(args, workdir, 6)
+    assert int(got.step) == 6
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import repo_config
 from jax.sharding import PartitionSpec as P
 
@@ -133,3 +134,114 @@ def test_the_demo_config_models_palette_tokens():
   """configs/fashion_mnist_rarm.py: 14 x 14 palette tokens of 16 grey levels per 28-px image."""
   model = training.make_model(repo_config("fashion_mnist_rarm"))
   assert (model.num_codes, model.seq_len, model.heads * model.dim_head, model.depth) == (16, 196, 128, 4)
+
+
+RARM_TINY = ["--config.dataset.image_size=8", "--config.model.heads=2", "--config.model.dim_head=8",
+             "--config.model.depth=1", "--config.retrieval.embed_dim=16", "--config.k_train=4",
+             "--config.train.batch_size=8", "--config.optim.warmup_steps=2", "--config.train.log_every=1",
+             "--config.train.num_steps=4", "--config.train.checkpoint_every=2", "--config.mesh.data=4",
+             "--config.mesh.fsdp=2"]
+
+
+def tiny_token_run(tmp_path) -> list[str]:
+  """configs/fashion_mnist_rarm.py shrunk: random palette tokens (4 x 4 of 16 codes) in tiny stores;
+  the train command's arguments after the module."""
+  from conftest import make_tiny_stores, repo_config
+
+  from rdm_jax.models import first_stage
+  palette = str(tmp_path / "palette_16.npy")
+  np.save(palette, np.linspace(-1, 1, 16, dtype=np.float32)[:, None])
+  config = repo_config("fashion_mnist_rarm")
+  config.first_stage.weights = palette
+  data_dir = str(tmp_path / "data")
+  make_tiny_stores(data_dir, tokens={"first_stage": first_stage.identity(config.first_stage), "seq_len": 16,
+                                     "num_codes": 16})
+  return ["--config=configs/fashion_mnist_rarm.py", f"--config.data_dir={data_dir}",
+          f"--config.first_stage.weights={palette}", *RARM_TINY]
+
+
+def rarm_final_state(args: list[str], workdir: str, step: int):
+  """The whole train state of the tiny RARM run at `step` (the config its job ran with)."""
+  from conftest import final_state, repo_config, with_overrides
+  return final_state(with_overrides(repo_config("fashion_mnist_rarm"), args), workdir, (16,), step)
+
+
+def _train(args, workdir, kill_at=0):
+  import subprocess
+  import sys
+
+  from conftest import REPO, killable, subprocess_env
+  cmd = killable([sys.executable, "-m", "rdm_jax.train", f"--workdir={workdir}", *args], kill_at)
+  return subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def rarm_run(tmp_path_factory):
+  """The tiny RARM trained 4 steps uninterrupted: (its job's arguments, workdir)."""
+  root = tmp_path_factory.mktemp("rarm_run")
+  args = tiny_token_run(root)
+  out = _train(args, str(root / "straight"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return args, str(root / "straight")
+
+
+def test_rarm_training_killed_while_checkpointing_resumes_to_the_uninterrupted_state(rarm_run, tmp_path):
+  """The RARM train job SIGKILLed (a preemption: no clean-up) just as its step-4 checkpoint is
+  committed, then rerun: it resumes from step 2 and ends in the uninterrupted run's state (weights,
+  Adam moments, EMA), bit for bit (8 fake devices, data=4 x fsdp=2). Seeded kill points:
+  tests/test_kill_jobs.py."""
+  import signal
+
+  from rdm_jax import checkpoint
+  args, straight = rarm_run
+  killed = str(tmp_path / "killed")
+  out = _train(args, killed, kill_at="path:checkpoints/4")
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  assert checkpoint.steps(checkpoint.manager(killed, create=False)) == [2]
+  out = _train(args, killed)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step 2" in out.stderr
+  want, got = rarm_final_state(args, straight, 4), rarm_final_state(args, killed, 4)
+  assert int(want.step) == int(got.step) == 4
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_python_api_samples_rarm_from_every_conditioning_source(rarm_run):
+  """inference.RDM on the tiny RARM run: exemplar, proposal, class-pool and own-embedding
+  conditioning. Each gives the context of its database rows (the embeddings' rows against a
+  brute-force cosine search), tokens drawn by the cached decoder with the per-sample keys
+  fold_in(PRNGKey(seed), i) whatever the batch size, and images that are the palette's colour of
+  each token blown up 2 x 2 (worked by hand). Text conditioning is the same path from CLIP's
+  text embedding (tests/test_clip_eval.py); it needs a CLIP encoder, which the tiny stores lack."""
+  from conftest import final_state, repo_config, with_overrides
+  from test_sample import brute_force_neighbors
+
+  from rdm_jax import config_base, inference
+  from rdm_jax.data import store
+  from rdm_jax.retrieval import proposal
+  args, workdir = rarm_run
+  config = with_overrides(repo_config("fashion_mnist_rarm"), args)
+  config.sample.update(batch_size=3, class_pool_size=6, temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)
+  paths = config_base.paths(config)
+  db = store.read(paths["database"], "database", hint="")
+  proposal.write_proposal(paths["proposal"], store.read(paths["neighbors_train"], "neighbors", hint=""), db,
+                          config.k_train)
+  rdm = inference.RDM(config, workdir)
+  ema = final_state(config, workdir, (16,), 4).ema_params
+  palette = np.load(config.first_stage.weights)
+  queries = np.random.default_rng(4).normal(size=(5, 16)).astype(np.float32)
+  conds = {"exemplar": rdm.exemplars(5), "proposal": rdm.proposal(5, seed=2), "class": rdm.classes(5, "0"),
+           "embeddings": rdm.embeddings(queries, include_query=False)}
+  np.testing.assert_array_equal(conds["embeddings"].neighbor_rows,
+                                brute_force_neighbors(queries, db["embeddings"], config.k_train))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(9), i))(jnp.arange(5, dtype=jnp.uint32))
+  for name, cond in conds.items():
+    np.testing.assert_array_equal(cond.context, np.asarray(db["embeddings"])[cond.neighbor_rows], err_msg=name)
+    out = rdm.sample(cond, seed=9)  # batches of 3: [0:3], [3:5] padded
+    want = rarm.sample(rdm.model, ema, jnp.asarray(cond.context), keys)  # all five at once
+    np.testing.assert_array_equal(out.latents, np.asarray(want), err_msg=name)
+    assert out.latents.shape == (5, 16) and 0 <= out.latents.min() and out.latents.max() < 16
+    by_hand = palette[out.latents.reshape(5, 4, 4)].repeat(2, 1).repeat(2, 2)  # [-1, 1] grey per 2 x 2 block
+    np.testing.assert_array_equal(out.images, np.clip(np.round((by_hand + 1) * 127.5), 0, 255).astype(np.uint8),
+                                  err_msg=name)

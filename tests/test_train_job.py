@@ -9,10 +9,9 @@ import sys
 import jax
 import numpy as np
 
-from conftest import REPO, TRAINED_STEPS, killable, one_line_error, subprocess_env, tiny_config, train_command
-from rdm_jax import checkpoint, training
-from rdm_jax.parallel import mesh as mesh_lib
-
+from conftest import (REPO, TRAINED_STEPS, final_state, killable, one_line_error, subprocess_env, tiny_config,
+                      train_command)
+from rdm_jax import checkpoint
 
 
 def _train_cmd(data_dir, workdir, steps, *extra):
@@ -21,14 +20,7 @@ def _train_cmd(data_dir, workdir, steps, *extra):
 
 
 def _final_state(data_dir, workdir, step):
-  config = tiny_config(data_dir)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  rules = [tuple(r) for r in config.sharding_rules]
-  model, tx = training.make_model(config), training.make_optimizer(config)
-  inputs = training.example_inputs(config, 1, (8, 8, 1), config.k_train)
-  abstract, sh = training.state_shardings(model, tx, inputs, mesh, rules)
-  mngr = checkpoint.manager(workdir, create=False)
-  return checkpoint.restore(mngr, abstract, sh, step)
+  return final_state(tiny_config(data_dir), workdir, (8, 8, 1), step)
 
 
 def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
