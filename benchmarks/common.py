@@ -16,6 +16,13 @@ def load_config(name: str):
   return mod.get_config()
 
 
+def patch_grid(config, latent_shape):
+  """The shape our UNet's layers see: latents [H, W, C] folded into p x p patches
+  (config.model.patch_size, a reshape) are diffusers' input [H/p, W/p, C p^2]."""
+  p = int(config.model.get("patch_size", 1))
+  return (latent_shape[0] // p, latent_shape[1] // p, latent_shape[2] * p * p)
+
+
 def diffusers_unet(config, latent_shape):
   """Our UNet as diffusers' UNet2DConditionModel (torch, CPU, random weights, same parameter count)."""
   sys.path.insert(0, os.path.join(REPO, "tests"))

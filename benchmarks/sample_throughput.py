@@ -28,7 +28,7 @@ from absl import app, flags  # noqa: E402
 
 from rdm_jax import training  # noqa: E402
 from rdm_jax.diffusion import samplers  # noqa: E402
-from common import diffusers_unet, load_config  # noqa: E402
+from common import diffusers_unet, load_config, patch_grid  # noqa: E402
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 16, "Images per timed run (one batch).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
@@ -66,10 +66,11 @@ def time_torch(config, context: np.ndarray, sampler: str, steps: int) -> float:
                                       algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min")
     a_bar = np.cumprod(1 - betas.astype(np.float64))
     sch.set_timesteps(timesteps=samplers.dpm_solver_timesteps(a_bar, steps).tolist())
-  net = diffusers_unet(config, LATENT).eval()
+  grid = patch_grid(config, LATENT)  # our patching is a reshape: diffusers' UNet on the patch grid
+  net = diffusers_unet(config, grid).eval()
   ctx = torch.from_numpy(context)
   ctx2 = torch.cat([torch.zeros_like(ctx), ctx])
-  x = torch.randn((len(context), LATENT[2]) + LATENT[:2])
+  x = torch.randn((len(context), grid[2]) + grid[:2])
   t0 = time.perf_counter()
   with torch.no_grad():
     for t in sch.timesteps:

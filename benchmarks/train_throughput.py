@@ -30,7 +30,7 @@ from rdm_jax import training  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import diffusers_unet, load_config  # noqa: E402
+from common import diffusers_unet, load_config, patch_grid  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
@@ -77,6 +77,7 @@ def time_torch(config, latent_shape, steps: int) -> tuple[float, int]:
   """The same UNet as diffusers' UNet2DConditionModel, AdamW step, CPU threads as available."""
   import torch
 
+  latent_shape = patch_grid(config, latent_shape)  # our patching is a reshape: diffusers' UNet on the grid
   model = diffusers_unet(config, latent_shape)
   n_params = sum(p.numel() for p in model.parameters())
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

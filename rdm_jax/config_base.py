@@ -93,8 +93,12 @@ def base_config() -> mlc.ConfigDict:
 
   c.model = mlc.ConfigDict(dict(
       model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4),
-      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32"))
-  c.diffusion = mlc.ConfigDict(dict(num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2))
+      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32", patch_size=1))
+  c.diffusion = mlc.ConfigDict(dict(
+      num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2,
+      prediction="eps",          # what the UNet outputs: eps (the paper's) | v (Salimans & Ho 2022)
+      loss_weighting="uniform",  # uniform (Eq. 3) | min_snr: min(SNR, gamma)-weighted (Hang et al. 2023)
+      min_snr_gamma=5.0))
   c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=1000, b1=0.9, b2=0.999, weight_decay=0.01,
                                 grad_clip=1.0, ema_decay=0.9999))
 
@@ -126,7 +130,9 @@ def base_config() -> mlc.ConfigDict:
       top_m=0.01, top_count=0,       # proposal: the top fraction m of D by p_D (or the top count)
       top_m_of="database",           # m of all of D (Sec. 3.3) | "retrieved": of the entries with p_D > 0 (original code)
       proposal_weighted=False,       # proposal: draw by p_D within the top set (else uniformly)
-      clip_x0=0.0))                  # clip_x0 > 0: pixel-space clipping
+      clip_x0=0.0,                   # clip_x0 > 0: pixel-space clipping
+      final_step="abar0"))           # ddim, dpm_solver++: end at alpha_bar_0 (the original) | x0: the last
+                                     # step returns its predicted z_0 (no leftover noise; pixel-space models)
 
   # rdm_jax.evaluate: metrics of sample sets against a reference set, on one extractor's features.
   c.eval = mlc.ConfigDict(dict(

@@ -69,12 +69,22 @@ def make_model(config: Any) -> UNet | rarm.RARM:
               num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
               num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
               out_channels=config.first_stage.latent_channels, dropout=m.dropout,
-              dtype=jnp.dtype(m.dtype))
+              dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)))
 
 
 def make_schedule(config: Any) -> schedule_lib.Schedule:
+  """The noise schedule and what the UNet predicts (config.diffusion.prediction: eps | v)."""
   d = config.diffusion
-  return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end)
+  prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
+  if prediction not in schedule_lib.PREDICTIONS or weighting not in schedule_lib.WEIGHTINGS:
+    fail(f"config.diffusion: prediction={prediction!r} (one of {', '.join(schedule_lib.PREDICTIONS)}), "
+         f"loss_weighting={weighting!r} (one of {', '.join(schedule_lib.WEIGHTINGS)})")
+  return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end, prediction)
+
+
+def eps_fn(model: UNet, params: Any, sched: schedule_lib.Schedule):
+  """(z_t, t, context) -> the eps the UNet's output means (converted from v for prediction="v")."""
+  return lambda z_t, t, c: schedule_lib.eps_of(sched, model.apply({"params": params}, z_t, t, c), z_t, t)
 
 
 # LDM's LambdaLinearScheduler as the RDM configs set it (f_start 1e-6, f_max = f_min = 1;
@@ -129,7 +139,8 @@ def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
 
 def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
                     ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
-  """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); eps-MSE of Eq. 3 (for RARM:
+  """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); the eps-MSE of Eq. 3 (or the
+  v-MSE, min-SNR weighted: config.diffusion, schedule.diffusion_loss) (for RARM:
   z0 = tokens [B, S], next-token cross-entropy of Eq. 4).
 
   With probability `config.train.p_uncond` an example's context is replaced by zeros,
@@ -141,6 +152,8 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
   p_uncond = config.train.p_uncond
   decay = config.optim.ema_decay
   autoregressive = isinstance(model, rarm.RARM)
+  weighting = config.diffusion.get("loss_weighting", "uniform")
+  gamma = float(config.diffusion.get("min_snr_gamma", 5.0))
 
   def step(state: TrainState, z0, context, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -152,8 +165,8 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
     def loss_fn(params):
       if autoregressive:  # z0: tokens [B, S]; Eq. 4's next-token cross-entropy
         return rarm.nll(model.apply({"params": params}, z0, context), z0)
-      eps_fn = lambda z_t, t: model.apply({"params": params}, z_t, t, context)
-      return schedule_lib.eps_loss(eps_fn, sched, z0, loss_rng)
+      return schedule_lib.diffusion_loss(lambda z_t, t: model.apply({"params": params}, z_t, t, context),
+                                         sched, z0, loss_rng, weighting, gamma)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -191,16 +204,19 @@ def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample
     return jax.jit(lambda params, context, keys: rarm.sample(
         model, params, context, keys, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
         guidance_scale=s.guidance_scale))
+  if s.get("final_step", "abar0") not in ("abar0", "x0"):
+    fail(f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 (the last step's "
+         "predicted z_0)")
   try:
     samplers.timesteps(s.sampler, sched, s.num_steps, s.timestep_spacing)
   except ValueError as e:
     fail(f"{e} (config.sample)")
 
   def sample(params, context, rng):
-    eps_fn = lambda z, t, c: model.apply({"params": params}, z, t, c)
-    return samplers.sample(eps_fn, sched, context, (context.shape[0],) + tuple(latent_shape), rng,
+    return samplers.sample(eps_fn(model, params, sched), sched, context, (context.shape[0],) + tuple(latent_shape), rng,
                            sampler=s.sampler, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                           eta=s.eta, clip_x0=s.clip_x0 or None, timestep_spacing=s.timestep_spacing)
+                           eta=s.eta, clip_x0=s.clip_x0 or None, timestep_spacing=s.timestep_spacing,
+                           final_x0=s.get("final_step", "abar0") == "x0")
 
   return jax.jit(sample)
 
@@ -245,7 +261,7 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
 
 def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,
                    repeats: int, batch: int = 256, seed: int = 0) -> dict[str, float]:
-  """Mean eps-MSE (RARM: next-token NLL in nats per token) over the first `num_examples` of `data`
+  """Mean eps-MSE, unweighted whatever the training loss (a v-predicting UNet's eps), (RARM: next-token NLL in nats per token) over the first `num_examples` of `data`
   for each context variant, in whole batches (a last partial batch would shuffle among fewer
   examples): `examples` says how many. RARM's NLL has no noise, so its repeats agree."""
   n = min(num_examples, data.num_examples)
@@ -258,8 +274,8 @@ def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, n
         logits = model.apply({"params": params}, z0, ctx)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, z0[..., None], axis=-1)[..., 0], axis=-1)
-      eps_fn = lambda z_t, t: model.apply({"params": params}, z_t, t, ctx)
-      return schedule_lib.eps_loss(eps_fn, sched, z0, rng, reduce=False)
+      eps = eps_fn(model, params, sched)
+      return schedule_lib.eps_loss(lambda z_t, t: eps(z_t, t, ctx), sched, z0, rng, reduce=False)
     return loss(context), loss(jnp.zeros_like(context)), loss(context[perm])
 
   totals = np.zeros(3)

@@ -153,3 +153,48 @@ def test_stochastic_ddim_moments_on_gaussian_data():
     assert out.var() == pytest.approx(v, rel=0.02), (eta, out.var(), v)
     variances[eta] = v
   assert variances[0.0] > 1.05 * variances[0.5] > 1.05 * variances[1.0]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
+def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weighting):
+  """schedule.diffusion_loss against diffusers' training recipe (train_text_to_image.py): the
+  target is the noise or DDPMScheduler.get_velocity, the min-SNR-5 weights are
+  min(compute_snr, 5) / snr for eps and / (snr + 1) for v; and eps_of turns the true v back
+  into the noise (Salimans & Ho 2022)."""
+  pytest.importorskip("torch")
+  import torch
+  from torch_references import define_missing_torchvision_ops
+  define_missing_torchvision_ops()
+  from diffusers import DDPMScheduler
+  from diffusers.training_utils import compute_snr
+
+  s = schedule.linear_schedule(prediction=prediction)
+  ref = DDPMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(s.betas, np.float64),
+                      prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+  z0 = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 2))
+  seen = {}
+
+  def model_fn(z_t, t):  # some fixed function of its inputs, remembered
+    seen.update(z_t=np.asarray(z_t, np.float64), t=np.asarray(t))
+    return 0.5 * z_t + 0.01 * t[:, None, None, None]
+
+  got = schedule.diffusion_loss(model_fn, s, z0, jax.random.PRNGKey(3), weighting=weighting, min_snr_gamma=5.0,
+                                reduce=False)
+  t, z_t = seen["t"], seen["z_t"]
+  a = np.asarray(ref.alphas_cumprod, np.float64)[t][:, None, None, None]
+  noise = (z_t - np.sqrt(a) * np.asarray(z0, np.float64)) / np.sqrt(1 - a)
+  tt = torch.as_tensor(np.array(t))
+  target = noise if prediction == "eps" else ref.get_velocity(
+      torch.as_tensor(np.asarray(z0, np.float64)), torch.as_tensor(noise), tt).numpy()
+  pred = 0.5 * z_t + 0.01 * t[:, None, None, None]
+  want = ((pred - target) ** 2).mean(axis=(1, 2, 3))
+  if weighting == "min_snr":
+    snr = compute_snr(ref, tt).double()
+    w = torch.minimum(snr, torch.full_like(snr, 5.0))
+    want = want * (w / snr if prediction == "eps" else w / (snr + 1)).numpy()
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-6)
+  assert len(set(t.tolist())) > 8  # the batch spans many timesteps
+  if prediction == "v":
+    eps = schedule.eps_of(s, jnp.asarray(target, jnp.float32), jnp.asarray(z_t, jnp.float32), jnp.asarray(t))
+    np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-4)

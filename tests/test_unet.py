@@ -151,3 +151,27 @@ def test_unet_uses_the_context():
   c2 = model.apply({"params": params}, x, t, ctx[:, ::-1])
   assert float(jnp.abs(a - b).max()) > 1e-3
   np.testing.assert_allclose(np.asarray(c1), np.asarray(c2), rtol=1e-4, atol=1e-4)
+
+
+def test_patching_is_pixel_unshuffle_and_the_patched_unet_keeps_its_shapes():
+  """model.patch_size=p: the UNet sees each p x p patch as channels (torch's pixel_unshuffle order
+  for one channel, worked by hand for a 4 x 4 image), depth_to_space inverts it for any channel
+  count, and the patched UNet maps [B, 32, 32, 1] to the same shape, zero at init (conv_out)."""
+  from rdm_jax.models.unet import depth_to_space, space_to_depth
+  x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+  np.testing.assert_array_equal(np.asarray(space_to_depth(x, 2))[0],
+                                [[[0, 1, 4, 5], [2, 3, 6, 7]], [[8, 9, 12, 13], [10, 11, 14, 15]]])
+  torch = pytest.importorskip("torch")
+  y = np.random.default_rng(0).normal(size=(2, 8, 12, 1)).astype(np.float32)
+  ref = torch.nn.functional.pixel_unshuffle(torch.as_tensor(y).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_array_equal(np.asarray(space_to_depth(jnp.asarray(y), 2)), ref)
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 3))
+  np.testing.assert_array_equal(np.asarray(depth_to_space(space_to_depth(z, 2), 2)), np.asarray(z))
+  with pytest.raises(ValueError, match="patch_size"):
+    space_to_depth(jnp.zeros((1, 5, 4, 1)), 2)
+  model = UNet(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), patch_size=2)
+  x, t, c = jnp.ones((2, 32, 32, 1)), jnp.array([3, 500]), jnp.ones((2, 4, 16))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), x, t, c)["params"])
+  assert params["conv_in"]["kernel"].shape[-2:] == (4, 32) and params["conv_out"]["kernel"].shape[-1] == 4
+  out = model.apply({"params": params}, x, t, c)
+  assert out.shape == x.shape and not np.any(np.asarray(out))

@@ -85,8 +85,13 @@ def guided_eps(eps_fn: EpsFn, z: jax.Array, t: jax.Array, context: jax.Array,
 def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tuple[int, ...],
                 rng: jax.Array, num_steps: int = 100, guidance_scale: float = 2.0,
                 eta: float = 0.0, clip_x0: float | None = None,
-                z_init: jax.Array | None = None) -> jax.Array:
+                z_init: jax.Array | None = None, final_x0: bool = False) -> jax.Array:
   """Draws z_0 ~ p_theta(z | context) with DDIM. context: [B, k, d]; shape: (B, H, W, C).
+
+  final_x0: the last step goes to alpha_bar = 1, i.e. returns its predicted z_0 (diffusers'
+  `set_alpha_to_one=True`) instead of a point at alpha_bar_0, where the original ends and which
+  still holds sqrt(1 - alpha_bar_0) = 0.039 of the predicted noise (invisible through a decoder,
+  speckle on pixels).
 
   clip_x0: for pixel-space models (identity first stage), clip the predicted z_0 to
   [-clip_x0, clip_x0] and re-derive eps from it, as guided-diffusion's DDIM does with
@@ -97,7 +102,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
   taus = ddim_timesteps(schedule.num_timesteps, num_steps)
   a_all = schedule.alphas_cumprod
   alphas = a_all[taus]
-  alphas_prev = jnp.concatenate([a_all[:1], a_all[taus[:-1]]])
+  alphas_prev = jnp.concatenate([jnp.ones((1,), a_all.dtype) if final_x0 else a_all[:1], a_all[taus[:-1]]])
   z, rng = start(rng, shape, z_init)
 
   def step(z, inputs):

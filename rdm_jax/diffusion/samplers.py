@@ -111,9 +111,13 @@ def dpm_solver_coefficients(a_bar: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
   """
   n = len(a_bar) - 1
   alpha, sigma = np.sqrt(a_bar), np.sqrt(1.0 - a_bar)
-  lam = np.log(alpha) - np.log(sigma)
+  with np.errstate(divide="ignore"):
+    lam = np.log(alpha) - np.log(sigma)
   c_z, c_x0, c_prev = np.zeros(n), np.zeros(n), np.zeros(n)
   for i in range(n):
+    if a_bar[i + 1] == 1.0:  # to sigma = 0 (final_x0): the step is its x0 (diffusers' final_sigmas_type="zero")
+      c_x0[i] = 1.0
+      continue
     h = lam[i + 1] - lam[i]
     b = alpha[i + 1] * -np.expm1(-h)
     c_z[i] = sigma[i + 1] / sigma[i]
@@ -128,12 +132,14 @@ def dpm_solver_coefficients(a_bar: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 def dpm_solver_pp_sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array,
                          shape: tuple[int, ...], rng: jax.Array, num_steps: int = 20,
                          guidance_scale: float = 2.0, clip_x0: float | None = None,
-                         z_init: jax.Array | None = None, spacing: str = "logsnr") -> jax.Array:
-  """DPM-Solver++(2M) from z_T ~ N(0, I) at t = T-1 to abar_0, where DDIM ends too."""
+                         z_init: jax.Array | None = None, spacing: str = "logsnr",
+                         final_x0: bool = False) -> jax.Array:
+  """DPM-Solver++(2M) from z_T ~ N(0, I) at t = T-1 to abar_0, where DDIM ends too (final_x0: the
+  last step returns its x0 instead, diffusers' final_sigmas_type="zero")."""
   a_all = _alphas_cumprod(schedule)
   taus = dpm_solver_timesteps(a_all, num_steps, spacing)
   a = a_all[taus]
-  c_z, c_x0, c_prev = dpm_solver_coefficients(np.concatenate([a, a_all[:1]]))
+  c_z, c_x0, c_prev = dpm_solver_coefficients(np.concatenate([a, [1.0] if final_x0 else a_all[:1]]))
   z, _ = ddim.start(rng, shape, z_init)
 
   def step(carry, inputs):
@@ -163,18 +169,19 @@ def timesteps(sampler: str, schedule: Schedule, num_steps: int, spacing: str = "
 def sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array, shape: tuple[int, ...],
            rng: jax.Array, sampler: str = "ddim", num_steps: int = 100, guidance_scale: float = 2.0,
            eta: float = 0.0, clip_x0: float | None = None, z_init: jax.Array | None = None,
-           timestep_spacing: str = "logsnr") -> jax.Array:
+           timestep_spacing: str = "logsnr", final_x0: bool = False) -> jax.Array:
   """z_0 ~ p_theta(z | context) with the named sampler. context: [B, k, d]; shape: (B, H, W, C).
 
   eta applies to DDIM only (eta = 1 is DDPM's posterior noise on the DDIM timesteps), and
-  timestep_spacing to DPM-Solver++ only. rng: one key, or one per sample ([B] keys): then sample
+  timestep_spacing to DPM-Solver++ only. final_x0: DDIM and DPM-Solver++ return the last step's
+  predicted z_0 instead of stopping at abar_0 (DDPM always ends at z_0). rng: one key, or one per sample ([B] keys): then sample
   b's noise comes from rng[b] alone, whatever batch it is drawn in.
   """
   timesteps(sampler, schedule, num_steps, timestep_spacing)  # a bad choice fails here, in one line
   if sampler == "ddim":
     return ddim.ddim_sample(eps_fn, schedule, context, shape, rng, num_steps, guidance_scale, eta,
-                            clip_x0, z_init=z_init)
+                            clip_x0, z_init=z_init, final_x0=final_x0)
   if sampler == "ddpm":
     return ddpm_sample(eps_fn, schedule, context, shape, rng, num_steps, guidance_scale, clip_x0, z_init)
   return dpm_solver_pp_sample(eps_fn, schedule, context, shape, rng, num_steps, guidance_scale,
-                              clip_x0, z_init, timestep_spacing)
+                              clip_x0, z_init, timestep_spacing, final_x0)

@@ -1,8 +1,12 @@
-"""DDPM noise schedule and the eps-prediction objective (paper Eq. 3; Ho et al. 2020).
+"""DDPM noise schedule and the denoising objective (paper Eq. 3; Ho et al. 2020).
 
 The "linear" schedule of LDM/RDM: betas = linspace(sqrt(beta_start), sqrt(beta_end), T)^2
 (linear in sqrt(beta)), alpha_bar_t = prod_{s<=t} (1 - beta_s).
 Forward process (Ho et al. Eq. 4): z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps.
+
+The network predicts eps (the paper's and the original code's choice, `prediction="eps"`) or
+v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0 (Salimans & Ho 2022, `"v"`); samplers always
+see eps (`eps_of`). The loss may weight timesteps by min-SNR-gamma (Hang et al. 2023).
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 
+PREDICTIONS = ("eps", "v")
+WEIGHTINGS = ("uniform", "min_snr")
+
+
 @flax.struct.dataclass
 class Schedule:
   betas: jax.Array           # [T]
   alphas_cumprod: jax.Array  # [T] alpha_bar_t
+  prediction: str = flax.struct.field(pytree_node=False, default="eps")  # what the network outputs
 
   @property
   def num_timesteps(self) -> int:
@@ -26,12 +35,14 @@ class Schedule:
 
 
 def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1.5e-3,
-                    beta_end: float = 1.95e-2) -> Schedule:
+                    beta_end: float = 1.95e-2, prediction: str = "eps") -> Schedule:
   """LDM's "linear" schedule: betas linear in sqrt space, computed in float64 then cast."""
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"prediction={prediction!r}; choose from {PREDICTIONS}")
   betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=np.float64) ** 2
   alphas_cumprod = np.cumprod(1.0 - betas)
   return Schedule(betas=jnp.asarray(betas, jnp.float32),
-                  alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32))
+                  alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32), prediction=prediction)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -42,6 +53,45 @@ def q_sample(schedule: Schedule, z0: jax.Array, t: jax.Array, noise: jax.Array) 
   """z_t ~ q(z_t | z_0): z0 [B, ...], t [B] int, noise like z0."""
   a = schedule.alphas_cumprod[t]
   return _bcast(jnp.sqrt(a), z0) * z0 + _bcast(jnp.sqrt(1.0 - a), z0) * noise
+
+
+def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+  """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of timesteps t."""
+  a = schedule.alphas_cumprod[t]
+  return a / (1.0 - a)
+
+
+def eps_of(schedule: Schedule, out: jax.Array, z_t: jax.Array, t: jax.Array) -> jax.Array:
+  """The eps a network output means: itself, or from v, eps = sqrt(a) v + sqrt(1 - a) z_t."""
+  if schedule.prediction == "eps":
+    return out
+  a = schedule.alphas_cumprod[t]
+  return _bcast(jnp.sqrt(a), z_t) * out.astype(jnp.float32) + _bcast(jnp.sqrt(1.0 - a), z_t) * z_t
+
+
+def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule, z0: jax.Array,
+                   rng: jax.Array, weighting: str = "uniform", min_snr_gamma: float = 5.0,
+                   reduce: bool = True) -> jax.Array:
+  """The training loss: E_{t, eps} w(t) || target - model(z_t, t) ||^2, t ~ U{0..T-1}.
+
+  target is eps or v (schedule.prediction). w = 1 ("uniform": Eq. 3 for eps), or min-SNR-gamma
+  (Hang et al. 2023, Eq. 9 and Sec. 3.4): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1)
+  for v, i.e. the x0-MSE weighted by min(SNR, gamma) in both cases.
+  """
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting={weighting!r}; choose from {WEIGHTINGS}")
+  t_rng, n_rng = jax.random.split(rng)
+  t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_timesteps)
+  noise = jax.random.normal(n_rng, z0.shape, jnp.float32)
+  pred = model_fn(q_sample(schedule, z0, t, noise), t)
+  a = schedule.alphas_cumprod[t]
+  target = noise if schedule.prediction == "eps" else (
+      _bcast(jnp.sqrt(a), z0) * noise - _bcast(jnp.sqrt(1.0 - a), z0) * z0.astype(jnp.float32))
+  per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, z0.ndim)))
+  if weighting == "min_snr":
+    s = snr(schedule, t)
+    per_example = per_example * jnp.minimum(s, min_snr_gamma) / (s if schedule.prediction == "eps" else s + 1.0)
+  return per_example.mean() if reduce else per_example
 
 
 def eps_loss(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule,

@@ -1,0 +1,208 @@
+r"""How convincing the demo's samples are: do they follow their neighbours, and are they garments?
+
+  python benchmarks/demo_quality.py --workdir=runs/fashion_mnist [--seeds=0,1,2] [--num_images=256]
+      [--config=configs/fashion_mnist_rdm.py] [--sets=exemplar,proposal] [--no_sample]
+
+1. A Fashion-MNIST classifier of our own (a small CNN, Flax + optax, seeded) is trained on the
+   train split's rows 0..40000 (the RDM's training part, outside the database rows 40000..60000)
+   and its accuracy on the 10k test images is printed.
+2. For every seed, the sample job draws `num_images` samples of each conditioning set from the
+   run's checkpoint (`--config.sample.seed=S`, into <workdir>/samples/quality/<set>_seed<S>),
+   and the evaluation job scores them (precision / recall k=3 and FID on the config's extractor,
+   against the config's reference); --no_sample scores sets already there.
+3. Label agreement: the classifier's label for each sample against the majority label of the
+   k database entries that conditioned it (ties: the first neighbour's label among the tied).
+
+Prints a row per set and seed, then the mean and the spread (min..max) over seeds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from rdm_jax.data import sources  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = flags.DEFINE_string("config", "configs/fashion_mnist_rdm.py", "The demo's config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist", "The trained demo run.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Sampling seeds.")
+_NUM = flags.DEFINE_integer("num_images", 256, "Samples per set and seed.")
+_SETS = flags.DEFINE_list("sets", ["exemplar", "proposal"], "Conditioning sets (config.sample.condition).")
+_NO_SAMPLE = flags.DEFINE_bool("no_sample", False, "Score the sets already sampled; do not sample.")
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the sample sets' directory (one per variant of the settings).")
+_STEP = flags.DEFINE_integer("step", None, "Sample this checkpoint step (default: the latest).")
+_OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.* overrides for the sample and eval jobs.")
+
+IDX = "/usr/share/datasets/fashion-mnist"
+TRAIN_STOP = 40000  # the demo's training part; the database is rows 40000..60000
+
+
+class Classifier(nn.Module):
+  """Two 3x3 conv layers with max-pooling, then two dense layers: about 91% on Fashion-MNIST."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32) / 127.5 - 1.0
+    for ch in (32, 64):
+      x = nn.relu(nn.Conv(ch, (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(10)(x)
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 3, batch: int = 128, seed: int = 0):
+  """Params of `Classifier` after `epochs` of Adam (lr 1e-3) on uint8 [N, 28, 28, 1] images."""
+  model = Classifier()
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1), jnp.uint8))
+  tx = optax.adam(1e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, x, y):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()  # noqa: E731
+    grads = jax.grad(loss)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  rng = np.random.default_rng(seed)
+  for _ in range(epochs):
+    order = rng.permutation(len(images))
+    for i in range(0, len(order) - batch + 1, batch):
+      idx = order[i:i + batch]
+      params, opt = step(params, opt, images[idx], labels[idx])
+  return model, params
+
+
+def predict(model, params, images: np.ndarray, batch: int = 1000) -> np.ndarray:
+  fn = jax.jit(lambda x: jnp.argmax(model.apply(params, x), -1))
+  return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def majority(labels: np.ndarray) -> np.ndarray:
+  """[N, k] -> [N]: the most frequent label per row; a tie goes to the earliest neighbour's label."""
+  out = np.empty(len(labels), np.int64)
+  for i, row in enumerate(labels):
+    counts = np.bincount(row, minlength=10)
+    tied = np.flatnonzero(counts == counts.max())
+    out[i] = next(x for x in row if x in tied)
+  return out
+
+
+def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, H, W, 1], neighbour ids [N, k]) of a sample set's shards."""
+  shards = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".npz"))
+  images, ids = [], []
+  for name in shards:
+    with np.load(os.path.join(path, name), allow_pickle=False) as z:
+      images.append(z["images"])
+      ids.append(z["neighbor_ids"])
+  return np.concatenate(images), np.concatenate(ids)
+
+
+def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tuple[float, int]:
+  """The same agreement for the real test images and the neighbours the neighbour job found for
+  them: what a perfect model would score (the classifier's and the retrieval's errors)."""
+  from rdm_jax import config_base
+  from rdm_jax.data import store
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, _CONFIG.value))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for o in _OVERRIDES.value:
+    key, value = o.split("=", 1)
+    if key in ("database", "data_dir"):
+      config[key] = value
+  paths = config_base.paths(config)
+  k = config.k_train
+  neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][:, :k]
+  ids = np.asarray(store.read(paths["database"], "database", hint="")["ids"])
+  got = predict(model, params, test_x[:len(neighbors)])
+  return float((got == majority(train_y[ids[neighbors]])).mean()), k
+
+
+def job(module: str, *args: str) -> str:
+  cmd = [sys.executable, "-m", module, f"--config={_CONFIG.value}", *args,
+         *(f"--config.{o}" for o in _OVERRIDES.value)]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  if out.returncode:
+    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+  return out.stdout
+
+
+def main(argv):
+  del argv
+  t0 = time.perf_counter()
+  train_x, train_y = sources.load_idx_split(IDX, "train")
+  test_x, test_y = sources.load_idx_split(IDX, "test")
+  cache = os.path.join(REPO, "data", "fashion_mnist", "eval_cache", "demo_classifier_seed0.msgpack")
+  model = Classifier()
+  if os.path.exists(cache):  # msgpack of arrays only: reading it runs no code
+    from flax import serialization
+    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1), jnp.uint8))
+    with open(cache, "rb") as f:
+      params = serialization.from_bytes(template, f.read())
+  else:
+    from flax import serialization
+    model, params = train_classifier(train_x[:TRAIN_STOP], train_y[:TRAIN_STOP])
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with open(cache + ".tmp", "wb") as f:
+      f.write(serialization.to_bytes(params))
+    os.replace(cache + ".tmp", cache)
+  acc = float((predict(model, params, test_x) == test_y).mean())
+  print(f"classifier: test accuracy {acc:.4f} on {len(test_y)} images "
+        f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; {time.perf_counter() - t0:.0f} s)")
+  ceiling = real_agreement(model, params, test_x, train_y)
+  rows = {}
+  root = os.path.join(_WORKDIR.value, "samples", "quality" + (f"_step{_STEP.value}" if _STEP.value else "") +
+                      (f"_{_TAG.value}" if _TAG.value else ""))
+  for seed in map(int, _SEEDS.value):
+    dirs = {name: os.path.join(root, f"{name}_seed{seed}") for name in _SETS.value}
+    if not _NO_SAMPLE.value:
+      for name, out in dirs.items():
+        job("rdm_jax.sample", f"--workdir={_WORKDIR.value}", f"--out={out}", f"--config.sample.condition={name}",
+            f"--config.sample.seed={seed}", f"--config.sample.num_images={_NUM.value}",
+            *([f"--step={_STEP.value}"] if _STEP.value else []))
+    eval_out = os.path.join(root, f"eval_seed{seed}")
+    job("rdm_jax.evaluate", f"--workdir={_WORKDIR.value}", f"--samples={','.join(dirs.values())}",
+        f"--out={eval_out}")
+    with open(os.path.join(eval_out, "metrics.json")) as f:
+      scores = json.load(f)
+    for name, path in dirs.items():
+      images, ids = read_set(path)
+      want = majority(train_y[ids])
+      got = predict(model, params, images[:, :28, :28])
+      m = scores["sets"].get(name) or scores["sets"].get(os.path.basename(path)) or \
+          scores["sets"][f"{name} ({os.path.basename(path)})"]
+      rows.setdefault(name, []).append((seed, len(images), float((got == want).mean()), m["precision"],
+                                        m["recall"], m["fd"]))
+  print(f"real test images against their own k={ceiling[1]} neighbours' majority label: agreement "
+        f"{ceiling[0]:.3f} (the ceiling for samples conditioned on those neighbours)")
+  print("| set | seed | samples | label agreement | precision | recall | FD |")
+  print("|---|---|---|---|---|---|---|")
+  for name, rs in rows.items():
+    for seed, n, agree, p, r, fd in rs:
+      print(f"| {name} | {seed} | {n} | {agree:.3f} | {p:.3f} | {r:.3f} | {fd:.1f} |")
+  for name, rs in rows.items():
+    cols = np.array([r[2:5] for r in rs], np.float64)
+    summary = ", ".join(f"{what} {c.mean():.3f} ({c.min():.3f}..{c.max():.3f})"
+                        for what, c in zip(("agreement", "precision", "recall"), cols.T))
+    print(f"{name}: mean (min..max) over {len(rs)} seeds: {summary}")
+
+
+if __name__ == "__main__":
+  app.run(main)
