@@ -47,6 +47,7 @@ def test_eight_devices_are_there():
 
 def test_fsdp_and_tensor_shardings_follow_the_rules(tiny_data):
   config = tiny_config(tiny_data["data_dir"])
+  config.model.patch_size = 1  # the UNet's first conv sees the one grey channel
   state, _ = _run(config, {"data": 2, "fsdp": 2, "tensor": 2}, steps=1)
   # conv kernels (None, None, conv_in -> fsdp, conv_out -> tensor)
   assert _spec(state, "down_0_res_0/in_conv/kernel") == P(None, None, "fsdp", "tensor")

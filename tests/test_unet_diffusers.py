@@ -37,7 +37,8 @@ def _diffusers_unet(model: UNet, in_channels: int, context_dim: int):
     up.append("CrossAttnUpBlock2D" if ds in model.attention_resolutions else "UpBlock2D")
     ds //= 2 if level else 1
   net = diffusers.UNet2DConditionModel(
-      sample_size=None, in_channels=in_channels, out_channels=model.out_channels or in_channels,
+      sample_size=None, in_channels=in_channels,
+      out_channels=model.out_channels * model.patch_size ** 2 if model.out_channels else in_channels,
       down_block_types=tuple(down), up_block_types=tuple(up),
       block_out_channels=tuple(m * model.model_channels for m in mult),
       layers_per_block=model.num_res_blocks, cross_attention_dim=context_dim,
@@ -120,18 +121,21 @@ def _compare(config, latent_shape, batch=2, dtype=jnp.float32):
   params = _random_params(model, x, t, ctx, seed=11)
   ours = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx))
 
-  net = _diffusers_unet(model, in_ch, d)
+  p = model.patch_size  # patched (the demo): diffusers' UNet on torch's pixel_unshuffle of the input
+  assert p == 1 or in_ch == 1, "pixel_unshuffle orders channels as ours only for one channel"
+  net = _diffusers_unet(model, in_ch * p * p, d)
   flat = {_diffusers_name(tuple(p.key for p in path), len(model.channel_mult)): _to_torch_layout(np.asarray(v))
           for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   net.load_state_dict(flat, strict=True)
   with torch.no_grad():
-    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), torch.from_numpy(t).long(),
-               encoder_hidden_states=torch.from_numpy(ctx).double()).sample
+    want = net(torch.nn.functional.pixel_unshuffle(torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), p),
+               torch.from_numpy(t).long(), encoder_hidden_states=torch.from_numpy(ctx).double()).sample
+    want = torch.nn.functional.pixel_shuffle(want, p)
   return ours, want.numpy().transpose(0, 2, 3, 1)
 
 
 def _demo_config():
-  return repo_config("fashion_mnist_rdm"), (32, 32, 1)  # pad_to 32, one channel
+  return repo_config("fashion_mnist_rdm"), (32, 32, 1)  # pad_to 32, one channel, 2 x 2 patches
 
 
 def _imagenet_config():
