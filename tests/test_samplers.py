@@ -77,13 +77,26 @@ def test_ddim_runs_every_original_timestep():
   np.testing.assert_allclose(np.asarray(out), z, rtol=1e-5, atol=1e-6)
 
 
+def _diffusers_solve(sch, z_T, mu_c, scale):
+  """diffusers' scheduler `sch` run from z_T on Gaussian data around the context means mu_c,
+  guided with `scale` against the zero-mean unconditional branch (float64)."""
+  torch = reference("torch")
+  x = torch.tensor(z_T, dtype=torch.float64)
+  for t in sch.timesteps:
+    a = float(A_BAR[int(t)])
+    e_c = np.sqrt(1 - a) * (x.numpy() - np.sqrt(a) * mu_c) / (a * SD ** 2 + 1 - a)
+    e_u = np.sqrt(1 - a) * x.numpy() / (a * SD ** 2 + 1 - a)
+    x = sch.step(torch.tensor(e_u + scale * (e_c - e_u)), t, x).prev_sample
+  return x
+
+
 @pytest.mark.parametrize("num_steps,spacing,final_x0", [(5, "linspace", False), (20, "linspace", False),
                                                        (20, "logsnr", False), (20, "logsnr", True)])
 def test_dpm_solver_pp_equals_diffusers(num_steps, spacing, final_x0):
   """Ours against diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint, ending at
   abar_0: final_sigmas_type="sigma_min", or with final_x0 at sigma = 0: "zero") on the same betas,
   guided with s = 3; 5 steps end with a first-order step, 20 with a second-order one (to abar_0)."""
-  torch = reference("torch")
+  reference("torch")
   diffusers = reference("diffusers")
   sch = diffusers.DPMSolverMultistepScheduler(
       num_train_timesteps=1000, trained_betas=np.asarray(SCHED.betas), algorithm_type="dpmsolver++",
@@ -101,12 +114,7 @@ def test_dpm_solver_pp_equals_diffusers(num_steps, spacing, final_x0):
   context = np.linspace(-1, 1, n * 2 * 3).reshape(n, 2, 3).astype(np.float32)
   mu_c = context.mean(axis=(1, 2)).reshape(n, 1, 1, 1)
   z_T = np.random.default_rng(0).normal(size=(n, 1, 1, 1)).astype(np.float32)
-  x = torch.tensor(z_T, dtype=torch.float64)
-  for t in sch.timesteps:
-    a = float(A_BAR[int(t)])
-    e_c = np.sqrt(1 - a) * (x.numpy() - np.sqrt(a) * mu_c) / (a * SD ** 2 + 1 - a)
-    e_u = np.sqrt(1 - a) * x.numpy() / (a * SD ** 2 + 1 - a)
-    x = sch.step(torch.tensor(e_u + scale * (e_c - e_u)), t, x).prev_sample
+  x = _diffusers_solve(sch, z_T, mu_c, scale)
   ours = samplers.sample(_context_mean_eps, SCHED, jnp.asarray(context), z_T.shape, jax.random.PRNGKey(0),
                          sampler="dpm_solver++", num_steps=num_steps, guidance_scale=scale, z_init=z_T,
                          timestep_spacing=spacing, final_x0=final_x0)
@@ -130,7 +138,7 @@ def test_ddim_with_final_x0_equals_diffusers_ddim_with_alpha_one():
   """sample.final_step="x0": DDIM (eta = 0, guidance 3) against diffusers' DDIMScheduler with
   set_alpha_to_one=True on LDM's timesteps (steps_offset=1, "leading"), where the last step
   returns the predicted z_0; without it (set_alpha_to_one=False, our default) both end at abar_0."""
-  torch = reference("torch")
+  reference("torch")
   diffusers = reference("diffusers")
   n, scale = 6, 3.0
   context = np.linspace(-1, 1, n * 2 * 3).reshape(n, 2, 3).astype(np.float32)
@@ -141,12 +149,7 @@ def test_ddim_with_final_x0_equals_diffusers_ddim_with_alpha_one():
                                   clip_sample=False, set_alpha_to_one=final_x0, steps_offset=1,
                                   timestep_spacing="leading", prediction_type="epsilon")
     sch.set_timesteps(10)
-    x = torch.tensor(z_T, dtype=torch.float64)
-    for t in sch.timesteps:
-      a = float(A_BAR[int(t)])
-      e_c = np.sqrt(1 - a) * (x.numpy() - np.sqrt(a) * mu_c) / (a * SD ** 2 + 1 - a)
-      e_u = np.sqrt(1 - a) * x.numpy() / (a * SD ** 2 + 1 - a)
-      x = sch.step(torch.tensor(e_u + scale * (e_c - e_u)), t, x).prev_sample
+    x = _diffusers_solve(sch, z_T, mu_c, scale)
     ours = samplers.sample(_context_mean_eps, SCHED, jnp.asarray(context), z_T.shape, jax.random.PRNGKey(0),
                            sampler="ddim", num_steps=10, guidance_scale=scale, z_init=z_T, final_x0=final_x0)
     np.testing.assert_allclose(np.asarray(ours), x.numpy(), rtol=2e-4, atol=2e-5)
