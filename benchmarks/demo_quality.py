@@ -18,7 +18,6 @@ Prints a row per set and seed, then the mean and the spread (min..max) over seed
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -119,10 +118,7 @@ def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tu
   them: what a perfect model would score (the classifier's and the retrieval's errors)."""
   from rdm_jax import config_base
   from rdm_jax.data import store
-  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, _CONFIG.value))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_base.config_file(os.path.join(REPO, _CONFIG.value))
   for o in _OVERRIDES.value:
     key, value = o.split("=", 1)
     if key in ("database", "data_dir"):

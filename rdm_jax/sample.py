@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from rdm_jax import files, inference
+from rdm_jax import config_base, files, inference
 from rdm_jax.data import visualize
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli, distributed
@@ -193,7 +193,7 @@ def main(argv):
     visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
     visualize.save_png(panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2)
     how = (f"tokens with temperature {s.temperature}, top-k {s.top_k or 'off'}, top-p {s.top_p}"
-           if config.model.get("family", "unet") == "rarm" else f"{s.sampler}, {s.num_steps} steps")
+           if config_base.model_family(config) == "rarm" else f"{s.sampler}, {s.num_steps} steps")
     print(f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
           f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
           f"(rows: the {config.k_train} conditioning entries | sample)")

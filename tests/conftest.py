@@ -145,11 +145,8 @@ def tiny_data(tmp_path):
 
 def repo_config(name: str):
   """`configs/<name>.py`'s get_config()."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  from rdm_jax.config_base import config_file
+  return config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def with_overrides(config, overrides):
@@ -180,6 +177,14 @@ def final_state(config, workdir: str, latent_shape: tuple, step: int):
   inputs = training.example_inputs(config, 1, latent_shape, config.k_train)
   abstract, sh = training.state_shardings(model, tx, inputs, mesh, rules)
   return checkpoint.restore(checkpoint.manager(workdir, create=False), abstract, sh, step)
+
+
+def assert_same_state(got, want, step: int) -> None:
+  """Two train states are both at `step` and equal leaf for leaf, bit for bit."""
+  import jax
+  assert int(got.step) == int(want.step) == step, (int(got.step), int(want.step), step)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def tiny_config(data_dir: str):

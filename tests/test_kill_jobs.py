@@ -17,10 +17,9 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, killable, subprocess_env
+from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, assert_same_state, killable, subprocess_env
 
 from rdm_jax.retrieval import index
 
@@ -165,25 +164,31 @@ def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterru
         assert_same_files(base, os.path.join(base, name), straight, os.path.join(straight, name))
 
 
+def killed_trainings_resume(train, final, tmp_path, steps: int, seed: int) -> None:
+  """train(workdir, kill_at=0, count_file="") runs the train job; final(workdir) is its state at
+  `steps`. An uninterrupted run, then runs killed at seeded commit points and rerun: each ends
+  in the uninterrupted run's state, bit for bit."""
+  straight = str(tmp_path / "straight")
+  out = train(straight, count_file=str(tmp_path / "count"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  want = final(straight)
+  for n in kill_points(int(open(tmp_path / "count").read()), seed=seed):
+    workdir = str(tmp_path / f"killed_{n}")
+    killed = train(workdir, kill_at=n)
+    assert killed.returncode == -9, (n, killed.stderr[-2000:])
+    again = train(workdir)
+    assert again.returncode == 0, (n, again.stderr[-3000:])
+    assert_same_state(final(workdir), want, steps)
+
+
 def test_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tiny_data, tmp_path):
   from test_train_job import _final_state
   data_dir = tiny_data["data_dir"]
   args = ["--config.train.num_steps=6", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10",
           f"--config.data_dir={data_dir}", *TINY_OVERRIDES]
-  straight = str(tmp_path / "straight")
-  out = run("rdm_jax.train", [f"--workdir={straight}", *args], count_file=str(tmp_path / "count"))
-  assert out.returncode == 0, out.stderr[-3000:]
-  want = _final_state(data_dir, straight, 6)
-  for n in kill_points(int(open(tmp_path / "count").read()), seed=20):
-    workdir = str(tmp_path / f"killed_{n}")
-    killed = run("rdm_jax.train", [f"--workdir={workdir}", *args], kill_at=n)
-    assert killed.returncode == -9, (n, killed.stderr[-2000:])
-    again = run("rdm_jax.train", [f"--workdir={workdir}", *args])
-    assert again.returncode == 0, (n, again.stderr[-3000:])
-    got = _final_state(data_dir, workdir, 6)
-    assert int(got.step) == 6
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  killed_trainings_resume(
+      lambda workdir, **kill: run("rdm_jax.train", [f"--workdir={workdir}", *args], **kill),
+      lambda workdir: _final_state(data_dir, workdir, 6), tmp_path, 6, seed=20)
 
 
 def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupted(tmp_path):
@@ -224,17 +229,4 @@ def test_rarm_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_sta
     cmd = killable([sys.executable, "-m", "rdm_jax.train", *rarm, f"--workdir={workdir}", *args], **kill)
     return subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO, timeout=600)
 
-  straight = str(tmp_path / "straight")
-  out = train(straight, count_file=str(tmp_path / "count"))
-  assert out.returncode == 0, out.stderr[-3000:]
-  want = rarm_final_state(args, straight, 6)
-  for n in kill_points(int(open(tmp_path / "count").read()), seed=21):
-    workdir = str(tmp_path / f"killed_{n}")
-    killed = train(workdir, kill_at=n)
-    assert killed.returncode == -9, (n, killed.stderr[-2000:])
-    again = train(workdir)
-    assert again.returncode == 0, (n, again.stderr[-3000:])
-    got = rarm_final_state(args, workdir, 6)
-    assert int(got.step) == 6
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  killed_trainings_resume(train, lambda workdir: rarm_final_state(args, workdir, 6), tmp_path, 6, seed=21)

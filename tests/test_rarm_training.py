@@ -192,6 +192,8 @@ def test_rarm_training_killed_while_checkpointing_resumes_to_the_uninterrupted_s
   tests/test_kill_jobs.py."""
   import signal
 
+  from conftest import assert_same_state
+
   from rdm_jax import checkpoint
   args, straight = rarm_run
   killed = str(tmp_path / "killed")
@@ -201,10 +203,7 @@ def test_rarm_training_killed_while_checkpointing_resumes_to_the_uninterrupted_s
   out = _train(args, killed)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step 2" in out.stderr
-  want, got = rarm_final_state(args, straight, 4), rarm_final_state(args, killed, 4)
-  assert int(want.step) == int(got.step) == 4
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_same_state(rarm_final_state(args, killed, 4), rarm_final_state(args, straight, 4), 4)
 
 
 def test_the_python_api_samples_rarm_from_every_conditioning_source(rarm_run):

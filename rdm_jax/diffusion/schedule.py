@@ -103,9 +103,4 @@ def eps_loss(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Sche
     z0: clean latents [B, H, W, C].
     reduce: mean over everything (True) or per-example means [B] (False).
   """
-  t_rng, n_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_timesteps)
-  noise = jax.random.normal(n_rng, z0.shape, jnp.float32)
-  pred = eps_fn(q_sample(schedule, z0, t, noise), t)
-  per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - noise), axis=tuple(range(1, z0.ndim)))
-  return per_example.mean() if reduce else per_example
+  return diffusion_loss(eps_fn, schedule.replace(prediction="eps"), z0, rng, reduce=reduce)
