@@ -71,7 +71,7 @@ def get_config() -> mlc.ConfigDict:
   c.retrieval.image_size = 64
   c.k_train = 4
 
-  c.model = mlc.ConfigDict(dict(
+  c.model.update(dict(
       model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
       num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32",
       patch_size=2))  # the UNet runs on 16 x 16 patches of 2 x 2 pixels: 3.6x faster steps here

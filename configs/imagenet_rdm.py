@@ -56,7 +56,7 @@ def get_config() -> mlc.ConfigDict:
   c.retrieval.num_neighbors = 20
   c.k_train = 4
 
-  c.model = mlc.ConfigDict(dict(
+  c.model.update(dict(
       model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2, attention_resolutions=(2, 4, 8),
       num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="bfloat16", patch_size=1))
   # diffusion (T=1000, linear 1.5e-3..1.95e-2) and sampling (DDIM 100, guidance 2.0) are the defaults

@@ -93,14 +93,20 @@ def base_config() -> mlc.ConfigDict:
 
   c.model = mlc.ConfigDict(dict(
       model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(2, 4),
-      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32", patch_size=1))
+      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32", patch_size=1,
+      # Accelerator levers (same parameters, same results up to rounding; rdm_jax.compile reports them):
+      param_dtype="float32",    # parameters, gradients, EMA (dtype above = compute)
+      remat="none",             # none | full (the original's use_checkpoint) | dots (matmul outputs kept)
+      attention="xla",          # xla | dot_product (cuDNN flash on GPU) | flash (Pallas TPU kernel)
+      flash_min_seq_len=1024))  # flash: self-attention over at least this many tokens; shorter: dot_product
   c.diffusion = mlc.ConfigDict(dict(
       num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2,
       prediction="eps",          # what the UNet outputs: eps (the paper's) | v (Salimans & Ho 2022)
       loss_weighting="uniform",  # uniform (Eq. 3) | min_snr: min(SNR, gamma)-weighted (Hang et al. 2023)
       min_snr_gamma=5.0))
   c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=1000, b1=0.9, b2=0.999, weight_decay=0.01,
-                                grad_clip=1.0, ema_decay=0.9999))
+                                grad_clip=1.0, ema_decay=0.9999,
+                                mu_dtype=""))  # Adam's first moment dtype; "" = the parameters'; bfloat16 halves it
 
   c.train = mlc.ConfigDict(dict(
       batch_size=64, num_steps=1000, seed=0, p_uncond=0.0,

@@ -102,6 +102,10 @@ def main(argv):
   if not workdir:
     cli.fail("--workdir is required (checkpoints, logs and samples go there)")
   distributed.initialize()
+  platform_line, platform_warnings = mesh_lib.check_platform(config)
+  logging.info(platform_line)
+  for w in platform_warnings:
+    logging.warning(w)
   workdir = files.normpath(workdir)
   checkpoint.check_workdir(workdir)
   files.makedirs(workdir)
@@ -125,11 +129,8 @@ def main(argv):
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
   # --------------------------------------------------------------------------- Model
-  model = training.make_model(config)
-  tx = training.make_optimizer(config)
-  sched = training.make_schedule(config)
-  inputs = training.example_inputs(config, 1, latent_shape, config.k_train)
-  abstract, state_sh = training.state_shardings(model, tx, inputs, mesh, rules)
+  setup = training.setup_training(config, latent_shape, mesh)
+  model, tx, sched, state_sh = setup.model, setup.tx, setup.sched, setup.state_sh
 
   # --------------------------------------------------------------------------- Checkpoint
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
@@ -137,11 +138,11 @@ def main(argv):
           "database_fingerprint": data.database_store.fingerprint,
           "latent_shape": list(latent_shape), "image_hw": list(image_hw)}
   checkpoint.check_resume(mngr, workdir, info)
-  state = checkpoint.restore(mngr, abstract, state_sh)
+  state = checkpoint.restore(mngr, setup.abstract, state_sh)
   if state is not None and checkpoint.steps(mngr)[-1] > int(state.step):  # newer ones were damaged
     mngr = checkpoint.set_aside_newer(mngr, int(state.step), config.train.keep_checkpoints)
   if state is None:
-    state = training.init_state(model, tx, inputs, jax.random.PRNGKey(config.train.seed), state_sh)
+    state = training.init_state(model, tx, setup.inputs, jax.random.PRNGKey(config.train.seed), state_sh)
     logging.info("initialised a new model")
   else:
     logging.info("resumed from step %d", int(state.step))
@@ -152,8 +153,7 @@ def main(argv):
   parameter_overview.log_parameter_overview(state.params)
 
   # --------------------------------------------------------------------------- Update step
-  train_step = training.jit_train_step(
-      training.make_train_step(config, model, tx, sched), state_sh, mesh, rules, len(latent_shape) + 1)
+  train_step = setup.train_step
   rng = jax.random.PRNGKey(config.train.seed + 2)
 
   # --------------------------------------------------------------------------- Train loop

@@ -7,6 +7,7 @@ through `config.sharding_rules` (see `rdm_jax.parallel.sharding`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ from rdm_jax import config_base
 from rdm_jax.data import pipeline
 from rdm_jax.diffusion import samplers, schedule as schedule_lib
 from rdm_jax.errors import fail
-from rdm_jax.models import rarm
+from rdm_jax.models import rarm, unet as unet_lib
 from rdm_jax.models.unet import UNet
 from rdm_jax.parallel import sharding
 
@@ -65,11 +66,24 @@ def make_model(config: Any) -> UNet | rarm.RARM:
   m = config.model
   if family(config) == "rarm":
     return make_rarm(config)
+  rules = dict((k, v) for k, v in config.sharding_rules)
+  impl, remat = m.get("attention", "xla"), m.get("remat", "none")
+  if impl not in unet_lib.ATTENTION_IMPLS or remat not in unet_lib.REMAT_POLICIES:
+    fail(f"config.model: attention={impl!r} (one of {', '.join(unet_lib.ATTENTION_IMPLS)}), "
+         f"remat={remat!r} (one of {', '.join(unet_lib.REMAT_POLICIES)})")
+  attention = unet_lib.AttentionOptions(impl, int(m.get("flash_min_seq_len", 1024)),
+                                        _axes(rules.get("batch")), _axes(rules.get("heads")))
   return UNet(model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
               num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
               num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
               out_channels=config.first_stage.latent_channels, dropout=m.dropout,
-              dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)))
+              dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)),
+              param_dtype=jnp.dtype(m.get("param_dtype", "float32")), remat=remat, attention=attention)
+
+
+def _axes(axes: Any) -> Any:
+  """A sharding rule's mesh axes as a hashable value (lists from JSON configs become tuples)."""
+  return tuple(axes) if isinstance(axes, (list, tuple)) else axes
 
 
 def make_schedule(config: Any) -> schedule_lib.Schedule:
@@ -100,7 +114,9 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
       [optax.linear_schedule(o.lr * WARMUP_START, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
       [max(o.warmup_steps, 1)])
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  mu_dtype = o.get("mu_dtype", "") or None  # Adam's first moment; None = the parameters' dtype
+  parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                           mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))
   return optax.chain(*parts)
 
 
@@ -190,6 +206,48 @@ def jit_train_step(step_fn, state_sh: TrainState, mesh: Mesh, rules, latent_ndim
   replicated = NamedSharding(mesh, P())
   return jax.jit(step_fn, in_shardings=(state_sh, z_sh, c_sh, replicated),
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything `rdm_jax.train` compiles, built once by `setup_training` (also what
+  `rdm_jax.compile` lowers for a TPU topology): the model, optimiser and schedule, the
+  abstract train state with its shardings, and the jitted, sharded, state-donating step."""
+
+  model: Any
+  tx: optax.GradientTransformation
+  sched: schedule_lib.Schedule
+  inputs: tuple
+  abstract: TrainState
+  state_sh: TrainState
+  train_step: Any
+  latent_shape: tuple
+  mesh: Mesh
+  rules: list
+
+  def batch_specs(self, config: Any, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract (z0, context, rng) of a global batch with the step's input shardings."""
+    z_dtype = jnp.int32 if family(config) == "rarm" else jnp.float32
+    z = jax.ShapeDtypeStruct((batch,) + tuple(self.latent_shape), z_dtype,
+                             sharding=sharding.batch_sharding(self.mesh, self.rules, 1 + len(self.latent_shape)))
+    c = jax.ShapeDtypeStruct((batch, config.k_train, config.retrieval.embed_dim), jnp.float32,
+                             sharding=sharding.batch_sharding(self.mesh, self.rules, 3))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(self.mesh, P()))
+    return z, c, rng
+
+  def state_specs(self) -> TrainState:
+    """The abstract train state with its shardings (ShapeDtypeStructs, for lowering)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.state_sh)
+
+
+def setup_training(config: Any, latent_shape: tuple, mesh: Mesh) -> TrainSetup:
+  """The model, optimiser, schedule, state shardings and jitted train step of `config` on `mesh`."""
+  rules = [tuple(r) for r in config.sharding_rules]
+  model, tx, sched = make_model(config), make_optimizer(config), make_schedule(config)
+  inputs = example_inputs(config, 1, latent_shape, config.k_train)
+  abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules)
+  step = jit_train_step(make_train_step(config, model, tx, sched), state_sh, mesh, rules, len(latent_shape) + 1)
+  return TrainSetup(model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules)
 
 
 def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample_config: Any):

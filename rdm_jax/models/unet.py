@@ -33,12 +33,15 @@ Parameters carry logical axis names (see `rdm_jax.parallel.sharding`):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 Dtype = Any
 
@@ -75,13 +78,14 @@ class GroupNorm(nn.Module):
 
   eps: float = 1e-5
   num_groups: int = 32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     g = self.num_groups
-    scale = self.param("scale", _bias(nn.initializers.ones_init()), (c,))
-    bias = self.param("bias", _bias(), (c,))
+    scale = self.param("scale", _bias(nn.initializers.ones_init()), (c,), self.param_dtype)
+    bias = self.param("bias", _bias(), (c,), self.param_dtype)
     x32 = x.astype(jnp.float32)
     spatial = tuple(range(1, x.ndim - 1))
     b = x.shape[0]
@@ -95,21 +99,38 @@ class GroupNorm(nn.Module):
 
 
 def Conv(features: int, kernel_size: int = 3, stride: int = 1, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, name: str | None = None, padding: Any = None) -> nn.Conv:
+         dtype: Dtype = jnp.float32, name: str | None = None, padding: Any = None,
+         param_dtype: Dtype = jnp.float32) -> nn.Conv:
   """2-D conv with logical axis names; torch-style symmetric padding (k // 2) unless given."""
   p = kernel_size // 2
   return nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=padding or ((p, p), (p, p)),
-                 dtype=dtype, name=name,
+                 dtype=dtype, param_dtype=param_dtype, name=name,
                  kernel_init=_kernel((None, None, "conv_in", "conv_out"),
                                      _zeros if zero_init else _default_kernel_init),
                  bias_init=_bias())
 
 
 def Dense(features: int, names: tuple[str | None, str | None] = ("embed", "mlp"),
-          use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+          use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None,
+          param_dtype: Dtype = jnp.float32) -> nn.Dense:
   """Dense layer whose kernel carries the logical axis names `names`."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                   kernel_init=_kernel(names), bias_init=_bias())
+
+
+ATTENTION_IMPLS = ("xla", "dot_product", "flash")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str):
+  """jax.checkpoint policy of config.model.remat: "full" saves nothing inside a block (the
+  original's use_checkpoint), "dots" saves matmul outputs without batch dimensions
+  (projections and MLPs; convolutions and attention weights are recomputed)."""
+  if name == "full":
+    return None
+  if name == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"config.model.remat={name!r}; use one of {', '.join(REMAT_POLICIES)}")
 
 
 class ResBlock(nn.Module):
@@ -118,43 +139,111 @@ class ResBlock(nn.Module):
   out_channels: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool = True) -> jax.Array:
-    h = nn.silu(GroupNorm(name="in_norm")(x))
-    h = Conv(self.out_channels, dtype=self.dtype, name="in_conv")(h)
-    e = Dense(self.out_channels, ("embed", "mlp"), dtype=self.dtype, name="emb_proj")(nn.silu(emb))
+    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(GroupNorm, param_dtype=self.param_dtype)
+    h = nn.silu(norm(name="in_norm")(x))
+    h = conv(self.out_channels, name="in_conv")(h)
+    e = Dense(self.out_channels, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
+              name="emb_proj")(nn.silu(emb))
     h = h + e[:, None, None, :]
-    h = nn.silu(GroupNorm(name="out_norm")(h))
+    h = nn.silu(norm(name="out_norm")(h))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = Conv(self.out_channels, zero_init=True, dtype=self.dtype, name="out_conv")(h)
+    h = conv(self.out_channels, zero_init=True, name="out_conv")(h)
     if x.shape[-1] != self.out_channels:
-      x = Conv(self.out_channels, kernel_size=1, dtype=self.dtype, name="skip")(x)
+      x = conv(self.out_channels, kernel_size=1, name="skip")(x)
     return x + h
 
 
+def _divides(mesh, axes, size: int):
+  """`axes` (a mesh axis, a tuple of them or None) if they exist in `mesh` and divide `size`, else None."""
+  if axes is None or mesh.empty:
+    return None
+  names = axes if isinstance(axes, tuple) else (axes,)
+  if not all(a in mesh.axis_names for a in names):
+    return None
+  n = 1
+  for a in names:
+    n *= mesh.shape[a]
+  return axes if size % n == 0 else None
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
+                    batch_axes=None, heads_axis=None) -> jax.Array:
+  """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention) on [B, S, H, D].
+
+  Under a mesh (jax.set_mesh) the kernel runs per shard through shard_map: the batch split
+  over `batch_axes`, heads over `heads_axis` where they divide (a custom call is opaque to
+  XLA's partitioner). Off TPU it runs only in Pallas' interpret mode
+  (`pltpu.force_tpu_interpret_mode()`), which the tests use to check it on CPU.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+  kernel = functools.partial(pallas_flash.flash_attention, sm_scale=scale)
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # the kernel's [B, H, S, D]
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    spec = P(_divides(mesh, batch_axes, q.shape[0]), _divides(mesh, heads_axis, q.shape[1]))
+    kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  return kernel(q, k, v).transpose(0, 2, 1, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+  """How attention is computed (config.model.attention, .flash_min_seq_len) and, for the
+  flash kernel's shard_map, which mesh axes split the batch and the heads."""
+
+  impl: str = "xla"
+  flash_min_seq_len: int = 1024
+  batch_axes: Any = None
+  heads_axis: Any = None
+
+
 class Attention(nn.Module):
-  """Multi-head (cross-)attention of ldm.modules.attention.CrossAttention."""
+  """Multi-head (cross-)attention of ldm.modules.attention.CrossAttention.
+
+  `options.impl` (config.model.attention) chooses how softmax(q k^T / sqrt(d)) v is computed, with the
+  same parameters and the same result: "xla" (einsums, float32 softmax), "dot_product"
+  (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies, XLA
+  elsewhere) or "flash" (the Pallas TPU kernel for self-attention over at least
+  `options.flash_min_seq_len` tokens, MaxDiffusion's flash_min_seq_length; shorter sequences and
+  cross-attention use "dot_product").
+  """
 
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  options: AttentionOptions = AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
     """x: [B, N, c]; context: [B, k, d] (self-attention when None) -> [B, N, c]."""
     inner = self.heads * self.dim_head
-    ctx_names = ("embed", "heads") if context is None else ("context", "heads")
-    context = x if context is None else context
-    q = Dense(inner, ("embed", "heads"), use_bias=False, dtype=self.dtype, name="to_q")(x)
-    k = Dense(inner, ctx_names, use_bias=False, dtype=self.dtype, name="to_k")(context)
-    v = Dense(inner, ctx_names, use_bias=False, dtype=self.dtype, name="to_v")(context)
+    self_attention = context is None
+    ctx_names = ("embed", "heads") if self_attention else ("context", "heads")
+    context = x if self_attention else context
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense(inner, ("embed", "heads"), use_bias=False, name="to_q")(x)
+    k = dense(inner, ctx_names, use_bias=False, name="to_k")(context)
+    v = dense(inner, ctx_names, use_bias=False, name="to_v")(context)
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.dim_head))
     q, k, v = split(q), split(k), split(v)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.dim_head ** -0.5)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape[:2] + (inner,))
-    return Dense(x.shape[-1], ("heads", "embed"), dtype=self.dtype, name="to_out")(out)
+    scale = self.dim_head ** -0.5
+    o = self.options
+    if o.impl not in ATTENTION_IMPLS:
+      raise ValueError(f"config.model.attention={o.impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+    if o.impl == "flash" and self_attention and x.shape[1] >= o.flash_min_seq_len:
+      out = flash_attention(q, k, v, scale, o.batch_axes, o.heads_axis)
+    elif o.impl in ("dot_product", "flash"):
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return dense(x.shape[-1], ("heads", "embed"), name="to_out")(out.reshape(x.shape[:2] + (inner,)))
 
 
 class GEGLUFeedForward(nn.Module):
@@ -162,14 +251,16 @@ class GEGLUFeedForward(nn.Module):
 
   mult: int = 4
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     inner = x.shape[-1] * self.mult
-    h = Dense(2 * inner, ("embed", "mlp"), dtype=self.dtype, name="proj_in")(x)
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(2 * inner, ("embed", "mlp"), name="proj_in")(x)
     a, gate = jnp.split(h, 2, axis=-1)
     h = a * nn.gelu(gate, approximate=False)
-    return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="proj_out")(h)
+    return dense(x.shape[-1], ("mlp", "embed"), name="proj_out")(h)
 
 
 class TransformerBlock(nn.Module):
@@ -178,15 +269,18 @@ class TransformerBlock(nn.Module):
   heads: int
   dim_head: int
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention: AttentionOptions = AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name,
+    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name=name,
                                    scale_init=_bias(nn.initializers.ones_init()), bias_init=_bias())
-    x = x + Attention(self.heads, self.dim_head, self.dtype, name="attn1")(ln("norm1")(x).astype(x.dtype))
-    x = x + Attention(self.heads, self.dim_head, self.dtype, name="attn2")(
-        ln("norm2")(x).astype(x.dtype), context)
-    x = x + GEGLUFeedForward(dtype=self.dtype, name="ff")(ln("norm3")(x).astype(x.dtype))
+    attn = functools.partial(Attention, self.heads, self.dim_head, self.dtype, self.param_dtype, self.attention)
+    x = x + attn(name="attn1")(ln("norm1")(x).astype(x.dtype))
+    x = x + attn(name="attn2")(ln("norm2")(x).astype(x.dtype), context)
+    x = x + GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(
+        ln("norm3")(x).astype(x.dtype))
     return x
 
 
@@ -197,18 +291,22 @@ class SpatialTransformer(nn.Module):
   dim_head: int
   depth: int = 1
   dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention: AttentionOptions = AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     inner = self.heads * self.dim_head
-    y = GroupNorm(eps=1e-6, name="norm")(x)
-    y = Conv(inner, kernel_size=1, dtype=self.dtype, name="proj_in")(y)
+    conv = functools.partial(Conv, kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = GroupNorm(eps=1e-6, param_dtype=self.param_dtype, name="norm")(x)
+    y = conv(inner, name="proj_in")(y)
     y = y.reshape(b, h * w, inner)
     for i in range(self.depth):
-      y = TransformerBlock(self.heads, self.dim_head, self.dtype, name=f"block_{i}")(y, context)
+      y = TransformerBlock(self.heads, self.dim_head, self.dtype, self.param_dtype, self.attention,
+                           name=f"block_{i}")(y, context)
     y = y.reshape(b, h, w, inner)
-    y = Conv(c, kernel_size=1, zero_init=True, dtype=self.dtype, name="proj_out")(y)
+    y = conv(c, zero_init=True, name="proj_out")(y)
     return x + y
 
 
@@ -229,7 +327,14 @@ def depth_to_space(x: jax.Array, p: int) -> jax.Array:
 
 
 class UNet(nn.Module):
-  """eps_theta(z_t, t, context): [B, H, W, C], [B], [B, k, d] -> [B, H, W, C]."""
+  """eps_theta(z_t, t, context): [B, H, W, C], [B], [B, k, d] -> [B, H, W, C].
+
+  The accelerator levers (config.model; none changes the parameters' names or shapes):
+  `remat` recomputes each res block and spatial transformer in the backward pass ("full",
+  as the original's use_checkpoint, or "dots": matmul outputs kept), `attention` and
+  `flash_min_seq_len` choose the attention kernel (see `Attention`), `dtype` is the compute
+  dtype and `param_dtype` the parameters' (and so the gradients' and EMA's).
+  """
 
   model_channels: int
   channel_mult: Sequence[int]
@@ -241,57 +346,67 @@ class UNet(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   patch_size: int = 1  # > 1: p x p space-to-depth before conv_in, depth-to-space after conv_out
-
-  def _attn(self, ch: int, name: str) -> SpatialTransformer:
-    heads = ch // self.num_head_channels
-    return SpatialTransformer(heads, self.num_head_channels, self.transformer_depth, self.dtype, name=name)
+  param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # none | full | dots
+  attention: AttentionOptions = AttentionOptions()
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
                deterministic: bool = True) -> jax.Array:
     mc = self.model_channels
-    dt = self.dtype
+    dt, pdt = self.dtype, self.param_dtype
+    conv = functools.partial(Conv, dtype=dt, param_dtype=pdt)
+    dense = functools.partial(Dense, dtype=dt, param_dtype=pdt)
+    res_cls, attn_cls = ResBlock, SpatialTransformer
+    if self.remat != "none":
+      policy = remat_policy(self.remat)
+      res_cls = nn.remat(ResBlock, policy=policy, static_argnums=(3,))  # (self, x, emb, deterministic)
+      attn_cls = nn.remat(SpatialTransformer, policy=policy)
+    res = lambda ch, name: res_cls(ch, self.dropout, dt, pdt, name=name)
+    attn = lambda ch, name: attn_cls(ch // self.num_head_channels, self.num_head_channels,
+                                     self.transformer_depth, dt, pdt, self.attention, name=name)
+
     emb = timestep_embedding(t, mc)
-    emb = Dense(4 * mc, ("norm", "mlp"), dtype=dt, name="time_embed_0")(emb)
-    emb = Dense(4 * mc, ("mlp", "embed"), dtype=dt, name="time_embed_1")(nn.silu(emb))
+    emb = dense(4 * mc, ("norm", "mlp"), name="time_embed_0")(emb)
+    emb = dense(4 * mc, ("mlp", "embed"), name="time_embed_1")(nn.silu(emb))
     context = context.astype(dt)
 
     p = self.patch_size
     out_ch = self.out_channels or x.shape[-1]
     if p > 1:  # Simple Diffusion's patching (Hoogeboom et al. 2023, Sec. 3.3): the grid shrinks p x p
       x = space_to_depth(x, p)
-    h = Conv(mc, dtype=dt, name="conv_in")(x.astype(dt))
+    h = conv(mc, name="conv_in")(x.astype(dt))
     skips = [h]
     ds = 1
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = ResBlock(mult * mc, self.dropout, dt, name=f"down_{level}_res_{i}")(h, emb, deterministic)
+        h = res(mult * mc, f"down_{level}_res_{i}")(h, emb, deterministic)
         if ds in self.attention_resolutions:
-          h = self._attn(mult * mc, f"down_{level}_attn_{i}")(h, context)
+          h = attn(mult * mc, f"down_{level}_attn_{i}")(h, context)
         skips.append(h)
       if level != len(self.channel_mult) - 1:
-        h = Conv(mult * mc, stride=2, dtype=dt, name=f"down_{level}_downsample")(h)
+        h = conv(mult * mc, stride=2, name=f"down_{level}_downsample")(h)
         skips.append(h)
         ds *= 2
 
     ch = self.channel_mult[-1] * mc
-    h = ResBlock(ch, self.dropout, dt, name="mid_res_0")(h, emb, deterministic)
-    h = self._attn(ch, "mid_attn")(h, context)
-    h = ResBlock(ch, self.dropout, dt, name="mid_res_1")(h, emb, deterministic)
+    h = res(ch, "mid_res_0")(h, emb, deterministic)
+    h = attn(ch, "mid_attn")(h, context)
+    h = res(ch, "mid_res_1")(h, emb, deterministic)
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = ResBlock(mult * mc, self.dropout, dt, name=f"up_{level}_res_{i}")(h, emb, deterministic)
+        h = res(mult * mc, f"up_{level}_res_{i}")(h, emb, deterministic)
         if ds in self.attention_resolutions:
-          h = self._attn(mult * mc, f"up_{level}_attn_{i}")(h, context)
+          h = attn(mult * mc, f"up_{level}_attn_{i}")(h, context)
         if level and i == self.num_res_blocks:
           h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest, as F.interpolate x2
-          h = Conv(mult * mc, dtype=dt, name=f"up_{level}_upsample")(h)
+          h = conv(mult * mc, name=f"up_{level}_upsample")(h)
           ds //= 2
 
-    h = nn.silu(GroupNorm(name="out_norm")(h))
-    out = Conv(out_ch * p * p, zero_init=True, dtype=dt, name="conv_out")(h)
+    h = nn.silu(GroupNorm(param_dtype=pdt, name="out_norm")(h))
+    out = conv(out_ch * p * p, zero_init=True, name="conv_out")(h)
     if p > 1:
       out = depth_to_space(out, p)
     return out.astype(jnp.float32)

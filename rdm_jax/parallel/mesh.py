@@ -39,3 +39,24 @@ def make_mesh(axes: Mapping[str, int], devices=None) -> Mesh:
   names = tuple(sizes)
   return jax.make_mesh(tuple(sizes[n] for n in names), names,
                        axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def check_platform(config, devices=None) -> tuple[str, list[str]]:
+  """(a line naming the platform, device kind and count, processes and jax version; warnings
+  about the config on this platform). A lever that cannot run here is a UserError."""
+  devices = jax.devices() if devices is None else devices
+  platform = devices[0].platform
+  line = (f"platform {platform}: {len(devices)} x {devices[0].device_kind} over {jax.process_count()} "
+          f"process(es), jax {jax.__version__}")
+  warnings = []
+  m = config.model
+  if platform == "cpu" and "bfloat16" in (m.get("dtype", "float32"), m.get("param_dtype", "float32")):
+    warnings.append("config.model asks for bfloat16 on CPU, where it is emulated and slower than float32; "
+                    "--config.model.dtype=float32 for CPU runs")
+  if m.get("attention", "xla") == "flash" and platform != "tpu":
+    fail(f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
+         "--config.model.attention=dot_product (cuDNN flash attention on GPU, XLA on CPU)")
+  if m.get("remat", "none") != "none" and platform == "cpu":
+    warnings.append(f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
+                    "slows training (--config.model.remat=none)")
+  return line, warnings

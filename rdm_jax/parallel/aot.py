@@ -1,0 +1,210 @@
+"""Ahead-of-time compilation of the train and sampling steps for a device set that is not here
+(a TPU slice from `topology`), and what the compiled programs say: memory per chip against
+HBM, FLOPs (the compiler's and the model's), collectives by kind and bytes, compile time.
+
+The programs are the ones `rdm_jax.train` runs: the same `training.setup_training` builds the
+model, the abstract state, its shardings and the jitted step; only the devices differ.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdm_jax import config_base, training
+from rdm_jax.diffusion import ddim
+from rdm_jax.errors import fail
+from rdm_jax.models import first_stage
+from rdm_jax.parallel import flops as flops_lib, mesh as mesh_lib, sharding, topology
+
+GIB = 1024 ** 3
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+# TPU emits reduce-scatter as a fusion of this name (an all-reduce whose result each chip keeps a slice of)
+_FUSED_REDUCE_SCATTER = re.compile(r"=\s*(.*?)\sfusion\(.*calls=%all-reduce-scatter")
+
+
+def latent_shape(config: Any) -> tuple[int, ...]:
+  """The per-example training input the data jobs would make: latents [H, W, C] of the first
+  stage at config.dataset.image_size (or first_stage.pad_to), or RARM's token sequence [S]."""
+  fs = config.first_stage
+  side = int(fs.get("pad_to", 0) or 0) or int(config.dataset.image_size or 0)
+  if not side:
+    fail("set --config.dataset.image_size (or first_stage.pad_to): the latent size follows from it")
+  if fs.name == "identity":
+    return side, side, int(fs.latent_channels)
+  factor = first_stage.spec(fs).factor
+  if side % factor:
+    fail(f"image size {side} is not a multiple of the first stage's factor {factor}")
+  if config_base.model_family(config) == "rarm":
+    return ((side // factor) ** 2,)
+  return side // factor, side // factor, int(fs.latent_channels)
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives in compiled HLO text; bytes are each op's
+  result (for async ops, the -start's result without its operand copies). TPU's
+  all-reduce-scatter fusions count as reduce-scatter."""
+  out: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  for line in hlo_text.splitlines():
+    m = _OP.search(line)
+    if m:
+      shape, kind, start = m.groups()
+    elif f := _FUSED_REDUCE_SCATTER.search(line):
+      shape, kind, start = f.group(1), "reduce-scatter", None
+    else:
+      continue
+    arrays = [_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in _ARRAY.findall(shape)]
+    if start and kind != "all-reduce" and len(arrays) > 1:  # (operands..., results...)
+      arrays = arrays[len(arrays) // 2:]
+    out[kind]["count"] += 1
+    out[kind]["bytes"] += int(sum(arrays))
+  return {k: dict(v) for k, v in sorted(out.items())}
+
+
+def _one_line(e: Exception) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def _is_oom(message: str) -> bool:
+  return "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() or "Ran out of memory" in message
+
+
+def _memory(compiled, hbm_bytes: float) -> dict[str, Any]:
+  m = compiled.memory_analysis()
+  total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+          "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+          "generated_code_bytes": int(m.generated_code_size_in_bytes), "total_bytes": int(total),
+          "hbm_bytes": int(hbm_bytes), "fits": bool(total <= hbm_bytes)}
+
+
+def _compile(fn, args, mesh, hbm_bytes: float) -> dict[str, Any]:
+  """Lowers and compiles fn(*args) under `mesh`; the report, or {"fits": False, "error"} when the
+  compiler runs out of memory."""
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = fn.lower(*args)
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001  XLA's errors are JaxRuntimeError / XlaRuntimeError
+      message = _one_line(e)
+      if not _is_oom(str(e)):
+        raise
+      return {"fits": False, "error": message, "compile_seconds": round(time.perf_counter() - t0, 1)}
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"fits": True, "memory": _memory(compiled, hbm_bytes),
+          "compiler_flops_per_chip": float(cost.get("flops", float("nan"))),
+          "collectives": collectives(compiled.as_text()),
+          "compile_seconds": round(time.perf_counter() - t0, 1), "_compiled": compiled}
+
+
+def model_flops_per_example(config: Any, setup: training.TrainSetup) -> int:
+  """Forward FLOPs of the model on one example (matmuls and convs, `flops`), independent of the
+  levers: counted on the plain model (XLA attention, no remat)."""
+  model = setup.model
+  if hasattr(model, "attention"):
+    model = model.clone(remat="none", attention=type(model.attention)())
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), setup.abstract.params)
+  inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in setup.inputs]
+  return flops_lib.forward_flops(lambda p, *xs: model.apply({"params": p}, *xs), params, *inputs)
+
+
+def levers(config: Any) -> dict[str, Any]:
+  m, o = config.model, config.optim
+  return {"dtype": m.get("dtype", "float32"), "param_dtype": m.get("param_dtype", "float32"),
+          "mu_dtype": o.get("mu_dtype", "") or m.get("param_dtype", "float32"),
+          "remat": m.get("remat", "none"), "attention": m.get("attention", "xla"),
+          "flash_min_seq_len": int(m.get("flash_min_seq_len", 1024))}
+
+
+def report(config: Any, slice_name: str, batch: int = 0, sample_batch: int = 0,
+           steps: tuple[str, ...] = ("train", "sample"), devices: list | None = None) -> dict[str, Any]:
+  """Compiles the train step (global batch `batch`, default config.train.batch_size) and the
+  sampling step (one guided denoising step over `sample_batch`, default config.sample.batch_size)
+  for the TPU slice `slice_name`; the report as a JSON-able dict (plus "_compiled" programs)."""
+  s = topology.parse(slice_name)
+  devices = devices if devices is not None else topology.devices(s)
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
+  batch = batch or int(config.train.batch_size)
+  sample_batch = sample_batch or int(config.sample.batch_size)
+  rules = [tuple(r) for r in config.sharding_rules]
+  n_batch = sharding.batch_devices(mesh, rules)
+  for what, b in (("batch", batch), ("sample batch", sample_batch)):
+    if b % n_batch:
+      fail(f"{what} {b} is not divisible by the {n_batch} devices of the batch axes; choose a multiple")
+  shape = latent_shape(config)
+  setup = training.setup_training(config, shape, mesh)
+  hbm = s.chip.hbm_gib * GIB
+  per_example = model_flops_per_example(config, setup)
+  out: dict[str, Any] = {
+      "topology": s.name, "libtpu_topology": s.topology_name, "device_kind": devices[0].device_kind,
+      "chips": s.chips, "hbm_gib_per_chip": s.chip.hbm_gib, "bf16_peak_tflops_per_chip": s.chip.bf16_tflops,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "levers": levers(config),
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract.params))),
+      "latent_shape": list(shape), "model_flops_per_example_forward": per_example,
+      "jax": jax.__version__,
+  }
+  if "train" in steps:
+    r = _compile(setup.train_step, (setup.state_specs(),) + setup.batch_specs(config, batch), mesh, hbm)
+    model_flops = flops_lib.TRAIN_MULTIPLIER * per_example * batch / s.chips
+    r.update(global_batch=batch, model_flops_per_chip=model_flops,
+             best_case_examples_per_second_per_chip=s.chip.bf16_tflops * 1e12 / (flops_lib.TRAIN_MULTIPLIER * per_example))
+    out["train"] = r
+  if "sample" in steps and training.family(config) == "unet":
+    out["sample"] = _sample_step(config, setup, sample_batch, mesh, hbm, per_example, s)
+  return out
+
+
+def _sample_step(config, setup: training.TrainSetup, batch: int, mesh, hbm: float, per_example: int,
+                 s: topology.Slice) -> dict[str, Any]:
+  """One guided denoising step eps(z_t, t, context) (with the zero-context branch when the
+  guidance scale is not 1), on the EMA parameters sharded as in training."""
+  model, sched, scale = setup.model, setup.sched, float(config.sample.guidance_scale)
+
+  def step(params, z, t, context):
+    return ddim.guided_eps(training.eps_fn(model, params, sched), z, t, context, scale)
+
+  state = setup.state_specs()
+  z, c, _ = setup.batch_specs(config, batch)
+  t = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, setup.rules, 1))
+  fn = jax.jit(step, out_shardings=z.sharding)
+  r = _compile(fn, (state.ema_params, z, t, c), mesh, hbm)
+  passes = 1 if scale == 1.0 else 2
+  r.update(batch=batch, model_flops_per_chip=passes * per_example * batch / s.chips,
+           best_case_denoising_steps_per_second_per_chip=s.chip.bf16_tflops * 1e12 / (passes * per_example))
+  return r
+
+
+def summary(r: dict[str, Any]) -> str:
+  """The report as a few human lines."""
+  lines = [f"{r['topology']} ({r['chips']} x {r['device_kind']}, {r['hbm_gib_per_chip']:g} GiB HBM each), "
+           f"mesh {r['mesh']}, {r['params'] / 1e6:.1f}M params, levers {r['levers']}"]
+  for name in ("train", "sample"):
+    if name not in r:
+      continue
+    x = r[name]
+    head = f"{name} step (batch {x.get('global_batch', x.get('batch'))}):"
+    if not x["fits"]:
+      lines.append(f"{head} does not fit: {x['error']}")
+      continue
+    m = x["memory"]
+    coll = ", ".join(f"{k} x{v['count']} {v['bytes'] / 2**20:.1f} MiB" for k, v in x["collectives"].items()) or "none"
+    lines.append(f"{head} {m['total_bytes'] / GIB:.2f} of {m['hbm_bytes'] / GIB:g} GiB per chip "
+                 f"(arguments {m['argument_bytes'] / GIB:.2f}, temporaries {m['temp_bytes'] / GIB:.2f}, "
+                 f"outputs {m['output_bytes'] / GIB:.2f}, aliased {m['alias_bytes'] / GIB:.2f}); "
+                 f"{x['model_flops_per_chip'] / 1e12:.2f} model TFLOP per chip "
+                 f"(compiler: {x['compiler_flops_per_chip'] / 1e12:.2f}); collectives: {coll}; "
+                 f"compiled in {x['compile_seconds']:.0f} s")
+  return "\n".join(lines)

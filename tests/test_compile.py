@@ -1,0 +1,153 @@
+"""rdm_jax.compile: TPU slices by name, the analytic FLOP count, collectives in compiled HLO, and
+the tool itself compiling a tiny config for a v5e-4 through libtpu's compile-only client."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rdm_jax import training
+from rdm_jax.errors import UserError
+from rdm_jax.parallel import aot, flops, mesh as mesh_lib, topology
+from conftest import REPO, repo_config, subprocess_env
+
+
+def test_slices_by_their_booking_names():
+  cases = {"v5e-64": ("v5e:8x8", 64), "v5e-256": ("v5e:16x16", 256), "v5e-8": ("v5e:2x4", 8),
+           "v5litepod-16": ("v5e:4x4", 16), "v4-8": ("v4:2x2x1", 4), "v4-64": ("v4:2x4x4", 32),
+           "v5p-128": ("v5:4x4x4", 64), "v5p-256": ("v5:4x4x8", 128), "v6e-128": ("v6e:8x16", 128)}
+  for name, (topo, chips) in cases.items():  # as Cloud TPU's accelerator types and MaxText's table
+    s = topology.parse(name)
+    assert (s.topology_name, s.chips) == (topo, chips), name
+  for bad, message in (("v5e64", "accelerator type"), ("v7x-8", "unknown TPU generation"),
+                       ("v4-7", "TensorCores"), ("v5e-48", "powers of two")):
+    with pytest.raises(UserError, match=message):
+      topology.parse(bad)
+
+
+def test_missing_libtpu_is_one_line_with_the_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
+  with pytest.raises(UserError, match=r"needs libtpu: pip install -e '\.\[tpu\]'"):
+    topology.devices(topology.parse("v5e-4"))
+
+
+def test_flops_of_convs_and_matmuls_by_hand():
+  x = jnp.zeros((2, 16, 16, 4))
+  conv = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+  p = conv.init(jax.random.PRNGKey(0), x)
+  assert flops.forward_flops(lambda v: conv.apply(p, v), x) == 2 * (2 * 16 * 16 * 8) * (3 * 3 * 4)
+  down = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  p = down.init(jax.random.PRNGKey(0), x)
+  assert flops.forward_flops(lambda v: down.apply(p, v), x) == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 4)
+  grouped = nn.Conv(8, (3, 3), feature_group_count=4, padding=((1, 1), (1, 1)))
+  p = grouped.init(jax.random.PRNGKey(0), x)
+  assert flops.forward_flops(lambda v: grouped.apply(p, v), x) == 2 * (2 * 16 * 16 * 8) * (3 * 3 * 1)
+  h = jnp.zeros((2, 5, 16))
+  dense = nn.Dense(32)
+  p = dense.init(jax.random.PRNGKey(0), h)
+  assert flops.forward_flops(lambda v: dense.apply(p, v), h) == 2 * 2 * 5 * 16 * 32
+  q, k = jnp.zeros((2, 64, 3, 8)), jnp.zeros((2, 4, 3, 8))
+  assert flops.forward_flops(lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b), q, k) == 2 * 2 * 3 * 64 * 4 * 8
+  # inside jit, remat and a scan of 5 steps
+  body = jax.checkpoint(lambda c, _: (c @ jnp.ones((16, 16)), None))
+  f = jax.jit(lambda c: jax.lax.scan(body, c, None, length=5)[0])
+  assert flops.forward_flops(f, jnp.zeros((4, 16))) == 5 * 2 * 4 * 16 * 16
+
+
+def _tiny_config():
+  c = repo_config("fashion_mnist_rdm")
+  c.model.update(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,), patch_size=1)
+  c.first_stage.pad_to = 16
+  return c
+
+
+def test_model_flops_are_the_compilers_matmul_share():
+  """The UNet's analytic forward FLOPs against XLA's own count of the compiled forward (which adds
+  the element-wise work: norms, activations, softmax)."""
+  c = _tiny_config()
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  setup = training.setup_training(c, aot.latent_shape(c), mesh)
+  ours = aot.model_flops_per_example(c, setup)
+  params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), setup.abstract.params)
+  xs = [jnp.zeros(x.shape, x.dtype) for x in setup.inputs]
+  xla = jax.jit(lambda p, *v: setup.model.apply({"params": p}, *v)).lower(params, *xs).compile().cost_analysis()
+  xla = (xla[0] if isinstance(xla, (list, tuple)) else xla)["flops"]
+  assert 0.85 * xla < ours <= xla, (ours, xla)
+
+
+def test_fsdp_shows_its_collectives_on_cpu():
+  """Data parallel syncs gradients with all-reduce only; FSDP also all-gathers the weights (here on
+  the 8 CPU devices, through the same parser; XLA:CPU reduces FSDP's gradients with all-reduce,
+  TPU with reduce-scatter: test_compile_tool_for_a_v5e_slice)."""
+  c = _tiny_config()
+  reports = {}
+  for axes in ({"data": 8, "fsdp": 1, "tensor": 1}, {"data": 1, "fsdp": 8, "tensor": 1}):
+    c.mesh.update(axes)
+    mesh = mesh_lib.make_mesh(axes)
+    setup = training.setup_training(c, aot.latent_shape(c), mesh)
+    with jax.set_mesh(mesh):
+      compiled = setup.train_step.lower(setup.state_specs(), *setup.batch_specs(c, 16)).compile()
+    reports[axes["fsdp"]] = aot.collectives(compiled.as_text())
+  assert set(reports[1]) == {"all-reduce"}, reports[1]
+  assert {"all-gather", "all-reduce"} <= set(reports[8]), reports[8]
+
+
+def test_collectives_parser_on_hlo_lines():
+  hlo = "\n".join([
+      "  %all-reduce.1 = f32[128,4]{1,0} all-reduce(f32[128,4]{1,0} %p), replica_groups={}",
+      "  %ag = (bf16[16]{0}, bf16[64]{0}) all-gather-start(bf16[16]{0} %x), dimensions={0}",
+      "  %ag.done = bf16[64]{0} all-gather-done((bf16[16]{0}, bf16[64]{0}) %ag)",
+      "  %rs = (f32[8]{0}, s32[2]{0}) reduce-scatter(f32[32]{0} %a, s32[8]{0} %b), dimensions={0}",
+      "  %add = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)",
+      "  %fusion.9 = (f32[16,64]{1,0:T(8,128)S(1)}, f32[8]{0}) fusion(%all-reduce.3), kind=kOutput, "
+      "calls=%all-reduce-scatter.1",
+  ])
+  assert aot.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 128},
+                                  "all-reduce": {"count": 1, "bytes": 2048},
+                                  "reduce-scatter": {"count": 2, "bytes": 40 + 16 * 64 * 4 + 32}}
+
+
+TINY = ["--config=configs/fashion_mnist_rdm.py", "--topology=v5e-4", "--config.model.model_channels=32",
+        "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=(1,)",
+        "--config.model.num_res_blocks=1", "--config.model.patch_size=1", "--config.first_stage.pad_to=16",
+        "--steps=train"]
+
+
+def _compile(tmp_path, *extra):
+  pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]')")
+  out = tmp_path / "report.json"
+  proc = subprocess.run([sys.executable, "-m", "rdm_jax.compile", *TINY, f"--out={out}", *extra], cwd=REPO,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_compile_tool_for_a_v5e_slice(tmp_path):
+  proc, r = _compile(tmp_path, "--batch=32", "--config.mesh.fsdp=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (r["topology"], r["libtpu_topology"], r["chips"], r["device_kind"]) == ("v5e-4", "v5e:2x2", 4, "TPU v5 lite")
+  assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and r["latent_shape"] == [16, 16, 1]
+  t = r["train"]
+  m = t["memory"]
+  assert t["fits"] and m["fits"] and m["hbm_bytes"] == 16 * 2 ** 30
+  assert m["total_bytes"] == m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+  # the donated state: every output but the metrics aliases an argument
+  # the donated state (params, EMA, two Adam moments: f32, half of each on a chip) aliases the outputs
+  assert 0 < m["alias_bytes"] <= m["output_bytes"] and m["argument_bytes"] >= 4 * 4 * r["params"] / 2 * 0.9
+  assert t["model_flops_per_chip"] == pytest.approx(3 * r["model_flops_per_example_forward"] * 32 / 4)
+  assert 0.5 < t["compiler_flops_per_chip"] / t["model_flops_per_chip"] < 2.0
+  # FSDP: weights all-gathered, gradients reduce-scattered; the data axis all-reduces
+  assert {"all-gather", "reduce-scatter", "all-reduce"} <= set(t["collectives"]), t["collectives"]
+  assert r["levers"]["remat"] == "none" and "fits" not in proc.stderr
+  assert "train step (batch 32):" in proc.stdout and "of 16 GiB per chip" in proc.stdout
+
+
+def test_compile_tool_reports_out_of_memory_in_one_line(tmp_path):
+  proc, r = _compile(tmp_path, "--batch=1048576")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [ln for ln in proc.stdout.splitlines() if "does not fit" in ln]
+  assert len(lines) == 1 and "RESOURCE_EXHAUSTED" in lines[0] and "HBM" in lines[0], proc.stdout
+  assert r["train"]["fits"] is False and r["train"]["error"] in lines[0]
