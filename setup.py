@@ -13,4 +13,7 @@ setup(
         "ml_collections>=1.1.0", "tensorflow-cpu>=2.20.0,<2.21", "tensorflow-datasets>=4.9.10",
         "scann>=1.4.2", "transformers>=4.57.6,<5", "clu>=0.0.12", "numpy", "scipy", "pillow", "absl-py",
     ],
+    # Accelerators, pinned to our jax: `pip install -e .[tpu]` (libtpu; also what rdm_jax.compile
+    # needs on any host) or `pip install -e .[cuda12]` (CUDA 12 plugin, cuDNN, NCCL from pip).
+    extras_require={"tpu": ["jax[tpu]==0.10.2"], "cuda12": ["jax[cuda12]==0.10.2"]},
 )

@@ -122,11 +122,13 @@ def model_flops_per_example(config: Any, setup: training.TrainSetup) -> int:
 
 
 def levers(config: Any) -> dict[str, Any]:
+  """The config's accelerator levers (RARM: compute and Adam-moment dtypes; the others are the UNet's)."""
   m, o = config.model, config.optim
-  return {"dtype": m.get("dtype", "float32"), "param_dtype": m.get("param_dtype", "float32"),
-          "mu_dtype": o.get("mu_dtype", "") or m.get("param_dtype", "float32"),
-          "remat": m.get("remat", "none"), "attention": m.get("attention", "xla"),
-          "flash_min_seq_len": int(m.get("flash_min_seq_len", 1024))}
+  out = {"dtype": m.get("dtype", "float32"), "mu_dtype": o.get("mu_dtype", "") or m.get("param_dtype", "float32")}
+  if training.family(config) == "unet":
+    out.update(param_dtype=m.get("param_dtype", "float32"), remat=m.get("remat", "none"), attention=m.get("attention", "xla"),
+               flash_min_seq_len=int(m.get("flash_min_seq_len", 1024)))
+  return out
 
 
 def report(config: Any, slice_name: str, batch: int = 0, sample_batch: int = 0,
