@@ -30,6 +30,7 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Global train batch; 0 = config.train.
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Sampling batch; 0 = config.sample.batch_size.")
 _STEPS = flags.DEFINE_list("steps", ["train", "sample"], "Which steps to compile: train, sample.")
 _OUT = flags.DEFINE_string("out", "", "Write the report here as JSON (written whole, then renamed).")
+_HLO = flags.DEFINE_string("hlo", "", "Also write the compiled train step's HLO text here (where each collective is).")
 _SERIALIZE = flags.DEFINE_string("serialize", "", "Also write the compiled train step here "
                                  "(jax.experimental.serialize_executable; loads only with the same jax and libtpu).")
 
@@ -55,12 +56,18 @@ def main(argv):
     cli.fail(f"--steps: unknown {sorted(unknown)}; use train and/or sample")
   _check_output(_OUT.value, lambda text: "libtpu_topology" in json.loads(text))
   _check_output(_SERIALIZE.value, lambda text: False)
+  _check_output(_HLO.value, lambda text: False)
   r = aot.report(cli.CONFIG.value, _TOPOLOGY.value, _BATCH.value, _SAMPLE_BATCH.value, tuple(_STEPS.value))
   compiled = {k: r[k].pop("_compiled", None) for k in ("train", "sample") if k in r}
   print(aot.summary(r))
   if _OUT.value:
     files.atomic_write_text(_OUT.value, json.dumps(r, indent=1) + "\n")
     print(f"report: {_OUT.value}")
+  if _HLO.value:
+    if compiled.get("train") is None:
+      cli.fail("--hlo: the train step did not compile (see above)")
+    files.atomic_write_text(_HLO.value, compiled["train"].as_text())
+    print(f"compiled train step's HLO: {_HLO.value}")
   if _SERIALIZE.value:
     if compiled.get("train") is None:
       cli.fail("--serialize: the train step did not compile (see above)")

@@ -123,7 +123,7 @@ def _compile(tmp_path, *extra):
 
 
 def test_compile_tool_for_a_v5e_slice(tmp_path):
-  proc, r = _compile(tmp_path, "--batch=32", "--config.mesh.fsdp=2")
+  proc, r = _compile(tmp_path, "--batch=32", "--config.mesh.fsdp=2", f"--hlo={tmp_path / 'train.hlo'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (r["topology"], r["libtpu_topology"], r["chips"], r["device_kind"]) == ("v5e-4", "v5e:2x2", 4, "TPU v5 lite")
   assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and r["latent_shape"] == [16, 16, 1]
@@ -138,6 +138,7 @@ def test_compile_tool_for_a_v5e_slice(tmp_path):
   assert 0.5 < t["compiler_flops_per_chip"] / t["model_flops_per_chip"] < 2.0
   # FSDP: weights all-gathered, gradients reduce-scattered; the data axis all-reduces
   assert {"all-gather", "reduce-scatter", "all-reduce"} <= set(t["collectives"]), t["collectives"]
+  assert aot.collectives((tmp_path / "train.hlo").read_text()) == t["collectives"]
   assert r["levers"]["remat"] == "none" and r["levers"]["attention"] == "xla"
   assert "train step (batch 32):" in proc.stdout and "of 16 GiB per chip" in proc.stdout
 
