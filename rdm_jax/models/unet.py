@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from rdm_jax.parallel import sharding
+
 Dtype = Any
 
 _default_kernel_init = nn.initializers.lecun_normal()
@@ -158,19 +160,6 @@ class ResBlock(nn.Module):
     return x + h
 
 
-def _divides(mesh, axes, size: int):
-  """`axes` (a mesh axis, a tuple of them or None) if they exist in `mesh` and divide `size`, else None."""
-  if axes is None or mesh.empty:
-    return None
-  names = axes if isinstance(axes, tuple) else (axes,)
-  if not all(a in mesh.axis_names for a in names):
-    return None
-  n = 1
-  for a in names:
-    n *= mesh.shape[a]
-  return axes if size % n == 0 else None
-
-
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                     batch_axes=None, heads_axis=None) -> jax.Array:
   """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention) on [B, S, H, D].
@@ -185,7 +174,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
   q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # the kernel's [B, H, S, D]
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
-    spec = P(_divides(mesh, batch_axes, q.shape[0]), _divides(mesh, heads_axis, q.shape[1]))
+    spec = sharding.fit_spec(P(batch_axes, heads_axis), q.shape[:2], mesh)
     kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
   return kernel(q, k, v).transpose(0, 2, 1, 3)
 

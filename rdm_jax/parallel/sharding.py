@@ -28,7 +28,7 @@ def _axis_size(mesh: Mesh, axis: Any) -> int:
   return mesh.shape[axis]
 
 
-def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   """Drops mesh axes from dimensions they do not divide evenly."""
   fitted = []
   for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -46,7 +46,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   mesh_specs = nn.logical_to_mesh(specs, rules)
   unboxed = nn.meta.unbox(abstract_tree)
   return jax.tree.map(
-      lambda spec, leaf: NamedSharding(mesh, _fit(spec, leaf.shape, mesh)),
+      lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
       mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
 
 
