@@ -83,11 +83,9 @@ def train_speed(config, steps: int) -> tuple[float, int]:
   """(train tokens/s, parameter count) of the jitted AdamW step on one device."""
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = [tuple(r) for r in config.sharding_rules]
-  model, tx = training.make_model(config), training.make_optimizer(config)
-  inputs = training.example_inputs(config, 1, (model.seq_len,), config.k_train)
-  _, sh = training.state_shardings(model, tx, inputs, mesh, rules)
-  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh)
-  step = training.jit_train_step(training.make_train_step(config, model, tx, None), sh, mesh, rules, 2)
+  model = training.make_model(config)
+  setup = training.setup_training(config, (model.seq_len,), mesh)
+  state, step = setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   b = config.train.batch_size
   rng = np.random.default_rng(0)
   z = rng.integers(0, model.num_codes, (b, model.seq_len)).astype(np.int32)

@@ -50,13 +50,9 @@ def time_jax(config, latent_shape, steps: int) -> tuple[float, int]:
   """Seconds per train step, parameter count."""
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = [tuple(r) for r in config.sharding_rules]
-  model, tx, sched = training.make_model(config), training.make_optimizer(config), training.make_schedule(config)
-  inputs = training.example_inputs(config, 1, latent_shape, config.k_train)
-  _, sh = training.state_shardings(model, tx, inputs, mesh, rules)
-  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh)
+  setup = training.setup_training(config, latent_shape, mesh)
+  state, step = setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  step = training.jit_train_step(training.make_train_step(config, model, tx, sched), sh, mesh, rules,
-                                 len(latent_shape) + 1)
   b = config.train.batch_size
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(b,) + latent_shape).astype(np.float32)

@@ -236,14 +236,8 @@ def load_trained(config, workdir: str, step: int | None = None):
   if not files.isfile(info_path):
     fail(f"{workdir} holds no trained model: run `python -m rdm_jax.train --workdir={workdir}` first")
   info = json.loads(files.read_text(info_path))
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  rules = [tuple(r) for r in config.sharding_rules]
-  model = training.make_model(config)
-  tx = training.make_optimizer(config)
-  inputs = training.example_inputs(config, 1, tuple(info["latent_shape"]), config.k_train)
-  abstract, shardings = training.state_shardings(model, tx, inputs, mesh, rules)
-  mngr = manager(workdir, create=False)
-  state = restore(mngr, abstract, shardings, step)
+  setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.make_mesh(config.mesh.to_dict()))
+  state = restore(manager(workdir, create=False), setup.abstract, setup.state_sh, step)
   if state is None:
     fail(f"no checkpoint in {workdir}/checkpoints: train first")
-  return model, state.ema_params, info, int(state.step)
+  return setup.model, state.ema_params, info, int(state.step)

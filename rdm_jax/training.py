@@ -199,11 +199,16 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
   return step
 
 
+def batch_shardings(mesh: Mesh, rules, latent_ndim: int) -> tuple[NamedSharding, NamedSharding, NamedSharding]:
+  """The train step's input shardings of (z0, context, rng): the batch dimension over the
+  batch axes, the rng replicated. `latent_ndim` counts z0's dimensions, batch included."""
+  return (sharding.batch_sharding(mesh, rules, latent_ndim), sharding.batch_sharding(mesh, rules, 3),
+          NamedSharding(mesh, P()))
+
+
 def jit_train_step(step_fn, state_sh: TrainState, mesh: Mesh, rules, latent_ndim: int):
   """jax.jit with explicit in/out shardings and the state donated."""
-  z_sh = sharding.batch_sharding(mesh, rules, latent_ndim)
-  c_sh = sharding.batch_sharding(mesh, rules, 3)
-  replicated = NamedSharding(mesh, P())
+  z_sh, c_sh, replicated = batch_shardings(mesh, rules, latent_ndim)
   return jax.jit(step_fn, in_shardings=(state_sh, z_sh, c_sh, replicated),
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
@@ -227,23 +232,29 @@ class TrainSetup:
 
   def batch_specs(self, config: Any, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Abstract (z0, context, rng) of a global batch with the step's input shardings."""
+    z_sh, c_sh, rng_sh = batch_shardings(self.mesh, self.rules, 1 + len(self.latent_shape))
     z_dtype = jnp.int32 if family(config) == "rarm" else jnp.float32
-    z = jax.ShapeDtypeStruct((batch,) + tuple(self.latent_shape), z_dtype,
-                             sharding=sharding.batch_sharding(self.mesh, self.rules, 1 + len(self.latent_shape)))
-    c = jax.ShapeDtypeStruct((batch, config.k_train, config.retrieval.embed_dim), jnp.float32,
-                             sharding=sharding.batch_sharding(self.mesh, self.rules, 3))
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(self.mesh, P()))
-    return z, c, rng
+    z = jax.ShapeDtypeStruct((batch,) + tuple(self.latent_shape), z_dtype, sharding=z_sh)
+    c = jax.ShapeDtypeStruct((batch, config.k_train, config.retrieval.embed_dim), jnp.float32, sharding=c_sh)
+    return z, c, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rng_sh)
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """A freshly initialised train state, placed in its shardings."""
+    return init_state(self.model, self.tx, self.inputs, rng, self.state_sh)
 
   def state_specs(self) -> TrainState:
     """The abstract train state with its shardings (ShapeDtypeStructs, for lowering)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.state_sh)
 
 
-def setup_training(config: Any, latent_shape: tuple, mesh: Mesh) -> TrainSetup:
-  """The model, optimiser, schedule, state shardings and jitted train step of `config` on `mesh`."""
+def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
+                   tx: optax.GradientTransformation | None = None) -> TrainSetup:
+  """The model, optimiser, schedule, state shardings and jitted train step of `config` on `mesh`
+  (restoring a checkpoint needs the same abstract state and shardings). `tx` replaces
+  `make_optimizer(config)` (tests pin the update rule)."""
   rules = [tuple(r) for r in config.sharding_rules]
-  model, tx, sched = make_model(config), make_optimizer(config), make_schedule(config)
+  model, sched = make_model(config), make_schedule(config)
+  tx = make_optimizer(config) if tx is None else tx
   inputs = example_inputs(config, 1, latent_shape, config.k_train)
   abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules)
   step = jit_train_step(make_train_step(config, model, tx, sched), state_sh, mesh, rules, len(latent_shape) + 1)

@@ -167,16 +167,13 @@ def with_overrides(config, overrides):
   return config
 
 
-def final_state(config, workdir: str, latent_shape: tuple, step: int):
-  """The whole train state (step, params, optimizer state, EMA) of a run's checkpoint at `step`."""
+def final_state(config, workdir: str, latent_shape: tuple, step: int | None = None):
+  """The whole train state (step, params, optimizer state, EMA) of a run's checkpoint at `step`
+  (None: the latest), restored as `rdm_jax.train` restores it."""
   from rdm_jax import checkpoint, training
   from rdm_jax.parallel import mesh as mesh_lib
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  rules = [tuple(r) for r in config.sharding_rules]
-  model, tx = training.make_model(config), training.make_optimizer(config)
-  inputs = training.example_inputs(config, 1, latent_shape, config.k_train)
-  abstract, sh = training.state_shardings(model, tx, inputs, mesh, rules)
-  return checkpoint.restore(checkpoint.manager(workdir, create=False), abstract, sh, step)
+  setup = training.setup_training(config, latent_shape, mesh_lib.make_mesh(config.mesh.to_dict()))
+  return checkpoint.restore(checkpoint.manager(workdir, create=False), setup.abstract, setup.state_sh, step)
 
 
 def assert_same_state(got, want, step: int) -> None:

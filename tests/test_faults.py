@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (REPO, TRAINED_STEPS, make_tiny_stores, one_line_error, subprocess_env, tiny_config,
-                      train_command)
+from conftest import (REPO, TRAINED_STEPS, final_state, make_tiny_stores, one_line_error, subprocess_env,
+                      tiny_config, train_command)
 from rdm_jax import checkpoint, training
 from rdm_jax.data import pipeline, store
 from rdm_jax.errors import UserError
@@ -28,12 +28,7 @@ def _run(cmd):
 
 
 def _restore(data_dir, workdir, step=None):
-  config = tiny_config(data_dir)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  rules = [tuple(r) for r in config.sharding_rules]
-  model, tx = training.make_model(config), training.make_optimizer(config)
-  abstract, sh = training.state_shardings(model, tx, training.example_inputs(config, 1, (8, 8, 1), 4), mesh, rules)
-  return checkpoint.restore(checkpoint.manager(workdir, create=False), abstract, sh, step)
+  return final_state(tiny_config(data_dir), workdir, (8, 8, 1), step)
 
 
 def _largest_array_file(workdir, step):
@@ -205,9 +200,5 @@ def test_checkpoint_of_another_model_config_is_not_called_damaged(trained):
   data_dir, workdir = trained
   config = tiny_config(data_dir)
   config.model.model_channels = 64  # the run trained 32
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  rules = [tuple(r) for r in config.sharding_rules]
-  model, tx = training.make_model(config), training.make_optimizer(config)
-  abstract, sh = training.state_shardings(model, tx, training.example_inputs(config, 1, (8, 8, 1), 4), mesh, rules)
   with pytest.raises(UserError, match="checkpoint 4 .* does not fit this config's model"):
-    checkpoint.restore(checkpoint.manager(workdir, create=False), abstract, sh)
+    final_state(config, workdir, (8, 8, 1))

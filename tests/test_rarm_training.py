@@ -38,11 +38,8 @@ def _batches(config, steps):
 def _run(config, mesh_axes, tx, devices=None, steps=3):
   mesh = mesh_lib.make_mesh(mesh_axes, devices)
   rules = [tuple(r) for r in config.sharding_rules]
-  model = training.make_model(config)
-  inputs = training.example_inputs(config, 1, (16,), config.k_train)
-  _, sh = training.state_shardings(model, tx, inputs, mesh, rules)
-  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh)
-  step = training.jit_train_step(training.make_train_step(config, model, tx, None), sh, mesh, rules, 2)
+  setup = training.setup_training(config, (16,), mesh, tx)
+  model, state, step = setup.model, setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   losses = []
   with jax.set_mesh(mesh):
     for z, ctx in _batches(config, steps):

@@ -18,12 +18,8 @@ def _run(config, mesh_axes, steps=3, devices=None, tx=None):
   mesh = mesh_lib.make_mesh(mesh_axes, devices)
   rules = [tuple(r) for r in config.sharding_rules]
   data = pipeline.load_retrieval_data(config, "train")
-  model, sched = training.make_model(config), training.make_schedule(config)
-  tx = tx or training.make_optimizer(config)
-  inputs = training.example_inputs(config, 1, data.latents.shape[1:], config.k_train)
-  _, sh = training.state_shardings(model, tx, inputs, mesh, rules)
-  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh)
-  step = training.jit_train_step(training.make_train_step(config, model, tx, sched), sh, mesh, rules, 4)
+  setup = training.setup_training(config, data.latents.shape[1:], mesh, tx)
+  state, step = setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   losses = []
   with jax.set_mesh(mesh):
     for s in range(steps):

@@ -130,12 +130,8 @@ def main(argv):
   check_first_stage(sd, config, path)
 
   shape = latent_shape(config)
-  model = training.make_model(config)
-  tx = training.make_optimizer(config)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
-  rules = [tuple(r) for r in config.sharding_rules]
-  inputs = training.example_inputs(config, 1, shape, config.k_train)
-  abstract, shardings = training.state_shardings(model, tx, inputs, mesh, rules)
+  setup = training.setup_training(config, shape, mesh_lib.make_mesh(config.mesh.to_dict()))
+  model, tx, abstract, shardings = setup.model, setup.tx, setup.abstract, setup.state_sh
   try:
     params = unet_params(sd, model, abstract.params, ema=False)
   except ValueError as e:
