@@ -130,7 +130,7 @@ def main(argv):
 
   # --------------------------------------------------------------------------- Model
   setup = training.setup_training(config, latent_shape, mesh)
-  model, tx, sched, state_sh = setup.model, setup.tx, setup.sched, setup.state_sh
+  model, sched = setup.model, setup.sched
 
   # --------------------------------------------------------------------------- Checkpoint
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
@@ -138,11 +138,11 @@ def main(argv):
           "database_fingerprint": data.database_store.fingerprint,
           "latent_shape": list(latent_shape), "image_hw": list(image_hw)}
   checkpoint.check_resume(mngr, workdir, info)
-  state = checkpoint.restore(mngr, setup.abstract, state_sh)
+  state = checkpoint.restore(mngr, setup.abstract, setup.state_sh)
   if state is not None and checkpoint.steps(mngr)[-1] > int(state.step):  # newer ones were damaged
     mngr = checkpoint.set_aside_newer(mngr, int(state.step), config.train.keep_checkpoints)
   if state is None:
-    state = training.init_state(model, tx, setup.inputs, jax.random.PRNGKey(config.train.seed), state_sh)
+    state = setup.init_state(jax.random.PRNGKey(config.train.seed))
     logging.info("initialised a new model")
   else:
     logging.info("resumed from step %d", int(state.step))
