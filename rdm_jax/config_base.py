@@ -101,7 +101,7 @@ def base_config() -> mlc.ConfigDict:
       flash_min_seq_len=1024))  # flash: self-attention over at least this many tokens; shorter: dot_product
   c.diffusion = mlc.ConfigDict(dict(
       num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2,
-      prediction="eps",          # what the UNet outputs: eps (the paper's) | v (Salimans & Ho 2022)
+      prediction="eps",          # what the UNet outputs: eps (the paper's) | v (Salimans & Ho 2022) | x0
       loss_weighting="uniform",  # uniform (Eq. 3) | min_snr: min(SNR, gamma)-weighted (Hang et al. 2023)
       min_snr_gamma=5.0))
   c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=1000, b1=0.9, b2=0.999, weight_decay=0.01,

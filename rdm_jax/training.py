@@ -87,7 +87,7 @@ def _axes(axes: Any) -> Any:
 
 
 def make_schedule(config: Any) -> schedule_lib.Schedule:
-  """The noise schedule and what the UNet predicts (config.diffusion.prediction: eps | v)."""
+  """The noise schedule and what the UNet predicts (config.diffusion.prediction: eps | v | x0)."""
   d = config.diffusion
   prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
   if prediction not in schedule_lib.PREDICTIONS or weighting not in schedule_lib.WEIGHTINGS:
@@ -97,7 +97,7 @@ def make_schedule(config: Any) -> schedule_lib.Schedule:
 
 
 def eps_fn(model: UNet, params: Any, sched: schedule_lib.Schedule):
-  """(z_t, t, context) -> the eps the UNet's output means (converted from v for prediction="v")."""
+  """(z_t, t, context) -> the eps the UNet's output means (converted from v or x0)."""
   return lambda z_t, t, c: schedule_lib.eps_of(sched, model.apply({"params": params}, z_t, t, c), z_t, t)
 
 

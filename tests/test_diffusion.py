@@ -155,13 +155,13 @@ def test_stochastic_ddim_moments_on_gaussian_data():
   assert variances[0.0] > 1.05 * variances[0.5] > 1.05 * variances[1.0]
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 @pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
 def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weighting):
   """schedule.diffusion_loss against diffusers' training recipe (train_text_to_image.py): the
-  target is the noise or DDPMScheduler.get_velocity, the min-SNR-5 weights are
-  min(compute_snr, 5) / snr for eps and / (snr + 1) for v; and eps_of turns the true v back
-  into the noise (Salimans & Ho 2022)."""
+  target is the noise, DDPMScheduler.get_velocity or the clean sample, the min-SNR-5 weights are
+  min(compute_snr, 5) / snr for eps, / (snr + 1) for v and min(snr, 5) itself for x0 (Hang et al.
+  2023, Sec. 3.4); and eps_of turns the true v or x0 back into the noise."""
   pytest.importorskip("torch")
   import torch
   from torch_references import define_missing_torchvision_ops
@@ -171,7 +171,7 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
 
   s = schedule.linear_schedule(prediction=prediction)
   ref = DDPMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(s.betas, np.float64),
-                      prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+                      prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction])
   z0 = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 2))
   seen = {}
 
@@ -185,16 +185,16 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
   a = np.asarray(ref.alphas_cumprod, np.float64)[t][:, None, None, None]
   noise = (z_t - np.sqrt(a) * np.asarray(z0, np.float64)) / np.sqrt(1 - a)
   tt = torch.as_tensor(np.array(t))
-  target = noise if prediction == "eps" else ref.get_velocity(
-      torch.as_tensor(np.asarray(z0, np.float64)), torch.as_tensor(noise), tt).numpy()
+  target = {"eps": lambda: noise, "x0": lambda: np.asarray(z0, np.float64), "v": lambda: ref.get_velocity(
+      torch.as_tensor(np.asarray(z0, np.float64)), torch.as_tensor(noise), tt).numpy()}[prediction]()
   pred = 0.5 * z_t + 0.01 * t[:, None, None, None]
   want = ((pred - target) ** 2).mean(axis=(1, 2, 3))
   if weighting == "min_snr":
     snr = compute_snr(ref, tt).double()
     w = torch.minimum(snr, torch.full_like(snr, 5.0))
-    want = want * (w / snr if prediction == "eps" else w / (snr + 1)).numpy()
+    want = want * {"eps": w / snr, "v": w / (snr + 1), "x0": w}[prediction].numpy()
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-6)
   assert len(set(t.tolist())) > 8  # the batch spans many timesteps
-  if prediction == "v":
+  if prediction != "eps":
     eps = schedule.eps_of(s, jnp.asarray(target, jnp.float32), jnp.asarray(z_t, jnp.float32), jnp.asarray(t))
     np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-4)

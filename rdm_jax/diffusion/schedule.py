@@ -5,8 +5,8 @@ The "linear" schedule of LDM/RDM: betas = linspace(sqrt(beta_start), sqrt(beta_e
 Forward process (Ho et al. Eq. 4): z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps.
 
 The network predicts eps (the paper's and the original code's choice, `prediction="eps"`) or
-v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0 (Salimans & Ho 2022, `"v"`); samplers always
-see eps (`eps_of`). The loss may weight timesteps by min-SNR-gamma (Hang et al. 2023).
+v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0 (Salimans & Ho 2022, `"v"`) or z_0 itself (`"x0"`,
+diffusers' "sample"); samplers always see eps (`eps_of`). The loss may weight timesteps by min-SNR-gamma (Hang et al. 2023).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "x0")
 WEIGHTINGS = ("uniform", "min_snr")
 
 
@@ -62,10 +62,13 @@ def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
 
 
 def eps_of(schedule: Schedule, out: jax.Array, z_t: jax.Array, t: jax.Array) -> jax.Array:
-  """The eps a network output means: itself, or from v, eps = sqrt(a) v + sqrt(1 - a) z_t."""
+  """The eps a network output means: itself; from v, eps = sqrt(a) v + sqrt(1 - a) z_t; from x0,
+  eps = (z_t - sqrt(a) x0) / sqrt(1 - a) (the forward process solved for eps)."""
   if schedule.prediction == "eps":
     return out
   a = schedule.alphas_cumprod[t]
+  if schedule.prediction == "x0":
+    return (z_t - _bcast(jnp.sqrt(a), z_t) * out.astype(jnp.float32)) / _bcast(jnp.sqrt(1.0 - a), z_t)
   return _bcast(jnp.sqrt(a), z_t) * out.astype(jnp.float32) + _bcast(jnp.sqrt(1.0 - a), z_t) * z_t
 
 
@@ -74,9 +77,9 @@ def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedu
                    reduce: bool = True) -> jax.Array:
   """The training loss: E_{t, eps} w(t) || target - model(z_t, t) ||^2, t ~ U{0..T-1}.
 
-  target is eps or v (schedule.prediction). w = 1 ("uniform": Eq. 3 for eps), or min-SNR-gamma
+  target is eps, v or z_0 (schedule.prediction). w = 1 ("uniform": Eq. 3 for eps), or min-SNR-gamma
   (Hang et al. 2023, Eq. 9 and Sec. 3.4): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1)
-  for v, i.e. the x0-MSE weighted by min(SNR, gamma) in both cases.
+  for v, min(SNR, gamma) for x0, i.e. the x0-MSE weighted by min(SNR, gamma) in every case.
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r}; choose from {WEIGHTINGS}")
@@ -85,12 +88,16 @@ def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedu
   noise = jax.random.normal(n_rng, z0.shape, jnp.float32)
   pred = model_fn(q_sample(schedule, z0, t, noise), t)
   a = schedule.alphas_cumprod[t]
-  target = noise if schedule.prediction == "eps" else (
-      _bcast(jnp.sqrt(a), z0) * noise - _bcast(jnp.sqrt(1.0 - a), z0) * z0.astype(jnp.float32))
+  if schedule.prediction == "eps":
+    target = noise
+  elif schedule.prediction == "x0":
+    target = z0.astype(jnp.float32)
+  else:
+    target = _bcast(jnp.sqrt(a), z0) * noise - _bcast(jnp.sqrt(1.0 - a), z0) * z0.astype(jnp.float32)
   per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, z0.ndim)))
   if weighting == "min_snr":
     s = snr(schedule, t)
-    per_example = per_example * jnp.minimum(s, min_snr_gamma) / (s if schedule.prediction == "eps" else s + 1.0)
+    per_example = per_example * jnp.minimum(s, min_snr_gamma) / {"eps": s, "v": s + 1.0, "x0": 1.0}[schedule.prediction]
   return per_example.mean() if reduce else per_example
 
 
