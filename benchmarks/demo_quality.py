@@ -12,6 +12,8 @@ r"""How convincing the demo's samples are: do they follow their neighbours, and 
    against the config's reference); --no_sample scores sets already there.
 3. Label agreement: the classifier's label for each sample against the majority label of the
    k database entries that conditioned it (ties: the first neighbour's label among the tied).
+4. Near-black pixels: the fraction of pixels in grey levels 1..15, for the samples and for the
+   real test images (whose backgrounds are exactly 0).
 
 Prints a row per set and seed, then the mean and the spread (min..max) over seeds.
 """
@@ -102,6 +104,14 @@ def majority(labels: np.ndarray) -> np.ndarray:
   return out
 
 
+def near_black(images: np.ndarray) -> float:
+  """The fraction of pixels in grey levels 1..15 of uint8 images [N, 28, 28, 1] (larger ones are
+  cropped to 28 x 28): real Fashion-MNIST backgrounds are exactly 0, a sample's may sit a few levels
+  above it."""
+  v = images[:, :28, :28]
+  return float(((v >= 1) & (v <= 15)).mean())
+
+
 def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N, H, W, 1], neighbour ids [N, k]) of a sample set's shards."""
   shards = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".npz"))
@@ -185,14 +195,15 @@ def main(argv):
       m = scores["sets"].get(name) or scores["sets"].get(os.path.basename(path)) or \
           scores["sets"][f"{name} ({os.path.basename(path)})"]
       rows.setdefault(name, []).append((seed, len(images), float((got == want).mean()), m["precision"],
-                                        m["recall"], m["fd"]))
+                                        m["recall"], m["fd"], near_black(images)))
   print(f"real test images against their own k={ceiling[1]} neighbours' majority label: agreement "
         f"{ceiling[0]:.3f} (the ceiling for samples conditioned on those neighbours)")
-  print("| set | seed | samples | label agreement | precision | recall | FD |")
-  print("|---|---|---|---|---|---|---|")
+  print(f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the real test images'")
+  print("| set | seed | samples | label agreement | precision | recall | FD | pixels in grey 1..15 |")
+  print("|---|---|---|---|---|---|---|---|")
   for name, rs in rows.items():
-    for seed, n, agree, p, r, fd in rs:
-      print(f"| {name} | {seed} | {n} | {agree:.3f} | {p:.3f} | {r:.3f} | {fd:.1f} |")
+    for seed, n, agree, p, r, fd, grey in rs:
+      print(f"| {name} | {seed} | {n} | {agree:.3f} | {p:.3f} | {r:.3f} | {fd:.1f} | {grey:.3f} |")
   for name, rs in rows.items():
     cols = np.array([r[2:5] for r in rs], np.float64)
     summary = ", ".join(f"{what} {c.mean():.3f} ({c.min():.3f}..{c.max():.3f})"
