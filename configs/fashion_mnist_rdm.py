@@ -44,7 +44,9 @@ benchmarks/RESULTS.md, "The demo's recipe"):
   makes it an average over the last ~100-1000 steps in so short a run); 3600 steps (recall 0.49
   at 2400 steps, 0.57 at 3600; 1600 steps gave precision 0.51).
 - train.p_uncond=0.1 (the released models use 0): the zeros context is a trained unconditional
-  branch, so that classifier-free guidance (sample.guidance_scale=3) can sharpen the samples.
+  branch, so that classifier-free guidance can sharpen the samples. The scale is the paper's 2:
+  with the x0 model, 3 samples of seed 0-2 scored precision 0.58 and agreement 0.81 on average,
+  2 scored 0.65 and 0.78.
 - sample.final_step="x0": the last DDIM step returns its predicted image. The original ends at
   alpha_bar_0, which keeps 0.039 of the predicted noise: invisible through a decoder, grey
   speckle on pixels.
@@ -92,7 +94,7 @@ def get_config() -> mlc.ConfigDict:
   c.train.checkpoint_every = 1200
   c.train.sample_every = 3600
   c.sample.num_steps = 50
-  c.sample.guidance_scale = 3.0
+  c.sample.guidance_scale = 2.0  # the paper's (3 traded 0.07 precision for 0.03 agreement here)
   c.sample.clip_x0 = 1.0       # pixels live in [-1, 1]
   c.sample.final_step = "x0"   # return the last step's predicted image, not it plus 0.039 of noise
   c.sample.num_images = 256    # the evaluation's sample sets (PNGs show the first 16)
