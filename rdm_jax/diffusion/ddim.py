@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdm_jax.diffusion.schedule import Schedule
+from rdm_jax.diffusion.schedule import Schedule, eps_from_x0
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (z_t, t, context) -> eps
 
@@ -67,7 +67,7 @@ def x0_and_eps(z: jax.Array, e: jax.Array, a_t: jax.Array, clip_x0: float | None
   x0 = (z - jnp.sqrt(1.0 - a_t) * e) / jnp.sqrt(a_t)
   if clip_x0 is not None:
     x0 = jnp.clip(x0, -clip_x0, clip_x0)
-    e = (z - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
+    e = eps_from_x0(z, x0, a_t)
   return x0, e
 
 

@@ -61,14 +61,20 @@ def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
   return a / (1.0 - a)
 
 
+def eps_from_x0(z_t: jax.Array, x0: jax.Array, a: jax.Array) -> jax.Array:
+  """eps = (z_t - sqrt(a) x0) / sqrt(1 - a), the forward process solved for eps; a (alpha_bar)
+  broadcasts against z_t."""
+  return (z_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
+
+
 def eps_of(schedule: Schedule, out: jax.Array, z_t: jax.Array, t: jax.Array) -> jax.Array:
   """The eps a network output means: itself; from v, eps = sqrt(a) v + sqrt(1 - a) z_t; from x0,
-  eps = (z_t - sqrt(a) x0) / sqrt(1 - a) (the forward process solved for eps)."""
+  eps_from_x0."""
   if schedule.prediction == "eps":
     return out
   a = schedule.alphas_cumprod[t]
   if schedule.prediction == "x0":
-    return (z_t - _bcast(jnp.sqrt(a), z_t) * out.astype(jnp.float32)) / _bcast(jnp.sqrt(1.0 - a), z_t)
+    return eps_from_x0(z_t, out.astype(jnp.float32), _bcast(a, z_t))
   return _bcast(jnp.sqrt(a), z_t) * out.astype(jnp.float32) + _bcast(jnp.sqrt(1.0 - a), z_t) * z_t
 
 
