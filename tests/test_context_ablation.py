@@ -5,6 +5,9 @@ X = the context reshaped to a latent, the error is sqrt(a / (1 - a)) (z0 - X) = 
 t and the noise: the loss is 0 with each example's own latent as its neighbour, mean(z0^2) with
 the zeros context, and mean((z0 - z0 of the example the shuffle pairs it with)^2) with shuffled
 neighbours (the job's documented pairing: permutation default_rng([seed, repeat, first row])).
+The clean latent it implies is X itself, so the x0-MSE is mean((z0 - X)^2) at every alpha_bar,
+while the eps-MSE scales it by a / (1 - a): worked by noise level with a schedule of two
+alpha_bars.
 """
 
 import jax.numpy as jnp
@@ -42,8 +45,40 @@ def test_context_losses_by_hand():
   assert got["zeros_context"] == pytest.approx(float(np.mean(z0.astype(np.float64) ** 2)), rel=1e-5)
   assert got["shuffled_neighbors"] == pytest.approx(float(np.mean(shuffled)), rel=1e-5)
   assert got["shuffled_neighbors"] > 0.5  # the pairing really moves examples
+  # at alpha_bar 1/2 the x0 error, X - z0, is the eps error's negative
+  for key in ("true_neighbors", "zeros_context", "shuffled_neighbors"):
+    assert got["x0_mse"][key] == pytest.approx(got[key], rel=1e-5, abs=1e-10)
   assert (got["examples"], got["repeats"]) == (n, repeats)
   # 7 examples in batches of 4: one whole batch is used, and the result says so
   part = context_losses(OracleModel(half), {}, half, data, k=1, num_examples=7, repeats=1, batch=batch, seed=seed)
   assert part["examples"] == 4
   assert part["zeros_context"] == pytest.approx(float(np.mean(z0[:4].astype(np.float64) ** 2)), rel=1e-5)
+
+
+def test_context_losses_by_noise_level():
+  """alpha_bar 0.2 for t < 5 and 0.8 for t >= 5, latents of +-1: with the zeros context the eps-MSE
+  is a / (1 - a) = 0.25 in the first half of t and 4 in the second, the x0-MSE 1 in both; the
+  shuffled x0-MSE is the mean of (z0 - z0 of the paired example)^2 whatever t."""
+  rng = np.random.default_rng(1)
+  n, batch, repeats, seed = 16, 8, 3, 5
+  z0 = rng.choice([-1.0, 1.0], size=(n, 2, 2, 1)).astype(np.float32)
+  data = RetrievalData(latents=z0, neighbor_ids=np.arange(n)[:, None], database=z0.reshape(n, 4),
+                       latents_store=None, neighbors_store=None, database_store=None)
+  two = Schedule(betas=jnp.zeros(10), alphas_cumprod=jnp.asarray([0.2] * 5 + [0.8] * 5))
+  got = context_losses(OracleModel(two), {}, two, data, k=1, num_examples=n, repeats=repeats, batch=batch,
+                       seed=seed, noise_buckets=2)
+  low, high = got["by_noise"]
+  assert (low["t_start"], low["t_stop"], high["t_start"], high["t_stop"]) == (0, 5, 5, 10)
+  assert low["samples"] + high["samples"] == n * repeats and min(low["samples"], high["samples"]) > 0
+  assert low["eps_mse"]["zeros_context"] == pytest.approx(0.25, rel=1e-5)
+  assert high["eps_mse"]["zeros_context"] == pytest.approx(4.0, rel=1e-5)
+  for b in (low, high):
+    assert b["x0_mse"]["zeros_context"] == pytest.approx(1.0, rel=1e-5)
+    assert b["eps_mse"]["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
+    assert b["x0_mse"]["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
+  assert got["zeros_context"] == pytest.approx((0.25 * low["samples"] + 4.0 * high["samples"]) / (n * repeats),
+                                               rel=1e-5)
+  shuffled = [np.mean((z0[a:a + batch] - z0[a:a + batch][np.random.default_rng([seed, r, a]).permutation(batch)]) ** 2)
+              for r in range(repeats) for a in range(0, n, batch)]
+  assert got["x0_mse"]["shuffled_neighbors"] == pytest.approx(float(np.mean(shuffled)), rel=1e-5)
+  assert got["x0_mse"]["shuffled_neighbors"] > 0.5

@@ -78,6 +78,13 @@ def eps_of(schedule: Schedule, out: jax.Array, z_t: jax.Array, t: jax.Array) -> 
   return _bcast(jnp.sqrt(a), z_t) * out.astype(jnp.float32) + _bcast(jnp.sqrt(1.0 - a), z_t) * z_t
 
 
+def draw_t_and_noise(schedule: Schedule, shape: tuple[int, ...], rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The training loss's draw: t ~ U{0..T-1} per example [B] and eps ~ N(0, I) of `shape`."""
+  t_rng, n_rng = jax.random.split(rng)
+  return (jax.random.randint(t_rng, (shape[0],), 0, schedule.num_timesteps),
+          jax.random.normal(n_rng, shape, jnp.float32))
+
+
 def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule, z0: jax.Array,
                    rng: jax.Array, weighting: str = "uniform", min_snr_gamma: float = 5.0,
                    reduce: bool = True) -> jax.Array:
@@ -89,9 +96,7 @@ def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedu
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r}; choose from {WEIGHTINGS}")
-  t_rng, n_rng = jax.random.split(rng)
-  t = jax.random.randint(t_rng, (z0.shape[0],), 0, schedule.num_timesteps)
-  noise = jax.random.normal(n_rng, z0.shape, jnp.float32)
+  t, noise = draw_t_and_noise(schedule, z0.shape, rng)
   pred = model_fn(q_sample(schedule, z0, t, noise), t)
   a = schedule.alphas_cumprod[t]
   if schedule.prediction == "eps":

@@ -1,12 +1,14 @@
-r"""Does the model use its neighbours? Held-out eps-loss (RARM: next-token NLL) with true, zeros and
-shuffled context.
+r"""Does the model use its neighbours? Held-out losses with true, zeros and shuffled context.
 
   python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
 
 The three losses share the same test examples, timesteps and noise; only the context
 differs: the true k_train neighbours, an all-zeros context (the unconditional branch),
-or the neighbours of other test examples (shuffled within the batch). Writes
-<workdir>/context_ablation.json.
+or the neighbours of other test examples (shuffled within the batch). A diffusion model gets
+the eps-MSE (paper Eq. 3) and the x0-MSE of the clean latent it implies, overall and by noise
+level (`--noise_buckets` ranges of t): the eps-MSE shows the low-noise steps, the x0-MSE the
+high-noise ones, where the neighbours matter most (see `training.context_losses`). RARM gets
+its next-token NLL. Writes <workdir>/context_ablation.json.
 """
 
 from __future__ import annotations
@@ -24,22 +26,47 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _EXAMPLES = flags.DEFINE_integer("num_examples", 2048, "Test examples to average over.")
 _REPEATS = flags.DEFINE_integer("repeats", 4, "Noise draws per example.")
 _BATCH = flags.DEFINE_integer("batch", 256, "Examples per batch (the shuffled context is shuffled within one).")
+_BUCKETS = flags.DEFINE_integer("noise_buckets", 10, "Ranges of t the diffusion losses are also reported in.")
 
 
 def main(argv):
   del argv
   config = cli.CONFIG.value
   workdir = _WORKDIR.value or fail("--workdir is required")
+  if _BUCKETS.value < 1:
+    fail(f"--noise_buckets={_BUCKETS.value}: give at least 1")
   model, params, info, step = checkpoint.load_trained(config, workdir)
   data = pipeline.load_retrieval_data(config, "test", encoder=info["encoder"])
   result = training.context_losses(model, params, training.make_schedule(config), data, config.k_train,
-                          _EXAMPLES.value, _REPEATS.value, batch=_BATCH.value, seed=config.train.seed)
+                                   _EXAMPLES.value, _REPEATS.value, batch=_BATCH.value, seed=config.train.seed,
+                                   noise_buckets=_BUCKETS.value)
   result["checkpoint_step"] = step
   files.atomic_write_text(files.join(workdir, "context_ablation.json"), json.dumps(result, indent=1))
-  print(f"held-out eps-MSE at step {step} ({result['examples']} test examples x {result['repeats']} noise draws):")
-  print(f"  true neighbours     {result['true_neighbors']:.4f}")
-  print(f"  zeros context       {result['zeros_context']:.4f}")
-  print(f"  shuffled neighbours {result['shuffled_neighbors']:.4f}")
+  print(report(result))
+
+
+def report(result: dict) -> str:
+  """The ablation as text: the losses per context, and by noise level when there are any."""
+  what = "eps-MSE" if "x0_mse" in result else "next-token NLL (nats per token)"
+  lines = [f"held-out {what} at step {result['checkpoint_step']} ({result['examples']} test examples x "
+           f"{result['repeats']} noise draws):"]
+  names = {"true_neighbors": "true neighbours", "zeros_context": "zeros context",
+           "shuffled_neighbors": "shuffled neighbours"}
+  for key, name in names.items():
+    lines.append(f"  {name:20s}{result[key]:.4f}" + (f"   x0-MSE {result['x0_mse'][key]:.4f}"
+                                                     if "x0_mse" in result else ""))
+  if "by_noise" in result:
+    lines.append("by noise level (t range, samples): eps-MSE true / zeros / shuffled (gap) | "
+                 "x0-MSE true / zeros / shuffled (gap)")
+    for b in result["by_noise"]:
+      e, x = b["eps_mse"], b["x0_mse"]
+      lines.append(
+          f"  t {b['t_start']:4d}-{b['t_stop'] - 1:<4d} {b['samples']:6d}: "
+          f"{e['true_neighbors']:.4f} / {e['zeros_context']:.4f} / {e['shuffled_neighbors']:.4f} "
+          f"({e['shuffled_neighbors'] - e['true_neighbors']:+.4f}) | "
+          f"{x['true_neighbors']:.4f} / {x['zeros_context']:.4f} / {x['shuffled_neighbors']:.4f} "
+          f"({x['shuffled_neighbors'] - x['true_neighbors']:+.4f})")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
