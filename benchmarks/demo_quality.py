@@ -11,7 +11,9 @@ r"""How convincing the demo's samples are: do they follow their neighbours, and 
    and the evaluation job scores them (precision / recall k=3 and FID on the config's extractor,
    against the config's reference); --no_sample scores sets already there.
 3. Label agreement: the classifier's label for each sample against the majority label of the
-   k database entries that conditioned it (ties: the first neighbour's label among the tied).
+   k database entries that conditioned it (ties: the first neighbour's label among the tied);
+   also on the samples whose k neighbours all carry one label ("unanimous"), where the label a
+   sample should show is not in doubt.
 4. Near-black pixels: the fraction of pixels in grey levels 1..15, for the samples and for the
    real test images (whose backgrounds are exactly 0).
 
@@ -104,6 +106,19 @@ def majority(labels: np.ndarray) -> np.ndarray:
   return out
 
 
+def unanimous(labels: np.ndarray) -> np.ndarray:
+  """[N, k] -> [N] bool: all k labels of the row are the same."""
+  return np.all(labels == labels[:, :1], axis=1)
+
+
+def agreement(got: np.ndarray, neighbor_labels: np.ndarray) -> tuple[float, float, float]:
+  """(agreement with the majority label, agreement where the neighbours are unanimous, the share
+  of unanimous rows) of predicted labels [N] against the neighbours' labels [N, k]."""
+  same = got == majority(neighbor_labels)
+  one = unanimous(neighbor_labels)
+  return float(same.mean()), float(same[one].mean()) if one.any() else float("nan"), float(one.mean())
+
+
 def near_black(images: np.ndarray) -> float:
   """The fraction of pixels in grey levels 1..15 of uint8 images [N, 28, 28, 1] (larger ones are
   cropped to 28 x 28): real Fashion-MNIST backgrounds are exactly 0, a sample's may sit a few levels
@@ -138,7 +153,7 @@ def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tu
   neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][:, :k]
   ids = np.asarray(store.read(paths["database"], "database", hint="")["ids"])
   got = predict(model, params, test_x[:len(neighbors)])
-  return float((got == majority(train_y[ids[neighbors]])).mean()), k
+  return agreement(got, train_y[ids[neighbors]]), k
 
 
 def job(module: str, *args: str) -> str:
@@ -190,24 +205,28 @@ def main(argv):
       scores = json.load(f)
     for name, path in dirs.items():
       images, ids = read_set(path)
-      want = majority(train_y[ids])
       got = predict(model, params, images[:, :28, :28])
       m = scores["sets"].get(name) or scores["sets"].get(os.path.basename(path)) or \
           scores["sets"][f"{name} ({os.path.basename(path)})"]
-      rows.setdefault(name, []).append((seed, len(images), float((got == want).mean()), m["precision"],
-                                        m["recall"], m["fd"], near_black(images)))
-  print(f"real test images against their own k={ceiling[1]} neighbours' majority label: agreement "
-        f"{ceiling[0]:.3f} (the ceiling for samples conditioned on those neighbours)")
+      agree, agree_one, share_one = agreement(got, train_y[ids])
+      rows.setdefault(name, []).append((seed, len(images), agree, m["precision"], m["recall"], m["fd"],
+                                        near_black(images), agree_one, share_one))
+  (real, real_one, real_share), k = ceiling
+  print(f"real test images against their own k={k} neighbours' majority label: agreement {real:.3f} "
+        f"(the ceiling for samples conditioned on those neighbours); {real_one:.3f} where the {k} are "
+        f"unanimous ({real_share:.0%} of the test images)")
   print(f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the real test images'")
-  print("| set | seed | samples | label agreement | precision | recall | FD | pixels in grey 1..15 |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | precision | recall "
+        "| FD | pixels in grey 1..15 |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name, rs in rows.items():
-    for seed, n, agree, p, r, fd, grey in rs:
-      print(f"| {name} | {seed} | {n} | {agree:.3f} | {p:.3f} | {r:.3f} | {fd:.1f} | {grey:.3f} |")
+    for seed, n, agree, p, r, fd, grey, agree_one, share_one in rs:
+      print(f"| {name} | {seed} | {n} | {agree:.3f} | {agree_one:.3f} ({share_one:.0%}) | {p:.3f} | {r:.3f} "
+            f"| {fd:.1f} | {grey:.3f} |")
   for name, rs in rows.items():
-    cols = np.array([r[2:5] for r in rs], np.float64)
+    cols = np.array([r[2:5] + r[7:8] for r in rs], np.float64)
     summary = ", ".join(f"{what} {c.mean():.3f} ({c.min():.3f}..{c.max():.3f})"
-                        for what, c in zip(("agreement", "precision", "recall"), cols.T))
+                        for what, c in zip(("agreement", "precision", "recall", "unanimous agreement"), cols.T))
     print(f"{name}: mean (min..max) over {len(rs)} seeds: {summary}")
 
 
