@@ -361,10 +361,11 @@ def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, n
     z_t = schedule_lib.q_sample(sched, z0, t, noise)
     a = sched.alphas_cumprod[t].reshape((-1,) + (1,) * (z0.ndim - 1))
     mean = lambda x: jnp.mean(jnp.square(x), axis=tuple(range(1, z0.ndim)))  # noqa: E731
+    predict_eps = eps_fn(model, params, sched)
     eps_mse, x0_mse = [], []
     for c in contexts:
-      eps = eps_fn(model, params, sched)(z_t, t, c)
-      x0 = (z_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+      eps = predict_eps(z_t, t, c)
+      x0 = schedule_lib.x0_from_eps(z_t, eps, a)
       eps_mse.append(mean(eps - noise))
       x0_mse.append(mean(x0 - z0.astype(jnp.float32)))
     return t, jnp.stack(eps_mse), jnp.stack(x0_mse)
@@ -382,9 +383,8 @@ def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, n
                                   jax.random.PRNGKey(seed * 1000003 + r * 7919 + a))
       bucket = np.zeros(batch, np.int64) if t is None else np.asarray(t) * noise_buckets // num_t
       for i, per_example in enumerate((eps_mse, x0_mse)):
-        if per_example is not None:
-          for j in range(3):
-            np.add.at(sums[i, j], bucket, np.asarray(per_example[j], np.float64))
+        if per_example is not None:  # [3, B] into the [3, buckets] sums, by each example's bucket
+          np.add.at(sums[i], (slice(None), bucket), np.asarray(per_example, np.float64))
       np.add.at(counts, bucket, 1)
       count += batch
   if count == 0:

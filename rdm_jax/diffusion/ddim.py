@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdm_jax.diffusion.schedule import Schedule, eps_from_x0
+from rdm_jax.diffusion.schedule import Schedule, eps_from_x0, x0_from_eps
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (z_t, t, context) -> eps
 
@@ -64,7 +64,7 @@ def step_keys(keys: jax.Array, num_steps: int) -> jax.Array:
 def x0_and_eps(z: jax.Array, e: jax.Array, a_t: jax.Array, clip_x0: float | None):
   """(x0, eps) at abar a_t: the x0 that eps implies; with clipping, x0 clipped to [-clip_x0,
   clip_x0] and eps re-derived from it (guided-diffusion's clip_denoised)."""
-  x0 = (z - jnp.sqrt(1.0 - a_t) * e) / jnp.sqrt(a_t)
+  x0 = x0_from_eps(z, e, a_t)
   if clip_x0 is not None:
     x0 = jnp.clip(x0, -clip_x0, clip_x0)
     e = eps_from_x0(z, x0, a_t)

@@ -67,6 +67,12 @@ def eps_from_x0(z_t: jax.Array, x0: jax.Array, a: jax.Array) -> jax.Array:
   return (z_t - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
 
 
+def x0_from_eps(z_t: jax.Array, eps: jax.Array, a: jax.Array) -> jax.Array:
+  """x0 = (z_t - sqrt(1 - a) eps) / sqrt(a), the forward process solved for x0; a (alpha_bar)
+  broadcasts against z_t."""
+  return (z_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+
+
 def eps_of(schedule: Schedule, out: jax.Array, z_t: jax.Array, t: jax.Array) -> jax.Array:
   """The eps a network output means: itself; from v, eps = sqrt(a) v + sqrt(1 - a) z_t; from x0,
   eps_from_x0."""
