@@ -7,8 +7,10 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/fashion_mnist_rdm.py
 WORKDIR ?= runs/fashion_mnist
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DNNL_HEADER := /usr/include/oneapi/dnnl/dnnl.hpp
+ONEDNN_SO := rdm_jax/ops/_onednn_conv.so
 
-.PHONY: demo test setup setup-test data clean
+.PHONY: demo test setup setup-test data onednn clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,8 +24,18 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 		taming-transformers-rom1504==0.0.6 clip-anytorch==2.6.0
 	touch $@
 
-setup: $(VENV)/.installed
-setup-test: $(VENV)/.installed-test
+# oneDNN convolutions for XLA:CPU (rdm_jax/ops/onednn.py; config.model.conv): Debian's libdnnl-dev
+$(DNNL_HEADER):
+	(apt-get install -y -q libdnnl-dev || (apt-get update -q && apt-get install -y -q libdnnl-dev)) > /dev/null
+
+$(ONEDNN_SO): rdm_jax/ops/onednn_conv.cc $(DNNL_HEADER) $(VENV)/.installed
+	g++ -O2 -std=c++17 -fopenmp -shared -fPIC -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" \
+		-o $@.tmp $< -ldnnl && mv $@.tmp $@
+
+onednn: $(ONEDNN_SO)
+
+setup: $(VENV)/.installed $(ONEDNN_SO)
+setup-test: $(VENV)/.installed-test $(ONEDNN_SO)
 
 $(FMNIST):
 	(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) > /dev/null

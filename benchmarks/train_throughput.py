@@ -1,14 +1,16 @@
 r"""Train-step throughput of rdm_jax against the same UNet in PyTorch, and input-pipeline headroom.
 
   python benchmarks/train_throughput.py [--steps=5] [--skip_torch] [--only=demo,imagenet_small]
+                                       [--conv=auto,xla]
 
 Cases:
   demo            configs/fashion_mnist_rdm.py as is (1x32x32 pixels, batch 32, context 4x1280)
   imagenet_small  configs/imagenet_rdm.py scaled down: channels (64,128,192,320), 2 res blocks,
                   attention at 2/4/8, 3x32x32 latents, batch 16, context 4x512 (float32)
 
-For each: JAX steps/s and examples/s of the full AdamW train step (loss, grads, update, EMA),
-the same UNet as diffusers' UNet2DConditionModel (torch, CPU) timed in the same run with
+For each: JAX steps/s and examples/s of the full AdamW train step (loss, grads, update, EMA)
+for each convolution implementation in --conv (config.model.conv: auto = oneDNN custom calls
+on a single CPU device when `make onednn` has built them, xla = XLA's own), the same UNet as diffusers' UNet2DConditionModel (torch, CPU) timed in the same run with
 AdamW, and the ratio. The input pipeline (tf.data over the demo's real stores, when
 `make demo` has made them) is timed on its own and compared with what the train step consumes.
 """
@@ -35,6 +37,7 @@ from common import diffusers_unet, load_config, patch_grid  # noqa: E402
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
 _ONLY = flags.DEFINE_list("only", ["demo", "imagenet_small"], "Cases to run.")
+_CONV = flags.DEFINE_list("conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto).")
 
 def cases():
   demo = load_config("fashion_mnist_rdm")
@@ -120,14 +123,20 @@ def main(argv):
     if name not in _ONLY.value:
       continue
     b = config.train.batch_size
-    sec, n = time_jax(config, latent_shape, _STEPS.value)
-    print(f"[{name}] rdm_jax: {n / 1e6:.2f}M params, batch {b}: {sec:.3f} s/step, {1 / sec:.2f} steps/s, "
-          f"{b / sec:.1f} examples/s")
+    secs = {}
+    for conv in _CONV.value:
+      config.model.conv = conv
+      sec, n = time_jax(config, latent_shape, _STEPS.value)
+      secs[conv] = sec
+      impl = training.make_model(config).conv
+      print(f"[{name}] rdm_jax (conv={conv}: {impl}): {n / 1e6:.2f}M params, batch {b}: {sec:.3f} s/step, "
+            f"{1 / sec:.2f} steps/s, {b / sec:.1f} examples/s")
     if not _SKIP_TORCH.value:
       tsec, tn = time_torch(config, latent_shape, _STEPS.value)
-      print(f"[{name}] torch+diffusers: {tn / 1e6:.2f}M params: {tsec:.3f} s/step -> rdm_jax speed-up "
-            f"x{tsec / sec:.2f}")
+      ratios = ", ".join(f"conv={conv} x{tsec / sec:.2f}" for conv, sec in secs.items())
+      print(f"[{name}] torch+diffusers: {tn / 1e6:.2f}M params: {tsec:.3f} s/step -> rdm_jax speed-up {ratios}")
     if name == "demo":
+      sec = min(secs.values())
       eps = time_pipeline(config)
       if eps is not None:
         print(f"[{name}] input pipeline: {eps:.0f} examples/s vs train step consumption {b / sec:.1f} "

@@ -98,7 +98,8 @@ def base_config() -> mlc.ConfigDict:
       param_dtype="float32",    # parameters, gradients, EMA (dtype above = compute)
       remat="none",             # none | full (the original's use_checkpoint) | dots (matmul outputs kept)
       attention="xla",          # xla | dot_product (cuDNN flash on GPU) | flash (Pallas TPU kernel)
-      flash_min_seq_len=1024))  # flash: self-attention over at least this many tokens; shorter: dot_product
+      flash_min_seq_len=1024,   # flash: self-attention over at least this many tokens; shorter: dot_product
+      conv="xla"))              # xla | onednn (oneDNN custom calls, CPU) | auto (onednn on one CPU device if built)
   c.diffusion = mlc.ConfigDict(dict(
       num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2,
       prediction="eps",          # what the UNet outputs: eps (the paper's) | v (Salimans & Ho 2022) | x0

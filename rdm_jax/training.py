@@ -26,6 +26,7 @@ from rdm_jax.diffusion import samplers, schedule as schedule_lib
 from rdm_jax.errors import fail
 from rdm_jax.models import rarm, unet as unet_lib
 from rdm_jax.models.unet import UNet
+from rdm_jax.ops import onednn
 from rdm_jax.parallel import sharding
 
 
@@ -78,7 +79,16 @@ def make_model(config: Any) -> UNet | rarm.RARM:
               num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
               out_channels=config.first_stage.latent_channels, dropout=m.dropout,
               dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)),
-              param_dtype=jnp.dtype(m.get("param_dtype", "float32")), remat=remat, attention=attention)
+              param_dtype=jnp.dtype(m.get("param_dtype", "float32")), remat=remat, attention=attention,
+              conv=_conv_impl(m.get("conv", "xla")))
+
+
+def _conv_impl(impl: str) -> str:
+  """config.model.conv (xla | onednn | auto) -> what the UNet runs; see rdm_jax.ops.onednn."""
+  try:
+    return onednn.resolve(impl)
+  except (ValueError, RuntimeError) as e:
+    fail(str(e))
 
 
 def _axes(axes: Any) -> Any:

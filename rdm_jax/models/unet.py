@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from rdm_jax.ops import onednn
 from rdm_jax.parallel import sharding
 
 Dtype = Any
@@ -102,11 +103,13 @@ class GroupNorm(nn.Module):
 
 def Conv(features: int, kernel_size: int = 3, stride: int = 1, zero_init: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None, padding: Any = None,
-         param_dtype: Dtype = jnp.float32) -> nn.Conv:
-  """2-D conv with logical axis names; torch-style symmetric padding (k // 2) unless given."""
+         param_dtype: Dtype = jnp.float32, impl: str = "xla") -> nn.Conv:
+  """2-D conv with logical axis names; torch-style symmetric padding (k // 2) unless given.
+  impl "onednn" runs it through `rdm_jax.ops.onednn` (same parameters, CPU only)."""
   p = kernel_size // 2
   return nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=padding or ((p, p), (p, p)),
                  dtype=dtype, param_dtype=param_dtype, name=name,
+                 conv_general_dilated=onednn.conv_general_dilated if impl == "onednn" else None,
                  kernel_init=_kernel((None, None, "conv_in", "conv_out"),
                                      _zeros if zero_init else _default_kernel_init),
                  bias_init=_bias())
@@ -142,10 +145,11 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  conv: str = "xla"  # xla | onednn: see Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool = True) -> jax.Array:
-    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv)
     norm = functools.partial(GroupNorm, param_dtype=self.param_dtype)
     h = nn.silu(norm(name="in_norm")(x))
     h = conv(self.out_channels, name="in_conv")(h)
@@ -282,12 +286,14 @@ class SpatialTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: AttentionOptions = AttentionOptions()
+  conv: str = "xla"  # xla | onednn: see Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     inner = self.heads * self.dim_head
-    conv = functools.partial(Conv, kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(Conv, kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype,
+                             impl=self.conv)
     y = GroupNorm(eps=1e-6, param_dtype=self.param_dtype, name="norm")(x)
     y = conv(inner, name="proj_in")(y)
     y = y.reshape(b, h * w, inner)
@@ -338,22 +344,24 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str = "none"  # none | full | dots
   attention: AttentionOptions = AttentionOptions()
+  conv: str = "xla"  # xla | onednn (rdm_jax.ops.onednn's custom calls; CPU, one device)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
                deterministic: bool = True) -> jax.Array:
     mc = self.model_channels
     dt, pdt = self.dtype, self.param_dtype
-    conv = functools.partial(Conv, dtype=dt, param_dtype=pdt)
+    conv = functools.partial(Conv, dtype=dt, param_dtype=pdt, impl=self.conv)
     dense = functools.partial(Dense, dtype=dt, param_dtype=pdt)
     res_cls, attn_cls = ResBlock, SpatialTransformer
     if self.remat != "none":
       policy = remat_policy(self.remat)
       res_cls = nn.remat(ResBlock, policy=policy, static_argnums=(3,))  # (self, x, emb, deterministic)
       attn_cls = nn.remat(SpatialTransformer, policy=policy)
-    res = lambda ch, name: res_cls(ch, self.dropout, dt, pdt, name=name)
+    res = lambda ch, name: res_cls(ch, self.dropout, dt, pdt, self.conv, name=name)
     attn = lambda ch, name: attn_cls(ch // self.num_head_channels, self.num_head_channels,
-                                     self.transformer_depth, dt, pdt, self.attention, name=name)
+                                     self.transformer_depth, dt, pdt, self.attention, self.conv,
+                                     name=name)
 
     emb = timestep_embedding(t, mc)
     emb = dense(4 * mc, ("norm", "mlp"), name="time_embed_0")(emb)
