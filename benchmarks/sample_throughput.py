@@ -1,6 +1,6 @@
 r"""Sampling throughput: rdm_jax's samplers against diffusers' UNet and schedulers, same run.
 
-  python benchmarks/sample_throughput.py [--num_images=16] [--skip_torch]
+  python benchmarks/sample_throughput.py [--num_images=16] [--skip_torch] [--conv=auto,xla]
 
 The demo's UNet (configs/fashion_mnist_rdm.py, 1x32x32 pixels, context 4x1280; random weights:
 speed does not depend on them) samples `num_images` images with classifier-free guidance
@@ -32,6 +32,7 @@ from common import diffusers_unet, load_config, patch_grid  # noqa: E402
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 16, "Images per timed run (one batch).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
+_CONV = flags.DEFINE_list("conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto).")
 
 LATENT = (32, 32, 1)
 SETTINGS = {"DDIM 100": ("ddim", 100), "DPM-Solver++ 20": ("dpm_solver++", 20)}
@@ -88,11 +89,16 @@ def main(argv):
   context = np.random.default_rng(0).normal(
       size=(_NUM_IMAGES.value, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
   for name, (sampler, steps) in SETTINGS.items():
-    sec = time_jax(config, context, sampler, steps)
-    line = f"[{name}] rdm_jax: {sec:.2f} s, {len(context) / sec:.2f} images/s"
+    secs = {}
+    for conv in _CONV.value:
+      config.model.conv = conv
+      secs[conv] = time_jax(config, context, sampler, steps)
+    line = f"[{name}] rdm_jax: " + ", ".join(
+        f"conv={conv} {sec:.2f} s, {len(context) / sec:.2f} images/s" for conv, sec in secs.items())
     if not _SKIP_TORCH.value:
       tsec = time_torch(config, context, sampler, steps)
-      line += f"; torch+diffusers: {tsec:.2f} s, {len(context) / tsec:.2f} images/s -> rdm_jax x{tsec / sec:.2f}"
+      line += (f"; torch+diffusers: {tsec:.2f} s, {len(context) / tsec:.2f} images/s -> rdm_jax "
+               + ", ".join(f"conv={conv} x{tsec / sec:.2f}" for conv, sec in secs.items()))
     print(line, flush=True)
 
 
