@@ -26,7 +26,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 # oneDNN convolutions for XLA:CPU (rdm_jax/ops/onednn.py; config.model.conv): Debian's libdnnl-dev
 $(DNNL_HEADER):
-	(apt-get install -y -q libdnnl-dev || (apt-get update -q && apt-get install -y -q libdnnl-dev)) > /dev/null
+	(apt-get install -y -q libdnnl-dev g++ || (apt-get update -q && apt-get install -y -q libdnnl-dev g++)) > /dev/null
 
 $(ONEDNN_SO): rdm_jax/ops/onednn_conv.cc $(DNNL_HEADER) $(VENV)/.installed
 	g++ -O2 -std=c++17 -fopenmp -shared -fPIC -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" \
