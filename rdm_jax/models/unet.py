@@ -328,7 +328,8 @@ class UNet(nn.Module):
   `remat` recomputes each res block and spatial transformer in the backward pass ("full",
   as the original's use_checkpoint, or "dots": matmul outputs kept), `attention` and
   `flash_min_seq_len` choose the attention kernel (see `Attention`), `dtype` is the compute
-  dtype and `param_dtype` the parameters' (and so the gradients' and EMA's).
+  dtype and `param_dtype` the parameters' (and so the gradients' and EMA's), `conv` "onednn"
+  runs the convolutions on oneDNN custom calls (CPU, one device: `rdm_jax.ops.onednn`).
   """
 
   model_channels: int
