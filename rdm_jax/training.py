@@ -63,7 +63,9 @@ def make_rarm(config: Any) -> rarm.RARM:
                    depth=m.depth, dtype=jnp.dtype(m.dtype))
 
 
-def make_model(config: Any) -> UNet | rarm.RARM:
+def make_model(config: Any, devices: Any = None) -> UNet | rarm.RARM:
+  """The config's network for `devices` (the mesh's; default this process's), which decide
+  what config.model.conv="auto" means."""
   m = config.model
   if family(config) == "rarm":
     return make_rarm(config)
@@ -80,13 +82,13 @@ def make_model(config: Any) -> UNet | rarm.RARM:
               out_channels=config.first_stage.latent_channels, dropout=m.dropout,
               dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)),
               param_dtype=jnp.dtype(m.get("param_dtype", "float32")), remat=remat, attention=attention,
-              conv=_conv_impl(m.get("conv", "xla")))
+              conv=_conv_impl(m.get("conv", "xla"), devices))
 
 
-def _conv_impl(impl: str) -> str:
+def _conv_impl(impl: str, devices: Any) -> str:
   """config.model.conv (xla | onednn | auto) -> what the UNet runs; see rdm_jax.ops.onednn."""
   try:
-    return onednn.resolve(impl)
+    return onednn.resolve(impl, devices)
   except (ValueError, RuntimeError) as e:
     fail(str(e))
 
@@ -263,7 +265,7 @@ def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
   (restoring a checkpoint needs the same abstract state and shardings). `tx` replaces
   `make_optimizer(config)` (tests pin the update rule)."""
   rules = [tuple(r) for r in config.sharding_rules]
-  model, sched = make_model(config), make_schedule(config)
+  model, sched = make_model(config, list(mesh.devices.flat)), make_schedule(config)
   tx = make_optimizer(config) if tx is None else tx
   inputs = example_inputs(config, 1, latent_shape, config.k_train)
   abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules)

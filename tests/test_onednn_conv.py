@@ -11,6 +11,7 @@ from rdm_jax import training
 from rdm_jax.errors import UserError
 from rdm_jax.models.unet import UNet
 from rdm_jax.ops import onednn
+from rdm_jax.parallel import mesh as mesh_lib
 from conftest import repo_config
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="oneDNN convolutions not built: run `make onednn`")
@@ -114,11 +115,20 @@ def test_unet_with_onednn_convolutions_matches_xla():
 def test_config_choice():
   assert jax.device_count() == 8  # the test session's host devices: "auto" keeps XLA's convolution
   assert onednn.resolve("auto") == "xla"
+  # "auto" follows the devices the model runs on: one CPU device, or a mesh, or a TPU slice that
+  # rdm_jax.compile builds for from this CPU host
+  assert onednn.resolve("auto", jax.devices()[:1]) == "onednn"
+  assert onednn.resolve("auto", jax.devices()[:2]) == "xla"
+  tpu = type("FakeTpu", (), {"platform": "tpu"})()
+  assert onednn.resolve("auto", [tpu]) == "xla"
   assert onednn.resolve("onednn") == "onednn" and onednn.resolve("xla") == "xla"
   with pytest.raises(ValueError, match="xla, onednn, auto"):
     onednn.resolve("cudnn")
   c = repo_config("fashion_mnist_rdm")
-  assert training.make_model(c).conv == "xla"
+  assert c.model.conv == "auto" and training.make_model(c).conv == "xla"
+  one = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  c.model.update(model_channels=32, channel_mult=(1,), attention_resolutions=(), num_res_blocks=1)
+  assert training.setup_training(c, (32, 32, 1), one).model.conv == "onednn"
   c.model.conv = "onednn"
   assert training.make_model(c).conv == "onednn"
   c.model.conv = "mkl"
@@ -138,7 +148,6 @@ def test_train_steps_on_a_sharded_mesh_match_xla():
   """conv="onednn" on a (data=4, fsdp=2) mesh: XLA's partitioner runs the opaque custom calls
   replicated, slower than XLA's own convolution there but the same training (which is why
   "auto" keeps XLA's on a mesh)."""
-  from rdm_jax.parallel import mesh as mesh_lib
   metrics = {}
   for conv in ("xla", "onednn"):
     c = repo_config("fashion_mnist_rdm")

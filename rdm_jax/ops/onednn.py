@@ -57,9 +57,10 @@ def available() -> bool:
   return _load() is None
 
 
-def resolve(impl: str) -> str:
-  """config.model.conv -> "xla" or "onednn". "auto" is oneDNN where it helps and is safe (a
-  single CPU device, the library built), else XLA; "onednn" insists and says what is missing."""
+def resolve(impl: str, devices: Sequence[Any] | None = None) -> str:
+  """config.model.conv -> "xla" or "onednn" for a model that runs on `devices` (default: this
+  process's). "auto" is oneDNN where it helps and is safe (a single CPU device, the library
+  built), else XLA; "onednn" insists and says what is missing."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv={impl!r}; use one of {', '.join(CONV_IMPLS)}")
   if impl == "xla":
@@ -69,7 +70,8 @@ def resolve(impl: str) -> str:
     if why:
       raise RuntimeError(f"config.model.conv='onednn' but {why}; or set config.model.conv='xla'")
     return impl
-  if why or jax.default_backend() != "cpu" or jax.device_count() != 1:
+  devices = list(jax.devices() if devices is None else devices)
+  if why or len(devices) != 1 or devices[0].platform != "cpu":
     logging.info("conv: XLA (oneDNN is used only on a single CPU device%s)", f"; {why}" if why else "")
     return "xla"
   return "onednn"
