@@ -10,9 +10,10 @@ Cases:
 
 For each: JAX steps/s and examples/s of the full AdamW train step (loss, grads, update, EMA)
 for each convolution implementation in --conv (config.model.conv: auto = oneDNN custom calls
-on a single CPU device when `make onednn` has built them, xla = XLA's own), the same UNet as diffusers' UNet2DConditionModel (torch, CPU) timed in the same run with
-AdamW, and the ratio. The input pipeline (tf.data over the demo's real stores, when
-`make demo` has made them) is timed on its own and compared with what the train step consumes.
+on a single CPU device when `make onednn` has built them, xla = XLA's own), the same UNet as
+diffusers' UNet2DConditionModel (torch, CPU) timed in the same run with AdamW, and the ratio.
+The input pipeline (tf.data over the demo's real stores, when `make demo` has made them) is
+timed on its own and compared with what the train step consumes.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def cases():
   return {"demo": (demo, (32, 32, 1)), "imagenet_small": (small, (32, 32, 3))}
 
 
-def time_jax(config, latent_shape, steps: int) -> tuple[float, int]:
-  """Seconds per train step, parameter count."""
+def time_jax(config, latent_shape, steps: int) -> tuple[float, int, str]:
+  """Seconds per train step, parameter count, the convolution the model ran ("xla" | "onednn")."""
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = [tuple(r) for r in config.sharding_rules]
   setup = training.setup_training(config, latent_shape, mesh)
@@ -69,7 +70,7 @@ def time_jax(config, latent_shape, steps: int) -> tuple[float, int]:
     for _ in range(steps):
       state, m = step(state, z0, ctx, key)
     jax.block_until_ready(m)
-  return (time.perf_counter() - t) / steps, n_params
+  return (time.perf_counter() - t) / steps, n_params, setup.model.conv
 
 
 def time_torch(config, latent_shape, steps: int) -> tuple[float, int]:
@@ -126,9 +127,8 @@ def main(argv):
     secs = {}
     for conv in _CONV.value:
       config.model.conv = conv
-      sec, n = time_jax(config, latent_shape, _STEPS.value)
+      sec, n, impl = time_jax(config, latent_shape, _STEPS.value)
       secs[conv] = sec
-      impl = training.make_model(config).conv
       print(f"[{name}] rdm_jax (conv={conv}: {impl}): {n / 1e6:.2f}M params, batch {b}: {sec:.3f} s/step, "
             f"{1 / sec:.2f} steps/s, {b / sec:.1f} examples/s")
     if not _SKIP_TORCH.value:
