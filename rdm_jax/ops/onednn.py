@@ -29,23 +29,27 @@ _TARGETS = {"fwd": "RdmOnednnConvForward", "bwd_data": "RdmOnednnConvBackwardDat
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _open(path: str) -> tuple[ctypes.CDLL | None, str | None]:
+  """(the loaded library, None) or (None, why it cannot be used)."""
+  if not os.path.exists(path):
+    return None, f"{path} is not built (run `make onednn`; it needs Debian's libdnnl-dev)"
+  try:
+    return ctypes.cdll.LoadLibrary(path), None
+  except OSError as e:
+    return None, f"{path} does not load ({e}); rebuild it with `make onednn`"
+
+
 def problem(path: str = LIBRARY) -> str | None:
   """Why the library at `path` cannot be used (None if it loads)."""
-  if not os.path.exists(path):
-    return f"{path} is not built (run `make onednn`; it needs Debian's libdnnl-dev)"
-  try:
-    ctypes.cdll.LoadLibrary(path)
-  except OSError as e:
-    return f"{path} does not load ({e}); rebuild it with `make onednn`"
-  return None
+  return _open(path)[1]
 
 
 @functools.cache
 def _load() -> str | None:
   """Registers the custom calls once; returns None when registered, else why not."""
-  if why := problem(LIBRARY):
+  lib, why = _open(LIBRARY)
+  if why:
     return why
-  lib = ctypes.cdll.LoadLibrary(LIBRARY)
   for name, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(f"rdm_onednn_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
                                 platform="cpu")
