@@ -81,8 +81,8 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = Conv(self.out_channels, dtype=self.dtype, name="conv1")(nn.swish(GroupNorm(1e-6, name="norm1")(x)))
-    h = Conv(self.out_channels, dtype=self.dtype, name="conv2")(nn.swish(GroupNorm(1e-6, name="norm2")(h)))
+    h = Conv(self.out_channels, dtype=self.dtype, name="conv1")(GroupNorm(1e-6, silu=True, name="norm1")(x))
+    h = Conv(self.out_channels, dtype=self.dtype, name="conv2")(GroupNorm(1e-6, silu=True, name="norm2")(h))
     if x.shape[-1] != self.out_channels:
       x = Conv(self.out_channels, kernel_size=1, dtype=self.dtype, name="nin_shortcut")(x)
     return x + h
@@ -178,7 +178,7 @@ class Encoder(nn.Module):
                 self.dtype, name=f"down_{i}")(h)
       res = res // 2 if i != last else res
     h = Mid(self.dtype, name="mid")(h)
-    h = nn.swish(GroupNorm(1e-6, name="norm_out")(h))
+    h = GroupNorm(1e-6, silu=True, name="norm_out")(h)
     return Conv(2 * s.z_channels if s.kind == "kl" else s.z_channels, dtype=self.dtype, name="conv_out")(h)
 
 
@@ -198,7 +198,7 @@ class Decoder(nn.Module):
       h = Level(s.ch * s.ch_mult[i], s.num_res_blocks + 1, res in s.attn_resolutions, "up" if i else None,
                 self.dtype, name=f"up_{i}")(h)
       res = res * 2 if i else res
-    h = nn.swish(GroupNorm(1e-6, name="norm_out")(h))
+    h = GroupNorm(1e-6, silu=True, name="norm_out")(h)
     return Conv(s.out_ch, dtype=self.dtype, name="conv_out")(h)
 
 
