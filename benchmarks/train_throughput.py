@@ -1,17 +1,27 @@
 r"""Train-step throughput of rdm_jax against the same UNet in PyTorch, and input-pipeline headroom.
 
-  python benchmarks/train_throughput.py [--steps=5] [--skip_torch] [--only=demo,imagenet_small]
-                                       [--conv=auto,xla]
+  python benchmarks/train_throughput.py [--steps=5] [--rounds=5] [--skip_torch]
+                                       [--only=demo,imagenet_small] [--conv=auto,xla]
 
 Cases:
   demo            configs/fashion_mnist_rdm.py as is (1x32x32 pixels, batch 32, context 4x1280)
   imagenet_small  configs/imagenet_rdm.py scaled down: channels (64,128,192,320), 2 res blocks,
                   attention at 2/4/8, 3x32x32 latents, batch 16, context 4x512 (float32)
 
-For each: JAX steps/s and examples/s of the full AdamW train step (loss, grads, update, EMA)
-for each convolution implementation in --conv (config.model.conv: auto = oneDNN custom calls
-on a single CPU device when `make onednn` has built them, xla = XLA's own), the same UNet as
-diffusers' UNet2DConditionModel (torch, CPU) timed in the same run with AdamW, and the ratio.
+Timed for each case, in the same process:
+  rdm_jax, conv=C   our full train step (training.setup_training) for each C in --conv
+                    (config.model.conv: auto = oneDNN custom calls on a single CPU device when
+                    `make onednn` has built them, xla = XLA's own convolution)
+  torch, same step  the same UNet as diffusers' UNet2DConditionModel doing the work our step does:
+                    t and noise drawn in the step, context dropout (train.p_uncond), the config's
+                    target and loss weighting, the global gradient norm (clipped at
+                    optim.grad_clip when > 0), the finite check, AdamW with the config's
+                    hyper-parameters, and the EMA update as LDM's LitEma does it
+                    (latent-diffusion ldm/modules/ema.py, forward, lines 31-48)
+  torch, AdamW only the reference of earlier runs: fixed t and noise, plain MSE, AdamW, no
+                    clipping, no EMA (less work than our step)
+The variants run interleaved: --rounds rounds of --steps steps each, so that a slow spell of the
+machine hits them all; each figure is the median round's seconds per step, with the range.
 The input pipeline (tf.data over the demo's real stores, when `make demo` has made them) is
 timed on its own and compared with what the train step consumes.
 """
@@ -19,8 +29,10 @@ timed on its own and compared with what the train step consumes.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
+from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,10 +47,14 @@ from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import diffusers_unet, load_config, patch_grid  # noqa: E402
 
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Steps per variant per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median round is reported).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
 _ONLY = flags.DEFINE_list("only", ["demo", "imagenet_small"], "Cases to run.")
 _CONV = flags.DEFINE_list("conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto).")
+
+Runner = Callable[[int], None]  # runs n train steps and waits for them
+
 
 def cases():
   demo = load_config("fashion_mnist_rdm")
@@ -50,54 +66,107 @@ def cases():
   return {"demo": (demo, (32, 32, 1)), "imagenet_small": (small, (32, 32, 3))}
 
 
-def time_jax(config, latent_shape, steps: int) -> tuple[float, int, str]:
-  """Seconds per train step, parameter count, the convolution the model ran ("xla" | "onednn")."""
+def jax_runner(config, latent_shape) -> tuple[Runner, int, str]:
+  """Our train step on the config's mesh: (runner, parameter count, the convolution the model runs)."""
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = [tuple(r) for r in config.sharding_rules]
   setup = training.setup_training(config, latent_shape, mesh)
-  state, step = setup.init_state(jax.random.PRNGKey(0)), setup.train_step
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  n_params = sum(x.size for x in jax.tree.leaves(setup.state_specs().params))
   b = config.train.batch_size
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(b,) + latent_shape).astype(np.float32)
   ctx = rng.normal(size=(b, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
   z0, ctx = training.put_batch(mesh, rules, z0, ctx)
   key = jax.random.PRNGKey(1)
-  with jax.set_mesh(mesh):
-    state, m = step(state, z0, ctx, key)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-      state, m = step(state, z0, ctx, key)
-    jax.block_until_ready(m)
-  return (time.perf_counter() - t) / steps, n_params, setup.model.conv
+  box = {"state": setup.init_state(jax.random.PRNGKey(0))}
+
+  def run(n: int) -> None:
+    with jax.set_mesh(mesh):
+      for _ in range(n):
+        box["state"], m = setup.train_step(box["state"], z0, ctx, key)
+      jax.block_until_ready(m)
+
+  run(1)  # compile
+  return run, n_params, setup.model.conv
 
 
-def time_torch(config, latent_shape, steps: int) -> tuple[float, int]:
-  """The same UNet as diffusers' UNet2DConditionModel, AdamW step, CPU threads as available."""
+def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
+  """The same UNet as diffusers' UNet2DConditionModel on CPU threads as available; `same_step`:
+  the work of our train step (module docstring), else the plain AdamW step of earlier runs."""
   import torch
 
   latent_shape = patch_grid(config, latent_shape)  # our patching is a reshape: diffusers' UNet on the grid
   model = diffusers_unet(config, latent_shape)
-  n_params = sum(p.numel() for p in model.parameters())
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  params = [p for p in model.parameters() if p.requires_grad]
+  n_params = sum(p.numel() for p in params)
   b = config.train.batch_size
-  x = torch.randn((b, latent_shape[2]) + tuple(latent_shape[:2]))
-  ctx = torch.randn(b, config.k_train, config.retrieval.embed_dim)
-  t_ = torch.randint(0, 1000, (b,))
-  noise = torch.randn_like(x)
+  gen = torch.Generator().manual_seed(0)
+  x0 = torch.randn((b, latent_shape[2]) + tuple(latent_shape[:2]), generator=gen)
+  ctx = torch.randn(b, config.k_train, config.retrieval.embed_dim, generator=gen)
+  if not same_step:
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    t_fixed, noise_fixed = torch.randint(0, 1000, (b,), generator=gen), torch.randn(x0.shape, generator=gen)
 
-  def one():
-    opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.mse_loss(model(x, t_, encoder_hidden_states=ctx).sample, noise)
-    loss.backward()
-    opt.step()
+    def one() -> None:
+      opt.zero_grad(set_to_none=True)
+      loss = torch.nn.functional.mse_loss(model(x0, t_fixed, encoder_hidden_states=ctx).sample, noise_fixed)
+      loss.backward()
+      opt.step()
+  else:
+    o, d = config.optim, config.diffusion
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.b1, o.b2), weight_decay=o.weight_decay, eps=o.get("eps", 1e-8))
+    alphas = torch.tensor(np.asarray(training.make_schedule(config).alphas_cumprod), dtype=torch.float32)
+    prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
+    gamma = float(d.get("min_snr_gamma", 5.0))
+    shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    num_updates = [0]
 
-  one()
-  t = time.perf_counter()
-  for _ in range(steps):
-    one()
-  return (time.perf_counter() - t) / steps, n_params
+    def lit_ema() -> None:  # ldm/modules/ema.py LitEma.forward
+      num_updates[0] += 1
+      one_minus = 1.0 - min(o.ema_decay, (1 + num_updates[0]) / (10 + num_updates[0]))
+      with torch.no_grad():
+        for name, p in model.named_parameters():
+          if p.requires_grad:
+            shadow[name].sub_(one_minus * (shadow[name] - p))
+
+    def one() -> None:
+      t = torch.randint(0, d.num_timesteps, (b,))
+      noise = torch.randn_like(x0)
+      a = alphas[t].view(-1, 1, 1, 1)
+      x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+      c = torch.where(torch.rand(b, 1, 1) >= config.train.p_uncond, ctx, torch.zeros_like(ctx))
+      target = {"eps": noise, "x0": x0, "v": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
+      opt.zero_grad(set_to_none=True)
+      per_example = (model(x_t, t, encoder_hidden_states=c).sample - target).square().mean(dim=(1, 2, 3))
+      if weighting == "min_snr":
+        s = (a / (1 - a)).flatten()
+        per_example = per_example * s.clamp(max=gamma) / {"eps": s, "v": s + 1, "x0": torch.ones_like(s)}[prediction]
+      loss = per_example.mean()
+      loss.backward()
+      grads = [p.grad for p in params]
+      norm = (torch.nn.utils.clip_grad_norm_(params, o.grad_clip) if o.grad_clip > 0
+              else torch.nn.utils.get_total_norm(grads))
+      if torch.isfinite(loss) and torch.isfinite(norm):
+        opt.step()
+        lit_ema()
+
+  def run(n: int) -> None:
+    for _ in range(n):
+      one()
+
+  run(1)
+  return run, n_params
+
+
+def interleaved(runners: dict[str, Runner], steps: int, rounds: int) -> dict[str, list[float]]:
+  """Seconds per step of each runner in each round, the runners taking turns within a round."""
+  secs: dict[str, list[float]] = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      t = time.perf_counter()
+      run(steps)
+      secs[name].append((time.perf_counter() - t) / steps)
+  return secs
 
 
 def time_pipeline(config, batches: int = 30) -> float | None:
@@ -119,24 +188,32 @@ def time_pipeline(config, batches: int = 30) -> float | None:
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs")
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs; "
+        f"{_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)")
   for name, (config, latent_shape) in cases().items():
     if name not in _ONLY.value:
       continue
     b = config.train.batch_size
-    secs = {}
+    runners, labels = {}, {}
     for conv in _CONV.value:
       config.model.conv = conv
-      sec, n, impl = time_jax(config, latent_shape, _STEPS.value)
-      secs[conv] = sec
-      print(f"[{name}] rdm_jax (conv={conv}: {impl}): {n / 1e6:.2f}M params, batch {b}: {sec:.3f} s/step, "
-            f"{1 / sec:.2f} steps/s, {b / sec:.1f} examples/s")
+      runners[f"jax:{conv}"], n, impl = jax_runner(config, latent_shape)
+      labels[f"jax:{conv}"] = f"rdm_jax (conv={conv}: {impl}), {n / 1e6:.2f}M params"
     if not _SKIP_TORCH.value:
-      tsec, tn = time_torch(config, latent_shape, _STEPS.value)
-      ratios = ", ".join(f"conv={conv} x{tsec / sec:.2f}" for conv, sec in secs.items())
-      print(f"[{name}] torch+diffusers: {tn / 1e6:.2f}M params: {tsec:.3f} s/step -> rdm_jax speed-up {ratios}")
+      for key, same, label in (("torch:same", True, "torch+diffusers, same step"),
+                               ("torch:adamw", False, "torch+diffusers, AdamW only")):
+        runners[key], tn = torch_runner(config, latent_shape, same)
+        labels[key] = f"{label}, {tn / 1e6:.2f}M params"
+    secs = {k: sorted(v) for k, v in interleaved(runners, _STEPS.value, _ROUNDS.value).items()}
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    for k, v in secs.items():
+      print(f"[{name}] {labels[k]}, batch {b}: {med[k]:.4f} s/step ({v[0]:.4f}..{v[-1]:.4f}), "
+            f"{b / med[k]:.1f} examples/s")
+    for k in (k for k in med if k.startswith("torch:")):
+      ratios = ", ".join(f"conv={j[4:]} x{med[k] / med[j]:.2f}" for j in med if j.startswith("jax:"))
+      print(f"[{name}] rdm_jax speed against {labels[k].split(',')[1].strip()}: {ratios}")
     if name == "demo":
-      sec = min(secs.values())
+      sec = min(v for k, v in med.items() if k.startswith("jax:"))
       eps = time_pipeline(config)
       if eps is not None:
         print(f"[{name}] input pipeline: {eps:.0f} examples/s vs train step consumption {b / sec:.1f} "
