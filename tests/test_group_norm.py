@@ -47,6 +47,21 @@ def test_matches_torch_group_norm_and_its_gradients(shape, groups, eps, silu):
   np.testing.assert_allclose(np.asarray(db), ref_db, rtol=1e-4, atol=1e-4 * np.abs(ref_db).max())
 
 
+def test_gradient_of_a_large_offset_keeps_float32_precision():
+  """x = 1000 + N(0, 1) per channel: the gradient is formed from x - mean, so float32 keeps
+  (almost) all its digits; from x itself, sum dy x - mean sum dy cancels about 3 of them."""
+  rng = np.random.default_rng(2)
+  shape = (2, 8, 8, 64)
+  x = 1000.0 + rng.normal(size=shape)
+  scale, bias, cot = rng.normal(size=64), rng.normal(size=64), rng.normal(size=shape)
+  _, ref_dx, ref_ds, _ = _torch_reference(x, scale, bias, 32, 1e-5, True, cot)
+  _, vjp = jax.vjp(lambda x, s, b: group_norm(x, s, b, silu=True),
+                   *[jnp.asarray(a, jnp.float32) for a in (x, scale, bias)])
+  dx, ds, _ = vjp(jnp.asarray(cot, jnp.float32))
+  np.testing.assert_allclose(np.asarray(dx), ref_dx, atol=1e-4 * np.abs(ref_dx).max())
+  np.testing.assert_allclose(np.asarray(ds), ref_ds, atol=1e-4 * np.abs(ref_ds).max())
+
+
 def test_hand_worked_group():
   """One group of the values 1 and 3 at two positions: mean 2, variance 1, so the normalised
   values are -+1/sqrt(1 + eps); then scale 2, bias 0.5 and SiLU (y sigmoid(y))."""

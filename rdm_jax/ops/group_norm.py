@@ -5,7 +5,8 @@ becomes several passes over the activation in the forward pass (the normalised v
 sigmoid and the product are kept for the backward pass, each fusion recomputing the
 normalisation and its exponential) and more in the backward pass. Here the forward pass keeps
 only its input and [B, C] statistics, and the backward pass is one reduction (per-channel sums
-of dy and dy * x) and one elementwise pass, dx = A dy + B x + C with [B, C] coefficients (the
+of dy and dy * (x - mean)) and one elementwise pass, dx = A dy + B (x - mean) + C with [B, C]
+coefficients (the
 textbook GroupNorm gradient, rearranged). Measured on the train steps of
 benchmarks/train_throughput.py in benchmarks/RESULTS.md. (flax's LayerNorm, differentiated by
 JAX, is as fast as a hand-written gradient here, so the transformer blocks keep it.)
@@ -86,7 +87,8 @@ def _group_norm(groups: int, eps: float, silu: bool, x: jax.Array, scale: jax.Ar
 
 def _backward(groups: int, eps: float, silu: bool, res, d_out: jax.Array):
   """With xhat = (x - mean) rstd and g = dy * scale (dy: the cotangent of the norm's output):
-  dx = rstd (g - mean_group(g) - xhat mean_group(g xhat)), d_scale = sum dy xhat, d_bias = sum dy."""
+  dx = rstd (g - mean_group(g) - xhat mean_group(g xhat)), d_scale = sum dy xhat, d_bias = sum dy;
+  as dx = A dy + B (x - mean) + C with [B, C] coefficients."""
   del eps
   x, scale, bias, mean, rstd, a, shift = res
   nd = x.ndim
@@ -105,17 +107,17 @@ def _backward(groups: int, eps: float, silu: bool, res, d_out: jax.Array):
     return d * s * (1.0 + y * (1.0 - s))
 
   dy = dy_of(x32, d_out)
+  centered = x32 - _per_channel(mean, nd)  # (not x alone: no cancellation when |mean| >> std)
   s1 = dy.sum(axis=spatial)                              # [B, C]: sum dy
-  s2 = (dy * x32).sum(axis=spatial)                      # [B, C]: sum dy x
-  sx = (s2 - mean * s1) * rstd                           # [B, C]: sum dy xhat
+  sx = (dy * centered).sum(axis=spatial) * rstd          # [B, C]: sum dy xhat
   scale32 = scale.astype(jnp.float32)
   hw = math.prod(x.shape[1:-1])
   m1 = _group_mean(scale32 * s1, groups) / hw            # [B, C]: mean_group(g)
   m2 = _group_mean(scale32 * sx, groups) / hw            # [B, C]: mean_group(g xhat)
   coef_dy = rstd * scale32
   coef_x = -rstd * rstd * m2
-  coef_1 = rstd * (rstd * m2 * mean - m1)
-  dx = dy_of(x32, d_out) * _per_channel(coef_dy, nd) + x32 * _per_channel(coef_x, nd) + _per_channel(coef_1, nd)
+  coef_1 = -rstd * m1
+  dx = dy_of(x32, d_out) * _per_channel(coef_dy, nd) + centered * _per_channel(coef_x, nd) + _per_channel(coef_1, nd)
   return dx.astype(x.dtype), sx.sum(0).astype(scale.dtype), s1.sum(0).astype(bias.dtype)
 
 
