@@ -54,6 +54,7 @@ _ONLY = flags.DEFINE_list("only", ["demo", "imagenet_small"], "Cases to run.")
 _CONV = flags.DEFINE_list("conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto).")
 
 Runner = Callable[[int], None]  # runs n train steps and waits for them
+_TORCH_REFS = {"torch:same": "same step", "torch:adamw": "AdamW only"}
 
 
 def cases():
@@ -143,9 +144,8 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
         per_example = per_example * s.clamp(max=gamma) / {"eps": s, "v": s + 1, "x0": torch.ones_like(s)}[prediction]
       loss = per_example.mean()
       loss.backward()
-      grads = [p.grad for p in params]
       norm = (torch.nn.utils.clip_grad_norm_(params, o.grad_clip) if o.grad_clip > 0
-              else torch.nn.utils.get_total_norm(grads))
+              else torch.nn.utils.get_total_norm([p.grad for p in params]))
       if torch.isfinite(loss) and torch.isfinite(norm):
         opt.step()
         lit_ema()
@@ -200,10 +200,9 @@ def main(argv):
       runners[f"jax:{conv}"], n, impl = jax_runner(config, latent_shape)
       labels[f"jax:{conv}"] = f"rdm_jax (conv={conv}: {impl}), {n / 1e6:.2f}M params"
     if not _SKIP_TORCH.value:
-      for key, same, label in (("torch:same", True, "torch+diffusers, same step"),
-                               ("torch:adamw", False, "torch+diffusers, AdamW only")):
+      for key, same in (("torch:same", True), ("torch:adamw", False)):
         runners[key], tn = torch_runner(config, latent_shape, same)
-        labels[key] = f"{label}, {tn / 1e6:.2f}M params"
+        labels[key] = f"torch+diffusers, {_TORCH_REFS[key]}, {tn / 1e6:.2f}M params"
     secs = {k: sorted(v) for k, v in interleaved(runners, _STEPS.value, _ROUNDS.value).items()}
     med = {k: statistics.median(v) for k, v in secs.items()}
     for k, v in secs.items():
@@ -211,7 +210,7 @@ def main(argv):
             f"{b / med[k]:.1f} examples/s")
     for k in (k for k in med if k.startswith("torch:")):
       ratios = ", ".join(f"conv={j[4:]} x{med[k] / med[j]:.2f}" for j in med if j.startswith("jax:"))
-      print(f"[{name}] rdm_jax speed against {labels[k].split(',')[1].strip()}: {ratios}")
+      print(f"[{name}] rdm_jax speed against {_TORCH_REFS[k]}: {ratios}")
     if name == "demo":
       sec = min(v for k, v in med.items() if k.startswith("jax:"))
       eps = time_pipeline(config)
