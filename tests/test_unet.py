@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from rdm_jax.models.unet import ResBlock, SpatialTransformer, UNet, timestep_embedding
+from rdm_jax.models.unet import ResBlock, SpatialTransformer, UNet, _softmax_attention, timestep_embedding
 
 
 def _randomize(params, seed=0):
@@ -110,6 +110,34 @@ def test_spatial_transformer_matches_reference():
   got = np.asarray(st.apply({"params": params}, x, ctx))
   want = ref_spatial_transformer(x.astype(np.float64), ctx.astype(np.float64), _np(params), 2, 32)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("q_len,kv_len,heads,dtype", [(64, 64, 2, "float32"), (64, 4, 3, "float32"),
+                                                     (16, 16, 2, "bfloat16")])
+def test_softmax_attention_values_and_gradients_match_torch(q_len, kv_len, heads, dtype):
+  """Heads-first einsums with the softmax's division moved to the output, against torch's
+  softmax(q k^T * scale) v and its autograd in float64 on the same (rounded) inputs; in float32 the
+  logits reach ~+-60, where exp overflows without the max shift."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(q_len + kv_len)
+  d, scale = 16, 16 ** -0.5
+  big = 4 if dtype == "float32" else 1  # bfloat16 logits of +-60 are off by ~0.1 whatever the formulation
+  q, k, v, w = (rng.normal(0, s, size=(2, n, heads, d)) for s, n in ((big, q_len), (big, kv_len), (1, kv_len), (1, q_len)))
+  q, k, v, w = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (q, k, v, w))  # the inputs both sides see
+  tq, tk, tv = (torch.tensor(a.transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))  # [B, H, N, D]
+  t_out = torch.softmax(tq @ tk.transpose(-1, -2) * scale, -1) @ tv
+  (t_out * torch.tensor(w.transpose(0, 2, 1, 3))).sum().backward()
+  want = [t.detach().numpy().transpose(0, 2, 1, 3) for t in (t_out, tq.grad, tk.grad, tv.grad)]
+  assert dtype != "float32" or np.abs(np.einsum("bqhd,bkhd->bhqk", q, k) * scale).max() > 30  # needs the shift
+
+  jq, jk, jv, jw = (jnp.asarray(a, dtype) for a in (q, k, v, w))
+  loss = lambda q, k, v: jnp.sum(_softmax_attention(q, k, v, scale).astype(jnp.float32) * jw.astype(jnp.float32))
+  out = _softmax_attention(jq, jk, jv, scale)
+  assert out.dtype == jnp.dtype(dtype)
+  got = [out] + list(jax.grad(loss, argnums=(0, 1, 2))(jq, jk, jv))
+  tol = 1e-4 if dtype == "float32" else 2e-2
+  for g, want_ in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float64), want_, rtol=tol, atol=tol * np.abs(want_).max())
 
 
 def test_timestep_embedding_closed_form():
