@@ -9,6 +9,11 @@ WORKDIR ?= runs/fashion_mnist
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DNNL_HEADER := /usr/include/oneapi/dnnl/dnnl.hpp
 ONEDNN_SO := rdm_jax/ops/_onednn_conv.so
+# tcmalloc for every job and test: with glibc's malloc, XLA:CPU maps a fresh temporary buffer for
+# each step and the kernel zeroes its pages on first touch (0.55 of the 2.5 CPU seconds of a
+# scaled-down ImageNet step); tcmalloc keeps freed memory for reuse (benchmarks/RESULTS.md).
+TCMALLOC := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
+RUN := LD_PRELOAD=$(TCMALLOC) $(PY)
 
 .PHONY: demo test setup setup-test data onednn clean
 
@@ -34,8 +39,11 @@ $(ONEDNN_SO): rdm_jax/ops/onednn_conv.cc $(DNNL_HEADER) $(VENV)/.installed
 
 onednn: $(ONEDNN_SO)
 
-setup: $(VENV)/.installed $(ONEDNN_SO)
-setup-test: $(VENV)/.installed-test $(ONEDNN_SO)
+$(TCMALLOC):
+	(apt-get install -y -q libtcmalloc-minimal4 || (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4)) > /dev/null
+
+setup: $(VENV)/.installed $(ONEDNN_SO) $(TCMALLOC)
+setup-test: $(VENV)/.installed-test $(ONEDNN_SO) $(TCMALLOC)
 
 $(FMNIST):
 	(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) > /dev/null
@@ -43,19 +51,19 @@ $(FMNIST):
 data: $(FMNIST)
 
 demo: setup data
-	$(PY) -m rdm_jax.jobs.encode --config=$(CONFIG)
-	$(PY) -m rdm_jax.jobs.embed --config=$(CONFIG)
-	$(PY) -m rdm_jax.jobs.index --config=$(CONFIG)
-	$(PY) -m rdm_jax.jobs.neighbors --config=$(CONFIG)
-	$(PY) -m rdm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
-	$(PY) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR)
-	$(PY) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR) --config.sample.condition=proposal
-	$(PY) -m rdm_jax.jobs.context_ablation --config=$(CONFIG) --workdir=$(WORKDIR)
-	$(PY) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(RUN) -m rdm_jax.jobs.encode --config=$(CONFIG)
+	$(RUN) -m rdm_jax.jobs.embed --config=$(CONFIG)
+	$(RUN) -m rdm_jax.jobs.index --config=$(CONFIG)
+	$(RUN) -m rdm_jax.jobs.neighbors --config=$(CONFIG)
+	$(RUN) -m rdm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(RUN) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(RUN) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR) --config.sample.condition=proposal
+	$(RUN) -m rdm_jax.jobs.context_ablation --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(RUN) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, $(WORKDIR)/eval/metrics.md, TensorBoard logs in $(WORKDIR)"
 
 test: setup-test data
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q -n 2 --dist loadfile
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(RUN) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf data runs

@@ -2,6 +2,10 @@
 the attention kernels (jax.nn.dot_product_attention; the Pallas TPU flash kernel in Pallas'
 interpret mode, sharded through shard_map), the parameter and Adam-moment dtypes."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,14 +145,32 @@ def test_adam_first_moment_dtype():
                              atol=1e-2 * np.abs(moved).max())  # mu's bf16 rounding, where steps nearly cancel
 
 
-def test_platform_check():
+def test_platform_check(monkeypatch):
+  monkeypatch.setattr(mesh_lib, "tcmalloc_loaded", lambda: True)
   line, warnings = mesh_lib.check_platform(_config(dtype="bfloat16", remat="full"))
   assert line.startswith("platform cpu: 8 x cpu") and f"jax {jax.__version__}" in line
   assert any("bfloat16 on CPU" in w for w in warnings) and any("remat" in w for w in warnings)
   assert mesh_lib.check_platform(_config()) == (line, [])
+  monkeypatch.setattr(mesh_lib, "tcmalloc_loaded", lambda: False)
+  (warning,) = mesh_lib.check_platform(_config())[1]
+  assert "LD_PRELOAD" in warning and "libtcmalloc-minimal4" in warning
   with pytest.raises(UserError, match="Pallas TPU kernel.*attention=dot_product"):
     mesh_lib.check_platform(_config(attention="flash"))
   with pytest.raises(UserError, match="attention='cudnn'"):
     training.make_model(_config(attention="cudnn"))
   with pytest.raises(UserError, match="remat='some'"):
     training.make_model(_config(remat="some"))
+
+
+TCMALLOC = f"/usr/lib/{os.uname().machine}-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+@pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="libtcmalloc-minimal4 is not installed (make setup installs it)")
+def test_tcmalloc_detected_in_a_fresh_process():
+  """The allocator check reads what the dynamic loader really mapped: on with LD_PRELOAD, off without."""
+  probe = [sys.executable, "-c", "from rdm_jax.parallel.mesh import tcmalloc_loaded; print(tcmalloc_loaded())"]
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  without = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+  with_ = subprocess.run(probe, env={**env, "LD_PRELOAD": TCMALLOC}, capture_output=True, text=True,
+                         check=True).stdout.split()[-1]
+  assert (without, with_) == ("False", "True")

@@ -41,6 +41,15 @@ def make_mesh(axes: Mapping[str, int], devices=None) -> Mesh:
                        axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
+def tcmalloc_loaded(maps_path: str = "/proc/self/maps") -> bool | None:
+  """Whether this process runs on tcmalloc (LD_PRELOAD); None where /proc/self/maps is missing."""
+  try:
+    with open(maps_path) as f:
+      return "libtcmalloc" in f.read()
+  except OSError:
+    return None
+
+
 def check_platform(config, devices=None) -> tuple[str, list[str]]:
   """(a line naming the platform, device kind and count, processes and jax version; warnings
   about the config on this platform). A lever that cannot run here is a UserError."""
@@ -56,6 +65,10 @@ def check_platform(config, devices=None) -> tuple[str, list[str]]:
   if m.get("attention", "xla") == "flash" and platform != "tpu":
     fail(f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
          "--config.model.attention=dot_product (cuDNN flash attention on GPU, XLA on CPU)")
+  if platform == "cpu" and tcmalloc_loaded() is False:
+    warnings.append("glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a quarter of "
+                    "a train step's CPU time); run with LD_PRELOAD=<path of libtcmalloc_minimal.so.4> (Debian's "
+                    "libtcmalloc-minimal4; `make demo` and `make test` do)")
   if m.get("remat", "none") != "none" and platform == "cpu":
     warnings.append(f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
                     "slows training (--config.model.remat=none)")
