@@ -14,6 +14,15 @@ def load_config(name: str):
   return config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
+def allocator() -> str:
+  """The malloc this process runs on, for the benchmark's header line: XLA:CPU's timings depend on
+  it (RESULTS.md, "tcmalloc"); `make demo` and `make test` preload tcmalloc."""
+  from rdm_jax.parallel.mesh import tcmalloc_loaded
+  if tcmalloc_loaded():
+    return "tcmalloc"
+  return "glibc malloc (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 for tcmalloc, as make demo/test)"
+
+
 def patch_grid(config, latent_shape):
   """The shape our UNet's layers see: latents [H, W, C] folded into p x p patches
   (config.model.patch_size, a reshape) are diffusers' input [H/p, W/p, C p^2]."""

@@ -20,6 +20,9 @@ Timed for each case, in the same process:
                     (latent-diffusion ldm/modules/ema.py, forward, lines 31-48)
   torch, AdamW only the reference of earlier runs: fixed t and noise, plain MSE, AdamW, no
                     clipping, no EMA (less work than our step)
+Run it on tcmalloc, as `make demo` and `make test` run everything (the header line names the
+allocator; with glibc's malloc XLA:CPU spends a quarter of the step's CPU time in page faults):
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python benchmarks/train_throughput.py
 The variants run interleaved: --rounds rounds of --steps steps each, so that a slow spell of the
 machine hits them all; each figure is the median round's seconds per step, with the range.
 The input pipeline (tf.data over the demo's real stores, when `make demo` has made them) is
@@ -45,7 +48,7 @@ from rdm_jax import training  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import diffusers_unet, load_config, patch_grid  # noqa: E402
+from common import allocator, diffusers_unet, load_config, patch_grid  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median round is reported).")
@@ -188,7 +191,7 @@ def time_pipeline(config, batches: int = 30) -> float | None:
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs; "
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs, {allocator()}; "
         f"{_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)")
   for name, (config, latent_shape) in cases().items():
     if name not in _ONLY.value:
