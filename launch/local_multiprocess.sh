@@ -9,8 +9,11 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/dry_run.sh"
 N=$1; CONFIG=$2; WORKDIR=$3; shift 3
 PORT=${PORT:-12355}
+# tcmalloc where installed (as make demo/test): glibc malloc costs XLA:CPU page faults every step
+TCMALLOC=${TCMALLOC:-/usr/lib/$(uname -m)-linux-gnu/libtcmalloc_minimal.so.4}
+[[ -f "$TCMALLOC" ]] || TCMALLOC=""
 for ((i = 0; i < N; i++)); do
-  launch env XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4} JAX_PLATFORMS=cpu \
+  launch env XLA_FLAGS=--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4} JAX_PLATFORMS=cpu ${TCMALLOC:+LD_PRELOAD=$TCMALLOC} \
     ${PYTHON:-.venv/bin/python} -m ${JOB:-rdm_jax.train} --config="$CONFIG" --workdir="$WORKDIR" --distributed \
     --coordinator_address=localhost:$PORT --num_processes="$N" --process_id=$i "$@" &
   [[ -n "${DRY_RUN:-}" && "${DRY_RUN}" != 0 ]] && wait  # printed in order
