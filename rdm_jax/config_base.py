@@ -119,7 +119,8 @@ def base_config() -> mlc.ConfigDict:
       sampler="ddim",                # ddim | ddpm (ancestral, respaced to num_steps) | dpm_solver++ (2M)
       num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,  # eta: DDIM only
       temperature=1.0, top_k=0, top_p=1.0,  # RARM (config.model.family="rarm") token sampling; 0 / 1.0 = off
-      seed=-1,                       # sample i's noise: fold_in(PRNGKey(seed), i); -1 = train.seed + 7
+      seed=-1,                       # sample i's noise: fold_in(PRNGKey(seed), i), and the proposal / class
+                                     # draws; -1 = train.seed + 7
       shard_size=1024,               # samples per .npz shard of the sample job (its unit of resumption)
       timestep_spacing="logsnr",     # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m) |

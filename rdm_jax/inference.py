@@ -90,7 +90,7 @@ class RDM:
     """The conditioning `config.sample.condition` names, for n (default num_images) samples."""
     s = self.config.sample
     n = s.num_images if n is None else n
-    seed = self.config.train.seed
+    seed = self.seed  # the pseudo-queries (proposal) and class draws follow config.sample.seed too
     if s.condition == "exemplar":
       return self.exemplars(n)
     if s.condition == "proposal":

@@ -210,6 +210,14 @@ def test_python_api_samples_with_one_loaded_model(trained, tmp_path):
   np.testing.assert_array_equal(got.neighbor_rows, brute_force_neighbors(
       np.asarray(rdm.database["embeddings"])[got.query_rows], rdm.database["embeddings"], 4))
   assert unconditional.images.shape[0] == 3
+  # config.sample.seed draws the pseudo-queries too: the same seed the same set, another another
+  config.sample.condition, config.sample.num_images = "proposal", 8
+  draws = []
+  for seed in (3, 3, 4):
+    config.sample.seed = seed
+    draws.append(rdm.from_config().query_rows)
+  np.testing.assert_array_equal(draws[0], draws[1])
+  assert not np.array_equal(draws[0], draws[2])
   config.sample.condition = "text"  # needs captions, and a database embedded by the config's CLIP
   with pytest.raises(UserError, match="needs captions"):
     rdm.from_config()
