@@ -17,10 +17,10 @@ def load_config(name: str):
 def allocator() -> str:
   """The malloc this process runs on, for the benchmark's header line: XLA:CPU's timings depend on
   it (RESULTS.md, "tcmalloc"); `make demo` and `make test` preload tcmalloc."""
-  from rdm_jax.parallel.mesh import tcmalloc_loaded
+  from rdm_jax.parallel.mesh import TCMALLOC, tcmalloc_loaded
   if tcmalloc_loaded():
     return "tcmalloc"
-  return "glibc malloc (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 for tcmalloc, as make demo/test)"
+  return f"glibc malloc (LD_PRELOAD={TCMALLOC} for tcmalloc, as make demo/test)"
 
 
 def patch_grid(config, latent_shape):

@@ -162,15 +162,12 @@ def test_platform_check(monkeypatch):
     training.make_model(_config(remat="some"))
 
 
-TCMALLOC = f"/usr/lib/{os.uname().machine}-linux-gnu/libtcmalloc_minimal.so.4"
-
-
-@pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="libtcmalloc-minimal4 is not installed (make setup installs it)")
+@pytest.mark.skipif(not os.path.exists(mesh_lib.TCMALLOC), reason="libtcmalloc-minimal4 is not installed (make setup installs it)")
 def test_tcmalloc_detected_in_a_fresh_process():
   """The allocator check reads what the dynamic loader really mapped: on with LD_PRELOAD, off without."""
   probe = [sys.executable, "-c", "from rdm_jax.parallel.mesh import tcmalloc_loaded; print(tcmalloc_loaded())"]
   env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
   without = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
-  with_ = subprocess.run(probe, env={**env, "LD_PRELOAD": TCMALLOC}, capture_output=True, text=True,
+  with_ = subprocess.run(probe, env={**env, "LD_PRELOAD": mesh_lib.TCMALLOC}, capture_output=True, text=True,
                          check=True).stdout.split()[-1]
   assert (without, with_) == ("False", "True")

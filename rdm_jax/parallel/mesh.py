@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import jax
@@ -41,10 +42,14 @@ def make_mesh(axes: Mapping[str, int], devices=None) -> Mesh:
                        axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
-def tcmalloc_loaded(maps_path: str = "/proc/self/maps") -> bool | None:
+# Debian's libtcmalloc-minimal4, which the Makefile preloads for every job and test
+TCMALLOC = f"/usr/lib/{os.uname().machine}-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def tcmalloc_loaded() -> bool | None:
   """Whether this process runs on tcmalloc (LD_PRELOAD); None where /proc/self/maps is missing."""
   try:
-    with open(maps_path) as f:
+    with open("/proc/self/maps") as f:
       return "libtcmalloc" in f.read()
   except OSError:
     return None
@@ -67,8 +72,8 @@ def check_platform(config, devices=None) -> tuple[str, list[str]]:
          "--config.model.attention=dot_product (cuDNN flash attention on GPU, XLA on CPU)")
   if platform == "cpu" and tcmalloc_loaded() is False:
     warnings.append("glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a quarter of "
-                    "a train step's CPU time); run with LD_PRELOAD=<path of libtcmalloc_minimal.so.4> (Debian's "
-                    "libtcmalloc-minimal4; `make demo` and `make test` do)")
+                    f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
+                    "`make demo` and `make test` do)")
   if m.get("remat", "none") != "none" and platform == "cpu":
     warnings.append(f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
                     "slows training (--config.model.remat=none)")
