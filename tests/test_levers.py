@@ -156,6 +156,12 @@ def test_platform_check(monkeypatch):
   assert "LD_PRELOAD" in warning and "libtcmalloc-minimal4" in warning
   with pytest.raises(UserError, match="Pallas TPU kernel.*attention=dot_product"):
     mesh_lib.check_platform(_config(attention="flash"))
+  # the sample job (training=False): no train-step warnings (allocator, remat); bfloat16 and flash still
+  (warning,) = mesh_lib.check_platform(_config(dtype="bfloat16", remat="full"), training=False)[1]
+  assert "bfloat16 on CPU" in warning
+  assert mesh_lib.check_platform(_config(remat="full"), training=False) == (line, [])
+  with pytest.raises(UserError, match="Pallas TPU kernel"):
+    mesh_lib.check_platform(_config(attention="flash"), training=False)
   with pytest.raises(UserError, match="attention='cudnn'"):
     training.make_model(_config(attention="cudnn"))
   with pytest.raises(UserError, match="remat='some'"):

@@ -177,6 +177,19 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert np.abs(raw - got["latents"]).max() > 1e-4
 
 
+def test_sample_job_refuses_a_lever_this_platform_lacks_before_reading_anything(tmp_path):
+  """`model.attention=flash` is a TPU kernel: on CPU the sample job stops with the platform check's
+  message (as the train job does) before it opens the workdir, and creates nothing."""
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+         *TINY_OVERRIDES, "--config.model.attention=flash"]
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode != 0
+  assert "Pallas TPU kernel" in out.stderr + out.stdout and "attention=dot_product" in out.stderr + out.stdout
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert not workdir.exists()
+
+
 def test_python_api_samples_with_one_loaded_model(trained, tmp_path):
   """inference.RDM: exemplars, the same queries given as embeddings (same neighbours, and with
   the same seed the same samples), and class pools; the panel has a row per sample."""

@@ -55,9 +55,11 @@ def tcmalloc_loaded() -> bool | None:
     return None
 
 
-def check_platform(config, devices=None) -> tuple[str, list[str]]:
+def check_platform(config, devices=None, training: bool = True) -> tuple[str, list[str]]:
   """(a line naming the platform, device kind and count, processes and jax version; warnings
-  about the config on this platform). A lever that cannot run here is a UserError."""
+  about the config on this platform). A lever that cannot run here is a UserError. `training`
+  False (the sample job): no warnings about what only a train step pays for (the allocator's
+  per-step buffer, rematerialisation)."""
   devices = jax.devices() if devices is None else devices
   platform = devices[0].platform
   line = (f"platform {platform}: {len(devices)} x {devices[0].device_kind} over {jax.process_count()} "
@@ -70,11 +72,11 @@ def check_platform(config, devices=None) -> tuple[str, list[str]]:
   if m.get("attention", "xla") == "flash" and platform != "tpu":
     fail(f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
          "--config.model.attention=dot_product (cuDNN flash attention on GPU, XLA on CPU)")
-  if platform == "cpu" and tcmalloc_loaded() is False:
+  if training and platform == "cpu" and tcmalloc_loaded() is False:
     warnings.append("glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a quarter of "
                     f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
                     "`make demo` and `make test` do)")
-  if m.get("remat", "none") != "none" and platform == "cpu":
+  if training and m.get("remat", "none") != "none" and platform == "cpu":
     warnings.append(f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
                     "slows training (--config.model.remat=none)")
   return line, warnings
