@@ -177,11 +177,12 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert np.abs(raw - got["latents"]).max() > 1e-4
 
 
-def test_sample_job_refuses_a_lever_this_platform_lacks_before_reading_anything(tmp_path):
-  """`model.attention=flash` is a TPU kernel: on CPU the sample job stops with the platform check's
-  message (as the train job does) before it opens the workdir, and creates nothing."""
+@pytest.mark.parametrize("module", ["rdm_jax.sample", "rdm_jax.jobs.context_ablation"])
+def test_jobs_that_run_the_model_refuse_a_lever_this_platform_lacks_before_reading_anything(tmp_path, module):
+  """`model.attention=flash` is a TPU kernel: on CPU the sample and ablation jobs stop with the
+  platform check's message (as the train job does) before they open the workdir, and create nothing."""
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", module, f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
          *TINY_OVERRIDES, "--config.model.attention=flash"]
   out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode != 0
