@@ -48,7 +48,6 @@ from rdm_jax import config_base, files, inference
 from rdm_jax.data import visualize
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli, distributed
-from rdm_jax.parallel import mesh as mesh_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -150,9 +149,7 @@ def main(argv):
   distributed.initialize()
   config = cli.CONFIG.value
   workdir = _WORKDIR.value or fail("--workdir is required")
-  for warning in mesh_lib.check_platform(config, training=False)[1]:  # fails on a lever this platform lacks
-    if jax.process_index() == 0:
-      print(f"warning: {warning}")
+  cli.check_platform(config)
   s = config.sample
   if s.shard_size < 1:
     fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")

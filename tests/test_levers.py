@@ -156,7 +156,7 @@ def test_platform_check(monkeypatch):
   assert "LD_PRELOAD" in warning and "libtcmalloc-minimal4" in warning
   with pytest.raises(UserError, match="Pallas TPU kernel.*attention=dot_product"):
     mesh_lib.check_platform(_config(attention="flash"))
-  # the sample job (training=False): no train-step warnings (allocator, remat); bfloat16 and flash still
+  # the sample and ablation jobs (training=False): no train-step warnings (allocator, remat); bfloat16 and flash still
   (warning,) = mesh_lib.check_platform(_config(dtype="bfloat16", remat="full"), training=False)[1]
   assert "bfloat16 on CPU" in warning
   assert mesh_lib.check_platform(_config(remat="full"), training=False) == (line, [])

@@ -86,3 +86,16 @@ def run(main) -> None:
   logging.getLogger("absl").addFilter(_QuietLibraries())
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # backend probing chatter
   app.run(run_main(with_flags, lambda: VERBOSE.value), flags_parser=parse_flags)
+
+
+def check_platform(config) -> None:
+  """The platform check of a job that runs the model without training it (sample, context
+  ablation): a lever this platform lacks stops the job with a UserError; warnings (bfloat16 on
+  CPU) are printed by process 0. The train job logs the check's fuller form itself."""
+  import jax
+
+  from rdm_jax.parallel import mesh
+
+  for warning in mesh.check_platform(config, training=False)[1]:
+    if jax.process_index() == 0:
+      print(f"warning: {warning}")

@@ -58,8 +58,8 @@ def tcmalloc_loaded() -> bool | None:
 def check_platform(config, devices=None, training: bool = True) -> tuple[str, list[str]]:
   """(a line naming the platform, device kind and count, processes and jax version; warnings
   about the config on this platform). A lever that cannot run here is a UserError. `training`
-  False (the sample job): no warnings about what only a train step pays for (the allocator's
-  per-step buffer, rematerialisation)."""
+  False (the sample and context-ablation jobs, `jobs.cli.check_platform`): no warnings about what
+  only a train step pays for (the allocator's per-step buffer, rematerialisation)."""
   devices = jax.devices() if devices is None else devices
   platform = devices[0].platform
   line = (f"platform {platform}: {len(devices)} x {devices[0].device_kind} over {jax.process_count()} "
