@@ -176,6 +176,28 @@ def check_workdir(workdir: str) -> None:
          "write into it: choose a new or empty --workdir")
 
 
+def function_record(config: Any) -> dict[str, Any]:
+  """The config fields that change what a trained UNet's parameters compute without changing their
+  shapes (a checkpoint restored under other values would load and sample noise): model_info.json
+  records them, and `check_function` holds later jobs to them. Empty for the RARM."""
+  if training.family(config) != "unet":
+    return {}
+  d = config.diffusion
+  return {"diffusion.prediction": d.prediction, "diffusion.num_timesteps": int(d.num_timesteps),
+          "diffusion.beta_start": float(d.beta_start), "diffusion.beta_end": float(d.beta_end)}
+
+
+def check_function(before: dict[str, Any], now: dict[str, Any], workdir: str) -> None:
+  """Refuses to sample or resume a run under a `function_record` other than the one it was trained
+  with (`before`: its model_info.json; runs from before the record are not checked)."""
+  diff = {k: v for k, v in (before.get("function") or {}).items() if k in now and now[k] != v}
+  if diff:
+    fail(f"the model in {workdir} was trained with " + ", ".join(f"{k}={v!r}" for k, v in diff.items()) +
+         " but this config has " + ", ".join(f"{k}={now[k]!r}" for k in diff) + ": the same weights would "
+         "compute something else. Use the config it was trained with (" + files.join(workdir, "config.json") +
+         ") or pass " + " ".join(f"--config.{k}={v}" for k, v in diff.items()) + "; to train anew, a new --workdir")
+
+
 def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]) -> None:
   """Refuses to resume checkpoints trained against another database or encoder than `info`'s."""
   path = files.join(workdir, "model_info.json")
@@ -192,6 +214,7 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
       fail(f"the checkpoints in {workdir} were trained with another {what} ({field} {before.get(field)} in "
            f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "
            f"{what} of that run ({before.get('database')})")
+  check_function(before, info.get("function") or {}, workdir)
 
 
 def set_aside_newer(mngr: ocp.CheckpointManager, step: int, keep: int) -> ocp.CheckpointManager:
@@ -236,6 +259,7 @@ def load_trained(config, workdir: str, step: int | None = None):
   if not files.isfile(info_path):
     fail(f"{workdir} holds no trained model: run `python -m rdm_jax.train --workdir={workdir}` first")
   info = json.loads(files.read_text(info_path))
+  check_function(info, function_record(config), workdir)
   setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.make_mesh(config.mesh.to_dict()))
   state = restore(manager(workdir, create=False), setup.abstract, setup.state_sh, step)
   if state is None:

@@ -136,7 +136,8 @@ def main(argv):
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   info = {"encoder": encoder, "database": data.database_store.path,
           "database_fingerprint": data.database_store.fingerprint,
-          "latent_shape": list(latent_shape), "image_hw": list(image_hw)}
+          "latent_shape": list(latent_shape), "image_hw": list(image_hw),
+          "function": checkpoint.function_record(config)}
   checkpoint.check_resume(mngr, workdir, info)
   state = checkpoint.restore(mngr, setup.abstract, setup.state_sh)
   if state is not None and checkpoint.steps(mngr)[-1] > int(state.step):  # newer ones were damaged

@@ -177,6 +177,41 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert np.abs(raw - got["latents"]).max() > 1e-4
 
 
+def test_a_run_refuses_a_config_that_changes_what_its_weights_compute(trained, tmp_path):
+  """model_info.json records the fields that change what the same weights compute (prediction, noise
+  schedule); sampling or resuming under other values stops with the values to pass,
+  before it restores anything; a run from before the record loads as it did."""
+  data_dir, workdir = trained
+  info = json.load(open(os.path.join(workdir, "model_info.json")))
+  config = tiny_config(data_dir)
+  assert info["function"] == {"diffusion.prediction": config.diffusion.prediction, "diffusion.num_timesteps": 1000,
+                              "diffusion.beta_start": 0.0015, "diffusion.beta_end": 0.0195}
+  for key, value in (("prediction", "v"), ("beta_end", 0.012)):
+    changed = tiny_config(data_dir)
+    changed.diffusion[key] = value
+    with pytest.raises(UserError, match=rf"trained with diffusion.{key}=.*--config.diffusion.{key}="
+                                        rf"{info['function']['diffusion.' + key]}"):
+      checkpoint.load_trained(changed, workdir)
+  # resuming under another prediction: the train job stops and saves nothing
+  run = str(tmp_path / "run")
+  shutil.copytree(workdir, run)
+  before = sorted(os.listdir(os.path.join(run, "checkpoints")))
+  cmd = [sys.executable, "-m", "rdm_jax.train", f"--config={TRAIN_CONFIG}", f"--workdir={run}",
+         f"--config.data_dir={data_dir}", *TINY_OVERRIDES, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+         "--config.train.num_steps=6", "--config.diffusion.prediction=eps"]
+  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert out.returncode != 0 and "--config.diffusion.prediction=x0" in out.stderr + out.stdout, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == before
+  # a run whose model_info.json predates the record is not checked
+  del info["function"]
+  with open(os.path.join(run, "model_info.json"), "w") as f:
+    json.dump(info, f)
+  changed = tiny_config(data_dir)
+  changed.diffusion.prediction = "v"
+  assert checkpoint.load_trained(changed, run)[3] == 4
+
+
 @pytest.mark.parametrize("module", ["rdm_jax.sample", "rdm_jax.jobs.context_ablation"])
 def test_jobs_that_run_the_model_refuse_a_lever_this_platform_lacks_before_reading_anything(tmp_path, module):
   """`model.attention=flash` is a TPU kernel: on CPU the sample and ablation jobs stop with the

@@ -155,6 +155,7 @@ def main(argv):
       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(put(params, shardings.params)))
   info = {"encoder": encoders.encoder_identity(config.retrieval), "database": None, "database_fingerprint": None,
           "latent_shape": list(shape), "image_hw": [config.dataset.image_size] * 2,
+          "function": checkpoint.function_record(config),
           "imported_from": {"checkpoint": os.path.abspath(path), "sha256": digest,
                             "global_step": step}}
   files.makedirs(workdir)
