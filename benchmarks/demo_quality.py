@@ -3,9 +3,10 @@ r"""How convincing the demo's samples are: do they follow their neighbours, and 
   python benchmarks/demo_quality.py --workdir=runs/fashion_mnist [--seeds=0,1,2] [--num_images=256]
       [--config=configs/fashion_mnist_rdm.py] [--sets=exemplar,proposal] [--no_sample]
 
-1. A Fashion-MNIST classifier of our own (a small CNN, Flax + optax, seeded) is trained on the
-   train split's rows 0..40000 (the RDM's training part, outside the database rows 40000..60000)
-   and its accuracy on the 10k test images is printed.
+1. A Fashion-MNIST classifier of our own (a small CNN, Flax + optax, seeded; 8 epochs, about 6
+   minutes here, cached in data/fashion_mnist/eval_cache) is trained on the train split's rows
+   0..40000 (the RDM's training part, outside the database rows 40000..60000) and its accuracy on
+   the 10k test images is printed (0.9192).
 2. For every seed, the sample job draws `num_images` samples of each conditioning set from the
    run's checkpoint (`--config.sample.seed=S`, into <workdir>/samples/quality/<set>_seed<S>),
    and the evaluation job scores them (precision / recall k=3 and FID on the config's extractor,
@@ -13,7 +14,9 @@ r"""How convincing the demo's samples are: do they follow their neighbours, and 
 3. Label agreement: the classifier's label for each sample against the majority label of the
    k database entries that conditioned it (ties: the first neighbour's label among the tied);
    also on the samples whose k neighbours all carry one label ("unanimous"), where the label a
-   sample should show is not in doubt.
+   sample should show is not in doubt. The same for the real test images against their own
+   neighbours, all 10k and the first `num_images` (the exemplar samples' queries: the ceiling to
+   compare them with).
 4. Near-black pixels: the fraction of pixels in grey levels 1..15, for the samples and for the
    real test images (whose backgrounds are exactly 0).
 
@@ -56,38 +59,47 @@ TRAIN_STOP = 40000  # the demo's training part; the database is rows 40000..6000
 
 
 class Classifier(nn.Module):
-  """Two 3x3 conv layers with max-pooling, then two dense layers: about 91% on Fashion-MNIST."""
+  """Two stages of two 3x3 convs and a max-pool, then dropout and two dense layers: 91.9% on
+  Fashion-MNIST's test split after `train_classifier`'s 8 epochs."""
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     x = x.astype(jnp.float32) / 127.5 - 1.0
     for ch in (32, 64):
       x = nn.relu(nn.Conv(ch, (3, 3))(x))
+      x = nn.relu(nn.Conv(ch, (3, 3))(x))
       x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
+    x = nn.Dropout(0.4, deterministic=not train)(x.reshape(x.shape[0], -1))
+    x = nn.Dropout(0.4, deterministic=not train)(nn.relu(nn.Dense(256)(x)))
     return nn.Dense(10)(x)
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 3, batch: int = 128, seed: int = 0):
-  """Params of `Classifier` after `epochs` of Adam (lr 1e-3) on uint8 [N, 28, 28, 1] images."""
+def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 8, batch: int = 128, seed: int = 0):
+  """Params of `Classifier` after `epochs` of Adam (lr 1e-3, cosine decay to 0) on uint8 [N, 28, 28, 1]
+  images, each flipped left-right with probability 1/2 (garments are mirror-symmetric classes)."""
   model = Classifier()
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1), jnp.uint8))
-  tx = optax.adam(1e-3)
+  tx = optax.adam(optax.cosine_decay_schedule(1e-3, epochs * (len(images) // batch)))
   opt = tx.init(params)
 
   @jax.jit
-  def step(params, opt, x, y):
-    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()  # noqa: E731
-    grads = jax.grad(loss)(params)
-    updates, opt = tx.update(grads, opt, params)
+  def step(params, opt, x, y, key):
+    def loss(p):
+      logits = model.apply(p, x, train=True, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    updates, opt = tx.update(jax.grad(loss)(params), opt, params)
     return optax.apply_updates(params, updates), opt
 
   rng = np.random.default_rng(seed)
+  key = jax.random.PRNGKey(seed + 1)
   for _ in range(epochs):
     order = rng.permutation(len(images))
     for i in range(0, len(order) - batch + 1, batch):
       idx = order[i:i + batch]
-      params, opt = step(params, opt, images[idx], labels[idx])
+      flip = rng.random(batch) < 0.5
+      x = np.where(flip[:, None, None, None], images[idx][:, :, ::-1], images[idx])
+      key, sub = jax.random.split(key)
+      params, opt = step(params, opt, x, labels[idx], sub)
   return model, params
 
 
@@ -138,9 +150,10 @@ def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(images), np.concatenate(ids)
 
 
-def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tuple[float, int]:
+def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray, first: int):
   """The same agreement for the real test images and the neighbours the neighbour job found for
-  them: what a perfect model would score (the classifier's and the retrieval's errors)."""
+  them: what a perfect model would score (the classifier's and the retrieval's errors). ((all test
+  images), (the `first` ones: the queries of the exemplar samples), k)."""
   from rdm_jax import config_base
   from rdm_jax.data import store
   config = config_base.config_file(os.path.join(REPO, _CONFIG.value))
@@ -153,7 +166,8 @@ def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tu
   neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][:, :k]
   ids = np.asarray(store.read(paths["database"], "database", hint="")["ids"])
   got = predict(model, params, test_x[:len(neighbors)])
-  return agreement(got, train_y[ids[neighbors]]), k
+  labels = train_y[ids[neighbors]]
+  return agreement(got, labels), agreement(got[:first], labels[:first]), k
 
 
 def job(module: str, *args: str) -> str:
@@ -170,7 +184,7 @@ def main(argv):
   t0 = time.perf_counter()
   train_x, train_y = sources.load_idx_split(IDX, "train")
   test_x, test_y = sources.load_idx_split(IDX, "test")
-  cache = os.path.join(REPO, "data", "fashion_mnist", "eval_cache", "demo_classifier_seed0.msgpack")
+  cache = os.path.join(REPO, "data", "fashion_mnist", "eval_cache", "demo_classifier_v2_seed0.msgpack")
   model = Classifier()
   if os.path.exists(cache):  # msgpack of arrays only: reading it runs no code
     from flax import serialization
@@ -187,7 +201,7 @@ def main(argv):
   acc = float((predict(model, params, test_x) == test_y).mean())
   print(f"classifier: test accuracy {acc:.4f} on {len(test_y)} images "
         f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; {time.perf_counter() - t0:.0f} s)")
-  ceiling = real_agreement(model, params, test_x, train_y)
+  ceiling = real_agreement(model, params, test_x, train_y, _NUM.value)
   rows = {}
   root = os.path.join(_WORKDIR.value, "samples", "quality" + (f"_step{_STEP.value}" if _STEP.value else "") +
                       (f"_{_TAG.value}" if _TAG.value else ""))
@@ -211,10 +225,11 @@ def main(argv):
       agree, agree_one, share_one = agreement(got, train_y[ids])
       rows.setdefault(name, []).append((seed, len(images), agree, m["precision"], m["recall"], m["fd"],
                                         near_black(images), agree_one, share_one))
-  (real, real_one, real_share), k = ceiling
+  (real, real_one, real_share), (first, first_one, first_share), k = ceiling
   print(f"real test images against their own k={k} neighbours' majority label: agreement {real:.3f} "
         f"(the ceiling for samples conditioned on those neighbours); {real_one:.3f} where the {k} are "
-        f"unanimous ({real_share:.0%} of the test images)")
+        f"unanimous ({real_share:.0%} of the test images); on the first {_NUM.value} (the exemplar samples' "
+        f"queries): {first:.3f}, {first_one:.3f} where unanimous ({first_share:.0%})")
   print(f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the real test images'")
   print("| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | precision | recall "
         "| FD | pixels in grey 1..15 |")
