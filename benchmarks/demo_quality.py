@@ -150,7 +150,8 @@ def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(images), np.concatenate(ids)
 
 
-def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray, first: int):
+def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray,
+                   first: int) -> tuple[tuple[float, float, float], tuple[float, float, float], int]:
   """The same agreement for the real test images and the neighbours the neighbour job found for
   them: what a perfect model would score (the classifier's and the retrieval's errors). ((all test
   images), (the `first` ones: the queries of the exemplar samples), k)."""

@@ -214,7 +214,7 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
       fail(f"the checkpoints in {workdir} were trained with another {what} ({field} {before.get(field)} in "
            f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "
            f"{what} of that run ({before.get('database')})")
-  check_function(before, info.get("function") or {}, workdir)
+  check_function(before, info["function"], workdir)
 
 
 def set_aside_newer(mngr: ocp.CheckpointManager, step: int, keep: int) -> ocp.CheckpointManager:

@@ -96,6 +96,7 @@ def check_platform(config) -> None:
 
   from rdm_jax.parallel import mesh
 
-  for warning in mesh.check_platform(config, training=False)[1]:
-    if jax.process_index() == 0:
+  warnings = mesh.check_platform(config, training=False)[1]
+  if jax.process_index() == 0:
+    for warning in warnings:
       print(f"warning: {warning}")
