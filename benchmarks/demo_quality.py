@@ -16,7 +16,8 @@ r"""How convincing the demo's samples are: do they follow their neighbours, and 
    also on the samples whose k neighbours all carry one label ("unanimous"), where the label a
    sample should show is not in doubt. The same for the real test images against their own
    neighbours, all 10k and the first `num_images` (the exemplar samples' queries: the ceiling to
-   compare them with).
+   compare them with). Then the agreement by how the k neighbours' labels split (4, 3+1, 2+2, ...),
+   also counting either label of a tie ("any top label"), beside the real queries' own.
 4. Near-black pixels: the fraction of pixels in grey levels 1..15, for the samples and for the
    real test images (whose backgrounds are exactly 0).
 
@@ -41,6 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from label_agreement import agreement, by_split, split_order  # noqa: E402
 from rdm_jax.data import sources  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,29 +110,6 @@ def predict(model, params, images: np.ndarray, batch: int = 1000) -> np.ndarray:
   return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
 
 
-def majority(labels: np.ndarray) -> np.ndarray:
-  """[N, k] -> [N]: the most frequent label per row; a tie goes to the earliest neighbour's label."""
-  out = np.empty(len(labels), np.int64)
-  for i, row in enumerate(labels):
-    counts = np.bincount(row, minlength=10)
-    tied = np.flatnonzero(counts == counts.max())
-    out[i] = next(x for x in row if x in tied)
-  return out
-
-
-def unanimous(labels: np.ndarray) -> np.ndarray:
-  """[N, k] -> [N] bool: all k labels of the row are the same."""
-  return np.all(labels == labels[:, :1], axis=1)
-
-
-def agreement(got: np.ndarray, neighbor_labels: np.ndarray) -> tuple[float, float, float]:
-  """(agreement with the majority label, agreement where the neighbours are unanimous, the share
-  of unanimous rows) of predicted labels [N] against the neighbours' labels [N, k]."""
-  same = got == majority(neighbor_labels)
-  one = unanimous(neighbor_labels)
-  return float(same.mean()), float(same[one].mean()) if one.any() else float("nan"), float(one.mean())
-
-
 def near_black(images: np.ndarray) -> float:
   """The fraction of pixels in grey levels 1..15 of uint8 images [N, 28, 28, 1] (larger ones are
   cropped to 28 x 28): real Fashion-MNIST backgrounds are exactly 0, a sample's may sit a few levels
@@ -150,11 +129,10 @@ def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(images), np.concatenate(ids)
 
 
-def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray,
-                   first: int) -> tuple[tuple[float, float, float], tuple[float, float, float], int]:
-  """The same agreement for the real test images and the neighbours the neighbour job found for
-  them: what a perfect model would score (the classifier's and the retrieval's errors). ((all test
-  images), (the `first` ones: the queries of the exemplar samples), k)."""
+def real_labels(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(the classifier's labels [N] of the real test images, their k neighbours' true labels [N, k]),
+  the neighbours the neighbour job found for them: their agreement is what a perfect model would
+  score (the classifier's and the retrieval's errors)."""
   from rdm_jax import config_base
   from rdm_jax.data import store
   config = config_base.config_file(os.path.join(REPO, _CONFIG.value))
@@ -163,12 +141,9 @@ def real_agreement(model, params, test_x: np.ndarray, train_y: np.ndarray,
     if key in ("database", "data_dir"):
       config[key] = value
   paths = config_base.paths(config)
-  k = config.k_train
-  neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][:, :k]
+  neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][:, :config.k_train]
   ids = np.asarray(store.read(paths["database"], "database", hint="")["ids"])
-  got = predict(model, params, test_x[:len(neighbors)])
-  labels = train_y[ids[neighbors]]
-  return agreement(got, labels), agreement(got[:first], labels[:first]), k
+  return predict(model, params, test_x[:len(neighbors)]), train_y[ids[neighbors]]
 
 
 def job(module: str, *args: str) -> str:
@@ -202,8 +177,9 @@ def main(argv):
   acc = float((predict(model, params, test_x) == test_y).mean())
   print(f"classifier: test accuracy {acc:.4f} on {len(test_y)} images "
         f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; {time.perf_counter() - t0:.0f} s)")
-  ceiling = real_agreement(model, params, test_x, train_y, _NUM.value)
-  rows = {}
+  real_got, real_nb = real_labels(model, params, test_x, train_y)
+  n, k = _NUM.value, real_nb.shape[1]
+  rows, splits = {}, {}
   root = os.path.join(_WORKDIR.value, "samples", "quality" + (f"_step{_STEP.value}" if _STEP.value else "") +
                       (f"_{_TAG.value}" if _TAG.value else ""))
   for seed in map(int, _SEEDS.value):
@@ -226,10 +202,12 @@ def main(argv):
       agree, agree_one, share_one = agreement(got, train_y[ids])
       rows.setdefault(name, []).append((seed, len(images), agree, m["precision"], m["recall"], m["fd"],
                                         near_black(images), agree_one, share_one))
-  (real, real_one, real_share), (first, first_one, first_share), k = ceiling
+      splits.setdefault(name, []).append(by_split(got, train_y[ids]))
+  (real, real_one, real_share), (first, first_one, first_share) = (
+      agreement(real_got, real_nb), agreement(real_got[:n], real_nb[:n]))
   print(f"real test images against their own k={k} neighbours' majority label: agreement {real:.3f} "
         f"(the ceiling for samples conditioned on those neighbours); {real_one:.3f} where the {k} are "
-        f"unanimous ({real_share:.0%} of the test images); on the first {_NUM.value} (the exemplar samples' "
+        f"unanimous ({real_share:.0%} of the test images); on the first {n} (the exemplar samples' "
         f"queries): {first:.3f}, {first_one:.3f} where unanimous ({first_share:.0%})")
   print(f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the real test images'")
   print("| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | precision | recall "
@@ -244,6 +222,20 @@ def main(argv):
     summary = ", ".join(f"{what} {c.mean():.3f} ({c.min():.3f}..{c.max():.3f})"
                         for what, c in zip(("agreement", "precision", "recall", "unanimous agreement"), cols.T))
     print(f"{name}: mean (min..max) over {len(rs)} seeds: {summary}")
+  real_split = by_split(real_got[:n], real_nb[:n])
+  print(f"label agreement by how the k={k} neighbours' labels split (mean over seeds; 'any top': the "
+        f"sample shows one of the most frequent labels, so either label of a tie), against the real "
+        f"test images that are the first {n} exemplar queries:")
+  print("| set | split | share | agreement | agreement, any top label | real: share | real: agreement "
+        "| real: any top label |")
+  print("|---|---|---|---|---|---|---|---|")
+  absent = (0.0, float("nan"), float("nan"))
+  for name, per_seed in splits.items():
+    for kind in sorted({kind for d in per_seed for kind in d}, key=split_order):
+      got_kind = np.array([d.get(kind, absent) for d in per_seed])  # [seeds, 3]
+      share, agree, any_top = got_kind[:, 0].mean(), *np.nanmean(got_kind[:, 1:], axis=0)
+      r = real_split.get(kind, absent)
+      print(f"| {name} | {kind} | {share:.0%} | {agree:.3f} | {any_top:.3f} | {r[0]:.0%} | {r[1]:.3f} | {r[2]:.3f} |")
 
 
 if __name__ == "__main__":
