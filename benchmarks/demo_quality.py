@@ -129,10 +129,10 @@ def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(images), np.concatenate(ids)
 
 
-def real_labels(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(the classifier's labels [N] of the real test images, their k neighbours' true labels [N, k]),
-  the neighbours the neighbour job found for them: their agreement is what a perfect model would
-  score (the classifier's and the retrieval's errors)."""
+def neighbor_labels_of_test_images(train_y: np.ndarray) -> np.ndarray:
+  """[N, k]: the true labels of the k neighbours the neighbour job found for the first N test images.
+  The classifier's labels of those real images agree with them as a perfect model's samples
+  would (the classifier's and the retrieval's errors)."""
   from rdm_jax import config_base
   from rdm_jax.data import store
   config = config_base.config_file(os.path.join(REPO, _CONFIG.value))
@@ -143,7 +143,7 @@ def real_labels(model, params, test_x: np.ndarray, train_y: np.ndarray) -> tuple
   paths = config_base.paths(config)
   neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][:, :config.k_train]
   ids = np.asarray(store.read(paths["database"], "database", hint="")["ids"])
-  return predict(model, params, test_x[:len(neighbors)]), train_y[ids[neighbors]]
+  return train_y[ids[neighbors]]
 
 
 def job(module: str, *args: str) -> str:
@@ -174,10 +174,11 @@ def main(argv):
     with open(cache + ".tmp", "wb") as f:
       f.write(serialization.to_bytes(params))
     os.replace(cache + ".tmp", cache)
-  acc = float((predict(model, params, test_x) == test_y).mean())
-  print(f"classifier: test accuracy {acc:.4f} on {len(test_y)} images "
+  test_got = predict(model, params, test_x)
+  print(f"classifier: test accuracy {float((test_got == test_y).mean()):.4f} on {len(test_y)} images "
         f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; {time.perf_counter() - t0:.0f} s)")
-  real_got, real_nb = real_labels(model, params, test_x, train_y)
+  real_nb = neighbor_labels_of_test_images(train_y)
+  real_got = test_got[:len(real_nb)]
   n, k = _NUM.value, real_nb.shape[1]
   rows, splits = {}, {}
   root = os.path.join(_WORKDIR.value, "samples", "quality" + (f"_step{_STEP.value}" if _STEP.value else "") +
@@ -199,10 +200,11 @@ def main(argv):
       got = predict(model, params, images[:, :28, :28])
       m = scores["sets"].get(name) or scores["sets"].get(os.path.basename(path)) or \
           scores["sets"][f"{name} ({os.path.basename(path)})"]
-      agree, agree_one, share_one = agreement(got, train_y[ids])
+      labels = train_y[ids]
+      agree, agree_one, share_one = agreement(got, labels)
       rows.setdefault(name, []).append((seed, len(images), agree, m["precision"], m["recall"], m["fd"],
                                         near_black(images), agree_one, share_one))
-      splits.setdefault(name, []).append(by_split(got, train_y[ids]))
+      splits.setdefault(name, []).append(by_split(got, labels))
   (real, real_one, real_share), (first, first_one, first_share) = (
       agreement(real_got, real_nb), agreement(real_got[:n], real_nb[:n]))
   print(f"real test images against their own k={k} neighbours' majority label: agreement {real:.3f} "

@@ -8,14 +8,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def counts(labels: np.ndarray, size: int = 0) -> np.ndarray:
+  """[N, k] -> [N, C]: how many of each row's k neighbours carry each label (C = the largest label
+  + 1, or `size` if larger)."""
+  size = max(size, int(labels.max()) + 1)
+  out = np.zeros((len(labels), size), np.int64)
+  np.add.at(out, (np.arange(len(labels))[:, None], labels), 1)
+  return out
+
+
 def majority(labels: np.ndarray) -> np.ndarray:
   """[N, k] -> [N]: the most frequent label per row; a tie goes to the earliest neighbour's label."""
-  out = np.empty(len(labels), np.int64)
-  for i, row in enumerate(labels):
-    counts = np.bincount(row, minlength=10)
-    tied = np.flatnonzero(counts == counts.max())
-    out[i] = next(x for x in row if x in tied)
-  return out
+  c = counts(labels)
+  top = np.take_along_axis(c, labels, axis=1) == c.max(1, keepdims=True)  # [N, k]: a most frequent label
+  return labels[np.arange(len(labels)), top.argmax(1)]
 
 
 def unanimous(labels: np.ndarray) -> np.ndarray:
@@ -26,18 +32,14 @@ def unanimous(labels: np.ndarray) -> np.ndarray:
 def split(labels: np.ndarray) -> np.ndarray:
   """[N, k] -> [N] str: how each row's k labels split, their counts largest first joined by "+"
   ("4" = unanimous, "3+1", "2+2" = a tie, "2+1+1", "1+1+1+1" for k = 4)."""
-  out = []
-  for row in labels:
-    counts = np.bincount(row)
-    out.append("+".join(map(str, sorted(counts[counts > 0], reverse=True))))
-  return np.array(out)
+  return np.array(["+".join(str(n) for n in row if n) for row in -np.sort(-counts(labels), axis=1)])
 
 
 def plurality(got: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """[N], [N, k] -> [N] bool: the predicted label is one of the row's most frequent labels (in a tie
   either tied label counts; `majority` takes the first neighbour's)."""
-  counts = np.stack([np.bincount(row, minlength=max(10, int(labels.max()) + 1)) for row in labels])
-  return counts[np.arange(len(got)), got] == counts.max(1)
+  c = counts(labels, int(got.max()) + 1)
+  return c[np.arange(len(got)), got] == c.max(1)
 
 
 def by_split(got: np.ndarray, labels: np.ndarray) -> dict[str, tuple[float, float, float]]:
