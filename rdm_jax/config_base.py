@@ -97,7 +97,7 @@ def base_config() -> mlc.ConfigDict:
       # Accelerator levers (same parameters, same results up to rounding; rdm_jax.compile reports them):
       param_dtype="float32",    # parameters, gradients, EMA (dtype above = compute)
       remat="none",             # none | full (the original's use_checkpoint) | dots (matmul outputs kept)
-      attention="xla",          # xla | dot_product (cuDNN flash on GPU) | flash (Pallas TPU kernel)
+      attention="xla",          # xla | dot_product (jax.nn's, XLA) | cudnn (cuDNN flash, GPU) | flash (Pallas TPU)
       flash_min_seq_len=1024,   # flash: self-attention over at least this many tokens; shorter: dot_product
       conv="xla"))              # xla | onednn (oneDNN custom calls, CPU) | auto (onednn on one CPU device if built)
   c.diffusion = mlc.ConfigDict(dict(

@@ -74,6 +74,9 @@ def make_model(config: Any, devices: Any = None) -> UNet | rarm.RARM:
   if impl not in unet_lib.ATTENTION_IMPLS or remat not in unet_lib.REMAT_POLICIES:
     fail(f"config.model: attention={impl!r} (one of {', '.join(unet_lib.ATTENTION_IMPLS)}), "
          f"remat={remat!r} (one of {', '.join(unet_lib.REMAT_POLICIES)})")
+  if impl == "cudnn" and jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
+    fail(f"config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 or float16, and "
+         f"config.model.dtype is {m.dtype!r}; set --config.model.dtype=bfloat16 or use attention=xla")
   attention = unet_lib.AttentionOptions(impl, int(m.get("flash_min_seq_len", 1024)),
                                         _axes(rules.get("batch")), _axes(rules.get("heads")))
   return UNet(model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),

@@ -78,6 +78,34 @@ def test_dot_product_attention_equals_the_einsum_softmax():
   _assert_close(_loss_and_grads(model, params, inputs), _loss_and_grads(plain, params, inputs), rtol=2e-5, atol=1e-6)
 
 
+def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
+  """attention=cudnn: every self-attention goes to jax.nn.dot_product_attention(implementation="cudnn"),
+  cross-attention to the 4 neighbours stays on the einsum softmax. cuDNN needs a GPU, so here the
+  call runs XLA's implementation of the same function; loss and gradients are as close to the
+  float32 model's as the plain bfloat16 model's are (the GPU run of benchmarks/train_throughput.py
+  compares cuDNN itself)."""
+  inputs = _inputs(2)
+  plain = training.make_model(_config())
+  params = _params(plain, inputs)
+  calls, real = [], jax.nn.dot_product_attention
+
+  def on_xla(q, k, v, *args, implementation=None, **kwargs):
+    calls.append((q.shape, k.shape, q.dtype, implementation))
+    return real(q, k, v, *args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
+  got = _loss_and_grads(training.make_model(_config(dtype="bfloat16", attention="cudnn")), params, inputs)
+  top, mid = ((2, 256, 1, 32),) * 2, ((2, 64, 2, 32),) * 2  # 32 channels at 16 x 16, 64 in the middle block
+  assert calls == [top + (jnp.bfloat16, "cudnn")] + [mid + (jnp.bfloat16, "cudnn")] + [top + (jnp.bfloat16, "cudnn")] * 2
+  want, bf16 = _loss_and_grads(plain, params, inputs), _loss_and_grads(training.make_model(_config(dtype="bfloat16")),
+                                                                         params, inputs)
+  flat = lambda x: np.concatenate([np.ravel(np.asarray(a, np.float32)) for a in jax.tree.leaves(x[1])])
+  error = lambda x: (abs(float(x[0]) / float(want[0]) - 1), np.linalg.norm(flat(x) - flat(want)) / np.linalg.norm(flat(want)))
+  assert np.all(np.array(error(got)) <= 2 * np.array(error(bf16)) + 1e-3)
+  with pytest.raises(UserError, match="takes bfloat16 or float16.*'float32'"):
+    training.make_model(_config(attention="cudnn"))
+
+
 def test_pallas_flash_attention_equals_xla_attention(monkeypatch):
   """The TPU kernel (Pallas interpret mode on CPU) for the 256-token self-attentions: loss and
   gradients on one device; the forward per shard through shard_map on a (data=4, fsdp=2) mesh
@@ -156,14 +184,16 @@ def test_platform_check(monkeypatch):
   assert "LD_PRELOAD" in warning and "libtcmalloc-minimal4" in warning
   with pytest.raises(UserError, match="Pallas TPU kernel.*attention=dot_product"):
     mesh_lib.check_platform(_config(attention="flash"))
+  with pytest.raises(UserError, match="cuDNN's flash attention on NVIDIA GPUs, and this is cpu.*attention=dot_product"):
+    mesh_lib.check_platform(_config(attention="cudnn", dtype="bfloat16"))
   # the sample and ablation jobs (training=False): no train-step warnings (allocator, remat); bfloat16 and flash still
   (warning,) = mesh_lib.check_platform(_config(dtype="bfloat16", remat="full"), training=False)[1]
   assert "bfloat16 on CPU" in warning
   assert mesh_lib.check_platform(_config(remat="full"), training=False) == (line, [])
   with pytest.raises(UserError, match="Pallas TPU kernel"):
     mesh_lib.check_platform(_config(attention="flash"), training=False)
-  with pytest.raises(UserError, match="attention='cudnn'"):
-    training.make_model(_config(attention="cudnn"))
+  with pytest.raises(UserError, match="attention='splash'"):
+    training.make_model(_config(attention="splash"))
   with pytest.raises(UserError, match="remat='some'"):
     training.make_model(_config(remat="some"))
 

@@ -111,7 +111,7 @@ def Dense(features: int, names: tuple[str | None, str | None] = ("embed", "mlp")
                   kernel_init=_kernel(names), bias_init=_bias())
 
 
-ATTENTION_IMPLS = ("xla", "dot_product", "flash")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "flash")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -202,8 +202,10 @@ class Attention(nn.Module):
 
   `options.impl` (config.model.attention) chooses how softmax(q k^T / sqrt(d)) v is computed, with the
   same parameters and the same result: "xla" (einsums, float32 softmax), "dot_product"
-  (`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies, XLA
-  elsewhere) or "flash" (the Pallas TPU kernel for self-attention over at least
+  (`jax.nn.dot_product_attention` with its default implementation, which is XLA's on every
+  platform in jax 0.10-0.11), "cudnn" (the same function's cuDNN fused flash attention for the
+  self-attentions, GPU only, bfloat16/float16 compute; cross-attention to the k neighbours keeps
+  "xla") or "flash" (the Pallas TPU kernel for self-attention over at least
   `options.flash_min_seq_len` tokens, MaxDiffusion's flash_min_seq_length; shorter sequences and
   cross-attention use "dot_product").
   """
@@ -233,6 +235,8 @@ class Attention(nn.Module):
       raise ValueError(f"config.model.attention={o.impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
     if o.impl == "flash" and self_attention and x.shape[1] >= o.flash_min_seq_len:
       out = flash_attention(q, k, v, scale, o.batch_axes, o.heads_axis)
+    elif o.impl == "cudnn" and self_attention:
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     elif o.impl in ("dot_product", "flash"):
       out = jax.nn.dot_product_attention(q, k, v, scale=scale)
     else:

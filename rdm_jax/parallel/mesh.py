@@ -71,7 +71,10 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
                     "--config.model.dtype=float32 for CPU runs")
   if m.get("attention", "xla") == "flash" and platform != "tpu":
     fail(f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
-         "--config.model.attention=dot_product (cuDNN flash attention on GPU, XLA on CPU)")
+         "--config.model.attention=" + ("cudnn (cuDNN's flash attention)" if platform == "gpu" else "dot_product"))
+  if m.get("attention", "xla") == "cudnn" and platform != "gpu":
+    fail(f"config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this is {platform}; use "
+         "--config.model.attention=" + ("flash (the Pallas TPU kernel)" if platform == "tpu" else "dot_product"))
   if training and platform == "cpu" and tcmalloc_loaded() is False:
     warnings.append("glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a quarter of "
                     f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
