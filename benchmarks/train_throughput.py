@@ -2,11 +2,21 @@ r"""Train-step throughput of rdm_jax against the same UNet in PyTorch, and input
 
   python benchmarks/train_throughput.py [--steps=5] [--rounds=5] [--skip_torch]
                                        [--only=demo,imagenet_small] [--conv=auto,xla]
+                                       [--attention=xla,cudnn] [--batch=N]
 
 Cases:
   demo            configs/fashion_mnist_rdm.py as is (1x32x32 pixels, batch 32, context 4x1280)
   imagenet_small  configs/imagenet_rdm.py scaled down: channels (64,128,192,320), 2 res blocks,
                   attention at 2/4/8, 3x32x32 latents, batch 16, context 4x512 (float32)
+  imagenet        configs/imagenet_rdm.py as is (400.9M parameters, bfloat16 compute, 3x64x64
+                  latents), batch --batch (default 64) on this process's devices: for a GPU;
+                  not in the default --only
+
+On a GPU the PyTorch reference runs there too (bfloat16 autocast where the config computes in
+bfloat16, cuDNN autotuning on), and each variant's model FLOP utilisation is printed against the
+chip's dense bf16 peak (rdm_jax.parallel.flops' count: 3 forward passes per train step).
+Every rdm_jax variant starts from the same state, batch and key, so their first steps' loss and
+gradient norm agree up to the compute dtype's rounding; the run prints how far they differ.
 
 Timed for each case, in the same process:
   rdm_jax, conv=C   our full train step (training.setup_training) for each C in --conv
@@ -31,11 +41,12 @@ timed on its own and compared with what the train step consumes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +56,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from rdm_jax import training  # noqa: E402
-from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
+from rdm_jax.parallel import aot, flops as flops_lib, mesh as mesh_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import allocator, diffusers_unet, load_config, patch_grid  # noqa: E402
@@ -55,8 +66,14 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median roun
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
 _ONLY = flags.DEFINE_list("only", ["demo", "imagenet_small"], "Cases to run.")
 _CONV = flags.DEFINE_list("conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto).")
+_ATTENTION = flags.DEFINE_list("attention", [], "config.model.attention values to time (default: the config's).")
+_BATCH = flags.DEFINE_integer("batch", 0, "Batch of every case (0: the case's own; imagenet: 64).")
 
-Runner = Callable[[int], None]  # runs n train steps and waits for them
+# Dense bfloat16 peak per chip, TFLOP/s (vendor datasheets), by jax's device_kind.
+PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "NVIDIA A100-SXM4-80GB": 312.0,
+                    "NVIDIA A100-SXM4-40GB": 312.0}
+
+Runner = Callable[[int], Any]  # runs n train steps and waits for them (ours: the last step's metrics)
 _TORCH_REFS = {"torch:same": "same step", "torch:adamw": "AdamW only"}
 
 
@@ -67,59 +84,93 @@ def cases():
   small.model.model_channels = 64
   small.model.dtype = "float32"
   small.train.batch_size = 16
-  return {"demo": (demo, (32, 32, 1)), "imagenet_small": (small, (32, 32, 3))}
+  full = load_config("imagenet_rdm")
+  full.train.batch_size = 64
+  out = {"demo": (demo, (32, 32, 1)), "imagenet_small": (small, (32, 32, 3)), "imagenet": (full, (64, 64, 3))}
+  for config, _ in out.values():
+    config.train.batch_size = _BATCH.value or config.train.batch_size
+  return out
 
 
-def jax_runner(config, latent_shape) -> tuple[Runner, int, str]:
-  """Our train step on the config's mesh: (runner, parameter count, the convolution the model runs)."""
+def on_gpu() -> bool:
+  return jax.devices()[0].platform == "gpu"
+
+
+@jax.jit
+def perturbed(state: training.TrainState) -> training.TrainState:
+  """The initial state with N(0, 0.01^2) added to every parameter (EMA alike): LDM's zero-initialised
+  output layers (every res block's second conv, every transformer's proj_out, the UNet's last conv)
+  would otherwise hide the attention from the first step's loss and gradients that this script
+  compares between variants."""
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = tree.unflatten([x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  return state.replace(params=params, ema_params=params)
+
+
+def jax_runner(config, latent_shape) -> tuple[Runner, int, str, dict[str, float], float]:
+  """Our train step on the config's mesh: (runner, parameter count, the convolution the model runs,
+  the first step's loss and gradient norm, model FLOPs per step)."""
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = [tuple(r) for r in config.sharding_rules]
   setup = training.setup_training(config, latent_shape, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(setup.state_specs().params))
   b = config.train.batch_size
+  flops = flops_lib.TRAIN_MULTIPLIER * aot.model_flops_per_example(config, setup) * b
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(b,) + latent_shape).astype(np.float32)
   ctx = rng.normal(size=(b, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
   z0, ctx = training.put_batch(mesh, rules, z0, ctx)
   key = jax.random.PRNGKey(1)
-  box = {"state": setup.init_state(jax.random.PRNGKey(0))}
+  box = {"state": perturbed(setup.init_state(jax.random.PRNGKey(0)))}
 
-  def run(n: int) -> None:
+  def run(n: int) -> dict[str, float]:
     with jax.set_mesh(mesh):
       for _ in range(n):
         box["state"], m = setup.train_step(box["state"], z0, ctx, key)
-      jax.block_until_ready(m)
+      return {k: float(v) for k, v in jax.device_get(m).items()}
 
-  run(1)  # compile
-  return run, n_params, setup.model.conv
+  t = time.perf_counter()
+  first = run(1)  # compile
+  print(f"  compiled and ran the first step in {time.perf_counter() - t:.0f} s", flush=True)
+  return run, n_params, setup.model.conv, first, flops
 
 
 def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
   """The same UNet as diffusers' UNet2DConditionModel on CPU threads as available; `same_step`:
   the work of our train step (module docstring), else the plain AdamW step of earlier runs."""
+  import contextlib
+
   import torch
 
+  dev = torch.device("cuda" if on_gpu() and torch.cuda.is_available() else "cpu")
+  torch.backends.cudnn.benchmark = True
+  autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if config.model.dtype == "bfloat16" and dev.type == "cuda"
+              else contextlib.nullcontext())
   latent_shape = patch_grid(config, latent_shape)  # our patching is a reshape: diffusers' UNet on the grid
-  model = diffusers_unet(config, latent_shape)
+  model = diffusers_unet(config, latent_shape).to(dev)
   params = [p for p in model.parameters() if p.requires_grad]
   n_params = sum(p.numel() for p in params)
   b = config.train.batch_size
   gen = torch.Generator().manual_seed(0)
-  x0 = torch.randn((b, latent_shape[2]) + tuple(latent_shape[:2]), generator=gen)
-  ctx = torch.randn(b, config.k_train, config.retrieval.embed_dim, generator=gen)
+  x0 = torch.randn((b, latent_shape[2]) + tuple(latent_shape[:2]), generator=gen).to(dev)
+  ctx = torch.randn(b, config.k_train, config.retrieval.embed_dim, generator=gen).to(dev)
   if not same_step:
     opt = torch.optim.AdamW(params, lr=1e-4)
-    t_fixed, noise_fixed = torch.randint(0, 1000, (b,), generator=gen), torch.randn(x0.shape, generator=gen)
+    t_fixed = torch.randint(0, 1000, (b,), generator=gen).to(dev)
+    noise_fixed = torch.randn(x0.shape, generator=gen).to(dev)
 
     def one() -> None:
       opt.zero_grad(set_to_none=True)
-      loss = torch.nn.functional.mse_loss(model(x0, t_fixed, encoder_hidden_states=ctx).sample, noise_fixed)
+      with autocast:
+        out = model(x0, t_fixed, encoder_hidden_states=ctx).sample
+      loss = torch.nn.functional.mse_loss(out.float(), noise_fixed)
       loss.backward()
       opt.step()
   else:
     o, d = config.optim, config.diffusion
     opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.b1, o.b2), weight_decay=o.weight_decay, eps=o.get("eps", 1e-8))
-    alphas = torch.tensor(np.asarray(training.make_schedule(config).alphas_cumprod), dtype=torch.float32)
+    alphas = torch.tensor(np.asarray(training.make_schedule(config).alphas_cumprod), dtype=torch.float32).to(dev)
     prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
     gamma = float(d.get("min_snr_gamma", 5.0))
     shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -134,14 +185,16 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
             shadow[name].sub_(one_minus * (shadow[name] - p))
 
     def one() -> None:
-      t = torch.randint(0, d.num_timesteps, (b,))
+      t = torch.randint(0, d.num_timesteps, (b,), device=dev)
       noise = torch.randn_like(x0)
       a = alphas[t].view(-1, 1, 1, 1)
       x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-      c = torch.where(torch.rand(b, 1, 1) >= config.train.p_uncond, ctx, torch.zeros_like(ctx))
+      c = torch.where(torch.rand(b, 1, 1, device=dev) >= config.train.p_uncond, ctx, torch.zeros_like(ctx))
       target = {"eps": noise, "x0": x0, "v": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
       opt.zero_grad(set_to_none=True)
-      per_example = (model(x_t, t, encoder_hidden_states=c).sample - target).square().mean(dim=(1, 2, 3))
+      with autocast:
+        out = model(x_t, t, encoder_hidden_states=c).sample
+      per_example = (out.float() - target).square().mean(dim=(1, 2, 3))
       if weighting == "min_snr":
         s = (a / (1 - a)).flatten()
         per_example = per_example * s.clamp(max=gamma) / {"eps": s, "v": s + 1, "x0": torch.ones_like(s)}[prediction]
@@ -156,8 +209,10 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
   def run(n: int) -> None:
     for _ in range(n):
       one()
+    if dev.type == "cuda":
+      torch.cuda.synchronize()
 
-  run(1)
+  run(2)  # the second step: AdamW's state exists, cuDNN has tuned
   return run, n_params
 
 
@@ -191,17 +246,26 @@ def time_pipeline(config, batches: int = 30) -> float | None:
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs, {allocator()}; "
-        f"{_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)")
+  dev = jax.devices()[0]
+  peak = PEAK_BF16_TFLOPS.get(dev.device_kind) if on_gpu() else None
+  print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}) x{jax.device_count()}, {os.cpu_count()} CPUs, "
+        f"{allocator()}; {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)", flush=True)
   for name, (config, latent_shape) in cases().items():
     if name not in _ONLY.value:
       continue
     b = config.train.batch_size
-    runners, labels = {}, {}
-    for conv in _CONV.value:
-      config.model.conv = conv
-      runners[f"jax:{conv}"], n, impl = jax_runner(config, latent_shape)
-      labels[f"jax:{conv}"] = f"rdm_jax (conv={conv}: {impl}), {n / 1e6:.2f}M params"
+    runners, labels, firsts, flops = {}, {}, {}, 0.0
+    for conv, attention in itertools.product(_CONV.value, _ATTENTION.value or [config.model.attention]):
+      config.model.update(conv=conv, attention=attention)
+      key = f"jax:conv={conv},attention={attention}"
+      print(f"[{name}] {key}", flush=True)
+      runners[key], n, impl, firsts[key], flops = jax_runner(config, latent_shape)
+      labels[key] = f"rdm_jax (conv={conv}: {impl}, attention={attention}), {n / 1e6:.2f}M params"
+    base = next(iter(firsts))
+    for key, first in firsts.items():
+      print(f"[{name}] first step, {key}: loss {first['loss']:.6f}, grad norm {first['grad_norm']:.5f}" +
+            ("" if key == base else f" (relative difference to {base[4:]}: "
+             f"{abs(first['loss'] / firsts[base]['loss'] - 1):.1e}, {abs(first['grad_norm'] / firsts[base]['grad_norm'] - 1):.1e})"))
     if not _SKIP_TORCH.value:
       for key, same in (("torch:same", True), ("torch:adamw", False)):
         runners[key], tn = torch_runner(config, latent_shape, same)
@@ -209,10 +273,11 @@ def main(argv):
     secs = {k: sorted(v) for k, v in interleaved(runners, _STEPS.value, _ROUNDS.value).items()}
     med = {k: statistics.median(v) for k, v in secs.items()}
     for k, v in secs.items():
+      mfu = f", {flops / med[k] / 1e12:.0f} model TFLOP/s = {flops / med[k] / 1e12 / peak:.1%} of {peak:.0f}" if peak else ""
       print(f"[{name}] {labels[k]}, batch {b}: {med[k]:.4f} s/step ({v[0]:.4f}..{v[-1]:.4f}), "
-            f"{b / med[k]:.1f} examples/s")
+            f"{b / med[k]:.1f} examples/s{mfu}")
     for k in (k for k in med if k.startswith("torch:")):
-      ratios = ", ".join(f"conv={j[4:]} x{med[k] / med[j]:.2f}" for j in med if j.startswith("jax:"))
+      ratios = ", ".join(f"{j[4:]} x{med[k] / med[j]:.2f}" for j in med if j.startswith("jax:"))
       print(f"[{name}] rdm_jax speed against {_TORCH_REFS[k]}: {ratios}")
     if name == "demo":
       sec = min(v for k, v in med.items() if k.startswith("jax:"))
