@@ -1,5 +1,8 @@
 """Test set-up: 8 fake CPU devices (sharding tests need a multi-axis mesh) and tiny stores.
 
+The temporary files of the tests and of the jobs they start go to one fresh folder for the
+session (TMPDIR), removed at the end.
+
 The tests and the jobs they start share one XLA compilation cache for the session (a fresh
 temporary directory, removed at the end): many tests run the same tiny train step or sampler
 in new processes, and a cached program is the program XLA would compile again. It makes the
@@ -12,6 +15,15 @@ import os
 import shutil
 import tempfile
 
+if "RDM_JAX_TESTS_TMPDIR" not in os.environ:  # the controlling process: one temporary folder for the session
+  # What the code under test puts in the temporary folder goes there and is removed at the end: TFDS
+  # leaves an empty mkdtemp folder behind each time it looks for a mocked dataset's info in its
+  # bucket (about 60 per run). pytest's own tmp_path folders stay where they were.
+  os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+  _TMP = tempfile.tempdir = os.environ["TMPDIR"] = os.environ["RDM_JAX_TESTS_TMPDIR"] = tempfile.mkdtemp(
+      prefix="rdm_jax_tests_tmp_")
+else:
+  _TMP = None
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -26,8 +38,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # a pytest-xdist worker: its own cach
 
 
 def pytest_sessionfinish(session, exitstatus):
-  if _CACHE is not None:
-    shutil.rmtree(_CACHE, ignore_errors=True)
+  for folder in (_CACHE, _TMP):
+    if folder is not None:
+      shutil.rmtree(folder, ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
