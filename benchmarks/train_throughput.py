@@ -108,15 +108,14 @@ def perturbed(state: training.TrainState) -> training.TrainState:
   return state.replace(params=params, ema_params=params)
 
 
-def jax_runner(config, latent_shape) -> tuple[Runner, int, str, dict[str, float], float]:
+def jax_runner(config, latent_shape) -> tuple[Runner, int, str, dict[str, float], training.TrainSetup]:
   """Our train step on the config's mesh: (runner, parameter count, the convolution the model runs,
-  the first step's loss and gradient norm, model FLOPs per step)."""
+  the first step's loss and gradient norm, the setup)."""
   mesh = mesh_lib.make_mesh(config.mesh.to_dict())
   rules = [tuple(r) for r in config.sharding_rules]
   setup = training.setup_training(config, latent_shape, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(setup.state_specs().params))
   b = config.train.batch_size
-  flops = flops_lib.TRAIN_MULTIPLIER * aot.model_flops_per_example(config, setup) * b
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(b,) + latent_shape).astype(np.float32)
   ctx = rng.normal(size=(b, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
@@ -133,7 +132,7 @@ def jax_runner(config, latent_shape) -> tuple[Runner, int, str, dict[str, float]
   t = time.perf_counter()
   first = run(1)  # compile
   print(f"  compiled and ran the first step in {time.perf_counter() - t:.0f} s", flush=True)
-  return run, n_params, setup.model.conv, first, flops
+  return run, n_params, setup.model.conv, first, setup
 
 
 def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
@@ -259,7 +258,9 @@ def main(argv):
       config.model.update(conv=conv, attention=attention)
       key = f"jax:conv={conv},attention={attention}"
       print(f"[{name}] {key}", flush=True)
-      runners[key], n, impl, firsts[key], flops = jax_runner(config, latent_shape)
+      runners[key], n, impl, firsts[key], setup = jax_runner(config, latent_shape)
+      if peak and not flops:  # the model's count: the same for every variant, needed only for MFU
+        flops = flops_lib.TRAIN_MULTIPLIER * aot.model_flops_per_example(config, setup) * b
       labels[key] = f"rdm_jax (conv={conv}: {impl}, attention={attention}), {n / 1e6:.2f}M params"
     base = next(iter(firsts))
     for key, first in firsts.items():
