@@ -32,7 +32,7 @@ SMALL = ["--config.dataset.parts.train.stop=50", "--config.dataset.parts.test.st
          "--config.dataset.parts.database.start=40000", "--config.dataset.parts.database.stop=40030",
          "--config.retrieval.batch_size=16",  # 50 = 3 x 16 + 2, 30 = 16 + 14: the last batch is padded
          "--config.retrieval.chunk_size=24",  # chunks cut across batches
-         "--config.retrieval.image_size=32"]
+         "--config.retrieval.image_size=48"]  # the demo's block_10 on a 3x3 grid: a 3x3 map at 48 px
 
 
 def run_job(module, data_dir, part):
@@ -60,10 +60,12 @@ def test_embed_job_equals_embedding_each_image_alone(tmp_path):
   rows = np.arange(40000, 40030)
   images = idx_rows("train-images-idx3-ubyte", 16, (28, 28), rows)[..., None]
   params = efficientnet_lite.load_params()
-  model = efficientnet_lite.EfficientNetLite0()
-  one = jax.jit(lambda x: model.apply({"params": params}, efficientnet_lite.preprocess(x, 32))[0])
-  want = np.concatenate([np.asarray(one(images[i:i + 1])) for i in range(len(images))])
-  assert out["embeddings"].shape == (30, efficientnet_lite.EMBED_DIM)
+  model = efficientnet_lite.EfficientNetLite0(feature_map="block_10")  # the demo's features, grid 3
+  one = jax.jit(lambda x: model.apply({"params": params}, efficientnet_lite.preprocess(x, 48)))
+  maps = [np.asarray(one(images[i:i + 1])) for i in range(len(images))]
+  assert maps[0].shape == (1, 3, 3, 112)  # 3x3 cells of a 3x3 map: each cell one position
+  want = np.concatenate([m.reshape(1, -1) for m in maps])
+  assert out["embeddings"].shape == (30, 112 * 3 * 3)
   np.testing.assert_allclose(out["embeddings"], want, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(out["ids"], rows)
   np.testing.assert_array_equal(out["labels"], idx_rows("train-labels-idx1-ubyte", 8, (), rows))

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow,
 SMALL = [  # 96 train, 40 test, 80 database images: several chunks and a padded last batch
     "--config.dataset.parts.train.stop=96", "--config.dataset.parts.test.stop=40",
     "--config.dataset.parts.database.start=40000", "--config.dataset.parts.database.stop=40080",
-    "--config.retrieval.batch_size=32", "--config.retrieval.chunk_size=40", "--config.retrieval.image_size=32",
+    "--config.retrieval.batch_size=32", "--config.retrieval.chunk_size=40", "--config.retrieval.image_size=48",
     "--config.retrieval.recall_sample=20",
     "--config.retrieval.index.kind=brute", "--config.retrieval.index.shard_size=32",  # 3 ScaNN shards
     "--config.retrieval.index.tune_queries=20",
@@ -203,7 +203,7 @@ def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupt
           "--config.dataset.parts.database.start=0", "--config.dataset.parts.database.stop=0",
           "--config.dataset.folder.channels=3", "--config.database_build.crops_per_image=3",
           "--config.database_build.crop_size=16", "--config.retrieval.chunk_size=6",  # 2 images per chunk
-          "--config.retrieval.batch_size=8", "--config.retrieval.image_size=32"]
+          "--config.retrieval.batch_size=8", "--config.retrieval.image_size=48"]
   want = str(tmp_path / "want" / "data")
   count_file = str(tmp_path / "count")
   out = run("rdm_jax.jobs.embed", [f"--config.data_dir={want}", *args], count_file=count_file)
