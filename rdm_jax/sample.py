@@ -57,6 +57,7 @@ _OUT = flags.DEFINE_string("out", None, "The sample set's directory (default <wo
 NUM_SHOWN = 16
 MADE_BY = "rdm_jax.sample"
 SETTINGS = "settings.json"
+GRID_PNG, PANEL_PNG = "samples.png", "neighbors_and_samples.png"  # the first NUM_SHOWN samples
 UNCOMPARED = ("batch_size", "processes", "devices", "config")  # may change between a run and its resumption
 
 
@@ -86,7 +87,8 @@ def check_out_dir(out: str, settings: dict[str, Any]) -> bool:
   if files.exists(out) and not files.isdir(out):
     fail(f"{out} exists and is not a directory; choose another --out")
   if not files.isfile(path):
-    if files.isdir(out) and files.listdir(out):
+    own = files.tmp_pattern(SETTINGS)  # a run killed before its settings were in place leaves only these
+    if files.isdir(out) and any(not own.fullmatch(name) for name in files.listdir(out)):
       fail(f"{out} holds files that rdm_jax.sample did not write (no {SETTINGS}); choose another --out")
     return False
   try:
@@ -163,8 +165,8 @@ def main(argv):
   lead = jax.process_index() == 0
   if lead:
     files.makedirs(out)
-    for i in range(num_shards):
-      files.remove_own_temporaries(files.join(out, shard_name(i, num_shards)))  # of a killed run
+    for name in [*(shard_name(i, num_shards) for i in range(num_shards)), SETTINGS, GRID_PNG, PANEL_PNG]:
+      files.remove_own_temporaries(files.join(out, name))  # of a killed run
     if not resumed:
       files.atomic_write_text(files.join(out, SETTINGS), json.dumps(settings, indent=1))
     done = finished_shards(out, num_shards, settings)
@@ -190,7 +192,7 @@ def main(argv):
         shown.append(images)
   if lead:
     images = np.concatenate(shown)[:NUM_SHOWN]
-    grid_png, panel_png = files.join(out, "samples.png"), files.join(out, "neighbors_and_samples.png")
+    grid_png, panel_png = files.join(out, GRID_PNG), files.join(out, PANEL_PNG)
     visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
     visualize.save_png(panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2)
     how = (f"tokens with temperature {s.temperature}, top-k {s.top_k or 'off'}, top-p {s.top_p}"

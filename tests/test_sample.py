@@ -177,6 +177,45 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert np.abs(raw - got["latents"]).max() > 1e-4
 
 
+@pytest.mark.skipif(not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)")
+def test_sample_job_clears_the_temporaries_a_killed_run_left_and_only_those(trained, tmp_path):
+  """A run killed before its settings were in place leaves only `settings.json.<8 hex>.tmp`: the
+  rerun starts the set. One killed while writing a picture leaves `samples.png.<8 hex>.tmp` or
+  `neighbors_and_samples.png.<8 hex>.tmp`: the resumed run removes them. A file of another name
+  (no 8 hex digits) is not the job's: the directory is refused and the file left alone."""
+  data_dir, original = trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(original, workdir)
+  out = tmp_path / "set"
+  cmd = [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
+         f"--config.data_dir={data_dir}", *TINY_OVERRIDES, "--config.sample.num_images=3",
+         "--config.sample.batch_size=2", "--config.sample.num_steps=2", "--config.sample.shard_size=2", f"--out={out}"]
+  listing = ["neighbors_and_samples.png", "samples.png", "settings.json", "shard-00000-of-00002.npz",
+             "shard-00001-of-00002.npz"]
+
+  out.mkdir()
+  (out / "settings.json.0123abcd.tmp").write_text("{")  # killed before its first rename
+  run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert sorted(os.listdir(out)) == listing
+  first = {name: (out / name).read_bytes() for name in listing}
+
+  (out / "samples.png.89abcdef.tmp").write_bytes(b"half a png")  # killed while writing the pictures
+  (out / "neighbors_and_samples.png.fedcba98.tmp").write_bytes(b"")
+  run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "resuming: 2 of 2 shards are done" in run.stdout
+  assert sorted(os.listdir(out)) == listing
+  assert {name: (out / name).read_bytes() for name in listing} == first
+
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "settings.json.tmp").write_text("mine")  # not what the job's atomic writes are called
+  run = subprocess.run(cmd[:-1] + [f"--out={other}"], env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  assert run.returncode != 0 and "did not write" in run.stderr
+  assert os.listdir(other) == ["settings.json.tmp"]
+
+
 def test_a_run_refuses_a_config_that_changes_what_its_weights_compute(trained, tmp_path):
   """model_info.json records the fields that change what the same weights compute (prediction, noise
   schedule); sampling or resuming under other values stops with the values to pass,
