@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from rdm_jax import files, training
-from rdm_jax.errors import fail
+from rdm_jax.errors import UserError, fail
 from rdm_jax.parallel import mesh as mesh_lib
 
 
@@ -74,8 +74,8 @@ def _damage(mngr: ocp.CheckpointManager, step: int) -> str | None:
   if not files.isfile(path):
     return None
   try:
-    want = json.loads(files.read_text(path))["files"]
-  except (OSError, ValueError, KeyError, TypeError):
+    want = files.read_json(path)["files"]
+  except (OSError, UserError, KeyError, TypeError):
     return f"its digest record {path} is unreadable"
   step_dir = files.join(str(mngr.directory), str(step))
   have = _step_sizes(step_dir)  # sizes first: a truncated file is found without hashing the rest
@@ -204,8 +204,8 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
   if mngr.latest_step() is None or not files.isfile(path):
     return
   try:
-    before = json.loads(files.read_text(path))
-  except (OSError, ValueError) as e:
+    before = files.read_json(path)
+  except (OSError, UserError) as e:
     fail(f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it or use a new --workdir")
   for field, what in (("database_fingerprint", "database"), ("encoder", "retrieval encoder")):
     if field == "database_fingerprint" and before.get("imported_from"):
@@ -258,7 +258,9 @@ def load_trained(config, workdir: str, step: int | None = None):
   info_path = files.join(workdir, "model_info.json")
   if not files.isfile(info_path):
     fail(f"{workdir} holds no trained model: run `python -m rdm_jax.train --workdir={workdir}` first")
-  info = json.loads(files.read_text(info_path))
+  info = files.read_json(info_path)
+  if not isinstance(info, dict) or not isinstance(info.get("latent_shape"), list):
+    fail(f"{info_path} is not a model record of rdm_jax.train (no latent_shape); restore it or train again")
   check_function(info, function_record(config), workdir)
   setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.make_mesh(config.mesh.to_dict()))
   state = restore(manager(workdir, create=False), setup.abstract, setup.state_sh, step)

@@ -23,6 +23,7 @@ from absl import flags
 from rdm_jax.jobs import cli
 
 from rdm_jax import files  # noqa: E402
+from rdm_jax.errors import UserError  # noqa: E402
 from rdm_jax.parallel import aot  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as booked: v5e-64, v4-8, v5p-128, v6e-256, ...")
@@ -41,7 +42,7 @@ def _check_output(path: str, ours) -> None:
     return
   try:
     mine = files.isfile(path) and ours(files.read_text(path))
-  except (ValueError, UnicodeDecodeError):
+  except (ValueError, UnicodeDecodeError, UserError):
     mine = False
   if not mine:
     cli.fail(f"{path} exists and is not a report of this tool; choose another path or move it away")

@@ -11,12 +11,13 @@ the one it was trained with, provided the same encoder embedded it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from rdm_jax import config_base
+from rdm_jax import config_base, untrusted
 from rdm_jax.data import crops, sources, store, visualize
 from rdm_jax.errors import fail
 from rdm_jax.retrieval import encoders, exact, index, proposal
@@ -121,10 +122,9 @@ def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator,
 
 def load_query_embeddings(path: str, database: store.Store) -> np.ndarray:
   """float32 [N, d] query embeddings from a .npy, checked against the database's width (no pickle)."""
-  try:
-    queries = np.load(path, allow_pickle=False)  # an object array would need pickle: refused
-  except (OSError, ValueError) as e:
-    fail(f"config.sample.embeddings_path={path!r}: {e}")
+  if not os.path.isfile(path):
+    fail(f"config.sample.embeddings_path={path!r}: no such file")
+  queries = untrusted.load_npy(path)  # no pickle; its declared shape checked before it is read
   d = database["embeddings"].shape[1]
   if queries.ndim != 2 or queries.shape[1] != d or queries.dtype.kind != "f":
     fail(f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the database's "

@@ -29,7 +29,7 @@ from absl import flags
 
 from rdm_jax import files, metrics
 from rdm_jax.data import sources
-from rdm_jax.errors import fail
+from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli
 from rdm_jax.metrics import extractors, sample_sets
 
@@ -48,10 +48,10 @@ def check_output_dir(out_dir: str) -> None:
   if files.exists(out_dir) and not files.isdir(out_dir):
     fail(f"{out_dir} exists and is not a directory; choose another --out")
   try:
-    ours = json.loads(files.read_text(files.join(out_dir, OUTPUTS[0]))).get("made_by") == MADE_BY
+    ours = files.read_json(files.join(out_dir, OUTPUTS[0])).get("made_by") == MADE_BY
   except FileNotFoundError:
     ours = not files.exists(files.join(out_dir, OUTPUTS[1]))
-  except (OSError, ValueError, AttributeError):
+  except (OSError, UserError, AttributeError):
     ours = False
   if not ours:
     fail(f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to overwrite "

@@ -25,6 +25,9 @@ from typing import Any, Callable, IO
 
 import numpy as np
 
+from rdm_jax import untrusted
+from rdm_jax.errors import UserError, fail
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # gs://b/x, and gs:/b/x as os.path.normpath leaves it
 
 
@@ -38,12 +41,34 @@ def _epath(path: Any):
   return epath.Path(str(path))
 
 
+def _reachable(fn: Callable) -> Callable:
+  """Turns a bucket that cannot be reached (no network, no credentials, no such bucket) into one
+  line naming the path: the object-store client raises its own error types for these."""
+  import functools
+
+  @functools.wraps(fn)
+  def wrapped(path, *args, **kwargs):
+    if not is_uri(path):
+      return fn(path, *args, **kwargs)
+    try:
+      return fn(path, *args, **kwargs)
+    except (UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
+      raise
+    except Exception as e:  # noqa: BLE001  tf.errors.*, google.auth, etils: no common base
+      if type(e).__name__ == "NotFoundError":
+        raise FileNotFoundError(str(path)) from None
+      fail(f"{path}: cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the bucket "
+           "name, the network and the credentials, or use a local path")
+
+  return wrapped
+
+
 def normpath(path: str) -> str:
   """The canonical spelling: os.path.normpath for local paths; a URI with one `//` after its scheme
   and no trailing `/` (os.path.normpath would turn gs://b into gs:/b)."""
   path = str(path)
   if not is_uri(path):
-    return os.path.normpath(path)
+    return os.path.normpath(os.path.expanduser(path))  # `~/runs` given quoted means the home directory
   scheme, rest = path.split(":", 1)
   rest = "/".join(p for p in rest.split("/") if p not in ("", "."))
   return f"{scheme}://{rest}"
@@ -65,15 +90,18 @@ def abspath(path: str) -> str:
   return normpath(path) if is_uri(path) else os.path.abspath(path)
 
 
+@_reachable
 def exists(path: str) -> bool:
   """Whether anything is at `path` (locally a dangling link counts: it is not ours to replace)."""
   return _epath(path).exists() if is_uri(path) else os.path.lexists(path)
 
 
+@_reachable
 def isdir(path: str) -> bool:
   return _epath(path).is_dir() if is_uri(path) else os.path.isdir(path)
 
 
+@_reachable
 def isfile(path: str) -> bool:
   if is_uri(path):
     p = _epath(path)
@@ -81,10 +109,12 @@ def isfile(path: str) -> bool:
   return os.path.isfile(path)
 
 
+@_reachable
 def listdir(path: str) -> list[str]:
   return sorted(p.name for p in _epath(path).iterdir()) if is_uri(path) else os.listdir(path)
 
 
+@_reachable
 def makedirs(path: str) -> None:
   if is_uri(path):
     _epath(path).mkdir(parents=True, exist_ok=True)
@@ -92,6 +122,7 @@ def makedirs(path: str) -> None:
     os.makedirs(path or ".", exist_ok=True)
 
 
+@_reachable
 def remove(path: str) -> None:
   if is_uri(path):
     _epath(path).unlink()
@@ -99,15 +130,34 @@ def remove(path: str) -> None:
     os.remove(path)
 
 
+@_reachable
 def open_file(path: str, mode: str = "r") -> IO:
-  return _epath(path).open(mode) if is_uri(path) else open(path, mode)
+  """A file opened in `mode`; a local file read must be a regular file (`untrusted.open_regular`)."""
+  if is_uri(path):
+    return _epath(path).open(mode)
+  if any(c in mode for c in "wax+"):
+    return open(path, mode)
+  return untrusted.open_regular(path, mode, encoding=None if "b" in mode else "utf-8")
 
 
-def read_text(path: str) -> str:
-  with open_file(path, "r") as f:
-    return f.read()
+def read_text(path: str, max_bytes: int = untrusted.MAX_JSON_BYTES) -> str:
+  """A text file of at most `max_bytes` (records and settings; larger: one line), as UTF-8."""
+  with open_file(path, "rb") as f:
+    data = f.read(max_bytes + 1)
+  if len(data) > max_bytes:
+    fail(f"{path} is larger than {max_bytes >> 20} MiB; it is not a file this code wrote")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})")
 
 
+def read_json(path: str) -> Any:
+  """The JSON in a record or settings file (local or in a bucket); anything malformed is one line."""
+  return untrusted.parse_json(read_text(path), path)
+
+
+@_reachable
 def glob(folder: str, pattern: str) -> list[str]:
   """Sorted paths of the entries of `folder` whose names match `pattern` (a shell pattern)."""
   if is_uri(folder):
@@ -115,6 +165,7 @@ def glob(folder: str, pattern: str) -> list[str]:
   return sorted(glob_lib.glob(os.path.join(glob_lib.escape(folder), pattern)))
 
 
+@_reachable
 def walk_sizes(folder: str) -> dict[str, int]:
   """{relative path: size} of every file under `folder`."""
   if is_uri(folder):  # listed level by level: object stores refuse recursive globs
@@ -133,6 +184,7 @@ def walk_sizes(folder: str) -> dict[str, int]:
           for d, _, names in os.walk(folder) for n in names}
 
 
+@_reachable
 def sha256(path: str) -> str:
   """sha256 (16 hex digits) of a file's bytes, read in blocks: identifies weights and checkpoint files."""
   h = hashlib.sha256()
@@ -176,14 +228,24 @@ def atomic_savez(path: str, **arrays: np.ndarray) -> None:
   atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_npz(path: str) -> "np.lib.npyio.NpzFile":
-  """np.load of an .npz without pickle (from a bucket: its bytes read first)."""
+@_reachable
+def load_npz(path: str, budget: "untrusted.Budget | None" = None) -> untrusted.Npz:
+  """An .npz read without pickle, every member checked before it is inflated, the arrays read
+  charged to the job's `budget` (`untrusted.Npz`; from a bucket its bytes are read first)."""
   if is_uri(path):
+    size = _epath(path).stat().length
+    untrusted.Budget(f"reading {path}", budget.limit if budget else None).charge(size, path)
     with open_file(path, "rb") as f:
-      return np.load(io.BytesIO(f.read()), allow_pickle=False)
-  return np.load(path, allow_pickle=False)
+      return untrusted.Npz(io.BytesIO(f.read(size)), path, size, budget)
+  f = untrusted.open_regular(path)
+  try:
+    return untrusted.Npz(f, path, os.fstat(f.fileno()).st_size, budget)
+  except BaseException:
+    f.close()
+    raise
 
 
+@_reachable
 def remove_own_temporaries(path: str) -> None:
   """Removes `<path>.<8 hex>.tmp` files (what an atomic write leaves when killed before its rename)
   next to a file only this job writes."""

@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 
 from rdm_jax import config_base, files, inference
 from rdm_jax.data import visualize
-from rdm_jax.errors import fail
+from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli, distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
@@ -92,8 +92,8 @@ def check_out_dir(out: str, settings: dict[str, Any]) -> bool:
       fail(f"{out} holds files that rdm_jax.sample did not write (no {SETTINGS}); choose another --out")
     return False
   try:
-    old = json.loads(files.read_text(path))
-  except (OSError, ValueError) as e:
+    old = files.read_json(path)
+  except (OSError, UserError) as e:
     fail(f"{path} is not readable JSON ({e}); choose another --out")
   if not isinstance(old, dict) or old.get("made_by") != MADE_BY:
     fail(f"{path} was not written by rdm_jax.sample; choose another --out")

@@ -413,7 +413,7 @@ def test_npz_and_gzip_sizes_are_checked_before_inflating(tmp_path, monkeypatch):
   with pytest.raises(UserError, match="declares"):
     sample_sets.read_samples(str(tmp_path / "lie.npz"))
   # a compressed member larger than this machine may inflate
-  monkeypatch.setattr(sources, "memory_budget", lambda: 1 << 19)
+  monkeypatch.setenv("RDM_MEMORY_BUDGET", str(1 << 19))
   np.savez_compressed(tmp_path / "bomb.npz", images=np.zeros((64, 128, 128, 1), np.uint8))  # 1 MiB -> 1 KiB
   with pytest.raises(UserError, match="declares"):
     sample_sets.read_samples(str(tmp_path / "bomb.npz"))
@@ -461,3 +461,287 @@ def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path, t
   out = run(workdir, 6)
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "trained with another database" in out.stderr
+
+
+# Untrusted input, round three: bounded memory and time, special files, images that would run a
+# program, files of the user's, and malformed files as one line.
+
+import contextlib  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import struct  # noqa: E402
+import zipfile  # noqa: E402
+
+from rdm_jax import checkpoint, files, untrusted  # noqa: E402
+from rdm_jax.data import original_database  # noqa: E402
+
+
+@contextlib.contextmanager
+def _within(seconds: float):
+  """Fails the test (TimeoutError) instead of hanging when the block blocks, e.g. opening a FIFO."""
+  def timeout(*_):
+    raise TimeoutError(f"blocked for {seconds} s")
+
+  old = signal.signal(signal.SIGALRM, timeout)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_npz_arrays_together_past_the_budget_are_refused(tmp_path, monkeypatch):
+  """Three arrays, each under the budget, together over it: refused when the file is opened."""
+  monkeypatch.setenv("RDM_MEMORY_BUDGET", str(1 << 20))
+  each = np.zeros((600 << 10,), np.uint8)  # 600 KiB each, ~1 KiB compressed
+  np.savez_compressed(tmp_path / "set.npz", images=each.reshape(-1, 8, 8, 1), latents=each, more=each)
+  assert os.path.getsize(tmp_path / "set.npz") < 20 << 10
+  with pytest.raises(UserError, match="3 arrays together declares"):
+    sample_sets.read_samples(str(tmp_path / "set.npz"))
+  np.savez_compressed(tmp_path / "part_0.npz", embedding=np.zeros((1000, 400), np.float32),
+                      img_id=np.zeros(1000, np.int64), patch_coords=np.zeros((1000, 4), np.int64))
+  with pytest.raises(UserError, match="together declares"):
+    original_database.part_rows(str(tmp_path / "part_0.npz"), 400)
+  # what a job keeps of several files counts together: two shards of 600 KiB images each
+  for i in range(2):
+    np.savez(tmp_path / f"shard_{i}.npz", images=np.zeros((600, 32, 32, 1), np.uint8))
+  os.makedirs(tmp_path / "shards")
+  for i in range(2):
+    os.replace(tmp_path / f"shard_{i}.npz", tmp_path / "shards" / f"shard_{i}.npz")
+  with pytest.raises(UserError, match="may still take"):
+    sample_sets.read_sample_sets([str(tmp_path / "shards")])
+
+
+def test_image_readers_cap_pixels_and_charge_the_job(tmp_path, monkeypatch):
+  from PIL import Image
+
+  bomb = tmp_path / "bomb"
+  os.makedirs(bomb)
+  Image.new("L", (8000, 8000)).save(bomb / "big.png")  # 64M pixels in ~60 KiB
+  assert os.path.getsize(bomb / "big.png") < 1 << 20
+  with pytest.raises(UserError, match="8000x8000 pixels"):
+    sample_sets.read_image_folder(str(bomb))
+  assert sources.usable_images(str(bomb), untrusted.MAX_IMAGE_PIXELS) == ([], ["big.png: 8000x8000 pixels"])
+  many = tmp_path / "many"
+  os.makedirs(many)
+  for i in range(5):
+    Image.fromarray(np.full((64, 64, 3), i, np.uint8)).save(many / f"{i}.png")
+  monkeypatch.setenv("RDM_MEMORY_BUDGET", str(4 * 64 * 64 * 3 + 100))  # four of the five
+  with pytest.raises(UserError, match="4.png: its pixels declares"):
+    sample_sets.read_image_folder(str(many))
+
+
+def test_captions_are_bounded_and_each_costs_only_itself(tmp_path):
+  names = [f"{i}.png" for i in range(300)]
+
+  def captions(lines):
+    path = tmp_path / "captions.jsonl"
+    path.write_bytes(b"".join(lines))
+    return sources.folder_captions({"captions_file": str(path), "captions_sha256": store.file_sha256(str(path))},
+                                   names)
+
+  huge = json.dumps({"file": "0.png", "caption": "x" * (1 << 20)}).encode() + b"\n"
+  with pytest.raises(UserError, match="captions.jsonl:1"):
+    captions([huge])
+  longest = json.dumps({"file": "1.png", "caption": "y" * untrusted.MAX_CAPTION_CHARS}).encode() + b"\n"
+  got = captions([longest, b'{"file": "2.png", "caption": "a dress"}\n'])
+  assert got.dtype == object and len(got) == 300
+  assert got[1] == "y" * untrusted.MAX_CAPTION_CHARS and got[2] == "a dress" and got[0] == ""
+
+
+def test_special_files_are_refused_not_read(tmp_path):
+  """FIFOs where a job reads a part, a manifest, a lock or an array: one line, never a hang."""
+  parts = tmp_path / "parts"
+  os.makedirs(parts)
+  np.savez(parts / "10x4-part_0.npz", embedding=np.zeros((10, 4), np.float32), img_id=np.arange(10),
+           patch_coords=np.zeros((10, 4), np.int64))
+  os.mkfifo(parts / "10x4-part_1.npz")
+  found = original_database.npz_files([str(parts)])
+  with _within(10), pytest.raises(UserError, match="not a regular file"):
+    [original_database.part_rows(f, 4) for f in found]
+
+  out = tmp_path / "db"
+  os.makedirs(out)
+  os.mkfifo(out / "manifest.json")
+  with _within(10), pytest.raises(UserError, match="not a store"):
+    store.check_output(str(out), "database")
+  os.mkfifo(tmp_path / "db2.lock")
+  with _within(10), pytest.raises(UserError, match="not a lock of ours"):
+    store.check_output(str(tmp_path / "db2"), "database")
+
+  s = store.write(str(tmp_path / "db3"), "database", {"embeddings": np.zeros((3, 4), np.float32)})
+  os.remove(os.path.join(s.path, "embeddings.npy"))
+  os.mkfifo(os.path.join(s.path, "embeddings.npy"))
+  with _within(10), pytest.raises(UserError, match="not a regular file"):
+    store.read(s.path, "database", hint="make it")
+
+
+def test_links_to_devices_are_refused_not_read(tmp_path):
+  """`/dev/zero` linked in as a manifest or a lock would be read until memory runs out: run where
+  memory is capped, so that a reader that follows it fails with MemoryError instead of taking the
+  machine down."""
+  for name in ("db/manifest.json", "db2.lock"):
+    os.makedirs(tmp_path / os.path.dirname(name) if os.path.dirname(name) else tmp_path, exist_ok=True)
+    os.symlink("/dev/zero", tmp_path / name)
+  script = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "from rdm_jax.data import store\nfrom rdm_jax.errors import UserError\n"
+            "for out in sys.argv[1:]:\n  try:\n    store.check_output(out, 'database'); print('ACCEPTED')\n"
+            "  except UserError as e:\n    print('REFUSED', e)\n")
+  out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "db"), str(tmp_path / "db2")],
+                       env=subprocess_env(), capture_output=True, text=True, cwd=REPO, timeout=120)
+  lines = out.stdout.splitlines()
+  assert len(lines) == 2 and all(line.startswith("REFUSED") for line in lines), out.stdout + out.stderr[-2000:]
+
+
+def test_images_never_make_a_program_run(tmp_path, monkeypatch):
+  """A PostScript file named .png: PIL would hand it to Ghostscript. A fake `gs` on PATH records a call."""
+  from PIL import EpsImagePlugin
+
+  sentinel = tmp_path / "gs_ran"
+  bin_dir = tmp_path / "bin"
+  os.makedirs(bin_dir)
+  (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {sentinel}\nexit 1\n")
+  os.chmod(bin_dir / "gs", 0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setattr(EpsImagePlugin, "gs_binary", None, raising=False)
+  folder = tmp_path / "images"
+  os.makedirs(folder / "a")
+  (folder / "a" / "x.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+  with pytest.raises(UserError, match="not a PNG or JPEG"):
+    sample_sets.read_image_folder(str(folder))
+  assert sources.usable_images(str(folder), 1 << 30)[1] == ["a/x.png: UnidentifiedImageError"]
+  assert isinstance(sources._folder_image(str(folder / "a" / "x.png"), 8, 3, 255, lenient=True), str)
+  assert not sentinel.exists()
+
+
+def test_jobs_delete_only_files_they_wrote(tmp_path):
+  path = str(tmp_path / "db")
+  store.write(path, "database", {"embeddings": np.zeros((3, 4), np.float32)})
+  with open(os.path.join(path, "notes.txt"), "w") as f:
+    f.write("the user's")
+  with pytest.raises(UserError, match=r"notes\.txt"):
+    store.write(path, "database", {"embeddings": np.ones((3, 4), np.float32)})
+  assert open(os.path.join(path, "notes.txt")).read() == "the user's"
+  assert not store.read(path, "database", hint="make it")["embeddings"].any()  # the old store, intact
+
+  other = str(tmp_path / "db2")
+  os.makedirs(other + ".partial")
+  with open(os.path.join(other + ".partial", "inputs.json"), "w") as f:
+    f.write('{"kind": "database", "something": "else"}')
+  with open(os.path.join(other + ".partial", "draft.tex"), "w") as f:
+    f.write("chapter 2")
+  with pytest.raises(UserError, match=r"draft\.tex"):
+    store.write(other, "database", {"embeddings": np.ones((3, 4), np.float32)})
+  assert open(os.path.join(other + ".partial", "draft.tex")).read() == "chapter 2"
+
+
+def _npz_variants(tmp_path) -> dict[str, bytes]:
+  """A stored .npz with a bad CRC, the encrypted flag, and a deflated one with corrupt data."""
+  np.savez(tmp_path / "good.npz", images=np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1))
+  raw = (tmp_path / "good.npz").read_bytes()
+  at = raw.index(bytes(range(10, 20)))
+  out = {"bad_crc": raw[:at] + b"\xff" + raw[at + 1:]}
+  enc = bytearray(raw)
+  for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+    i = enc.find(sig)
+    enc[i + off:i + off + 2] = struct.pack("<H", 1)
+  out["encrypted"] = bytes(enc)
+  np.savez_compressed(tmp_path / "deflated.npz", images=np.arange(4096, dtype=np.uint16).reshape(8, 8, 8, 8))
+  raw = bytearray((tmp_path / "deflated.npz").read_bytes())
+  info = zipfile.ZipFile(tmp_path / "deflated.npz").infolist()[0]
+  start = info.header_offset + 30 + len(info.filename) + 20
+  raw[start:start + 40] = os.urandom(40)
+  out["bad_deflate"] = bytes(raw)
+  return out
+
+
+def test_malformed_inputs_are_one_line(tmp_path, monkeypatch):
+  for name, data in _npz_variants(tmp_path).items():
+    (tmp_path / f"{name}.npz").write_bytes(data)
+    with pytest.raises(UserError, match=f"{name}.npz"):
+      sample_sets.read_samples(str(tmp_path / f"{name}.npz"))
+  # an array header declaring 2**200 rows
+  s = store.write(str(tmp_path / "db"), "database", {"embeddings": np.zeros((3, 4), np.float32)})
+  header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, 4), }" % 2**200
+  with open(os.path.join(s.path, "embeddings.npy"), "wb") as f:
+    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (3, 4)})
+  raw = open(os.path.join(s.path, "embeddings.npy"), "rb").read()
+  h = header.encode() + b" " * (len(raw) - 10 - len(header) - 1) + b"\n"
+  open(os.path.join(s.path, "embeddings.npy"), "wb").write(raw[:8] + struct.pack("<H", len(h)) + h + bytes(48))
+  with pytest.raises(UserError, match="embeddings.npy"):
+    store.read(s.path, "database", hint="make it")
+  # a manifest nested 100000 deep, and one that is not UTF-8
+  for text in (b"[" * 100_000 + b"]" * 100_000, b'{"kind": "\xff"}'):
+    with open(os.path.join(s.path, "manifest.json"), "wb") as f:
+      f.write(text)
+    with pytest.raises(UserError, match="manifest.json"):
+      store.read(s.path, "database", hint="make it")
+  # captions: invalid UTF-8, deep nesting
+  cap = tmp_path / "captions.jsonl"
+  for line in (b'{"file": "a.png", "caption": "\xff\xfe"}\n', b"[" * 100_000 + b"\n"):
+    cap.write_bytes(line)
+    with pytest.raises(UserError, match="captions.jsonl:1"):
+      sources.folder_captions({"captions_file": str(cap), "captions_sha256": store.file_sha256(str(cap))}, ["a.png"])
+  # an undecodable image in an evaluated folder
+  from PIL import Image
+  os.makedirs(tmp_path / "set")
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "set" / "0.png")
+  (tmp_path / "set" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+  with pytest.raises(UserError, match="1.png"):
+    sample_sets.read_image_folder(str(tmp_path / "set"))
+  # a bucket that cannot be reached (no network here): one line, not the object store's traceback
+  with pytest.raises(UserError, match="cannot be reached"):
+    checkpoint.check_workdir("gs://rdm-jax-test-no-such-bucket/run")
+  # `~/runs` given quoted, as a config value or through a wrapper, is the home directory's
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert files.normpath("~/runs") == str(tmp_path / "home" / "runs")
+  assert store.normalize("~/data/db/") == str(tmp_path / "home" / "data" / "db")
+
+
+def _npz_mutations(data: bytes, rng: np.random.Generator, count: int):
+  for _ in range(count):
+    b = bytearray(data)
+    kind = rng.integers(4)
+    if kind == 0:
+      for i in rng.integers(0, len(b), rng.integers(1, 8)):
+        b[i] ^= 1 << int(rng.integers(8))
+    elif kind == 1:
+      b = b[:int(rng.integers(0, len(b)))]
+    elif kind == 2:
+      i = int(rng.integers(0, max(1, len(b) - 4)))
+      b[i:i + 4] = struct.pack("<I", [2**31, 2**32 - 1, 1 << 20, 0][int(rng.integers(4))])
+    else:
+      i, j = sorted(rng.integers(0, len(b), 2))
+      b[i:i] = b[i:j]
+    yield bytes(b)
+
+
+def test_fuzzed_npz_files_load_or_fail_in_one_line(tmp_path):
+  import tracemalloc
+  arrays = dict(images=np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8, 1), condition=np.asarray("exemplar"),
+                latents=np.linspace(0, 1, 48, dtype=np.float32).reshape(3, 4, 4), seed=np.arange(3))
+  np.savez(tmp_path / "stored.npz", **arrays)
+  np.savez_compressed(tmp_path / "deflated.npz", **arrays)
+  rng = np.random.default_rng(0)
+  outcomes = {"loaded": 0, "refused": 0}
+  target = str(tmp_path / "mutant.npz")
+  tracemalloc.start()
+  try:
+    for seed in ("stored.npz", "deflated.npz"):
+      for mutant in _npz_mutations((tmp_path / seed).read_bytes(), rng, 1000):
+        with open(target, "wb") as f:
+          f.write(mutant)
+        tracemalloc.reset_peak()
+        try:
+          with files.load_npz(target) as z:
+            got = {name: z[name] for name in z.files}
+          outcomes["loaded"] += 1
+          assert all(isinstance(a, np.ndarray) for a in got.values())
+        except UserError as e:
+          outcomes["refused"] += 1
+          assert "\n" not in str(e)
+        assert tracemalloc.get_traced_memory()[1] < 64 * len(mutant) + (2 << 20)
+  finally:
+    tracemalloc.stop()
+  assert outcomes["loaded"] > 20 and outcomes["refused"] > 1000, outcomes

@@ -11,10 +11,9 @@ import re
 
 import numpy as np
 
-from rdm_jax import config_base
+from rdm_jax import config_base, files
 from rdm_jax.data import store
 from rdm_jax.errors import fail
-from rdm_jax.metrics import sample_sets
 from rdm_jax.retrieval import encoders
 
 ARRAYS = ("embedding", "img_id", "patch_coords")
@@ -28,33 +27,32 @@ def _part_order(path: str) -> tuple[int, str]:
 def npz_files(spec: list[str]) -> list[str]:
   """The .npz parts, in order: a directory's *.npz by part number (`<N>x<d>-part_<i>.npz`, as the
   original names them; other names after, by name), files as given."""
-  files = []
+  found_files = []
   for s in spec:
     if os.path.isdir(s):
       found = sorted(glob.glob(os.path.join(glob.escape(s), "*.npz")), key=_part_order)
       if not found:
         fail(f"{s} is a directory without .npz files; give the directory the database was unpacked to")
-      files += found
+      found_files += found
     elif os.path.isfile(s) and s.endswith(".npz"):
-      files.append(s)
+      found_files.append(s)
     else:
       fail(f"{s}: no such .npz file or directory")
-  return files
+  return found_files
 
 
 def part_rows(path: str, embed_dim: int) -> int:
   """Rows of one part, its arrays' declared shapes checked (nothing inflated)."""
-  try:
-    z = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    fail(f"{path} is not a readable .npz ({e})")
-  with z:
-    (emb_shape, emb_dtype) = sample_sets.npz_header(z, "embedding", path)
+  with files.load_npz(path) as z:
+    for name in ARRAYS:
+      if name not in z:
+        fail(f"{path} has no array {name!r} (it has {', '.join(z.files)[:200] or 'none'})")
+    (emb_shape, emb_dtype) = z.headers["embedding"]
     if len(emb_shape) != 2 or emb_dtype.kind != "f" or emb_shape[1] != embed_dim:
       fail(f"{path}: embedding is {emb_dtype}{list(emb_shape)}; expected float [N, {embed_dim}] "
            f"(config.retrieval.embed_dim)")
     for name in ARRAYS[1:]:
-      shape, dtype = sample_sets.npz_header(z, name, path)
+      shape, dtype = z.headers[name]
       if not shape or shape[0] != emb_shape[0] or dtype.kind not in "iu":
         fail(f"{path}: {name} is {dtype}{list(shape)}; expected integers with {emb_shape[0]} rows")
   return emb_shape[0]
@@ -70,8 +68,8 @@ class _Parts:
   def _part(self, i: int) -> dict[str, np.ndarray]:
     if self._loaded is None or self._loaded[0] != i:
       self._loaded = None  # free the previous part first
-      with np.load(self.files[i], allow_pickle=False) as z:
-        self._loaded = (i, {n: sample_sets.npz_member(z, n, self.files[i]) for n in ARRAYS})
+      with files.load_npz(self.files[i]) as z:
+        self._loaded = (i, {n: z[n] for n in ARRAYS})
     return self._loaded[1]
 
   def rows(self, a: int, b: int) -> dict[str, np.ndarray]:
@@ -90,10 +88,10 @@ class _Parts:
 def import_database(config, spec: list[str]) -> store.Store:
   """Writes the database store of `config.database` from the .npz parts `spec` names (files or
   directories), resumably by chunk; returns it."""
-  files = npz_files(spec)
-  rows = [part_rows(f, config.retrieval.embed_dim) for f in files]
+  parts_files = npz_files(spec)
+  rows = [part_rows(f, config.retrieval.embed_dim) for f in parts_files]
   dtype = np.dtype(config.database_build.get("embeddings_dtype", "float32") or "float32")
-  parts = _Parts(files, rows)
+  parts = _Parts(parts_files, rows)
 
   def compute(a, b):
     r = parts.rows(a, b)
@@ -103,11 +101,11 @@ def import_database(config, spec: list[str]) -> store.Store:
     return {"embeddings": emb.astype(dtype), "ids": r["img_id"].astype(np.int64),
             "patch_coords": r["patch_coords"].astype(np.int64)}
 
-  source = {"file": os.path.realpath(files[0]), "imported_npz": [
-      {"file": os.path.realpath(f), "size": os.path.getsize(f), "rows": n} for f, n in zip(files, rows)]}
+  source = {"file": os.path.realpath(parts_files[0]), "imported_npz": [
+      {"file": os.path.realpath(f), "size": os.path.getsize(f), "rows": n} for f, n in zip(parts_files, rows)]}
   out = config_base.paths(config)["database"]
   result = store.write_chunked(out, "database", sum(rows), chunk_size=config.retrieval.chunk_size, compute=compute,
                                encoder=encoders.encoder_identity(config.retrieval), source=source,
                                made_by="rdm_jax.jobs.import_database")
-  print(f"wrote {out}: embeddings {result['embeddings'].shape} {result['embeddings'].dtype} from {len(files)} files")
+  print(f"wrote {out}: embeddings {result['embeddings'].shape} {result['embeddings'].dtype} from {len(parts_files)} files")
   return result

@@ -31,16 +31,15 @@ import dataclasses
 import functools
 import gzip
 import hashlib
-import json
 import math
 import os
 import struct
-import warnings
 import zlib
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from rdm_jax import untrusted
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 
@@ -55,13 +54,13 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def read_idx(path: str, max_bytes: int | None = None) -> np.ndarray:
   """Reads an IDX file (optionally .gz); validates magic number and size.
 
-  The header's declared size is checked (against `max_bytes`, default half the machine's
-  memory) before the body is read or inflated, and exactly that many bytes are read.
+  The header's declared size is checked (against `max_bytes`, default the job's memory budget,
+  `untrusted.memory_budget()`) before the body is read or inflated, and exactly that many bytes
+  are read.
   """
-  opener = gzip.open if path.endswith(".gz") else open
   reinstall = "reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
   try:
-    with opener(path, "rb") as f:
+    with untrusted.open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw) as f:
       head = f.read(4)
       if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
         fail(f"{path} is not an IDX file (bad magic number)")
@@ -72,7 +71,7 @@ def read_idx(path: str, max_bytes: int | None = None) -> np.ndarray:
       dims = struct.unpack(">" + "I" * ndim, raw_dims)
       dtype = np.dtype(_IDX_DTYPES[head[2]])
       expected = math.prod(dims) * dtype.itemsize
-      limit = max_bytes if max_bytes is not None else memory_budget()
+      limit = max_bytes if max_bytes is not None else untrusted.memory_budget()
       if expected > limit:
         fail(f"{path} declares {list(dims)} {dtype} ({expected / 2**30:.1f} GiB), more than the "
              f"{limit / 2**30:.1f} GiB it may take; it is not the dataset file it claims to be")
@@ -83,14 +82,6 @@ def read_idx(path: str, max_bytes: int | None = None) -> np.ndarray:
   if len(body) != expected or padded:
     fail(f"{path} is truncated or padded: the header says {expected} bytes of data; {reinstall}")
   return np.frombuffer(body, dtype=dtype).reshape(dims)
-
-
-def memory_budget() -> int:
-  """Half the machine's memory: the most one declared array in an input file may take."""
-  try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-  except (ValueError, OSError, AttributeError):
-    return 8 << 30
 
 
 def _find(idx_dir: str, stem: str) -> str:
@@ -159,7 +150,7 @@ def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
          "e.g. `apt-get install openclipart-png` gives folder:/usr/share/openclipart/png")
   f = dataset.get("folder", None) or {}
   size, channels, background = f.get("image_size", 0), f.get("channels", 0), f.get("background", "white")
-  max_pixels = f.get("max_pixels", 0) or 50_000_000
+  max_pixels = f.get("max_pixels", 0) or untrusted.MAX_IMAGE_PIXELS
   if size < 1 or channels not in (1, 3) or background not in BACKGROUNDS:
     fail(f"config.dataset.folder = {dict(f)}: give image_size > 0, channels 1 or 3 and background "
          f"{' or '.join(BACKGROUNDS)} (what the folder's images are converted to)")
@@ -178,26 +169,31 @@ def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
 CAPTIONS_FILE = "captions.jsonl"  # an image folder's captions: {"file": relative path, "caption": text} per line
 
 
+_MAX_CAPTION_LINE = 8 * untrusted.MAX_CAPTION_CHARS + 4096  # bytes: a caption's UTF-8 and JSON escapes, a path
+
+
 def folder_captions(settings: dict[str, Any], files: list[str]) -> np.ndarray | None:
   """Captions of an image folder's files from its side file ("" for a file it does not list), or
-  None without one; the side file must be the one the store's record digested."""
+  None without one; the side file must be the one the store's record digested. Each is a str of
+  at most `untrusted.MAX_CAPTION_CHARS` characters in an object array (each costs only itself)."""
   path = settings.get("captions_file")
   if not path:
     return None
   if not os.path.isfile(path) or store.file_sha256(path) != settings.get("captions_sha256"):
     fail(f"{path} changed or went away since the stores were made from it; embed the folder again")
   by_file: dict[str, str] = {}
-  with open(path, encoding="utf-8") as fh:
-    for n, line in enumerate(fh, 1):
+  with untrusted.open_regular(path) as fh:
+    for n, line in enumerate(iter(lambda: fh.readline(_MAX_CAPTION_LINE + 1), b""), 1):
+      if len(line) > _MAX_CAPTION_LINE:
+        fail(f"{path}:{n} is longer than {_MAX_CAPTION_LINE} bytes; captions may have at most "
+             f"{untrusted.MAX_CAPTION_CHARS} characters: shorten it")
       if not line.strip():
         continue
-      try:
-        entry = json.loads(line)
-        by_file[os.path.normpath(str(entry["file"]))] = str(entry["caption"])
-      except (ValueError, KeyError, TypeError) as e:
-        fail(f"{path}:{n} is not a JSON object with \"file\" and \"caption\" ({type(e).__name__}: {e}); fix "
-             "that line")
-  return np.array([by_file.get(os.path.normpath(f), "") for f in files], dtype=str)
+      entry = untrusted.parse_json(line, f"{path}:{n}")
+      if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "caption" not in entry:
+        fail(f"{path}:{n} is not a JSON object with \"file\" and \"caption\"; fix that line")
+      by_file[os.path.normpath(entry["file"])] = untrusted.caption(entry["caption"], f"{path}:{n}")
+  return np.array([by_file.get(os.path.normpath(f), "") for f in files] + [None], dtype=object)[:-1]
 
 
 _LISTINGS: dict[tuple[str, int], tuple[tuple, tuple[list[str], list[str], str]]] = {}
@@ -235,17 +231,14 @@ def folder_labels(files: list[str] | tuple[str, ...]) -> np.ndarray:
 def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
   """(the image files under `path` that PIL opens and that have at most max_pixels pixels, the
   others with the reason), as paths relative to `path`; only headers are read."""
-  from PIL import Image
   files, skipped = [], []
   for full in image_files(path):
     name = os.path.relpath(full, path)
     try:
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged here, by max_pixels
-        with Image.open(full) as im:
-          w, h = im.size
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      skipped.append(f"{name}: {type(e).__name__}")
+      with untrusted.image(full, max_pixels=1 << 62) as im:
+        w, h = im.size
+    except untrusted.UnreadableImage as e:
+      skipped.append(f"{name}: {e.why}")
       continue
     if w * h > max_pixels:
       skipped.append(f"{name}: {w}x{h} pixels")
@@ -254,10 +247,10 @@ def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
   return files, skipped
 
 
-def _open_image(name: str, channels: int, fill: int):
-  """A PIL image in mode L or RGB, transparency composited on `fill`; raises OSError/ValueError."""
+def _open_image(name: str, channels: int, fill: int, max_pixels: int = untrusted.MAX_IMAGE_PIXELS):
+  """A PIL image in mode L or RGB, transparency composited on `fill`; raises untrusted.UnreadableImage."""
   from PIL import Image
-  with Image.open(name) as im:
+  with untrusted.image(name, max_pixels) as im:
     im.load()
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
       rgba = im.convert("RGBA")
@@ -265,13 +258,14 @@ def _open_image(name: str, channels: int, fill: int):
     return im.convert("L" if channels == 1 else "RGB")
 
 
-def _folder_image(name: str, size: int, channels: int, fill: int, lenient: bool = False) -> np.ndarray | str:
+def _folder_image(name: str, size: int, channels: int, fill: int, lenient: bool = False,
+                  max_pixels: int = untrusted.MAX_IMAGE_PIXELS) -> np.ndarray | str:
   """One image file as uint8 [size, size, channels] (see the module docstring); an unreadable
   file is one line, or with `lenient` the str saying why."""
   from PIL import Image
   try:
-    im = _open_image(name, channels, fill)
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    im = _open_image(name, channels, fill, max_pixels)
+  except untrusted.UnreadableImage as e:
     if lenient:
       return f"{name}: {type(e).__name__}: {str(e)[:100]}"
     fail(f"cannot read the image {name} ({e}); remove it from the folder or replace it")
@@ -311,15 +305,14 @@ def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndar
   as the folder's channels and background make it, no resizing), or a str saying why it cannot be
   read (an unreadable file: counted and skipped by the caller)."""
   if source.get("dataset") == "folder":
-    from PIL import Image
     files = folder_files(source)
 
     def read_file(i):
       name = os.path.join(source["images_from"], files[i])
       try:
-        a = np.asarray(_open_image(name, source["channels"], BACKGROUNDS[source["background"]]))
-      except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return f"{files[i]}: {type(e).__name__}: {str(e)[:100]}"
+        a = np.asarray(_open_image(name, source["channels"], BACKGROUNDS[source["background"]], source["max_pixels"]))
+      except untrusted.UnreadableImage as e:
+        return f"{files[i]}: {str(e)[:200]}"
       return a[..., None] if a.ndim == 2 else a
 
     return lambda ids: _threaded(read_file, [int(i) for i in ids])
@@ -430,7 +423,7 @@ class TfdsReader:
       labels.append(int(ex["label"]) if has_label else -1)
       if path:
         captions.append(_caption_of(ex, path))
-    return np.array(labels, np.int32), (np.array(captions, dtype=str) if path else None)
+    return np.array(labels, np.int32), (np.array(captions + [None], dtype=object)[:-1] if path else None)
 
   @property
   def labels(self) -> np.ndarray:
@@ -521,7 +514,7 @@ def _caption_of(example: dict, path: str) -> str:
     value = value[key]
   if isinstance(value, np.ndarray) and value.ndim:  # a list of captions: the first
     value = value[0] if len(value) else b""
-  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+  return untrusted.caption(value.decode("utf-8", "replace") if isinstance(value, bytes) else value, "a TFDS caption")
 
 
 @dataclasses.dataclass
@@ -621,7 +614,8 @@ def source_reader(dataset: Any, source: dict[str, Any], lenient: bool = False
     labels = folder_labels(files)
 
     def read_files(ids):
-      out = _threaded(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill, lenient), ids)
+      out = _threaded(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill, lenient,
+                                              source["max_pixels"]), ids)
       return out if lenient else np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
 
     return read_files, labels

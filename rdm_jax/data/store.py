@@ -17,6 +17,9 @@ What a job may write or delete (nothing the user owns is ever removed):
   waits and then reuses the first one's result;
 - publishing renames the old store aside, moves the new one in, then deletes the old one
   (a crash in between leaves both on disk);
+- a job deletes only files it can prove it wrote (`remove_own`): a store's manifest names its
+  files, a `<dir>.partial` holds only the names our jobs give their records, chunks and
+  shards; a directory holding anything else is refused with one line naming those files;
 - chunk files carry the hash of the inputs they were computed from, so a process started
   with another config can never contribute to a store.
 
@@ -34,7 +37,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import time
 import uuid
@@ -43,8 +45,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rdm_jax import files
-from rdm_jax.errors import fail
+from rdm_jax import files, untrusted
+from rdm_jax.errors import UserError, fail
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -70,7 +72,7 @@ def normalize(path: str) -> str:
     fail(f"{path}: stores (config.data_dir, config.database, indexes) need a filesystem, not a bucket "
          "(they are memory-mapped, renamed into place and locked): mount the bucket with gcsfuse or use a "
          "shared filesystem (NFS, Filestore) and give its path; run directories (--workdir) may be gs://")
-  return os.path.normpath(str(path))
+  return files.normpath(str(path))  # `~/data` given quoted means the home directory's
 
 
 # atomic writes and digests: the one file layer's (local paths here: stores are on POSIX filesystems)
@@ -134,7 +136,7 @@ def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
   arr = s.arrays[name]
   start, stop = max(0, start), min(stop, len(arr))
   row_items = int(np.prod(arr.shape[1:], dtype=np.int64))
-  with open(os.path.join(s.path, name + ".npy"), "rb") as f:
+  with untrusted.open_regular(os.path.join(s.path, name + ".npy")) as f:
     version = np.lib.format.read_magic(f)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     _, fortran_order, _ = read_header(f)  # leaves f at the first element
@@ -153,11 +155,88 @@ def exists(path: str) -> bool:
 def _manifest_kind(path: str) -> str | None:
   """The kind named by the manifest at `path`, or None if there is no readable manifest."""
   try:
-    with open(os.path.join(path, MANIFEST)) as f:
-      manifest = json.load(f)
-  except (OSError, ValueError):
+    manifest = untrusted.read_json(os.path.join(path, MANIFEST))
+  except (OSError, UserError):
     return None
   return manifest.get("kind") if isinstance(manifest, dict) else None
+
+
+_TMP = r"(\.[0-9a-f]{8}\.tmp)?"  # files.tmp_name's suffix
+# What our jobs write into `<dir>.partial/`: the inputs record, chunks, merged arrays, the manifest,
+# an index's per-shard search settings; and index shard directories holding ScaNN's files.
+_PARTIAL_FILE = re.compile(r"(inputs\.json|manifest\.json|chunk_[0-9a-f]{16}_\d{12}(_[A-Za-z_]\w{0,63}\.npy|\.done)"
+                           r"|[A-Za-z_]\w{0,63}\.npy|shard_\d{5}\.search\.json)" + _TMP)
+_SHARD_DIR = re.compile(r"shard_\d{5}(\.tmp)?")
+_SHARD_FILE = re.compile(r"[a-z0-9_]{1,64}\.(pb|pbtxt|npy)")
+
+
+def _unknown_files(directory: str, manifest: Mapping[str, Any] | None) -> list[str]:
+  """The entries of a store (`manifest` given: the files it names) or of a `<dir>.partial`
+  (None: the names our jobs write there) that no job of ours wrote, as relative paths."""
+  if manifest is not None:
+    arrays = manifest.get("arrays") if isinstance(manifest.get("arrays"), dict) else {}
+    shard_files = manifest.get("shard_files") if isinstance(manifest.get("shard_files"), dict) else {}
+    own_file = lambda n: n in (MANIFEST, INPUTS) or (n.endswith(".npy") and n[:-4] in arrays)  # noqa: E731
+    own_dir = lambda d: d in shard_files and isinstance(shard_files[d], dict)  # noqa: E731
+    own_inner = lambda d, n: n in shard_files[d]  # noqa: E731
+  else:
+    own_file = lambda n: bool(_PARTIAL_FILE.fullmatch(n))  # noqa: E731
+    own_dir = lambda d: bool(_SHARD_DIR.fullmatch(d))  # noqa: E731
+    own_inner = lambda d, n: bool(_SHARD_FILE.fullmatch(n))  # noqa: E731
+  unknown = []
+  for entry in os.scandir(directory):
+    if not entry.is_dir(follow_symlinks=False):
+      if not own_file(entry.name):
+        unknown.append(entry.name)
+    elif not own_dir(entry.name):
+      unknown.append(entry.name + "/")
+    else:
+      unknown += [f"{entry.name}/{e.name}" for e in os.scandir(entry.path)
+                  if e.is_dir(follow_symlinks=False) or not own_inner(entry.name, e.name)]
+  return sorted(unknown)
+
+
+def _store_manifest(path: str) -> dict:
+  try:
+    manifest = untrusted.read_json(os.path.join(path, MANIFEST))
+  except (OSError, UserError):
+    return {}
+  return manifest if isinstance(manifest, dict) else {}
+
+
+def check_own(directory: str, store: bool = True) -> None:
+  """Refuses (one line naming them) a store directory (`store`) or a `<dir>.partial` that holds
+  files no job of ours wrote there: they are the user's, and a job must not delete them."""
+  unknown = _unknown_files(directory, _store_manifest(directory) if store else None)
+  if unknown:
+    fail(f"{directory} holds files no job of ours wrote ({', '.join(unknown[:5])}"
+         f"{', ...' if len(unknown) > 5 else ''}); refusing to replace or delete it: move them away "
+         "or choose another output path")
+
+
+def remove_shard_dir(path: str) -> None:
+  """Deletes an index shard directory inside a `<dir>.partial` (ScaNN's files only, else refused)."""
+  unknown = [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False) or not _SHARD_FILE.fullmatch(e.name)]
+  if unknown:
+    fail(f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); refusing to delete it: "
+         "move them away")
+  for entry in os.scandir(path):
+    os.remove(entry.path)
+  os.rmdir(path)
+
+
+def remove_own(directory: str, store: bool = True) -> None:
+  """Deletes a store directory (`store`: the files its manifest names) or a `<dir>.partial` that
+  a job of ours wrote, after `check_own`; links are removed, never followed."""
+  check_own(directory, store)
+  for entry in os.scandir(directory):
+    if entry.is_dir(follow_symlinks=False):
+      for inner in os.scandir(entry.path):
+        os.remove(inner.path)
+      os.rmdir(entry.path)
+    else:
+      os.remove(entry.path)
+  os.rmdir(directory)
 
 
 _INPUTS_TMP = _tmp_pattern(INPUTS)
@@ -170,24 +249,29 @@ def _is_partial_store(partial: str) -> bool:
     return False
   names = os.listdir(partial)
   return (all(_INPUTS_TMP.fullmatch(n) for n in names) or os.path.isfile(os.path.join(partial, INPUTS))
-          or exists(partial))
+          or exists(partial)) and not _unknown_files(partial, None)
 
 
 def check_output(path: str, kind: str) -> str:
   """The normalised `path`, once it is safe for a job to write a `kind` store there.
 
-  Refuses (one line, before any work) a path that holds anything but a store of this kind,
-  and a `<path>.partial` or `<path>.lock` that a job of ours did not make: a job replaces
-  only what an earlier run of the same kind of job wrote.
+  Refuses (one line, before any work) a path that holds anything but a store of this kind
+  (or a store that holds files its manifest does not name), and a `<path>.partial` or
+  `<path>.lock` that a job of ours did not make: a job replaces only what an earlier run of
+  the same kind of job wrote.
   """
   path = normalize(path)
   if os.path.lexists(path) and _manifest_kind(path) != kind:
     what = f"a {_manifest_kind(path)!r} store" if _manifest_kind(path) else "files that are not a store"
     fail(f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another output path "
          "(or move it away)")
+  if os.path.lexists(path):
+    check_own(path)
   partial = path + ".partial"
   if os.path.lexists(partial) and not _is_partial_store(partial):
-    fail(f"{partial} exists but is not an unfinished {kind!r} store; refusing to touch it: move it away "
+    unknown = _unknown_files(partial, None) if os.path.isdir(partial) and not os.path.islink(partial) else []
+    holds = f" (it holds {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})" if unknown else ""
+    fail(f"{partial} exists but is not an unfinished {kind!r} store{holds}; refusing to touch it: move it away "
          "or choose another output path")
   lock = path + ".lock"
   if os.path.lexists(lock) and Lock.holder(lock) is None:
@@ -214,11 +298,11 @@ class Lock:
   def holder(file: str) -> dict | None:
     """The lock's contents, {} if it vanished or is being written, None if it is not one of ours."""
     try:
-      with open(file) as f:
-        text = f.read()
+      with untrusted.open_regular(file, "r", encoding="utf-8") as f:
+        text = f.read(4096)
     except FileNotFoundError:
       return {}
-    except OSError:
+    except (OSError, UserError, UnicodeDecodeError):  # not a regular file, not text: not a lock of ours
       return None
     if not text:
       return {}  # created, not yet written
@@ -285,9 +369,9 @@ class Lock:
 
   def release(self) -> None:
     try:
-      with open(self.file) as f:
-        mine = f.read() == self.text
-    except FileNotFoundError:
+      with untrusted.open_regular(self.file, "r", encoding="utf-8") as f:
+        mine = f.read(4096) == self.text
+    except (OSError, UserError, UnicodeDecodeError):
       return
     if mine:
       os.remove(self.file)
@@ -360,10 +444,9 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
         path + ".partial") else ""
     fail(f"no {kind} store at {path}{partial}: run `{hint}` first")
   try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    fail(f"{manifest_path} is not valid JSON ({e}); delete {path} and rerun `{hint}`")
+    manifest = untrusted.read_json(manifest_path)
+  except UserError as e:
+    fail(f"{e}; delete {path} and rerun `{hint}`")
   if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
     fail(f"{manifest_path} is not a store manifest; delete {path} and rerun `{hint}`")
   if manifest.get("kind") != kind:
@@ -376,12 +459,12 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
       fail(f"{manifest_path} names an array {name[:80]!r}; array names are letters, digits and '_'. "
            f"Delete {path} and rerun `{hint}`")
     file = os.path.join(path, name + ".npy")
-    if not os.path.isfile(file):
+    if not os.path.lexists(file):
       fail(f"{file} is missing; delete {path} and rerun `{hint}`")
     try:
-      arr = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-      fail(f"{file} is truncated or corrupt ({e}); delete {path} and rerun `{hint}`")
+      arr = untrusted.load_npy(file, mmap=mmap)
+    except UserError as e:
+      fail(f"{e}; delete {path} and rerun `{hint}`")
     if list(arr.shape) != list(spec.get("shape", [])) or str(arr.dtype) != spec.get("dtype"):
       fail(f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says {spec.get('dtype')}{spec.get('shape')}; "
            f"delete {path} and rerun `{hint}`")
@@ -435,7 +518,7 @@ def publish(partial: str, path: str, kind: str) -> None:
   path = normalize(path)
   for old in glob.glob(glob.escape(path) + ".replaced-*"):  # left by a crash between the renames below
     if re.fullmatch(r"\.replaced-[0-9a-f]{8}", old[len(path):]) and _manifest_kind(old) == kind:
-      shutil.rmtree(old)
+      _remove_aside(old)
   if not os.path.lexists(path):
     os.replace(partial, path)
     return
@@ -446,13 +529,21 @@ def publish(partial: str, path: str, kind: str) -> None:
   aside = f"{path}.replaced-{uuid.uuid4().hex[:8]}"
   os.replace(path, aside)
   os.replace(partial, path)
-  shutil.rmtree(aside)
+  _remove_aside(aside)
+
+
+def _remove_aside(aside: str) -> None:
+  """Deletes a replaced store of ours; one that gained files of the user's meanwhile is kept, and said."""
+  try:
+    remove_own(aside)
+  except UserError as e:
+    print(f"kept the replaced store: {e}")
 
 
 def _finish(path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any], digest: str) -> Store:
   """Writes the manifest of `<path>.partial` (checksums read back from its files) and publishes it."""
   partial = path + ".partial"
-  arrays = {n: np.load(os.path.join(partial, n + ".npy"), mmap_mode="r", allow_pickle=False) for n in names}
+  arrays = {n: untrusted.load_npy(os.path.join(partial, n + ".npy"), mmap=True) for n in names}
   manifest = dict(kind=kind, format_version=FORMAT_VERSION, **fields)
   manifest["count"] = int(len(next(iter(arrays.values()))))
   manifest["inputs_sha256"] = digest
@@ -461,7 +552,7 @@ def _finish(path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any
   del arrays
   atomic_write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
   for leftover in os.listdir(partial):
-    if leftover.startswith("chunk_") or leftover.endswith(".tmp"):
+    if _PARTIAL_FILE.fullmatch(leftover) and (leftover.startswith("chunk_") or leftover.endswith(".tmp")):
       os.remove(os.path.join(partial, leftover))
   publish(partial, path, kind)
   return read(path, kind, hint="(just written)", verify=False)
@@ -481,10 +572,12 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
 
   def current():
     try:
-      with open(inputs_path) as f:
-        return f.read()
+      with untrusted.open_regular(inputs_path, "r", encoding="utf-8") as f:
+        return f.read(untrusted.MAX_JSON_BYTES)
     except FileNotFoundError:
       return None
+    except (UserError, UnicodeDecodeError) as e:
+      fail(f"{inputs_path} is not a record of ours ({e}); move {partial} away")
 
   if not owner:
     deadline = time.monotonic() + wait_s
@@ -498,7 +591,7 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
     fail(f"{partial} exists but is not an unfinished store; refusing to touch it: move it away")
   if os.path.isdir(partial) and current() != text:
     log(f"{partial} holds work made from other inputs; starting over")
-    shutil.rmtree(partial)
+    remove_own(partial, store=False)
   os.makedirs(partial, exist_ok=True)
   remove_own_temporaries(inputs_path)  # of a run killed while writing the record
   if current() != text:
@@ -588,26 +681,26 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
       if _published(path, kind, digest) is not None or not os.path.exists(chunk(starts[0])):
         log(f"{path}: another process merged the chunks")
         return None
-    with open(chunk(starts[0])) as f:
-      names = f.read().split(",")
+    with untrusted.open_regular(chunk(starts[0]), "r", encoding="utf-8") as f:
+      names = f.read(1 << 16).split(",")
     _check_array_names(names)
     arrays = {}
-    sizes = [np.load(chunk(s, names[0]), mmap_mode="r", allow_pickle=False).shape[0] for s in starts]
+    sizes = [untrusted.load_npy(chunk(s, names[0]), mmap=True).shape[0] for s in starts]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
     if offsets[-1] == 0:
       fail(f"nothing to write for {path}: no input gave a row")
     for name in names:
-      first = np.load(chunk(starts[0], name), mmap_mode="r", allow_pickle=False)
+      first = untrusted.load_npy(chunk(starts[0], name), mmap=True)
       final = os.path.join(partial, name + ".npy")
       tmp = _tmp_name(final)
       merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype,
                                          shape=(int(offsets[-1]),) + first.shape[1:])
       for i, start in enumerate(starts):
-        merged[offsets[i]:offsets[i + 1]] = np.load(chunk(start, name), allow_pickle=False)
+        merged[offsets[i]:offsets[i + 1]] = untrusted.load_npy(chunk(start, name), mmap=True)
       merged.flush()
       del merged
       os.replace(tmp, final)
-      arrays[name] = np.load(final, mmap_mode="r")
+      arrays[name] = untrusted.load_npy(final, mmap=True)
       lock.refresh()
     extra = dict(finalize(arrays)) if finalize else {}
     del arrays
@@ -626,10 +719,7 @@ def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: 
   real = os.path.realpath(npy_path)
   if not os.path.isfile(real):
     fail(f"{npy_path} does not exist")
-  try:
-    emb = np.load(real, mmap_mode="r", allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
-    fail(f"{npy_path} is not a readable .npy array ({e})")
+  emb = untrusted.load_npy(real, mmap=True)
   if emb.ndim != 2 or not np.issubdtype(emb.dtype, np.floating):
     fail(f"{npy_path} holds {emb.dtype}{list(emb.shape)}; embeddings must be a 2-D float array [N, d]")
   st = os.stat(real)

@@ -68,7 +68,11 @@ def check_schedule(sd: dict[str, np.ndarray], config, path: str) -> None:
     logging.warning("%s holds no noise schedule (betas); assuming config.diffusion's", path)
     return
   ours = np.asarray(training.make_schedule(config).betas, np.float64)
-  theirs = np.asarray(sd["betas"], np.float64)
+  theirs = sd["betas"]
+  if not isinstance(theirs, np.ndarray) or theirs.ndim != 1 or not len(theirs) or theirs.dtype.kind not in "fiu":
+    fail(f"{path}: its noise schedule (betas) is {getattr(theirs, 'dtype', type(theirs).__name__)}"
+         f"{list(np.shape(theirs))}; a schedule is a float vector of T betas: the file is damaged or not an RDM")
+  theirs = theirs.astype(np.float64)
   if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-5, atol=0):
     fail(f"{path} was trained with another noise schedule than config.diffusion's ({theirs.shape[0]} steps, "
          f"betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, {ours[0]:.6g}..{ours[-1]:.6g}): "
@@ -78,6 +82,8 @@ def check_schedule(sd: dict[str, np.ndarray], config, path: str) -> None:
 def check_first_stage(sd: dict[str, np.ndarray], config, path: str) -> None:
   """Its first stage must be config.first_stage's: same architecture, and same weights if we have them."""
   fs = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
+  if not all(isinstance(v, np.ndarray) for v in fs.values()):
+    fail(f"{path}: its {FIRST_STAGE_PREFIX}* entries are not all tensors; the file is damaged or not an RDM")
   if not fs:
     logging.warning("%s holds no first stage; assuming config.first_stage's", path)
     return
@@ -114,7 +120,9 @@ def main(argv):
   digest = store.file_sha256(path) if os.path.isfile(path) else ""
   info_path = files.join(workdir, "model_info.json")
   if files.exists(info_path):
-    before = json.loads(files.read_text(info_path)).get("imported_from") or {}
+    record = files.read_json(info_path)
+    before = record.get("imported_from") if isinstance(record, dict) else None
+    before = before if isinstance(before, dict) else {}
     if before.get("sha256") != digest:
       fail(f"--workdir={workdir} already holds another run; importing would mix the two: choose a new or "
            "empty --workdir")
@@ -126,6 +134,9 @@ def main(argv):
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if not isinstance(sd, dict) or not any(k.startswith(UNET_PREFIX) for k in sd):
     fail(f"{path} holds no RDM state dict (no {UNET_PREFIX}* keys): give the model.ckpt of an RDM")
+  if not all(isinstance(v, np.ndarray) for k, v in sd.items() if k.startswith((UNET_PREFIX, "model_ema.")) and
+             k not in ("model_ema.decay", "model_ema.num_updates")):
+    fail(f"{path}: its {UNET_PREFIX}* and model_ema.* entries are not all tensors; the file is damaged or not an RDM")
   check_schedule(sd, config, path)
   check_first_stage(sd, config, path)
 

@@ -5,60 +5,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from typing import Any
 
 import numpy as np
 
-from rdm_jax import files
+from rdm_jax import files, untrusted
 from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
 
-def read_image_folder(path: str) -> np.ndarray:
-  """All PNG/JPEG images under `path` (see `sources.image_files`), as uint8 [N, H, W, 1|3]; sizes must agree."""
-  from PIL import Image
-
+def read_image_folder(path: str, budget: untrusted.Budget | None = None) -> np.ndarray:
+  """All PNG/JPEG images under `path` (see `sources.image_files`), as uint8 [N, H, W, 1|3]; sizes must
+  agree. Each image's pixels are charged to the job's budget from its header, before it is decoded."""
+  budget = budget or untrusted.Budget(f"reading {path}")
   files = sources.image_files(path)
   if not files:
     fail(f"{path} holds no {', '.join(sources.IMAGE_EXTENSIONS)} images")
   images = []
   for f in files:
-    with Image.open(f) as im:
-      a = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+    try:
+      with untrusted.image(f) as im:
+        mode = "L" if im.mode in ("L", "1", "I;16") else "RGB"
+        budget.charge(im.size[0] * im.size[1] * len(mode), f, "its pixels")
+        a = np.asarray(im.convert(mode))
+    except untrusted.UnreadableImage as e:
+      fail(f"cannot read the image {e}; remove it from the folder or replace it")
     images.append(a[..., None] if a.ndim == 2 else a)
     if images[-1].shape != images[0].shape:
       fail(f"{f} is {images[-1].shape} but {files[0]} is {images[0].shape}: images of one set must "
            "share size and channels; resize them first")
   return np.stack(images)
-
-
-def npz_member(z: "np.lib.npyio.NpzFile", name: str, path: str) -> np.ndarray:
-  """One array of an .npz, its declared shape and dtype checked before it is inflated: it must
-  fit the member's stored size and half the machine's memory (a small file cannot claim GiBs)."""
-  npz_header(z, name, path)
-  return z[name]
-
-
-def npz_header(z: "np.lib.npyio.NpzFile", name: str, path: str) -> tuple[tuple[int, ...], np.dtype]:
-  """(shape, dtype) an .npz member declares, checked against its stored size and half the
-  machine's memory, without inflating it."""
-  if name + ".npy" not in z.zip.namelist():
-    fail(f"{path} has no array {name!r} (it has {', '.join(z.files) or 'none'})")
-  info = z.zip.getinfo(name + ".npy")
-  with z.zip.open(info) as f:
-    try:
-      version = np.lib.format.read_magic(f)
-      shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                         else np.lib.format.read_array_header_2_0)(f)
-    except ValueError as e:
-      fail(f"{path}: {name} is not a readable array ({e})")
-    header = f.tell()
-  nbytes = math.prod(shape) * dtype.itemsize
-  if dtype.hasobject or header + nbytes != info.file_size or nbytes > sources.memory_budget():
-    fail(f"{path}: {name} declares {dtype}{list(shape)} ({nbytes / 2**30:.2f} GiB) in a member of "
-         f"{info.file_size} bytes; rewrite it with np.savez")
-  return tuple(shape), dtype
 
 
 def default_sample_sets(workdir: str) -> list[str]:
@@ -73,7 +49,7 @@ def check_complete(path: str, shards: list[str]) -> None:
   if not files.isfile(settings):
     return
   try:
-    expected = json.loads(files.read_text(settings))["num_shards"]
+    expected = files.read_json(settings)["num_shards"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     fail(f"{settings} does not say how many shards the set has ({e}); pass the shards as .npz files")
   if not isinstance(expected, int) or len(shards) != expected:
@@ -81,15 +57,17 @@ def check_complete(path: str, shards: list[str]) -> None:
          "`python -m rdm_jax.sample` command to complete it")
 
 
-def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
+def read_samples(path: str, budget: untrusted.Budget | None = None) -> tuple[str, np.ndarray, list[str]]:
   """(label, uint8 images, captions) of a sample set: an .npz (optionally with `captions`, for
-  the CLIP score of text-conditioned samples), a directory of .npz shards, or an image folder."""
+  the CLIP score of text-conditioned samples), a directory of .npz shards, or an image folder;
+  what is read is charged to the job's `budget`."""
+  budget = budget or untrusted.Budget(f"reading {path}")
   if path.endswith(".npz"):
     shards = [path]
   elif files.isdir(path):
     shards = files.glob(path, "*.npz")
     if not shards:
-      return files.basename(files.normpath(path)), read_image_folder(path), []
+      return files.basename(files.normpath(path)), read_image_folder(path, budget), []
     check_complete(path, shards)
   else:
     fail(f"{path}: expected an .npz file, a directory of .npz shards or an image folder")
@@ -99,13 +77,11 @@ def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
   for shard in shards:
     if not files.isfile(shard):
       fail(f"{shard} does not exist; run `python -m rdm_jax.sample` first")
-    with files.load_npz(shard) as z:
-      if "images" not in z:
-        fail(f"{shard} has no 'images' array (keys: {', '.join(z.files)[:200]})")
-      images.append(npz_member(z, "images", shard))
-      label = label or (str(npz_member(z, "condition", shard)) if "condition" in z else None)
+    with files.load_npz(shard, budget) as z:
+      images.append(z["images"])
+      label = label or (str(z["condition"]) if "condition" in z else None)
       if "captions" in z:
-        captions.extend(str(c) for c in npz_member(z, "captions", shard))
+        captions.extend(untrusted.caption(c, shard) for c in z["captions"])
   if len({im.shape[1:] for im in images}) > 1:
     fail(f"{path}: shards hold images of different shapes {sorted({im.shape[1:] for im in images})}")
   images = np.concatenate(images)
@@ -117,7 +93,8 @@ def read_samples(path: str) -> tuple[str, np.ndarray, list[str]]:
 def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
   """({row name: uint8 images}, {row name: captions}) of the sample sets; sets that share a
   condition (e.g. two seeds) get one row each, named by their file."""
-  read = [(p, *read_samples(p)) for p in paths]
+  budget = untrusted.Budget("the evaluate job")
+  read = [(p, *read_samples(p, budget)) for p in paths]
   labels = [name for _, name, _, _ in read]
   sets, captions = {}, {}
   for p, name, images, caps in read:

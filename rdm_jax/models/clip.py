@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdm_jax import untrusted
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.models import torch_legacy
@@ -153,18 +154,61 @@ def load(path: str) -> Clip:
   from transformers import FlaxCLIPModel
 
   if path and os.path.isdir(path):
-    try:
-      model = FlaxCLIPModel.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-      fail(f"could not load a Flax CLIP model from {path} ({e})")
-    return Clip(model, model.params, dir_sha256(path))
+    model, params = _load_dir(path)
+    return Clip(model, jax.tree.map(jnp.asarray, params), dir_sha256(path))
   obj = torch_legacy.load_weights(path, "CLIP", "give a directory with a saved transformers CLIP (save_pretrained) "
                                   "or OpenAI's ViT-B-32.pt (README: \"The paper's configuration\")")
-  sd = torch_legacy.script_state_dict(obj) if isinstance(obj, dict) else {}
-  config, params = convert_openai_state_dict(sd)
-  model = FlaxCLIPModel(config, _do_init=False)
-  _check_shapes(model, params, path)
+  with torch_legacy.converting(path, "OpenAI CLIP checkpoint"):
+    sd = torch_legacy.script_state_dict(obj) if isinstance(obj, dict) else {}
+    config, params = convert_openai_state_dict(sd)
+    model = FlaxCLIPModel(config, _do_init=False)
+    _check_shapes(model, params, path)
   return Clip(model, jax.tree.map(jnp.asarray, params), store.file_sha256(path))
+
+
+# Sane ranges of the architecture fields a transformers CLIP config.json declares (ViT-bigG is well inside).
+_CONFIG_RANGES = {"vocab_size": (1, 1 << 20), "hidden_size": (1, 16384), "intermediate_size": (1, 1 << 16),
+                  "num_hidden_layers": (1, 128), "num_attention_heads": (1, 256), "max_position_embeddings": (1, 1 << 16),
+                  "image_size": (1, 4096), "patch_size": (1, 4096), "num_channels": (1, 16), "projection_dim": (1, 16384)}
+_WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors")
+
+
+def _load_dir(path: str) -> tuple[Any, dict]:
+  """(FlaxCLIPModel, params) of a saved transformers directory, nothing initialised: config.json's
+  sizes are checked against sane ranges and the parameters they declare against the weights
+  file's size before the file is read; transformers then checks every array's shape."""
+  from transformers import CLIPConfig, FlaxCLIPModel
+
+  weights = next((os.path.join(path, w) for w in _WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
+  if weights is None:
+    fail(f"{path} holds no {' or '.join(_WEIGHT_FILES)}: save the model with FlaxCLIPModel.save_pretrained, or give "
+         "OpenAI's ViT-B-32.pt")
+  raw = untrusted.read_json(os.path.join(path, "config.json"))
+  if not isinstance(raw, dict):
+    fail(f"{path}/config.json is not a transformers CLIP config")
+  for tower in ("text_config", "vision_config"):
+    fields = {**raw, **raw.get(tower, {})} if isinstance(raw.get(tower, {}), dict) else None
+    if fields is None:
+      fail(f"{path}/config.json: {tower} is not an object")
+    for name, (lo, hi) in _CONFIG_RANGES.items():
+      value = fields.get(name)
+      if value is not None and not (type(value) is int and lo <= value <= hi):
+        fail(f"{path}/config.json: {tower}.{name} = {str(value)[:40]}; a CLIP has an integer in [{lo}, {hi}] there")
+  with torch_legacy.converting(os.path.join(path, "config.json"), "transformers CLIP config"):
+    model = FlaxCLIPModel(CLIPConfig.from_dict(raw), _do_init=False)
+    expected = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+  declared = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(expected))
+  size = os.path.getsize(weights)
+  if declared > size + (1 << 20):
+    fail(f"{path}/config.json declares {declared / 2**20:.1f} MiB of parameters but {weights} holds "
+         f"{size / 2**20:.1f} MiB: the config is not the weights' (re-save the model)")
+  untrusted.check_regular(weights)
+  try:
+    model, params = FlaxCLIPModel.from_pretrained(path, local_files_only=True, _do_init=False)
+  except (OSError, ValueError, TypeError, KeyError, EnvironmentError) as e:
+    fail(f"could not load a Flax CLIP model from {path} ({type(e).__name__}: {str(e)[:200]})")
+  _check_shapes(model, params, path)
+  return model, params
 
 
 def dir_sha256(path: str) -> str:

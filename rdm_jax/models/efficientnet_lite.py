@@ -225,12 +225,10 @@ def load_params(path: str = "") -> dict[str, Any]:
     sd = torch_legacy.load(path)
   except Exception as e:  # corrupt or foreign file: say which and what to do
     fail(f"could not read EfficientNet-Lite0 weights from {path} ({e}); reinstall the weights package")
-  try:
+  with torch_legacy.converting(path, "EfficientNet-Lite0 checkpoint"):
     params = convert_state_dict(sd)
-  except KeyError as e:
-    fail(f"{path} is not an EfficientNet-Lite0 checkpoint (missing {e})")
-  expected = jax.eval_shape(EfficientNetLite0().init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
-  mismatch = jax.tree.map(lambda a, b: a.shape != b.shape, params, expected["params"])
+    expected = jax.eval_shape(EfficientNetLite0().init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+    mismatch = jax.tree.map(lambda a, b: a.shape != b.shape, params, expected["params"])
   if any(jax.tree.leaves(mismatch)):
     fail(f"{path} has EfficientNet weights of other shapes than Lite0")
   return params

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from rdm_jax import files
+from rdm_jax import files, untrusted
 from rdm_jax.errors import fail
 
 
@@ -67,7 +67,7 @@ def load(path: str, cfg) -> np.ndarray:
   if not path or not os.path.isfile(path):
     fail(f"palette {path!r} not found: the encode job fits it from the train part "
          "(python -m rdm_jax.jobs.encode --config=...), or set config.first_stage.weights")
-  palette = np.load(path, allow_pickle=False)
+  palette = untrusted.load_npy(path)
   if palette.shape != (s.n_embed, s.channels) or palette.dtype != np.float32 or not np.isfinite(palette).all():
     fail(f"{path} holds {palette.dtype}{list(palette.shape)}; a palette of config.first_stage is float32 "
          f"[{s.n_embed}, {s.channels}]: delete it and rerun the encode job to fit it again")

@@ -29,11 +29,23 @@ Tensor views are checked against their storage before anything is copied: offset
 strides are non-negative integers, the last element lies inside the storage, and no tensor
 has more elements than its storage; storage sizes must equal the bytes the file holds, and
 all tensors together may not exceed twice the stored bytes.
+
+Memory and time are bounded by the file's size:
+- keys that are hashed while unpickling (dict keys, set items, memo indices) must be str or
+  small ints (|k| < 2**60, which hash to themselves): ints and floats that all hash alike, or
+  tuples whose hash walks a shared structure, would make unpickling quadratic or exponential;
+- the object is materialised once per distinct object (shared references stay shared), and
+  what it would take as a tree (each node, each element, each tensor's bytes) is counted
+  against `2 * stored bytes + 64 * pickle bytes + 1 MiB`: a pickle whose objects form a DAG
+  (40 levels of one list referenced twice, under 1 KB) is refused, not walked 2**40 times;
+- zip archives: members may not overlap, repeat, be encrypted or compressed, and together
+  hold no more than the archive's size (`untrusted.zip_members`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import math
 import os
@@ -41,10 +53,14 @@ import pickle
 import re
 import struct
 import zipfile
-from typing import Any
+import zlib
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from rdm_jax import untrusted
+from rdm_jax.errors import UserError, fail
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
@@ -54,6 +70,8 @@ _STORAGE_DTYPES = {
 }
 _STORAGE_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
 _MAX_DEPTH = 64  # nesting of containers in a checkpoint object
+_MAX_KEY = 1 << 60  # ints below this hash to themselves: no two keys collide
+_NODE_BYTES = 64  # what one container or scalar counts for in the materialisation budget
 
 
 class CheckpointError(ValueError):
@@ -172,6 +190,18 @@ _DATA_OPCODES = (
 _OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in __import__("pickletools").opcodes}
 
 
+def _hashable_key(k: Any) -> bool:
+  """Keys whose hashes cannot be made to collide: str (randomised hashing), small ints, None, bool."""
+  return isinstance(k, str) or k is None or (type(k) in (int, bool) and -_MAX_KEY < k < _MAX_KEY)
+
+
+def _check_keys(keys) -> None:
+  for k in keys:
+    if not _hashable_key(k):
+      raise CheckpointError(f"a dict key or set item of type {type(k).__name__} "
+                            f"({str(k)[:40]}); checkpoints key by str or small int")
+
+
 class _Dispatch(dict):
   def __missing__(self, code: int):
     name = _OPCODE_NAMES.get(code, f"unknown opcode {code:#x}")
@@ -197,6 +227,32 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcod
     if module == "__torch__" or module.startswith("__torch__."):
       return _ScriptClass(f"{module}.{name}")
     raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from a checkpoint")
+
+  def load_setitem(self):
+    _check_keys(self.stack[-2:-1])
+    pickle._Unpickler.load_setitem(self)
+
+  def load_setitems(self):  # the items since the mark are self.stack
+    _check_keys(self.stack[0::2])
+    pickle._Unpickler.load_setitems(self)
+
+  def load_dict(self):
+    _check_keys(self.stack[0::2])
+    pickle._Unpickler.load_dict(self)
+
+  def load_additems(self):
+    _check_keys(self.stack)
+    pickle._Unpickler.load_additems(self)
+
+  def load_frozenset(self):
+    _check_keys(self.stack)
+    pickle._Unpickler.load_frozenset(self)
+
+  def load_put(self):
+    i = self.readline()[:-1]
+    if not i.isdigit() or len(i) > 10:
+      raise CheckpointError("malformed memo index")
+    self.memo[int(i)] = self.stack[-1]
 
   def load_reduce(self):
     args = self.stack.pop()
@@ -245,6 +301,9 @@ dispatch = _Dispatch({getattr(pickle, n)[0]: pickle._Unpickler.dispatch[getattr(
 dispatch[pickle.REDUCE[0]] = _SafeUnpickler.load_reduce
 dispatch[pickle.BUILD[0]] = _SafeUnpickler.load_build
 dispatch[pickle.NEWOBJ[0]] = _SafeUnpickler.load_newobj
+for _name, _method in (("SETITEM", "load_setitem"), ("SETITEMS", "load_setitems"), ("DICT", "load_dict"),
+                       ("ADDITEMS", "load_additems"), ("FROZENSET", "load_frozenset"), ("PUT", "load_put")):
+  dispatch[getattr(pickle, _name)[0]] = getattr(_SafeUnpickler, _method)
 _SafeUnpickler.dispatch = dispatch
 del dispatch
 
@@ -275,30 +334,71 @@ class _Bounded(io.RawIOBase):
     return self.f.readline(self._left() if n is None or n < 0 else min(n, self._left()))
 
 
-def _materialize(obj: Any, budget: list[int], depth: int = 0, active: frozenset = frozenset()) -> Any:
-  """Tensors -> arrays (identical views share one array); containers rebuilt; anything else refused."""
-  if depth > _MAX_DEPTH or id(obj) in active:
-    raise CheckpointError("the checkpoint object nests too deeply or refers to itself")
-  if type(obj) is _LazyTensor:
-    budget[0] -= obj.numel * obj.storage.dtype.itemsize
-    if budget[0] < 0:
-      raise CheckpointError("the tensors together are much larger than the data stored in the file")
-    return obj.numpy()
-  if type(obj) in (dict, collections.OrderedDict, list, tuple):
-    inner = active | {id(obj)}
-    if isinstance(obj, dict):
+class _Materializer:
+  """Tensors -> arrays, containers rebuilt, anything else refused; each distinct object once.
+
+  Shared objects stay shared, but every reference counts what the object takes as a tree
+  against the budget, so neither this walk nor a caller walking the result can be made
+  exponential by a small file.
+  """
+
+  def __init__(self, budget: int):
+    self.left = budget
+    self.memo: dict[int, tuple[Any, int]] = {}  # id -> (result, tree cost)
+    self.active: set[int] = set()
+
+  def __call__(self, obj: Any) -> Any:
+    result, cost = self._convert(obj, 0)
+    self._charge(cost)
+    return result
+
+  def _charge(self, cost: int) -> None:
+    if cost > self.left:
+      raise CheckpointError("its objects and tensors together are much larger than the data stored in the file "
+                            "(shared objects or views repeated)")
+
+  def _convert(self, obj: Any, depth: int) -> tuple[Any, int]:
+    if id(obj) in self.memo:
+      return self.memo[id(obj)]
+    if depth > _MAX_DEPTH or id(obj) in self.active:
+      raise CheckpointError("the checkpoint object nests too deeply or refers to itself")
+    self.active.add(id(obj))
+    out = self._build(obj, depth)
+    self.active.discard(id(obj))
+    self._charge(out[1])
+    self.memo[id(obj)] = out
+    return out
+
+  def _children(self, items, depth: int) -> tuple[list, int]:
+    out, cost = [], 0
+    for item in items:
+      value, c = self._convert(item, depth + 1)
+      out.append(value)
+      cost += c
+      self._charge(cost)
+    return out, cost
+
+  def _build(self, obj: Any, depth: int) -> tuple[Any, int]:
+    if type(obj) is _LazyTensor:
+      nbytes = obj.numel * obj.storage.dtype.itemsize
+      self._charge(nbytes)
+      return obj.numpy(), nbytes + _NODE_BYTES
+    if isinstance(obj, dict) and type(obj) in (dict, collections.OrderedDict):
       if not all(type(k) in (str, int, _GlobalName) for k in obj):
         raise CheckpointError("a dict in the checkpoint has keys other than str or int")
-      return type(obj)((str(k) if type(k) is _GlobalName else k, _materialize(v, budget, depth + 1, inner))
-                       for k, v in obj.items())
-    return type(obj)(_materialize(v, budget, depth + 1, inner) for v in obj)
-  if obj is None or type(obj) in (bool, int, float, str, bytes):
-    return obj
-  if type(obj) is _GlobalName:
-    return str(obj)
-  if type(obj) is _ScriptObject:  # a TorchScript module: the dict of its attributes
-    return _materialize(obj.attrs or {}, budget, depth + 1, active | {id(obj)})
-  raise CheckpointError(f"unexpected {type(obj).__name__} in the checkpoint object")
+      values, cost = self._children(obj.values(), depth)
+      keys = [str(k) if type(k) is _GlobalName else k for k in obj]
+      return type(obj)(zip(keys, values)), cost + _NODE_BYTES * (1 + len(keys))
+    if type(obj) in (list, tuple):
+      values, cost = self._children(obj, depth)
+      return type(obj)(values), cost + _NODE_BYTES * (1 + len(values))
+    if obj is None or type(obj) in (bool, int, float):
+      return obj, _NODE_BYTES
+    if type(obj) in (str, bytes, _GlobalName):
+      return (str(obj) if type(obj) is _GlobalName else obj), _NODE_BYTES + len(obj)
+    if type(obj) is _ScriptObject:  # a TorchScript module: the dict of its attributes
+      return self._convert(obj.attrs or {}, depth + 1)
+    raise CheckpointError(f"unexpected {type(obj).__name__} in the checkpoint object")
 
 
 def _member(zf: zipfile.ZipFile, name: str, size: int | None = None) -> bytes:
@@ -314,8 +414,9 @@ def _member(zf: zipfile.ZipFile, name: str, size: int | None = None) -> bytes:
   return zf.read(info)
 
 
-def _load_zip(path: str) -> tuple[Any, dict[str, _Storage]]:
-  with zipfile.ZipFile(path) as zf:
+def _load_zip(f, size: int) -> tuple[Any, dict[str, _Storage], int]:
+  with zipfile.ZipFile(f) as zf:
+    untrusted.zip_members(zf, "", size)
     names = zf.namelist()
     root = names[0].split("/")[0] if names else ""
     byteorder = f"{root}/byteorder"
@@ -325,40 +426,41 @@ def _load_zip(path: str) -> tuple[Any, dict[str, _Storage]]:
     storages: dict[str, _Storage] = {}
     obj = _SafeUnpickler(io.BytesIO(data_pkl), storages,
                          lambda key, nbytes: _member(zf, f"{root}/data/{key}", nbytes)).load()
-    return obj, storages
+    return obj, storages, len(data_pkl)
 
 
-def _load_legacy(path: str) -> tuple[Any, dict[str, _Storage]]:
-  size = os.path.getsize(path)
-  with open(path, "rb") as raw:
-    f = _Bounded(raw, size)
-    storages: dict[str, _Storage] = {}
-    if _SafeUnpickler(f, {}).load() != _LEGACY_MAGIC:
-      raise CheckpointError("it is not a torch checkpoint (bad magic number)")
-    protocol = _SafeUnpickler(f, {}).load()
-    sys_info = _SafeUnpickler(f, {}).load()
-    if not _is_int(protocol) or type(sys_info) is not dict:
-      raise CheckpointError("malformed header")
-    if not sys_info.get("little_endian", True):
-      raise CheckpointError("it was saved on a big-endian machine; not supported")
-    obj = _SafeUnpickler(f, storages).load()
-    keys = _SafeUnpickler(f, {}).load()
-    if type(keys) is not list or sorted(map(str, keys)) != sorted(storages):
-      raise CheckpointError("its list of stored storages does not match the storages its tensors use")
-    for key in keys:
-      header = raw.read(8)
-      if len(header) != 8:
-        raise CheckpointError(f"it is truncated (no data for storage {key})")
-      (numel,) = struct.unpack("<q", header)
-      storage = storages[key]
-      if numel != storage.numel:
-        raise CheckpointError(f"storage {key} holds {numel} elements but its tensors declare {storage.numel}")
-      nbytes = numel * storage.dtype.itemsize
-      if nbytes > size - raw.tell():
-        raise CheckpointError(f"it is truncated (storage {key} needs {nbytes} bytes, "
-                              f"{size - raw.tell()} are left)")
-      storage.data = np.frombuffer(raw.read(nbytes), dtype=storage.dtype)
-  return obj, storages
+def _load_legacy(raw, size: int) -> tuple[Any, dict[str, _Storage], int]:
+  raw.seek(0)  # zipfile.is_zipfile moved it
+  f = _Bounded(raw, size)
+  storages: dict[str, _Storage] = {}
+  if _SafeUnpickler(f, {}).load() != _LEGACY_MAGIC:
+    raise CheckpointError("it is not a torch checkpoint (bad magic number)")
+  protocol = _SafeUnpickler(f, {}).load()
+  sys_info = _SafeUnpickler(f, {}).load()
+  if not _is_int(protocol) or type(sys_info) is not dict:
+    raise CheckpointError("malformed header")
+  if not sys_info.get("little_endian", True):
+    raise CheckpointError("it was saved on a big-endian machine; not supported")
+  start = raw.tell()
+  obj = _SafeUnpickler(f, storages).load()
+  pickle_bytes = raw.tell() - start
+  keys = _SafeUnpickler(f, {}).load()
+  if type(keys) is not list or sorted(map(str, keys)) != sorted(storages):
+    raise CheckpointError("its list of stored storages does not match the storages its tensors use")
+  for key in keys:
+    header = raw.read(8)
+    if len(header) != 8:
+      raise CheckpointError(f"it is truncated (no data for storage {key})")
+    (numel,) = struct.unpack("<q", header)
+    storage = storages[key]
+    if numel != storage.numel:
+      raise CheckpointError(f"storage {key} holds {numel} elements but its tensors declare {storage.numel}")
+    nbytes = numel * storage.dtype.itemsize
+    if nbytes > size - raw.tell():
+      raise CheckpointError(f"it is truncated (storage {key} needs {nbytes} bytes, "
+                            f"{size - raw.tell()} are left)")
+    storage.data = np.frombuffer(raw.read(nbytes), dtype=storage.dtype)
+  return obj, storages, pickle_bytes
 
 
 def script_state_dict(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
@@ -380,24 +482,37 @@ def load(path: str) -> Any:
   plain containers (see the module docstring); nothing in the file is ever executed.
   """
   try:
-    obj, storages = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    with untrusted.open_regular(path) as f:
+      size = os.fstat(f.fileno()).st_size
+      obj, storages, pickle_bytes = _load_zip(f, size) if zipfile.is_zipfile(f) else _load_legacy(f, size)
     stored = sum(s.numel * s.dtype.itemsize for s in storages.values())
-    return _materialize(obj, [2 * stored + (1 << 20)])
+    return _Materializer(2 * stored + _NODE_BYTES * pickle_bytes + (1 << 20))(obj)
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
+  except UserError as e:
+    raise CheckpointError(str(e)) from None
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-          struct.error, zipfile.BadZipFile, RecursionError, MemoryError, UnicodeDecodeError) as e:
+          struct.error, zipfile.BadZipFile, RecursionError, MemoryError, UnicodeDecodeError, RuntimeError,
+          NotImplementedError, OverflowError, OSError, zlib.error) as e:
     raise CheckpointError(f"{path}: refused or unreadable ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def load_weights(path: str, what: str, hint: str) -> Any:
   """`load` for a job: a missing file or a refused one is one line (a UserError) naming `what`
   and, for a missing file, `hint` (what to give instead)."""
-  from rdm_jax.errors import fail
-
   if not path or not os.path.isfile(path):
     fail(f"{what}: weights file {path!r} not found; {hint}")
   try:
     return load(path)
   except CheckpointError as e:
     fail(f"{what}: refused {e}")
+
+
+@contextlib.contextmanager
+def converting(path: str, what: str) -> Iterator[None]:
+  """Turns what a conversion of loaded weights raises on values of the wrong kind (a 0-d or empty
+  tensor where a kernel or a schedule belongs, a str where a tensor does) into one line."""
+  try:
+    yield
+  except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+    fail(f"{what}: {path} does not hold the weights of one ({type(e).__name__}: {str(e)[:200]})")

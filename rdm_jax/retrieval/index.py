@@ -48,14 +48,14 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from rdm_jax import untrusted
 from rdm_jax.data import store
-from rdm_jax.errors import fail
+from rdm_jax.errors import UserError, fail
 from rdm_jax.retrieval import exact
 
 KIND = "index"
@@ -261,7 +261,7 @@ def _load_scann(shard_dir: str):
   """A ScaNN searcher from a checked shard directory, without `load_searcher`'s pickle of docids."""
   from scann.scann_ops.py import scann_ops_pybind
 
-  with open(os.path.join(shard_dir, "scann_assets.pbtxt")) as f:
+  with untrusted.open_regular(os.path.join(shard_dir, "scann_assets.pbtxt"), "r", encoding="utf-8") as f:
     assets = f.read()
   return scann_ops_pybind.ScannSearcher(scann_ops_pybind.scann_pybind.ScannNumpy(shard_dir, assets), None)
 
@@ -320,14 +320,13 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
       final = os.path.join(partial, shard["dir"])
       tuned = final + ".search.json"  # the shard's tuned search settings, written before the shard
       if os.path.isdir(final) and os.path.isfile(tuned):
-        with open(tuned) as f:
-          search[shard["dir"]] = json.load(f)
+        search[shard["dir"]] = untrusted.read_json(tuned)
         continue
       if os.path.isdir(final) and shard["dir"] in finished:
         search[shard["dir"]] = finished[shard["dir"]]
         continue
       if os.path.isdir(final):
-        shutil.rmtree(final)  # built, but its search settings were lost: build it again (deterministic)
+        store.remove_shard_dir(final)  # built, but its search settings were lost: build it again (deterministic)
       recipe = Recipe(**shard["recipe"])
       t = time.time()
       data = exact.l2_normalize(store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
@@ -342,7 +341,7 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
       del data
       tmp = final + ".tmp"
       if os.path.isdir(tmp):
-        shutil.rmtree(tmp)  # an interrupted build's (ours: inside our partial)
+        store.remove_shard_dir(tmp)  # an interrupted build's (ours: inside our partial)
       os.makedirs(tmp)
       searcher.serialize(os.path.abspath(tmp), relative_path=True)  # relative paths reload anywhere
       del searcher
@@ -353,7 +352,7 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
           f"(+{time.time() - t - build_s:.1f} s reading, tuning the search, writing)")
     for name in os.listdir(partial):  # temporaries of a run killed while writing them (ours)
       if name.endswith(".tmp"):
-        (shutil.rmtree if os.path.isdir(os.path.join(partial, name)) else os.remove)(os.path.join(partial, name))
+        (store.remove_shard_dir if os.path.isdir(os.path.join(partial, name)) else os.remove)(os.path.join(partial, name))
     shard_files = {s["dir"]: {f: os.path.getsize(os.path.join(partial, s["dir"], f))
                               for f in sorted(os.listdir(os.path.join(partial, s["dir"])))}
                    for s in shards if s["dir"]}
@@ -386,9 +385,8 @@ def without_timings(value: Any) -> Any:
 def _partial_manifest_search(partial: str) -> dict[str, Any]:
   """The per-shard search settings in a manifest an interrupted build wrote into its partial."""
   try:
-    with open(os.path.join(partial, store.MANIFEST)) as f:
-      search = json.load(f).get("search", {})
-  except (OSError, ValueError, AttributeError):
+    search = untrusted.read_json(os.path.join(partial, store.MANIFEST)).get("search", {})
+  except (OSError, UserError, AttributeError):
     return {}
   return search if isinstance(search, dict) else {}
 
@@ -446,10 +444,10 @@ def _check_shard_dir(path: str, name: str, recorded: Any, bad: Callable[[str], N
   from google.protobuf import text_format
   from scann.scann_ops import scann_assets_pb2
 
-  with open(os.path.join(shard_dir, "scann_assets.pbtxt")) as f:
+  with untrusted.open_regular(os.path.join(shard_dir, "scann_assets.pbtxt"), "r", encoding="utf-8") as f:
     try:
-      assets = text_format.Parse(f.read(), scann_assets_pb2.ScannAssets())
-    except text_format.ParseError:
+      assets = text_format.Parse(f.read(1 << 20), scann_assets_pb2.ScannAssets())
+    except (text_format.ParseError, UnicodeDecodeError):
       bad(f"{name}/scann_assets.pbtxt does not parse")
   for asset in assets.assets:
     if asset.asset_path not in present or asset.asset_path == "scann_assets.pbtxt":
