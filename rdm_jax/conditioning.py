@@ -19,7 +19,7 @@ import numpy as np
 
 from rdm_jax import config_base, untrusted
 from rdm_jax.data import crops, sources, store, visualize
-from rdm_jax.errors import fail
+from rdm_jax.errors import UserError, fail
 from rdm_jax.retrieval import encoders, exact, index, proposal
 
 
@@ -124,7 +124,10 @@ def load_query_embeddings(path: str, database: store.Store) -> np.ndarray:
   """float32 [N, d] query embeddings from a .npy, checked against the database's width (no pickle)."""
   if not os.path.isfile(path):
     fail(f"config.sample.embeddings_path={path!r}: no such file")
-  queries = untrusted.load_npy(path)  # no pickle; its declared shape checked before it is read
+  try:
+    queries = untrusted.load_npy(path)  # no pickle; its declared shape checked before it is read
+  except UserError as e:
+    fail(f"config.sample.embeddings_path: {e}")
   d = database["embeddings"].shape[1]
   if queries.ndim != 2 or queries.shape[1] != d or queries.dtype.kind != "f":
     fail(f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the database's "

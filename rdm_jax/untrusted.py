@@ -271,13 +271,16 @@ def load_npy(path: str, budget: Budget | None = None, mmap: bool = False) -> np.
     except (ValueError, OSError, EOFError, OverflowError, SyntaxError) as e:
       fail(f"{path} is not a readable .npy array ({type(e).__name__}: {str(e)[:200]})")
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if dtype.hasobject or f.tell() + nbytes != size:
+    if dtype.hasobject:
+      fail(f"{path} holds Python objects (a pickle), which are never loaded; save a numeric array")
+    if f.tell() + nbytes != size:
       fail(f"{path} is truncated or corrupt: it declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a file of "
            f"{size} bytes")
     if mmap:
       return np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=tuple(shape),
                        order="F" if fortran else "C")
     (budget or Budget(f"reading {path}")).charge(nbytes, path)
+    f.seek(0)
     return np.lib.format.read_array(f, allow_pickle=False)
 
 

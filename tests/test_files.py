@@ -156,3 +156,15 @@ def test_stores_refuse_a_bucket_in_one_line():
     with pytest.raises(UserError, match="gcsfuse") as e:
       call()
     assert "\n" not in str(e.value)
+
+
+def test_npy_files_read_into_memory_and_mapped_alike(tmp_path):
+  """untrusted.load_npy, in memory or memory-mapped, gives np.load's array (C and Fortran order)."""
+  from rdm_jax import untrusted
+
+  for order in ("C", "F"):
+    a = np.asarray(np.arange(60, dtype=np.float32).reshape(3, 4, 5), order=order)
+    np.save(tmp_path / f"{order}.npy", a)
+    for mmap in (False, True):
+      got = untrusted.load_npy(str(tmp_path / f"{order}.npy"), mmap=mmap)
+      np.testing.assert_array_equal(got, np.load(tmp_path / f"{order}.npy"))
