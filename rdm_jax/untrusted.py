@@ -119,6 +119,20 @@ def check_regular(path: str) -> None:
   open_regular(path).close()
 
 
+def check_directory(path: str) -> None:
+  """Refuses (one line) a directory a library reads by name (a saved transformers model or
+  tokenizer) holding anything but regular files and directories, or a file past the budget."""
+  for entry in os.scandir(path):
+    try:
+      st = os.stat(entry.path)
+    except OSError as e:
+      fail(f"{entry.path} cannot be read ({e})")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+      fail(f"{entry.path} is {_file_kind(st.st_mode)}, not a regular file; refusing to read {path}")
+    if stat.S_ISREG(st.st_mode):
+      Budget(f"reading {path}").charge(st.st_size, entry.path)
+
+
 def parse_json(data: bytes | str, what: str) -> Any:
   """JSON of a file or a line (`what` names it): invalid UTF-8, bad syntax and deep nesting are one line."""
   try:

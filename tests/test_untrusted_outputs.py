@@ -745,3 +745,22 @@ def test_fuzzed_npz_files_load_or_fail_in_one_line(tmp_path):
   finally:
     tracemalloc.stop()
   assert outcomes["loaded"] > 20 and outcomes["refused"] > 1000, outcomes
+
+
+def test_saved_transformers_directories_with_special_files_are_refused(tmp_path):
+  """transformers opens a model's or tokenizer's files by name: a FIFO among them is refused first."""
+  from transformers import CLIPConfig, FlaxCLIPModel
+
+  from rdm_jax.models import clip
+
+  config = CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=16),
+                      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                                         num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+  FlaxCLIPModel(config, seed=0).save_pretrained(str(tmp_path / "clip"))
+  assert clip.load(str(tmp_path / "clip")).model.config.projection_dim == 16
+  os.mkfifo(tmp_path / "clip" / "vocab.json")
+  with _within(30), pytest.raises(UserError, match="vocab.json is a FIFO"):
+    clip.load(str(tmp_path / "clip"))
+  with _within(30), pytest.raises(UserError, match="vocab.json is a FIFO"):
+    clip.load_tokenizer(str(tmp_path / "clip"), "save one")

@@ -156,13 +156,8 @@ def clip_image(weights: str = "", image_size: int = 224, batch_size: int = 256) 
 def clip_text_features(weights: str, captions: list[str], batch_size: int = 256) -> np.ndarray:
   """CLIP text embeddings (projected, as OpenAI's `encode_text`) of captions, tokenised by the
   tokenizer saved in the same local directory (padded to the model's 77 positions)."""
-  from transformers import CLIPTokenizer
-
   model = clip.load(weights)
-  try:
-    tok = CLIPTokenizer.from_pretrained(weights, local_files_only=True)
-  except (OSError, ValueError) as e:
-    fail(f"no CLIP tokenizer in {weights} ({e}); save it there with CLIPTokenizer.save_pretrained")
+  tok = clip.load_tokenizer(weights, "save it there with CLIPTokenizer.save_pretrained")
   length = model.model.config.text_config.max_position_embeddings
   fn = jax.jit(model.text_features)
   out = []

@@ -179,6 +179,7 @@ def _load_dir(path: str) -> tuple[Any, dict]:
   file's size before the file is read; transformers then checks every array's shape."""
   from transformers import CLIPConfig, FlaxCLIPModel
 
+  untrusted.check_directory(path)
   weights = next((os.path.join(path, w) for w in _WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
   if weights is None:
     fail(f"{path} holds no {' or '.join(_WEIGHT_FILES)}: save the model with FlaxCLIPModel.save_pretrained, or give "
@@ -209,6 +210,18 @@ def _load_dir(path: str) -> tuple[Any, dict]:
     fail(f"could not load a Flax CLIP model from {path} ({type(e).__name__}: {str(e)[:200]})")
   _check_shapes(model, params, path)
   return model, params
+
+
+def load_tokenizer(path: str, hint: str) -> Any:
+  """The CLIPTokenizer saved in the local directory `path`, its files checked first
+  (`untrusted.check_directory`); one line with `hint` (what to do) when there is none."""
+  from transformers import CLIPTokenizer
+
+  untrusted.check_directory(path)
+  try:
+    return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    fail(f"no CLIP tokenizer in {path!r} ({type(e).__name__}: {str(e)[:200]}); {hint}")
 
 
 def dir_sha256(path: str) -> str:

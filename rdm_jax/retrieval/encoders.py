@@ -141,19 +141,13 @@ def embed_text(cfg: Any, texts: list[str] | tuple[str, ...]) -> np.ndarray:
   """float32 [N, embed_dim] CLIP text embeddings of captions (OpenAI's `encode_text`), tokenised by
   the CLIPTokenizer saved in `cfg.tokenizer` (or in the weights directory) and padded to the
   model's context length."""
-  from transformers import CLIPTokenizer
-
   enc = _get(cfg, load=True)
   if enc.text is None:
     fail(f"config.retrieval.encoder={cfg.encoder!r} has no text tower; use clip_vit_b32")
   path = cfg.get("tokenizer", "") or (cfg.weights if os.path.isdir(cfg.weights) else "")
-  try:
-    tok = CLIPTokenizer.from_pretrained(path, local_files_only=True) if path else None
-  except (OSError, ValueError) as e:
-    fail(f"no CLIP tokenizer in {path!r} ({str(e)[:200]}); save one there (CLIPTokenizer.save_pretrained) "
-         "and set config.retrieval.tokenizer")
-  if tok is None:
+  if not path or not os.path.isdir(path):
     fail("config.retrieval.tokenizer: give a directory with a saved CLIPTokenizer (OpenAI's .pt holds none)")
+  tok = clip.load_tokenizer(path, "save one there (CLIPTokenizer.save_pretrained) and set config.retrieval.tokenizer")
   length = _clip_model(cfg.weights).model.config.text_config.max_position_embeddings
   t = tok(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="np")
   fn = jax.jit(enc.text)
