@@ -114,6 +114,7 @@ def main(argv):
   if not paths:
     fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
   out_dir = files.normpath(_OUT.value or files.join(workdir or ".", "eval"))
+  cli.hold_output(out_dir, "--out")  # created and checked writable before any work; one writer
   check_output_dir(out_dir)
   unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
   if unknown:
@@ -153,7 +154,6 @@ def main(argv):
 
   ref_label = f"{cfg.reference}, {len(ref_images)} images"
   md = table(rows, extractor.name, ref_label)
-  files.makedirs(out_dir)
   result = {"made_by": MADE_BY, "extractor": extractor.identity, "reference": {**ref_source, "count": len(ref_images)}, "sets": rows,
             "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
             if extractor.identity["name"] != "inception_v3_fid" else ""}

@@ -122,6 +122,20 @@ def makedirs(path: str) -> None:
     os.makedirs(path or ".", exist_ok=True)
 
 
+def prepare_output_dir(path: str, what: str) -> None:
+  """Creates the output directory `path` before any work and checks that a file can be written in
+  it; a path under a regular file, a read-only filesystem or a missing permission is one line."""
+  try:
+    makedirs(path)
+    if not is_uri(path):
+      probe = tmp_name(os.path.join(path, ".write-check"))
+      with open(probe, "wb"):
+        pass
+      os.remove(probe)
+  except OSError as e:
+    fail(f"{what} {path} cannot be written ({e.strerror or e}); choose another path or fix its permissions")
+
+
 @_reachable
 def remove(path: str) -> None:
   if is_uri(path):

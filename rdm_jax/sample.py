@@ -80,9 +80,9 @@ def settings_of(rdm: inference.RDM, cond, num_shards: int) -> dict[str, Any]:
           "config": json.loads(rdm.config.to_json_best_effort())}
 
 
-def check_out_dir(out: str, settings: dict[str, Any]) -> bool:
+def check_out_dir(out: str, settings: dict[str, Any] | None) -> bool:
   """Whether `out` already holds this run's settings (a resumption); refuses a directory that holds
-  anything else, or samples made with other settings."""
+  anything else, or samples made with other settings (`settings` None: only what is not ours)."""
   path = files.join(out, SETTINGS)
   if files.exists(out) and not files.isdir(out):
     fail(f"{out} exists and is not a directory; choose another --out")
@@ -97,17 +97,28 @@ def check_out_dir(out: str, settings: dict[str, Any]) -> bool:
     fail(f"{path} is not readable JSON ({e}); choose another --out")
   if not isinstance(old, dict) or old.get("made_by") != MADE_BY:
     fail(f"{path} was not written by rdm_jax.sample; choose another --out")
-  diff = sorted(k for k in set(old) | set(settings) if k not in UNCOMPARED and old.get(k) != settings.get(k))
+  if settings is None:
+    return True
+  diff = _differences({k: v for k, v in old.items() if k not in UNCOMPARED},
+                      {k: v for k, v in settings.items() if k not in UNCOMPARED})
   if diff:
-    shown = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(settings.get(k))} now" for k in diff)
+    shown = "; ".join(f"{k}: {_short(a)} there, {_short(b)} now" for k, a, b in diff)
     fail(f"{out} holds samples made with other settings ({shown}): choose another --out for these "
          "settings, or rerun with the old ones to finish that set")
   return True
 
 
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted field, old value, new value) of every leaf where two settings records differ."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [d for k in sorted(set(old) | set(new), key=str)
+            for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+  return [] if old == new else [(prefix[:-1], old, new)]
+
+
 def _short(v: Any) -> str:
   text = json.dumps(v, sort_keys=True)
-  return text if len(text) <= 80 else text[:77] + "..."
+  return text if len(text) <= 200 else text[:197] + "..."
 
 
 def finished_shards(out: str, num_shards: int, settings: dict[str, Any]) -> np.ndarray:
@@ -155,11 +166,13 @@ def main(argv):
   s = config.sample
   if s.shard_size < 1:
     fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")
+  out = files.normpath(_OUT.value or files.join(workdir, "samples", s.condition))
+  check_out_dir(out, None)  # files of others: refused before any work
+  cli.hold_output(out, "--out")  # created and checked writable; one writer
   rdm = inference.RDM(config, workdir, _STEP.value)  # checks the sampler settings before any retrieval
   cond = rdm.from_config()  # every process: the same conditioning of all N samples
   n = len(cond.context)
   num_shards = -(-n // s.shard_size)
-  out = files.normpath(_OUT.value or files.join(workdir, "samples", s.condition))
   settings = settings_of(rdm, cond, num_shards)
   resumed = check_out_dir(out, settings)  # every process: all refuse alike
   lead = jax.process_index() == 0

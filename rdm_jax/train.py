@@ -108,7 +108,7 @@ def main(argv):
     logging.warning(w)
   workdir = files.normpath(workdir)
   checkpoint.check_workdir(workdir)
-  files.makedirs(workdir)
+  cli.hold_output(workdir, "--workdir")  # one writer: a second launch on this run is refused
 
   # --------------------------------------------------------------------------- Data
   data = pipeline.load_retrieval_data(config, "train")

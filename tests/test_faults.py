@@ -6,6 +6,7 @@ each job must do is the README's Reliability table.
 """
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -202,3 +203,82 @@ def test_checkpoint_of_another_model_config_is_not_called_damaged(trained):
   config.model.model_channels = 64  # the run trained 32
   with pytest.raises(UserError, match="checkpoint 4 .* does not fit this config's model"):
     final_state(config, workdir, (8, 8, 1))
+
+
+def _wait_for(predicate, what: str, timeout: float = 300.0) -> None:
+  import time
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if time.monotonic() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize("when", ["at_start", "after_a_checkpoint"])
+def test_two_trainers_on_one_workdir_one_is_refused(tmp_path, when):
+  """Run A trains (a long run, killed at the end of the test); run B on the same --workdir,
+  another seed when A has just taken the run directory, the same config once A has a checkpoint:
+  B stops in one line naming A's pid and host, and A's checkpoints are A's alone."""
+  data_dir = str(tmp_path / "data")
+  make_tiny_stores(data_dir)
+  workdir = str(tmp_path / "run")
+  a_cmd = train_command(data_dir, workdir, "--config.train.num_steps=1000000", "--config.train.checkpoint_every=2")
+  a = subprocess.Popen(a_cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       cwd=REPO)
+  try:
+    if when == "at_start":
+      _wait_for(lambda: os.path.exists(workdir + ".lock") or a.poll() is not None, "run A's lock")
+      b_cmd = train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.seed=1")
+    else:
+      _wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "2")) or a.poll() is not None,
+                "run A's first checkpoint")
+      b_cmd = a_cmd
+    assert a.poll() is None, a.stderr.read()[-3000:]
+    line = one_line_error(b_cmd)
+    assert f"pid {a.pid} on {os.uname().nodename}" in line and "another launch" in line, line
+    assert a.poll() is None  # A goes on
+    steps_before = set(os.listdir(os.path.join(workdir, "checkpoints"))) if when != "at_start" else set()
+    _wait_for(lambda: len(set(os.listdir(os.path.join(workdir, "checkpoints"))) - steps_before) >= 1,
+              "run A's next checkpoint")
+  finally:
+    a.kill()
+    a.wait()
+  info = json.load(open(os.path.join(workdir, "config.json")))
+  assert info["train"]["seed"] == 0  # A's record, never B's
+
+
+def test_a_lock_of_another_host_goes_stale_in_minutes_and_its_holder_keeps_it_fresh(tmp_path):
+  """A requeued job on another host breaks a lock whose heartbeat stopped a few minutes ago; a live
+  holder's thread keeps the lock's time fresh (an old time set by hand is renewed)."""
+  import time
+  path = str(tmp_path / "db")
+  with open(path + ".lock", "w") as f:
+    json.dump({"pid": 1, "host": "another-host", "start": None, "token": "t"}, f)
+  old = time.time() - store.LOCK_STALE_S - 60
+  os.utime(path + ".lock", (old, old))
+  lock = store.Lock(path).acquire(wait=False)  # broken at once: no wait for an hour
+  try:
+    assert json.load(open(path + ".lock"))["pid"] == os.getpid()
+  finally:
+    lock.release()
+  assert not os.path.exists(path + ".lock")
+  fresh = store.Lock(path, heartbeat_s=0.05).acquire()
+  try:
+    os.utime(path + ".lock", (old, old))
+    _wait_for(lambda: os.stat(path + ".lock").st_mtime > time.time() - 60, "the heartbeat", timeout=60)
+  finally:
+    fresh.release()
+  assert store.LOCK_STALE_S <= 600 and store.LOCK_HEARTBEAT_S * 3 <= store.LOCK_STALE_S
+
+
+def test_outputs_are_checked_before_any_work(tmp_path):
+  """A path under a regular file, for every job that writes a run directory: one line, at once."""
+  open(tmp_path / "a_file", "w").close()
+  under = str(tmp_path / "a_file" / "out")
+  data_dir = str(tmp_path / "data")
+  make_tiny_stores(data_dir)
+  line = one_line_error(train_command(data_dir, under, "--config.train.num_steps=2"))
+  assert "a_file/out" in line and "cannot be written" in line, line
+  line = one_line_error([sys.executable, "-m", "rdm_jax.evaluate", f"--config={os.path.join(REPO, 'configs', 'fashion_mnist_rdm.py')}",
+                         f"--samples={tmp_path / 'nothing.npz'}", f"--out={under}"])
+  assert "a_file/out" in line and "cannot be written" in line, line

@@ -122,3 +122,4 @@ def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_pat
 
   error = one_line_error(cmd("one", "--config.sample.num_steps=3"))
   assert "holds samples made with other settings" in error and "choose another --out" in error
+  assert re.search(r"sample\.num_steps: \d+ there, 3 now", error), error  # the field that differs, in full

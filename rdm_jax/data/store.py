@@ -12,9 +12,10 @@ What a job may write or delete (nothing the user owns is ever removed):
 - a job refuses, before computing anything, an output path that holds anything but a store
   of the kind it writes, and a `<dir>.partial` that is not a partial store (`check_output`);
 - one process at a time publishes a store (`Lock`: `<dir>.lock` holds pid, host and process
-  start time; a lock whose process is gone, or that was not refreshed for `LOCK_STALE_S`, is
-  broken); a single-process job holds it from start to end, so a second copy of the same job
-  waits and then reuses the first one's result;
+  start time, and its holder touches it every `LOCK_HEARTBEAT_S`; a lock whose process is gone,
+  or on another host not refreshed for `LOCK_STALE_S`, is broken); a single-process job holds it
+  from start to end, so a second copy of the same job waits and then reuses the first one's
+  result;
 - publishing renames the old store aside, moves the new one in, then deletes the old one
   (a crash in between leaves both on disk);
 - a job deletes only files it can prove it wrote (`remove_own`): a store's manifest names its
@@ -38,6 +39,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,7 +55,8 @@ MANIFEST = "manifest.json"
 INPUTS = "inputs.json"    # in <store>.partial/: what the chunks there were computed from
 ARRAY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 VERIFY_BELOW_BYTES = 1 << 30  # stores up to this size are checksummed whenever they are read (~0.6 s/GiB)
-LOCK_STALE_S = 3600.0         # a lock on another host that was not refreshed for this long is stale
+LOCK_HEARTBEAT_S = 60.0       # a held lock's file is touched this often, by a thread of its holder
+LOCK_STALE_S = 300.0          # a lock on another host that was not refreshed for this long is stale
 _verify_all = False
 
 
@@ -282,15 +285,18 @@ def check_output(path: str, kind: str) -> str:
 class Lock:
   """An exclusive lock on writing the store at `path`: the file `<path>.lock`.
 
-  The file holds the pid, host and process start time of its holder. It is stale, and is
-  broken, when that process is gone (same host) or when the holder has not refreshed it for
-  `stale_s` seconds (another host). `acquire` waits for a live holder.
+  The file holds the pid, host and process start time of its holder, and a thread of the holder
+  touches it every `heartbeat_s` seconds while it is held. It is stale, and is broken, when that
+  process is gone (same host) or when it was not touched for `stale_s` seconds (another host:
+  a killed holder there, or a host that went away). `acquire` waits for a live holder, or with
+  `wait=False` refuses it in one line naming it.
   """
 
   def __init__(self, path: str, log: Callable[[str], None] = print, stale_s: float = LOCK_STALE_S,
-               poll_s: float = 0.2):
+               poll_s: float = 0.2, heartbeat_s: float = LOCK_HEARTBEAT_S):
     self.file = normalize(path) + ".lock"
-    self.log, self.stale_s, self.poll_s = log, stale_s, poll_s
+    self.log, self.stale_s, self.poll_s, self.heartbeat_s = log, stale_s, poll_s, heartbeat_s
+    self._stop = threading.Event()
     self.text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
                             "token": uuid.uuid4().hex})
 
@@ -336,8 +342,13 @@ class Lock:
         pass
     os.remove(aside)
 
-  def acquire(self) -> "Lock":
-    os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
+  def acquire(self, wait: bool = True, busy: str = "") -> "Lock":
+    """Takes the lock, waiting for a live holder; with `wait=False` a live holder stops the job with
+    one line naming it, followed by `busy` (what to do)."""
+    try:
+      os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
+    except OSError as e:
+      fail(f"cannot create {os.path.dirname(self.file)} ({e.strerror or e}); choose another output path")
     last_note = 0.0
     while True:
       try:
@@ -350,6 +361,8 @@ class Lock:
           self.log(f"{self.file}: breaking the stale lock of pid {info.get('pid')} on {info.get('host')}")
           self._break(info)
           continue
+        if info and not wait:
+          fail(f"{self.file}: pid {info['pid']} on {info['host']} (started {info.get('start') or '?'}) holds it{busy}")
         if info and time.monotonic() - last_note > 60:
           self.log(f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; waiting for it "
                    "(its result is reused when it matches)")
@@ -358,7 +371,13 @@ class Lock:
         continue
       with os.fdopen(fd, "w") as f:
         f.write(self.text)
+      self._stop.clear()
+      threading.Thread(target=self._heartbeat, name=f"heartbeat {self.file}", daemon=True).start()
       return self
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      self.refresh()
 
   def refresh(self) -> None:
     """Marks the lock as alive (a holder on another host is judged by this time)."""
@@ -368,6 +387,7 @@ class Lock:
       pass
 
   def release(self) -> None:
+    self._stop.set()
     try:
       with untrusted.open_regular(self.file, "r", encoding="utf-8") as f:
         mine = f.read(4096) == self.text

@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from rdm_jax.errors import fail, run_main  # noqa: E402,F401
+from rdm_jax.errors import UserError, fail, run_main  # noqa: E402,F401
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                          lock_config=True)
@@ -100,3 +100,36 @@ def check_platform(config) -> None:
   if jax.process_index() == 0:
     for warning in warnings:
       print(f"warning: {warning}")
+
+
+_HELD: dict = {}  # output path -> the store.Lock this process holds on it until it exits
+
+
+def hold_output(path: str, what: str) -> None:
+  """One writer per output directory: `path` is created and checked writable, then process 0 takes
+  `<path>.lock` for the rest of the job (the stores' lock: holder, host, start time, heartbeat).
+  A live holder, a second launch of the job, is refused in one line naming it, on every process
+  of this launch. Run directories in a bucket (gs://) have no lock: object stores offer no
+  atomic create, so two launches there are the user's to avoid."""
+  import atexit
+
+  import jax
+  import numpy as np
+
+  from rdm_jax import files
+  from rdm_jax.data import store
+
+  files.prepare_output_dir(path, what)
+  ok, why = True, ""
+  if jax.process_index() == 0 and not files.is_uri(path) and path not in _HELD:  # held: a job run in-process again
+    try:
+      _HELD[path] = store.Lock(path).acquire(wait=False, busy=f": another launch of this job is writing {what} "
+                                             f"{path}; wait for it to finish, or choose another path")
+      atexit.register(_HELD[path].release)
+    except UserError as e:
+      ok, why = False, str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+  if not ok:
+    fail(why or f"{what} {path} is held by another launch of this job (process 0 names it)")
