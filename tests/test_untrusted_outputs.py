@@ -4,21 +4,26 @@ concurrent runs give one correct store, and stale data is never reused.
 Everything is made in the test; each attack that would run code tries to create a sentinel.
 """
 
+import contextlib
 import gzip
 import json
 import os
 import pickle
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import numpy as np
 import pytest
 from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
 
-from rdm_jax.data import sources, store
+from rdm_jax import checkpoint, files, untrusted
+from rdm_jax.data import original_database, sources, store
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
 from rdm_jax.retrieval import index
@@ -41,8 +46,8 @@ def unit(x):
 def _snapshot(root):
   """{relative path: bytes} of every file under root (what the user owns)."""
   out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
+  for d, _, names in os.walk(root):
+    for f in names:
       p = os.path.join(d, f)
       out[os.path.relpath(p, root)] = open(p, "rb").read()
   return out
@@ -466,14 +471,6 @@ def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path, t
 # Untrusted input, round three: bounded memory and time, special files, images that would run a
 # program, files of the user's, and malformed files as one line.
 
-import contextlib  # noqa: E402
-import resource  # noqa: E402
-import signal  # noqa: E402
-import struct  # noqa: E402
-import zipfile  # noqa: E402
-
-from rdm_jax import checkpoint, files, untrusted  # noqa: E402
-from rdm_jax.data import original_database  # noqa: E402
 
 
 @contextlib.contextmanager
