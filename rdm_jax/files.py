@@ -122,16 +122,28 @@ def makedirs(path: str) -> None:
     os.makedirs(path or ".", exist_ok=True)
 
 
-def prepare_output_dir(path: str, what: str) -> None:
-  """Creates the output directory `path` before any work and checks that a file can be written in
-  it; a path under a regular file, a read-only filesystem or a missing permission is one line."""
+def prepare_output_dir(path: str, what: str, create: bool = True) -> None:
+  """Checks, before any work, that the output directory `path` can be written: a path under a
+  regular file, a read-only filesystem or a missing permission is one line. With `create` the
+  directory is made now; without, nothing is written (the nearest existing folder is checked)."""
   try:
-    makedirs(path)
-    if not is_uri(path):
-      probe = tmp_name(os.path.join(path, ".write-check"))
-      with open(probe, "wb"):
-        pass
-      os.remove(probe)
+    if create:
+      makedirs(path)
+    if is_uri(path):
+      return
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f"{existing} is not a directory")
+    if existing != os.path.abspath(path):
+      if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{existing} is not writable")
+      return
+    probe = tmp_name(os.path.join(path, ".write-check"))
+    with open(probe, "wb"):
+      pass
+    os.remove(probe)
   except OSError as e:
     fail(f"{what} {path} cannot be written ({e.strerror or e}); choose another path or fix its permissions")
 

@@ -168,7 +168,7 @@ def main(argv):
     fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")
   out = files.normpath(_OUT.value or files.join(workdir, "samples", s.condition))
   check_out_dir(out, None)  # files of others: refused before any work
-  cli.hold_output(out, "--out")  # created and checked writable; one writer
+  cli.hold_output(out, "--out", create=False)  # checked writable before any work; one writer
   rdm = inference.RDM(config, workdir, _STEP.value)  # checks the sampler settings before any retrieval
   cond = rdm.from_config()  # every process: the same conditioning of all N samples
   n = len(cond.context)

@@ -279,6 +279,10 @@ def test_outputs_are_checked_before_any_work(tmp_path):
   make_tiny_stores(data_dir)
   line = one_line_error(train_command(data_dir, under, "--config.train.num_steps=2"))
   assert "a_file/out" in line and "cannot be written" in line, line
-  line = one_line_error([sys.executable, "-m", "rdm_jax.evaluate", f"--config={os.path.join(REPO, 'configs', 'fashion_mnist_rdm.py')}",
-                         f"--samples={tmp_path / 'nothing.npz'}", f"--out={under}"])
-  assert "a_file/out" in line and "cannot be written" in line, line
+  config = f"--config={os.path.join(REPO, 'configs', 'fashion_mnist_rdm.py')}"
+  for job, flags in (("rdm_jax.evaluate", [f"--samples={tmp_path / 'nothing.npz'}", f"--out={under}"]),
+                     ("rdm_jax.sample", [f"--workdir={tmp_path / 'no_run'}", f"--out={under}"]),
+                     ("rdm_jax.jobs.import_checkpoint", [f"--checkpoint={tmp_path / 'x.ckpt'}", f"--workdir={under}"])):
+    line = one_line_error([sys.executable, "-m", job, config, *flags])
+    assert "a_file/out" in line and "cannot be written" in line, (job, line)
+  assert not os.path.exists(tmp_path / "no_run")

@@ -105,9 +105,10 @@ def check_platform(config) -> None:
 _HELD: dict = {}  # output path -> the store.Lock this process holds on it until it exits
 
 
-def hold_output(path: str, what: str) -> None:
-  """One writer per output directory: `path` is created and checked writable, then process 0 takes
-  `<path>.lock` for the rest of the job (the stores' lock: holder, host, start time, heartbeat).
+def hold_output(path: str, what: str, create: bool = True) -> None:
+  """One writer per output directory: `path` is checked writable (and with `create` made), then
+  process 0 takes `<path>.lock` for the rest of the job (the stores' lock: holder, host, start
+  time, heartbeat).
   A live holder, a second launch of the job, is refused in one line naming it, on every process
   of this launch. Run directories in a bucket (gs://) have no lock: object stores offer no
   atomic create, so two launches there are the user's to avoid."""
@@ -119,7 +120,7 @@ def hold_output(path: str, what: str) -> None:
   from rdm_jax import files
   from rdm_jax.data import store
 
-  files.prepare_output_dir(path, what)
+  files.prepare_output_dir(path, what, create)
   ok, why = True, ""
   if jax.process_index() == 0 and not files.is_uri(path) and path not in _HELD:  # held: a job run in-process again
     try:

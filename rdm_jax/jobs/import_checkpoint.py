@@ -117,7 +117,7 @@ def main(argv):
   path = _CHECKPOINT.value or fail("--checkpoint is required (the original's model.ckpt)")
   workdir = files.normpath(_WORKDIR.value or fail("--workdir is required (a new or empty directory)"))
   checkpoint.check_workdir(workdir)
-  cli.hold_output(workdir, "--workdir")
+  cli.hold_output(workdir, "--workdir", create=False)  # a refused import writes nothing
   digest = store.file_sha256(path) if os.path.isfile(path) else ""
   info_path = files.join(workdir, "model_info.json")
   if files.exists(info_path):
