@@ -114,11 +114,6 @@ def open_regular(path: str, mode: str = "rb", encoding: str | None = None) -> IO
     raise
 
 
-def check_regular(path: str) -> None:
-  """Refuses (one line) a path that is not a regular file, for a library that opens it by name."""
-  open_regular(path).close()
-
-
 def check_directory(path: str) -> None:
   """Refuses (one line) a directory a library reads by name (a saved transformers model or
   tokenizer) holding anything but regular files and directories, or a file past the budget."""
@@ -191,6 +186,14 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplem
                OverflowError)
 
 
+def npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+  """(shape, fortran order, dtype) of the `.npy` header at f's position, read with a bounded
+  header size; f is left at the first element."""
+  version = np.lib.format.read_magic(f)
+  read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+  return read(f, max_header_size=1 << 16)
+
+
 class Npz:
   """An `.npz` read without pickle; every member's declared shape is checked before any is inflated.
 
@@ -228,9 +231,7 @@ class Npz:
   def _header(self, info: zipfile.ZipInfo, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
     try:
       with self._zip.open(info) as m:
-        version = np.lib.format.read_magic(m)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(m, max_header_size=1 << 16)
+        shape, _, dtype = npy_header(m)
         header = m.tell()
     except _ZIP_ERRORS as e:
       self.close()
@@ -279,9 +280,7 @@ def load_npy(path: str, budget: Budget | None = None, mmap: bool = False) -> np.
   with open_regular(path) as f:
     size = os.fstat(f.fileno()).st_size
     try:
-      version = np.lib.format.read_magic(f)
-      read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-      shape, fortran, dtype = read(f, max_header_size=1 << 16)
+      shape, fortran, dtype = npy_header(f)
     except (ValueError, OSError, EOFError, OverflowError, SyntaxError) as e:
       fail(f"{path} is not a readable .npy array ({type(e).__name__}: {str(e)[:200]})")
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize

@@ -140,9 +140,7 @@ def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
   start, stop = max(0, start), min(stop, len(arr))
   row_items = int(np.prod(arr.shape[1:], dtype=np.int64))
   with untrusted.open_regular(os.path.join(s.path, name + ".npy")) as f:
-    version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    _, fortran_order, _ = read_header(f)  # leaves f at the first element
+    _, fortran_order, _ = untrusted.npy_header(f)  # leaves f at the first element
     if fortran_order:
       return np.array(arr[start:stop])
     f.seek(start * row_items * arr.dtype.itemsize, os.SEEK_CUR)
@@ -223,6 +221,11 @@ def remove_shard_dir(path: str) -> None:
   if unknown:
     fail(f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); refusing to delete it: "
          "move them away")
+  _remove_flat_dir(path)
+
+
+def _remove_flat_dir(path: str) -> None:
+  """Removes a directory of files (links removed, not followed), checked to be ours by the caller."""
   for entry in os.scandir(path):
     os.remove(entry.path)
   os.rmdir(path)
@@ -234,9 +237,7 @@ def remove_own(directory: str, store: bool = True) -> None:
   check_own(directory, store)
   for entry in os.scandir(directory):
     if entry.is_dir(follow_symlinks=False):
-      for inner in os.scandir(entry.path):
-        os.remove(inner.path)
-      os.rmdir(entry.path)
+      _remove_flat_dir(entry.path)
     else:
       os.remove(entry.path)
   os.rmdir(directory)

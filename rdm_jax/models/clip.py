@@ -141,8 +141,13 @@ def convert_openai_state_dict(sd: dict[str, np.ndarray]) -> tuple[Any, dict[str,
   return config, params
 
 
-def _check_shapes(model, params, what: str) -> None:
-  expected = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+def _init_shapes(model) -> Any:
+  """The parameter tree a FlaxCLIPModel would initialise, as ShapeDtypeStructs (nothing allocated)."""
+  return jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+
+
+def _check_shapes(model, params, what: str, expected: Any = None) -> None:
+  expected = _init_shapes(model) if expected is None else expected
   got = jax.tree.map(lambda a: tuple(np.shape(a)), params)
   want = jax.tree.map(lambda a: tuple(a.shape), expected)
   if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
@@ -197,18 +202,17 @@ def _load_dir(path: str) -> tuple[Any, dict]:
         fail(f"{path}/config.json: {tower}.{name} = {str(value)[:40]}; a CLIP has an integer in [{lo}, {hi}] there")
   with torch_legacy.converting(os.path.join(path, "config.json"), "transformers CLIP config"):
     model = FlaxCLIPModel(CLIPConfig.from_dict(raw), _do_init=False)
-    expected = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+    expected = _init_shapes(model)
   declared = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(expected))
   size = os.path.getsize(weights)
   if declared > size + (1 << 20):
     fail(f"{path}/config.json declares {declared / 2**20:.1f} MiB of parameters but {weights} holds "
          f"{size / 2**20:.1f} MiB: the config is not the weights' (re-save the model)")
-  untrusted.check_regular(weights)
-  try:
+  try:  # every file in `path` was checked to be regular above
     model, params = FlaxCLIPModel.from_pretrained(path, local_files_only=True, _do_init=False)
   except (OSError, ValueError, TypeError, KeyError, EnvironmentError) as e:
     fail(f"could not load a Flax CLIP model from {path} ({type(e).__name__}: {str(e)[:200]})")
-  _check_shapes(model, params, path)
+  _check_shapes(model, params, path, expected)
   return model, params
 
 
