@@ -59,8 +59,8 @@ demo: setup data
 	$(RUN) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(RUN) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR) --config.sample.condition=proposal
 	$(RUN) -m rdm_jax.jobs.context_ablation --config=$(CONFIG) --workdir=$(WORKDIR)
-	$(RUN) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, $(WORKDIR)/eval/metrics.md, TensorBoard logs in $(WORKDIR)"
+	$(RUN) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup-test data
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(RUN) -m pytest -q -n 2 --dist loadfile

@@ -44,6 +44,7 @@ benchmarks/RESULTS.md, "The demo's recipe"):
   makes it an average over the last ~100-1000 steps in so short a run); 3600 steps (recall 0.49
   at 2400 steps, 0.57 at 3600; 1600 steps gave precision 0.51; 5400 moved label agreement by no
   more than the spread between sample seeds, for 3.3 minutes more).
+- eval.expect: the bands the demo's figures fall in; outside them the evaluate job fails.
 - train.p_uncond=0.1 (the released models use 0): the zeros context is a trained unconditional
   branch, so that classifier-free guidance can sharpen the samples. The scale is 3, not the
   paper's 2: on this model (means over sample seeds 0-2, by demo_quality.py's first, 89.7%
@@ -135,4 +136,8 @@ def get_config() -> mlc.ConfigDict:
   c.sample.top_m = 0.1       # proposal sampling: pseudo-queries from the top 10% of D by p_D
   c.eval.image_size = 64     # EfficientNet-Lite0 features of 64 px inputs (every figure in the README)
   c.eval.reference = "test"  # the 10k held-out test images
+  # what this recipe gives (README, benchmarks/RESULTS.md "The demo on any x86 machine"): a figure
+  # outside these bands fails the evaluate job, so a broken model never passes for a trained one
+  c.eval.expect = (("exemplar", "precision", 0.6, 1.0), ("exemplar", "recall", 0.45, 1.0),
+                   ("proposal", "precision", 0.6, 1.0), ("proposal", "recall", 0.4, 1.0))
   return c

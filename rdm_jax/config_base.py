@@ -108,14 +108,20 @@ def base_config() -> mlc.ConfigDict:
       loss_weighting="uniform",  # uniform (Eq. 3) | min_snr: min(SNR, gamma)-weighted (Hang et al. 2023)
       min_snr_gamma=5.0))
   c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=1000, b1=0.9, b2=0.999, weight_decay=0.01,
-                                grad_clip=1.0, ema_decay=0.9999,
+                                grad_clip=1.0, ema_decay=0.9999, eps=1e-8,
+                                update_clip=0.0,  # > 0: each tensor's Adam update clipped to this RMS (StableAdamW)
+                                decay="none",     # after the warm-up: none (LDM's constant rate) | cosine
+                                min_lr_ratio=0.0,  # cosine: the rate at train.num_steps, as a fraction of lr
                                 mu_dtype=""))  # Adam's first moment dtype; "" = the parameters'; bfloat16 halves it
 
   c.train = mlc.ConfigDict(dict(
       batch_size=64, num_steps=1000, seed=0, p_uncond=0.0,
       log_every=50, checkpoint_every=500, keep_checkpoints=3,
       sample_every=0, num_sample_images=16,
-      nonfinite="stop"))  # a step with NaN/inf loss or gradients: stop (before any checkpoint) | skip it
+      nonfinite="stop",   # a step with NaN/inf loss or gradients: stop (before any checkpoint) | skip it
+      on_spike="warn",    # a loss above spike_factor x the median of the last spike_window finite losses:
+      spike_factor=5.0,   # warn (train on it) | skip (the step changes nothing) | stop (before any
+      spike_window=200))  # checkpoint of it); each names the step and its batch's example ids
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
   c.sample = mlc.ConfigDict(dict(
       sampler="ddim",                # ddim | ddpm (ancestral, respaced to num_steps) | dpm_solver++ (2M)
@@ -154,7 +160,8 @@ def base_config() -> mlc.ConfigDict:
       num_reference=0,               # 0 = all reference images
       baseline_part="train",         # real images scored like a sample set ("" = skip)
       metrics=("fd", "precision_recall", "is", "kid", "clip_score"),  # clip_score: samples with captions
-      k=3, is_splits=10, kid_subsets=100, kid_subset_size=1000))
+      k=3, is_splits=10, kid_subsets=100, kid_subset_size=1000,
+      expect=()))  # (set, metric, low, high) bands a recipe's figures must fall in: outside, the job fails
 
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = DEFAULT_SHARDING_RULES

@@ -2,7 +2,8 @@
 
 Jobs raise `UserError` for bad input (missing files, mismatched manifests, impossible
 configs). `run_main` turns it into one readable line on stderr and exit status 2, so a
-user sees what to do next instead of a traceback.
+user sees what to do next instead of a traceback; a job stopped by SIGTERM after saving
+(`preemption.Preempted`) exits with status 75 and a line that says to rerun.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ def run_main(main: Callable[..., object], verbose: Callable[[], bool] = lambda: 
   """Wraps an absl `main` so a `UserError` exits with a one-line message (a traceback when
   `verbose()`)."""
 
+  from rdm_jax import preemption
+
   def wrapped(argv):
     try:
       main(argv)
+    except preemption.Preempted as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(preemption.EXIT_STATUS)
     except UserError as e:
       if verbose():
         raise

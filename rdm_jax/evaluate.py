@@ -105,6 +105,24 @@ def table(rows: dict[str, dict[str, Any]], extractor: str, reference: str) -> st
   return "\n".join(lines)
 
 
+def check_expected(rows: dict[str, dict[str, Any]], expect: Any) -> tuple[list[str], list[str]]:
+  """(the checks that held, the ones that did not) of `config.eval.expect`: (set, metric, low, high)
+  rows, each a band the recipe's figure must fall in; sets not evaluated are not checked."""
+  held, failed = [], []
+  for entry in expect:
+    if len(entry) != 4:
+      fail(f"config.eval.expect entry {tuple(entry)!r}; each entry is (set, metric, low, high)")
+    name, metric, low, high = entry
+    if name not in rows:
+      continue
+    if metric not in rows[name]:
+      fail(f"config.eval.expect names metric {metric!r} of set {name!r}, which has "
+           f"{', '.join(k for k in rows[name] if k != 'warnings')}")
+    value = float(rows[name][metric])
+    (held if low <= value <= high else failed).append(f"{name} {metric} {value:.3f} (band {low:g}..{high:g})")
+  return held, failed
+
+
 def main(argv):
   del argv
   config = cli.CONFIG.value
@@ -165,6 +183,13 @@ def main(argv):
     for w in r.get("warnings", []):
       print(f"note ({name}): {w}")
   print(f"wrote {files.join(out_dir, 'metrics.json')} and metrics.md")
+  held, failed = check_expected(rows, cfg.get("expect", ()))
+  if failed:
+    fail(f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The model did not "
+         "train as this config should: read the training log's warnings, the loss curve (TensorBoard) and the "
+         f"sample PNGs before using it; the metrics are in {out_dir}")
+  if held:
+    print(f"within this recipe's expected band (config.eval.expect): {'; '.join(held)}")
 
 
 if __name__ == "__main__":

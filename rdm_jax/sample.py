@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from rdm_jax import config_base, files, inference
+from rdm_jax import config_base, files, inference, preemption
 from rdm_jax.data import visualize
 from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli, distributed
@@ -160,6 +160,7 @@ def write_shard(path: str, rdm: inference.RDM, cond, rows: np.ndarray, z: np.nda
 def main(argv):
   del argv
   distributed.initialize()
+  preemption.install()  # SIGTERM: finish the shard, exit 75 (all processes after the same shard)
   config = cli.CONFIG.value
   workdir = _WORKDIR.value or fail("--workdir is required")
   cli.check_platform(config)
@@ -188,7 +189,7 @@ def main(argv):
   done = np.asarray(multihost_utils.broadcast_one_to_all(done))  # process 0's view of the disk
   if done.any():
     print(f"resuming: {int(done.sum())} of {num_shards} shards are done")
-  shown = []
+  shown, written = [], 0
   for i in range(num_shards):
     path = files.join(out, shard_name(i, num_shards))
     rows = np.arange(i * s.shard_size, min(n, (i + 1) * s.shard_size))
@@ -198,11 +199,15 @@ def main(argv):
           shown.append(z["images"])
       continue
     z = rdm.latents(cond.context[rows], first_index=int(rows[0]))  # all processes take part
+    written += 1
     if lead:
       images = write_shard(path, rdm, cond, rows, z)
       print(f"{shard_name(i, num_shards)}: samples {rows[0]}-{rows[-1]}")
       if sum(map(len, shown)) < NUM_SHOWN:
         shown.append(images)
+    if i + 1 < num_shards and preemption.reached(i):
+      multihost_utils.sync_global_devices("rdm_jax.sample preempted")  # the shard is on disk
+      preemption.stop(f"{int(done.sum()) + written} of {num_shards} shards are in {out}")
   if lead:
     images = np.concatenate(shown)[:NUM_SHOWN]
     grid_png, panel_png = files.join(out, GRID_PNG), files.join(out, PANEL_PNG)

@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E402
 
-from rdm_jax import checkpoint, conditioning, files, training  # noqa: E402
+from rdm_jax import checkpoint, conditioning, files, preemption, training  # noqa: E402
 from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
@@ -50,49 +50,93 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
   return write
 
 
-class NonFiniteGuard:
-  """Collects each step's `finite` flag and checks them in one transfer when asked (before
-  logging, checkpoints and samples), so the loop does not wait on the device every step.
+class StepWatch:
+  """Collects each step's `finite` and `spike` flags and checks them in one transfer when asked
+  (before logging, checkpoints and samples), so the loop does not wait on the device every step.
 
-  mode "stop": the first non-finite step is an error naming it and its examples (the step
-  itself changed nothing; the newest checkpoint is from before it). "skip": a warning,
-  training goes on.
+  Non-finite loss or gradients (`nonfinite`): "stop": an error naming the step and its examples
+  (the step itself changed nothing; the newest checkpoint is from before it); "skip": a warning,
+  training goes on. A spike of the loss or the gradient norm (`on_spike`, judged in the step:
+  training.make_train_step): a warning with the step, both against the window's medians and the
+  batch's example ids; "skip" says the step changed nothing; "stop" ends the run as a non-finite
+  step does.
+  `summary()` is the run's last word on them, and on a loss that never came back down.
   """
 
-  def __init__(self, mode: str, example_ids, seed: int, batch_size: int, before_stop=lambda: None):
-    if mode not in ("stop", "skip"):
-      cli.fail(f"config.train.nonfinite={mode!r}; use 'stop' or 'skip'")
-    self.mode, self.example_ids, self.seed, self.batch_size = mode, example_ids, seed, batch_size
+  def __init__(self, nonfinite: str, on_spike: str, example_ids, seed: int, batch_size: int,
+               before_stop=lambda: None):
+    if nonfinite not in ("stop", "skip"):
+      cli.fail(f"config.train.nonfinite={nonfinite!r}; use 'stop' or 'skip'")
+    self.nonfinite, self.on_spike = nonfinite, on_spike
+    self.example_ids, self.seed, self.batch_size = example_ids, seed, batch_size
     self.before_stop = before_stop  # lets the checkpoints of earlier steps finish writing
-    self.pending: list[tuple[int, object]] = []
+    self.pending: list[tuple[int, dict]] = []
     self.skipped = 0
+    self.spikes: list[int] = []
+    self.means: list[tuple[int, float]] = []  # (step, mean loss of the log interval ending there)
 
   def batch_ids(self, step: int) -> np.ndarray:
     """Example ids of the global batch of train step `step` (loop steps count from 1)."""
     rows = pipeline.example_indices(self.seed, step - 1, self.batch_size, len(self.example_ids))
     return np.asarray(self.example_ids[rows])
 
-  def add(self, step: int, finite) -> None:
-    self.pending.append((step, finite))
+  def _shown(self, step: int) -> str:
+    ids = self.batch_ids(step)
+    return ", ".join(map(str, ids[:32])) + (f", ... ({len(ids)} in all)" if len(ids) > 32 else "")
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, {k: metrics[k] for k in ("finite", "spike", "loss", "loss_median", "grad_norm",
+                                                        "grad_norm_median")}))
 
   def check(self) -> None:
-    flags_ = jax.device_get([f for _, f in self.pending])
+    got = jax.device_get([m for _, m in self.pending])
     steps = [s for s, _ in self.pending]
     self.pending = []
-    for step, ok in zip(steps, flags_):
-      if ok:
-        continue
-      ids = self.batch_ids(step)
-      shown = ", ".join(map(str, ids[:32])) + (f", ... ({len(ids)} in all)" if len(ids) > 32 else "")
-      if self.mode == "stop":
-        self.before_stop()
-        cli.fail(f"step {step}: the loss or the gradients are not finite (NaN/inf); stopped before any "
-                 f"checkpoint of it. Batch example ids: {shown}. Lower config.optim.lr, check those examples, "
-                 "or set --config.train.nonfinite=skip to skip such steps; rerunning resumes from the newest "
-                 "checkpoint")
-      self.skipped += 1
-      logging.warning("step %d: non-finite loss or gradients; update skipped (%d so far). Batch example ids: %s",
-                      step, self.skipped, shown)
+    for step, m in zip(steps, got):
+      if not m["finite"]:
+        if self.nonfinite == "stop":
+          self.before_stop()
+          cli.fail(f"step {step}: the loss or the gradients are not finite (NaN/inf); stopped before any "
+                   f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower config.optim.lr, check those "
+                   "examples, or set --config.train.nonfinite=skip to skip such steps; rerunning resumes from the "
+                   "newest checkpoint")
+        self.skipped += 1
+        logging.warning("step %d: non-finite loss or gradients; update skipped (%d so far). Batch example ids: %s",
+                        step, self.skipped, self._shown(step))
+      elif m["spike"]:
+        self.spikes.append(step)
+        what = (f"step {step}: spike: loss {float(m['loss']):.4g} against the window's median "
+                f"{float(m['loss_median']):.4g} ({float(m['loss']) / float(m['loss_median']):.1f}x), gradient norm "
+                f"{float(m['grad_norm']):.4g} against {float(m['grad_norm_median']):.4g} "
+                f"({float(m['grad_norm']) / float(m['grad_norm_median']):.1f}x)")
+        if self.on_spike == "stop":
+          self.before_stop()
+          cli.fail(f"{what}; stopped before any checkpoint of it (config.train.on_spike=stop). Batch example ids: "
+                   f"{self._shown(step)}. Lower config.optim.lr, check those examples, or set "
+                   "--config.train.on_spike=skip; rerunning resumes from the newest checkpoint")
+        logging.warning("%s; %s (%d so far). Batch example ids: %s", what,
+                        "update skipped" if self.on_spike == "skip" else "trained on it", len(self.spikes),
+                        self._shown(step))
+
+  def record_mean(self, step: int, mean: float) -> None:
+    self.means.append((step, mean))
+
+  def summary(self, regression: float = 2.0) -> list[str]:
+    """Warnings about the run as a whole: its spikes, and a last logged mean loss above
+    `regression` times the lowest one logged (a loss that jumped and never came back)."""
+    lines = []
+    if self.spikes:
+      shown = ", ".join(map(str, self.spikes[:10])) + (", ..." if len(self.spikes) > 10 else "")
+      lines.append(f"{len(self.spikes)} spike(s) of the loss or gradient norm at step(s) {shown} "
+                   f"({'skipped' if self.on_spike == 'skip' else 'trained on'}; the warnings above name their batches)")
+    if len(self.means) >= 3:
+      best_step, best = min(self.means[:-1], key=lambda sm: sm[1])
+      last_step, last = self.means[-1]
+      if last > regression * best:
+        lines.append(f"the loss did not come back down: {last:.4g} over the steps to {last_step} against "
+                     f"{best:.4g} to step {best_step} ({last / best:.1f}x); this model is likely broken: "
+                     "check the loss curve (TensorBoard) and the samples before using it")
+    return lines
 
 
 def main(argv):
@@ -102,6 +146,7 @@ def main(argv):
   if not workdir:
     cli.fail("--workdir is required (checkpoints, logs and samples go there)")
   distributed.initialize()
+  preemption.install()  # SIGTERM: finish the step, save it, exit 75 (all processes at one step)
   platform_line, platform_warnings = mesh_lib.check_platform(config)
   logging.info(platform_line)
   for w in platform_warnings:
@@ -167,8 +212,8 @@ def main(argv):
   write_samples = None
   if config.train.sample_every:  # checked before training: a missing store fails now, not at step N
     write_samples = make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer)
-  guard = NonFiniteGuard(config.train.nonfinite, data.latents_store["ids"], config.train.seed,
-                         config.train.batch_size, before_stop=lambda: checkpoint.finish(mngr))
+  watch = StepWatch(config.train.nonfinite, training.spike_settings(config)[0], data.latents_store["ids"],
+                    config.train.seed, config.train.batch_size, before_stop=lambda: checkpoint.finish(mngr))
   losses = []
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, num_steps + 1):
@@ -176,24 +221,33 @@ def main(argv):
       z0, context = training.put_batch(mesh, rules, z0, context)
       state, metrics = train_step(state, z0, context, rng)
       losses.append(metrics["loss"])
-      guard.add(step, metrics["finite"])
+      watch.add(step, metrics)
       progress(step)
+      preempted = preemption.reached(step)
       due = [step % every == 0 or step == num_steps for every in
              (config.train.log_every, config.train.checkpoint_every, config.train.sample_every or num_steps)]
-      if any(due):
-        guard.check()  # before anything of this step is logged or written
+      if any(due) or preempted:
+        watch.check()  # before anything of this step is logged or written
       if step % config.train.log_every == 0 or step == num_steps:
-        values = jax.device_get(losses)
-        writer.write_scalars(step, {"loss": float(np.mean(values)),
-                                    "grad_norm": float(jax.device_get(metrics["grad_norm"]))})
-        logging.info("step %d loss %.6f", step, float(np.mean(values)))
+        mean = float(np.mean(jax.device_get(losses)))
+        watch.record_mean(step, mean)
+        writer.write_scalars(step, {"loss": mean, "grad_norm": float(jax.device_get(metrics["grad_norm"])),
+                                    "loss_spikes": len(watch.spikes)})
+        logging.info("step %d loss %.6f", step, mean)
         losses = []
-      if step % config.train.checkpoint_every == 0 or step == num_steps:
-        checkpoint.save(mngr, step, state)
+      if step % config.train.checkpoint_every == 0 or step == num_steps or preempted:
+        checkpoint.save(mngr, step, state, force=preempted)
       if write_samples and (step % config.train.sample_every == 0 or step == num_steps):
         write_samples(step, state.ema_params)
+      if preempted:
+        checkpoint.finish(mngr)
+        writer.flush()
+        preemption.stop(f"saved step {step} of {num_steps} in {workdir}")
   checkpoint.finish(mngr)
   writer.flush()
+  for line in watch.summary():
+    logging.warning(line)
+    print(f"warning: {line}")
   print(f"trained to step {num_steps}; checkpoints, TensorBoard logs and samples in {workdir}")
 
 

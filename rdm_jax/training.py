@@ -31,11 +31,38 @@ from rdm_jax.parallel import sharding
 
 
 @flax.struct.dataclass
+class LossWindow:
+  """The losses and gradient norms of the last W finite steps (ring buffers; `count` steps ever
+  recorded), against whose medians the train step judges a spike (`config.train.on_spike`)."""
+  loss: jax.Array       # float32 [W]
+  grad_norm: jax.Array  # float32 [W]
+  count: jax.Array      # int32 []
+
+  @classmethod
+  def empty(cls, size: int) -> "LossWindow":
+    return cls(loss=jnp.zeros((size,), jnp.float32), grad_norm=jnp.zeros((size,), jnp.float32),
+               count=jnp.zeros((), jnp.int32))
+
+  def full(self) -> jax.Array:
+    return self.count >= self.loss.shape[0]
+
+  def medians(self) -> tuple[jax.Array, jax.Array]:
+    """The window's median loss and gradient norm (meaningful once it is full)."""
+    return jnp.median(self.loss), jnp.median(self.grad_norm)
+
+  def push(self, loss: jax.Array, grad_norm: jax.Array) -> "LossWindow":
+    i = self.count % self.loss.shape[0]
+    return LossWindow(loss=self.loss.at[i].set(loss), grad_norm=self.grad_norm.at[i].set(grad_norm),
+                      count=self.count + 1)
+
+
+@flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
+  losses: LossWindow
 
 
 FAMILIES = ("unet", "rarm")
@@ -122,16 +149,46 @@ def eps_fn(model: UNet, params: Any, sched: schedule_lib.Schedule):
 WARMUP_START = 1e-6
 
 
+DECAYS = ("none", "cosine")
+
+
+def _after_warmup(config: Any) -> optax.Schedule:
+  """The rate after the warm-up: constant (`optim.decay="none"`, LDM's) or a cosine from `optim.lr`
+  down to `optim.min_lr_ratio` of it at `train.num_steps` (Loshchilov & Hutter 2017, no restarts)."""
+  o = config.optim
+  decay = o.get("decay", "none")
+  if decay not in DECAYS:
+    fail(f"config.optim.decay={decay!r}; use one of {', '.join(DECAYS)}")
+  if decay == "none":
+    return optax.constant_schedule(o.lr)
+  steps = max(int(config.train.num_steps) - max(o.warmup_steps, 1), 1)
+  return optax.cosine_decay_schedule(o.lr, steps, alpha=float(o.get("min_lr_ratio", 0.0)))
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
-  """AdamW with LDM's linear warm-up to a constant rate, optional global-norm clipping."""
+  """AdamW with LDM's linear warm-up to a constant rate, optional global-norm clipping of the
+  gradients, and optional RMS clipping of each tensor's Adam update (`optim.update_clip`).
+
+  Update clipping is StableAdamW's remedy for loss spikes (Wortsman et al. 2023, Sec. 3.4): a
+  tensor whose gradients were tiny for a while has a tiny second moment, and a sudden larger
+  gradient then moves it by up to (1 - b1) / sqrt(1 - b2) = 3.2 learning rates per element; the
+  update divided by max(1, RMS(update) / update_clip) is bounded by the rate, whatever the
+  gradient did. (optax.clip_by_block_rms; Adafactor, Shazeer & Stern 2018, Sec. 6, does the same.)
+  """
   o = config.optim
   lr = optax.join_schedules(
-      [optax.linear_schedule(o.lr * WARMUP_START, o.lr, max(o.warmup_steps, 1)), optax.constant_schedule(o.lr)],
+      [optax.linear_schedule(o.lr * WARMUP_START, o.lr, max(o.warmup_steps, 1)), _after_warmup(config)],
       [max(o.warmup_steps, 1)])
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   mu_dtype = o.get("mu_dtype", "") or None  # Adam's first moment; None = the parameters' dtype
-  parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                           mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))
+  mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
+  eps, update_clip = float(o.get("eps", 1e-8)), float(o.get("update_clip", 0.0))
+  if update_clip > 0:  # adamw's own chain with the clip after Adam's scaling (opt_state[1][0] stays Adam's)
+    parts.append(optax.chain(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=eps, mu_dtype=mu_dtype),
+                             optax.clip_by_block_rms(update_clip), optax.add_decayed_weights(o.weight_decay),
+                             optax.scale_by_learning_rate(lr)))
+  else:
+    parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay, mu_dtype=mu_dtype))
   return optax.chain(*parts)
 
 
@@ -143,22 +200,40 @@ def example_inputs(config: Any, batch: int, latent_shape: tuple[int, ...], k: in
   return jnp.zeros((batch,) + tuple(latent_shape), jnp.float32), jnp.zeros((batch,), jnp.int32), context
 
 
-def _init_boxed(model: UNet, tx: optax.GradientTransformation, inputs, rng) -> TrainState:
-  params = model.init(rng, *inputs)["params"]
+SPIKE_MODES = ("warn", "skip", "stop")
+
+
+def spike_settings(config: Any) -> tuple[str, float, int]:
+  """(on_spike, spike_factor, spike_window) of config.train, checked."""
+  t = config.train
+  mode, factor, window = t.get("on_spike", "warn"), float(t.get("spike_factor", 5.0)), int(t.get("spike_window", 200))
+  if mode not in SPIKE_MODES or not factor > 1 or window < 8:
+    fail(f"config.train: on_spike={mode!r} (one of {', '.join(SPIKE_MODES)}), spike_factor={factor} (> 1), "
+         f"spike_window={window} (>= 8 steps)")
+  return mode, factor, window
+
+
+def new_state(params: Any, tx: optax.GradientTransformation, window: int) -> TrainState:
+  """Step 0 of training from `params`: EMA = params, a fresh optimiser state, no losses seen."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+                    opt_state=tx.init(params), losses=LossWindow.empty(window))
 
 
-def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
-  """(abstract unboxed state, its NamedShardings) from the logical axis names of the params."""
-  abstract = jax.eval_shape(functools.partial(_init_boxed, model, tx, inputs), jax.random.PRNGKey(0))
+def _init_boxed(model: UNet, tx: optax.GradientTransformation, inputs, rng, window: int) -> TrainState:
+  return new_state(model.init(rng, *inputs)["params"], tx, window)
+
+
+def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules, window: int = 200) -> tuple[TrainState, TrainState]:
+  """(abstract unboxed state, its NamedShardings) from the logical axis names of the params;
+  `window`: the loss window's length (config.train.spike_window)."""
+  abstract = jax.eval_shape(functools.partial(_init_boxed, model, tx, inputs, window=window), jax.random.PRNGKey(0))
   shardings = sharding.logical_shardings(abstract, mesh, rules)
   return nn.meta.unbox(abstract), shardings
 
 
-def init_state(model: UNet, tx, inputs, rng, shardings: TrainState) -> TrainState:
+def init_state(model: UNet, tx, inputs, rng, shardings: TrainState, window: int = 200) -> TrainState:
   """Initialises the state directly into its shardings (no full copy on one device)."""
-  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, inputs, r)), out_shardings=shardings)
+  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, inputs, r, window)), out_shardings=shardings)
   return init(rng)
 
 
@@ -179,8 +254,18 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
   loss or gradient norm is not finite changes nothing but the step counter (so no NaN
   reaches the parameters, the optimiser or the EMA) and reports metrics["finite"] = False;
   the train loop stops on it or skips it (config.train.nonfinite).
+
+  A spike: once the state's window holds `config.train.spike_window` finite steps, a loss or a
+  gradient norm above `spike_factor` times the window's median (metrics["spike"], beside
+  metrics["loss_median"] and ["grad_norm_median"]). The gradient norm rises first: the demo at
+  twice its learning rate broke after one step of 12x the median gradient norm and 4x the
+  median loss (benchmarks/RESULTS.md, "The demo on any x86 machine"). With `on_spike="skip"`
+  such a step changes nothing but the step counter and the window, as a non-finite one;
+  otherwise it trains and the loop warns (or stops). Every finite step enters the window,
+  spikes too, so a level that stays high becomes the new median and is trained on.
   """
   p_uncond = config.train.p_uncond
+  on_spike, spike_factor, _ = spike_settings(config)
   decay = config.optim.ema_decay
   autoregressive = isinstance(model, rarm.RARM)
   weighting = config.diffusion.get("loss_weighting", "uniform")
@@ -202,19 +287,25 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    loss_median, grad_median = state.losses.medians()
+    spike = finite & state.losses.full() & ((loss > spike_factor * loss_median) | (grad_norm > spike_factor * grad_median))
+    losses = jax.tree.map(lambda new, old: jnp.where(finite, new, old), state.losses.push(loss, grad_norm),
+                          state.losses)
+    apply = finite & ~spike if on_spike == "skip" else finite
 
     def update(state: TrainState) -> TrainState:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       d = ema_decay(decay, state.step + 1)  # LitEma increments num_updates before using it
       ema = jax.tree.map(lambda e, p: e - (1.0 - d) * (e - p), state.ema_params, params)
-      return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+      return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, losses=losses)
 
     # A branch, not a select of every leaf: jnp.where(finite, new, old) reads each donated
     # buffer after its update is written, so XLA copies every parameter, moment and EMA
     # leaf first (741 copies, ~3 ms of a 74 ms step on the demo).
-    new_state = jax.lax.cond(finite, update, lambda s: s.replace(step=s.step + 1), state)
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    new_state = jax.lax.cond(apply, update, lambda s: s.replace(step=s.step + 1, losses=losses), state)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "spike": spike,
+                       "loss_median": loss_median, "grad_norm_median": grad_median}
 
   return step
 
@@ -260,7 +351,7 @@ class TrainSetup:
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A freshly initialised train state, placed in its shardings."""
-    return init_state(self.model, self.tx, self.inputs, rng, self.state_sh)
+    return init_state(self.model, self.tx, self.inputs, rng, self.state_sh, self.abstract.losses.loss.shape[0])
 
   def state_specs(self) -> TrainState:
     """The abstract train state with its shardings (ShapeDtypeStructs, for lowering)."""
@@ -276,7 +367,7 @@ def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
   model, sched = make_model(config, list(mesh.devices.flat)), make_schedule(config)
   tx = make_optimizer(config) if tx is None else tx
   inputs = example_inputs(config, 1, latent_shape, config.k_train)
-  abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules)
+  abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules, spike_settings(config)[2])
   step = jit_train_step(make_train_step(config, model, tx, sched), state_sh, mesh, rules, len(latent_shape) + 1)
   return TrainSetup(model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules)
 

@@ -2,6 +2,7 @@
 
   python tests/kill_at.py N COUNT_FILE MODULE [ARGS...]
   python tests/kill_at.py path:TEXT COUNT_FILE MODULE [ARGS...]   (the first commit to a path with TEXT)
+  python tests/kill_at.py term:N COUNT_FILE MODULE [ARGS...]      (SIGTERM, see below)
 
 Every file the jobs commit goes through one of the two (our stores, index shards, sample
 sets, metrics and checkpoint digests through `os.replace`; Orbax's checkpoint directories
@@ -10,6 +11,10 @@ N-th commit: everything before it is on disk, the N-th is written under its temp
 and nothing else runs (no `finally`, no atexit: what a preemption or an OOM kill leaves).
 N = 0 never kills; the number of calls is then written to COUNT_FILE, so a test can choose N
 among the real commit points of an uninterrupted run.
+
+term:N sends the process a real SIGTERM (what a scheduler sends before it takes the machine)
+just before the job's N-th look at it (`rdm_jax.preemption.reached` at a train step or sample
+shard, `requested` after a store chunk), and lets the job handle it.
 """
 
 import atexit
@@ -19,8 +24,27 @@ import signal
 import sys
 
 
+def _terminate_at(n: int) -> None:
+  from rdm_jax import preemption
+  looks = 0
+
+  def counted(real):
+    def look(*args):
+      nonlocal looks
+      looks += 1
+      if looks == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return real(*args)
+    return look
+
+  preemption.reached, preemption.requested = counted(preemption.reached), counted(preemption.requested)
+
+
 def main() -> None:
   when, count_file, module = sys.argv[1], sys.argv[2], sys.argv[3]
+  if when.startswith("term:"):
+    _terminate_at(int(when[5:]))
+    when = "0"
   kill_at = 0 if when.startswith("path:") else int(when)
   calls = 0
 

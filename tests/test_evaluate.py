@@ -137,3 +137,26 @@ def test_the_sample_jobs_sets_are_found_and_read_in_shard_order(tmp_path):
   sets, _ = sample_sets.read_sample_sets(paths)
   assert list(sets) == ["exemplar", "proposal"]
   np.testing.assert_array_equal(sets["exemplar"], images)
+
+
+def test_a_figure_outside_the_configs_expected_band_fails_the_job(tmp_path):
+  """config.eval.expect: images like the reference's pass a recall floor, 60 blank images do not
+  (k=3 recall, Kynkaanniemi et al. 2019: identical samples have 3-NN balls of radius 0, which hold
+  no real image: recall 0, the collapsed demo of issue 36); the job writes its metrics, then
+  names the figure outside its band in one line and fails."""
+  np.savez(tmp_path / "ref.npz", images=shapes_images(80, 1))
+  np.savez(tmp_path / "good.npz", images=shapes_images(60, 2))
+  np.savez(tmp_path / "blank.npz", images=np.zeros((60, 28, 28, 1), np.uint8))
+  out = run_evaluate(tmp_path, f"--samples={tmp_path}/good.npz,{tmp_path}/blank.npz",
+                     f"--config.eval.reference={tmp_path}/ref.npz", f"--out={tmp_path}/eval",
+                     "--config.eval.metrics=('fd','precision_recall')",
+                     "--config.eval.expect=(('good','recall',0.5,1.0),('blank','recall',0.5,1.0))")
+  sets = json.load(open(tmp_path / "eval" / "metrics.json"))["sets"]
+  assert sets["good"]["recall"] >= 0.5 and sets["blank"]["recall"] < 0.5
+  assert out.returncode == 2, out.stdout[-2000:]
+  line = out.stderr.strip().splitlines()[-1]
+  assert "outside this recipe's expected band" in line and "blank recall" in line and "good" not in line, line
+  out = run_evaluate(tmp_path, f"--samples={tmp_path}/good.npz", f"--config.eval.reference={tmp_path}/ref.npz",
+                     f"--out={tmp_path}/eval2", "--config.eval.metrics=('fd','precision_recall')",
+                     "--config.eval.expect=(('good','recall',0.5,1.0),('blank','recall',0.5,1.0))")
+  assert out.returncode == 0 and "within this recipe's expected band" in out.stdout, out.stderr[-2000:]

@@ -180,6 +180,114 @@ def test_nonfinite_loss(tmp_path, mode):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(after))
 
 
+@pytest.mark.parametrize("mode", ["warn", "skip"])
+def test_a_loss_spike_is_judged_against_the_median_of_the_window(tiny_data, mode):
+  """In process, window 8: the ninth step's batch is scaled 30x (one example would not do: with
+  min-SNR weights a high-noise example's loss counts ~1/1000 of a low-noise one's). Its loss and
+  gradient norm against numpy's medians of the eight steps before it decide the spike; "skip"
+  leaves params, EMA and Adam state as they were, "warn" trains on it; the ring buffers' slot
+  8 % 8 = 0 takes its loss and gradient norm."""
+  config = tiny_config(tiny_data["data_dir"])
+  config.train.spike_window, config.train.on_spike = 8, mode
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:1])
+  setup = training.setup_training(config, (8, 8, 1), mesh)
+  state = setup.init_state(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  ctx = rng.normal(size=(8, 4, 16)).astype(np.float32)
+  losses, norms = [], []
+  for i in range(8):
+    z0 = rng.uniform(-1, 1, size=(8, 8, 8, 1)).astype(np.float32)
+    state, m = setup.train_step(state, z0, ctx, jax.random.PRNGKey(1))
+    assert not bool(m["spike"])  # the window is not full yet
+    losses.append(float(m["loss"]))
+    norms.append(float(m["grad_norm"]))
+  z_bad = rng.uniform(-1, 1, size=(8, 8, 8, 1)).astype(np.float32)
+  z_bad *= 30.0
+  before = jax.device_get(state)  # the step donates its input state
+  after, m = setup.train_step(state, z_bad, ctx, jax.random.PRNGKey(1))
+  np.testing.assert_allclose(float(m["loss_median"]), np.median(losses), rtol=1e-6)
+  np.testing.assert_allclose(float(m["grad_norm_median"]), np.median(norms), rtol=1e-6)
+  assert float(m["loss"]) > 5 * np.median(losses) and bool(m["spike"]) and bool(m["finite"])
+  after = jax.device_get(after)
+  assert int(after.step) == 9 and int(after.losses.count) == 9
+  np.testing.assert_allclose(after.losses.loss, [float(m["loss"])] + losses[1:], rtol=1e-6)
+  np.testing.assert_allclose(after.losses.grad_norm, [float(m["grad_norm"])] + norms[1:], rtol=1e-6)
+  for part in ("params", "ema_params", "opt_state"):
+    assert _leaves_equal(getattr(before, part), getattr(after, part)) == (mode == "skip"), part
+
+
+def test_either_the_loss_or_the_gradient_norm_makes_a_spike(tiny_data):
+  """Hand-set windows: medians far above this step's loss but far below its gradient norm flag
+  it (and the other way round); far above both, no spike."""
+  config = tiny_config(tiny_data["data_dir"])
+  config.train.spike_window = 8
+  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:1])
+  setup = training.setup_training(config, (8, 8, 1), mesh)
+  rng = np.random.default_rng(1)
+  z0 = rng.uniform(-1, 1, size=(8, 8, 8, 1)).astype(np.float32)
+  ctx = rng.normal(size=(8, 4, 16)).astype(np.float32)
+  high, low = np.full(8, 1e6, np.float32), np.full(8, 1e-9, np.float32)
+  for loss_window, grad_window, want in [(high, low, True), (low, high, True), (high, high, False)]:
+    state = setup.init_state(jax.random.PRNGKey(0))
+    state = state.replace(losses=training.LossWindow(loss=jax.numpy.asarray(loss_window),
+                                                     grad_norm=jax.numpy.asarray(grad_window),
+                                                     count=jax.numpy.asarray(8, jax.numpy.int32)))
+    _, m = setup.train_step(state, z0, ctx, jax.random.PRNGKey(1))
+    assert bool(m["spike"]) == want, (loss_window[0], grad_window[0], float(m["loss"]), float(m["grad_norm"]))
+
+
+def _spiking_run(tmp_path, mode):
+  """Tiny stores whose rows of step 10's batch are scaled 30x, trained with a window of 8 losses:
+  the spike is step 10, past the window (the first epoch, steps 1..8, fills it)."""
+  data_dir = str(tmp_path / "data")
+  make_tiny_stores(data_dir)
+  lat = store.read(os.path.join(data_dir, "latents_train"), "latents", hint="")
+  z = np.array(lat["latents"])
+  bad = pipeline.example_indices(0, 9, 8, 64)  # the batch of step 10
+  z[bad] *= 30.0
+  store.write(os.path.join(data_dir, "latents_train"), "latents",
+              {"latents": z, "ids": np.array(lat["ids"]), "labels": np.array(lat["labels"])},
+              **{k: lat.manifest[k] for k in ("source", "first_stage", "image_shape")})
+  step = 10
+  workdir = str(tmp_path / "run")
+  cmd = train_command(data_dir, workdir, "--config.train.num_steps=12", "--config.train.checkpoint_every=1",
+                      "--config.train.keep_checkpoints=100", "--config.train.spike_window=8",
+                      f"--config.train.on_spike={mode}")
+  return cmd, workdir, step, int(np.asarray(lat["ids"])[bad[0]])
+
+
+def test_a_loss_spike_stops_the_run_before_any_checkpoint_of_it(tmp_path):
+  cmd, workdir, step, bad_id = _spiking_run(tmp_path, "stop")
+  line = one_line_error(cmd)
+  assert f"step {step}: spike: loss " in line and "on_spike=stop" in line and str(bad_id) in line, line
+  assert checkpoint.steps(checkpoint.manager(workdir, create=False)) == list(range(1, step))
+
+
+@pytest.mark.slow
+def test_a_loss_spike_is_warned_about_with_its_batch(tmp_path):
+  cmd, workdir, step, bad_id = _spiking_run(tmp_path, "warn")
+  out = _run(cmd)
+  assert out.returncode == 0, out.stderr[-3000:]
+  warned = [line for line in out.stderr.splitlines() if f"step {step}: spike: loss " in line]
+  assert warned and "trained on it" in warned[0] and str(bad_id) in warned[0], out.stderr[-3000:]
+  assert f"spike(s) of the loss or gradient norm at step(s) {step}" in out.stdout
+
+
+def test_a_loss_that_never_comes_back_down_is_called_out():
+  """The run's summary, from its logged means: a jump that stays (the AVX2 demo of issue 36:
+  0.020 by step 2500, 0.072 at the end) is called out; a falling or noisy loss is not."""
+  from rdm_jax.train import StepWatch
+  watch = StepWatch("stop", "warn", np.arange(10), 0, 2)
+  for step, mean in [(100, 0.06), (2500, 0.020), (2600, 0.222), (3600, 0.072)]:
+    watch.record_mean(step, mean)
+  (line,) = watch.summary()
+  assert "did not come back down: 0.072 over the steps to 3600 against 0.02 to step 2500 (3.6x)" in line
+  healthy = StepWatch("stop", "warn", np.arange(10), 0, 2)
+  for step, mean in [(100, 0.06), (200, 0.03), (300, 0.021), (400, 0.025), (500, 0.022)]:
+    healthy.record_mean(step, mean)
+  assert healthy.summary() == []
+
+
 ENTRY_POINTS = ["rdm_jax.train", "rdm_jax.sample", "rdm_jax.evaluate", "rdm_jax.jobs.encode", "rdm_jax.jobs.embed",
                 "rdm_jax.jobs.index", "rdm_jax.jobs.neighbors", "rdm_jax.jobs.context_ablation"]
 

@@ -40,11 +40,12 @@ class TinyEps(nn.Module):
     return z_t @ w + b + cond[:, None, None, None] + s * t[:, None, None, None].astype(jnp.float32) / 1000
 
 
-def config(p_uncond: float, warmup: int = 3, grad_clip: float = 0.05) -> mlc.ConfigDict:
+def config(p_uncond: float, warmup: int = 3, grad_clip: float = 0.05, update_clip: float = 0.0,
+           decay: str = "none") -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
-      train=dict(p_uncond=p_uncond),
+      train=dict(p_uncond=p_uncond, num_steps=8),
       optim=dict(lr=3e-2, warmup_steps=warmup, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=grad_clip,
-                 ema_decay=0.9999),
+                 ema_decay=0.9999, update_clip=update_clip, decay=decay, min_lr_ratio=0.2),
       diffusion=dict(num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2)))
 
 
@@ -57,7 +58,7 @@ def run_jax(cfg, steps: int, seed: int = 0):
   params = model.init(jax.random.PRNGKey(seed), jnp.asarray(z0[0]), jnp.zeros((B,), jnp.int32), jnp.asarray(ctx[0]))["params"]
   record.clear()
   tx = training.make_optimizer(cfg)
-  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params))
+  state = training.new_state(params, tx, 200)
   step = jax.jit(training.make_train_step(cfg, model, tx, training.make_schedule(cfg)))
   states, losses, seen = [state], [], []
   for i in range(steps):
@@ -77,9 +78,18 @@ def torch_reference(cfg, z0, ctx, seen, params0):
   ema = {k: v.detach().clone() for k, v in p.items()}
   o = cfg.optim
   opt = torch.optim.AdamW(list(p.values()), lr=o.lr, betas=(o.b1, o.b2), eps=1e-8, weight_decay=o.weight_decay)
-  f_start, warm = 1e-6, o.warmup_steps
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: (1 - f_start) / warm * n + f_start if n < warm else 1.0)
+  f_start, warm, total = 1e-6, o.warmup_steps, cfg.train.num_steps
+
+  def factor(n):  # LDM's warm-up, then 1 or SGDR's cosine (Loshchilov & Hutter 2017, Eq. 5) to min_lr_ratio
+    if n < warm:
+      return (1 - f_start) / warm * n + f_start
+    if o.decay == "none":
+      return 1.0
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * min(n - warm, total - warm) / (total - warm)))
+
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
   out, num_updates = [], 0
+  adam = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in p.items()}
   for z, c_full, (z_t, t, c_used) in zip(z0, ctx, seen):
     a = abar[t][:, None, None, None]
     noise = (z_t.astype(np.float64) - np.sqrt(a) * z) / np.sqrt(1 - a)  # Eq. 3's z_t, solved for eps
@@ -91,7 +101,10 @@ def torch_reference(cfg, z0, ctx, seen, params0):
     loss.backward()
     if o.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(list(p.values()), o.grad_clip)
-    opt.step()
+    if o.update_clip > 0:
+      stable_adamw_step(p, adam, num_updates + 1, opt.param_groups[0]["lr"], o)
+    else:
+      opt.step()
     sched.step()
     num_updates += 1  # LitEma.forward: increment, then decay
     decay = min(o.ema_decay, (1 + num_updates) / (10 + num_updates))
@@ -103,10 +116,25 @@ def torch_reference(cfg, z0, ctx, seen, params0):
   return out
 
 
-@pytest.mark.parametrize("p_uncond,grad_clip", [(0.0, 0.05), (0.5, 0.0)])
-def test_train_step_equals_the_torch_reference(p_uncond, grad_clip):
-  cfg = config(p_uncond, warmup=3, grad_clip=grad_clip)
-  z0, ctx, states, losses, seen = run_jax(cfg, steps=6)
+def stable_adamw_step(p, adam, n, lr, o):
+  """AdamW (Loshchilov & Hutter 2019, Alg. 2, bias-corrected) whose update of each tensor is divided
+  by max(1, RMS(update) / update_clip) before the weight decay (StableAdamW's update clipping,
+  Wortsman et al. 2023), written out in float64."""
+  with torch.no_grad():
+    for k, v in p.items():
+      m, s = adam[k]
+      m.mul_(o.b1).add_((1 - o.b1) * v.grad)
+      s.mul_(o.b2).add_((1 - o.b2) * v.grad ** 2)
+      u = (m / (1 - o.b1 ** n)) / (torch.sqrt(s / (1 - o.b2 ** n)) + 1e-8)
+      u = u / max(1.0, float(torch.sqrt(torch.mean(u ** 2))) / o.update_clip)
+      v -= lr * (u + o.weight_decay * v)
+
+
+@pytest.mark.parametrize("p_uncond,grad_clip,update_clip,decay", [
+    (0.0, 0.05, 0.0, "none"), (0.5, 0.0, 0.0, "none"), (0.0, 0.05, 0.3, "none"), (0.0, 0.0, 0.0, "cosine")])
+def test_train_step_equals_the_torch_reference(p_uncond, grad_clip, update_clip, decay):
+  cfg = config(p_uncond, warmup=3, grad_clip=grad_clip, update_clip=update_clip, decay=decay)
+  z0, ctx, states, losses, seen = run_jax(cfg, steps=8)
   ref = torch_reference(cfg, z0, ctx, seen, jax.device_get(states[0].params))
   for i, (loss, params, ema) in enumerate(ref):
     np.testing.assert_allclose(losses[i], loss, rtol=1e-5, err_msg=f"loss, step {i}")
@@ -115,6 +143,9 @@ def test_train_step_equals_the_torch_reference(p_uncond, grad_clip):
                                  err_msg=f"params[{k}] after step {i}")
       np.testing.assert_allclose(np.asarray(states[i + 1].ema_params[k]), ema[k], rtol=2e-4, atol=2e-6,
                                  err_msg=f"ema[{k}] after step {i}")
+  if update_clip:  # the clip acted (else this case tests nothing more): unclipped, the steps differ
+    unclipped = run_jax(config(p_uncond, warmup=3, grad_clip=grad_clip), steps=6)[2]
+    assert not np.allclose(np.asarray(unclipped[-1].params["w"]), np.asarray(states[-1].params["w"]), rtol=1e-3)
   if p_uncond:  # the dropout happened: some examples saw zeros (else this case tests nothing more)
     assert any((s[2] == 0).all(axis=(1, 2)).any() for s in seen)
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rdm_jax import files, untrusted
+from rdm_jax import files, preemption, untrusted
 from rdm_jax.errors import UserError, fail
 
 FORMAT_VERSION = 1
@@ -692,6 +692,8 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
       atomic_write_text(chunk(start), ",".join(out))
       lock.refresh()
       log(f"{path}: rows {start}:{stop} done ({stop - start} of {count})")
+      if preemption.requested():  # SIGTERM (jobs arm it: preemption.install); the chunks so far are kept
+        preemption.stop(f"{path}: rows to {stop} of this process's block are saved in {partial}")
     missing = [s for s in starts if not os.path.exists(chunk(s))]
     if missing:
       log(f"{path}: {len(starts) - len(missing)}/{len(starts)} chunks done; the process that "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from rdm_jax import config_base
+from rdm_jax import config_base, preemption
 from rdm_jax.data import crops, sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.retrieval import encoders
@@ -68,6 +68,7 @@ def embed_part(config, part: str, encode=None, process_index: int = 0, process_c
 
 def main(argv):
   del argv
+  preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
   config = cli.CONFIG.value
   sources.check_disjoint(config.dataset)
   for part in _PARTS.value:  # every output is safe to write before any work starts

@@ -14,7 +14,7 @@ import os
 
 from absl import flags
 
-from rdm_jax import config_base
+from rdm_jax import config_base, preemption
 from rdm_jax.data import sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.models import first_stage, palette
@@ -72,6 +72,7 @@ def fit_palette(config) -> None:
 
 def main(argv):
   del argv
+  preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
   config = cli.CONFIG.value
   sources.check_disjoint(config.dataset)
   for part in _PARTS.value:  # every output is safe to write before any work starts

@@ -164,7 +164,8 @@ def main(argv):
   state = training.TrainState(
       step=jax.device_put(np.asarray(step, np.int32), shardings.step),
       params=put(params, shardings.params), ema_params=put(ema, shardings.ema_params),
-      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(put(params, shardings.params)))
+      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(put(params, shardings.params)),
+      losses=jax.device_put(training.LossWindow.empty(training.spike_settings(config)[2]), shardings.losses))
   info = {"encoder": encoders.encoder_identity(config.retrieval), "database": None, "database_fingerprint": None,
           "latent_shape": list(shape), "image_hw": [config.dataset.image_size] * 2,
           "function": checkpoint.function_record(config),

@@ -26,7 +26,7 @@ import os
 import numpy as np
 from absl import flags
 
-from rdm_jax import config_base
+from rdm_jax import config_base, preemption
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
@@ -130,6 +130,7 @@ def write_proposal(config, neighbors: store.Store, database: store.Store, path: 
 
 def main(argv):
   del argv
+  preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
   config = cli.CONFIG.value
   database, index_path = index_job.database_and_index_paths(config)
   idx = index.load(index_path, database, config.retrieval.index)  # none there: says to run the index job
