@@ -276,7 +276,7 @@ def test_a_loss_spike_is_warned_about_with_its_batch(tmp_path):
 def test_a_loss_that_never_comes_back_down_is_called_out():
   """The run's summary, from its logged means: a jump that stays (the AVX2 demo of issue 36:
   0.020 by step 2500, 0.072 at the end) is called out; a falling or noisy loss is not."""
-  from rdm_jax.train import StepWatch
+  from rdm_jax.step_watch import StepWatch
   watch = StepWatch("stop", "warn", np.arange(10), 0, 2)
   for step, mean in [(100, 0.06), (2500, 0.020), (2600, 0.222), (3600, 0.072)]:
     watch.record_mean(step, mean)
