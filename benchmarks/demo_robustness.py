@@ -73,7 +73,7 @@ def train(workdir: str, seed: int, variant: str) -> dict:
   text = open(log_path).read()
   means = [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", text)]
   rate = re.findall(r"([0-9.]+) steps/s", text)
-  return {"final_loss": means[-1], "lowest_loss": min(means), "spikes": len(re.findall(r": loss spike, ", text)),
+  return {"final_loss": means[-1], "lowest_loss": min(means), "spikes": len(re.findall(r"step \d+: spike: ", text)),
           "not_recovered": "did not come back down" in text, "step_s": 1 / float(rate[-1]) if rate else float("nan")}
 
 
