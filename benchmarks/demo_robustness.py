@@ -30,8 +30,9 @@ import time
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from rdm_jax.parallel.mesh import TCMALLOC  # noqa: E402
 CONFIG = "configs/fashion_mnist_rdm.py"
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
 VARIANTS = {"onednn": ("onednn", {}), "onednn_avx2": ("onednn", AVX2), "xla": ("xla", {}), "xla_avx2": ("xla", AVX2)}
 GOALS = {"agreement": 0.85, "precision": 0.6, "recall": 0.5}
@@ -56,10 +57,9 @@ def env_of(variant: str) -> dict:
 
 
 def train(workdir: str, seed: int, variant: str) -> dict:
-  """Trains the cell (unless its last checkpoint exists); its losses and spikes from the log."""
+  """Trains the cell (unless its log says it finished); its losses and spikes from the log."""
   log_path = workdir + ".train.log"
-  num_steps = 3600
-  if not os.path.isdir(os.path.join(workdir, "checkpoints", str(num_steps))):
+  if not (os.path.exists(log_path) and "trained to step" in open(log_path).read()):
     cmd = [sys.executable, "-m", "rdm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
            f"--config.train.seed={seed}", f"--config.model.conv={VARIANTS[variant][0]}", "--config.train.sample_every=0",
            *_OVERRIDES.value]
@@ -120,8 +120,9 @@ def main(argv):
 
 
 def cpu_name() -> str:
-  name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-  isa = "AVX-512" if " avx512f" in open("/proc/cpuinfo").read() else "AVX2"
+  info = open("/proc/cpuinfo").read()
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+  isa = "AVX-512" if " avx512f" in info else "AVX2"
   return f"{name}, {isa}"
 
 

@@ -119,7 +119,7 @@ def base_config() -> mlc.ConfigDict:
       log_every=50, checkpoint_every=500, keep_checkpoints=3,
       sample_every=0, num_sample_images=16,
       nonfinite="stop",   # a step with NaN/inf loss or gradients: stop (before any checkpoint) | skip it
-      on_spike="warn",    # a loss above spike_factor x the median of the last spike_window finite losses:
+      on_spike="warn",    # a loss or gradient norm above spike_factor x its median over the last spike_window steps:
       spike_factor=5.0,   # warn (train on it) | skip (the step changes nothing) | stop (before any
       spike_window=200))  # checkpoint of it); each names the step and its batch's example ids
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, NoReturn
 
+from rdm_jax import preemption
+
 
 class UserError(Exception):
   """An error the user can fix; the message says how."""
@@ -23,8 +25,6 @@ def fail(message: str) -> NoReturn:
 def run_main(main: Callable[..., object], verbose: Callable[[], bool] = lambda: False) -> Callable[..., None]:
   """Wraps an absl `main` so a `UserError` exits with a one-line message (a traceback when
   `verbose()`)."""
-
-  from rdm_jax import preemption
 
   def wrapped(argv):
     try:

@@ -21,8 +21,7 @@ class StepWatch:
   training goes on. A spike of the loss or the gradient norm (`on_spike`, judged in the step:
   training.make_train_step): a warning with the step, both against the window's medians and the
   batch's example ids; "skip" says the step changed nothing; "stop" ends the run as a non-finite
-  step does.
-  `summary()` is the run's last word on them, and on a loss that never came back down.
+  step does. `summary()` is the run's last word on them, and on a loss that never came back down.
   """
 
   def __init__(self, nonfinite: str, on_spike: str, example_ids, seed: int, batch_size: int,
@@ -59,9 +58,9 @@ class StepWatch:
         if self.nonfinite == "stop":
           self.before_stop()
           fail(f"step {step}: the loss or the gradients are not finite (NaN/inf); stopped before any "
-                   f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower config.optim.lr, check those "
-                   "examples, or set --config.train.nonfinite=skip to skip such steps; rerunning resumes from the "
-                   "newest checkpoint")
+               f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower config.optim.lr, check those "
+               "examples, or set --config.train.nonfinite=skip to skip such steps; rerunning resumes from the "
+               "newest checkpoint")
         self.skipped += 1
         logging.warning("step %d: non-finite loss or gradients; update skipped (%d so far). Batch example ids: %s",
                         step, self.skipped, self._shown(step))
@@ -74,8 +73,8 @@ class StepWatch:
         if self.on_spike == "stop":
           self.before_stop()
           fail(f"{what}; stopped before any checkpoint of it (config.train.on_spike=stop). Batch example ids: "
-                   f"{self._shown(step)}. Lower config.optim.lr, check those examples, or set "
-                   "--config.train.on_spike=skip; rerunning resumes from the newest checkpoint")
+               f"{self._shown(step)}. Lower config.optim.lr, check those examples, or set "
+               "--config.train.on_spike=skip; rerunning resumes from the newest checkpoint")
         logging.warning("%s; %s (%d so far). Batch example ids: %s", what,
                         "update skipped" if self.on_spike == "skip" else "trained on it", len(self.spikes),
                         self._shown(step))

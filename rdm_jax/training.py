@@ -223,7 +223,7 @@ def _init_boxed(model: UNet, tx: optax.GradientTransformation, inputs, rng, wind
   return new_state(model.init(rng, *inputs)["params"], tx, window)
 
 
-def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules, window: int = 200) -> tuple[TrainState, TrainState]:
+def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules, window: int) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state, its NamedShardings) from the logical axis names of the params;
   `window`: the loss window's length (config.train.spike_window)."""
   abstract = jax.eval_shape(functools.partial(_init_boxed, model, tx, inputs, window=window), jax.random.PRNGKey(0))
@@ -231,8 +231,9 @@ def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules, window: int = 20
   return nn.meta.unbox(abstract), shardings
 
 
-def init_state(model: UNet, tx, inputs, rng, shardings: TrainState, window: int = 200) -> TrainState:
-  """Initialises the state directly into its shardings (no full copy on one device)."""
+def init_state(model: UNet, tx, inputs, rng, shardings: TrainState, window: int) -> TrainState:
+  """Initialises the state directly into its shardings (no full copy on one device); `window`:
+  the loss window's length, as given to `state_shardings`."""
   init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, inputs, r, window)), out_shardings=shardings)
   return init(rng)
 

@@ -126,8 +126,9 @@ def test_a_nonfinite_step_changes_nothing_but_the_step(tiny_data):
   model, tx, sched = training.make_model(config), training.make_optimizer(config), training.make_schedule(config)
   inputs = training.example_inputs(config, 1, (8, 8, 1), 4)
   mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:1])
-  abstract, sh = training.state_shardings(model, tx, inputs, mesh, [tuple(r) for r in config.sharding_rules])
-  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh)
+  window = training.spike_settings(config)[2]
+  abstract, sh = training.state_shardings(model, tx, inputs, mesh, [tuple(r) for r in config.sharding_rules], window)
+  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh, window)
   step = jax.jit(training.make_train_step(config, model, tx, sched))
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(8, 8, 8, 1)).astype(np.float32)
