@@ -261,6 +261,7 @@ def main(argv):
       runners[key], n, impl, firsts[key], setup = jax_runner(config, latent_shape)
       if peak and not flops:  # the model's count: the same for every variant, needed only for MFU
         flops = flops_lib.TRAIN_MULTIPLIER * aot.model_flops_per_example(config, setup) * b
+      impl = impl if isinstance(impl, str) else f"mixed, {len(impl)} geometries on oneDNN"
       labels[key] = f"rdm_jax (conv={conv}: {impl}, attention={attention}), {n / 1e6:.2f}M params"
     base = next(iter(firsts))
     for key, first in firsts.items():

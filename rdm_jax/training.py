@@ -24,9 +24,9 @@ from rdm_jax import config_base
 from rdm_jax.data import pipeline
 from rdm_jax.diffusion import samplers, schedule as schedule_lib
 from rdm_jax.errors import fail
-from rdm_jax.models import rarm, unet as unet_lib
+from rdm_jax.models import first_stage, rarm, unet as unet_lib
 from rdm_jax.models.unet import UNet
-from rdm_jax.ops import onednn
+from rdm_jax.ops import conv_choice, onednn
 from rdm_jax.parallel import sharding
 
 
@@ -90,9 +90,11 @@ def make_rarm(config: Any) -> rarm.RARM:
                    depth=m.depth, dtype=jnp.dtype(m.dtype))
 
 
-def make_model(config: Any, devices: Any = None) -> UNet | rarm.RARM:
-  """The config's network for `devices` (the mesh's; default this process's), which decide
-  what config.model.conv="auto" means."""
+def make_model(config: Any, devices: Any = None, latents: tuple[int, ...] | None = None) -> UNet | rarm.RARM:
+  """The config's network for `devices` (the mesh's; default this process's). With
+  config.model.conv="auto" on one CPU device the convolutions of its train step (per-device
+  batch config.train.batch_size, latents of shape `latents`, default `latent_shape(config)`)
+  decide between XLA and oneDNN by measurement (`rdm_jax.ops.conv_choice`)."""
   m = config.model
   if family(config) == "rarm":
     return make_rarm(config)
@@ -106,21 +108,41 @@ def make_model(config: Any, devices: Any = None) -> UNet | rarm.RARM:
          f"config.model.dtype is {m.dtype!r}; set --config.model.dtype=bfloat16 or use attention=xla")
   attention = unet_lib.AttentionOptions(impl, int(m.get("flash_min_seq_len", 1024)),
                                         _axes(rules.get("batch")), _axes(rules.get("heads")))
-  return UNet(model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
-              num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
-              num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
-              out_channels=config.first_stage.latent_channels, dropout=m.dropout,
-              dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)),
-              param_dtype=jnp.dtype(m.get("param_dtype", "float32")), remat=remat, attention=attention,
-              conv=_conv_impl(m.get("conv", "xla"), devices))
-
-
-def _conv_impl(impl: str, devices: Any) -> str:
-  """config.model.conv (xla | onednn | auto) -> what the UNet runs; see rdm_jax.ops.onednn."""
+  conv = m.get("conv", "xla")
   try:
-    return onednn.resolve(impl, devices)
+    resolved = onednn.resolve(conv, devices)
   except (ValueError, RuntimeError) as e:
     fail(str(e))
+  model = UNet(model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
+               num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
+               num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
+               out_channels=config.first_stage.latent_channels, dropout=m.dropout,
+               dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)),
+               param_dtype=jnp.dtype(m.get("param_dtype", "float32")), remat=remat, attention=attention,
+               conv="xla")
+  if conv == "auto" and resolved == "onednn":  # oneDNN can run here: is it faster for this model?
+    inputs = example_inputs(config, int(config.train.batch_size), latents or latent_shape(config),
+                            config.k_train)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs)["params"])
+    resolved = conv_choice.resolve_auto(lambda p: model.apply({"params": p}, *inputs), (params,), devices)
+  return model.clone(conv=resolved)
+
+
+def latent_shape(config: Any) -> tuple[int, ...]:
+  """The per-example training input the data jobs would make: latents [H, W, C] of the first
+  stage at config.dataset.image_size (or first_stage.pad_to), or RARM's token sequence [S]."""
+  fs = config.first_stage
+  side = int(fs.get("pad_to", 0) or 0) or int(config.dataset.image_size or 0)
+  if not side:
+    fail("set --config.dataset.image_size (or first_stage.pad_to): the latent size follows from it")
+  if fs.name == "identity":
+    return side, side, int(fs.latent_channels)
+  factor = first_stage.spec(fs).factor
+  if side % factor:
+    fail(f"image size {side} is not a multiple of the first stage's factor {factor}")
+  if family(config) == "rarm":
+    return ((side // factor) ** 2,)
+  return side // factor, side // factor, int(fs.latent_channels)
 
 
 def _axes(axes: Any) -> Any:
@@ -365,7 +387,7 @@ def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
   (restoring a checkpoint needs the same abstract state and shardings). `tx` replaces
   `make_optimizer(config)` (tests pin the update rule)."""
   rules = [tuple(r) for r in config.sharding_rules]
-  model, sched = make_model(config, list(mesh.devices.flat)), make_schedule(config)
+  model, sched = make_model(config, list(mesh.devices.flat), latent_shape), make_schedule(config)
   tx = make_optimizer(config) if tx is None else tx
   inputs = example_inputs(config, 1, latent_shape, config.k_train)
   abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules, spike_settings(config)[2])

@@ -24,6 +24,7 @@ if "RDM_JAX_TESTS_TMPDIR" not in os.environ:  # the controlling process: one tem
       prefix="rdm_jax_tests_tmp_")
 else:
   _TMP = None
+os.environ["RDM_JAX_CACHE"] = os.path.join(os.environ["RDM_JAX_TESTS_TMPDIR"], "rdm_jax_cache")  # conv=auto's choices
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -95,6 +95,14 @@ def test_data_parallel_collectives_on_cpu():
 
 def test_collectives_parser_on_hlo_lines():
   hlo = "\n".join([
+      # the computation an all-reduce-scatter fusion calls: its all-reduce is the fusion's, counted there
+      "%all-reduce-scatter.1 (input_0: f32[64,64]) -> f32[16,64] {",
+      "  %input_0 = f32[64,64]{1,0} parameter(0)",
+      "  %all-reduce.3 = f32[64,64]{1,0} all-reduce(f32[64,64]{1,0} %input_0), replica_groups={}",
+      "  ROOT %ds = f32[16,64]{1,0} dynamic-slice(%all-reduce.3, %i, %j), dynamic_slice_sizes={16,64}",
+      "}",
+      "",
+      "ENTRY %main (p: f32[128,4]) -> f32[128,4] {",
       "  %all-reduce.1 = f32[128,4]{1,0} all-reduce(f32[128,4]{1,0} %p), replica_groups={}",
       "  %ag = (bf16[16]{0}, bf16[64]{0}) all-gather-start(bf16[16]{0} %x), dimensions={0}",
       "  %ag.done = bf16[64]{0} all-gather-done((bf16[16]{0}, bf16[64]{0}) %ag)",

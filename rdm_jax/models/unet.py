@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -89,15 +89,24 @@ class GroupNorm(nn.Module):
     return group_norm_lib.group_norm(x, scale, bias, self.num_groups, self.eps, self.silu)
 
 
+def _conv_function(impl: Any) -> Callable | None:
+  if impl == "xla":
+    return None
+  if impl == "onednn":
+    return onednn.conv_general_dilated
+  return functools.partial(onednn.conv_general_dilated_where, frozenset(impl))
+
+
 def Conv(features: int, kernel_size: int = 3, stride: int = 1, zero_init: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None, padding: Any = None,
-         param_dtype: Dtype = jnp.float32, impl: str = "xla") -> nn.Conv:
+         param_dtype: Dtype = jnp.float32, impl: Any = "xla") -> nn.Conv:
   """2-D conv with logical axis names; torch-style symmetric padding (k // 2) unless given.
-  impl "onednn" runs it through `rdm_jax.ops.onednn` (same parameters, CPU only)."""
+  impl "onednn" runs it through `rdm_jax.ops.onednn` (same parameters, CPU only); a frozenset of
+  geometries (`onednn.signature`) runs those on oneDNN and the rest on XLA."""
   p = kernel_size // 2
   return nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=padding or ((p, p), (p, p)),
                  dtype=dtype, param_dtype=param_dtype, name=name,
-                 conv_general_dilated=onednn.conv_general_dilated if impl == "onednn" else None,
+                 conv_general_dilated=_conv_function(impl),
                  kernel_init=_kernel((None, None, "conv_in", "conv_out"),
                                      _zeros if zero_init else _default_kernel_init),
                  bias_init=_bias())
@@ -133,7 +142,7 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  conv: str = "xla"  # xla | onednn: see Conv
+  conv: Any = "xla"  # xla | onednn | frozenset of geometries on oneDNN: see Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -291,7 +300,7 @@ class SpatialTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: AttentionOptions = AttentionOptions()
-  conv: str = "xla"  # xla | onednn: see Conv
+  conv: Any = "xla"  # xla | onednn | frozenset of geometries on oneDNN: see Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -350,7 +359,7 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str = "none"  # none | full | dots
   attention: AttentionOptions = AttentionOptions()
-  conv: str = "xla"  # xla | onednn (rdm_jax.ops.onednn's custom calls; CPU, one device)
+  conv: Any = "xla"  # xla | onednn (rdm_jax.ops.onednn's custom calls; CPU, one device) | frozenset: see Conv
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,

@@ -149,3 +149,18 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   return jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
       feature_group_count, batch_group_count, precision, preferred_element_type)
+
+
+def signature(lhs_shape: Sequence[int], rhs_shape: Sequence[int], strides: Sequence[int], padding: Any) -> tuple:
+  """A convolution's geometry without its batch: (H, W, C, KH, KW, O, strides, padding)."""
+  pads = _explicit_padding(padding, tuple(lhs_shape), tuple(rhs_shape), tuple(strides))
+  return tuple(lhs_shape[1:]) + tuple(rhs_shape[:2]) + (rhs_shape[3], tuple(strides), pads)
+
+
+def conv_general_dilated_where(table: frozenset, lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                               padding: Any, *args, **kwargs) -> jax.Array:
+  """`conv_general_dilated` (oneDNN) for the geometries in `table` (`signature`s), XLA's for the
+  rest: config.model.conv="auto" where each path wins some of the model's convolutions."""
+  if lhs.ndim == 4 and rhs.ndim == 4 and signature(lhs.shape, rhs.shape, window_strides, padding) in table:
+    return conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdm_jax import config_base, training
+from rdm_jax import training
 from rdm_jax.diffusion import ddim
 from rdm_jax.errors import fail
-from rdm_jax.models import first_stage
 from rdm_jax.parallel import flops as flops_lib, mesh as mesh_lib, sharding, topology
 
 GIB = 1024 ** 3
@@ -34,28 +33,23 @@ _FUSED_REDUCE_SCATTER = re.compile(r"=\s*(.*?)\sfusion\(.*calls=%all-reduce-scat
 
 
 def latent_shape(config: Any) -> tuple[int, ...]:
-  """The per-example training input the data jobs would make: latents [H, W, C] of the first
-  stage at config.dataset.image_size (or first_stage.pad_to), or RARM's token sequence [S]."""
-  fs = config.first_stage
-  side = int(fs.get("pad_to", 0) or 0) or int(config.dataset.image_size or 0)
-  if not side:
-    fail("set --config.dataset.image_size (or first_stage.pad_to): the latent size follows from it")
-  if fs.name == "identity":
-    return side, side, int(fs.latent_channels)
-  factor = first_stage.spec(fs).factor
-  if side % factor:
-    fail(f"image size {side} is not a multiple of the first stage's factor {factor}")
-  if config_base.model_family(config) == "rarm":
-    return ((side // factor) ** 2,)
-  return side // factor, side // factor, int(fs.latent_channels)
+  """The per-example training input of `config` (`training.latent_shape`)."""
+  return training.latent_shape(config)
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes"}} of the collectives in compiled HLO text; bytes are each op's
   result (for async ops, the -start's result without its operand copies). TPU's
-  all-reduce-scatter fusions count as reduce-scatter."""
+  all-reduce-scatter fusions count as reduce-scatter, once: the all-reduce inside the
+  computation such a fusion calls is not counted again."""
   out: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
+  fused_body = False  # inside the computation an all-reduce-scatter fusion calls (counted at its call)
   for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      fused_body = line.split()[0].lstrip("%").startswith("all-reduce-scatter")
+      continue
+    if fused_body:
+      continue
     m = _OP.search(line)
     if m:
       shape, kind, start = m.groups()
