@@ -23,6 +23,15 @@ def allocator() -> str:
   return f"glibc malloc (LD_PRELOAD={TCMALLOC} for tcmalloc, as make demo/test)"
 
 
+def cpu() -> str:
+  """This CPU for a benchmark's header line: its model, ISA flags and any ISA cap in force
+  (ONEDNN_MAX_CPU_ISA, XLA_FLAGS --xla_cpu_max_isa): speed figures depend on all three."""
+  from rdm_jax.ops.conv_choice import machine
+  m = machine()
+  caps = ", ".join(f"{k}={v}" for k, v in m["caps"].items() if k != "XLA_FLAGS" or "max_isa" in v)
+  return f"{m['cpu']} ({' '.join(m['isa'])}{'; capped: ' + caps if caps else ''})"
+
+
 def patch_grid(config, latent_shape):
   """The shape our UNet's layers see: latents [H, W, C] folded into p x p patches
   (config.model.patch_size, a reshape) are diffusers' input [H/p, W/p, C p^2]."""

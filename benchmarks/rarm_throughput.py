@@ -33,7 +33,7 @@ from rdm_jax.models import rarm  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, load_config  # noqa: E402
+from common import REPO, allocator, cpu, load_config  # noqa: E402
 
 _CASE = flags.DEFINE_enum("case", "small", ["small", "paper"], "Model size.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
@@ -151,7 +151,8 @@ def main(argv):
   del argv
   config = config_for(_CASE.value, _BATCH.value)
   model = training.make_model(config)
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, case {_CASE.value}: {model.heads} heads x "
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; "
+        f"case {_CASE.value}: {model.heads} heads x "
         f"{model.dim_head}, depth {model.depth}, {model.seq_len} tokens of {model.num_codes} codes, batch {_BATCH.value}")
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, model.seq_len), jnp.int32),
                                jnp.zeros((1, 4, 512)))["params"]

@@ -28,7 +28,7 @@ from absl import app, flags  # noqa: E402
 
 from rdm_jax import training  # noqa: E402
 from rdm_jax.diffusion import samplers  # noqa: E402
-from common import allocator, diffusers_unet, load_config, patch_grid  # noqa: E402
+from common import allocator, cpu, diffusers_unet, load_config, patch_grid  # noqa: E402
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 16, "Images per timed run (one batch).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
@@ -83,7 +83,7 @@ def time_torch(config, context: np.ndarray, sampler: str, steps: int) -> float:
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, {allocator()}; demo UNet, "
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; demo UNet, "
         f"{_NUM_IMAGES.value} images per run, guidance {SCALE} (doubled batch)")
   config = load_config("fashion_mnist_rdm")
   context = np.random.default_rng(0).normal(

@@ -59,7 +59,7 @@ from rdm_jax import training  # noqa: E402
 from rdm_jax.parallel import aot, flops as flops_lib, mesh as mesh_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import allocator, diffusers_unet, load_config, patch_grid  # noqa: E402
+from common import allocator, cpu, diffusers_unet, load_config, patch_grid  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median round is reported).")
@@ -248,6 +248,7 @@ def main(argv):
   dev = jax.devices()[0]
   peak = PEAK_BF16_TFLOPS.get(dev.device_kind) if on_gpu() else None
   print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}) x{jax.device_count()}, {os.cpu_count()} CPUs, "
+        f"{cpu()}, "
         f"{allocator()}; {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)", flush=True)
   for name, (config, latent_shape) in cases().items():
     if name not in _ONLY.value:

@@ -81,10 +81,11 @@ benchmarks/RESULTS.md, "The demo's recipe"):
 - sample.final_step="x0": the last DDIM step returns its predicted image. The original ends at
   alpha_bar_0, which keeps 0.039 of the predicted noise: invisible through a decoder, grey
   speckle on pixels.
-- model.conv="auto": on a single CPU device the UNet's convolutions run on oneDNN custom calls
-  (rdm_jax/ops, built by `make onednn`; 0.074 s a step instead of XLA:CPU's 0.104 for the 32-channel
-  UNet), the same parameters and the same results up to float32 rounding; elsewhere, or if not
-  built, XLA's.
+- model.conv="auto": on a single CPU device each of the UNet's convolutions runs on oneDNN's
+  custom calls (rdm_jax/ops, built by `make onednn`) or XLA's, whichever was faster for it on
+  this machine when timed at start-up (rdm_jax/ops/conv_choice.py; remembered per machine and
+  model). The same parameters and the same results up to float32 rounding; on several devices,
+  or if not built, XLA's.
 - The first stage is the identity on pixels (no autoencoder ships offline); EfficientNet-Lite0
   stands in for CLIP as the retrieval encoder.
 
@@ -118,7 +119,7 @@ def get_config() -> mlc.ConfigDict:
       model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
       num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32",
       patch_size=2,  # the UNet runs on 16 x 16 patches of 2 x 2 pixels: 3.6x faster steps here
-      conv="auto"))  # oneDNN convolutions on one CPU device (`make onednn`): 3x faster than XLA:CPU's
+      conv="auto"))  # each convolution on oneDNN or XLA, whichever this machine runs faster (see above)
   c.diffusion.prediction = "x0"            # the UNet predicts the image ...
   c.diffusion.loss_weighting = "min_snr"   # ... with min-SNR-5 weights: garments on black in minutes
   c.optim.lr = 1e-3

@@ -14,7 +14,10 @@ among the real commit points of an uninterrupted run.
 
 term:N sends the process a real SIGTERM (what a scheduler sends before it takes the machine)
 just before the job's N-th look at it (`rdm_jax.preemption.reached` at a train step or sample
-shard, `requested` after a store chunk), and lets the job handle it.
+shard, `requested` after a store chunk), and lets the job handle it (N = 0: never).
+term:N:S also waits S seconds before each look: on several processes JAX's preemption sync
+manager agrees on the step to stop at in a background thread, and a run of a few tiny steps
+could otherwise end before it has.
 """
 
 import atexit
@@ -22,9 +25,10 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 
-def _terminate_at(n: int) -> None:
+def _terminate_at(n: int, wait: float = 0.0) -> None:
   from rdm_jax import preemption
   looks = 0
 
@@ -32,6 +36,7 @@ def _terminate_at(n: int) -> None:
     def look(*args):
       nonlocal looks
       looks += 1
+      time.sleep(wait)
       if looks == n:
         os.kill(os.getpid(), signal.SIGTERM)
       return real(*args)
@@ -43,7 +48,8 @@ def _terminate_at(n: int) -> None:
 def main() -> None:
   when, count_file, module = sys.argv[1], sys.argv[2], sys.argv[3]
   if when.startswith("term:"):
-    _terminate_at(int(when[5:]))
+    n, _, wait = when[5:].partition(":")
+    _terminate_at(int(n), float(wait or 0))
     when = "0"
   kill_at = 0 if when.startswith("path:") else int(when)
   calls = 0

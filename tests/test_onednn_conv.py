@@ -2,6 +2,10 @@
 convolution: forward, input and kernel gradients, the UNet with either, and where the
 wrapper must fall back to XLA."""
 
+import re
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +16,7 @@ from rdm_jax.errors import UserError
 from rdm_jax.models.unet import UNet
 from rdm_jax.ops import onednn
 from rdm_jax.parallel import mesh as mesh_lib
-from conftest import repo_config
+from conftest import REPO, repo_config, subprocess_env
 
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="oneDNN convolutions not built: run `make onednn`")
 
@@ -168,3 +172,24 @@ def test_train_steps_on_a_sharded_mesh_match_xla():
   np.testing.assert_allclose([loss_o, norm_o], [loss_x, norm_x], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params_o), jax.tree.leaves(params_x)):
     _close(a, b, tol=1e-5)
+
+
+CAPPED = "forward_and_gradients_match_xla or hand_worked_case or unet_with_onednn_convolutions_matches_xla"
+
+
+@pytest.mark.parametrize("isa", ["AVX2"])
+def test_the_kernels_match_xla_under_an_isa_cap(isa):
+  """The tests above again in a process whose oneDNN and XLA are capped to `isa`
+  (ONEDNN_MAX_CPU_ISA, --xla_cpu_max_isa): the kernels an AVX2-only CPU runs, on any x86 CPU.
+  oneDNN's verbose log shows which kernels ran: none of a wider ISA."""
+  env = subprocess_env()
+  env.update(ONEDNN_MAX_CPU_ISA=isa, DNNL_MAX_CPU_ISA=isa, ONEDNN_VERBOSE="1",
+             XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} --xla_cpu_max_isa={isa}".strip())
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__, "-k", CAPPED],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and " passed" in proc.stdout, (proc.stdout[-3000:], proc.stderr[-3000:])
+  assert re.search(r"\b(\d+) passed", proc.stdout).group(1) == str(len(GEOMETRIES) + 2), proc.stdout[-500:]
+  runs = [ln for ln in proc.stdout.splitlines() if ln.startswith("onednn_verbose") and ",exec," in ln]
+  assert runs and "isa:Intel AVX2" in proc.stdout, proc.stdout[:2000]
+  wider = [ln for ln in runs if "avx512" in ln.lower() or "amx" in ln.lower()]
+  assert not wider, wider[:3]

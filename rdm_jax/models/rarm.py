@@ -57,6 +57,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def per_token(layer, x: jax.Array) -> jax.Array:
+  """layer(x) for a per-token layer (Dense, the feed-forward) applied on x [..., C] flattened to
+  [N, C]. XLA:CPU otherwise transposes the output gradient of a dot over [B, T, C] into
+  [C_out, B, T] for the kernel's gradient (the 16384-way logits: 128 MB at batch 8), which
+  made the RARM train step ~1.4x slower (benchmarks/RESULTS.md, "RARM")."""
+  y = layer(x.reshape(-1, x.shape[-1]))
+  return y.reshape(x.shape[:-1] + y.shape[-1:])
+
+
 class Projections(nn.Module):
   """CrossAttention's q / k / v (no bias) and to_out (with bias) of one attention layer."""
 
@@ -76,13 +85,13 @@ class Projections(nn.Module):
     return t.reshape(t.shape[:2] + (self.heads, self.dim_head))
 
   def q(self, x: jax.Array) -> jax.Array:
-    return self._split(self.to_q(x))
+    return self._split(per_token(self.to_q, x))
 
   def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self._split(self.to_k(x)), self._split(self.to_v(x))
+    return self._split(per_token(self.to_k, x)), self._split(per_token(self.to_v, x))
 
   def out(self, o: jax.Array) -> jax.Array:
-    return self.to_out(o.reshape(o.shape[:2] + (self.heads * self.dim_head,)))
+    return per_token(self.to_out, o.reshape(o.shape[:2] + (self.heads * self.dim_head,)))
 
 
 class Block(nn.Module):
@@ -104,7 +113,7 @@ class Block(nn.Module):
   def _rest(self, x: jax.Array, cross: tuple[jax.Array, jax.Array]) -> jax.Array:
     h = self.norm2(x).astype(self.dtype)
     x = x + self.attn2.out(attend(self.attn2.q(h), *cross, None))
-    return x + self.ff(self.norm3(x).astype(self.dtype))
+    return x + per_token(self.ff, self.norm3(x).astype(self.dtype))
 
   def __call__(self, x: jax.Array, cross: tuple[jax.Array, jax.Array]) -> jax.Array:
     """The whole sequence x [B, T, C] with a causal mask."""
@@ -169,7 +178,7 @@ class RARM(nn.Module):
     x = self._embed(inputs, jnp.arange(s))
     for block, cross in zip(self.blocks, self.cross_kv(context)):
       x = block(x, cross)
-    return self.proj_out(x).astype(jnp.float32)
+    return per_token(self.proj_out, x).astype(jnp.float32)
 
   def init_cache(self, batch: int) -> list[tuple[jax.Array, jax.Array]]:
     """Empty self-attention caches, one (k, v) [B, S, H, D] per layer."""
@@ -184,7 +193,7 @@ class RARM(nn.Module):
     for block, c, kv in zip(self.blocks, cache, cross):
       x, c = block.step(x, pos, c, kv)
       new_cache.append(c)
-    return self.proj_out(x)[:, 0].astype(jnp.float32), new_cache
+    return per_token(self.proj_out, x)[:, 0].astype(jnp.float32), new_cache
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ calls (forward, input gradient, kernel gradient: `onednn_conv.cc`, built by `mak
 and everything else to `jax.lax.conv_general_dilated`, so a model may use it everywhere.
 
 The custom calls are opaque to XLA's SPMD partitioner, which would run them replicated on a
-multi-device mesh: `resolve("auto")` therefore picks oneDNN only for a single CPU device.
+multi-device mesh: `resolve("auto")` therefore allows oneDNN only on a single CPU device, and
+there `rdm_jax.ops.conv_choice` times both paths on the model's convolutions and runs each on
+its faster one (`conv_general_dilated_where`).
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def available() -> bool:
 
 def resolve(impl: str, devices: Sequence[Any] | None = None) -> str:
   """config.model.conv -> "xla" or "onednn" for a model that runs on `devices` (default: this
-  process's). "auto" is oneDNN where it helps and is safe (a single CPU device, the library
-  built), else XLA; "onednn" insists and says what is missing."""
+  process's). "auto" is "onednn" where oneDNN can run safely (a single CPU device, the library
+  built: the model then times both, `conv_choice.resolve_auto`), else XLA; "onednn" insists and
+  says what is missing."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv={impl!r}; use one of {', '.join(CONV_IMPLS)}")
   if impl == "xla":
