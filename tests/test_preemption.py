@@ -54,9 +54,10 @@ def test_two_processes_stop_at_one_step_on_a_sigterm_to_either(trained, tmp_path
   def cmd(port, i, term):
     c = train_command(data_dir, workdir, *TRAINED_ARGS, "--distributed", f"--coordinator_address=localhost:{port}",
                       "--num_processes=2", f"--process_id={i}")
-    # both processes take 2 s a step (JAX's sync manager agrees on the step to stop at in a background
-    # thread, in milliseconds); process 1 gets the SIGTERM at its step 2
-    return killable(c, f"term:{2 if i == 1 else 0}:2") if term else c
+    # both processes wait 0.5 s at each look at the signal, so the run cannot end before JAX's sync
+    # manager has agreed on the step to stop at (in a background thread, in milliseconds); process 1
+    # gets the SIGTERM at its second look
+    return killable(c, f"term:{2 if i == 1 else 0}:0.5") if term else c
 
   outs = run_processes(lambda port, i: cmd(port, i, True), 2, subprocess_env(4))
   lines = []
