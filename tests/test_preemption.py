@@ -13,7 +13,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from conftest import (REPO, TINY_OVERRIDES, TRAIN_CONFIG, TRAINED_ARGS, TRAINED_MESH, assert_same_state, final_state,
                       killable, subprocess_env, tiny_config, train_command)
