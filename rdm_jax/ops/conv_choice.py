@@ -5,10 +5,10 @@ on what caps it (ONEDNN_MAX_CPU_ISA, XLA_FLAGS=--xla_cpu_max_isa), on the thread
 the model's convolution shapes. So "auto" does not guess: it reads every convolution of the
 model's forward pass from its jaxpr (`geometries`), times each distinct one forward and backward
 on both paths (`measure`), and runs each on the path that was faster for it ("mixed"; "onednn"
-or "xla" when one path wins them all). The choice and the sums are cached in a JSON file (`cache_path()`: $RDM_JAX_CACHE or
-~/.cache/rdm_jax/conv_choice.json) under a key of the machine (CPU model, ISA flags, caps,
-threads, jax version) and the geometry, so a later run on the same machine and model reads
-it in milliseconds instead of measuring again (a few seconds).
+or "xla" when one path wins them all). The choice and the sums are cached in a JSON file
+(`cache_path()`: $RDM_JAX_CACHE or ~/.cache/rdm_jax/conv_choice.json) under a key of the
+machine (CPU model, ISA flags, caps, threads, jax version) and the geometry, so a later run on
+the same machine and model reads it in milliseconds instead of measuring again (a few seconds).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def _subjaxprs(eqn) -> list:
 
 
 def geometries(fn: Callable, *args: Any) -> dict[Geometry, int]:
-  """{geometry: how many times fn(*args) runs it} over the float32 NHWC/HWIO convolutions of
-  fn's jaxpr (nested jits, remat and control flow included), the ones oneDNN would take."""
+  """{geometry: how many times it appears in fn's jaxpr} over the float32 NHWC/HWIO convolutions
+  (those oneDNN would take), nested jits, remat and control-flow bodies included (a loop body's
+  convolution counts once)."""
   counts: dict[Geometry, int] = {}
 
   def walk(jaxpr) -> None:
