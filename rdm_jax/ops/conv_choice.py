@@ -95,7 +95,8 @@ def measure(g: Geometry, impl: str, repeats: int = 3) -> float:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(g.lhs, np.float32))
   w = jnp.asarray(rng.standard_normal(g.rhs, np.float32))
-  out = jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(x, w, g.strides, g.padding, dimension_numbers=_NHWC), x, w)
+  out = jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(x, w, g.strides, g.padding,
+                                                                 dimension_numbers=_NHWC), x, w)
   dy = jnp.asarray(rng.standard_normal(out.shape, np.float32))
   jax.block_until_ready(step(x, w, dy))
   best = float("inf")
