@@ -73,15 +73,18 @@ def test_each_convolution_runs_on_its_faster_path_and_the_choice_is_remembered(t
   assert len(json.loads(open(path).read())) == 3
 
 
-def test_a_broken_cache_is_measured_again_and_rewritten(tmp_path, caplog):
+def test_a_file_that_is_not_a_cache_is_measured_around_and_left_as_it_is(tmp_path, caplog):
   path = tmp_path / "conv_choice.json"
   path.write_text("{not json")
   geoms = conv_choice.geometries(_net, *_args())
   r = conv_choice.choose(geoms, lambda g, impl: {"xla": 1.0, "onednn": 2.0}[impl], str(path))
-  assert r["choice"] == "xla" and not r["cached"] and "ignoring the unreadable cache" in caplog.text
-  assert list(json.loads(path.read_text()).values())[0]["choice"] == "xla"
-  path.write_text(json.dumps({conv_choice.key(geoms): {"choice": "rm -rf /", "onednn": []}}))  # not ours: none
+  assert r["choice"] == "xla" and not r["cached"] and "not a readable cache" in caplog.text
+  assert path.read_text() == "{not json"
+  # a JSON object with a malformed entry under this key: the entry is not trusted, the others are kept
+  path.write_text(json.dumps({conv_choice.key(geoms): {"choice": "rm -rf /", "onednn": []}, "other": [1]}))
   assert conv_choice.choose(geoms, lambda g, impl: {"xla": 2.0, "onednn": 1.0}[impl], str(path))["choice"] == "onednn"
+  data = json.loads(path.read_text())
+  assert data["other"] == [1] and data[conv_choice.key(geoms)]["choice"] == "onednn"
 
 
 @pytest.mark.skipif(not onednn.available(), reason="oneDNN convolutions not built (make onednn)")

@@ -138,30 +138,39 @@ def key(geoms: dict[Geometry, int]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _read_cache(path: str) -> dict[str, Any]:
-  """The cache's entries; an unreadable or malformed file counts as empty (it is only a cache)."""
+def _load(path: str) -> dict[str, Any] | None:
+  """The cache file as a dict ({} when there is none); None when a file is there that is not a
+  JSON object (not ours: it is read as empty and left as it is)."""
   try:
     with open(path) as f:
       data = json.load(f)
   except FileNotFoundError:
     return {}
   except (OSError, ValueError) as e:
-    logging.warning("conv=auto: ignoring the unreadable cache %s (%s); measuring again", path, e)
-    return {}
-  if not isinstance(data, dict):
-    return {}
-  return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("choice") in ("xla", "onednn", "mixed")
-          and isinstance(v.get("onednn"), list)}
+    logging.warning("conv=auto: %s is not a readable cache (%s); measuring, and leaving the file as it is "
+                    "(remove it, or set RDM_JAX_CACHE to another folder, to cache choices again)", path, e)
+    return None
+  return data if isinstance(data, dict) else None
 
 
-def _write_cache(path: str, entries: dict[str, Any]) -> None:
-  """Writes the cache whole under a temporary name, then renames it; a cache that cannot be
-  written is skipped with a warning (the choice stands for this run)."""
+def _entries(data: dict[str, Any] | None) -> dict[str, Any]:
+  """The well-formed choices in a cache file's dict (others are ignored, never trusted)."""
+  return {k: v for k, v in (data or {}).items() if isinstance(v, dict)
+          and v.get("choice") in ("xla", "onednn", "mixed") and isinstance(v.get("onednn"), list)}
+
+
+def _write_cache(path: str, key_: str, entry: dict[str, Any]) -> None:
+  """Adds one entry to the cache file (re-read just before, every other key kept as it is),
+  written whole under a temporary name, then renamed. A file that is not a cache is left alone;
+  a cache that cannot be written is skipped with a warning (the choice stands for this run)."""
+  data = _load(path)
+  if data is None:
+    return
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-      json.dump(entries, f, indent=1, sort_keys=True)
+      json.dump({**data, key_: entry}, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
   except OSError as e:
     logging.warning("conv=auto: could not write the cache %s (%s)", path, e)
@@ -177,7 +186,7 @@ def choose(geoms: dict[Geometry, int], timer: Callable[[Geometry, str], float] |
   if not geoms:
     return {"choice": "xla", "onednn": [], "seconds": {}, "cached": False}
   k = key(geoms)
-  entries = _read_cache(path)
+  entries = _entries(_load(path))
   if k in entries:
     return {**entries[k], "cached": True}
   seconds, faster = {"xla": 0.0, "onednn": 0.0, "mixed": 0.0}, []
@@ -191,7 +200,7 @@ def choose(geoms: dict[Geometry, int], timer: Callable[[Geometry, str], float] |
   choice = "xla" if not faster else "onednn" if len(faster) == len(geoms) else "mixed"
   entry = {"choice": choice, "onednn": sorted(faster), "seconds": seconds, "machine": machine(),
            "convolutions": int(sum(geoms.values()))}
-  _write_cache(path, {**_read_cache(path), k: entry})
+  _write_cache(path, k, entry)
   return {**entry, "cached": False}
 
 
