@@ -96,9 +96,13 @@ def test_wrapper_falls_back_where_onednn_does_not_apply():
 
 
 def test_unet_with_onednn_convolutions_matches_xla():
-  """Same parameters, same outputs and gradients (patching, downsample, upsample, skips)."""
+  """Same parameters, same outputs and gradients (patching, downsample, upsample, skips), with
+  every convolution on oneDNN and with a mixed UNet (conv="auto"'s per-shape choice) that runs
+  only its input convolution there."""
   kw = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), patch_size=2)
-  ref, fast = UNet(**kw), UNet(**kw, conv="onednn")
+  # conv_in sees 2x2 patches of 16x16x1: 8x8x4 -> 32 channels
+  ref, fast, mixed = UNet(**kw), UNet(**kw, conv="onednn"), UNet(**kw, conv=frozenset({(8, 8, 4, 3, 3, 32, (1, 1),
+                                                                                         ((1, 1), (1, 1)))}))
   keys = jax.random.split(jax.random.PRNGKey(2), 4)
   x = jax.random.normal(keys[0], (3, 16, 16, 1))
   t = jax.random.randint(keys[1], (3,), 0, 1000)
@@ -107,13 +111,16 @@ def test_unet_with_onednn_convolutions_matches_xla():
   # randomise the zero-initialised output convs, which would hide most of the network
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(keys[3], p.shape), params)
   assert jax.tree.structure(fast.init(keys[3], x, t, ctx)["params"]) == jax.tree.structure(params)
-  loss = lambda m: jax.jit(lambda p: jnp.mean(m.apply({"params": p}, x, t, ctx) ** 2))
-  hlo = jax.jit(lambda p: fast.apply({"params": p}, x, t, ctx)).lower(params).as_text()
-  assert "rdm_onednn_conv_fwd" in hlo
-  _close(loss(fast)(params), loss(ref)(params), tol=1e-5)
-  g_fast, g_ref = jax.grad(loss(fast))(params), jax.grad(loss(ref))(params)
-  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
-    _close(a, b, tol=1e-4)
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, x, t, ctx) ** 2)))
+  hlo = lambda m: jax.jit(lambda p: m.apply({"params": p}, x, t, ctx)).lower(params).as_text()
+  assert hlo(fast).count("rdm_onednn_conv_fwd") > 10
+  assert hlo(mixed).count("rdm_onednn_conv_fwd") == 1 and "convolution(" in hlo(mixed)
+  want, g_want = loss(ref)(params)
+  for m in (fast, mixed):
+    got, g_got = loss(m)(params)
+    _close(got, want, tol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+      _close(a, b, tol=1e-4)
 
 
 def test_config_choice():
