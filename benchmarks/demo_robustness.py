@@ -31,6 +31,7 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from rdm_jax.ops.conv_choice import machine  # noqa: E402
 from rdm_jax.parallel.mesh import TCMALLOC  # noqa: E402
 CONFIG = "configs/fashion_mnist_rdm.py"
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}
@@ -120,10 +121,8 @@ def main(argv):
 
 
 def cpu_name() -> str:
-  info = open("/proc/cpuinfo").read()
-  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-  isa = "AVX-512" if " avx512f" in info else "AVX2"
-  return f"{name}, {isa}"
+  m = machine()
+  return f"{m['cpu']}, {'AVX-512' if 'avx512f' in m['isa'] else 'AVX2'}"
 
 
 if __name__ == "__main__":

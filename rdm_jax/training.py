@@ -124,7 +124,7 @@ def make_model(config: Any, devices: Any = None, latents: tuple[int, ...] | None
     inputs = example_inputs(config, int(config.train.batch_size), latents or latent_shape(config),
                             config.k_train)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs)["params"])
-    resolved = conv_choice.resolve_auto(lambda p: model.apply({"params": p}, *inputs), (params,), devices)
+    resolved = conv_choice.resolve_auto(lambda p: model.apply({"params": p}, *inputs), (params,))
   return model.clone(conv=resolved)
 
 

@@ -70,7 +70,7 @@ def test_model_flops_are_the_compilers_matmul_share():
   the element-wise work: norms, activations, softmax)."""
   c = _tiny_config()
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  setup = training.setup_training(c, aot.latent_shape(c), mesh)
+  setup = training.setup_training(c, training.latent_shape(c), mesh)
   ours = aot.model_flops_per_example(c, setup)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), setup.abstract.params)
   xs = [jnp.zeros(x.shape, x.dtype) for x in setup.inputs]
@@ -84,7 +84,7 @@ def test_data_parallel_collectives_on_cpu():
   (FSDP's all-gather / reduce-scatter on TPU: test_compile_tool_for_a_v5e_slice)."""
   c = _tiny_config()
   mesh = mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-  setup = training.setup_training(c, aot.latent_shape(c), mesh)
+  setup = training.setup_training(c, training.latent_shape(c), mesh)
   with jax.set_mesh(mesh):
     compiled = setup.train_step.lower(setup.state_specs(), *setup.batch_specs(c, 16)).compile()
   found = aot.collectives(compiled.as_text())

@@ -131,9 +131,9 @@ def machine() -> dict[str, Any]:
           "caps": {k: os.environ[k] for k in _ENV_CAPS if os.environ.get(k)}, "jax": jax.__version__}
 
 
-def key(geoms: dict[Geometry, int]) -> str:
-  """The cache key of this machine and this set of convolutions."""
-  text = json.dumps([machine(), sorted([list(map(list, g[:2])), list(g.strides), [list(p) for p in g.padding], n]
+def key(geoms: dict[Geometry, int], host: dict[str, Any] | None = None) -> str:
+  """The cache key of this machine (`host`, default `machine()`) and this set of convolutions."""
+  text = json.dumps([host or machine(), sorted([list(map(list, g[:2])), list(g.strides), [list(p) for p in g.padding], n]
                                        for g, n in geoms.items())], sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -185,7 +185,8 @@ def choose(geoms: dict[Geometry, int], timer: Callable[[Geometry, str], float] |
   path, timer = path or cache_path(), timer or measure
   if not geoms:
     return {"choice": "xla", "onednn": [], "seconds": {}, "cached": False}
-  k = key(geoms)
+  host = machine()
+  k = key(geoms, host)
   entries = _entries(_load(path))
   if k in entries:
     return {**entries[k], "cached": True}
@@ -198,7 +199,7 @@ def choose(geoms: dict[Geometry, int], timer: Callable[[Geometry, str], float] |
     if t["onednn"] < t["xla"]:
       faster.append(_signature(g))
   choice = "xla" if not faster else "onednn" if len(faster) == len(geoms) else "mixed"
-  entry = {"choice": choice, "onednn": sorted(faster), "seconds": seconds, "machine": machine(),
+  entry = {"choice": choice, "onednn": sorted(faster), "seconds": seconds, "machine": host,
            "convolutions": int(sum(geoms.values()))}
   _write_cache(path, k, entry)
   return {**entry, "cached": False}
@@ -216,13 +217,10 @@ def as_impl(choice: dict[str, Any]) -> Any:
   return frozenset(tuple(sig[:6]) + (tuple(sig[6]), tuple(tuple(p) for p in sig[7])) for sig in choice["onednn"])
 
 
-def resolve_auto(fn: Callable, args: Sequence[Any], devices: Sequence[Any] | None = None) -> str:
-  """config.model.conv="auto" for the model whose forward pass is fn(*args) (its convolutions
-  are timed forward and backward): "xla" where oneDNN cannot run (not built, several devices,
-  not a CPU), else the measured faster path (see module doc)."""
-  devices = list(jax.devices() if devices is None else devices)
-  if onednn.resolve("auto", devices) == "xla":
-    return "xla"
+def resolve_auto(fn: Callable, args: Sequence[Any]) -> Any:
+  """config.model.conv="auto", where oneDNN can run (`onednn.resolve("auto")` says "onednn"), for
+  the model whose forward pass is fn(*args): its convolutions timed forward and backward, the
+  UNet's `conv` for the faster path of each (see module doc)."""
   r = choose(geometries(fn, *args))
   if r["seconds"]:
     logging.info("conv=auto: %s (convolutions of one step forward and backward: XLA %.1f ms, oneDNN %.1f ms, "

@@ -32,11 +32,6 @@ _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _FUSED_REDUCE_SCATTER = re.compile(r"=\s*(.*?)\sfusion\(.*calls=%all-reduce-scatter")
 
 
-def latent_shape(config: Any) -> tuple[int, ...]:
-  """The per-example training input of `config` (`training.latent_shape`)."""
-  return training.latent_shape(config)
-
-
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes"}} of the collectives in compiled HLO text; bytes are each op's
   result (for async ops, the -start's result without its operand copies). TPU's
@@ -140,7 +135,7 @@ def report(config: Any, slice_name: str, batch: int = 0, sample_batch: int = 0,
   for what, b in (("batch", batch), ("sample batch", sample_batch)):
     if b % n_batch:
       fail(f"{what} {b} is not divisible by the {n_batch} devices of the batch axes; choose a multiple")
-  shape = latent_shape(config)
+  shape = training.latent_shape(config)
   setup = training.setup_training(config, shape, mesh)
   hbm = s.chip.hbm_gib * GIB
   per_example = model_flops_per_example(config, setup)
