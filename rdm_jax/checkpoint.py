@@ -167,7 +167,8 @@ RUN_FILES = ("model_info.json", "checkpoints")  # a directory holding either is 
 
 
 def check_workdir(workdir: str) -> None:
-  """Refuses a --workdir that holds files but is not a training run (train would overwrite them)."""
+  """Refuses a --workdir that holds files but is not a training run (train would overwrite them).
+  Multi-process jobs run it under `errors.checked_by_process_0`, before any process writes there."""
   if files.exists(workdir) and not files.isdir(workdir):
     fail(f"--workdir={workdir} exists and is not a directory; choose another --workdir")
   if files.isdir(workdir) and files.listdir(workdir) and not any(

@@ -22,6 +22,31 @@ def fail(message: str) -> NoReturn:
   raise UserError(message)
 
 
+def checked_by_process_0(check: Callable[[], object]) -> None:
+  """Runs `check` on process 0 alone, for every process of a multi-process job: a `UserError`
+  it raises fails every process with its message. It is also a barrier: no process goes on (to
+  write where process 0 is looking) before process 0 has checked. With one process, runs `check`."""
+  import jax
+
+  if jax.process_count() == 1:
+    check()
+    return
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  message = np.zeros(4096, np.uint8)  # [0]: failed; then the message, UTF-8
+  if jax.process_index() == 0:
+    try:
+      check()
+    except UserError as e:
+      encoded = str(e).encode("utf-8")[:message.size - 1]
+      message[0] = 1
+      message[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+  message = np.asarray(multihost_utils.broadcast_one_to_all(message))
+  if message[0]:
+    fail(bytes(message[1:]).rstrip(b"\0").decode("utf-8", "replace"))
+
+
 def run_main(main: Callable[..., object], verbose: Callable[[], bool] = lambda: False) -> Callable[..., None]:
   """Wraps an absl `main` so a `UserError` exits with a one-line message (a traceback when
   `verbose()`)."""

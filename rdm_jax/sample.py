@@ -44,7 +44,7 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from rdm_jax import config_base, files, inference, preemption
+from rdm_jax import config_base, errors, files, inference, preemption
 from rdm_jax.data import visualize
 from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli, distributed
@@ -168,7 +168,7 @@ def main(argv):
   if s.shard_size < 1:
     fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")
   out = files.normpath(_OUT.value or files.join(workdir, "samples", s.condition))
-  check_out_dir(out, None)  # files of others: refused before any work
+  errors.checked_by_process_0(lambda: check_out_dir(out, None))  # files of others: refused before any work
   cli.hold_output(out, "--out", create=False)  # checked writable before any work; one writer
   rdm = inference.RDM(config, workdir, _STEP.value)  # checks the sampler settings before any retrieval
   cond = rdm.from_config()  # every process: the same conditioning of all N samples

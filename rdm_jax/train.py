@@ -19,7 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E402
 
-from rdm_jax import checkpoint, conditioning, files, preemption, step_watch, training  # noqa: E402
+from rdm_jax import checkpoint, conditioning, errors, files, preemption, step_watch, training  # noqa: E402
 from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
@@ -63,7 +63,7 @@ def main(argv):
   for w in platform_warnings:
     logging.warning(w)
   workdir = files.normpath(workdir)
-  checkpoint.check_workdir(workdir)
+  errors.checked_by_process_0(lambda: checkpoint.check_workdir(workdir))  # before any process writes there
   cli.hold_output(workdir, "--workdir")  # one writer: a second launch on this run is refused
 
   # --------------------------------------------------------------------------- Data

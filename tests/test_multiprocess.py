@@ -69,6 +69,50 @@ def test_two_processes_equal_one(trained, tmp_path):
   assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "4")
 
 
+_VERDICT_SCRIPT = """
+import os, sys, time
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+from rdm_jax import checkpoint, errors
+from rdm_jax.errors import UserError
+
+def check(name, workdir):
+  try:
+    errors.checked_by_process_0(lambda: checkpoint.check_workdir(workdir))
+    print("verdict", name, "ok", file=sys.stderr, flush=True)
+  except UserError as e:
+    print("verdict", name, "refused", e, file=sys.stderr, flush=True)
+
+shared = os.path.join(root, "shared")
+if pid == 0:
+  time.sleep(1.0)  # process 1 is ahead
+check("shared", shared)
+if pid == 1:
+  open(os.path.join(shared, "written-after-the-check"), "w").close()
+check("p0-empty", os.path.join(root, ("empty", "stray")[pid]))
+check("p0-stray", os.path.join(root, ("stray", "empty")[pid]))
+"""
+
+
+def test_every_process_follows_process_0s_workdir_verdict_given_before_any_writes(tmp_path):
+  """The --workdir check is process 0's, and no process writes there before process 0 has
+  looked: a process ahead of the others once saw another's write-check probe and refused."""
+  for d in ("shared", "empty", "stray"):
+    os.makedirs(tmp_path / d)
+  (tmp_path / "stray" / "notes.txt").write_text("not a training run")
+  outs = run_processes(lambda port, i: [sys.executable, "-c", _VERDICT_SCRIPT, str(port), str(i), str(tmp_path)], 2,
+                       subprocess_env(1))
+  stray = tmp_path / "stray"
+  for p, err in outs:
+    assert p.returncode == 0, err[-3000:]
+    verdicts = [line.split(" ", 1)[1] for line in err.splitlines() if line.startswith("verdict ")]
+    assert verdicts[:2] == ["shared ok", "p0-empty ok"], err[-3000:]
+    assert verdicts[2].startswith(f"p0-stray refused --workdir={stray} holds files but no training run"), verdicts
+    assert len(verdicts) == 3
+
+
 def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_path):
   """6 samples in shards of 4 (DDIM eta=1: fresh noise at every step), each batch sharded over 8
   devices: two processes write the same shards as one (to float rounding); a run SIGKILLed just before its second

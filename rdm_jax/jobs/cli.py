@@ -114,23 +114,16 @@ def hold_output(path: str, what: str, create: bool = True) -> None:
   atomic create, so two launches there are the user's to avoid."""
   import atexit
 
-  import jax
-  import numpy as np
-
-  from rdm_jax import files
+  from rdm_jax import errors, files
   from rdm_jax.data import store
 
   files.prepare_output_dir(path, what, create)
-  ok, why = True, ""
-  if jax.process_index() == 0 and not files.is_uri(path) and path not in _HELD:  # held: a job run in-process again
-    try:
-      _HELD[path] = store.Lock(path).acquire(wait=False, busy=f": another launch of this job is writing {what} "
-                                             f"{path}; wait for it to finish, or choose another path")
-      atexit.register(_HELD[path].release)
-    except UserError as e:
-      ok, why = False, str(e)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-  if not ok:
-    fail(why or f"{what} {path} is held by another launch of this job (process 0 names it)")
+
+  def lock() -> None:
+    if files.is_uri(path) or path in _HELD:  # held: a job run in-process again
+      return
+    _HELD[path] = store.Lock(path).acquire(wait=False, busy=f": another launch of this job is writing {what} "
+                                           f"{path}; wait for it to finish, or choose another path")
+    atexit.register(_HELD[path].release)
+
+  errors.checked_by_process_0(lock)
