@@ -1,7 +1,7 @@
 r"""Does the demo's recipe converge whatever the machine? Training seeds x convolution paths x ISAs.
 
   python benchmarks/demo_robustness.py [--seeds=0,1,2] [--variants=onednn,onednn_avx2,xla]
-      [--root=runs/robustness] [--overrides=--config.optim.lr=5e-4,...] [--sample_seed=7]
+      [--root=runs/robustness] [--overrides=optim.lr=5e-4,...] [--sample_seed=7]
 
 Each cell trains the demo (`configs/fashion_mnist_rdm.py`, `make demo`'s training) with
 `--config.train.seed=S` in `<root>/<variant>_seed<S>` (a finished run is reused), then scores
@@ -41,7 +41,8 @@ GOALS = {"agreement": 0.85, "precision": 0.6, "recall": 0.5}
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.train.seed).")
 _VARIANTS = flags.DEFINE_list("variants", ["onednn", "onednn_avx2", "xla"], f"Of {', '.join(VARIANTS)}.")
 _ROOT = flags.DEFINE_string("root", "runs/robustness", "Where the runs go.")
-_OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.* flags for training and sampling (a recipe change).")
+_OVERRIDES = flags.DEFINE_list("overrides", [], "Extra config fields for training and sampling, as field=value "
+                                "(a recipe change, e.g. train.num_steps=1800).")
 _SAMPLE_SEED = flags.DEFINE_integer("sample_seed", 7, "Sampling seed of every cell.")
 _NUM = flags.DEFINE_integer("num_images", 256, "Samples per set.")
 
@@ -63,7 +64,7 @@ def train(workdir: str, seed: int, variant: str) -> dict:
   if not (os.path.exists(log_path) and "trained to step" in open(log_path).read()):
     cmd = [sys.executable, "-m", "rdm_jax.train", f"--config={CONFIG}", f"--workdir={workdir}",
            f"--config.train.seed={seed}", f"--config.model.conv={VARIANTS[variant][0]}", "--config.train.sample_every=0",
-           *_OVERRIDES.value]
+           *(f"--config.{o}" for o in _OVERRIDES.value)]
     start = time.time()
     with open(log_path, "w") as log:
       done = subprocess.run(cmd, env=env_of(variant), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
