@@ -5,7 +5,7 @@ r"""Train-step throughput of rdm_jax against the same UNet in PyTorch, and input
                                        [--attention=xla,cudnn] [--batch=N]
 
 Cases:
-  demo            configs/fashion_mnist_rdm.py as is (1x32x32 pixels, batch 32, context 4x1008: block-10 retrieval features)
+  demo            configs/fashion_mnist_rdm.py as is (1x32x32 pixels, batch 16, context 4x1008: block-10 retrieval features)
   imagenet_small  configs/imagenet_rdm.py scaled down: channels (64,128,192,320), 2 res blocks,
                   attention at 2/4/8, 3x32x32 latents, batch 16, context 4x512 (float32)
   imagenet        configs/imagenet_rdm.py as is (400.9M parameters, bfloat16 compute, 3x64x64
