@@ -52,7 +52,10 @@ benchmarks/RESULTS.md, "The demo's recipe"):
   0.63 (seed 0), 2000 steps at batch 32 and twice the rate 0.61 / 0.56, 1800 at batch 32 0.55 /
   0.63; 3600 at batch 32 gives 0.72 / 0.71 in twice the time (benchmarks/RESULTS.md, "The demo in
   15 minutes on AVX2").
-- eval.expect: the bands the demo's figures fall in; outside them the evaluate job fails.
+- eval.expect: the bands the demo's figures fall in; outside them the evaluate job fails. Over
+  training seeds, convolution paths and ISAs this recipe's precision ran 0.59-0.69 and its recall
+  0.51-0.70 (benchmarks/RESULTS.md, "The demo in 15 minutes on AVX2"); a broken model scores
+  precision below 0.2 and recall near 0.
 - train.p_uncond=0.1 (the released models use 0): the zeros context is a trained unconditional
   branch, so that classifier-free guidance can sharpen the samples. The scale is 3, not the
   paper's 2: on this model (means over sample seeds 0-2, by demo_quality.py's first, 89.7%
@@ -147,8 +150,8 @@ def get_config() -> mlc.ConfigDict:
   c.sample.top_m = 0.1       # proposal sampling: pseudo-queries from the top 10% of D by p_D
   c.eval.image_size = 64     # EfficientNet-Lite0 features of 64 px inputs (every figure in the README)
   c.eval.reference = "test"  # the 10k held-out test images
-  # what this recipe gives (README, benchmarks/RESULTS.md "The demo on any x86 machine"): a figure
+  # what this recipe gives (README, benchmarks/RESULTS.md "The demo in 15 minutes on AVX2"): a figure
   # outside these bands fails the evaluate job, so a broken model never passes for a trained one
-  c.eval.expect = (("exemplar", "precision", 0.6, 1.0), ("exemplar", "recall", 0.45, 1.0),
-                   ("proposal", "precision", 0.6, 1.0), ("proposal", "recall", 0.4, 1.0))
+  c.eval.expect = (("exemplar", "precision", 0.55, 1.0), ("exemplar", "recall", 0.45, 1.0),
+                   ("proposal", "precision", 0.55, 1.0), ("proposal", "recall", 0.4, 1.0))
   return c
