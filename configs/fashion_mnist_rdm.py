@@ -53,7 +53,7 @@ benchmarks/RESULTS.md, "The demo's recipe"):
   0.63; 3600 at batch 32 gives 0.72 / 0.71 in twice the time (benchmarks/RESULTS.md, "The demo in
   15 minutes on AVX2").
 - eval.expect: the bands the demo's figures fall in; outside them the evaluate job fails. Over
-  training seeds, convolution paths and ISAs this recipe's precision ran 0.59-0.69 and its recall
+  training seeds, convolution paths and ISAs this recipe's precision ran 0.56-0.69 and its recall
   0.51-0.70 (benchmarks/RESULTS.md, "The demo in 15 minutes on AVX2"); a broken model scores
   precision below 0.2 and recall near 0.
 - train.p_uncond=0.1 (the released models use 0): the zeros context is a trained unconditional
