@@ -152,6 +152,6 @@ def get_config() -> mlc.ConfigDict:
   c.eval.reference = "test"  # the 10k held-out test images
   # what this recipe gives (README, benchmarks/RESULTS.md "The demo in 15 minutes on AVX2"): a figure
   # outside these bands fails the evaluate job, so a broken model never passes for a trained one
-  c.eval.expect = (("exemplar", "precision", 0.55, 1.0), ("exemplar", "recall", 0.45, 1.0),
-                   ("proposal", "precision", 0.55, 1.0), ("proposal", "recall", 0.4, 1.0))
+  c.eval.expect = (("exemplar", "precision", 0.5, 1.0), ("exemplar", "recall", 0.45, 1.0),
+                   ("proposal", "precision", 0.5, 1.0), ("proposal", "recall", 0.4, 1.0))
   return c
