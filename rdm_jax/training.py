@@ -27,7 +27,7 @@ from rdm_jax.errors import fail
 from rdm_jax.models import first_stage, rarm, unet as unet_lib
 from rdm_jax.models.unet import UNet
 from rdm_jax.ops import conv_choice, onednn
-from rdm_jax.parallel import sharding
+from rdm_jax.parallel import fsdp, sharding
 
 
 @flax.struct.dataclass
@@ -266,7 +266,7 @@ def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
-def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
+def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule, layout: FsdpLayout | None = None
                     ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
   """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); the eps-MSE of Eq. 3 (or the
   v-MSE, min-SNR weighted: config.diffusion, schedule.diffusion_loss) (for RARM:
@@ -286,6 +286,10 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
   such a step changes nothing but the step counter and the window, as a non-finite one;
   otherwise it trains and the loop warns (or stops). Every finite step enters the window,
   spikes too, so a level that stays high becomes the new median and is trained on.
+
+  With a `layout` (`fsdp_layout`: the batch axes shard parameters), the loss and its gradient
+  run manual over the batch axes (`parallel.fsdp`): parameters all-gathered, their gradients
+  reduce-scattered. The same draws (t, noise, dropped contexts) of the whole batch either way.
   """
   p_uncond = config.train.p_uncond
   on_spike, spike_factor, _ = spike_settings(config)
@@ -301,13 +305,18 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
       keep = jax.random.uniform(drop_rng, (context.shape[0], 1, 1)) >= p_uncond
       context = jnp.where(keep, context, 0.0)
 
-    def loss_fn(params):
+    def loss_fn(params, z0, context, *draws):
       if autoregressive:  # z0: tokens [B, S]; Eq. 4's next-token cross-entropy
         return rarm.nll(model.apply({"params": params}, z0, context), z0)
       return schedule_lib.diffusion_loss(lambda z_t, t: model.apply({"params": params}, z_t, t, context),
-                                         sched, z0, loss_rng, weighting, gamma)
+                                         sched, z0, None, weighting, gamma, draws=draws)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    batch = (z0, context) if autoregressive else (z0, context, *schedule_lib.draw_t_and_noise(sched, z0.shape, loss_rng))
+    if layout is None:
+      loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
+    else:
+      loss, grads = fsdp.value_and_grad(loss_fn, layout.mesh, layout.param_shardings, layout.batch_axes,
+                                        layout.cast, layout.dtype)(state.params, *batch)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     loss_median, grad_median = state.losses.medians()
@@ -331,6 +340,37 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule
                        "loss_median": loss_median, "grad_norm_median": grad_median}
 
   return step
+
+
+@dataclasses.dataclass(frozen=True)
+class FsdpLayout:
+  """What the explicit FSDP gradient (`parallel.fsdp.value_and_grad`) needs: the mesh, the
+  parameters' shardings, the batch axes, which parameters to cast to `dtype` before gathering."""
+
+  mesh: Mesh
+  param_shardings: Any
+  batch_axes: tuple
+  cast: Any
+  dtype: Any
+
+
+def fsdp_layout(config: Any, model: Any, inputs: tuple, mesh: Mesh, rules, abstract_params: Any,
+                params_sh: Any) -> FsdpLayout | None:
+  """The layout of an explicit FSDP gradient when a batch axis of more than one device shards
+  some parameter (mesh.fsdp > 1 by the default rules) and no other axis is in use; None
+  otherwise: GSPMD's all-reduce is what data parallelism needs, and beside tensor parallelism
+  GSPMD's own choices moved fewer bytes (on 8 CPU devices, fsdp 4 x tensor 2: 27 MB a step
+  against 31 MB for the explicit gradient, whose gathered kernels GSPMD regathers over tensor)."""
+  batch_axes = fsdp.axes_of(dict(rules).get("batch"))
+  sharding_axes = {a for s in jax.tree.leaves(params_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
+                   for entry in s.spec for a in fsdp.axes_of(entry)}
+  if not any(mesh.shape[a] > 1 for a in set(batch_axes) & sharding_axes):
+    return None
+  if any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in batch_axes):
+    return None
+  dtype = jnp.dtype(config.model.get("dtype", "float32"))
+  cast = fsdp.cast_before_gather(lambda p, *xs: model.apply({"params": p}, *xs), abstract_params, inputs, dtype)
+  return FsdpLayout(mesh, params_sh, batch_axes, cast, dtype)
 
 
 def batch_shardings(mesh: Mesh, rules, latent_ndim: int) -> tuple[NamedSharding, NamedSharding, NamedSharding]:
@@ -391,7 +431,9 @@ def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
   tx = make_optimizer(config) if tx is None else tx
   inputs = example_inputs(config, 1, latent_shape, config.k_train)
   abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules, spike_settings(config)[2])
-  step = jit_train_step(make_train_step(config, model, tx, sched), state_sh, mesh, rules, len(latent_shape) + 1)
+  layout = fsdp_layout(config, model, inputs, mesh, rules, abstract.params, state_sh.params)
+  step = jit_train_step(make_train_step(config, model, tx, sched, layout), state_sh, mesh, rules,
+                        len(latent_shape) + 1)
   return TrainSetup(model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules)
 
 

@@ -61,20 +61,22 @@ def test_the_loss_is_the_next_token_cross_entropy():
   assert abs(want - np.log(64)) < 2.0  # a fresh model is near uniform over the 64 codes
 
 
-def test_sharded_steps_with_a_tensor_axis_equal_one_device():
-  """(data=2, fsdp=2, tensor=2) against one device: same losses and parameters after 3 SGD steps;
-  the vocabulary and heads are split over the tensor axis, embed over fsdp."""
+def test_sharded_steps_equal_one_device():
+  """(data=2, fsdp=2, tensor=2) and (data=4, fsdp=2) against one device: same losses and
+  parameters after 3 SGD steps; the vocabulary and heads are split over the tensor axis, embed
+  over fsdp; without a tensor axis the gradient is FSDP's explicit one (parallel/fsdp.py)."""
   config = _tiny_config()
   sgd = optax.sgd(0.05)
   _, ref_state, ref_losses = _run(config, {"data": 1, "fsdp": 1, "tensor": 1}, sgd, jax.devices()[:1])
-  _, state, losses = _run(config, {"data": 2, "fsdp": 2, "tensor": 2}, sgd)
-  assert state.params["tok_emb"]["embedding"].sharding.spec == P("tensor", "fsdp")
-  assert state.params["proj_out"]["kernel"].sharding.spec == P("fsdp", "tensor")
-  assert state.params["blocks_0"]["attn2"]["to_k"]["kernel"].sharding.spec == P("fsdp", "tensor")
-  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  assert losses[2] < losses[1] < losses[0]  # it learns the batch
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  for axes in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "fsdp": 2, "tensor": 1}):
+    _, state, losses = _run(config, axes, sgd)
+    assert state.params["tok_emb"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    assert state.params["proj_out"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    assert state.params["blocks_0"]["attn2"]["to_k"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(axes))
+    assert losses[2] < losses[1] < losses[0]  # it learns the batch
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=str(axes))
 
 
 def test_the_original_configs_sizes():

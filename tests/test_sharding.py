@@ -83,3 +83,43 @@ def test_mesh_errors():
   with pytest.raises(UserError, match="more than one -1"):
     mesh_lib.make_mesh({"data": -1, "fsdp": -1})
   assert dict(mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_which_parameters_are_gathered_in_the_compute_dtype():
+  """A parameter is cast before FSDP's all-gather only when every read of it is a cast to the
+  compute dtype, through jit and remat: a hand-written case, and RARM, whose token and position
+  embeddings are read in float32 (flax's Embed without a dtype; pos_emb added as is) beside
+  bf16 kernels."""
+  import jax.numpy as jnp
+  from rdm_jax.parallel import fsdp
+
+  def apply(p, x):
+    h = x.astype(jnp.bfloat16) @ p["a"].astype(jnp.bfloat16)        # cast: gathered in bf16
+    h = h.astype(jnp.float32) + p["b"].sum()                         # read in f32
+    inner = jax.checkpoint(lambda c, h: h * c.astype(jnp.bfloat16).astype(jnp.float32).sum())
+    h = inner(p["c"], h)                                             # cast inside remat
+    h = jax.jit(lambda d, h: h + d.astype(jnp.bfloat16).sum() + d.sum())(p["d"], h)  # cast and f32
+    return h + p["e"].astype(jnp.float16).sum()                      # another dtype
+  params = {k: jax.ShapeDtypeStruct((4, 4), jnp.float32) for k in "abcde"}
+  x = jax.ShapeDtypeStruct((2, 4), jnp.float32)
+  cast = fsdp.cast_before_gather(apply, params, (x,), jnp.bfloat16)
+  assert cast == {"a": True, "b": False, "c": True, "d": False, "e": False}
+  assert not any(jax.tree.leaves(fsdp.cast_before_gather(apply, params, (x,), jnp.float32)))
+
+  from conftest import repo_config
+  c = repo_config("imagenet_rarm")
+  c.model.update(depth=1, heads=2, dim_head=8, dtype="bfloat16")
+  mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  model = training.make_model(c, list(mesh.devices.flat), training.latent_shape(c))
+  inputs = training.example_inputs(c, 1, training.latent_shape(c), c.k_train)
+  abstract, sh = training.state_shardings(model, optax.sgd(0.1), inputs, mesh, [tuple(r) for r in c.sharding_rules], 4)
+  layout = training.fsdp_layout(c, model, inputs, mesh, c.sharding_rules, abstract.params, sh.params)
+  assert layout is not None and layout.batch_axes == ("data", "fsdp")
+  assert not layout.cast["tok_emb"]["embedding"] and not layout.cast["pos_emb"]
+  kernels = [v for k, v in jax.tree_util.tree_flatten_with_path(layout.cast)[0] if "kernel" in jax.tree_util.keystr(k)]
+  assert kernels and all(kernels)
+  # no explicit layout beside tensor parallelism, or without fsdp
+  for axes in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8, "fsdp": 1, "tensor": 1}):
+    m = mesh_lib.make_mesh(axes)
+    a, s = training.state_shardings(model, optax.sgd(0.1), inputs, m, [tuple(r) for r in c.sharding_rules], 4)
+    assert training.fsdp_layout(c, model, inputs, m, c.sharding_rules, a.params, s.params) is None, axes

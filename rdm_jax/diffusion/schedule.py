@@ -92,17 +92,18 @@ def draw_t_and_noise(schedule: Schedule, shape: tuple[int, ...], rng: jax.Array)
 
 
 def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule, z0: jax.Array,
-                   rng: jax.Array, weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                   reduce: bool = True) -> jax.Array:
+                   rng: jax.Array | None, weighting: str = "uniform", min_snr_gamma: float = 5.0,
+                   reduce: bool = True, draws: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """The training loss: E_{t, eps} w(t) || target - model(z_t, t) ||^2, t ~ U{0..T-1}.
 
   target is eps, v or z_0 (schedule.prediction). w = 1 ("uniform": Eq. 3 for eps), or min-SNR-gamma
   (Hang et al. 2023, Eq. 9 and Sec. 3.4): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1)
   for v, min(SNR, gamma) for x0, i.e. the x0-MSE weighted by min(SNR, gamma) in every case.
+  `draws`: (t, noise) drawn already (`draw_t_and_noise` of the whole batch; rng unused).
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r}; choose from {WEIGHTINGS}")
-  t, noise = draw_t_and_noise(schedule, z0.shape, rng)
+  t, noise = draw_t_and_noise(schedule, z0.shape, rng) if draws is None else draws
   pred = model_fn(q_sample(schedule, z0, t, noise), t)
   a = schedule.alphas_cumprod[t]
   if schedule.prediction == "eps":
