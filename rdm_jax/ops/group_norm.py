@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rdm_jax.ops.manual_axes import vary_like
+
 
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int = 32, eps: float = 1e-5,
                silu: bool = False) -> jax.Array:
@@ -33,15 +35,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int 
   c = x.shape[-1]
   if x.ndim < 3 or c % num_groups:
     raise ValueError(f"group_norm: x {x.shape} must be [B, spatial..., C] with C divisible by {num_groups} groups")
-  return _group_norm(num_groups, float(eps), bool(silu), x, _vary_like(scale, x), _vary_like(bias, x))
-
-
-def _vary_like(v: jax.Array, x: jax.Array) -> jax.Array:
-  """`v` marked varying over the manual mesh axes `x` varies over (inside `shard_map`: a
-  replicated scale beside a batch-sharded x). A custom_vjp's cotangent must match its input's
-  type, and the transpose of this cast is the psum the replicated parameter's gradient needs."""
-  missing = tuple(sorted(jax.typeof(x).manual_axis_type.varying - jax.typeof(v).manual_axis_type.varying))
-  return jax.lax.pcast(v, missing, to="varying") if missing else v
+  return _group_norm(num_groups, float(eps), bool(silu), x, vary_like(scale, x), vary_like(bias, x))  # (shard_map)
 
 
 def _per_channel(v: jax.Array, ndim: int) -> jax.Array:

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdm_jax.ops.manual_axes import vary_like
+
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_onednn_conv.so")
 CONV_IMPLS = ("xla", "onednn", "auto")
 _TARGETS = {"fwd": "RdmOnednnConvForward", "bwd_data": "RdmOnednnConvBackwardData",
@@ -105,7 +107,7 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int],
   kh, kw, _, o = w.shape
   oh = (h + sum(padding[0]) - kh) // strides[0] + 1
   ow = (wd + sum(padding[1]) - kw) // strides[1] + 1
-  return _call("fwd", (n, oh, ow, o), x, w, strides, padding)
+  return vary_like(_call("fwd", (n, oh, ow, o), x, w, strides, padding), x, w)  # typed for shard_map
 
 
 def _conv2d_fwd(x, w, strides, padding):
@@ -114,8 +116,8 @@ def _conv2d_fwd(x, w, strides, padding):
 
 def _conv2d_bwd(strides, padding, res, dy):
   x, w = res
-  dx = _call("bwd_data", x.shape, dy, w, strides, padding)
-  dw = _call("bwd_weights", w.shape, x, dy, strides, padding)
+  dx = vary_like(_call("bwd_data", x.shape, dy, w, strides, padding), x)
+  dw = vary_like(_call("bwd_weights", w.shape, x, dy, strides, padding), w)
   return dx, dw
 
 
