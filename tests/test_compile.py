@@ -79,15 +79,20 @@ def test_model_flops_are_the_compilers_matmul_share():
   assert 0.85 * xla < ours <= xla, (ours, xla)
 
 
-def test_data_parallel_collectives_on_cpu():
-  """Data parallel over the 8 CPU devices syncs gradients with all-reduce and gathers nothing
-  (FSDP's all-gather / reduce-scatter on TPU: test_compile_tool_for_a_v5e_slice)."""
+def _cpu_step_collectives(axes):
+  """The tiny config's train step (batch 16) compiled on the 8 CPU devices: (setup, its collectives)."""
   c = _tiny_config()
-  mesh = mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  mesh = mesh_lib.make_mesh(axes)
   setup = training.setup_training(c, training.latent_shape(c), mesh)
   with jax.set_mesh(mesh):
     compiled = setup.train_step.lower(setup.state_specs(), *setup.batch_specs(c, 16)).compile()
-  found = aot.collectives(compiled.as_text())
+  return setup, aot.collectives(compiled.as_text())
+
+
+def test_data_parallel_collectives_on_cpu():
+  """Data parallel over the 8 CPU devices syncs gradients with all-reduce and gathers nothing
+  (FSDP's all-gather / reduce-scatter on TPU: test_compile_tool_for_a_v5e_slice)."""
+  setup, found = _cpu_step_collectives({"data": 8, "fsdp": 1, "tensor": 1})
   assert set(found) == {"all-reduce"}, found
   # every gradient crosses once at least: the all-reduced bytes cover the f32 parameters
   assert found["all-reduce"]["bytes"] >= 4 * sum(x.size for x in jax.tree.leaves(setup.abstract.params))
@@ -99,12 +104,7 @@ def test_fsdp_gradients_are_reduce_scattered_on_cpu():
   replicated parameters (norms, biases, dimensions fsdp does not divide) are all-reduced whole.
   Left to GSPMD, this step all-reduced every gradient whole (7.1 MB a step against 5.9 MB of
   parameters)."""
-  c = _tiny_config()
-  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-  setup = training.setup_training(c, training.latent_shape(c), mesh)
-  with jax.set_mesh(mesh):
-    compiled = setup.train_step.lower(setup.state_specs(), *setup.batch_specs(c, 16)).compile()
-  found = aot.collectives(compiled.as_text())
+  setup, found = _cpu_step_collectives({"data": 2, "fsdp": 4, "tensor": 1})
   shardings = jax.tree.leaves(setup.state_sh.params, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
   sizes = [4 * x.size for x in jax.tree.leaves(setup.abstract.params)]
   sharded = sum(n for n, s in zip(sizes, shardings) if "fsdp" in jax.tree.leaves(tuple(s.spec)))
