@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdm_jax.jaxprs import sub_jaxprs
 from rdm_jax.ops import onednn
 
 _ENV_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "XLA_FLAGS", "OMP_NUM_THREADS")
@@ -37,17 +38,6 @@ class Geometry(NamedTuple):
   rhs: tuple[int, ...]
   strides: tuple[int, ...]
   padding: tuple[tuple[int, int], ...]
-
-
-def _subjaxprs(eqn) -> list:
-  out = []
-  for v in eqn.params.values():
-    for x in (v if isinstance(v, (list, tuple)) else (v,)):
-      if isinstance(x, jax.extend.core.ClosedJaxpr):
-        out.append(x.jaxpr)
-      elif isinstance(x, jax.extend.core.Jaxpr):
-        out.append(x)
-  return out
 
 
 def geometries(fn: Callable, *args: Any) -> dict[Geometry, int]:
@@ -70,7 +60,7 @@ def geometries(fn: Callable, *args: Any) -> dict[Geometry, int]:
           g = Geometry(tuple(lhs.shape), tuple(rhs.shape), tuple(p["window_strides"]),
                        tuple((int(a), int(b)) for a, b in p["padding"]))
           counts[g] = counts.get(g, 0) + 1
-      for sub in _subjaxprs(eqn):
+      for sub in sub_jaxprs(eqn):
         walk(sub)
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)

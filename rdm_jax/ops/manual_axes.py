@@ -16,8 +16,12 @@ def varying_axes(x: jax.Array) -> frozenset:
   return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
-def vary_like(v: jax.Array, *refs: jax.Array) -> jax.Array:
-  """`v` cast to varying over the manual axes any of `refs` varies over and `v` does not."""
-  want = frozenset().union(*(varying_axes(r) for r in refs))
-  missing = tuple(sorted(want - varying_axes(v)))
+def vary_over(v: jax.Array, axes) -> jax.Array:
+  """`v` cast to varying over the manual mesh `axes` it does not vary over yet."""
+  missing = tuple(sorted(frozenset(axes) - varying_axes(v)))
   return jax.lax.pcast(v, missing, to="varying") if missing else v
+
+
+def vary_like(v: jax.Array, *refs: jax.Array) -> jax.Array:
+  """`v` cast to varying over the manual axes any of `refs` varies over."""
+  return vary_over(v, frozenset().union(*(varying_axes(r) for r in refs)))

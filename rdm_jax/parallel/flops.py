@@ -13,7 +13,8 @@ import math
 from typing import Any, Callable
 
 import jax
-from jax.extend import core as jex_core
+
+from rdm_jax.jaxprs import sub_jaxprs
 
 TRAIN_MULTIPLIER = 3
 
@@ -34,21 +35,12 @@ def _eqn_flops(eqn) -> int:
   return 0
 
 
-def _subjaxprs(eqn):
-  for v in eqn.params.values():
-    for item in (v if isinstance(v, (tuple, list)) else (v,)):
-      if isinstance(item, jex_core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jex_core.Jaxpr):
-        yield item
-
-
 def jaxpr_flops(jaxpr) -> int:
   """Sum of `_eqn_flops` over a jaxpr and its sub-jaxprs (a scan body counts `length` times)."""
   total = 0
   for eqn in jaxpr.eqns:
     total += _eqn_flops(eqn)
-    inner = sum(jaxpr_flops(j) for j in _subjaxprs(eqn))
+    inner = sum(jaxpr_flops(j) for j in sub_jaxprs(eqn))
     if eqn.primitive.name == "scan":
       inner *= eqn.params["length"]
     total += inner

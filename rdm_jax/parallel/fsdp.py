@@ -22,14 +22,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex_core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-
-def axes_of(entry: Any) -> tuple:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+from rdm_jax.jaxprs import sub_jaxprs
+from rdm_jax.ops.manual_axes import vary_over
+from rdm_jax.parallel.sharding import axes_of
 
 
 def manual_spec(spec: P, manual: Sequence[str]) -> P:
@@ -59,22 +56,6 @@ def _gather(x: jax.Array, spec: P) -> jax.Array:
   return x
 
 
-def _vary(x: jax.Array, axes: Sequence[str]) -> jax.Array:
-  missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _sub_jaxprs(eqn) -> list:
-  subs = []
-  for v in eqn.params.values():
-    for item in (v if isinstance(v, (tuple, list)) else (v,)):
-      if isinstance(item, jex_core.ClosedJaxpr):
-        subs.append(item.jaxpr)
-      elif isinstance(item, jex_core.Jaxpr):
-        subs.append(item)
-  return subs
-
-
 def _only_cast_to(jaxpr, var, dtype) -> bool:
   """Whether every read of `var` in `jaxpr` (through calls whose operands map one to one onto
   their body's inputs: jit, remat, custom_vjp) is a cast to `dtype`."""
@@ -88,7 +69,7 @@ def _only_cast_to(jaxpr, var, dtype) -> bool:
       if np.dtype(eqn.params["new_dtype"]) != np.dtype(dtype):
         return False
       continue
-    subs = _sub_jaxprs(eqn)
+    subs = sub_jaxprs(eqn)
     if len(subs) != 1 or len(subs[0].invars) != len(eqn.invars):
       return False
     if not all(_only_cast_to(subs[0], subs[0].invars[i], dtype) for i in places):
@@ -130,7 +111,7 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], mesh: Mesh, param_sharding
     def mean_loss(params):
       # varying over every batch axis before the gather: the transpose sums each shard over the
       # axes that do not shard it (data) and reduce-scatters it over those that do (fsdp)
-      full = jax.tree.map(lambda p, spec, c: _gather(_vary(p.astype(dtype) if c and _sharded(spec) else p, manual),
+      full = jax.tree.map(lambda p, spec, c: _gather(vary_over(p.astype(dtype) if c and _sharded(spec) else p, manual),
                                                      spec), params, specs, cast, is_leaf=lambda s: isinstance(s, P))
       return loss_fn(full, *batch) / devices
 

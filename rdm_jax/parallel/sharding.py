@@ -17,15 +17,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 Rules = Sequence[tuple[str, Any]]
 
 
+def axes_of(entry: Any) -> tuple:
+  """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names) as a tuple."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
 def _axis_size(mesh: Mesh, axis: Any) -> int:
-  if axis is None:
-    return 1
-  if isinstance(axis, (tuple, list)):
-    size = 1
-    for a in axis:
-      size *= mesh.shape[a]
-    return size
-  return mesh.shape[axis]
+  size = 1
+  for a in axes_of(axis):
+    size *= mesh.shape[a]
+  return size
 
 
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
