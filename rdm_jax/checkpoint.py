@@ -6,17 +6,21 @@ straight into the current mesh layout (which may differ from the one that saved 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as logging_lib
+import math
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from rdm_jax import files, training
-from rdm_jax.errors import UserError, fail
+from rdm_jax.data import store
+from rdm_jax.errors import UserError, checked_by_process_0, fail, free_bytes, io_error_line, size_text
 from rdm_jax.parallel import mesh as mesh_lib
 
 
@@ -115,6 +119,12 @@ def _saved_shapes(item_dir: str) -> list:
 
 def steps(mngr: ocp.CheckpointManager) -> list[int]:
   return sorted(mngr.all_steps())
+
+
+def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
+  """The steps whose checkpoint is on disk under its final name (orbax lists a step from the moment
+  its save starts, even when that save then fails)."""
+  return [s for s in steps(mngr) if files.isdir(files.join(str(mngr.directory), str(s)))]
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, step: int | None = None) -> Any:
@@ -241,17 +251,178 @@ def set_aside_newer(mngr: ocp.CheckpointManager, step: int, keep: int) -> ocp.Ch
   return manager(workdir, keep=keep)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> None:
-  """Starts an async save of `step`; first records the digests of the previous one (orbax waits
-  for it before starting another anyway; a step is listed before its last files are written)."""
-  finish(mngr)
-  mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False,
+         trained_on: dict[str, Any] | None = None) -> None:
+  """Starts an async save of `step`, recording `trained_on` (`inputs_record`) in its metadata;
+  first records the digests of the previous one (orbax waits for it before starting another
+  anyway; a step is listed before its last files are written)."""
+  metadata = {"trained_on": trained_on} if trained_on else None
+  with _save_errors(mngr, step):
+    finish(mngr)
+    mngr.save(step, args=ocp.args.StandardSave(state), force=force, custom_metadata=metadata)
+  _IN_FLIGHT.add(id(mngr))
 
 
 def finish(mngr: ocp.CheckpointManager) -> None:
   """Waits for the last async save and records its digests."""
-  mngr.wait_until_finished()
-  record_digests(mngr)
+  _IN_FLIGHT.discard(id(mngr))
+  with _save_errors(mngr):
+    mngr.wait_until_finished()
+    record_digests(mngr)
+
+
+@contextlib.contextmanager
+def kept_on_error(mngr: ocp.CheckpointManager):
+  """When the body fails (a changed store, a spike, a bug), the save in flight is completed and its
+  digests recorded before the error ends the process, which would cut orbax's writer thread off."""
+  try:
+    yield
+  except BaseException:
+    try:
+      finish(mngr)
+    except UserError:
+      pass  # that save failed too; the body's error is the one to report
+    raise
+
+
+_IN_FLIGHT: set[int] = set()  # id() of the managers with a save not yet seen to the end (`check_saves`)
+
+
+def check_saves(mngr: ocp.CheckpointManager, collective: bool = True) -> None:
+  """Call every step: once the save in flight has ended, waits on it, which raises when it failed
+  (a full disk, an I/O error): the run then stops in one line at once, not at the next save; and
+  records its digests. With several processes, process 0's look decides, at `collective` steps
+  only (a broadcast); orbax's own `check_for_errors` is not enough: it stays silent here."""
+  if id(mngr) not in _IN_FLIGHT:
+    return
+  if jax.process_count() == 1:
+    ended = not mngr.is_saving_in_progress()
+  elif collective:
+    from jax.experimental import multihost_utils
+    ended = bool(multihost_utils.broadcast_one_to_all(np.asarray(not mngr.is_saving_in_progress())))
+  else:
+    return
+  if ended:
+    finish(mngr)
+
+
+@contextlib.contextmanager
+def _save_errors(mngr: ocp.CheckpointManager, step: int | None = None):
+  """A failed checkpoint write -> one line: what failed, which checkpoints are intact, what to do."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001  orbax and TensorStore report write errors as several types
+    intact = committed_steps(mngr)
+    saving = f"checkpoint {step}" if step is not None else "a checkpoint"
+    fail(f"writing {saving} to {mngr.directory} failed: {io_error_line(e, str(mngr.directory))}. "
+         f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; fix that and rerun: training resumes "
+         "from the newest")
+
+
+def check_space(mngr: ocp.CheckpointManager, abstract_state: Any, start_step: int, train: Any) -> None:
+  """Refuses, before training, a run whose checkpoints will not fit on the disk of its --workdir:
+  each is about the state's bytes, and up to `keep_checkpoints` of them plus the one being written
+  are on disk at once. (A bucket is not checked.)"""
+  directory = str(mngr.directory)
+  if files.is_uri(directory):
+    return
+  every, keep, num_steps = train.checkpoint_every, train.keep_checkpoints, train.num_steps
+  to_save = len({s for s in range(start_step + 1, num_steps + 1) if s % every == 0 or s == num_steps})
+  have = len(steps(mngr))
+  one = state_bytes(abstract_state)
+  need = (min(keep + 1, have + to_save) - min(have, keep + 1)) * one * 1.05 if to_save else 0
+  free = free_bytes(directory)
+  if free is not None and need > free:
+    fail(f"{directory}: the run's checkpoints need about {size_text(need)} more (up to {keep + 1} checkpoints of "
+         f"{size_text(one)} at once) but {size_text(free)} is free there; free space, lower "
+         "config.train.keep_checkpoints, or choose a --workdir on another disk")
+
+
+def state_bytes(abstract_state: Any) -> int:
+  """About what one checkpoint of the state takes on disk (its arrays' bytes)."""
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
+LOG_ROOM = 1 << 20  # what a log step writes, at most (TensorBoard events, the loss line)
+
+
+def check_room(mngr: ocp.CheckpointManager, need: int, step: int) -> None:
+  """Stops the run in one line, before it writes, when the disk of its checkpoints has less than
+  `need` bytes free (a checkpoint's `state_bytes`, or `LOG_ROOM` at a log step): a full disk then
+  stops training with every committed checkpoint intact, not in a failed write."""
+  directory = str(mngr.directory)
+  if files.is_uri(directory):
+    return
+
+  def look() -> None:  # process 0's look decides for every process (they share the disk)
+    free = free_bytes(directory)
+    if free is None or free >= need:
+      return
+    intact = committed_steps(mngr)  # a save in flight is completed as the error stops the run
+    fail(f"{directory}: the disk is full ({size_text(free)} free, step {step} needs about {size_text(need)}); "
+         f"training stopped before writing. Checkpoints intact: {', '.join(map(str, intact)) or 'none'}. Free "
+         "space (or move --workdir to a larger disk) and rerun: training resumes from the newest")
+
+  checked_by_process_0(look)
+
+
+INPUT_PARTS = ("latents", "neighbors", "database")
+
+
+def inputs_record(data: Any) -> dict[str, Any]:
+  """What a checkpoint records of the stores it was trained on (`pipeline.RetrievalData`): each
+  store's path, fingerprint (its manifest, which holds the arrays' checksums) and the state of
+  its array files (inode, size, time written) when the run opened it."""
+  stores = (data.latents_store, data.neighbors_store, data.database_store)
+  return {part: {"path": s.path, "fingerprint": s.fingerprint, "files": s.states}
+          for part, s in zip(INPUT_PARTS, stores)}
+
+
+def recorded_inputs(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The `inputs_record` a checkpoint was saved with; None for one without (imported weights)."""
+  try:
+    custom = mngr.metadata(step).custom_metadata or {}
+  except Exception as e:  # noqa: BLE001  unreadable step metadata
+    fail(f"the metadata of checkpoint {step} in {mngr.directory} does not read ({type(e).__name__}); "
+         "move that checkpoint away to go on without it")
+  record = custom.get("trained_on") if isinstance(custom, dict) else None
+  if record is None:
+    return None
+  ok = isinstance(record, dict) and all(
+      isinstance(record.get(p), dict) and isinstance(record[p].get("fingerprint"), str)
+      and isinstance(record[p].get("files"), dict) for p in INPUT_PARTS)
+  if not ok:
+    fail(f"checkpoint {step} in {mngr.directory} has a malformed record of its training data; move that "
+         "checkpoint away to go on without it")
+  return record
+
+
+def check_inputs(mngr: ocp.CheckpointManager, step: int, data: Any) -> None:
+  """Refuses to resume checkpoint `step` on data other than what it was trained on.
+
+  A store with another fingerprint (rebuilt, or another one) is refused in one line. A store with
+  the recorded fingerprint whose files were touched since (time, size or inode differ: a copy, a
+  restore from backup, or an edit in place that left the manifest alone) has every array checked
+  against its manifest's sha256 first: resumed when they match, refused when not.
+  """
+  record = recorded_inputs(mngr, step)
+  if record is None:
+    return
+  stores = (data.latents_store, data.neighbors_store, data.database_store)
+  for part, s in zip(INPUT_PARTS, stores):
+    was = record[part]
+    if was["fingerprint"] != s.fingerprint:
+      fail(f"checkpoint {step} in {mngr.directory} was trained on the {part} store {was.get('path')} "
+           f"(fingerprint {was['fingerprint']}); {s.path} is now {s.fingerprint}: resuming would mix two "
+           "data sets. Put that store back, or train on this one with a new --workdir")
+    if was["files"] != s.states:  # both {array: [inode, size, mtime_ns]}
+      changed = store.changed_array(s)
+      if changed:
+        fail(f"{s.path}/{changed}.npy changed after checkpoint {step} in {mngr.directory} was trained on it "
+             f"(its sha256 no longer matches the store's manifest); rebuild or restore {s.path}, then rerun")
+      logging.info("%s was touched since checkpoint %d; its arrays match their checksums", s.path, step)
 
 
 def load_trained(config, workdir: str, step: int | None = None):

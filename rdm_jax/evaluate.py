@@ -140,6 +140,7 @@ def main(argv):
          "clip_score")
 
   sets, captions = sample_sets.read_sample_sets(paths)
+  made_from = sample_sets.trained_on(paths, sets)
   ref_images, ref_source = sample_sets.read_reference(config, cfg.reference, cfg.num_reference)
   if cfg.num_reference:
     ref_images = ref_images[:cfg.num_reference]
@@ -152,7 +153,8 @@ def main(argv):
 
   rows = {}
   for name, images in sets.items():
-    print(f"evaluating {name}: {len(images)} samples")
+    print(f"evaluating {name}: {len(images)} samples" + (f" of a model trained on {made_from[name]}"
+                                                          if made_from.get(name) else ""))
     fake = extractor(images, what=f"{name} samples")
     if captions[name] and "clip_score" in cfg.metrics:
       if extractor.identity["name"] == "clip_image":

@@ -25,7 +25,7 @@ from typing import Any, Callable, IO
 
 import numpy as np
 
-from rdm_jax import untrusted
+from rdm_jax import errors, untrusted
 from rdm_jax.errors import UserError, fail
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # gs://b/x, and gs:/b/x as os.path.normpath leaves it
@@ -138,7 +138,8 @@ def prepare_output_dir(path: str, what: str, create: bool = True) -> None:
       raise NotADirectoryError(f"{existing} is not a directory")
     if existing != os.path.abspath(path):
       if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{existing} is not writable")
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        raise PermissionError(f"{existing} is on a read-only filesystem" if read_only else f"{existing} is not writable")
       return
     probe = tmp_name(os.path.join(path, ".write-check"))
     with open(probe, "wb"):
@@ -229,8 +230,32 @@ def tmp_pattern(name: str) -> re.Pattern:
   return re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.tmp")
 
 
-def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True) -> None:
-  """Calls write(f) on a file that appears at `path` only once complete (see the module docstring)."""
+RESUME = errors.RESUME
+
+
+def need_room(path: str, size: int) -> None:
+  """Stops the job in one line, before it writes, when the disk that holds `path` has fewer than
+  `size` bytes free (local paths; a bucket is not checked)."""
+  if is_uri(path):
+    return
+  free = errors.free_bytes(os.path.dirname(os.path.abspath(path)))
+  if free is not None and free < size:
+    fail(f"{path}: the disk is full ({errors.size_text(free)} free, this write needs "
+         f"{errors.size_text(size)}, {errors.size_text(size - free)} more); {RESUME}")
+
+
+def write_failed(e: BaseException, path: str) -> None:
+  """Re-raises a failed write of `path` (a full disk, a read-only filesystem, an I/O error) as one
+  line that names it; other errors as they are."""
+  if errors.io_failure(e) is None:
+    raise e
+  fail(f"writing {errors.io_error_line(e, path)}; {errors.io_remedy(e)}")
+
+
+def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True, size: int | None = None) -> None:
+  """Calls write(f) on a file that appears at `path` only once complete (see the module docstring).
+  With `size` (the bytes it will write) a disk without that room is one line before writing; a
+  write that fails (full disk, I/O error) removes its temporary and is one line."""
   mode = "wb" if binary else "w"
   if is_uri(path):
     buffer = io.BytesIO() if binary else io.StringIO()
@@ -238,10 +263,17 @@ def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True) -> 
     with open_file(path, mode) as f:
       f.write(buffer.getvalue())
     return
+  if size is not None:
+    need_room(path, size)
   tmp = tmp_name(path)
-  with open(tmp, mode) as f:
-    write(f)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, mode) as f:
+      write(f)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    write_failed(e, path)
 
 
 def atomic_write_text(path: str, text: str) -> None:

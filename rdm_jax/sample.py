@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import jax
@@ -45,7 +46,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from rdm_jax import config_base, errors, files, inference, preemption
-from rdm_jax.data import visualize
+from rdm_jax.data import store, visualize
 from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli, distributed
 
@@ -58,7 +59,7 @@ NUM_SHOWN = 16
 MADE_BY = "rdm_jax.sample"
 SETTINGS = "settings.json"
 GRID_PNG, PANEL_PNG = "samples.png", "neighbors_and_samples.png"  # the first NUM_SHOWN samples
-UNCOMPARED = ("batch_size", "processes", "devices", "config")  # may change between a run and its resumption
+UNCOMPARED = ("batch_size", "processes", "devices", "config", "trained_on")  # may change between a run and its resumption
 
 
 def shard_name(i: int, num_shards: int) -> str:
@@ -76,6 +77,7 @@ def settings_of(rdm: inference.RDM, cond, num_shards: int) -> dict[str, Any]:
   return {"made_by": MADE_BY, "checkpoint_step": rdm.step, "seed": rdm.seed, "num_images": len(cond.context),
           "num_shards": num_shards, "k": rdm.k, "database": cond.database.path, "sample": sample,
           "image_shape": [*rdm.info["image_hw"]], "conditioning_sha256": digest.hexdigest(),
+          "trained_on": rdm.info.get("trained_on"),  # the model's training data (model_info.json)
           "batch_size": s.batch_size, "processes": jax.process_count(), "devices": jax.device_count(),
           "config": json.loads(rdm.config.to_json_best_effort())}
 
@@ -189,6 +191,10 @@ def main(argv):
   done = np.asarray(multihost_utils.broadcast_one_to_all(done))  # process 0's view of the disk
   if done.any():
     print(f"resuming: {int(done.sum())} of {num_shards} shards are done")
+  # room for the shards still to write (images, latents, ids) and the two PNGs, before sampling
+  row = math.prod(rdm.info["image_hw"]) * 4 + math.prod(rdm.info["latent_shape"]) * 4 + 64 * (rdm.k + 4)
+  errors.checked_by_process_0(lambda: files.need_room(files.join(out, shard_name(0, num_shards)),
+                                                      int((~done).sum()) * s.shard_size * row + (4 << 20)))
   shown, written = [], 0
   for i in range(num_shards):
     path = files.join(out, shard_name(i, num_shards))
@@ -218,6 +224,8 @@ def main(argv):
     print(f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
           f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
           f"(rows: the {config.k_train} conditioning entries | sample)")
+    if trained_on := store.describe_stores(rdm.info.get("trained_on")):
+      print(f"the model was trained on {trained_on}")
   multihost_utils.sync_global_devices("rdm_jax.sample done")
 
 

@@ -90,8 +90,10 @@ def main(argv):
 
   # --------------------------------------------------------------------------- Checkpoint
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+  trained_on = checkpoint.inputs_record(data)  # each checkpoint records the data it was trained on
   info = {"encoder": encoder, "database": data.database_store.path,
           "database_fingerprint": data.database_store.fingerprint,
+          "trained_on": {part: {k: r[k] for k in ("path", "fingerprint")} for part, r in trained_on.items()},
           "latent_shape": list(latent_shape), "image_hw": list(image_hw),
           "function": checkpoint.function_record(config)}
   checkpoint.check_resume(mngr, workdir, info)
@@ -102,8 +104,11 @@ def main(argv):
     state = setup.init_state(jax.random.PRNGKey(config.train.seed))
     logging.info("initialised a new model")
   else:
+    checkpoint.check_inputs(mngr, int(state.step), data)
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)
+  errors.checked_by_process_0(lambda: checkpoint.check_space(mngr, setup.abstract, start_step, config.train))
+  one_checkpoint = checkpoint.state_bytes(setup.abstract)
   if jax.process_index() == 0:
     files.atomic_write_text(files.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
     files.atomic_write_text(files.join(workdir, "model_info.json"), json.dumps(info, indent=1))
@@ -126,7 +131,7 @@ def main(argv):
   watch = step_watch.StepWatch(config.train.nonfinite, training.spike_settings(config)[0], data.latents_store["ids"],
                                config.train.seed, config.train.batch_size, before_stop=lambda: checkpoint.finish(mngr))
   losses = []
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), checkpoint.kept_on_error(mngr):  # a stop for any reason completes a save in flight
     for step in range(start_step + 1, num_steps + 1):
       z0, context = next(batches)
       z0, context = training.put_batch(mesh, rules, z0, context)
@@ -137,8 +142,12 @@ def main(argv):
       preempted = preemption.reached(step)
       due = [step % every == 0 or step == num_steps for every in
              (config.train.log_every, config.train.checkpoint_every, config.train.sample_every or num_steps)]
+      checkpoint.check_saves(mngr, collective=any(due))  # a failed background save stops the run now
       if any(due) or preempted:
         watch.check()  # before anything of this step is logged or written
+        saving = due[1] or preempted
+        checkpoint.check_room(mngr, int(one_checkpoint * 1.05) + checkpoint.LOG_ROOM if saving else
+                              checkpoint.LOG_ROOM, step)
       if step % config.train.log_every == 0 or step == num_steps:
         mean = float(np.mean(jax.device_get(losses)))
         watch.record_mean(step, mean)
@@ -147,7 +156,8 @@ def main(argv):
         logging.info("step %d loss %.6f", step, mean)
         losses = []
       if step % config.train.checkpoint_every == 0 or step == num_steps or preempted:
-        checkpoint.save(mngr, step, state, force=preempted)
+        errors.checked_by_process_0(data.check_unchanged)  # no checkpoint of a model that read a changed store
+        checkpoint.save(mngr, step, state, force=preempted, trained_on=trained_on)
       if write_samples and (step % config.train.sample_every == 0 or step == num_steps):
         write_samples(step, state.ema_params)
       if preempted:

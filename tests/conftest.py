@@ -129,10 +129,10 @@ def killable(cmd: list[str], kill_at: int | str = 0, count_file: str = "") -> li
   return [cmd[0], KILL_AT, str(kill_at), count_file, cmd[2], *cmd[3:]]
 
 
-def one_line_error(cmd: list[str]) -> str:
+def one_line_error(cmd: list[str], env: dict | None = None) -> str:
   """Runs a job that must fail on bad input: exit status 2, no traceback, exactly one `error: ` line."""
   import subprocess
-  out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+  out = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 2, out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
   errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
@@ -234,3 +234,32 @@ def trained(tmp_path_factory):
 def trained_log(workdir: str) -> str:
   """What the shared `trained` run printed (stderr)."""
   return open(os.path.join(os.path.dirname(workdir), "train.stderr")).read()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """mount(size, read_only=False) -> the path of a fresh tmpfs of `size` (e.g. "64m") under tmp_path,
+  unmounted at the end; resize(path, size) and read_only(path, on) remount it. Skips where this user
+  may not mount (a tmpfs is how a test gets a disk that really fills up or is really read-only:
+  root ignores file permissions)."""
+  import subprocess
+  mounted = []
+
+  def remount(path: str, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", path], check=True, capture_output=True)
+
+  def mount(size: str, read_only: bool = False) -> str:
+    path = str(tmp_path / f"disk{len(mounted)}")
+    os.makedirs(path)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs",
+                           path], capture_output=True, text=True)
+    if done.returncode:
+      pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); these tests need root or CAP_SYS_ADMIN")
+    mounted.append(path)
+    return path
+
+  mount.resize = lambda path, size: remount(path, f"size={size}")
+  mount.read_only = lambda path, on=True: remount(path, "ro" if on else "rw")
+  yield mount
+  for path in mounted:
+    subprocess.run(["umount", "-l", path], capture_output=True)

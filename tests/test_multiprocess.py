@@ -18,6 +18,7 @@ import pytest
 
 from conftest import (REPO, TINY_OVERRIDES, TRAIN_CONFIG, TRAINED_MESH, TRAINED_STEPS, killable, one_line_error,
                       subprocess_env, train_command, trained_log)
+from rdm_jax.data import store
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
 
@@ -76,6 +77,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, pid, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 from rdm_jax import checkpoint, errors
+from rdm_jax.data import store
 from rdm_jax.errors import UserError
 
 def check(name, workdir):
@@ -93,6 +95,14 @@ if pid == 1:
   open(os.path.join(shared, "written-after-the-check"), "w").close()
 check("p0-empty", os.path.join(root, ("empty", "stray")[pid]))
 check("p0-stray", os.path.join(root, ("stray", "empty")[pid]))
+
+from rdm_jax.jobs import cli
+for name in ("free", "held"):  # the lock of one launch: process 0 takes it, every process follows
+  try:
+    cli.hold_output(os.path.join(root, name), "--workdir")
+    print("verdict", name, "ok", file=sys.stderr, flush=True)
+  except UserError as e:
+    print("verdict", name, "refused", e, file=sys.stderr, flush=True)
 """
 
 
@@ -102,6 +112,7 @@ def test_every_process_follows_process_0s_workdir_verdict_given_before_any_write
   for d in ("shared", "empty", "stray"):
     os.makedirs(tmp_path / d)
   (tmp_path / "stray" / "notes.txt").write_text("not a training run")
+  held = store.Lock(str(tmp_path / "held")).acquire(wait=False)  # another launch's, alive: this test
   outs = run_processes(lambda port, i: [sys.executable, "-c", _VERDICT_SCRIPT, str(port), str(i), str(tmp_path)], 2,
                        subprocess_env(1))
   stray = tmp_path / "stray"
@@ -110,7 +121,12 @@ def test_every_process_follows_process_0s_workdir_verdict_given_before_any_write
     verdicts = [line.split(" ", 1)[1] for line in err.splitlines() if line.startswith("verdict ")]
     assert verdicts[:2] == ["shared ok", "p0-empty ok"], err[-3000:]
     assert verdicts[2].startswith(f"p0-stray refused --workdir={stray} holds files but no training run"), verdicts
-    assert len(verdicts) == 3
+    # process 0 holds free.lock for the launch (process 1 alone would have been refused by it);
+    # held.lock is another launch's: every process refused, naming it
+    assert verdicts[3] == "free ok", verdicts
+    assert verdicts[4].startswith("held refused") and f"pid {os.getpid()} on" in verdicts[4], verdicts
+    assert len(verdicts) == 5
+  held.release()
 
 
 def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_path):

@@ -46,6 +46,17 @@ class RetrievalData:
   def num_stored_neighbors(self) -> int:
     return self.neighbor_ids.shape[1]
 
+  def check_unchanged(self, doing: str = "training") -> None:
+    """Stops the job in one line when a store changed on disk since it was opened and validated:
+    a batch read from it would not be the data its manifest (and a checkpoint's record) names, and
+    a truncated memory-mapped file would end the process with SIGBUS."""
+    for s in (self.latents_store, self.neighbors_store, self.database_store):
+      why = s.changed()
+      if why:
+        fail(f"{why} while {doing} read it; this run stops before it uses or saves anything made from "
+             f"it. Rebuild {s.path} (or put the original back) and rerun: training resumes from its "
+             "last checkpoint")
+
 
 def load_retrieval_data(config: Any, part: str = "train", encoder: dict | None = None) -> RetrievalData:
   """Opens the latents, neighbours and database stores of `part` and checks they belong together.
@@ -175,6 +186,7 @@ def train_iterator(data: RetrievalData, config: Any, start_step: int, process_in
   seed, k, mode = config.train.seed, config.k_train, config.k_select
 
   def fetch(step):
+    data.check_unchanged()  # before the reads: a truncated file is one line, not SIGBUS
     step = int(step)
     rows = example_indices(seed, step, b, data.num_examples, True, process_index, process_count)
     rng = np.random.default_rng([seed, step, process_index, 1]) if mode == "random" else None
@@ -188,4 +200,17 @@ def train_iterator(data: RetrievalData, config: Any, start_step: int, process_in
               else config.input.num_parallel_calls, deterministic=True)
   ds = ds.map(lambda z, c: (tf.ensure_shape(z, shapes[0]), tf.ensure_shape(c, shapes[1])))
   ds = ds.prefetch(config.input.prefetch)
-  return ds.as_numpy_iterator()
+  return _stores_checked(ds.as_numpy_iterator(), data)
+
+
+def _stores_checked(batches: Iterator, data: RetrievalData) -> Iterator:
+  """The batches; a failure in tf.data's threads after a store changed is that change's one line."""
+  while True:
+    try:
+      batch = next(batches)
+    except StopIteration:
+      return
+    except Exception:
+      data.check_unchanged()
+      raise
+    yield batch

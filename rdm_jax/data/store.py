@@ -42,12 +42,12 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rdm_jax import files, preemption, untrusted
+from rdm_jax import errors, files, preemption, untrusted
 from rdm_jax.errors import UserError, fail
 
 FORMAT_VERSION = 1
@@ -86,7 +86,7 @@ file_sha256 = files.sha256
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-  files.atomic_write(path, lambda f: np.save(f, array))
+  files.atomic_write(path, lambda f: np.save(f, array), size=array.nbytes + 4096)  # + the .npy header
 
 
 def inputs_digest(inputs: Mapping[str, Any]) -> str:
@@ -114,13 +114,22 @@ def fingerprint(manifest: Mapping[str, Any]) -> str:
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def file_state(path: str) -> list[int]:
+  """[inode, size, mtime in ns] of a file: any write changes the time (through a memory map too, at
+  the first write to each clean page), a truncation the size, a replacement the inode."""
+  st = os.stat(path)
+  return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 @dataclass(frozen=True)
 class Store:
-  """A validated store: its directory, manifest and memory-mapped arrays."""
+  """A validated store: its directory, manifest and memory-mapped arrays, and the state of its
+  array files when they were validated (`changed` compares them with the files now)."""
 
   path: str
   manifest: dict[str, Any]
   arrays: dict[str, np.ndarray]
+  states: dict[str, list[int]] = field(default_factory=dict)
 
   @property
   def fingerprint(self) -> str:
@@ -128,6 +137,32 @@ class Store:
 
   def __getitem__(self, name: str) -> np.ndarray:
     return self.arrays[name]
+
+  def changed(self) -> str | None:
+    """How an array file differs from when the store was opened (truncated, replaced, written to);
+    None when none does. A few `stat` calls: cheap enough before every batch."""
+    for name, (ino, size, mtime) in self.states.items():
+      file = os.path.join(self.path, name + ".npy")
+      try:
+        now_ino, now_size, now_mtime = file_state(file)
+      except OSError as e:
+        return f"{file} is gone ({e.strerror or e})"
+      if now_ino != ino:
+        return f"{file} was replaced by another file"
+      if now_size != size:
+        return f"{file} is {now_size} bytes, {size} when it was opened (truncated or extended)"
+      if now_mtime != mtime:
+        return f"{file} was written to (modified {time.ctime(now_mtime / 1e9)})"
+    return None
+
+
+def describe_stores(record: Any) -> str:
+  """'latents PATH (fingerprint), neighbors ..., database ...' of a model_info.json's or a sample
+  set's `trained_on`; '' when there is none (imported weights, runs from before the record)."""
+  if not isinstance(record, dict):
+    return ""
+  return ", ".join(f"{part} {r.get('path')} ({r.get('fingerprint')})" for part, r in record.items()
+                   if isinstance(r, dict))
 
 
 def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
@@ -145,6 +180,9 @@ def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
       return np.array(arr[start:stop])
     f.seek(start * row_items * arr.dtype.itemsize, os.SEEK_CUR)
     out = np.fromfile(f, dtype=arr.dtype, count=(stop - start) * row_items)
+  if out.size != (stop - start) * row_items:
+    fail(f"{os.path.join(s.path, name + '.npy')} ends before row {stop} of the {len(arr)} its manifest says: it "
+         f"was truncated while this job read it; rebuild {s.path} and rerun")
   return out.reshape((stop - start,) + arr.shape[1:])
 
 
@@ -440,7 +478,7 @@ def reusable(path: str, kind: str, hint: str, **expected: Any) -> Store | None:
   if stale:
     print(f"{path} was made with other {', '.join(stale)}; recomputing")
     return None
-  if _should_verify(existing.arrays, None) and (changed := _changed_array(existing)):
+  if _should_verify(existing.arrays, None) and (changed := changed_array(existing)):
     print(f"{path}: {changed}.npy no longer matches its manifest's checksum; recomputing")
     return None
   print(f"{path} exists and matches the config; skipping (delete it to recompute)")
@@ -474,7 +512,7 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
     fail(f"{path} holds a {manifest.get('kind')!r} store, expected {kind!r}; check the path or rerun `{hint}`")
   if manifest.get("format_version") != FORMAT_VERSION:
     fail(f"{path} has store format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; rerun `{hint}`")
-  arrays = {}
+  arrays, states = {}, {}
   for name, spec in manifest["arrays"].items():
     if not ARRAY_NAME.fullmatch(name) or not isinstance(spec, dict):
       fail(f"{manifest_path} names an array {name[:80]!r}; array names are letters, digits and '_'. "
@@ -490,8 +528,9 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
       fail(f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says {spec.get('dtype')}{spec.get('shape')}; "
            f"delete {path} and rerun `{hint}`")
     arrays[name] = arr
-  s = Store(path=path, manifest=manifest, arrays=arrays)
-  if _should_verify(arrays, verify) and (changed := _changed_array(s)):
+    states[name] = file_state(file)
+  s = Store(path=path, manifest=manifest, arrays=arrays, states=states)
+  if _should_verify(arrays, verify) and (changed := changed_array(s)):
     fail(f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: it changed after "
          f"it was written; delete {path} and rerun `{hint}`")
   return s
@@ -503,7 +542,7 @@ def _should_verify(arrays: Mapping[str, np.ndarray], verify: bool | None) -> boo
   return _verify_all or sum(a.nbytes for a in arrays.values()) <= VERIFY_BELOW_BYTES
 
 
-def _changed_array(s: Store) -> str | None:
+def changed_array(s: Store) -> str | None:
   """The first array whose content no longer matches the manifest's sha256, or None."""
   for name, arr in s.arrays.items():
     if checksum(arr) != s.manifest["arrays"][name].get("sha256"):
@@ -677,7 +716,9 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
     def chunk(start, name=None):
       return os.path.join(partial, f"chunk_{digest}_{start:012d}" + (f"_{name}.npy" if name else ".done"))
 
-    for start in process_block(starts, process_index, process_count):
+    block = process_block(starts, process_index, process_count)
+    todo = [s for s in block if not os.path.exists(chunk(s))]
+    for start in block:
       stop = min(start + chunk_size, count)
       if os.path.exists(chunk(start)):
         continue
@@ -690,6 +731,9 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
           raise ValueError(f"chunk {start}:{stop} of {name} has {arr.shape[0]} rows")
         _atomic_save_npy(chunk(start, name), arr)
       atomic_write_text(chunk(start), ",".join(out))
+      if start == todo[0]:  # the first chunk computed tells the size of a row: is there room for the rest?
+        _need_room_for_rest(partial, out, stop - start, sum(min(s + chunk_size, count) - s for s in todo[1:])
+                            + (count if alone else 0))
       lock.refresh()
       log(f"{path}: rows {start}:{stop} done ({stop - start} of {count})")
       if preemption.requested():  # SIGTERM (jobs arm it: preemption.install); the chunks so far are kept
@@ -716,8 +760,7 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
       first = untrusted.load_npy(chunk(starts[0], name), mmap=True)
       final = os.path.join(partial, name + ".npy")
       tmp = _tmp_name(final)
-      merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype,
-                                         shape=(int(offsets[-1]),) + first.shape[1:])
+      merged = _preallocated_npy(tmp, final, first.dtype, (int(offsets[-1]),) + first.shape[1:])
       for i, start in enumerate(starts):
         merged[offsets[i]:offsets[i + 1]] = untrusted.load_npy(chunk(start, name), mmap=True)
       merged.flush()
@@ -730,6 +773,33 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
     return _finish(path, kind, names, {**manifest_fields, **extra}, digest)
   finally:
     lock.release()
+
+
+def _need_room_for_rest(partial: str, first: Mapping[str, np.ndarray], first_rows: int, rows_left: int) -> None:
+  """Stops a store job in one line, after its first chunk and before the others, when the rows it
+  still has to write (its chunks, then the merged arrays) will not fit on the disk."""
+  row_bytes = sum(np.asarray(a).nbytes for a in first.values()) / max(1, first_rows)
+  need = int(row_bytes * rows_left) + (1 << 20)
+  free = errors.free_bytes(partial)
+  if free is not None and free < need:
+    fail(f"{partial}: the disk is too small for this store ({errors.size_text(free)} free, its chunks and "
+         f"merged arrays need about {errors.size_text(need)}, {errors.size_text(need - free)} more); "
+         f"{files.RESUME}")
+
+
+def _preallocated_npy(path: str, final: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+  """A writable memory-mapped .npy at `path` (to be renamed `final`) whose blocks are allocated on
+  disk first: on a full disk that is one line here, where writing through the map of a sparse file
+  would end the process (SIGBUS)."""
+  files.need_room(final, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + 4096)
+  np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()  # the header, a sparse body
+  try:
+    with open(path, "r+b") as f:
+      os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+  except OSError as e:
+    os.remove(path)
+    files.write_failed(e, final)
+  return np.lib.format.open_memmap(path, mode="r+")
 
 
 def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: Any) -> Store:

@@ -28,6 +28,14 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or not noisy
 
 
+class _RetrievedElsewhere(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" dumps: orbax's failed background writes leave
+  one per array, and the job reports the failure itself in one line (`checkpoint.check_saves`)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
 def _config_arg(argv: list[str]) -> str:
   for i, a in enumerate(argv):
     if a.startswith("--config="):
@@ -84,6 +92,7 @@ def run(main) -> None:
 
   flags.mark_flags_as_required(["config"])
   logging.getLogger("absl").addFilter(_QuietLibraries())
+  logging.getLogger("asyncio").addFilter(_RetrievedElsewhere())
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # backend probing chatter
   app.run(run_main(with_flags, lambda: VERBOSE.value), flags_parser=parse_flags)
 
@@ -105,10 +114,10 @@ def check_platform(config) -> None:
 _HELD: dict = {}  # output path -> the store.Lock this process holds on it until it exits
 
 
-def hold_output(path: str, what: str, create: bool = True) -> None:
+def hold_output(path: str, what: str, create: bool = True, room: int = 1 << 20) -> None:
   """One writer per output directory: `path` is checked writable (and with `create` made), then
   process 0 takes `<path>.lock` for the rest of the job (the stores' lock: holder, host, start
-  time, heartbeat).
+  time, heartbeat). A disk with less than `room` bytes free (about what the job will write) is one line.
   A live holder, a second launch of the job, is refused in one line naming it, on every process
   of this launch. Run directories in a bucket (gs://) have no lock: object stores offer no
   atomic create, so two launches there are the user's to avoid."""
@@ -118,6 +127,8 @@ def hold_output(path: str, what: str, create: bool = True) -> None:
   from rdm_jax.data import store
 
   files.prepare_output_dir(path, what, create)
+  files.need_room(path, room)  # about what the job will write there
+  errors.OUTPUTS.append(path)
 
   def lock() -> None:
     if files.is_uri(path) or path in _HELD:  # held: a job run in-process again

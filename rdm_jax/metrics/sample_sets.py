@@ -106,6 +106,18 @@ def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str,
   return sets, captions
 
 
+def trained_on(paths: list[str], sets: dict[str, np.ndarray]) -> dict[str, str]:
+  """{row name: the training data of the model that made the set} for sets made by the sample job
+  (its settings.json records the model's `trained_on`); rows named as `read_sample_sets` names them."""
+  out = {}
+  for path, name in zip(paths, sets):
+    settings = files.join(path, "settings.json")
+    if files.isfile(settings):
+      record = files.read_json(settings)
+      out[name] = store.describe_stores(record.get("trained_on") if isinstance(record, dict) else None)
+  return out
+
+
 def read_reference(config: Any, spec: str, limit: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
   """(uint8 images, source description) of the reference set named by config.eval.reference: its
   first `limit` images (0: all); a dataset part reads only those (ImageNet's train split is not

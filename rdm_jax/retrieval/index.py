@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rdm_jax import untrusted
+from rdm_jax import files, untrusted
 from rdm_jax.data import store
 from rdm_jax.errors import UserError, fail
 from rdm_jax.retrieval import exact
@@ -298,6 +298,18 @@ def ensure(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[st
   return build(database, cfg, k, path, log)
 
 
+def _serialize(searcher: Any, folder: str, size: int) -> None:
+  """Writes a ScaNN searcher into `folder`; a disk without room for it (about its float32 rows) is
+  one line, before writing or after a failed write (ScaNN reports a full disk as an "I/O error")."""
+  files.need_room(os.path.join(folder, "dataset.npy"), size)
+  try:
+    searcher.serialize(os.path.abspath(folder), relative_path=True)  # relative paths reload anywhere
+  except (RuntimeError, OSError) as e:
+    store.remove_shard_dir(folder)
+    files.need_room(os.path.join(folder, "dataset.npy"), 2 * size)  # short of room, not a failing disk
+    files.write_failed(e, folder)
+
+
 def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
   """Builds (or resumes building) the index of `database` at `path`, shard by shard."""
   path = store.check_output(path, KIND)
@@ -343,7 +355,7 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
       if os.path.isdir(tmp):
         store.remove_shard_dir(tmp)  # an interrupted build's (ours: inside our partial)
       os.makedirs(tmp)
-      searcher.serialize(os.path.abspath(tmp), relative_path=True)  # relative paths reload anywhere
+      _serialize(searcher, tmp, size=(shard["stop"] - shard["start"]) * database["embeddings"].shape[1] * 4)
       del searcher
       store.atomic_write_text(tuned, json.dumps(search[shard["dir"]], sort_keys=True))
       os.replace(tmp, final)
@@ -356,9 +368,9 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
     shard_files = {s["dir"]: {f: os.path.getsize(os.path.join(partial, s["dir"], f))
                               for f in sorted(os.listdir(os.path.join(partial, s["dir"])))}
                    for s in shards if s["dir"]}
-    for files in shard_files.values():
-      if set(files) - SCANN_FILES or "scann_assets.pbtxt" not in files:
-        raise RuntimeError(f"ScaNN wrote files this code does not know ({sorted(files)}); update SCANN_FILES")
+    for written in shard_files.values():
+      if set(written) - SCANN_FILES or "scann_assets.pbtxt" not in written:
+        raise RuntimeError(f"ScaNN wrote files this code does not know ({sorted(written)}); update SCANN_FILES")
     manifest = dict(kind=KIND, format_version=store.FORMAT_VERSION, count=n, arrays={},
                     build_seconds=round(time.time() - t0, 1), made_by="rdm_jax.jobs.index",
                     shard_files=shard_files, search=search, **fields)
