@@ -357,13 +357,10 @@ def check_room(mngr: ocp.CheckpointManager, need: int, step: int) -> None:
     return
 
   def look() -> None:  # process 0's look decides for every process (they share the disk)
-    free = free_bytes(directory)
-    if free is None or free >= need:
-      return
     intact = committed_steps(mngr)  # a save in flight is completed as the error stops the run
-    fail(f"{directory}: the disk is full ({size_text(free)} free, step {step} needs about {size_text(need)}); "
-         f"training stopped before writing. Checkpoints intact: {', '.join(map(str, intact)) or 'none'}. Free "
-         "space (or move --workdir to a larger disk) and rerun: training resumes from the newest")
+    files.need_room(directory, need, f"step {step}", "training stopped before writing. Checkpoints intact: "
+                    f"{', '.join(map(str, intact)) or 'none'}. Free space (or move --workdir to a larger disk) "
+                    "and rerun: training resumes from the newest")
 
   checked_by_process_0(look)
 

@@ -230,18 +230,15 @@ def tmp_pattern(name: str) -> re.Pattern:
   return re.compile(re.escape(name) + r"\.[0-9a-f]{8}\.tmp")
 
 
-RESUME = errors.RESUME
-
-
-def need_room(path: str, size: int) -> None:
+def need_room(path: str, size: int, what: str = "this write", remedy: str = errors.RESUME) -> None:
   """Stops the job in one line, before it writes, when the disk that holds `path` has fewer than
-  `size` bytes free (local paths; a bucket is not checked)."""
+  `size` bytes free for `what`; the line ends with `remedy` (local paths; a bucket is not checked)."""
   if is_uri(path):
     return
   free = errors.free_bytes(os.path.dirname(os.path.abspath(path)))
   if free is not None and free < size:
-    fail(f"{path}: the disk is full ({errors.size_text(free)} free, this write needs "
-         f"{errors.size_text(size)}, {errors.size_text(size - free)} more); {RESUME}")
+    fail(f"{path}: the disk is full ({errors.size_text(free)} free, {what} needs "
+         f"{errors.size_text(size)}, {errors.size_text(size - free)} more); {remedy}")
 
 
 def write_failed(e: BaseException, path: str) -> None:

@@ -24,13 +24,11 @@ class StepWatch:
   step does. `summary()` is the run's last word on them, and on a loss that never came back down.
   """
 
-  def __init__(self, nonfinite: str, on_spike: str, example_ids, seed: int, batch_size: int,
-               before_stop=lambda: None):
+  def __init__(self, nonfinite: str, on_spike: str, example_ids, seed: int, batch_size: int):
     if nonfinite not in ("stop", "skip"):
       fail(f"config.train.nonfinite={nonfinite!r}; use 'stop' or 'skip'")
     self.nonfinite, self.on_spike = nonfinite, on_spike
     self.example_ids, self.seed, self.batch_size = example_ids, seed, batch_size
-    self.before_stop = before_stop  # lets the checkpoints of earlier steps finish writing
     self.pending: list[tuple[int, dict]] = []
     self.skipped = 0
     self.spikes: list[int] = []
@@ -56,7 +54,6 @@ class StepWatch:
     for step, m in zip(steps, got):
       if not m["finite"]:
         if self.nonfinite == "stop":
-          self.before_stop()
           fail(f"step {step}: the loss or the gradients are not finite (NaN/inf); stopped before any "
                f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower config.optim.lr, check those "
                "examples, or set --config.train.nonfinite=skip to skip such steps; rerunning resumes from the "
@@ -71,7 +68,6 @@ class StepWatch:
                 f"{float(m['grad_norm']):.4g} against {float(m['grad_norm_median']):.4g} "
                 f"({float(m['grad_norm']) / float(m['grad_norm_median']):.1f}x)")
         if self.on_spike == "stop":
-          self.before_stop()
           fail(f"{what}; stopped before any checkpoint of it (config.train.on_spike=stop). Batch example ids: "
                f"{self._shown(step)}. Lower config.optim.lr, check those examples, or set "
                "--config.train.on_spike=skip; rerunning resumes from the newest checkpoint")

@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rdm_jax import errors, files, preemption, untrusted
+from rdm_jax import files, preemption, untrusted
 from rdm_jax.errors import UserError, fail
 
 FORMAT_VERSION = 1
@@ -716,12 +716,9 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
     def chunk(start, name=None):
       return os.path.join(partial, f"chunk_{digest}_{start:012d}" + (f"_{name}.npy" if name else ".done"))
 
-    block = process_block(starts, process_index, process_count)
-    todo = [s for s in block if not os.path.exists(chunk(s))]
-    for start in block:
+    todo = [s for s in process_block(starts, process_index, process_count) if not os.path.exists(chunk(s))]
+    for start in todo:
       stop = min(start + chunk_size, count)
-      if os.path.exists(chunk(start)):
-        continue
       out = compute(start, stop)
       _check_array_names(out)
       rows = {np.shape(arr)[0] for arr in out.values()}
@@ -779,12 +776,8 @@ def _need_room_for_rest(partial: str, first: Mapping[str, np.ndarray], first_row
   """Stops a store job in one line, after its first chunk and before the others, when the rows it
   still has to write (its chunks, then the merged arrays) will not fit on the disk."""
   row_bytes = sum(np.asarray(a).nbytes for a in first.values()) / max(1, first_rows)
-  need = int(row_bytes * rows_left) + (1 << 20)
-  free = errors.free_bytes(partial)
-  if free is not None and free < need:
-    fail(f"{partial}: the disk is too small for this store ({errors.size_text(free)} free, its chunks and "
-         f"merged arrays need about {errors.size_text(need)}, {errors.size_text(need - free)} more); "
-         f"{files.RESUME}")
+  files.need_room(partial, int(row_bytes * rows_left) + (1 << 20), "the rest of this store (its chunks, then the "
+                  "merged arrays)")
 
 
 def _preallocated_npy(path: str, final: str, dtype: np.dtype, shape: tuple) -> np.ndarray:

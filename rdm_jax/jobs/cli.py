@@ -114,10 +114,13 @@ def check_platform(config) -> None:
 _HELD: dict = {}  # output path -> the store.Lock this process holds on it until it exits
 
 
-def hold_output(path: str, what: str, create: bool = True, room: int = 1 << 20) -> None:
+OUTPUT_ROOM = 1 << 20  # the least free space a run directory starts with (records, logs, PNGs)
+
+
+def hold_output(path: str, what: str, create: bool = True) -> None:
   """One writer per output directory: `path` is checked writable (and with `create` made), then
   process 0 takes `<path>.lock` for the rest of the job (the stores' lock: holder, host, start
-  time, heartbeat). A disk with less than `room` bytes free (about what the job will write) is one line.
+  time, heartbeat). A disk with less than `OUTPUT_ROOM` free is one line.
   A live holder, a second launch of the job, is refused in one line naming it, on every process
   of this launch. Run directories in a bucket (gs://) have no lock: object stores offer no
   atomic create, so two launches there are the user's to avoid."""
@@ -127,7 +130,7 @@ def hold_output(path: str, what: str, create: bool = True, room: int = 1 << 20) 
   from rdm_jax.data import store
 
   files.prepare_output_dir(path, what, create)
-  files.need_room(path, room)  # about what the job will write there
+  files.need_room(path, OUTPUT_ROOM, what)
   errors.OUTPUTS.append(path)
 
   def lock() -> None:
