@@ -111,7 +111,7 @@ def perturbed(state: training.TrainState) -> training.TrainState:
 def jax_runner(config, latent_shape) -> tuple[Runner, int, str, dict[str, float], training.TrainSetup]:
   """Our train step on the config's mesh: (runner, parameter count, the convolution the model runs,
   the first step's loss and gradient norm, the setup)."""
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  mesh = mesh_lib.from_config(config)
   rules = [tuple(r) for r in config.sharding_rules]
   setup = training.setup_training(config, latent_shape, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(setup.state_specs().params))

@@ -431,7 +431,7 @@ def load_trained(config, workdir: str, step: int | None = None):
   if not isinstance(info, dict) or not isinstance(info.get("latent_shape"), list):
     fail(f"{info_path} is not a model record of rdm_jax.train (no latent_shape); restore it or train again")
   check_function(info, function_record(config), workdir)
-  setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.make_mesh(config.mesh.to_dict()))
+  setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.from_config(config))
   state = restore(manager(workdir, create=False), setup.abstract, setup.state_sh, step)
   if state is None:
     fail(f"no checkpoint in {workdir}/checkpoints: train first")

@@ -163,7 +163,10 @@ def base_config() -> mlc.ConfigDict:
       k=3, is_splits=10, kid_subsets=100, kid_subset_size=1000,
       expect=()))  # (set, metric, low, high) bands a recipe's figures must fall in: outside, the job fails
 
-  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # fsdp_outer: FSDP gathers each weight in two stages, within fsdp_outer groups of the fsdp axis
+  # and then across them (parallel/fsdp.py: split_mesh); 0 = on accelerators, the split whose
+  # compiled gradients all-reduce least (TPU all-reduces a reduce-scatter over a square slice)
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, fsdp_outer=0))
   c.sharding_rules = DEFAULT_SHARDING_RULES
   return c
 

@@ -76,7 +76,7 @@ def main(argv):
   image_hw = tuple(data.latents_store.manifest["image_shape"][:2])
 
   # --------------------------------------------------------------------------- Mesh
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+  mesh = mesh_lib.from_config(config)
   rules = [tuple(r) for r in config.sharding_rules]
   batch_devices = sharding.batch_devices(mesh, rules)
   if config.train.batch_size % batch_devices:
@@ -87,6 +87,9 @@ def main(argv):
   # --------------------------------------------------------------------------- Model
   setup = training.setup_training(config, latent_shape, mesh)
   model, sched = setup.model, setup.sched
+  if setup.layout is not None and setup.layout.fsdp_outer > 1:
+    logging.info("FSDP gathers in two stages: within each of %d groups of the fsdp axis, then across them "
+                 "(config.mesh.fsdp_outer)", setup.layout.fsdp_outer)
 
   # --------------------------------------------------------------------------- Checkpoint
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)

@@ -316,7 +316,7 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule, 
       loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
     else:
       loss, grads = fsdp.value_and_grad(loss_fn, layout.mesh, layout.param_shardings, layout.batch_axes,
-                                        layout.cast, layout.dtype)(state.params, *batch)
+                                        layout.cast, layout.dtype, ("fsdp", layout.fsdp_outer))(state.params, *batch)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     loss_median, grad_median = state.losses.medians()
@@ -352,6 +352,7 @@ class FsdpLayout:
   batch_axes: tuple
   cast: Any
   dtype: Any
+  fsdp_outer: int = 1  # > 1: gathered in two stages, within and across this many groups (fsdp.split_mesh)
 
 
 def fsdp_layout(config: Any, model: Any, inputs: tuple, mesh: Mesh, rules, abstract_params: Any,
@@ -370,7 +371,10 @@ def fsdp_layout(config: Any, model: Any, inputs: tuple, mesh: Mesh, rules, abstr
     return None
   dtype = jnp.dtype(config.model.get("dtype", "float32"))
   cast = fsdp.cast_before_gather(lambda p, *xs: model.apply({"params": p}, *xs), abstract_params, inputs, dtype)
-  return FsdpLayout(mesh, params_sh, batch_axes, cast, dtype)
+  outer = config.mesh.fsdp_outer
+  if not outer and "fsdp" in batch_axes and mesh.shape["fsdp"] >= 4 and mesh.devices.flat[0].platform != "cpu":
+    outer = fsdp.choose_outer(mesh, batch_axes, params_sh, abstract_params, cast, dtype)
+  return FsdpLayout(mesh, params_sh, batch_axes, cast, dtype, max(1, outer))
 
 
 def batch_shardings(mesh: Mesh, rules, latent_ndim: int) -> tuple[NamedSharding, NamedSharding, NamedSharding]:
@@ -403,6 +407,7 @@ class TrainSetup:
   latent_shape: tuple
   mesh: Mesh
   rules: list
+  layout: FsdpLayout | None = None  # the explicit FSDP gradient's, when the batch axes shard parameters
 
   def batch_specs(self, config: Any, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Abstract (z0, context, rng) of a global batch with the step's input shardings."""
@@ -434,7 +439,7 @@ def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
   layout = fsdp_layout(config, model, inputs, mesh, rules, abstract.params, state_sh.params)
   step = jit_train_step(make_train_step(config, model, tx, sched, layout), state_sh, mesh, rules,
                         len(latent_shape) + 1)
-  return TrainSetup(model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules)
+  return TrainSetup(model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules, layout)
 
 
 def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample_config: Any):

@@ -186,7 +186,7 @@ def final_state(config, workdir: str, latent_shape: tuple, step: int | None = No
   (None: the latest), restored as `rdm_jax.train` restores it."""
   from rdm_jax import checkpoint, training
   from rdm_jax.parallel import mesh as mesh_lib
-  setup = training.setup_training(config, latent_shape, mesh_lib.make_mesh(config.mesh.to_dict()))
+  setup = training.setup_training(config, latent_shape, mesh_lib.from_config(config))
   return checkpoint.restore(checkpoint.manager(workdir, create=False), setup.abstract, setup.state_sh, step)
 
 

@@ -125,7 +125,7 @@ def test_a_nonfinite_step_changes_nothing_but_the_step(tiny_data):
   config = tiny_config(tiny_data["data_dir"])
   model, tx, sched = training.make_model(config), training.make_optimizer(config), training.make_schedule(config)
   inputs = training.example_inputs(config, 1, (8, 8, 1), 4)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:1])
+  mesh = mesh_lib.from_config(config, jax.devices()[:1])
   window = training.spike_settings(config)[2]
   abstract, sh = training.state_shardings(model, tx, inputs, mesh, [tuple(r) for r in config.sharding_rules], window)
   state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh, window)
@@ -190,7 +190,7 @@ def test_a_loss_spike_is_judged_against_the_median_of_the_window(tiny_data, mode
   8 % 8 = 0 takes its loss and gradient norm."""
   config = tiny_config(tiny_data["data_dir"])
   config.train.spike_window, config.train.on_spike = 8, mode
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:1])
+  mesh = mesh_lib.from_config(config, jax.devices()[:1])
   setup = training.setup_training(config, (8, 8, 1), mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
@@ -222,7 +222,7 @@ def test_either_the_loss_or_the_gradient_norm_makes_a_spike(tiny_data):
   it (and the other way round); far above both, no spike."""
   config = tiny_config(tiny_data["data_dir"])
   config.train.spike_window = 8
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices=jax.devices()[:1])
+  mesh = mesh_lib.from_config(config, jax.devices()[:1])
   setup = training.setup_training(config, (8, 8, 1), mesh)
   rng = np.random.default_rng(1)
   z0 = rng.uniform(-1, 1, size=(8, 8, 8, 1)).astype(np.float32)

@@ -164,7 +164,7 @@ def test_train_steps_on_a_sharded_mesh_match_xla():
     c.retrieval.embed_dim = 16
     c.train.batch_size = 8
     c.mesh.update(data=4, fsdp=2)
-    mesh = mesh_lib.make_mesh(c.mesh.to_dict())
+    mesh = mesh_lib.from_config(c)
     rules = [tuple(r) for r in c.sharding_rules]
     setup = training.setup_training(c, (32, 32, 1), mesh)
     state = setup.init_state(jax.random.PRNGKey(0))

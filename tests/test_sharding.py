@@ -67,12 +67,48 @@ def test_layouts_compute_the_same_training_steps(tiny_data):
   config = tiny_config(tiny_data["data_dir"])
   sgd = optax.sgd(1e-3)
   ref_state, ref_losses = _run(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], tx=sgd)
-  # (pure data parallelism is the data axis of both; one compile fewer than testing it alone)
-  for axes in ({"data": 4, "fsdp": 2, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+  # (pure data parallelism is the data axis of both; one compile fewer than testing it alone);
+  # FSDP's gathers in two stages (fsdp_outer=2: parallel.fsdp.split_mesh)
+  for axes, outer in (({"data": 2, "fsdp": 4, "tensor": 1}, 2), ({"data": 2, "fsdp": 2, "tensor": 2}, 0)):
+    config.mesh.fsdp_outer = outer
     state, losses = _run(config, axes, tx=sgd)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(axes))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=str(axes))
+
+
+def test_a_two_stage_gather_is_the_array_and_its_transpose_the_summed_shard():
+  """parallel.fsdp's gather over fsdp split into 2 groups of 4 (data 2 x fsdp 8 would not fit: 8
+  devices, so data 2 x fsdp 4 split 2 x 2): every device holds the whole array, in order; the
+  gradient of sum(gathered * w), summed over the 8 devices' losses, is 8 w on each shard,
+  reduce-scattered in two stages and summed over data at shard size; no full-size all-reduce."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from rdm_jax.parallel import fsdp, hlo
+
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  split, names = fsdp.split_mesh(mesh, "fsdp", 2)
+  manual = ("data",) + names
+  spec = P(None, names)
+  x = np.arange(3 * 8, dtype=np.float32).reshape(3, 8)
+  w = np.random.RandomState(0).randn(3, 8).astype(np.float32)
+
+  def local(x, w):
+    full = fsdp._gathered(x, spec, False, jnp.float32, manual)
+    grad = jax.grad(lambda x: jnp.sum(fsdp._gathered(x, spec, False, jnp.float32, manual) * w))(x)
+    return full[None], grad
+
+  f = jax.jit(jax.shard_map(local, mesh=split, in_specs=(spec, P()), out_specs=(P(manual), spec),
+                            axis_names=set(manual)))
+  placed = jax.device_put(x, NamedSharding(mesh, P(None, "fsdp")))  # placed on the unsplit mesh
+  full, grad = f(placed, w)
+  np.testing.assert_array_equal(np.asarray(full).reshape(8, 3, 8), np.broadcast_to(x, (8, 3, 8)))
+  np.testing.assert_allclose(np.asarray(grad), 8 * w, rtol=1e-6)
+  found = hlo.collectives(f.lower(placed, w).compile().as_text())
+  assert found["reduce-scatter"]["count"] == 2, found
+  assert found["all-reduce"]["bytes"] == 3 * 2 * 4, found  # the shard (3 x 2 f32), summed over data
+  with pytest.raises(UserError, match="must divide the fsdp axis"):
+    fsdp.split_mesh(mesh, "fsdp", 3)
 
 
 def test_mesh_errors():

@@ -142,7 +142,7 @@ def main(argv):
   check_first_stage(sd, config, path)
 
   shape = latent_shape(config)
-  setup = training.setup_training(config, shape, mesh_lib.make_mesh(config.mesh.to_dict()))
+  setup = training.setup_training(config, shape, mesh_lib.from_config(config))
   model, tx, abstract, shardings = setup.model, setup.tx, setup.abstract, setup.state_sh
   try:
     params = unet_params(sd, model, abstract.params, ema=False)

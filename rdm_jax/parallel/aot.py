@@ -8,8 +8,6 @@ model, the abstract state, its shardings and the jitted step; only the devices d
 
 from __future__ import annotations
 
-import collections
-import re
 import time
 from typing import Any
 
@@ -20,44 +18,9 @@ import numpy as np
 from rdm_jax import training
 from rdm_jax.diffusion import ddim
 from rdm_jax.errors import fail
-from rdm_jax.parallel import flops as flops_lib, mesh as mesh_lib, sharding, topology
+from rdm_jax.parallel import flops as flops_lib, hlo, mesh as mesh_lib, sharding, topology
 
 GIB = 1024 ** 3
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
-_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-# TPU emits reduce-scatter as a fusion of this name (an all-reduce whose result each chip keeps a slice of)
-_FUSED_REDUCE_SCATTER = re.compile(r"=\s*(.*?)\sfusion\(.*calls=%all-reduce-scatter")
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{kind: {"count", "bytes"}} of the collectives in compiled HLO text; bytes are each op's
-  result (for async ops, the -start's result without its operand copies). TPU's
-  all-reduce-scatter fusions count as reduce-scatter, once: the all-reduce inside the
-  computation such a fusion calls is not counted again."""
-  out: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
-  fused_body = False  # inside the computation an all-reduce-scatter fusion calls (counted at its call)
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{"):
-      fused_body = line.split()[0].lstrip("%").startswith("all-reduce-scatter")
-      continue
-    if fused_body:
-      continue
-    m = _OP.search(line)
-    if m:
-      shape, kind, start = m.groups()
-    elif f := _FUSED_REDUCE_SCATTER.search(line):
-      shape, kind, start = f.group(1), "reduce-scatter", None
-    else:
-      continue
-    arrays = [_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in _ARRAY.findall(shape)]
-    if start and kind != "all-reduce" and len(arrays) > 1:  # (operands..., results...)
-      arrays = arrays[len(arrays) // 2:]
-    out[kind]["count"] += 1
-    out[kind]["bytes"] += int(sum(arrays))
-  return {k: dict(v) for k, v in sorted(out.items())}
 
 
 def _one_line(e: Exception) -> str:
@@ -95,7 +58,7 @@ def _compile(fn, args, mesh, hbm_bytes: float) -> dict[str, Any]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"fits": True, "memory": _memory(compiled, hbm_bytes),
           "compiler_flops_per_chip": float(cost.get("flops", float("nan"))),
-          "collectives": collectives(compiled.as_text()),
+          "collectives": hlo.collectives(compiled.as_text()),
           "compile_seconds": round(time.perf_counter() - t0, 1), "_compiled": compiled}
 
 
@@ -127,7 +90,7 @@ def report(config: Any, slice_name: str, batch: int = 0, sample_batch: int = 0,
   for the TPU slice `slice_name`; the report as a JSON-able dict (plus "_compiled" programs)."""
   s = topology.parse(slice_name)
   devices = devices if devices is not None else topology.devices(s)
-  mesh = mesh_lib.make_mesh(config.mesh.to_dict(), devices)
+  mesh = mesh_lib.from_config(config, devices)
   batch = batch or int(config.train.batch_size)
   sample_batch = sample_batch or int(config.sample.batch_size)
   rules = [tuple(r) for r in config.sharding_rules]
@@ -143,6 +106,7 @@ def report(config: Any, slice_name: str, batch: int = 0, sample_batch: int = 0,
       "topology": s.name, "libtpu_topology": s.topology_name, "device_kind": devices[0].device_kind,
       "chips": s.chips, "hbm_gib_per_chip": s.chip.hbm_gib, "bf16_peak_tflops_per_chip": s.chip.bf16_tflops,
       "mesh": {k: int(v) for k, v in mesh.shape.items()}, "levers": levers(config),
+      "fsdp_outer": setup.layout.fsdp_outer if setup.layout else 1,
       "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(setup.abstract.params))),
       "latent_shape": list(shape), "model_flops_per_example_forward": per_example,
       "jax": jax.__version__,
@@ -181,7 +145,9 @@ def _sample_step(config, setup: training.TrainSetup, batch: int, mesh, hbm: floa
 def summary(r: dict[str, Any]) -> str:
   """The report as a few human lines."""
   lines = [f"{r['topology']} ({r['chips']} x {r['device_kind']}, {r['hbm_gib_per_chip']:g} GiB HBM each), "
-           f"mesh {r['mesh']}, {r['params'] / 1e6:.1f}M params, levers {r['levers']}"]
+           f"mesh {r['mesh']}, {r['params'] / 1e6:.1f}M params, levers {r['levers']}"
+           + (f", FSDP gathered in two stages ({r['fsdp_outer']} groups of the fsdp axis)"
+              if r["fsdp_outer"] > 1 else "")]
   for name in ("train", "sample"):
     if name not in r:
       continue

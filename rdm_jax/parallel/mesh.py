@@ -33,6 +33,14 @@ def resolve_axis_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, i
   return sizes
 
 
+AXES = ("data", "fsdp", "tensor")  # config.mesh's axis sizes; its other fields tune the step
+
+
+def from_config(config, devices=None) -> Mesh:
+  """The mesh of `config.mesh`'s axis sizes over `devices` (default: all)."""
+  return make_mesh({a: config.mesh[a] for a in AXES}, devices)
+
+
 def make_mesh(axes: Mapping[str, int], devices=None) -> Mesh:
   """A Mesh with Auto axis types (Explicit axes reject sharded contractions, see STACK_NOTES)."""
   devices = jax.devices() if devices is None else devices
