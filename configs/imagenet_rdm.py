@@ -72,6 +72,9 @@ def get_config() -> mlc.ConfigDict:
   c.train.log_every = 100
   c.train.checkpoint_every = 5000
   c.train.sample_every = 20000
+  c.sample.include_query = True  # exemplars: the query's own embedding, then its k-1 neighbours (the
+                                 # original's sample_with_query, omit_query=False: rdm/models/diffusion/
+                                 # ddpm.py:693, 779-781; scripts/rdm_sample.py:119); False = k neighbours
   c.sample.top_m = 0.01        # the paper's top-m for unconditional samples
   c.sample.top_m_of = "retrieved"  # m as the original code reads it (get_qids: a fraction of the entries
                                    # retrieved at least once), which made the paper's tables

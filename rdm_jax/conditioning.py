@@ -229,6 +229,15 @@ def class_pool(database: store.Store, label: int, size: int) -> np.ndarray:
   return rows[np.argsort(-(unit @ prototype), kind="stable")[:size]]
 
 
+def zeros_conditioning(database: store.Store, n: int) -> Conditioning:
+  """The unconditional branch of classifier-free guidance on its own: one all-zeros context
+  entry per sample (the original's `rarm_sample.py --unconditional`; attention over k zero
+  entries reads the same as over one)."""
+  d = database["embeddings"].shape[1]
+  return Conditioning(context=np.zeros((n, 1, d), np.float32), neighbor_rows=np.full((n, 1), -1, np.int64),
+                      query_rows=np.arange(n), database=database, queries=None)
+
+
 def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, encoder: dict | None = None,
                        classes: str | None = None, database: store.Store | None = None) -> Conditioning:
   """Class-conditional sampling (Sec. 3.3): sample i takes class classes[i % C] and k adjacent

@@ -126,6 +126,7 @@ def base_config() -> mlc.ConfigDict:
   c.sample = mlc.ConfigDict(dict(
       sampler="ddim",                # ddim | ddpm (ancestral, respaced to num_steps) | dpm_solver++ (2M)
       num_steps=100, guidance_scale=2.0, eta=0.0, num_images=16, batch_size=64,  # eta: DDIM only
+      k=0,                           # neighbours per sample (the original's --k_nn); 0 = k_train
       temperature=1.0, top_k=0, top_p=1.0,  # RARM (config.model.family="rarm") token sampling; 0 / 1.0 = off
       seed=-1,                       # sample i's noise: fold_in(PRNGKey(seed), i), and the proposal / class
                                      # draws; -1 = train.seed + 7
@@ -133,7 +134,8 @@ def base_config() -> mlc.ConfigDict:
       timestep_spacing="logsnr",     # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
       condition="exemplar",          # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m) |
                                      # class: k adjacent entries of a class pool | embeddings: a .npy |
-                                     # text: CLIP text embeddings of `prompts` (the caption, then its k-1 neighbours)
+                                     # text: CLIP text embeddings of `prompts` (the caption, then its k-1 neighbours) |
+                                     # zeros: one all-zeros entry (the unconditional branch alone)
       prompts=(),                    # text: captions, cycled over the samples
       prompts_from="",               # text: "train" | "test" = the captions of that part's embeddings store, in order
       text_mode="caption_and_neighbors",  # text: caption_and_neighbors | caption (alone, k=1) | neighbors (its k)

@@ -43,12 +43,21 @@ class RDM:
   def __init__(self, config: Any, workdir: str, step: int | None = None):
     self.config = config
     self.model, self.params, self.info, self.step = checkpoint.load_trained(config, workdir, step)
-    self.k = config.k_train
     self._sampler = training.make_sampler(self.model, training.make_schedule(config), self.info["latent_shape"],
                                           config.sample)
     self.database = conditioning.open_database(config, self.info["encoder"])
-    self.mesh = mesh_lib.make_mesh(config.mesh.to_dict())
+    self.mesh = mesh_lib.from_config(config)
     self.rules = [tuple(r) for r in config.sharding_rules]
+
+  @property
+  def k(self) -> int:
+    """Neighbours per sample: config.sample.k (the original's --k_nn), or k_train when 0. The
+    model attends over any number of neighbours; the database must hold that many."""
+    k, rows = self.config.sample.k or self.config.k_train, len(self.database["embeddings"])
+    if k < 1 or k > rows:
+      fail(f"config.sample.k={self.config.sample.k}: give 1 to {rows} neighbours "
+           f"(the database's size), or 0 for k_train ({self.config.k_train})")
+    return k
 
   @functools.cached_property
   def _search(self):
@@ -106,7 +115,9 @@ class RDM:
       prompts = list(s.prompts) or (conditioning.part_captions(self.config, s.prompts_from)[:n]
                                     if s.get("prompts_from") else [])
       return self.text([prompts[i % len(prompts)] for i in range(n)] if prompts else [])
-    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings or text")
+    if s.condition == "zeros":
+      return conditioning.zeros_conditioning(self.database, n)
+    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings, text or zeros")
 
   def sample(self, cond: conditioning.Conditioning, seed: int | None = None, first_index: int = 0) -> Samples:
     """One sample per conditioning row; row i is sample first_index + i, drawn with key

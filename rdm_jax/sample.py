@@ -6,7 +6,9 @@ unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train 
 class pools from the database's labels (`=class`, Sec. 3.3: k adjacent entries of the
 class's pool), embeddings from a .npy (`=embeddings`), or captions (`=text`, with the CLIP
 retriever: each caption's text embedding is the first context entry, its k-1 nearest database
-entries follow; the captions go into the shards, where the evaluate job's CLIP score reads them).
+entries follow; the captions go into the shards, where the evaluate job's CLIP score reads them),
+or an all-zeros context (`=zeros`: the unconditional branch alone, the original RARM script's
+--unconditional).
 
   python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
       [--out=DIR] [--config.sample.num_images=50000] [--config.sample.guidance_scale=2.0]
@@ -223,7 +225,7 @@ def main(argv):
            if config_base.model_family(config) == "rarm" else f"{s.sampler}, {s.num_steps} steps")
     print(f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
           f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
-          f"(rows: the {config.k_train} conditioning entries | sample)")
+          f"(rows: the {rdm.k} conditioning entries | sample)")
     if trained_on := store.describe_stores(rdm.info.get("trained_on")):
       print(f"the model was trained on {trained_on}")
   multihost_utils.sync_global_devices("rdm_jax.sample done")

@@ -60,6 +60,7 @@ def main(argv):
   preemption.install()  # SIGTERM: finish the step, save it, exit 75 (all processes at one step)
   platform_line, platform_warnings = mesh_lib.check_platform(config)
   logging.info(platform_line)
+  logging.info(training.optimisation_line(config))
   for w in platform_warnings:
     logging.warning(w)
   workdir = files.normpath(workdir)

@@ -187,6 +187,15 @@ def _after_warmup(config: Any) -> optax.Schedule:
   return optax.cosine_decay_schedule(o.lr, steps, alpha=float(o.get("min_lr_ratio", 0.0)))
 
 
+def optimisation_line(config: Any) -> str:
+  """What one update is: the global batch and the learning rate's course (train.batch_size is
+  the batch of one update over every device; nothing rescales the rate with it)."""
+  t, o = config.train, config.optim
+  decay = f", {o.decay} decay to {o.lr * o.min_lr_ratio:g}" if o.decay != "none" else ", then constant"
+  return (f"global batch {t.batch_size} per update, learning rate {o.lr:g} (AdamW b1 {o.b1:g} b2 {o.b2:g}, "
+          f"weight decay {o.weight_decay:g}) after {o.warmup_steps} warm-up steps{decay}, {t.num_steps} steps")
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   """AdamW with LDM's linear warm-up to a constant rate, optional global-norm clipping of the
   gradients, and optional RMS clipping of each tensor's Adam update (`optim.update_clip`).

@@ -157,10 +157,10 @@ def tiny_data(tmp_path):
   return info
 
 
-def repo_config(name: str):
-  """`configs/<name>.py`'s get_config()."""
+def repo_config(name: str, *args: str):
+  """`configs/<name>.py`'s get_config(*args) (the part after ':' in --config=configs/<name>.py:arg)."""
   from rdm_jax.config_base import config_file
-  return config_file(os.path.join(REPO, "configs", f"{name}.py"))
+  return config_file(os.path.join(REPO, "configs", f"{name}.py"), *args)
 
 
 def with_overrides(config, overrides):

@@ -32,10 +32,11 @@ MOCK = os.path.join(REPO, "tests", "with_mock_tfds.py")
 N_MOCK = 24  # examples in every mocked split
 
 
-RARM_OVERRIDES = [  # configs/imagenet_rarm.py on the same tiny VQ (its tokens) and database
+RARM_OVERRIDES = [  # configs/imagenet_rarm.py:mammals on the same tiny VQ (its tokens) and database
     "--config.first_stage.name=vq_f4", "--config.first_stage.latent_channels=3", "--config.dataset.label_range=()",
     "--config.model.heads=2", "--config.model.dim_head=16", "--config.model.depth=2",
-    "--config.model.dtype=float32", "--config.sample.top_k=20"]
+    "--config.model.dtype=float32", "--config.sample.top_k=20",
+    "--config.sample.condition=exemplar"]  # (the preset's default, proposal, needs p_D of a neighbour run)
 
 
 def overrides(root: str, rarm: bool = False) -> list[str]:
@@ -67,7 +68,7 @@ def overrides(root: str, rarm: bool = False) -> list[str]:
 
 
 def run(root, module, *args, rarm=False):
-  config = f"{REPO}/configs/imagenet_rarm.py" if rarm else f"{REPO}/configs/imagenet_rdm.py"
+  config = f"{REPO}/configs/imagenet_rarm.py:mammals" if rarm else f"{REPO}/configs/imagenet_rdm.py"
   cmd = [sys.executable, MOCK, str(N_MOCK), module, f"--config={config}", *overrides(root, rarm), *args]
   out = subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, f"{module}: {out.stderr[-4000:]}"
@@ -206,4 +207,5 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
 def config_of(root: str, rarm: bool = False):
   """The config the jobs run with: the file's, with the overrides applied as --config.a.b=value."""
   from conftest import repo_config, with_overrides
-  return with_overrides(repo_config("imagenet_rarm" if rarm else "imagenet_rdm"), overrides(root, rarm))
+  return with_overrides(repo_config("imagenet_rarm", "mammals") if rarm else repo_config("imagenet_rdm"),
+                        overrides(root, rarm))

@@ -1,4 +1,4 @@
-"""configs/imagenet_rarm.py end to end on mock ImageNet (the RDM chain's assets and commands,
+"""configs/imagenet_rarm.py:mammals end to end on mock ImageNet (the RDM chain's assets and commands,
 tests/test_imagenet_chain.py; its own file so that the two chains run on different workers)."""
 
 from __future__ import annotations

@@ -282,6 +282,27 @@ def test_python_api_samples_with_one_loaded_model(trained, tmp_path):
   np.testing.assert_array_equal(again.conditioning.neighbor_rows, out.conditioning.neighbor_rows)
   np.testing.assert_array_equal(again.latents, out.latents)
   assert np.abs(rdm.sample(rdm.exemplars(3), seed=6).latents - out.latents).max() > 1e-3
+  # config.sample.k (the original's --k_nn) apart from k_train (4): each query's k exact nearest
+  # neighbours, fewer or more than in training, and the model reads them all
+  for k in (2, 6):
+    config.sample.k = k
+    other = rdm.sample(rdm.exemplars(3), seed=5)
+    np.testing.assert_array_equal(other.conditioning.neighbor_rows,
+                                  brute_force_neighbors(np.asarray(queries), rdm.database["embeddings"], k))
+    assert other.conditioning.context.shape == (3, k, queries.shape[1])
+    assert np.abs(other.latents - out.latents).max() > 1e-3
+  config.sample.k = 10 ** 6
+  with pytest.raises(UserError, match=r"config.sample.k=1000000: give 1 to \d+ neighbours"):
+    rdm.exemplars(3)
+  config.sample.k = 0
+  # condition=zeros: one all-zeros entry, which attention reads as it reads k_train zero entries
+  # (the unconditional branch guidance trains)
+  config.sample.condition = "zeros"
+  zeros = rdm.from_config(2)
+  assert zeros.context.shape == (2, 1, queries.shape[1]) and not zeros.context.any()
+  np.testing.assert_allclose(rdm.latents(zeros.context, seed=3), rdm.latents(np.zeros((2, 4, queries.shape[1]),
+                                                                                    np.float32), seed=3), atol=1e-5)
+  config.sample.condition = "exemplar"
   by_class = rdm.sample(rdm.classes(4, "0", seed=1))  # the tiny database is all label 0
   pool = conditioning.class_pool(rdm.database, 0, config.sample.class_pool_size)
   assert set(by_class.conditioning.neighbor_rows.ravel()) <= set(pool.tolist())

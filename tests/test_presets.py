@@ -1,0 +1,58 @@
+"""The paper's presets against the original's files (CompVis/retrieval-augmented-diffusion-models):
+each value worked out here by hand from the original's configs and main.py, not read back from ours."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, repo_config, subprocess_env
+from rdm_jax import training
+
+
+def _lightning_lr(base_lr: float, batch_per_gpu: int, accumulate: int, gpus: int, scale_lr: bool) -> float:
+  """main.py:981-1000: model.learning_rate = accumulate_grad_batches * ngpu * bs * base_lr when
+  --scale_lr (its default, main.py:122-127), else base_lr."""
+  return accumulate * gpus * batch_per_gpu * base_lr if scale_lr else base_lr
+
+
+# (base_learning_rate, data batch_size per GPU, accumulate_grad_batches, --scale_lr), one GPU:
+# configs/rarm/dogs.yaml:2 (5e-4, "run with --scale_lr false"), :90, :154;
+# configs/rarm/mammals.yaml:2, :89, :153 and animals.yaml:2, :92, :156 (main.py's default --scale_lr)
+ORIGINAL_RARM = {"dogs": (5e-4, 50, 2, False), "mammals": (5e-6, 50, 1, True), "animals": (5e-6, 50, 1, True)}
+
+
+@pytest.mark.parametrize("subset", sorted(ORIGINAL_RARM))
+def test_rarm_presets_optimise_as_the_original_trained_each_subset(subset):
+  base_lr, per_gpu, accumulate, scale_lr = ORIGINAL_RARM[subset]
+  c = repo_config("imagenet_rarm", subset)
+  assert c.optim.lr == pytest.approx(_lightning_lr(base_lr, per_gpu, accumulate, 1, scale_lr))
+  assert c.train.batch_size == per_gpu * accumulate  # images per update on one GPU
+  assert (c.optim.b1, c.optim.b2, c.optim.weight_decay, c.optim.grad_clip, c.optim.ema_decay) == (0.9, 0.95, 0.01, 0, 0)
+  # the released weights' configs (models/rarm/imagenet/*/config.yaml:2, batch_size 50) give dogs'
+  # rate too: 5e-6 scaled by 2 x 1 x 50
+  assert _lightning_lr(5e-6, 50, 2, 1, True) == pytest.approx(repo_config("imagenet_rarm", "dogs").optim.lr)
+  # sampling as scripts/rarm_sample.py's defaults (:165-213): top-m 0.01 proposal, unweighted,
+  # 4 neighbours, top-k 256, temperature 1, guidance 1
+  s = c.sample
+  assert (s.condition, s.top_m, s.proposal_weighted, s.k, s.top_k, s.temperature, s.guidance_scale) == \
+      ("proposal", 0.01, False, 4, 256, 1.0, 1.0)
+
+
+def test_rarm_fig5_variant_and_bad_arguments():
+  """Fig. 5's RARM samples (the paper's caption): m = 0.05, s = 3.0, top-k 2048."""
+  s = repo_config("imagenet_rarm", "mammals,fig5").sample
+  assert (s.top_m, s.guidance_scale, s.top_k) == (0.05, 3.0, 2048)
+  with pytest.raises(ValueError, match="use one of dogs, mammals, animals"):
+    repo_config("imagenet_rarm", "cats")
+
+
+def test_a_preset_prints_its_optimisation_and_stops_in_one_line_without_data(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "rdm_jax.train", "--config=configs/imagenet_rarm.py:mammals",
+                        f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path / 'no_data'}"],
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert "global batch 50 per update, learning rate 0.00025 " in out.stderr, out.stderr[-3000:]
+  assert len([line for line in out.stderr.splitlines() if line.startswith("error: ")]) == 1, out.stderr[-3000:]
+  assert training.optimisation_line(repo_config("imagenet_rarm", "dogs")).startswith(
+      "global batch 100 per update, learning rate 0.0005 ")
