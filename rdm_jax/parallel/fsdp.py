@@ -31,13 +31,18 @@ from rdm_jax.parallel import hlo
 from rdm_jax.parallel.sharding import axes_of
 
 
-def manual_spec(spec: P, manual: Sequence[str]) -> P:
-  """`spec` with only the mesh axes in `manual` kept (shard_map's in/out specs name manual axes only)."""
+def _respec(spec: P, axes_for: Callable[[str], tuple[str, ...]]) -> P:
+  """`spec` with each mesh axis replaced by the axes `axes_for` gives it (none: dropped)."""
   out = []
   for entry in spec:
-    kept = tuple(a for a in axes_of(entry) if a in manual)
-    out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    axes = tuple(a for b in axes_of(entry) for a in axes_for(b))
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*out)
+
+
+def manual_spec(spec: P, manual: Sequence[str]) -> P:
+  """`spec` with only the mesh axes in `manual` kept (shard_map's in/out specs name manual axes only)."""
+  return _respec(spec, lambda a: (a,) if a in manual else ())
 
 
 def _sharded(spec: P) -> bool:
@@ -83,18 +88,10 @@ def _split(mesh: Mesh, manual: tuple, specs: Any, split: tuple[str, int] | None)
   """(mesh, manual axes, manual specs) with `split` = (axis, outer) applied (`split_mesh`)."""
   if split is None or split[1] <= 1:
     return mesh, manual, specs
-  axis = split[0]
   mesh, names = split_mesh(mesh, *split)
-
-  def respec(spec: P) -> P:
-    out = []
-    for entry in spec:
-      axes = tuple(a for b in axes_of(entry) for a in (names if b == axis else (b,)))
-      out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*out)
-
-  manual = tuple(a for b in manual for a in (names if b == axis else (b,)))
-  return mesh, manual, jax.tree.map(respec, specs, is_leaf=lambda s: isinstance(s, P))
+  axes_for = lambda a: names if a == split[0] else (a,)  # noqa: E731
+  manual = tuple(a for b in manual for a in axes_for(b))
+  return mesh, manual, jax.tree.map(lambda s: _respec(s, axes_for), specs, is_leaf=lambda s: isinstance(s, P))
 
 
 def _gathered(p: jax.Array, spec: P, cast: bool, dtype: Any, manual: tuple) -> jax.Array:
@@ -107,13 +104,15 @@ def _gathered(p: jax.Array, spec: P, cast: bool, dtype: Any, manual: tuple) -> j
 def all_reduce_bytes(mesh: Mesh, batch_axes: Sequence[str], param_shardings: Any, params: Any, cast: Any,
                      dtype: Any, split: tuple[str, int] | None = None) -> int:
   """Bytes per device that the compiled gradients of the step's gathers alone all-reduce, with
-  `split` applied: one parameter of each (shape, dtype, sharding, cast), gathered as
-  `value_and_grad` gathers it (`params` abstract)."""
+  `split` applied: one parameter of each (shape, dtype, sharding, cast) the batch axes shard,
+  gathered as `value_and_grad` gathers it (`params` abstract). The replicated parameters' sums
+  are left out: they are the same at every split."""
   manual = tuple(batch_axes)
   is_sharding = lambda s: isinstance(s, NamedSharding)  # noqa: E731
-  kinds = {(tuple(p.shape), jnp.dtype(p.dtype).name, manual_spec(s.spec, manual), bool(c)): None
+  kinds = {(tuple(p.shape), jnp.dtype(p.dtype).name, spec, bool(c)): None
            for p, s, c in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings, is_leaf=is_sharding),
-                              jax.tree.leaves(cast))}
+                              jax.tree.leaves(cast))
+           if _sharded(spec := manual_spec(s.spec, manual))}
   specs = [k[2] for k in kinds]
   mesh, manual, specs = _split(mesh, manual, specs, split)
 
