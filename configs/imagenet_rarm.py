@@ -4,6 +4,7 @@
   --config=configs/imagenet_rarm.py:mammals   # 147..388
   --config=configs/imagenet_rarm.py:animals   # 0..397
   --config=configs/imagenet_rarm.py:dogs,fig5 # any subset, sampled as the paper's Fig. 5
+  --config=configs/imagenet_rarm.py:dogs,released  # the released weights' first stage (below)
 
 Model (rdm_jax/models/rarm.py, LatentImageRETRO / RetrievalPatchTransformer): tokens of LDM's
 VQ-f16 (16384 codes, 16 x 16 = 256 per 256-px image) in raster order, embedding table of
@@ -30,6 +31,12 @@ Sampling as scripts/rarm_sample.py: pseudo-queries from the top 1% of the retrie
 use_weights False), k = 4 neighbours, top-k 256 (:165-169), temperature 1, no guidance;
 `:<subset>,fig5` gives Fig. 5's settings instead: top-k 2048, m = 0.05, guidance s = 3.0.
 --config.sample.condition=zeros is the script's --unconditional (an all-zeros context).
+First stage: LDM's VQ-f16 (embed 8), as the training configs set it (configs/rarm/dogs.yaml:
+32-54, mammals.yaml and animals.yaml alike). The released weights (models/rarm/imagenet/<subset>/
+model.ckpt) were trained on another one: taming's VQGAN f16 (embed 256, 16384 codes;
+models/rarm/imagenet/dogs/config.yaml:29-50), kept only inside model.ckpt. `,released` sets it
+(first_stage.name=vqgan_f16, its weights read from that model.ckpt's first_stage_model.*),
+for rdm_jax.jobs.import_checkpoint and sampling from the imported run.
 Departures: a one-step warm-up (optax's schedule needs >= 1 step), and top-p / a KV cache at
 sampling (see rarm.py).
 The database, retriever and data pipeline are the RDM's (configs/imagenet_rdm.py).
@@ -49,8 +56,9 @@ OPTIMISATION = {"dogs": (5e-4, 100), "mammals": (2.5e-4, 50), "animals": (2.5e-4
 
 def get_config(arg: str = "dogs") -> mlc.ConfigDict:
   subset, *variants = arg.split(",")
-  if subset not in SUBSETS or set(variants) - {"fig5"}:
-    raise ValueError(f"configs/imagenet_rarm.py:{arg}: use one of {', '.join(SUBSETS)}, optionally with ',fig5'")
+  if subset not in SUBSETS or set(variants) - {"fig5", "released"}:
+    raise ValueError(f"configs/imagenet_rarm.py:{arg}: use one of {', '.join(SUBSETS)}, optionally with ',fig5' "
+                     "and/or ',released'")
   c = config_file(os.path.join(os.path.dirname(__file__), "imagenet_rdm.py"))
   c.data_dir = f"data/imagenet_{subset}"
   c.dataset.label_range = SUBSETS[subset]
@@ -64,6 +72,8 @@ def get_config(arg: str = "dogs") -> mlc.ConfigDict:
   c.train.p_uncond = 0.0
   c.sample.update(condition="proposal", top_m=0.01, top_m_of="retrieved", proposal_weighted=False, k=4,
                   temperature=1.0, top_k=256, top_p=1.0, guidance_scale=1.0)
+  if "released" in variants:
+    c.first_stage.update(name="vqgan_f16", latent_channels=256, weights=f"models/rarm/imagenet/{subset}/model.ckpt")
   if "fig5" in variants:
     c.sample.update(top_k=2048, top_m=0.05, guidance_scale=3.0)
   return c

@@ -84,7 +84,7 @@ def make_rarm(config: Any) -> rarm.RARM:
   spec = first_stage.spec(config.first_stage)
   if spec.kind != "vq":
     fail(f"config.model.family='rarm' models VQ tokens but config.first_stage.name={config.first_stage.name!r} "
-         "is not a VQ model (use vq_f16, the original's)")
+         "is not a VQ model (use vq_f16, the original's, or vqgan_f16, its released weights')")
   side = config.dataset.image_size // spec.factor
   return rarm.RARM(num_codes=spec.n_embed, seq_len=side * side, heads=m.heads, dim_head=m.dim_head,
                    depth=m.depth, dtype=jnp.dtype(m.dtype))

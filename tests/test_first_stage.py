@@ -26,8 +26,8 @@ taming_quantize = pytest.importorskip("taming.modules.vqvae.quantize")
 from rdm_jax.errors import UserError  # noqa: E402
 from rdm_jax.models import autoencoder, first_stage  # noqa: E402
 
-# Tiny versions of the three published shapes: VQ-f4 (no attention), VQ-f16 (attention at a
-# middle resolution; f8 here), KL-f8 with attention.
+# Tiny versions of the published shapes: VQ-f4 (no attention), VQ-f16 (attention at a middle
+# resolution; f8 here), KL-f8 with attention, taming's VQGAN-f16 (f8 here).
 TINY = {
     "vq_f4": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), embed_dim=3, z_channels=3,
                   n_embed=64, resolution=32),
@@ -35,6 +35,9 @@ TINY = {
                    z_channels=8, n_embed=128, resolution=32),
     "kl_f8": dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,), embed_dim=4,
                   z_channels=4, resolution=32),
+    # taming's VQGAN (the released RARMs' first stage): latents as wide as the codes
+    "vqgan_f16": dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), embed_dim=32,
+                      z_channels=32, n_embed=64, resolution=32),
 }
 
 
@@ -94,8 +97,8 @@ def close(a, b):
 @pytest.fixture(scope="module", params=list(TINY))
 def pair(request):
   name = request.param
-  ref = TorchAutoencoder(name[:2], TINY[name])
-  spec = autoencoder.Spec(name[:2], **{k: v for k, v in TINY[name].items()})
+  ref = TorchAutoencoder(autoencoder.PRESETS[name].kind, TINY[name])
+  spec = autoencoder.Spec(autoencoder.PRESETS[name].kind, **TINY[name])
   params = autoencoder.convert_state_dict({k: v.numpy() for k, v in ref.state_dict().items()}, spec)
   return name, ref, spec, params
 
@@ -234,11 +237,12 @@ def test_bad_first_stage_settings_say_what_to_set(tmp_path):
 def test_presets_are_the_published_architectures():
   """Parameter counts of the published checkpoints' architectures (encoder + decoder + convs +
   codebook), from their configs: VQ-f4 (embed 3, 8192 codes, ch_mult 1,2,4), KL-f8 (embed 4, ch_mult
-  1,2,4,4) and VQ-f16 (embed 8, 16384 codes, ch_mult 1,1,2,2,4, attention at 16), counted on the
-  taming modules with those configs."""
+  1,2,4,4), VQ-f16 (embed 8, 16384 codes, ch_mult 1,1,2,2,4, attention at 16) and the released
+  RARMs' taming VQGAN (embed and z 256, 16384 codes, as VQ-f16 otherwise; 76.1M parameters),
+  counted on the taming modules with those configs."""
   import jax
 
-  for name in ("vq_f4", "kl_f8", "vq_f16"):
+  for name in ("vq_f4", "kl_f8", "vq_f16", "vqgan_f16"):
     spec = autoencoder.PRESETS[name]
     arch = dict(ch=spec.ch, ch_mult=spec.ch_mult, num_res_blocks=spec.num_res_blocks,
                 attn_resolutions=spec.attn_resolutions, embed_dim=spec.embed_dim, z_channels=spec.z_channels,

@@ -1,27 +1,35 @@
-r"""Imports a published RDM checkpoint (the original's Lightning `model.ckpt`) as a training run.
+r"""Imports a published RDM or RARM checkpoint (the original's Lightning `model.ckpt`) as a training run.
 
   python -m rdm_jax.jobs.import_checkpoint --config=configs/imagenet_rdm.py \
       --checkpoint=models/rdm/imagenet/model.ckpt --workdir=runs/rdm_imagenet_released
+  python -m rdm_jax.jobs.import_checkpoint --config=configs/imagenet_rarm.py:dogs,released \
+      --checkpoint=models/rarm/imagenet/dogs/model.ckpt --workdir=runs/rarm_dogs_released
 
-The UNet's weights (`model.diffusion_model.*`) and their EMA (`model_ema.*`, LitEma's names
-without dots) become a checkpoint of `--workdir` at the original's global step, so that
+An RDM's UNet (`model.diffusion_model.*`) and its EMA (`model_ema.*`, LitEma's names without
+dots), or a RARM's transformer (`transformer.*`: LatentImageRETRO's RetrievalPatchTransformer,
+which keeps no EMA), become a checkpoint of `--workdir` at the original's global step, so that
 `rdm_jax.sample`, `rdm_jax.evaluate`, the context ablation and `rdm_jax.inference.RDM` use it
 as they use a run of ours, and `rdm_jax.train --workdir=...` fine-tunes it (with a raised
 --config.train.num_steps; Adam's moments start from zero, as the original's are not imported).
 
 The file is read by the restricted reader (nothing in it can run) and checked before anything
-is written: the UNet must be `config.model`'s (every key and shape; a difference is listed in
-one line), the noise schedule it holds (`betas`) must be `config.diffusion`'s, and its first
+is written: the network must be `config.model`'s (every key and shape; a difference is listed
+in one line), an RDM's noise schedule (`betas`) must be `config.diffusion`'s, a RARM's start
+and mask tokens (`sos_token`, `mask_token`) must be ours (codes + 1, codes), and its first
 stage must have `config.first_stage`'s architecture and, when `config.first_stage.weights`
-is there, its weights (the latents it was trained on). The run is not tied to a database:
-any store embedded by `config.retrieval`'s encoder serves it (model_info.json records the
-encoder and where the weights came from).
+is there, its weights (the latents or tokens it was trained on; the released RARM's taming
+VQGAN lives only in its model.ckpt, which `config.first_stage.weights` may name). A RARM's
+split of its width into heads is not in the file: config.model.heads x dim_head must be the
+original's (12 x 64 in every released config). The run is not tied to a database: any store
+embedded by `config.retrieval`'s encoder serves it (model_info.json records the encoder and
+where the weights came from).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,7 +39,7 @@ from rdm_jax import checkpoint, files, training
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
-from rdm_jax.models import autoencoder, first_stage, torch_convert, torch_legacy, unet
+from rdm_jax.models import autoencoder, first_stage, rarm, torch_convert, torch_legacy, unet
 from rdm_jax.parallel import mesh as mesh_lib
 from rdm_jax.retrieval import encoders
 
@@ -40,7 +48,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The original's Lightning 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new or empty directory for the imported run.")
 
 UNET_PREFIX = "model.diffusion_model."
-FIRST_STAGE_PREFIX = "first_stage_model."
+RARM_PREFIX = rarm.TORCH_PREFIX
+FIRST_STAGE_PREFIX = first_stage.MODEL_PREFIX
 
 
 def ema_key(key: str) -> str:
@@ -103,19 +112,74 @@ def check_first_stage(sd: dict[str, np.ndarray], config, path: str) -> None:
            "config.first_stage.weights at the first stage it was trained with")
 
 
-def latent_shape(config) -> tuple[int, int, int]:
-  f = first_stage.spec(config.first_stage).factor
-  size = config.dataset.image_size
-  if not size or size % f:
-    fail(f"config.dataset.image_size={size} must be a multiple of the first stage's factor {f}")
-  return (size // f, size // f, config.first_stage.latent_channels)
+def rarm_params(sd: dict[str, np.ndarray], model: rarm.RARM, abstract: dict, path: str) -> dict:
+  """The RARM's parameters from the original's state dict, after checking its special tokens."""
+  for name, ours in (("sos_token", model.sos_token), ("mask_token", model.mask_token)):
+    theirs = sd.get(name)
+    if theirs is None:
+      continue
+    if not isinstance(theirs, np.ndarray) or theirs.size != 1 or theirs.dtype.kind not in "iu":
+      fail(f"{path}: its {name} is not one integer; the file is damaged or not a RARM")
+    if int(theirs.reshape(())) != ours:
+      fail(f"{path}: its {name} is {int(theirs.reshape(()))} but a RARM over {model.num_codes} codes has {ours}; "
+           "config.first_stage's codebook size differs from the checkpoint's")
+  try:
+    return rarm.from_torch(sd, abstract)
+  except ValueError as e:
+    fail(f"{path}: its transformer is not config.model's ({e}); set config.model's depth, heads and dim_head "
+         "to the checkpoint's (configs/imagenet_rarm.py is the released RARMs')")
+
+
+def network_weights(sd: dict[str, np.ndarray], config, setup: training.TrainSetup, path: str) -> tuple[Any, Any]:
+  """(parameters, their EMA) of config.model's network from the original's state dict."""
+  model, abstract = setup.model, setup.abstract.params
+  if isinstance(model, rarm.RARM):
+    params = rarm_params(sd, model, abstract, path)
+    return params, params
+  try:
+    params = unet_params(sd, model, abstract, ema=False)
+  except ValueError as e:
+    fail(f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's architecture "
+         "(configs/imagenet_rdm.py is the released ImageNet RDM's)")
+  if not any(k.startswith("model_ema.") for k in sd):
+    logging.warning("%s holds no EMA weights (model_ema.*); sampling will use the raw weights", path)
+    return params, params
+  try:
+    return params, unet_params(sd, model, abstract, ema=True)
+  except ValueError as e:
+    fail(f"{path}: its EMA weights do not match its UNet ({e})")
+
+
+def read_state_dict(path: str, config) -> tuple[Any, dict[str, np.ndarray]]:
+  """(the file's object, its state dict), checked to hold config.model.family's network."""
+  autoregressive = training.family(config) == "rarm"
+  prefix, kind = (RARM_PREFIX, "RARM") if autoregressive else (UNET_PREFIX, "RDM")
+  obj = torch_legacy.load_weights(path, f"{kind} checkpoint", "download it as the README says (\"The published "
+                                  "checkpoints\") and give its local path")
+  sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+  if not isinstance(sd, dict) or not any(str(k).startswith(prefix) for k in sd):
+    other = (isinstance(sd, dict) and any(str(k).startswith(RARM_PREFIX if not autoregressive else UNET_PREFIX)
+                                          for k in sd))
+    hint = (f"it is a{'n RDM' if autoregressive else ' RARM'}: use its config "
+            f"(configs/imagenet_{'rdm' if autoregressive else 'rarm'}.py)") if other else f"give the model.ckpt of a {kind}"
+    fail(f"{path} holds no {kind} state dict (no {prefix}* keys; config.model.family="
+         f"{training.family(config)!r}): {hint}")
+  network = [v for k, v in sd.items() if k.startswith((prefix, "model_ema.")) and
+             k not in ("model_ema.decay", "model_ema.num_updates")]
+  if not all(isinstance(v, np.ndarray) for v in network):
+    fail(f"{path}: its {prefix}* and model_ema.* entries are not all tensors; the file is damaged or not a {kind}")
+  return obj, sd
 
 
 def main(argv):
   del argv
-  config = cli.CONFIG.value
   path = _CHECKPOINT.value or fail("--checkpoint is required (the original's model.ckpt)")
-  workdir = files.normpath(_WORKDIR.value or fail("--workdir is required (a new or empty directory)"))
+  import_run(cli.CONFIG.value, path, _WORKDIR.value or fail("--workdir is required (a new or empty directory)"))
+
+
+def import_run(config, path: str, workdir: str) -> None:
+  """The job: `path` (the original's model.ckpt) as a run of config's model in `workdir`."""
+  workdir = files.normpath(workdir)
   checkpoint.check_workdir(workdir)
   cli.hold_output(workdir, "--workdir", create=False)  # a refused import writes nothing
   digest = store.file_sha256(path) if os.path.isfile(path) else ""
@@ -130,33 +194,15 @@ def main(argv):
     print(f"{workdir} already holds {path} (imported at step {before.get('global_step')}); nothing to do")
     return
 
-  obj = torch_legacy.load_weights(path, "RDM checkpoint", "download it as the README says (\"The published "
-                                  "checkpoints\") and give its local path")
-  sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-  if not isinstance(sd, dict) or not any(k.startswith(UNET_PREFIX) for k in sd):
-    fail(f"{path} holds no RDM state dict (no {UNET_PREFIX}* keys): give the model.ckpt of an RDM")
-  if not all(isinstance(v, np.ndarray) for k, v in sd.items() if k.startswith((UNET_PREFIX, "model_ema.")) and
-             k not in ("model_ema.decay", "model_ema.num_updates")):
-    fail(f"{path}: its {UNET_PREFIX}* and model_ema.* entries are not all tensors; the file is damaged or not an RDM")
-  check_schedule(sd, config, path)
+  obj, sd = read_state_dict(path, config)
+  if training.family(config) == "unet":
+    check_schedule(sd, config, path)
   check_first_stage(sd, config, path)
 
-  shape = latent_shape(config)
+  shape = training.latent_shape(config)
   setup = training.setup_training(config, shape, mesh_lib.from_config(config))
-  model, tx, abstract, shardings = setup.model, setup.tx, setup.abstract, setup.state_sh
-  try:
-    params = unet_params(sd, model, abstract.params, ema=False)
-  except ValueError as e:
-    fail(f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's architecture "
-         "(configs/imagenet_rdm.py is the released ImageNet RDM's)")
-  if any(k.startswith("model_ema.") for k in sd):
-    try:
-      ema = unet_params(sd, model, abstract.params, ema=True)
-    except ValueError as e:
-      fail(f"{path}: its EMA weights do not match its UNet ({e})")
-  else:
-    logging.warning("%s holds no EMA weights (model_ema.*); sampling will use the raw weights", path)
-    ema = params
+  tx, shardings = setup.tx, setup.state_sh
+  params, ema = network_weights(sd, config, setup, path)
   step = obj.get("global_step", 0) if isinstance(obj, dict) else 0
   step = int(step) if isinstance(step, (int, np.integer)) and step >= 0 else 0
 

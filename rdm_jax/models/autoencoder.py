@@ -61,12 +61,17 @@ class Spec:
 
 
 # The published first stages (latent-diffusion models/first_stage_models/*/config.yaml and
-# configs/autoencoder/*.yaml; vq_f16 as the RARM configs of the RDM release set it).
+# configs/autoencoder/*.yaml; vq_f16 as the RDM release's RARM training configs set it,
+# configs/rarm/dogs.yaml:32-54). vqgan_f16 is taming-transformers' VQGAN (taming.models.vqgan.
+# VQModel), the first stage of the released RARM weights (models/rarm/imagenet/dogs/config.yaml:
+# 29-50): the same Encoder / Decoder and quantiser with 256-channel latents and codes.
 PRESETS = {
     "vq_f4": Spec("vq", embed_dim=3, z_channels=3, ch_mult=(1, 2, 4), n_embed=8192),
     "vq_f8": Spec("vq", embed_dim=4, z_channels=4, ch_mult=(1, 2, 2, 4), attn_resolutions=(32,), n_embed=16384),
     "vq_f16": Spec("vq", embed_dim=8, z_channels=8, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,),
                    n_embed=16384),
+    "vqgan_f16": Spec("vq", embed_dim=256, z_channels=256, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,),
+                      n_embed=16384),
     "kl_f4": Spec("kl", embed_dim=3, z_channels=3, ch_mult=(1, 2, 4)),
     "kl_f8": Spec("kl", embed_dim=4, z_channels=4, ch_mult=(1, 2, 4, 4)),
     "kl_f16": Spec("kl", embed_dim=16, z_channels=16, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,)),

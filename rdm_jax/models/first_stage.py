@@ -4,9 +4,11 @@
 - `identity`: pixels scaled to [-1, 1] and padded (with -1) to a square of `pad_to`: honest
   for 28x28 Fashion-MNIST.
 - the LDM autoencoders (`rdm_jax.models.autoencoder.PRESETS`): `vq_f4` (the paper's ImageNet
-  RDM, 3x64x64 latents at 256 px), `vq_f8`, `vq_f16` (RARM's tokens), `kl_f4`, `kl_f8`,
+  RDM, 3x64x64 latents at 256 px), `vq_f8`, `vq_f16` (RARM's tokens in the original's training
+  configs), `vqgan_f16` (taming's VQGAN, the released RARM weights' tokens), `kl_f4`, `kl_f8`,
   `kl_f16`, with weights read from the published PyTorch Lightning `.ckpt`
-  (`config.first_stage.weights`) through the restricted reader, which never runs code.
+  (`config.first_stage.weights`) through the restricted reader, which never runs code. The
+  `.ckpt` of a whole RDM or RARM serves as well: its `first_stage_model.*` are the weights.
   `config.first_stage.arch` overrides fields of the preset (tests use tiny ones; 0 or () keeps
   the preset's value, attn_resolutions=(0,) means no attention).
 
@@ -79,13 +81,19 @@ def spec(cfg: Any) -> autoencoder.Spec | palette.Spec:
   return s
 
 
+MODEL_PREFIX = "first_stage_model."  # where an LDM / RDM / RARM model.ckpt keeps its first stage
+
+
 def load_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict (a Lightning `.ckpt`'s "state_dict", or a bare one) read without running
-  anything in the file; any failure is one line naming the file."""
+  """A first stage's PyTorch state dict (a Lightning `.ckpt`'s "state_dict", or a bare one; of a
+  whole model, its `first_stage_model.*` entries) read without running anything in the file; any
+  failure is one line naming the file."""
   obj = torch_legacy.load_weights(path, what, "set config.first_stage.weights to the local .ckpt (README: "
                                   "\"The paper's configuration\")")
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-  if not isinstance(sd, dict) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+  if isinstance(sd, dict) and not any(str(k).startswith("encoder.") for k in sd):
+    sd = {k[len(MODEL_PREFIX):]: v for k, v in sd.items() if str(k).startswith(MODEL_PREFIX)} or sd
+  if not isinstance(sd, dict) or not sd or not all(isinstance(v, np.ndarray) for v in sd.values()):
     fail(f"{what}: {path} holds no state dict of tensors")
   return sd
 
@@ -218,7 +226,7 @@ def decode(cfg: Any, latents: np.ndarray, image_hw: tuple[int, int]) -> np.ndarr
 def encode_tokens(cfg: Any, images: np.ndarray) -> np.ndarray:
   """VQ first stage: uint8 images [B, H, W, C] -> int32 tokens [B, (H/f)(W/f)] in raster order."""
   if cfg.name == "identity":
-    fail("config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage (vq_f16)")
+    fail("config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage (vq_f16 or vqgan_f16)")
   if cfg.name == "palette":
     return palette.encode(images, palette.load(cfg.weights, cfg), palette.spec(cfg).factor)
   tokens = load(cfg).encode_tokens(images)

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rdm_jax.models import torch_convert
 from rdm_jax.models.unet import Dense, GEGLUFeedForward
 
 Dtype = Any
@@ -256,3 +257,49 @@ def nll(logits: jax.Array, z: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy (nats) of logits [B, S, V] against tokens z [B, S]."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, z[..., None].astype(jnp.int32), axis=-1))
+
+
+# ---------------------------------------------------------------------------------------
+# The original's weights: LatentImageRETRO's `transformer` (a RetrievalPatchTransformer)
+
+TORCH_PREFIX = "transformer."
+_TORCH_INNER = {"to_out": "to_out.0"}
+_TORCH_FF = {"proj_in": "net.0.proj", "proj_out": "net.2"}
+
+
+def torch_names(params: Any) -> dict[tuple[str, ...], str]:
+  """{our parameter path: the original's state-dict key} for every leaf of `params`:
+  tok_emb -> transformer.proj_in (nn.Embedding), pos_emb -> transformer.positional_encoding,
+  blocks_i -> transformer.transformer_blocks.i (norm1..3, attn1/attn2 to_q/k/v/to_out.0, ff.net.0.proj
+  and ff.net.2: ldm's CrossAttention and FeedForward), proj_out -> transformer.proj_out (Conv1d)."""
+  names = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    parts = tuple(str(getattr(k, "key", k)) for k in path)
+    if parts == ("pos_emb",):
+      names[parts] = TORCH_PREFIX + "positional_encoding"
+      continue
+    top, *inner, leaf = parts
+    leaf_name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    if top.startswith("blocks_"):
+      segments = ["transformer_blocks." + top[len("blocks_"):]]
+      for parent, part in zip([top] + inner, inner):
+        segments.append(_TORCH_FF[part] if parent == "ff" else _TORCH_INNER.get(part, part))
+      key = ".".join(segments + [leaf_name])
+    else:
+      key = {"tok_emb": "proj_in"}.get(top, top) + "." + leaf_name
+    names[(top, *inner, leaf)] = TORCH_PREFIX + key
+  return names
+
+
+def from_torch(state_dict: dict[str, Any], abstract: Any) -> dict[str, Any]:
+  """Our parameters (of the shapes of `abstract`) from the original's state dict: its
+  `transformer.*` entries, with the positional encoding's [inner, S] and the Conv1d output
+  layer's [codes, inner, 1] put in our layouts. ValueError lists every key that is missing,
+  unexpected or of another shape."""
+  sd = {k: v for k, v in state_dict.items() if k.startswith(TORCH_PREFIX)}
+  pe, w = sd.get(TORCH_PREFIX + "positional_encoding"), sd.get(TORCH_PREFIX + "proj_out.weight")
+  if getattr(pe, "ndim", 0) == 2:
+    sd[TORCH_PREFIX + "positional_encoding"] = pe.T
+  if getattr(w, "ndim", 0) == 3 and w.shape[-1] == 1:
+    sd[TORCH_PREFIX + "proj_out.weight"] = w[..., 0]
+  return torch_convert.to_flax(sd, torch_convert.flat_shapes(abstract), torch_names(abstract))
