@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Retrieval-augmented diffusion models (Blattmann, Rombach et al. 2022) in JAX/Flax",
     packages=find_packages(include=["rdm_jax", "rdm_jax.*"]),
+    package_data={"rdm_jax.data": ["imagenet2012_classes.txt"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "orbax-checkpoint>=0.12.8",

@@ -19,6 +19,16 @@ Needs, in order (each job validates what the previous one wrote):
   python -m rdm_jax.evaluate       --config=configs/imagenet_rdm.py --workdir=$WORKDIR \
       --config.eval.weights=/path/to/pt_inception-2015-12-05-6726825d.pth   # FID, IS, P/R
 
+RDM-IN (`--config=configs/imagenet_rdm.py:in-db`; the released imagenet_in-db model): the same
+model trained with ImageNet's own train images as the database (models/rdm/imagenet_in-db/
+config.yaml:96, saved_embeddings database/imagenet: one CLIP embedding per train image), a
+10,000-step warm-up (:25-26; RDM-OI's is 100) and nothing excluded from a query's neighbours, as
+the original retrieves them (its QueryDataset takes the stored neighbours as they are, so every
+train image's nearest entry is itself). `--config.retrieval.exclude=auto` is ours instead: each
+query's own entry and its near-duplicates (cosine >= retrieval.duplicate_score) are dropped, so
+the model never sees its target's own embedding in training; sampling from D's pseudo-queries
+then conditions on entries the pseudo-query is not among. Its stores live in data/imagenet_in-db.
+
 Needs, as local files (README: "The paper's configuration"): ImageNet prepared for TFDS
 (`tfds build imagenet2012`), OpenImages' train images unpacked under data/openimages/train (the
 database: 10 random 256-px crops per image resized to 1200 px, embedded as float16), LDM's
@@ -31,7 +41,9 @@ import ml_collections as mlc
 from rdm_jax.config_base import base_config
 
 
-def get_config() -> mlc.ConfigDict:
+def get_config(arg: str = "") -> mlc.ConfigDict:
+  if arg not in ("", "in-db"):
+    raise ValueError(f"configs/imagenet_rdm.py:{arg}: use no argument (RDM-OI) or ':in-db' (RDM-IN)")
   c = base_config()
   c.data_dir = "data/imagenet"
   c.dataset.name = "imagenet2012"  # TFDS, prepared once with `tfds build imagenet2012`
@@ -75,6 +87,12 @@ def get_config() -> mlc.ConfigDict:
   c.sample.include_query = True  # exemplars: the query's own embedding, then its k-1 neighbours (the
                                  # original's sample_with_query, omit_query=False: rdm/models/diffusion/
                                  # ddpm.py:693, 779-781; scripts/rdm_sample.py:119); False = k neighbours
+  # Class-conditional samples (condition=class, Sec. 3.3, Fig. 10): the OpenImages database has no
+  # labels, so each class's pool is the l entries nearest to the CLIP text embedding of this prompt
+  # with the class's name (labels name ImageNet's classes: --config.sample.classes=207 is "golden
+  # retriever"). The paper gives no l (class_pool_size); class_context="prompt_and_pool" is Fig. 10's
+  # caption (the prompt's embedding and k-1 pool entries), "pool" Sec. 3.3's k pool entries.
+  c.sample.class_prompt = "An image of a {}."
   c.sample.top_m = 0.01        # the paper's top-m for unconditional samples
   c.sample.top_m_of = "retrieved"  # m as the original code reads it (get_qids: a fraction of the entries
                                    # retrieved at least once), which made the paper's tables
@@ -90,4 +108,12 @@ def get_config() -> mlc.ConfigDict:
   c.eval.image_size = 299
   c.eval.reference = "train"   # the ImageNet training images (a config part)
   c.eval.num_reference = 50000
+  if arg == "in-db":
+    c.data_dir = "data/imagenet_in-db"
+    # D = the train split's images, whole (256-px centre crops, as the queries): the released
+    # database/ImageNet parts (1281200 x 512) import into it with rdm_jax.jobs.import_database
+    c.dataset.parts.database = mlc.ConfigDict(dict(split="train", start=0, stop=1281167))
+    c.database_build.update(crops_per_image=0, crop_size=0, resize_to=0)
+    c.retrieval.exclude = "never"  # the original excludes nothing; "auto" is ours (see above)
+    c.optim.warmup_steps = 10000   # models/rdm/imagenet_in-db/config.yaml:25-26
   return c

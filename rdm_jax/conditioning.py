@@ -238,43 +238,95 @@ def zeros_conditioning(database: store.Store, n: int) -> Conditioning:
                       query_rows=np.arange(n), database=database, queries=None)
 
 
+CLASS_CONTEXTS = ("pool", "prompt_and_pool")
+
+
+def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int], list[str]]:
+  """(labels, names) of "golden retriever,207": names as given (their label where the dataset's
+  names hold them, else their position in the list), label ids through the dataset's names;
+  "" = every named class."""
+  items = [x.strip() for x in names_or_ids.split(",") if x.strip()]
+  if not items and not names:
+    fail("config.sample.classes: name the classes for the class prompt, comma-separated (this dataset has no "
+         "class names to take them from: config.dataset.class_names)")
+  if not items:
+    return list(range(len(names))), list(names)
+  lower = [x.lower() for x in names]
+  labels, out = [], []
+  for i, item in enumerate(items):
+    if item.lstrip("-").isdigit():
+      c = int(item)
+      if not 0 <= c < len(names):
+        fail(f"class {item} in config.sample.classes: the class prompt needs its name, and the dataset names "
+             f"{len(names)} classes" + (f" (0..{len(names) - 1})" if names else "; give names instead of labels"))
+      labels.append(c)
+      out.append(names[c])
+    else:
+      labels.append(lower.index(item.lower()) if item.lower() in lower else i)
+      out.append(item)
+  return labels, out
+
+
 def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, encoder: dict | None = None,
                        classes: str | None = None, database: store.Store | None = None) -> Conditioning:
   """Class-conditional sampling (Sec. 3.3): sample i takes class classes[i % C] and k adjacent
-  entries of its pool xi_l(c), at a random offset. The pool of class c is, with
-  `sample.class_prompt` (e.g. "An image of a {}."), the l database entries nearest to the
+  entries of its pool xi_l(c) (l = sample.class_pool_size), at a random offset. The pool of class c
+  is, with `sample.class_prompt` (e.g. "An image of a {}."), the l database entries nearest to the
   CLIP text embedding of the prompt with c's name, as in the paper; else, from a labelled
   database, the entries labelled c nearest to their mean direction (`class_pool`).
-  `query_rows` are the classes' labels (with a prompt: their positions in `classes`)."""
+
+  `sample.class_context` reads the paper two ways: "pool" is Sec. 3.3's k adjacent pool entries;
+  "prompt_and_pool" is Fig. 10's caption, the prompt's text embedding first and k-1 adjacent pool
+  entries after it (with l = k-1 exactly "its k-1 nearest neighbors"). `query_rows` are the
+  classes' labels (a named class the dataset does not name: its position in `classes`); with a
+  prompt, each sample's prompt is its caption (the evaluate job's CLIP score reads it)."""
   s = config.sample
   database = open_database(config, encoder) if database is None else database
   names_or_ids = s.classes if classes is None else classes
-  if not k <= s.class_pool_size:
-    fail(f"sample.class_pool_size={s.class_pool_size} must be at least k={k}")
+  mode = s.get("class_context", CLASS_CONTEXTS[0])
+  if mode not in CLASS_CONTEXTS:
+    fail(f"config.sample.class_context={mode!r}; use {' or '.join(CLASS_CONTEXTS)}")
+  drawn = k - 1 if mode == "prompt_and_pool" else k
+  if not drawn <= s.class_pool_size:
+    fail(f"sample.class_pool_size={s.class_pool_size} must be at least " +
+         (f"k={k}" if drawn == k else f"k-1={drawn} (the prompt takes one of the k={k} slots)"))
+  prompts = None
   if s.get("class_prompt", ""):
     if "{}" not in s.class_prompt:
       fail(f"config.sample.class_prompt={s.class_prompt!r} needs a {{}} where the class name goes")
-    names = [x.strip() for x in names_or_ids.split(",") if x.strip()]
-    if not names:
-      fail("config.sample.classes: name the classes for the class prompt, comma-separated")
+    labels, names = prompt_classes(names_or_ids, sources.class_names(config.dataset))
     if s.class_pool_size > database["embeddings"].shape[0]:
       fail(f"sample.class_pool_size={s.class_pool_size} exceeds the database's {database['embeddings'].shape[0]} entries")
-    queries = text_queries(config, database, [s.class_prompt.format(c) for c in names])
+    texts = [s.class_prompt.format(c) for c in names]
+    queries = text_queries(config, database, texts)
     _, nearest = open_search(config, database)(exact.l2_normalize(queries, "class prompts"), s.class_pool_size)
-    classes, pools = list(range(len(names))), {i: np.asarray(nearest[i]) for i in range(len(names))}
+    classes = list(range(len(names)))  # positions here; labels below
+    pools = {i: np.asarray(nearest[i]) for i in classes}
+    prompts = {i: (texts[i], queries[i]) for i in classes}
   else:
+    if mode == "prompt_and_pool":
+      fail("config.sample.class_context='prompt_and_pool' puts the class prompt's text embedding in the context: "
+           "set config.sample.class_prompt (e.g. \"An image of a {}.\") with a CLIP retriever")
     if "labels" not in database.arrays:
       fail(f"database {database.path} has no labels: class pools need a labelled database or "
            "config.sample.class_prompt with a CLIP retriever")
-    labels = np.asarray(database["labels"])
     classes = class_ids(names_or_ids, sources.source_class_names(config.dataset, database.manifest["source"]),
-                        labels)
+                        np.asarray(database["labels"]))
+    labels = classes
     pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}
-  query_rows = np.array([classes[i % len(classes)] for i in range(n)], np.int64)
-  starts = rng.integers(0, s.class_pool_size - k + 1, size=n)
-  rows = np.stack([pools[c][a:a + k] for c, a in zip(query_rows, starts)])
-  return Conditioning(context=_gather(database, rows), neighbor_rows=rows, query_rows=query_rows,
-                      database=database, queries=database)
+  which = [classes[i % len(classes)] for i in range(n)]
+  starts = rng.integers(0, s.class_pool_size - drawn + 1, size=n)
+  rows = np.stack([pools[c][a:a + drawn] for c, a in zip(which, starts)]).reshape(n, drawn)
+  context = _gather(database, rows)
+  query_rows = np.array([labels[classes.index(c)] for c in which], np.int64)
+  if prompts is None:
+    return Conditioning(context=context, neighbor_rows=rows, query_rows=query_rows, database=database,
+                        queries=database)
+  if mode == "prompt_and_pool":
+    context = np.concatenate([np.stack([prompts[c][1] for c in which])[:, None], context], axis=1)
+    rows = np.concatenate([np.full((n, 1), -1, rows.dtype), rows], axis=1)
+  return Conditioning(context=context, neighbor_rows=rows, query_rows=query_rows, database=database,
+                      queries=None, captions=np.asarray([prompts[c][0] for c in which], dtype=str))
 
 
 def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np.ndarray:

@@ -140,8 +140,11 @@ def base_config() -> mlc.ConfigDict:
       prompts_from="",               # text: "train" | "test" = the captions of that part's embeddings store, in order
       text_mode="caption_and_neighbors",  # text: caption_and_neighbors | caption (alone, k=1) | neighbors (its k)
       query_part="test",
-      classes="", class_pool_size=16,  # class: names or labels, comma-separated ("" = all); pool size l
+      classes="", class_pool_size=16,  # class: names or labels, comma-separated ("" = all); pool size l (the
+                                     # paper states none, only k <= l; the original code has no class sampling)
       class_prompt="",               # class: "An image of a {}." = pools from CLIP text (Sec. 3.3); "" = from labels
+      class_context="pool",          # class: pool = k adjacent pool entries (Sec. 3.3) | prompt_and_pool = the
+                                     # prompt's text embedding + k-1 adjacent pool entries (Fig. 10's caption)
       embeddings_path="",            # embeddings: float [N, d] queries from the database's encoder
       include_query=False,           # exemplar, embeddings: the query's own embedding + its k-1 neighbours (the
                                      # original's default, omit_query=False) instead of k neighbours

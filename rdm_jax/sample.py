@@ -3,8 +3,8 @@ r"""Sample from a trained RDM: queries -> neighbours in config.database -> DDIM/
 Queries are embedded held-out images (`--config.sample.condition=exemplar`, default),
 pseudo-queries drawn from the proposal p_D with top-m truncation (`=proposal`,
 unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train part),
-class pools from the database's labels (`=class`, Sec. 3.3: k adjacent entries of the
-class's pool), embeddings from a .npy (`=embeddings`), or captions (`=text`, with the CLIP
+class pools from the database's labels or a class prompt's CLIP text embedding (`=class`,
+Sec. 3.3: k adjacent entries of the class's pool; Fig. 10: the prompt, then k-1), embeddings from a .npy (`=embeddings`), or captions (`=text`, with the CLIP
 retriever: each caption's text embedding is the first context entry, its k-1 nearest database
 entries follow; the captions go into the shards, where the evaluate job's CLIP score reads them),
 or an all-zeros context (`=zeros`: the unconditional branch alone, the original RARM script's
@@ -19,6 +19,7 @@ or an all-zeros context (`=zeros`: the unconditional branch alone, the original 
        --config.sample.text_mode=caption_and_neighbors]  # | caption | neighbors
       [--config.sample.condition=class --config.sample.classes=cat,dog
        --config.sample.class_prompt="An image of a {}."]  # pools from CLIP text
+       [--config.sample.class_context=prompt_and_pool]  # Fig. 10: the prompt's embedding + k-1 pool entries
       [--config.sample.sampler=dpm_solver++ --config.sample.num_steps=20]  # or ddim (eta) | ddpm
       [--distributed ...]  # one program over every process: each batch is sharded over all devices
 

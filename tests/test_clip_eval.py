@@ -149,7 +149,7 @@ def test_text_conditioning_is_the_caption_then_its_nearest_database_entries(tiny
   c = mlc.ConfigDict(dict(data_dir=str(tmp_path), database=str(tmp_path / "database"),
                           retrieval=dict(encoder="clip_vit_b32", weights=tiny_clip, tokenizer="", image_size=32,
                                          embed_dim=16, batch_size=8, index=dict(path="")),
-                          sample=dict(text_mode="caption_and_neighbors")))
+                          sample=dict(text_mode="caption_and_neighbors"), dataset=dict(name="synthetic")))
   db = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
   store.write(c.database, "database", {"embeddings": db, "ids": np.arange(30), "labels": np.zeros(30, np.int32)},
               encoder=encoders.encoder_identity(c.retrieval), source={"dataset": "synthetic"})
@@ -183,5 +183,25 @@ def test_text_conditioning_is_the_caption_then_its_nearest_database_entries(tiny
     pool = list(pools[i % 2])
     start = pool.index(rows[0])
     assert list(rows) == pool[start:start + 2]
+  assert list(cls.captions) == ["An image of a cat.", "An image of a dog."] * 3
+  # Fig. 10's reading: the prompt's text embedding, then k-1 adjacent entries of the same pool;
+  # labels name the classes through the dataset's names ("1" is "dog") and stay the query rows
+  c.dataset.class_names = ("cat", "dog")
+  c.sample.update(dict(classes="1,0", class_context="prompt_and_pool"))
+  fig10 = conditioning.class_conditioning(c, 4, 3, np.random.default_rng(0))
+  np.testing.assert_array_equal(fig10.query_rows, [1, 0, 1, 0])
+  np.testing.assert_array_equal(fig10.neighbor_rows[:, 0], -1)
+  np.testing.assert_allclose(fig10.context[:, 0], t[[1, 0, 1, 0]], rtol=1e-5, atol=1e-6)
+  for i, rows in enumerate(fig10.neighbor_rows[:, 1:]):
+    pool = list(pools[[1, 0][i % 2]])
+    assert list(rows) == pool[pool.index(rows[0]):pool.index(rows[0]) + 2]
+  np.testing.assert_allclose(fig10.context[:, 1:], db[fig10.neighbor_rows[:, 1:]])
+  assert list(fig10.captions) == ["An image of a dog.", "An image of a cat."] * 2
+  c.sample.update(dict(classes="2"))
+  with pytest.raises(UserError, match="the dataset names 2 classes"):
+    conditioning.class_conditioning(c, 4, 3, np.random.default_rng(0))
+  c.sample.update(dict(classes="cat", class_prompt=""))
+  with pytest.raises(UserError, match="prompt_and_pool' puts the class prompt"):
+    conditioning.class_conditioning(c, 4, 3, np.random.default_rng(0))
   with pytest.raises(UserError, match="text_mode"):
     conditioning.text_conditioning(c, prompts, k=3, mode="both")

@@ -1,6 +1,7 @@
 """The paper's presets against the original's files (CompVis/retrieval-augmented-diffusion-models):
 each value worked out here by hand from the original's configs and main.py, not read back from ours."""
 
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,25 @@ def test_a_preset_prints_its_optimisation_and_stops_in_one_line_without_data(tmp
   assert len([line for line in out.stderr.splitlines() if line.startswith("error: ")]) == 1, out.stderr[-3000:]
   assert training.optimisation_line(repo_config("imagenet_rarm", "dogs")).startswith(
       "global batch 100 per update, learning rate 0.0005 ")
+
+
+def test_imagenet_class_prompts_name_the_classes_in_tfds_label_order():
+  """The ImageNet preset samples classes as Sec. 3.3 ("An image of a {}." with the class's name):
+  labels 0, 207, 281, 999 are TFDS's WordNet ids n01440764, n02099601, n02123045, n15075141,
+  which WordNet names tench, golden retriever, tabby (cat) and toilet tissue."""
+  import importlib.util
+
+  from rdm_jax.data import sources
+
+  config = repo_config("imagenet_rdm")
+  assert config.sample.class_prompt == "An image of a {}." and config.sample.class_context == "pool"
+  names = sources.class_names(config.dataset)
+  tfds_dir = os.path.dirname(importlib.util.find_spec("tensorflow_datasets").origin)
+  with open(os.path.join(tfds_dir, "datasets", "imagenet2012", "labels.txt")) as f:
+    wnids = f.read().split()
+  assert len(names) == len(set(names)) == len(wnids) == 1000
+  assert [wnids[i] for i in (0, 207, 281, 999)] == ["n01440764", "n02099601", "n02123045", "n15075141"]
+  assert [names[i] for i in (0, 207, 281, 999)] == ["tench", "golden retriever", "tabby", "toilet tissue"]
+  from rdm_jax import conditioning
+  assert conditioning.prompt_classes("207, Tabby,unicorn", names) == ([207, 281, 2], ["golden retriever", "Tabby",
+                                                                                      "unicorn"])

@@ -113,11 +113,24 @@ def load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   return ds["image"], ds["label"].astype(np.int32)
 
 
+IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(__file__), "imagenet2012_classes.txt")
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+  """ImageNet-1k's 1000 class names in TFDS imagenet2012's label order ("tench", ..., "toilet tissue")."""
+  with open(IMAGENET_CLASSES_FILE, encoding="utf-8") as f:
+    return tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
+
+
 def class_names(dataset: Any) -> tuple[str, ...]:
-  """The names of the dataset's labels 0..C-1 (config.dataset.class_names, or the known ones)."""
+  """The names of the dataset's labels 0..C-1 (config.dataset.class_names, or the known ones:
+  Fashion-MNIST's, ImageNet-1k's)."""
   names = tuple(dataset.get("class_names", ()) or ())
   if not names and dataset.name == "fashion_mnist":
     names = FASHION_MNIST_CLASSES
+  if not names and dataset.name == "imagenet2012":
+    names = imagenet_classes()
   return names
 
 
