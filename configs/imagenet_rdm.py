@@ -113,6 +113,7 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
     # D = the train split's images, whole (256-px centre crops, as the queries): the released
     # database/ImageNet parts (1281200 x 512) import into it with rdm_jax.jobs.import_database
     c.dataset.parts.database = mlc.ConfigDict(dict(split="train", start=0, stop=1281167))
+    c.dataset.database_overlaps_train = True
     c.database_build.update(crops_per_image=0, crop_size=0, resize_to=0)
     c.retrieval.exclude = "never"  # the original excludes nothing; "auto" is ours (see above)
     c.optim.warmup_steps = 10000   # models/rdm/imagenet_in-db/config.yaml:25-26

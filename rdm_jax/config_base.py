@@ -37,11 +37,15 @@ def base_config() -> mlc.ConfigDict:
                                   # labels kept, as the original SubsetSampler reads label_range:
                                   # (151, 280) = ImageNet dogs 151..280 inclusive; () = all
                                   label_range=(),
+                                  # the database part may share images with the train part (RDM-IN's D is
+                                  # ImageNet train); else overlapping parts are refused
+                                  database_overlaps_train=False,
                                   # TFDS captions: "auto" (a "caption" or coco_captions' "captions/text"
                                   # feature when present), "" (none) or a feature path; image folders:
                                   # folder.captions, a JSON-lines side file {"file": ..., "caption": ...}
                                   caption_feature="auto",
-                                  # parts with split "folder:PATH" (stop 0 = every file): images converted to
+                                  # parts with split "folder:PATH" (stop 0 = every file; a part's `files`: a
+                                  # text file of relative paths, only those, in its order): images converted to
                                   folder=dict(image_size=0, channels=0, background="white", max_pixels=50_000_000,
                                               captions="captions.jsonl")))
   # First stage: identity, or an LDM autoencoder (rdm_jax/models/first_stage.py) read from its

@@ -48,15 +48,42 @@ def test_rarm_fig5_variant_and_bad_arguments():
     repo_config("imagenet_rarm", "cats")
 
 
-def test_a_preset_prints_its_optimisation_and_stops_in_one_line_without_data(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "rdm_jax.train", "--config=configs/imagenet_rarm.py:mammals",
+@pytest.mark.parametrize("preset, line", [
+    # mammals: configs/rarm/mammals.yaml:2, 89, 153 through main.py's scale_lr (1 x 1 x 50 x 5e-6)
+    ("imagenet_rarm.py:mammals", "global batch 50 per update, learning rate 0.00025 "),
+    # configs/rdm/ffhq.yaml:2 (1e-4), :86 (50), :25-26 (10k warm-up)
+    ("ffhq_rdm.py", "global batch 50 per update, learning rate 0.0001 (AdamW b1 0.9 b2 0.999, weight decay 0.01) "
+                    "after 10000 warm-up steps"),
+    # models/rdm/imagenet_in-db/config.yaml:2, :25-26; the batch as RDM-OI's
+    ("imagenet_rdm.py:in-db", "global batch 1280 per update, learning rate 0.0001 (AdamW b1 0.9 b2 0.999, weight "
+                              "decay 0.01) after 10000 warm-up steps")])
+def test_a_preset_prints_its_optimisation_and_stops_in_one_line_without_data(tmp_path, preset, line):
+  out = subprocess.run([sys.executable, "-m", "rdm_jax.train", f"--config=configs/{preset}",
                         f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path / 'no_data'}"],
                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert "global batch 50 per update, learning rate 0.00025 " in out.stderr, out.stderr[-3000:]
-  assert len([line for line in out.stderr.splitlines() if line.startswith("error: ")]) == 1, out.stderr[-3000:]
+  assert line in out.stderr, out.stderr[-3000:]
+  assert len([x for x in out.stderr.splitlines() if x.startswith("error: ")]) == 1, out.stderr[-3000:]
   assert training.optimisation_line(repo_config("imagenet_rarm", "dogs")).startswith(
       "global batch 100 per update, learning rate 0.0005 ")
+
+
+def test_ffhq_and_in_db_presets_are_the_original_files():
+  """configs/rdm/ffhq.yaml:41, 47-51 (224 channels, mult 1,2,3,4), taming's FFHQ lists; RDM-IN:
+  D = ImageNet train (models/rdm/imagenet_in-db/config.yaml:96, database/imagenet), nothing
+  excluded (the original's neighbours are the searcher's, unfiltered), ours one flag away."""
+  ffhq = repo_config("ffhq_rdm")
+  assert (ffhq.model.model_channels, tuple(ffhq.model.channel_mult)) == (224, (1, 2, 3, 4))
+  assert tuple(ffhq.model.attention_resolutions) == (2, 4, 8) and ffhq.model.num_head_channels == 32
+  assert ffhq.dataset.parts.train.files == "data/ffhqtrain.txt" and ffhq.dataset.parts.test.files == \
+      "data/ffhqvalidation.txt"
+  assert ffhq.dataset.parts.train.split == ffhq.dataset.parts.test.split == "folder:data/ffhq"
+  in_db, oi = repo_config("imagenet_rdm", "in-db"), repo_config("imagenet_rdm")
+  assert in_db.dataset.parts.database.split == in_db.dataset.parts.train.split == "train"
+  assert in_db.retrieval.exclude == "never" and oi.retrieval.exclude == "auto"
+  assert in_db.data_dir != oi.data_dir and in_db.model == oi.model
+  with pytest.raises(ValueError, match="in-db"):
+    repo_config("imagenet_rdm", "in_db")
 
 
 def test_imagenet_class_prompts_name_the_classes_in_tfds_label_order():

@@ -91,6 +91,47 @@ def test_image_folder_source_worked_by_hand(tmp_path):
     sources.load_part(_folder_dataset(tmp_path, channels=2), "database")
 
 
+def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
+  """The original's FFHQ split: data/ffhqtrain.txt names the train images of one folder. A part
+  with `files` reads exactly the listed images, in the list's order (grey levels worked by hand);
+  a listed file the folder lacks, a path leaving it, or a list changed after the stores were made
+  is one line; two lists over one folder overlap only when they share a file."""
+  import ml_collections as mlc
+  from PIL import Image
+
+  for i in range(5):
+    Image.fromarray(np.full((2, 2), 10 * i, np.uint8)).save(tmp_path / f"{i:05d}.png")
+  (tmp_path / "train.txt").write_text("00003.png\n00000.png\n\n00004.png\n")
+  (tmp_path / "val.txt").write_text("00001.png\n")
+  ds = _folder_dataset(tmp_path, max_pixels=100)
+  ds.parts.database.files = str(tmp_path / "train.txt")
+  images, _, source = sources.load_part(ds, "database")
+  assert source["files"] == 3 and source["stop"] == 3 and source["file_list_sha256"]
+  np.testing.assert_array_equal(images[:, 0, 0, 0], [30, 0, 40])
+  assert sources.part_source(ds, "database")["files_sha256"] != sources.part_source(
+      _folder_dataset(tmp_path, max_pixels=100), "database")["files_sha256"]
+  for text, says in (("00009.png\n", "1 of the 1 images .* lists are not usable images of the folder .00009.png"),
+                     ("../00001.png\n", "must list image paths relative to the folder"),
+                     ("00001.png\n00001.png\n", "lists 1 paths twice")):
+    (tmp_path / "bad.txt").write_text(text)
+    ds.parts.database.files = str(tmp_path / "bad.txt")
+    with pytest.raises(UserError, match=says):
+      sources.load_part(ds, "database")
+  (tmp_path / "train.txt").write_text("00003.png\n")
+  with pytest.raises(UserError, match="file list .*train.txt changed or went away"):
+    sources.folder_files(source)
+  split = f"folder:{tmp_path}"
+  parts = mlc.ConfigDict(dict(name="ffhq", parts=dict(
+      train=dict(split=split, start=0, stop=0, files=str(tmp_path / "train.txt")),
+      database=dict(split=split, start=0, stop=0, files=str(tmp_path / "val.txt")))))
+  sources.check_disjoint(parts)
+  (tmp_path / "val.txt").write_text("00001.png\n00003.png\n")
+  with pytest.raises(UserError, match="overlap.*database_overlaps_train=True"):
+    sources.check_disjoint(parts)
+  parts.database_overlaps_train = True  # RDM-IN retrieves from its own training images
+  sources.check_disjoint(parts)
+
+
 def test_label_range_is_read_as_the_original_subset_sampler():
   """rdm/data/base.py SubsetSampler: two values that are not neighbours are an inclusive range
   from min to max; anything else is the list of labels itself."""

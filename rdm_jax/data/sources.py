@@ -153,10 +153,43 @@ def image_files(path: str) -> list[str]:
   return sorted(files)
 
 
-def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
+def read_file_list(list_file: str, what: str) -> list[str]:
+  """The relative image paths a file list names, one per line (the original's data/ffhqtrain.txt);
+  blank lines are skipped, paths leaving the folder are refused."""
+  if not os.path.isfile(list_file):
+    fail(f"{what}: the file list {list_file} does not exist")
+  with untrusted.open_regular(list_file) as fh:
+    data = fh.read((64 << 20) + 1)
+  if len(data) > 64 << 20:
+    fail(f"{what}: {list_file} is over 64 MiB; a file list holds one relative image path per line")
+  try:
+    names = [os.path.normpath(x.strip()) for x in data.decode("utf-8").splitlines() if x.strip()]
+  except UnicodeDecodeError:
+    fail(f"{what}: {list_file} is not UTF-8 text (one relative image path per line)")
+  bad = [n for n in names if os.path.isabs(n) or n.split(os.sep)[0] == ".."]
+  if bad or not names:
+    fail(f"{what}: {list_file} must list image paths relative to the folder, one per line "
+         f"({'e.g. ' + bad[0] + ' is not' if bad else 'it lists none'})")
+  if len(set(names)) != len(names):
+    fail(f"{what}: {list_file} lists {len(names) - len(set(names))} paths twice; each image once")
+  return names
+
+
+def listed_files(usable: list[str], list_file: str, what: str) -> list[str]:
+  """The files of a folder a file list names, in the list's order; every one must be usable."""
+  names = read_file_list(list_file, what)
+  have = set(usable)
+  missing = [n for n in names if n not in have]
+  if missing:
+    fail(f"{what}: {len(missing)} of the {len(names)} images {list_file} lists are not usable images of the "
+         f"folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); complete the folder or fix the list")
+  return names
+
+
+def folder_settings(dataset: Any, split: str, file_list: str = "") -> dict[str, Any]:
   """What a "folder:PATH" split's pixels depend on: the folder, its usable files (names and sizes,
-  digested; files PIL cannot open or over `folder.max_pixels` are skipped and listed), and the
-  size, channels and background they are converted to."""
+  digested; files PIL cannot open or over `folder.max_pixels` are skipped and listed) or those a
+  `file_list` names (in its order), and the size, channels and background they are converted to."""
   path = split[len(FOLDER):]
   if not os.path.isdir(path):
     fail(f"{path} is not a folder of images (split {split!r}); "
@@ -170,9 +203,14 @@ def folder_settings(dataset: Any, split: str) -> dict[str, Any]:
   files, skipped, digest = folder_listing(path, max_pixels)
   if not files:
     fail(f"{path} holds no usable {', '.join(IMAGE_EXTENSIONS)} images ({len(skipped)} skipped)")
+  listing = {}
+  if file_list:
+    files = listed_files(files, file_list, f"split {split!r}")
+    digest = _files_digest(path, files)
+    listing = {"file_list": os.path.realpath(file_list), "file_list_sha256": store.file_sha256(file_list)}
   record = {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
             "background": background, "max_pixels": int(max_pixels), "files": len(files),
-            "files_sha256": digest, "skipped": skipped, "classes": list(folder_classes(files))}
+            "files_sha256": digest, "skipped": skipped, "classes": list(folder_classes(files)), **listing}
   captions = os.path.join(path, f.get("captions", CAPTIONS_FILE) or CAPTIONS_FILE)
   if os.path.isfile(captions):
     record.update(captions_file=os.path.realpath(captions), captions_sha256=store.file_sha256(captions))
@@ -223,11 +261,16 @@ def folder_listing(path: str, max_pixels: int) -> tuple[list[str], list[str], st
     files, skipped, digest = cached[1]
     return list(files), list(skipped), digest
   files, skipped = usable_images(path, max_pixels)
+  digest = _files_digest(path, files)
+  _LISTINGS[(path, max_pixels)] = (stats, (list(files), list(skipped), digest))
+  return files, skipped, digest
+
+
+def _files_digest(path: str, files: list[str]) -> str:
   digest = hashlib.sha256()
   for name in files:
     digest.update(f"{name}\0{os.path.getsize(os.path.join(path, name))}\0".encode())
-  _LISTINGS[(path, max_pixels)] = (stats, (list(files), list(skipped), digest.hexdigest()))
-  return files, skipped, digest.hexdigest()
+  return digest.hexdigest()
 
 
 def folder_classes(files: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -301,6 +344,13 @@ def folder_files(settings: dict[str, Any]) -> list[str]:
   refused when the folder changed since."""
   path = settings["images_from"]
   files, _, digest = folder_listing(path, settings["max_pixels"])
+  if settings.get("file_list"):
+    list_file = settings["file_list"]
+    if not os.path.isfile(list_file) or store.file_sha256(list_file) != settings.get("file_list_sha256"):
+      fail(f"the file list {list_file} changed or went away since the stores were made from it; embed the folder "
+           "again")
+    files = [f for f in read_file_list(list_file, f"folder {path}") if f in set(files)]
+    digest = _files_digest(path, files)
   if digest != settings["files_sha256"]:
     fail(f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): the "
          "stores made from it no longer match; embed the folder again")
@@ -645,12 +695,24 @@ def split_range(dataset: Any, part: str) -> tuple[str, int, int]:
 
 
 def check_disjoint(dataset: Any) -> None:
-  """Training images and the database must not overlap (the paper's D is disjoint from X)."""
+  """Training images and the database must not overlap (the paper's D is disjoint from X), unless
+  `dataset.database_overlaps_train` says they are meant to (RDM-IN: ImageNet's train images as D).
+  Parts of one folder named by file lists overlap when the lists share a file."""
   tr_split, tr_a, tr_b = split_range(dataset, "train")
   db_split, db_a, db_b = split_range(dataset, "database")
-  if tr_split == db_split and tr_a < db_b and db_a < tr_b:
+  lists = [dataset.parts[p].get("files", "") for p in ("train", "database")]
+  if tr_split != db_split or dataset.get("database_overlaps_train", False):
+    return
+  if any(lists) and lists[0] != lists[1]:
+    shared = set(read_file_list(lists[0], "parts.train") if lists[0] else []) & set(
+        read_file_list(lists[1], "parts.database") if lists[1] else [])
+    overlap = bool(shared) or not all(lists)
+  else:
+    overlap = tr_a < db_b and db_a < tr_b
+  if overlap:
     fail(f"config.dataset.parts: train [{tr_a}, {tr_b}) and database [{db_a}, {db_b}) of "
-         f"'{tr_split}' overlap; make them disjoint")
+         f"'{tr_split}' overlap; make them disjoint (or set config.dataset.database_overlaps_train=True to "
+         "retrieve from the training images, as RDM-IN does: configs/imagenet_rdm.py:in-db)")
 
 
 def part_source(dataset: Any, part: str) -> dict[str, Any]:
@@ -662,7 +724,7 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
   label_range = [int(x) for x in (dataset.get("label_range", ()) or ())]
   extra = {"label_range": label_range} if label_range else {}
   if split.startswith(FOLDER):
-    folder = folder_settings(dataset, split)
+    folder = folder_settings(dataset, split, dataset.parts[part].get("files", ""))
     return {"dataset": "folder", "split": split, "start": start, "stop": stop or folder["files"], **folder, **extra}
   tf = tfds_name_split(dataset, split)
   if tf is not None:

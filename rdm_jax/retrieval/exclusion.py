@@ -26,6 +26,8 @@ def sources_overlap(query_source: Mapping[str, Any], database_source: Mapping[st
   if query_source.get("dataset") != database_source.get("dataset") or \
       query_source.get("split") != database_source.get("split"):
     return False
+  if query_source.get("file_list_sha256") != database_source.get("file_list_sha256"):
+    return False  # one folder under two file lists: ids are positions in each list, not comparable
   try:
     return max(query_source["start"], database_source["start"]) < min(query_source["stop"],
                                                                         database_source["stop"])
