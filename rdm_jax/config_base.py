@@ -40,6 +40,12 @@ def base_config() -> mlc.ConfigDict:
                                   # the database part may share images with the train part (RDM-IN's D is
                                   # ImageNet train); else overlapping parts are refused
                                   database_overlaps_train=False,
+                                  # the train part of a TFDS source as `crops` random crops per image (shorter
+                                  # side to image_size, a uniform square along the longer side: the original's
+                                  # SmallestMaxSize + RandomCrop), x2 with `flips`; each encoded and embedded
+                                  # (its own neighbours), training draws one per example per epoch. 0 / False:
+                                  # one centre crop
+                                  augment=dict(crops=0, flips=False, seed=0),
                                   # TFDS captions: "auto" (a "caption" or coco_captions' "captions/text"
                                   # feature when present), "" (none) or a feature path; image folders:
                                   # folder.captions, a JSON-lines side file {"file": ..., "caption": ...}

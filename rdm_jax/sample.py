@@ -4,9 +4,10 @@ Queries are embedded held-out images (`--config.sample.condition=exemplar`, defa
 pseudo-queries drawn from the proposal p_D with top-m truncation (`=proposal`,
 unconditional sampling as in the paper's Eq. 6; needs the neighbour job's train part),
 class pools from the database's labels or a class prompt's CLIP text embedding (`=class`,
-Sec. 3.3: k adjacent entries of the class's pool; Fig. 10: the prompt, then k-1), embeddings from a .npy (`=embeddings`), or captions (`=text`, with the CLIP
-retriever: each caption's text embedding is the first context entry, its k-1 nearest database
-entries follow; the captions go into the shards, where the evaluate job's CLIP score reads them),
+Sec. 3.3: k adjacent entries of the class's pool; Fig. 10: the prompt, then k-1), embeddings
+from a .npy (`=embeddings`), or captions (`=text`, with the CLIP retriever: each caption's text
+embedding is the first context entry, its k-1 nearest database entries follow; the captions go
+into the shards, where the evaluate job's CLIP score reads them),
 or an all-zeros context (`=zeros`: the unconditional branch alone, the original RARM script's
 --unconditional).
 

@@ -24,11 +24,11 @@ class StepWatch:
   step does. `summary()` is the run's last word on them, and on a loss that never came back down.
   """
 
-  def __init__(self, nonfinite: str, on_spike: str, example_ids, seed: int, batch_size: int):
+  def __init__(self, nonfinite: str, on_spike: str, example_ids, seed: int, batch_size: int, variants: int = 1):
     if nonfinite not in ("stop", "skip"):
       fail(f"config.train.nonfinite={nonfinite!r}; use 'stop' or 'skip'")
     self.nonfinite, self.on_spike = nonfinite, on_spike
-    self.example_ids, self.seed, self.batch_size = example_ids, seed, batch_size
+    self.example_ids, self.seed, self.batch_size, self.variants = example_ids, seed, batch_size, variants
     self.pending: list[tuple[int, dict]] = []
     self.skipped = 0
     self.spikes: list[int] = []
@@ -36,7 +36,8 @@ class StepWatch:
 
   def batch_ids(self, step: int) -> np.ndarray:
     """Example ids of the global batch of train step `step` (loop steps count from 1)."""
-    rows = pipeline.example_indices(self.seed, step - 1, self.batch_size, len(self.example_ids))
+    rows = pipeline.example_indices(self.seed, step - 1, self.batch_size, len(self.example_ids),
+                                    variants=self.variants)
     return np.asarray(self.example_ids[rows])
 
   def _shown(self, step: int) -> str:

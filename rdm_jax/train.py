@@ -133,7 +133,7 @@ def main(argv):
   if config.train.sample_every:  # checked before training: a missing store fails now, not at step N
     write_samples = make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer)
   watch = step_watch.StepWatch(config.train.nonfinite, training.spike_settings(config)[0], data.latents_store["ids"],
-                               config.train.seed, config.train.batch_size)
+                               config.train.seed, config.train.batch_size, data.variants)
   losses = []
   with jax.set_mesh(mesh), checkpoint.kept_on_error(mngr):  # a stop for any reason completes a save in flight
     for step in range(start_step + 1, num_steps + 1):

@@ -3,7 +3,10 @@
 The batch of step s is a pure function of (seed, s): global positions s*B .. s*B+B-1 of an
 endless stream of per-epoch permutations of the examples. A resumed run therefore sees
 exactly the batches an uninterrupted run would, and each process reads only its own slice
-of the global batch (`process_index`-th block of B / process_count rows).
+of the global batch (`process_index`-th block of B / process_count rows). With an augmented
+train part (config.dataset.augment: V crops / flips of every image, stored example-major with
+their own neighbours) the permutation runs over the examples and each epoch draws one variant
+per example, uniformly, from (seed, epoch): every example once per epoch, a fresh crop each time.
 
 tf.data runs the per-step loads in parallel (numpy on memory-mapped stores: latents rows,
 neighbour-id rows, then a gather of the database embeddings of the first k_train, or a
@@ -37,9 +40,11 @@ class RetrievalData:
   latents_store: store.Store
   neighbors_store: store.Store
   database_store: store.Store
+  variants: int = 1  # rows per example (config.dataset.augment), example-major
 
   @property
   def num_examples(self) -> int:
+    """Rows of the stores (examples x variants)."""
     return self.latents.shape[0]
 
   @property
@@ -73,6 +78,7 @@ def load_retrieval_data(config: Any, part: str = "train", encoder: dict | None =
   if not np.array_equal(latents["ids"], neighbors["query_ids"]):
     fail(f"{neighbors.path} is not aligned with {latents.path} (different example ids); "
          f"rerun `{NEIGHBORS_HINT} --parts={part}`")
+  variants = check_variants(latents, neighbors, part)
   if neighbors.manifest["database_fingerprint"] != database.fingerprint:
     fail(f"{neighbors.path} was computed against another database than {database.path}; "
          f"rerun `{NEIGHBORS_HINT} --parts={part}` for this database")
@@ -101,7 +107,31 @@ def load_retrieval_data(config: Any, part: str = "train", encoder: dict | None =
     fail(f"{neighbors.path} holds neighbour ids in [{lo}, {hi}] but the database has "
          f"{len(database['embeddings'])} entries; rerun `{NEIGHBORS_HINT}`")
   return RetrievalData(latents=latents["latents"], neighbor_ids=ids, database=database["embeddings"],
-                       latents_store=latents, neighbors_store=neighbors, database_store=database)
+                       latents_store=latents, neighbors_store=neighbors, database_store=database, variants=variants)
+
+
+def check_variants(latents: store.Store, neighbors: store.Store, part: str) -> int:
+  """Rows per example of an augmented part (1 without): the latents' crops must be the ones the
+  neighbours were searched for (same augment record, same (id, variant) in every row), stored
+  example-major with every variant of every example present."""
+  augment = latents.manifest["source"].get("augment")
+  theirs = (neighbors.manifest.get("query_source") or {}).get("augment")
+  if augment != theirs:
+    fail(f"{latents.path} holds {'crops ' + str(augment) if augment else 'one centre crop per image'} but "
+         f"{neighbors.path} was searched for {'crops ' + str(theirs) if theirs else 'one centre crop per image'}; "
+         f"encode and embed with the same config.dataset.augment, then rerun `{NEIGHBORS_HINT} --parts={part}`")
+  if not augment:
+    return 1
+  v = int(augment["variants"])
+  got = np.asarray(latents["variants"]) if "variants" in latents.arrays else None
+  if got is None or len(got) % v or not np.array_equal(got, np.tile(np.arange(v), len(got) // v)) or \
+      not np.array_equal(np.asarray(neighbors["query_variants"]), got):
+    fail(f"{latents.path} and {neighbors.path} do not hold the {v} variants of every example in order; "
+         f"rerun `{ENCODE_HINT} --parts={part}` and the embed and neighbour jobs")
+  ids = np.asarray(latents["ids"])
+  if not np.array_equal(ids, np.repeat(ids[::v], v)):
+    fail(f"{latents.path}: the variants of an example are not consecutive rows; rerun `{ENCODE_HINT} --parts={part}`")
+  return v
 
 
 def check_tokens(config: Any, latents: store.Store) -> None:
@@ -134,18 +164,27 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_variants(seed: int, epoch: int, n: int, variants: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, 1]).integers(0, variants, n)
+
+
 def example_indices(seed: int, step: int, global_batch: int, n: int, shuffle: bool = True,
-                    process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """Rows of the examples in this process's slice of the global batch of `step`."""
+                    process_index: int = 0, process_count: int = 1, variants: int = 1) -> np.ndarray:
+  """Rows of the examples in this process's slice of the global batch of `step`, of n rows; with
+  `variants` rows per example (example-major), epochs run over the n / variants examples and
+  each takes the variant its epoch draws for it."""
   local = global_batch // process_count
   pos = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+  examples = n // variants
   if not shuffle:
-    return pos % n
-  epochs, within = pos // n, pos % n
+    return (pos % examples) * variants
+  epochs, within = pos // examples, pos % examples
   out = np.empty(local, np.int64)
   for e in np.unique(epochs):
     sel = epochs == e
-    out[sel] = _epoch_permutation(seed, int(e), n)[within[sel]]
+    chosen = _epoch_permutation(seed, int(e), examples)[within[sel]]
+    out[sel] = chosen * variants + (_epoch_variants(seed, int(e), examples, variants)[chosen] if variants > 1 else 0)
   return out
 
 
@@ -188,7 +227,7 @@ def train_iterator(data: RetrievalData, config: Any, start_step: int, process_in
   def fetch(step):
     data.check_unchanged()  # before the reads: a truncated file is one line, not SIGBUS
     step = int(step)
-    rows = example_indices(seed, step, b, data.num_examples, True, process_index, process_count)
+    rows = example_indices(seed, step, b, data.num_examples, True, process_index, process_count, data.variants)
     rng = np.random.default_rng([seed, step, process_index, 1]) if mode == "random" else None
     return load_batch(data, rows, k, mode, rng)
 

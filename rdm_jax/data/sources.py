@@ -592,18 +592,28 @@ class Part:
   captions: np.ndarray | None = None  # str, one per id: TFDS caption features, an image folder's side file
   read_lenient: Callable[[np.ndarray], list] | None = None  # an image or the str why not, per id
   image_shape: tuple[int, ...] = ()  # (H, W, C) of every image read
+  # with dataset.augment: rows are (example, variant) pairs, example-major; readers take both
+  variants: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.ids)
 
+  def _args(self, a: int, b: int | None) -> tuple:
+    return (self.ids[a:b],) if self.variants is None else (self.ids[a:b], self.variants[a:b])
+
   def images(self, a: int = 0, b: int | None = None) -> np.ndarray:
     """uint8 images of rows a..b; an unreadable one stops with one line naming it."""
-    return self.read_ids(self.ids[a:b])
+    return self.read_ids(*self._args(a, b))
+
+  def rows(self, a: int = 0, b: int | None = None) -> dict[str, np.ndarray]:
+    """The per-row arrays a store of this part keeps beside its data: ids, labels (and variants)."""
+    out = {"ids": self.ids[a:b], "labels": self.labels[a:b]}
+    return out if self.variants is None else {**out, "variants": self.variants[a:b]}
 
   def readable(self, a: int = 0, b: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(uint8 images of rows a..b, bool mask of the readable ones, why each other one is not): an
     unreadable image (a corrupt file or record) holds zeros, for the caller to drop and count."""
-    got = self.read_lenient(self.ids[a:b]) if self.read_lenient else list(self.images(a, b))
+    got = self.read_lenient(*self._args(a, b)) if self.read_lenient else list(self.images(a, b))
     shape = self.image_shape
     ok = np.array([not isinstance(g, str) for g in got], bool)
     images = np.stack([np.zeros(shape, np.uint8) if isinstance(g, str) else g for g in got]) if got else \
@@ -635,7 +645,71 @@ def open_part(dataset: Any, part: str) -> Part:
     shape = (source["image_size"], source["image_size"], source["channels"])
   else:  # in memory: every image is readable
     lenient, shape = (lambda i: list(read(i))), tuple(read(ids[:1]).shape[1:])
+  if "augment" in source:
+    return _variant_part(source, ids, labels[ids], None if captions is None else captions[ids], shape)
   return Part(source, ids, labels[ids], read, None if captions is None else captions[ids], lenient, shape)
+
+
+AUGMENTABLE = ("tfds",)  # where the original's random crop applies: images larger than the crop
+
+
+def augment_settings(dataset: Any, part: str, source: dict[str, Any]) -> dict[str, Any] | None:
+  """The train part's `dataset.augment` as its stores record it (None: one centre crop per image)."""
+  a = dataset.get("augment", None) or {}
+  crops, flips, seed = int(a.get("crops", 0) or 0), bool(a.get("flips", False)), int(a.get("seed", 0))
+  if part != "train" or (crops == 0 and not flips):
+    return None
+  if crops < 0 or crops > 64:
+    fail(f"config.dataset.augment.crops={crops}: give 1..64 random crops per image (0 = the centre crop only)")
+  if source.get("images_from") not in AUGMENTABLE:
+    fail(f"config.dataset.augment applies to TFDS sources (shorter side to image_size, then a random square: "
+         f"the original's ImageNet crop); part train is {source.get('dataset')!r} {source.get('split')!r}: "
+         "set augment.crops=0 and augment.flips=False")
+  return {"crops": crops, "flips": flips, "seed": seed, "variants": max(crops, 1) * (2 if flips else 1)}
+
+
+def variant_box(height: int, width: int, size: int, seed: int, source_id: int, variant: int,
+                augment: dict[str, Any]) -> tuple[int, int, bool]:
+  """(top, left, flipped) of variant `variant` of example `source_id` in its image resized to
+  shorter side `size` ([height, width]): crop c = variant // 2 (with flips; else variant) sits at a
+  uniform offset along the longer side drawn from (seed, id, c) (crops=0: the centre), and flips
+  mirror odd variants, so a variant's pixels depend only on the record, never on which job or
+  chunk reads it."""
+  crop, flipped = divmod(variant, 2) if augment["flips"] else (variant, 0)
+  if augment["crops"] == 0:
+    return (height - size) // 2, (width - size) // 2, bool(flipped)
+  rng = np.random.default_rng([seed, int(source_id), crop])
+  return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1)), bool(flipped)
+
+
+def _variant_part(source: dict[str, Any], ids: np.ndarray, labels: np.ndarray, captions: np.ndarray | None,
+                  shape: tuple[int, ...]) -> Part:
+  """The train part as (example, variant) rows: each image's `augment["variants"]` crops, read
+  from its decoded record (shorter side to image_size, then `variant_box`)."""
+  aug, size = source["augment"], source["image_size"]
+  v = aug["variants"]
+  reader = _source_tfds_reader(source)
+
+  def read(row_ids, row_variants, lenient=False):
+    unique = np.unique(np.asarray(row_ids, np.int64))
+    raw = dict(zip(unique.tolist(), reader.read(unique, raw=True, lenient=lenient)))
+    out = []
+    for i, var in zip(np.asarray(row_ids).tolist(), np.asarray(row_variants).tolist()):
+      image = raw[i]
+      if isinstance(image, str):
+        out.append(image)
+        continue
+      a = resize_shorter_side(image, size)
+      top, left, flipped = variant_box(a.shape[0], a.shape[1], size, aug["seed"], i, var, aug)
+      crop = a[top:top + size, left:left + size]
+      out.append(crop[:, ::-1] if flipped else crop)
+    if lenient:
+      return out
+    return np.stack(out) if out else np.zeros((0,) + tuple(shape), np.uint8)
+
+  return Part(source, np.repeat(ids, v), np.repeat(labels, v), read,
+              None if captions is None else np.repeat(captions, v), lambda i, var: read(i, var, True), shape,
+              np.tile(np.arange(v, dtype=np.int32), len(ids)))
 
 
 def skipped_report(out: str, part_ids: np.ndarray, written_ids: np.ndarray) -> dict[str, Any]:
@@ -725,19 +799,25 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
   extra = {"label_range": label_range} if label_range else {}
   if split.startswith(FOLDER):
     folder = folder_settings(dataset, split, dataset.parts[part].get("files", ""))
-    return {"dataset": "folder", "split": split, "start": start, "stop": stop or folder["files"], **folder, **extra}
+    record = {"dataset": "folder", "split": split, "start": start, "stop": stop or folder["files"], **folder, **extra}
+    augment_settings(dataset, part, record)  # refused here, in one line
+    return record
   tf = tfds_name_split(dataset, split)
   if tf is not None:
     data_dir = dataset.get("tfds_data_dir", "") or os.environ.get("TFDS_DATA_DIR", "")
     captions = dataset.get("caption_feature", "auto")
     if captions != "auto":  # recorded when set: the stores' captions depend on it
       extra["caption_feature"] = captions
-    return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": "tfds",
-            "tfds_name": tf[0], "tfds_split": tf[1], "tfds_data_dir": data_dir,
-            "image_size": int(dataset.get("image_size", 0)), **extra}
+    record = {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": "tfds",
+              "tfds_name": tf[0], "tfds_split": tf[1], "tfds_data_dir": data_dir,
+              "image_size": int(dataset.get("image_size", 0)), **extra}
+    augment = augment_settings(dataset, part, record)
+    return {**record, "augment": augment} if augment else record
   idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)  # as load_source_split resolves it
   origin = os.path.realpath(idx_dir) if os.path.isdir(idx_dir) or not dataset.get("allow_tfds", True) else "tfds"
-  return {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": origin, **extra}
+  record = {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": origin, **extra}
+  augment_settings(dataset, part, {"images_from": "idx", "dataset": dataset.name, "split": split})
+  return record
 
 
 def source_images(dataset: Any, source: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

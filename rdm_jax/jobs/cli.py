@@ -20,6 +20,16 @@ VERIFY = flags.DEFINE_bool("verify", False, "Check the sha256 of every store rea
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show the Python traceback of an error instead of one line.")
 
 
+def define_once(define, name: str, default, help_text: str):
+  """`define(name, default, help_text)` (a flags.DEFINE_*), or the flag of that name when another job
+  module imported into the same program defined it: the data jobs share --parts, --process_id and
+  --num_processes, and a program (a test) may call several jobs' functions; a job's own command line
+  is parsed by its entry point, whose module defines its flags first."""
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define(name, default, help_text)
+
+
 class _QuietLibraries(logging.Filter):
   """Drops INFO chatter of orbax and XLA's backend probing; warnings still pass."""
 

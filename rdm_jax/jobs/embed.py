@@ -23,9 +23,9 @@ from rdm_jax.data import crops, sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.retrieval import encoders
 
-_PARTS = flags.DEFINE_list("parts", ["database", "train", "test"], "Dataset parts to embed.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, --num_processes).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes splitting the rows by range.")
+_PARTS = cli.define_once(flags.DEFINE_list, "parts", ["database", "train", "test"], "Dataset parts to embed.")
+_PROCESS_ID = cli.define_once(flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes).")
+_NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, "num_processes", 1, "Processes splitting the rows by range.")
 
 
 def output(config, part: str) -> tuple[str, str]:
@@ -53,7 +53,7 @@ def embed_part(config, part: str, encode=None, process_index: int = 0, process_c
     images, ok, unreadable = p.readable(a, b)
     for why in unreadable:
       print(f"{out}: skipping unreadable image {why}")
-    rows = {"embeddings": encode(images)[ok], "ids": p.ids[a:b][ok], "labels": p.labels[a:b][ok]}
+    rows = {"embeddings": encode(images)[ok], **{k: v[ok] for k, v in p.rows(a, b).items()}}
     return {**rows, "captions": p.captions[a:b][ok].astype(f"<U{width}")} if width else rows
 
   result = store.write_chunked(

@@ -19,10 +19,10 @@ from rdm_jax.data import sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.models import first_stage, palette
 
-_PARTS = flags.DEFINE_list("parts", ["train", "test"], "Dataset parts to encode.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, --num_processes).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes (or hosts sharing the filesystem) "
-                                      "splitting the rows by range; the last to finish merges.")
+_PARTS = cli.define_once(flags.DEFINE_list, "parts", ["train", "test"], "Dataset parts to encode.")
+_PROCESS_ID = cli.define_once(flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes).")
+_NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, "num_processes", 1, "Processes (or hosts sharing the "
+                                 "filesystem) splitting the rows by range; the last to finish merges.")
 
 
 def encode_part(config, part: str, process_index: int = 0, process_count: int = 1) -> store.Store | None:
@@ -42,8 +42,7 @@ def encode_part(config, part: str, process_index: int = 0, process_count: int = 
     for why in unreadable:
       print(f"{out}: skipping unreadable image {why}")
     encode = first_stage.encode_tokens if tokens else first_stage.encode
-    return {"latents": encode(config.first_stage, images)[ok], "ids": p.ids[a:b][ok],
-            "labels": p.labels[a:b][ok]}
+    return {"latents": encode(config.first_stage, images)[ok], **{k: v[ok] for k, v in p.rows(a, b).items()}}
 
   result = store.write_chunked(
       out, "latents", len(p), chunk_size=config.first_stage.get("chunk_size", 8192), compute=compute,

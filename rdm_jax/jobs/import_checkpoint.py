@@ -158,10 +158,11 @@ def read_state_dict(path: str, config) -> tuple[Any, dict[str, np.ndarray]]:
                                   "checkpoints\") and give its local path")
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if not isinstance(sd, dict) or not any(str(k).startswith(prefix) for k in sd):
-    other = (isinstance(sd, dict) and any(str(k).startswith(RARM_PREFIX if not autoregressive else UNET_PREFIX)
-                                          for k in sd))
-    hint = (f"it is a{'n RDM' if autoregressive else ' RARM'}: use its config "
-            f"(configs/imagenet_{'rdm' if autoregressive else 'rarm'}.py)") if other else f"give the model.ckpt of a {kind}"
+    other_prefix, other_kind, other_config = (UNET_PREFIX, "an RDM", "imagenet_rdm") if autoregressive else (
+        RARM_PREFIX, "a RARM", "imagenet_rarm")
+    other = isinstance(sd, dict) and any(str(k).startswith(other_prefix) for k in sd)
+    hint = f"it is {other_kind}: use its config (configs/{other_config}.py)" if other else \
+        f"give the model.ckpt of a {kind}"
     fail(f"{path} holds no {kind} state dict (no {prefix}* keys; config.model.family="
          f"{training.family(config)!r}): {hint}")
   network = [v for k, v in sd.items() if k.startswith((prefix, "model_ema.")) and

@@ -3,7 +3,8 @@ r"""Neighbour job: the top-K database neighbours of every query, and p_D for top
 For each query part (train / test embeddings, or a bring-your-own .npy), searches the
 database index built by `rdm_jax.jobs.index` and writes a neighbours store aligned with the
 queries: `neighbor_ids [N, K]` (int32 database rows), `scores [N, K]` (cosine similarity,
-descending), `query_ids [N]`. When database and queries overlap (same dataset split, same
+descending), `query_ids [N]` (and `query_variants [N]` for an augmented train part: every crop
+its own neighbours). When database and queries overlap (same dataset split, same
 file), each query's own entry and its near-duplicates are excluded (config.retrieval.exclude,
 .duplicate_score). The manifest records recall@K against exact search on a random sample
 of the queries. For the train part it also writes the proposal store p_D (paper Eq. 5).
@@ -33,12 +34,12 @@ from rdm_jax.jobs import cli
 from rdm_jax.jobs import index as index_job
 from rdm_jax.retrieval import encoders, exact, exclusion, index, proposal
 
-_PARTS = flags.DEFINE_list("parts", ["train", "test"], "Query parts to search for.")
+_PARTS = cli.define_once(flags.DEFINE_list, "parts", ["train", "test"], "Query parts to search for.")
 _QUERIES = flags.DEFINE_string("queries", None, "Query embeddings (store directory or [N, d] .npy) "
                                "instead of the config's parts; needs --out.")
 _OUT = flags.DEFINE_string("out", None, "Output store for --queries.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, --num_processes).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes splitting the queries by range.")
+_PROCESS_ID = cli.define_once(flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes).")
+_NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, "num_processes", 1, "Processes splitting the queries by range.")
 
 EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config>"
 NEIGHBORS_HINT = "python -m rdm_jax.jobs.neighbors --config=<this config>"
@@ -93,7 +94,10 @@ def find_neighbors(config, queries: store.Store, database: store.Store, idx: ind
   def search(a, b):
     q = exact.l2_normalize(store.read_rows(queries, "embeddings", a, b), f"queries {queries.path}", copy=False)
     scores, rows = exclusion.search_excluding(idx.search, q, k, excl, q_ids[a:b], db_ids)
-    return {"neighbor_ids": rows.astype(np.int32), "scores": scores, "query_ids": np.asarray(q_ids[a:b])}
+    out_rows = {"neighbor_ids": rows.astype(np.int32), "scores": scores, "query_ids": np.asarray(q_ids[a:b])}
+    if "variants" in queries.arrays:  # augmented train part: each crop has its own neighbours
+      out_rows["query_variants"] = np.asarray(queries["variants"][a:b])
+    return out_rows
 
   def check_recall(arrays):
     n = min(r.recall_sample, len(q_emb))
