@@ -54,6 +54,9 @@ def test_rarm_fig5_variant_and_bad_arguments():
     # configs/rdm/ffhq.yaml:2 (1e-4), :86 (50), :25-26 (10k warm-up)
     ("ffhq_rdm.py", "global batch 50 per update, learning rate 0.0001 (AdamW b1 0.9 b2 0.999, weight decay 0.01) "
                     "after 10000 warm-up steps"),
+    # configs/rdm/imagenet.yaml:2, 26 (1e-4 unscaled, 100 warm-up steps); the paper's batch 1280
+    ("imagenet_rdm.py", "global batch 1280 per update, learning rate 0.0001 (AdamW b1 0.9 b2 0.999, weight decay "
+                        "0.01) after 100 warm-up steps"),
     # models/rdm/imagenet_in-db/config.yaml:2, :25-26; the batch as RDM-OI's
     ("imagenet_rdm.py:in-db", "global batch 1280 per update, learning rate 0.0001 (AdamW b1 0.9 b2 0.999, weight "
                               "decay 0.01) after 10000 warm-up steps")])
