@@ -318,7 +318,8 @@ def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, en
   starts = rng.integers(0, s.class_pool_size - drawn + 1, size=n)
   rows = np.stack([pools[c][a:a + drawn] for c, a in zip(which, starts)]).reshape(n, drawn)
   context = _gather(database, rows)
-  query_rows = np.array([labels[classes.index(c)] for c in which], np.int64)
+  label_of = dict(zip(classes, labels))
+  query_rows = np.array([label_of[c] for c in which], np.int64)
   if prompts is None:
     return Conditioning(context=context, neighbor_rows=rows, query_rows=query_rows, database=database,
                         queries=database)

@@ -349,7 +349,8 @@ def folder_files(settings: dict[str, Any]) -> list[str]:
     if not os.path.isfile(list_file) or store.file_sha256(list_file) != settings.get("file_list_sha256"):
       fail(f"the file list {list_file} changed or went away since the stores were made from it; embed the folder "
            "again")
-    files = [f for f in read_file_list(list_file, f"folder {path}") if f in set(files)]
+    usable = set(files)
+    files = [f for f in read_file_list(list_file, f"folder {path}") if f in usable]
     digest = _files_digest(path, files)
   if digest != settings["files_sha256"]:
     fail(f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): the "
