@@ -63,6 +63,7 @@ demo: setup data
 	$(RUN) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup-test data
+	$(VENV)/bin/lint-imports --no-cache
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(RUN) -m pytest -q -n 2 --dist loadfile
 
 clean:

@@ -56,7 +56,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from rdm_jax import training  # noqa: E402
-from rdm_jax.parallel import aot, flops as flops_lib, mesh as mesh_lib  # noqa: E402
+from rdm_jax import aot  # noqa: E402
+from rdm_jax.parallel import flops as flops_lib, mesh as mesh_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import allocator, cpu, diffusers_unet, load_config, patch_grid  # noqa: E402

@@ -24,7 +24,7 @@ from rdm_jax.jobs import cli
 
 from rdm_jax import files  # noqa: E402
 from rdm_jax.errors import UserError  # noqa: E402
-from rdm_jax.parallel import aot  # noqa: E402
+from rdm_jax import aot  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as booked: v5e-64, v4-8, v5p-128, v6e-256, ...")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global train batch; 0 = config.train.batch_size.")

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from rdm_jax import config_base, untrusted
-from rdm_jax.data import crops, sources, store, visualize
+from rdm_jax.data import sources, store, visualize
 from rdm_jax.errors import UserError, fail
-from rdm_jax.retrieval import encoders, exact, index, proposal
+from rdm_jax.retrieval import crops, encoders, exact, index, proposal
 
 
 @dataclass(frozen=True)

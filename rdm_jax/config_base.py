@@ -77,7 +77,7 @@ def base_config() -> mlc.ConfigDict:
       recall_sample=1000,            # queries checked against exact search; recall@K goes in the manifest
       proposal_k=0,                  # k of p_D (Eq. 5); 0 = k_train
   ))
-  # The database as random crops of its images (rdm_jax/data/crops.py; the paper's OpenImages
+  # The database as random crops of its images (rdm_jax/retrieval/crops.py; the paper's OpenImages
   # recipe); crops_per_image 0 = one entry per whole image, as the parts' other stores.
   c.database_build = mlc.ConfigDict(dict(crops_per_image=0, crop_size=0, resize_to=0, seed=0,
                                          embeddings_dtype="float16"))

@@ -76,20 +76,6 @@ def family(config: Any) -> str:
   return name
 
 
-def make_rarm(config: Any) -> rarm.RARM:
-  """The RARM of config.model over the first stage's tokens (codes = its codebook size, sequence =
-  its latent grid at config.dataset.image_size)."""
-  from rdm_jax.models import first_stage
-  m = config.model
-  spec = first_stage.spec(config.first_stage)
-  if spec.kind != "vq":
-    fail(f"config.model.family='rarm' models VQ tokens but config.first_stage.name={config.first_stage.name!r} "
-         "is not a VQ model (use vq_f16, the original's, or vqgan_f16, its released weights')")
-  side = config.dataset.image_size // spec.factor
-  return rarm.RARM(num_codes=spec.n_embed, seq_len=side * side, heads=m.heads, dim_head=m.dim_head,
-                   depth=m.depth, dtype=jnp.dtype(m.dtype))
-
-
 def make_model(config: Any, devices: Any = None, latents: tuple[int, ...] | None = None) -> UNet | rarm.RARM:
   """The config's network for `devices` (the mesh's; default this process's). With
   config.model.conv="auto" on one CPU device the convolutions of its train step (per-device
@@ -97,7 +83,7 @@ def make_model(config: Any, devices: Any = None, latents: tuple[int, ...] | None
   decide between XLA and oneDNN by measurement (`rdm_jax.ops.conv_choice`)."""
   m = config.model
   if family(config) == "rarm":
-    return make_rarm(config)
+    return rarm.from_config(config)
   rules = dict((k, v) for k, v in config.sharding_rules)
   impl, remat = m.get("attention", "xla"), m.get("remat", "none")
   if impl not in unet_lib.ATTENTION_IMPLS or remat not in unet_lib.REMAT_POLICIES:

@@ -12,7 +12,8 @@ import pytest
 
 from rdm_jax import training
 from rdm_jax.errors import UserError
-from rdm_jax.parallel import aot, flops, hlo, mesh as mesh_lib, topology
+from rdm_jax import aot
+from rdm_jax.parallel import flops, hlo, mesh as mesh_lib, topology
 from conftest import REPO, repo_config, subprocess_env
 
 

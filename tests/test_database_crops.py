@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from rdm_jax import config_base
-from rdm_jax.data import crops, store
+from rdm_jax.data import store
+from rdm_jax.retrieval import crops
 from rdm_jax.errors import UserError
 
 

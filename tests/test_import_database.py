@@ -11,7 +11,8 @@ import pytest
 from conftest import tiny_config
 
 from rdm_jax import conditioning
-from rdm_jax.data import original_database, store
+from rdm_jax.data import store
+from rdm_jax.retrieval import original_database
 from rdm_jax.errors import UserError
 from rdm_jax.retrieval import encoders
 

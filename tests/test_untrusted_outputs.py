@@ -23,7 +23,8 @@ import pytest
 from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
 
 from rdm_jax import checkpoint, files, untrusted
-from rdm_jax.data import original_database, sources, store
+from rdm_jax.data import sources, store
+from rdm_jax.retrieval import original_database
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
 from rdm_jax.retrieval import index

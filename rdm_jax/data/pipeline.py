@@ -137,9 +137,8 @@ def check_variants(latents: store.Store, neighbors: store.Store, part: str) -> i
 def check_tokens(config: Any, latents: store.Store) -> None:
   """A RARM's token store must come from the config's VQ first stage, hold int tokens [N, S] with
   S the model's sequence length, and every id inside the codebook."""
-  from rdm_jax import training  # the model fixes S and the codebook size
-  from rdm_jax.models import first_stage
-  model = training.make_rarm(config)
+  from rdm_jax.models import first_stage, rarm
+  model = rarm.from_config(config)  # the model fixes S and the codebook size
   if not latents.manifest.get("tokens"):
     fail(f"{latents.path} holds continuous latents, not VQ tokens; config.model.family='rarm' trains on "
          f"tokens: encode them with this config (`{ENCODE_HINT}`) into another config.data_dir")

@@ -4,7 +4,7 @@ Writes the database store (embeddings + ids + labels + source: provenance of eve
 and embeddings stores of the train and test parts (the queries for the neighbour job), with
 `captions` when the source has them (a TFDS caption feature, an image folder's side file).
 With `config.database_build.crops_per_image` > 0 the database holds random crops of its
-images instead (`rdm_jax.data.crops`: the paper's OpenImages recipe), each entry with its
+images instead (`rdm_jax.retrieval.crops`: the paper's OpenImages recipe), each entry with its
 image id and box, its embeddings stored as `config.database_build.embeddings_dtype`
 (float16 by default: 1 GB per 1M 512-d vectors; searched in float32). Unreadable images are
 logged, skipped and counted in the manifest. Resumable by chunk; --num_processes processes
@@ -19,9 +19,9 @@ from __future__ import annotations
 from absl import flags
 
 from rdm_jax import config_base, preemption
-from rdm_jax.data import crops, sources, store
+from rdm_jax.data import sources, store
 from rdm_jax.jobs import cli
-from rdm_jax.retrieval import encoders
+from rdm_jax.retrieval import crops, encoders
 
 _PARTS = cli.define_once(flags.DEFINE_list, "parts", ["database", "train", "test"], "Dataset parts to embed.")
 _PROCESS_ID = cli.define_once(flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes).")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from rdm_jax.data import original_database
+from rdm_jax.retrieval import original_database
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
 

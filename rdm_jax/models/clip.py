@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdm_jax import untrusted
-from rdm_jax.data import store
+from rdm_jax import files, untrusted
 from rdm_jax.errors import fail
 from rdm_jax.models import torch_legacy
 
@@ -168,7 +167,7 @@ def load(path: str) -> Clip:
     config, params = convert_openai_state_dict(sd)
     model = FlaxCLIPModel(config, _do_init=False)
     _check_shapes(model, params, path)
-  return Clip(model, jax.tree.map(jnp.asarray, params), store.file_sha256(path))
+  return Clip(model, jax.tree.map(jnp.asarray, params), files.sha256(path))
 
 
 # Sane ranges of the architecture fields a transformers CLIP config.json declares (ViT-bigG is well inside).
@@ -233,7 +232,7 @@ def dir_sha256(path: str) -> str:
   files = os.listdir(path)
   names = sorted(f for f in files if f.endswith((".msgpack", ".safetensors", ".bin"))) or sorted(
       f for f in files if f.endswith(".json"))
-  return store.file_sha256(os.path.join(path, names[0])) if names else ""
+  return files.sha256(os.path.join(path, names[0])) if names else ""
 
 
 def cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:

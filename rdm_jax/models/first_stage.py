@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdm_jax.data import store
+from rdm_jax import files
 from rdm_jax.errors import fail
 from rdm_jax.models import autoencoder, palette, torch_legacy
 from rdm_jax.parallel.batched import BatchedApply
@@ -182,7 +182,7 @@ def _load(cfg_json: str) -> FirstStage:
     fail(f"config.first_stage.latent_channels={cfg['latent_channels']} but {cfg['name']} makes "
          f"{s.embed_dim}-channel latents; set latent_channels={s.embed_dim}")
   return FirstStage(cfg["name"], s, jax.tree.map(jnp.asarray, params), float(cfg.get("scale_factor", 1.0)),
-                    int(cfg.get("pad_to", 0)), int(cfg.get("batch_size", 16)), store.file_sha256(cfg["weights"]))
+                    int(cfg.get("pad_to", 0)), int(cfg.get("batch_size", 16)), files.sha256(cfg["weights"]))
 
 
 def load(cfg: Any) -> FirstStage:
@@ -197,7 +197,7 @@ def identity(cfg: Any) -> dict[str, Any]:
   if cfg.name == "palette":
     palette.load(cfg.weights, cfg)  # checked
     s = palette.spec(cfg)
-    d.update(palette_sha256=store.file_sha256(cfg.weights), palette_size=s.n_embed, palette_factor=s.factor)
+    d.update(palette_sha256=files.sha256(cfg.weights), palette_size=s.n_embed, palette_factor=s.factor)
   elif cfg.name != "identity":
     fs = load(cfg)
     arch = json.loads(json.dumps(dataclasses.asdict(fs.spec)))  # as the manifest holds it (lists, not tuples)

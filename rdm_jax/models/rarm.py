@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rdm_jax.errors import fail
 from rdm_jax.models import torch_convert
 from rdm_jax.models.unet import Dense, GEGLUFeedForward
 
@@ -195,6 +196,20 @@ class RARM(nn.Module):
       x, c = block.step(x, pos, c, kv)
       new_cache.append(c)
     return per_token(self.proj_out, x)[:, 0].astype(jnp.float32), new_cache
+
+
+def from_config(config: Any) -> RARM:
+  """The RARM of config.model over the first stage's tokens (codes = its codebook size, sequence =
+  its latent grid at config.dataset.image_size)."""
+  from rdm_jax.models import first_stage
+  m = config.model
+  spec = first_stage.spec(config.first_stage)
+  if spec.kind != "vq":
+    fail(f"config.model.family='rarm' models VQ tokens but config.first_stage.name={config.first_stage.name!r} "
+         "is not a VQ model (use vq_f16, the original's, or vqgan_f16, its released weights')")
+  side = config.dataset.image_size // spec.factor
+  return RARM(num_codes=spec.n_embed, seq_len=side * side, heads=m.heads, dim_head=m.dim_head,
+              depth=m.depth, dtype=jnp.dtype(m.dtype))
 
 
 # ---------------------------------------------------------------------------------------
