@@ -115,8 +115,8 @@ def mock_images(split, n, size):
       s = size / min(w, h)
       nw, nh = max(size, round(w * s)), max(size, round(h * s))
       im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-      l, t = (nw - size) // 2, (nh - size) // 2
-      out.append(np.asarray(im.crop((l, t, l + size, t + size))))
+      left, top = (nw - size) // 2, (nh - size) // 2
+      out.append(np.asarray(im.crop((left, top, left + size, top + size))))
   return np.stack(out)
 
 

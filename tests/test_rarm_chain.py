@@ -17,7 +17,7 @@ from test_imagenet_chain import assets, config_of, mock_images, run  # noqa: E40
 from rdm_jax.data import store  # noqa: E402
 
 
-def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):
+def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):  # noqa: F811  (the fixture imported above)
   """configs/imagenet_rarm.py on the tiny VQ: the encode job writes its tokens (taming's indices of
   the same images), the neighbour, train and sample jobs run unchanged; training stopped at its
   checkpoint and resumed ends where an uninterrupted run ends, bit for bit; samples are tokens

@@ -19,7 +19,7 @@ def _randomize(params, seed=0):
   """Every parameter random, including the zero-initialised ones, so nothing hides."""
   leaves, treedef = jax.tree.flatten(params)
   rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(0, 0.2, l.shape), jnp.float32) for l in leaves])
+  return jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(0, 0.2, leaf.shape), jnp.float32) for leaf in leaves])
 
 
 def ref_group_norm(x, p, eps, groups=32):
