@@ -46,7 +46,9 @@ def main() -> None:
     config = repo_config("fashion_mnist_rdm")
     config.data_dir = tmp
     config.dataset.update(image_size=32, augment=mlc.ConfigDict(dict(crops=2, flips=True, seed=0)))
-    config.dataset.parts.train = mlc.ConfigDict(dict(split="tfds:imagenet2012/train", start=0, stop=8))
+    config.dataset.parts.train = mlc.ConfigDict(
+      dict(split="tfds:imagenet2012/train", start=0, stop=8)
+    )
     config.dataset.parts.database.update(start=40000, stop=40100)
     config.first_stage.update(pad_to=32, latent_channels=3)
     config.retrieval.update(num_neighbors=20)
@@ -59,7 +61,9 @@ def main() -> None:
     idx = index.ensure(database, config.retrieval.index, 20, paths["index"])
     nb = neighbors.find_neighbors(config, queries, database, idx, paths["neighbors_train"])
     rows = len(latents["ids"])
-    print(f"measured on {rows} rows (8 images x {latents.manifest['source']['augment']['variants']} variants):")
+    print(
+      f"measured on {rows} rows (8 images x {latents.manifest['source']['augment']['variants']} variants):"
+    )
     per = {}
     for label, s in (("latents", latents), ("embeddings", queries), ("neighbours", nb)):
       per[label] = _row_bytes(s, rows)
@@ -71,19 +75,26 @@ def main() -> None:
     return b / max(1, int(np.prod(shape)))
 
   imagenet = {
-      "latents (3x64x64)": elem("latents", "latents") * 3 * 64 * 64,
-      "query embedding (512)": elem("embeddings", "embeddings") * 512,
-      "neighbours (K=20 ids + scores)": (elem("neighbours", "neighbor_ids") + elem("neighbours", "scores")) * 20,
-      "ids, labels, variants (3 stores)": sum(per[lab][n][0] for lab in ("latents", "embeddings")
-                                              for n in ("ids", "labels", "variants"))
-      + per["neighbours"]["query_ids"][0] + per["neighbours"]["query_variants"][0],
+    "latents (3x64x64)": elem("latents", "latents") * 3 * 64 * 64,
+    "query embedding (512)": elem("embeddings", "embeddings") * 512,
+    "neighbours (K=20 ids + scores)": (
+      elem("neighbours", "neighbor_ids") + elem("neighbours", "scores")
+    )
+    * 20,
+    "ids, labels, variants (3 stores)": sum(
+      per[lab][n][0] for lab in ("latents", "embeddings") for n in ("ids", "labels", "variants")
+    )
+    + per["neighbours"]["query_ids"][0]
+    + per["neighbours"]["query_variants"][0],
   }
   total = sum(imagenet.values())
   print("one variant of every ImageNet train image at configs/imagenet_rdm.py's shapes:")
   for k, v in imagenet.items():
     print(f"  {k:34s} {v:9.0f} bytes/image  {v * IMAGENET_TRAIN / 2**30:7.2f} GiB")
-  print(f"  {'total':34s} {total:9.0f} bytes/image  {total * IMAGENET_TRAIN / 2**30:7.2f} GiB per variant "
-        f"(x8 for 4 crops with flips: {8 * total * IMAGENET_TRAIN / 2**30:.0f} GiB)")
+  print(
+    f"  {'total':34s} {total:9.0f} bytes/image  {total * IMAGENET_TRAIN / 2**30:7.2f} GiB per variant "
+    f"(x8 for 4 crops with flips: {8 * total * IMAGENET_TRAIN / 2**30:.0f} GiB)"
+  )
 
 
 if __name__ == "__main__":

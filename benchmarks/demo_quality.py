@@ -50,11 +50,17 @@ _CONFIG = flags.DEFINE_string("config", "configs/fashion_mnist_rdm.py", "The dem
 _WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist", "The trained demo run.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Sampling seeds.")
 _NUM = flags.DEFINE_integer("num_images", 256, "Samples per set and seed.")
-_SETS = flags.DEFINE_list("sets", ["exemplar", "proposal"], "Conditioning sets (config.sample.condition).")
+_SETS = flags.DEFINE_list(
+  "sets", ["exemplar", "proposal"], "Conditioning sets (config.sample.condition)."
+)
 _NO_SAMPLE = flags.DEFINE_bool("no_sample", False, "Score the sets already sampled; do not sample.")
-_TAG = flags.DEFINE_string("tag", "", "Suffix of the sample sets' directory (one per variant of the settings).")
+_TAG = flags.DEFINE_string(
+  "tag", "", "Suffix of the sample sets' directory (one per variant of the settings)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Sample this checkpoint step (default: the latest).")
-_OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.* overrides for the sample and eval jobs.")
+_OVERRIDES = flags.DEFINE_list(
+  "overrides", [], "Extra --config.* overrides for the sample and eval jobs."
+)
 
 IDX = "/usr/share/datasets/fashion-mnist"
 TRAIN_STOP = 40000  # the demo's training part; the database is rows 40000..60000
@@ -76,7 +82,9 @@ class Classifier(nn.Module):
     return nn.Dense(10)(x)
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 8, batch: int = 128, seed: int = 0):
+def train_classifier(
+  images: np.ndarray, labels: np.ndarray, epochs: int = 8, batch: int = 128, seed: int = 0
+):
   """Params of `Classifier` after `epochs` of Adam (lr 1e-3, cosine decay to 0) on uint8 [N, 28, 28, 1]
   images, each flipped left-right with probability 1/2 (garments are mirror-symmetric classes)."""
   model = Classifier()
@@ -89,6 +97,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 8, ba
     def loss(p):
       logits = model.apply(p, x, train=True, rngs={"dropout": key})
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     updates, opt = tx.update(jax.grad(loss)(params), opt, params)
     return optax.apply_updates(params, updates), opt
 
@@ -97,7 +106,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 8, ba
   for _ in range(epochs):
     order = rng.permutation(len(images))
     for i in range(0, len(order) - batch + 1, batch):
-      idx = order[i:i + batch]
+      idx = order[i : i + batch]
       flip = rng.random(batch) < 0.5
       x = np.where(flip[:, None, None, None], images[idx][:, :, ::-1], images[idx])
       key, sub = jax.random.split(key)
@@ -107,7 +116,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 8, ba
 
 def predict(model, params, images: np.ndarray, batch: int = 1000) -> np.ndarray:
   fn = jax.jit(lambda x: jnp.argmax(model.apply(params, x), -1))
-  return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
+  return np.concatenate(
+    [np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)]
+  )
 
 
 def near_black(images: np.ndarray) -> float:
@@ -135,20 +146,29 @@ def neighbor_labels_of_test_images(train_y: np.ndarray) -> np.ndarray:
   would (the classifier's and the retrieval's errors)."""
   from rdm_jax import config_base
   from rdm_jax.data import store
+
   config = config_base.config_file(os.path.join(REPO, _CONFIG.value))
   for o in _OVERRIDES.value:
     key, value = o.split("=", 1)
     if key in ("database", "data_dir"):
       config[key] = value
   paths = config_base.paths(config)
-  neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][:, :config.k_train]
+  neighbors = store.read(paths["neighbors_test"], "neighbors", hint="")["neighbor_ids"][
+    :, : config.k_train
+  ]
   ids = np.asarray(store.read(paths["database"], "database", hint="")["ids"])
   return train_y[ids[neighbors]]
 
 
 def job(module: str, *args: str) -> str:
-  cmd = [sys.executable, "-m", module, f"--config={_CONFIG.value}", *args,
-         *(f"--config.{o}" for o in _OVERRIDES.value)]
+  cmd = [
+    sys.executable,
+    "-m",
+    module,
+    f"--config={_CONFIG.value}",
+    *args,
+    *(f"--config.{o}" for o in _OVERRIDES.value),
+  ]
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
   if out.returncode:
     raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -160,76 +180,127 @@ def main(argv):
   t0 = time.perf_counter()
   train_x, train_y = sources.load_idx_split(IDX, "train")
   test_x, test_y = sources.load_idx_split(IDX, "test")
-  cache = os.path.join(REPO, "data", "fashion_mnist", "eval_cache", "demo_classifier_v2_seed0.msgpack")
+  cache = os.path.join(
+    REPO, "data", "fashion_mnist", "eval_cache", "demo_classifier_v2_seed0.msgpack"
+  )
   model = Classifier()
   if os.path.exists(cache):  # msgpack of arrays only: reading it runs no code
     from flax import serialization
+
     template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1), jnp.uint8))
     with open(cache, "rb") as f:
       params = serialization.from_bytes(template, f.read())
   else:
     from flax import serialization
+
     model, params = train_classifier(train_x[:TRAIN_STOP], train_y[:TRAIN_STOP])
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + ".tmp", "wb") as f:
       f.write(serialization.to_bytes(params))
     os.replace(cache + ".tmp", cache)
   test_got = predict(model, params, test_x)
-  print(f"classifier: test accuracy {float((test_got == test_y).mean()):.4f} on {len(test_y)} images "
-        f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; {time.perf_counter() - t0:.0f} s)")
+  print(
+    f"classifier: test accuracy {float((test_got == test_y).mean()):.4f} on {len(test_y)} images "
+    f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; {time.perf_counter() - t0:.0f} s)"
+  )
   real_nb = neighbor_labels_of_test_images(train_y)
-  real_got = test_got[:len(real_nb)]
+  real_got = test_got[: len(real_nb)]
   n, k = _NUM.value, real_nb.shape[1]
   rows, splits = {}, {}
-  root = os.path.join(_WORKDIR.value, "samples", "quality" + (f"_step{_STEP.value}" if _STEP.value else "") +
-                      (f"_{_TAG.value}" if _TAG.value else ""))
+  root = os.path.join(
+    _WORKDIR.value,
+    "samples",
+    "quality"
+    + (f"_step{_STEP.value}" if _STEP.value else "")
+    + (f"_{_TAG.value}" if _TAG.value else ""),
+  )
   for seed in map(int, _SEEDS.value):
     dirs = {name: os.path.join(root, f"{name}_seed{seed}") for name in _SETS.value}
     if not _NO_SAMPLE.value:
       for name, out in dirs.items():
-        job("rdm_jax.sample", f"--workdir={_WORKDIR.value}", f"--out={out}", f"--config.sample.condition={name}",
-            f"--config.sample.seed={seed}", f"--config.sample.num_images={_NUM.value}",
-            *([f"--step={_STEP.value}"] if _STEP.value else []))
+        job(
+          "rdm_jax.sample",
+          f"--workdir={_WORKDIR.value}",
+          f"--out={out}",
+          f"--config.sample.condition={name}",
+          f"--config.sample.seed={seed}",
+          f"--config.sample.num_images={_NUM.value}",
+          *([f"--step={_STEP.value}"] if _STEP.value else []),
+        )
     eval_out = os.path.join(root, f"eval_seed{seed}")
-    job("rdm_jax.evaluate", f"--workdir={_WORKDIR.value}", f"--samples={','.join(dirs.values())}",
-        f"--out={eval_out}")
+    job(
+      "rdm_jax.evaluate",
+      f"--workdir={_WORKDIR.value}",
+      f"--samples={','.join(dirs.values())}",
+      f"--out={eval_out}",
+    )
     with open(os.path.join(eval_out, "metrics.json")) as f:
       scores = json.load(f)
     for name, path in dirs.items():
       images, ids = read_set(path)
       got = predict(model, params, images[:, :28, :28])
-      m = scores["sets"].get(name) or scores["sets"].get(os.path.basename(path)) or \
-          scores["sets"][f"{name} ({os.path.basename(path)})"]
+      m = (
+        scores["sets"].get(name)
+        or scores["sets"].get(os.path.basename(path))
+        or scores["sets"][f"{name} ({os.path.basename(path)})"]
+      )
       labels = train_y[ids]
       agree, agree_one, share_one = agreement(got, labels)
-      rows.setdefault(name, []).append((seed, len(images), agree, m["precision"], m["recall"], m["fd"],
-                                        near_black(images), agree_one, share_one))
+      rows.setdefault(name, []).append(
+        (
+          seed,
+          len(images),
+          agree,
+          m["precision"],
+          m["recall"],
+          m["fd"],
+          near_black(images),
+          agree_one,
+          share_one,
+        )
+      )
       splits.setdefault(name, []).append(by_split(got, labels))
   (real, real_one, real_share), (first, first_one, first_share) = (
-      agreement(real_got, real_nb), agreement(real_got[:n], real_nb[:n]))
-  print(f"real test images against their own k={k} neighbours' majority label: agreement {real:.3f} "
-        f"(the ceiling for samples conditioned on those neighbours); {real_one:.3f} where the {k} are "
-        f"unanimous ({real_share:.0%} of the test images); on the first {n} (the exemplar samples' "
-        f"queries): {first:.3f}, {first_one:.3f} where unanimous ({first_share:.0%})")
-  print(f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the real test images'")
-  print("| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | precision | recall "
-        "| FD | pixels in grey 1..15 |")
+    agreement(real_got, real_nb),
+    agreement(real_got[:n], real_nb[:n]),
+  )
+  print(
+    f"real test images against their own k={k} neighbours' majority label: agreement {real:.3f} "
+    f"(the ceiling for samples conditioned on those neighbours); {real_one:.3f} where the {k} are "
+    f"unanimous ({real_share:.0%} of the test images); on the first {n} (the exemplar samples' "
+    f"queries): {first:.3f}, {first_one:.3f} where unanimous ({first_share:.0%})"
+  )
+  print(
+    f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the real test images'"
+  )
+  print(
+    "| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | precision | recall "
+    "| FD | pixels in grey 1..15 |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   for name, rs in rows.items():
     for seed, n, agree, p, r, fd, grey, agree_one, share_one in rs:
-      print(f"| {name} | {seed} | {n} | {agree:.3f} | {agree_one:.3f} ({share_one:.0%}) | {p:.3f} | {r:.3f} "
-            f"| {fd:.1f} | {grey:.3f} |")
+      print(
+        f"| {name} | {seed} | {n} | {agree:.3f} | {agree_one:.3f} ({share_one:.0%}) | {p:.3f} | {r:.3f} "
+        f"| {fd:.1f} | {grey:.3f} |"
+      )
   for name, rs in rows.items():
     cols = np.array([r[2:5] + r[7:8] for r in rs], np.float64)
-    summary = ", ".join(f"{what} {c.mean():.3f} ({c.min():.3f}..{c.max():.3f})"
-                        for what, c in zip(("agreement", "precision", "recall", "unanimous agreement"), cols.T))
+    summary = ", ".join(
+      f"{what} {c.mean():.3f} ({c.min():.3f}..{c.max():.3f})"
+      for what, c in zip(("agreement", "precision", "recall", "unanimous agreement"), cols.T)
+    )
     print(f"{name}: mean (min..max) over {len(rs)} seeds: {summary}")
   real_split = by_split(real_got[:n], real_nb[:n])
-  print(f"label agreement by how the k={k} neighbours' labels split (mean over seeds; 'any top': the "
-        f"sample shows one of the most frequent labels, so either label of a tie), against the real "
-        f"test images that are the first {n} exemplar queries:")
-  print("| set | split | share | agreement | agreement, any top label | real: share | real: agreement "
-        "| real: any top label |")
+  print(
+    f"label agreement by how the k={k} neighbours' labels split (mean over seeds; 'any top': the "
+    f"sample shows one of the most frequent labels, so either label of a tie), against the real "
+    f"test images that are the first {n} exemplar queries:"
+  )
+  print(
+    "| set | split | share | agreement | agreement, any top label | real: share | real: agreement "
+    "| real: any top label |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   absent = (0.0, float("nan"), float("nan"))
   for name, per_seed in splits.items():
@@ -237,7 +308,9 @@ def main(argv):
       got_kind = np.array([d.get(kind, absent) for d in per_seed])  # [seeds, 3]
       share, agree, any_top = got_kind[:, 0].mean(), *np.nanmean(got_kind[:, 1:], axis=0)
       r = real_split.get(kind, absent)
-      print(f"| {name} | {kind} | {share:.0%} | {agree:.3f} | {any_top:.3f} | {r[0]:.0%} | {r[1]:.3f} | {r[2]:.3f} |")
+      print(
+        f"| {name} | {kind} | {share:.0%} | {agree:.3f} | {any_top:.3f} | {r[0]:.0%} | {r[1]:.3f} | {r[2]:.3f} |"
+      )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def timed(fn, steps: int, sync) -> float:
 
 def openai_clip_module():
   spec = importlib.util.find_spec("clip")
-  s = importlib.util.spec_from_file_location("openai_clip_model", os.path.join(os.path.dirname(spec.origin), "model.py"))
+  s = importlib.util.spec_from_file_location(
+    "openai_clip_model", os.path.join(os.path.dirname(spec.origin), "model.py")
+  )
   m = importlib.util.module_from_spec(s)
   s.loader.exec_module(m)
   return m
@@ -59,13 +61,25 @@ def main():
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   tsync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
   jsync = jax.block_until_ready
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {dev}")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on {dev}"
+  )
   torch.backends.cudnn.benchmark = True
 
   # VQ-f4 encode
   spec = autoencoder.PRESETS["vq_f4"]
-  enc = Encoder(double_z=False, z_channels=3, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=(1, 2, 4),
-                num_res_blocks=2, attn_resolutions=(), dropout=0.0)
+  enc = Encoder(
+    double_z=False,
+    z_channels=3,
+    resolution=256,
+    in_channels=3,
+    out_ch=3,
+    ch=128,
+    ch_mult=(1, 2, 4),
+    num_res_blocks=2,
+    attn_resolutions=(),
+    dropout=0.0,
+  )
   quant_conv = torch.nn.Conv2d(3, 3, 1)
   sd = {f"encoder.{k}": v.numpy() for k, v in enc.state_dict().items()}
   sd.update({f"quant_conv.{k}": v.numpy() for k, v in quant_conv.state_dict().items()})
@@ -74,13 +88,19 @@ def main():
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     key = autoencoder.torch_name([str(getattr(p, "key", p)) for p in path])
     if key not in sd:
-      shape = leaf.shape if len(leaf.shape) != 4 else (leaf.shape[3], leaf.shape[2], leaf.shape[0], leaf.shape[1])
+      shape = (
+        leaf.shape
+        if len(leaf.shape) != 4
+        else (leaf.shape[3], leaf.shape[2], leaf.shape[0], leaf.shape[1])
+      )
       sd[key] = np.zeros(shape, np.float32)
   params = jax.device_put(autoencoder.convert_state_dict(sd, spec))
   model = autoencoder.Autoencoder(spec)
   x = np.random.default_rng(0).uniform(-1, 1, (args.vq_batch, 256, 256, 3)).astype(np.float32)
   xj = jax.device_put(x)
-  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=autoencoder.Autoencoder.encode))
+  encode = jax.jit(
+    lambda p, x: model.apply({"params": p}, x, method=autoencoder.Autoencoder.encode)
+  )
   ours = timed(lambda: encode(params, xj), args.steps, jsync)
   enc, quant_conv = enc.to(dev).eval(), quant_conv.to(dev).eval()
   xt = torch.as_tensor(x.transpose(0, 3, 1, 2)).to(dev)
@@ -90,16 +110,29 @@ def main():
       enc, xt = enc.to(memory_format=torch.channels_last), xt.to(memory_format=torch.channels_last)
     with torch.no_grad():
       ref = timed(lambda: quant_conv(enc(xt)), args.steps, tsync)
-    print(f"VQ-f4 encode 256px, batch {b}, float32: rdm_jax {b / ours:.1f} img/s, torch"
-          f"{' channels-last' if channels_last else ''} {b / ref:.1f} img/s, ratio {ref / ours:.2f}x")
+    print(
+      f"VQ-f4 encode 256px, batch {b}, float32: rdm_jax {b / ours:.1f} img/s, torch"
+      f"{' channels-last' if channels_last else ''} {b / ref:.1f} img/s, ratio {ref / ours:.2f}x"
+    )
 
   # CLIP ViT-B/32 image embeddings
   cm = openai_clip_module()
   torch.manual_seed(0)
-  tm = cm.CLIP(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
-               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
-               transformer_layers=12).eval()
-  config, cparams = clip.convert_openai_state_dict({k: v.numpy() for k, v in tm.state_dict().items()})
+  tm = cm.CLIP(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    context_length=77,
+    vocab_size=49408,
+    transformer_width=512,
+    transformer_heads=8,
+    transformer_layers=12,
+  ).eval()
+  config, cparams = clip.convert_openai_state_dict(
+    {k: v.numpy() for k, v in tm.state_dict().items()}
+  )
   from transformers import FlaxCLIPModel
 
   images = np.random.default_rng(1).integers(0, 256, (args.clip_batch, 256, 256, 3), dtype=np.uint8)
@@ -116,11 +149,15 @@ def main():
     f = jax.jit(embed)
     ours = timed(lambda: f(p, ij), args.steps, jsync)
     if dev == "cpu" and tdtype == torch.float16:
-      print(f"CLIP ViT-B/32 {jnp.dtype(dtype).name}: rdm_jax {b / ours:.1f} img/s (no float16 torch on CPU)")
+      print(
+        f"CLIP ViT-B/32 {jnp.dtype(dtype).name}: rdm_jax {b / ours:.1f} img/s (no float16 torch on CPU)"
+      )
       continue
     tmd = tm.to(dev).float()
     if tdtype == torch.float16:
-      cm.convert_weights(tmd)  # what clip.load does on a GPU: float16 weights, LayerNorms in float32
+      cm.convert_weights(
+        tmd
+      )  # what clip.load does on a GPU: float16 weights, LayerNorms in float32
     it = torch.as_tensor(images).to(dev)
     mean = torch.as_tensor(clip.CLIP_MEAN, device=dev)[:, None, None]
     std = torch.as_tensor(clip.CLIP_STD, device=dev)[:, None, None]
@@ -134,14 +171,18 @@ def main():
       torch.backends.cuda.matmul.allow_tf32 = tf32  # XLA uses TF32 for float32 matmuls by default
       with torch.no_grad():
         ref = timed(ref_embed, args.steps, tsync)
-      print(f"CLIP ViT-B/32 retriever 256->224px, batch {b}: rdm_jax {jnp.dtype(dtype).name} {b / ours:.1f} img/s, "
-            f"torch {str(tdtype).split('.')[-1]}{' (TF32 matmuls)' if tf32 else ''} {b / ref:.1f} img/s, "
-            f"ratio {ref / ours:.2f}x")
+      print(
+        f"CLIP ViT-B/32 retriever 256->224px, batch {b}: rdm_jax {jnp.dtype(dtype).name} {b / ours:.1f} img/s, "
+        f"torch {str(tdtype).split('.')[-1]}{' (TF32 matmuls)' if tf32 else ''} {b / ref:.1f} img/s, "
+        f"ratio {ref / ours:.2f}x"
+      )
     torch.backends.cuda.matmul.allow_tf32 = False
 
   for name, itemsize in (("float16", 2), ("float32", 4)):
-    print(f"database of 1M x 512 embeddings, {name}: {1_000_000 * 512 * itemsize / 1e9:.3f} GB "
-          "(+ ids int64 8 MB, labels int32 4 MB)")
+    print(
+      f"database of 1M x 512 embeddings, {name}: {1_000_000 * 512 * itemsize / 1e9:.3f} GB "
+      "(+ ids int64 8 MB, labels int32 4 MB)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls.")
 def main(argv):
   del argv
   params = efficientnet_lite.load_params()
-  x = np.random.default_rng(0).normal(size=(_BATCH.value, _SIZE.value, _SIZE.value, 3)).astype(np.float32)
+  x = (
+    np.random.default_rng(0)
+    .normal(size=(_BATCH.value, _SIZE.value, _SIZE.value, 3))
+    .astype(np.float32)
+  )
   rates = {}
   for impl in ("shift", "conv"):
     model = efficientnet_lite.EfficientNetLite0(depthwise_impl=impl)
@@ -39,15 +43,20 @@ def main(argv):
     for _ in range(_REPEATS.value):
       fn(xj).block_until_ready()
     rates[impl] = _REPEATS.value * len(x) / (time.perf_counter() - t)
-    print(f"rdm_jax EfficientNet-Lite0 ({impl} depthwise), {_SIZE.value}px: {rates[impl]:.0f} images/s")
+    print(
+      f"rdm_jax EfficientNet-Lite0 ({impl} depthwise), {_SIZE.value}px: {rates[impl]:.0f} images/s"
+    )
   try:
     import torch
     from efficientnet_lite_pytorch import EfficientNet
   except ImportError:
     print("torch reference not installed (make setup-test); skipped")
     return
-  ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=efficientnet_lite.default_weights_path(),
-                                     image_size=_SIZE.value).eval()
+  ref = EfficientNet.from_pretrained(
+    "efficientnet-lite0",
+    weights_path=efficientnet_lite.default_weights_path(),
+    image_size=_SIZE.value,
+  ).eval()
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   with torch.no_grad():
     ref.extract_features(xt)
@@ -55,8 +64,10 @@ def main(argv):
     for _ in range(_REPEATS.value):
       ref.extract_features(xt).mean(dim=(2, 3))
     torch_rate = _REPEATS.value * len(x) / (time.perf_counter() - t)
-  print(f"torch reference: {torch_rate:.0f} images/s -> rdm_jax (shift) x{rates['shift'] / torch_rate:.2f}, "
-        f"(conv) x{rates['conv'] / torch_rate:.2f}")
+  print(
+    f"torch reference: {torch_rate:.0f} images/s -> rdm_jax (shift) x{rates['shift'] / torch_rate:.2f}, "
+    f"(conv) x{rates['conv'] / torch_rate:.2f}"
+  )
 
 
 if __name__ == "__main__":

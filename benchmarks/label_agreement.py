@@ -20,7 +20,9 @@ def counts(labels: np.ndarray, size: int = 0) -> np.ndarray:
 def majority(labels: np.ndarray) -> np.ndarray:
   """[N, k] -> [N]: the most frequent label per row; a tie goes to the earliest neighbour's label."""
   c = counts(labels)
-  top = np.take_along_axis(c, labels, axis=1) == c.max(1, keepdims=True)  # [N, k]: a most frequent label
+  top = np.take_along_axis(c, labels, axis=1) == c.max(
+    1, keepdims=True
+  )  # [N, k]: a most frequent label
   return labels[np.arange(len(labels)), top.argmax(1)]
 
 
@@ -45,9 +47,14 @@ def plurality(got: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def by_split(got: np.ndarray, labels: np.ndarray) -> dict[str, tuple[float, float, float]]:
   """{split: (share of rows, agreement with the majority label, with any most frequent label)}."""
   kinds, same, any_top = split(labels), got == majority(labels), plurality(got, labels)
-  return {kind: (float(np.mean(kinds == kind)), float(same[kinds == kind].mean()),
-                 float(any_top[kinds == kind].mean()))
-          for kind in sorted(set(kinds), key=split_order)}
+  return {
+    kind: (
+      float(np.mean(kinds == kind)),
+      float(same[kinds == kind].mean()),
+      float(any_top[kinds == kind].mean()),
+    )
+    for kind in sorted(set(kinds), key=split_order)
+  }
 
 
 def split_order(kind: str) -> list[int]:
@@ -60,4 +67,8 @@ def agreement(got: np.ndarray, neighbor_labels: np.ndarray) -> tuple[float, floa
   of unanimous rows) of predicted labels [N] against the neighbours' labels [N, k]."""
   same = got == majority(neighbor_labels)
   one = unanimous(neighbor_labels)
-  return float(same.mean()), float(same[one].mean()) if one.any() else float("nan"), float(one.mean())
+  return (
+    float(same.mean()),
+    float(same[one].mean()) if one.any() else float("nan"),
+    float(one.mean()),
+  )

@@ -69,8 +69,11 @@ def decode_speed(model: rarm.RARM, params, batch: int) -> tuple[float, float]:
     def body(t, tokens):
       logits = model.apply({"params": p}, tokens, c)[:, t]
       logits = rarm.filter_logits(logits, 100)
-      tok = jax.vmap(jax.random.categorical)(jax.vmap(lambda kk: jax.random.fold_in(kk, t))(k), logits)
+      tok = jax.vmap(jax.random.categorical)(
+        jax.vmap(lambda kk: jax.random.fold_in(kk, t))(k), logits
+      )
       return tokens.at[:, t].set(tok.astype(tokens.dtype))
+
     return jax.lax.fori_loop(0, model.seq_len, body, jnp.zeros((batch, model.seq_len), jnp.int32))
 
   _timed(uncached, params, ctx, keys)
@@ -105,8 +108,10 @@ def train_speed(config, steps: int) -> tuple[float, int]:
 def torch_train_speed(model: rarm.RARM, batch: int, steps: int) -> tuple[float, int]:
   """The same transformer in PyTorch (diffusers' blocks, as tests/test_rarm.py checks it), AdamW."""
   import torch
+
   sys.path.insert(0, os.path.join(REPO, "tests"))
   from torch_references import reference
+
   attention = reference("diffusers.models.attention")
   inner = model.heads * model.dim_head
 
@@ -114,16 +119,26 @@ def torch_train_speed(model: rarm.RARM, batch: int, steps: int) -> tuple[float, 
     def __init__(self):
       super().__init__()
       self.tok = torch.nn.Embedding(model.num_codes + 2, inner)
-      self.pos = torch.nn.Parameter(torch.randn(model.seq_len, inner) / inner ** 0.5)
-      self.blocks = torch.nn.ModuleList(attention.BasicTransformerBlock(
-          inner, model.heads, model.dim_head, cross_attention_dim=512, activation_fn="geglu",
-          attention_bias=False) for _ in range(model.depth))
+      self.pos = torch.nn.Parameter(torch.randn(model.seq_len, inner) / inner**0.5)
+      self.blocks = torch.nn.ModuleList(
+        attention.BasicTransformerBlock(
+          inner,
+          model.heads,
+          model.dim_head,
+          cross_attention_dim=512,
+          activation_fn="geglu",
+          attention_bias=False,
+        )
+        for _ in range(model.depth)
+      )
       self.out = torch.nn.Linear(inner, model.num_codes)
 
     def forward(self, z, ctx):
       inputs = torch.cat([torch.full_like(z[:, :1], model.sos_token), z[:, :-1]], 1)
       x = self.tok(inputs) + self.pos
-      mask = torch.triu(torch.full((z.shape[1], z.shape[1]), float("-inf")), 1).expand(z.shape[0], -1, -1)
+      mask = torch.triu(torch.full((z.shape[1], z.shape[1]), float("-inf")), 1).expand(
+        z.shape[0], -1, -1
+      )
       for blk in self.blocks:
         x = blk(x, attention_mask=mask, encoder_hidden_states=ctx)
       return self.out(x)
@@ -135,7 +150,9 @@ def torch_train_speed(model: rarm.RARM, batch: int, steps: int) -> tuple[float, 
 
   def step():
     opt.zero_grad()
-    loss = torch.nn.functional.cross_entropy(net(z, ctx).reshape(-1, model.num_codes), z.reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+      net(z, ctx).reshape(-1, model.num_codes), z.reshape(-1)
+    )
     loss.backward()
     opt.step()
 
@@ -151,21 +168,30 @@ def main(argv):
   del argv
   config = config_for(_CASE.value, _BATCH.value)
   model = training.make_model(config)
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; "
-        f"case {_CASE.value}: {model.heads} heads x "
-        f"{model.dim_head}, depth {model.depth}, {model.seq_len} tokens of {model.num_codes} codes, batch {_BATCH.value}")
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, model.seq_len), jnp.int32),
-                               jnp.zeros((1, 4, 512)))["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+  print(
+    f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; "
+    f"case {_CASE.value}: {model.heads} heads x "
+    f"{model.dim_head}, depth {model.depth}, {model.seq_len} tokens of {model.num_codes} codes, batch {_BATCH.value}"
+  )
+  params = jax.jit(model.init)(
+    jax.random.PRNGKey(0), jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1, 4, 512))
+  )["params"]
+  params = jax.tree.map(
+    lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
+  )
   cached, uncached = decode_speed(model, params, _BATCH.value)
-  print(f"decode: cached {cached:,.0f} tokens/s, uncached (prefix rerun) {uncached:,.0f} tokens/s: "
-        f"{cached / uncached:.1f}x")
+  print(
+    f"decode: cached {cached:,.0f} tokens/s, uncached (prefix rerun) {uncached:,.0f} tokens/s: "
+    f"{cached / uncached:.1f}x"
+  )
   ours, n_ours = train_speed(config, _STEPS.value)
   print(f"train: rdm_jax {ours:,.0f} tokens/s ({n_ours / 1e6:.1f}M parameters)")
   if not _SKIP_TORCH.value:
     theirs, n_theirs = torch_train_speed(model, _BATCH.value, _STEPS.value)
-    print(f"train: PyTorch reference {theirs:,.0f} tokens/s ({n_theirs / 1e6:.1f}M parameters): "
-          f"ratio {ours / theirs:.2f}x")
+    print(
+      f"train: PyTorch reference {theirs:,.0f} tokens/s ({n_theirs / 1e6:.1f}M parameters): "
+      f"ratio {ours / theirs:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from common import allocator, cpu, diffusers_unet, load_config, patch_grid  # no
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 16, "Images per timed run (one batch).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
-_CONV = flags.DEFINE_list("conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto).")
+_CONV = flags.DEFINE_list(
+  "conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto)."
+)
 
 LATENT = (32, 32, 1)
 SETTINGS = {"DDIM 100": ("ddim", 100), "DPM-Solver++ 20": ("dpm_solver++", 20)}
@@ -42,8 +44,11 @@ SCALE = 2.0
 def time_jax(config, context: np.ndarray, sampler: str, steps: int) -> float:
   """Seconds for one guided sampling run of len(context) images (compiled beforehand)."""
   model = training.make_model(config)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), *training.example_inputs(
-      config, 1, LATENT, config.k_train))["params"])
+  params = nn.meta.unbox(
+    model.init(jax.random.PRNGKey(0), *training.example_inputs(config, 1, LATENT, config.k_train))[
+      "params"
+    ]
+  )
   config.sample.update(sampler=sampler, num_steps=steps, guidance_scale=SCALE, eta=0.0, clip_x0=0.0)
   fn = training.make_sampler(model, training.make_schedule(config), LATENT, config.sample)
   jax.block_until_ready(fn(params, context, jax.random.PRNGKey(1)))
@@ -59,12 +64,23 @@ def time_torch(config, context: np.ndarray, sampler: str, steps: int) -> float:
 
   betas = np.asarray(training.make_schedule(config).betas)
   if sampler == "ddim":
-    sch = DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, clip_sample=False,
-                        set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    sch = DDIMScheduler(
+      num_train_timesteps=len(betas),
+      trained_betas=betas,
+      clip_sample=False,
+      set_alpha_to_one=False,
+      steps_offset=1,
+      timestep_spacing="leading",
+    )
     sch.set_timesteps(steps)
   else:
-    sch = DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
-                                      algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min")
+    sch = DPMSolverMultistepScheduler(
+      num_train_timesteps=len(betas),
+      trained_betas=betas,
+      algorithm_type="dpmsolver++",
+      solver_order=2,
+      final_sigmas_type="sigma_min",
+    )
     a_bar = np.cumprod(1 - betas.astype(np.float64))
     sch.set_timesteps(timesteps=samplers.dpm_solver_timesteps(a_bar, steps).tolist())
   grid = patch_grid(config, LATENT)  # our patching is a reshape: diffusers' UNet on the patch grid
@@ -83,22 +99,30 @@ def time_torch(config, context: np.ndarray, sampler: str, steps: int) -> float:
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; demo UNet, "
-        f"{_NUM_IMAGES.value} images per run, guidance {SCALE} (doubled batch)")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; demo UNet, "
+    f"{_NUM_IMAGES.value} images per run, guidance {SCALE} (doubled batch)"
+  )
   config = load_config("fashion_mnist_rdm")
-  context = np.random.default_rng(0).normal(
-      size=(_NUM_IMAGES.value, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
+  context = (
+    np.random.default_rng(0)
+    .normal(size=(_NUM_IMAGES.value, config.k_train, config.retrieval.embed_dim))
+    .astype(np.float32)
+  )
   for name, (sampler, steps) in SETTINGS.items():
     secs = {}
     for conv in _CONV.value:
       config.model.conv = conv
       secs[conv] = time_jax(config, context, sampler, steps)
     line = f"[{name}] rdm_jax: " + ", ".join(
-        f"conv={conv} {sec:.2f} s, {len(context) / sec:.2f} images/s" for conv, sec in secs.items())
+      f"conv={conv} {sec:.2f} s, {len(context) / sec:.2f} images/s" for conv, sec in secs.items()
+    )
     if not _SKIP_TORCH.value:
       tsec = time_torch(config, context, sampler, steps)
-      line += (f"; torch+diffusers: {tsec:.2f} s, {len(context) / tsec:.2f} images/s -> rdm_jax "
-               + ", ".join(f"conv={conv} x{tsec / sec:.2f}" for conv, sec in secs.items()))
+      line += (
+        f"; torch+diffusers: {tsec:.2f} s, {len(context) / tsec:.2f} images/s -> rdm_jax "
+        + ", ".join(f"conv={conv} x{tsec / sec:.2f}" for conv, sec in secs.items())
+      )
     print(line, flush=True)
 
 

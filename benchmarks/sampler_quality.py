@@ -21,15 +21,26 @@ import time
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist", "A trained run (make demo writes this one).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/fashion_mnist", "A trained run (make demo writes this one)."
+)
 _CONFIG = flags.DEFINE_string("config", "configs/fashion_mnist_rdm.py", "Its config.")
 _STEPS = flags.DEFINE_list("steps", ["10", "20", "50", "100"], "Step counts.")
-_SAMPLERS = flags.DEFINE_list("samplers", ["ddim", "dpm_solver++"], "Samplers (ddim, ddpm, dpm_solver++).")
+_SAMPLERS = flags.DEFINE_list(
+  "samplers", ["ddim", "dpm_solver++"], "Samplers (ddim, ddpm, dpm_solver++)."
+)
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 128, "Samples per set.")
 
 
 def job(module: str, *args: str) -> None:
-  cmd = [sys.executable, "-m", module, f"--config={_CONFIG.value}", f"--workdir={_WORKDIR.value}", *args]
+  cmd = [
+    sys.executable,
+    "-m",
+    module,
+    f"--config={_CONFIG.value}",
+    f"--workdir={_WORKDIR.value}",
+    *args,
+  ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   if out.returncode:
     sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -44,8 +55,13 @@ def main(argv):
       name = f"{sampler}_{steps}"
       out = os.path.join(root, name)
       t = time.perf_counter()
-      job("rdm_jax.sample", f"--out={out}", f"--config.sample.sampler={sampler}", f"--config.sample.num_steps={steps}",
-          f"--config.sample.num_images={_NUM_IMAGES.value}")
+      job(
+        "rdm_jax.sample",
+        f"--out={out}",
+        f"--config.sample.sampler={sampler}",
+        f"--config.sample.num_steps={steps}",
+        f"--config.sample.num_images={_NUM_IMAGES.value}",
+      )
       seconds[name] = time.perf_counter() - t
       sets.append(out)
       print(f"{name}: {seconds[name]:.0f} s (job, incl. start-up and compile)", flush=True)
@@ -56,8 +72,10 @@ def main(argv):
   print(open(os.path.join(eval_dir, "metrics.md")).read())
   print("| set | FD | precision | recall | sample job s |\n|---|---|---|---|---|")
   for name, r in rows.items():
-    print(f"| {name} | {r.get('fd', float('nan')):.2f} | {r.get('precision', float('nan')):.3f} | "
-          f"{r.get('recall', float('nan')):.3f} | {seconds.get(name, float('nan')):.0f} |")
+    print(
+      f"| {name} | {r.get('fd', float('nan')):.2f} | {r.get('precision', float('nan')):.3f} | "
+      f"{r.get('recall', float('nan')):.3f} | {seconds.get(name, float('nan')):.0f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -66,15 +66,25 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median round is reported).")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Do not time the PyTorch reference.")
 _ONLY = flags.DEFINE_list("only", ["demo", "imagenet_small"], "Cases to run.")
-_CONV = flags.DEFINE_list("conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto).")
-_ATTENTION = flags.DEFINE_list("attention", [], "config.model.attention values to time (default: the config's).")
+_CONV = flags.DEFINE_list(
+  "conv", ["auto", "xla"], "config.model.conv values to time (xla | onednn | auto)."
+)
+_ATTENTION = flags.DEFINE_list(
+  "attention", [], "config.model.attention values to time (default: the config's)."
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "Batch of every case (0: the case's own; imagenet: 64).")
 
 # Dense bfloat16 peak per chip, TFLOP/s (vendor datasheets), by jax's device_kind.
-PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H200": 989.4, "NVIDIA A100-SXM4-80GB": 312.0,
-                    "NVIDIA A100-SXM4-40GB": 312.0}
+PEAK_BF16_TFLOPS = {
+  "NVIDIA H100 80GB HBM3": 989.4,
+  "NVIDIA H200": 989.4,
+  "NVIDIA A100-SXM4-80GB": 312.0,
+  "NVIDIA A100-SXM4-40GB": 312.0,
+}
 
-Runner = Callable[[int], Any]  # runs n train steps and waits for them (ours: the last step's metrics)
+Runner = Callable[
+  [int], Any
+]  # runs n train steps and waits for them (ours: the last step's metrics)
 _TORCH_REFS = {"torch:same": "same step", "torch:adamw": "AdamW only"}
 
 
@@ -87,7 +97,11 @@ def cases():
   small.train.batch_size = 16
   full = load_config("imagenet_rdm")
   full.train.batch_size = 64
-  out = {"demo": (demo, (32, 32, 1)), "imagenet_small": (small, (32, 32, 3)), "imagenet": (full, (64, 64, 3))}
+  out = {
+    "demo": (demo, (32, 32, 1)),
+    "imagenet_small": (small, (32, 32, 3)),
+    "imagenet": (full, (64, 64, 3)),
+  }
   for config, _ in out.values():
     config.train.batch_size = _BATCH.value or config.train.batch_size
   return out
@@ -105,11 +119,15 @@ def perturbed(state: training.TrainState) -> training.TrainState:
   compares between variants."""
   leaves, tree = jax.tree.flatten(state.params)
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-  params = tree.unflatten([x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  params = tree.unflatten(
+    [x + 0.01 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  )
   return state.replace(params=params, ema_params=params)
 
 
-def jax_runner(config, latent_shape) -> tuple[Runner, int, str, dict[str, float], training.TrainSetup]:
+def jax_runner(
+  config, latent_shape
+) -> tuple[Runner, int, str, dict[str, float], training.TrainSetup]:
   """Our train step on the config's mesh: (runner, parameter count, the convolution the model runs,
   the first step's loss and gradient norm, the setup)."""
   mesh = mesh_lib.from_config(config)
@@ -145,9 +163,14 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
 
   dev = torch.device("cuda" if on_gpu() and torch.cuda.is_available() else "cpu")
   torch.backends.cudnn.benchmark = True
-  autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if config.model.dtype == "bfloat16" and dev.type == "cuda"
-              else contextlib.nullcontext())
-  latent_shape = patch_grid(config, latent_shape)  # our patching is a reshape: diffusers' UNet on the grid
+  autocast = (
+    torch.autocast(dev.type, dtype=torch.bfloat16)
+    if config.model.dtype == "bfloat16" and dev.type == "cuda"
+    else contextlib.nullcontext()
+  )
+  latent_shape = patch_grid(
+    config, latent_shape
+  )  # our patching is a reshape: diffusers' UNet on the grid
   model = diffusers_unet(config, latent_shape).to(dev)
   params = [p for p in model.parameters() if p.requires_grad]
   n_params = sum(p.numel() for p in params)
@@ -169,8 +192,12 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
       opt.step()
   else:
     o, d = config.optim, config.diffusion
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.b1, o.b2), weight_decay=o.weight_decay, eps=o.get("eps", 1e-8))
-    alphas = torch.tensor(np.asarray(training.make_schedule(config).alphas_cumprod), dtype=torch.float32).to(dev)
+    opt = torch.optim.AdamW(
+      params, lr=o.lr, betas=(o.b1, o.b2), weight_decay=o.weight_decay, eps=o.get("eps", 1e-8)
+    )
+    alphas = torch.tensor(
+      np.asarray(training.make_schedule(config).alphas_cumprod), dtype=torch.float32
+    ).to(dev)
     prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
     gamma = float(d.get("min_snr_gamma", 5.0))
     shadow = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -189,7 +216,9 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
       noise = torch.randn_like(x0)
       a = alphas[t].view(-1, 1, 1, 1)
       x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-      c = torch.where(torch.rand(b, 1, 1, device=dev) >= config.train.p_uncond, ctx, torch.zeros_like(ctx))
+      c = torch.where(
+        torch.rand(b, 1, 1, device=dev) >= config.train.p_uncond, ctx, torch.zeros_like(ctx)
+      )
       target = {"eps": noise, "x0": x0, "v": a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
       opt.zero_grad(set_to_none=True)
       with autocast:
@@ -197,11 +226,18 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
       per_example = (out.float() - target).square().mean(dim=(1, 2, 3))
       if weighting == "min_snr":
         s = (a / (1 - a)).flatten()
-        per_example = per_example * s.clamp(max=gamma) / {"eps": s, "v": s + 1, "x0": torch.ones_like(s)}[prediction]
+        per_example = (
+          per_example
+          * s.clamp(max=gamma)
+          / {"eps": s, "v": s + 1, "x0": torch.ones_like(s)}[prediction]
+        )
       loss = per_example.mean()
       loss.backward()
-      norm = (torch.nn.utils.clip_grad_norm_(params, o.grad_clip) if o.grad_clip > 0
-              else torch.nn.utils.get_total_norm([p.grad for p in params]))
+      norm = (
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        if o.grad_clip > 0
+        else torch.nn.utils.get_total_norm([p.grad for p in params])
+      )
       if torch.isfinite(loss) and torch.isfinite(norm):
         opt.step()
         lit_ema()
@@ -231,6 +267,7 @@ def time_pipeline(config, batches: int = 30) -> float | None:
   """Examples/s of the tf.data input pipeline over the demo's stores (None if not made yet)."""
   from rdm_jax.data import pipeline
   from rdm_jax.errors import UserError
+
   try:
     data = pipeline.load_retrieval_data(config, "train")
   except UserError as e:
@@ -248,15 +285,20 @@ def main(argv):
   del argv
   dev = jax.devices()[0]
   peak = PEAK_BF16_TFLOPS.get(dev.device_kind) if on_gpu() else None
-  print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}) x{jax.device_count()}, {os.cpu_count()} CPUs, "
-        f"{cpu()}, "
-        f"{allocator()}; {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)", flush=True)
+  print(
+    f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}) x{jax.device_count()}, {os.cpu_count()} CPUs, "
+    f"{cpu()}, "
+    f"{allocator()}; {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)",
+    flush=True,
+  )
   for name, (config, latent_shape) in cases().items():
     if name not in _ONLY.value:
       continue
     b = config.train.batch_size
     runners, labels, firsts, flops = {}, {}, {}, 0.0
-    for conv, attention in itertools.product(_CONV.value, _ATTENTION.value or [config.model.attention]):
+    for conv, attention in itertools.product(
+      _CONV.value, _ATTENTION.value or [config.model.attention]
+    ):
       config.model.update(conv=conv, attention=attention)
       key = f"jax:conv={conv},attention={attention}"
       print(f"[{name}] {key}", flush=True)
@@ -267,9 +309,15 @@ def main(argv):
       labels[key] = f"rdm_jax (conv={conv}: {impl}, attention={attention}), {n / 1e6:.2f}M params"
     base = next(iter(firsts))
     for key, first in firsts.items():
-      print(f"[{name}] first step, {key}: loss {first['loss']:.6f}, grad norm {first['grad_norm']:.5f}" +
-            ("" if key == base else f" (relative difference to {base[4:]}: "
-             f"{abs(first['loss'] / firsts[base]['loss'] - 1):.1e}, {abs(first['grad_norm'] / firsts[base]['grad_norm'] - 1):.1e})"))
+      print(
+        f"[{name}] first step, {key}: loss {first['loss']:.6f}, grad norm {first['grad_norm']:.5f}"
+        + (
+          ""
+          if key == base
+          else f" (relative difference to {base[4:]}: "
+          f"{abs(first['loss'] / firsts[base]['loss'] - 1):.1e}, {abs(first['grad_norm'] / firsts[base]['grad_norm'] - 1):.1e})"
+        )
+      )
     if not _SKIP_TORCH.value:
       for key, same in (("torch:same", True), ("torch:adamw", False)):
         runners[key], tn = torch_runner(config, latent_shape, same)
@@ -277,9 +325,15 @@ def main(argv):
     secs = {k: sorted(v) for k, v in interleaved(runners, _STEPS.value, _ROUNDS.value).items()}
     med = {k: statistics.median(v) for k, v in secs.items()}
     for k, v in secs.items():
-      mfu = f", {flops / med[k] / 1e12:.0f} model TFLOP/s = {flops / med[k] / 1e12 / peak:.1%} of {peak:.0f}" if peak else ""
-      print(f"[{name}] {labels[k]}, batch {b}: {med[k]:.4f} s/step ({v[0]:.4f}..{v[-1]:.4f}), "
-            f"{b / med[k]:.1f} examples/s{mfu}")
+      mfu = (
+        f", {flops / med[k] / 1e12:.0f} model TFLOP/s = {flops / med[k] / 1e12 / peak:.1%} of {peak:.0f}"
+        if peak
+        else ""
+      )
+      print(
+        f"[{name}] {labels[k]}, batch {b}: {med[k]:.4f} s/step ({v[0]:.4f}..{v[-1]:.4f}), "
+        f"{b / med[k]:.1f} examples/s{mfu}"
+      )
     for k in (k for k in med if k.startswith("torch:")):
       ratios = ", ".join(f"{j[4:]} x{med[k] / med[j]:.2f}" for j in med if j.startswith("jax:"))
       print(f"[{name}] rdm_jax speed against {_TORCH_REFS[k]}: {ratios}")
@@ -287,8 +341,10 @@ def main(argv):
       sec = min(v for k, v in med.items() if k.startswith("jax:"))
       eps = time_pipeline(config)
       if eps is not None:
-        print(f"[{name}] input pipeline: {eps:.0f} examples/s vs train step consumption {b / sec:.1f} "
-              f"examples/s -> headroom x{eps / (b / sec):.0f}")
+        print(
+          f"[{name}] input pipeline: {eps:.0f} examples/s vs train step consumption {b / sec:.1f} "
+          f"examples/s -> headroom x{eps / (b / sec):.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -34,16 +34,22 @@ def get_config() -> mlc.ConfigDict:
   c.data_dir = "data/fashion_mnist_rarm"
   c.dataset.image_size = 28  # the token grid: 28 / 2 = 14 per side
   c.retrieval.image_size = 64  # the neighbours the README's RARM figures were measured with
-  c.first_stage.update(name="palette", pad_to=0, latent_channels=1, weights="data/fashion_mnist_rarm/palette_16.npy")
+  c.first_stage.update(
+    name="palette", pad_to=0, latent_channels=1, weights="data/fashion_mnist_rarm/palette_16.npy"
+  )
   c.first_stage.palette_size = 16
   c.first_stage.palette_factor = 2
   c.model = mlc.ConfigDict(dict(family="rarm", heads=4, dim_head=32, depth=4, dtype="float32"))
-  c.optim.update(lr=1e-3, warmup_steps=100, b1=0.9, b2=0.95, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999)
+  c.optim.update(
+    lr=1e-3, warmup_steps=100, b1=0.9, b2=0.95, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999
+  )
   c.train.batch_size = 32
   c.train.num_steps = 1500
   c.train.p_uncond = 0.1
   c.train.log_every = 100
   c.train.checkpoint_every = 500
   c.train.sample_every = 0
-  c.sample.update(temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0, num_images=16, batch_size=16)
+  c.sample.update(
+    temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0, num_images=16, batch_size=16
+  )
   return c

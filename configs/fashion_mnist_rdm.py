@@ -110,48 +110,71 @@ def get_config() -> mlc.ConfigDict:
   c.data_dir = "data/fashion_mnist"
   c.dataset.name = "fashion_mnist"
   c.dataset.idx_dir = "/usr/share/datasets/fashion-mnist"
-  c.dataset.parts = mlc.ConfigDict(dict(
+  c.dataset.parts = mlc.ConfigDict(
+    dict(
       train=dict(split="train", start=0, stop=40000),
       database=dict(split="train", start=40000, stop=60000),
       test=dict(split="test", start=0, stop=10000),
-  ))
+    )
+  )
   # a database from an image folder (--config.dataset.parts.database.split=folder:PATH ...stop=0) is
   # converted to Fashion-MNIST's 28x28 grey
   c.dataset.folder.update(image_size=28, channels=1, background="white", max_pixels=50_000_000)
   c.first_stage.update(name="identity", pad_to=32, latent_channels=1)
-  c.retrieval.image_size = 96  # EfficientNet-Lite0 at 96 px: purer neighbours than at 64 (see above)
-  c.retrieval.update(features="block_10", grid=3, embed_dim=112 * 3 * 3)  # mid-level layout (see above)
+  c.retrieval.image_size = (
+    96  # EfficientNet-Lite0 at 96 px: purer neighbours than at 64 (see above)
+  )
+  c.retrieval.update(
+    features="block_10", grid=3, embed_dim=112 * 3 * 3
+  )  # mid-level layout (see above)
   c.k_train = 4
 
-  c.model.update(dict(
-      model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4,),
-      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="float32",
+  c.model.update(
+    dict(
+      model_channels=64,
+      channel_mult=(1, 2, 2),
+      num_res_blocks=1,
+      attention_resolutions=(4,),
+      num_head_channels=32,
+      transformer_depth=1,
+      dropout=0.0,
+      dtype="float32",
       patch_size=2,  # the UNet runs on 16 x 16 patches of 2 x 2 pixels: 3.6x faster steps here
-      conv="auto"))  # each convolution on oneDNN or XLA, whichever this machine runs faster (see above)
-  c.diffusion.prediction = "x0"            # the UNet predicts the image ...
-  c.diffusion.loss_weighting = "min_snr"   # ... with min-SNR-5 weights: garments on black in minutes
+      conv="auto",
+    )
+  )  # each convolution on oneDNN or XLA, whichever this machine runs faster (see above)
+  c.diffusion.prediction = "x0"  # the UNet predicts the image ...
+  c.diffusion.loss_weighting = "min_snr"  # ... with min-SNR-5 weights: garments on black in minutes
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
-  c.optim.decay = "cosine"     # to 1e-4 at the last step: a constant 1e-3 broke on some machines (see above)
+  c.optim.decay = (
+    "cosine"  # to 1e-4 at the last step: a constant 1e-3 broke on some machines (see above)
+  )
   c.optim.min_lr_ratio = 0.1
   c.optim.ema_decay = 0.999
-  c.train.batch_size = 16     # 3600 steps of half the work: 15 minutes on an AVX2-only CPU (see above)
+  c.train.batch_size = 16  # 3600 steps of half the work: 15 minutes on an AVX2-only CPU (see above)
   c.train.num_steps = 3600
   c.train.p_uncond = 0.1
   c.train.log_every = 100
   c.train.checkpoint_every = 1200
   c.train.sample_every = 3600
   c.sample.num_steps = 50
-  c.sample.eta = 1.0           # the paper's DDIM eta (Sec. 4): precision 0.79 against 0.74 at eta 0
-  c.sample.guidance_scale = 3.0  # above the paper's 2: samples follow their neighbours closer (see above)
-  c.sample.clip_x0 = 1.0       # pixels live in [-1, 1]
-  c.sample.final_step = "x0"   # return the last step's predicted image, not it plus 0.039 of noise
-  c.sample.num_images = 256    # the evaluation's sample sets (PNGs show the first 16)
-  c.sample.top_m = 0.1       # proposal sampling: pseudo-queries from the top 10% of D by p_D
-  c.eval.image_size = 64     # EfficientNet-Lite0 features of 64 px inputs (every figure in the README)
+  c.sample.eta = 1.0  # the paper's DDIM eta (Sec. 4): precision 0.79 against 0.74 at eta 0
+  c.sample.guidance_scale = (
+    3.0  # above the paper's 2: samples follow their neighbours closer (see above)
+  )
+  c.sample.clip_x0 = 1.0  # pixels live in [-1, 1]
+  c.sample.final_step = "x0"  # return the last step's predicted image, not it plus 0.039 of noise
+  c.sample.num_images = 256  # the evaluation's sample sets (PNGs show the first 16)
+  c.sample.top_m = 0.1  # proposal sampling: pseudo-queries from the top 10% of D by p_D
+  c.eval.image_size = 64  # EfficientNet-Lite0 features of 64 px inputs (every figure in the README)
   c.eval.reference = "test"  # the 10k held-out test images
   # what this recipe gives (README, benchmarks/RESULTS.md "The demo in 15 minutes on AVX2"): a figure
   # outside these bands fails the evaluate job, so a broken model never passes for a trained one
-  c.eval.expect = (("exemplar", "precision", 0.5, 1.0), ("exemplar", "recall", 0.45, 1.0),
-                   ("proposal", "precision", 0.5, 1.0), ("proposal", "recall", 0.4, 1.0))
+  c.eval.expect = (
+    ("exemplar", "precision", 0.5, 1.0),
+    ("exemplar", "recall", 0.45, 1.0),
+    ("proposal", "precision", 0.5, 1.0),
+    ("proposal", "recall", 0.4, 1.0),
+  )
   return c

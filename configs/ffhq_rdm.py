@@ -39,11 +39,13 @@ def get_config() -> mlc.ConfigDict:
   c.database = "data/imagenet/database"  # RDM-OI's store (and its index), shared
   c.dataset.name = "ffhq"
   c.dataset.label_range = ()
-  c.dataset.parts = mlc.ConfigDict(dict(
+  c.dataset.parts = mlc.ConfigDict(
+    dict(
       train=dict(split="folder:data/ffhq", start=0, stop=0, files="data/ffhqtrain.txt"),
       database=c.dataset.parts.database.to_dict(),
       test=dict(split="folder:data/ffhq", start=0, stop=0, files="data/ffhqvalidation.txt"),
-  ))
+    )
+  )
   c.model.update(model_channels=224, channel_mult=(1, 2, 3, 4))
   c.optim.warmup_steps = 10000
   c.train.batch_size = 50

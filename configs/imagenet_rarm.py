@@ -57,23 +57,42 @@ OPTIMISATION = {"dogs": (5e-4, 100), "mammals": (2.5e-4, 50), "animals": (2.5e-4
 def get_config(arg: str = "dogs") -> mlc.ConfigDict:
   subset, *variants = arg.split(",")
   if subset not in SUBSETS or set(variants) - {"fig5", "released"}:
-    raise ValueError(f"configs/imagenet_rarm.py:{arg}: use one of {', '.join(SUBSETS)}, optionally with ',fig5' "
-                     "and/or ',released'")
+    raise ValueError(
+      f"configs/imagenet_rarm.py:{arg}: use one of {', '.join(SUBSETS)}, optionally with ',fig5' "
+      "and/or ',released'"
+    )
   c = config_file(os.path.join(os.path.dirname(__file__), "imagenet_rdm.py"))
   c.data_dir = f"data/imagenet_{subset}"
   c.dataset.label_range = SUBSETS[subset]
-  c.first_stage.update(name="vq_f16", latent_channels=8, weights="models/first_stage_models/vq-f16/model.ckpt",
-                       scale_factor=1.0)
+  c.first_stage.update(
+    name="vq_f16",
+    latent_channels=8,
+    weights="models/first_stage_models/vq-f16/model.ckpt",
+    scale_factor=1.0,
+  )
   c.model = mlc.ConfigDict(dict(family="rarm", heads=12, dim_head=64, depth=18, dtype="bfloat16"))
   c.k_train = 4
   lr, batch = OPTIMISATION[subset]
-  c.optim.update(lr=lr, b1=0.9, b2=0.95, weight_decay=0.01, grad_clip=0.0, warmup_steps=0, ema_decay=0.0)
+  c.optim.update(
+    lr=lr, b1=0.9, b2=0.95, weight_decay=0.01, grad_clip=0.0, warmup_steps=0, ema_decay=0.0
+  )
   c.train.batch_size = batch
   c.train.p_uncond = 0.0
-  c.sample.update(condition="proposal", top_m=0.01, top_m_of="retrieved", proposal_weighted=False, k=4,
-                  temperature=1.0, top_k=256, top_p=1.0, guidance_scale=1.0)
+  c.sample.update(
+    condition="proposal",
+    top_m=0.01,
+    top_m_of="retrieved",
+    proposal_weighted=False,
+    k=4,
+    temperature=1.0,
+    top_k=256,
+    top_p=1.0,
+    guidance_scale=1.0,
+  )
   if "released" in variants:
-    c.first_stage.update(name="vqgan_f16", latent_channels=256, weights=f"models/rarm/imagenet/{subset}/model.ckpt")
+    c.first_stage.update(
+      name="vqgan_f16", latent_channels=256, weights=f"models/rarm/imagenet/{subset}/model.ckpt"
+    )
   if "fig5" in variants:
     c.sample.update(top_k=2048, top_m=0.05, guidance_scale=3.0)
   return c

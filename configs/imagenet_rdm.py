@@ -43,24 +43,35 @@ from rdm_jax.config_base import base_config
 
 def get_config(arg: str = "") -> mlc.ConfigDict:
   if arg not in ("", "in-db"):
-    raise ValueError(f"configs/imagenet_rdm.py:{arg}: use no argument (RDM-OI) or ':in-db' (RDM-IN)")
+    raise ValueError(
+      f"configs/imagenet_rdm.py:{arg}: use no argument (RDM-OI) or ':in-db' (RDM-IN)"
+    )
   c = base_config()
   c.data_dir = "data/imagenet"
   c.dataset.name = "imagenet2012"  # TFDS, prepared once with `tfds build imagenet2012`
-  c.dataset.image_size = 256       # shorter side to 256, centre crop (the original's ImageNet size 256)
-  c.dataset.parts = mlc.ConfigDict(dict(
+  c.dataset.image_size = 256  # shorter side to 256, centre crop (the original's ImageNet size 256)
+  c.dataset.parts = mlc.ConfigDict(
+    dict(
       train=dict(split="train", start=0, stop=1281167),
       # RDM-OI: the database is OpenImages, as an image folder (its train images, unpacked),
       # cut into random 256-px crops of images resized to 1200 px (config.database_build)
       database=dict(split="folder:data/openimages/train", start=0, stop=0),
       test=dict(split="validation", start=0, stop=50000),
-  ))
+    )
+  )
   # LDM VQ-f4 (vq-f4.zip of the latent-diffusion README, unpacked where the original's configs
   # expect it); 256 px images -> 3x64x64 latents, scale factor 1.0 (as the RDM release).
-  c.first_stage.update(name="vq_f4", pad_to=0, latent_channels=3,
-                       weights="models/first_stage_models/vq-f4/model.ckpt", scale_factor=1.0)
+  c.first_stage.update(
+    name="vq_f4",
+    pad_to=0,
+    latent_channels=3,
+    weights="models/first_stage_models/vq-f4/model.ckpt",
+    scale_factor=1.0,
+  )
   c.dataset.folder.update(image_size=256, channels=3, background="white")
-  c.database_build.update(crops_per_image=10, crop_size=256, resize_to=1200, embeddings_dtype="float16")
+  c.database_build.update(
+    crops_per_image=10, crop_size=256, resize_to=1200, embeddings_dtype="float16"
+  )
   c.retrieval.encoder = "clip_vit_b32"
   c.retrieval.weights = "models/clip/ViT-B-32.pt"  # OpenAI's file, or a saved transformers CLIP dir
   c.retrieval.embed_dim = 512
@@ -68,12 +79,24 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.retrieval.num_neighbors = 20
   c.k_train = 4
 
-  c.model.update(dict(
-      model_channels=192, channel_mult=(1, 2, 3, 5), num_res_blocks=2, attention_resolutions=(2, 4, 8),
-      num_head_channels=32, transformer_depth=1, dropout=0.0, dtype="bfloat16", patch_size=1))
+  c.model.update(
+    dict(
+      model_channels=192,
+      channel_mult=(1, 2, 3, 5),
+      num_res_blocks=2,
+      attention_resolutions=(2, 4, 8),
+      num_head_channels=32,
+      transformer_depth=1,
+      dropout=0.0,
+      dtype="bfloat16",
+      patch_size=1,
+    )
+  )
   # diffusion (T=1000, linear 1.5e-3..1.95e-2) and sampling (DDIM 100, guidance 2.0) are the defaults
   c.optim.lr = 1e-4
-  c.optim.warmup_steps = 100  # CompVis RDM configs/rdm/imagenet.yaml: LambdaLinearScheduler warm_up_steps 100
+  c.optim.warmup_steps = (
+    100  # CompVis RDM configs/rdm/imagenet.yaml: LambdaLinearScheduler warm_up_steps 100
+  )
   c.optim.ema_decay = 0.9999
   c.optim.grad_clip = 0.0
   # Global batch: 1280 as we read the paper's hyper-parameter table (appendix, not in
@@ -84,18 +107,22 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.train.log_every = 100
   c.train.checkpoint_every = 5000
   c.train.sample_every = 20000
-  c.sample.include_query = True  # exemplars: the query's own embedding, then its k-1 neighbours (the
-                                 # original's sample_with_query, omit_query=False: rdm/models/diffusion/
-                                 # ddpm.py:693, 779-781; scripts/rdm_sample.py:119); False = k neighbours
+  c.sample.include_query = (
+    True  # exemplars: the query's own embedding, then its k-1 neighbours (the
+  )
+  # original's sample_with_query, omit_query=False: rdm/models/diffusion/
+  # ddpm.py:693, 779-781; scripts/rdm_sample.py:119); False = k neighbours
   # Class-conditional samples (condition=class, Sec. 3.3, Fig. 10): the OpenImages database has no
   # labels, so each class's pool is the l entries nearest to the CLIP text embedding of this prompt
   # with the class's name (labels name ImageNet's classes: --config.sample.classes=207 is "golden
   # retriever"). The paper gives no l (class_pool_size); class_context="prompt_and_pool" is Fig. 10's
   # caption (the prompt's embedding and k-1 pool entries), "pool" Sec. 3.3's k pool entries.
   c.sample.class_prompt = "An image of a {}."
-  c.sample.top_m = 0.01        # the paper's top-m for unconditional samples
-  c.sample.top_m_of = "retrieved"  # m as the original code reads it (get_qids: a fraction of the entries
-                                   # retrieved at least once), which made the paper's tables
+  c.sample.top_m = 0.01  # the paper's top-m for unconditional samples
+  c.sample.top_m_of = (
+    "retrieved"  # m as the original code reads it (get_qids: a fraction of the entries
+  )
+  # retrieved at least once), which made the paper's tables
   # The paper's quantitative results sample with DDIM, 100 steps, eta = 1 (Sec. 4, first paragraph);
   # its Fig. 5 samples use guidance s = 2.0 and 100 DDIM steps. --config.sample.sampler=dpm_solver++
   # --config.sample.num_steps=20 is the fast alternative (eta does not apply to it).
@@ -104,9 +131,11 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   c.sample.eta = 1.0
   c.sample.guidance_scale = 2.0
   c.sample.batch_size = 256
-  c.eval.extractor = "inception_v3_fid"  # FID / IS / precision-recall on pool3 (weights: a local path)
+  c.eval.extractor = (
+    "inception_v3_fid"  # FID / IS / precision-recall on pool3 (weights: a local path)
+  )
   c.eval.image_size = 299
-  c.eval.reference = "train"   # the ImageNet training images (a config part)
+  c.eval.reference = "train"  # the ImageNet training images (a config part)
   c.eval.num_reference = 50000
   if arg == "in-db":
     c.data_dir = "data/imagenet_in-db"
@@ -116,5 +145,5 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
     c.dataset.database_overlaps_train = True
     c.database_build.update(crops_per_image=0, crop_size=0, resize_to=0)
     c.retrieval.exclude = "never"  # the original excludes nothing; "auto" is ours (see above)
-    c.optim.warmup_steps = 10000   # models/rdm/imagenet_in-db/config.yaml:25-26
+    c.optim.warmup_steps = 10000  # models/rdm/imagenet_in-db/config.yaml:25-26
   return c

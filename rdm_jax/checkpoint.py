@@ -20,15 +20,26 @@ from absl import logging
 
 from rdm_jax import files, training
 from rdm_jax.data import store
-from rdm_jax.errors import UserError, checked_by_process_0, fail, free_bytes, io_error_line, size_text
+from rdm_jax.errors import (
+  UserError,
+  checked_by_process_0,
+  fail,
+  free_bytes,
+  io_error_line,
+  size_text,
+)
 from rdm_jax.parallel import mesh as mesh_lib
 
 
 def manager(workdir: str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
   directory = files.abspath(files.join(workdir, "checkpoints"))
   if not create and not files.isdir(directory):
-    fail(f"no checkpoints in {workdir}: train first with `python -m rdm_jax.train --workdir={workdir}`")
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)
+    fail(
+      f"no checkpoints in {workdir}: train first with `python -m rdm_jax.train --workdir={workdir}`"
+    )
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep, create=create, enable_async_checkpointing=True
+  )
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -46,7 +57,10 @@ def _step_sizes(step_dir: str) -> dict[str, int]:
 
 def _step_files(step_dir: str) -> dict[str, list]:
   """{relative path: [size, sha256]} of every file of a finished checkpoint."""
-  return {rel: [size, files.sha256(files.join(step_dir, rel))] for rel, size in _step_sizes(step_dir).items()}
+  return {
+    rel: [size, files.sha256(files.join(step_dir, rel))]
+    for rel, size in _step_sizes(step_dir).items()
+  }
 
 
 def record_digests(mngr: ocp.CheckpointManager) -> None:
@@ -95,7 +109,9 @@ def _damage(mngr: ocp.CheckpointManager, step: int) -> str | None:
 
 
 def _shapes(tree: Any) -> list:
-  return sorted(tuple(int(d) for d in x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+  return sorted(
+    tuple(int(d) for d in x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape")
+  )
 
 
 class _NoStepMetadataWarning(logging_lib.Filter):
@@ -127,7 +143,9 @@ def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
   return [s for s in steps(mngr) if files.isdir(files.join(str(mngr.directory), str(s)))]
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, step: int | None = None) -> Any:
+def restore(
+  mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, step: int | None = None
+) -> Any:
   """Restores `step` (default: the newest intact one) into `shardings`; None when there is none.
 
   A checkpoint is damaged when its files differ from the digests recorded after it was
@@ -138,10 +156,13 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
   """
   available = steps(mngr)
   if step is not None and step not in available:
-    fail(f"no checkpoint of step {step} in {mngr.directory}; steps there: "
-         f"{', '.join(map(str, available)) or 'none (train first)'}")
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_state, shardings)
+    fail(
+      f"no checkpoint of step {step} in {mngr.directory}; steps there: "
+      f"{', '.join(map(str, available)) or 'none (train first)'}"
+    )
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
   want_shapes = _shapes(target)
   damaged = []
   for s in [step] if step is not None else available[::-1]:
@@ -152,8 +173,10 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
       except Exception as e:  # noqa: BLE001  unreadable metadata: damaged
         why, saved = f"its metadata does not read ({type(e).__name__}: {str(e)[:120]})", None
       if saved is not None and saved != want_shapes:
-        fail(f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays have other "
-             "shapes); use the config it was trained with or a new --workdir")
+        fail(
+          f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays have other "
+          "shapes); use the config it was trained with or a new --workdir"
+        )
     if why is None:
       try:
         state = mngr.restore(s, args=ocp.args.StandardRestore(target))
@@ -161,19 +184,33 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, shardings: Any, st
         why = f"reading it failed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
     if why is None:
       if damaged:
-        logging.warning("checkpoint(s) %s in %s are damaged (%s); restored the newest intact one, step %d",
-                        ", ".join(str(d) for d, _ in damaged), mngr.directory, damaged[0][1], s)
+        logging.warning(
+          "checkpoint(s) %s in %s are damaged (%s); restored the newest intact one, step %d",
+          ", ".join(str(d) for d, _ in damaged),
+          mngr.directory,
+          damaged[0][1],
+          s,
+        )
       return state
     damaged.append((s, why))
   if damaged:
     listing = " ".join(files.join(str(mngr.directory), str(d)) for d, _ in damaged)
-    fail(f"checkpoint {damaged[0][0]} in {mngr.directory} is damaged ({damaged[0][1]})"
-         + (f" and no intact checkpoint is left (steps {', '.join(str(d) for d, _ in damaged)})" if step is None
-            else "") + f"; move or delete it to go on without it (`rm -r {listing}`), or restore it from a copy")
+    fail(
+      f"checkpoint {damaged[0][0]} in {mngr.directory} is damaged ({damaged[0][1]})"
+      + (
+        f" and no intact checkpoint is left (steps {', '.join(str(d) for d, _ in damaged)})"
+        if step is None
+        else ""
+      )
+      + f"; move or delete it to go on without it (`rm -r {listing}`), or restore it from a copy"
+    )
   return None
 
 
-RUN_FILES = ("model_info.json", "checkpoints")  # a directory holding either is a training run of ours
+RUN_FILES = (
+  "model_info.json",
+  "checkpoints",
+)  # a directory holding either is a training run of ours
 
 
 def check_workdir(workdir: str) -> None:
@@ -181,10 +218,15 @@ def check_workdir(workdir: str) -> None:
   Multi-process jobs run it under `errors.checked_by_process_0`, before any process writes there."""
   if files.exists(workdir) and not files.isdir(workdir):
     fail(f"--workdir={workdir} exists and is not a directory; choose another --workdir")
-  if files.isdir(workdir) and files.listdir(workdir) and not any(
-      files.exists(files.join(workdir, f)) for f in RUN_FILES):
-    fail(f"--workdir={workdir} holds files but no training run (no {' or '.join(RUN_FILES)}); refusing to "
-         "write into it: choose a new or empty --workdir")
+  if (
+    files.isdir(workdir)
+    and files.listdir(workdir)
+    and not any(files.exists(files.join(workdir, f)) for f in RUN_FILES)
+  ):
+    fail(
+      f"--workdir={workdir} holds files but no training run (no {' or '.join(RUN_FILES)}); refusing to "
+      "write into it: choose a new or empty --workdir"
+    )
 
 
 def function_record(config: Any) -> dict[str, Any]:
@@ -194,8 +236,12 @@ def function_record(config: Any) -> dict[str, Any]:
   if training.family(config) != "unet":
     return {}
   d = config.diffusion
-  return {"diffusion.prediction": d.prediction, "diffusion.num_timesteps": int(d.num_timesteps),
-          "diffusion.beta_start": float(d.beta_start), "diffusion.beta_end": float(d.beta_end)}
+  return {
+    "diffusion.prediction": d.prediction,
+    "diffusion.num_timesteps": int(d.num_timesteps),
+    "diffusion.beta_start": float(d.beta_start),
+    "diffusion.beta_end": float(d.beta_end),
+  }
 
 
 def check_function(before: dict[str, Any], now: dict[str, Any], workdir: str) -> None:
@@ -203,10 +249,18 @@ def check_function(before: dict[str, Any], now: dict[str, Any], workdir: str) ->
   with (`before`: its model_info.json; runs from before the record are not checked)."""
   diff = {k: v for k, v in (before.get("function") or {}).items() if k in now and now[k] != v}
   if diff:
-    fail(f"the model in {workdir} was trained with " + ", ".join(f"{k}={v!r}" for k, v in diff.items()) +
-         " but this config has " + ", ".join(f"{k}={now[k]!r}" for k in diff) + ": the same weights would "
-         "compute something else. Use the config it was trained with (" + files.join(workdir, "config.json") +
-         ") or pass " + " ".join(f"--config.{k}={v}" for k, v in diff.items()) + "; to train anew, a new --workdir")
+    fail(
+      f"the model in {workdir} was trained with "
+      + ", ".join(f"{k}={v!r}" for k, v in diff.items())
+      + " but this config has "
+      + ", ".join(f"{k}={now[k]!r}" for k in diff)
+      + ": the same weights would "
+      "compute something else. Use the config it was trained with ("
+      + files.join(workdir, "config.json")
+      + ") or pass "
+      + " ".join(f"--config.{k}={v}" for k, v in diff.items())
+      + "; to train anew, a new --workdir"
+    )
 
 
 def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]) -> None:
@@ -217,14 +271,18 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
   try:
     before = files.read_json(path)
   except (OSError, UserError) as e:
-    fail(f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it or use a new --workdir")
+    fail(
+      f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it or use a new --workdir"
+    )
   for field, what in (("database_fingerprint", "database"), ("encoder", "retrieval encoder")):
     if field == "database_fingerprint" and before.get("imported_from"):
       continue  # imported weights (jobs/import_checkpoint.py) are not tied to a database of ours
     if before.get(field) != info[field]:
-      fail(f"the checkpoints in {workdir} were trained with another {what} ({field} {before.get(field)} in "
-           f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "
-           f"{what} of that run ({before.get('database')})")
+      fail(
+        f"the checkpoints in {workdir} were trained with another {what} ({field} {before.get(field)} in "
+        f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "
+        f"{what} of that run ({before.get('database')})"
+      )
   check_function(before, info["function"], workdir)
 
 
@@ -245,14 +303,21 @@ def set_aside_newer(mngr: ocp.CheckpointManager, step: int, keep: int) -> ocp.Ch
       digest = files.join(_digest_dir(mngr), f"{s}.json")
       if files.exists(digest):
         files.move(digest, dest + ".digests.json")
-      logging.warning("moved damaged checkpoint %d to %s; training goes on from step %d", s, dest, step)
+      logging.warning(
+        "moved damaged checkpoint %d to %s; training goes on from step %d", s, dest, step
+      )
   multihost_utils.sync_global_devices("rdm_jax_set_aside_damaged_checkpoints")
   mngr.close()
   return manager(workdir, keep=keep)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = False,
-         trained_on: dict[str, Any] | None = None) -> None:
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  force: bool = False,
+  trained_on: dict[str, Any] | None = None,
+) -> None:
   """Starts an async save of `step`, recording `trained_on` (`inputs_record`) in its metadata;
   first records the digests of the previous one (orbax waits for it before starting another
   anyway; a step is listed before its last files are written)."""
@@ -285,7 +350,9 @@ def kept_on_error(mngr: ocp.CheckpointManager):
     raise
 
 
-_IN_FLIGHT: set[int] = set()  # id() of the managers with a save not yet seen to the end (`check_saves`)
+_IN_FLIGHT: set[int] = (
+  set()
+)  # id() of the managers with a save not yet seen to the end (`check_saves`)
 
 
 def check_saves(mngr: ocp.CheckpointManager, collective: bool = True) -> None:
@@ -299,6 +366,7 @@ def check_saves(mngr: ocp.CheckpointManager, collective: bool = True) -> None:
     ended = not mngr.is_saving_in_progress()
   elif collective:
     from jax.experimental import multihost_utils
+
     ended = bool(multihost_utils.broadcast_one_to_all(np.asarray(not mngr.is_saving_in_progress())))
   else:
     return
@@ -316,12 +384,16 @@ def _save_errors(mngr: ocp.CheckpointManager, step: int | None = None):
   except Exception as e:  # noqa: BLE001  orbax and TensorStore report write errors as several types
     intact = committed_steps(mngr)
     saving = f"checkpoint {step}" if step is not None else "a checkpoint"
-    fail(f"writing {saving} to {mngr.directory} failed: {io_error_line(e, str(mngr.directory))}. "
-         f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; fix that and rerun: training resumes "
-         "from the newest")
+    fail(
+      f"writing {saving} to {mngr.directory} failed: {io_error_line(e, str(mngr.directory))}. "
+      f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; fix that and rerun: training resumes "
+      "from the newest"
+    )
 
 
-def check_space(mngr: ocp.CheckpointManager, abstract_state: Any, start_step: int, train: Any) -> None:
+def check_space(
+  mngr: ocp.CheckpointManager, abstract_state: Any, start_step: int, train: Any
+) -> None:
   """Refuses, before training, a run whose checkpoints will not fit on the disk of its --workdir:
   each is about the state's bytes, and up to `keep_checkpoints` of them plus the one being written
   are on disk at once. (A bucket is not checked.)"""
@@ -329,15 +401,19 @@ def check_space(mngr: ocp.CheckpointManager, abstract_state: Any, start_step: in
   if files.is_uri(directory):
     return
   every, keep, num_steps = train.checkpoint_every, train.keep_checkpoints, train.num_steps
-  to_save = len({s for s in range(start_step + 1, num_steps + 1) if s % every == 0 or s == num_steps})
+  to_save = len(
+    {s for s in range(start_step + 1, num_steps + 1) if s % every == 0 or s == num_steps}
+  )
   have = len(steps(mngr))
   one = state_bytes(abstract_state)
   need = (min(keep + 1, have + to_save) - min(have, keep + 1)) * one * 1.05 if to_save else 0
   free = free_bytes(directory)
   if free is not None and need > free:
-    fail(f"{directory}: the run's checkpoints need about {size_text(need)} more (up to {keep + 1} checkpoints of "
-         f"{size_text(one)} at once) but {size_text(free)} is free there; free space, lower "
-         "config.train.keep_checkpoints, or choose a --workdir on another disk")
+    fail(
+      f"{directory}: the run's checkpoints need about {size_text(need)} more (up to {keep + 1} checkpoints of "
+      f"{size_text(one)} at once) but {size_text(free)} is free there; free space, lower "
+      "config.train.keep_checkpoints, or choose a --workdir on another disk"
+    )
 
 
 def state_bytes(abstract_state: Any) -> int:
@@ -358,9 +434,14 @@ def check_room(mngr: ocp.CheckpointManager, need: int, step: int) -> None:
 
   def look() -> None:  # process 0's look decides for every process (they share the disk)
     intact = committed_steps(mngr)  # a save in flight is completed as the error stops the run
-    files.need_room(directory, need, f"step {step}", "training stopped before writing. Checkpoints intact: "
-                    f"{', '.join(map(str, intact)) or 'none'}. Free space (or move --workdir to a larger disk) "
-                    "and rerun: training resumes from the newest")
+    files.need_room(
+      directory,
+      need,
+      f"step {step}",
+      "training stopped before writing. Checkpoints intact: "
+      f"{', '.join(map(str, intact)) or 'none'}. Free space (or move --workdir to a larger disk) "
+      "and rerun: training resumes from the newest",
+    )
 
   checked_by_process_0(look)
 
@@ -373,8 +454,10 @@ def inputs_record(data: Any) -> dict[str, Any]:
   store's path, fingerprint (its manifest, which holds the arrays' checksums) and the state of
   its array files (inode, size, time written) when the run opened it."""
   stores = (data.latents_store, data.neighbors_store, data.database_store)
-  return {part: {"path": s.path, "fingerprint": s.fingerprint, "files": s.states}
-          for part, s in zip(INPUT_PARTS, stores)}
+  return {
+    part: {"path": s.path, "fingerprint": s.fingerprint, "files": s.states}
+    for part, s in zip(INPUT_PARTS, stores)
+  }
 
 
 def recorded_inputs(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
@@ -382,17 +465,24 @@ def recorded_inputs(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | 
   try:
     custom = mngr.metadata(step).custom_metadata or {}
   except Exception as e:  # noqa: BLE001  unreadable step metadata
-    fail(f"the metadata of checkpoint {step} in {mngr.directory} does not read ({type(e).__name__}); "
-         "move that checkpoint away to go on without it")
+    fail(
+      f"the metadata of checkpoint {step} in {mngr.directory} does not read ({type(e).__name__}); "
+      "move that checkpoint away to go on without it"
+    )
   record = custom.get("trained_on") if isinstance(custom, dict) else None
   if record is None:
     return None
   ok = isinstance(record, dict) and all(
-      isinstance(record.get(p), dict) and isinstance(record[p].get("fingerprint"), str)
-      and isinstance(record[p].get("files"), dict) for p in INPUT_PARTS)
+    isinstance(record.get(p), dict)
+    and isinstance(record[p].get("fingerprint"), str)
+    and isinstance(record[p].get("files"), dict)
+    for p in INPUT_PARTS
+  )
   if not ok:
-    fail(f"checkpoint {step} in {mngr.directory} has a malformed record of its training data; move that "
-         "checkpoint away to go on without it")
+    fail(
+      f"checkpoint {step} in {mngr.directory} has a malformed record of its training data; move that "
+      "checkpoint away to go on without it"
+    )
   return record
 
 
@@ -411,25 +501,35 @@ def check_inputs(mngr: ocp.CheckpointManager, step: int, data: Any) -> None:
   for part, s in zip(INPUT_PARTS, stores):
     was = record[part]
     if was["fingerprint"] != s.fingerprint:
-      fail(f"checkpoint {step} in {mngr.directory} was trained on the {part} store {was.get('path')} "
-           f"(fingerprint {was['fingerprint']}); {s.path} is now {s.fingerprint}: resuming would mix two "
-           "data sets. Put that store back, or train on this one with a new --workdir")
+      fail(
+        f"checkpoint {step} in {mngr.directory} was trained on the {part} store {was.get('path')} "
+        f"(fingerprint {was['fingerprint']}); {s.path} is now {s.fingerprint}: resuming would mix two "
+        "data sets. Put that store back, or train on this one with a new --workdir"
+      )
     if was["files"] != s.states:  # both {array: [inode, size, mtime_ns]}
       changed = store.changed_array(s)
       if changed:
-        fail(f"{s.path}/{changed}.npy changed after checkpoint {step} in {mngr.directory} was trained on it "
-             f"(its sha256 no longer matches the store's manifest); rebuild or restore {s.path}, then rerun")
-      logging.info("%s was touched since checkpoint %d; its arrays match their checksums", s.path, step)
+        fail(
+          f"{s.path}/{changed}.npy changed after checkpoint {step} in {mngr.directory} was trained on it "
+          f"(its sha256 no longer matches the store's manifest); rebuild or restore {s.path}, then rerun"
+        )
+      logging.info(
+        "%s was touched since checkpoint %d; its arrays match their checksums", s.path, step
+      )
 
 
 def load_trained(config, workdir: str, step: int | None = None):
   """(model, EMA params, model_info) of a run, restored onto the config's mesh."""
   info_path = files.join(workdir, "model_info.json")
   if not files.isfile(info_path):
-    fail(f"{workdir} holds no trained model: run `python -m rdm_jax.train --workdir={workdir}` first")
+    fail(
+      f"{workdir} holds no trained model: run `python -m rdm_jax.train --workdir={workdir}` first"
+    )
   info = files.read_json(info_path)
   if not isinstance(info, dict) or not isinstance(info.get("latent_shape"), list):
-    fail(f"{info_path} is not a model record of rdm_jax.train (no latent_shape); restore it or train again")
+    fail(
+      f"{info_path} is not a model record of rdm_jax.train (no latent_shape); restore it or train again"
+    )
   check_function(info, function_record(config), workdir)
   setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.from_config(config))
   state = restore(manager(workdir, create=False), setup.abstract, setup.state_sh, step)

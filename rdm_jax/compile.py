@@ -26,14 +26,26 @@ from rdm_jax import files  # noqa: E402
 from rdm_jax.errors import UserError  # noqa: E402
 from rdm_jax import aot  # noqa: E402
 
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice as booked: v5e-64, v4-8, v5p-128, v6e-256, ...")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU slice as booked: v5e-64, v4-8, v5p-128, v6e-256, ..."
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "Global train batch; 0 = config.train.batch_size.")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Sampling batch; 0 = config.sample.batch_size.")
+_SAMPLE_BATCH = flags.DEFINE_integer(
+  "sample_batch", 0, "Sampling batch; 0 = config.sample.batch_size."
+)
 _STEPS = flags.DEFINE_list("steps", ["train", "sample"], "Which steps to compile: train, sample.")
-_OUT = flags.DEFINE_string("out", "", "Write the report here as JSON (written whole, then renamed).")
-_HLO = flags.DEFINE_string("hlo", "", "Also write the compiled train step's HLO text here (where each collective is).")
-_SERIALIZE = flags.DEFINE_string("serialize", "", "Also write the compiled train step here "
-                                 "(jax.experimental.serialize_executable; loads only with the same jax and libtpu).")
+_OUT = flags.DEFINE_string(
+  "out", "", "Write the report here as JSON (written whole, then renamed)."
+)
+_HLO = flags.DEFINE_string(
+  "hlo", "", "Also write the compiled train step's HLO text here (where each collective is)."
+)
+_SERIALIZE = flags.DEFINE_string(
+  "serialize",
+  "",
+  "Also write the compiled train step here "
+  "(jax.experimental.serialize_executable; loads only with the same jax and libtpu).",
+)
 
 
 def _check_output(path: str, ours) -> None:
@@ -58,7 +70,9 @@ def main(argv):
   _check_output(_OUT.value, lambda text: "libtpu_topology" in json.loads(text))
   _check_output(_SERIALIZE.value, lambda text: False)
   _check_output(_HLO.value, lambda text: False)
-  r = aot.report(cli.CONFIG.value, _TOPOLOGY.value, _BATCH.value, _SAMPLE_BATCH.value, tuple(_STEPS.value))
+  r = aot.report(
+    cli.CONFIG.value, _TOPOLOGY.value, _BATCH.value, _SAMPLE_BATCH.value, tuple(_STEPS.value)
+  )
   compiled = {k: r[k].pop("_compiled", None) for k in ("train", "sample") if k in r}
   print(aot.summary(r))
   if _OUT.value:
@@ -73,6 +87,7 @@ def main(argv):
     if compiled.get("train") is None:
       cli.fail("--serialize: the train step did not compile (see above)")
     from jax.experimental import serialize_executable
+
     payload, _, _ = serialize_executable.serialize(compiled["train"])
     files.atomic_write(_SERIALIZE.value, lambda f: f.write(payload))
     print(f"compiled train step: {_SERIALIZE.value}")

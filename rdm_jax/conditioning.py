@@ -25,9 +25,9 @@ from rdm_jax.retrieval import crops, encoders, exact, index, proposal
 
 @dataclass(frozen=True)
 class Conditioning:
-  context: np.ndarray        # [B, k, d] raw embeddings
+  context: np.ndarray  # [B, k, d] raw embeddings
   neighbor_rows: np.ndarray  # [B, k] rows of the database store; -1: the query's own embedding
-  query_rows: np.ndarray     # [B] rows of the query store
+  query_rows: np.ndarray  # [B] rows of the query store
   database: store.Store
   queries: store.Store | None  # the query store (the database for proposal and class; None: a .npy)
   captions: np.ndarray | None = None  # [B] str: the text of each row (condition=text)
@@ -42,22 +42,31 @@ def open_search(config: Any, database: store.Store, build: bool = False):
     return index.load(path, database, config.retrieval.index).search
   if build:
     print(f"{database.path} has no index at {path}: building it (rdm_jax.jobs.index)")
-    return index.ensure(database, config.retrieval.index, config.retrieval.num_neighbors, path).search
+    return index.ensure(
+      database, config.retrieval.index, config.retrieval.num_neighbors, path
+    ).search
   emb = database["embeddings"]
   return lambda q, k: exact.exact_search(q, emb, k, normalize_database=True)
 
 
 def open_database(config: Any, encoder: dict | None = None) -> store.Store:
   """config.database, checked to come from the model's encoder (when given)."""
-  database = store.read(config_base.paths(config)["database"], "database",
-                        hint="python -m rdm_jax.jobs.embed --config=... --parts=database")
+  database = store.read(
+    config_base.paths(config)["database"],
+    "database",
+    hint="python -m rdm_jax.jobs.embed --config=... --parts=database",
+  )
   if encoder is not None and database.manifest["encoder"] != encoder:
-    fail(f"database {database.path} was embedded by {database.manifest['encoder']} but the model was "
-         f"trained with {encoder}; embed this database with the model's encoder")
+    fail(
+      f"database {database.path} was embedded by {database.manifest['encoder']} but the model was "
+      f"trained with {encoder}; embed this database with the model's encoder"
+    )
   width = database["embeddings"].shape[1]
   if width != config.retrieval.embed_dim:
-    fail(f"database {database.path} holds {width}-d embeddings but the model takes "
-         f"config.retrieval.embed_dim={config.retrieval.embed_dim}-d context; use a database of the model's encoder")
+    fail(
+      f"database {database.path} holds {width}-d embeddings but the model takes "
+      f"config.retrieval.embed_dim={config.retrieval.embed_dim}-d context; use a database of the model's encoder"
+    )
   return database
 
 
@@ -66,8 +75,16 @@ def _gather(database: store.Store, rows: np.ndarray) -> np.ndarray:
   return np.asarray(database["embeddings"][rows.reshape(-1)], np.float32).reshape(rows.shape + (d,))
 
 
-def _retrieve(config: Any, database: store.Store, query_store: store.Store | None, query_rows: np.ndarray, k: int,
-              include_query: bool = False, queries: np.ndarray | None = None, search=None) -> Conditioning:
+def _retrieve(
+  config: Any,
+  database: store.Store,
+  query_store: store.Store | None,
+  query_rows: np.ndarray,
+  k: int,
+  include_query: bool = False,
+  queries: np.ndarray | None = None,
+  search=None,
+) -> Conditioning:
   """The k nearest database rows of each query as context; with include_query, the query's own
   embedding first and its k-1 nearest after it (the original's `omit_query=False`). The queries
   are the query store's rows, or given."""
@@ -83,18 +100,33 @@ def _retrieve(config: Any, database: store.Store, query_store: store.Store | Non
   if include_query:
     context = np.concatenate([queries[:, None], context], axis=1)
     ids = np.concatenate([np.full((len(ids), 1), -1, ids.dtype), ids], axis=1)
-  return Conditioning(context=context, neighbor_rows=ids, query_rows=query_rows, database=database,
-                      queries=query_store)
+  return Conditioning(
+    context=context,
+    neighbor_rows=ids,
+    query_rows=query_rows,
+    database=database,
+    queries=query_store,
+  )
 
 
-def exemplar_conditioning(config: Any, n: int, k: int, part: str = "test", encoder: dict | None = None,
-                          include_query: bool = False, database: store.Store | None = None,
-                          search=None) -> Conditioning:
+def exemplar_conditioning(
+  config: Any,
+  n: int,
+  k: int,
+  part: str = "test",
+  encoder: dict | None = None,
+  include_query: bool = False,
+  database: store.Store | None = None,
+  search=None,
+) -> Conditioning:
   """The first n embedded images of `part` as queries (exemplar-conditional sampling); their k
   nearest database entries condition, or (include_query) the query itself and its k-1 nearest."""
   database = open_database(config, encoder) if database is None else database
-  queries = store.read(config_base.paths(config)[f"embeddings_{part}"], "embeddings",
-                       hint=f"python -m rdm_jax.jobs.embed --config=... --parts={part}")
+  queries = store.read(
+    config_base.paths(config)[f"embeddings_{part}"],
+    "embeddings",
+    hint=f"python -m rdm_jax.jobs.embed --config=... --parts={part}",
+  )
   if queries.manifest["encoder"] != database.manifest["encoder"]:
     fail(f"queries {queries.path} and database {database.path} come from different encoders")
   if n > len(queries["embeddings"]):
@@ -102,21 +134,40 @@ def exemplar_conditioning(config: Any, n: int, k: int, part: str = "test", encod
   return _retrieve(config, database, queries, np.arange(n), k, include_query, search=search)
 
 
-def proposal_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, encoder: dict | None = None,
-                          database: store.Store | None = None, search=None) -> Conditioning:
+def proposal_conditioning(
+  config: Any,
+  n: int,
+  k: int,
+  rng: np.random.Generator,
+  encoder: dict | None = None,
+  database: store.Store | None = None,
+  search=None,
+) -> Conditioning:
   """Unconditional sampling (Eq. 6): pseudo-queries x~ ~ p_D (top-m), then their k neighbours in D.
 
   `query_rows` are the pseudo-queries' database rows.
   """
   database = open_database(config, encoder) if database is None else database
-  p = store.read(config_base.paths(config)["proposal"], proposal.KIND,
-                 hint="python -m rdm_jax.jobs.neighbors --config=... --parts=train")
+  p = store.read(
+    config_base.paths(config)["proposal"],
+    proposal.KIND,
+    hint="python -m rdm_jax.jobs.neighbors --config=... --parts=train",
+  )
   if p.manifest["database_fingerprint"] != database.fingerprint:
-    fail(f"proposal {p.path} was computed for another database than {database.path}; rerun the neighbour "
-         "job for this database, or sample with --config.sample.condition=exemplar")
+    fail(
+      f"proposal {p.path} was computed for another database than {database.path}; rerun the neighbour "
+      "job for this database, or sample with --config.sample.condition=exemplar"
+    )
   s = config.sample
-  rows = proposal.draw(p, n, rng, top_m=s.top_m, top_count=s.top_count, weighted=s.proposal_weighted,
-                       top_m_of=s.top_m_of)
+  rows = proposal.draw(
+    p,
+    n,
+    rng,
+    top_m=s.top_m,
+    top_count=s.top_count,
+    weighted=s.proposal_weighted,
+    top_m_of=s.top_m_of,
+  )
   return _retrieve(config, database, database, rows, k, search=search)
 
 
@@ -130,22 +181,40 @@ def load_query_embeddings(path: str, database: store.Store) -> np.ndarray:
     fail(f"config.sample.embeddings_path: {e}")
   d = database["embeddings"].shape[1]
   if queries.ndim != 2 or queries.shape[1] != d or queries.dtype.kind != "f":
-    fail(f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the database's "
-         f"encoder {database.manifest['encoder'].get('name')}")
+    fail(
+      f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the database's "
+      f"encoder {database.manifest['encoder'].get('name')}"
+    )
   return np.asarray(queries, np.float32)
 
 
-def embeddings_conditioning(config: Any, queries: np.ndarray, k: int, encoder: dict | None = None,
-                            include_query: bool = False, database: store.Store | None = None,
-                            search=None) -> Conditioning:
+def embeddings_conditioning(
+  config: Any,
+  queries: np.ndarray,
+  k: int,
+  encoder: dict | None = None,
+  include_query: bool = False,
+  database: store.Store | None = None,
+  search=None,
+) -> Conditioning:
   """Query embeddings [N, d] made by the database's encoder (e.g. `load_query_embeddings`)."""
   database = open_database(config, encoder) if database is None else database
   queries = np.asarray(queries, np.float32)
   d = database["embeddings"].shape[1]
   if queries.ndim != 2 or queries.shape[1] != d:
-    fail(f"query embeddings of shape {queries.shape}; expected [N, {d}] from the database's encoder")
-  return _retrieve(config, database, None, np.arange(len(queries)), k, include_query, queries=queries,
-                   search=search)
+    fail(
+      f"query embeddings of shape {queries.shape}; expected [N, {d}] from the database's encoder"
+    )
+  return _retrieve(
+    config,
+    database,
+    None,
+    np.arange(len(queries)),
+    k,
+    include_query,
+    queries=queries,
+    search=search,
+  )
 
 
 TEXT_MODES = ("caption_and_neighbors", "caption", "neighbors")
@@ -155,25 +224,38 @@ def text_queries(config: Any, database: store.Store, texts: list[str]) -> np.nda
   """CLIP text embeddings [N, d] of `texts`, from the CLIP that embedded `database` (checked)."""
   identity = encoders.encoder_identity(config.retrieval)
   if identity != database.manifest["encoder"]:
-    fail(f"config.retrieval names encoder {identity} but database {database.path} was embedded by "
-         f"{database.manifest['encoder']}: text and image embeddings must come from one CLIP")
+    fail(
+      f"config.retrieval names encoder {identity} but database {database.path} was embedded by "
+      f"{database.manifest['encoder']}: text and image embeddings must come from one CLIP"
+    )
   return encoders.embed_text(config.retrieval, texts)
 
 
 def part_captions(config: Any, part: str) -> list[str]:
   """The captions of a part's embeddings store, in row order (config.sample.prompts_from)."""
   if part not in ("train", "test"):
-    fail(f"config.sample.prompts_from={part!r}; use train or test (a part whose embeddings store has captions)")
+    fail(
+      f"config.sample.prompts_from={part!r}; use train or test (a part whose embeddings store has captions)"
+    )
   path = config_base.paths(config)[f"embeddings_{part}"]
   queries = store.read(path, "embeddings", hint="run `python -m rdm_jax.jobs.embed` first")
   if "captions" not in queries.arrays:
-    fail(f"{path} has no captions: its source has none (a TFDS caption feature, config.dataset.caption_feature, "
-         "or an image folder's captions.jsonl); give --config.sample.prompts instead")
+    fail(
+      f"{path} has no captions: its source has none (a TFDS caption feature, config.dataset.caption_feature, "
+      "or an image folder's captions.jsonl); give --config.sample.prompts instead"
+    )
   return [str(c) for c in queries["captions"]]
 
 
-def text_conditioning(config: Any, prompts: list[str] | tuple[str, ...], k: int, encoder: dict | None = None,
-                      database: store.Store | None = None, search=None, mode: str | None = None) -> Conditioning:
+def text_conditioning(
+  config: Any,
+  prompts: list[str] | tuple[str, ...],
+  k: int,
+  encoder: dict | None = None,
+  database: store.Store | None = None,
+  search=None,
+  mode: str | None = None,
+) -> Conditioning:
   """Captions as queries (Sec. 4.2; the original's knn2img with a prompt), `mode` (default
   config.sample.text_mode): "caption_and_neighbors": each caption's CLIP text embedding first and
   its k-1 nearest database entries after it; "caption": the text embedding alone (k = 1);
@@ -183,21 +265,36 @@ def text_conditioning(config: Any, prompts: list[str] | tuple[str, ...], k: int,
   if mode not in TEXT_MODES:
     fail(f"config.sample.text_mode={mode!r}; use {', '.join(TEXT_MODES)}")
   if not prompts:
-    fail("config.sample.condition=text needs captions: --config.sample.prompts=\"('a red dress','a sneaker')\", "
-         "or --config.sample.prompts_from=test (the test part's own captions)")
+    fail(
+      "config.sample.condition=text needs captions: --config.sample.prompts=\"('a red dress','a sneaker')\", "
+      "or --config.sample.prompts_from=test (the test part's own captions)"
+    )
   queries = text_queries(config, database, list(prompts))
   rows = np.arange(len(prompts))
   if mode == "caption":
-    cond = Conditioning(context=queries[:, None], neighbor_rows=np.full((len(rows), 1), -1, np.int64),
-                        query_rows=rows, database=database, queries=None)
+    cond = Conditioning(
+      context=queries[:, None],
+      neighbor_rows=np.full((len(rows), 1), -1, np.int64),
+      query_rows=rows,
+      database=database,
+      queries=None,
+    )
   else:
-    cond = _retrieve(config, database, None, rows, k, include_query=mode == "caption_and_neighbors",
-                     queries=queries, search=search)
+    cond = _retrieve(
+      config,
+      database,
+      None,
+      rows,
+      k,
+      include_query=mode == "caption_and_neighbors",
+      queries=queries,
+      search=search,
+    )
   return replace(cond, captions=np.asarray(list(prompts), dtype=str))
 
 
 def class_ids(names_or_ids: str, names: tuple[str, ...], labels: np.ndarray) -> list[int]:
-  """"Dress,7" -> [3, 7]: class names (any case) or label ids, comma-separated; "" = every label."""
+  """ "Dress,7" -> [3, 7]: class names (any case) or label ids, comma-separated; "" = every label."""
   present = sorted(set(np.unique(labels).tolist()) - {-1})  # -1: unlabelled
   if not names_or_ids.strip():
     return present
@@ -209,8 +306,10 @@ def class_ids(names_or_ids: str, names: tuple[str, ...], labels: np.ndarray) -> 
     elif item.lower() in lower:
       c = lower.index(item.lower())
     else:
-      fail(f"unknown class {item!r} in config.sample.classes; the classes are: "
-           + (", ".join(f"{i} {x}" for i, x in enumerate(names)) or ", ".join(map(str, present))))
+      fail(
+        f"unknown class {item!r} in config.sample.classes; the classes are: "
+        + (", ".join(f"{i} {x}" for i, x in enumerate(names)) or ", ".join(map(str, present)))
+      )
     if c not in present:
       fail(f"class {item!r} (label {c}) has no entry in the database")
     out.append(c)
@@ -223,8 +322,12 @@ def class_pool(database: store.Store, label: int, size: int) -> np.ndarray:
   'An image of a {c}.' (Sec. 3.3) when the database has labels."""
   rows = np.flatnonzero(np.asarray(database["labels"]) == label)
   if len(rows) < size:
-    fail(f"class {label} has {len(rows)} database entries, fewer than sample.class_pool_size={size}")
-  unit = exact.l2_normalize(np.asarray(database["embeddings"][rows], np.float32), f"database {database.path}")
+    fail(
+      f"class {label} has {len(rows)} database entries, fewer than sample.class_pool_size={size}"
+    )
+  unit = exact.l2_normalize(
+    np.asarray(database["embeddings"][rows], np.float32), f"database {database.path}"
+  )
   prototype = unit.mean(axis=0)
   return rows[np.argsort(-(unit @ prototype), kind="stable")[:size]]
 
@@ -234,8 +337,13 @@ def zeros_conditioning(database: store.Store, n: int) -> Conditioning:
   entry per sample (the original's `rarm_sample.py --unconditional`; attention over k zero
   entries reads the same as over one)."""
   d = database["embeddings"].shape[1]
-  return Conditioning(context=np.zeros((n, 1, d), np.float32), neighbor_rows=np.full((n, 1), -1, np.int64),
-                      query_rows=np.arange(n), database=database, queries=None)
+  return Conditioning(
+    context=np.zeros((n, 1, d), np.float32),
+    neighbor_rows=np.full((n, 1), -1, np.int64),
+    query_rows=np.arange(n),
+    database=database,
+    queries=None,
+  )
 
 
 CLASS_CONTEXTS = ("pool", "prompt_and_pool")
@@ -247,8 +355,10 @@ def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int]
   "" = every named class."""
   items = [x.strip() for x in names_or_ids.split(",") if x.strip()]
   if not items and not names:
-    fail("config.sample.classes: name the classes for the class prompt, comma-separated (this dataset has no "
-         "class names to take them from: config.dataset.class_names)")
+    fail(
+      "config.sample.classes: name the classes for the class prompt, comma-separated (this dataset has no "
+      "class names to take them from: config.dataset.class_names)"
+    )
   if not items:
     return list(range(len(names))), list(names)
   lower = [x.lower() for x in names]
@@ -257,8 +367,11 @@ def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int]
     if item.lstrip("-").isdigit():
       c = int(item)
       if not 0 <= c < len(names):
-        fail(f"class {item} in config.sample.classes: the class prompt needs its name, and the dataset names "
-             f"{len(names)} classes" + (f" (0..{len(names) - 1})" if names else "; give names instead of labels"))
+        fail(
+          f"class {item} in config.sample.classes: the class prompt needs its name, and the dataset names "
+          f"{len(names)} classes"
+          + (f" (0..{len(names) - 1})" if names else "; give names instead of labels")
+        )
       labels.append(c)
       out.append(names[c])
     else:
@@ -267,8 +380,15 @@ def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int]
   return labels, out
 
 
-def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, encoder: dict | None = None,
-                       classes: str | None = None, database: store.Store | None = None) -> Conditioning:
+def class_conditioning(
+  config: Any,
+  n: int,
+  k: int,
+  rng: np.random.Generator,
+  encoder: dict | None = None,
+  classes: str | None = None,
+  database: store.Store | None = None,
+) -> Conditioning:
   """Class-conditional sampling (Sec. 3.3): sample i takes class classes[i % C] and k adjacent
   entries of its pool xi_l(c) (l = sample.class_pool_size), at a random offset. The pool of class c
   is, with `sample.class_prompt` (e.g. "An image of a {}."), the l database entries nearest to the
@@ -288,46 +408,70 @@ def class_conditioning(config: Any, n: int, k: int, rng: np.random.Generator, en
     fail(f"config.sample.class_context={mode!r}; use {' or '.join(CLASS_CONTEXTS)}")
   drawn = k - 1 if mode == "prompt_and_pool" else k
   if not drawn <= s.class_pool_size:
-    fail(f"sample.class_pool_size={s.class_pool_size} must be at least " +
-         (f"k={k}" if drawn == k else f"k-1={drawn} (the prompt takes one of the k={k} slots)"))
+    fail(
+      f"sample.class_pool_size={s.class_pool_size} must be at least "
+      + (f"k={k}" if drawn == k else f"k-1={drawn} (the prompt takes one of the k={k} slots)")
+    )
   prompts = None
   if s.get("class_prompt", ""):
     if "{}" not in s.class_prompt:
       fail(f"config.sample.class_prompt={s.class_prompt!r} needs a {{}} where the class name goes")
     labels, names = prompt_classes(names_or_ids, sources.class_names(config.dataset))
     if s.class_pool_size > database["embeddings"].shape[0]:
-      fail(f"sample.class_pool_size={s.class_pool_size} exceeds the database's {database['embeddings'].shape[0]} entries")
+      fail(
+        f"sample.class_pool_size={s.class_pool_size} exceeds the database's {database['embeddings'].shape[0]} entries"
+      )
     texts = [s.class_prompt.format(c) for c in names]
     queries = text_queries(config, database, texts)
-    _, nearest = open_search(config, database)(exact.l2_normalize(queries, "class prompts"), s.class_pool_size)
+    _, nearest = open_search(config, database)(
+      exact.l2_normalize(queries, "class prompts"), s.class_pool_size
+    )
     classes = list(range(len(names)))  # positions here; labels below
     pools = {i: np.asarray(nearest[i]) for i in classes}
     prompts = {i: (texts[i], queries[i]) for i in classes}
   else:
     if mode == "prompt_and_pool":
-      fail("config.sample.class_context='prompt_and_pool' puts the class prompt's text embedding in the context: "
-           "set config.sample.class_prompt (e.g. \"An image of a {}.\") with a CLIP retriever")
+      fail(
+        "config.sample.class_context='prompt_and_pool' puts the class prompt's text embedding in the context: "
+        'set config.sample.class_prompt (e.g. "An image of a {}.") with a CLIP retriever'
+      )
     if "labels" not in database.arrays:
-      fail(f"database {database.path} has no labels: class pools need a labelled database or "
-           "config.sample.class_prompt with a CLIP retriever")
-    classes = class_ids(names_or_ids, sources.source_class_names(config.dataset, database.manifest["source"]),
-                        np.asarray(database["labels"]))
+      fail(
+        f"database {database.path} has no labels: class pools need a labelled database or "
+        "config.sample.class_prompt with a CLIP retriever"
+      )
+    classes = class_ids(
+      names_or_ids,
+      sources.source_class_names(config.dataset, database.manifest["source"]),
+      np.asarray(database["labels"]),
+    )
     labels = classes
     pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}
   which = [classes[i % len(classes)] for i in range(n)]
   starts = rng.integers(0, s.class_pool_size - drawn + 1, size=n)
-  rows = np.stack([pools[c][a:a + drawn] for c, a in zip(which, starts)]).reshape(n, drawn)
+  rows = np.stack([pools[c][a : a + drawn] for c, a in zip(which, starts)]).reshape(n, drawn)
   context = _gather(database, rows)
   label_of = dict(zip(classes, labels))
   query_rows = np.array([label_of[c] for c in which], np.int64)
   if prompts is None:
-    return Conditioning(context=context, neighbor_rows=rows, query_rows=query_rows, database=database,
-                        queries=database)
+    return Conditioning(
+      context=context,
+      neighbor_rows=rows,
+      query_rows=query_rows,
+      database=database,
+      queries=database,
+    )
   if mode == "prompt_and_pool":
     context = np.concatenate([np.stack([prompts[c][1] for c in which])[:, None], context], axis=1)
     rows = np.concatenate([np.full((n, 1), -1, rows.dtype), rows], axis=1)
-  return Conditioning(context=context, neighbor_rows=rows, query_rows=query_rows, database=database,
-                      queries=None, captions=np.asarray([prompts[c][0] for c in which], dtype=str))
+  return Conditioning(
+    context=context,
+    neighbor_rows=rows,
+    query_rows=query_rows,
+    database=database,
+    queries=None,
+    captions=np.asarray([prompts[c][0] for c in which], dtype=str),
+  )
 
 
 def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np.ndarray:
@@ -338,7 +482,9 @@ def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np
   ids = np.asarray(database["ids"])[rows.reshape(-1)]
   if "boxes" in database.arrays:  # a database of crops: show the crop each entry is
     raw = sources.source_raw_reader(dataset, database.manifest["source"])(ids)
-    images = crops.crop_pixels(raw, np.asarray(database["boxes"])[rows.reshape(-1)], database.manifest["crops"])
+    images = crops.crop_pixels(
+      raw, np.asarray(database["boxes"])[rows.reshape(-1)], database.manifest["crops"]
+    )
   else:
     read, _ = sources.source_reader(dataset, database.manifest["source"])
     images = read(ids)
@@ -358,5 +504,7 @@ def context_images(cond: Conditioning, dataset: Any, n: int | None = None) -> np
     images[own] = 255
   else:
     query = database_images(cond.queries, dataset, cond.query_rows[:n])
-    images[own] = visualize.resize_like(query, images.shape[2:4], images.shape[-1])[np.nonzero(own)[0]]
+    images[own] = visualize.resize_like(query, images.shape[2:4], images.shape[-1])[
+      np.nonzero(own)[0]
+    ]
   return images

@@ -43,9 +43,9 @@ def checked_by_process_0(check: Callable[[], object]) -> None:
     try:
       check()
     except UserError as e:
-      encoded = str(e).encode("utf-8")[:message.size - 1]
+      encoded = str(e).encode("utf-8")[: message.size - 1]
       message[0] = 1
-      message[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+      message[1 : 1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
   message = np.asarray(multihost_utils.broadcast_one_to_all(message))
   if message[0]:
     fail(bytes(message[1:]).rstrip(b"\0").decode("utf-8", "replace"))
@@ -53,16 +53,37 @@ def checked_by_process_0(check: Callable[[], object]) -> None:
 
 RESUME = "free space (or point the job at a larger disk) and rerun: what is finished is kept and the job resumes"
 _IO_KINDS = (  # errno, what the libraries' messages say instead of an errno, what it means, what to do
-    (errno.ENOSPC, ("No space left on device", "os_error_code='28'", "os_error_code=28"), "the disk is full",
-     RESUME),
-    (errno.EDQUOT, ("Disk quota exceeded", "os_error_code='122'"), "the disk quota is used up", RESUME),
-    (errno.EROFS, ("Read-only file system", "os_error_code='30'"), "the filesystem is read-only",
-     "choose an output path on a writable filesystem (or remount it read-write) and rerun"),
-    (errno.EACCES, ("Permission denied", "os_error_code='13'"), "permission denied",
-     "fix the permissions or choose another output path, and rerun"),
-    (errno.EIO, ("Input/output error", "I/O error", "os_error_code='5'"), "an I/O error (a failing disk or "
-     "network filesystem)", "check the disk (dmesg) or the filesystem's server, then rerun: what is finished "
-     "is kept and the job resumes"),
+  (
+    errno.ENOSPC,
+    ("No space left on device", "os_error_code='28'", "os_error_code=28"),
+    "the disk is full",
+    RESUME,
+  ),
+  (
+    errno.EDQUOT,
+    ("Disk quota exceeded", "os_error_code='122'"),
+    "the disk quota is used up",
+    RESUME,
+  ),
+  (
+    errno.EROFS,
+    ("Read-only file system", "os_error_code='30'"),
+    "the filesystem is read-only",
+    "choose an output path on a writable filesystem (or remount it read-write) and rerun",
+  ),
+  (
+    errno.EACCES,
+    ("Permission denied", "os_error_code='13'"),
+    "permission denied",
+    "fix the permissions or choose another output path, and rerun",
+  ),
+  (
+    errno.EIO,
+    ("Input/output error", "I/O error", "os_error_code='5'"),
+    "an I/O error (a failing disk or network filesystem)",
+    "check the disk (dmesg) or the filesystem's server, then rerun: what is finished "
+    "is kept and the job resumes",
+  ),
 )
 _SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")  # numpy's tofile on a full disk
 _WRITE_SIZE = re.compile(r"(?:Failed to write|write of) (\d+) bytes")
@@ -121,7 +142,9 @@ def size_text(n: float) -> str:
   return f"{n:.1f} TiB"
 
 
-OUTPUTS: list[str] = []  # the job's output paths (`jobs.cli.hold_output`): named by a failure that names none
+OUTPUTS: list[
+  str
+] = []  # the job's output paths (`jobs.cli.hold_output`): named by a failure that names none
 
 
 def io_error_line(e: BaseException, where: str = "") -> str:
@@ -131,22 +154,33 @@ def io_error_line(e: BaseException, where: str = "") -> str:
   what = io_failure(e) or f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
   path = where or (OUTPUTS[-1] if OUTPUTS else "")
   for link in _chain(e):
-    found = getattr(link, "filename", None) or (m.group(1) if (m := _QUOTED_PATH.search(str(link))) else None)
+    found = getattr(link, "filename", None) or (
+      m.group(1) if (m := _QUOTED_PATH.search(str(link))) else None
+    )
     if found:
       path = str(found)
       break
   line = f"{path}: {what}" if path else what
   if "full" in what or "quota" in what or "short" in what:
     free = free_bytes(path) if path else None
-    size = next((m for link in _chain(e) for m in [_SHORT_WRITE.search(str(link)) or
-                                                     _WRITE_SIZE.search(str(link))] if m), None)
+    size = next(
+      (
+        m
+        for link in _chain(e)
+        for m in [_SHORT_WRITE.search(str(link)) or _WRITE_SIZE.search(str(link))]
+        if m
+      ),
+      None,
+    )
     if free is not None:
       line += f" ({size_text(free)} free there"
       line += f"; a write of {size_text(int(size.group(1)))} did not fit)" if size else ")"
   return line
 
 
-def run_main(main: Callable[..., object], verbose: Callable[[], bool] = lambda: False) -> Callable[..., None]:
+def run_main(
+  main: Callable[..., object], verbose: Callable[[], bool] = lambda: False
+) -> Callable[..., None]:
   """Wraps an absl `main` so a `UserError` exits with a one-line message (a traceback when
   `verbose()`), and so does a failed read or write of the filesystem (a full disk, a read-only
   filesystem, an I/O error: `io_failure`), with the path and what to do."""

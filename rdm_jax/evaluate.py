@@ -33,9 +33,15 @@ from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli
 from rdm_jax.metrics import extractors, sample_sets
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (samples in, eval/ out).")
-_SAMPLES = flags.DEFINE_list("samples", None, "Sample sets: .npz files, directories of .npz shards or "
-                             "image folders (default: the sample job's sets in <workdir>/samples).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "The training run's directory (samples in, eval/ out)."
+)
+_SAMPLES = flags.DEFINE_list(
+  "samples",
+  None,
+  "Sample sets: .npz files, directories of .npz shards or "
+  "image folders (default: the sample job's sets in <workdir>/samples).",
+)
 _OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
 
 
@@ -54,19 +60,27 @@ def check_output_dir(out_dir: str) -> None:
   except (OSError, UserError, AttributeError):
     ours = False
   if not ours:
-    fail(f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to overwrite "
-         "them: choose another --out")
+    fail(
+      f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to overwrite "
+      "them: choose another --out"
+    )
 
 
 def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> None:
   if images.shape[1:] != reference.shape[1:]:
-    fail(f"{what} images are {'x'.join(map(str, images.shape[1:]))} but the reference images are "
-         f"{'x'.join(map(str, reference.shape[1:]))} (H x W x C): evaluate at the reference's size and "
-         "channels (crop, resize or convert the samples first)")
+    fail(
+      f"{what} images are {'x'.join(map(str, images.shape[1:]))} but the reference images are "
+      f"{'x'.join(map(str, reference.shape[1:]))} (H x W x C): evaluate at the reference's size and "
+      "channels (crop, resize or convert the samples first)"
+    )
 
 
-def compute_metrics(cfg: Any, fake: dict[str, np.ndarray], real: dict[str, np.ndarray],
-                    real_stats: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+def compute_metrics(
+  cfg: Any,
+  fake: dict[str, np.ndarray],
+  real: dict[str, np.ndarray],
+  real_stats: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
   """The metrics named in cfg.metrics for one sample set against the reference features."""
   out: dict[str, Any] = {"num_samples": len(fake["features"])}
   if "fd" in cfg.metrics:
@@ -76,14 +90,17 @@ def compute_metrics(cfg: Any, fake: dict[str, np.ndarray], real: dict[str, np.nd
       out["fd"] = metrics.frechet_distance(mu, sigma, *real_stats)
     out["warnings"] = sorted({str(w.message) for w in caught})
   if "precision_recall" in cfg.metrics:
-    out["precision"], out["recall"] = metrics.precision_recall(real["features"], fake["features"], k=cfg.k)
+    out["precision"], out["recall"] = metrics.precision_recall(
+      real["features"], fake["features"], k=cfg.k
+    )
   if "is" in cfg.metrics and fake["logits"].shape[1]:
     splits = min(cfg.is_splits, len(fake["logits"]))
     out["is_mean"], out["is_std"] = metrics.inception_score(fake["logits"], splits=splits)
   if "kid" in cfg.metrics:
     size = min(cfg.kid_subset_size, len(fake["features"]), len(real["features"]))
     out["kid_mean"], out["kid_std"] = metrics.kernel_inception_distance(
-        real["features"], fake["features"], subsets=cfg.kid_subsets, subset_size=size)
+      real["features"], fake["features"], subsets=cfg.kid_subsets, subset_size=size
+    )
     out["kid_subset_size"] = size
   if "clip_score" in cfg.metrics and "text_features" in fake:
     out["clip_score"] = metrics.clip_score(fake["features"], fake["text_features"])
@@ -93,15 +110,24 @@ def compute_metrics(cfg: Any, fake: dict[str, np.ndarray], real: dict[str, np.nd
 def table(rows: dict[str, dict[str, Any]], extractor: str, reference: str) -> str:
   """A markdown table of the results, metric names labelled with the extractor."""
   fd = {"Inception": "FID", "CLIP": "CLIP-FID"}.get(extractor, f"FD ({extractor})")
-  cols = [("num_samples", "samples", "{:d}"), ("fd", fd, "{:.2f}"),
-          ("precision", "precision (k=3)", "{:.3f}"), ("recall", "recall (k=3)", "{:.3f}"),
-          ("is_mean", "IS" if extractor == "Inception" else f"IS ({extractor})", "{:.2f}"),
-          ("kid_mean", f"KID ({extractor})", "{:.4f}"), ("clip_score", "CLIP score (cosine)", "{:.4f}")]
+  cols = [
+    ("num_samples", "samples", "{:d}"),
+    ("fd", fd, "{:.2f}"),
+    ("precision", "precision (k=3)", "{:.3f}"),
+    ("recall", "recall (k=3)", "{:.3f}"),
+    ("is_mean", "IS" if extractor == "Inception" else f"IS ({extractor})", "{:.2f}"),
+    ("kid_mean", f"KID ({extractor})", "{:.4f}"),
+    ("clip_score", "CLIP score (cosine)", "{:.4f}"),
+  ]
   cols = [c for c in cols if any(c[0] in r for r in rows.values())]
-  lines = [f"| set (reference: {reference}) | " + " | ".join(c[1] for c in cols) + " |",
-           "|---|" + "---|" * len(cols)]
+  lines = [
+    f"| set (reference: {reference}) | " + " | ".join(c[1] for c in cols) + " |",
+    "|---|" + "---|" * len(cols),
+  ]
   for name, r in rows.items():
-    lines.append(f"| {name} | " + " | ".join(fmt.format(r[k]) if k in r else "" for k, _, fmt in cols) + " |")
+    lines.append(
+      f"| {name} | " + " | ".join(fmt.format(r[k]) if k in r else "" for k, _, fmt in cols) + " |"
+    )
   return "\n".join(lines)
 
 
@@ -116,10 +142,14 @@ def check_expected(rows: dict[str, dict[str, Any]], expect: Any) -> tuple[list[s
     if name not in rows:
       continue
     if metric not in rows[name]:
-      fail(f"config.eval.expect names metric {metric!r} of set {name!r}, which has "
-           f"{', '.join(k for k in rows[name] if k != 'warnings')}")
+      fail(
+        f"config.eval.expect names metric {metric!r} of set {name!r}, which has "
+        f"{', '.join(k for k in rows[name] if k != 'warnings')}"
+      )
     value = float(rows[name][metric])
-    (held if low <= value <= high else failed).append(f"{name} {metric} {value:.3f} (band {low:g}..{high:g})")
+    (held if low <= value <= high else failed).append(
+      f"{name} {metric} {value:.3f} (band {low:g}..{high:g})"
+    )
   return held, failed
 
 
@@ -128,33 +158,43 @@ def main(argv):
   config = cli.CONFIG.value
   cfg = config.eval
   workdir = _WORKDIR.value
-  paths = _SAMPLES.value or sample_sets.default_sample_sets(workdir or fail("--workdir or --samples is required"))
+  paths = _SAMPLES.value or sample_sets.default_sample_sets(
+    workdir or fail("--workdir or --samples is required")
+  )
   if not paths:
-    fail(f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples")
+    fail(
+      f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples"
+    )
   out_dir = files.normpath(_OUT.value or files.join(workdir or ".", "eval"))
   cli.hold_output(out_dir, "--out")  # created and checked writable before any work; one writer
   check_output_dir(out_dir)
   unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
   if unknown:
-    fail(f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid, "
-         "clip_score")
+    fail(
+      f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid, "
+      "clip_score"
+    )
 
   sets, captions = sample_sets.read_sample_sets(paths)
   made_from = sample_sets.trained_on(paths, sets)
   ref_images, ref_source = sample_sets.read_reference(config, cfg.reference, cfg.num_reference)
   if cfg.num_reference:
-    ref_images = ref_images[:cfg.num_reference]
+    ref_images = ref_images[: cfg.num_reference]
   for name, images in sets.items():
     extractors.check_images(images, f"sample set {name}")
     check_comparable(f"sample set {name}", images, ref_images)
   extractor = extractors.make_extractor(cfg)
-  real = sample_sets.cached_features(config, extractor, ref_images, {**ref_source, "count": len(ref_images)})
+  real = sample_sets.cached_features(
+    config, extractor, ref_images, {**ref_source, "count": len(ref_images)}
+  )
   real_stats = metrics.feature_statistics(real["features"])
 
   rows = {}
   for name, images in sets.items():
-    print(f"evaluating {name}: {len(images)} samples" + (f" of a model trained on {made_from[name]}"
-                                                          if made_from.get(name) else ""))
+    print(
+      f"evaluating {name}: {len(images)} samples"
+      + (f" of a model trained on {made_from[name]}" if made_from.get(name) else "")
+    )
     fake = extractor(images, what=f"{name} samples")
     if captions[name] and "clip_score" in cfg.metrics:
       if extractor.identity["name"] == "clip_image":
@@ -166,17 +206,29 @@ def main(argv):
     n = max(len(im) for im in sets.values())
     base = sources.open_part(config.dataset, cfg.baseline_part)  # reads only the rows drawn
     if len(base) < n:
-      fail(f"config.eval.baseline_part={cfg.baseline_part!r} has {len(base)} images, fewer than {n}")
+      fail(
+        f"config.eval.baseline_part={cfg.baseline_part!r} has {len(base)} images, fewer than {n}"
+      )
     idx = np.sort(np.random.default_rng(0).choice(len(base), n, replace=False))
-    feats = sample_sets.cached_features(config, extractor, base.read_ids(base.ids[idx]),
-                                        {**base.source, "subset": f"random {n}, seed 0"})
+    feats = sample_sets.cached_features(
+      config,
+      extractor,
+      base.read_ids(base.ids[idx]),
+      {**base.source, "subset": f"random {n}, seed 0"},
+    )
     rows[f"real ({cfg.baseline_part} images)"] = compute_metrics(cfg, feats, real, real_stats)
 
   ref_label = f"{cfg.reference}, {len(ref_images)} images"
   md = table(rows, extractor.name, ref_label)
-  result = {"made_by": MADE_BY, "extractor": extractor.identity, "reference": {**ref_source, "count": len(ref_images)}, "sets": rows,
-            "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
-            if extractor.identity["name"] != "inception_v3_fid" else ""}
+  result = {
+    "made_by": MADE_BY,
+    "extractor": extractor.identity,
+    "reference": {**ref_source, "count": len(ref_images)},
+    "sets": rows,
+    "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
+    if extractor.identity["name"] != "inception_v3_fid"
+    else "",
+  }
   for name, text in (("metrics.json", json.dumps(result, indent=1)), ("metrics.md", md + "\n")):
     files.remove_own_temporaries(files.join(out_dir, name))  # of a run killed while writing it
     files.atomic_write_text(files.join(out_dir, name), text)
@@ -187,9 +239,11 @@ def main(argv):
   print(f"wrote {files.join(out_dir, 'metrics.json')} and metrics.md")
   held, failed = check_expected(rows, cfg.get("expect", ()))
   if failed:
-    fail(f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The model did not "
-         "train as this config should: read the training log's warnings, the loss curve (TensorBoard) and the "
-         f"sample PNGs before using it; the metrics are in {out_dir}")
+    fail(
+      f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The model did not "
+      "train as this config should: read the training log's warnings, the loss curve (TensorBoard) and the "
+      f"sample PNGs before using it; the metrics are in {out_dir}"
+    )
   if held:
     print(f"within this recipe's expected band (config.eval.expect): {'; '.join(held)}")
 

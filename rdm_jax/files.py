@@ -28,7 +28,9 @@ import numpy as np
 from rdm_jax import errors, untrusted
 from rdm_jax.errors import UserError, fail
 
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # gs://b/x, and gs:/b/x as os.path.normpath leaves it
+_URI = re.compile(
+  r"^[A-Za-z][A-Za-z0-9+.-]*:/"
+)  # gs://b/x, and gs:/b/x as os.path.normpath leaves it
 
 
 def is_uri(path: Any) -> bool:
@@ -38,6 +40,7 @@ def is_uri(path: Any) -> bool:
 
 def _epath(path: Any):
   from etils import epath
+
   return epath.Path(str(path))
 
 
@@ -57,8 +60,10 @@ def _reachable(fn: Callable) -> Callable:
     except Exception as e:  # noqa: BLE001  tf.errors.*, google.auth, etils: no common base
       if type(e).__name__ == "NotFoundError":
         raise FileNotFoundError(str(path)) from None
-      fail(f"{path}: cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the bucket "
-           "name, the network and the credentials, or use a local path")
+      fail(
+        f"{path}: cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the bucket "
+        "name, the network and the credentials, or use a local path"
+      )
 
   return wrapped
 
@@ -68,7 +73,9 @@ def normpath(path: str) -> str:
   and no trailing `/` (os.path.normpath would turn gs://b into gs:/b)."""
   path = str(path)
   if not is_uri(path):
-    return os.path.normpath(os.path.expanduser(path))  # `~/runs` given quoted means the home directory
+    return os.path.normpath(
+      os.path.expanduser(path)
+    )  # `~/runs` given quoted means the home directory
   scheme, rest = path.split(":", 1)
   rest = "/".join(p for p in rest.split("/") if p not in ("", "."))
   return f"{scheme}://{rest}"
@@ -139,14 +146,18 @@ def prepare_output_dir(path: str, what: str, create: bool = True) -> None:
     if existing != os.path.abspath(path):
       if not os.access(existing, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-        raise PermissionError(f"{existing} is on a read-only filesystem" if read_only else f"{existing} is not writable")
+        raise PermissionError(
+          f"{existing} is on a read-only filesystem" if read_only else f"{existing} is not writable"
+        )
       return
     probe = tmp_name(os.path.join(path, ".write-check"))
     with open(probe, "wb"):
       pass
     os.remove(probe)
   except OSError as e:
-    fail(f"{what} {path} cannot be written ({e.strerror or e}); choose another path or fix its permissions")
+    fail(
+      f"{what} {path} cannot be written ({e.strerror or e}); choose another path or fix its permissions"
+    )
 
 
 @_reachable
@@ -207,8 +218,11 @@ def walk_sizes(folder: str) -> dict[str, int]:
 
     visit(_epath(folder), "")
     return out
-  return {os.path.relpath(os.path.join(d, n), folder): os.path.getsize(os.path.join(d, n))
-          for d, _, names in os.walk(folder) for n in names}
+  return {
+    os.path.relpath(os.path.join(d, n), folder): os.path.getsize(os.path.join(d, n))
+    for d, _, names in os.walk(folder)
+    for n in names
+  }
 
 
 @_reachable
@@ -237,8 +251,10 @@ def need_room(path: str, size: int, what: str = "this write", remedy: str = erro
     return
   free = errors.free_bytes(os.path.dirname(os.path.abspath(path)))
   if free is not None and free < size:
-    fail(f"{path}: the disk is full ({errors.size_text(free)} free, {what} needs "
-         f"{errors.size_text(size)}, {errors.size_text(size - free)} more); {remedy}")
+    fail(
+      f"{path}: the disk is full ({errors.size_text(free)} free, {what} needs "
+      f"{errors.size_text(size)}, {errors.size_text(size - free)} more); {remedy}"
+    )
 
 
 def write_failed(e: BaseException, path: str) -> None:
@@ -249,7 +265,9 @@ def write_failed(e: BaseException, path: str) -> None:
   fail(f"writing {errors.io_error_line(e, path)}; {errors.io_remedy(e)}")
 
 
-def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = True, size: int | None = None) -> None:
+def atomic_write(
+  path: str, write: Callable[[IO], Any], binary: bool = True, size: int | None = None
+) -> None:
   """Calls write(f) on a file that appears at `path` only once complete (see the module docstring).
   With `size` (the bytes it will write) a disk without that room is one line before writing; a
   write that fails (full disk, I/O error) removes its temporary and is one line."""

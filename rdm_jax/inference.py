@@ -32,8 +32,8 @@ from rdm_jax.parallel import mesh as mesh_lib
 
 @dataclass(frozen=True)
 class Samples:
-  images: np.ndarray                    # uint8 [N, H, W, C]
-  latents: np.ndarray | None            # [N, h, w, c]
+  images: np.ndarray  # uint8 [N, H, W, C]
+  latents: np.ndarray | None  # [N, h, w, c]
   conditioning: conditioning.Conditioning
 
 
@@ -43,8 +43,9 @@ class RDM:
   def __init__(self, config: Any, workdir: str, step: int | None = None):
     self.config = config
     self.model, self.params, self.info, self.step = checkpoint.load_trained(config, workdir, step)
-    self._sampler = training.make_sampler(self.model, training.make_schedule(config), self.info["latent_shape"],
-                                          config.sample)
+    self._sampler = training.make_sampler(
+      self.model, training.make_schedule(config), self.info["latent_shape"], config.sample
+    )
     self.database = conditioning.open_database(config, self.info["encoder"])
     self.mesh = mesh_lib.from_config(config)
     self.rules = [tuple(r) for r in config.sharding_rules]
@@ -55,8 +56,10 @@ class RDM:
     model attends over any number of neighbours; the database must hold that many."""
     k, rows = self.config.sample.k or self.config.k_train, len(self.database["embeddings"])
     if k < 1 or k > rows:
-      fail(f"config.sample.k={self.config.sample.k}: give 1 to {rows} neighbours "
-           f"(the database's size), or 0 for k_train ({self.config.k_train})")
+      fail(
+        f"config.sample.k={self.config.sample.k}: give 1 to {rows} neighbours "
+        f"(the database's size), or 0 for k_train ({self.config.k_train})"
+      )
     return k
 
   @functools.cached_property
@@ -70,30 +73,58 @@ class RDM:
     """The first n embedded images of `part` (default config.sample.query_part) as queries."""
     s = self.config.sample
     return conditioning.exemplar_conditioning(
-        self.config, n, self.k, part or s.query_part, self.info["encoder"],
-        s.include_query if include_query is None else include_query, self.database, self._search)
+      self.config,
+      n,
+      self.k,
+      part or s.query_part,
+      self.info["encoder"],
+      s.include_query if include_query is None else include_query,
+      self.database,
+      self._search,
+    )
 
   def proposal(self, n: int, seed: int = 0):
     """n pseudo-queries from p_D (config.sample.top_m, top_m_of, proposal_weighted)."""
-    return conditioning.proposal_conditioning(self.config, n, self.k, np.random.default_rng(seed),
-                                              self.info["encoder"], self.database, self._search)
+    return conditioning.proposal_conditioning(
+      self.config,
+      n,
+      self.k,
+      np.random.default_rng(seed),
+      self.info["encoder"],
+      self.database,
+      self._search,
+    )
 
   def classes(self, n: int, classes: str | None = None, seed: int = 0):
     """n samples cycling over `classes` (names or labels, comma-separated; default config.sample.classes)."""
-    return conditioning.class_conditioning(self.config, n, self.k, np.random.default_rng(seed),
-                                           self.info["encoder"], classes, self.database)
+    return conditioning.class_conditioning(
+      self.config,
+      n,
+      self.k,
+      np.random.default_rng(seed),
+      self.info["encoder"],
+      classes,
+      self.database,
+    )
 
   def embeddings(self, queries: np.ndarray, include_query: bool | None = None):
     """Your own query embeddings [N, d], made by the database's encoder."""
     s = self.config.sample
     return conditioning.embeddings_conditioning(
-        self.config, queries, self.k, self.info["encoder"],
-        s.include_query if include_query is None else include_query, self.database, self._search)
+      self.config,
+      queries,
+      self.k,
+      self.info["encoder"],
+      s.include_query if include_query is None else include_query,
+      self.database,
+      self._search,
+    )
 
   def text(self, prompts: list[str]):
     """Captions: each one's CLIP text embedding and its k-1 nearest database entries."""
-    return conditioning.text_conditioning(self.config, prompts, self.k, self.info["encoder"], self.database,
-                                          self._search)
+    return conditioning.text_conditioning(
+      self.config, prompts, self.k, self.info["encoder"], self.database, self._search
+    )
 
   def from_config(self, n: int | None = None):
     """The conditioning `config.sample.condition` names, for n (default num_images) samples."""
@@ -112,14 +143,19 @@ class RDM:
         fail(f"asked for {n} samples but {s.embeddings_path} has {len(queries)} embeddings")
       return self.embeddings(queries[:n])
     if s.condition == "text":
-      prompts = list(s.prompts) or (conditioning.part_captions(self.config, s.prompts_from)[:n]
-                                    if s.get("prompts_from") else [])
+      prompts = list(s.prompts) or (
+        conditioning.part_captions(self.config, s.prompts_from)[:n] if s.get("prompts_from") else []
+      )
       return self.text([prompts[i % len(prompts)] for i in range(n)] if prompts else [])
     if s.condition == "zeros":
       return conditioning.zeros_conditioning(self.database, n)
-    fail(f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings, text or zeros")
+    fail(
+      f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings, text or zeros"
+    )
 
-  def sample(self, cond: conditioning.Conditioning, seed: int | None = None, first_index: int = 0) -> Samples:
+  def sample(
+    self, cond: conditioning.Conditioning, seed: int | None = None, first_index: int = 0
+  ) -> Samples:
     """One sample per conditioning row; row i is sample first_index + i, drawn with key
     fold_in(PRNGKey(seed), first_index + i) whatever the batch size, devices or processes
     (default seed: config.sample.seed, or config.train.seed + 7 when that is -1). With several
@@ -131,11 +167,20 @@ class RDM:
     """uint8 images [N, H, W, C] of latents [N, h, w, c] through the first stage."""
     return first_stage.decode(self.config.first_stage, latents, tuple(self.info["image_hw"]))
 
-  def latents(self, context: np.ndarray, seed: int | None = None, first_index: int = 0) -> np.ndarray:
+  def latents(
+    self, context: np.ndarray, seed: int | None = None, first_index: int = 0
+  ) -> np.ndarray:
     """Latents [N, h, w, c] for context [N, k, d] (see `sample`)."""
-    return training.sample_in_batches(self._sampler, self.params, context, self.config.sample.batch_size,
-                                      jax.random.PRNGKey(self.seed if seed is None else seed), first_index,
-                                      self.mesh, self.rules)
+    return training.sample_in_batches(
+      self._sampler,
+      self.params,
+      context,
+      self.config.sample.batch_size,
+      jax.random.PRNGKey(self.seed if seed is None else seed),
+      first_index,
+      self.mesh,
+      self.rules,
+    )
 
   @property
   def seed(self) -> int:
@@ -146,5 +191,6 @@ class RDM:
   def panel(self, samples: Samples, n: int = 16) -> np.ndarray:
     """uint8 image: a row per sample, its k conditioning entries then the sample (first n)."""
     n = min(n, len(samples.images))
-    return visualize.neighbor_panel(conditioning.context_images(samples.conditioning, self.config.dataset, n),
-                                    samples.images[:n])
+    return visualize.neighbor_panel(
+      conditioning.context_images(samples.conditioning, self.config.dataset, n), samples.images[:n]
+    )

@@ -14,7 +14,7 @@ def sub_jaxprs(eqn) -> list:
   """The jaxprs among `eqn`'s parameters (a ClosedJaxpr's inner jaxpr), in parameter order."""
   out = []
   for v in eqn.params.values():
-    for x in (v if isinstance(v, (list, tuple)) else (v,)):
+    for x in v if isinstance(v, (list, tuple)) else (v,):
       if isinstance(x, jex_core.ClosedJaxpr):
         out.append(x.jaxpr)
       elif isinstance(x, jex_core.Jaxpr):

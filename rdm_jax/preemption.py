@@ -37,6 +37,7 @@ def _on_sigterm(signum, frame) -> None:
 def _multi_process() -> bool:
   import jax
   from jax._src import distributed
+
   return jax.process_count() > 1 and distributed.global_state.client is not None
 
 
@@ -50,9 +51,14 @@ def install() -> str:
       _state["mode"] = "signal"
     else:
       from jax._src import distributed
-      _state["mode"] = "sync" if distributed.global_state.preemption_sync_manager is not None else "none"
+
+      _state["mode"] = (
+        "sync" if distributed.global_state.preemption_sync_manager is not None else "none"
+      )
       if _state["mode"] == "none":
-        logging.warning("jax_enable_preemption_service is off: a SIGTERM ends this job without a last save")
+        logging.warning(
+          "jax_enable_preemption_service is off: a SIGTERM ends this job without a last save"
+        )
   return _state["mode"]
 
 
@@ -69,6 +75,7 @@ def reached(index: int) -> bool:
     return _requested.is_set()
   if mode == "sync":
     from jax.experimental import multihost_utils
+
     return multihost_utils.reached_preemption_sync_point(int(index))
   return False
 

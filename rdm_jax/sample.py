@@ -56,14 +56,22 @@ from rdm_jax.jobs import cli, distributed
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_OUT = flags.DEFINE_string("out", None, "The sample set's directory (default <workdir>/samples/<condition>).")
+_OUT = flags.DEFINE_string(
+  "out", None, "The sample set's directory (default <workdir>/samples/<condition>)."
+)
 
 
 NUM_SHOWN = 16
 MADE_BY = "rdm_jax.sample"
 SETTINGS = "settings.json"
 GRID_PNG, PANEL_PNG = "samples.png", "neighbors_and_samples.png"  # the first NUM_SHOWN samples
-UNCOMPARED = ("batch_size", "processes", "devices", "config", "trained_on")  # may change between a run and its resumption
+UNCOMPARED = (
+  "batch_size",
+  "processes",
+  "devices",
+  "config",
+  "trained_on",
+)  # may change between a run and its resumption
 
 
 def shard_name(i: int, num_shards: int) -> str:
@@ -77,13 +85,26 @@ def settings_of(rdm: inference.RDM, cond, num_shards: int) -> dict[str, Any]:
   for a in (cond.context, cond.neighbor_rows, cond.query_rows):
     digest.update(np.ascontiguousarray(a).tobytes())
   sample = {k: v for k, v in s.to_dict().items() if k not in ("batch_size", "seed")}
-  sample = json.loads(json.dumps(sample))  # as settings.json holds it (tuples are lists), so a rerun compares equal
-  return {"made_by": MADE_BY, "checkpoint_step": rdm.step, "seed": rdm.seed, "num_images": len(cond.context),
-          "num_shards": num_shards, "k": rdm.k, "database": cond.database.path, "sample": sample,
-          "image_shape": [*rdm.info["image_hw"]], "conditioning_sha256": digest.hexdigest(),
-          "trained_on": rdm.info.get("trained_on"),  # the model's training data (model_info.json)
-          "batch_size": s.batch_size, "processes": jax.process_count(), "devices": jax.device_count(),
-          "config": json.loads(rdm.config.to_json_best_effort())}
+  sample = json.loads(
+    json.dumps(sample)
+  )  # as settings.json holds it (tuples are lists), so a rerun compares equal
+  return {
+    "made_by": MADE_BY,
+    "checkpoint_step": rdm.step,
+    "seed": rdm.seed,
+    "num_images": len(cond.context),
+    "num_shards": num_shards,
+    "k": rdm.k,
+    "database": cond.database.path,
+    "sample": sample,
+    "image_shape": [*rdm.info["image_hw"]],
+    "conditioning_sha256": digest.hexdigest(),
+    "trained_on": rdm.info.get("trained_on"),  # the model's training data (model_info.json)
+    "batch_size": s.batch_size,
+    "processes": jax.process_count(),
+    "devices": jax.device_count(),
+    "config": json.loads(rdm.config.to_json_best_effort()),
+  }
 
 
 def check_out_dir(out: str, settings: dict[str, Any] | None) -> bool:
@@ -93,9 +114,13 @@ def check_out_dir(out: str, settings: dict[str, Any] | None) -> bool:
   if files.exists(out) and not files.isdir(out):
     fail(f"{out} exists and is not a directory; choose another --out")
   if not files.isfile(path):
-    own = files.tmp_pattern(SETTINGS)  # a run killed before its settings were in place leaves only these
+    own = files.tmp_pattern(
+      SETTINGS
+    )  # a run killed before its settings were in place leaves only these
     if files.isdir(out) and any(not own.fullmatch(name) for name in files.listdir(out)):
-      fail(f"{out} holds files that rdm_jax.sample did not write (no {SETTINGS}); choose another --out")
+      fail(
+        f"{out} holds files that rdm_jax.sample did not write (no {SETTINGS}); choose another --out"
+      )
     return False
   try:
     old = files.read_json(path)
@@ -105,20 +130,27 @@ def check_out_dir(out: str, settings: dict[str, Any] | None) -> bool:
     fail(f"{path} was not written by rdm_jax.sample; choose another --out")
   if settings is None:
     return True
-  diff = _differences({k: v for k, v in old.items() if k not in UNCOMPARED},
-                      {k: v for k, v in settings.items() if k not in UNCOMPARED})
+  diff = _differences(
+    {k: v for k, v in old.items() if k not in UNCOMPARED},
+    {k: v for k, v in settings.items() if k not in UNCOMPARED},
+  )
   if diff:
     shown = "; ".join(f"{k}: {_short(a)} there, {_short(b)} now" for k, a, b in diff)
-    fail(f"{out} holds samples made with other settings ({shown}): choose another --out for these "
-         "settings, or rerun with the old ones to finish that set")
+    fail(
+      f"{out} holds samples made with other settings ({shown}): choose another --out for these "
+      "settings, or rerun with the old ones to finish that set"
+    )
   return True
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
   """(dotted field, old value, new value) of every leaf where two settings records differ."""
   if isinstance(old, dict) and isinstance(new, dict):
-    return [d for k in sorted(set(old) | set(new), key=str)
-            for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [
+      d
+      for k in sorted(set(old) | set(new), key=str)
+      for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+    ]
   return [] if old == new else [(prefix[:-1], old, new)]
 
 
@@ -142,7 +174,9 @@ def finished_shards(out: str, num_shards: int, settings: dict[str, Any]) -> np.n
     except (OSError, ValueError, KeyError) as e:
       fail(f"{path} is not a readable shard ({e}); move it away and rerun to make it again")
     if not np.array_equal(index, want) or images.dtype != np.uint8 or len(images) != len(want):
-      fail(f"{path} does not hold samples {want[0]}-{want[-1]} as uint8 images; move it away and rerun")
+      fail(
+        f"{path} does not hold samples {want[0]}-{want[-1]} as uint8 images; move it away and rerun"
+      )
     done[i] = True
   return done
 
@@ -152,14 +186,27 @@ def write_shard(path: str, rdm: inference.RDM, cond, rows: np.ndarray, z: np.nda
   s = rdm.config.sample
   images = rdm.decode(z)
   ids = np.asarray(cond.database["ids"])[np.maximum(cond.neighbor_rows[rows], 0)]
-  extra = {} if cond.captions is None else {"captions": cond.captions[rows]}  # the CLIP score reads them
+  extra = (
+    {} if cond.captions is None else {"captions": cond.captions[rows]}
+  )  # the CLIP score reads them
   files.atomic_savez(
-      path, images=images, latents=z, neighbor_rows=cond.neighbor_rows[rows],
-      neighbor_ids=np.where(cond.neighbor_rows[rows] < 0, -1, ids), query_rows=cond.query_rows[rows],
-      sample_index=rows.astype(np.int64), seed=np.full(len(rows), rdm.seed, np.int64),
-      condition=np.asarray(s.condition), database=np.asarray(cond.database.path),
-      checkpoint_step=np.asarray(rdm.step), sampler=np.asarray(s.sampler), num_steps=np.asarray(s.num_steps),
-      guidance_scale=np.asarray(s.guidance_scale), eta=np.asarray(s.eta), **extra)
+    path,
+    images=images,
+    latents=z,
+    neighbor_rows=cond.neighbor_rows[rows],
+    neighbor_ids=np.where(cond.neighbor_rows[rows] < 0, -1, ids),
+    query_rows=cond.query_rows[rows],
+    sample_index=rows.astype(np.int64),
+    seed=np.full(len(rows), rdm.seed, np.int64),
+    condition=np.asarray(s.condition),
+    database=np.asarray(cond.database.path),
+    checkpoint_step=np.asarray(rdm.step),
+    sampler=np.asarray(s.sampler),
+    num_steps=np.asarray(s.num_steps),
+    guidance_scale=np.asarray(s.guidance_scale),
+    eta=np.asarray(s.eta),
+    **extra,
+  )
   return images
 
 
@@ -174,9 +221,13 @@ def main(argv):
   if s.shard_size < 1:
     fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")
   out = files.normpath(_OUT.value or files.join(workdir, "samples", s.condition))
-  errors.checked_by_process_0(lambda: check_out_dir(out, None))  # files of others: refused before any work
+  errors.checked_by_process_0(
+    lambda: check_out_dir(out, None)
+  )  # files of others: refused before any work
   cli.hold_output(out, "--out", create=False)  # checked writable before any work; one writer
-  rdm = inference.RDM(config, workdir, _STEP.value)  # checks the sampler settings before any retrieval
+  rdm = inference.RDM(
+    config, workdir, _STEP.value
+  )  # checks the sampler settings before any retrieval
   cond = rdm.from_config()  # every process: the same conditioning of all N samples
   n = len(cond.context)
   num_shards = -(-n // s.shard_size)
@@ -185,7 +236,12 @@ def main(argv):
   lead = jax.process_index() == 0
   if lead:
     files.makedirs(out)
-    for name in [*(shard_name(i, num_shards) for i in range(num_shards)), SETTINGS, GRID_PNG, PANEL_PNG]:
+    for name in [
+      *(shard_name(i, num_shards) for i in range(num_shards)),
+      SETTINGS,
+      GRID_PNG,
+      PANEL_PNG,
+    ]:
       files.remove_own_temporaries(files.join(out, name))  # of a killed run
     if not resumed:
       files.atomic_write_text(files.join(out, SETTINGS), json.dumps(settings, indent=1))
@@ -196,9 +252,15 @@ def main(argv):
   if done.any():
     print(f"resuming: {int(done.sum())} of {num_shards} shards are done")
   # room for the shards still to write (images, latents, ids) and the two PNGs, before sampling
-  row = math.prod(rdm.info["image_hw"]) * 4 + math.prod(rdm.info["latent_shape"]) * 4 + 64 * (rdm.k + 4)
-  errors.checked_by_process_0(lambda: files.need_room(files.join(out, shard_name(0, num_shards)),
-                                                      int((~done).sum()) * s.shard_size * row + (4 << 20)))
+  row = (
+    math.prod(rdm.info["image_hw"]) * 4 + math.prod(rdm.info["latent_shape"]) * 4 + 64 * (rdm.k + 4)
+  )
+  errors.checked_by_process_0(
+    lambda: files.need_room(
+      files.join(out, shard_name(0, num_shards)),
+      int((~done).sum()) * s.shard_size * row + (4 << 20),
+    )
+  )
   shown, written = [], 0
   for i in range(num_shards):
     path = files.join(out, shard_name(i, num_shards))
@@ -222,12 +284,19 @@ def main(argv):
     images = np.concatenate(shown)[:NUM_SHOWN]
     grid_png, panel_png = files.join(out, GRID_PNG), files.join(out, PANEL_PNG)
     visualize.save_png(grid_png, visualize.grid(images, 4), scale=2)
-    visualize.save_png(panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2)
-    how = (f"tokens with temperature {s.temperature}, top-k {s.top_k or 'off'}, top-p {s.top_p}"
-           if config_base.model_family(config) == "rarm" else f"{s.sampler}, {s.num_steps} steps")
-    print(f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
-          f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
-          f"(rows: the {rdm.k} conditioning entries | sample)")
+    visualize.save_png(
+      panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2
+    )
+    how = (
+      f"tokens with temperature {s.temperature}, top-k {s.top_k or 'off'}, top-p {s.top_p}"
+      if config_base.model_family(config) == "rarm"
+      else f"{s.sampler}, {s.num_steps} steps"
+    )
+    print(
+      f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
+      f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
+      f"(rows: the {rdm.k} conditioning entries | sample)"
+    )
     if trained_on := store.describe_stores(rdm.info.get("trained_on")):
       print(f"the model was trained on {trained_on}")
   multihost_utils.sync_global_devices("rdm_jax.sample done")

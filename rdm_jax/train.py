@@ -24,15 +24,24 @@ from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
-                                "(shared by all processes of a multi-host run).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "Directory for checkpoints, logs and samples (shared by all processes of a multi-host run).",
+)
 
 
 def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer):
   """Builds, once, the conditioning (test queries -> neighbours in D) and the jitted DDIM sampler;
   returns a function that writes a guided sample grid next to the neighbours that conditioned it."""
-  cond = conditioning.exemplar_conditioning(config, config.train.num_sample_images, config.k_train,
-                                            config.sample.query_part, encoder, config.sample.include_query)
+  cond = conditioning.exemplar_conditioning(
+    config,
+    config.train.num_sample_images,
+    config.k_train,
+    config.sample.query_part,
+    encoder,
+    config.sample.include_query,
+  )
   neighbors = conditioning.context_images(cond, config.dataset)
   sampler = training.make_sampler(model, sched, latent_shape, config.sample)
   context = jnp.asarray(cond.context)
@@ -64,15 +73,19 @@ def main(argv):
   for w in platform_warnings:
     logging.warning(w)
   workdir = files.normpath(workdir)
-  errors.checked_by_process_0(lambda: checkpoint.check_workdir(workdir))  # before any process writes there
+  errors.checked_by_process_0(
+    lambda: checkpoint.check_workdir(workdir)
+  )  # before any process writes there
   cli.hold_output(workdir, "--workdir")  # one writer: a second launch on this run is refused
 
   # --------------------------------------------------------------------------- Data
   data = pipeline.load_retrieval_data(config, "train")
   encoder = data.database_store.manifest["encoder"]
   if config.retrieval.encoder != encoder["name"]:
-    cli.fail(f"config.retrieval.encoder={config.retrieval.encoder!r} but the database was embedded by "
-             f"{encoder['name']!r}")
+    cli.fail(
+      f"config.retrieval.encoder={config.retrieval.encoder!r} but the database was embedded by "
+      f"{encoder['name']!r}"
+    )
   latent_shape = data.latents.shape[1:]
   image_hw = tuple(data.latents_store.manifest["image_shape"][:2])
 
@@ -81,25 +94,38 @@ def main(argv):
   rules = [tuple(r) for r in config.sharding_rules]
   batch_devices = sharding.batch_devices(mesh, rules)
   if config.train.batch_size % batch_devices:
-    cli.fail(f"config.train.batch_size={config.train.batch_size} is not divisible by the "
-             f"{batch_devices} devices of the batch axes {dict(rules)['batch']}")
-  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+    cli.fail(
+      f"config.train.batch_size={config.train.batch_size} is not divisible by the "
+      f"{batch_devices} devices of the batch axes {dict(rules)['batch']}"
+    )
+  logging.info(
+    "mesh %s over %d devices, %d processes", dict(mesh.shape), mesh.size, jax.process_count()
+  )
 
   # --------------------------------------------------------------------------- Model
   setup = training.setup_training(config, latent_shape, mesh)
   model, sched = setup.model, setup.sched
   if setup.layout is not None and setup.layout.fsdp_outer > 1:
-    logging.info("FSDP gathers in two stages: within each of %d groups of the fsdp axis, then across them "
-                 "(config.mesh.fsdp_outer)", setup.layout.fsdp_outer)
+    logging.info(
+      "FSDP gathers in two stages: within each of %d groups of the fsdp axis, then across them "
+      "(config.mesh.fsdp_outer)",
+      setup.layout.fsdp_outer,
+    )
 
   # --------------------------------------------------------------------------- Checkpoint
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
   trained_on = checkpoint.inputs_record(data)  # each checkpoint records the data it was trained on
-  info = {"encoder": encoder, "database": data.database_store.path,
-          "database_fingerprint": data.database_store.fingerprint,
-          "trained_on": {part: {k: r[k] for k in ("path", "fingerprint")} for part, r in trained_on.items()},
-          "latent_shape": list(latent_shape), "image_hw": list(image_hw),
-          "function": checkpoint.function_record(config)}
+  info = {
+    "encoder": encoder,
+    "database": data.database_store.path,
+    "database_fingerprint": data.database_store.fingerprint,
+    "trained_on": {
+      part: {k: r[k] for k in ("path", "fingerprint")} for part, r in trained_on.items()
+    },
+    "latent_shape": list(latent_shape),
+    "image_hw": list(image_hw),
+    "function": checkpoint.function_record(config),
+  }
   checkpoint.check_resume(mngr, workdir, info)
   state = checkpoint.restore(mngr, setup.abstract, setup.state_sh)
   if state is not None and checkpoint.steps(mngr)[-1] > int(state.step):  # newer ones were damaged
@@ -111,10 +137,14 @@ def main(argv):
     checkpoint.check_inputs(mngr, int(state.step), data)
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)
-  errors.checked_by_process_0(lambda: checkpoint.check_space(mngr, setup.abstract, start_step, config.train))
+  errors.checked_by_process_0(
+    lambda: checkpoint.check_space(mngr, setup.abstract, start_step, config.train)
+  )
   one_checkpoint = checkpoint.state_bytes(setup.abstract)
   if jax.process_index() == 0:
-    files.atomic_write_text(files.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    files.atomic_write_text(
+      files.join(workdir, "config.json"), config.to_json_best_effort(indent=1)
+    )
     files.atomic_write_text(files.join(workdir, "model_info.json"), json.dumps(info, indent=1))
   parameter_overview.log_parameter_overview(state.params)
 
@@ -123,19 +153,34 @@ def main(argv):
   rng = jax.random.PRNGKey(config.train.seed + 2)
 
   # --------------------------------------------------------------------------- Train loop
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                                asynchronous=True)
+  writer = metric_writers.create_default_writer(
+    workdir, just_logging=jax.process_index() > 0, asynchronous=True
+  )
   num_steps = config.train.num_steps
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                             every_steps=config.train.log_every)
-  batches = pipeline.train_iterator(data, config, start_step, jax.process_index(), jax.process_count())
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every
+  )
+  batches = pipeline.train_iterator(
+    data, config, start_step, jax.process_index(), jax.process_count()
+  )
   write_samples = None
   if config.train.sample_every:  # checked before training: a missing store fails now, not at step N
-    write_samples = make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, encoder, writer)
-  watch = step_watch.StepWatch(config.train.nonfinite, training.spike_settings(config)[0], data.latents_store["ids"],
-                               config.train.seed, config.train.batch_size, data.variants)
+    write_samples = make_sample_writer(
+      config, workdir, model, sched, latent_shape, image_hw, encoder, writer
+    )
+  watch = step_watch.StepWatch(
+    config.train.nonfinite,
+    training.spike_settings(config)[0],
+    data.latents_store["ids"],
+    config.train.seed,
+    config.train.batch_size,
+    data.variants,
+  )
   losses = []
-  with jax.set_mesh(mesh), checkpoint.kept_on_error(mngr):  # a stop for any reason completes a save in flight
+  with (
+    jax.set_mesh(mesh),
+    checkpoint.kept_on_error(mngr),
+  ):  # a stop for any reason completes a save in flight
     for step in range(start_step + 1, num_steps + 1):
       z0, context = next(batches)
       z0, context = training.put_batch(mesh, rules, z0, context)
@@ -144,23 +189,42 @@ def main(argv):
       watch.add(step, metrics)
       progress(step)
       preempted = preemption.reached(step)
-      due = [step % every == 0 or step == num_steps for every in
-             (config.train.log_every, config.train.checkpoint_every, config.train.sample_every or num_steps)]
-      checkpoint.check_saves(mngr, collective=any(due))  # a failed background save stops the run now
+      due = [
+        step % every == 0 or step == num_steps
+        for every in (
+          config.train.log_every,
+          config.train.checkpoint_every,
+          config.train.sample_every or num_steps,
+        )
+      ]
+      checkpoint.check_saves(
+        mngr, collective=any(due)
+      )  # a failed background save stops the run now
       if any(due) or preempted:
         watch.check()  # before anything of this step is logged or written
         saving = due[1] or preempted
-        checkpoint.check_room(mngr, int(one_checkpoint * 1.05) + checkpoint.LOG_ROOM if saving else
-                              checkpoint.LOG_ROOM, step)
+        checkpoint.check_room(
+          mngr,
+          int(one_checkpoint * 1.05) + checkpoint.LOG_ROOM if saving else checkpoint.LOG_ROOM,
+          step,
+        )
       if step % config.train.log_every == 0 or step == num_steps:
         mean = float(np.mean(jax.device_get(losses)))
         watch.record_mean(step, mean)
-        writer.write_scalars(step, {"loss": mean, "grad_norm": float(jax.device_get(metrics["grad_norm"])),
-                                    "loss_spikes": len(watch.spikes)})
+        writer.write_scalars(
+          step,
+          {
+            "loss": mean,
+            "grad_norm": float(jax.device_get(metrics["grad_norm"])),
+            "loss_spikes": len(watch.spikes),
+          },
+        )
         logging.info("step %d loss %.6f", step, mean)
         losses = []
       if step % config.train.checkpoint_every == 0 or step == num_steps or preempted:
-        errors.checked_by_process_0(data.check_unchanged)  # no checkpoint of a model that read a changed store
+        errors.checked_by_process_0(
+          data.check_unchanged
+        )  # no checkpoint of a model that read a changed store
         checkpoint.save(mngr, step, state, force=preempted, trained_on=trained_on)
       if write_samples and (step % config.train.sample_every == 0 or step == num_steps):
         write_samples(step, state.ema_params)

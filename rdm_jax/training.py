@@ -34,14 +34,18 @@ from rdm_jax.parallel import fsdp, sharding
 class LossWindow:
   """The losses and gradient norms of the last W finite steps (ring buffers; `count` steps ever
   recorded), against whose medians the train step judges a spike (`config.train.on_spike`)."""
-  loss: jax.Array       # float32 [W]
+
+  loss: jax.Array  # float32 [W]
   grad_norm: jax.Array  # float32 [W]
-  count: jax.Array      # int32 []
+  count: jax.Array  # int32 []
 
   @classmethod
   def empty(cls, size: int) -> "LossWindow":
-    return cls(loss=jnp.zeros((size,), jnp.float32), grad_norm=jnp.zeros((size,), jnp.float32),
-               count=jnp.zeros((), jnp.int32))
+    return cls(
+      loss=jnp.zeros((size,), jnp.float32),
+      grad_norm=jnp.zeros((size,), jnp.float32),
+      count=jnp.zeros((), jnp.int32),
+    )
 
   def full(self) -> jax.Array:
     return self.count >= self.loss.shape[0]
@@ -52,8 +56,11 @@ class LossWindow:
 
   def push(self, loss: jax.Array, grad_norm: jax.Array) -> "LossWindow":
     i = self.count % self.loss.shape[0]
-    return LossWindow(loss=self.loss.at[i].set(loss), grad_norm=self.grad_norm.at[i].set(grad_norm),
-                      count=self.count + 1)
+    return LossWindow(
+      loss=self.loss.at[i].set(loss),
+      grad_norm=self.grad_norm.at[i].set(grad_norm),
+      count=self.count + 1,
+    )
 
 
 @flax.struct.dataclass
@@ -76,7 +83,9 @@ def family(config: Any) -> str:
   return name
 
 
-def make_model(config: Any, devices: Any = None, latents: tuple[int, ...] | None = None) -> UNet | rarm.RARM:
+def make_model(
+  config: Any, devices: Any = None, latents: tuple[int, ...] | None = None
+) -> UNet | rarm.RARM:
   """The config's network for `devices` (the mesh's; default this process's). With
   config.model.conv="auto" on one CPU device the convolutions of its train step (per-device
   batch config.train.batch_size, latents of shape `latents`, default `latent_shape(config)`)
@@ -87,28 +96,46 @@ def make_model(config: Any, devices: Any = None, latents: tuple[int, ...] | None
   rules = dict((k, v) for k, v in config.sharding_rules)
   impl, remat = m.get("attention", "xla"), m.get("remat", "none")
   if impl not in unet_lib.ATTENTION_IMPLS or remat not in unet_lib.REMAT_POLICIES:
-    fail(f"config.model: attention={impl!r} (one of {', '.join(unet_lib.ATTENTION_IMPLS)}), "
-         f"remat={remat!r} (one of {', '.join(unet_lib.REMAT_POLICIES)})")
+    fail(
+      f"config.model: attention={impl!r} (one of {', '.join(unet_lib.ATTENTION_IMPLS)}), "
+      f"remat={remat!r} (one of {', '.join(unet_lib.REMAT_POLICIES)})"
+    )
   if impl == "cudnn" and jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
-    fail(f"config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 or float16, and "
-         f"config.model.dtype is {m.dtype!r}; set --config.model.dtype=bfloat16 or use attention=xla")
-  attention = unet_lib.AttentionOptions(impl, int(m.get("flash_min_seq_len", 1024)),
-                                        _axes(rules.get("batch")), _axes(rules.get("heads")))
+    fail(
+      f"config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 or float16, and "
+      f"config.model.dtype is {m.dtype!r}; set --config.model.dtype=bfloat16 or use attention=xla"
+    )
+  attention = unet_lib.AttentionOptions(
+    impl,
+    int(m.get("flash_min_seq_len", 1024)),
+    _axes(rules.get("batch")),
+    _axes(rules.get("heads")),
+  )
   conv = m.get("conv", "xla")
   try:
     resolved = onednn.resolve(conv, devices)
   except (ValueError, RuntimeError) as e:
     fail(str(e))
-  model = UNet(model_channels=m.model_channels, channel_mult=tuple(m.channel_mult),
-               num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
-               num_head_channels=m.num_head_channels, transformer_depth=m.transformer_depth,
-               out_channels=config.first_stage.latent_channels, dropout=m.dropout,
-               dtype=jnp.dtype(m.dtype), patch_size=int(m.get("patch_size", 1)),
-               param_dtype=jnp.dtype(m.get("param_dtype", "float32")), remat=remat, attention=attention,
-               conv="xla")
+  model = UNet(
+    model_channels=m.model_channels,
+    channel_mult=tuple(m.channel_mult),
+    num_res_blocks=m.num_res_blocks,
+    attention_resolutions=tuple(m.attention_resolutions),
+    num_head_channels=m.num_head_channels,
+    transformer_depth=m.transformer_depth,
+    out_channels=config.first_stage.latent_channels,
+    dropout=m.dropout,
+    dtype=jnp.dtype(m.dtype),
+    patch_size=int(m.get("patch_size", 1)),
+    param_dtype=jnp.dtype(m.get("param_dtype", "float32")),
+    remat=remat,
+    attention=attention,
+    conv="xla",
+  )
   if conv == "auto" and resolved == "onednn":  # oneDNN can run here: is it faster for this model?
-    inputs = example_inputs(config, int(config.train.batch_size), latents or latent_shape(config),
-                            config.k_train)
+    inputs = example_inputs(
+      config, int(config.train.batch_size), latents or latent_shape(config), config.k_train
+    )
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs)["params"])
     resolved = conv_choice.resolve_auto(lambda p: model.apply({"params": p}, *inputs), (params,))
   return model.clone(conv=resolved)
@@ -141,14 +168,18 @@ def make_schedule(config: Any) -> schedule_lib.Schedule:
   d = config.diffusion
   prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
   if prediction not in schedule_lib.PREDICTIONS or weighting not in schedule_lib.WEIGHTINGS:
-    fail(f"config.diffusion: prediction={prediction!r} (one of {', '.join(schedule_lib.PREDICTIONS)}), "
-         f"loss_weighting={weighting!r} (one of {', '.join(schedule_lib.WEIGHTINGS)})")
+    fail(
+      f"config.diffusion: prediction={prediction!r} (one of {', '.join(schedule_lib.PREDICTIONS)}), "
+      f"loss_weighting={weighting!r} (one of {', '.join(schedule_lib.WEIGHTINGS)})"
+    )
   return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end, prediction)
 
 
 def eps_fn(model: UNet, params: Any, sched: schedule_lib.Schedule):
   """(z_t, t, context) -> the eps the UNet's output means (converted from v or x0)."""
-  return lambda z_t, t, c: schedule_lib.eps_of(sched, model.apply({"params": params}, z_t, t, c), z_t, t)
+  return lambda z_t, t, c: schedule_lib.eps_of(
+    sched, model.apply({"params": params}, z_t, t, c), z_t, t
+  )
 
 
 # LDM's LambdaLinearScheduler as the RDM configs set it (f_start 1e-6, f_max = f_min = 1;
@@ -177,9 +208,13 @@ def optimisation_line(config: Any) -> str:
   """What one update is: the global batch and the learning rate's course (train.batch_size is
   the batch of one update over every device; nothing rescales the rate with it)."""
   t, o = config.train, config.optim
-  decay = f", {o.decay} decay to {o.lr * o.min_lr_ratio:g}" if o.decay != "none" else ", then constant"
-  return (f"global batch {t.batch_size} per update, learning rate {o.lr:g} (AdamW b1 {o.b1:g} b2 {o.b2:g}, "
-          f"weight decay {o.weight_decay:g}) after {o.warmup_steps} warm-up steps{decay}, {t.num_steps} steps")
+  decay = (
+    f", {o.decay} decay to {o.lr * o.min_lr_ratio:g}" if o.decay != "none" else ", then constant"
+  )
+  return (
+    f"global batch {t.batch_size} per update, learning rate {o.lr:g} (AdamW b1 {o.b1:g} b2 {o.b2:g}, "
+    f"weight decay {o.weight_decay:g}) after {o.warmup_steps} warm-up steps{decay}, {t.num_steps} steps"
+  )
 
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:
@@ -194,27 +229,46 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   """
   o = config.optim
   lr = optax.join_schedules(
-      [optax.linear_schedule(o.lr * WARMUP_START, o.lr, max(o.warmup_steps, 1)), _after_warmup(config)],
-      [max(o.warmup_steps, 1)])
+    [
+      optax.linear_schedule(o.lr * WARMUP_START, o.lr, max(o.warmup_steps, 1)),
+      _after_warmup(config),
+    ],
+    [max(o.warmup_steps, 1)],
+  )
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   mu_dtype = o.get("mu_dtype", "") or None  # Adam's first moment; None = the parameters' dtype
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
   eps, update_clip = float(o.get("eps", 1e-8)), float(o.get("update_clip", 0.0))
-  if update_clip > 0:  # adamw's own chain with the clip after Adam's scaling (opt_state[1][0] stays Adam's)
-    parts.append(optax.chain(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=eps, mu_dtype=mu_dtype),
-                             optax.clip_by_block_rms(update_clip), optax.add_decayed_weights(o.weight_decay),
-                             optax.scale_by_learning_rate(lr)))
+  if (
+    update_clip > 0
+  ):  # adamw's own chain with the clip after Adam's scaling (opt_state[1][0] stays Adam's)
+    parts.append(
+      optax.chain(
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=eps, mu_dtype=mu_dtype),
+        optax.clip_by_block_rms(update_clip),
+        optax.add_decayed_weights(o.weight_decay),
+        optax.scale_by_learning_rate(lr),
+      )
+    )
   else:
-    parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay, mu_dtype=mu_dtype))
+    parts.append(
+      optax.adamw(lr, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay, mu_dtype=mu_dtype)
+    )
   return optax.chain(*parts)
 
 
-def example_inputs(config: Any, batch: int, latent_shape: tuple[int, ...], k: int) -> tuple[jax.Array, ...]:
+def example_inputs(
+  config: Any, batch: int, latent_shape: tuple[int, ...], k: int
+) -> tuple[jax.Array, ...]:
   """The model's init inputs: (latents, timesteps, context) for the UNet, (tokens, context) for RARM."""
   context = jnp.zeros((batch, k, config.retrieval.embed_dim), jnp.float32)
   if family(config) == "rarm":
     return jnp.zeros((batch,) + tuple(latent_shape), jnp.int32), context
-  return jnp.zeros((batch,) + tuple(latent_shape), jnp.float32), jnp.zeros((batch,), jnp.int32), context
+  return (
+    jnp.zeros((batch,) + tuple(latent_shape), jnp.float32),
+    jnp.zeros((batch,), jnp.int32),
+    context,
+  )
 
 
 SPIKE_MODES = ("warn", "skip", "stop")
@@ -223,27 +277,44 @@ SPIKE_MODES = ("warn", "skip", "stop")
 def spike_settings(config: Any) -> tuple[str, float, int]:
   """(on_spike, spike_factor, spike_window) of config.train, checked."""
   t = config.train
-  mode, factor, window = t.get("on_spike", "warn"), float(t.get("spike_factor", 5.0)), int(t.get("spike_window", 200))
+  mode, factor, window = (
+    t.get("on_spike", "warn"),
+    float(t.get("spike_factor", 5.0)),
+    int(t.get("spike_window", 200)),
+  )
   if mode not in SPIKE_MODES or not factor > 1 or window < 8:
-    fail(f"config.train: on_spike={mode!r} (one of {', '.join(SPIKE_MODES)}), spike_factor={factor} (> 1), "
-         f"spike_window={window} (>= 8 steps)")
+    fail(
+      f"config.train: on_spike={mode!r} (one of {', '.join(SPIKE_MODES)}), spike_factor={factor} (> 1), "
+      f"spike_window={window} (>= 8 steps)"
+    )
   return mode, factor, window
 
 
 def new_state(params: Any, tx: optax.GradientTransformation, window: int) -> TrainState:
   """Step 0 of training from `params`: EMA = params, a fresh optimiser state, no losses seen."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), losses=LossWindow.empty(window))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=params,
+    opt_state=tx.init(params),
+    losses=LossWindow.empty(window),
+  )
 
 
-def _init_boxed(model: UNet, tx: optax.GradientTransformation, inputs, rng, window: int) -> TrainState:
+def _init_boxed(
+  model: UNet, tx: optax.GradientTransformation, inputs, rng, window: int
+) -> TrainState:
   return new_state(model.init(rng, *inputs)["params"], tx, window)
 
 
-def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules, window: int) -> tuple[TrainState, TrainState]:
+def state_shardings(
+  model: UNet, tx, inputs, mesh: Mesh, rules, window: int
+) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state, its NamedShardings) from the logical axis names of the params;
   `window`: the loss window's length (config.train.spike_window)."""
-  abstract = jax.eval_shape(functools.partial(_init_boxed, model, tx, inputs, window=window), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(
+    functools.partial(_init_boxed, model, tx, inputs, window=window), jax.random.PRNGKey(0)
+  )
   shardings = sharding.logical_shardings(abstract, mesh, rules)
   return nn.meta.unbox(abstract), shardings
 
@@ -251,7 +322,9 @@ def state_shardings(model: UNet, tx, inputs, mesh: Mesh, rules, window: int) -> 
 def init_state(model: UNet, tx, inputs, rng, shardings: TrainState, window: int) -> TrainState:
   """Initialises the state directly into its shardings (no full copy on one device); `window`:
   the loss window's length, as given to `state_shardings`."""
-  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, inputs, r, window)), out_shardings=shardings)
+  init = jax.jit(
+    lambda r: nn.meta.unbox(_init_boxed(model, tx, inputs, r, window)), out_shardings=shardings
+  )
   return init(rng)
 
 
@@ -261,8 +334,9 @@ def ema_decay(decay: float, num_updates: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
-def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule, layout: FsdpLayout | None = None
-                    ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
+def make_train_step(
+  config: Any, model: UNet, tx, sched: schedule_lib.Schedule, layout: FsdpLayout | None = None
+) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
   """(state, z0 [B,H,W,C], context [B,k,d], rng) -> (state, metrics); the eps-MSE of Eq. 3 (or the
   v-MSE, min-SNR weighted: config.diffusion, schedule.diffusion_loss) (for RARM:
   z0 = tokens [B, S], next-token cross-entropy of Eq. 4).
@@ -303,21 +377,44 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule, 
     def loss_fn(params, z0, context, *draws):
       if autoregressive:  # z0: tokens [B, S]; Eq. 4's next-token cross-entropy
         return rarm.nll(model.apply({"params": params}, z0, context), z0)
-      return schedule_lib.diffusion_loss(lambda z_t, t: model.apply({"params": params}, z_t, t, context),
-                                         sched, z0, None, weighting, gamma, draws=draws)
+      return schedule_lib.diffusion_loss(
+        lambda z_t, t: model.apply({"params": params}, z_t, t, context),
+        sched,
+        z0,
+        None,
+        weighting,
+        gamma,
+        draws=draws,
+      )
 
-    batch = (z0, context) if autoregressive else (z0, context, *schedule_lib.draw_t_and_noise(sched, z0.shape, loss_rng))
+    batch = (
+      (z0, context)
+      if autoregressive
+      else (z0, context, *schedule_lib.draw_t_and_noise(sched, z0.shape, loss_rng))
+    )
     if layout is None:
       loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
     else:
-      loss, grads = fsdp.value_and_grad(loss_fn, layout.mesh, layout.param_shardings, layout.batch_axes,
-                                        layout.cast, layout.dtype, ("fsdp", layout.fsdp_outer))(state.params, *batch)
+      loss, grads = fsdp.value_and_grad(
+        loss_fn,
+        layout.mesh,
+        layout.param_shardings,
+        layout.batch_axes,
+        layout.cast,
+        layout.dtype,
+        ("fsdp", layout.fsdp_outer),
+      )(state.params, *batch)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     loss_median, grad_median = state.losses.medians()
-    spike = finite & state.losses.full() & ((loss > spike_factor * loss_median) | (grad_norm > spike_factor * grad_median))
-    losses = jax.tree.map(lambda new, old: jnp.where(finite, new, old), state.losses.push(loss, grad_norm),
-                          state.losses)
+    spike = (
+      finite
+      & state.losses.full()
+      & ((loss > spike_factor * loss_median) | (grad_norm > spike_factor * grad_median))
+    )
+    losses = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old), state.losses.push(loss, grad_norm), state.losses
+    )
     apply = finite & ~spike if on_spike == "skip" else finite
 
     def update(state: TrainState) -> TrainState:
@@ -325,14 +422,24 @@ def make_train_step(config: Any, model: UNet, tx, sched: schedule_lib.Schedule, 
       params = optax.apply_updates(state.params, updates)
       d = ema_decay(decay, state.step + 1)  # LitEma increments num_updates before using it
       ema = jax.tree.map(lambda e, p: e - (1.0 - d) * (e - p), state.ema_params, params)
-      return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, losses=losses)
+      return state.replace(
+        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, losses=losses
+      )
 
     # A branch, not a select of every leaf: jnp.where(finite, new, old) reads each donated
     # buffer after its update is written, so XLA copies every parameter, moment and EMA
     # leaf first (741 copies, ~3 ms of a 74 ms step on the demo).
-    new_state = jax.lax.cond(apply, update, lambda s: s.replace(step=s.step + 1, losses=losses), state)
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "spike": spike,
-                       "loss_median": loss_median, "grad_norm_median": grad_median}
+    new_state = jax.lax.cond(
+      apply, update, lambda s: s.replace(step=s.step + 1, losses=losses), state
+    )
+    return new_state, {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "finite": finite,
+      "spike": spike,
+      "loss_median": loss_median,
+      "grad_norm_median": grad_median,
+    }
 
   return step
 
@@ -347,43 +454,66 @@ class FsdpLayout:
   batch_axes: tuple
   cast: Any
   dtype: Any
-  fsdp_outer: int = 1  # > 1: gathered in two stages, within and across this many groups (fsdp.split_mesh)
+  fsdp_outer: int = (
+    1  # > 1: gathered in two stages, within and across this many groups (fsdp.split_mesh)
+  )
 
 
-def fsdp_layout(config: Any, model: Any, inputs: tuple, mesh: Mesh, rules, abstract_params: Any,
-                params_sh: Any) -> FsdpLayout | None:
+def fsdp_layout(
+  config: Any, model: Any, inputs: tuple, mesh: Mesh, rules, abstract_params: Any, params_sh: Any
+) -> FsdpLayout | None:
   """The layout of an explicit FSDP gradient when a batch axis of more than one device shards
   some parameter (mesh.fsdp > 1 by the default rules) and no other axis is in use; None
   otherwise: GSPMD's all-reduce is what data parallelism needs, and beside tensor parallelism
   GSPMD's own choices moved fewer bytes (on 8 CPU devices, fsdp 4 x tensor 2: 27 MB a step
   against 31 MB for the explicit gradient, whose gathered kernels GSPMD regathers over tensor)."""
   batch_axes = sharding.axes_of(dict(rules).get("batch"))
-  sharding_axes = {a for s in jax.tree.leaves(params_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
-                   for entry in s.spec for a in sharding.axes_of(entry)}
+  sharding_axes = {
+    a
+    for s in jax.tree.leaves(params_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for entry in s.spec
+    for a in sharding.axes_of(entry)
+  }
   if not any(mesh.shape[a] > 1 for a in set(batch_axes) & sharding_axes):
     return None
   if any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in batch_axes):
     return None
   dtype = jnp.dtype(config.model.get("dtype", "float32"))
-  cast = fsdp.cast_before_gather(lambda p, *xs: model.apply({"params": p}, *xs), abstract_params, inputs, dtype)
+  cast = fsdp.cast_before_gather(
+    lambda p, *xs: model.apply({"params": p}, *xs), abstract_params, inputs, dtype
+  )
   outer = config.mesh.fsdp_outer
-  if not outer and "fsdp" in batch_axes and mesh.shape["fsdp"] >= 4 and mesh.devices.flat[0].platform != "cpu":
+  if (
+    not outer
+    and "fsdp" in batch_axes
+    and mesh.shape["fsdp"] >= 4
+    and mesh.devices.flat[0].platform != "cpu"
+  ):
     outer = fsdp.choose_outer(mesh, batch_axes, params_sh, abstract_params, cast, dtype)
   return FsdpLayout(mesh, params_sh, batch_axes, cast, dtype, max(1, outer))
 
 
-def batch_shardings(mesh: Mesh, rules, latent_ndim: int) -> tuple[NamedSharding, NamedSharding, NamedSharding]:
+def batch_shardings(
+  mesh: Mesh, rules, latent_ndim: int
+) -> tuple[NamedSharding, NamedSharding, NamedSharding]:
   """The train step's input shardings of (z0, context, rng): the batch dimension over the
   batch axes, the rng replicated. `latent_ndim` counts z0's dimensions, batch included."""
-  return (sharding.batch_sharding(mesh, rules, latent_ndim), sharding.batch_sharding(mesh, rules, 3),
-          NamedSharding(mesh, P()))
+  return (
+    sharding.batch_sharding(mesh, rules, latent_ndim),
+    sharding.batch_sharding(mesh, rules, 3),
+    NamedSharding(mesh, P()),
+  )
 
 
 def jit_train_step(step_fn, state_sh: TrainState, mesh: Mesh, rules, latent_ndim: int):
   """jax.jit with explicit in/out shardings and the state donated."""
   z_sh, c_sh, replicated = batch_shardings(mesh, rules, latent_ndim)
-  return jax.jit(step_fn, in_shardings=(state_sh, z_sh, c_sh, replicated),
-                 out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_sh, z_sh, c_sh, replicated),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=(0,),
+  )
 
 
 @dataclasses.dataclass
@@ -402,27 +532,36 @@ class TrainSetup:
   latent_shape: tuple
   mesh: Mesh
   rules: list
-  layout: FsdpLayout | None = None  # the explicit FSDP gradient's, when the batch axes shard parameters
+  layout: FsdpLayout | None = (
+    None  # the explicit FSDP gradient's, when the batch axes shard parameters
+  )
 
   def batch_specs(self, config: Any, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Abstract (z0, context, rng) of a global batch with the step's input shardings."""
     z_sh, c_sh, rng_sh = batch_shardings(self.mesh, self.rules, 1 + len(self.latent_shape))
     z_dtype = jnp.int32 if family(config) == "rarm" else jnp.float32
     z = jax.ShapeDtypeStruct((batch,) + tuple(self.latent_shape), z_dtype, sharding=z_sh)
-    c = jax.ShapeDtypeStruct((batch, config.k_train, config.retrieval.embed_dim), jnp.float32, sharding=c_sh)
+    c = jax.ShapeDtypeStruct(
+      (batch, config.k_train, config.retrieval.embed_dim), jnp.float32, sharding=c_sh
+    )
     return z, c, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rng_sh)
 
   def init_state(self, rng: jax.Array) -> TrainState:
     """A freshly initialised train state, placed in its shardings."""
-    return init_state(self.model, self.tx, self.inputs, rng, self.state_sh, self.abstract.losses.loss.shape[0])
+    return init_state(
+      self.model, self.tx, self.inputs, rng, self.state_sh, self.abstract.losses.loss.shape[0]
+    )
 
   def state_specs(self) -> TrainState:
     """The abstract train state with its shardings (ShapeDtypeStructs, for lowering)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.state_sh)
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.state_sh
+    )
 
 
-def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
-                   tx: optax.GradientTransformation | None = None) -> TrainSetup:
+def setup_training(
+  config: Any, latent_shape: tuple, mesh: Mesh, tx: optax.GradientTransformation | None = None
+) -> TrainSetup:
   """The model, optimiser, schedule, state shardings and jitted train step of `config` on `mesh`
   (restoring a checkpoint needs the same abstract state and shardings). `tx` replaces
   `make_optimizer(config)` (tests pin the update rule)."""
@@ -432,9 +571,12 @@ def setup_training(config: Any, latent_shape: tuple, mesh: Mesh,
   inputs = example_inputs(config, 1, latent_shape, config.k_train)
   abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules, spike_settings(config)[2])
   layout = fsdp_layout(config, model, inputs, mesh, rules, abstract.params, state_sh.params)
-  step = jit_train_step(make_train_step(config, model, tx, sched, layout), state_sh, mesh, rules,
-                        len(latent_shape) + 1)
-  return TrainSetup(model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules, layout)
+  step = jit_train_step(
+    make_train_step(config, model, tx, sched, layout), state_sh, mesh, rules, len(latent_shape) + 1
+  )
+  return TrainSetup(
+    model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules, layout
+  )
 
 
 def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample_config: Any):
@@ -444,24 +586,47 @@ def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample
   s = sample_config
   if isinstance(model, rarm.RARM):  # tokens [B, S], one position at a time with the KV cache
     if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
-      fail(f"config.sample: temperature={s.temperature} (> 0), top_k={s.top_k} (>= 0, 0 = all), "
-           f"top_p={s.top_p} (in (0, 1]) for RARM sampling")
-    return jax.jit(lambda params, context, keys: rarm.sample(
-        model, params, context, keys, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-        guidance_scale=s.guidance_scale))
+      fail(
+        f"config.sample: temperature={s.temperature} (> 0), top_k={s.top_k} (>= 0, 0 = all), "
+        f"top_p={s.top_p} (in (0, 1]) for RARM sampling"
+      )
+    return jax.jit(
+      lambda params, context, keys: rarm.sample(
+        model,
+        params,
+        context,
+        keys,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        guidance_scale=s.guidance_scale,
+      )
+    )
   if s.get("final_step", "abar0") not in ("abar0", "x0"):
-    fail(f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 (the last step's "
-         "predicted z_0)")
+    fail(
+      f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 (the last step's "
+      "predicted z_0)"
+    )
   try:
     samplers.timesteps(s.sampler, sched, s.num_steps, s.timestep_spacing)
   except ValueError as e:
     fail(f"{e} (config.sample)")
 
   def sample(params, context, rng):
-    return samplers.sample(eps_fn(model, params, sched), sched, context, (context.shape[0],) + tuple(latent_shape), rng,
-                           sampler=s.sampler, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                           eta=s.eta, clip_x0=s.clip_x0 or None, timestep_spacing=s.timestep_spacing,
-                           final_x0=s.get("final_step", "abar0") == "x0")
+    return samplers.sample(
+      eps_fn(model, params, sched),
+      sched,
+      context,
+      (context.shape[0],) + tuple(latent_shape),
+      rng,
+      sampler=s.sampler,
+      num_steps=s.num_steps,
+      guidance_scale=s.guidance_scale,
+      eta=s.eta,
+      clip_x0=s.clip_x0 or None,
+      timestep_spacing=s.timestep_spacing,
+      final_x0=s.get("final_step", "abar0") == "x0",
+    )
 
   return jax.jit(sample)
 
@@ -472,8 +637,16 @@ def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.uint32))
 
 
-def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng: jax.Array,
-                      first_index: int = 0, mesh: Mesh | None = None, rules=None) -> np.ndarray:
+def sample_in_batches(
+  sampler,
+  params,
+  context: np.ndarray,
+  batch_size: int,
+  rng: jax.Array,
+  first_index: int = 0,
+  mesh: Mesh | None = None,
+  rules=None,
+) -> np.ndarray:
   """Latents for every context row, `batch_size` rows at a time; row i is sample first_index + i
   and uses key fold_in(rng, first_index + i) (`sample_keys`). The last batch is padded so one
   compiled shape serves all.
@@ -485,10 +658,12 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
   if not len(context):
     raise ValueError("no context rows to sample from")
   n_dev = 1 if mesh is None else sharding.batch_devices(mesh, rules)
-  size = -(-min(batch_size, len(context)) // n_dev) * n_dev  # one batch: no more padding than needed
+  size = (
+    -(-min(batch_size, len(context)) // n_dev) * n_dev
+  )  # one batch: no more padding than needed
   out = []
   for a in range(0, len(context), size):
-    c = context[a:a + size]
+    c = context[a : a + size]
     n = len(c)
     index = first_index + a + np.arange(size)
     if n < size:
@@ -497,8 +672,12 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
     if mesh is None:
       z = sampler(params, jnp.asarray(c), jnp.asarray(keys))
     else:
-      c, keys = (jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, rules, x.ndim),
-                                              lambda i, x=x: x[i]) for x in (c, keys))
+      c, keys = (
+        jax.make_array_from_callback(
+          x.shape, sharding.batch_sharding(mesh, rules, x.ndim), lambda i, x=x: x[i]
+        )
+        for x in (c, keys)
+      )
       z = multihost_utils.process_allgather(sampler(params, c, keys), tiled=True)
     out.append(np.asarray(jax.device_get(z))[:n])
   return np.concatenate(out)
@@ -507,8 +686,18 @@ def sample_in_batches(sampler, params, context: np.ndarray, batch_size: int, rng
 CONTEXTS = ("true_neighbors", "zeros_context", "shuffled_neighbors")
 
 
-def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, num_examples: int,
-                   repeats: int, batch: int = 256, seed: int = 0, noise_buckets: int = 10) -> dict[str, Any]:
+def context_losses(
+  model,
+  params,
+  sched,
+  data: pipeline.RetrievalData,
+  k: int,
+  num_examples: int,
+  repeats: int,
+  batch: int = 256,
+  seed: int = 0,
+  noise_buckets: int = 10,
+) -> dict[str, Any]:
   """Held-out losses of the model with each context (CONTEXTS: the true k neighbours, zeros, the
   neighbours of other examples of the batch) over the first `num_examples` of `data`, in whole
   batches (a last partial batch would shuffle among fewer examples): `examples` says how many.
@@ -529,9 +718,11 @@ def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, n
     """-> (t [B] or None, per-context per-example eps-MSE (RARM: NLL) [3, B], x0-MSE [3, B] or None)."""
     contexts = (context, jnp.zeros_like(context), context[perm])
     if autoregressive:
+
       def nll(ctx):
         logp = jax.nn.log_softmax(model.apply({"params": params}, z0, ctx), axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, z0[..., None], axis=-1)[..., 0], axis=-1)
+
       return None, jnp.stack([nll(c) for c in contexts]), None
     t, noise = schedule_lib.draw_t_and_noise(sched, z0.shape, rng)
     z_t = schedule_lib.q_sample(sched, z0, t, noise)
@@ -555,8 +746,12 @@ def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, n
       rows = np.arange(a, a + batch)
       z0, context = pipeline.load_batch(data, rows, k, "first")
       perm = np.random.default_rng([seed, r, a]).permutation(batch)
-      t, eps_mse, x0_mse = losses(jnp.asarray(z0), jnp.asarray(context), jnp.asarray(perm),
-                                  jax.random.PRNGKey(seed * 1000003 + r * 7919 + a))
+      t, eps_mse, x0_mse = losses(
+        jnp.asarray(z0),
+        jnp.asarray(context),
+        jnp.asarray(perm),
+        jax.random.PRNGKey(seed * 1000003 + r * 7919 + a),
+      )
       bucket = np.zeros(batch, np.int64) if t is None else np.asarray(t) * noise_buckets // num_t
       for i, per_example in enumerate((eps_mse, x0_mse)):
         if per_example is not None:  # [3, B] into the [3, buckets] sums, by each example's bucket
@@ -570,15 +765,21 @@ def context_losses(model, params, sched, data: pipeline.RetrievalData, k: int, n
   if not autoregressive:
     result["x0_mse"] = dict(zip(CONTEXTS, total[1]))
     result["by_noise"] = [
-        {"t_start": -(-b * num_t // noise_buckets), "t_stop": -(-(b + 1) * num_t // noise_buckets),
-         "samples": int(counts[b]),
-         "eps_mse": dict(zip(CONTEXTS, sums[0, :, b] / max(counts[b], 1))),
-         "x0_mse": dict(zip(CONTEXTS, sums[1, :, b] / max(counts[b], 1)))}
-        for b in range(noise_buckets)]
+      {
+        "t_start": -(-b * num_t // noise_buckets),
+        "t_stop": -(-(b + 1) * num_t // noise_buckets),
+        "samples": int(counts[b]),
+        "eps_mse": dict(zip(CONTEXTS, sums[0, :, b] / max(counts[b], 1))),
+        "x0_mse": dict(zip(CONTEXTS, sums[1, :, b] / max(counts[b], 1))),
+      }
+      for b in range(noise_buckets)
+    ]
   return result
 
 
 def put_batch(mesh: Mesh, rules, *local_arrays):
   """Process-local numpy batches -> global jax.Arrays sharded over the batch axes."""
-  return tuple(jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, a.ndim), a)
-               for a in local_arrays)
+  return tuple(
+    jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, a.ndim), a)
+    for a in local_arrays
+  )

@@ -39,11 +39,11 @@ import numpy as np
 
 from rdm_jax.errors import fail
 
-MAX_JSON_BYTES = 64 << 20       # manifests, records, settings: far below this
-MAX_IMAGE_PIXELS = 50_000_000   # per image, checked from its header before decoding
+MAX_JSON_BYTES = 64 << 20  # manifests, records, settings: far below this
+MAX_IMAGE_PIXELS = 50_000_000  # per image, checked from its header before decoding
 IMAGE_FORMATS = ("PNG", "JPEG")  # what image folders hold (sources.IMAGE_EXTENSIONS)
-MAX_CAPTION_CHARS = 4096        # CLIP reads the first 77 tokens; longer captions are refused
-_ZIP_LOCAL_HEADER = 30           # bytes of a zip local file header before its name
+MAX_CAPTION_CHARS = 4096  # CLIP reads the first 77 tokens; longer captions are refused
+_ZIP_LOCAL_HEADER = 30  # bytes of a zip local file header before its name
 
 
 def memory_budget() -> int:
@@ -77,15 +77,22 @@ class Budget:
 
   def charge(self, nbytes: int, path: str, detail: str = "") -> None:
     if nbytes > self.limit - self.used:
-      fail(f"{path}: {detail + ' ' if detail else ''}declares {_size(nbytes)}, more than the {_size(self.limit - self.used)} "
-           f"{self.what} may still take from its input files (of {_size(self.limit)}): the file is not what it "
-           "claims to be, or set RDM_MEMORY_BUDGET (bytes) higher")
+      fail(
+        f"{path}: {detail + ' ' if detail else ''}declares {_size(nbytes)}, more than the {_size(self.limit - self.used)} "
+        f"{self.what} may still take from its input files (of {_size(self.limit)}): the file is not what it "
+        "claims to be, or set RDM_MEMORY_BUDGET (bytes) higher"
+      )
     self.used += nbytes
 
 
 def _file_kind(mode: int) -> str:
-  for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                     (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+  for test, name in (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+  ):
     if test(mode):
       return name
   return "not a regular file"
@@ -106,7 +113,9 @@ def open_regular(path: str, mode: str = "rb", encoding: str | None = None) -> IO
   try:
     kind = os.fstat(fd).st_mode
     if not stat.S_ISREG(kind):
-      fail(f"{path} is {_file_kind(kind)}, not a regular file; refusing to read it (replace it with a file)")
+      fail(
+        f"{path} is {_file_kind(kind)}, not a regular file; refusing to read it (replace it with a file)"
+      )
     os.set_blocking(fd, True)
     return os.fdopen(fd, mode, encoding=encoding) if "b" not in mode else os.fdopen(fd, mode)
   except BaseException:
@@ -154,8 +163,10 @@ def caption(text: Any, what: str) -> str:
   """A caption as a str of at most MAX_CAPTION_CHARS characters (longer: one line naming `what`)."""
   text = str(text)
   if len(text) > MAX_CAPTION_CHARS:
-    fail(f"{what}: a caption of {len(text)} characters; captions may have at most {MAX_CAPTION_CHARS} (CLIP reads "
-         "the first 77 tokens): shorten it")
+    fail(
+      f"{what}: a caption of {len(text)} characters; captions may have at most {MAX_CAPTION_CHARS} (CLIP reads "
+      "the first 77 tokens): shorten it"
+    )
   return text
 
 
@@ -174,23 +185,39 @@ def zip_members(zf: zipfile.ZipFile, path: str, size: int) -> list[zipfile.ZipIn
       raise ValueError(f"member {info.filename} uses compression method {info.compress_type}")
     if info.header_offset < end:
       raise ValueError(f"member {info.filename} overlaps the member before it")
-    end = info.header_offset + _ZIP_LOCAL_HEADER + len(info.orig_filename.encode("utf-8", "replace")) + \
-        info.compress_size
+    end = (
+      info.header_offset
+      + _ZIP_LOCAL_HEADER
+      + len(info.orig_filename.encode("utf-8", "replace"))
+      + info.compress_size
+    )
     stored += info.compress_size
     if end > size or stored > size:
       raise ValueError(f"its members declare more bytes than the {size}-byte archive holds")
   return infos
 
 
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError, ValueError,
-               OverflowError)
+_ZIP_ERRORS = (
+  zipfile.BadZipFile,
+  zlib.error,
+  EOFError,
+  RuntimeError,
+  NotImplementedError,
+  OSError,
+  ValueError,
+  OverflowError,
+)
 
 
 def npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
   """(shape, fortran order, dtype) of the `.npy` header at f's position, read with a bounded
   header size; f is left at the first element."""
   version = np.lib.format.read_magic(f)
-  read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+  read = (
+    np.lib.format.read_array_header_1_0
+    if version == (1, 0)
+    else np.lib.format.read_array_header_2_0
+  )
   return read(f, max_header_size=1 << 16)
 
 
@@ -208,7 +235,7 @@ class Npz:
     try:
       self._zip = zipfile.ZipFile(f)
       infos = zip_members(self._zip, path, size)
-    except (_ZIP_ERRORS) as e:
+    except _ZIP_ERRORS as e:
       self.close()
       fail(f"{path} is not a readable .npz ({type(e).__name__}: {str(e)[:200]})")
     self.headers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
@@ -218,12 +245,16 @@ class Npz:
       name = info.filename.removesuffix(".npy")
       if not info.filename.endswith(".npy"):
         self.close()
-        fail(f"{path}: member {info.filename[:80]!r} is not an array; np.savez writes only .npy members")
+        fail(
+          f"{path}: member {info.filename[:80]!r} is not an array; np.savez writes only .npy members"
+        )
       shape, dtype, nbytes = self._header(info, name)
       self.headers[name], self._infos[name] = (shape, dtype), info
       total += nbytes
     try:
-      Budget("one file", budget.limit if budget else None).charge(total, path, f"its {len(infos)} arrays together")
+      Budget("one file", budget.limit if budget else None).charge(
+        total, path, f"its {len(infos)} arrays together"
+      )
     except BaseException:
       self.close()
       raise
@@ -239,8 +270,10 @@ class Npz:
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if dtype.hasobject or header + nbytes != info.file_size:
       self.close()
-      fail(f"{self.path}: {name} declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a member of {info.file_size} "
-           "bytes; rewrite it with np.savez")
+      fail(
+        f"{self.path}: {name} declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a member of {info.file_size} "
+        "bytes; rewrite it with np.savez"
+      )
     return tuple(shape), dtype, nbytes
 
   @property
@@ -287,11 +320,14 @@ def load_npy(path: str, budget: Budget | None = None, mmap: bool = False) -> np.
     if dtype.hasobject:
       fail(f"{path} holds Python objects (a pickle), which are never loaded; save a numeric array")
     if f.tell() + nbytes != size:
-      fail(f"{path} is truncated or corrupt: it declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a file of "
-           f"{size} bytes")
+      fail(
+        f"{path} is truncated or corrupt: it declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a file of "
+        f"{size} bytes"
+      )
     if mmap:
-      return np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=tuple(shape),
-                       order="F" if fortran else "C")
+      return np.memmap(
+        f, dtype=dtype, mode="r", offset=f.tell(), shape=tuple(shape), order="F" if fortran else "C"
+      )
     (budget or Budget(f"reading {path}")).charge(nbytes, path)
     f.seek(0)
     return np.lib.format.read_array(f, allow_pickle=False)
@@ -326,23 +362,35 @@ def image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Any]:
   with f:
     try:
       with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged here, by max_pixels
+        warnings.simplefilter(
+          "ignore", Image.DecompressionBombWarning
+        )  # judged here, by max_pixels
         im = Image.open(f, formats=IMAGE_FORMATS)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, zlib.error, EOFError) as e:
-      raise UnreadableImage(f"{path}: not a {' or '.join(IMAGE_FORMATS)} image ({type(e).__name__}: "
-                            f"{str(e)[:100]})", type(e).__name__) from None
+    except (
+      OSError,
+      ValueError,
+      SyntaxError,
+      Image.DecompressionBombError,
+      zlib.error,
+      EOFError,
+    ) as e:
+      raise UnreadableImage(
+        f"{path}: not a {' or '.join(IMAGE_FORMATS)} image ({type(e).__name__}: {str(e)[:100]})",
+        type(e).__name__,
+      ) from None
     with im:
       w, h = im.size
       if w * h > max_pixels:
-        raise UnreadableImage(f"{path}: {w}x{h} pixels, more than the {max_pixels} an image may have here; "
-                              "downscale it", "pixels")
+        raise UnreadableImage(
+          f"{path}: {w}x{h} pixels, more than the {max_pixels} an image may have here; "
+          "downscale it",
+          "pixels",
+        )
       try:
         with warnings.catch_warnings():
           warnings.simplefilter("ignore", Image.DecompressionBombWarning)
           yield im
       except (OSError, SyntaxError, Image.DecompressionBombError, zlib.error, EOFError) as e:
-        raise UnreadableImage(f"{path}: does not decode ({type(e).__name__}: {str(e)[:100]})",
-                              type(e).__name__) from None
-
-
-
+        raise UnreadableImage(
+          f"{path}: does not decode ({type(e).__name__}: {str(e)[:100]})", type(e).__name__
+        ) from None

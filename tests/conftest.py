@@ -15,26 +15,38 @@ import os
 import shutil
 import tempfile
 
-if "RDM_JAX_TESTS_TMPDIR" not in os.environ:  # the controlling process: one temporary folder for the session
+if (
+  "RDM_JAX_TESTS_TMPDIR" not in os.environ
+):  # the controlling process: one temporary folder for the session
   # What the code under test puts in the temporary folder goes there and is removed at the end: TFDS
   # leaves an empty mkdtemp folder behind each time it looks for a mocked dataset's info in its
   # bucket (about 60 per run). pytest's own tmp_path folders stay where they were.
   os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
-  _TMP = tempfile.tempdir = os.environ["TMPDIR"] = os.environ["RDM_JAX_TESTS_TMPDIR"] = tempfile.mkdtemp(
-      prefix="rdm_jax_tests_tmp_")
+  _TMP = tempfile.tempdir = os.environ["TMPDIR"] = os.environ["RDM_JAX_TESTS_TMPDIR"] = (
+    tempfile.mkdtemp(prefix="rdm_jax_tests_tmp_")
+  )
 else:
   _TMP = None
-os.environ["RDM_JAX_CACHE"] = os.path.join(os.environ["RDM_JAX_TESTS_TMPDIR"], "rdm_jax_cache")  # conv=auto's choices
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["RDM_JAX_CACHE"] = os.path.join(
+  os.environ["RDM_JAX_TESTS_TMPDIR"], "rdm_jax_cache"
+)  # conv=auto's choices
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rdm_jax_tests_xla_cache_")
+  _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+    prefix="rdm_jax_tests_xla_cache_"
+  )
 else:
   _CACHE = None
-if os.environ.get("PYTEST_XDIST_WORKER"):  # a pytest-xdist worker: its own cache inside the session's
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
-                                                         os.environ["PYTEST_XDIST_WORKER"])
+if os.environ.get(
+  "PYTEST_XDIST_WORKER"
+):  # a pytest-xdist worker: its own cache inside the session's
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+    os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]
+  )
   os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
 
 
@@ -42,6 +54,7 @@ def pytest_sessionfinish(session, exitstatus):
   for folder in (_CACHE, _TMP):
     if folder is not None:
       shutil.rmtree(folder, ignore_errors=True)
+
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -52,9 +65,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_DB_START = 40000  # the demo config's database part of Fashion-MNIST's train split
 
 
-def make_tiny_stores(data_dir: str, n_train: int = 64, n_db: int = 40, k: int = 6, d: int = 16,
-                     seed: int = 0, encoder: dict | None = None, fmnist_database: bool = False,
-                     tokens: dict | None = None) -> dict:
+def make_tiny_stores(
+  data_dir: str,
+  n_train: int = 64,
+  n_db: int = 40,
+  k: int = 6,
+  d: int = 16,
+  seed: int = 0,
+  encoder: dict | None = None,
+  fmnist_database: bool = False,
+  tokens: dict | None = None,
+) -> dict:
   """Writes latents / neighbours / database stores of random data as the jobs would.
 
   fmnist_database: the database entries claim Fashion-MNIST train rows 40000.. as their source
@@ -65,44 +86,98 @@ def make_tiny_stores(data_dir: str, n_train: int = 64, n_db: int = 40, k: int = 
   from rdm_jax.data import store
 
   rng = np.random.default_rng(seed)
-  encoder = encoder or {"name": "efficientnet_lite0", "weights_sha256": "test", "image_size": 32,
-                        "embed_dim": d}
+  encoder = encoder or {
+    "name": "efficientnet_lite0",
+    "weights_sha256": "test",
+    "image_size": 32,
+    "embed_dim": d,
+  }
   source = {"dataset": "synthetic", "split": "train", "start": 0, "stop": n_train}
   first = FMNIST_DB_START if fmnist_database else 0
-  db_source = {"dataset": "fashion_mnist" if fmnist_database else "synthetic",
-               "split": "train" if fmnist_database else "db", "start": first, "stop": first + n_db}
-  db = store.write(os.path.join(data_dir, "database"), "database",
-                   {"embeddings": rng.normal(size=(n_db, d)).astype(np.float32),
-                    "ids": np.arange(first, first + n_db, dtype=np.int64), "labels": np.zeros(n_db, np.int32)},
-                   encoder=encoder, source=db_source)
+  db_source = {
+    "dataset": "fashion_mnist" if fmnist_database else "synthetic",
+    "split": "train" if fmnist_database else "db",
+    "start": first,
+    "stop": first + n_db,
+  }
+  db = store.write(
+    os.path.join(data_dir, "database"),
+    "database",
+    {
+      "embeddings": rng.normal(size=(n_db, d)).astype(np.float32),
+      "ids": np.arange(first, first + n_db, dtype=np.int64),
+      "labels": np.zeros(n_db, np.int32),
+    },
+    encoder=encoder,
+    source=db_source,
+  )
   for part, n in (("train", n_train), ("test", n_train // 2)):
     ids = np.arange(n, dtype=np.int64)
     if tokens:
-      store.write(os.path.join(data_dir, f"latents_{part}"), "latents",
-                  {"latents": rng.integers(0, tokens["num_codes"], (n, tokens["seq_len"])).astype(np.int32),
-                   "ids": ids, "labels": np.zeros(n, np.int32)},
-                  source=source, first_stage=tokens["first_stage"], tokens=True, image_shape=[8, 8, 1])
+      store.write(
+        os.path.join(data_dir, f"latents_{part}"),
+        "latents",
+        {
+          "latents": rng.integers(0, tokens["num_codes"], (n, tokens["seq_len"])).astype(np.int32),
+          "ids": ids,
+          "labels": np.zeros(n, np.int32),
+        },
+        source=source,
+        first_stage=tokens["first_stage"],
+        tokens=True,
+        image_shape=[8, 8, 1],
+      )
     else:
-      store.write(os.path.join(data_dir, f"latents_{part}"), "latents",
-                  {"latents": rng.normal(size=(n, 8, 8, 1)).astype(np.float32), "ids": ids,
-                   "labels": np.zeros(n, np.int32)},
-                  source=source, first_stage={"name": "identity", "pad_to": 8}, image_shape=[8, 8, 1])
-    store.write(os.path.join(data_dir, f"embeddings_{part}"), "embeddings",
-                {"embeddings": rng.normal(size=(n, d)).astype(np.float32), "ids": ids,
-                 "labels": np.zeros(n, np.int32)}, encoder=encoder, source=source)
-    store.write(os.path.join(data_dir, f"neighbors_{part}"), "neighbors",
-                {"neighbor_ids": rng.integers(0, n_db, size=(n, k)).astype(np.int32),
-                 "scores": np.zeros((n, k), np.float32), "query_ids": ids},
-                database_fingerprint=db.fingerprint, encoder=encoder, num_neighbors=k)
+      store.write(
+        os.path.join(data_dir, f"latents_{part}"),
+        "latents",
+        {
+          "latents": rng.normal(size=(n, 8, 8, 1)).astype(np.float32),
+          "ids": ids,
+          "labels": np.zeros(n, np.int32),
+        },
+        source=source,
+        first_stage={"name": "identity", "pad_to": 8},
+        image_shape=[8, 8, 1],
+      )
+    store.write(
+      os.path.join(data_dir, f"embeddings_{part}"),
+      "embeddings",
+      {
+        "embeddings": rng.normal(size=(n, d)).astype(np.float32),
+        "ids": ids,
+        "labels": np.zeros(n, np.int32),
+      },
+      encoder=encoder,
+      source=source,
+    )
+    store.write(
+      os.path.join(data_dir, f"neighbors_{part}"),
+      "neighbors",
+      {
+        "neighbor_ids": rng.integers(0, n_db, size=(n, k)).astype(np.int32),
+        "scores": np.zeros((n, k), np.float32),
+        "query_ids": ids,
+      },
+      database_fingerprint=db.fingerprint,
+      encoder=encoder,
+      num_neighbors=k,
+    )
   return {"encoder": encoder, "d": d, "k": k}
 
 
 TINY_OVERRIDES = [
-    "--config.model.model_channels=32", "--config.model.channel_mult=(1,2)",
-    "--config.model.attention_resolutions=(2,)", "--config.model.num_res_blocks=1",
-    "--config.retrieval.embed_dim=16", "--config.first_stage.pad_to=8", "--config.train.batch_size=8",
-    "--config.optim.warmup_steps=2", "--config.train.log_every=1", "--config.train.sample_every=0",
-    "--config.k_train=4",
+  "--config.model.model_channels=32",
+  "--config.model.channel_mult=(1,2)",
+  "--config.model.attention_resolutions=(2,)",
+  "--config.model.num_res_blocks=1",
+  "--config.retrieval.embed_dim=16",
+  "--config.first_stage.pad_to=8",
+  "--config.train.batch_size=8",
+  "--config.optim.warmup_steps=2",
+  "--config.train.log_every=1",
+  "--config.train.sample_every=0",
+  "--config.k_train=4",
 ]
 
 
@@ -110,15 +185,28 @@ TRAIN_CONFIG = os.path.join(REPO, "configs", "fashion_mnist_rdm.py")
 KILL_AT = os.path.join(REPO, "tests", "kill_at.py")
 TRAINED_MESH = ("--config.mesh.data=4", "--config.mesh.fsdp=2")
 TRAINED_STEPS = (*TRAINED_MESH, "--config.train.num_steps=4", "--config.train.checkpoint_every=2")
-TRAINED_ARGS = (*TRAINED_STEPS, "--config.train.sample_every=2", "--config.train.num_sample_images=4",
-                "--config.sample.num_steps=2")  # the shared `trained` run
+TRAINED_ARGS = (
+  *TRAINED_STEPS,
+  "--config.train.sample_every=2",
+  "--config.train.num_sample_images=4",
+  "--config.sample.num_steps=2",
+)  # the shared `trained` run
 
 
 def train_command(data_dir: str, workdir: str, *overrides: str) -> list[str]:
   """`python -m rdm_jax.train` on the tiny stores with the tiny model, plus `overrides`."""
   import sys
-  return [sys.executable, "-m", "rdm_jax.train", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
-          f"--config.data_dir={data_dir}", *TINY_OVERRIDES, *overrides]
+
+  return [
+    sys.executable,
+    "-m",
+    "rdm_jax.train",
+    f"--config={TRAIN_CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+    *TINY_OVERRIDES,
+    *overrides,
+  ]
 
 
 def killable(cmd: list[str], kill_at: int | str = 0, count_file: str = "") -> list[str]:
@@ -132,6 +220,7 @@ def killable(cmd: list[str], kill_at: int | str = 0, count_file: str = "") -> li
 def one_line_error(cmd: list[str], env: dict | None = None) -> str:
   """Runs a job that must fail on bad input: exit status 2, no traceback, exactly one `error: ` line."""
   import subprocess
+
   out = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 2, out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
@@ -160,16 +249,18 @@ def tiny_data(tmp_path):
 def repo_config(name: str, *args: str):
   """`configs/<name>.py`'s get_config(*args) (the part after ':' in --config=configs/<name>.py:arg)."""
   from rdm_jax.config_base import config_file
+
   return config_file(os.path.join(REPO, "configs", f"{name}.py"), *args)
 
 
 def with_overrides(config, overrides):
   """`config` with command-line overrides (--config.a.b=value) applied as the jobs apply them."""
   import ast
+
   for override in overrides:
     if not override.startswith("--config."):
       continue
-    key, value = override[len("--config."):].split("=", 1)
+    key, value = override[len("--config.") :].split("=", 1)
     *parents, leaf = key.split(".")
     node = config
     for p in parents:
@@ -186,13 +277,17 @@ def final_state(config, workdir: str, latent_shape: tuple, step: int | None = No
   (None: the latest), restored as `rdm_jax.train` restores it."""
   from rdm_jax import checkpoint, training
   from rdm_jax.parallel import mesh as mesh_lib
+
   setup = training.setup_training(config, latent_shape, mesh_lib.from_config(config))
-  return checkpoint.restore(checkpoint.manager(workdir, create=False), setup.abstract, setup.state_sh, step)
+  return checkpoint.restore(
+    checkpoint.manager(workdir, create=False), setup.abstract, setup.state_sh, step
+  )
 
 
 def assert_same_state(got, want, step: int) -> None:
   """Two train states are both at `step` and equal leaf for leaf, bit for bit."""
   import jax
+
   assert int(got.step) == int(want.step) == step, (int(got.step), int(want.step), step)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -220,12 +315,18 @@ def trained(tmp_path_factory):
   and training-time samples at steps 2 and 4, 4 images, 2 DDIM steps), its database sourced from
   Fashion-MNIST rows. Its stderr is `trained_log(workdir)`. Shared: tests copy it before changing it."""
   import subprocess
+
   root = tmp_path_factory.mktemp("trained")
   data_dir = str(root / "data")
   make_tiny_stores(data_dir, fmnist_database=True)
   workdir = str(root / "run")
-  out = subprocess.run(train_command(data_dir, workdir, *TRAINED_ARGS), env=subprocess_env(), capture_output=True,
-                       text=True, cwd=REPO)
+  out = subprocess.run(
+    train_command(data_dir, workdir, *TRAINED_ARGS),
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   (root / "train.stderr").write_text(out.stderr)
   return data_dir, workdir
@@ -243,6 +344,7 @@ def small_disk(tmp_path):
   may not mount (a tmpfs is how a test gets a disk that really fills up or is really read-only:
   root ignores file permissions)."""
   import subprocess
+
   mounted = []
 
   def remount(path: str, options: str) -> None:
@@ -251,10 +353,15 @@ def small_disk(tmp_path):
   def mount(size: str, read_only: bool = False) -> str:
     path = str(tmp_path / f"disk{len(mounted)}")
     os.makedirs(path)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs",
-                           path], capture_output=True, text=True)
+    done = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs", path],
+      capture_output=True,
+      text=True,
+    )
     if done.returncode:
-      pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); these tests need root or CAP_SYS_ADMIN")
+      pytest.skip(
+        f"cannot mount a tmpfs here ({done.stderr.strip()}); these tests need root or CAP_SYS_ADMIN"
+      )
     mounted.append(path)
     return path
 

@@ -38,6 +38,7 @@ import time
 
 def _terminate_at(n: int, wait: float = 0.0) -> None:
   from rdm_jax import preemption
+
   looks = 0
 
   def counted(real):
@@ -48,9 +49,13 @@ def _terminate_at(n: int, wait: float = 0.0) -> None:
       if looks == n:
         os.kill(os.getpid(), signal.SIGTERM)
       return real(*args)
+
     return look
 
-  preemption.reached, preemption.requested = counted(preemption.reached), counted(preemption.requested)
+  preemption.reached, preemption.requested = (
+    counted(preemption.reached),
+    counted(preemption.requested),
+  )
 
 
 def _wait_for_commits(folder: str, timeout: float = 120.0) -> None:
@@ -66,6 +71,7 @@ def _fault(what: str, path: str) -> None:
   import shutil
 
   import numpy as np
+
   if what == "fill":
     _wait_for_commits(os.path.dirname(path))
     free = shutil.disk_usage(os.path.dirname(path)).free
@@ -81,9 +87,11 @@ def _fault(what: str, path: str) -> None:
 
 def _fault_at(n: int, what: str, path: str) -> None:
   from rdm_jax import preemption
+
   looks = 0
   if what == "fill-at-save":
     import orbax.checkpoint as ocp
+
     real_save = ocp.CheckpointManager.save
 
     def save(self, step, *args, **kwargs):
@@ -91,7 +99,9 @@ def _fault_at(n: int, what: str, path: str) -> None:
         _fault("fill", path)
       saved = real_save(self, step, *args, **kwargs)
       if step == n:
-        time.sleep(3.0)  # the background writes fail meanwhile: the job must notice at its next step
+        time.sleep(
+          3.0
+        )  # the background writes fail meanwhile: the job must notice at its next step
       return saved
 
     ocp.CheckpointManager.save = save
@@ -104,9 +114,13 @@ def _fault_at(n: int, what: str, path: str) -> None:
       if looks == n:
         _fault(what, path)
       return real(*args)
+
     return look
 
-  preemption.reached, preemption.requested = counted(preemption.reached), counted(preemption.requested)
+  preemption.reached, preemption.requested = (
+    counted(preemption.reached),
+    counted(preemption.requested),
+  )
 
 
 def main() -> None:
@@ -129,6 +143,7 @@ def main() -> None:
       if calls == kill_at or (when.startswith("path:") and when[5:] in os.fspath(dst)):
         os.kill(os.getpid(), signal.SIGKILL)
       return real(src, dst, *args, **kwargs)
+
     return commit
 
   os.replace, os.rename = counted(os.replace), counted(os.rename)

@@ -45,18 +45,35 @@ def openai(tmp_path_factory):
   weights, saved as a TorchScript archive and as a plain state dict."""
   cm = openai_clip_module()
   torch.manual_seed(0)
-  model = cm.CLIP(embed_dim=48, image_resolution=SIZE, vision_layers=2, vision_width=128, vision_patch_size=8,
-                  context_length=CONTEXT, vocab_size=VOCAB, transformer_width=128, transformer_heads=2,
-                  transformer_layers=2).float().eval()
+  model = (
+    cm.CLIP(
+      embed_dim=48,
+      image_resolution=SIZE,
+      vision_layers=2,
+      vision_width=128,
+      vision_patch_size=8,
+      context_length=CONTEXT,
+      vocab_size=VOCAB,
+      transformer_width=128,
+      transformer_heads=2,
+      transformer_layers=2,
+    )
+    .float()
+    .eval()
+  )
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")):
+      if name.endswith(
+        ("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")
+      ):
         p.copy_(1 + 0.3 * torch.randn_like(p))
       elif p.ndim == 1 or name.endswith("bias"):
         p.copy_(0.1 * torch.randn_like(p))
   path = tmp_path_factory.mktemp("openai")
   jit_path, sd_path = str(path / "ViT-tiny.pt"), str(path / "state_dict.pt")
-  torch.jit.trace(model, (torch.zeros(1, 3, SIZE, SIZE), torch.zeros(1, CONTEXT, dtype=torch.long))).save(jit_path)
+  torch.jit.trace(
+    model, (torch.zeros(1, 3, SIZE, SIZE), torch.zeros(1, CONTEXT, dtype=torch.long))
+  ).save(jit_path)
   torch.save(model.state_dict(), sd_path)
   return model, jit_path, sd_path
 
@@ -66,7 +83,7 @@ def tokens(rng, n):
   for i in range(n):
     length = rng.integers(2, CONTEXT)  # start, words, end-of-text (the largest id), then zeros
     ids[i, 0] = VOCAB - 2
-    ids[i, 1:length - 1] = rng.integers(1, VOCAB - 2, size=length - 2)
+    ids[i, 1 : length - 1] = rng.integers(1, VOCAB - 2, size=length - 2)
     ids[i, length - 1] = VOCAB - 1
   return ids
 
@@ -98,15 +115,23 @@ def test_retriever_preprocessing_is_torch_bicubic_with_align_corners():
   rng = np.random.default_rng(2)
   for shape in ((2, 28, 28, 1), (2, 75, 50, 3)):  # upscaling grey, downscaling a non-square image
     images = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    x = torch.as_tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+    x = (
+      torch.as_tensor(images.astype(np.float32) / 127.5 - 1)
+      .permute(0, 3, 1, 2)
+      .expand(-1, 3, -1, -1)
+    )
     x = F.interpolate(x, size=(SIZE, SIZE), mode="bicubic", align_corners=True)
-    x = ((x + 1) / 2 - torch.as_tensor(clip.CLIP_MEAN)[:, None, None]) / torch.as_tensor(clip.CLIP_STD)[:, None, None]
+    x = ((x + 1) / 2 - torch.as_tensor(clip.CLIP_MEAN)[:, None, None]) / torch.as_tensor(
+      clip.CLIP_STD
+    )[:, None, None]
     got = np.asarray(clip.retriever_preprocess(jnp.asarray(images), SIZE))
     np.testing.assert_allclose(got, x.permute(0, 2, 3, 1).numpy(), atol=2e-5)
 
 
 def retrieval_config(weights, **kw):
-  c = mlc.ConfigDict(dict(encoder="clip_vit_b32", weights=weights, image_size=SIZE, embed_dim=48, batch_size=8))
+  c = mlc.ConfigDict(
+    dict(encoder="clip_vit_b32", weights=weights, image_size=SIZE, embed_dim=48, batch_size=8)
+  )
   c.update(kw)
   return c
 
@@ -120,7 +145,9 @@ def test_clip_retrieval_encoder_embeds_uint8_images_as_the_rdm_retriever(openai)
   got = encoders.make_encoder(cfg)(images)  # 11 = 8 + 3: the last batch is padded
   x = torch.as_tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
   x = (F.interpolate(x, size=(SIZE, SIZE), mode="bicubic", align_corners=True) + 1) / 2
-  x = (x - torch.as_tensor(clip.CLIP_MEAN)[:, None, None]) / torch.as_tensor(clip.CLIP_STD)[:, None, None]
+  x = (x - torch.as_tensor(clip.CLIP_MEAN)[:, None, None]) / torch.as_tensor(clip.CLIP_STD)[
+    :, None, None
+  ]
   with torch.no_grad():
     want = model.encode_image(x).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
@@ -130,7 +157,9 @@ def test_clip_retrieval_encoder_embeds_uint8_images_as_the_rdm_retriever(openai)
   ids = tokens(np.random.default_rng(4), 2)
   with torch.no_grad():
     want_t = model.encode_text(torch.as_tensor(ids)).numpy()
-  np.testing.assert_allclose(encoders.make_text_encoder(cfg)(ids), want_t, atol=1e-4 * np.abs(want_t).max())
+  np.testing.assert_allclose(
+    encoders.make_text_encoder(cfg)(ids), want_t, atol=1e-4 * np.abs(want_t).max()
+  )
 
 
 def test_clip_settings_and_files_that_do_not_fit_are_one_line(openai, tmp_path):
@@ -145,5 +174,8 @@ def test_clip_settings_and_files_that_do_not_fit_are_one_line(openai, tmp_path):
   with pytest.raises(UserError, match="not an OpenAI CLIP ViT checkpoint"):
     clip.load(str(tmp_path / "other.pt"))
   with pytest.raises(UserError, match="has no text tower"):
-    encoders.make_text_encoder(mlc.ConfigDict(dict(encoder="efficientnet_lite0", weights="", image_size=32,
-                                                   embed_dim=1280, batch_size=8)))
+    encoders.make_text_encoder(
+      mlc.ConfigDict(
+        dict(encoder="efficientnet_lite0", weights="", image_size=32, embed_dim=1280, batch_size=8)
+      )
+    )

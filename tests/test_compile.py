@@ -18,14 +18,26 @@ from conftest import REPO, repo_config, subprocess_env
 
 
 def test_slices_by_their_booking_names():
-  cases = {"v5e-64": ("v5e:8x8", 64), "v5e-256": ("v5e:16x16", 256), "v5e-8": ("v5e:2x4", 8),
-           "v5litepod-16": ("v5e:4x4", 16), "v4-8": ("v4:2x2x1", 4), "v4-64": ("v4:2x4x4", 32),
-           "v5p-128": ("v5:4x4x4", 64), "v5p-256": ("v5:4x4x8", 128), "v6e-128": ("v6e:8x16", 128)}
+  cases = {
+    "v5e-64": ("v5e:8x8", 64),
+    "v5e-256": ("v5e:16x16", 256),
+    "v5e-8": ("v5e:2x4", 8),
+    "v5litepod-16": ("v5e:4x4", 16),
+    "v4-8": ("v4:2x2x1", 4),
+    "v4-64": ("v4:2x4x4", 32),
+    "v5p-128": ("v5:4x4x4", 64),
+    "v5p-256": ("v5:4x4x8", 128),
+    "v6e-128": ("v6e:8x16", 128),
+  }
   for name, (topo, chips) in cases.items():  # as Cloud TPU's accelerator types and MaxText's table
     s = topology.parse(name)
     assert (s.topology_name, s.chips) == (topo, chips), name
-  for bad, message in (("v5e64", "accelerator type"), ("v7x-8", "unknown TPU generation"),
-                       ("v4-7", "TensorCores"), ("v5e-48", "powers of two")):
+  for bad, message in (
+    ("v5e64", "accelerator type"),
+    ("v7x-8", "unknown TPU generation"),
+    ("v4-7", "TensorCores"),
+    ("v5e-48", "powers of two"),
+  ):
     with pytest.raises(UserError, match=message):
       topology.parse(bad)
 
@@ -46,13 +58,18 @@ def test_flops_of_convs_and_matmuls_by_hand():
   assert flops.forward_flops(lambda v: down.apply(p, v), x) == 2 * (2 * 8 * 8 * 8) * (3 * 3 * 4)
   grouped = nn.Conv(8, (3, 3), feature_group_count=4, padding=((1, 1), (1, 1)))
   p = grouped.init(jax.random.PRNGKey(0), x)
-  assert flops.forward_flops(lambda v: grouped.apply(p, v), x) == 2 * (2 * 16 * 16 * 8) * (3 * 3 * 1)
+  assert flops.forward_flops(lambda v: grouped.apply(p, v), x) == 2 * (2 * 16 * 16 * 8) * (
+    3 * 3 * 1
+  )
   h = jnp.zeros((2, 5, 16))
   dense = nn.Dense(32)
   p = dense.init(jax.random.PRNGKey(0), h)
   assert flops.forward_flops(lambda v: dense.apply(p, v), h) == 2 * 2 * 5 * 16 * 32
   q, k = jnp.zeros((2, 64, 3, 8)), jnp.zeros((2, 4, 3, 8))
-  assert flops.forward_flops(lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b), q, k) == 2 * 2 * 3 * 64 * 4 * 8
+  assert (
+    flops.forward_flops(lambda a, b: jnp.einsum("bqhd,bkhd->bhqk", a, b), q, k)
+    == 2 * 2 * 3 * 64 * 4 * 8
+  )
   # inside jit, remat and a scan of 5 steps
   body = jax.checkpoint(lambda c, _: (c @ jnp.ones((16, 16)), None))
   f = jax.jit(lambda c: jax.lax.scan(body, c, None, length=5)[0])
@@ -61,7 +78,9 @@ def test_flops_of_convs_and_matmuls_by_hand():
 
 def _tiny_config():
   c = repo_config("fashion_mnist_rdm")
-  c.model.update(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,), patch_size=1)
+  c.model.update(
+    model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,), patch_size=1
+  )
   c.first_stage.pad_to = 16
   return c
 
@@ -75,7 +94,12 @@ def test_model_flops_are_the_compilers_matmul_share():
   ours = aot.model_flops_per_example(c, setup)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), setup.abstract.params)
   xs = [jnp.zeros(x.shape, x.dtype) for x in setup.inputs]
-  xla = jax.jit(lambda p, *v: setup.model.apply({"params": p}, *v)).lower(params, *xs).compile().cost_analysis()
+  xla = (
+    jax.jit(lambda p, *v: setup.model.apply({"params": p}, *v))
+    .lower(params, *xs)
+    .compile()
+    .cost_analysis()
+  )
   xla = (xla[0] if isinstance(xla, (list, tuple)) else xla)["flops"]
   assert 0.85 * xla < ours <= xla, (ours, xla)
 
@@ -96,7 +120,9 @@ def test_data_parallel_collectives_on_cpu():
   setup, found = _cpu_step_collectives({"data": 8, "fsdp": 1, "tensor": 1})
   assert set(found) == {"all-reduce"}, found
   # every gradient crosses once at least: the all-reduced bytes cover the f32 parameters
-  assert found["all-reduce"]["bytes"] >= 4 * sum(x.size for x in jax.tree.leaves(setup.abstract.params))
+  assert found["all-reduce"]["bytes"] >= 4 * sum(
+    x.size for x in jax.tree.leaves(setup.abstract.params)
+  )
 
 
 def test_fsdp_gradients_are_reduce_scattered_on_cpu():
@@ -106,7 +132,9 @@ def test_fsdp_gradients_are_reduce_scattered_on_cpu():
   Left to GSPMD, this step all-reduced every gradient whole (7.1 MB a step against 5.9 MB of
   parameters)."""
   setup, found = _cpu_step_collectives({"data": 2, "fsdp": 4, "tensor": 1})
-  shardings = jax.tree.leaves(setup.state_sh.params, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  shardings = jax.tree.leaves(
+    setup.state_sh.params, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)
+  )
   sizes = [4 * x.size for x in jax.tree.leaves(setup.abstract.params)]
   sharded = sum(n for n, s in zip(sizes, shardings) if "fsdp" in jax.tree.leaves(tuple(s.spec)))
   replicated = sum(sizes) - sharded
@@ -114,13 +142,18 @@ def test_fsdp_gradients_are_reduce_scattered_on_cpu():
   assert found["reduce-scatter"]["bytes"] == sharded // 4  # the result: each chip's shard
   # all-reduced: the shards over data, at most the replicated parameters whole and the scalars
   # (the loss, the gradient norm's partial sums); no sharded gradient whole
-  assert sharded // 4 <= found["all-reduce"]["bytes"] <= sharded // 4 + replicated + 1024, (found, sharded, replicated)
+  assert sharded // 4 <= found["all-reduce"]["bytes"] <= sharded // 4 + replicated + 1024, (
+    found,
+    sharded,
+    replicated,
+  )
   # each sharded parameter gathered once forward; its transpose is the reduce-scatter backward
   assert found["all-gather"]["count"] == found["reduce-scatter"]["count"]
 
 
 def test_collectives_parser_on_hlo_lines():
-  text = "\n".join([
+  text = "\n".join(
+    [
       # the computation an all-reduce-scatter fusion calls: its all-reduce is the fusion's, counted there
       "%all-reduce-scatter.1 (input_0: f32[64,64]) -> f32[16,64] {",
       "  %input_0 = f32[64,64]{1,0} parameter(0)",
@@ -136,39 +169,69 @@ def test_collectives_parser_on_hlo_lines():
       "  %add = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)",
       "  %fusion.9 = (f32[16,64]{1,0:T(8,128)S(1)}, f32[8]{0}) fusion(%all-reduce.3), kind=kOutput, "
       "calls=%all-reduce-scatter.1",
-  ])
-  assert hlo.collectives(text) == {"all-gather": {"count": 1, "bytes": 128},
-                                  "all-reduce": {"count": 1, "bytes": 2048},
-                                  "reduce-scatter": {"count": 2, "bytes": 40 + 16 * 64 * 4 + 32}}
+    ]
+  )
+  assert hlo.collectives(text) == {
+    "all-gather": {"count": 1, "bytes": 128},
+    "all-reduce": {"count": 1, "bytes": 2048},
+    "reduce-scatter": {"count": 2, "bytes": 40 + 16 * 64 * 4 + 32},
+  }
 
 
-TINY = ["--config=configs/fashion_mnist_rdm.py", "--topology=v5e-4", "--config.model.model_channels=32",
-        "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=(1,)",
-        "--config.model.num_res_blocks=1", "--config.model.patch_size=1", "--config.first_stage.pad_to=16",
-        "--steps=train"]
+TINY = [
+  "--config=configs/fashion_mnist_rdm.py",
+  "--topology=v5e-4",
+  "--config.model.model_channels=32",
+  "--config.model.channel_mult=(1,)",
+  "--config.model.attention_resolutions=(1,)",
+  "--config.model.num_res_blocks=1",
+  "--config.model.patch_size=1",
+  "--config.first_stage.pad_to=16",
+  "--steps=train",
+]
 
 
 def _compile(tmp_path, *extra):
   pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]')")
   out = tmp_path / "report.json"
-  proc = subprocess.run([sys.executable, "-m", "rdm_jax.compile", *TINY, f"--out={out}", *extra], cwd=REPO,
-                        env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-m", "rdm_jax.compile", *TINY, f"--out={out}", *extra],
+    cwd=REPO,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
 def test_compile_tool_for_a_v5e_slice(tmp_path):
-  proc, r = _compile(tmp_path, "--batch=32", "--config.mesh.fsdp=2", f"--hlo={tmp_path / 'train.hlo'}")
+  proc, r = _compile(
+    tmp_path, "--batch=32", "--config.mesh.fsdp=2", f"--hlo={tmp_path / 'train.hlo'}"
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert (r["topology"], r["libtpu_topology"], r["chips"], r["device_kind"]) == ("v5e-4", "v5e:2x2", 4, "TPU v5 lite")
+  assert (r["topology"], r["libtpu_topology"], r["chips"], r["device_kind"]) == (
+    "v5e-4",
+    "v5e:2x2",
+    4,
+    "TPU v5 lite",
+  )
   assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and r["latent_shape"] == [16, 16, 1]
   t = r["train"]
   m = t["memory"]
-  assert t["fits"] and m["fits"] and m["hbm_bytes"] == 16 * 2 ** 30
-  assert m["total_bytes"] == m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+  assert t["fits"] and m["fits"] and m["hbm_bytes"] == 16 * 2**30
+  assert (
+    m["total_bytes"] == m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+  )
   # the donated state: every output but the metrics aliases an argument
   # the donated state (params, EMA, two Adam moments: f32, half of each on a chip) aliases the outputs
-  assert 0 < m["alias_bytes"] <= m["output_bytes"] and m["argument_bytes"] >= 4 * 4 * r["params"] / 2 * 0.9
-  assert t["model_flops_per_chip"] == pytest.approx(3 * r["model_flops_per_example_forward"] * 32 / 4)
+  assert (
+    0 < m["alias_bytes"] <= m["output_bytes"]
+    and m["argument_bytes"] >= 4 * 4 * r["params"] / 2 * 0.9
+  )
+  assert t["model_flops_per_chip"] == pytest.approx(
+    3 * r["model_flops_per_example_forward"] * 32 / 4
+  )
   assert 0.5 < t["compiler_flops_per_chip"] / t["model_flops_per_chip"] < 2.0
   # FSDP: weights all-gathered, gradients reduce-scattered; the data axis all-reduces
   assert {"all-gather", "reduce-scatter", "all-reduce"} <= set(t["collectives"]), t["collectives"]
@@ -187,6 +250,7 @@ def test_fsdp_over_a_square_slice_gathers_in_two_stages():
   TPU slice")."""
   pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu]')")
   from rdm_jax.parallel import fsdp
+
   c = _tiny_config()
   c.model.dtype = "bfloat16"
   c.mesh.update(data=1, fsdp=-1)
@@ -195,11 +259,21 @@ def test_fsdp_over_a_square_slice_gathers_in_two_stages():
   layout = setup.layout
   assert layout is not None and layout.fsdp_outer in (2, 4, 8), layout
   params = jax.tree.leaves(setup.abstract.params)
-  shardings = jax.tree.leaves(layout.param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  shardings = jax.tree.leaves(
+    layout.param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)
+  )
   is_sharded = ["fsdp" in jax.tree.leaves(tuple(s.spec)) for s in shardings]
-  distinct = {(x.shape, str(s.spec)): 2 * x.size for x, s, sh in zip(params, shardings, is_sharded) if sh}
-  one = fsdp.all_reduce_bytes(mesh, layout.batch_axes, layout.param_shardings, setup.abstract.params, layout.cast,
-                              layout.dtype)
+  distinct = {
+    (x.shape, str(s.spec)): 2 * x.size for x, s, sh in zip(params, shardings, is_sharded) if sh
+  }
+  one = fsdp.all_reduce_bytes(
+    mesh,
+    layout.batch_axes,
+    layout.param_shardings,
+    setup.abstract.params,
+    layout.cast,
+    layout.dtype,
+  )
   assert one >= sum(distinct.values()), (one, sum(distinct.values()))
   with jax.set_mesh(mesh):
     compiled = setup.train_step.lower(setup.state_specs(), *setup.batch_specs(c, 32)).compile()
@@ -208,8 +282,10 @@ def test_fsdp_over_a_square_slice_gathers_in_two_stages():
   replicated = sum(4 * x.size for x, sh in zip(params, is_sharded) if not sh)
   # reduce-scattered now; all-reduced: at most half the sharded bytes (the split's other stage)
   # and the replicated parameters (norms, biases) in float32
-  assert found["reduce-scatter"]["bytes"] > 0 and found["all-reduce"]["bytes"] <= sharded // 2 + replicated, \
-      (found, sharded, replicated)
+  assert (
+    found["reduce-scatter"]["bytes"] > 0
+    and found["all-reduce"]["bytes"] <= sharded // 2 + replicated
+  ), (found, sharded, replicated)
 
 
 def test_compile_tool_reports_out_of_memory_in_one_line(tmp_path):

@@ -21,8 +21,13 @@ def _labelled_database(data_dir):
   old = store.read(os.path.join(data_dir, "database"), "database", hint="")
   path = os.path.join(data_dir, "database")
   shutil.rmtree(path)
-  store.write(path, "database", {"embeddings": emb, "ids": np.arange(6), "labels": np.array([0, 1, 0, 1, 0, 1])},
-              encoder=old.manifest["encoder"], source=old.manifest["source"])
+  store.write(
+    path,
+    "database",
+    {"embeddings": emb, "ids": np.arange(6), "labels": np.array([0, 1, 0, 1, 0, 1])},
+    encoder=old.manifest["encoder"],
+    source=old.manifest["source"],
+  )
   config = tiny_config(data_dir)
   config.retrieval.embed_dim = 2
   return config, emb
@@ -37,7 +42,10 @@ def test_class_pool_by_hand(tmp_path):
   config.sample.classes, config.sample.class_pool_size = "0", 3
   cond = conditioning.class_conditioning(config, 200, 2, np.random.default_rng(0))
   windows = {tuple(r) for r in cond.neighbor_rows}
-  assert windows == {(2, 0), (0, 4)}  # k = 2 adjacent entries of the pool [2, 0, 4], both offsets drawn
+  assert windows == {
+    (2, 0),
+    (0, 4),
+  }  # k = 2 adjacent entries of the pool [2, 0, 4], both offsets drawn
   np.testing.assert_array_equal(cond.context, emb[cond.neighbor_rows])
   assert (cond.query_rows == 0).all()
 
@@ -46,9 +54,12 @@ def test_class_pool_by_hand(tmp_path):
   np.testing.assert_array_equal(cond.query_rows, [1, 0, 1, 0])
   assert set(cond.neighbor_rows[0]) == {1, 3, 5} and set(cond.neighbor_rows[1]) == {0, 2, 4}
 
-  for classes, size, message in (("Dragon", 3, "unknown class 'Dragon'.*0 T-shirt/top"),
-                                 ("7", 3, "label 7.*no entry"), ("0", 4, "fewer than sample.class_pool_size"),
-                                 ("0", 1, "at least k=2")):
+  for classes, size, message in (
+    ("Dragon", 3, "unknown class 'Dragon'.*0 T-shirt/top"),
+    ("7", 3, "label 7.*no entry"),
+    ("0", 4, "fewer than sample.class_pool_size"),
+    ("0", 1, "at least k=2"),
+  ):
     config.sample.classes, config.sample.class_pool_size = classes, size
     with pytest.raises(UserError, match=message):
       conditioning.class_conditioning(config, 2, 2, np.random.default_rng(0))
@@ -56,13 +67,16 @@ def test_class_pool_by_hand(tmp_path):
 
 def test_embeddings_from_a_npy_condition_as_the_same_exemplars_do(tiny_data, tmp_path):
   config = tiny_config(tiny_data["data_dir"])
-  queries = store.read(config_base.paths(config)["embeddings_test"], "embeddings", hint="")["embeddings"]
+  queries = store.read(config_base.paths(config)["embeddings_test"], "embeddings", hint="")[
+    "embeddings"
+  ]
   database = conditioning.open_database(config)
   path = str(tmp_path / "q.npy")
   np.save(path, np.asarray(queries[:5]))
   for include in (False, True):
-    got = conditioning.embeddings_conditioning(config, conditioning.load_query_embeddings(path, database), 4,
-                                               include_query=include)
+    got = conditioning.embeddings_conditioning(
+      config, conditioning.load_query_embeddings(path, database), 4, include_query=include
+    )
     want = conditioning.exemplar_conditioning(config, 5, 4, "test", include_query=include)
     np.testing.assert_array_equal(got.neighbor_rows, want.neighbor_rows)
     np.testing.assert_array_equal(got.context, want.context)

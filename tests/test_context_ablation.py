@@ -32,15 +32,23 @@ def test_context_losses_by_hand():
   rng = np.random.default_rng(0)
   n, batch, repeats, seed = 8, 4, 2, 3
   z0 = rng.normal(size=(n, 2, 2, 1)).astype(np.float32)
-  data = RetrievalData(latents=z0, neighbor_ids=np.arange(n)[:, None], database=z0.reshape(n, 4),
-                       latents_store=None, neighbors_store=None, database_store=None)
+  data = RetrievalData(
+    latents=z0,
+    neighbor_ids=np.arange(n)[:, None],
+    database=z0.reshape(n, 4),
+    latents_store=None,
+    neighbors_store=None,
+    database_store=None,
+  )
   half = Schedule(betas=jnp.zeros(10), alphas_cumprod=jnp.full(10, 0.5))
-  got = context_losses(OracleModel(half), {}, half, data, k=1, num_examples=n, repeats=repeats, batch=batch, seed=seed)
+  got = context_losses(
+    OracleModel(half), {}, half, data, k=1, num_examples=n, repeats=repeats, batch=batch, seed=seed
+  )
   shuffled = []
   for r in range(repeats):
     for a in range(0, n, batch):
       perm = np.random.default_rng([seed, r, a]).permutation(batch)
-      shuffled.append(np.mean((z0[a:a + batch] - z0[a:a + batch][perm]) ** 2, axis=(1, 2, 3)))
+      shuffled.append(np.mean((z0[a : a + batch] - z0[a : a + batch][perm]) ** 2, axis=(1, 2, 3)))
   assert got["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
   assert got["zeros_context"] == pytest.approx(float(np.mean(z0.astype(np.float64) ** 2)), rel=1e-5)
   assert got["shuffled_neighbors"] == pytest.approx(float(np.mean(shuffled)), rel=1e-5)
@@ -50,9 +58,13 @@ def test_context_losses_by_hand():
     assert got["x0_mse"][key] == pytest.approx(got[key], rel=1e-5, abs=1e-10)
   assert (got["examples"], got["repeats"]) == (n, repeats)
   # 7 examples in batches of 4: one whole batch is used, and the result says so
-  part = context_losses(OracleModel(half), {}, half, data, k=1, num_examples=7, repeats=1, batch=batch, seed=seed)
+  part = context_losses(
+    OracleModel(half), {}, half, data, k=1, num_examples=7, repeats=1, batch=batch, seed=seed
+  )
   assert part["examples"] == 4
-  assert part["zeros_context"] == pytest.approx(float(np.mean(z0[:4].astype(np.float64) ** 2)), rel=1e-5)
+  assert part["zeros_context"] == pytest.approx(
+    float(np.mean(z0[:4].astype(np.float64) ** 2)), rel=1e-5
+  )
 
 
 def test_context_losses_by_noise_level():
@@ -62,23 +74,51 @@ def test_context_losses_by_noise_level():
   rng = np.random.default_rng(1)
   n, batch, repeats, seed = 16, 8, 3, 5
   z0 = rng.choice([-1.0, 1.0], size=(n, 2, 2, 1)).astype(np.float32)
-  data = RetrievalData(latents=z0, neighbor_ids=np.arange(n)[:, None], database=z0.reshape(n, 4),
-                       latents_store=None, neighbors_store=None, database_store=None)
+  data = RetrievalData(
+    latents=z0,
+    neighbor_ids=np.arange(n)[:, None],
+    database=z0.reshape(n, 4),
+    latents_store=None,
+    neighbors_store=None,
+    database_store=None,
+  )
   two = Schedule(betas=jnp.zeros(10), alphas_cumprod=jnp.asarray([0.2] * 5 + [0.8] * 5))
-  got = context_losses(OracleModel(two), {}, two, data, k=1, num_examples=n, repeats=repeats, batch=batch,
-                       seed=seed, noise_buckets=2)
+  got = context_losses(
+    OracleModel(two),
+    {},
+    two,
+    data,
+    k=1,
+    num_examples=n,
+    repeats=repeats,
+    batch=batch,
+    seed=seed,
+    noise_buckets=2,
+  )
   low, high = got["by_noise"]
   assert (low["t_start"], low["t_stop"], high["t_start"], high["t_stop"]) == (0, 5, 5, 10)
-  assert low["samples"] + high["samples"] == n * repeats and min(low["samples"], high["samples"]) > 0
+  assert (
+    low["samples"] + high["samples"] == n * repeats and min(low["samples"], high["samples"]) > 0
+  )
   assert low["eps_mse"]["zeros_context"] == pytest.approx(0.25, rel=1e-5)
   assert high["eps_mse"]["zeros_context"] == pytest.approx(4.0, rel=1e-5)
   for b in (low, high):
     assert b["x0_mse"]["zeros_context"] == pytest.approx(1.0, rel=1e-5)
     assert b["eps_mse"]["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
     assert b["x0_mse"]["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
-  assert got["zeros_context"] == pytest.approx((0.25 * low["samples"] + 4.0 * high["samples"]) / (n * repeats),
-                                               rel=1e-5)
-  shuffled = [np.mean((z0[a:a + batch] - z0[a:a + batch][np.random.default_rng([seed, r, a]).permutation(batch)]) ** 2)
-              for r in range(repeats) for a in range(0, n, batch)]
+  assert got["zeros_context"] == pytest.approx(
+    (0.25 * low["samples"] + 4.0 * high["samples"]) / (n * repeats), rel=1e-5
+  )
+  shuffled = [
+    np.mean(
+      (
+        z0[a : a + batch]
+        - z0[a : a + batch][np.random.default_rng([seed, r, a]).permutation(batch)]
+      )
+      ** 2
+    )
+    for r in range(repeats)
+    for a in range(0, n, batch)
+  ]
   assert got["x0_mse"]["shuffled_neighbors"] == pytest.approx(float(np.mean(shuffled)), rel=1e-5)
   assert got["x0_mse"]["shuffled_neighbors"] > 0.5

@@ -36,10 +36,13 @@ def config(tmp_path, root, crop=8, per=3, resize_to=0, chunk=4):
   c = config_base.base_config()
   c.data_dir = str(tmp_path / "data")
   c.dataset.name = "collection"
-  c.dataset.parts = mlc.ConfigDict(dict(
+  c.dataset.parts = mlc.ConfigDict(
+    dict(
       train=dict(split="folder:/nonexistent", start=0, stop=1),
       database=dict(split=f"folder:{root}", start=0, stop=0),
-      test=dict(split="folder:/nonexistent", start=0, stop=1)))
+      test=dict(split="folder:/nonexistent", start=0, stop=1),
+    )
+  )
   c.dataset.folder.update(image_size=16, channels=3, background="white")
   c.database_build.update(crops_per_image=per, crop_size=crop, resize_to=resize_to, seed=5)
   c.retrieval.update(encoder="efficientnet_lite0", embed_dim=3, chunk_size=chunk)
@@ -64,18 +67,21 @@ def test_every_entry_is_the_crop_it_records(tmp_path):
   names = sorted(images)  # the folder's files, sorted: image id = position
   assert db["embeddings"].dtype == np.float16 and db["embeddings"].shape == (15, 3)
   np.testing.assert_array_equal(db["ids"], np.repeat(np.arange(5), 3))
-  np.testing.assert_array_equal(db["labels"], [1 if n.startswith("dogs") else 0 for n in names for _ in range(3)])
+  np.testing.assert_array_equal(
+    db["labels"], [1 if n.startswith("dogs") else 0 for n in names for _ in range(3)]
+  )
   for row in range(15):
     i = row // 3
     a = images[names[i]]
     x0, y0 = hand_boxes(i, a.shape[0], a.shape[1], 8, 3)[row % 3]
     np.testing.assert_array_equal(db["boxes"][row], [x0, y0, x0 + 8, y0 + 8])
-    want = a[y0:y0 + 8, x0:x0 + 8].reshape(-1, 3).mean(0)
+    want = a[y0 : y0 + 8, x0 : x0 + 8].reshape(-1, 3).mean(0)
     np.testing.assert_allclose(db["embeddings"][row].astype(np.float32), want, rtol=1e-3)
   assert db.manifest["crops"] == {"crop_size": 8, "crops_per_image": 3, "resize_to": 0, "seed": 5}
   assert db.manifest["unreadable_images"] == 0
   # neighbour panels show the crop an entry is
   from rdm_jax import conditioning
+
   shown = conditioning.database_images(db, c.dataset, np.array([[4, 13]]))
   for j, row in enumerate((4, 13)):
     x0, y0, x1, y1 = db["boxes"][row]
@@ -127,7 +133,9 @@ def test_two_processes_split_the_images_and_the_last_merges(tmp_path):
   root, _ = folder(tmp_path, [(20 + i, 12 + i) for i in range(7)])
   single = crops.build_database(config(tmp_path / "one", root), encode=mean_colour)
   c = config(tmp_path / "two", root)
-  assert crops.build_database(c, encode=mean_colour, process_index=0, process_count=2) is None  # 1's block missing
+  assert (
+    crops.build_database(c, encode=mean_colour, process_index=0, process_count=2) is None
+  )  # 1's block missing
   merged = crops.build_database(c, encode=mean_colour, process_index=1, process_count=2)
   for name in ("embeddings", "ids", "labels", "boxes"):
     np.testing.assert_array_equal(np.asarray(merged[name]), np.asarray(single[name]))

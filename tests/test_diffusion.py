@@ -38,10 +38,12 @@ def test_eps_loss_of_oracle_is_zero_and_of_zero_predictor_is_one():
   s = schedule.linear_schedule()
   z0 = jax.random.normal(jax.random.PRNGKey(1), (512, 4, 4, 1))
   rng = jax.random.PRNGKey(2)
+
   # Oracle: knows z0, so eps = (z_t - sqrt(a) z0) / sqrt(1 - a) exactly.
   def oracle(z_t, t):
     a = s.alphas_cumprod[t][:, None, None, None]
     return (z_t - jnp.sqrt(a) * z0) / jnp.sqrt(1 - a)
+
   assert float(schedule.eps_loss(oracle, s, z0, rng)) < 1e-8
   zero = float(schedule.eps_loss(lambda z_t, t: jnp.zeros_like(z_t), s, z0, rng))
   assert abs(zero - 1.0) < 0.05  # E[eps^2] = 1
@@ -59,7 +61,9 @@ def test_ddim_is_exact_for_point_mass_data():
     return (z - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
 
   rng = jax.random.PRNGKey(0)
-  out = ddim.ddim_sample(eps_fn, s, jnp.ones((3, 2, 5)), x0.shape, rng, num_steps=20, guidance_scale=1.0)
+  out = ddim.ddim_sample(
+    eps_fn, s, jnp.ones((3, 2, 5)), x0.shape, rng, num_steps=20, guidance_scale=1.0
+  )
   z_T = _z_T(rng, x0.shape)
   a_first = float(s.alphas_cumprod[ddim.ddim_timesteps(1000, 20)[-1]])
   a_0 = float(s.alphas_cumprod[0])
@@ -72,7 +76,9 @@ def _z_T(rng, shape):
   """The start noise as the samplers document it: one key per sample, split(rng, B); sample b's
   z_T from the first half of split(key_b)."""
   keys = jax.random.split(rng, shape[0])
-  return np.stack([np.asarray(jax.random.normal(jax.random.split(k)[0], shape[1:]), np.float64) for k in keys])
+  return np.stack(
+    [np.asarray(jax.random.normal(jax.random.split(k)[0], shape[1:]), np.float64) for k in keys]
+  )
 
 
 def test_one_ddim_step_by_hand():
@@ -80,8 +86,15 @@ def test_one_ddim_step_by_hand():
   rng = jax.random.PRNGKey(3)
   z_T = _z_T(rng, (1, 1, 1, 1))[0, 0, 0, 0]
   e = 0.3
-  out = ddim.ddim_sample(lambda z, t, c: jnp.full_like(z, e), s, jnp.zeros((1, 1, 1)), (1, 1, 1, 1), rng,
-                         num_steps=1, guidance_scale=1.0)
+  out = ddim.ddim_sample(
+    lambda z, t, c: jnp.full_like(z, e),
+    s,
+    jnp.zeros((1, 1, 1)),
+    (1, 1, 1, 1),
+    rng,
+    num_steps=1,
+    guidance_scale=1.0,
+  )
   a_t = float(s.alphas_cumprod[1])  # tau = [1]
   a_prev = float(s.alphas_cumprod[0])
   pred_x0 = (z_T - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
@@ -94,7 +107,10 @@ def test_guidance_combines_zero_and_true_context():
   def eps_fn(z, t, c):
     is_cond = (jnp.abs(c).sum(axis=(1, 2)) > 0).astype(jnp.float32)
     return jnp.ones_like(z) * (1.0 + 2.0 * is_cond)[:, None, None, None]
-  out = ddim.guided_eps(eps_fn, jnp.zeros((2, 1, 1, 1)), jnp.array([5, 5]), jnp.ones((2, 4, 3)), 2.5)
+
+  out = ddim.guided_eps(
+    eps_fn, jnp.zeros((2, 1, 1, 1)), jnp.array([5, 5]), jnp.ones((2, 4, 3)), 2.5
+  )
   np.testing.assert_allclose(np.asarray(out), 1.0 + 2.5 * 2.0)
 
 
@@ -105,13 +121,23 @@ def test_clipped_ddim_step_by_hand():
   rng = jax.random.PRNGKey(3)
   z_T = float(_z_T(rng, (1, 1, 1, 1))[0, 0, 0, 0])
   e = 20.0  # a large eps drives the unclipped x0 prediction far below -1
-  out = ddim.ddim_sample(lambda z, t, c: jnp.full_like(z, e), s, jnp.zeros((1, 1, 1)), (1, 1, 1, 1), rng,
-                         num_steps=1, guidance_scale=1.0, clip_x0=1.0)
+  out = ddim.ddim_sample(
+    lambda z, t, c: jnp.full_like(z, e),
+    s,
+    jnp.zeros((1, 1, 1)),
+    (1, 1, 1, 1),
+    rng,
+    num_steps=1,
+    guidance_scale=1.0,
+    clip_x0=1.0,
+  )
   a_t, a_prev = float(s.alphas_cumprod[1]), float(s.alphas_cumprod[0])
   x0 = float(np.clip((z_T - np.sqrt(1 - a_t) * e) / np.sqrt(a_t), -1, 1))
   assert x0 in (-1.0, 1.0)
   eps = (z_T - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
-  np.testing.assert_allclose(float(out[0, 0, 0, 0]), np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(out[0, 0, 0, 0]), np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps, rtol=1e-5
+  )
 
 
 def _gaussian_ddim_moments(s, mu, sd, eta, num_steps):
@@ -124,12 +150,12 @@ def _gaussian_ddim_moments(s, mu, sd, eta, num_steps):
   for j, tau in enumerate(taus):
     a = a_all[tau]
     a_prev = a_all[taus[j + 1]] if j + 1 < len(taus) else a_all[0]
-    g = np.sqrt(1 - a) / (a * sd ** 2 + 1 - a)          # eps = g z - g sqrt(a) mu
+    g = np.sqrt(1 - a) / (a * sd**2 + 1 - a)  # eps = g z - g sqrt(a) mu
     sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-    c = np.sqrt(1 - a_prev - sigma ** 2)
+    c = np.sqrt(1 - a_prev - sigma**2)
     slope = np.sqrt(a_prev / a) * (1 - np.sqrt(1 - a) * g) + c * g
     offset = (np.sqrt(a_prev / a) * np.sqrt(1 - a) - c) * g * np.sqrt(a) * mu
-    m, v = slope * m + offset, slope ** 2 * v + sigma ** 2
+    m, v = slope * m + offset, slope**2 * v + sigma**2
   return m, v
 
 
@@ -142,12 +168,23 @@ def test_stochastic_ddim_moments_on_gaussian_data():
 
   def eps_fn(z, t, context):
     a = s.alphas_cumprod[t][:, None, None, None]
-    return jnp.sqrt(1 - a) * (z - jnp.sqrt(a) * mu) / (a * sd ** 2 + 1 - a)
+    return jnp.sqrt(1 - a) * (z - jnp.sqrt(a) * mu) / (a * sd**2 + 1 - a)
 
   variances = {}
   for eta in (0.0, 0.5, 1.0):
-    out = np.asarray(ddim.ddim_sample(eps_fn, s, jnp.zeros((n, 1, 1)), (n, 1, 1, 1), jax.random.PRNGKey(1),
-                                      num_steps=5, guidance_scale=1.0, eta=eta), np.float64)
+    out = np.asarray(
+      ddim.ddim_sample(
+        eps_fn,
+        s,
+        jnp.zeros((n, 1, 1)),
+        (n, 1, 1, 1),
+        jax.random.PRNGKey(1),
+        num_steps=5,
+        guidance_scale=1.0,
+        eta=eta,
+      ),
+      np.float64,
+    )
     m, v = _gaussian_ddim_moments(s, mu, sd, eta, 5)
     assert abs(out.mean() - m) < 5 * np.sqrt(v / n), (eta, out.mean(), m)
     assert out.var() == pytest.approx(v, rel=0.02), (eta, out.var(), v)
@@ -165,13 +202,17 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
   pytest.importorskip("torch")
   import torch
   from torch_references import define_missing_torchvision_ops
+
   define_missing_torchvision_ops()
   from diffusers import DDPMScheduler
   from diffusers.training_utils import compute_snr
 
   s = schedule.linear_schedule(prediction=prediction)
-  ref = DDPMScheduler(num_train_timesteps=1000, trained_betas=np.asarray(s.betas, np.float64),
-                      prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction])
+  ref = DDPMScheduler(
+    num_train_timesteps=1000,
+    trained_betas=np.asarray(s.betas, np.float64),
+    prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction],
+  )
   z0 = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 2))
   seen = {}
 
@@ -179,14 +220,20 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
     seen.update(z_t=np.asarray(z_t, np.float64), t=np.asarray(t))
     return 0.5 * z_t + 0.01 * t[:, None, None, None]
 
-  got = schedule.diffusion_loss(model_fn, s, z0, jax.random.PRNGKey(3), weighting=weighting, min_snr_gamma=5.0,
-                                reduce=False)
+  got = schedule.diffusion_loss(
+    model_fn, s, z0, jax.random.PRNGKey(3), weighting=weighting, min_snr_gamma=5.0, reduce=False
+  )
   t, z_t = seen["t"], seen["z_t"]
   a = np.asarray(ref.alphas_cumprod, np.float64)[t][:, None, None, None]
   noise = (z_t - np.sqrt(a) * np.asarray(z0, np.float64)) / np.sqrt(1 - a)
   tt = torch.as_tensor(np.array(t))
-  target = {"eps": lambda: noise, "x0": lambda: np.asarray(z0, np.float64), "v": lambda: ref.get_velocity(
-      torch.as_tensor(np.asarray(z0, np.float64)), torch.as_tensor(noise), tt).numpy()}[prediction]()
+  target = {
+    "eps": lambda: noise,
+    "x0": lambda: np.asarray(z0, np.float64),
+    "v": lambda: ref.get_velocity(
+      torch.as_tensor(np.asarray(z0, np.float64)), torch.as_tensor(noise), tt
+    ).numpy(),
+  }[prediction]()
   pred = 0.5 * z_t + 0.01 * t[:, None, None, None]
   want = ((pred - target) ** 2).mean(axis=(1, 2, 3))
   if weighting == "min_snr":
@@ -196,5 +243,7 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-6)
   assert len(set(t.tolist())) > 8  # the batch spans many timesteps
   if prediction != "eps":
-    eps = schedule.eps_of(s, jnp.asarray(target, jnp.float32), jnp.asarray(z_t, jnp.float32), jnp.asarray(t))
+    eps = schedule.eps_of(
+      s, jnp.asarray(target, jnp.float32), jnp.asarray(z_t, jnp.float32), jnp.asarray(t)
+    )
     np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-4)

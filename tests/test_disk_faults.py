@@ -16,11 +16,21 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (REPO, TINY_OVERRIDES, TRAIN_CONFIG, killable, make_tiny_stores, one_line_error, subprocess_env,
-                      train_command)
+from conftest import (
+  REPO,
+  TINY_OVERRIDES,
+  TRAIN_CONFIG,
+  killable,
+  make_tiny_stores,
+  one_line_error,
+  subprocess_env,
+  train_command,
+)
 
 STEPS = ("--config.train.num_steps=12", "--config.train.checkpoint_every=5")
-ONE_DEVICE = subprocess_env(1)  # the faults are not about the mesh: one device starts and saves fastest
+ONE_DEVICE = subprocess_env(
+  1
+)  # the faults are not about the mesh: one device starts and saves fastest
 
 
 def _run(cmd):
@@ -48,13 +58,19 @@ def test_a_failed_write_is_told_by_its_errno_or_by_what_the_library_says(tmp_pat
   them word them (TensorStore's os_error_code, numpy's short write, ScaNN's "I/O error")."""
   import errno
   from rdm_jax import errors
+
   full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npy"))
   line = errors.io_error_line(full)
   assert line.startswith(f"{tmp_path}/x.npy: the disk is full (") and " free there" in line, line
-  wrapped = ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{tmp_path}/ck/_sharding": Failed to write '
-                       "8705 bytes to file 16: No space left on device [os_error_code='28']")
+  wrapped = ValueError(
+    f'RESOURCE_EXHAUSTED: Error writing local file "{tmp_path}/ck/_sharding": Failed to write '
+    "8705 bytes to file 16: No space left on device [os_error_code='28']"
+  )
   line = errors.io_error_line(wrapped)
-  assert line.startswith(f"{tmp_path}/ck/_sharding: the disk is full") and "a write of 8.5 KiB did not fit" in line
+  assert (
+    line.startswith(f"{tmp_path}/ck/_sharding: the disk is full")
+    and "a write of 8.5 KiB did not fit" in line
+  )
   short = OSError("100000 requested and 992 written")
   assert errors.io_failure(short) == "a write came up short (the disk is full?)"
   try:
@@ -77,13 +93,17 @@ def data_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_disk_that_fills_during_training_stops_it_in_one_line_before_it_writes(data_dir, small_disk):
+def test_a_disk_that_fills_during_training_stops_it_in_one_line_before_it_writes(
+  data_dir, small_disk
+):
   disk = small_disk("64m")  # room for the run's 4 checkpoints of ~15 MiB at start
   workdir = os.path.join(disk, "run")
   filler = os.path.join(disk, "filler")
   cmd = train_command(data_dir, workdir, *STEPS)
   line = _one_line(killable(cmd, f"fill:7:{filler}"))  # after step 7, all but 4 KiB taken
-  assert f"{workdir}/checkpoints: the disk is full" in line and "Checkpoints intact: 5" in line, line
+  assert f"{workdir}/checkpoints: the disk is full" in line and "Checkpoints intact: 5" in line, (
+    line
+  )
   assert _checkpoints(workdir) == [5]
   os.remove(filler)
   _resumes_from(cmd, 5)
@@ -148,13 +168,23 @@ def test_a_store_truncated_during_training_is_one_line_not_sigbus(data_dir):
 def test_resuming_on_a_rebuilt_store_is_refused(data_dir):
   workdir = os.path.join(os.path.dirname(data_dir), "run")
   cmd = train_command(data_dir, workdir, *STEPS)
-  first = _run(train_command(data_dir, workdir, "--config.train.num_steps=5", "--config.train.checkpoint_every=5"))
+  first = _run(
+    train_command(
+      data_dir, workdir, "--config.train.num_steps=5", "--config.train.checkpoint_every=5"
+    )
+  )
   assert first.returncode == 0, first.stderr[-3000:]
   shutil.rmtree(os.path.join(data_dir, "latents_train"))
   make_tiny_stores(data_dir + "_other", seed=1)
-  shutil.copytree(os.path.join(data_dir + "_other", "latents_train"), os.path.join(data_dir, "latents_train"))
+  shutil.copytree(
+    os.path.join(data_dir + "_other", "latents_train"), os.path.join(data_dir, "latents_train")
+  )
   line = _one_line(cmd)
-  assert "checkpoint 5" in line and "was trained on the latents store" in line and "new --workdir" in line, line
+  assert (
+    "checkpoint 5" in line
+    and "was trained on the latents store" in line
+    and "new --workdir" in line
+  ), line
 
 
 # ------------------------------------------------------------------ every job on a full disk
@@ -180,7 +210,9 @@ def _one_line_or(out):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SMALL_DATA, reason="needs dataset-fashion-mnist (make data)")
-def test_every_data_job_on_a_full_disk_is_one_line_and_resumes_to_the_reference(small_disk, tmp_path):
+def test_every_data_job_on_a_full_disk_is_one_line_and_resumes_to_the_reference(
+  small_disk, tmp_path
+):
   """encode, embed, index and neighbours, each with half its output's room on a real tmpfs: one
   line naming a path on that disk and what to do; with the room back, the rerun writes what an
   uninterrupted run on a large disk wrote (test_kill_jobs' comparison)."""
@@ -203,7 +235,10 @@ def test_every_data_job_on_a_full_disk_is_one_line_and_resumes_to_the_reference(
       shutil.copytree(before, data)
     filler = _free_all_but(disk, size // 2)
     line = _one_line_or(run(module, args))
-    assert f"{disk}/" in line and ("the disk is full" in line or "the disk is too small" in line), (module, line)
+    assert f"{disk}/" in line and ("the disk is full" in line or "the disk is too small" in line), (
+      module,
+      line,
+    )
     assert "rerun" in line, line
     os.remove(filler)
     again = run(module, args)
@@ -215,22 +250,49 @@ def test_every_data_job_on_a_full_disk_is_one_line_and_resumes_to_the_reference(
 @pytest.mark.slow
 def test_sample_and_evaluate_on_a_full_disk_are_one_line_and_resume(trained, small_disk, tmp_path):
   data_dir, workdir = trained
-  np.savez(tmp_path / "ref.npz", images=np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8))
+  np.savez(
+    tmp_path / "ref.npz",
+    images=np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8),
+  )
   disk = small_disk("8m")
-  config = [f"--config={TRAIN_CONFIG}", f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY_OVERRIDES]
-  sample = [sys.executable, "-m", "rdm_jax.sample", *config, "--config.sample.num_images=8",
-            "--config.sample.batch_size=4", "--config.sample.num_steps=2", "--config.sample.shard_size=2",
-            f"--out={disk}/samples"]
-  filler = _free_all_but(disk, 2 << 20)  # below the job's estimate of what it writes: refused before sampling
+  config = [
+    f"--config={TRAIN_CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+    *TINY_OVERRIDES,
+  ]
+  sample = [
+    sys.executable,
+    "-m",
+    "rdm_jax.sample",
+    *config,
+    "--config.sample.num_images=8",
+    "--config.sample.batch_size=4",
+    "--config.sample.num_steps=2",
+    "--config.sample.shard_size=2",
+    f"--out={disk}/samples",
+  ]
+  filler = _free_all_but(
+    disk, 2 << 20
+  )  # below the job's estimate of what it writes: refused before sampling
   line = _one_line_or(_run(sample))
   assert f"{disk}/samples/shard-00000-of-00004.npz: the disk is full" in line, line
   os.remove(filler)
   out = _run(sample)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "the model was trained on latents " in out.stdout, out.stdout
-  evaluate = [sys.executable, "-m", "rdm_jax.evaluate", *config, f"--samples={disk}/samples", "--config.eval.image_size=32",
-              f"--config.eval.reference={tmp_path}/ref.npz", "--config.eval.baseline_part=",
-              "--config.eval.kid_subsets=3", f"--out={disk}/eval"]
+  evaluate = [
+    sys.executable,
+    "-m",
+    "rdm_jax.evaluate",
+    *config,
+    f"--samples={disk}/samples",
+    "--config.eval.image_size=32",
+    f"--config.eval.reference={tmp_path}/ref.npz",
+    "--config.eval.baseline_part=",
+    "--config.eval.kid_subsets=3",
+    f"--out={disk}/eval",
+  ]
   filler = _free_all_but(disk, 64 << 10)
   line = _one_line_or(_run(evaluate))  # refused before it computes anything
   assert f"{disk}/eval: the disk is full" in line, line
@@ -251,7 +313,10 @@ def test_every_output_on_a_read_only_filesystem_is_one_line(trained, small_disk,
   data_dir, workdir = trained
   disk = small_disk("16m")
   args = [f"--config.data_dir={disk}/data", *SMALL]
-  for module, _ in PIPELINE:  # every job's inputs, then each job's outputs taken away, last job first
+  for (
+    module,
+    _,
+  ) in PIPELINE:  # every job's inputs, then each job's outputs taken away, last job first
     assert run(module, args).returncode == 0
   for module, outputs in PIPELINE[::-1]:
     small_disk.read_only(disk, False)
@@ -262,10 +327,17 @@ def test_every_output_on_a_read_only_filesystem_is_one_line(trained, small_disk,
     assert "read-only" in line.lower() and disk in line, (module, line)
   base = [sys.executable, "-m"]
   config = [f"--config={TRAIN_CONFIG}", f"--config.data_dir={data_dir}", *TINY_OVERRIDES]
-  for cmd in ([*base, "rdm_jax.train", *config, f"--workdir={disk}/run"],
-              [*base, "rdm_jax.jobs.import_checkpoint", *config, f"--checkpoint={tmp_path}/x.ckpt",
-               f"--workdir={disk}/run"],
-              [*base, "rdm_jax.sample", *config, f"--workdir={workdir}", f"--out={disk}/samples"],
-              [*base, "rdm_jax.evaluate", *config, f"--samples={tmp_path}/x.npz", f"--out={disk}/eval"]):
+  for cmd in (
+    [*base, "rdm_jax.train", *config, f"--workdir={disk}/run"],
+    [
+      *base,
+      "rdm_jax.jobs.import_checkpoint",
+      *config,
+      f"--checkpoint={tmp_path}/x.ckpt",
+      f"--workdir={disk}/run",
+    ],
+    [*base, "rdm_jax.sample", *config, f"--workdir={workdir}", f"--out={disk}/samples"],
+    [*base, "rdm_jax.evaluate", *config, f"--samples={tmp_path}/x.npz", f"--out={disk}/eval"],
+  ):
     line = _one_line_or(_run(cmd))
     assert disk in line and "read-only" in line.lower(), (cmd[2], line)

@@ -40,20 +40,23 @@ def test_zip_format_reader(tmp_path):
 @pytest.mark.parametrize("impl", ["shift", "conv"])
 def test_port_matches_pytorch_reference(weights_path, impl):
   model = efficientnet_lite_pytorch.EfficientNet.from_pretrained(
-      "efficientnet-lite0", weights_path=weights_path).eval()
+    "efficientnet-lite0", weights_path=weights_path
+  ).eval()
   x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
   with torch.no_grad():
     ref_logits = model(torch.from_numpy(x)).numpy()
     ref_features = model.extract_features(torch.from_numpy(x)).mean(dim=(2, 3)).numpy()
   params = efficientnet_lite.load_params(weights_path)
   features, logits = efficientnet_lite.EfficientNetLite0(depthwise_impl=impl).apply(
-      {"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    {"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1))
+  )
   np.testing.assert_allclose(np.asarray(features), ref_features, atol=1e-4)
   np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-4)
 
 
 def test_bad_weights_file_is_a_clear_error(tmp_path):
   from rdm_jax.errors import UserError
+
   bad = tmp_path / "bad.pth"
   bad.write_bytes(b"not a checkpoint")
   with pytest.raises(UserError, match="could not read EfficientNet-Lite0 weights"):
@@ -71,12 +74,24 @@ def test_preprocess_matches_the_reference_transforms(size, channels):
   """
   from PIL import Image
   from torch_references import reference
+
   transforms = reference("torchvision.transforms")
-  tf = transforms.Compose([transforms.Resize(64), transforms.ToTensor(),
-                           transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-  images = np.random.default_rng(size + channels).integers(0, 256, (3, size, size, channels), dtype=np.uint8)
-  want = np.stack([tf(Image.fromarray(im.squeeze(-1) if channels == 1 else im).convert("RGB")).numpy()
-                   for im in images]).transpose(0, 2, 3, 1)
+  tf = transforms.Compose(
+    [
+      transforms.Resize(64),
+      transforms.ToTensor(),
+      transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ]
+  )
+  images = np.random.default_rng(size + channels).integers(
+    0, 256, (3, size, size, channels), dtype=np.uint8
+  )
+  want = np.stack(
+    [
+      tf(Image.fromarray(im.squeeze(-1) if channels == 1 else im).convert("RGB")).numpy()
+      for im in images
+    ]
+  ).transpose(0, 2, 3, 1)
   got = np.asarray(efficientnet_lite.preprocess(jnp.asarray(images), 64))
   one_level = 1.0 / 255 / 0.225
   assert got.shape == want.shape == (3, 64, 64, 3)
@@ -97,8 +112,12 @@ def _reference_maps(model, x, last_block):
     return block_map, model._swish(model._bn1(model._conv_head(h)))
 
 
-@pytest.mark.parametrize("layer,grid,image_size", [("block_10", 3, 96), ("block_7", 2, 64), ("head", 3, 96)])
-def test_grid_features_match_the_reference_layers_pooled_by_torch(weights_path, layer, grid, image_size):
+@pytest.mark.parametrize(
+  "layer,grid,image_size", [("block_10", 3, 96), ("block_7", 2, 64), ("head", 3, 96)]
+)
+def test_grid_features_match_the_reference_layers_pooled_by_torch(
+  weights_path, layer, grid, image_size
+):
   """config.retrieval.features/grid: a layer's map of the PyTorch reference, averaged over grid x
   grid cells by torch's adaptive_avg_pool2d, flattened cell by cell (channels last), is what the
   retrieval encoder returns for the same uint8 images; the map's side and the embedding's width
@@ -107,18 +126,37 @@ def test_grid_features_match_the_reference_layers_pooled_by_torch(weights_path, 
   from rdm_jax.retrieval import encoders
 
   model = efficientnet_lite_pytorch.EfficientNet.from_pretrained(
-      "efficientnet-lite0", weights_path=weights_path).eval()
+    "efficientnet-lite0", weights_path=weights_path
+  ).eval()
   images = np.random.default_rng(image_size).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
-  x = torch.from_numpy(np.array(efficientnet_lite.preprocess(jnp.asarray(images), image_size))).permute(0, 3, 1, 2)
-  block_map, head_map = _reference_maps(model, x, int(layer.split("_")[1]) if layer != "head" else -1)
+  x = torch.from_numpy(
+    np.array(efficientnet_lite.preprocess(jnp.asarray(images), image_size))
+  ).permute(0, 3, 1, 2)
+  block_map, head_map = _reference_maps(
+    model, x, int(layer.split("_")[1]) if layer != "head" else -1
+  )
   ref_map = head_map if layer == "head" else block_map
   side, channels = efficientnet_lite.feature_map_shape(layer, image_size)
   assert (side, channels) == {"block_10": (6, 112), "block_7": (4, 80), "head": (3, 1280)}[layer]
   assert tuple(ref_map.shape) == (3, channels, side, side)
-  ref = torch.nn.functional.adaptive_avg_pool2d(ref_map, grid).permute(0, 2, 3, 1).reshape(3, -1).numpy()
+  ref = (
+    torch.nn.functional.adaptive_avg_pool2d(ref_map, grid)
+    .permute(0, 2, 3, 1)
+    .reshape(3, -1)
+    .numpy()
+  )
 
-  cfg = mlc.ConfigDict(dict(encoder="efficientnet_lite0", weights="", image_size=image_size, features=layer,
-                            grid=grid, embed_dim=channels * grid * grid, batch_size=2))
+  cfg = mlc.ConfigDict(
+    dict(
+      encoder="efficientnet_lite0",
+      weights="",
+      image_size=image_size,
+      features=layer,
+      grid=grid,
+      embed_dim=channels * grid * grid,
+      batch_size=2,
+    )
+  )
   got = encoders.make_encoder(cfg)(images)
   assert got.shape == (3, channels * grid * grid)
   np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
@@ -134,10 +172,17 @@ def test_the_default_features_keep_their_identity_and_bad_grids_are_refused(weig
   from rdm_jax.errors import UserError
   from rdm_jax.retrieval import encoders
 
-  old = mlc.ConfigDict(dict(encoder="efficientnet_lite0", weights="", image_size=96, embed_dim=1280, batch_size=8))
+  old = mlc.ConfigDict(
+    dict(encoder="efficientnet_lite0", weights="", image_size=96, embed_dim=1280, batch_size=8)
+  )
   new = mlc.ConfigDict(dict(old.to_dict(), features="head", grid=1))
   assert encoders.encoder_identity(old) == encoders.encoder_identity(new)
-  assert set(encoders.encoder_identity(new)) == {"name", "weights_sha256", "image_size", "embed_dim"}
+  assert set(encoders.encoder_identity(new)) == {
+    "name",
+    "weights_sha256",
+    "image_size",
+    "embed_dim",
+  }
   grid = mlc.ConfigDict(dict(old.to_dict(), features="block_10", grid=3))
   assert encoders.encoder_identity(grid) != encoders.encoder_identity(old)
   with pytest.raises(UserError, match="grid=4: block_10's feature map is 6x6"):
@@ -147,4 +192,6 @@ def test_the_default_features_keep_their_identity_and_bad_grids_are_refused(weig
   with pytest.raises(UserError, match="embed_dim=1280 but efficientnet_lite0 embeds to 1008"):
     encoders.make_encoder(grid)
   with pytest.raises(UserError, match="embeds whole images only"):
-    encoders.encoder_identity(mlc.ConfigDict(dict(encoder="clip_vit_b32", weights="", features="block_3", grid=1)))
+    encoders.encoder_identity(
+      mlc.ConfigDict(dict(encoder="clip_vit_b32", weights="", features="block_3", grid=1))
+    )

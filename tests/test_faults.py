@@ -16,8 +16,16 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (REPO, TRAINED_STEPS, final_state, make_tiny_stores, one_line_error, subprocess_env,
-                      tiny_config, train_command)
+from conftest import (
+  REPO,
+  TRAINED_STEPS,
+  final_state,
+  make_tiny_stores,
+  one_line_error,
+  subprocess_env,
+  tiny_config,
+  train_command,
+)
 from rdm_jax import checkpoint, training
 from rdm_jax.data import pipeline, store
 from rdm_jax.errors import UserError
@@ -33,8 +41,12 @@ def _restore(data_dir, workdir, step=None):
 
 
 def _largest_array_file(workdir, step):
-  return max(glob.glob(os.path.join(workdir, "checkpoints", str(step), "default", "ocdbt.process_0", "d", "*")),
-             key=os.path.getsize)
+  return max(
+    glob.glob(
+      os.path.join(workdir, "checkpoints", str(step), "default", "ocdbt.process_0", "d", "*")
+    ),
+    key=os.path.getsize,
+  )
 
 
 def _copy(workdir, tmp_path):
@@ -44,7 +56,10 @@ def _copy(workdir, tmp_path):
 
 
 def _leaves_equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def test_digests_are_recorded_for_every_checkpoint(trained):
@@ -54,7 +69,9 @@ def test_digests_are_recorded_for_every_checkpoint(trained):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite", "metadata"])
-def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(trained, tmp_path, damage, caplog):
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(
+  trained, tmp_path, damage, caplog
+):
   data_dir, original = trained
   intact2, intact4 = _restore(data_dir, original, 2), _restore(data_dir, original, 4)
   workdir = _copy(original, tmp_path)
@@ -83,7 +100,10 @@ def test_every_checkpoint_damaged_says_what_to_delete(trained, tmp_path):
   for step in (2, 4):
     f = _largest_array_file(workdir, step)
     os.truncate(f, 10)
-  with pytest.raises(UserError, match=r"no intact checkpoint is left \(steps 4, 2\).*rm -r \S+checkpoints/4 \S+checkpoints/2"):
+  with pytest.raises(
+    UserError,
+    match=r"no intact checkpoint is left \(steps 4, 2\).*rm -r \S+checkpoints/4 \S+checkpoints/2",
+  ):
     _restore(data_dir, workdir)
 
 
@@ -96,7 +116,9 @@ def test_training_resumes_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_pa
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step 2" in out.stderr and "moved damaged checkpoint 4" in out.stderr
   aside = os.listdir(os.path.join(workdir, "damaged_checkpoints"))
-  assert any(name.startswith("4.") and not name.endswith(".json") for name in aside)  # kept, not deleted
+  assert any(
+    name.startswith("4.") and not name.endswith(".json") for name in aside
+  )  # kept, not deleted
   # the retrained step 4 is the uninterrupted run's step 4 (same data order, same keys)
   assert _leaves_equal(_restore(data_dir, workdir, 4), _restore(data_dir, original, 4))
 
@@ -104,11 +126,32 @@ def test_training_resumes_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_pa
 def test_sample_names_the_steps_that_exist_and_the_samplers(trained):
   data_dir, workdir = trained
   from conftest import TINY_OVERRIDES, TRAIN_CONFIG
-  line = one_line_error([sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
-                          f"--config.data_dir={data_dir}", "--step=999", *TINY_OVERRIDES])
+
+  line = one_line_error(
+    [
+      sys.executable,
+      "-m",
+      "rdm_jax.sample",
+      f"--config={TRAIN_CONFIG}",
+      f"--workdir={workdir}",
+      f"--config.data_dir={data_dir}",
+      "--step=999",
+      *TINY_OVERRIDES,
+    ]
+  )
   assert "no checkpoint of step 999" in line and "steps there: 2, 4" in line
-  line = one_line_error([sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
-                          f"--config.data_dir={data_dir}", "--config.sample.sampler=euler", *TINY_OVERRIDES])
+  line = one_line_error(
+    [
+      sys.executable,
+      "-m",
+      "rdm_jax.sample",
+      f"--config={TRAIN_CONFIG}",
+      f"--workdir={workdir}",
+      f"--config.data_dir={data_dir}",
+      "--config.sample.sampler=euler",
+      *TINY_OVERRIDES,
+    ]
+  )
   assert "config.sample.sampler='euler'; use one of ddim, ddpm, dpm_solver++" in line
 
 
@@ -123,18 +166,26 @@ def _first_step_with(row: int, seed: int, batch: int, n: int) -> int:
 def test_a_nonfinite_step_changes_nothing_but_the_step(tiny_data):
   """In process: the step on a batch with a NaN keeps params, EMA and Adam state, counts the step."""
   config = tiny_config(tiny_data["data_dir"])
-  model, tx, sched = training.make_model(config), training.make_optimizer(config), training.make_schedule(config)
+  model, tx, sched = (
+    training.make_model(config),
+    training.make_optimizer(config),
+    training.make_schedule(config),
+  )
   inputs = training.example_inputs(config, 1, (8, 8, 1), 4)
   mesh = mesh_lib.from_config(config, jax.devices()[:1])
   window = training.spike_settings(config)[2]
-  abstract, sh = training.state_shardings(model, tx, inputs, mesh, [tuple(r) for r in config.sharding_rules], window)
+  abstract, sh = training.state_shardings(
+    model, tx, inputs, mesh, [tuple(r) for r in config.sharding_rules], window
+  )
   state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh, window)
   step = jax.jit(training.make_train_step(config, model, tx, sched))
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(8, 8, 8, 1)).astype(np.float32)
   ctx = rng.normal(size=(8, 4, 16)).astype(np.float32)
   good, m_good = step(state, z0, ctx, jax.random.PRNGKey(1))
-  z_bad = z0.copy()  # never write into an array a dispatched step may still be reading (CPU aliases it)
+  z_bad = (
+    z0.copy()
+  )  # never write into an array a dispatched step may still be reading (CPU aliases it)
   z_bad[5, 2, 2, 0] = np.inf
   bad, m_bad = step(good, z_bad, ctx, jax.random.PRNGKey(1))
   assert bool(m_good["finite"]) and not bool(m_bad["finite"])
@@ -150,21 +201,38 @@ def test_nonfinite_loss(tmp_path, mode):
   make_tiny_stores(data_dir)
   lat = store.read(os.path.join(data_dir, "latents_train"), "latents", hint="")
   z = np.array(lat["latents"])
-  bad_row = int(pipeline.example_indices(0, 2, 8, 64)[5])  # in the batch of step 3, the first epoch's third
+  bad_row = int(
+    pipeline.example_indices(0, 2, 8, 64)[5]
+  )  # in the batch of step 3, the first epoch's third
   z[bad_row, 3, 3, 0] = np.nan  # one diverging example
-  store.write(os.path.join(data_dir, "latents_train"), "latents",
-              {"latents": z, "ids": np.array(lat["ids"]) + 1000, "labels": np.array(lat["labels"])},
-              **{k: lat.manifest[k] for k in ("source", "first_stage", "image_shape")})
+  store.write(
+    os.path.join(data_dir, "latents_train"),
+    "latents",
+    {"latents": z, "ids": np.array(lat["ids"]) + 1000, "labels": np.array(lat["labels"])},
+    **{k: lat.manifest[k] for k in ("source", "first_stage", "image_shape")},
+  )
   nb = store.read(os.path.join(data_dir, "neighbors_train"), "neighbors", hint="")
-  store.write(os.path.join(data_dir, "neighbors_train"), "neighbors",
-              {"neighbor_ids": np.array(nb["neighbor_ids"]), "scores": np.array(nb["scores"]),
-               "query_ids": np.array(nb["query_ids"]) + 1000},
-              **{k: nb.manifest[k] for k in ("database_fingerprint", "encoder", "num_neighbors")})
+  store.write(
+    os.path.join(data_dir, "neighbors_train"),
+    "neighbors",
+    {
+      "neighbor_ids": np.array(nb["neighbor_ids"]),
+      "scores": np.array(nb["scores"]),
+      "query_ids": np.array(nb["query_ids"]) + 1000,
+    },
+    **{k: nb.manifest[k] for k in ("database_fingerprint", "encoder", "num_neighbors")},
+  )
   bad_step = _first_step_with(bad_row, 0, 8, 64)
   assert bad_step == 3
   workdir = str(tmp_path / "run")
-  cmd = train_command(data_dir, workdir, f"--config.train.num_steps={bad_step + 1}", "--config.train.checkpoint_every=1",
-                      "--config.train.keep_checkpoints=100", f"--config.train.nonfinite={mode}")
+  cmd = train_command(
+    data_dir,
+    workdir,
+    f"--config.train.num_steps={bad_step + 1}",
+    "--config.train.checkpoint_every=1",
+    "--config.train.keep_checkpoints=100",
+    f"--config.train.nonfinite={mode}",
+  )
   if mode == "stop":
     line = one_line_error(cmd)
     assert f"step {bad_step}:" in line and "not finite" in line and str(bad_row + 1000) in line
@@ -173,7 +241,9 @@ def test_nonfinite_loss(tmp_path, mode):
   out = _run(cmd)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"step {bad_step}: non-finite loss or gradients; update skipped" in out.stderr
-  before, at, after = (_restore(data_dir, workdir, s) for s in (bad_step - 1, bad_step, bad_step + 1))
+  before, at, after = (
+    _restore(data_dir, workdir, s) for s in (bad_step - 1, bad_step, bad_step + 1)
+  )
   assert int(at.step) == bad_step
   assert _leaves_equal(before.params, at.params) and _leaves_equal(before.ema_params, at.ema_params)
   assert _leaves_equal(before.opt_state, at.opt_state)
@@ -230,11 +300,20 @@ def test_either_the_loss_or_the_gradient_norm_makes_a_spike(tiny_data):
   high, low = np.full(8, 1e6, np.float32), np.full(8, 1e-9, np.float32)
   for loss_window, grad_window, want in [(high, low, True), (low, high, True), (high, high, False)]:
     state = setup.init_state(jax.random.PRNGKey(0))
-    state = state.replace(losses=training.LossWindow(loss=jax.numpy.asarray(loss_window),
-                                                     grad_norm=jax.numpy.asarray(grad_window),
-                                                     count=jax.numpy.asarray(8, jax.numpy.int32)))
+    state = state.replace(
+      losses=training.LossWindow(
+        loss=jax.numpy.asarray(loss_window),
+        grad_norm=jax.numpy.asarray(grad_window),
+        count=jax.numpy.asarray(8, jax.numpy.int32),
+      )
+    )
     _, m = setup.train_step(state, z0, ctx, jax.random.PRNGKey(1))
-    assert bool(m["spike"]) == want, (loss_window[0], grad_window[0], float(m["loss"]), float(m["grad_norm"]))
+    assert bool(m["spike"]) == want, (
+      loss_window[0],
+      grad_window[0],
+      float(m["loss"]),
+      float(m["grad_norm"]),
+    )
 
 
 def _spiking_run(tmp_path, mode):
@@ -247,21 +326,32 @@ def _spiking_run(tmp_path, mode):
   z = np.array(lat["latents"])
   bad = pipeline.example_indices(0, 9, 8, 64)  # the batch of step 10
   z[bad] *= 30.0
-  store.write(os.path.join(data_dir, "latents_train"), "latents",
-              {"latents": z, "ids": np.array(lat["ids"]), "labels": np.array(lat["labels"])},
-              **{k: lat.manifest[k] for k in ("source", "first_stage", "image_shape")})
+  store.write(
+    os.path.join(data_dir, "latents_train"),
+    "latents",
+    {"latents": z, "ids": np.array(lat["ids"]), "labels": np.array(lat["labels"])},
+    **{k: lat.manifest[k] for k in ("source", "first_stage", "image_shape")},
+  )
   step = 10
   workdir = str(tmp_path / "run")
-  cmd = train_command(data_dir, workdir, "--config.train.num_steps=12", "--config.train.checkpoint_every=5",
-                      "--config.train.keep_checkpoints=100", "--config.train.spike_window=8",
-                      f"--config.train.on_spike={mode}")
+  cmd = train_command(
+    data_dir,
+    workdir,
+    "--config.train.num_steps=12",
+    "--config.train.checkpoint_every=5",
+    "--config.train.keep_checkpoints=100",
+    "--config.train.spike_window=8",
+    f"--config.train.on_spike={mode}",
+  )
   return cmd, workdir, step, int(np.asarray(lat["ids"])[bad[0]])
 
 
 def test_a_loss_spike_stops_the_run_before_any_checkpoint_of_it(tmp_path):
   cmd, workdir, step, bad_id = _spiking_run(tmp_path, "stop")
   line = one_line_error(cmd)
-  assert f"step {step}: spike: loss " in line and "on_spike=stop" in line and str(bad_id) in line, line
+  assert f"step {step}: spike: loss " in line and "on_spike=stop" in line and str(bad_id) in line, (
+    line
+  )
   assert checkpoint.steps(checkpoint.manager(workdir, create=False)) == [5]  # not step 10's
 
 
@@ -279,29 +369,45 @@ def test_a_loss_that_never_comes_back_down_is_called_out():
   """The run's summary, from its logged means: a jump that stays (the AVX2 demo of issue 36:
   0.020 by step 2500, 0.072 at the end) is called out; a falling or noisy loss is not."""
   from rdm_jax.step_watch import StepWatch
+
   watch = StepWatch("stop", "warn", np.arange(10), 0, 2)
   for step, mean in [(100, 0.06), (2500, 0.020), (2600, 0.222), (3600, 0.072)]:
     watch.record_mean(step, mean)
   (line,) = watch.summary()
-  assert "did not come back down: 0.072 over the steps to 3600 against 0.02 to step 2500 (3.6x)" in line
+  assert (
+    "did not come back down: 0.072 over the steps to 3600 against 0.02 to step 2500 (3.6x)" in line
+  )
   healthy = StepWatch("stop", "warn", np.arange(10), 0, 2)
   for step, mean in [(100, 0.06), (200, 0.03), (300, 0.021), (400, 0.025), (500, 0.022)]:
     healthy.record_mean(step, mean)
   assert healthy.summary() == []
 
 
-ENTRY_POINTS = ["rdm_jax.train", "rdm_jax.sample", "rdm_jax.evaluate", "rdm_jax.jobs.encode", "rdm_jax.jobs.embed",
-                "rdm_jax.jobs.index", "rdm_jax.jobs.neighbors", "rdm_jax.jobs.context_ablation"]
+ENTRY_POINTS = [
+  "rdm_jax.train",
+  "rdm_jax.sample",
+  "rdm_jax.evaluate",
+  "rdm_jax.jobs.encode",
+  "rdm_jax.jobs.embed",
+  "rdm_jax.jobs.index",
+  "rdm_jax.jobs.neighbors",
+  "rdm_jax.jobs.context_ablation",
+]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_entry_points_turn_command_line_mistakes_into_one_line(module, tmp_path):
-  run = [sys.executable, "-m", module, f"--workdir={tmp_path}"] if module in (
-      "rdm_jax.train", "rdm_jax.sample", "rdm_jax.evaluate", "rdm_jax.jobs.context_ablation") else [
-      sys.executable, "-m", module]
+  run = (
+    [sys.executable, "-m", module, f"--workdir={tmp_path}"]
+    if module
+    in ("rdm_jax.train", "rdm_jax.sample", "rdm_jax.evaluate", "rdm_jax.jobs.context_ablation")
+    else [sys.executable, "-m", module]
+  )
   line = one_line_error(run + ["--config=configs/missing.py"])
   assert "--config=configs/missing.py: no such config file" in line
-  line = one_line_error(run + ["--config=configs/fashion_mnist_rdm.py", "--config.trian.num_steps=3"])
+  line = one_line_error(
+    run + ["--config=configs/fashion_mnist_rdm.py", "--config.trian.num_steps=3"]
+  )
   assert 'Did you mean "train" instead of "trian"?' in line
   out = _run(run + ["--config=configs/missing.py", "--verbose"])
   assert out.returncode != 0 and "Traceback" in out.stderr  # asked for
@@ -317,6 +423,7 @@ def test_checkpoint_of_another_model_config_is_not_called_damaged(trained):
 
 def _wait_for(predicate, what: str, timeout: float = 300.0) -> None:
   import time
+
   deadline = time.monotonic() + timeout
   while not predicate():
     if time.monotonic() > deadline:
@@ -332,24 +439,40 @@ def test_two_trainers_on_one_workdir_one_is_refused(tmp_path, when):
   data_dir = str(tmp_path / "data")
   make_tiny_stores(data_dir)
   workdir = str(tmp_path / "run")
-  a_cmd = train_command(data_dir, workdir, "--config.train.num_steps=1000000", "--config.train.checkpoint_every=2")
-  a = subprocess.Popen(a_cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                       cwd=REPO)
+  a_cmd = train_command(
+    data_dir, workdir, "--config.train.num_steps=1000000", "--config.train.checkpoint_every=2"
+  )
+  a = subprocess.Popen(
+    a_cmd,
+    env=subprocess_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=REPO,
+  )
   try:
     if when == "at_start":
       _wait_for(lambda: os.path.exists(workdir + ".lock") or a.poll() is not None, "run A's lock")
-      b_cmd = train_command(data_dir, workdir, "--config.train.num_steps=4", "--config.train.seed=1")
+      b_cmd = train_command(
+        data_dir, workdir, "--config.train.num_steps=4", "--config.train.seed=1"
+      )
     else:
-      _wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "2")) or a.poll() is not None,
-                "run A's first checkpoint")
+      _wait_for(
+        lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "2")) or a.poll() is not None,
+        "run A's first checkpoint",
+      )
       b_cmd = a_cmd
     assert a.poll() is None, a.stderr.read()[-3000:]
     line = one_line_error(b_cmd)
     assert f"pid {a.pid} on {os.uname().nodename}" in line and "another launch" in line, line
     assert a.poll() is None  # A goes on
-    steps_before = set(os.listdir(os.path.join(workdir, "checkpoints"))) if when != "at_start" else set()
-    _wait_for(lambda: len(set(os.listdir(os.path.join(workdir, "checkpoints"))) - steps_before) >= 1,
-              "run A's next checkpoint")
+    steps_before = (
+      set(os.listdir(os.path.join(workdir, "checkpoints"))) if when != "at_start" else set()
+    )
+    _wait_for(
+      lambda: len(set(os.listdir(os.path.join(workdir, "checkpoints"))) - steps_before) >= 1,
+      "run A's next checkpoint",
+    )
   finally:
     a.kill()
     a.wait()
@@ -361,6 +484,7 @@ def test_a_lock_of_another_host_goes_stale_in_minutes_and_its_holder_keeps_it_fr
   """A requeued job on another host breaks a lock whose heartbeat stopped a few minutes ago; a live
   holder's thread keeps the lock's time fresh (an old time set by hand is renewed)."""
   import time
+
   path = str(tmp_path / "db")
   with open(path + ".lock", "w") as f:
     json.dump({"pid": 1, "host": "another-host", "start": None, "token": "t"}, f)
@@ -375,7 +499,9 @@ def test_a_lock_of_another_host_goes_stale_in_minutes_and_its_holder_keeps_it_fr
   fresh = store.Lock(path, heartbeat_s=0.05).acquire()
   try:
     os.utime(path + ".lock", (old, old))
-    _wait_for(lambda: os.stat(path + ".lock").st_mtime > time.time() - 60, "the heartbeat", timeout=60)
+    _wait_for(
+      lambda: os.stat(path + ".lock").st_mtime > time.time() - 60, "the heartbeat", timeout=60
+    )
   finally:
     fresh.release()
   assert store.LOCK_STALE_S <= 600 and store.LOCK_HEARTBEAT_S * 3 <= store.LOCK_STALE_S
@@ -390,9 +516,14 @@ def test_outputs_are_checked_before_any_work(tmp_path):
   line = one_line_error(train_command(data_dir, under, "--config.train.num_steps=2"))
   assert "a_file/out" in line and "cannot be written" in line, line
   config = f"--config={os.path.join(REPO, 'configs', 'fashion_mnist_rdm.py')}"
-  for job, flags in (("rdm_jax.evaluate", [f"--samples={tmp_path / 'nothing.npz'}", f"--out={under}"]),
-                     ("rdm_jax.sample", [f"--workdir={tmp_path / 'no_run'}", f"--out={under}"]),
-                     ("rdm_jax.jobs.import_checkpoint", [f"--checkpoint={tmp_path / 'x.ckpt'}", f"--workdir={under}"])):
+  for job, flags in (
+    ("rdm_jax.evaluate", [f"--samples={tmp_path / 'nothing.npz'}", f"--out={under}"]),
+    ("rdm_jax.sample", [f"--workdir={tmp_path / 'no_run'}", f"--out={under}"]),
+    (
+      "rdm_jax.jobs.import_checkpoint",
+      [f"--checkpoint={tmp_path / 'x.ckpt'}", f"--workdir={under}"],
+    ),
+  ):
     line = one_line_error([sys.executable, "-m", job, config, *flags])
     assert "a_file/out" in line and "cannot be written" in line, (job, line)
   assert not os.path.exists(tmp_path / "no_run")

@@ -25,7 +25,19 @@ from rdm_jax.data import store, visualize
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
 
-_CALLS = ("copy", "exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rename", "replace", "rmtree", "stat")
+_CALLS = (
+  "copy",
+  "exists",
+  "isdir",
+  "listdir",
+  "makedirs",
+  "mkdir",
+  "remove",
+  "rename",
+  "replace",
+  "rmtree",
+  "stat",
+)
 
 
 @pytest.fixture
@@ -35,11 +47,15 @@ def fake_bucket(tmp_path):
 
   root = str(tmp_path / "gcs")
   os.makedirs(root)
-  local = lambda p: os.fspath(p).replace("gs://", root + "/", 1) if os.fspath(p).startswith("gs://") else p
+  local = lambda p: (
+    os.fspath(p).replace("gs://", root + "/", 1) if os.fspath(p).startswith("gs://") else p
+  )
   remote = lambda p: p.replace(root + "/", "gs://", 1) if isinstance(p, str) else p
 
   def call(fn, path, *args, **kwargs):
-    return fn(local(path), *[local(a) if isinstance(a, (str, os.PathLike)) else a for a in args], **kwargs)
+    return fn(
+      local(path), *[local(a) if isinstance(a, (str, os.PathLike)) else a for a in args], **kwargs
+    )
 
   def open_object(fn, path, mode, *args, **kwargs):  # objects need no parent directories
     if any(m in mode for m in "wax"):
@@ -53,8 +69,10 @@ def fake_bucket(tmp_path):
     for d, dirs, names in fn(local(top), *args, **kwargs):
       yield remote(d), dirs, names
 
-  with mock.patch.object(gpath, "_is_tf_installed", lambda: False), \
-      testing.mock_epath(**{c: call for c in _CALLS}, open=open_object, glob=glob, walk=walk):
+  with (
+    mock.patch.object(gpath, "_is_tf_installed", lambda: False),
+    testing.mock_epath(**{c: call for c in _CALLS}, open=open_object, glob=glob, walk=walk),
+  ):
     yield root
 
 
@@ -69,7 +87,9 @@ def base(request, tmp_path):
 
 def test_paths_are_spelled_canonically():
   assert files.normpath("gs://b//runs/./x/") == "gs://b/runs/x"
-  assert files.normpath(os.path.normpath("gs://b/runs/x")) == "gs://b/runs/x"  # os.path made it gs:/b/...
+  assert (
+    files.normpath(os.path.normpath("gs://b/runs/x")) == "gs://b/runs/x"
+  )  # os.path made it gs:/b/...
   assert files.join("gs://b/runs/", "x", "y.json") == "gs://b/runs/x/y.json"
   assert files.dirname("gs://b/runs/x") == "gs://b/runs" and files.basename("gs://b/runs/x") == "x"
   assert files.normpath("runs//x/") == "runs/x" and not files.is_uri("runs/gs:x")
@@ -104,13 +124,19 @@ def test_png_grids_and_sample_sets_in_a_bucket_match_local_ones(fake_bucket, tmp
   image = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
   visualize.save_png("gs://bucket/run/samples/grid.png", image, scale=2)
   with open(os.path.join(fake_bucket, "bucket/run/samples/grid.png"), "rb") as f:
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(f.read()))), image.repeat(2, 0).repeat(2, 1))
+    np.testing.assert_array_equal(
+      np.asarray(Image.open(io.BytesIO(f.read()))), image.repeat(2, 0).repeat(2, 1)
+    )
   # a sample job's set: settings.json and its shards
   out = "gs://bucket/run/samples/exemplar"
   shards = [rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (3, 2)]
   files.atomic_write_text(files.join(out, "settings.json"), json.dumps({"num_shards": 2}))
   for i, images in enumerate(shards):
-    files.atomic_savez(files.join(out, f"shard-{i:05d}-of-00002.npz"), images=images, condition=np.asarray("exemplar"))
+    files.atomic_savez(
+      files.join(out, f"shard-{i:05d}-of-00002.npz"),
+      images=images,
+      condition=np.asarray("exemplar"),
+    )
   assert sample_sets.default_sample_sets("gs://bucket/run") == [out]
   label, images, captions = sample_sets.read_samples(out)
   assert label == "exemplar" and captions == []
@@ -140,7 +166,10 @@ def test_checkpoint_digests_and_workdir_checks_in_a_bucket(fake_bucket):
   with mock.patch.object(checkpoint.jax, "process_index", lambda: 0):
     checkpoint.record_digests(mngr)
   record = json.loads(files.read_text(files.join(workdir, checkpoint.DIGESTS, "7.json")))
-  assert record["files"]["default/array.bin"] == [100, hashlib.sha256(b"\x01" * 100).hexdigest()[:16]]
+  assert record["files"]["default/array.bin"] == [
+    100,
+    hashlib.sha256(b"\x01" * 100).hexdigest()[:16],
+  ]
   assert checkpoint._damage(mngr, 7) is None
   files.atomic_write(files.join(step_dir, "default", "array.bin"), lambda f: f.write(b"\x02" * 100))
   assert "changed since it was written" in checkpoint._damage(mngr, 7)
@@ -151,8 +180,10 @@ def test_checkpoint_digests_and_workdir_checks_in_a_bucket(fake_bucket):
 
 
 def test_stores_refuse_a_bucket_in_one_line():
-  for call in (lambda: store.read("gs://bucket/data/database", "database", hint=""),
-               lambda: store.check_output(os.path.normpath("gs://bucket/data/latents_train"), "latents")):
+  for call in (
+    lambda: store.read("gs://bucket/data/database", "database", hint=""),
+    lambda: store.check_output(os.path.normpath("gs://bucket/data/latents_train"), "latents"),
+  ):
     with pytest.raises(UserError, match="gcsfuse") as e:
       call()
     assert "\n" not in str(e.value)

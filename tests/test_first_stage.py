@@ -29,15 +29,46 @@ from rdm_jax.models import autoencoder, first_stage  # noqa: E402
 # Tiny versions of the published shapes: VQ-f4 (no attention), VQ-f16 (attention at a middle
 # resolution; f8 here), KL-f8 with attention, taming's VQGAN-f16 (f8 here).
 TINY = {
-    "vq_f4": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), embed_dim=3, z_channels=3,
-                  n_embed=64, resolution=32),
-    "vq_f16": dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), embed_dim=8,
-                   z_channels=8, n_embed=128, resolution=32),
-    "kl_f8": dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,), embed_dim=4,
-                  z_channels=4, resolution=32),
-    # taming's VQGAN (the released RARMs' first stage): latents as wide as the codes
-    "vqgan_f16": dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), embed_dim=32,
-                      z_channels=32, n_embed=64, resolution=32),
+  "vq_f4": dict(
+    ch=32,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    embed_dim=3,
+    z_channels=3,
+    n_embed=64,
+    resolution=32,
+  ),
+  "vq_f16": dict(
+    ch=32,
+    ch_mult=(1, 1, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(8,),
+    embed_dim=8,
+    z_channels=8,
+    n_embed=128,
+    resolution=32,
+  ),
+  "kl_f8": dict(
+    ch=32,
+    ch_mult=(1, 2, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(16,),
+    embed_dim=4,
+    z_channels=4,
+    resolution=32,
+  ),
+  # taming's VQGAN (the released RARMs' first stage): latents as wide as the codes
+  "vqgan_f16": dict(
+    ch=32,
+    ch_mult=(1, 1, 2, 2),
+    num_res_blocks=1,
+    attn_resolutions=(8,),
+    embed_dim=32,
+    z_channels=32,
+    n_embed=64,
+    resolution=32,
+  ),
 }
 
 
@@ -46,9 +77,18 @@ class TorchAutoencoder(torch.nn.Module):
 
   def __init__(self, kind, arch, seed=0):
     super().__init__()
-    dd = dict(double_z=kind == "kl", z_channels=arch["z_channels"], resolution=arch["resolution"], in_channels=3,
-              out_ch=3, ch=arch["ch"], ch_mult=arch["ch_mult"], num_res_blocks=arch["num_res_blocks"],
-              attn_resolutions=arch["attn_resolutions"], dropout=0.0)
+    dd = dict(
+      double_z=kind == "kl",
+      z_channels=arch["z_channels"],
+      resolution=arch["resolution"],
+      in_channels=3,
+      out_ch=3,
+      ch=arch["ch"],
+      ch_mult=arch["ch_mult"],
+      num_res_blocks=arch["num_res_blocks"],
+      attn_resolutions=arch["attn_resolutions"],
+      dropout=0.0,
+    )
     e, z = arch["embed_dim"], arch["z_channels"]
     self.kind = kind
     self.encoder, self.decoder = taming_model.Encoder(**dd), taming_model.Decoder(**dd)
@@ -59,8 +99,13 @@ class TorchAutoencoder(torch.nn.Module):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
       for name, p in self.named_parameters():
-        scale = 0.5 if "quantize" in name else 1.0 / np.sqrt(max(1, p[0].numel())) if p.ndim > 1 else 0.3
-        p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+        scale = (
+          0.5 if "quantize" in name else 1.0 / np.sqrt(max(1, p[0].numel())) if p.ndim > 1 else 0.3
+        )
+        p.copy_(
+          torch.randn(p.shape, generator=g) * scale
+          + (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+        )
     self.eval()
 
   @torch.no_grad()
@@ -82,7 +127,9 @@ class TorchAutoencoder(torch.nn.Module):
 
   @torch.no_grad()
   def decode_code(self, ind, shape):
-    return self.decoder(self.post_quant_conv(self.quantize.get_codebook_entry(ind.reshape(-1), shape)))
+    return self.decoder(
+      self.post_quant_conv(self.quantize.get_codebook_entry(ind.reshape(-1), shape))
+    )
 
 
 def nhwc(t):
@@ -109,11 +156,15 @@ def test_encode_and_decode_match_the_original(pair):
   name, ref, spec, params = pair
   x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
   model = autoencoder.Autoencoder(spec)
-  h = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(x)), method=autoencoder.Autoencoder.encode))
+  h = np.asarray(
+    model.apply({"params": params}, jnp.asarray(nhwc(x)), method=autoencoder.Autoencoder.encode)
+  )
   want = ref.encode(x)
   assert h.shape == (2, 32 // spec.factor, 32 // spec.factor, spec.embed_dim)
   close(h, nhwc(want))
-  rec = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(want)), method=autoencoder.Autoencoder.decode))
+  rec = np.asarray(
+    model.apply({"params": params}, jnp.asarray(nhwc(want)), method=autoencoder.Autoencoder.decode)
+  )
   close(rec, nhwc(ref.decode(want)))
 
 
@@ -125,20 +176,31 @@ def test_vq_tokens_round_trip_like_the_original(pair):
     pytest.skip("KL autoencoders have no tokens")
   x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
   model = autoencoder.Autoencoder(spec)
-  tokens = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(x)),
-                                  method=autoencoder.Autoencoder.encode_tokens))
+  tokens = np.asarray(
+    model.apply(
+      {"params": params}, jnp.asarray(nhwc(x)), method=autoencoder.Autoencoder.encode_tokens
+    )
+  )
   want = ref.tokens(x).numpy().reshape(tokens.shape)
   np.testing.assert_array_equal(tokens, want)
   assert len(np.unique(tokens)) > 5  # the codebook is really used, not one code everywhere
   b, h, w = tokens.shape
-  images = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), method=autoencoder.Autoencoder.decode_tokens))
+  images = np.asarray(
+    model.apply(
+      {"params": params}, jnp.asarray(tokens), method=autoencoder.Autoencoder.decode_tokens
+    )
+  )
   close(images, nhwc(ref.decode_code(torch.as_tensor(want), (b, h, w, spec.embed_dim))))
 
 
 def _fake_lightning_class():
   """A class that pickles as pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint (how a
   Lightning .ckpt keys its callback states), without needing Lightning."""
-  names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+  names = [
+    "pytorch_lightning",
+    "pytorch_lightning.callbacks",
+    "pytorch_lightning.callbacks.model_checkpoint",
+  ]
   saved = {n: sys.modules.get(n) for n in names}
   for n in names:
     sys.modules[n] = types.ModuleType(n)
@@ -150,9 +212,17 @@ def _fake_lightning_class():
 def save_lightning_ckpt(path, state_dict):
   cls, saved = _fake_lightning_class()
   try:
-    torch.save({"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.4.2",
-                "state_dict": state_dict, "callbacks": {cls: {"best_model_score": torch.tensor(0.5)}},
-                "optimizer_states": [{"state": {}}]}, path)
+    torch.save(
+      {
+        "epoch": 3,
+        "global_step": 1000,
+        "pytorch-lightning_version": "1.4.2",
+        "state_dict": state_dict,
+        "callbacks": {cls: {"best_model_score": torch.tensor(0.5)}},
+        "optimizer_states": [{"state": {}}],
+      },
+      path,
+    )
   finally:
     for n, m in saved.items():
       if m is None:
@@ -162,8 +232,17 @@ def save_lightning_ckpt(path, state_dict):
 
 
 def first_stage_config(name, weights, **kw):
-  c = mlc.ConfigDict(dict(name=name, pad_to=0, latent_channels=TINY[name]["embed_dim"], weights=str(weights),
-                          scale_factor=1.0, batch_size=8, arch=dict(TINY[name])))
+  c = mlc.ConfigDict(
+    dict(
+      name=name,
+      pad_to=0,
+      latent_channels=TINY[name]["embed_dim"],
+      weights=str(weights),
+      scale_factor=1.0,
+      batch_size=8,
+      arch=dict(TINY[name]),
+    )
+  )
   c.update(kw)
   return c
 
@@ -171,13 +250,19 @@ def first_stage_config(name, weights, **kw):
 def test_the_job_api_reads_a_lightning_ckpt_and_encodes_uint8_images(tmp_path):
   ref = TorchAutoencoder("vq", TINY["vq_f4"], seed=3)
   sd = dict(ref.state_dict())
-  sd["loss.discriminator.main.0.weight"] = torch.zeros(2, 2)  # the training loss's weights are ignored
+  sd["loss.discriminator.main.0.weight"] = torch.zeros(
+    2, 2
+  )  # the training loss's weights are ignored
   path = tmp_path / "model.ckpt"
   save_lightning_ckpt(path, sd)
   cfg = first_stage_config("vq_f4", path, pad_to=32, scale_factor=0.5)
-  images = np.random.default_rng(0).integers(0, 256, size=(11, 28, 28, 1), dtype=np.uint8)  # grey, padded
+  images = np.random.default_rng(0).integers(
+    0, 256, size=(11, 28, 28, 1), dtype=np.uint8
+  )  # grey, padded
   z = first_stage.encode(cfg, images)
-  x = np.pad(images.astype(np.float32) / 127.5 - 1, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1)
+  x = np.pad(
+    images.astype(np.float32) / 127.5 - 1, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1
+  )
   xt = torch.as_tensor(np.repeat(x, 3, -1).transpose(0, 3, 1, 2))
   want = ref.encode(xt)
   close(z, 0.5 * nhwc(want))  # 11 images in batches of 8 over 8 devices: the last batch is padded
@@ -244,15 +329,31 @@ def test_presets_are_the_published_architectures():
 
   for name in ("vq_f4", "kl_f8", "vq_f16", "vqgan_f16"):
     spec = autoencoder.PRESETS[name]
-    arch = dict(ch=spec.ch, ch_mult=spec.ch_mult, num_res_blocks=spec.num_res_blocks,
-                attn_resolutions=spec.attn_resolutions, embed_dim=spec.embed_dim, z_channels=spec.z_channels,
-                n_embed=spec.n_embed, resolution=spec.resolution)
+    arch = dict(
+      ch=spec.ch,
+      ch_mult=spec.ch_mult,
+      num_res_blocks=spec.num_res_blocks,
+      attn_resolutions=spec.attn_resolutions,
+      embed_dim=spec.embed_dim,
+      z_channels=spec.z_channels,
+      n_embed=spec.n_embed,
+      resolution=spec.resolution,
+    )
     with torch.device("meta"):
       ref = TorchAutoencoder.__new__(TorchAutoencoder)
       torch.nn.Module.__init__(ref)
-      dd = dict(double_z=spec.kind == "kl", z_channels=spec.z_channels, resolution=256, in_channels=3, out_ch=3,
-                ch=spec.ch, ch_mult=spec.ch_mult, num_res_blocks=spec.num_res_blocks,
-                attn_resolutions=spec.attn_resolutions, dropout=0.0)
+      dd = dict(
+        double_z=spec.kind == "kl",
+        z_channels=spec.z_channels,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        ch=spec.ch,
+        ch_mult=spec.ch_mult,
+        num_res_blocks=spec.num_res_blocks,
+        attn_resolutions=spec.attn_resolutions,
+        dropout=0.0,
+      )
       ref.encoder, ref.decoder = taming_model.Encoder(**dd), taming_model.Decoder(**dd)
     want = sum(p.numel() for p in ref.parameters())
     e, z = arch["embed_dim"], arch["z_channels"]
@@ -275,22 +376,41 @@ def test_kl_autoencoder_matches_diffusers_autoencoder_kl():
   ref = TorchAutoencoder("kl", arch, seed=5)
   sd = {k: v.detach().clone() for k, v in ref.state_dict().items()}
   widths = tuple(arch["ch"] * m for m in arch["ch_mult"])
-  net = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
-      up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
-      layers_per_block=arch["num_res_blocks"], latent_channels=arch["embed_dim"], norm_num_groups=32,
-      sample_size=arch["resolution"]).double().eval()
-  net.load_state_dict({k: v.double() for k, v in convert(sd, dict(net.config)).items()}, strict=True)
+  net = (
+    diffusers.AutoencoderKL(
+      in_channels=3,
+      out_channels=3,
+      down_block_types=("DownEncoderBlock2D",) * len(widths),
+      up_block_types=("UpDecoderBlock2D",) * len(widths),
+      block_out_channels=widths,
+      layers_per_block=arch["num_res_blocks"],
+      latent_channels=arch["embed_dim"],
+      norm_num_groups=32,
+      sample_size=arch["resolution"],
+    )
+    .double()
+    .eval()
+  )
+  net.load_state_dict(
+    {k: v.double() for k, v in convert(sd, dict(net.config)).items()}, strict=True
+  )
 
   spec = autoencoder.Spec("kl", **arch)
   params = autoencoder.convert_state_dict({k: v.numpy() for k, v in sd.items()}, spec)
   model = autoencoder.Autoencoder(spec)
   x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
-  mean = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(x)), method=autoencoder.Autoencoder.encode))
+  mean = np.asarray(
+    model.apply({"params": params}, jnp.asarray(nhwc(x)), method=autoencoder.Autoencoder.encode)
+  )
   with torch.no_grad():
     want = net.encode(x.double()).latent_dist.mean
     rec = net.decode(want).sample
   close(mean, nhwc(want))
-  ours = np.asarray(model.apply({"params": params}, jnp.asarray(nhwc(want).astype(np.float32)),
-                                method=autoencoder.Autoencoder.decode))
+  ours = np.asarray(
+    model.apply(
+      {"params": params},
+      jnp.asarray(nhwc(want).astype(np.float32)),
+      method=autoencoder.Autoencoder.decode,
+    )
+  )
   close(ours, nhwc(rec))

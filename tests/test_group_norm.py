@@ -19,16 +19,23 @@ def _torch_reference(x, scale, bias, groups, eps, silu, cotangent):
   if silu:
     y = torch.nn.functional.silu(y)
   (y * torch.tensor(np.moveaxis(cotangent, -1, 1), dtype=torch.float64)).sum().backward()
-  return (np.moveaxis(y.detach().numpy(), 1, -1), np.moveaxis(xt.grad.numpy(), 1, -1),
-          st.grad.numpy(), bt.grad.numpy())
+  return (
+    np.moveaxis(y.detach().numpy(), 1, -1),
+    np.moveaxis(xt.grad.numpy(), 1, -1),
+    st.grad.numpy(),
+    bt.grad.numpy(),
+  )
 
 
-@pytest.mark.parametrize("shape,groups,eps,silu", [
-    ((4, 8, 8, 64), 32, 1e-5, True),     # 2 channels per group, as the UNet's 64-channel levels
-    ((2, 5, 7, 96), 32, 1e-6, True),     # odd spatial size, 3 channels per group
-    ((3, 6, 6, 32), 32, 1e-5, False),    # one channel per group, no SiLU (the transformer's norm)
-    ((2, 12, 48), 8, 1e-5, True),        # one spatial axis, 6 channels per group
-])
+@pytest.mark.parametrize(
+  "shape,groups,eps,silu",
+  [
+    ((4, 8, 8, 64), 32, 1e-5, True),  # 2 channels per group, as the UNet's 64-channel levels
+    ((2, 5, 7, 96), 32, 1e-6, True),  # odd spatial size, 3 channels per group
+    ((3, 6, 6, 32), 32, 1e-5, False),  # one channel per group, no SiLU (the transformer's norm)
+    ((2, 12, 48), 8, 1e-5, True),  # one spatial axis, 6 channels per group
+  ],
+)
 def test_matches_torch_group_norm_and_its_gradients(shape, groups, eps, silu):
   rng = np.random.default_rng(0)
   c = shape[-1]
@@ -55,8 +62,10 @@ def test_gradient_of_a_large_offset_keeps_float32_precision():
   x = 1000.0 + rng.normal(size=shape)
   scale, bias, cot = rng.normal(size=64), rng.normal(size=64), rng.normal(size=shape)
   _, ref_dx, ref_ds, _ = _torch_reference(x, scale, bias, 32, 1e-5, True, cot)
-  _, vjp = jax.vjp(lambda x, s, b: group_norm(x, s, b, silu=True),
-                   *[jnp.asarray(a, jnp.float32) for a in (x, scale, bias)])
+  _, vjp = jax.vjp(
+    lambda x, s, b: group_norm(x, s, b, silu=True),
+    *[jnp.asarray(a, jnp.float32) for a in (x, scale, bias)],
+  )
   dx, ds, _ = vjp(jnp.asarray(cot, jnp.float32))
   np.testing.assert_allclose(np.asarray(dx), ref_dx, atol=1e-4 * np.abs(ref_dx).max())
   np.testing.assert_allclose(np.asarray(ds), ref_ds, atol=1e-4 * np.abs(ref_ds).max())
@@ -77,7 +86,9 @@ def test_hand_worked_group():
   # (shifting a constant group leaves its normalised values at 0).
   flat = jnp.full((2, 3, 3, 4), 7.0)
   out, vjp = jax.vjp(lambda x: group_norm(x, jnp.ones(4), jnp.arange(4.0), num_groups=2), flat)
-  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.arange(4.0), (2, 3, 3, 4)), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out), np.broadcast_to(np.arange(4.0), (2, 3, 3, 4)), atol=1e-6
+  )
   np.testing.assert_allclose(np.asarray(vjp(jnp.ones_like(flat))[0]), 0.0, atol=1e-6)
 
 

@@ -33,43 +33,91 @@ N_MOCK = 24  # examples in every mocked split
 
 
 RARM_OVERRIDES = [  # configs/imagenet_rarm.py:mammals on the same tiny VQ (its tokens) and database
-    "--config.first_stage.name=vq_f4", "--config.first_stage.latent_channels=3", "--config.dataset.label_range=()",
-    "--config.model.heads=2", "--config.model.dim_head=16", "--config.model.depth=2",
-    "--config.model.dtype=float32", "--config.sample.top_k=20",
-    "--config.sample.condition=exemplar"]  # (the preset's default, proposal, needs p_D of a neighbour run)
+  "--config.first_stage.name=vq_f4",
+  "--config.first_stage.latent_channels=3",
+  "--config.dataset.label_range=()",
+  "--config.model.heads=2",
+  "--config.model.dim_head=16",
+  "--config.model.depth=2",
+  "--config.model.dtype=float32",
+  "--config.sample.top_k=20",
+  "--config.sample.condition=exemplar",
+]  # (the preset's default, proposal, needs p_D of a neighbour run)
 
 
 def overrides(root: str, rarm: bool = False) -> list[str]:
   a = TINY["vq_f4"]
-  model = RARM_OVERRIDES if rarm else [
-      "--config.model.model_channels=32", "--config.model.channel_mult=(1,2)", "--config.model.attention_resolutions=(2,)",
-      "--config.model.num_res_blocks=1", "--config.model.dtype=float32"]
+  model = (
+    RARM_OVERRIDES
+    if rarm
+    else [
+      "--config.model.model_channels=32",
+      "--config.model.channel_mult=(1,2)",
+      "--config.model.attention_resolutions=(2,)",
+      "--config.model.num_res_blocks=1",
+      "--config.model.dtype=float32",
+    ]
+  )
   return [
-      f"--config.data_dir={root}/data", "--config.dataset.image_size=32",
-      "--config.dataset.parts.train.stop=24", "--config.dataset.parts.test.stop=8",
-      f"--config.dataset.parts.database.split=folder:{root}/openimages", "--config.dataset.folder.image_size=32",
-      "--config.database_build.crops_per_image=4", "--config.database_build.crop_size=24",
-      "--config.database_build.resize_to=0",
-      f"--config.first_stage.weights={root}/vq-f4.ckpt", f"--config.first_stage.arch.ch={a['ch']}",
-      "--config.first_stage.arch.ch_mult=(1,2,2)", f"--config.first_stage.arch.num_res_blocks={a['num_res_blocks']}",
-      "--config.first_stage.arch.attn_resolutions=(0,)", f"--config.first_stage.arch.n_embed={a['n_embed']}",
-      "--config.first_stage.arch.resolution=32", "--config.first_stage.batch_size=8",
-      f"--config.retrieval.weights={root}/ViT-tiny.pt", "--config.retrieval.image_size=32",
-      "--config.retrieval.embed_dim=48", "--config.retrieval.num_neighbors=8", "--config.retrieval.batch_size=8",
-      "--config.retrieval.chunk_size=16", "--config.k_train=4",
-      *model,
-      "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.checkpoint_every=2",
-      "--config.train.log_every=1", "--config.train.sample_every=0", "--config.optim.warmup_steps=1",
-      "--config.mesh.data=-1", "--config.mesh.fsdp=2",
-      "--config.sample.num_images=8", "--config.sample.num_steps=3", "--config.sample.batch_size=8",
-      "--config.eval.extractor=clip_image", f"--config.eval.weights={root}/ViT-tiny.pt", "--config.eval.image_size=32",
-      "--config.eval.num_reference=24", "--config.eval.batch_size=8",
-  ] + ([f"--config.data_dir={root}/data_rarm", f"--config.database={root}/data/database"] if rarm else [])
+    f"--config.data_dir={root}/data",
+    "--config.dataset.image_size=32",
+    "--config.dataset.parts.train.stop=24",
+    "--config.dataset.parts.test.stop=8",
+    f"--config.dataset.parts.database.split=folder:{root}/openimages",
+    "--config.dataset.folder.image_size=32",
+    "--config.database_build.crops_per_image=4",
+    "--config.database_build.crop_size=24",
+    "--config.database_build.resize_to=0",
+    f"--config.first_stage.weights={root}/vq-f4.ckpt",
+    f"--config.first_stage.arch.ch={a['ch']}",
+    "--config.first_stage.arch.ch_mult=(1,2,2)",
+    f"--config.first_stage.arch.num_res_blocks={a['num_res_blocks']}",
+    "--config.first_stage.arch.attn_resolutions=(0,)",
+    f"--config.first_stage.arch.n_embed={a['n_embed']}",
+    "--config.first_stage.arch.resolution=32",
+    "--config.first_stage.batch_size=8",
+    f"--config.retrieval.weights={root}/ViT-tiny.pt",
+    "--config.retrieval.image_size=32",
+    "--config.retrieval.embed_dim=48",
+    "--config.retrieval.num_neighbors=8",
+    "--config.retrieval.batch_size=8",
+    "--config.retrieval.chunk_size=16",
+    "--config.k_train=4",
+    *model,
+    "--config.train.batch_size=8",
+    "--config.train.num_steps=2",
+    "--config.train.checkpoint_every=2",
+    "--config.train.log_every=1",
+    "--config.train.sample_every=0",
+    "--config.optim.warmup_steps=1",
+    "--config.mesh.data=-1",
+    "--config.mesh.fsdp=2",
+    "--config.sample.num_images=8",
+    "--config.sample.num_steps=3",
+    "--config.sample.batch_size=8",
+    "--config.eval.extractor=clip_image",
+    f"--config.eval.weights={root}/ViT-tiny.pt",
+    "--config.eval.image_size=32",
+    "--config.eval.num_reference=24",
+    "--config.eval.batch_size=8",
+  ] + (
+    [f"--config.data_dir={root}/data_rarm", f"--config.database={root}/data/database"]
+    if rarm
+    else []
+  )
 
 
 def run(root, module, *args, rarm=False):
   config = f"{REPO}/configs/imagenet_rarm.py:mammals" if rarm else f"{REPO}/configs/imagenet_rdm.py"
-  cmd = [sys.executable, MOCK, str(N_MOCK), module, f"--config={config}", *overrides(root, rarm), *args]
+  cmd = [
+    sys.executable,
+    MOCK,
+    str(N_MOCK),
+    module,
+    f"--config={config}",
+    *overrides(root, rarm),
+    *args,
+  ]
   out = subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, f"{module}: {out.stderr[-4000:]}"
   return out
@@ -84,16 +132,32 @@ def assets(tmp_path_factory):
   save_lightning_ckpt(root / "vq-f4.ckpt", dict(vq.state_dict()))
   cm = openai_clip_module()
   torch.manual_seed(1)
-  clip_model = cm.CLIP(embed_dim=48, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=8,
-                       context_length=16, vocab_size=100, transformer_width=128, transformer_heads=2,
-                       transformer_layers=2).float().eval()
-  torch.jit.trace(clip_model, (torch.zeros(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.long))).save(
-      str(root / "ViT-tiny.pt"))
+  clip_model = (
+    cm.CLIP(
+      embed_dim=48,
+      image_resolution=32,
+      vision_layers=2,
+      vision_width=128,
+      vision_patch_size=8,
+      context_length=16,
+      vocab_size=100,
+      transformer_width=128,
+      transformer_heads=2,
+      transformer_layers=2,
+    )
+    .float()
+    .eval()
+  )
+  torch.jit.trace(
+    clip_model, (torch.zeros(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.long))
+  ).save(str(root / "ViT-tiny.pt"))
   rng = np.random.default_rng(0)
   for i in range(6):  # the "OpenImages" folder: 6 images, 4 crops each = 24 database entries
     sub = root / "openimages" / ("a" if i < 3 else "b")
     sub.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(sub / f"{i}.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(
+      sub / f"{i}.jpg", quality=95
+    )
   return str(root), vq, clip_model
 
 
@@ -107,8 +171,9 @@ def mock_images(split, n, size):
 
   out = []
   with tfds.testing.mock_data(num_examples=N_MOCK):
-    ds = tfds.builder("imagenet2012").as_dataset(split=split, shuffle_files=False,
-                                                 decoders={"image": tfds.decode.SkipDecoding()})
+    ds = tfds.builder("imagenet2012").as_dataset(
+      split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
     for ex in list(tfds.as_numpy(ds))[:n]:
       im = Image.fromarray(tf.io.decode_image(ex["image"], channels=3).numpy())
       w, h = im.size
@@ -129,26 +194,41 @@ def test_the_imagenet_config_runs_end_to_end_on_mock_imagenet(assets):
   with torch.no_grad():
     want = vq.encode(torch.as_tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2))
   assert latents["latents"].shape == (24, 8, 8, 3)
-  np.testing.assert_allclose(latents["latents"], nhwc(want), atol=1e-4 * float(np.abs(nhwc(want)).max()))
+  np.testing.assert_allclose(
+    latents["latents"], nhwc(want), atol=1e-4 * float(np.abs(nhwc(want)).max())
+  )
   assert latents.manifest["source"]["images_from"] == "tfds"
-  assert latents.manifest["first_stage"]["name"] == "vq_f4" and latents.manifest["first_stage"]["weights_sha256"]
+  assert (
+    latents.manifest["first_stage"]["name"] == "vq_f4"
+    and latents.manifest["first_stage"]["weights_sha256"]
+  )
 
   run(root, "rdm_jax.jobs.embed")
   db = store.read(f"{data}/database", "database", hint="")
   assert db["embeddings"].dtype == np.float16 and db["embeddings"].shape == (24, 48)
   assert db.manifest["encoder"]["name"] == "clip_vit_b32"
   from PIL import Image
+
   files = sorted(f"{d}/{f}" for d in ("a", "b") for f in os.listdir(f"{root}/openimages/{d}"))
   row = 9  # image 2, its second crop
   x0, y0, x1, y1 = db["boxes"][row]
-  crop = np.asarray(Image.open(f"{root}/openimages/{files[db['ids'][row]]}").convert("RGB"))[y0:y1, x0:x1]
+  crop = np.asarray(Image.open(f"{root}/openimages/{files[db['ids'][row]]}").convert("RGB"))[
+    y0:y1, x0:x1
+  ]
   x = torch.as_tensor(crop[None].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
-  x = (torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=True) + 1) / 2
+  x = (
+    torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=True) + 1
+  ) / 2
   from rdm_jax.models import clip
-  x = (x - torch.as_tensor(clip.CLIP_MEAN)[:, None, None]) / torch.as_tensor(clip.CLIP_STD)[:, None, None]
+
+  x = (x - torch.as_tensor(clip.CLIP_MEAN)[:, None, None]) / torch.as_tensor(clip.CLIP_STD)[
+    :, None, None
+  ]
   with torch.no_grad():
     ref = clip_model.encode_image(x).numpy()[0]
-  np.testing.assert_allclose(db["embeddings"][row].astype(np.float32), ref, atol=2e-3 * np.abs(ref).max())
+  np.testing.assert_allclose(
+    db["embeddings"][row].astype(np.float32), ref, atol=2e-3 * np.abs(ref).max()
+  )
 
   run(root, "rdm_jax.jobs.index")
   run(root, "rdm_jax.jobs.neighbors")
@@ -168,19 +248,42 @@ def test_the_imagenet_config_runs_end_to_end_on_mock_imagenet(assets):
   # test_unet_diffusers.py), with its first stage and noise schedule, imports and samples the
   # same images as the run itself.
   _export_in_the_original_format(root, vq, f"{root}/rdm.ckpt")
-  out = run(root, "rdm_jax.jobs.import_checkpoint", f"--checkpoint={root}/rdm.ckpt", f"--workdir={root}/imported")
+  out = run(
+    root,
+    "rdm_jax.jobs.import_checkpoint",
+    f"--checkpoint={root}/rdm.ckpt",
+    f"--workdir={root}/imported",
+  )
   assert "step 1000, EMA and raw weights" in out.stdout, out.stdout
   run(root, "rdm_jax.sample", f"--workdir={root}/imported")
   for shard in shards:
-    with np.load(f"{root}/run/samples/exemplar/{shard}") as a, np.load(f"{root}/imported/samples/exemplar/{shard}") as b:
+    with (
+      np.load(f"{root}/run/samples/exemplar/{shard}") as a,
+      np.load(f"{root}/imported/samples/exemplar/{shard}") as b,
+    ):
       np.testing.assert_array_equal(a["images"], b["images"])
   # another schedule or UNet than the config's: one line, and nothing written
-  for bad, says in (("--config.diffusion.beta_end=0.02", "another noise schedule"),
-                    ("--config.model.model_channels=64", "its UNet is not config.model's")):
-    cmd = [sys.executable, MOCK, str(N_MOCK), "rdm_jax.jobs.import_checkpoint", f"--config={REPO}/configs/imagenet_rdm.py",
-           *overrides(root), bad, f"--checkpoint={root}/rdm.ckpt", f"--workdir={root}/refused"]
-    out = subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 2 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+  for bad, says in (
+    ("--config.diffusion.beta_end=0.02", "another noise schedule"),
+    ("--config.model.model_channels=64", "its UNet is not config.model's"),
+  ):
+    cmd = [
+      sys.executable,
+      MOCK,
+      str(N_MOCK),
+      "rdm_jax.jobs.import_checkpoint",
+      f"--config={REPO}/configs/imagenet_rdm.py",
+      *overrides(root),
+      bad,
+      f"--checkpoint={root}/rdm.ckpt",
+      f"--workdir={root}/refused",
+    ]
+    out = subprocess.run(
+      cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO
+    )
+    assert (
+      out.returncode == 2 and says in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    ), out.stderr
     assert not os.path.exists(f"{root}/refused")
 
 
@@ -207,5 +310,8 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
 def config_of(root: str, rarm: bool = False):
   """The config the jobs run with: the file's, with the overrides applied as --config.a.b=value."""
   from conftest import repo_config, with_overrides
-  return with_overrides(repo_config("imagenet_rarm", "mammals") if rarm else repo_config("imagenet_rdm"),
-                        overrides(root, rarm))
+
+  return with_overrides(
+    repo_config("imagenet_rarm", "mammals") if rarm else repo_config("imagenet_rdm"),
+    overrides(root, rarm),
+  )

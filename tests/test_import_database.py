@@ -23,10 +23,14 @@ def _parts(root, d=16, sizes=(7, 12)):
   want = {"embedding": [], "img_id": [], "patch_coords": []}
   os.makedirs(root, exist_ok=True)
   for i, n in enumerate(sizes):
-    part = {"embedding": rng.normal(size=(n, d)).astype(np.float32),
-            "img_id": rng.integers(0, 10**6, n).astype(np.int64),
-            "patch_coords": rng.integers(0, 1200, (n, 4)).astype(np.int32)}
-    (np.savez_compressed if i else np.savez)(os.path.join(root, f"{n * (i + 1)}x{d}-part_{i + 1}.npz"), **part)
+    part = {
+      "embedding": rng.normal(size=(n, d)).astype(np.float32),
+      "img_id": rng.integers(0, 10**6, n).astype(np.int64),
+      "patch_coords": rng.integers(0, 1200, (n, 4)).astype(np.int32),
+    }
+    (np.savez_compressed if i else np.savez)(
+      os.path.join(root, f"{n * (i + 1)}x{d}-part_{i + 1}.npz"), **part
+    )
     for k, v in part.items():
       want[k].append(v)
   return {k: np.concatenate(v) for k, v in want.items()}
@@ -53,15 +57,25 @@ def test_parts_import_in_file_order_as_a_database_store(tmp_path):
   assert again.fingerprint == db.fingerprint
 
 
-@pytest.mark.parametrize("bad, says", [
-    (dict(embedding=np.zeros((3, 8), np.float32)), r"embedding is float32\[3, 8\]; expected float \[N, 16\]"),
+@pytest.mark.parametrize(
+  "bad, says",
+  [
+    (
+      dict(embedding=np.zeros((3, 8), np.float32)),
+      r"embedding is float32\[3, 8\]; expected float \[N, 16\]",
+    ),
     (dict(img_id=np.zeros(2, np.int64)), r"img_id is int64\[2\]; expected integers with 3 rows"),
     (dict(patch_coords=None), r"has no array 'patch_coords'"),
     (dict(img_id=np.array([None, 1, 2], object)), r"img_id declares object"),
-])
+  ],
+)
 def test_bad_parts_are_refused_in_one_line_before_anything_is_written(tmp_path, bad, says):
   config = tiny_config(str(tmp_path / "data"))
-  part = {"embedding": np.zeros((3, 16), np.float32), "img_id": np.arange(3), "patch_coords": np.zeros((3, 4), int)}
+  part = {
+    "embedding": np.zeros((3, 16), np.float32),
+    "img_id": np.arange(3),
+    "patch_coords": np.zeros((3, 4), int),
+  }
   part.update(bad)
   np.savez(tmp_path / "part_1.npz", **{k: v for k, v in part.items() if v is not None})
   with pytest.raises(UserError, match=says) as e:

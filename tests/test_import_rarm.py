@@ -32,7 +32,13 @@ from rdm_jax.errors import UserError  # noqa: E402
 
 ARCH = TINY["vqgan_f16"]  # 32 px images -> 4 x 4 tokens of 64 codes
 CODES, SEQ = ARCH["n_embed"], (32 // 8) ** 2
-HEADS, DIM_HEAD, DEPTH, CONTEXT, K = 2, 8, 2, 1280, 4  # context: EfficientNet-Lite0's 1280-d embeddings
+HEADS, DIM_HEAD, DEPTH, CONTEXT, K = (
+  2,
+  8,
+  2,
+  1280,
+  4,
+)  # context: EfficientNet-Lite0's 1280-d embeddings
 
 
 class RetrievalPatchTransformer(torch.nn.Module):
@@ -43,18 +49,29 @@ class RetrievalPatchTransformer(torch.nn.Module):
     attention = reference("diffusers.models.attention")
     inner = HEADS * DIM_HEAD
     self.proj_in = torch.nn.Embedding(CODES + 2, inner)
-    self.positional_encoding = torch.nn.Parameter(torch.randn(inner, SEQ) / inner ** 0.5)
+    self.positional_encoding = torch.nn.Parameter(torch.randn(inner, SEQ) / inner**0.5)
     self.transformer_blocks = torch.nn.ModuleList(
-        attention.BasicTransformerBlock(inner, HEADS, DIM_HEAD, cross_attention_dim=CONTEXT, activation_fn="geglu",
-                                        attention_bias=False, norm_eps=1e-5) for _ in range(DEPTH))
+      attention.BasicTransformerBlock(
+        inner,
+        HEADS,
+        DIM_HEAD,
+        cross_attention_dim=CONTEXT,
+        activation_fn="geglu",
+        attention_bias=False,
+        norm_eps=1e-5,
+      )
+      for _ in range(DEPTH)
+    )
     self.proj_out = torch.nn.Conv1d(inner, CODES, 1)
 
   def forward(self, x, context):
     x = self.proj_in(x).permute(0, 2, 1)  # b t c -> b c t
-    x = x + self.positional_encoding[None, :, :x.shape[2]]
+    x = x + self.positional_encoding[None, :, : x.shape[2]]
     x = x.permute(0, 2, 1)
     t = x.shape[1]
-    causal = torch.triu(torch.full((t, t), -1e9, dtype=x.dtype), diagonal=1).expand(x.shape[0], t, t)
+    causal = torch.triu(torch.full((t, t), -1e9, dtype=x.dtype), diagonal=1).expand(
+      x.shape[0], t, t
+    )
     for block in self.transformer_blocks:
       x = block(x, attention_mask=causal, encoder_hidden_states=context)
     return self.proj_out(x.permute(0, 2, 1)).permute(0, 2, 1)
@@ -93,7 +110,9 @@ def released(tmp_path_factory):
   ref = LatentImageRETRO()
   sd = {k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()}
   save_lightning_ckpt(root / "model.ckpt", sd)
-  (root / "encoder-weights").write_bytes(b"only hashed: the run records the encoder it was imported for")
+  (root / "encoder-weights").write_bytes(
+    b"only hashed: the run records the encoder it was imported for"
+  )
   return root, ref
 
 
@@ -104,8 +123,12 @@ def released_config(root, **model):
   c.first_stage.latent_channels = ARCH["embed_dim"]
   c.first_stage.batch_size = 4
   c.first_stage.arch = mlc.ConfigDict(ARCH)
-  c.retrieval.update(encoder="efficientnet_lite0", weights=str(root / "encoder-weights"), embed_dim=CONTEXT,
-                     image_size=224)
+  c.retrieval.update(
+    encoder="efficientnet_lite0",
+    weights=str(root / "encoder-weights"),
+    embed_dim=CONTEXT,
+    image_size=224,
+  )
   c.model.update(heads=HEADS, dim_head=DIM_HEAD, depth=DEPTH, dtype="float32")
   c.model.update(model)
   return c
@@ -135,8 +158,11 @@ def test_a_released_rarm_imports_and_samples_the_originals_tokens(released):
     want = ref.transformer(inputs, ctx64).numpy()
   got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(context)))
   assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
-  sampled = np.asarray(rarm.sample(model, params, jnp.asarray(context), jax.random.split(jax.random.PRNGKey(0), 3),
-                                   top_k=1))
+  sampled = np.asarray(
+    rarm.sample(
+      model, params, jnp.asarray(context), jax.random.split(jax.random.PRNGKey(0), 3), top_k=1
+    )
+  )
   want_tokens = ref.greedy(ctx64).numpy()
   np.testing.assert_array_equal(sampled, want_tokens)
   assert len(np.unique(want_tokens)) > 4  # not one code everywhere
@@ -144,7 +170,9 @@ def test_a_released_rarm_imports_and_samples_the_originals_tokens(released):
   images = first_stage.decode(config.first_stage, sampled, (32, 32))
   with torch.no_grad():
     fs = ref.first_stage_model.float()
-    decoded = fs.decode_code(torch.from_numpy(want_tokens.reshape(-1)), (3, 4, 4, ARCH["embed_dim"]))
+    decoded = fs.decode_code(
+      torch.from_numpy(want_tokens.reshape(-1)), (3, 4, 4, ARCH["embed_dim"])
+    )
     ref.double()
   want_images = (np.clip(nhwc(decoded), -1, 1) + 1) * 127.5
   assert images.dtype == np.uint8 and np.abs(images - want_images).max() <= 0.51
@@ -156,10 +184,15 @@ def test_another_architecture_or_family_is_one_line_and_writes_nothing(released)
 
   root, ref = released
   for config, says in (
-      (released_config(root, depth=3), "its transformer is not config.model's (20 missing (transformer."
-                                       "transformer_blocks.2."),
-      (repo_config("imagenet_rdm"), "holds no RDM state dict (no model.diffusion_model.* keys; "
-                                    "config.model.family='unet'): it is a RARM: use its config"),
+    (
+      released_config(root, depth=3),
+      "its transformer is not config.model's (20 missing (transformer.transformer_blocks.2.",
+    ),
+    (
+      repo_config("imagenet_rdm"),
+      "holds no RDM state dict (no model.diffusion_model.* keys; "
+      "config.model.family='unet'): it is a RARM: use its config",
+    ),
   ):
     with pytest.raises(UserError) as e:
       import_checkpoint.import_run(config, str(root / "model.ckpt"), str(root / "refused"))

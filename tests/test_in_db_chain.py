@@ -27,13 +27,33 @@ def test_the_in_db_preset_retrieves_from_its_own_training_images(assets):  # noq
 
   root, _, _ = assets
   data = f"{root}/data_in_db"
-  args = [o for o in overrides(root) if not o.startswith(("--config.data_dir", "--config.dataset.parts.database",
-                                                         "--config.database_build", "--config.optim.warmup_steps"))]
+  args = [
+    o
+    for o in overrides(root)
+    if not o.startswith(
+      (
+        "--config.data_dir",
+        "--config.dataset.parts.database",
+        "--config.database_build",
+        "--config.optim.warmup_steps",
+      )
+    )
+  ]
   args += [f"--config.data_dir={data}", f"--config.dataset.parts.database.stop={N_MOCK}"]
 
   def run(module, *extra):
-    cmd = [sys.executable, MOCK, str(N_MOCK), module, f"--config={REPO}/configs/imagenet_rdm.py:in-db", *args, *extra]
-    out = subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO)
+    cmd = [
+      sys.executable,
+      MOCK,
+      str(N_MOCK),
+      module,
+      f"--config={REPO}/configs/imagenet_rdm.py:in-db",
+      *args,
+      *extra,
+    ]
+    out = subprocess.run(
+      cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0, f"{module}: {out.stderr[-4000:]}"
     return out
 
@@ -48,7 +68,9 @@ def test_the_in_db_preset_retrieves_from_its_own_training_images(assets):  # noq
   nb = store.read(f"{data}/neighbors_train", "neighbors", hint="")
   assert nb["neighbor_ids"].shape == (N_MOCK, 8)
   np.testing.assert_array_equal(np.asarray(db["ids"])[nb["neighbor_ids"][:, 0]], nb["query_ids"])
-  assert not exclusion.exclusion_for("never", 0.995, queries.manifest["source"], db.manifest["source"]).active
+  assert not exclusion.exclusion_for(
+    "never", 0.995, queries.manifest["source"], db.manifest["source"]
+  ).active
   ours = exclusion.exclusion_for("auto", 0.995, queries.manifest["source"], db.manifest["source"])
   assert ours.active and ours.by_source_id
   out = run("rdm_jax.train", f"--workdir={root}/run_in_db")

@@ -31,8 +31,13 @@ def recall(ids: np.ndarray, truth: np.ndarray) -> float:
 
 
 def write_database(path, emb, source=None):
-  return store.write(str(path), "database", {"embeddings": emb, "ids": np.arange(len(emb), dtype=np.int64)},
-                     encoder={"name": "test"}, source=source or {"dataset": "synthetic", "split": "db"})
+  return store.write(
+    str(path),
+    "database",
+    {"embeddings": emb, "ids": np.arange(len(emb), dtype=np.int64)},
+    encoder={"name": "test"},
+    source=source or {"dataset": "synthetic", "split": "db"},
+  )
 
 
 def test_recipe_follows_the_original_size_rules():
@@ -43,9 +48,16 @@ def test_recipe_follows_the_original_size_rules():
   assert index.recipe_for(99_999, 20, cfg).kind == "ah"
   tree = index.recipe_for(1_000_000, 20, cfg)
   # num_leaves = int(sqrt(N)), leaves_to_search = int(num_leaves / 20), training sample N // 10
-  assert (tree.kind, tree.num_leaves, tree.leaves_to_search, tree.training_sample, tree.spherical) == (
-      "tree_ah", 1000, 50, 100_000, True)
-  custom = index.recipe_for(1_000_000, 20, index_cfg(num_leaves=2000, leaves_to_search=64, reorder=40))
+  assert (
+    tree.kind,
+    tree.num_leaves,
+    tree.leaves_to_search,
+    tree.training_sample,
+    tree.spherical,
+  ) == ("tree_ah", 1000, 50, 100_000, True)
+  custom = index.recipe_for(
+    1_000_000, 20, index_cfg(num_leaves=2000, leaves_to_search=64, reorder=40)
+  )
   assert (custom.num_leaves, custom.leaves_to_search, custom.reorder) == (2000, 64, 40)
   with pytest.raises(UserError, match="kind"):
     index.recipe_for(10, 2, index_cfg(kind="hnsw"))
@@ -77,8 +89,12 @@ def test_scann_recipes_recall_on_clustered_data(clustered, kind, measured):
 
 
 def shard_bytes(path) -> dict[str, bytes]:
-  return {f"{d}/{f}": open(os.path.join(path, d, f), "rb").read()
-          for d in sorted(os.listdir(path)) if d.startswith("shard_") for f in sorted(os.listdir(os.path.join(path, d)))}
+  return {
+    f"{d}/{f}": open(os.path.join(path, d, f), "rb").read()
+    for d in sorted(os.listdir(path))
+    if d.startswith("shard_")
+    for f in sorted(os.listdir(os.path.join(path, d)))
+  }
 
 
 def test_index_builds_are_deterministic_whatever_the_thread_count(tmp_path):
@@ -87,12 +103,19 @@ def test_index_builds_are_deterministic_whatever_the_thread_count(tmp_path):
   x = synthetic.clustered_unit_vectors(100_000, 64, num_clusters=200, seed=3)
   q = synthetic.perturbed_queries(x, 500, seed=4)
   db = write_database(tmp_path / "db", x)
-  built = [index.build(db, index_cfg(kind="tree_ah", threads=t, tune_queries=300), 20, str(tmp_path / f"i{t}"))
-           for t in (1, 8)]
+  built = [
+    index.build(
+      db, index_cfg(kind="tree_ah", threads=t, tune_queries=300), 20, str(tmp_path / f"i{t}")
+    )
+    for t in (1, 8)
+  ]
   files = [shard_bytes(b.path) for b in built]
   assert len(files[0]) >= 5 and files[0] == files[1]  # every file of the shard, byte for byte
   np.testing.assert_array_equal(built[0].search(q, 20)[1], built[1].search(q, 20)[1])
-  assert built[0].manifest["search"]["shard_00000"]["reorder"] == built[1].manifest["search"]["shard_00000"]["reorder"]
+  assert (
+    built[0].manifest["search"]["shard_00000"]["reorder"]
+    == built[1].manifest["search"]["shard_00000"]["reorder"]
+  )
   # the manifests differ only in measured times, so neighbours made with either stay valid
   assert index.without_timings(built[0].manifest) == index.without_timings(built[1].manifest)
   assert "build_seconds" in built[0].manifest and built[0].fingerprint == built[1].fingerprint
@@ -109,7 +132,9 @@ def test_recall_leaving_out_self_by_hand():
 def test_search_is_widened_until_the_recall_target(tmp_path, clustered):
   x, q, truth = clustered
   db = write_database(tmp_path / "db", x)
-  narrow = dict(kind="tree_ah", leaves_to_search=1, reorder=20, target_recall=0.97, tune_queries=500)
+  narrow = dict(
+    kind="tree_ah", leaves_to_search=1, reorder=20, target_recall=0.97, tune_queries=500
+  )
   idx = index.build(db, index_cfg(**narrow), 20, str(tmp_path / "idx"))
   tuned = idx.manifest["search"]["shard_00000"]
   assert (tuned["tried"][0]["leaves_to_search"], tuned["tried"][0]["reorder"]) == (1, 20)
@@ -118,11 +143,15 @@ def test_search_is_widened_until_the_recall_target(tmp_path, clustered):
   # the recorded recall, recomputed with numpy on the same rows (each leaving itself out)
   rows = np.sort(np.random.default_rng(0).choice(len(x), 500, replace=False))
   raw = index._load_scann(os.path.join(idx.path, "shard_00000"))
-  queries = exact.l2_normalize(x[rows])  # as the build reads the database (the int8 LUTs see 1-ulp changes)
+  queries = exact.l2_normalize(
+    x[rows]
+  )  # as the build reads the database (the int8 LUTs see 1-ulp changes)
   found = index._search_scann(raw, queries, 21, tuned["leaves_to_search"], tuned["reorder"])
   want = numpy_topk(x[rows], x, 21)
-  hits = [len(set([r for r in f if r != me][:20]) & set([r for r in w if r != me][:20]))
-          for f, w, me in zip(found, want, rows)]
+  hits = [
+    len(set([r for r in f if r != me][:20]) & set([r for r in w if r != me][:20]))
+    for f, w, me in zip(found, want, rows)
+  ]
   assert np.mean(hits) / 20 == pytest.approx(tuned["recall_at_k"], abs=1e-6)
   # and it carries over to queries that are not database points (stated margin: 0.02)
   assert recall(idx.search(q, 20)[1], truth) >= 0.95
@@ -133,9 +162,18 @@ def test_search_is_widened_until_the_recall_target(tmp_path, clustered):
 def test_unreachable_recall_target_fails_with_what_was_tried(tmp_path, clustered):
   x, _, _ = clustered
   db = write_database(tmp_path / "db", x)
-  hopeless = dict(kind="tree_ah", num_leaves=16, leaves_to_search=1, reorder=20, max_reorder=40,
-                  target_recall=0.999, tune_queries=200)
-  with pytest.raises(UserError, match=r"stays below retrieval.index.target_recall=0.999(.|\n)*leaves +16 reorder +40"):
+  hopeless = dict(
+    kind="tree_ah",
+    num_leaves=16,
+    leaves_to_search=1,
+    reorder=20,
+    max_reorder=40,
+    target_recall=0.999,
+    tune_queries=200,
+  )
+  with pytest.raises(
+    UserError, match=r"stays below retrieval.index.target_recall=0.999(.|\n)*leaves +16 reorder +40"
+  ):
     index.build(db, index_cfg(**hopeless), 20, str(tmp_path / "idx"))
   assert not os.path.exists(tmp_path / "idx")
 
@@ -145,7 +183,9 @@ def test_sharded_index_equals_one_index(tmp_path, clustered):
   db = write_database(tmp_path / "db", x[:6000])
   one = index.build(db, index_cfg(kind="brute"), 20, str(tmp_path / "one"))
   sharded = index.build(db, index_cfg(kind="brute", shard_size=2500), 20, str(tmp_path / "sharded"))
-  exact_shards = index.build(db, index_cfg(kind="exact", shard_size=1700), 20, str(tmp_path / "exact"))
+  exact_shards = index.build(
+    db, index_cfg(kind="exact", shard_size=1700), 20, str(tmp_path / "exact")
+  )
   assert len(sharded.shards) == 3 and len(exact_shards.shards) == 4
   s1, i1 = one.search(q, 20)
   s2, i2 = sharded.search(q, 20)
@@ -168,7 +208,9 @@ def test_self_and_near_duplicate_exclusion():
   source = {"dataset": "d", "split": "train", "start": 0, "stop": 50}
   excl = exclusion.exclusion_for("auto", 0.999, source, source)
   assert excl.by_source_id and excl.duplicate_score == 0.999
-  assert not exclusion.exclusion_for("auto", 0.999, source, {**source, "start": 50, "stop": 90}).active
+  assert not exclusion.exclusion_for(
+    "auto", 0.999, source, {**source, "start": 50, "stop": 90}
+  ).active
   assert not exclusion.exclusion_for("auto", 0.999, source, {**source, "split": "test"}).active
   ids = np.arange(50)
 
@@ -192,13 +234,15 @@ def test_proposal_matches_a_hand_count(tmp_path):
   # counts over the first 2 columns: 0 -> 2, 1 -> 4, 2 -> 1, 3 -> 1, 4 -> 0; p = c / (2 * 4)
   np.testing.assert_array_equal(proposal.proposal_counts(nbrs, 2, 5), [2, 4, 1, 1, 0])
   db = write_database(tmp_path / "db", np.eye(5, 3, dtype=np.float32) + 0.1)
-  ns = store.write(str(tmp_path / "n"), "neighbors", {"neighbor_ids": nbrs}, database_fingerprint=db.fingerprint)
+  ns = store.write(
+    str(tmp_path / "n"), "neighbors", {"neighbor_ids": nbrs}, database_fingerprint=db.fingerprint
+  )
   p = proposal.write_proposal(str(tmp_path / "p"), ns, db, k=2)
   np.testing.assert_array_equal(p["rows"], [1, 0, 2, 3, 4])
   np.testing.assert_allclose(p["probs"], [4 / 8, 2 / 8, 1 / 8, 1 / 8, 0])
   assert p["probs"].sum() == pytest.approx(1.0)
   rng = np.random.default_rng(0)
-  assert set(proposal.draw(p, 200, rng, top_m=0.4)) == {0, 1}        # top 40% of 5 = 2 rows
+  assert set(proposal.draw(p, 200, rng, top_m=0.4)) == {0, 1}  # top 40% of 5 = 2 rows
   assert set(proposal.draw(p, 200, rng, top_count=4)) == {0, 1, 2, 3}
   assert set(proposal.draw(p, 200, rng, top_m=1.0)) == {0, 1, 2, 3}  # p_D = 0 is never drawn
   weighted = proposal.draw(p, 20_000, rng, top_count=2, weighted=True)
@@ -226,7 +270,9 @@ def test_index_refuses_bad_input(tmp_path):
   zero = x.copy()
   zero[3] = 0
   with pytest.raises(UserError, match="zero norm"):
-    index.build(write_database(tmp_path / "zero", zero), index_cfg(), 5, str(tmp_path / "zero_index"))
+    index.build(
+      write_database(tmp_path / "zero", zero), index_cfg(), 5, str(tmp_path / "zero_index")
+    )
   db = write_database(tmp_path / "db", x)
   with pytest.raises(UserError, match="only 300 entries"):
     index.build(db, index_cfg(), 301, str(tmp_path / "big_k"))
@@ -285,7 +331,11 @@ def test_index_resumes_shard_by_shard_and_is_reused(tmp_path, monkeypatch):
   assert built == [300, 300, 300]  # only the missing shard was built
   monkeypatch.setattr(store, "publish", real_publish)
   resumed = index.build(db, cfg, 10, path, log=lambda m: None)
-  assert built == [300, 300, 300]  # nothing built again: the settings came from the partial's manifest
+  assert built == [
+    300,
+    300,
+    300,
+  ]  # nothing built again: the settings came from the partial's manifest
   want = _tree_files(tmp_path / "straight")
   got = _tree_files(path)
   assert set(got) == set(want)

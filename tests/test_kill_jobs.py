@@ -23,30 +23,45 @@ from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, assert_same_state, kill
 
 from rdm_jax.retrieval import index
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                                 reason="needs dataset-fashion-mnist (make data)")]
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.skipif(
+    not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="needs dataset-fashion-mnist (make data)",
+  ),
+]
 
 SMALL = [  # 96 train, 40 test, 80 database images: several chunks and a padded last batch
-    "--config.dataset.parts.train.stop=96", "--config.dataset.parts.test.stop=40",
-    "--config.dataset.parts.database.start=40000", "--config.dataset.parts.database.stop=40080",
-    "--config.retrieval.batch_size=32", "--config.retrieval.chunk_size=40", "--config.retrieval.image_size=48",
-    "--config.retrieval.recall_sample=20",
-    "--config.retrieval.index.kind=brute", "--config.retrieval.index.shard_size=32",  # 3 ScaNN shards
-    "--config.retrieval.index.tune_queries=20",
+  "--config.dataset.parts.train.stop=96",
+  "--config.dataset.parts.test.stop=40",
+  "--config.dataset.parts.database.start=40000",
+  "--config.dataset.parts.database.stop=40080",
+  "--config.retrieval.batch_size=32",
+  "--config.retrieval.chunk_size=40",
+  "--config.retrieval.image_size=48",
+  "--config.retrieval.recall_sample=20",
+  "--config.retrieval.index.kind=brute",
+  "--config.retrieval.index.shard_size=32",  # 3 ScaNN shards
+  "--config.retrieval.index.tune_queries=20",
 ]
 PIPELINE = [  # (job, the stores it writes)
-    ("rdm_jax.jobs.encode", ["latents_train", "latents_test"]),
-    ("rdm_jax.jobs.embed", ["database", "embeddings_train", "embeddings_test"]),
-    ("rdm_jax.jobs.index", ["database_index"]),
-    ("rdm_jax.jobs.neighbors", ["neighbors_train", "neighbors_test", "proposal"]),
+  ("rdm_jax.jobs.encode", ["latents_train", "latents_test"]),
+  ("rdm_jax.jobs.embed", ["database", "embeddings_train", "embeddings_test"]),
+  ("rdm_jax.jobs.index", ["database_index"]),
+  ("rdm_jax.jobs.neighbors", ["neighbors_train", "neighbors_test", "proposal"]),
 ]
-POINTS_PER_JOB = int(os.environ.get("KILL_POINTS_PER_JOB", "2"))  # a large number: every commit point
+POINTS_PER_JOB = int(
+  os.environ.get("KILL_POINTS_PER_JOB", "2")
+)  # a large number: every commit point
 
 
 def run(module, args, kill_at=0, count_file=""):
-  cmd = killable([sys.executable, "-m", module, f"--config={TRAIN_CONFIG}", *args], kill_at, count_file)
-  return subprocess.run(cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO, timeout=600)
+  cmd = killable(
+    [sys.executable, "-m", module, f"--config={TRAIN_CONFIG}", *args], kill_at, count_file
+  )
+  return subprocess.run(
+    cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO, timeout=600
+  )
 
 
 def _json(path, root):
@@ -69,8 +84,9 @@ def assert_same_files(got_root, got, want_root, want):
         with np.load(a) as x, np.load(b) as y:
           assert sorted(x.files) == sorted(y.files), a
           for key in x.files:
-            assert np.array_equal(x[key], y[key]) or str(x[key]).replace(got_root, "ROOT") == \
-                str(y[key]).replace(want_root, "ROOT"), (a, key)
+            assert np.array_equal(x[key], y[key]) or str(x[key]).replace(got_root, "ROOT") == str(
+              y[key]
+            ).replace(want_root, "ROOT"), (a, key)
       else:
         assert filecmp.cmp(a, b, shallow=False), f"{a} differs from the uninterrupted run's"
   leftovers = [f for _, _, fs in os.walk(got) for f in fs if ".tmp" in f or ".partial" in f]
@@ -79,8 +95,11 @@ def assert_same_files(got_root, got, want_root, want):
 
 def kill_points(count: int, seed: int) -> list[int]:
   """POINTS_PER_JOB distinct commit points in [1, count], drawn with a fixed seed."""
-  return sorted(np.random.default_rng(seed).choice(np.arange(1, count + 1), min(POINTS_PER_JOB, count),
-                                                    replace=False).tolist())
+  return sorted(
+    np.random.default_rng(seed)
+    .choice(np.arange(1, count + 1), min(POINTS_PER_JOB, count), replace=False)
+    .tolist()
+  )
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +139,14 @@ def test_data_jobs_killed_at_seeded_commits_then_rerun_equal_uninterrupted(refer
     again = run(module, args)
     assert again.returncode == 0, (n, again.stderr[-3000:])
     for name in outputs:
-      assert_same_files(data, os.path.join(data, name), data, os.path.join(root, f"after_{step}", name))
+      assert_same_files(
+        data, os.path.join(data, name), data, os.path.join(root, f"after_{step}", name)
+      )
 
 
-def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterrupted(trained, tmp_path):
+def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterrupted(
+  trained, tmp_path
+):
   data_dir, original = trained
   ref_images = np.random.default_rng(0).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
   np.savez(tmp_path / "ref.npz", images=ref_images)
@@ -133,18 +156,29 @@ def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterru
     shutil.copytree(original, str(tmp_path / name / "run"))
     shutil.copytree(data_dir, str(tmp_path / name / "data"))
     if samples_from:
-      shutil.copytree(os.path.join(samples_from, "run", "samples"), str(tmp_path / name / "run" / "samples"),
-                      dirs_exist_ok=True)
+      shutil.copytree(
+        os.path.join(samples_from, "run", "samples"),
+        str(tmp_path / name / "run" / "samples"),
+        dirs_exist_ok=True,
+      )
     return str(tmp_path / name)
 
   def args(module, base):
     common = [f"--workdir={base}/run", f"--config.data_dir={base}/data", *TINY_OVERRIDES]
     if module == "rdm_jax.sample":
-      return common + ["--config.sample.num_images=5", "--config.sample.batch_size=2", "--config.sample.num_steps=3",
-                       "--config.sample.shard_size=2"]
-    return common + [f"--samples={base}/run/samples/exemplar", "--config.eval.image_size=32",
-                     f"--config.eval.reference={tmp_path}/ref.npz", "--config.eval.baseline_part=",
-                     "--config.eval.kid_subsets=3"]
+      return common + [
+        "--config.sample.num_images=5",
+        "--config.sample.batch_size=2",
+        "--config.sample.num_steps=3",
+        "--config.sample.shard_size=2",
+      ]
+    return common + [
+      f"--samples={base}/run/samples/exemplar",
+      "--config.eval.image_size=32",
+      f"--config.eval.reference={tmp_path}/ref.npz",
+      "--config.eval.baseline_part=",
+      "--config.eval.kid_subsets=3",
+    ]
 
   straight = fresh("straight")
   counts = {}
@@ -155,12 +189,17 @@ def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterru
 
   for seed, module in enumerate(("rdm_jax.sample", "rdm_jax.evaluate")):
     for n in kill_points(counts[module], seed=10 + seed):
-      base = fresh(f"{module.split('.')[-1]}_{n}", samples_from=straight if module == "rdm_jax.evaluate" else None)
+      base = fresh(
+        f"{module.split('.')[-1]}_{n}",
+        samples_from=straight if module == "rdm_jax.evaluate" else None,
+      )
       killed = run(module, args(module, base), kill_at=n)
       assert killed.returncode == -9, (module, n, killed.stderr[-2000:])
       again = run(module, args(module, base))
       assert again.returncode == 0, (module, n, again.stderr[-3000:])
-      for name in ("run/samples",) if module == "rdm_jax.sample" else ("run/eval", "data/eval_cache"):
+      for name in (
+        ("run/samples",) if module == "rdm_jax.sample" else ("run/eval", "data/eval_cache")
+      ):
         assert_same_files(base, os.path.join(base, name), straight, os.path.join(straight, name))
 
 
@@ -183,27 +222,45 @@ def killed_trainings_resume(train, final, tmp_path, steps: int, seed: int) -> No
 
 def test_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tiny_data, tmp_path):
   from test_train_job import _final_state
+
   data_dir = tiny_data["data_dir"]
-  args = ["--config.train.num_steps=6", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10",
-          f"--config.data_dir={data_dir}", *TINY_OVERRIDES]
+  args = [
+    "--config.train.num_steps=6",
+    "--config.train.checkpoint_every=2",
+    "--config.train.keep_checkpoints=10",
+    f"--config.data_dir={data_dir}",
+    *TINY_OVERRIDES,
+  ]
   killed_trainings_resume(
-      lambda workdir, **kill: run("rdm_jax.train", [f"--workdir={workdir}", *args], **kill),
-      lambda workdir: _final_state(data_dir, workdir, 6), tmp_path, 6, seed=20)
+    lambda workdir, **kill: run("rdm_jax.train", [f"--workdir={workdir}", *args], **kill),
+    lambda workdir: _final_state(data_dir, workdir, 6),
+    tmp_path,
+    6,
+    seed=20,
+  )
 
 
 def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupted(tmp_path):
   """The database built from crops of an image folder (config.database_build), killed and rerun."""
   from PIL import Image
+
   rng = np.random.default_rng(0)
   for i in range(10):
     sub = tmp_path / "collection" / ("a" if i % 2 else "b")
     sub.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(sub / f"{i}.png")
-  args = ["--parts=database", f"--config.dataset.parts.database.split=folder:{tmp_path}/collection",
-          "--config.dataset.parts.database.start=0", "--config.dataset.parts.database.stop=0",
-          "--config.dataset.folder.channels=3", "--config.database_build.crops_per_image=3",
-          "--config.database_build.crop_size=16", "--config.retrieval.chunk_size=6",  # 2 images per chunk
-          "--config.retrieval.batch_size=8", "--config.retrieval.image_size=48"]
+  args = [
+    "--parts=database",
+    f"--config.dataset.parts.database.split=folder:{tmp_path}/collection",
+    "--config.dataset.parts.database.start=0",
+    "--config.dataset.parts.database.stop=0",
+    "--config.dataset.folder.channels=3",
+    "--config.database_build.crops_per_image=3",
+    "--config.database_build.crop_size=16",
+    "--config.retrieval.chunk_size=6",  # 2 images per chunk
+    "--config.retrieval.batch_size=8",
+    "--config.retrieval.image_size=48",
+  ]
   want = str(tmp_path / "want" / "data")
   count_file = str(tmp_path / "count")
   out = run("rdm_jax.jobs.embed", [f"--config.data_dir={want}", *args], count_file=count_file)
@@ -221,12 +278,19 @@ def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupt
 def test_rarm_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tmp_path):
   """The tiny RARM run of tests/test_rarm_training.py, killed at seeded commit points."""
   from test_rarm_training import rarm_final_state, tiny_token_run
+
   args = [a for a in tiny_token_run(tmp_path) if not a.startswith("--config=")]
   args += ["--config.train.num_steps=6", "--config.train.keep_checkpoints=10"]
   rarm = [f"--config={REPO}/configs/fashion_mnist_rarm.py"]
 
   def train(workdir, **kill):
-    cmd = killable([sys.executable, "-m", "rdm_jax.train", *rarm, f"--workdir={workdir}", *args], **kill)
-    return subprocess.run(cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO, timeout=600)
+    cmd = killable(
+      [sys.executable, "-m", "rdm_jax.train", *rarm, f"--workdir={workdir}", *args], **kill
+    )
+    return subprocess.run(
+      cmd, env=subprocess_env(devices=8), capture_output=True, text=True, cwd=REPO, timeout=600
+    )
 
-  killed_trainings_resume(train, lambda workdir: rarm_final_state(args, workdir, 6), tmp_path, 6, seed=21)
+  killed_trainings_resume(
+    train, lambda workdir: rarm_final_state(args, workdir, 6), tmp_path, 6, seed=21
+  )

@@ -7,18 +7,22 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+)
 import label_agreement as la  # noqa: E402
 
 # neighbour labels, nearest first; what each row's majority label is, and how it splits
-ROWS = np.array([
+ROWS = np.array(
+  [
     [3, 3, 3, 3],  # unanimous: 3
     [7, 5, 5, 5],  # 3+1, the odd one nearest: 5
     [2, 8, 2, 8],  # a tie 2+2: the nearest neighbour's label 2
     [8, 2, 2, 8],  # the same labels in another order: 8
     [0, 6, 4, 4],  # 2+1+1: 4
     [9, 1, 0, 6],  # four labels: the nearest, 9
-])
+  ]
+)
 MAJORITY = [3, 5, 2, 8, 4, 9]
 SPLITS = ["4", "3+1", "2+2", "2+2", "2+1+1", "1+1+1+1"]
 
@@ -31,7 +35,9 @@ def test_majority_and_split_of_hand_worked_rows():
 
 
 def test_a_tie_counts_for_either_label_only_in_plurality():
-  got = np.array([3, 7, 8, 2, 0, 1])  # right, the odd one, the other tied label twice, a single, a single
+  got = np.array(
+    [3, 7, 8, 2, 0, 1]
+  )  # right, the odd one, the other tied label twice, a single, a single
   np.testing.assert_array_equal(la.plurality(got, ROWS), [True, False, True, True, False, True])
   np.testing.assert_array_equal(got == la.majority(ROWS), [True, False, False, False, False, False])
 

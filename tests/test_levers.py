@@ -24,8 +24,13 @@ from conftest import repo_config
 def _config(**model):
   """A small UNet on 16 x 16 x 1 latents, self-attention over 256 tokens at the top level."""
   c = repo_config("fashion_mnist_rdm")
-  c.model.update(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
-                 patch_size=1)
+  c.model.update(
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(1,),
+    patch_size=1,
+  )
   c.model.update(**model)
   c.retrieval.embed_dim = 16
   c.first_stage.latent_channels = 1
@@ -34,25 +39,34 @@ def _config(**model):
 
 def _inputs(batch=8, side=16):
   k = jax.random.split(jax.random.PRNGKey(3), 3)
-  return (jax.random.normal(k[0], (batch, side, side, 1)), jax.random.randint(k[1], (batch,), 0, 1000),
-          jax.random.normal(k[2], (batch, 4, 16)))
+  return (
+    jax.random.normal(k[0], (batch, side, side, 1)),
+    jax.random.randint(k[1], (batch,), 0, 1000),
+    jax.random.normal(k[2], (batch, 4, 16)),
+  )
 
 
 def _params(model, inputs):
   params = model.init(jax.random.PRNGKey(0), *inputs)["params"]
   # the zero-initialised output convs would hide most of the network from the comparison
   rng = np.random.default_rng(1)
-  return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + 0.05 * rng.standard_normal(p.shape), p.dtype), params)
+  return jax.tree.map(
+    lambda p: jnp.asarray(np.asarray(p) + 0.05 * rng.standard_normal(p.shape), p.dtype), params
+  )
 
 
 def _loss_and_grads(model, params, inputs):
   z, t, c = inputs
-  return jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.square(model.apply({"params": p}, z, t, c)))))(params)
+  return jax.jit(
+    jax.value_and_grad(lambda p: jnp.mean(jnp.square(model.apply({"params": p}, z, t, c))))
+  )(params)
 
 
 def _assert_close(got, want, rtol, atol):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol
+    )
 
 
 def test_remat_policies_change_nothing_but_memory():
@@ -62,11 +76,18 @@ def test_remat_policies_change_nothing_but_memory():
   want = _loss_and_grads(plain, params, inputs)
   for policy in ("full", "dots"):
     model = training.make_model(_config(remat=policy, channel_mult=(1,)))
-    assert jax.tree.structure(model.init(jax.random.PRNGKey(0), *inputs)["params"]) == jax.tree.structure(params)
+    assert jax.tree.structure(
+      model.init(jax.random.PRNGKey(0), *inputs)["params"]
+    ) == jax.tree.structure(params)
     _assert_close(_loss_and_grads(model, params, inputs), want, rtol=1e-5, atol=1e-7)
   # the recomputation is really there: the remat'd gradient program holds checkpoint regions
-  jaxpr = str(jax.make_jaxpr(lambda p: _loss_and_grads(training.make_model(_config(remat="full", channel_mult=(1,))),
-                                                        p, inputs))(params))
+  jaxpr = str(
+    jax.make_jaxpr(
+      lambda p: _loss_and_grads(
+        training.make_model(_config(remat="full", channel_mult=(1,))), p, inputs
+      )
+    )(params)
+  )
   assert "remat" in jaxpr or "checkpoint" in jaxpr
 
 
@@ -75,7 +96,12 @@ def test_dot_product_attention_equals_the_einsum_softmax():
   plain = training.make_model(_config(channel_mult=(1,)))
   params = _params(plain, inputs)
   model = training.make_model(_config(attention="dot_product", channel_mult=(1,)))
-  _assert_close(_loss_and_grads(model, params, inputs), _loss_and_grads(plain, params, inputs), rtol=2e-5, atol=1e-6)
+  _assert_close(
+    _loss_and_grads(model, params, inputs),
+    _loss_and_grads(plain, params, inputs),
+    rtol=2e-5,
+    atol=1e-6,
+  )
 
 
 def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
@@ -94,13 +120,30 @@ def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
     return real(q, k, v, *args, implementation="xla", **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
-  got = _loss_and_grads(training.make_model(_config(dtype="bfloat16", attention="cudnn")), params, inputs)
-  top, mid = ((2, 256, 1, 32),) * 2, ((2, 64, 2, 32),) * 2  # 32 channels at 16 x 16, 64 in the middle block
-  assert calls == [top + (jnp.bfloat16, "cudnn")] + [mid + (jnp.bfloat16, "cudnn")] + [top + (jnp.bfloat16, "cudnn")] * 2
-  want, bf16 = _loss_and_grads(plain, params, inputs), _loss_and_grads(training.make_model(_config(dtype="bfloat16")),
-                                                                         params, inputs)
-  flat = lambda x: np.concatenate([np.ravel(np.asarray(a, np.float32)) for a in jax.tree.leaves(x[1])])
-  error = lambda x: (abs(float(x[0]) / float(want[0]) - 1), np.linalg.norm(flat(x) - flat(want)) / np.linalg.norm(flat(want)))
+  got = _loss_and_grads(
+    training.make_model(_config(dtype="bfloat16", attention="cudnn")), params, inputs
+  )
+  top, mid = (
+    ((2, 256, 1, 32),) * 2,
+    ((2, 64, 2, 32),) * 2,
+  )  # 32 channels at 16 x 16, 64 in the middle block
+  assert (
+    calls
+    == [top + (jnp.bfloat16, "cudnn")]
+    + [mid + (jnp.bfloat16, "cudnn")]
+    + [top + (jnp.bfloat16, "cudnn")] * 2
+  )
+  want, bf16 = (
+    _loss_and_grads(plain, params, inputs),
+    _loss_and_grads(training.make_model(_config(dtype="bfloat16")), params, inputs),
+  )
+  flat = lambda x: np.concatenate(
+    [np.ravel(np.asarray(a, np.float32)) for a in jax.tree.leaves(x[1])]
+  )
+  error = lambda x: (
+    abs(float(x[0]) / float(want[0]) - 1),
+    np.linalg.norm(flat(x) - flat(want)) / np.linalg.norm(flat(want)),
+  )
   assert np.all(np.array(error(got)) <= 2 * np.array(error(bf16)) + 1e-3)
   with pytest.raises(UserError, match="takes bfloat16 or float16.*'float32'"):
     training.make_model(_config(attention="cudnn"))
@@ -119,10 +162,14 @@ def test_pallas_flash_attention_equals_xla_attention(monkeypatch):
   assert model.attention.batch_axes == ("data", "fsdp")
   calls = []
   kernel = unet_lib.flash_attention
-  monkeypatch.setattr(unet_lib, "flash_attention", lambda q, *a: calls.append(q.shape) or kernel(q, *a))
+  monkeypatch.setattr(
+    unet_lib, "flash_attention", lambda q, *a: calls.append(q.shape) or kernel(q, *a)
+  )
   with pltpu.force_tpu_interpret_mode():
     got = _loss_and_grads(model, params, inputs)
-  assert calls == [(2, 256, 1, 32)] * 3  # the 256-token self-attentions: down_0_attn_0, up_0_attn_0/1
+  assert (
+    calls == [(2, 256, 1, 32)] * 3
+  )  # the 256-token self-attentions: down_0_attn_0, up_0_attn_0/1
   _assert_close(got, _loss_and_grads(plain, params, inputs), rtol=2e-4, atol=2e-6)
 
   mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
@@ -132,8 +179,9 @@ def test_pallas_flash_attention_equals_xla_attention(monkeypatch):
     placed = tuple(jax.device_put(x, batch) for x in inputs8)
     out = jax.jit(lambda p, *x: model.apply({"params": p}, *x))(params, *placed)
   assert out.sharding.spec[0] == ("data", "fsdp")
-  np.testing.assert_allclose(np.asarray(out), np.asarray(plain.apply({"params": params}, *inputs8)),
-                             rtol=2e-4, atol=2e-6)
+  np.testing.assert_allclose(
+    np.asarray(out), np.asarray(plain.apply({"params": params}, *inputs8)), rtol=2e-4, atol=2e-6
+  )
 
 
 def test_param_dtype_bfloat16_is_the_model_with_rounded_parameters():
@@ -146,7 +194,9 @@ def test_param_dtype_bfloat16_is_the_model_with_rounded_parameters():
   rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   got = model.apply({"params": rounded}, *inputs)
   want = plain.apply({"params": jax.tree.map(lambda p: p.astype(jnp.float32), rounded)}, *inputs)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # compute stays float32 (config.model.dtype)
+  np.testing.assert_array_equal(
+    np.asarray(got), np.asarray(want)
+  )  # compute stays float32 (config.model.dtype)
 
 
 def test_adam_first_moment_dtype():
@@ -169,8 +219,12 @@ def test_adam_first_moment_dtype():
   assert results["bfloat16"][1] == [jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)]  # mu, nu
   moved = np.asarray(results[""][0]["w"] - params["w"])
   assert np.all(moved != 0)
-  np.testing.assert_allclose(np.asarray(results["bfloat16"][0]["w"] - params["w"]), moved, rtol=2e-2,
-                             atol=1e-2 * np.abs(moved).max())  # mu's bf16 rounding, where steps nearly cancel
+  np.testing.assert_allclose(
+    np.asarray(results["bfloat16"][0]["w"] - params["w"]),
+    moved,
+    rtol=2e-2,
+    atol=1e-2 * np.abs(moved).max(),
+  )  # mu's bf16 rounding, where steps nearly cancel
 
 
 def test_platform_check(monkeypatch):
@@ -184,7 +238,10 @@ def test_platform_check(monkeypatch):
   assert "LD_PRELOAD" in warning and "libtcmalloc-minimal4" in warning
   with pytest.raises(UserError, match="Pallas TPU kernel.*attention=dot_product"):
     mesh_lib.check_platform(_config(attention="flash"))
-  with pytest.raises(UserError, match="cuDNN's flash attention on NVIDIA GPUs, and this is cpu.*attention=dot_product"):
+  with pytest.raises(
+    UserError,
+    match="cuDNN's flash attention on NVIDIA GPUs, and this is cpu.*attention=dot_product",
+  ):
     mesh_lib.check_platform(_config(attention="cudnn", dtype="bfloat16"))
   # the sample and ablation jobs (training=False): no train-step warnings (allocator, remat); bfloat16 and flash still
   (warning,) = mesh_lib.check_platform(_config(dtype="bfloat16", remat="full"), training=False)[1]
@@ -198,12 +255,22 @@ def test_platform_check(monkeypatch):
     training.make_model(_config(remat="some"))
 
 
-@pytest.mark.skipif(not os.path.exists(mesh_lib.TCMALLOC), reason="libtcmalloc-minimal4 is not installed (make setup installs it)")
+@pytest.mark.skipif(
+  not os.path.exists(mesh_lib.TCMALLOC),
+  reason="libtcmalloc-minimal4 is not installed (make setup installs it)",
+)
 def test_tcmalloc_detected_in_a_fresh_process():
   """The allocator check reads what the dynamic loader really mapped: on with LD_PRELOAD, off without."""
-  probe = [sys.executable, "-c", "from rdm_jax.parallel.mesh import tcmalloc_loaded; print(tcmalloc_loaded())"]
+  probe = [
+    sys.executable,
+    "-c",
+    "from rdm_jax.parallel.mesh import tcmalloc_loaded; print(tcmalloc_loaded())",
+  ]
   env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-  without = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
-  with_ = subprocess.run(probe, env={**env, "LD_PRELOAD": mesh_lib.TCMALLOC}, capture_output=True, text=True,
-                         check=True).stdout.split()[-1]
+  without = subprocess.run(
+    probe, env=env, capture_output=True, text=True, check=True
+  ).stdout.split()[-1]
+  with_ = subprocess.run(
+    probe, env={**env, "LD_PRELOAD": mesh_lib.TCMALLOC}, capture_output=True, text=True, check=True
+  ).stdout.split()[-1]
   assert (without, with_) == ("False", "True")

@@ -17,6 +17,7 @@ from rdm_jax.errors import UserError
 
 def official_precision_recall(real, fake, k=3):
   """The official ManifoldEstimator, unbatched: float32 distance expansion, np.partition, `<=`."""
+
   def dists(u, v):
     nu = np.sum(np.square(u), 1).reshape(-1, 1)
     nv = np.sum(np.square(v), 1).reshape(1, -1)
@@ -38,17 +39,18 @@ def stats(f):
 
 def test_frechet_distance_hand_worked_and_against_pytorch_fid():
   # diagonal: |(0,0) - (1,0)|^2 + tr(I) + tr(diag(4, 9)) - 2 tr(diag(2, 3)) = 1 + 2 + 13 - 10 = 6
-  assert metrics.frechet_distance(np.zeros(2), np.eye(2), np.array([1.0, 0.0]), np.diag([4.0, 9.0])) == \
-      pytest.approx(6.0, rel=1e-12)
+  assert metrics.frechet_distance(
+    np.zeros(2), np.eye(2), np.array([1.0, 0.0]), np.diag([4.0, 9.0])
+  ) == pytest.approx(6.0, rel=1e-12)
   fid = reference("pytorch_fid.fid_score").calculate_frechet_distance
   rng = np.random.default_rng(0)
   a = rng.normal(size=(200, 16))
   b = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) * 0.5 + 0.3
   cases = {
-      "random": (stats(a), stats(b)),
-      "identical sets": (stats(a), stats(a)),
-      "rank-deficient (10 samples, 16-d)": (stats(a[:10]), stats(b[:10])),
-      "rank-deficient, 5 samples each": (stats(a[:5]), stats(b[:5])),
+    "random": (stats(a), stats(b)),
+    "identical sets": (stats(a), stats(a)),
+    "rank-deficient (10 samples, 16-d)": (stats(a[:10]), stats(b[:10])),
+    "rank-deficient, 5 samples each": (stats(a[:5]), stats(b[:5])),
   }
   for name, ((m1, s1), (m2, s2)) in cases.items():
     with warnings.catch_warnings():
@@ -77,16 +79,22 @@ def test_frechet_distance_hand_worked_and_against_pytorch_fid():
 def test_precision_recall_against_official_code_and_torch_fidelity(case):
   rng = np.random.default_rng(1)
   real = rng.normal(size=(300, 8)).astype(np.float32)
-  fake = {"random": rng.normal(size=(250, 8)), "identical": real,
-          "duplicates": np.repeat(real[:50], 5, axis=0),  # each fake 5 times: rank-deficient, zero radii
-          "shifted": rng.normal(size=(250, 8)) + 1.5}[case].astype(np.float32)
+  fake = {
+    "random": rng.normal(size=(250, 8)),
+    "identical": real,
+    "duplicates": np.repeat(real[:50], 5, axis=0),  # each fake 5 times: rank-deficient, zero radii
+    "shifted": rng.normal(size=(250, 8)) + 1.5,
+  }[case].astype(np.float32)
   got = metrics.precision_recall(real, fake, k=3)
   assert got == official_precision_recall(real, fake)
   batched = metrics.precision_recall(real, fake, k=3, row_batch=37, col_batch=53)
   assert batched == got
   import torch
+
   prc = reference("torch_fidelity.metric_prc")
-  want = prc.calculate_precision_recall_full(torch.from_numpy(fake), torch.from_numpy(real), 3, 10000)
+  want = prc.calculate_precision_recall_full(
+    torch.from_numpy(fake), torch.from_numpy(real), 3, 10000
+  )
   assert got == pytest.approx(want, abs=1e-6)
   if case == "identical":
     assert got == (1.0, 1.0)
@@ -94,8 +102,8 @@ def test_precision_recall_against_official_code_and_torch_fidelity(case):
 
 def test_precision_recall_hand_worked():
   # reals at 0, 1, 2, 3, 10 on a line: 3rd-neighbour squared radii 9, 4, 4, 9, 81 (10 -> 1..3: 81)
-  real = np.array([[0.], [1.], [2.], [3.], [10.]], np.float32)
-  fake = np.array([[-3.], [5.], [30.], [2.5]], np.float32)
+  real = np.array([[0.0], [1.0], [2.0], [3.0], [10.0]], np.float32)
+  fake = np.array([[-3.0], [5.0], [30.0], [2.5]], np.float32)
   # -3 is at squared distance 9 from 0 (radius 9: inside, `<=`); 5 is inside 10's ball (25 <= 81)
   # and 3's (4 <= 9); 30 is outside all; 2.5 inside. precision = 3/4
   precision, _ = metrics.precision_recall(real, fake, k=3)
@@ -104,6 +112,7 @@ def test_precision_recall_hand_worked():
 
 def test_inception_score_against_torch_fidelity():
   import torch
+
   isc = reference("torch_fidelity.metric_isc").isc_features_to_metric
   rng = np.random.default_rng(2)
   for logits in (rng.normal(size=(1000, 10)) * 3, rng.normal(size=(57, 1008))):
@@ -119,12 +128,19 @@ def test_inception_score_against_torch_fidelity():
 
 def test_kid_against_torch_fidelity():
   import torch
+
   kid = reference("torch_fidelity.metric_kid").kid_features_to_metric
   rng = np.random.default_rng(3)
   real = rng.normal(size=(400, 32))
   fake = rng.normal(size=(350, 32)) * 1.1 + 0.1
-  want = kid(torch.from_numpy(fake), torch.from_numpy(real), kid_subsets=20, kid_subset_size=100,
-             rng_seed=2020, verbose=False)
+  want = kid(
+    torch.from_numpy(fake),
+    torch.from_numpy(real),
+    kid_subsets=20,
+    kid_subset_size=100,
+    rng_seed=2020,
+    verbose=False,
+  )
   got = metrics.kernel_inception_distance(real, fake, subsets=20, subset_size=100)
   assert got[0] == pytest.approx(want["kernel_inception_distance_mean"], rel=1e-6)
   assert got[1] == pytest.approx(want["kernel_inception_distance_std"], rel=1e-6)

@@ -16,12 +16,21 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (REPO, TINY_OVERRIDES, TRAIN_CONFIG, TRAINED_MESH, TRAINED_STEPS, killable, one_line_error,
-                      subprocess_env, train_command, trained_log)
+from conftest import (
+  REPO,
+  TINY_OVERRIDES,
+  TRAIN_CONFIG,
+  TRAINED_MESH,
+  TRAINED_STEPS,
+  killable,
+  one_line_error,
+  subprocess_env,
+  train_command,
+  trained_log,
+)
 from rdm_jax.data import store
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
-
 
 
 def _free_port() -> int:
@@ -30,7 +39,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(make_cmd, num_processes: int, env: dict, tries: int = 3) -> list[tuple[subprocess.Popen, str]]:
+def run_processes(
+  make_cmd, num_processes: int, env: dict, tries: int = 3
+) -> list[tuple[subprocess.Popen, str]]:
   """Runs `make_cmd(port, process_id)` for every process; (process, stderr) of each.
 
   A port found free can be taken by someone else before the coordinator (process 0) binds
@@ -39,8 +50,12 @@ def run_processes(make_cmd, num_processes: int, env: dict, tries: int = 3) -> li
   """
   for _ in range(tries):
     port = _free_port()
-    procs = [subprocess.Popen(make_cmd(port, i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(num_processes)]
+    procs = [
+      subprocess.Popen(
+        make_cmd(port, i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+      for i in range(num_processes)
+    ]
     _, err0 = procs[0].communicate(timeout=600)
     if procs[0].returncode != 0 and "Failed to add port" in err0:
       for p in procs[1:]:
@@ -57,9 +72,19 @@ def _losses(log: str) -> list[float]:
 
 def test_two_processes_equal_one(trained, tmp_path):
   data_dir, single = trained
-  outs = run_processes(lambda port, i: train_command(
-      data_dir, str(tmp_path / "multi"), *TRAINED_STEPS, "--distributed", f"--coordinator_address=localhost:{port}",
-      "--num_processes=2", f"--process_id={i}"), 2, subprocess_env(4))
+  outs = run_processes(
+    lambda port, i: train_command(
+      data_dir,
+      str(tmp_path / "multi"),
+      *TRAINED_STEPS,
+      "--distributed",
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    ),
+    2,
+    subprocess_env(4),
+  )
   for p, err in outs:
     assert p.returncode == 0, err[-3000:]
     assert "over 8 devices, 2 processes" in err
@@ -112,19 +137,28 @@ def test_every_process_follows_process_0s_workdir_verdict_given_before_any_write
   for d in ("shared", "empty", "stray"):
     os.makedirs(tmp_path / d)
   (tmp_path / "stray" / "notes.txt").write_text("not a training run")
-  held = store.Lock(str(tmp_path / "held")).acquire(wait=False)  # another launch's, alive: this test
-  outs = run_processes(lambda port, i: [sys.executable, "-c", _VERDICT_SCRIPT, str(port), str(i), str(tmp_path)], 2,
-                       subprocess_env(1))
+  held = store.Lock(str(tmp_path / "held")).acquire(
+    wait=False
+  )  # another launch's, alive: this test
+  outs = run_processes(
+    lambda port, i: [sys.executable, "-c", _VERDICT_SCRIPT, str(port), str(i), str(tmp_path)],
+    2,
+    subprocess_env(1),
+  )
   stray = tmp_path / "stray"
   for p, err in outs:
     assert p.returncode == 0, err[-3000:]
     verdicts = [line.split(" ", 1)[1] for line in err.splitlines() if line.startswith("verdict ")]
     assert verdicts[:2] == ["shared ok", "p0-empty ok"], err[-3000:]
-    assert verdicts[2].startswith(f"p0-stray refused --workdir={stray} holds files but no training run"), verdicts
+    assert verdicts[2].startswith(
+      f"p0-stray refused --workdir={stray} holds files but no training run"
+    ), verdicts
     # process 0 holds free.lock for the launch (process 1 alone would have been refused by it);
     # held.lock is another launch's: every process refused, naming it
     assert verdicts[3] == "free ok", verdicts
-    assert verdicts[4].startswith("held refused") and f"pid {os.getpid()} on" in verdicts[4], verdicts
+    assert verdicts[4].startswith("held refused") and f"pid {os.getpid()} on" in verdicts[4], (
+      verdicts
+    )
     assert len(verdicts) == 5
   held.release()
 
@@ -135,11 +169,26 @@ def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_pat
   shard, rerun, keeps the first and writes the same second; other settings in that directory
   are refused; the evaluate job refuses an unfinished set."""
   data_dir, workdir = trained
+
   def cmd(out, *extra):
-    return [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
-            f"--config.data_dir={data_dir}", *TINY_OVERRIDES, *TRAINED_MESH, f"--out={tmp_path / out}",
-            "--config.sample.num_images=6", "--config.sample.shard_size=4", "--config.sample.batch_size=4",
-            "--config.sample.num_steps=2", "--config.sample.eta=1.0", *extra]
+    return [
+      sys.executable,
+      "-m",
+      "rdm_jax.sample",
+      f"--config={TRAIN_CONFIG}",
+      f"--workdir={workdir}",
+      f"--config.data_dir={data_dir}",
+      *TINY_OVERRIDES,
+      *TRAINED_MESH,
+      f"--out={tmp_path / out}",
+      "--config.sample.num_images=6",
+      "--config.sample.shard_size=4",
+      "--config.sample.batch_size=4",
+      "--config.sample.num_steps=2",
+      "--config.sample.eta=1.0",
+      *extra,
+    ]
+
   def shards(out):
     return [dict(np.load(tmp_path / out / f"shard-0000{i}-of-00002.npz")) for i in range(2)]
 
@@ -149,11 +198,22 @@ def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_pat
   assert [len(s["images"]) for s in want] == [4, 2]
   assert len({s["images"].tobytes() for s in want[0:1]} | {want[1]["images"][:1].tobytes()}) == 2
 
-  outs = run_processes(lambda port, i: cmd("two", "--distributed", f"--coordinator_address=localhost:{port}",
-                                           "--num_processes=2", f"--process_id={i}"), 2, subprocess_env(4))
+  outs = run_processes(
+    lambda port, i: cmd(
+      "two",
+      "--distributed",
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    ),
+    2,
+    subprocess_env(4),
+  )
   for p, err in outs:
     assert p.returncode == 0, err[-3000:]
-  for got, ref in zip(shards("two"), want):  # two compiled programs: latents equal to float rounding
+  for got, ref in zip(
+    shards("two"), want
+  ):  # two compiled programs: latents equal to float rounding
     assert got.keys() == ref.keys()
     for k in ref:
       if k == "latents":
@@ -164,14 +224,23 @@ def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_pat
       else:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
-  killed = subprocess.run(killable(cmd("killed"), "path:shard-00001"), env=subprocess_env(8), capture_output=True,
-                          text=True, cwd=REPO)
+  killed = subprocess.run(
+    killable(cmd("killed"), "path:shard-00001"),
+    env=subprocess_env(8),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+  )
   assert killed.returncode == -9, killed.stderr[-3000:]
-  assert sorted(f for f in os.listdir(tmp_path / "killed") if f.endswith(".npz")) == ["shard-00000-of-00002.npz"]
+  assert sorted(f for f in os.listdir(tmp_path / "killed") if f.endswith(".npz")) == [
+    "shard-00000-of-00002.npz"
+  ]
   with pytest.raises(UserError, match="holds 1 of 2 shards: its sample run did not finish"):
     sample_sets.read_samples(str(tmp_path / "killed"))
   first = os.stat(tmp_path / "killed" / "shard-00000-of-00002.npz").st_mtime_ns
-  rerun = subprocess.run(cmd("killed"), env=subprocess_env(8), capture_output=True, text=True, cwd=REPO)
+  rerun = subprocess.run(
+    cmd("killed"), env=subprocess_env(8), capture_output=True, text=True, cwd=REPO
+  )
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resuming: 1 of 2 shards are done" in rerun.stdout
   assert os.stat(tmp_path / "killed" / "shard-00000-of-00002.npz").st_mtime_ns == first
@@ -182,4 +251,6 @@ def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_pat
 
   error = one_line_error(cmd("one", "--config.sample.num_steps=3"))
   assert "holds samples made with other settings" in error and "choose another --out" in error
-  assert re.search(r"sample\.num_steps: \d+ there, 3 now", error), error  # the field that differs, in full
+  assert re.search(r"sample\.num_steps: \d+ there, 3 now", error), (
+    error
+  )  # the field that differs, in full

@@ -63,7 +63,9 @@ def test_recorded_recall_is_measured_on_an_index_that_misses(tmp_path, monkeypat
   out = neighbors.find_neighbors(c, queries, db, idx, paths["neighbors_train"])
   truth = reference_neighbors(queries["embeddings"], db["embeddings"], 6)
   np.testing.assert_array_equal(out["neighbor_ids"][:, :5], truth[:, :5])
-  assert not (out["neighbor_ids"][:, 5:] == truth).any()  # the worst match is never among a row's top 6
+  assert not (
+    out["neighbor_ids"][:, 5:] == truth
+  ).any()  # the worst match is never among a row's top 6
   assert out.manifest["recall_at_k"] == pytest.approx(5 / 6, abs=1e-6)
   assert out.manifest["recall_sample"] == 40
 
@@ -72,20 +74,24 @@ def test_job_finds_exact_neighbours_and_training_reads_them(tmp_path):
   c, paths, db, idx = setup(str(tmp_path / "data"))
   queries = store.read(paths["embeddings_train"], "embeddings", hint="")
   out = neighbors.find_neighbors(c, queries, db, idx, paths["neighbors_train"])
-  np.testing.assert_array_equal(out["neighbor_ids"], reference_neighbors(queries["embeddings"], db["embeddings"], 6))
+  np.testing.assert_array_equal(
+    out["neighbor_ids"], reference_neighbors(queries["embeddings"], db["embeddings"], 6)
+  )
   np.testing.assert_array_equal(out["query_ids"], queries["ids"])
   assert out.manifest["recall_at_k"] == 1.0 and out.manifest["exclusion"]["by_source_id"] is False
   p = neighbors.write_proposal(c, out, db, paths["proposal"])
   assert p.manifest["k"] == c.k_train and p["probs"].sum() == pytest.approx(1.0)
   data = pipeline.load_retrieval_data(c, "train")
   _, context = pipeline.load_batch(data, np.arange(4), c.k_train, "first")
-  np.testing.assert_array_equal(context, db["embeddings"][out["neighbor_ids"][:4, :c.k_train]])
+  np.testing.assert_array_equal(context, db["embeddings"][out["neighbor_ids"][:4, : c.k_train]])
   # unconditional sampling: pseudo-queries from the top 10% of p_D, then their neighbours in D
   c.sample.top_m = 0.1
   cond = conditioning.proposal_conditioning(c, 8, c.k_train, np.random.default_rng(0))
   assert set(cond.query_rows) <= set(p["rows"][:4])
-  np.testing.assert_array_equal(cond.neighbor_rows,
-                                reference_neighbors(db["embeddings"][cond.query_rows], db["embeddings"], c.k_train))
+  np.testing.assert_array_equal(
+    cond.neighbor_rows,
+    reference_neighbors(db["embeddings"][cond.query_rows], db["embeddings"], c.k_train),
+  )
   np.testing.assert_array_equal(cond.context, db["embeddings"][cond.neighbor_rows])
 
 
@@ -93,9 +99,14 @@ def test_overlapping_database_excludes_the_query_itself(tmp_path):
   c, paths, db, idx = setup(str(tmp_path / "data"))
   same = store.read(paths["database"], "database", hint="")  # D = X: query the database itself
   out = neighbors.find_neighbors(c, same, db, idx, str(tmp_path / "self"))
-  assert out.manifest["exclusion"] == {"by_source_id": True, "duplicate_score": c.retrieval.duplicate_score}
+  assert out.manifest["exclusion"] == {
+    "by_source_id": True,
+    "duplicate_score": c.retrieval.duplicate_score,
+  }
   assert not (out["neighbor_ids"] == np.arange(40)[:, None]).any()
-  np.testing.assert_array_equal(out["neighbor_ids"], reference_neighbors(db["embeddings"], db["embeddings"], 6, True))
+  np.testing.assert_array_equal(
+    out["neighbor_ids"], reference_neighbors(db["embeddings"], db["embeddings"], 6, True)
+  )
 
 
 def test_interrupted_job_resumes_to_identical_output(tmp_path, monkeypatch):
@@ -129,12 +140,29 @@ def test_processes_split_queries_and_merge(tmp_path):
   assert len(idx.shards) == 2
   queries = store.read(paths["embeddings_train"], "embeddings", hint="")
   single = neighbors.find_neighbors(c, queries, db, idx, str(tmp_path / "single"))
-  cmd = [sys.executable, "-m", "rdm_jax.jobs.neighbors", f"--config={REPO}/configs/fashion_mnist_rdm.py",
-         f"--config.data_dir={data_dir}", "--config.retrieval.num_neighbors=6", "--config.retrieval.chunk_size=16",
-         "--config.retrieval.index.kind=brute", "--config.retrieval.index.shard_size=25", "--parts=train",
-         "--num_processes=2"]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], env=subprocess_env(devices=1), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "rdm_jax.jobs.neighbors",
+    f"--config={REPO}/configs/fashion_mnist_rdm.py",
+    f"--config.data_dir={data_dir}",
+    "--config.retrieval.num_neighbors=6",
+    "--config.retrieval.chunk_size=16",
+    "--config.retrieval.index.kind=brute",
+    "--config.retrieval.index.shard_size=25",
+    "--parts=train",
+    "--num_processes=2",
+  ]
+  procs = [
+    subprocess.Popen(
+      cmd + [f"--process_id={i}"],
+      env=subprocess_env(devices=1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs
   assert sum("recall@6" in log for log in logs) == 1  # exactly one process merged
@@ -153,8 +181,12 @@ def test_bring_your_own_npy(tmp_path):
   db = index_job.open_embeddings(c, str(tmp_path / "emb.npy"), "database", "")
   idx = index.ensure(db, c.retrieval.index, 5, db.path + "_index")
   queries = index_job.open_embeddings(c, str(tmp_path / "emb.npy"), "embeddings", "")
-  out = neighbors.find_neighbors(c, queries, db, idx, str(tmp_path / "nbrs"))  # same file: self excluded
-  np.testing.assert_array_equal(out["neighbor_ids"], reference_neighbors(emb, emb, 5, exclude_self=True))
+  out = neighbors.find_neighbors(
+    c, queries, db, idx, str(tmp_path / "nbrs")
+  )  # same file: self excluded
+  np.testing.assert_array_equal(
+    out["neighbor_ids"], reference_neighbors(emb, emb, 5, exclude_self=True)
+  )
   emb[0] *= -1  # the user's file changes: the old index no longer fits
   np.save(tmp_path / "emb.npy", emb)
   os.utime(tmp_path / "emb.npy", ns=(1, 1))
@@ -170,17 +202,25 @@ def test_bad_queries_fail_before_anything_is_written(tmp_path):
   c, paths, db, idx = setup(str(tmp_path / "data"))
   good = store.read(paths["embeddings_train"], "embeddings", hint="")
   for name, emb, message in [
-      ("nan", np.where(np.arange(64)[:, None] == 40, np.nan, good["embeddings"]), "NaN"),
-      ("zero", np.where(np.arange(64)[:, None] == 5, 0.0, good["embeddings"]), "zero norm"),
-      ("narrow", good["embeddings"][:, :8], "8-d but database"),
+    ("nan", np.where(np.arange(64)[:, None] == 40, np.nan, good["embeddings"]), "NaN"),
+    ("zero", np.where(np.arange(64)[:, None] == 5, 0.0, good["embeddings"]), "zero norm"),
+    ("narrow", good["embeddings"][:, :8], "8-d but database"),
   ]:
-    bad = store.write(str(tmp_path / name), "embeddings", {"embeddings": emb.astype(np.float32), "ids": good["ids"]},
-                      encoder=good.manifest["encoder"], source=good.manifest["source"])
+    bad = store.write(
+      str(tmp_path / name),
+      "embeddings",
+      {"embeddings": emb.astype(np.float32), "ids": good["ids"]},
+      encoder=good.manifest["encoder"],
+      source=good.manifest["source"],
+    )
     with pytest.raises(UserError, match=message):
       neighbors.find_neighbors(c, bad, db, idx, str(tmp_path / f"out_{name}"))
     assert not os.path.exists(str(tmp_path / f"out_{name}"))
-    assert not any(f.startswith("chunk_") for f in os.listdir(str(tmp_path / f"out_{name}.partial"))) \
-        if os.path.exists(str(tmp_path / f"out_{name}.partial")) else True
+    assert (
+      not any(f.startswith("chunk_") for f in os.listdir(str(tmp_path / f"out_{name}.partial")))
+      if os.path.exists(str(tmp_path / f"out_{name}.partial"))
+      else True
+    )
   c.retrieval.num_neighbors = 41
   with pytest.raises(UserError, match="only 40 entries"):
     neighbors.find_neighbors(c, good, db, idx, str(tmp_path / "big_k"))

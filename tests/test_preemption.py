@@ -15,28 +15,44 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (REPO, TINY_OVERRIDES, TRAIN_CONFIG, TRAINED_ARGS, TRAINED_MESH, assert_same_state, final_state,
-                      killable, subprocess_env, tiny_config, train_command)
+from conftest import (
+  REPO,
+  TINY_OVERRIDES,
+  TRAIN_CONFIG,
+  TRAINED_ARGS,
+  TRAINED_MESH,
+  assert_same_state,
+  final_state,
+  killable,
+  subprocess_env,
+  tiny_config,
+  train_command,
+)
 from rdm_jax import checkpoint, preemption
 from test_multiprocess import run_processes
 
 
 def _run(cmd, devices=None):
-  return subprocess.run(cmd, env=subprocess_env(devices), capture_output=True, text=True, cwd=REPO, timeout=600)
+  return subprocess.run(
+    cmd, env=subprocess_env(devices), capture_output=True, text=True, cwd=REPO, timeout=600
+  )
 
 
 def _state(data_dir, workdir, step=None):
   return final_state(tiny_config(data_dir), workdir, (8, 8, 1), step)
 
 
-def test_sigterm_saves_the_step_exits_75_and_the_rerun_ends_as_the_uninterrupted_run(trained, tmp_path):
+def test_sigterm_saves_the_step_exits_75_and_the_rerun_ends_as_the_uninterrupted_run(
+  trained, tmp_path
+):
   data_dir, straight = trained
   workdir = str(tmp_path / "run")
   cmd = train_command(data_dir, workdir, *TRAINED_ARGS)
   stopped = _run(killable(cmd, "term:1"))  # SIGTERM during step 1
   assert stopped.returncode == preemption.EXIT_STATUS, stopped.stderr[-3000:]
   assert stopped.stderr.strip().splitlines()[-1] == (
-      f"preempted (SIGTERM): saved step 1 of 4 in {workdir}; rerun the same command to resume")
+    f"preempted (SIGTERM): saved step 1 of 4 in {workdir}; rerun the same command to resume"
+  )
   assert checkpoint.steps(checkpoint.manager(workdir, create=False)) == [1]
   again = _run(cmd)
   assert again.returncode == 0, again.stderr[-3000:]
@@ -53,8 +69,15 @@ def test_two_processes_stop_at_one_step_on_a_sigterm_to_either(trained, tmp_path
   workdir = str(tmp_path / "multi")
 
   def cmd(port, i, term):
-    c = train_command(data_dir, workdir, *TRAINED_ARGS, "--distributed", f"--coordinator_address=localhost:{port}",
-                      "--num_processes=2", f"--process_id={i}")
+    c = train_command(
+      data_dir,
+      workdir,
+      *TRAINED_ARGS,
+      "--distributed",
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    )
     # both processes wait 0.5 s at each look at the signal, so the run cannot end before JAX's sync
     # manager has agreed on the step to stop at (in a background thread, in milliseconds); process 1
     # gets the SIGTERM at its second look
@@ -81,19 +104,35 @@ def test_sample_job_stops_after_its_shard_and_the_rerun_writes_the_rest(trained,
   data_dir, workdir = trained
 
   def cmd(out):
-    return [sys.executable, "-m", "rdm_jax.sample", f"--config={TRAIN_CONFIG}", f"--workdir={workdir}",
-            f"--config.data_dir={data_dir}", *TINY_OVERRIDES, *TRAINED_MESH, f"--out={tmp_path / out}",
-            "--config.sample.num_images=6", "--config.sample.shard_size=4", "--config.sample.batch_size=4",
-            "--config.sample.num_steps=2", "--config.sample.eta=1.0"]
+    return [
+      sys.executable,
+      "-m",
+      "rdm_jax.sample",
+      f"--config={TRAIN_CONFIG}",
+      f"--workdir={workdir}",
+      f"--config.data_dir={data_dir}",
+      *TINY_OVERRIDES,
+      *TRAINED_MESH,
+      f"--out={tmp_path / out}",
+      "--config.sample.num_images=6",
+      "--config.sample.shard_size=4",
+      "--config.sample.batch_size=4",
+      "--config.sample.num_steps=2",
+      "--config.sample.eta=1.0",
+    ]
 
   straight = _run(cmd("straight"), 8)
   assert straight.returncode == 0, straight.stderr[-3000:]
   stopped = _run(killable(cmd("stopped"), "term:1"), 8)  # SIGTERM when shard 0 is written
   assert stopped.returncode == preemption.EXIT_STATUS, stopped.stderr[-3000:]
   assert "preempted (SIGTERM): 1 of 2 shards are in" in stopped.stderr.strip().splitlines()[-1]
-  assert sorted(f for f in os.listdir(tmp_path / "stopped") if f.endswith(".npz")) == ["shard-00000-of-00002.npz"]
+  assert sorted(f for f in os.listdir(tmp_path / "stopped") if f.endswith(".npz")) == [
+    "shard-00000-of-00002.npz"
+  ]
   again = _run(cmd("stopped"), 8)
-  assert again.returncode == 0 and "resuming: 1 of 2 shards are done" in again.stdout, again.stderr[-3000:]
+  assert again.returncode == 0 and "resuming: 1 of 2 shards are done" in again.stdout, again.stderr[
+    -3000:
+  ]
   for i in range(2):
     name = f"shard-0000{i}-of-00002.npz"
     with np.load(tmp_path / "stopped" / name) as got, np.load(tmp_path / "straight" / name) as want:
@@ -127,14 +166,35 @@ def test_a_chunked_store_job_keeps_its_chunks_on_sigterm(tmp_path):
   env = subprocess_env()
   env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
   (tmp_path / "chunked_job.py").write_text(CHUNKED)
-  stopped = subprocess.run(killable([sys.executable, "-m", "chunked_job", out], "term:2"), env=env,
-                           capture_output=True, text=True, cwd=REPO, timeout=300)
+  stopped = subprocess.run(
+    killable([sys.executable, "-m", "chunked_job", out], "term:2"),
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert stopped.returncode == preemption.EXIT_STATUS, stopped.stderr[-3000:]
   assert "rows 3:6 done" in stopped.stdout and "rows 6:9" not in stopped.stdout
-  assert stopped.stderr.strip().splitlines()[-1].startswith(f"preempted (SIGTERM): {out}: rows to 6 ")
-  again = subprocess.run([sys.executable, "-m", "chunked_job", out], env=env, capture_output=True, text=True,
-                         cwd=REPO, timeout=300)
+  assert (
+    stopped.stderr.strip().splitlines()[-1].startswith(f"preempted (SIGTERM): {out}: rows to 6 ")
+  )
+  again = subprocess.run(
+    [sys.executable, "-m", "chunked_job", out],
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "rows 0:3 done" not in again.stdout and "rows 6:9 done" in again.stdout and "finished" in again.stdout
+  assert (
+    "rows 0:3 done" not in again.stdout
+    and "rows 6:9 done" in again.stdout
+    and "finished" in again.stdout
+  )
   from rdm_jax.data import store
-  np.testing.assert_array_equal(np.asarray(store.read(out, "test_rows", hint="")["x"]), np.arange(10) ** 2)
+
+  np.testing.assert_array_equal(
+    np.asarray(store.read(out, "test_rows", hint="")["x"]), np.arange(10) ** 2
+  )

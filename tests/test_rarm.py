@@ -31,7 +31,9 @@ def model_and_params():
   # every parameter non-trivial (biases and norm affines too), so that each one matters
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  params = jax.tree.unflatten(
+    tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  )
   return model, params, z, ctx
 
 
@@ -39,13 +41,21 @@ def _torch_reference(params, tokens, ctx):
   """Logits [B, S, V] of the reference stack."""
   torch = pytest.importorskip("torch")
   from torch_references import reference
+
   attention = reference("diffusers.models.attention")
   inner = TINY["heads"] * TINY["dim_head"]
   p = jax.tree.map(lambda a: torch.from_numpy(np.asarray(a, np.float64)), params)
   blocks = []
   for i in range(TINY["depth"]):
-    blk = attention.BasicTransformerBlock(inner, TINY["heads"], TINY["dim_head"], cross_attention_dim=D,
-                                          activation_fn="geglu", attention_bias=False, norm_eps=1e-5).double()
+    blk = attention.BasicTransformerBlock(
+      inner,
+      TINY["heads"],
+      TINY["dim_head"],
+      cross_attention_dim=D,
+      activation_fn="geglu",
+      attention_bias=False,
+      norm_eps=1e-5,
+    ).double()
     q = p[f"blocks_{i}"]
     sd = {}
     for n in ("norm1", "norm2", "norm3"):
@@ -53,16 +63,27 @@ def _torch_reference(params, tokens, ctx):
     for a in ("attn1", "attn2"):
       for w in ("to_q", "to_k", "to_v"):
         sd[f"{a}.{w}.weight"] = q[a][w]["kernel"].T
-      sd[f"{a}.to_out.0.weight"], sd[f"{a}.to_out.0.bias"] = q[a]["to_out"]["kernel"].T, q[a]["to_out"]["bias"]
-    sd["ff.net.0.proj.weight"], sd["ff.net.0.proj.bias"] = q["ff"]["proj_in"]["kernel"].T, q["ff"]["proj_in"]["bias"]
-    sd["ff.net.2.weight"], sd["ff.net.2.bias"] = q["ff"]["proj_out"]["kernel"].T, q["ff"]["proj_out"]["bias"]
+      sd[f"{a}.to_out.0.weight"], sd[f"{a}.to_out.0.bias"] = (
+        q[a]["to_out"]["kernel"].T,
+        q[a]["to_out"]["bias"],
+      )
+    sd["ff.net.0.proj.weight"], sd["ff.net.0.proj.bias"] = (
+      q["ff"]["proj_in"]["kernel"].T,
+      q["ff"]["proj_in"]["bias"],
+    )
+    sd["ff.net.2.weight"], sd["ff.net.2.bias"] = (
+      q["ff"]["proj_out"]["kernel"].T,
+      q["ff"]["proj_out"]["bias"],
+    )
     blk.load_state_dict(sd, strict=True)
     blocks.append(blk.eval())
   sos = TINY["num_codes"] + 1
   inputs = np.concatenate([np.full((tokens.shape[0], 1), sos), np.asarray(tokens)[:, :-1]], axis=1)
   c = torch.from_numpy(np.asarray(ctx, np.float64))
   b, s = inputs.shape
-  future = torch.triu(torch.full((s, s), -1e9, dtype=torch.float64), diagonal=1)  # additive causal mask
+  future = torch.triu(
+    torch.full((s, s), -1e9, dtype=torch.float64), diagonal=1
+  )  # additive causal mask
   with torch.no_grad():
     x = p["tok_emb"]["embedding"][torch.from_numpy(inputs)] + p["pos_emb"][:s]
     for blk in blocks:
@@ -84,11 +105,15 @@ def test_cached_decoding_gives_the_full_forward_logits(model_and_params):
   full = np.asarray(model.apply(v, z, ctx))
   cross = model.apply(v, ctx, method=rarm.RARM.cross_kv)
   cache = model.apply(v, z.shape[0], method=rarm.RARM.init_cache)
-  step = jax.jit(lambda tok, t, cache: model.apply(v, tok, t, cache, cross, method=rarm.RARM.decode_step))
+  step = jax.jit(
+    lambda tok, t, cache: model.apply(v, tok, t, cache, cross, method=rarm.RARM.decode_step)
+  )
   for t in range(z.shape[1]):
     tok = jnp.full((z.shape[0],), model.sos_token) if t == 0 else z[:, t - 1]
     logits, cache = step(tok, t, cache)
-    np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=0, atol=1e-5 * np.abs(full).max())
+    np.testing.assert_allclose(
+      np.asarray(logits), full[:, t], rtol=0, atol=1e-5 * np.abs(full).max()
+    )
 
 
 def test_a_future_token_never_changes_earlier_logits(model_and_params):
@@ -97,7 +122,9 @@ def test_a_future_token_never_changes_earlier_logits(model_and_params):
   for j in (0, 4, TINY["seq_len"] - 2):
     changed = z.at[:, j].set((z[:, j] + 1) % TINY["num_codes"])
     out = np.asarray(model.apply({"params": params}, changed, ctx))
-    np.testing.assert_array_equal(out[:, :j + 1], base[:, :j + 1])  # z_j is the input of position j + 1
+    np.testing.assert_array_equal(
+      out[:, : j + 1], base[:, : j + 1]
+    )  # z_j is the input of position j + 1
     assert np.abs(out[:, j + 1] - base[:, j + 1]).max() > 1e-4
 
 
@@ -117,7 +144,10 @@ def test_top_k_and_top_p_keep_the_hand_worked_tokens():
   # top-p 0.69: 0.5 + 0.25 reach it in row 0, 0.4 + 0.3 in row 1; 0.71: row 1 needs 0.2 as well
   assert kept(rarm.filter_logits(logits, top_p=0.69)) == [[1, 0, 0, 1], [0, 0, 1, 1]]
   assert kept(rarm.filter_logits(logits, top_p=0.71)) == [[1, 0, 0, 1], [0, 1, 1, 1]]
-  assert kept(rarm.filter_logits(logits, top_p=0.01)) == [[1, 0, 0, 0], [0, 0, 0, 1]]  # the most likely stays
+  assert kept(rarm.filter_logits(logits, top_p=0.01)) == [
+    [1, 0, 0, 0],
+    [0, 0, 0, 1],
+  ]  # the most likely stays
 
 
 def test_greedy_sampling_is_the_original_algorithm_and_samples_are_per_key(model_and_params):
@@ -127,14 +157,20 @@ def test_greedy_sampling_is_the_original_algorithm_and_samples_are_per_key(model
   v = {"params": params}
   keys = jax.random.split(jax.random.PRNGKey(9), ctx.shape[0])
   for scale in (1.0, 2.5):
-    got = np.asarray(jax.jit(lambda c, k: rarm.sample(model, params, c, k, top_k=1, guidance_scale=scale))(ctx, keys))
+    got = np.asarray(
+      jax.jit(lambda c, k: rarm.sample(model, params, c, k, top_k=1, guidance_scale=scale))(
+        ctx, keys
+      )
+    )
     want = np.zeros_like(got)
     for t in range(TINY["seq_len"]):  # the original: a full forward per token (z[t:] do not matter)
       cond = model.apply(v, jnp.asarray(want), ctx)[:, t]
       uncond = model.apply(v, jnp.asarray(want), jnp.zeros_like(ctx))[:, t]
       want[:, t] = np.argmax(np.asarray(rarm.guide(cond, uncond, scale)), axis=-1)
     np.testing.assert_array_equal(got, want)
-  draw = jax.jit(lambda c, k: rarm.sample(model, params, c, k, temperature=1.0, top_p=0.9, guidance_scale=2.0))
+  draw = jax.jit(
+    lambda c, k: rarm.sample(model, params, c, k, temperature=1.0, top_p=0.9, guidance_scale=2.0)
+  )
   all_at_once = np.asarray(draw(ctx, keys))
   one = np.asarray(draw(ctx[2:3], keys[2:3]))
   np.testing.assert_array_equal(all_at_once[2:3], one)
@@ -143,4 +179,6 @@ def test_greedy_sampling_is_the_original_algorithm_and_samples_are_per_key(model
 
 def test_nll_is_the_cross_entropy_worked_by_hand():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]]))
-  np.testing.assert_allclose(rarm.nll(logits, jnp.array([[0, 2]])), -(np.log(0.5) + np.log(0.3)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(
+    rarm.nll(logits, jnp.array([[0, 2]])), -(np.log(0.5) + np.log(0.3)) / 2, rtol=1e-6
+  )

@@ -29,7 +29,9 @@ def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):  # noqa:
   tokens = store.read(f"{root}/data_rarm/latents_train", "latents", hint="")
   images = mock_images("train", 24, 32)
   with torch.no_grad():
-    want = vq.tokens(torch.as_tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)).numpy()
+    want = vq.tokens(
+      torch.as_tensor(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    ).numpy()
   assert tokens.manifest["tokens"] and tokens["latents"].dtype == np.int32
   np.testing.assert_array_equal(tokens["latents"], want.reshape(24, 64))
   for job in ("rdm_jax.jobs.embed", "rdm_jax.jobs.index", "rdm_jax.jobs.neighbors"):
@@ -45,9 +47,17 @@ def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):  # noqa:
   assert step_a == step_b == 4
   for x, y in zip(jax_leaves(a), jax_leaves(b)):
     np.testing.assert_array_equal(x, y)
-  run(root, "rdm_jax.jobs.context_ablation", f"--workdir={root}/rarm_a", "--num_examples=8", "--repeats=1",
-      "--batch=4", rarm=True)
+  run(
+    root,
+    "rdm_jax.jobs.context_ablation",
+    f"--workdir={root}/rarm_a",
+    "--num_examples=8",
+    "--repeats=1",
+    "--batch=4",
+    rarm=True,
+  )
   import json
+
   with open(f"{root}/rarm_a/context_ablation.json") as f:
     ablation = json.load(f)
   for key in ("true_neighbors", "zeros_context", "shuffled_neighbors"):  # NLL in nats per token
@@ -65,4 +75,5 @@ def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):  # noqa:
 
 def jax_leaves(tree):
   import jax
+
   return [np.asarray(x) for x in jax.tree.leaves(tree)]

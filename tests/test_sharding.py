@@ -24,7 +24,9 @@ def _run(config, mesh_axes, steps=3, devices=None, tx=None):
   with jax.set_mesh(mesh):
     for s in range(steps):
       rows = pipeline.example_indices(0, s, config.train.batch_size, data.num_examples)
-      z0, ctx = training.put_batch(mesh, rules, *pipeline.load_batch(data, rows, config.k_train, "first"))
+      z0, ctx = training.put_batch(
+        mesh, rules, *pipeline.load_batch(data, rows, config.k_train, "first")
+      )
       state, metrics = step(state, z0, ctx, jax.random.PRNGKey(1))
       losses.append(float(metrics["loss"]))
   return state, losses
@@ -66,15 +68,22 @@ def test_layouts_compute_the_same_training_steps(tiny_data):
   which turns reduction-order rounding of near-zero gradients into lr-sized differences."""
   config = tiny_config(tiny_data["data_dir"])
   sgd = optax.sgd(1e-3)
-  ref_state, ref_losses = _run(config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], tx=sgd)
+  ref_state, ref_losses = _run(
+    config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], tx=sgd
+  )
   # (pure data parallelism is the data axis of both; one compile fewer than testing it alone);
   # FSDP's gathers in two stages (fsdp_outer=2: parallel.fsdp.split_mesh)
-  for axes, outer in (({"data": 2, "fsdp": 4, "tensor": 1}, 2), ({"data": 2, "fsdp": 2, "tensor": 2}, 0)):
+  for axes, outer in (
+    ({"data": 2, "fsdp": 4, "tensor": 1}, 2),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 0),
+  ):
     config.mesh.fsdp_outer = outer
     state, losses = _run(config, axes, tx=sgd)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(axes))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=str(axes))
+      np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=str(axes)
+      )
 
 
 def test_a_two_stage_gather_is_the_array_and_its_transpose_the_summed_shard():
@@ -98,8 +107,11 @@ def test_a_two_stage_gather_is_the_array_and_its_transpose_the_summed_shard():
     grad = jax.grad(lambda x: jnp.sum(fsdp._gathered(x, spec, False, jnp.float32, manual) * w))(x)
     return full[None], grad
 
-  f = jax.jit(jax.shard_map(local, mesh=split, in_specs=(spec, P()), out_specs=(P(manual), spec),
-                            axis_names=set(manual)))
+  f = jax.jit(
+    jax.shard_map(
+      local, mesh=split, in_specs=(spec, P()), out_specs=(P(manual), spec), axis_names=set(manual)
+    )
+  )
   placed = jax.device_put(x, NamedSharding(mesh, P(None, "fsdp")))  # placed on the unsplit mesh
   full, grad = f(placed, w)
   np.testing.assert_array_equal(np.asarray(full).reshape(8, 3, 8), np.broadcast_to(x, (8, 3, 8)))
@@ -118,7 +130,11 @@ def test_mesh_errors():
     mesh_lib.make_mesh({"data": 2, "fsdp": 2})
   with pytest.raises(UserError, match="more than one -1"):
     mesh_lib.make_mesh({"data": -1, "fsdp": -1})
-  assert dict(mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}).shape) == {
+    "data": 2,
+    "fsdp": 2,
+    "tensor": 2,
+  }
 
 
 def test_which_parameters_are_gathered_in_the_compute_dtype():
@@ -130,12 +146,13 @@ def test_which_parameters_are_gathered_in_the_compute_dtype():
   from rdm_jax.parallel import fsdp
 
   def apply(p, x):
-    h = x.astype(jnp.bfloat16) @ p["a"].astype(jnp.bfloat16)        # cast: gathered in bf16
-    h = h.astype(jnp.float32) + p["b"].sum()                         # read in f32
+    h = x.astype(jnp.bfloat16) @ p["a"].astype(jnp.bfloat16)  # cast: gathered in bf16
+    h = h.astype(jnp.float32) + p["b"].sum()  # read in f32
     inner = jax.checkpoint(lambda c, h: h * c.astype(jnp.bfloat16).astype(jnp.float32).sum())
-    h = inner(p["c"], h)                                             # cast inside remat
+    h = inner(p["c"], h)  # cast inside remat
     h = jax.jit(lambda d, h: h + d.astype(jnp.bfloat16).sum() + d.sum())(p["d"], h)  # cast and f32
-    return h + p["e"].astype(jnp.float16).sum()                      # another dtype
+    return h + p["e"].astype(jnp.float16).sum()  # another dtype
+
   params = {k: jax.ShapeDtypeStruct((4, 4), jnp.float32) for k in "abcde"}
   x = jax.ShapeDtypeStruct((2, 4), jnp.float32)
   cast = fsdp.cast_before_gather(apply, params, (x,), jnp.bfloat16)
@@ -143,19 +160,32 @@ def test_which_parameters_are_gathered_in_the_compute_dtype():
   assert not any(jax.tree.leaves(fsdp.cast_before_gather(apply, params, (x,), jnp.float32)))
 
   from conftest import repo_config
+
   c = repo_config("imagenet_rarm")
   c.model.update(depth=1, heads=2, dim_head=8, dtype="bfloat16")
   mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
   model = training.make_model(c, list(mesh.devices.flat), training.latent_shape(c))
   inputs = training.example_inputs(c, 1, training.latent_shape(c), c.k_train)
-  abstract, sh = training.state_shardings(model, optax.sgd(0.1), inputs, mesh, [tuple(r) for r in c.sharding_rules], 4)
-  layout = training.fsdp_layout(c, model, inputs, mesh, c.sharding_rules, abstract.params, sh.params)
+  abstract, sh = training.state_shardings(
+    model, optax.sgd(0.1), inputs, mesh, [tuple(r) for r in c.sharding_rules], 4
+  )
+  layout = training.fsdp_layout(
+    c, model, inputs, mesh, c.sharding_rules, abstract.params, sh.params
+  )
   assert layout is not None and layout.batch_axes == ("data", "fsdp")
   assert not layout.cast["tok_emb"]["embedding"] and not layout.cast["pos_emb"]
-  kernels = [v for k, v in jax.tree_util.tree_flatten_with_path(layout.cast)[0] if "kernel" in jax.tree_util.keystr(k)]
+  kernels = [
+    v
+    for k, v in jax.tree_util.tree_flatten_with_path(layout.cast)[0]
+    if "kernel" in jax.tree_util.keystr(k)
+  ]
   assert kernels and all(kernels)
   # no explicit layout beside tensor parallelism, or without fsdp
   for axes in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8, "fsdp": 1, "tensor": 1}):
     m = mesh_lib.make_mesh(axes)
-    a, s = training.state_shardings(model, optax.sgd(0.1), inputs, m, [tuple(r) for r in c.sharding_rules], 4)
-    assert training.fsdp_layout(c, model, inputs, m, c.sharding_rules, a.params, s.params) is None, axes
+    a, s = training.state_shardings(
+      model, optax.sgd(0.1), inputs, m, [tuple(r) for r in c.sharding_rules], 4
+    )
+    assert (
+      training.fsdp_layout(c, model, inputs, m, c.sharding_rules, a.params, s.params) is None
+    ), axes

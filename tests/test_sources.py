@@ -22,7 +22,13 @@ def test_fashion_mnist_idx():
 
 def test_idx_by_hand_and_truncation(tmp_path):
   body = np.arange(2 * 3 * 4, dtype=np.uint8)
-  raw = bytes([0, 0, 0x08, 3]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + (4).to_bytes(4, "big") + body.tobytes()
+  raw = (
+    bytes([0, 0, 0x08, 3])
+    + (2).to_bytes(4, "big")
+    + (3).to_bytes(4, "big")
+    + (4).to_bytes(4, "big")
+    + body.tobytes()
+  )
   path = str(tmp_path / "x-idx3-ubyte.gz")
   with gzip.open(path, "wb") as f:
     f.write(raw)
@@ -39,9 +45,17 @@ def test_idx_by_hand_and_truncation(tmp_path):
 
 def test_overlapping_parts_are_refused():
   import ml_collections as mlc
-  ds = mlc.ConfigDict(dict(name="fashion_mnist", parts=dict(
-      train=dict(split="train", start=0, stop=100), database=dict(split="train", start=50, stop=200),
-      test=dict(split="test", start=0, stop=10))))
+
+  ds = mlc.ConfigDict(
+    dict(
+      name="fashion_mnist",
+      parts=dict(
+        train=dict(split="train", start=0, stop=100),
+        database=dict(split="train", start=50, stop=200),
+        test=dict(split="test", start=0, stop=10),
+      ),
+    )
+  )
   with pytest.raises(UserError, match="overlap"):
     sources.check_disjoint(ds)
   ds.parts.database.start = 100
@@ -50,9 +64,14 @@ def test_overlapping_parts_are_refused():
 
 def _folder_dataset(path, size=4, channels=1, max_pixels=8, stop=0):
   import ml_collections as mlc
-  return mlc.ConfigDict(dict(name="fashion_mnist", parts=dict(database=dict(split=f"folder:{path}", start=0, stop=stop)),
-                             folder=dict(image_size=size, channels=channels, background="white",
-                                         max_pixels=max_pixels)))
+
+  return mlc.ConfigDict(
+    dict(
+      name="fashion_mnist",
+      parts=dict(database=dict(split=f"folder:{path}", start=0, stop=stop)),
+      folder=dict(image_size=size, channels=channels, background="white", max_pixels=max_pixels),
+    )
+  )
 
 
 def test_image_folder_source_worked_by_hand(tmp_path):
@@ -61,10 +80,13 @@ def test_image_folder_source_worked_by_hand(tmp_path):
   at the top; an unreadable file and one over max_pixels are skipped and listed; a changed folder
   is refused."""
   from PIL import Image
+
   (tmp_path / "a").mkdir()
   (tmp_path / "b").mkdir()
   rgba = np.zeros((2, 4, 4), np.uint8)
-  rgba[:, :2, 3] = 255  # opaque black on the left; the right is transparent (its colour must not show)
+  rgba[:, :2, 3] = (
+    255  # opaque black on the left; the right is transparent (its colour must not show)
+  )
   rgba[:, 2:, :3] = 7
   Image.fromarray(rgba, "RGBA").save(tmp_path / "b" / "x.png")
   Image.fromarray(np.full((2, 2), 100, np.uint8)).save(tmp_path / "a" / "y.png")
@@ -74,7 +96,10 @@ def test_image_folder_source_worked_by_hand(tmp_path):
 
   images, labels, source = sources.load_part(_folder_dataset(tmp_path), "database")
   assert source["files"] == 3 and source["stop"] == 3 and source["classes"] == ["a", "b"]
-  assert sorted(source["skipped"]) == ["a/big.png: 3x3 pixels", "a/broken.png: UnidentifiedImageError"]
+  assert sorted(source["skipped"]) == [
+    "a/big.png: 3x3 pixels",
+    "a/broken.png: UnidentifiedImageError",
+  ]
   assert images.shape == (3, 4, 4, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, [0, 1, -1])  # a/y.png, b/x.png, z.png
   np.testing.assert_array_equal(images[0, ..., 0], np.full((4, 4), 100))  # 2x2 -> 4x4, one grey
@@ -85,7 +110,9 @@ def test_image_folder_source_worked_by_hand(tmp_path):
   np.testing.assert_array_equal(rgb[1], np.repeat(want[..., None], 3, axis=2))
 
   Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "b" / "new.png")
-  with pytest.raises(UserError, match="changed .4 usable files now, 3 then.*embed the folder again"):
+  with pytest.raises(
+    UserError, match="changed .4 usable files now, 3 then.*embed the folder again"
+  ):
     sources.folder_files(source)
   with pytest.raises(UserError, match="give image_size > 0, channels 1 or 3"):
     sources.load_part(_folder_dataset(tmp_path, channels=2), "database")
@@ -108,11 +135,15 @@ def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
   images, _, source = sources.load_part(ds, "database")
   assert source["files"] == 3 and source["stop"] == 3 and source["file_list_sha256"]
   np.testing.assert_array_equal(images[:, 0, 0, 0], [30, 0, 40])
-  assert sources.part_source(ds, "database")["files_sha256"] != sources.part_source(
-      _folder_dataset(tmp_path, max_pixels=100), "database")["files_sha256"]
-  for text, says in (("00009.png\n", "1 of the 1 images .* lists are not usable images of the folder .00009.png"),
-                     ("../00001.png\n", "must list image paths relative to the folder"),
-                     ("00001.png\n00001.png\n", "lists 1 paths twice")):
+  assert (
+    sources.part_source(ds, "database")["files_sha256"]
+    != sources.part_source(_folder_dataset(tmp_path, max_pixels=100), "database")["files_sha256"]
+  )
+  for text, says in (
+    ("00009.png\n", "1 of the 1 images .* lists are not usable images of the folder .00009.png"),
+    ("../00001.png\n", "must list image paths relative to the folder"),
+    ("00001.png\n00001.png\n", "lists 1 paths twice"),
+  ):
     (tmp_path / "bad.txt").write_text(text)
     ds.parts.database.files = str(tmp_path / "bad.txt")
     with pytest.raises(UserError, match=says):
@@ -121,9 +152,15 @@ def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
   with pytest.raises(UserError, match="file list .*train.txt changed or went away"):
     sources.folder_files(source)
   split = f"folder:{tmp_path}"
-  parts = mlc.ConfigDict(dict(name="ffhq", parts=dict(
-      train=dict(split=split, start=0, stop=0, files=str(tmp_path / "train.txt")),
-      database=dict(split=split, start=0, stop=0, files=str(tmp_path / "val.txt")))))
+  parts = mlc.ConfigDict(
+    dict(
+      name="ffhq",
+      parts=dict(
+        train=dict(split=split, start=0, stop=0, files=str(tmp_path / "train.txt")),
+        database=dict(split=split, start=0, stop=0, files=str(tmp_path / "val.txt")),
+      ),
+    )
+  )
   sources.check_disjoint(parts)
   (tmp_path / "val.txt").write_text("00001.png\n00003.png\n")
   with pytest.raises(UserError, match="overlap.*database_overlaps_train=True"):
@@ -135,7 +172,9 @@ def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
 def test_label_range_is_read_as_the_original_subset_sampler():
   """rdm/data/base.py SubsetSampler: two values that are not neighbours are an inclusive range
   from min to max; anything else is the list of labels itself."""
-  np.testing.assert_array_equal(sources.label_set([151, 280]), np.arange(151, 281))  # dogs: 130 classes
+  np.testing.assert_array_equal(
+    sources.label_set([151, 280]), np.arange(151, 281)
+  )  # dogs: 130 classes
   np.testing.assert_array_equal(sources.label_set((280, 151)), np.arange(151, 281))
   np.testing.assert_array_equal(sources.label_set([3, 4]), [3, 4])
   np.testing.assert_array_equal(sources.label_set([9, 1, 5]), [1, 5, 9])
@@ -149,8 +188,15 @@ def test_tfds_parts_stream_rows_and_keep_a_label_range(tmp_path):
   import ml_collections as mlc
   import tensorflow_datasets as tfds
 
-  ds = mlc.ConfigDict(dict(name="imagenet2012", image_size=12, tfds_data_dir="", label_range=(),
-                           parts=dict(train=dict(split="train", start=2, stop=14))))
+  ds = mlc.ConfigDict(
+    dict(
+      name="imagenet2012",
+      image_size=12,
+      tfds_data_dir="",
+      label_range=(),
+      parts=dict(train=dict(split="train", start=2, stop=14)),
+    )
+  )
   with tfds.testing.mock_data(num_examples=16):
     part = sources.open_part(ds, "train")
     whole = part.images()
@@ -178,10 +224,14 @@ def test_image_folder_captions_come_from_its_side_file(tmp_path):
   import json
 
   from PIL import Image
+
   for name in ("a/1.png", "a/2.png", "b/3.png"):
     (tmp_path / name).parent.mkdir(exist_ok=True)
     Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / name)
-  lines = [{"file": "b/3.png", "caption": "a sneaker, ünïcode"}, {"file": "a/1.png", "caption": "a red dress"}]
+  lines = [
+    {"file": "b/3.png", "caption": "a sneaker, ünïcode"},
+    {"file": "a/1.png", "caption": "a red dress"},
+  ]
   (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
   ds = _folder_dataset(tmp_path, max_pixels=100)
   part = sources.open_part(ds, "database")
@@ -190,7 +240,9 @@ def test_image_folder_captions_come_from_its_side_file(tmp_path):
   (tmp_path / "captions.jsonl").write_text('{"file": "a/1.png", "caption": "changed"}\n')
   with pytest.raises(UserError, match="changed or went away"):
     sources.folder_captions(part.source, ["a/1.png"])
-  (tmp_path / "captions.jsonl").write_text('{"file": "a/1.png", "caption": "ok"}\n{"file": "a/2.png"}\n')
+  (tmp_path / "captions.jsonl").write_text(
+    '{"file": "a/1.png", "caption": "ok"}\n{"file": "a/2.png"}\n'
+  )
   with pytest.raises(UserError, match=r"captions.jsonl:2 is not a JSON object"):
     sources.open_part(ds, "database")
   (tmp_path / "captions.jsonl").unlink()
@@ -205,9 +257,15 @@ def _captioned_builder(data_dir: str):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"val": self._generate_examples()}
@@ -229,8 +287,16 @@ def test_tfds_captions_are_the_first_caption_of_each_example(tmp_path):
   import ml_collections as mlc
 
   builder = _captioned_builder(str(tmp_path))
-  ds = mlc.ConfigDict(dict(name=builder.name, image_size=4, tfds_data_dir=str(tmp_path), label_range=(),
-                           caption_feature="auto", parts=dict(test=dict(split="val", start=3, stop=9))))
+  ds = mlc.ConfigDict(
+    dict(
+      name=builder.name,
+      image_size=4,
+      tfds_data_dir=str(tmp_path),
+      label_range=(),
+      caption_feature="auto",
+      parts=dict(test=dict(split="val", start=3, stop=9)),
+    )
+  )
   part = sources.open_part(ds, "test")
   means = part.images().reshape(6, -1).mean(-1)  # the images say which example each row is
   order = [int(round(m / 20)) for m in means]

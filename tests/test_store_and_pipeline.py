@@ -22,7 +22,9 @@ def test_write_chunked_is_atomic_and_resumes(tmp_path):
     return {"x": np.arange(a, b, dtype=np.float32)[:, None] * 2}
 
   with pytest.raises(KeyboardInterrupt):
-    store.write_chunked(out, "thing", 10, 3, lambda a, b: compute(a, b, fail_at=6), log=lambda m: None)
+    store.write_chunked(
+      out, "thing", 10, 3, lambda a, b: compute(a, b, fail_at=6), log=lambda m: None
+    )
   assert not os.path.exists(out)  # nothing half-written under the final name
   assert os.path.isdir(out + ".partial")
   calls.clear()
@@ -54,7 +56,7 @@ def test_example_order_is_a_function_of_step_and_covers_each_epoch():
   n, b = 50, 8
   seen = np.concatenate([pipeline.example_indices(3, s, b, n) for s in range(25)])  # 200 = 4 epochs
   for e in range(4):
-    assert sorted(seen[e * n:(e + 1) * n]) == list(range(n))
+    assert sorted(seen[e * n : (e + 1) * n]) == list(range(n))
   again = pipeline.example_indices(3, 7, b, n)
   np.testing.assert_array_equal(again, seen[56:64])
   # processes split the global batch into disjoint, contiguous blocks
@@ -65,6 +67,7 @@ def test_example_order_is_a_function_of_step_and_covers_each_epoch():
 def _chi2_uniform(counts: np.ndarray) -> tuple[float, float]:
   """Pearson's chi-squared statistic of counts against a uniform law, and its 99.9% quantile."""
   from scipy.stats import chi2
+
   expected = counts.sum() / counts.size
   return float(((counts - expected) ** 2 / expected).sum()), float(chi2.ppf(0.999, counts.size - 1))
 
@@ -86,6 +89,7 @@ def test_shuffled_epochs_are_uniform_random_permutations():
 def test_random_neighbour_selection_is_uniform_over_subsets():
   """k=3 of K=6: each of the 20 subsets equally likely, and the first pick uniform over the 6."""
   from itertools import combinations
+
   ids = np.tile(np.arange(6), (6000, 1))
   got = pipeline.select_neighbors(ids, 3, "random", np.random.default_rng(0))
   subsets = {s: i for i, s in enumerate(combinations(range(6), 3))}
@@ -172,13 +176,22 @@ def test_train_iterator_yields_the_batches_of_each_step(tiny_data):
 def test_resume_never_mixes_chunks_of_other_inputs(tmp_path):
   out = str(tmp_path / "s")
   with pytest.raises(KeyboardInterrupt):
+
     def boom(a, b):
       if a == 4:
         raise KeyboardInterrupt
       return {"x": np.full((b - a, 1), 1.0)}
+
     store.write_chunked(out, "thing", 8, 4, boom, log=lambda m: None, encoder={"name": "old"})
-  s = store.write_chunked(out, "thing", 8, 4, lambda a, b: {"x": np.full((b - a, 1), 2.0)},
-                          log=lambda m: None, encoder={"name": "new"})
+  s = store.write_chunked(
+    out,
+    "thing",
+    8,
+    4,
+    lambda a, b: {"x": np.full((b - a, 1), 2.0)},
+    log=lambda m: None,
+    encoder={"name": "new"},
+  )
   np.testing.assert_array_equal(s["x"][:, 0], 2.0)  # the old encoder's chunk was not reused
   assert store.reusable(out, "thing", "h", encoder={"name": "new"}) is not None
   assert store.reusable(out, "thing", "h", encoder={"name": "other"}) is None
@@ -190,4 +203,3 @@ def test_read_rows_equals_the_memory_mapped_slice(tmp_path):
   for a, b in [(0, 7), (2, 5), (6, 7), (3, 3), (5, 99)]:
     np.testing.assert_array_equal(store.read_rows(s, "x", a, b), x[a:b])
   np.testing.assert_array_equal(store.read_rows(s, "ids", 1, 4), [1, 2, 3])
-

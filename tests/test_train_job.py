@@ -8,14 +8,29 @@ import sys
 
 import numpy as np
 
-from conftest import (REPO, TRAINED_STEPS, assert_same_state, final_state, killable, one_line_error, subprocess_env,
-                      tiny_config, train_command)
+from conftest import (
+  REPO,
+  TRAINED_STEPS,
+  assert_same_state,
+  final_state,
+  killable,
+  one_line_error,
+  subprocess_env,
+  tiny_config,
+  train_command,
+)
 from rdm_jax import checkpoint
 
 
 def _train_cmd(data_dir, workdir, steps, *extra):
-  return train_command(data_dir, workdir, f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=3",
-                       "--config.train.keep_checkpoints=100", *extra)
+  return train_command(
+    data_dir,
+    workdir,
+    f"--config.train.num_steps={steps}",
+    "--config.train.checkpoint_every=3",
+    "--config.train.keep_checkpoints=100",
+    *extra,
+  )
 
 
 def _final_state(data_dir, workdir, step):
@@ -31,8 +46,13 @@ def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
   data_dir, original = trained
   workdir = str(tmp_path / "killed")
   cmd = train_command(data_dir, workdir, *TRAINED_STEPS)
-  killed = subprocess.run(killable(cmd, kill_at="path:checkpoints/4"), env=subprocess_env(), capture_output=True,
-                          text=True, cwd=REPO)
+  killed = subprocess.run(
+    killable(cmd, kill_at="path:checkpoints/4"),
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+  )
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert checkpoint.steps(checkpoint.manager(workdir, create=False)) == [2]
   out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
@@ -42,8 +62,16 @@ def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
 
 
 def test_imagenet_without_latents_names_the_job_to_run(tmp_path):
-  line = one_line_error([sys.executable, "-m", "rdm_jax.train", "--config=configs/imagenet_rdm.py",
-                          f"--workdir={tmp_path / 'x'}", f"--config.data_dir={tmp_path / 'nothing'}"])
+  line = one_line_error(
+    [
+      sys.executable,
+      "-m",
+      "rdm_jax.train",
+      "--config=configs/imagenet_rdm.py",
+      f"--workdir={tmp_path / 'x'}",
+      f"--config.data_dir={tmp_path / 'nothing'}",
+    ]
+  )
   assert "python -m rdm_jax.jobs.encode" in line and "latents" in line
 
 
@@ -51,5 +79,8 @@ def test_bad_train_inputs_are_one_line_errors(tiny_data, tmp_path):
   base = _train_cmd(tiny_data["data_dir"], str(tmp_path / "w"), 3)
   assert "K=6" in one_line_error(base + ["--config.k_train=9"])
   assert "does not divide 8 devices" in one_line_error(base + ["--config.mesh.fsdp=3"])
-  np.save(os.path.join(tiny_data["data_dir"], "latents_train", "latents.npy"), np.zeros((3, 8, 8, 1), np.float32))
+  np.save(
+    os.path.join(tiny_data["data_dir"], "latents_train", "latents.npy"),
+    np.zeros((3, 8, 8, 1), np.float32),
+  )
   assert "manifest says" in one_line_error(base)

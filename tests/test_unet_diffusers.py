@@ -37,55 +37,80 @@ def _diffusers_unet(model: UNet, in_channels: int, context_dim: int):
     up.append("CrossAttnUpBlock2D" if ds in model.attention_resolutions else "UpBlock2D")
     ds //= 2 if level else 1
   net = diffusers.UNet2DConditionModel(
-      sample_size=None, in_channels=in_channels,
-      out_channels=model.out_channels * model.patch_size ** 2 if model.out_channels else in_channels,
-      down_block_types=tuple(down), up_block_types=tuple(up),
-      block_out_channels=tuple(m * model.model_channels for m in mult),
-      layers_per_block=model.num_res_blocks, cross_attention_dim=context_dim,
-      # diffusers' attention_head_dim is the number of heads per level
-      attention_head_dim=tuple(m * model.model_channels // model.num_head_channels for m in mult),
-      transformer_layers_per_block=model.transformer_depth,
-      flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5, act_fn="silu")
+    sample_size=None,
+    in_channels=in_channels,
+    out_channels=model.out_channels * model.patch_size**2 if model.out_channels else in_channels,
+    down_block_types=tuple(down),
+    up_block_types=tuple(up),
+    block_out_channels=tuple(m * model.model_channels for m in mult),
+    layers_per_block=model.num_res_blocks,
+    cross_attention_dim=context_dim,
+    # diffusers' attention_head_dim is the number of heads per level
+    attention_head_dim=tuple(m * model.model_channels // model.num_head_channels for m in mult),
+    transformer_layers_per_block=model.transformer_depth,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    act_fn="silu",
+  )
   return net.double().eval()
 
 
 _BLOCK_RENAMES = {
-    # res block
-    "in_norm": "norm1", "in_conv": "conv1", "emb_proj": "time_emb_proj", "out_norm": "norm2",
-    "out_conv": "conv2", "skip": "conv_shortcut",
-    # transformer block
-    "to_out": "to_out.0", "ff.proj_in": "ff.net.0.proj", "ff.proj_out": "ff.net.2",
+  # res block
+  "in_norm": "norm1",
+  "in_conv": "conv1",
+  "emb_proj": "time_emb_proj",
+  "out_norm": "norm2",
+  "out_conv": "conv2",
+  "skip": "conv_shortcut",
+  # transformer block
+  "to_out": "to_out.0",
+  "ff.proj_in": "ff.net.0.proj",
+  "ff.proj_out": "ff.net.2",
 }
 
 
 def _diffusers_name(path: tuple[str, ...], num_levels: int) -> str:
   """Our parameter path (module names, leaf) -> diffusers' state-dict key."""
   top, inner, leaf = path[0], list(path[1:-1]), path[-1]
-  fixed = {"conv_in": "conv_in", "time_embed_0": "time_embedding.linear_1",
-           "time_embed_1": "time_embedding.linear_2", "out_norm": "conv_norm_out",
-           "conv_out": "conv_out", "mid_res_0": "mid_block.resnets.0",
-           "mid_res_1": "mid_block.resnets.1", "mid_attn": "mid_block.attentions.0"}
+  fixed = {
+    "conv_in": "conv_in",
+    "time_embed_0": "time_embedding.linear_1",
+    "time_embed_1": "time_embedding.linear_2",
+    "out_norm": "conv_norm_out",
+    "conv_out": "conv_out",
+    "mid_res_0": "mid_block.resnets.0",
+    "mid_res_1": "mid_block.resnets.1",
+    "mid_attn": "mid_block.attentions.0",
+  }
   if top in fixed:
     prefix = fixed[top]
   else:
     side, level, kind = top.split("_")[:3]
     blocks = "down_blocks" if side == "down" else "up_blocks"
     index = int(level) if side == "down" else num_levels - 1 - int(level)
-    prefix = {"res": f"{blocks}.{index}.resnets.{top.split('_')[-1]}",
-              "attn": f"{blocks}.{index}.attentions.{top.split('_')[-1]}",
-              "downsample": f"{blocks}.{index}.downsamplers.0.conv",
-              "upsample": f"{blocks}.{index}.upsamplers.0.conv"}[kind]
+    prefix = {
+      "res": f"{blocks}.{index}.resnets.{top.split('_')[-1]}",
+      "attn": f"{blocks}.{index}.attentions.{top.split('_')[-1]}",
+      "downsample": f"{blocks}.{index}.downsamplers.0.conv",
+      "upsample": f"{blocks}.{index}.upsamplers.0.conv",
+    }[kind]
   inner = [n.replace("block_", "transformer_blocks.") for n in inner]
   middle = ".".join(inner)
   for ours, theirs in _BLOCK_RENAMES.items():
     if middle == ours or middle.endswith("." + ours):
       middle = middle[: len(middle) - len(ours)] + theirs
-  return ".".join(p for p in (prefix, middle, {"scale": "weight", "kernel": "weight"}.get(leaf, leaf)) if p)
+  return ".".join(
+    p for p in (prefix, middle, {"scale": "weight", "kernel": "weight"}.get(leaf, leaf)) if p
+  )
 
 
 def _to_torch_layout(value: np.ndarray):
   import torch
-  if value.ndim == 4:    # conv HWIO -> OIHW
+
+  if value.ndim == 4:  # conv HWIO -> OIHW
     value = value.transpose(3, 2, 0, 1)
   elif value.ndim == 2:  # dense [in, out] -> [out, in]
     value = value.T
@@ -102,7 +127,7 @@ def _random_params(model: UNet, x, t, ctx, seed: int):
     name = path[-1].key
     if name == "kernel":
       fan_in = int(np.prod(leaf.shape[:-1]))
-      return rng.normal(0.0, fan_in ** -0.5, leaf.shape).astype(np.float32)
+      return rng.normal(0.0, fan_in**-0.5, leaf.shape).astype(np.float32)
     return rng.normal(1.0 if name == "scale" else 0.0, 0.1, leaf.shape).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(draw, params)
@@ -121,15 +146,24 @@ def _compare(config, latent_shape, batch=2, dtype=jnp.float32):
   params = _random_params(model, x, t, ctx, seed=11)
   ours = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx))
 
-  p = model.patch_size  # patched (the demo): diffusers' UNet on torch's pixel_unshuffle of the input
+  p = (
+    model.patch_size
+  )  # patched (the demo): diffusers' UNet on torch's pixel_unshuffle of the input
   assert p == 1 or in_ch == 1, "pixel_unshuffle orders channels as ours only for one channel"
   net = _diffusers_unet(model, in_ch * p * p, d)
-  flat = {_diffusers_name(tuple(p.key for p in path), len(model.channel_mult)): _to_torch_layout(np.asarray(v))
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {
+    _diffusers_name(tuple(p.key for p in path), len(model.channel_mult)): _to_torch_layout(
+      np.asarray(v)
+    )
+    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   net.load_state_dict(flat, strict=True)
   with torch.no_grad():
-    want = net(torch.nn.functional.pixel_unshuffle(torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), p),
-               torch.from_numpy(t).long(), encoder_hidden_states=torch.from_numpy(ctx).double()).sample
+    want = net(
+      torch.nn.functional.pixel_unshuffle(torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), p),
+      torch.from_numpy(t).long(),
+      encoder_hidden_states=torch.from_numpy(ctx).double(),
+    ).sample
     want = torch.nn.functional.pixel_shuffle(want, p)
   return ours, want.numpy().transpose(0, 2, 3, 1)
 
@@ -183,27 +217,44 @@ def test_original_state_dict_names_agree_with_diffusers_ldm_converter():
   ctx = rng.normal(size=(2, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
   params = _random_params(model, x, t, ctx, seed=5)
   names = unet.ldm_names(model, params)
-  original = {"model.diffusion_model." + k: torch.from_numpy(v)
-              for k, v in torch_convert.to_torch(params, names).items()}
+  original = {
+    "model.diffusion_model." + k: torch.from_numpy(v)
+    for k, v in torch_convert.to_torch(params, names).items()
+  }
   assert "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight" in original
-  assert "model.diffusion_model.output_blocks.2.2.conv.weight" in original  # attention before Upsample
+  assert (
+    "model.diffusion_model.output_blocks.2.2.conv.weight" in original
+  )  # attention before Upsample
 
   net = _diffusers_unet(model, latent_shape[-1], config.retrieval.embed_dim)
   converted = convert(original, dict(net.config))
   net.load_state_dict({k: v.double() for k, v in converted.items()}, strict=True)
   with torch.no_grad():
-    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2)).double(), torch.from_numpy(t).long(),
-               encoder_hidden_states=torch.from_numpy(ctx).double()).sample.numpy().transpose(0, 2, 3, 1)
+    want = (
+      net(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)).double(),
+        torch.from_numpy(t).long(),
+        encoder_hidden_states=torch.from_numpy(ctx).double(),
+      )
+      .sample.numpy()
+      .transpose(0, 2, 3, 1)
+    )
   ours = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx))
   scale = float(np.abs(want).max())
   assert scale > 0.1
   np.testing.assert_allclose(ours, want, rtol=0, atol=2e-5 * scale)
 
-  back = torch_convert.to_flax({k[len("model.diffusion_model."):]: v.numpy() for k, v in original.items()},
-                               torch_convert.flat_shapes(params), names)
+  back = torch_convert.to_flax(
+    {k[len("model.diffusion_model.") :]: v.numpy() for k, v in original.items()},
+    torch_convert.flat_shapes(params),
+    names,
+  )
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
   # a checkpoint of another architecture: one line listing what differs
   del original["model.diffusion_model.middle_block.1.proj_in.weight"]
   with pytest.raises(ValueError, match=r"1 missing \(middle_block.1.proj_in.weight\)"):
-    torch_convert.to_flax({k[len("model.diffusion_model."):]: v.numpy() for k, v in original.items()},
-                          torch_convert.flat_shapes(params), names)
+    torch_convert.to_flax(
+      {k[len("model.diffusion_model.") :]: v.numpy() for k, v in original.items()},
+      torch_convert.flat_shapes(params),
+      names,
+    )

@@ -24,7 +24,11 @@ from rdm_jax.models import torch_legacy  # noqa: E402
 from rdm_jax.models.torch_legacy import CheckpointError  # noqa: E402
 
 MAGIC = 0x1950A86A20F9469CFC6C
-SYS_INFO = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+SYS_INFO = {
+  "protocol_version": 1001,
+  "little_endian": True,
+  "type_sizes": {"short": 2, "int": 4, "long": 4},
+}
 
 
 class StorageRef:
@@ -72,7 +76,9 @@ def dumps(obj, protocol=2, legacy=True) -> bytes:
   return buf.getvalue()
 
 
-def legacy_bytes(pickles: list[bytes], storages: dict[str, np.ndarray], numels: dict | None = None) -> bytes:
+def legacy_bytes(
+  pickles: list[bytes], storages: dict[str, np.ndarray], numels: dict | None = None
+) -> bytes:
   """magic, protocol, sys_info, object, keys pickles, then each storage as <int64 numel><bytes>."""
   out = b"".join(pickles)
   for key, data in storages.items():
@@ -81,8 +87,13 @@ def legacy_bytes(pickles: list[bytes], storages: dict[str, np.ndarray], numels: 
 
 
 def legacy_file(path, obj, storages, position=None, payload=None, numels=None, protocol=2):
-  pickles = [dumps(MAGIC, protocol), dumps(1001, protocol), dumps(SYS_INFO, protocol), dumps(obj, protocol),
-             dumps(list(storages), protocol)]
+  pickles = [
+    dumps(MAGIC, protocol),
+    dumps(1001, protocol),
+    dumps(SYS_INFO, protocol),
+    dumps(obj, protocol),
+    dumps(list(storages), protocol),
+  ]
   if position is not None:
     pickles[position] = payload
   path.write_bytes(legacy_bytes(pickles, storages, numels))
@@ -102,8 +113,9 @@ def zip_file(path, data_pkl: bytes, storages: dict[str, bytes], compress=zipfile
 def a_state_dict():
   data = np.arange(12, dtype=np.float32)
   s = StorageRef("0", 12)
-  obj = collections.OrderedDict(w=Tensor(s, 0, (3, 4), (4, 1)), wt=Tensor(s, 0, (4, 3), (1, 4)),
-                                b=Tensor(s, 8, (4,), (1,)))
+  obj = collections.OrderedDict(
+    w=Tensor(s, 0, (3, 4), (4, 1)), wt=Tensor(s, 0, (4, 3), (1, 4)), b=Tensor(s, 8, (4,), (1,))
+  )
   expected = {"w": data.reshape(3, 4), "wt": data.reshape(3, 4).T, "b": data[8:]}
   return obj, {"0": data}, expected
 
@@ -112,7 +124,9 @@ def test_handmade_files_are_real_checkpoints(tmp_path):
   """The writers above produce what torch.load reads (both formats), and so does our reader."""
   obj, storages, expected = a_state_dict()
   legacy = legacy_file(tmp_path / "legacy.pth", obj, storages)
-  zipped = zip_file(tmp_path / "zip.pth", dumps(obj, legacy=False), {k: v.tobytes() for k, v in storages.items()})
+  zipped = zip_file(
+    tmp_path / "zip.pth", dumps(obj, legacy=False), {k: v.tobytes() for k, v in storages.items()}
+  )
   for path in (legacy, zipped):
     ref = torch.load(path, weights_only=True)
     ours = torch_legacy.load(path)
@@ -128,14 +142,19 @@ def attacks(sentinel: str) -> dict[str, object]:
   code = f"__import__('os').system({cmd!r})"
   import builtins
   import copyreg
+
   return {
-      "os.system": Call(os.system, cmd),
-      "eval": Call(builtins.eval, code),
-      "exec": Call(builtins.exec, code),
-      "__import__+getattr": Call(Call(builtins.getattr, Call(builtins.__import__, "os"), "system"), cmd),
-      "nested_in_containers": collections.OrderedDict(a=[1, {"b": (2, Call(os.system, cmd))}]),
-      "copyreg._reconstructor": Call(copyreg._reconstructor, subprocess.Popen, subprocess.Popen, ["touch", sentinel]),
-      "functools.partial": Call(functools.partial(os.system, cmd)),
+    "os.system": Call(os.system, cmd),
+    "eval": Call(builtins.eval, code),
+    "exec": Call(builtins.exec, code),
+    "__import__+getattr": Call(
+      Call(builtins.getattr, Call(builtins.__import__, "os"), "system"), cmd
+    ),
+    "nested_in_containers": collections.OrderedDict(a=[1, {"b": (2, Call(os.system, cmd))}]),
+    "copyreg._reconstructor": Call(
+      copyreg._reconstructor, subprocess.Popen, subprocess.Popen, ["touch", sentinel]
+    ),
+    "functools.partial": Call(functools.partial(os.system, cmd)),
   }
 
 
@@ -143,15 +162,15 @@ def handmade_attacks(sentinel: str) -> dict[str, bytes]:
   """Opcode-level payloads pickle.dumps does not produce."""
   s = sentinel.encode()
   return {
-      "INST": b"(S'touch " + s + b"'\nios\nsystem\n.",
-      "OBJ": b"(cos\nsystem\nS'touch " + s + b"'\no.",
-      "NEWOBJ_EX": b"\x80\x04\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)}\x92.",
-      "BUILD_on_a_list": b"\x80\x02]q\x00}q\x01X\x01\x00\x00\x00aq\x02K\x01sb.",
-      "EXT1": b"\x80\x02\x82\x01.",
-      "foreign_persistent_id": b"\x80\x02(X\x06\x00\x00\x00moduleX\x02\x00\x00\x00osX\x06\x00\x00\x00systemtQ.",
-      "string_persistent_id": b"Pos.system\n.",
-      "persistent_id_with_os_system": b"\x80\x02(X\x07\x00\x00\x00storagecos\nsystem\nX\x01\x00\x00\x000"
-                                      b"X\x03\x00\x00\x00cpuK\x01tQ.",
+    "INST": b"(S'touch " + s + b"'\nios\nsystem\n.",
+    "OBJ": b"(cos\nsystem\nS'touch " + s + b"'\no.",
+    "NEWOBJ_EX": b"\x80\x04\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)}\x92.",
+    "BUILD_on_a_list": b"\x80\x02]q\x00}q\x01X\x01\x00\x00\x00aq\x02K\x01sb.",
+    "EXT1": b"\x80\x02\x82\x01.",
+    "foreign_persistent_id": b"\x80\x02(X\x06\x00\x00\x00moduleX\x02\x00\x00\x00osX\x06\x00\x00\x00systemtQ.",
+    "string_persistent_id": b"Pos.system\n.",
+    "persistent_id_with_os_system": b"\x80\x02(X\x07\x00\x00\x00storagecos\nsystem\nX\x01\x00\x00\x000"
+    b"X\x03\x00\x00\x00cpuK\x01tQ.",
   }
 
 
@@ -164,7 +183,9 @@ def _payloads(sentinel):
   return out
 
 
-@pytest.mark.parametrize("position", [0, 1, 2, 3, 4], ids=["magic", "protocol", "sys_info", "object", "keys"])
+@pytest.mark.parametrize(
+  "position", [0, 1, 2, 3, 4], ids=["magic", "protocol", "sys_info", "object", "keys"]
+)
 def test_malicious_pickles_in_legacy_files_are_refused(tmp_path, position):
   sentinel = str(tmp_path / "pwned")
   obj, storages, _ = a_state_dict()
@@ -191,15 +212,27 @@ def _view_cases():
   big = {"0": np.ones(1 << 20, np.float32)}
   sbig = StorageRef("0", 1 << 20)
   return {
-      "past_the_end": ({"w": Tensor(s1, 0, (50_000_000,), (1,))}, one, None),
-      "stride0_65536x65536": ({"w": Tensor(s1, 0, (65536, 65536), (0, 0))}, one, None),
-      "negative_offset": ({"w": Tensor(StorageRef("0", 4), -2, (2,), (1,))}, {"0": np.ones(4, np.float32)}, None),
-      "negative_stride": ({"w": Tensor(StorageRef("0", 4), 3, (2,), (-1,))}, {"0": np.ones(4, np.float32)}, None),
-      "offset_past_end": ({"w": Tensor(s1, 5, (1,), (1,))}, one, None),
-      "rank_mismatch": ({"w": Tensor(s1, 0, (1, 1), (1,))}, one, None),
-      "float_size": ({"w": Tensor(s1, 0, (1.0,), (1,))}, one, None),
-      "declared_numel_too_large": ({"w": Tensor(StorageRef("0", 1 << 40), 0, (1,), (1,))}, one, None),
-      "many_views_of_one_storage": ({f"w{i}": Tensor(sbig, 0, (1 << 20,), (1,)) for i in range(4000)}, big, None),
+    "past_the_end": ({"w": Tensor(s1, 0, (50_000_000,), (1,))}, one, None),
+    "stride0_65536x65536": ({"w": Tensor(s1, 0, (65536, 65536), (0, 0))}, one, None),
+    "negative_offset": (
+      {"w": Tensor(StorageRef("0", 4), -2, (2,), (1,))},
+      {"0": np.ones(4, np.float32)},
+      None,
+    ),
+    "negative_stride": (
+      {"w": Tensor(StorageRef("0", 4), 3, (2,), (-1,))},
+      {"0": np.ones(4, np.float32)},
+      None,
+    ),
+    "offset_past_end": ({"w": Tensor(s1, 5, (1,), (1,))}, one, None),
+    "rank_mismatch": ({"w": Tensor(s1, 0, (1, 1), (1,))}, one, None),
+    "float_size": ({"w": Tensor(s1, 0, (1.0,), (1,))}, one, None),
+    "declared_numel_too_large": ({"w": Tensor(StorageRef("0", 1 << 40), 0, (1,), (1,))}, one, None),
+    "many_views_of_one_storage": (
+      {f"w{i}": Tensor(sbig, 0, (1 << 20,), (1,)) for i in range(4000)},
+      big,
+      None,
+    ),
   }
 
 
@@ -228,7 +261,9 @@ def test_lying_legacy_storage_headers_and_truncation(tmp_path):
   with pytest.raises(CheckpointError, match="truncated"):
     torch_legacy.load(str(tmp_path / "cut.pth"))
   # keys list naming a storage no tensor uses (or missing one)
-  path = legacy_file(tmp_path / "keys.pth", obj, data, position=4, payload=pickle.dumps(["0", "1"], 2))
+  path = legacy_file(
+    tmp_path / "keys.pth", obj, data, position=4, payload=pickle.dumps(["0", "1"], 2)
+  )
   with pytest.raises(CheckpointError, match="does not match"):
     torch_legacy.load(path)
 
@@ -236,7 +271,9 @@ def test_lying_legacy_storage_headers_and_truncation(tmp_path):
 def test_self_referential_and_deep_objects_are_refused(tmp_path):
   loop = []
   loop.append(loop)
-  deep = b"\x80\x02" + b"(" * 100_000 + b"K\x00" + b"l" * 100_000 + b"."  # [[[...[0]...]]], 1e5 deep
+  deep = (
+    b"\x80\x02" + b"(" * 100_000 + b"K\x00" + b"l" * 100_000 + b"."
+  )  # [[[...[0]...]]], 1e5 deep
   for name, data in (("loop", pickle.dumps(loop, 2)), ("deep", deep)):
     path = zip_file(tmp_path / f"{name}.pth", data, {})
     with pytest.raises(CheckpointError):
@@ -245,8 +282,12 @@ def test_self_referential_and_deep_objects_are_refused(tmp_path):
 
 def test_compressed_members_are_refused(tmp_path):
   obj, storages, _ = a_state_dict()
-  path = zip_file(tmp_path / "deflated.pth", dumps(obj, legacy=False), {k: v.tobytes() for k, v in storages.items()},
-                  compress=zipfile.ZIP_DEFLATED)
+  path = zip_file(
+    tmp_path / "deflated.pth",
+    dumps(obj, legacy=False),
+    {k: v.tobytes() for k, v in storages.items()},
+    compress=zipfile.ZIP_DEFLATED,
+  )
   with pytest.raises(CheckpointError, match="compressed"):
     torch_legacy.load(path)
 
@@ -273,6 +314,7 @@ def test_real_torch_saves_still_load_bit_for_bit(tmp_path):
 
 # Memory and time: a small file must not cost more than a small multiple of its size, nor more
 # time than a pass over it.
+
 
 def _dag_pickle(levels: int) -> bytes:
   """x0 = [0]; x_i = [x_{i-1}, x_{i-1}]: `levels` lists referenced twice each, 2**levels leaves as a tree."""
@@ -310,12 +352,18 @@ def _long1(n: int) -> bytes:
 def test_keys_that_all_hash_alike_are_refused(tmp_path, container):
   """k * (2**61 - 1) all hash to 0: inserting 20000 of them is quadratic (seconds); refused at the first."""
   p = 2**61 - 1
-  items = b"".join(_long1(k * p) + (b"K\x00" if container == "dict" else b"") for k in range(1, 20001))
-  data = b"\x80\x04" + (b"}(" + items + b"u." if container == "dict" else b"\x8f(" + items + b"\x90.")
+  items = b"".join(
+    _long1(k * p) + (b"K\x00" if container == "dict" else b"") for k in range(1, 20001)
+  )
+  data = b"\x80\x04" + (
+    b"}(" + items + b"u." if container == "dict" else b"\x8f(" + items + b"\x90."
+  )
   path = zip_file(tmp_path / f"{container}.pth", data, {})
   with pytest.raises(CheckpointError, match="key"):
     torch_legacy.load(path)
-  floats = b"\x80\x02}(" + b"".join(b"G" + struct.pack(">d", float(2**70 + i * 2**20)) + b"K\x00" for i in range(3))
+  floats = b"\x80\x02}(" + b"".join(
+    b"G" + struct.pack(">d", float(2**70 + i * 2**20)) + b"K\x00" for i in range(3)
+  )
   with pytest.raises(CheckpointError, match="key"):
     torch_legacy.load(zip_file(tmp_path / "floats.pth", floats + b"u.", {}))
 
@@ -325,14 +373,30 @@ def _overlapping_zip(path, n: int, payload: bytes) -> tuple[str, int]:
   header to the end of the file (over the later members' headers and the payload), so n members
   declare ~n * len(payload) bytes from one copy of it. Returns (path, bytes declared)."""
   import zlib
+
   names = [f"archive/data/{i}".encode() for i in range(n)]
   sizes = []
   tail = payload
   headers = []
   for name in reversed(names):  # each header's CRC and size cover everything after it
     sizes.append(len(tail))
-    h = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, zlib.crc32(tail), len(tail), len(tail),
-                    len(name), 0) + name
+    h = (
+      struct.pack(
+        "<IHHHHHIIIHH",
+        0x04034B50,
+        20,
+        0,
+        0,
+        0,
+        0x21,
+        zlib.crc32(tail),
+        len(tail),
+        len(tail),
+        len(name),
+        0,
+      )
+      + name
+    )
     headers.append(h)
     tail = h + tail
   headers, sizes = headers[::-1], sizes[::-1]
@@ -340,16 +404,56 @@ def _overlapping_zip(path, n: int, payload: bytes) -> tuple[str, int]:
   for t in obj.values():
     t.args[0].type = torch.ByteStorage
   pkl = dumps(obj, legacy=False)
-  first = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, zlib.crc32(pkl), len(pkl), len(pkl),
-                      len(b"archive/data.pkl"), 0) + b"archive/data.pkl" + pkl
+  first = (
+    struct.pack(
+      "<IHHHHHIIIHH",
+      0x04034B50,
+      20,
+      0,
+      0,
+      0,
+      0x21,
+      zlib.crc32(pkl),
+      len(pkl),
+      len(pkl),
+      len(b"archive/data.pkl"),
+      0,
+    )
+    + b"archive/data.pkl"
+    + pkl
+  )
   body = first + tail
   entries, offset = [(b"archive/data.pkl", 0, len(pkl), zlib.crc32(pkl))], len(first)
   for name, h, size in zip(names, headers, sizes):
-    entries.append((name, offset, size, zlib.crc32(body[offset + len(h):offset + len(h) + size])))
+    entries.append((name, offset, size, zlib.crc32(body[offset + len(h) : offset + len(h) + size])))
     offset += len(h)
-  central = b"".join(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21, crc, size, size,
-                                 len(name), 0, 0, 0, 0, 0, off) + name for name, off, size, crc in entries)
-  eocd = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(body), 0)
+  central = b"".join(
+    struct.pack(
+      "<IHHHHHHIIIHHHHHII",
+      0x02014B50,
+      20,
+      20,
+      0,
+      0,
+      0,
+      0x21,
+      crc,
+      size,
+      size,
+      len(name),
+      0,
+      0,
+      0,
+      0,
+      0,
+      off,
+    )
+    + name
+    for name, off, size, crc in entries
+  )
+  eocd = struct.pack(
+    "<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(body), 0
+  )
   path.write_bytes(body + central + eocd)
   return str(path), sum(sizes)
 
@@ -357,6 +461,7 @@ def _overlapping_zip(path, n: int, payload: bytes) -> tuple[str, int]:
 def test_overlapping_zip_members_are_refused_before_any_is_read(tmp_path):
   """100 nested members over one 256 KiB payload declare 25 MiB; a 4 MiB file so built declares GiBs."""
   import tracemalloc
+
   path, declared = _overlapping_zip(tmp_path / "overlap.pth", 100, os.urandom(256 << 10))
   assert declared > 80 * os.path.getsize(path)
   tracemalloc.start()
@@ -372,17 +477,19 @@ def test_overlapping_zip_members_are_refused_before_any_is_read(tmp_path):
 def test_corrupt_zip_members_are_one_line(tmp_path):
   """Bad CRC, the encrypted flag, an unknown compression method: a CheckpointError each."""
   obj, storages, _ = a_state_dict()
-  good = zip_file(tmp_path / "good.pth", dumps(obj, legacy=False), {k: v.tobytes() for k, v in storages.items()})
+  good = zip_file(
+    tmp_path / "good.pth", dumps(obj, legacy=False), {k: v.tobytes() for k, v in storages.items()}
+  )
   raw = open(good, "rb").read()
   data_at = raw.index(storages["0"].tobytes())
-  cases = {"bad_crc": raw[:data_at] + b"\xff" + raw[data_at + 1:]}
+  cases = {"bad_crc": raw[:data_at] + b"\xff" + raw[data_at + 1 :]}
   for name, field, value in (("encrypted", 6, 1), ("method_99", 8, 99)):
     patched = bytearray(raw)
     for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # local headers and central directory entries alike
       at = 0
       while (at := patched.find(sig, at)) >= 0:
         off = field if sig == b"PK\x03\x04" else field + 2
-        patched[at + off:at + off + 2] = struct.pack("<H", value)
+        patched[at + off : at + off + 2] = struct.pack("<H", value)
         at += 4
     cases[name] = bytes(patched)
   for name, data in cases.items():
@@ -430,20 +537,46 @@ def test_clip_config_declaring_billions_of_parameters_is_refused_before_any_is_m
   from conftest import REPO, subprocess_env
 
   from transformers import CLIPConfig, FlaxCLIPModel
-  small = CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=16),
-                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                                        num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+
+  small = CLIPConfig(
+    text_config=dict(
+      vocab_size=99,
+      hidden_size=32,
+      intermediate_size=37,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      max_position_embeddings=16,
+    ),
+    vision_config=dict(
+      image_size=32,
+      patch_size=8,
+      hidden_size=32,
+      intermediate_size=37,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+    ),
+    projection_dim=16,
+  )
   FlaxCLIPModel(small, seed=0).save_pretrained(str(tmp_path / "clip"))
   config = json.loads((tmp_path / "clip" / "config.json").read_text())
   for tower in ("text_config", "vision_config"):
-    config[tower].update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=30, num_attention_heads=16)
+    config[tower].update(
+      hidden_size=1024, intermediate_size=4096, num_hidden_layers=30, num_attention_heads=16
+    )
   (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
-  script = ("import resource, sys\nfrom rdm_jax.models import clip\nfrom rdm_jax.errors import UserError\n"
-            "try:\n  clip.load(sys.argv[1]); print('LOADED')\nexcept UserError as e:\n  print('REFUSED', e)\n"
-            "print('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
-  out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "clip")], env=subprocess_env(),
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+  script = (
+    "import resource, sys\nfrom rdm_jax.models import clip\nfrom rdm_jax.errors import UserError\n"
+    "try:\n  clip.load(sys.argv[1]); print('LOADED')\nexcept UserError as e:\n  print('REFUSED', e)\n"
+    "print('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path / "clip")],
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
   assert "REFUSED" in out.stdout and "declares" in out.stdout, out.stdout + out.stderr[-2000:]
   peak = int(out.stdout.split("PEAK_MB")[1])
   assert peak < 1500, f"peak RSS {peak} MB: something was allocated for the declared parameters"
@@ -451,6 +584,7 @@ def test_clip_config_declaring_billions_of_parameters_is_refused_before_any_is_m
 
 # A fuzz test: seeded mutations of real small checkpoints load or fail with one CheckpointError,
 # never another exception, never more memory than a small multiple of the file.
+
 
 def _mutations(data: bytes, rng: np.random.Generator, count: int):
   for _ in range(count):
@@ -463,20 +597,25 @@ def _mutations(data: bytes, rng: np.random.Generator, count: int):
       for i in rng.integers(0, len(b), rng.integers(1, 4)):
         b[i] = int(rng.choice([0x00, 0xFF, 0x7F, 0x80, 0x28, 0x71, 0x8A, 0x94]))
     elif kind == 2:  # truncate
-      b = b[:int(rng.integers(0, len(b)))]
+      b = b[: int(rng.integers(0, len(b)))]
     elif kind == 3:  # duplicate a slice in place
       i, j = sorted(rng.integers(0, len(b), 2))
       b[i:i] = b[i:j]
     else:  # large little-endian ints where sizes live
       i = int(rng.integers(0, max(1, len(b) - 8)))
-      b[i:i + 8] = struct.pack("<Q", [2**31, 2**32 - 1, 2**62, 2**64 - 1][int(rng.integers(4))])
+      b[i : i + 8] = struct.pack("<Q", [2**31, 2**32 - 1, 2**62, 2**64 - 1][int(rng.integers(4))])
     yield bytes(b)
 
 
 def test_fuzzed_checkpoints_load_or_fail_in_one_line(tmp_path):
   import tracemalloc
-  sd = collections.OrderedDict(w=torch.arange(24, dtype=torch.float32).reshape(4, 6), b=torch.ones(3),
-                               i=torch.arange(5), h=torch.zeros(2, 2).half())
+
+  sd = collections.OrderedDict(
+    w=torch.arange(24, dtype=torch.float32).reshape(4, 6),
+    b=torch.ones(3),
+    i=torch.arange(5),
+    h=torch.zeros(2, 2).half(),
+  )
   sd["view"] = sd["w"][1:, 2:].t()
   seeds = {}
   for legacy in (False, True):

@@ -67,8 +67,13 @@ def scann_index(tmp_path):
   """A one-shard ScaNN (brute force) index over 300 random 8-d vectors."""
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(300, 8)).astype(np.float32)
-  db = store.write(str(tmp_path / "db"), "database", {"embeddings": emb, "ids": np.arange(300)},
-                   encoder={"name": "test"}, source={"dataset": "synthetic"})
+  db = store.write(
+    str(tmp_path / "db"),
+    "database",
+    {"embeddings": emb, "ids": np.arange(300)},
+    encoder={"name": "test"},
+    source={"dataset": "synthetic"},
+  )
   cfg = tiny_config(str(tmp_path)).retrieval.index
   cfg.kind = "brute"
   built = index.build(db, cfg, 5, str(tmp_path / "db_index"))
@@ -92,8 +97,10 @@ def _edit_manifest(path, edit):
   json.dump(m, open(os.path.join(path, "manifest.json"), "w"))
 
 
-@pytest.mark.parametrize("attack", ["traversal", "absolute", "symlinked_dir", "extra_file", "symlinked_file",
-                                    "assets_outside"])
+@pytest.mark.parametrize(
+  "attack",
+  ["traversal", "absolute", "symlinked_dir", "extra_file", "symlinked_file", "assets_outside"],
+)
 def test_index_shards_must_be_what_the_build_wrote(scann_index, tmp_path, attack):
   db, cfg, path, q = scann_index
   shard = os.path.join(path, "shard_00000")
@@ -118,7 +125,9 @@ def test_index_shards_must_be_what_the_build_wrote(scann_index, tmp_path, attack
     pbtxt = os.path.join(shard, "scann_assets.pbtxt")
     text = open(pbtxt).read().replace('"dataset.npy"', f'"{evil}/dataset.npy"')
     open(pbtxt, "w").write(text)
-    _edit_manifest(path, lambda m: m["shard_files"]["shard_00000"].update({"scann_assets.pbtxt": len(text)}))
+    _edit_manifest(
+      path, lambda m: m["shard_files"]["shard_00000"].update({"scann_assets.pbtxt": len(text)})
+    )
   with pytest.raises(UserError, match="damaged or was not written by the index job"):
     index.load(path, db, cfg).search(unit(q), 5)
   assert not sentinel.exists()
@@ -138,10 +147,16 @@ def test_writers_refuse_a_directory_of_user_files(tmp_path):
   assert computed == []  # refused before any work
   with pytest.raises(UserError, match="refusing"):
     store.write(user + "/", "thing", {"x": np.zeros(3)})
-  db = store.write(str(tmp_path / "db"), "database", {"embeddings": np.eye(4, dtype=np.float32), "ids": np.arange(4)})
+  db = store.write(
+    str(tmp_path / "db"),
+    "database",
+    {"embeddings": np.eye(4, dtype=np.float32), "ids": np.arange(4)},
+  )
   with pytest.raises(UserError, match="refusing"):
     index.ensure(db, tiny_config(str(tmp_path)).retrieval.index, 2, user)
-  with pytest.raises(UserError, match="'database' store"):  # another kind of store is not replaced either
+  with pytest.raises(
+    UserError, match="'database' store"
+  ):  # another kind of store is not replaced either
     store.write(str(tmp_path / "db"), "neighbors", {"x": np.zeros(3)})
   os.makedirs(str(tmp_path / "s.partial"))
   open(str(tmp_path / "s.partial" / "mine.txt"), "w").close()
@@ -157,39 +172,74 @@ def test_a_job_killed_while_recording_its_inputs_resumes(tmp_path):
   partial = tmp_path / "s.partial"
   os.makedirs(partial)
   (partial / "inputs.json.0123abcd.tmp").write_text('{"half": ')
-  out = store.write_chunked(str(tmp_path / "s"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None)
+  out = store.write_chunked(
+    str(tmp_path / "s"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None
+  )
   np.testing.assert_array_equal(out["x"], np.arange(10))
   assert not os.path.exists(partial)
   os.makedirs(tmp_path / "t.partial")
   (tmp_path / "t.partial" / "inputs.json.0123abcd.tmp").write_text("")
   (tmp_path / "t.partial" / "notes.txt").write_text("mine")
   with pytest.raises(UserError, match="not an unfinished"):
-    store.write_chunked(str(tmp_path / "t"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None)
+    store.write_chunked(
+      str(tmp_path / "t"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None
+    )
   assert (tmp_path / "t.partial" / "notes.txt").read_text() == "mine"
   # a metrics file's temporary left by a kill goes on the rerun; look-alikes of the user's stay
-  for name in ("metrics.json", "metrics.json.0123abcd.tmp", "metrics.json.notes.tmp", "metrics.md.0123abcd.tmp"):
+  for name in (
+    "metrics.json",
+    "metrics.json.0123abcd.tmp",
+    "metrics.json.notes.tmp",
+    "metrics.md.0123abcd.tmp",
+  ):
     (tmp_path / name).write_text("x")
   store.remove_own_temporaries(str(tmp_path / "metrics.json"))
-  assert sorted(p.name for p in tmp_path.glob("metrics*")) == ["metrics.json", "metrics.json.notes.tmp",
-                                                               "metrics.md.0123abcd.tmp"]
+  assert sorted(p.name for p in tmp_path.glob("metrics*")) == [
+    "metrics.json",
+    "metrics.json.notes.tmp",
+    "metrics.md.0123abcd.tmp",
+  ]
 
 
 def _neighbors_cmd(tmp_path, out, *extra):
-  return [sys.executable, "-m", "rdm_jax.jobs.neighbors", f"--config={CONFIG}", f"--config.data_dir={tmp_path / 'data'}",
-          "--config.retrieval.num_neighbors=5", "--config.retrieval.chunk_size=64",
-          f"--database={tmp_path / 'db.npy'}", f"--queries={tmp_path / 'q.npy'}", f"--out={out}", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "rdm_jax.jobs.neighbors",
+    f"--config={CONFIG}",
+    f"--config.data_dir={tmp_path / 'data'}",
+    "--config.retrieval.num_neighbors=5",
+    "--config.retrieval.chunk_size=64",
+    f"--database={tmp_path / 'db.npy'}",
+    f"--queries={tmp_path / 'q.npy'}",
+    f"--out={out}",
+    *extra,
+  ]
 
 
 @pytest.fixture
 def npy_inputs(tmp_path):
   rng = np.random.default_rng(1)
-  db, q = rng.normal(size=(500, 12)).astype(np.float32), rng.normal(size=(1500, 12)).astype(np.float32)
+  db, q = (
+    rng.normal(size=(500, 12)).astype(np.float32),
+    rng.normal(size=(1500, 12)).astype(np.float32),
+  )
   np.save(tmp_path / "db.npy", db)
   np.save(tmp_path / "q.npy", q)
-  subprocess.run([sys.executable, "-m", "rdm_jax.jobs.index", f"--config={CONFIG}",
-                  f"--config.data_dir={tmp_path / 'data'}", "--config.retrieval.num_neighbors=5",
-                  f"--database={tmp_path / 'db.npy'}"], env=subprocess_env(devices=1), check=True,
-                 capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rdm_jax.jobs.index",
+      f"--config={CONFIG}",
+      f"--config.data_dir={tmp_path / 'data'}",
+      "--config.retrieval.num_neighbors=5",
+      f"--database={tmp_path / 'db.npy'}",
+    ],
+    env=subprocess_env(devices=1),
+    check=True,
+    capture_output=True,
+  )
   sims = unit(q.astype(np.float64)) @ unit(db.astype(np.float64)).T
   return np.argsort(-sims, axis=1, kind="stable")[:, :5]
 
@@ -197,29 +247,46 @@ def npy_inputs(tmp_path):
 def test_neighbors_job_out_at_user_files_and_with_a_trailing_slash(tmp_path, npy_inputs):
   user = str(tmp_path / "experiment")
   before = _user_dir(user)
-  out = subprocess.run(_neighbors_cmd(tmp_path, user), env=subprocess_env(devices=1), capture_output=True, text=True)
+  out = subprocess.run(
+    _neighbors_cmd(tmp_path, user), env=subprocess_env(devices=1), capture_output=True, text=True
+  )
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "refusing to replace it" in out.stderr
   assert _snapshot(user) == before and not os.path.exists(user + ".partial")
   # --out=nbrs/ names the store nbrs (before: nbrs/.partial inside it, deleted on publish)
-  out = subprocess.run(_neighbors_cmd(tmp_path, str(tmp_path / "nbrs") + "/"), env=subprocess_env(devices=1),
-                       capture_output=True, text=True)
+  out = subprocess.run(
+    _neighbors_cmd(tmp_path, str(tmp_path / "nbrs") + "/"),
+    env=subprocess_env(devices=1),
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   result = store.read(str(tmp_path / "nbrs"), "neighbors", hint="")
   np.testing.assert_array_equal(result["neighbor_ids"], npy_inputs)
   assert sorted(os.listdir(tmp_path / "nbrs")) == sorted(
-      ["inputs.json", "manifest.json", "neighbor_ids.npy", "query_ids.npy", "scores.npy"])
+    ["inputs.json", "manifest.json", "neighbor_ids.npy", "query_ids.npy", "scores.npy"]
+  )
 
 
 def test_two_concurrent_runs_of_one_job_leave_one_correct_store(tmp_path, npy_inputs):
   out = str(tmp_path / "nbrs")
-  procs = [subprocess.Popen(_neighbors_cmd(tmp_path, out), env=subprocess_env(devices=1), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  procs = [
+    subprocess.Popen(
+      _neighbors_cmd(tmp_path, out),
+      env=subprocess_env(devices=1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for _ in range(2)
+  ]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], logs
   result = store.read(out, "neighbors", hint="", verify=True)
   np.testing.assert_array_equal(result["neighbor_ids"], npy_inputs)
-  leftovers = [f for f in os.listdir(tmp_path) if f.startswith("nbrs") and f not in ("nbrs", "nbrs_proposal")]
+  leftovers = [
+    f for f in os.listdir(tmp_path) if f.startswith("nbrs") and f not in ("nbrs", "nbrs_proposal")
+  ]
   assert leftovers == [], leftovers
 
 
@@ -248,7 +315,9 @@ def test_lock_breaks_stale_locks_and_waits_for_live_ones(tmp_path):
     with open(path + ".lock", "w") as f:
       json.dump({"pid": holder.pid, "host": os.uname().nodename, "start": None, "token": "z"}, f)
     done = threading.Event()
-    writer = threading.Thread(target=lambda: (store.write(path, "thing", {"x": np.arange(5)}), done.set()))
+    writer = threading.Thread(
+      target=lambda: (store.write(path, "thing", {"x": np.arange(5)}), done.set())
+    )
     writer.start()
     assert not done.wait(1.5)  # still waiting: the holder is alive
     assert len(store.read(path, "thing", hint="")["x"]) == 4
@@ -303,7 +372,9 @@ def test_publish_keeps_the_old_store_until_the_new_one_is_in(tmp_path, monkeypat
   monkeypatch.undo()
   aside = [f for f in os.listdir(tmp_path) if ".replaced-" in f]
   assert len(aside) == 1  # the old store survives, whole
-  np.testing.assert_array_equal(store.read(str(tmp_path / aside[0]), "thing", hint="")["x"], np.arange(3))
+  np.testing.assert_array_equal(
+    store.read(str(tmp_path / aside[0]), "thing", hint="")["x"], np.arange(3)
+  )
   store.write(path, "thing", {"x": np.arange(5)})  # the next publish cleans up what the crash left
   assert [f for f in os.listdir(tmp_path) if ".replaced-" in f] == []
   np.testing.assert_array_equal(store.read(path, "thing", hint="")["x"], np.arange(5))
@@ -348,7 +419,10 @@ class _FakeExtractor:
 
   def __call__(self, images, what=""):
     f = images.reshape(len(images), -1).astype(np.float32)
-    return {"features": f.mean(axis=1, keepdims=True), "logits": np.zeros((len(images), 0), np.float32)}
+    return {
+      "features": f.mean(axis=1, keepdims=True),
+      "logits": np.zeros((len(images), 0), np.float32),
+    }
 
 
 def test_eval_cache_follows_image_content(tmp_path):
@@ -362,7 +436,9 @@ def test_eval_cache_follows_image_content(tmp_path):
   images, source = sample_sets.read_reference(config, str(folder))
   first = sample_sets.cached_features(config, _FakeExtractor(), images, source)
   times = [(p, os.stat(p)) for p in (folder, folder / "a", folder / "a" / "b")]
-  Image.fromarray(np.full((4, 4), 200, np.uint8)).save(folder / "a" / "b" / "1.png")  # edited in place
+  Image.fromarray(np.full((4, 4), 200, np.uint8)).save(
+    folder / "a" / "b" / "1.png"
+  )  # edited in place
   for p, st in times:  # folders keep their modification times
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
   images, source = sample_sets.read_reference(config, str(folder))
@@ -402,7 +478,11 @@ def test_image_folders_do_not_follow_directory_links(tmp_path):
 
 def test_sample_sets_of_one_condition_get_one_row_each(tmp_path):
   for seed in (0, 1):
-    np.savez(tmp_path / f"seed{seed}.npz", images=np.full((2, 4, 4, 1), seed, np.uint8), condition="exemplar")
+    np.savez(
+      tmp_path / f"seed{seed}.npz",
+      images=np.full((2, 4, 4, 1), seed, np.uint8),
+      condition="exemplar",
+    )
   sets, _ = sample_sets.read_sample_sets([str(tmp_path / "seed0.npz"), str(tmp_path / "seed1.npz")])
   assert sorted(sets) == ["exemplar (seed0.npz)", "exemplar (seed1.npz)"]
   assert sets["exemplar (seed1.npz)"].max() == 1
@@ -412,15 +492,20 @@ def test_npz_and_gzip_sizes_are_checked_before_inflating(tmp_path, monkeypatch):
   # an .npz whose header claims far more than its member holds
   import io
   import zipfile
+
   buf = io.BytesIO()
-  np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (9999999, 4, 4, 1)})
+  np.lib.format.write_array_header_1_0(
+    buf, {"descr": "|u1", "fortran_order": False, "shape": (9999999, 4, 4, 1)}
+  )
   with zipfile.ZipFile(tmp_path / "lie.npz", "w") as z:
     z.writestr("images.npy", buf.getvalue() + bytes(32))
   with pytest.raises(UserError, match="declares"):
     sample_sets.read_samples(str(tmp_path / "lie.npz"))
   # a compressed member larger than this machine may inflate
   monkeypatch.setenv("RDM_MEMORY_BUDGET", str(1 << 19))
-  np.savez_compressed(tmp_path / "bomb.npz", images=np.zeros((64, 128, 128, 1), np.uint8))  # 1 MiB -> 1 KiB
+  np.savez_compressed(
+    tmp_path / "bomb.npz", images=np.zeros((64, 128, 128, 1), np.uint8)
+  )  # 1 MiB -> 1 KiB
   with pytest.raises(UserError, match="declares"):
     sample_sets.read_samples(str(tmp_path / "bomb.npz"))
   # an IDX .gz whose header declares more than the budget, and one padded past its header's size
@@ -453,9 +538,15 @@ def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path, t
   before = _user_dir(user)
 
   def run(workdir, steps):
-    return subprocess.run(train_command(data_dir, workdir, f"--config.train.num_steps={steps}",
-                                        "--config.train.checkpoint_every=2"),
-                          env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
+    return subprocess.run(
+      train_command(
+        data_dir, workdir, f"--config.train.num_steps={steps}", "--config.train.checkpoint_every=2"
+      ),
+      env=subprocess_env(),
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+    )
 
   out = run(user, 2)
   assert out.returncode == 2 and "no training run" in out.stderr and "Traceback" not in out.stderr
@@ -463,7 +554,9 @@ def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path, t
   workdir = str(tmp_path / "run")
   shutil.copytree(trained[1], workdir)  # a run of 4 steps on these stores
   shutil.rmtree(data_dir)
-  make_tiny_stores(data_dir, seed=1, fmnist_database=True)  # the database (and the rest) re-made with other content
+  make_tiny_stores(
+    data_dir, seed=1, fmnist_database=True
+  )  # the database (and the rest) re-made with other content
   out = run(workdir, 6)
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "trained with another database" in out.stderr
@@ -473,10 +566,10 @@ def test_train_refuses_foreign_workdirs_and_runs_of_another_database(tmp_path, t
 # program, files of the user's, and malformed files as one line.
 
 
-
 @contextlib.contextmanager
 def _within(seconds: float):
   """Fails the test (TimeoutError) instead of hanging when the block blocks, e.g. opening a FIFO."""
+
   def timeout(*_):
     raise TimeoutError(f"blocked for {seconds} s")
 
@@ -493,12 +586,18 @@ def test_npz_arrays_together_past_the_budget_are_refused(tmp_path, monkeypatch):
   """Three arrays, each under the budget, together over it: refused when the file is opened."""
   monkeypatch.setenv("RDM_MEMORY_BUDGET", str(1 << 20))
   each = np.zeros((600 << 10,), np.uint8)  # 600 KiB each, ~1 KiB compressed
-  np.savez_compressed(tmp_path / "set.npz", images=each.reshape(-1, 8, 8, 1), latents=each, more=each)
+  np.savez_compressed(
+    tmp_path / "set.npz", images=each.reshape(-1, 8, 8, 1), latents=each, more=each
+  )
   assert os.path.getsize(tmp_path / "set.npz") < 20 << 10
   with pytest.raises(UserError, match="3 arrays together declares"):
     sample_sets.read_samples(str(tmp_path / "set.npz"))
-  np.savez_compressed(tmp_path / "part_0.npz", embedding=np.zeros((1000, 400), np.float32),
-                      img_id=np.zeros(1000, np.int64), patch_coords=np.zeros((1000, 4), np.int64))
+  np.savez_compressed(
+    tmp_path / "part_0.npz",
+    embedding=np.zeros((1000, 400), np.float32),
+    img_id=np.zeros(1000, np.int64),
+    patch_coords=np.zeros((1000, 4), np.int64),
+  )
   with pytest.raises(UserError, match="together declares"):
     original_database.part_rows(str(tmp_path / "part_0.npz"), 400)
   # what a job keeps of several files counts together: two shards of 600 KiB images each
@@ -520,7 +619,10 @@ def test_image_readers_cap_pixels_and_charge_the_job(tmp_path, monkeypatch):
   assert os.path.getsize(bomb / "big.png") < 1 << 20
   with pytest.raises(UserError, match="8000x8000 pixels"):
     sample_sets.read_image_folder(str(bomb))
-  assert sources.usable_images(str(bomb), untrusted.MAX_IMAGE_PIXELS) == ([], ["big.png: 8000x8000 pixels"])
+  assert sources.usable_images(str(bomb), untrusted.MAX_IMAGE_PIXELS) == (
+    [],
+    ["big.png: 8000x8000 pixels"],
+  )
   many = tmp_path / "many"
   os.makedirs(many)
   for i in range(5):
@@ -536,13 +638,16 @@ def test_captions_are_bounded_and_each_costs_only_itself(tmp_path):
   def captions(lines):
     path = tmp_path / "captions.jsonl"
     path.write_bytes(b"".join(lines))
-    return sources.folder_captions({"captions_file": str(path), "captions_sha256": store.file_sha256(str(path))},
-                                   names)
+    return sources.folder_captions(
+      {"captions_file": str(path), "captions_sha256": store.file_sha256(str(path))}, names
+    )
 
   huge = json.dumps({"file": "0.png", "caption": "x" * (1 << 20)}).encode() + b"\n"
   with pytest.raises(UserError, match="captions.jsonl:1"):
     captions([huge])
-  longest = json.dumps({"file": "1.png", "caption": "y" * untrusted.MAX_CAPTION_CHARS}).encode() + b"\n"
+  longest = (
+    json.dumps({"file": "1.png", "caption": "y" * untrusted.MAX_CAPTION_CHARS}).encode() + b"\n"
+  )
   got = captions([longest, b'{"file": "2.png", "caption": "a dress"}\n'])
   assert got.dtype == object and len(got) == 300
   assert got[1] == "y" * untrusted.MAX_CAPTION_CHARS and got[2] == "a dress" and got[0] == ""
@@ -552,8 +657,12 @@ def test_special_files_are_refused_not_read(tmp_path):
   """FIFOs where a job reads a part, a manifest, a lock or an array: one line, never a hang."""
   parts = tmp_path / "parts"
   os.makedirs(parts)
-  np.savez(parts / "10x4-part_0.npz", embedding=np.zeros((10, 4), np.float32), img_id=np.arange(10),
-           patch_coords=np.zeros((10, 4), np.int64))
+  np.savez(
+    parts / "10x4-part_0.npz",
+    embedding=np.zeros((10, 4), np.float32),
+    img_id=np.arange(10),
+    patch_coords=np.zeros((10, 4), np.int64),
+  )
   os.mkfifo(parts / "10x4-part_1.npz")
   found = original_database.npz_files([str(parts)])
   with _within(10), pytest.raises(UserError, match="not a regular file"):
@@ -580,16 +689,28 @@ def test_links_to_devices_are_refused_not_read(tmp_path):
   memory is capped, so that a reader that follows it fails with MemoryError instead of taking the
   machine down."""
   for name in ("db/manifest.json", "db2.lock"):
-    os.makedirs(tmp_path / os.path.dirname(name) if os.path.dirname(name) else tmp_path, exist_ok=True)
+    os.makedirs(
+      tmp_path / os.path.dirname(name) if os.path.dirname(name) else tmp_path, exist_ok=True
+    )
     os.symlink("/dev/zero", tmp_path / name)
-  script = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
-            "from rdm_jax.data import store\nfrom rdm_jax.errors import UserError\n"
-            "for out in sys.argv[1:]:\n  try:\n    store.check_output(out, 'database'); print('ACCEPTED')\n"
-            "  except UserError as e:\n    print('REFUSED', e)\n")
-  out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "db"), str(tmp_path / "db2")],
-                       env=subprocess_env(), capture_output=True, text=True, cwd=REPO, timeout=120)
+  script = (
+    "import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+    "from rdm_jax.data import store\nfrom rdm_jax.errors import UserError\n"
+    "for out in sys.argv[1:]:\n  try:\n    store.check_output(out, 'database'); print('ACCEPTED')\n"
+    "  except UserError as e:\n    print('REFUSED', e)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path / "db"), str(tmp_path / "db2")],
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   lines = out.stdout.splitlines()
-  assert len(lines) == 2 and all(line.startswith("REFUSED") for line in lines), out.stdout + out.stderr[-2000:]
+  assert len(lines) == 2 and all(line.startswith("REFUSED") for line in lines), (
+    out.stdout + out.stderr[-2000:]
+  )
 
 
 def test_images_never_make_a_program_run(tmp_path, monkeypatch):
@@ -605,11 +726,15 @@ def test_images_never_make_a_program_run(tmp_path, monkeypatch):
   monkeypatch.setattr(EpsImagePlugin, "gs_binary", None, raising=False)
   folder = tmp_path / "images"
   os.makedirs(folder / "a")
-  (folder / "a" / "x.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+  (folder / "a" / "x.png").write_text(
+    "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+  )
   with pytest.raises(UserError, match="not a PNG or JPEG"):
     sample_sets.read_image_folder(str(folder))
   assert sources.usable_images(str(folder), 1 << 30)[1] == ["a/x.png: UnidentifiedImageError"]
-  assert isinstance(sources._folder_image(str(folder / "a" / "x.png"), 8, 3, 255, lenient=True), str)
+  assert isinstance(
+    sources._folder_image(str(folder / "a" / "x.png"), 8, 3, 255, lenient=True), str
+  )
   assert not sentinel.exists()
 
 
@@ -621,7 +746,9 @@ def test_jobs_delete_only_files_they_wrote(tmp_path):
   with pytest.raises(UserError, match=r"notes\.txt"):
     store.write(path, "database", {"embeddings": np.ones((3, 4), np.float32)})
   assert open(os.path.join(path, "notes.txt")).read() == "the user's"
-  assert not store.read(path, "database", hint="make it")["embeddings"].any()  # the old store, intact
+  assert not store.read(path, "database", hint="make it")[
+    "embeddings"
+  ].any()  # the old store, intact
 
   other = str(tmp_path / "db2")
   os.makedirs(other + ".partial")
@@ -639,17 +766,19 @@ def _npz_variants(tmp_path) -> dict[str, bytes]:
   np.savez(tmp_path / "good.npz", images=np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1))
   raw = (tmp_path / "good.npz").read_bytes()
   at = raw.index(bytes(range(10, 20)))
-  out = {"bad_crc": raw[:at] + b"\xff" + raw[at + 1:]}
+  out = {"bad_crc": raw[:at] + b"\xff" + raw[at + 1 :]}
   enc = bytearray(raw)
   for sig, off in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
     i = enc.find(sig)
-    enc[i + off:i + off + 2] = struct.pack("<H", 1)
+    enc[i + off : i + off + 2] = struct.pack("<H", 1)
   out["encrypted"] = bytes(enc)
-  np.savez_compressed(tmp_path / "deflated.npz", images=np.arange(4096, dtype=np.uint16).reshape(8, 8, 8, 8))
+  np.savez_compressed(
+    tmp_path / "deflated.npz", images=np.arange(4096, dtype=np.uint16).reshape(8, 8, 8, 8)
+  )
   raw = bytearray((tmp_path / "deflated.npz").read_bytes())
   info = zipfile.ZipFile(tmp_path / "deflated.npz").infolist()[0]
   start = info.header_offset + 30 + len(info.filename) + 20
-  raw[start:start + 40] = os.urandom(40)
+  raw[start : start + 40] = os.urandom(40)
   out["bad_deflate"] = bytes(raw)
   return out
 
@@ -663,10 +792,14 @@ def test_malformed_inputs_are_one_line(tmp_path, monkeypatch):
   s = store.write(str(tmp_path / "db"), "database", {"embeddings": np.zeros((3, 4), np.float32)})
   header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, 4), }" % 2**200
   with open(os.path.join(s.path, "embeddings.npy"), "wb") as f:
-    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (3, 4)})
+    np.lib.format.write_array_header_1_0(
+      f, {"descr": "<f4", "fortran_order": False, "shape": (3, 4)}
+    )
   raw = open(os.path.join(s.path, "embeddings.npy"), "rb").read()
   h = header.encode() + b" " * (len(raw) - 10 - len(header) - 1) + b"\n"
-  open(os.path.join(s.path, "embeddings.npy"), "wb").write(raw[:8] + struct.pack("<H", len(h)) + h + bytes(48))
+  open(os.path.join(s.path, "embeddings.npy"), "wb").write(
+    raw[:8] + struct.pack("<H", len(h)) + h + bytes(48)
+  )
   with pytest.raises(UserError, match="embeddings.npy"):
     store.read(s.path, "database", hint="make it")
   # a manifest nested 100000 deep, and one that is not UTF-8
@@ -680,9 +813,12 @@ def test_malformed_inputs_are_one_line(tmp_path, monkeypatch):
   for line in (b'{"file": "a.png", "caption": "\xff\xfe"}\n', b"[" * 100_000 + b"\n"):
     cap.write_bytes(line)
     with pytest.raises(UserError, match="captions.jsonl:1"):
-      sources.folder_captions({"captions_file": str(cap), "captions_sha256": store.file_sha256(str(cap))}, ["a.png"])
+      sources.folder_captions(
+        {"captions_file": str(cap), "captions_sha256": store.file_sha256(str(cap))}, ["a.png"]
+      )
   # an undecodable image in an evaluated folder
   from PIL import Image
+
   os.makedirs(tmp_path / "set")
   Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "set" / "0.png")
   (tmp_path / "set" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
@@ -705,10 +841,10 @@ def _npz_mutations(data: bytes, rng: np.random.Generator, count: int):
       for i in rng.integers(0, len(b), rng.integers(1, 8)):
         b[i] ^= 1 << int(rng.integers(8))
     elif kind == 1:
-      b = b[:int(rng.integers(0, len(b)))]
+      b = b[: int(rng.integers(0, len(b)))]
     elif kind == 2:
       i = int(rng.integers(0, max(1, len(b) - 4)))
-      b[i:i + 4] = struct.pack("<I", [2**31, 2**32 - 1, 1 << 20, 0][int(rng.integers(4))])
+      b[i : i + 4] = struct.pack("<I", [2**31, 2**32 - 1, 1 << 20, 0][int(rng.integers(4))])
     else:
       i, j = sorted(rng.integers(0, len(b), 2))
       b[i:i] = b[i:j]
@@ -717,8 +853,13 @@ def _npz_mutations(data: bytes, rng: np.random.Generator, count: int):
 
 def test_fuzzed_npz_files_load_or_fail_in_one_line(tmp_path):
   import tracemalloc
-  arrays = dict(images=np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8, 1), condition=np.asarray("exemplar"),
-                latents=np.linspace(0, 1, 48, dtype=np.float32).reshape(3, 4, 4), seed=np.arange(3))
+
+  arrays = dict(
+    images=np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8, 1),
+    condition=np.asarray("exemplar"),
+    latents=np.linspace(0, 1, 48, dtype=np.float32).reshape(3, 4, 4),
+    seed=np.arange(3),
+  )
   np.savez(tmp_path / "stored.npz", **arrays)
   np.savez_compressed(tmp_path / "deflated.npz", **arrays)
   rng = np.random.default_rng(0)
@@ -751,10 +892,25 @@ def test_saved_transformers_directories_with_special_files_are_refused(tmp_path)
 
   from rdm_jax.models import clip
 
-  config = CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                       num_attention_heads=2, max_position_embeddings=16),
-                      vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
-                                         num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+  config = CLIPConfig(
+    text_config=dict(
+      vocab_size=99,
+      hidden_size=32,
+      intermediate_size=37,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      max_position_embeddings=16,
+    ),
+    vision_config=dict(
+      image_size=32,
+      patch_size=8,
+      hidden_size=32,
+      intermediate_size=37,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+    ),
+    projection_dim=16,
+  )
   FlaxCLIPModel(config, seed=0).save_pretrained(str(tmp_path / "clip"))
   assert clip.load(str(tmp_path / "clip")).model.config.projection_dim == 16
   os.mkfifo(tmp_path / "clip" / "vocab.json")

@@ -71,21 +71,34 @@ def x0_and_eps(z: jax.Array, e: jax.Array, a_t: jax.Array, clip_x0: float | None
   return x0, e
 
 
-def guided_eps(eps_fn: EpsFn, z: jax.Array, t: jax.Array, context: jax.Array,
-               guidance_scale: float) -> jax.Array:
+def guided_eps(
+  eps_fn: EpsFn, z: jax.Array, t: jax.Array, context: jax.Array, guidance_scale: float
+) -> jax.Array:
   """Classifier-free guided eps with the zeros context as the unconditional branch."""
   if guidance_scale == 1.0:
     return eps_fn(z, t, context)
-  e = eps_fn(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
-             jnp.concatenate([jnp.zeros_like(context), context]))
+  e = eps_fn(
+    jnp.concatenate([z, z]),
+    jnp.concatenate([t, t]),
+    jnp.concatenate([jnp.zeros_like(context), context]),
+  )
   e_u, e_c = jnp.split(e, 2)
   return e_u + guidance_scale * (e_c - e_u)
 
 
-def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tuple[int, ...],
-                rng: jax.Array, num_steps: int = 100, guidance_scale: float = 2.0,
-                eta: float = 0.0, clip_x0: float | None = None,
-                z_init: jax.Array | None = None, final_x0: bool = False) -> jax.Array:
+def ddim_sample(
+  eps_fn: EpsFn,
+  schedule: Schedule,
+  context: jax.Array,
+  shape: tuple[int, ...],
+  rng: jax.Array,
+  num_steps: int = 100,
+  guidance_scale: float = 2.0,
+  eta: float = 0.0,
+  clip_x0: float | None = None,
+  z_init: jax.Array | None = None,
+  final_x0: bool = False,
+) -> jax.Array:
   """Draws z_0 ~ p_theta(z | context) with DDIM. context: [B, k, d]; shape: (B, H, W, C).
 
   final_x0: the last step goes to alpha_bar = 1, i.e. returns its predicted z_0 (diffusers'
@@ -102,7 +115,9 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
   taus = ddim_timesteps(schedule.num_timesteps, num_steps)
   a_all = schedule.alphas_cumprod
   alphas = a_all[taus]
-  alphas_prev = jnp.concatenate([jnp.ones((1,), a_all.dtype) if final_x0 else a_all[:1], a_all[taus[:-1]]])
+  alphas_prev = jnp.concatenate(
+    [jnp.ones((1,), a_all.dtype) if final_x0 else a_all[:1], a_all[taus[:-1]]]
+  )
   z, rng = start(rng, shape, z_init)
 
   def step(z, inputs):
@@ -111,7 +126,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, context: jax.Array, shape: tu
     e = guided_eps(eps_fn, z, t, context, guidance_scale)
     pred_z0, e = x0_and_eps(z, e, a_t, clip_x0)
     sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
-    direction = jnp.sqrt(1.0 - a_prev - sigma ** 2) * e
+    direction = jnp.sqrt(1.0 - a_prev - sigma**2) * e
     noise = sigma * normal(key, shape)
     return jnp.sqrt(a_prev) * pred_z0 + direction + noise, None
 

@@ -44,17 +44,25 @@ def ddpm_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return np.unique(np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64))
 
 
-def ddpm_sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array, shape: tuple[int, ...],
-                rng: jax.Array, num_steps: int | None = None, guidance_scale: float = 2.0,
-                clip_x0: float | None = None, z_init: jax.Array | None = None) -> jax.Array:
+def ddpm_sample(
+  eps_fn: ddim.EpsFn,
+  schedule: Schedule,
+  context: jax.Array,
+  shape: tuple[int, ...],
+  rng: jax.Array,
+  num_steps: int | None = None,
+  guidance_scale: float = 2.0,
+  clip_x0: float | None = None,
+  z_init: jax.Array | None = None,
+) -> jax.Array:
   """Ancestral DDPM sampling on num_steps respaced timesteps (None: all T)."""
   taus = ddpm_timesteps(schedule.num_timesteps, num_steps or schedule.num_timesteps)
   a = _alphas_cumprod(schedule)[taus]
   a_prev = np.concatenate([[1.0], a[:-1]])
-  beta = 1.0 - a / a_prev                                  # the respaced chain's betas
-  coef_x0 = beta * np.sqrt(a_prev) / (1.0 - a)             # Ho et al. Eq. 7, posterior mean
+  beta = 1.0 - a / a_prev  # the respaced chain's betas
+  coef_x0 = beta * np.sqrt(a_prev) / (1.0 - a)  # Ho et al. Eq. 7, posterior mean
   coef_z = (1.0 - a_prev) * np.sqrt(1.0 - beta) / (1.0 - a)
-  std = np.sqrt(beta * (1.0 - a_prev) / (1.0 - a))          # posterior std; 0 at the last step
+  std = np.sqrt(beta * (1.0 - a_prev) / (1.0 - a))  # posterior std; 0 at the last step
   z, rng = ddim.start(rng, shape, z_init)
 
   def step(z, inputs):
@@ -64,8 +72,14 @@ def ddpm_sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array, shap
     return c_x0 * x0 + c_z * z + sd * ddim.normal(key, shape), None
 
   f32 = lambda v: jnp.asarray(v[::-1], jnp.float32)
-  xs = (jnp.asarray(taus[::-1], jnp.int32), f32(a), f32(coef_x0), f32(coef_z), f32(std),
-        ddim.step_keys(rng, len(taus)))
+  xs = (
+    jnp.asarray(taus[::-1], jnp.int32),
+    f32(a),
+    f32(coef_x0),
+    f32(coef_z),
+    f32(std),
+    ddim.step_keys(rng, len(taus)),
+  )
   z, _ = jax.lax.scan(step, z, xs)
   return z
 
@@ -87,15 +101,19 @@ def dpm_solver_timesteps(a_bar: np.ndarray, num_steps: int, spacing: str = "logs
   if spacing == "linspace":
     return np.round(np.linspace(0, num_timesteps - 1, num_steps + 1))[::-1][:-1].astype(np.int64)
   if spacing != "logsnr":
-    raise ValueError(f"config.sample.timestep_spacing={spacing!r}; use one of {', '.join(DPM_SPACINGS)}")
+    raise ValueError(
+      f"config.sample.timestep_spacing={spacing!r}; use one of {', '.join(DPM_SPACINGS)}"
+    )
   lam = 0.5 * (np.log(a_bar) - np.log1p(-a_bar))  # increasing as t falls
   targets = np.linspace(lam[-1], lam[0], num_steps + 1)[:-1]
-  taus = np.searchsorted(-lam, -targets)            # first t with lambda(t) <= target
-  nearer = (taus > 0) & (np.abs(lam[np.maximum(taus - 1, 0)] - targets) < np.abs(lam[taus] - targets))
+  taus = np.searchsorted(-lam, -targets)  # first t with lambda(t) <= target
+  nearer = (taus > 0) & (
+    np.abs(lam[np.maximum(taus - 1, 0)] - targets) < np.abs(lam[taus] - targets)
+  )
   taus = np.where(nearer, taus - 1, taus)
-  for i in range(1, num_steps):                     # strictly decreasing, at least 1
+  for i in range(1, num_steps):  # strictly decreasing, at least 1
     taus[i] = min(taus[i], taus[i - 1] - 1)
-  for i in range(num_steps - 1, -1, -1):            # and above 0, where the solve ends
+  for i in range(num_steps - 1, -1, -1):  # and above 0, where the solve ends
     taus[i] = max(taus[i], num_steps - i)
   return taus.astype(np.int64)
 
@@ -115,7 +133,9 @@ def dpm_solver_coefficients(a_bar: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     lam = np.log(alpha) - np.log(sigma)
   c_z, c_x0, c_prev = np.zeros(n), np.zeros(n), np.zeros(n)
   for i in range(n):
-    if a_bar[i + 1] == 1.0:  # to sigma = 0 (final_x0): the step is its x0 (diffusers' final_sigmas_type="zero")
+    if (
+      a_bar[i + 1] == 1.0
+    ):  # to sigma = 0 (final_x0): the step is its x0 (diffusers' final_sigmas_type="zero")
       c_x0[i] = 1.0
       continue
     h = lam[i + 1] - lam[i]
@@ -129,11 +149,19 @@ def dpm_solver_coefficients(a_bar: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
   return c_z, c_x0, c_prev
 
 
-def dpm_solver_pp_sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array,
-                         shape: tuple[int, ...], rng: jax.Array, num_steps: int = 20,
-                         guidance_scale: float = 2.0, clip_x0: float | None = None,
-                         z_init: jax.Array | None = None, spacing: str = "logsnr",
-                         final_x0: bool = False) -> jax.Array:
+def dpm_solver_pp_sample(
+  eps_fn: ddim.EpsFn,
+  schedule: Schedule,
+  context: jax.Array,
+  shape: tuple[int, ...],
+  rng: jax.Array,
+  num_steps: int = 20,
+  guidance_scale: float = 2.0,
+  clip_x0: float | None = None,
+  z_init: jax.Array | None = None,
+  spacing: str = "logsnr",
+  final_x0: bool = False,
+) -> jax.Array:
   """DPM-Solver++(2M) from z_T ~ N(0, I) at t = T-1 to abar_0, where DDIM ends too (final_x0: the
   last step returns its x0 instead, diffusers' final_sigmas_type="zero")."""
   a_all = _alphas_cumprod(schedule)
@@ -155,7 +183,9 @@ def dpm_solver_pp_sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Ar
   return z
 
 
-def timesteps(sampler: str, schedule: Schedule, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
+def timesteps(
+  sampler: str, schedule: Schedule, num_steps: int, spacing: str = "logsnr"
+) -> np.ndarray:
   """The timesteps where the named sampler calls the model, descending; ValueError names what is wrong."""
   if sampler == "ddim":
     return ddim.ddim_timesteps(schedule.num_timesteps, num_steps)[::-1]
@@ -166,10 +196,21 @@ def timesteps(sampler: str, schedule: Schedule, num_steps: int, spacing: str = "
   raise ValueError(f"config.sample.sampler={sampler!r}; use one of {', '.join(SAMPLERS)}")
 
 
-def sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array, shape: tuple[int, ...],
-           rng: jax.Array, sampler: str = "ddim", num_steps: int = 100, guidance_scale: float = 2.0,
-           eta: float = 0.0, clip_x0: float | None = None, z_init: jax.Array | None = None,
-           timestep_spacing: str = "logsnr", final_x0: bool = False) -> jax.Array:
+def sample(
+  eps_fn: ddim.EpsFn,
+  schedule: Schedule,
+  context: jax.Array,
+  shape: tuple[int, ...],
+  rng: jax.Array,
+  sampler: str = "ddim",
+  num_steps: int = 100,
+  guidance_scale: float = 2.0,
+  eta: float = 0.0,
+  clip_x0: float | None = None,
+  z_init: jax.Array | None = None,
+  timestep_spacing: str = "logsnr",
+  final_x0: bool = False,
+) -> jax.Array:
   """z_0 ~ p_theta(z | context) with the named sampler. context: [B, k, d]; shape: (B, H, W, C).
 
   eta applies to DDIM only (eta = 1 is DDPM's posterior noise on the DDIM timesteps), and
@@ -179,9 +220,33 @@ def sample(eps_fn: ddim.EpsFn, schedule: Schedule, context: jax.Array, shape: tu
   """
   timesteps(sampler, schedule, num_steps, timestep_spacing)  # a bad choice fails here, in one line
   if sampler == "ddim":
-    return ddim.ddim_sample(eps_fn, schedule, context, shape, rng, num_steps, guidance_scale, eta,
-                            clip_x0, z_init=z_init, final_x0=final_x0)
+    return ddim.ddim_sample(
+      eps_fn,
+      schedule,
+      context,
+      shape,
+      rng,
+      num_steps,
+      guidance_scale,
+      eta,
+      clip_x0,
+      z_init=z_init,
+      final_x0=final_x0,
+    )
   if sampler == "ddpm":
-    return ddpm_sample(eps_fn, schedule, context, shape, rng, num_steps, guidance_scale, clip_x0, z_init)
-  return dpm_solver_pp_sample(eps_fn, schedule, context, shape, rng, num_steps, guidance_scale,
-                              clip_x0, z_init, timestep_spacing, final_x0)
+    return ddpm_sample(
+      eps_fn, schedule, context, shape, rng, num_steps, guidance_scale, clip_x0, z_init
+    )
+  return dpm_solver_pp_sample(
+    eps_fn,
+    schedule,
+    context,
+    shape,
+    rng,
+    num_steps,
+    guidance_scale,
+    clip_x0,
+    z_init,
+    timestep_spacing,
+    final_x0,
+  )

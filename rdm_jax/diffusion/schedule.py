@@ -25,7 +25,7 @@ WEIGHTINGS = ("uniform", "min_snr")
 
 @flax.struct.dataclass
 class Schedule:
-  betas: jax.Array           # [T]
+  betas: jax.Array  # [T]
   alphas_cumprod: jax.Array  # [T] alpha_bar_t
   prediction: str = flax.struct.field(pytree_node=False, default="eps")  # what the network outputs
 
@@ -34,15 +34,22 @@ class Schedule:
     return self.betas.shape[0]
 
 
-def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1.5e-3,
-                    beta_end: float = 1.95e-2, prediction: str = "eps") -> Schedule:
+def linear_schedule(
+  num_timesteps: int = 1000,
+  beta_start: float = 1.5e-3,
+  beta_end: float = 1.95e-2,
+  prediction: str = "eps",
+) -> Schedule:
   """LDM's "linear" schedule: betas linear in sqrt space, computed in float64 then cast."""
   if prediction not in PREDICTIONS:
     raise ValueError(f"prediction={prediction!r}; choose from {PREDICTIONS}")
-  betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+  betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
   alphas_cumprod = np.cumprod(1.0 - betas)
-  return Schedule(betas=jnp.asarray(betas, jnp.float32),
-                  alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32), prediction=prediction)
+  return Schedule(
+    betas=jnp.asarray(betas, jnp.float32),
+    alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
+    prediction=prediction,
+  )
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -84,16 +91,27 @@ def eps_of(schedule: Schedule, out: jax.Array, z_t: jax.Array, t: jax.Array) -> 
   return _bcast(jnp.sqrt(a), z_t) * out.astype(jnp.float32) + _bcast(jnp.sqrt(1.0 - a), z_t) * z_t
 
 
-def draw_t_and_noise(schedule: Schedule, shape: tuple[int, ...], rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+def draw_t_and_noise(
+  schedule: Schedule, shape: tuple[int, ...], rng: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """The training loss's draw: t ~ U{0..T-1} per example [B] and eps ~ N(0, I) of `shape`."""
   t_rng, n_rng = jax.random.split(rng)
-  return (jax.random.randint(t_rng, (shape[0],), 0, schedule.num_timesteps),
-          jax.random.normal(n_rng, shape, jnp.float32))
+  return (
+    jax.random.randint(t_rng, (shape[0],), 0, schedule.num_timesteps),
+    jax.random.normal(n_rng, shape, jnp.float32),
+  )
 
 
-def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule, z0: jax.Array,
-                   rng: jax.Array | None, weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                   reduce: bool = True, draws: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+def diffusion_loss(
+  model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  schedule: Schedule,
+  z0: jax.Array,
+  rng: jax.Array | None,
+  weighting: str = "uniform",
+  min_snr_gamma: float = 5.0,
+  reduce: bool = True,
+  draws: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
   """The training loss: E_{t, eps} w(t) || target - model(z_t, t) ||^2, t ~ U{0..T-1}.
 
   target is eps, v or z_0 (schedule.prediction). w = 1 ("uniform": Eq. 3 for eps), or min-SNR-gamma
@@ -111,16 +129,29 @@ def diffusion_loss(model_fn: Callable[[jax.Array, jax.Array], jax.Array], schedu
   elif schedule.prediction == "x0":
     target = z0.astype(jnp.float32)
   else:
-    target = _bcast(jnp.sqrt(a), z0) * noise - _bcast(jnp.sqrt(1.0 - a), z0) * z0.astype(jnp.float32)
-  per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, z0.ndim)))
+    target = _bcast(jnp.sqrt(a), z0) * noise - _bcast(jnp.sqrt(1.0 - a), z0) * z0.astype(
+      jnp.float32
+    )
+  per_example = jnp.mean(
+    jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, z0.ndim))
+  )
   if weighting == "min_snr":
     s = snr(schedule, t)
-    per_example = per_example * jnp.minimum(s, min_snr_gamma) / {"eps": s, "v": s + 1.0, "x0": 1.0}[schedule.prediction]
+    per_example = (
+      per_example
+      * jnp.minimum(s, min_snr_gamma)
+      / {"eps": s, "v": s + 1.0, "x0": 1.0}[schedule.prediction]
+    )
   return per_example.mean() if reduce else per_example
 
 
-def eps_loss(eps_fn: Callable[[jax.Array, jax.Array], jax.Array], schedule: Schedule,
-             z0: jax.Array, rng: jax.Array, reduce: bool = True) -> jax.Array:
+def eps_loss(
+  eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  schedule: Schedule,
+  z0: jax.Array,
+  rng: jax.Array,
+  reduce: bool = True,
+) -> jax.Array:
   """L = E_{t, eps} || eps - eps_theta(z_t, t) ||^2 (paper Eq. 3), t ~ U{0..T-1}.
 
   Args:

@@ -13,11 +13,17 @@ from ml_collections import config_flags  # noqa: E402
 
 from rdm_jax.errors import UserError, fail, run_main  # noqa: E402,F401
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                         lock_config=True)
-VERIFY = flags.DEFINE_bool("verify", False, "Check the sha256 of every store read against its manifest "
-                           "(always done for stores up to 1 GiB).")
-VERBOSE = flags.DEFINE_bool("verbose", False, "Show the Python traceback of an error instead of one line.")
+CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (configs/*.py).", lock_config=True
+)
+VERIFY = flags.DEFINE_bool(
+  "verify",
+  False,
+  "Check the sha256 of every store read against its manifest (always done for stores up to 1 GiB).",
+)
+VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "Show the Python traceback of an error instead of one line."
+)
 
 
 def define_once(define, name: str, default, help_text: str):
@@ -146,8 +152,11 @@ def hold_output(path: str, what: str, create: bool = True) -> None:
   def lock() -> None:
     if files.is_uri(path) or path in _HELD:  # held: a job run in-process again
       return
-    _HELD[path] = store.Lock(path).acquire(wait=False, busy=f": another launch of this job is writing {what} "
-                                           f"{path}; wait for it to finish, or choose another path")
+    _HELD[path] = store.Lock(path).acquire(
+      wait=False,
+      busy=f": another launch of this job is writing {what} "
+      f"{path}; wait for it to finish, or choose another path",
+    )
     atexit.register(_HELD[path].release)
 
   errors.checked_by_process_0(lock)

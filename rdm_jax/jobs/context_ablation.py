@@ -25,8 +25,12 @@ from rdm_jax.jobs import cli
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _EXAMPLES = flags.DEFINE_integer("num_examples", 2048, "Test examples to average over.")
 _REPEATS = flags.DEFINE_integer("repeats", 4, "Noise draws per example.")
-_BATCH = flags.DEFINE_integer("batch", 256, "Examples per batch (the shuffled context is shuffled within one).")
-_BUCKETS = flags.DEFINE_integer("noise_buckets", 10, "Ranges of t the diffusion losses are also reported in.")
+_BATCH = flags.DEFINE_integer(
+  "batch", 256, "Examples per batch (the shuffled context is shuffled within one)."
+)
+_BUCKETS = flags.DEFINE_integer(
+  "noise_buckets", 10, "Ranges of t the diffusion losses are also reported in."
+)
 
 
 def main(argv):
@@ -38,35 +42,56 @@ def main(argv):
   cli.check_platform(config)
   model, params, info, step = checkpoint.load_trained(config, workdir)
   data = pipeline.load_retrieval_data(config, "test", encoder=info["encoder"])
-  result = training.context_losses(model, params, training.make_schedule(config), data, config.k_train,
-                                   _EXAMPLES.value, _REPEATS.value, batch=_BATCH.value, seed=config.train.seed,
-                                   noise_buckets=_BUCKETS.value)
+  result = training.context_losses(
+    model,
+    params,
+    training.make_schedule(config),
+    data,
+    config.k_train,
+    _EXAMPLES.value,
+    _REPEATS.value,
+    batch=_BATCH.value,
+    seed=config.train.seed,
+    noise_buckets=_BUCKETS.value,
+  )
   result["checkpoint_step"] = step
-  files.atomic_write_text(files.join(workdir, "context_ablation.json"), json.dumps(result, indent=1))
+  files.atomic_write_text(
+    files.join(workdir, "context_ablation.json"), json.dumps(result, indent=1)
+  )
   print(report(result))
 
 
 def report(result: dict) -> str:
   """The ablation as text: the losses per context, and by noise level when there are any."""
   what = "eps-MSE" if "x0_mse" in result else "next-token NLL (nats per token)"
-  lines = [f"held-out {what} at step {result['checkpoint_step']} ({result['examples']} test examples x "
-           f"{result['repeats']} noise draws):"]
-  names = {"true_neighbors": "true neighbours", "zeros_context": "zeros context",
-           "shuffled_neighbors": "shuffled neighbours"}
+  lines = [
+    f"held-out {what} at step {result['checkpoint_step']} ({result['examples']} test examples x "
+    f"{result['repeats']} noise draws):"
+  ]
+  names = {
+    "true_neighbors": "true neighbours",
+    "zeros_context": "zeros context",
+    "shuffled_neighbors": "shuffled neighbours",
+  }
   for key, name in names.items():
-    lines.append(f"  {name:20s}{result[key]:.4f}" + (f"   x0-MSE {result['x0_mse'][key]:.4f}"
-                                                     if "x0_mse" in result else ""))
+    lines.append(
+      f"  {name:20s}{result[key]:.4f}"
+      + (f"   x0-MSE {result['x0_mse'][key]:.4f}" if "x0_mse" in result else "")
+    )
   if "by_noise" in result:
-    lines.append("by noise level (t range, samples): eps-MSE true / zeros / shuffled (gap) | "
-                 "x0-MSE true / zeros / shuffled (gap)")
+    lines.append(
+      "by noise level (t range, samples): eps-MSE true / zeros / shuffled (gap) | "
+      "x0-MSE true / zeros / shuffled (gap)"
+    )
     for b in result["by_noise"]:
       e, x = b["eps_mse"], b["x0_mse"]
       lines.append(
-          f"  t {b['t_start']:4d}-{b['t_stop'] - 1:<4d} {b['samples']:6d}: "
-          f"{e['true_neighbors']:.4f} / {e['zeros_context']:.4f} / {e['shuffled_neighbors']:.4f} "
-          f"({e['shuffled_neighbors'] - e['true_neighbors']:+.4f}) | "
-          f"{x['true_neighbors']:.4f} / {x['zeros_context']:.4f} / {x['shuffled_neighbors']:.4f} "
-          f"({x['shuffled_neighbors'] - x['true_neighbors']:+.4f})")
+        f"  t {b['t_start']:4d}-{b['t_stop'] - 1:<4d} {b['samples']:6d}: "
+        f"{e['true_neighbors']:.4f} / {e['zeros_context']:.4f} / {e['shuffled_neighbors']:.4f} "
+        f"({e['shuffled_neighbors'] - e['true_neighbors']:+.4f}) | "
+        f"{x['true_neighbors']:.4f} / {x['zeros_context']:.4f} / {x['shuffled_neighbors']:.4f} "
+        f"({x['shuffled_neighbors'] - x['true_neighbors']:+.4f})"
+      )
   return "\n".join(lines)
 
 

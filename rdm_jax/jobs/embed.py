@@ -23,25 +23,42 @@ from rdm_jax.data import sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.retrieval import crops, encoders
 
-_PARTS = cli.define_once(flags.DEFINE_list, "parts", ["database", "train", "test"], "Dataset parts to embed.")
-_PROCESS_ID = cli.define_once(flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes).")
-_NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, "num_processes", 1, "Processes splitting the rows by range.")
+_PARTS = cli.define_once(
+  flags.DEFINE_list, "parts", ["database", "train", "test"], "Dataset parts to embed."
+)
+_PROCESS_ID = cli.define_once(
+  flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes)."
+)
+_NUM_PROCESSES = cli.define_once(
+  flags.DEFINE_integer, "num_processes", 1, "Processes splitting the rows by range."
+)
 
 
 def output(config, part: str) -> tuple[str, str]:
   """(store path, kind) the embed job writes for a part."""
   paths = config_base.paths(config)
-  return (paths["database"], "database") if part == "database" else (paths[f"embeddings_{part}"], "embeddings")
+  return (
+    (paths["database"], "database")
+    if part == "database"
+    else (paths[f"embeddings_{part}"], "embeddings")
+  )
 
 
-def embed_part(config, part: str, encode=None, process_index: int = 0, process_count: int = 1) -> store.Store | None:
+def embed_part(
+  config, part: str, encode=None, process_index: int = 0, process_count: int = 1
+) -> store.Store | None:
   """Writes one part's store (None: another process merges it)."""
   if part == "database" and crops.enabled(config.get("database_build")):
     return crops.build_database(config, encode, process_index, process_count)
   out, kind = output(config, part)
   identity = encoders.encoder_identity(config.retrieval)
-  done = store.reusable(out, kind, "rdm_jax.jobs.embed", source=sources.part_source(config.dataset, part),
-                        encoder=identity)
+  done = store.reusable(
+    out,
+    kind,
+    "rdm_jax.jobs.embed",
+    source=sources.part_source(config.dataset, part),
+    encoder=identity,
+  )
   if done is not None:
     return done
   p = sources.open_part(config.dataset, part)  # rows are read chunk by chunk
@@ -57,10 +74,19 @@ def embed_part(config, part: str, encode=None, process_index: int = 0, process_c
     return {**rows, "captions": p.captions[a:b][ok].astype(f"<U{width}")} if width else rows
 
   result = store.write_chunked(
-      out, kind, len(p), chunk_size=config.retrieval.chunk_size, compute=compute, variable_rows=True,
-      finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]),
-      encoder=identity, source=p.source, process_index=process_index, process_count=process_count,
-      made_by="rdm_jax.jobs.embed")
+    out,
+    kind,
+    len(p),
+    chunk_size=config.retrieval.chunk_size,
+    compute=compute,
+    variable_rows=True,
+    finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]),
+    encoder=identity,
+    source=p.source,
+    process_index=process_index,
+    process_count=process_count,
+    made_by="rdm_jax.jobs.embed",
+  )
   if result is not None:
     print(f"wrote {out}: embeddings {result['embeddings'].shape}")
   return result

@@ -20,19 +20,34 @@ from rdm_jax.jobs import cli
 from rdm_jax.models import first_stage, palette
 
 _PARTS = cli.define_once(flags.DEFINE_list, "parts", ["train", "test"], "Dataset parts to encode.")
-_PROCESS_ID = cli.define_once(flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes).")
-_NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, "num_processes", 1, "Processes (or hosts sharing the "
-                                 "filesystem) splitting the rows by range; the last to finish merges.")
+_PROCESS_ID = cli.define_once(
+  flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes)."
+)
+_NUM_PROCESSES = cli.define_once(
+  flags.DEFINE_integer,
+  "num_processes",
+  1,
+  "Processes (or hosts sharing the "
+  "filesystem) splitting the rows by range; the last to finish merges.",
+)
 
 
-def encode_part(config, part: str, process_index: int = 0, process_count: int = 1) -> store.Store | None:
+def encode_part(
+  config, part: str, process_index: int = 0, process_count: int = 1
+) -> store.Store | None:
   """Writes one part's latents store (None: another process merges it)."""
   out = config_base.paths(config)[f"latents_{part}"]
   fit_palette(config)
   tokens = config_base.model_family(config) == "rarm"  # RARM trains on the VQ's code indices
   kind = {"tokens": True} if tokens else {}
-  done = store.reusable(out, "latents", "rdm_jax.jobs.encode", source=sources.part_source(config.dataset, part),
-                        first_stage=first_stage.identity(config.first_stage), **kind)
+  done = store.reusable(
+    out,
+    "latents",
+    "rdm_jax.jobs.encode",
+    source=sources.part_source(config.dataset, part),
+    first_stage=first_stage.identity(config.first_stage),
+    **kind,
+  )
   if done is not None:
     return done
   p = sources.open_part(config.dataset, part)  # rows are read chunk by chunk
@@ -42,13 +57,27 @@ def encode_part(config, part: str, process_index: int = 0, process_count: int = 
     for why in unreadable:
       print(f"{out}: skipping unreadable image {why}")
     encode = first_stage.encode_tokens if tokens else first_stage.encode
-    return {"latents": encode(config.first_stage, images)[ok], **{k: v[ok] for k, v in p.rows(a, b).items()}}
+    return {
+      "latents": encode(config.first_stage, images)[ok],
+      **{k: v[ok] for k, v in p.rows(a, b).items()},
+    }
 
   result = store.write_chunked(
-      out, "latents", len(p), chunk_size=config.first_stage.get("chunk_size", 8192), compute=compute,
-      finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]), variable_rows=True,
-      source=p.source, first_stage=first_stage.identity(config.first_stage), image_shape=list(p.image_shape),
-      process_index=process_index, process_count=process_count, made_by="rdm_jax.jobs.encode", **kind)
+    out,
+    "latents",
+    len(p),
+    chunk_size=config.first_stage.get("chunk_size", 8192),
+    compute=compute,
+    finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]),
+    variable_rows=True,
+    source=p.source,
+    first_stage=first_stage.identity(config.first_stage),
+    image_shape=list(p.image_shape),
+    process_index=process_index,
+    process_count=process_count,
+    made_by="rdm_jax.jobs.encode",
+    **kind,
+  )
   if result is not None:
     print(f"wrote {out}: latents {result['latents'].shape}")
   return result
@@ -61,7 +90,9 @@ def fit_palette(config) -> None:
   if cfg.name != "palette" or os.path.isfile(cfg.weights):
     return
   if not cfg.weights:
-    cli.fail("config.first_stage.weights must name the palette file (the encode job writes it there)")
+    cli.fail(
+      "config.first_stage.weights must name the palette file (the encode job writes it there)"
+    )
   train = sources.open_part(config.dataset, "train")
   images, ok, _ = train.readable(0, min(len(train), 4000))
   colours = palette.fit(images[ok], cfg)

@@ -43,8 +43,9 @@ from rdm_jax.models import autoencoder, first_stage, rarm, torch_convert, torch_
 from rdm_jax.parallel import mesh as mesh_lib
 from rdm_jax.retrieval import encoders
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The original's Lightning model.ckpt (README: \"The "
-                                  "published checkpoints\").")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, 'The original\'s Lightning model.ckpt (README: "The published checkpoints").'
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A new or empty directory for the imported run.")
 
 UNET_PREFIX = "model.diffusion_model."
@@ -64,8 +65,11 @@ def unet_params(sd: dict[str, np.ndarray], model: unet.UNet, abstract: dict, ema
   shapes = torch_convert.flat_shapes(abstract)
   if ema:
     names = {p: ema_key(UNET_PREFIX + k) for p, k in names.items()}
-    given = {k: v for k, v in sd.items() if k.startswith("model_ema.") and k not in (
-        "model_ema.decay", "model_ema.num_updates")}
+    given = {
+      k: v
+      for k, v in sd.items()
+      if k.startswith("model_ema.") and k not in ("model_ema.decay", "model_ema.num_updates")
+    }
   else:
     names = {p: UNET_PREFIX + k for p, k in names.items()}
     given = {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
@@ -78,38 +82,55 @@ def check_schedule(sd: dict[str, np.ndarray], config, path: str) -> None:
     return
   ours = np.asarray(training.make_schedule(config).betas, np.float64)
   theirs = sd["betas"]
-  if not isinstance(theirs, np.ndarray) or theirs.ndim != 1 or not len(theirs) or theirs.dtype.kind not in "fiu":
-    fail(f"{path}: its noise schedule (betas) is {getattr(theirs, 'dtype', type(theirs).__name__)}"
-         f"{list(np.shape(theirs))}; a schedule is a float vector of T betas: the file is damaged or not an RDM")
+  if (
+    not isinstance(theirs, np.ndarray)
+    or theirs.ndim != 1
+    or not len(theirs)
+    or theirs.dtype.kind not in "fiu"
+  ):
+    fail(
+      f"{path}: its noise schedule (betas) is {getattr(theirs, 'dtype', type(theirs).__name__)}"
+      f"{list(np.shape(theirs))}; a schedule is a float vector of T betas: the file is damaged or not an RDM"
+    )
   theirs = theirs.astype(np.float64)
   if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-5, atol=0):
-    fail(f"{path} was trained with another noise schedule than config.diffusion's ({theirs.shape[0]} steps, "
-         f"betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, {ours[0]:.6g}..{ours[-1]:.6g}): "
-         "set --config.diffusion.num_timesteps / beta_start / beta_end to the checkpoint's")
+    fail(
+      f"{path} was trained with another noise schedule than config.diffusion's ({theirs.shape[0]} steps, "
+      f"betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, {ours[0]:.6g}..{ours[-1]:.6g}): "
+      "set --config.diffusion.num_timesteps / beta_start / beta_end to the checkpoint's"
+    )
 
 
 def check_first_stage(sd: dict[str, np.ndarray], config, path: str) -> None:
   """Its first stage must be config.first_stage's: same architecture, and same weights if we have them."""
-  fs = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
+  fs = {k[len(FIRST_STAGE_PREFIX) :]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
   if not all(isinstance(v, np.ndarray) for v in fs.values()):
-    fail(f"{path}: its {FIRST_STAGE_PREFIX}* entries are not all tensors; the file is damaged or not an RDM")
+    fail(
+      f"{path}: its {FIRST_STAGE_PREFIX}* entries are not all tensors; the file is damaged or not an RDM"
+    )
   if not fs:
     logging.warning("%s holds no first stage; assuming config.first_stage's", path)
     return
   if config.first_stage.name == "identity":
-    fail(f"{path} was trained on the latents of a neural first stage but config.first_stage.name='identity': "
-         "use a config with the checkpoint's first stage (configs/imagenet_rdm.py: vq_f4)")
+    fail(
+      f"{path} was trained on the latents of a neural first stage but config.first_stage.name='identity': "
+      "use a config with the checkpoint's first stage (configs/imagenet_rdm.py: vq_f4)"
+    )
   try:
     theirs = autoencoder.convert_state_dict(fs, first_stage.spec(config.first_stage))
   except ValueError as e:
-    fail(f"{path}: its first stage is not config.first_stage.name={config.first_stage.name!r} ({e})")
+    fail(
+      f"{path}: its first stage is not config.first_stage.name={config.first_stage.name!r} ({e})"
+    )
   if config.first_stage.weights and os.path.isfile(config.first_stage.weights):
     ours = first_stage.load(config.first_stage).params
     same = jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), ours, theirs))
     if not same:
-      fail(f"{path}: its first stage's weights differ from config.first_stage.weights="
-           f"{config.first_stage.weights}; its UNet models the latents of its own: point "
-           "config.first_stage.weights at the first stage it was trained with")
+      fail(
+        f"{path}: its first stage's weights differ from config.first_stage.weights="
+        f"{config.first_stage.weights}; its UNet models the latents of its own: point "
+        "config.first_stage.weights at the first stage it was trained with"
+      )
 
 
 def rarm_params(sd: dict[str, np.ndarray], model: rarm.RARM, abstract: dict, path: str) -> dict:
@@ -121,16 +142,22 @@ def rarm_params(sd: dict[str, np.ndarray], model: rarm.RARM, abstract: dict, pat
     if not isinstance(theirs, np.ndarray) or theirs.size != 1 or theirs.dtype.kind not in "iu":
       fail(f"{path}: its {name} is not one integer; the file is damaged or not a RARM")
     if int(theirs.reshape(())) != ours:
-      fail(f"{path}: its {name} is {int(theirs.reshape(()))} but a RARM over {model.num_codes} codes has {ours}; "
-           "config.first_stage's codebook size differs from the checkpoint's")
+      fail(
+        f"{path}: its {name} is {int(theirs.reshape(()))} but a RARM over {model.num_codes} codes has {ours}; "
+        "config.first_stage's codebook size differs from the checkpoint's"
+      )
   try:
     return rarm.from_torch(sd, abstract)
   except ValueError as e:
-    fail(f"{path}: its transformer is not config.model's ({e}); set config.model's depth, heads and dim_head "
-         "to the checkpoint's (configs/imagenet_rarm.py is the released RARMs')")
+    fail(
+      f"{path}: its transformer is not config.model's ({e}); set config.model's depth, heads and dim_head "
+      "to the checkpoint's (configs/imagenet_rarm.py is the released RARMs')"
+    )
 
 
-def network_weights(sd: dict[str, np.ndarray], config, setup: training.TrainSetup, path: str) -> tuple[Any, Any]:
+def network_weights(
+  sd: dict[str, np.ndarray], config, setup: training.TrainSetup, path: str
+) -> tuple[Any, Any]:
   """(parameters, their EMA) of config.model's network from the original's state dict."""
   model, abstract = setup.model, setup.abstract.params
   if isinstance(model, rarm.RARM):
@@ -139,10 +166,14 @@ def network_weights(sd: dict[str, np.ndarray], config, setup: training.TrainSetu
   try:
     params = unet_params(sd, model, abstract, ema=False)
   except ValueError as e:
-    fail(f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's architecture "
-         "(configs/imagenet_rdm.py is the released ImageNet RDM's)")
+    fail(
+      f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's architecture "
+      "(configs/imagenet_rdm.py is the released ImageNet RDM's)"
+    )
   if not any(k.startswith("model_ema.") for k in sd):
-    logging.warning("%s holds no EMA weights (model_ema.*); sampling will use the raw weights", path)
+    logging.warning(
+      "%s holds no EMA weights (model_ema.*); sampling will use the raw weights", path
+    )
     return params, params
   try:
     return params, unet_params(sd, model, abstract, ema=True)
@@ -154,28 +185,49 @@ def read_state_dict(path: str, config) -> tuple[Any, dict[str, np.ndarray]]:
   """(the file's object, its state dict), checked to hold config.model.family's network."""
   autoregressive = training.family(config) == "rarm"
   prefix, kind = (RARM_PREFIX, "RARM") if autoregressive else (UNET_PREFIX, "RDM")
-  obj = torch_legacy.load_weights(path, f"{kind} checkpoint", "download it as the README says (\"The published "
-                                  "checkpoints\") and give its local path")
+  obj = torch_legacy.load_weights(
+    path,
+    f"{kind} checkpoint",
+    'download it as the README says ("The published checkpoints") and give its local path',
+  )
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if not isinstance(sd, dict) or not any(str(k).startswith(prefix) for k in sd):
-    other_prefix, other_kind, other_config = (UNET_PREFIX, "an RDM", "imagenet_rdm") if autoregressive else (
-        RARM_PREFIX, "a RARM", "imagenet_rarm")
+    other_prefix, other_kind, other_config = (
+      (UNET_PREFIX, "an RDM", "imagenet_rdm")
+      if autoregressive
+      else (RARM_PREFIX, "a RARM", "imagenet_rarm")
+    )
     other = isinstance(sd, dict) and any(str(k).startswith(other_prefix) for k in sd)
-    hint = f"it is {other_kind}: use its config (configs/{other_config}.py)" if other else \
-        f"give the model.ckpt of a {kind}"
-    fail(f"{path} holds no {kind} state dict (no {prefix}* keys; config.model.family="
-         f"{training.family(config)!r}): {hint}")
-  network = [v for k, v in sd.items() if k.startswith((prefix, "model_ema.")) and
-             k not in ("model_ema.decay", "model_ema.num_updates")]
+    hint = (
+      f"it is {other_kind}: use its config (configs/{other_config}.py)"
+      if other
+      else f"give the model.ckpt of a {kind}"
+    )
+    fail(
+      f"{path} holds no {kind} state dict (no {prefix}* keys; config.model.family="
+      f"{training.family(config)!r}): {hint}"
+    )
+  network = [
+    v
+    for k, v in sd.items()
+    if k.startswith((prefix, "model_ema."))
+    and k not in ("model_ema.decay", "model_ema.num_updates")
+  ]
   if not all(isinstance(v, np.ndarray) for v in network):
-    fail(f"{path}: its {prefix}* and model_ema.* entries are not all tensors; the file is damaged or not a {kind}")
+    fail(
+      f"{path}: its {prefix}* and model_ema.* entries are not all tensors; the file is damaged or not a {kind}"
+    )
   return obj, sd
 
 
 def main(argv):
   del argv
   path = _CHECKPOINT.value or fail("--checkpoint is required (the original's model.ckpt)")
-  import_run(cli.CONFIG.value, path, _WORKDIR.value or fail("--workdir is required (a new or empty directory)"))
+  import_run(
+    cli.CONFIG.value,
+    path,
+    _WORKDIR.value or fail("--workdir is required (a new or empty directory)"),
+  )
 
 
 def import_run(config, path: str, workdir: str) -> None:
@@ -190,9 +242,13 @@ def import_run(config, path: str, workdir: str) -> None:
     before = record.get("imported_from") if isinstance(record, dict) else None
     before = before if isinstance(before, dict) else {}
     if before.get("sha256") != digest:
-      fail(f"--workdir={workdir} already holds another run; importing would mix the two: choose a new or "
-           "empty --workdir")
-    print(f"{workdir} already holds {path} (imported at step {before.get('global_step')}); nothing to do")
+      fail(
+        f"--workdir={workdir} already holds another run; importing would mix the two: choose a new or "
+        "empty --workdir"
+      )
+    print(
+      f"{workdir} already holds {path} (imported at step {before.get('global_step')}); nothing to do"
+    )
     return
 
   obj, sd = read_state_dict(path, config)
@@ -209,24 +265,38 @@ def import_run(config, path: str, workdir: str) -> None:
 
   put = lambda tree, sh: jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), tree, sh)
   state = training.TrainState(
-      step=jax.device_put(np.asarray(step, np.int32), shardings.step),
-      params=put(params, shardings.params), ema_params=put(ema, shardings.ema_params),
-      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(put(params, shardings.params)),
-      losses=jax.device_put(training.LossWindow.empty(training.spike_settings(config)[2]), shardings.losses))
-  info = {"encoder": encoders.encoder_identity(config.retrieval), "database": None, "database_fingerprint": None,
-          "latent_shape": list(shape), "image_hw": [config.dataset.image_size] * 2,
-          "function": checkpoint.function_record(config),
-          "imported_from": {"checkpoint": os.path.abspath(path), "sha256": digest,
-                            "global_step": step}}
+    step=jax.device_put(np.asarray(step, np.int32), shardings.step),
+    params=put(params, shardings.params),
+    ema_params=put(ema, shardings.ema_params),
+    opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(put(params, shardings.params)),
+    losses=jax.device_put(
+      training.LossWindow.empty(training.spike_settings(config)[2]), shardings.losses
+    ),
+  )
+  info = {
+    "encoder": encoders.encoder_identity(config.retrieval),
+    "database": None,
+    "database_fingerprint": None,
+    "latent_shape": list(shape),
+    "image_hw": [config.dataset.image_size] * 2,
+    "function": checkpoint.function_record(config),
+    "imported_from": {"checkpoint": os.path.abspath(path), "sha256": digest, "global_step": step},
+  }
   files.makedirs(workdir)
   mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
-  if step not in checkpoint.steps(mngr):  # else a killed import saved it but had not written model_info
+  if step not in checkpoint.steps(
+    mngr
+  ):  # else a killed import saved it but had not written model_info
     checkpoint.save(mngr, step, state, force=True)
   checkpoint.finish(mngr)
   if jax.process_index() == 0:  # written last: its presence means the import is complete
-    files.atomic_write_text(files.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
+    files.atomic_write_text(
+      files.join(workdir, "config.json"), config.to_json_best_effort(indent=1)
+    )
     files.atomic_write_text(files.join(workdir, "model_info.json"), json.dumps(info, indent=1))
-  print(f"imported {path} (step {step}, {'EMA and raw' if ema is not params else 'raw'} weights) into {workdir}")
+  print(
+    f"imported {path} (step {step}, {'EMA and raw' if ema is not params else 'raw'} weights) into {workdir}"
+  )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from rdm_jax.retrieval import original_database
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
 
-_NPZ = flags.DEFINE_list("npz", None, "The original's database: a directory of *.npz parts, or .npz files.")
+_NPZ = flags.DEFINE_list(
+  "npz", None, "The original's database: a directory of *.npz parts, or .npz files."
+)
 
 
 def main(argv):

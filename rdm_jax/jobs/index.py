@@ -21,8 +21,11 @@ from rdm_jax.jobs import cli
 from rdm_jax.retrieval import index
 
 _DATABASE = flags.DEFINE_string(
-    "database", None, "Database store directory or an [N, d] float .npy file (bring-your-own embeddings); "
-    "default: config.database.")
+  "database",
+  None,
+  "Database store directory or an [N, d] float .npy file (bring-your-own embeddings); "
+  "default: config.database.",
+)
 
 EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config> --parts=database"
 
@@ -32,7 +35,9 @@ def open_embeddings(config, path: str, kind: str, hint: str) -> store.Store:
   if path.endswith(".npy"):
     real = os.path.realpath(path)
     name = f"{kind}_{os.path.basename(real)[:-4]}_{hashlib.sha256(real.encode()).hexdigest()[:8]}"
-    return store.link_npy(real, os.path.join(config.data_dir, "imported", name), kind, hint=f"(import of {real})")
+    return store.link_npy(
+      real, os.path.join(config.data_dir, "imported", name), kind, hint=f"(import of {real})"
+    )
   return store.read(path, kind, hint=hint)
 
 
@@ -50,8 +55,10 @@ def main(argv):
   config = cli.CONFIG.value
   database, path = database_and_index_paths(config)
   built = index.ensure(database, config.retrieval.index, config.retrieval.num_neighbors, path)
-  print(f"index {built.path}: {built.size} vectors in {len(built.shards)} shard(s), "
-        + ", ".join(sorted({s['recipe']['kind'] for s in built.shards})))
+  print(
+    f"index {built.path}: {built.size} vectors in {len(built.shards)} shard(s), "
+    + ", ".join(sorted({s["recipe"]["kind"] for s in built.shards}))
+  )
 
 
 if __name__ == "__main__":

@@ -34,12 +34,21 @@ from rdm_jax.jobs import cli
 from rdm_jax.jobs import index as index_job
 from rdm_jax.retrieval import encoders, exact, exclusion, index, proposal
 
-_PARTS = cli.define_once(flags.DEFINE_list, "parts", ["train", "test"], "Query parts to search for.")
-_QUERIES = flags.DEFINE_string("queries", None, "Query embeddings (store directory or [N, d] .npy) "
-                               "instead of the config's parts; needs --out.")
+_PARTS = cli.define_once(
+  flags.DEFINE_list, "parts", ["train", "test"], "Query parts to search for."
+)
+_QUERIES = flags.DEFINE_string(
+  "queries",
+  None,
+  "Query embeddings (store directory or [N, d] .npy) instead of the config's parts; needs --out.",
+)
 _OUT = flags.DEFINE_string("out", None, "Output store for --queries.")
-_PROCESS_ID = cli.define_once(flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes).")
-_NUM_PROCESSES = cli.define_once(flags.DEFINE_integer, "num_processes", 1, "Processes splitting the queries by range.")
+_PROCESS_ID = cli.define_once(
+  flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes)."
+)
+_NUM_PROCESSES = cli.define_once(
+  flags.DEFINE_integer, "num_processes", 1, "Processes splitting the queries by range."
+)
 
 EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config>"
 NEIGHBORS_HINT = "python -m rdm_jax.jobs.neighbors --config=<this config>"
@@ -51,31 +60,54 @@ def recall_at_k(approx: np.ndarray, truth: np.ndarray) -> float:
   return float(np.mean([len(np.intersect1d(a, t)) / k for a, t in zip(approx, truth)]))
 
 
-def find_neighbors(config, queries: store.Store, database: store.Store, idx: index.Index, out: str,
-                   process_index: int = 0, process_count: int = 1) -> store.Store | None:
+def find_neighbors(
+  config,
+  queries: store.Store,
+  database: store.Store,
+  idx: index.Index,
+  out: str,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> store.Store | None:
   """Searches `idx` for every query and writes the neighbours store `out` (resumable).
 
   Returns the store, or None when another process merges the result.
   """
   r = config.retrieval
   k = r.num_neighbors
-  encoders.check_same_encoder(queries.manifest["encoder"], database.manifest["encoder"],
-                              f"queries {queries.path}", f"database {database.path}",
-                              "embed both with the same config.retrieval")
+  encoders.check_same_encoder(
+    queries.manifest["encoder"],
+    database.manifest["encoder"],
+    f"queries {queries.path}",
+    f"database {database.path}",
+    "embed both with the same config.retrieval",
+  )
   q_emb, db_emb = queries["embeddings"], database["embeddings"]
   if q_emb.shape[1] != db_emb.shape[1]:
-    fail(f"queries {queries.path} are {q_emb.shape[1]}-d but database {database.path} is "
-         f"{db_emb.shape[1]}-d: embed both with the same encoder")
+    fail(
+      f"queries {queries.path} are {q_emb.shape[1]}-d but database {database.path} is "
+      f"{db_emb.shape[1]}-d: embed both with the same encoder"
+    )
   if k > len(db_emb):
-    fail(f"config.retrieval.num_neighbors={k} but database {database.path} has only {len(db_emb)} "
-         "entries; lower K")
+    fail(
+      f"config.retrieval.num_neighbors={k} but database {database.path} has only {len(db_emb)} "
+      "entries; lower K"
+    )
   if idx.manifest["num_neighbors"] < k:
-    fail(f"index {idx.path} was built for K={idx.manifest['num_neighbors']} < {k}; rebuild it: "
-         f"`{index.INDEX_HINT}`")
-  excl = exclusion.exclusion_for(r.exclude, r.duplicate_score, queries.manifest["source"],
-                                 database.manifest["source"])
-  inputs = dict(database_fingerprint=database.fingerprint, index_fingerprint=idx.fingerprint,
-                queries_fingerprint=queries.fingerprint, num_neighbors=k, exclusion=excl.describe())
+    fail(
+      f"index {idx.path} was built for K={idx.manifest['num_neighbors']} < {k}; rebuild it: "
+      f"`{index.INDEX_HINT}`"
+    )
+  excl = exclusion.exclusion_for(
+    r.exclude, r.duplicate_score, queries.manifest["source"], database.manifest["source"]
+  )
+  inputs = dict(
+    database_fingerprint=database.fingerprint,
+    index_fingerprint=idx.fingerprint,
+    queries_fingerprint=queries.fingerprint,
+    num_neighbors=k,
+    exclusion=excl.describe(),
+  )
   done = store.reusable(out, "neighbors", NEIGHBORS_HINT, **inputs)
   if done is not None:
     return done
@@ -87,14 +119,22 @@ def find_neighbors(config, queries: store.Store, database: store.Store, idx: ind
     print(f"{out}: database and queries overlap; excluding {excl.describe()}")
   scann_shards = sum(bool(s["dir"]) for s in idx.shards)
   if idx.shards_in_memory < scann_shards:
-    print(f"{out}: {idx.shards_in_memory} of {scann_shards} index shards fit in "
-          f"{idx.budget / 2**30:g} GiB (retrieval.index.search_memory_gb, else max_memory_gb) at once, so "
-          f"every chunk of {r.chunk_size} queries reloads shards; a larger retrieval.chunk_size amortises that")
+    print(
+      f"{out}: {idx.shards_in_memory} of {scann_shards} index shards fit in "
+      f"{idx.budget / 2**30:g} GiB (retrieval.index.search_memory_gb, else max_memory_gb) at once, so "
+      f"every chunk of {r.chunk_size} queries reloads shards; a larger retrieval.chunk_size amortises that"
+    )
 
   def search(a, b):
-    q = exact.l2_normalize(store.read_rows(queries, "embeddings", a, b), f"queries {queries.path}", copy=False)
+    q = exact.l2_normalize(
+      store.read_rows(queries, "embeddings", a, b), f"queries {queries.path}", copy=False
+    )
     scores, rows = exclusion.search_excluding(idx.search, q, k, excl, q_ids[a:b], db_ids)
-    out_rows = {"neighbor_ids": rows.astype(np.int32), "scores": scores, "query_ids": np.asarray(q_ids[a:b])}
+    out_rows = {
+      "neighbor_ids": rows.astype(np.int32),
+      "scores": scores,
+      "query_ids": np.asarray(q_ids[a:b]),
+    }
     if "variants" in queries.arrays:  # augmented train part: each crop has its own neighbours
       out_rows["query_variants"] = np.asarray(queries["variants"][a:b])
     return out_rows
@@ -112,23 +152,39 @@ def find_neighbors(config, queries: store.Store, database: store.Store, idx: ind
     return {"recall_at_k": round(recall, 6), "recall_sample": n}
 
   return store.write_chunked(
-      out, "neighbors", len(q_emb), chunk_size=r.chunk_size, compute=search,
-      process_index=process_index, process_count=process_count, finalize=check_recall,
-      search=sorted({s["recipe"]["kind"] for s in idx.shards}), index_path=os.path.abspath(idx.path),
-      database_path=database.path, database_size=len(db_emb), encoder=database.manifest["encoder"],
-      query_source=queries.manifest["source"], made_by="rdm_jax.jobs.neighbors", **inputs)
+    out,
+    "neighbors",
+    len(q_emb),
+    chunk_size=r.chunk_size,
+    compute=search,
+    process_index=process_index,
+    process_count=process_count,
+    finalize=check_recall,
+    search=sorted({s["recipe"]["kind"] for s in idx.shards}),
+    index_path=os.path.abspath(idx.path),
+    database_path=database.path,
+    database_size=len(db_emb),
+    encoder=database.manifest["encoder"],
+    query_source=queries.manifest["source"],
+    made_by="rdm_jax.jobs.neighbors",
+    **inputs,
+  )
 
 
 def write_proposal(config, neighbors: store.Store, database: store.Store, path: str) -> store.Store:
   """p_D of the training part's neighbours (k = config.retrieval.proposal_k or k_train)."""
   k = config.retrieval.proposal_k or config.k_train
-  done = store.reusable(path, proposal.KIND, NEIGHBORS_HINT, neighbors_fingerprint=neighbors.fingerprint, k=k)
+  done = store.reusable(
+    path, proposal.KIND, NEIGHBORS_HINT, neighbors_fingerprint=neighbors.fingerprint, k=k
+  )
   if done is not None:
     return done
   result = proposal.write_proposal(path, neighbors, database, k)
   top = result["probs"]
-  print(f"wrote {path}: p_D over {len(top)} database entries (k={k}); {int(np.count_nonzero(top))} "
-        f"have p_D > 0, the top 1% hold {top[:max(1, len(top) // 100)].sum():.3f} of the mass")
+  print(
+    f"wrote {path}: p_D over {len(top)} database entries (k={k}); {int(np.count_nonzero(top))} "
+    f"have p_D > 0, the top 1% hold {top[: max(1, len(top) // 100)].sum():.3f} of the mass"
+  )
   return result
 
 
@@ -137,17 +193,28 @@ def main(argv):
   preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
   config = cli.CONFIG.value
   database, index_path = index_job.database_and_index_paths(config)
-  idx = index.load(index_path, database, config.retrieval.index)  # none there: says to run the index job
+  idx = index.load(
+    index_path, database, config.retrieval.index
+  )  # none there: says to run the index job
   pid, count = _PROCESS_ID.value, _NUM_PROCESSES.value
   if _QUERIES.value:
-    out = store.normalize(_OUT.value or fail("--queries needs --out (the neighbours store to write)"))
-    queries = index_job.open_embeddings(config, _QUERIES.value, "embeddings", "(your query embeddings)")
+    out = store.normalize(
+      _OUT.value or fail("--queries needs --out (the neighbours store to write)")
+    )
+    queries = index_job.open_embeddings(
+      config, _QUERIES.value, "embeddings", "(your query embeddings)"
+    )
     jobs = [(queries, out, out + "_proposal")]
   else:
     paths = config_base.paths(config)
-    jobs = [(store.read(paths[f"embeddings_{part}"], "embeddings", hint=f"{EMBED_HINT} --parts={part}"),
-             paths[f"neighbors_{part}"], paths["proposal"] if part == "train" else None)
-            for part in _PARTS.value]
+    jobs = [
+      (
+        store.read(paths[f"embeddings_{part}"], "embeddings", hint=f"{EMBED_HINT} --parts={part}"),
+        paths[f"neighbors_{part}"],
+        paths["proposal"] if part == "train" else None,
+      )
+      for part in _PARTS.value
+    ]
   for _, out, proposal_path in jobs:  # every output is safe to write before any work starts
     store.check_output(out, "neighbors")
     if proposal_path:
@@ -156,8 +223,10 @@ def main(argv):
     result = find_neighbors(config, queries, database, idx, out, pid, count)
     if result is None:
       continue
-    print(f"{out}: neighbor_ids {result['neighbor_ids'].shape}, recall@K "
-          f"{result.manifest.get('recall_at_k', 'not checked')}")
+    print(
+      f"{out}: neighbor_ids {result['neighbor_ids'].shape}, recall@K "
+      f"{result.manifest.get('recall_at_k', 'not checked')}"
+    )
     if proposal_path:
       write_proposal(config, result, database, proposal_path)
 

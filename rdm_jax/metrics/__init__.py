@@ -51,31 +51,40 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   if len(f) < 2:
     fail(f"need at least 2 samples for a covariance, got {len(f)}")
   if len(f) < f.shape[1]:
-    warnings.warn(f"{len(f)} samples for {f.shape[1]}-d features: the covariance is singular and "
-                  "the Frechet distance is biased; use more samples for numbers comparable with papers",
-                  stacklevel=2)
+    warnings.warn(
+      f"{len(f)} samples for {f.shape[1]}-d features: the covariance is singular and "
+      "the Frechet distance is biased; use more samples for numbers comparable with papers",
+      stacklevel=2,
+    )
   return np.mean(f, axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
   """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid."""
   mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
   sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-    fail(f"statistics of different widths: mean {mu1.shape} vs {mu2.shape}, covariance "
-         f"{sigma1.shape} vs {sigma2.shape}; were both sets embedded by the same extractor?")
+    fail(
+      f"statistics of different widths: mean {mu1.shape} vs {mu2.shape}, covariance "
+      f"{sigma1.shape} vs {sigma2.shape}; were both sets embedded by the same extractor?"
+    )
   diff = mu1 - mu2
   covmean, _ = _sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
-    warnings.warn(f"singular product of covariances; adding {eps} to their diagonals (as pytorch-fid)",
-                  stacklevel=2)
+    warnings.warn(
+      f"singular product of covariances; adding {eps} to their diagonals (as pytorch-fid)",
+      stacklevel=2,
+    )
     offset = np.eye(sigma1.shape[0]) * eps
     covmean, _ = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      fail(f"matrix square root has an imaginary component {np.max(np.abs(covmean.imag)):.3g}; "
-           "the covariances are badly conditioned (too few samples?)")
+      fail(
+        f"matrix square root has an imaginary component {np.max(np.abs(covmean.imag)):.3g}; "
+        "the covariances are badly conditioned (too few samples?)"
+      )
     covmean = covmean.real
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -112,7 +121,9 @@ def _smallest(gram: jax.Array, na: jax.Array, nb: jax.Array, best: jax.Array, k:
 
 
 @jax.jit
-def _covered(gram: jax.Array, na: jax.Array, nb: jax.Array, radii: jax.Array, hit: jax.Array) -> jax.Array:
+def _covered(
+  gram: jax.Array, na: jax.Array, nb: jax.Array, radii: jax.Array, hit: jax.Array
+) -> jax.Array:
   return hit | jnp.any(_sq_dists(gram, na, nb) <= radii[None, :], axis=1)
 
 
@@ -141,7 +152,9 @@ def _kth_radii(f: np.ndarray, k: int, row_batch: int, col_batch: int) -> np.ndar
   return out
 
 
-def _inside(eval_f: np.ndarray, ref_f: np.ndarray, radii: np.ndarray, row_batch: int, col_batch: int) -> float:
+def _inside(
+  eval_f: np.ndarray, ref_f: np.ndarray, radii: np.ndarray, row_batch: int, col_batch: int
+) -> float:
   hits = []
   for a, b in _blocks(len(eval_f), row_batch):
     rows = jnp.asarray(eval_f[a:b])
@@ -154,8 +167,13 @@ def _inside(eval_f: np.ndarray, ref_f: np.ndarray, radii: np.ndarray, row_batch:
   return float(np.concatenate(hits).mean())
 
 
-def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3,
-                     row_batch: int = 10000, col_batch: int = 10000) -> tuple[float, float]:
+def precision_recall(
+  real_features: np.ndarray,
+  fake_features: np.ndarray,
+  k: int = 3,
+  row_batch: int = 10000,
+  col_batch: int = 10000,
+) -> tuple[float, float]:
   """(precision, recall) of fakes against reals, Kynkaanniemi et al. 2019 (float32, `<=`)."""
   real = _features(real_features, "real features", np.float32)
   fake = _features(fake_features, "fake features", np.float32)
@@ -168,8 +186,9 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: in
   return precision, recall
 
 
-def inception_score(logits: np.ndarray, splits: int = 10, shuffle: bool = True,
-                    seed: int = 2020) -> tuple[float, float]:
+def inception_score(
+  logits: np.ndarray, splits: int = 10, shuffle: bool = True, seed: int = 2020
+) -> tuple[float, float]:
   """(mean, std) of exp(E_x KL(p(y|x) || p(y))) over `splits` parts, as torch-fidelity."""
   x = _features(logits, "logits")
   n = len(x)
@@ -188,9 +207,15 @@ def inception_score(logits: np.ndarray, splits: int = 10, shuffle: bool = True,
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def kernel_inception_distance(real_features: np.ndarray, fake_features: np.ndarray, subsets: int = 100,
-                              subset_size: int = 1000, degree: int = 3, coef0: float = 1.0,
-                              seed: int = 2020) -> tuple[float, float]:
+def kernel_inception_distance(
+  real_features: np.ndarray,
+  fake_features: np.ndarray,
+  subsets: int = 100,
+  subset_size: int = 1000,
+  degree: int = 3,
+  coef0: float = 1.0,
+  seed: int = 2020,
+) -> tuple[float, float]:
   """(mean, std) of the unbiased MMD^2 with kernel (x.y / d + coef0)^degree, as torch-fidelity
   (its first input, `features_1`, is the fakes)."""
   fake = _features(fake_features, "fake features")
@@ -198,8 +223,10 @@ def kernel_inception_distance(real_features: np.ndarray, fake_features: np.ndarr
   if fake.shape[1] != real.shape[1]:
     fail(f"real features are {real.shape[1]}-d, fake {fake.shape[1]}-d: use one extractor for both")
   if min(len(fake), len(real)) < subset_size:
-    fail(f"KID subsets of {subset_size} need at least that many samples per set, got {len(fake)} fake "
-         f"and {len(real)} real; lower the subset size")
+    fail(
+      f"KID subsets of {subset_size} need at least that many samples per set, got {len(fake)} fake "
+      f"and {len(real)} real; lower the subset size"
+    )
   rng = np.random.RandomState(seed)
   gamma = 1.0 / fake.shape[1]
   m = subset_size
@@ -210,8 +237,9 @@ def kernel_inception_distance(real_features: np.ndarray, fake_features: np.ndarr
     kxx = (x @ x.T * gamma + coef0) ** degree
     kyy = (y @ y.T * gamma + coef0) ** degree
     kxy = (x @ y.T * gamma + coef0) ** degree
-    mmds[i] = ((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-               - 2 * kxy.sum() / (m * m))
+    mmds[i] = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (
+      m * (m - 1)
+    ) - 2 * kxy.sum() / (m * m)
   return float(np.mean(mmds)), float(np.std(mmds))
 
 
@@ -220,9 +248,10 @@ def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> flo
   a = _features(image_embeddings, "image embeddings")
   b = _features(text_embeddings, "text embeddings")
   if a.shape != b.shape:
-    fail(f"image embeddings {list(a.shape)} and text embeddings {list(b.shape)} must pair up row by row")
+    fail(
+      f"image embeddings {list(a.shape)} and text embeddings {list(b.shape)} must pair up row by row"
+    )
   na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
   if (na == 0).any() or (nb == 0).any():
     fail("zero-norm embedding: the cosine is undefined")
   return float(np.mean(np.sum(a * b, axis=1) / (na * nb)))
-

@@ -37,8 +37,9 @@ class Extractor:
   batch_size: int
   host_preprocess: Callable[[np.ndarray], np.ndarray] | None = None
 
-  def __call__(self, images: np.ndarray, log: Callable[[str], None] | None = print,
-               what: str = "images") -> dict[str, np.ndarray]:
+  def __call__(
+    self, images: np.ndarray, log: Callable[[str], None] | None = print, what: str = "images"
+  ) -> dict[str, np.ndarray]:
     """{'features': [N, d], 'logits': [N, classes]} of uint8 images [N, H, W, 1|3], in batches
     split over every local device (parameters replicated)."""
     check_images(images, what)
@@ -52,14 +53,22 @@ def check_images(images: np.ndarray, what: str) -> None:
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     fail(f"{what}: expected images [N, H, W, 1 or 3], got shape {list(images.shape)}")
   if images.dtype != np.uint8:
-    fail(f"{what}: expected uint8 images in [0, 255], got {images.dtype}"
-         + (" with NaN values" if np.issubdtype(images.dtype, np.floating) and np.isnan(images).any() else "")
-         + "; convert them (the sample job writes uint8)")
+    fail(
+      f"{what}: expected uint8 images in [0, 255], got {images.dtype}"
+      + (
+        " with NaN values"
+        if np.issubdtype(images.dtype, np.floating) and np.isnan(images).any()
+        else ""
+      )
+      + "; convert them (the sample job writes uint8)"
+    )
   if len(images) == 0:
     fail(f"{what}: no images")
 
 
-def efficientnet_lite0(weights: str = "", image_size: int = 224, batch_size: int = 256) -> Extractor:
+def efficientnet_lite0(
+  weights: str = "", image_size: int = 224, batch_size: int = 256
+) -> Extractor:
   """The offline EfficientNet-Lite0 (real ImageNet weights): 1280-d pooled features, 1000 logits.
 
   Preprocessing: grey to RGB, bilinear resize to image_size (no antialias), ImageNet mean/std.
@@ -71,8 +80,11 @@ def efficientnet_lite0(weights: str = "", image_size: int = 224, batch_size: int
   def apply(p, images):
     return model.apply({"params": p}, efficientnet_lite.preprocess(images, image_size))
 
-  identity = {"name": "efficientnet_lite0", "weights_sha256": store.file_sha256(path),
-              "preprocess": f"bilinear {image_size}, imagenet mean/std"}
+  identity = {
+    "name": "efficientnet_lite0",
+    "weights_sha256": store.file_sha256(path),
+    "preprocess": f"bilinear {image_size}, imagenet mean/std",
+  }
   return Extractor("EfficientNet-Lite0", identity, apply, params, batch_size)
 
 
@@ -85,13 +97,16 @@ def clean_fid_resize(images: np.ndarray, size: int = 299) -> np.ndarray:
   for i, im in enumerate(images):
     im = np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im
     for c in range(3):
-      ch = Image.fromarray(im[..., c].astype(np.float32), mode="F").resize((size, size), resample=Image.BICUBIC)
+      ch = Image.fromarray(im[..., c].astype(np.float32), mode="F").resize(
+        (size, size), resample=Image.BICUBIC
+      )
       out[i, ..., c] = np.asarray(ch).clip(0, 255)
   return out
 
 
-def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int = 256,
-                     resize: str = "pytorch_fid") -> Extractor:
+def inception_v3_fid(
+  weights: str = "", image_size: int = 299, batch_size: int = 256, resize: str = "pytorch_fid"
+) -> Extractor:
   """pytorch-fid's FID InceptionV3 (weights: a local pt_inception-2015-12-05-6726825d.pth):
   pool3 features (2048-d, for FID, precision/recall, KID) and the 1008 logits (for IS).
 
@@ -109,11 +124,21 @@ def inception_v3_fid(weights: str = "", image_size: int = 299, batch_size: int =
     x = inception_fid.preprocess(images) if resize == "pytorch_fid" else images / 127.5 - 1.0
     return model.apply({"params": p}, x)
 
-  identity = {"name": "inception_v3_fid", "weights_sha256": store.file_sha256(weights),
-              "preprocess": "pytorch-fid: bilinear 299, 2x-1" if resize == "pytorch_fid"
-              else "clean-fid: PIL bicubic 299, 2x-1"}
-  return Extractor("Inception", identity, apply, params, batch_size,
-                   host_preprocess=clean_fid_resize if resize == "clean" else None)
+  identity = {
+    "name": "inception_v3_fid",
+    "weights_sha256": store.file_sha256(weights),
+    "preprocess": "pytorch-fid: bilinear 299, 2x-1"
+    if resize == "pytorch_fid"
+    else "clean-fid: PIL bicubic 299, 2x-1",
+  }
+  return Extractor(
+    "Inception",
+    identity,
+    apply,
+    params,
+    batch_size,
+    host_preprocess=clean_fid_resize if resize == "clean" else None,
+  )
 
 
 CLIP_MEAN, CLIP_STD = clip.CLIP_MEAN, clip.CLIP_STD
@@ -130,7 +155,9 @@ def clip_resize_crop(images: np.ndarray, size: int) -> np.ndarray:
     w, h = x.size
     short, long = min(w, h), max(w, h)
     new_long = int(size * long / short)  # torchvision Resize(int): the shorter side becomes `size`
-    x = x.resize((size, new_long) if w < h else (new_long, size) if w > h else (size, size), Image.BICUBIC)
+    x = x.resize(
+      (size, new_long) if w < h else (new_long, size) if w > h else (size, size), Image.BICUBIC
+    )
     left, top = int(round((x.size[0] - size) / 2.0)), int(round((x.size[1] - size) / 2.0))
     out[i] = np.asarray(x.crop((left, top, left + size, top + size)))
   return out
@@ -147,10 +174,21 @@ def clip_image(weights: str = "", image_size: int = 224, batch_size: int = 256) 
     feats = model.image_features(p, (images.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
     return feats, feats[:, :0]  # no class logits
 
-  identity = {"name": "clip_image", "projection_dim": model.embed_dim, "image_size": size,
-              "weights_sha256": model.weights_sha256, "preprocess": f"clean-fid clip: bicubic {size}, crop"}
-  return Extractor("CLIP", identity, apply, model.params, batch_size,
-                   host_preprocess=lambda imgs: clip_resize_crop(imgs, size))
+  identity = {
+    "name": "clip_image",
+    "projection_dim": model.embed_dim,
+    "image_size": size,
+    "weights_sha256": model.weights_sha256,
+    "preprocess": f"clean-fid clip: bicubic {size}, crop",
+  }
+  return Extractor(
+    "CLIP",
+    identity,
+    apply,
+    model.params,
+    batch_size,
+    host_preprocess=lambda imgs: clip_resize_crop(imgs, size),
+  )
 
 
 def clip_text_features(weights: str, captions: list[str], batch_size: int = 256) -> np.ndarray:
@@ -162,14 +200,22 @@ def clip_text_features(weights: str, captions: list[str], batch_size: int = 256)
   fn = jax.jit(model.text_features)
   out = []
   for a in range(0, len(captions), batch_size):
-    t = tok(list(captions[a:a + batch_size]), padding="max_length", truncation=True, max_length=length,
-            return_tensors="np")
+    t = tok(
+      list(captions[a : a + batch_size]),
+      padding="max_length",
+      truncation=True,
+      max_length=length,
+      return_tensors="np",
+    )
     out.append(np.asarray(fn(model.params, t["input_ids"], t["attention_mask"])))
   return np.concatenate(out).astype(np.float32)
 
 
-EXTRACTORS = {"efficientnet_lite0": efficientnet_lite0, "inception_v3_fid": inception_v3_fid,
-              "clip_image": clip_image}
+EXTRACTORS = {
+  "efficientnet_lite0": efficientnet_lite0,
+  "inception_v3_fid": inception_v3_fid,
+  "clip_image": clip_image,
+}
 
 
 def make_extractor(cfg: Any) -> Extractor:

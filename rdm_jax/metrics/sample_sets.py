@@ -14,6 +14,7 @@ from rdm_jax import files, untrusted
 from rdm_jax.data import sources, store
 from rdm_jax.errors import fail
 
+
 def read_image_folder(path: str, budget: untrusted.Budget | None = None) -> np.ndarray:
   """All PNG/JPEG images under `path` (see `sources.image_files`), as uint8 [N, H, W, 1|3]; sizes must
   agree. Each image's pixels are charged to the job's budget from its header, before it is decoded."""
@@ -32,14 +33,20 @@ def read_image_folder(path: str, budget: untrusted.Budget | None = None) -> np.n
       fail(f"cannot read the image {e}; remove it from the folder or replace it")
     images.append(a[..., None] if a.ndim == 2 else a)
     if images[-1].shape != images[0].shape:
-      fail(f"{f} is {images[-1].shape} but {files[0]} is {images[0].shape}: images of one set must "
-           "share size and channels; resize them first")
+      fail(
+        f"{f} is {images[-1].shape} but {files[0]} is {images[0].shape}: images of one set must "
+        "share size and channels; resize them first"
+      )
   return np.stack(images)
 
 
 def default_sample_sets(workdir: str) -> list[str]:
   """The sample job's sets in <workdir>/samples: directories with its settings.json."""
-  return [d for d in files.glob(files.join(workdir, "samples"), "*") if files.isfile(files.join(d, "settings.json"))]
+  return [
+    d
+    for d in files.glob(files.join(workdir, "samples"), "*")
+    if files.isfile(files.join(d, "settings.json"))
+  ]
 
 
 def check_complete(path: str, shards: list[str]) -> None:
@@ -51,13 +58,19 @@ def check_complete(path: str, shards: list[str]) -> None:
   try:
     expected = files.read_json(settings)["num_shards"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    fail(f"{settings} does not say how many shards the set has ({e}); pass the shards as .npz files")
+    fail(
+      f"{settings} does not say how many shards the set has ({e}); pass the shards as .npz files"
+    )
   if not isinstance(expected, int) or len(shards) != expected:
-    fail(f"{path} holds {len(shards)} of {expected} shards: its sample run did not finish; rerun the same "
-         "`python -m rdm_jax.sample` command to complete it")
+    fail(
+      f"{path} holds {len(shards)} of {expected} shards: its sample run did not finish; rerun the same "
+      "`python -m rdm_jax.sample` command to complete it"
+    )
 
 
-def read_samples(path: str, budget: untrusted.Budget | None = None) -> tuple[str, np.ndarray, list[str]]:
+def read_samples(
+  path: str, budget: untrusted.Budget | None = None
+) -> tuple[str, np.ndarray, list[str]]:
   """(label, uint8 images, captions) of a sample set: an .npz (optionally with `captions`, for
   the CLIP score of text-conditioned samples), a directory of .npz shards, or an image folder;
   what is read is charged to the job's `budget`."""
@@ -83,7 +96,9 @@ def read_samples(path: str, budget: untrusted.Budget | None = None) -> tuple[str
       if "captions" in z:
         captions.extend(untrusted.caption(c, shard) for c in z["captions"])
   if len({im.shape[1:] for im in images}) > 1:
-    fail(f"{path}: shards hold images of different shapes {sorted({im.shape[1:] for im in images})}")
+    fail(
+      f"{path}: shards hold images of different shapes {sorted({im.shape[1:] for im in images})}"
+    )
   images = np.concatenate(images)
   if captions and len(captions) != len(images):
     fail(f"{path}: {len(captions)} captions for {len(images)} images; they must pair up")
@@ -114,7 +129,9 @@ def trained_on(paths: list[str], sets: dict[str, np.ndarray]) -> dict[str, str]:
     settings = files.join(path, "settings.json")
     if files.isfile(settings):
       record = files.read_json(settings)
-      out[name] = store.describe_stores(record.get("trained_on") if isinstance(record, dict) else None)
+      out[name] = store.describe_stores(
+        record.get("trained_on") if isinstance(record, dict) else None
+      )
   return out
 
 
@@ -135,17 +152,24 @@ def read_reference(config: Any, spec: str, limit: int = 0) -> tuple[np.ndarray, 
   if spec.endswith(".npz") or os.path.isdir(spec):
     _, images, _ = read_samples(spec)
     return images, {"path": os.path.realpath(spec)}
-  fail(f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
-       "tfds:NAME/SPLIT, a folder of images or an .npz with 'images'")
+  fail(
+    f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
+    "tfds:NAME/SPLIT, a folder of images or an .npz with 'images'"
+  )
 
 
-def cached_features(config: Any, extractor: Any, images: np.ndarray,
-                    source: dict[str, Any]) -> dict[str, np.ndarray]:
+def cached_features(
+  config: Any, extractor: Any, images: np.ndarray, source: dict[str, Any]
+) -> dict[str, np.ndarray]:
   """{'features', 'logits'} of a real image set, computed once per (source, extractor, count,
   content) and cached as a store: the key holds the sha256 of the images themselves, so an
   image edited in place (any file, any subfolder, any mtime) is never scored from the cache."""
-  key = {"source": source, "extractor": extractor.identity, "count": len(images),
-         "images_sha256": store.checksum(images)}
+  key = {
+    "source": source,
+    "extractor": extractor.identity,
+    "count": len(images),
+    "images_sha256": store.checksum(images),
+  }
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(config.data_dir, "eval_cache", f"{extractor.identity['name']}_{digest}")
   cached = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)

@@ -34,6 +34,7 @@ _ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_
 
 class Geometry(NamedTuple):
   """One convolution of a model: input [N,H,W,C], kernel [KH,KW,C,O], strides and padding."""
+
   lhs: tuple[int, ...]
   rhs: tuple[int, ...]
   strides: tuple[int, ...]
@@ -52,13 +53,26 @@ def geometries(fn: Callable, *args: Any) -> dict[Geometry, int]:
         lhs, rhs = (v.aval for v in eqn.invars)
         p = eqn.params
         dims = p["dimension_numbers"]
-        nhwc = (tuple(dims.lhs_spec), tuple(dims.rhs_spec), tuple(dims.out_spec)) == ((0, 3, 1, 2), (3, 2, 0, 1),
-                                                                                       (0, 3, 1, 2))
+        nhwc = (tuple(dims.lhs_spec), tuple(dims.rhs_spec), tuple(dims.out_spec)) == (
+          (0, 3, 1, 2),
+          (3, 2, 0, 1),
+          (0, 3, 1, 2),
+        )
         plain = all(d == 1 for d in tuple(p["lhs_dilation"]) + tuple(p["rhs_dilation"]))
-        if (nhwc and plain and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
-            and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32):
-          g = Geometry(tuple(lhs.shape), tuple(rhs.shape), tuple(p["window_strides"]),
-                       tuple((int(a), int(b)) for a, b in p["padding"]))
+        if (
+          nhwc
+          and plain
+          and p["feature_group_count"] == 1
+          and p["batch_group_count"] == 1
+          and lhs.dtype == jnp.float32
+          and rhs.dtype == jnp.float32
+        ):
+          g = Geometry(
+            tuple(lhs.shape),
+            tuple(rhs.shape),
+            tuple(p["window_strides"]),
+            tuple((int(a), int(b)) for a, b in p["padding"]),
+          )
           counts[g] = counts.get(g, 0) + 1
       for sub in sub_jaxprs(eqn):
         walk(sub)
@@ -85,8 +99,11 @@ def measure(g: Geometry, impl: str, repeats: int = 3) -> float:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(g.lhs, np.float32))
   w = jnp.asarray(rng.standard_normal(g.rhs, np.float32))
-  out = jax.eval_shape(lambda x, w: jax.lax.conv_general_dilated(x, w, g.strides, g.padding,
-                                                                 dimension_numbers=_NHWC), x, w)
+  out = jax.eval_shape(
+    lambda x, w: jax.lax.conv_general_dilated(x, w, g.strides, g.padding, dimension_numbers=_NHWC),
+    x,
+    w,
+  )
   dy = jnp.asarray(rng.standard_normal(out.shape, np.float32))
   jax.block_until_ready(step(x, w, dy))
   best = float("inf")
@@ -99,7 +116,9 @@ def measure(g: Geometry, impl: str, repeats: int = 3) -> float:
 
 def cache_path() -> str:
   """Where choices are remembered: $RDM_JAX_CACHE/conv_choice.json, else ~/.cache/rdm_jax/."""
-  root = os.environ.get("RDM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rdm_jax")
+  root = os.environ.get("RDM_JAX_CACHE") or os.path.join(
+    os.path.expanduser("~"), ".cache", "rdm_jax"
+  )
   return os.path.join(root, "conv_choice.json")
 
 
@@ -117,14 +136,27 @@ def machine() -> dict[str, Any]:
   except OSError:
     pass
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"cpu": model, "isa": sorted(f for f in _ISA_FLAGS if f in flags), "threads": threads,
-          "caps": {k: os.environ[k] for k in _ENV_CAPS if os.environ.get(k)}, "jax": jax.__version__}
+  return {
+    "cpu": model,
+    "isa": sorted(f for f in _ISA_FLAGS if f in flags),
+    "threads": threads,
+    "caps": {k: os.environ[k] for k in _ENV_CAPS if os.environ.get(k)},
+    "jax": jax.__version__,
+  }
 
 
 def key(geoms: dict[Geometry, int], host: dict[str, Any] | None = None) -> str:
   """The cache key of this machine (`host`, default `machine()`) and this set of convolutions."""
-  text = json.dumps([host or machine(), sorted([list(map(list, g[:2])), list(g.strides), [list(p) for p in g.padding], n]
-                                       for g, n in geoms.items())], sort_keys=True)
+  text = json.dumps(
+    [
+      host or machine(),
+      sorted(
+        [list(map(list, g[:2])), list(g.strides), [list(p) for p in g.padding], n]
+        for g, n in geoms.items()
+      ),
+    ],
+    sort_keys=True,
+  )
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -137,16 +169,25 @@ def _load(path: str) -> dict[str, Any] | None:
   except FileNotFoundError:
     return {}
   except (OSError, ValueError) as e:
-    logging.warning("conv=auto: %s is not a readable cache (%s); measuring, and leaving the file as it is "
-                    "(remove it, or set RDM_JAX_CACHE to another folder, to cache choices again)", path, e)
+    logging.warning(
+      "conv=auto: %s is not a readable cache (%s); measuring, and leaving the file as it is "
+      "(remove it, or set RDM_JAX_CACHE to another folder, to cache choices again)",
+      path,
+      e,
+    )
     return None
   return data if isinstance(data, dict) else None
 
 
 def _entries(data: dict[str, Any] | None) -> dict[str, Any]:
   """The well-formed choices in a cache file's dict (others are ignored, never trusted)."""
-  return {k: v for k, v in (data or {}).items() if isinstance(v, dict)
-          and v.get("choice") in ("xla", "onednn", "mixed") and isinstance(v.get("onednn"), list)}
+  return {
+    k: v
+    for k, v in (data or {}).items()
+    if isinstance(v, dict)
+    and v.get("choice") in ("xla", "onednn", "mixed")
+    and isinstance(v.get("onednn"), list)
+  }
 
 
 def _write_cache(path: str, key_: str, entry: dict[str, Any]) -> None:
@@ -166,8 +207,11 @@ def _write_cache(path: str, key_: str, entry: dict[str, Any]) -> None:
     logging.warning("conv=auto: could not write the cache %s (%s)", path, e)
 
 
-def choose(geoms: dict[Geometry, int], timer: Callable[[Geometry, str], float] | None = None,
-           path: str | None = None) -> dict[str, Any]:
+def choose(
+  geoms: dict[Geometry, int],
+  timer: Callable[[Geometry, str], float] | None = None,
+  path: str | None = None,
+) -> dict[str, Any]:
   """Which path runs which of the model's convolutions `geoms`, read from the cache or measured
   with `timer` (default `measure`) and cached: {"choice": "xla" | "onednn" | "mixed",
   "onednn": [signatures of the geometries oneDNN runs faster], "seconds": one pass over the
@@ -189,8 +233,13 @@ def choose(geoms: dict[Geometry, int], timer: Callable[[Geometry, str], float] |
     if t["onednn"] < t["xla"]:
       faster.append(_signature(g))
   choice = "xla" if not faster else "onednn" if len(faster) == len(geoms) else "mixed"
-  entry = {"choice": choice, "onednn": sorted(faster), "seconds": seconds, "machine": host,
-           "convolutions": int(sum(geoms.values()))}
+  entry = {
+    "choice": choice,
+    "onednn": sorted(faster),
+    "seconds": seconds,
+    "machine": host,
+    "convolutions": int(sum(geoms.values())),
+  }
   _write_cache(path, k, entry)
   return {**entry, "cached": False}
 
@@ -204,7 +253,9 @@ def as_impl(choice: dict[str, Any]) -> Any:
   """The UNet's `conv` for a choice: "xla", "onednn", or the frozenset of geometries on oneDNN."""
   if choice["choice"] != "mixed":
     return choice["choice"]
-  return frozenset(tuple(sig[:6]) + (tuple(sig[6]), tuple(tuple(p) for p in sig[7])) for sig in choice["onednn"])
+  return frozenset(
+    tuple(sig[:6]) + (tuple(sig[6]), tuple(tuple(p) for p in sig[7])) for sig in choice["onednn"]
+  )
 
 
 def resolve_auto(fn: Callable, args: Sequence[Any]) -> Any:
@@ -213,7 +264,13 @@ def resolve_auto(fn: Callable, args: Sequence[Any]) -> Any:
   UNet's `conv` for the faster path of each (see module doc)."""
   r = choose(geometries(fn, *args))
   if r["seconds"]:
-    logging.info("conv=auto: %s (convolutions of one step forward and backward: XLA %.1f ms, oneDNN %.1f ms, "
-                 "each on its faster path %.1f ms%s)", r["choice"], 1e3 * r["seconds"]["xla"],
-                 1e3 * r["seconds"]["onednn"], 1e3 * r["seconds"]["mixed"], ", cached" if r["cached"] else "")
+    logging.info(
+      "conv=auto: %s (convolutions of one step forward and backward: XLA %.1f ms, oneDNN %.1f ms, "
+      "each on its faster path %.1f ms%s)",
+      r["choice"],
+      1e3 * r["seconds"]["xla"],
+      1e3 * r["seconds"]["onednn"],
+      1e3 * r["seconds"]["mixed"],
+      ", cached" if r["cached"] else "",
+    )
   return as_impl(r)

@@ -27,15 +27,25 @@ import jax.numpy as jnp
 from rdm_jax.ops.manual_axes import vary_like
 
 
-def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int = 32, eps: float = 1e-5,
-               silu: bool = False) -> jax.Array:
+def group_norm(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  num_groups: int = 32,
+  eps: float = 1e-5,
+  silu: bool = False,
+) -> jax.Array:
   """y = (x - mean_g) / sqrt(var_g + eps) * scale + bias over [B, spatial..., C] with C split into
   `num_groups` groups (biased variance over the spatial axes and the group's channels), then
   y * sigmoid(y) if `silu`. scale, bias: [C]."""
   c = x.shape[-1]
   if x.ndim < 3 or c % num_groups:
-    raise ValueError(f"group_norm: x {x.shape} must be [B, spatial..., C] with C divisible by {num_groups} groups")
-  return _group_norm(num_groups, float(eps), bool(silu), x, vary_like(scale, x), vary_like(bias, x))  # (shard_map)
+    raise ValueError(
+      f"group_norm: x {x.shape} must be [B, spatial..., C] with C divisible by {num_groups} groups"
+    )
+  return _group_norm(
+    num_groups, float(eps), bool(silu), x, vary_like(scale, x), vary_like(bias, x)
+  )  # (shard_map)
 
 
 def _per_channel(v: jax.Array, ndim: int) -> jax.Array:
@@ -56,7 +66,9 @@ def _to_channels(v: jax.Array, channels: int) -> jax.Array:
     one_hot = jnp.repeat(jnp.eye(groups, dtype=v.dtype), channels // groups, axis=1)
     return jnp.dot(v, one_hot, precision=jax.lax.Precision.HIGHEST)
 
-  return jax.lax.platform_dependent(v, cpu=by_matmul, default=lambda v: jnp.repeat(v, channels // groups, axis=-1))
+  return jax.lax.platform_dependent(
+    v, cpu=by_matmul, default=lambda v: jnp.repeat(v, channels // groups, axis=-1)
+  )
 
 
 def _group_mean(v: jax.Array, groups: int) -> jax.Array:
@@ -84,7 +96,9 @@ def _forward(groups: int, eps: float, silu: bool, x: jax.Array, scale: jax.Array
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _group_norm(groups: int, eps: float, silu: bool, x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+def _group_norm(
+  groups: int, eps: float, silu: bool, x: jax.Array, scale: jax.Array, bias: jax.Array
+) -> jax.Array:
   return _forward(groups, eps, silu, x, scale, bias)[0]
 
 
@@ -107,16 +121,18 @@ def _backward(groups: int, eps: float, silu: bool, res, d_out: jax.Array):
     s = 0.5 * jnp.tanh(0.5 * y) + 0.5
     dy = dy * s * (1.0 + y * (1.0 - s))
   centered = x32 - _per_channel(mean, nd)  # (not x alone: no cancellation when |mean| >> std)
-  s1 = dy.sum(axis=spatial)                              # [B, C]: sum dy
-  sx = (dy * centered).sum(axis=spatial) * rstd          # [B, C]: sum dy xhat
+  s1 = dy.sum(axis=spatial)  # [B, C]: sum dy
+  sx = (dy * centered).sum(axis=spatial) * rstd  # [B, C]: sum dy xhat
   scale32 = scale.astype(jnp.float32)
   hw = math.prod(x.shape[1:-1])
-  m1 = _group_mean(scale32 * s1, groups) / hw            # [B, C]: mean_group(g)
-  m2 = _group_mean(scale32 * sx, groups) / hw            # [B, C]: mean_group(g xhat)
+  m1 = _group_mean(scale32 * s1, groups) / hw  # [B, C]: mean_group(g)
+  m2 = _group_mean(scale32 * sx, groups) / hw  # [B, C]: mean_group(g xhat)
   coef_dy = rstd * scale32
   coef_x = -rstd * rstd * m2
   coef_1 = -rstd * m1
-  dx = dy * _per_channel(coef_dy, nd) + centered * _per_channel(coef_x, nd) + _per_channel(coef_1, nd)
+  dx = (
+    dy * _per_channel(coef_dy, nd) + centered * _per_channel(coef_x, nd) + _per_channel(coef_1, nd)
+  )
   return dx.astype(x.dtype), sx.sum(0).astype(scale.dtype), s1.sum(0).astype(bias.dtype)
 
 

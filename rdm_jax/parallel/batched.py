@@ -22,8 +22,13 @@ class BatchedApply:
   (optional) maps each padded host batch before it goes to the devices.
   """
 
-  def __init__(self, fn: Callable[[Any, jax.Array], Any], params: Any, batch_size: int,
-               host_preprocess: Callable[[np.ndarray], np.ndarray] | None = None):
+  def __init__(
+    self,
+    fn: Callable[[Any, jax.Array], Any],
+    params: Any,
+    batch_size: int,
+    host_preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+  ):
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",))
     self.sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -32,14 +37,16 @@ class BatchedApply:
     self.params = jax.device_put(params, replicated)
     self.host_preprocess = host_preprocess
 
-  def __call__(self, inputs: np.ndarray, log: Callable[[str], None] | None = None, what: str = "items") -> Any:
+  def __call__(
+    self, inputs: np.ndarray, log: Callable[[str], None] | None = None, what: str = "items"
+  ) -> Any:
     """The outputs for all N inputs, as a pytree of host arrays [N, ...]."""
     if len(inputs) == 0:
       raise ValueError(f"no {what} to process")
     outs = []
     t0 = last = time.time()
     for a in range(0, len(inputs), self.batch):
-      chunk = np.asarray(inputs[a:a + self.batch])
+      chunk = np.asarray(inputs[a : a + self.batch])
       n = len(chunk)
       if n < self.batch:  # pad the last batch: one compiled shape
         chunk = np.concatenate([chunk, np.zeros((self.batch - n,) + chunk.shape[1:], chunk.dtype)])

@@ -64,7 +64,7 @@ def _gather(x: jax.Array, spec: P) -> jax.Array:
     y = jnp.moveaxis(x, dim, 0)
     for axis in reversed(axes):  # leading dimensions (axes[0], ..., axes[-1]) after the loop
       y = jax.lax.all_gather(y[None], axis, axis=0, tiled=True)
-    x = jnp.moveaxis(y.reshape((-1,) + y.shape[len(axes) + 1:]), 0, dim)
+    x = jnp.moveaxis(y.reshape((-1,) + y.shape[len(axes) + 1 :]), 0, dim)
   return x
 
 
@@ -79,19 +79,27 @@ def split_mesh(mesh: Mesh, axis: str, outer: int) -> tuple[Mesh, tuple[str, str]
   if outer < 1 or shape[i] % outer:
     fail(f"--config.mesh.fsdp_outer={outer}: it must divide the fsdp axis ({shape[i]} devices)")
   names = (f"{axis}_outer", f"{axis}_inner")
-  devices = mesh.devices.reshape(shape[:i] + (outer, shape[i] // outer) + shape[i + 1:])
-  types = mesh.axis_types[:i] + (mesh.axis_types[i],) * 2 + mesh.axis_types[i + 1:]
-  return Mesh(devices, mesh.axis_names[:i] + names + mesh.axis_names[i + 1:], axis_types=types), names
+  devices = mesh.devices.reshape(shape[:i] + (outer, shape[i] // outer) + shape[i + 1 :])
+  types = mesh.axis_types[:i] + (mesh.axis_types[i],) * 2 + mesh.axis_types[i + 1 :]
+  return Mesh(
+    devices, mesh.axis_names[:i] + names + mesh.axis_names[i + 1 :], axis_types=types
+  ), names
 
 
-def _split(mesh: Mesh, manual: tuple, specs: Any, split: tuple[str, int] | None) -> tuple[Mesh, tuple, Any]:
+def _split(
+  mesh: Mesh, manual: tuple, specs: Any, split: tuple[str, int] | None
+) -> tuple[Mesh, tuple, Any]:
   """(mesh, manual axes, manual specs) with `split` = (axis, outer) applied (`split_mesh`)."""
   if split is None or split[1] <= 1:
     return mesh, manual, specs
   mesh, names = split_mesh(mesh, *split)
   axes_for = lambda a: names if a == split[0] else (a,)  # noqa: E731
   manual = tuple(a for b in manual for a in axes_for(b))
-  return mesh, manual, jax.tree.map(lambda s: _respec(s, axes_for), specs, is_leaf=lambda s: isinstance(s, P))
+  return (
+    mesh,
+    manual,
+    jax.tree.map(lambda s: _respec(s, axes_for), specs, is_leaf=lambda s: isinstance(s, P)),
+  )
 
 
 def _gathered(p: jax.Array, spec: P, cast: bool, dtype: Any, manual: tuple) -> jax.Array:
@@ -101,43 +109,73 @@ def _gathered(p: jax.Array, spec: P, cast: bool, dtype: Any, manual: tuple) -> j
   return _gather(vary_over(p.astype(dtype) if cast and _sharded(spec) else p, manual), spec)
 
 
-def all_reduce_bytes(mesh: Mesh, batch_axes: Sequence[str], param_shardings: Any, params: Any, cast: Any,
-                     dtype: Any, split: tuple[str, int] | None = None) -> int:
+def all_reduce_bytes(
+  mesh: Mesh,
+  batch_axes: Sequence[str],
+  param_shardings: Any,
+  params: Any,
+  cast: Any,
+  dtype: Any,
+  split: tuple[str, int] | None = None,
+) -> int:
   """Bytes per device that the compiled gradients of the step's gathers alone all-reduce, with
   `split` applied: one parameter of each (shape, dtype, sharding, cast) the batch axes shard,
   gathered as `value_and_grad` gathers it (`params` abstract). The replicated parameters' sums
   are left out: they are the same at every split."""
   manual = tuple(batch_axes)
   is_sharding = lambda s: isinstance(s, NamedSharding)  # noqa: E731
-  kinds = {(tuple(p.shape), jnp.dtype(p.dtype).name, spec, bool(c)): None
-           for p, s, c in zip(jax.tree.leaves(params), jax.tree.leaves(param_shardings, is_leaf=is_sharding),
-                              jax.tree.leaves(cast))
-           if _sharded(spec := manual_spec(s.spec, manual))}
+  kinds = {
+    (tuple(p.shape), jnp.dtype(p.dtype).name, spec, bool(c)): None
+    for p, s, c in zip(
+      jax.tree.leaves(params),
+      jax.tree.leaves(param_shardings, is_leaf=is_sharding),
+      jax.tree.leaves(cast),
+    )
+    if _sharded(spec := manual_spec(s.spec, manual))
+  }
   specs = [k[2] for k in kinds]
   mesh, manual, specs = _split(mesh, manual, specs, split)
 
   def local(xs, weights):
     def total(xs):
-      return sum(jnp.sum(_gathered(x, s, k[3], dtype, manual).astype(jnp.float32) * w)
-                 for x, s, k, w in zip(xs, specs, kinds, weights))
+      return sum(
+        jnp.sum(_gathered(x, s, k[3], dtype, manual).astype(jnp.float32) * w)
+        for x, s, k, w in zip(xs, specs, kinds, weights)
+      )
+
     return jax.grad(total)(xs)
 
-  xs = [jax.ShapeDtypeStruct(k[0], k[1], sharding=NamedSharding(mesh, s)) for k, s in zip(kinds, specs)]
+  xs = [
+    jax.ShapeDtypeStruct(k[0], k[1], sharding=NamedSharding(mesh, s)) for k, s in zip(kinds, specs)
+  ]
   ws = [jax.ShapeDtypeStruct(k[0], jnp.float32, sharding=NamedSharding(mesh, P())) for k in kinds]
-  run = jax.shard_map(local, mesh=mesh, in_specs=(specs, P()), out_specs=specs, axis_names=set(manual))
+  run = jax.shard_map(
+    local, mesh=mesh, in_specs=(specs, P()), out_specs=specs, axis_names=set(manual)
+  )
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     found = hlo.collectives(jax.jit(run).lower(xs, ws).compile().as_text())
   return found.get("all-reduce", {}).get("bytes", 0)
 
 
-def choose_outer(mesh: Mesh, batch_axes: Sequence[str], param_shardings: Any, params: Any, cast: Any, dtype: Any,
-                 axis: str = "fsdp") -> int:
+def choose_outer(
+  mesh: Mesh,
+  batch_axes: Sequence[str],
+  param_shardings: Any,
+  params: Any,
+  cast: Any,
+  dtype: Any,
+  axis: str = "fsdp",
+) -> int:
   """How many groups of `axis` FSDP's gathers run over (1: one gather over the whole axis;
   `split_mesh`), chosen by compiling the gradients of the gathers alone for each power-of-two
   split and taking the one that all-reduces the fewest bytes (the fewest groups among equals).
   Where one stage all-reduces nothing, that is all compiled."""
   n = mesh.shape[axis]
-  best, best_bytes, outer = 1, all_reduce_bytes(mesh, batch_axes, param_shardings, params, cast, dtype), 2
+  best, best_bytes, outer = (
+    1,
+    all_reduce_bytes(mesh, batch_axes, param_shardings, params, cast, dtype),
+    2,
+  )
   while best_bytes and outer < n:
     if n % outer == 0:
       got = all_reduce_bytes(mesh, batch_axes, param_shardings, params, cast, dtype, (axis, outer))
@@ -174,15 +212,28 @@ def cast_before_gather(apply_fn: Callable, params: Any, inputs: Sequence[Any], d
   leaves, treedef = jax.tree.flatten(params)
   if np.dtype(dtype) == np.dtype(jnp.float32):
     return jax.tree.unflatten(treedef, [False] * len(leaves))
-  closed = jax.make_jaxpr(lambda ps, *xs: apply_fn(jax.tree.unflatten(treedef, ps), *xs))(leaves, *inputs)
+  closed = jax.make_jaxpr(lambda ps, *xs: apply_fn(jax.tree.unflatten(treedef, ps), *xs))(
+    leaves, *inputs
+  )
   jaxpr = closed.jaxpr
-  return jax.tree.unflatten(treedef, [np.dtype(leaf.dtype) != np.dtype(dtype) and _only_cast_to(jaxpr, var, dtype)
-                                      for leaf, var in zip(leaves, jaxpr.invars[:len(leaves)])])
+  return jax.tree.unflatten(
+    treedef,
+    [
+      np.dtype(leaf.dtype) != np.dtype(dtype) and _only_cast_to(jaxpr, var, dtype)
+      for leaf, var in zip(leaves, jaxpr.invars[: len(leaves)])
+    ],
+  )
 
 
-def value_and_grad(loss_fn: Callable[..., jax.Array], mesh: Mesh, param_shardings: Any, batch_axes: Sequence[str],
-                   cast: Any = None, dtype: Any = jnp.bfloat16,
-                   split: tuple[str, int] | None = None) -> Callable[..., tuple[jax.Array, Any]]:
+def value_and_grad(
+  loss_fn: Callable[..., jax.Array],
+  mesh: Mesh,
+  param_shardings: Any,
+  batch_axes: Sequence[str],
+  cast: Any = None,
+  dtype: Any = jnp.bfloat16,
+  split: tuple[str, int] | None = None,
+) -> Callable[..., tuple[jax.Array, Any]]:
   """(params, *batch) -> (loss, grads) of the global batch, with `loss_fn(params, *local batch)`
   the mean loss of one device's rows. The batch arrays are split over `batch_axes` on their
   first dimension; `param_shardings` (NamedShardings like `params`) say which parameters those
@@ -203,16 +254,28 @@ def value_and_grad(loss_fn: Callable[..., jax.Array], mesh: Mesh, param_sharding
 
   def local(params, *batch):
     def mean_loss(params):
-      full = jax.tree.map(lambda p, spec, c: _gathered(p, spec, c, dtype, manual), params, specs, cast,
-                          is_leaf=lambda s: isinstance(s, P))
+      full = jax.tree.map(
+        lambda p, spec, c: _gathered(p, spec, c, dtype, manual),
+        params,
+        specs,
+        cast,
+        is_leaf=lambda s: isinstance(s, P),
+      )
       return loss_fn(full, *batch) / devices
 
     loss, grads = jax.value_and_grad(mean_loss)(params)
     return jax.lax.psum(loss, manual), grads
 
   def run(params, *batch):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the split mesh, where the caller's is set
-      return jax.shard_map(local, mesh=mesh, in_specs=(specs,) + (batch_spec,) * len(batch),
-                           out_specs=(P(), specs), axis_names=set(manual))(params, *batch)
+    with jax.sharding.use_abstract_mesh(
+      mesh.abstract_mesh
+    ):  # the split mesh, where the caller's is set
+      return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(specs,) + (batch_spec,) * len(batch),
+        out_specs=(P(), specs),
+        axis_names=set(manual),
+      )(params, *batch)
 
   return run

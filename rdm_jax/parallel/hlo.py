@@ -9,8 +9,23 @@ import re
 import numpy as np
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "bf16": 2,
+  "f16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 # TPU emits reduce-scatter as a fusion of this name (an all-reduce whose result each chip keeps a slice of)
@@ -23,7 +38,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   all-reduce-scatter fusions count as reduce-scatter, once: the all-reduce inside the
   computation such a fusion calls is not counted again."""
   out: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"count": 0, "bytes": 0})
-  fused_body = False  # inside the computation an all-reduce-scatter fusion calls (counted at its call)
+  fused_body = (
+    False  # inside the computation an all-reduce-scatter fusion calls (counted at its call)
+  )
   for line in hlo_text.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith("{"):
       fused_body = line.split()[0].lstrip("%").startswith("all-reduce-scatter")
@@ -37,9 +54,12 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
       shape, kind, start = f.group(1), "reduce-scatter", None
     else:
       continue
-    arrays = [_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in _ARRAY.findall(shape)]
+    arrays = [
+      _BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d]))
+      for t, dims in _ARRAY.findall(shape)
+    ]
     if start and kind != "all-reduce" and len(arrays) > 1:  # (operands..., results...)
-      arrays = arrays[len(arrays) // 2:]
+      arrays = arrays[len(arrays) // 2 :]
     out[kind]["count"] += 1
     out[kind]["bytes"] += int(sum(arrays))
   return {k: dict(v) for k, v in sorted(out.items())}

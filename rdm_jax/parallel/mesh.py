@@ -24,12 +24,16 @@ def resolve_axis_sizes(axes: Mapping[str, int], num_devices: int) -> dict[str, i
   fixed = int(np.prod([s for s in sizes.values() if s != -1]))
   if free:
     if num_devices % fixed:
-      fail(f"config.mesh {dict(axes)} does not divide {num_devices} devices: the fixed axes multiply "
-           f"to {fixed}; choose sizes whose product divides {num_devices}")
+      fail(
+        f"config.mesh {dict(axes)} does not divide {num_devices} devices: the fixed axes multiply "
+        f"to {fixed}; choose sizes whose product divides {num_devices}"
+      )
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    fail(f"config.mesh {dict(axes)} has {fixed} devices but {num_devices} are available; "
-         f"set one axis to -1 or make the product {num_devices}")
+    fail(
+      f"config.mesh {dict(axes)} has {fixed} devices but {num_devices} are available; "
+      f"set one axis to -1 or make the product {num_devices}"
+    )
   return sizes
 
 
@@ -46,8 +50,9 @@ def make_mesh(axes: Mapping[str, int], devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   sizes = resolve_axis_sizes(axes, len(devices))
   names = tuple(sizes)
-  return jax.make_mesh(tuple(sizes[n] for n in names), names,
-                       axis_types=(AxisType.Auto,) * len(names), devices=devices)
+  return jax.make_mesh(
+    tuple(sizes[n] for n in names), names, axis_types=(AxisType.Auto,) * len(names), devices=devices
+  )
 
 
 # Debian's libtcmalloc-minimal4, which the Makefile preloads for every job and test
@@ -70,24 +75,41 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
   only a train step pays for (the allocator's per-step buffer, rematerialisation)."""
   devices = jax.devices() if devices is None else devices
   platform = devices[0].platform
-  line = (f"platform {platform}: {len(devices)} x {devices[0].device_kind} over {jax.process_count()} "
-          f"process(es), jax {jax.__version__}")
+  line = (
+    f"platform {platform}: {len(devices)} x {devices[0].device_kind} over {jax.process_count()} "
+    f"process(es), jax {jax.__version__}"
+  )
   warnings = []
   m = config.model
-  if platform == "cpu" and "bfloat16" in (m.get("dtype", "float32"), m.get("param_dtype", "float32")):
-    warnings.append("config.model asks for bfloat16 on CPU, where it is emulated and slower than float32; "
-                    "--config.model.dtype=float32 for CPU runs")
+  if platform == "cpu" and "bfloat16" in (
+    m.get("dtype", "float32"),
+    m.get("param_dtype", "float32"),
+  ):
+    warnings.append(
+      "config.model asks for bfloat16 on CPU, where it is emulated and slower than float32; "
+      "--config.model.dtype=float32 for CPU runs"
+    )
   if m.get("attention", "xla") == "flash" and platform != "tpu":
-    fail(f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
-         "--config.model.attention=" + ("cudnn (cuDNN's flash attention)" if platform == "gpu" else "dot_product"))
+    fail(
+      f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
+      "--config.model.attention="
+      + ("cudnn (cuDNN's flash attention)" if platform == "gpu" else "dot_product")
+    )
   if m.get("attention", "xla") == "cudnn" and platform != "gpu":
-    fail(f"config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this is {platform}; use "
-         "--config.model.attention=" + ("flash (the Pallas TPU kernel)" if platform == "tpu" else "dot_product"))
+    fail(
+      f"config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this is {platform}; use "
+      "--config.model.attention="
+      + ("flash (the Pallas TPU kernel)" if platform == "tpu" else "dot_product")
+    )
   if training and platform == "cpu" and tcmalloc_loaded() is False:
-    warnings.append("glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a quarter of "
-                    f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
-                    "`make demo` and `make test` do)")
+    warnings.append(
+      "glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a quarter of "
+      f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
+      "`make demo` and `make test` do)"
+    )
   if training and m.get("remat", "none") != "none" and platform == "cpu":
-    warnings.append(f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
-                    "slows training (--config.model.remat=none)")
+    warnings.append(
+      f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
+      "slows training (--config.model.remat=none)"
+    )
   return line, warnings

@@ -49,8 +49,11 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   mesh_specs = nn.logical_to_mesh(specs, rules)
   unboxed = nn.meta.unbox(abstract_tree)
   return jax.tree.map(
-      lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
-      mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+    lambda spec, leaf: NamedSharding(mesh, fit_spec(spec, leaf.shape, mesh)),
+    mesh_specs,
+    unboxed,
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def batch_devices(mesh: Mesh, rules: Rules) -> int:

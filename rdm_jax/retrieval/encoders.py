@@ -56,10 +56,16 @@ def _efficientnet(cfg: Any, load: bool) -> Encoder:
   layer, grid = _features(cfg)
   side, channels = efficientnet_lite.feature_map_shape(layer, cfg.image_size)
   if grid < 1 or side % grid:
-    fail(f"config.retrieval.grid={grid}: {layer}'s feature map is {side}x{side} at image_size={cfg.image_size}; "
-         f"use a grid that divides {side}")
-  identity = {"name": cfg.encoder, "weights_sha256": store.file_sha256(path), "image_size": cfg.image_size,
-              "embed_dim": channels * grid * grid}
+    fail(
+      f"config.retrieval.grid={grid}: {layer}'s feature map is {side}x{side} at image_size={cfg.image_size}; "
+      f"use a grid that divides {side}"
+    )
+  identity = {
+    "name": cfg.encoder,
+    "weights_sha256": store.file_sha256(path),
+    "image_size": cfg.image_size,
+    "embed_dim": channels * grid * grid,
+  }
   if (layer, grid) != ("head", 1):  # the default's identity is as it was before these options
     identity["features"] = f"{layer} mean over {grid}x{grid} cells"
   if not load:
@@ -69,7 +75,9 @@ def _efficientnet(cfg: Any, load: bool) -> Encoder:
     model = efficientnet_lite.EfficientNetLite0()
 
     def apply(params, images):
-      return model.apply({"params": params}, efficientnet_lite.preprocess(images, cfg.image_size))[0]
+      return model.apply({"params": params}, efficientnet_lite.preprocess(images, cfg.image_size))[
+        0
+      ]
   else:
     model = efficientnet_lite.EfficientNetLite0(feature_map=layer)
 
@@ -87,15 +95,23 @@ def _clip_model(path: str) -> clip.Clip:
 
 def _clip(cfg: Any, load: bool) -> Encoder:
   if _features(cfg) != ("head", 1):
-    fail(f"config.retrieval.features/grid={_features(cfg)}: {cfg.encoder} embeds whole images only; "
-         "set features='head', grid=1")
+    fail(
+      f"config.retrieval.features/grid={_features(cfg)}: {cfg.encoder} embeds whole images only; "
+      "set features='head', grid=1"
+    )
   model = _clip_model(cfg.weights)
   if cfg.image_size != model.image_size:
-    fail(f"config.retrieval.image_size={cfg.image_size} but the CLIP in {cfg.weights} takes "
-         f"{model.image_size}x{model.image_size} images; set image_size={model.image_size}")
-  identity = {"name": cfg.encoder, "weights_sha256": model.weights_sha256, "image_size": model.image_size,
-              "embed_dim": model.embed_dim,
-              "preprocess": f"rdm retriever: [-1, 1], bicubic align_corners {model.image_size}, clip mean/std"}
+    fail(
+      f"config.retrieval.image_size={cfg.image_size} but the CLIP in {cfg.weights} takes "
+      f"{model.image_size}x{model.image_size} images; set image_size={model.image_size}"
+    )
+  identity = {
+    "name": cfg.encoder,
+    "weights_sha256": model.weights_sha256,
+    "image_size": model.image_size,
+    "embed_dim": model.embed_dim,
+    "preprocess": f"rdm retriever: [-1, 1], bicubic align_corners {model.image_size}, clip mean/std",
+  }
 
   def apply(params, images):
     return model.image_features(params, clip.retriever_preprocess(images, model.image_size))
@@ -122,7 +138,9 @@ def make_encoder(cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
   the local devices."""
   enc = _get(cfg, load=True)
   if cfg.embed_dim != enc.identity["embed_dim"]:
-    fail(f"config.retrieval.embed_dim={cfg.embed_dim} but {cfg.encoder} embeds to {enc.identity['embed_dim']}")
+    fail(
+      f"config.retrieval.embed_dim={cfg.embed_dim} but {cfg.encoder} embeds to {enc.identity['embed_dim']}"
+    )
   run = BatchedApply(enc.apply, enc.params, cfg.batch_size)
   return lambda images: run(images, what="images").astype(np.float32)
 
@@ -146,14 +164,24 @@ def embed_text(cfg: Any, texts: list[str] | tuple[str, ...]) -> np.ndarray:
     fail(f"config.retrieval.encoder={cfg.encoder!r} has no text tower; use clip_vit_b32")
   path = cfg.get("tokenizer", "") or (cfg.weights if os.path.isdir(cfg.weights) else "")
   if not path or not os.path.isdir(path):
-    fail("config.retrieval.tokenizer: give a directory with a saved CLIPTokenizer (OpenAI's .pt holds none)")
-  tok = clip.load_tokenizer(path, "save one there (CLIPTokenizer.save_pretrained) and set config.retrieval.tokenizer")
+    fail(
+      "config.retrieval.tokenizer: give a directory with a saved CLIPTokenizer (OpenAI's .pt holds none)"
+    )
+  tok = clip.load_tokenizer(
+    path, "save one there (CLIPTokenizer.save_pretrained) and set config.retrieval.tokenizer"
+  )
   length = _clip_model(cfg.weights).model.config.text_config.max_position_embeddings
-  t = tok(list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="np")
+  t = tok(
+    list(texts), padding="max_length", truncation=True, max_length=length, return_tensors="np"
+  )
   fn = jax.jit(enc.text)
-  return np.asarray(fn(enc.params, jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"])), np.float32)
+  return np.asarray(
+    fn(enc.params, jnp.asarray(t["input_ids"]), jnp.asarray(t["attention_mask"])), np.float32
+  )
 
 
-def check_same_encoder(a: dict[str, Any], b: dict[str, Any], what_a: str, what_b: str, fix: str) -> None:
+def check_same_encoder(
+  a: dict[str, Any], b: dict[str, Any], what_a: str, what_b: str, fix: str
+) -> None:
   if a != b:
     fail(f"{what_a} was made by encoder {a} but {what_b} by {b}; {fix}")

@@ -25,11 +25,15 @@ def l2_normalize(x: np.ndarray, what: str = "embeddings", copy: bool = True) -> 
   norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # NaN/inf anywhere in a row -> NaN/inf here
   bad = ~np.isfinite(norms[:, 0])
   if bad.any():
-    fail(f"{what}: {int(bad.sum())} rows contain NaN or inf (first at row {int(np.argmax(bad))}); "
-         "recompute them")
+    fail(
+      f"{what}: {int(bad.sum())} rows contain NaN or inf (first at row {int(np.argmax(bad))}); "
+      "recompute them"
+    )
   if (norms == 0).any():
-    fail(f"{what}: {int((norms == 0).sum())} rows have zero norm (first at row "
-         f"{int(np.argmax(norms[:, 0] == 0))}); they have no direction to search with")
+    fail(
+      f"{what}: {int((norms == 0).sum())} rows have zero norm (first at row "
+      f"{int(np.argmax(norms[:, 0] == 0))}); they have no direction to search with"
+    )
   x /= norms
   return x
 
@@ -48,9 +52,14 @@ def _merge(s1, i1, s2, i2, k: int):
   return top, jnp.take_along_axis(i, pos, axis=1)
 
 
-def exact_search(queries: np.ndarray, database: np.ndarray, k: int, query_batch: int = 1024,
-                 database_chunk: int = 1 << 18, normalize_database: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+  queries: np.ndarray,
+  database: np.ndarray,
+  k: int,
+  query_batch: int = 1024,
+  database_chunk: int = 1 << 18,
+  normalize_database: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
   """Top-k by inner product. queries [Q, d] (normalised), database [N, d].
 
   The database is used as given, or L2-normalised chunk by chunk with
@@ -59,20 +68,22 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, query_batch:
   query_batch x database_chunk scores at a time.
   """
   if queries.shape[1] != database.shape[1]:
-    fail(f"query width {queries.shape[1]} differs from database width {database.shape[1]}: "
-         "queries and database must come from the same encoder")
+    fail(
+      f"query width {queries.shape[1]} differs from database width {database.shape[1]}: "
+      "queries and database must come from the same encoder"
+    )
   if k > database.shape[0]:
     fail(f"asked for K={k} neighbours but the database has only {database.shape[0]} entries")
   chunks = range(0, len(database), database_chunk)
 
   def prepare(da):
-    db = database[da:da + database_chunk]
+    db = database[da : da + database_chunk]
     return jnp.asarray(l2_normalize(db, "database") if normalize_database else db)
 
   whole = prepare(0) if len(chunks) == 1 else None  # one chunk: prepared once for every query batch
   out_s, out_i = [], []
   for qa in range(0, len(queries), query_batch):
-    q = jnp.asarray(queries[qa:qa + query_batch])
+    q = jnp.asarray(queries[qa : qa + query_batch])
     best = None
     for da in chunks:
       db = whole if whole is not None else prepare(da)

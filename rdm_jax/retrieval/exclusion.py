@@ -23,14 +23,16 @@ def sources_overlap(query_source: Mapping[str, Any], database_source: Mapping[st
   ranges, or the same embeddings file)."""
   if query_source.get("file") or database_source.get("file"):
     return query_source.get("file") == database_source.get("file")
-  if query_source.get("dataset") != database_source.get("dataset") or \
-      query_source.get("split") != database_source.get("split"):
+  if query_source.get("dataset") != database_source.get("dataset") or query_source.get(
+    "split"
+  ) != database_source.get("split"):
     return False
   if query_source.get("file_list_sha256") != database_source.get("file_list_sha256"):
     return False  # one folder under two file lists: ids are positions in each list, not comparable
   try:
-    return max(query_source["start"], database_source["start"]) < min(query_source["stop"],
-                                                                        database_source["stop"])
+    return max(query_source["start"], database_source["start"]) < min(
+      query_source["stop"], database_source["stop"]
+    )
   except KeyError:
     return True  # no ranges recorded: assume they overlap
 
@@ -50,21 +52,32 @@ class Exclusion:
     return {"by_source_id": self.by_source_id, "duplicate_score": self.duplicate_score}
 
 
-def exclusion_for(mode: str, duplicate_score: float, query_source: Mapping[str, Any],
-                  database_source: Mapping[str, Any]) -> Exclusion:
+def exclusion_for(
+  mode: str,
+  duplicate_score: float,
+  query_source: Mapping[str, Any],
+  database_source: Mapping[str, Any],
+) -> Exclusion:
   """config.retrieval.exclude ('auto': only when the sources overlap) -> Exclusion."""
   if mode not in MODES:
     fail(f"config.retrieval.exclude={mode!r}; use one of {', '.join(MODES)}")
   on = mode == "always" or (mode == "auto" and sources_overlap(query_source, database_source))
   if not on:
     return Exclusion()
-  return Exclusion(by_source_id=True, duplicate_score=duplicate_score if duplicate_score > 0 else None)
+  return Exclusion(
+    by_source_id=True, duplicate_score=duplicate_score if duplicate_score > 0 else None
+  )
 
 
-def search_excluding(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
-                     queries: np.ndarray, k: int, exclusion: Exclusion, query_ids: np.ndarray,
-                     database_ids: np.ndarray, margin: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def search_excluding(
+  search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+  queries: np.ndarray,
+  k: int,
+  exclusion: Exclusion,
+  query_ids: np.ndarray,
+  database_ids: np.ndarray,
+  margin: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Top-k (scores, rows) of `search(queries, n)` after dropping excluded candidates.
 
   Asks for k + margin candidates; rows that keep fewer than k are searched again with
@@ -91,8 +104,10 @@ def search_excluding(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.nd
     out_r[done] = np.take_along_axis(rows, order, axis=1)[enough]
     todo = todo[~enough]
     if len(todo) and want == n_db:
-      fail(f"{len(todo)} queries have fewer than K={k} neighbours left after excluding "
-           f"{exclusion.describe()} from a database of {n_db}; lower K or raise "
-           "config.retrieval.duplicate_score")
+      fail(
+        f"{len(todo)} queries have fewer than K={k} neighbours left after excluding "
+        f"{exclusion.describe()} from a database of {n_db}; lower K or raise "
+        "config.retrieval.duplicate_score"
+      )
     want = min(n_db, 2 * want)
   return out_s, out_r

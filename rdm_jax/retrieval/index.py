@@ -99,31 +99,41 @@ def recipe_for(n: int, k: int, cfg: Any) -> Recipe:
   if kind in ("exact", "brute"):
     return Recipe(kind=kind)
   reorder = cfg.reorder or REORDER_PER_NEIGHBOR * k
-  ah = dict(dims_per_block=cfg.dims_per_block, anisotropic_threshold=cfg.anisotropic_threshold,
-            reorder=max(reorder, k))
+  ah = dict(
+    dims_per_block=cfg.dims_per_block,
+    anisotropic_threshold=cfg.anisotropic_threshold,
+    reorder=max(reorder, k),
+  )
   if kind == "ah":
     return Recipe(kind="ah", **ah)
   num_leaves = cfg.num_leaves or max(1, int(math.sqrt(n)))
   if num_leaves > n:
     fail(f"config.retrieval.index.num_leaves={num_leaves} exceeds the shard size {n}")
-  return Recipe(kind="tree_ah", num_leaves=num_leaves,
-                leaves_to_search=cfg.leaves_to_search or max(1, num_leaves // 20),
-                training_sample=cfg.training_sample or max(num_leaves, n // 10),
-                spherical=bool(cfg.spherical), **ah)
+  return Recipe(
+    kind="tree_ah",
+    num_leaves=num_leaves,
+    leaves_to_search=cfg.leaves_to_search or max(1, num_leaves // 20),
+    training_sample=cfg.training_sample or max(num_leaves, n // 10),
+    spherical=bool(cfg.spherical),
+    **ah,
+  )
 
 
 def shard_ranges(n: int, d: int, cfg: Any) -> list[tuple[int, int]]:
   """Row ranges [start, stop) of the shards: equal sizes, each buildable within max_memory_gb."""
   size = cfg.shard_size or int(cfg.max_memory_gb * 2**30 / (BUILD_BYTES_PER_FLOAT * d))
   if size < 1:
-    fail(f"config.retrieval.index.max_memory_gb={cfg.max_memory_gb} is too small for one {d}-d vector")
+    fail(
+      f"config.retrieval.index.max_memory_gb={cfg.max_memory_gb} is too small for one {d}-d vector"
+    )
   num = max(1, math.ceil(n / size))
   bounds = [round(i * n / num) for i in range(num + 1)]
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def check_embeddings(s: store.Store, what: str, start: int = 0, stop: int | None = None,
-                     chunk: int = 1 << 16) -> None:
+def check_embeddings(
+  s: store.Store, what: str, start: int = 0, stop: int | None = None, chunk: int = 1 << 16
+) -> None:
   """Scans rows [start, stop) of a store's embeddings in chunks (file reads, not the memory
   map): NaN/inf or zero-norm rows are an error, raised before any work is saved."""
   stop = len(s["embeddings"]) if stop is None else min(stop, len(s["embeddings"]))
@@ -145,17 +155,37 @@ def build_scann(data: np.ndarray, k: int, recipe: Recipe, threads: int = 1):
     return b.score_brute_force().build()
   if recipe.kind == "tree_ah":
     # random_init=False: k-means++ from ScaNN's seed (its random initialisation is unseeded)
-    b = b.tree(num_leaves=recipe.num_leaves, num_leaves_to_search=recipe.leaves_to_search,
-               training_sample_size=recipe.training_sample, spherical=recipe.spherical, random_init=False)
-  return b.score_ah(recipe.dims_per_block,
-                    anisotropic_quantization_threshold=recipe.anisotropic_threshold).reorder(recipe.reorder).build()
+    b = b.tree(
+      num_leaves=recipe.num_leaves,
+      num_leaves_to_search=recipe.leaves_to_search,
+      training_sample_size=recipe.training_sample,
+      spherical=recipe.spherical,
+      random_init=False,
+    )
+  return (
+    b.score_ah(
+      recipe.dims_per_block, anisotropic_quantization_threshold=recipe.anisotropic_threshold
+    )
+    .reorder(recipe.reorder)
+    .build()
+  )
 
 
 # Every file ScaNN 1.4's serialize may write (scann_ops_pybind_backcompat lists the assets).
-SCANN_FILES = frozenset({
-    "scann_assets.pbtxt", "scann_config.pb", "ah_codebook.pb", "serialized_partitioner.pb",
-    "datapoint_to_token.npy", "hashed_dataset.npy", "int8_dataset.npy", "int8_multipliers.npy",
-    "dp_norms.npy", "dataset.npy"})
+SCANN_FILES = frozenset(
+  {
+    "scann_assets.pbtxt",
+    "scann_config.pb",
+    "ah_codebook.pb",
+    "serialized_partitioner.pb",
+    "datapoint_to_token.npy",
+    "hashed_dataset.npy",
+    "int8_dataset.npy",
+    "int8_multipliers.npy",
+    "dp_norms.npy",
+    "dataset.npy",
+  }
+)
 
 
 def training_threads(cfg: Any) -> int:
@@ -179,7 +209,9 @@ def _search_scann(searcher, queries: np.ndarray, k: int, leaves: int, reorder: i
   return np.asarray(rows, np.int64)
 
 
-def recall_leaving_out_self(approx: np.ndarray, truth: np.ndarray, self_rows: np.ndarray, k: int) -> float:
+def recall_leaving_out_self(
+  approx: np.ndarray, truth: np.ndarray, self_rows: np.ndarray, k: int
+) -> float:
   """Mean recall@k of approx against truth (both [Q, >= k+1] row lists), each query's own row
   (self_rows) removed from both first: the query is a database point, and finding itself is free."""
   hits = 0
@@ -206,9 +238,16 @@ def tuning_queries(data: np.ndarray, k: int, cfg: Any) -> tuple[np.ndarray, np.n
   return rows, queries, truth
 
 
-def tune_search(searcher, data: np.ndarray, k: int, recipe: Recipe, cfg: Any,
-                log: Callable[[str], None] = print, what: str = "shard",
-                queries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+def tune_search(
+  searcher,
+  data: np.ndarray,
+  k: int,
+  recipe: Recipe,
+  cfg: Any,
+  log: Callable[[str], None] = print,
+  what: str = "shard",
+  queries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
   """The cheapest search settings of a built ScaNN shard that reach `cfg.target_recall`.
 
   Queries are `cfg.tune_queries` rows of the shard (`tuning_queries`), searched for k+1
@@ -234,36 +273,60 @@ def tune_search(searcher, data: np.ndarray, k: int, recipe: Recipe, cfg: Any,
       t = time.perf_counter()
       rows = _search_scann(searcher, queries, kk, leaves, reorder)
       ms = (time.perf_counter() - t) * 1e3 / len(queries)
-      tried[(leaves, reorder)] = dict(recall=recall_leaving_out_self(rows, truth, self_rows, k), ms_per_query=ms)
+      tried[(leaves, reorder)] = dict(
+        recall=recall_leaving_out_self(rows, truth, self_rows, k), ms_per_query=ms
+      )
     return tried[(leaves, reorder)]["recall"]
 
   while measure(leaves, reorder) < cfg.target_recall:
     steps = [(min(2 * leaves, max_leaves), reorder), (leaves, min(2 * reorder, max_reorder))]
     steps = [s for s in steps if s != (leaves, reorder)]
     if not steps:
-      table = "\n".join(f"  leaves {a:>6} reorder {b:>6}: recall@{k} {v['recall']:.4f}, {v['ms_per_query']:.3f} ms/query"
-                         for (a, b), v in sorted(tried.items()))
-      fail(f"{what}: recall@{k} against exact search stays below retrieval.index.target_recall="
-           f"{cfg.target_recall} within the search budget (leaves searched <= num_leaves={max_leaves}, "
-           f"reorder <= max_reorder={max_reorder}):\n{table}\nRaise retrieval.index.max_reorder, use a finer "
-           "quantisation (dims_per_block=1) or more leaves (num_leaves), or lower target_recall.")
+      table = "\n".join(
+        f"  leaves {a:>6} reorder {b:>6}: recall@{k} {v['recall']:.4f}, {v['ms_per_query']:.3f} ms/query"
+        for (a, b), v in sorted(tried.items())
+      )
+      fail(
+        f"{what}: recall@{k} against exact search stays below retrieval.index.target_recall="
+        f"{cfg.target_recall} within the search budget (leaves searched <= num_leaves={max_leaves}, "
+        f"reorder <= max_reorder={max_reorder}):\n{table}\nRaise retrieval.index.max_reorder, use a finer "
+        "quantisation (dims_per_block=1) or more leaves (num_leaves), or lower target_recall."
+      )
     leaves, reorder = max(steps, key=lambda s: (measure(*s), -s[0] * s[1]))
   chosen = tried[(leaves, reorder)]
-  log(f"{what}: search {leaves} leaves, reorder {reorder}: recall@{k} {chosen['recall']:.4f} "
-      f"(target {cfg.target_recall}), {chosen['ms_per_query']:.3f} ms/query")
-  return dict(leaves_to_search=leaves, reorder=reorder, recall_at_k=round(chosen["recall"], 6),
-              ms_per_query=round(chosen["ms_per_query"], 4), queries=len(queries),
-              tried=[dict(leaves_to_search=a, reorder=b, recall_at_k=round(v["recall"], 6),
-                          ms_per_query=round(v["ms_per_query"], 4)) for (a, b), v in sorted(tried.items())])
+  log(
+    f"{what}: search {leaves} leaves, reorder {reorder}: recall@{k} {chosen['recall']:.4f} "
+    f"(target {cfg.target_recall}), {chosen['ms_per_query']:.3f} ms/query"
+  )
+  return dict(
+    leaves_to_search=leaves,
+    reorder=reorder,
+    recall_at_k=round(chosen["recall"], 6),
+    ms_per_query=round(chosen["ms_per_query"], 4),
+    queries=len(queries),
+    tried=[
+      dict(
+        leaves_to_search=a,
+        reorder=b,
+        recall_at_k=round(v["recall"], 6),
+        ms_per_query=round(v["ms_per_query"], 4),
+      )
+      for (a, b), v in sorted(tried.items())
+    ],
+  )
 
 
 def _load_scann(shard_dir: str):
   """A ScaNN searcher from a checked shard directory, without `load_searcher`'s pickle of docids."""
   from scann.scann_ops.py import scann_ops_pybind
 
-  with untrusted.open_regular(os.path.join(shard_dir, "scann_assets.pbtxt"), "r", encoding="utf-8") as f:
+  with untrusted.open_regular(
+    os.path.join(shard_dir, "scann_assets.pbtxt"), "r", encoding="utf-8"
+  ) as f:
     assets = f.read()
-  return scann_ops_pybind.ScannSearcher(scann_ops_pybind.scann_pybind.ScannNumpy(shard_dir, assets), None)
+  return scann_ops_pybind.ScannSearcher(
+    scann_ops_pybind.scann_pybind.ScannNumpy(shard_dir, assets), None
+  )
 
 
 def plan(n: int, d: int, k: int, cfg: Any) -> list[dict[str, Any]]:
@@ -273,25 +336,43 @@ def plan(n: int, d: int, k: int, cfg: Any) -> list[dict[str, Any]]:
   shards = []
   for i, (a, b) in enumerate(shard_ranges(n, d, cfg)):
     recipe = recipe_for(b - a, min(k, b - a), cfg)
-    shards.append(dict(start=a, stop=b, recipe=dataclasses.asdict(recipe),
-                       dir="" if recipe.kind == "exact" else f"shard_{i:05d}"))
+    shards.append(
+      dict(
+        start=a,
+        stop=b,
+        recipe=dataclasses.asdict(recipe),
+        dir="" if recipe.kind == "exact" else f"shard_{i:05d}",
+      )
+    )
   return shards
 
 
 def search_target(cfg: Any) -> dict[str, Any]:
   """The knobs the build's search tuning and determinism depend on (recorded; a change rebuilds)."""
-  return dict(target_recall=cfg.target_recall, tune_queries=cfg.tune_queries, tune_seed=cfg.tune_seed,
-              max_reorder=cfg.max_reorder, deterministic=bool(cfg.deterministic))
+  return dict(
+    target_recall=cfg.target_recall,
+    tune_queries=cfg.tune_queries,
+    tune_seed=cfg.tune_seed,
+    max_reorder=cfg.max_reorder,
+    deterministic=bool(cfg.deterministic),
+  )
 
 
-def ensure(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
+def ensure(
+  database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print
+) -> "Index":
   """The index at `path` if it was built for this database, K and knobs; else builds it."""
   path = store.check_output(path, KIND)
   if store.exists(path):
     m = store.read(path, KIND, hint=INDEX_HINT).manifest
     n, d = database["embeddings"].shape
-    if (m.get("database_fingerprint"), m.get("num_neighbors"), m.get("shards"), m.get("search_target"),
-        "shard_files" in m) == (database.fingerprint, k, plan(n, d, k, cfg), search_target(cfg), True):
+    if (
+      m.get("database_fingerprint"),
+      m.get("num_neighbors"),
+      m.get("shards"),
+      m.get("search_target"),
+      "shard_files" in m,
+    ) == (database.fingerprint, k, plan(n, d, k, cfg), search_target(cfg), True):
       log(f"{path} exists and matches the database and config; skipping (delete it to rebuild)")
       return load(path, database, cfg)
     log(f"{path} was built for another database or other settings; rebuilding")
@@ -303,25 +384,39 @@ def _serialize(searcher: Any, folder: str, size: int) -> None:
   one line, before writing or after a failed write (ScaNN reports a full disk as an "I/O error")."""
   files.need_room(os.path.join(folder, "dataset.npy"), size)
   try:
-    searcher.serialize(os.path.abspath(folder), relative_path=True)  # relative paths reload anywhere
+    searcher.serialize(
+      os.path.abspath(folder), relative_path=True
+    )  # relative paths reload anywhere
   except (RuntimeError, OSError) as e:
     store.remove_shard_dir(folder)
-    files.need_room(os.path.join(folder, "dataset.npy"), 2 * size)  # short of room, not a failing disk
+    files.need_room(
+      os.path.join(folder, "dataset.npy"), 2 * size
+    )  # short of room, not a failing disk
     files.write_failed(e, folder)
 
 
-def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print) -> "Index":
+def build(
+  database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str], None] = print
+) -> "Index":
   """Builds (or resumes building) the index of `database` at `path`, shard by shard."""
   path = store.check_output(path, KIND)
   emb = database["embeddings"]
   n, d = emb.shape
   shards = plan(n, d, k, cfg)
-  fields = dict(database_path=os.path.abspath(database.path), database_fingerprint=database.fingerprint,
-                dim=d, num_neighbors=k, shards=shards, search_target=search_target(cfg))
+  fields = dict(
+    database_path=os.path.abspath(database.path),
+    database_fingerprint=database.fingerprint,
+    dim=d,
+    num_neighbors=k,
+    shards=shards,
+    search_target=search_target(cfg),
+  )
   with store.Lock(path, log) as lock:
     partial = store.open_partial(path, fields, log)
-    log(f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "
-        + ", ".join(f"{s['stop'] - s['start']} rows {s['recipe']['kind']}" for s in shards))
+    log(
+      f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "
+      + ", ".join(f"{s['stop'] - s['start']} rows {s['recipe']['kind']}" for s in shards)
+    )
     check_embeddings(database, f"database {database.path}")
     t0 = time.time()
     search = {}
@@ -338,43 +433,81 @@ def build(database: store.Store, cfg: Any, k: int, path: str, log: Callable[[str
         search[shard["dir"]] = finished[shard["dir"]]
         continue
       if os.path.isdir(final):
-        store.remove_shard_dir(final)  # built, but its search settings were lost: build it again (deterministic)
+        store.remove_shard_dir(
+          final
+        )  # built, but its search settings were lost: build it again (deterministic)
       recipe = Recipe(**shard["recipe"])
       t = time.time()
-      data = exact.l2_normalize(store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
-                                f"database {database.path}", copy=False)
+      data = exact.l2_normalize(
+        store.read_rows(database, "embeddings", shard["start"], shard["stop"]),
+        f"database {database.path}",
+        copy=False,
+      )
       tune_k = min(k, len(data) - 1)
-      probe = tuning_queries(data, tune_k, cfg) if needs_tuning(recipe, cfg, len(data), tune_k) else None
+      probe = (
+        tuning_queries(data, tune_k, cfg) if needs_tuning(recipe, cfg, len(data), tune_k) else None
+      )
       t_build = time.time()
       searcher = build_scann(data, min(k, len(data)), recipe, training_threads(cfg))
       build_s = time.time() - t_build
-      search[shard["dir"]] = tune_search(searcher, data, tune_k, recipe, cfg, log,
-                                         f"{path}: shard rows {shard['start']}:{shard['stop']}", probe)
+      search[shard["dir"]] = tune_search(
+        searcher,
+        data,
+        tune_k,
+        recipe,
+        cfg,
+        log,
+        f"{path}: shard rows {shard['start']}:{shard['stop']}",
+        probe,
+      )
       del data
       tmp = final + ".tmp"
       if os.path.isdir(tmp):
         store.remove_shard_dir(tmp)  # an interrupted build's (ours: inside our partial)
       os.makedirs(tmp)
-      _serialize(searcher, tmp, size=(shard["stop"] - shard["start"]) * database["embeddings"].shape[1] * 4)
+      _serialize(
+        searcher, tmp, size=(shard["stop"] - shard["start"]) * database["embeddings"].shape[1] * 4
+      )
       del searcher
       store.atomic_write_text(tuned, json.dumps(search[shard["dir"]], sort_keys=True))
       os.replace(tmp, final)
       lock.refresh()
-      log(f"{path}: shard rows {shard['start']}:{shard['stop']} built in {build_s:.1f} s "
-          f"(+{time.time() - t - build_s:.1f} s reading, tuning the search, writing)")
+      log(
+        f"{path}: shard rows {shard['start']}:{shard['stop']} built in {build_s:.1f} s "
+        f"(+{time.time() - t - build_s:.1f} s reading, tuning the search, writing)"
+      )
     for name in os.listdir(partial):  # temporaries of a run killed while writing them (ours)
       if name.endswith(".tmp"):
-        (store.remove_shard_dir if os.path.isdir(os.path.join(partial, name)) else os.remove)(os.path.join(partial, name))
-    shard_files = {s["dir"]: {f: os.path.getsize(os.path.join(partial, s["dir"], f))
-                              for f in sorted(os.listdir(os.path.join(partial, s["dir"])))}
-                   for s in shards if s["dir"]}
+        (store.remove_shard_dir if os.path.isdir(os.path.join(partial, name)) else os.remove)(
+          os.path.join(partial, name)
+        )
+    shard_files = {
+      s["dir"]: {
+        f: os.path.getsize(os.path.join(partial, s["dir"], f))
+        for f in sorted(os.listdir(os.path.join(partial, s["dir"])))
+      }
+      for s in shards
+      if s["dir"]
+    }
     for written in shard_files.values():
       if set(written) - SCANN_FILES or "scann_assets.pbtxt" not in written:
-        raise RuntimeError(f"ScaNN wrote files this code does not know ({sorted(written)}); update SCANN_FILES")
-    manifest = dict(kind=KIND, format_version=store.FORMAT_VERSION, count=n, arrays={},
-                    build_seconds=round(time.time() - t0, 1), made_by="rdm_jax.jobs.index",
-                    shard_files=shard_files, search=search, **fields)
-    store.atomic_write_text(os.path.join(partial, store.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+        raise RuntimeError(
+          f"ScaNN wrote files this code does not know ({sorted(written)}); update SCANN_FILES"
+        )
+    manifest = dict(
+      kind=KIND,
+      format_version=store.FORMAT_VERSION,
+      count=n,
+      arrays={},
+      build_seconds=round(time.time() - t0, 1),
+      made_by="rdm_jax.jobs.index",
+      shard_files=shard_files,
+      search=search,
+      **fields,
+    )
+    store.atomic_write_text(
+      os.path.join(partial, store.MANIFEST), json.dumps(manifest, indent=1, sort_keys=True)
+    )
     for name in search:  # ours; the manifest holds them now
       if os.path.isfile(os.path.join(partial, name + ".search.json")):
         os.remove(os.path.join(partial, name + ".search.json"))
@@ -411,8 +544,10 @@ def _check_shards(path: str, m: dict) -> None:
   recorded, no symbolic links): ScaNN's own loader would unpickle a `scann_docids.pkl` found
   there, and `scann_assets.pbtxt` names the files ScaNN opens.
   """
-  bad = lambda why: fail(f"index {path} is damaged or was not written by the index job ({why}); "  # noqa: E731
-                         f"delete it and rebuild: `{INDEX_HINT}`")
+  bad = lambda why: fail(
+    f"index {path} is damaged or was not written by the index job ({why}); "  # noqa: E731
+    f"delete it and rebuild: `{INDEX_HINT}`"
+  )
   shards, files = m.get("shards"), m.get("shard_files")
   if not isinstance(shards, list) or not shards or not isinstance(files, dict):
     bad("no shard list")
@@ -421,19 +556,28 @@ def _check_shards(path: str, m: dict) -> None:
     recipe = shard.get("recipe") if isinstance(shard, dict) else None
     if not isinstance(recipe, dict) or recipe.get("kind") not in KINDS[1:]:
       bad(f"shard {i} has no known recipe")
-    if (type(shard.get("start")), type(shard.get("stop"))) != (int, int) or shard["start"] != expected_start \
-        or shard["stop"] <= shard["start"]:
+    if (
+      (type(shard.get("start")), type(shard.get("stop"))) != (int, int)
+      or shard["start"] != expected_start
+      or shard["stop"] <= shard["start"]
+    ):
       bad(f"shard {i} rows are not contiguous")
     expected_start = shard["stop"]
     want_dir = "" if recipe["kind"] == "exact" else f"shard_{i:05d}"
     if shard.get("dir") != want_dir:
-      bad(f"shard {i} names directory {str(shard.get('dir'))[:80]!r}, the build writes {want_dir!r}")
+      bad(
+        f"shard {i} names directory {str(shard.get('dir'))[:80]!r}, the build writes {want_dir!r}"
+      )
     if want_dir:
       _check_shard_dir(path, want_dir, files.get(want_dir), bad)
-      tuned = m.get("search", {}).get(want_dir, {}) if isinstance(m.get("search", {}), dict) else None
+      tuned = (
+        m.get("search", {}).get(want_dir, {}) if isinstance(m.get("search", {}), dict) else None
+      )
       if not isinstance(tuned, dict) or any(
-          type(tuned.get(key, 0)) is not int or not 0 <= tuned.get(key, 0) <= shard["stop"] - shard["start"]
-          for key in ("leaves_to_search", "reorder")):
+        type(tuned.get(key, 0)) is not int
+        or not 0 <= tuned.get(key, 0) <= shard["stop"] - shard["start"]
+        for key in ("leaves_to_search", "reorder")
+      ):
         bad(f"the search settings of {want_dir} are not what the build writes")
   if expected_start != m.get("count"):
     bad("the shards do not cover the database")
@@ -441,8 +585,11 @@ def _check_shards(path: str, m: dict) -> None:
 
 def _check_shard_dir(path: str, name: str, recorded: Any, bad: Callable[[str], None]) -> None:
   shard_dir = os.path.join(path, name)
-  if os.path.islink(shard_dir) or not os.path.isdir(shard_dir) or \
-      os.path.dirname(os.path.realpath(shard_dir)) != os.path.realpath(path):
+  if (
+    os.path.islink(shard_dir)
+    or not os.path.isdir(shard_dir)
+    or os.path.dirname(os.path.realpath(shard_dir)) != os.path.realpath(path)
+  ):
     bad(f"{name} is not a directory inside the index")
   present = set(os.listdir(shard_dir))
   if "scann_docids.pkl" in present:
@@ -456,7 +603,9 @@ def _check_shard_dir(path: str, name: str, recorded: Any, bad: Callable[[str], N
   from google.protobuf import text_format
   from scann.scann_ops import scann_assets_pb2
 
-  with untrusted.open_regular(os.path.join(shard_dir, "scann_assets.pbtxt"), "r", encoding="utf-8") as f:
+  with untrusted.open_regular(
+    os.path.join(shard_dir, "scann_assets.pbtxt"), "r", encoding="utf-8"
+  ) as f:
     try:
       assets = text_format.Parse(f.read(1 << 20), scann_assets_pb2.ScannAssets())
     except (text_format.ParseError, UnicodeDecodeError):
@@ -471,12 +620,16 @@ def load(path: str, database: store.Store, cfg: Any) -> "Index":
   s = store.read(path, KIND, hint=INDEX_HINT)
   m = s.manifest
   if m.get("database_fingerprint") != database.fingerprint:
-    fail(f"index {path} was built on another database ({m.get('database_path')}, fingerprint "
-         f"{m.get('database_fingerprint')}) than {database.path} ({database.fingerprint}); rebuild it: "
-         f"`{INDEX_HINT}`")
+    fail(
+      f"index {path} was built on another database ({m.get('database_path')}, fingerprint "
+      f"{m.get('database_fingerprint')}) than {database.path} ({database.fingerprint}); rebuild it: "
+      f"`{INDEX_HINT}`"
+    )
   n, d = database["embeddings"].shape
   if (m["count"], m.get("dim")) != (n, d):
-    fail(f"index {path} covers [{m['count']}, {m.get('dim')}] but the database is [{n}, {d}]; rebuild it")
+    fail(
+      f"index {path} covers [{m['count']}, {m.get('dim')}] but the database is [{n}, {d}]; rebuild it"
+    )
   _check_shards(s.path, m)
   return Index(s.path, m, database, cfg.search_memory_gb or cfg.max_memory_gb, cfg.threads)
 
@@ -484,8 +637,9 @@ def load(path: str, database: store.Store, cfg: Any) -> "Index":
 class Index:
   """Searches every shard of a built index and merges the per-shard top-k."""
 
-  def __init__(self, path: str, manifest: dict, database: store.Store, memory_gb: float,
-               threads: int = 0):
+  def __init__(
+    self, path: str, manifest: dict, database: store.Store, memory_gb: float, threads: int = 0
+  ):
     """memory_gb: RAM for the ScaNN shards loaded at once (config search_memory_gb)."""
     self.path, self.manifest, self.database = path, manifest, database
     self.shards = manifest["shards"]
@@ -532,21 +686,27 @@ class Index:
     k = min(k, b - a)
     recipe = shard["recipe"]
     if recipe["kind"] == "exact":
-      scores, rows = exact.exact_search(queries, self.database["embeddings"][a:b], k, normalize_database=True)
+      scores, rows = exact.exact_search(
+        queries, self.database["embeddings"][a:b], k, normalize_database=True
+      )
     else:
       tuned = self.manifest.get("search", {}).get(shard["dir"]) or {}
       leaves = tuned.get("leaves_to_search", recipe["leaves_to_search"])
       reorder = tuned.get("reorder", recipe["reorder"])
       if reorder:  # keep the tuned ratio of reordered candidates when k grows
         reorder = max(reorder, math.ceil(reorder * k / self.manifest["num_neighbors"]))
-      rows, scores = self._searcher(i).search_batched_parallel(queries, **scann_search_args(leaves, reorder, k))
+      rows, scores = self._searcher(i).search_batched_parallel(
+        queries, **scann_search_args(leaves, reorder, k)
+      )
     return np.asarray(scores, np.float32), np.asarray(rows, np.int64) + a
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over all shards: (scores [Q, k] descending, database rows [Q, k] int64)."""
     if queries.shape[1] != self.manifest["dim"]:
-      fail(f"queries are {queries.shape[1]}-d but index {self.path} is {self.manifest['dim']}-d: "
-           "queries and database must come from the same encoder")
+      fail(
+        f"queries are {queries.shape[1]}-d but index {self.path} is {self.manifest['dim']}-d: "
+        "queries and database must come from the same encoder"
+      )
     if k > self.size:
       fail(f"asked for K={k} neighbours but the database has only {self.size} entries")
     results = [self.search_shard(i, queries, k) for i in range(len(self.shards))]
@@ -555,7 +715,9 @@ class Index:
     return merge_topk([r[0] for r in results], [r[1] for r in results], k)
 
 
-def merge_topk(scores: list[np.ndarray], rows: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+  scores: list[np.ndarray], rows: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Merges per-shard top lists into the overall top-k (ties keep shard order)."""
   s = np.concatenate(scores, axis=1)
   r = np.concatenate(rows, axis=1)

@@ -32,7 +32,9 @@ def npz_files(spec: list[str]) -> list[str]:
     if os.path.isdir(s):
       found = sorted(glob.glob(os.path.join(glob.escape(s), "*.npz")), key=_part_order)
       if not found:
-        fail(f"{s} is a directory without .npz files; give the directory the database was unpacked to")
+        fail(
+          f"{s} is a directory without .npz files; give the directory the database was unpacked to"
+        )
       found_files += found
     elif os.path.isfile(s) and s.endswith(".npz"):
       found_files.append(s)
@@ -49,8 +51,10 @@ def part_rows(path: str, embed_dim: int) -> int:
         fail(f"{path} has no array {name!r} (it has {', '.join(z.files)[:200] or 'none'})")
     (emb_shape, emb_dtype) = z.headers["embedding"]
     if len(emb_shape) != 2 or emb_dtype.kind != "f" or emb_shape[1] != embed_dim:
-      fail(f"{path}: embedding is {emb_dtype}{list(emb_shape)}; expected float [N, {embed_dim}] "
-           f"(config.retrieval.embed_dim)")
+      fail(
+        f"{path}: embedding is {emb_dtype}{list(emb_shape)}; expected float [N, {embed_dim}] "
+        f"(config.retrieval.embed_dim)"
+      )
     for name in ARRAYS[1:]:
       shape, dtype = z.headers[name]
       if not shape or shape[0] != emb_shape[0] or dtype.kind not in "iu":
@@ -81,7 +85,7 @@ class _Parts:
         break
       part = self._part(i)
       for n in ARRAYS:
-        out[n].append(part[n][lo - self.offsets[i]:hi - self.offsets[i]])
+        out[n].append(part[n][lo - self.offsets[i] : hi - self.offsets[i]])
     return {n: np.concatenate(v) for n, v in out.items()}
 
 
@@ -98,14 +102,31 @@ def import_database(config, spec: list[str]) -> store.Store:
     emb = r["embedding"]
     if not np.isfinite(emb).all():
       fail(f"rows [{a}, {b}) of the database hold non-finite embeddings; the files are damaged")
-    return {"embeddings": emb.astype(dtype), "ids": r["img_id"].astype(np.int64),
-            "patch_coords": r["patch_coords"].astype(np.int64)}
+    return {
+      "embeddings": emb.astype(dtype),
+      "ids": r["img_id"].astype(np.int64),
+      "patch_coords": r["patch_coords"].astype(np.int64),
+    }
 
-  source = {"file": os.path.realpath(parts_files[0]), "imported_npz": [
-      {"file": os.path.realpath(f), "size": os.path.getsize(f), "rows": n} for f, n in zip(parts_files, rows)]}
+  source = {
+    "file": os.path.realpath(parts_files[0]),
+    "imported_npz": [
+      {"file": os.path.realpath(f), "size": os.path.getsize(f), "rows": n}
+      for f, n in zip(parts_files, rows)
+    ],
+  }
   out = config_base.paths(config)["database"]
-  result = store.write_chunked(out, "database", sum(rows), chunk_size=config.retrieval.chunk_size, compute=compute,
-                               encoder=encoders.encoder_identity(config.retrieval), source=source,
-                               made_by="rdm_jax.jobs.import_database")
-  print(f"wrote {out}: embeddings {result['embeddings'].shape} {result['embeddings'].dtype} from {len(parts_files)} files")
+  result = store.write_chunked(
+    out,
+    "database",
+    sum(rows),
+    chunk_size=config.retrieval.chunk_size,
+    compute=compute,
+    encoder=encoders.encoder_identity(config.retrieval),
+    source=source,
+    made_by="rdm_jax.jobs.import_database",
+  )
+  print(
+    f"wrote {out}: embeddings {result['embeddings'].shape} {result['embeddings'].dtype} from {len(parts_files)} files"
+  )
   return result

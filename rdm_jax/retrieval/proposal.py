@@ -22,13 +22,17 @@ from rdm_jax.errors import fail
 KIND = "proposal"
 
 
-def proposal_counts(neighbor_ids: np.ndarray, k: int, database_size: int, chunk: int = 1 << 20) -> np.ndarray:
+def proposal_counts(
+  neighbor_ids: np.ndarray, k: int, database_size: int, chunk: int = 1 << 20
+) -> np.ndarray:
   """|{x : row in xi_k(x, D)}| for every database row, from stored neighbours [|X|, K]."""
   if not 1 <= k <= neighbor_ids.shape[1]:
     fail(f"p_D needs 1 <= k <= K={neighbor_ids.shape[1]} stored neighbours, got k={k}")
   counts = np.zeros(database_size, np.int64)
   for a in range(0, len(neighbor_ids), chunk):
-    counts += np.bincount(np.asarray(neighbor_ids[a:a + chunk, :k]).ravel(), minlength=database_size)
+    counts += np.bincount(
+      np.asarray(neighbor_ids[a : a + chunk, :k]).ravel(), minlength=database_size
+    )
   return counts
 
 
@@ -38,18 +42,31 @@ def write_proposal(path: str, neighbors: store.Store, database: store.Store, k: 
   counts = proposal_counts(neighbors["neighbor_ids"], k, n)
   order = np.argsort(-counts, kind="stable")
   total = k * len(neighbors["neighbor_ids"])
-  return store.write(path, KIND, {"rows": order.astype(np.int64), "counts": counts[order],
-                                  "probs": counts[order] / total},
-                     k=k, num_queries=len(neighbors["neighbor_ids"]), database_path=database.path,
-                     database_fingerprint=database.fingerprint,
-                     neighbors_fingerprint=neighbors.fingerprint, made_by="rdm_jax.jobs.neighbors")
+  return store.write(
+    path,
+    KIND,
+    {"rows": order.astype(np.int64), "counts": counts[order], "probs": counts[order] / total},
+    k=k,
+    num_queries=len(neighbors["neighbor_ids"]),
+    database_path=database.path,
+    database_fingerprint=database.fingerprint,
+    neighbors_fingerprint=neighbors.fingerprint,
+    made_by="rdm_jax.jobs.neighbors",
+  )
 
 
 TOP_M_OF = ("database", "retrieved")
 
 
-def draw(proposal: store.Store, n: int, rng: np.random.Generator, top_m: float = 1.0, top_count: int = 0,
-         weighted: bool = False, top_m_of: str = "database") -> np.ndarray:
+def draw(
+  proposal: store.Store,
+  n: int,
+  rng: np.random.Generator,
+  top_m: float = 1.0,
+  top_count: int = 0,
+  weighted: bool = False,
+  top_m_of: str = "database",
+) -> np.ndarray:
   """n database rows drawn (with replacement) from the top of p_D.
 
   The candidates are the `top_count` most likely rows if given, else a fraction `top_m` of
@@ -68,7 +85,9 @@ def draw(proposal: store.Store, n: int, rng: np.random.Generator, top_m: float =
     size = top_count
   else:
     if not 0 < top_m <= 1:
-      fail(f"config.sample.top_m={top_m}: choose a fraction in (0, 1] (or a row count with sample.top_count)")
+      fail(
+        f"config.sample.top_m={top_m}: choose a fraction in (0, 1] (or a row count with sample.top_count)"
+      )
     if top_m_of == "database":
       size = max(1, math.ceil(top_m * len(counts)))
     elif top_m_of == "retrieved":

@@ -13,8 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def clustered_unit_vectors(n: int, d: int, num_clusters: int | None = None, noise: float = 0.6,
-                           seed: int = 0, chunk: int = 1 << 17) -> np.ndarray:
+def clustered_unit_vectors(
+  n: int,
+  d: int,
+  num_clusters: int | None = None,
+  noise: float = 0.6,
+  seed: int = 0,
+  chunk: int = 1 << 17,
+) -> np.ndarray:
   """[n, d] float32 unit vectors in `num_clusters` (default n // 500) clusters."""
   rng = np.random.default_rng(seed)
   num_clusters = num_clusters or max(1, n // 500)
@@ -29,7 +35,9 @@ def clustered_unit_vectors(n: int, d: int, num_clusters: int | None = None, nois
   return out
 
 
-def perturbed_queries(database: np.ndarray, n: int, scale: float = 0.3, seed: int = 1) -> np.ndarray:
+def perturbed_queries(
+  database: np.ndarray, n: int, scale: float = 0.3, seed: int = 1
+) -> np.ndarray:
   """n queries near random database points (not equal to them), unit norm."""
   rng = np.random.default_rng(seed)
   q = database[rng.choice(len(database), n, replace=False)]
