@@ -61,12 +61,18 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
 
 def main(argv):
   del argv
-  config = cli.CONFIG.value
   workdir = _WORKDIR.value
   if not workdir:
     cli.fail("--workdir is required (checkpoints, logs and samples go there)")
   distributed.initialize()
   preemption.install()  # SIGTERM: finish the step, save it, exit 75 (all processes at one step)
+  train_and_evaluate(cli.CONFIG.value, workdir)
+
+
+def train_and_evaluate(config, workdir: str) -> None:
+  """Trains config's model in `workdir` to config.train.num_steps, resuming from its newest
+  checkpoint, with logs, periodic samples and checkpoints there (the job; a test or a notebook
+  calls it in-process)."""
   platform_line, platform_warnings = mesh_lib.check_platform(config)
   logging.info(platform_line)
   logging.info(training.optimisation_line(config))
