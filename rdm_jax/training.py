@@ -428,7 +428,7 @@ def make_train_step(
 
     # A branch, not a select of every leaf: jnp.where(finite, new, old) reads each donated
     # buffer after its update is written, so XLA copies every parameter, moment and EMA
-    # leaf first (741 copies, ~3 ms of a 74 ms step on the demo).
+    # leaf first.
     new_state = jax.lax.cond(
       apply, update, lambda s: s.replace(step=s.step + 1, losses=losses), state
     )
