@@ -16,7 +16,7 @@ import os
 from absl import flags
 
 from rdm_jax import config_base
-from rdm_jax.data import store
+from rdm_jax.data import pipeline, store
 from rdm_jax.jobs import cli
 from rdm_jax.retrieval import index
 
@@ -27,7 +27,7 @@ _DATABASE = flags.DEFINE_string(
   "default: config.database.",
 )
 
-EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config> --parts=database"
+EMBED_HINT = f"{pipeline.EMBED_HINT} --parts=database"
 
 
 def open_embeddings(config, path: str, kind: str, hint: str) -> store.Store:

@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags
 
 from rdm_jax import config_base, preemption
-from rdm_jax.data import store
+from rdm_jax.data import pipeline, store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
 from rdm_jax.jobs import index as index_job
@@ -50,7 +50,6 @@ _NUM_PROCESSES = cli.define_once(
   flags.DEFINE_integer, "num_processes", 1, "Processes splitting the queries by range."
 )
 
-EMBED_HINT = "python -m rdm_jax.jobs.embed --config=<this config>"
 NEIGHBORS_HINT = "python -m rdm_jax.jobs.neighbors --config=<this config>"
 
 
@@ -209,7 +208,9 @@ def main(argv):
     paths = config_base.paths(config)
     jobs = [
       (
-        store.read(paths[f"embeddings_{part}"], "embeddings", hint=f"{EMBED_HINT} --parts={part}"),
+        store.read(
+          paths[f"embeddings_{part}"], "embeddings", hint=f"{pipeline.EMBED_HINT} --parts={part}"
+        ),
         paths[f"neighbors_{part}"],
         paths["proposal"] if part == "train" else None,
       )

@@ -96,7 +96,7 @@ def build_database(
   out, kind = config_base.paths(config)["database"], "database"
   identity = encoders.encoder_identity(config.retrieval)
   cs = settings(config.database_build)
-  dtype = config.database_build.get("embeddings_dtype", "float16")
+  dtype = config.database_build.embeddings_dtype
   if dtype not in ("float16", "float32"):
     fail(f"config.database_build.embeddings_dtype={dtype!r}; use float16 or float32")
   source = sources.part_source(config.dataset, "database")

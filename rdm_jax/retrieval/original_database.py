@@ -94,7 +94,7 @@ def import_database(config, spec: list[str]) -> store.Store:
   directories), resumably by chunk; returns it."""
   parts_files = npz_files(spec)
   rows = [part_rows(f, config.retrieval.embed_dim) for f in parts_files]
-  dtype = np.dtype(config.database_build.get("embeddings_dtype", "float32") or "float32")
+  dtype = np.dtype(config.database_build.embeddings_dtype)
   parts = _Parts(parts_files, rows)
 
   def compute(a, b):
