@@ -53,7 +53,9 @@ class Clip:
     """Projected image embeddings (OpenAI's encode_image) of CLIP-normalised pixels [B, S, S, 3]."""
     return self.model.get_image_features(jnp.transpose(pixels, (0, 3, 1, 2)), params=params)
 
-  def text_features(self, params: Any, token_ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def text_features(
+    self, params: Any, token_ids: jax.Array, mask: jax.Array | None = None
+  ) -> jax.Array:
     """Projected text embeddings (OpenAI's encode_text) of token ids [B, context_length]."""
     mask = jnp.ones_like(token_ids) if mask is None else mask
     return self.model.get_text_features(token_ids, attention_mask=mask, params=params)
@@ -63,25 +65,45 @@ def _openai_config(sd: dict[str, np.ndarray]):
   from transformers import CLIPConfig
 
   if "visual.conv1.weight" not in sd or "visual.proj" not in sd:
-    fail("not an OpenAI CLIP ViT checkpoint (no visual.conv1.weight / visual.proj; the ResNet CLIPs are "
-         "not supported)")
+    fail(
+      "not an OpenAI CLIP ViT checkpoint (no visual.conv1.weight / visual.proj; the ResNet CLIPs are "
+      "not supported)"
+    )
 
   def layers(prefix):
-    return len({m.group(1) for k in sd for m in [re.match(prefix + r"\.resblocks\.(\d+)\.", k)] if m})
+    return len(
+      {m.group(1) for k in sd for m in [re.match(prefix + r"\.resblocks\.(\d+)\.", k)] if m}
+    )
 
   vw, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
   grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
   tw, vocab = sd["ln_final.weight"].shape[0], sd["token_embedding.weight"].shape[0]
   return CLIPConfig(
-      projection_dim=int(sd["text_projection"].shape[1]),
-      text_config=dict(vocab_size=int(vocab), hidden_size=int(tw), intermediate_size=int(4 * tw),
-                       num_hidden_layers=layers("transformer"), num_attention_heads=int(tw // 64),
-                       max_position_embeddings=int(sd["positional_embedding"].shape[0]),
-                       hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=int(vocab - 2),
-                       eos_token_id=int(vocab - 1), pad_token_id=0),
-      vision_config=dict(hidden_size=int(vw), intermediate_size=int(4 * vw), num_hidden_layers=layers(
-          "visual.transformer"), num_attention_heads=int(vw // 64), image_size=int(patch * grid),
-                         patch_size=int(patch), hidden_act="quick_gelu", layer_norm_eps=1e-5))
+    projection_dim=int(sd["text_projection"].shape[1]),
+    text_config=dict(
+      vocab_size=int(vocab),
+      hidden_size=int(tw),
+      intermediate_size=int(4 * tw),
+      num_hidden_layers=layers("transformer"),
+      num_attention_heads=int(tw // 64),
+      max_position_embeddings=int(sd["positional_embedding"].shape[0]),
+      hidden_act="quick_gelu",
+      layer_norm_eps=1e-5,
+      bos_token_id=int(vocab - 2),
+      eos_token_id=int(vocab - 1),
+      pad_token_id=0,
+    ),
+    vision_config=dict(
+      hidden_size=int(vw),
+      intermediate_size=int(4 * vw),
+      num_hidden_layers=layers("visual.transformer"),
+      num_attention_heads=int(vw // 64),
+      image_size=int(patch * grid),
+      patch_size=int(patch),
+      hidden_act="quick_gelu",
+      layer_norm_eps=1e-5,
+    ),
+  )
 
 
 def convert_openai_state_dict(sd: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
@@ -112,27 +134,35 @@ def convert_openai_state_dict(sd: dict[str, np.ndarray]) -> tuple[Any, dict[str,
       ws, bs = np.split(w, 3), np.split(b, 3)  # q, k, v stacked along the output features
       attn = {f"{n}_proj": {"kernel": wi.T, "bias": bi} for n, wi, bi in zip("qkv", ws, bs)}
       out[str(i)] = {
-          "self_attn": {**attn, "out_proj": dense(p + ".attn.out_proj")},
-          "layer_norm1": ln(p + ".ln_1"), "layer_norm2": ln(p + ".ln_2"),
-          "mlp": {"fc1": dense(p + ".mlp.c_fc"), "fc2": dense(p + ".mlp.c_proj")}}
+        "self_attn": {**attn, "out_proj": dense(p + ".attn.out_proj")},
+        "layer_norm1": ln(p + ".ln_1"),
+        "layer_norm2": ln(p + ".ln_2"),
+        "mlp": {"fc1": dense(p + ".mlp.c_fc"), "fc2": dense(p + ".mlp.c_proj")},
+      }
     return {"layers": out}
 
   params = {
-      "text_model": {
-          "embeddings": {"token_embedding": {"embedding": get("token_embedding.weight")},
-                         "position_embedding": {"embedding": get("positional_embedding")}},
-          "encoder": encoder("transformer", config.text_config.num_hidden_layers),
-          "final_layer_norm": ln("ln_final")},
-      "vision_model": {
-          "embeddings": {"class_embedding": get("visual.class_embedding"),
-                         "patch_embedding": {"kernel": get("visual.conv1.weight").transpose(2, 3, 1, 0)},
-                         "position_embedding": {"embedding": get("visual.positional_embedding")}},
-          "pre_layrnorm": ln("visual.ln_pre"),
-          "encoder": encoder("visual.transformer", config.vision_config.num_hidden_layers),
-          "post_layernorm": ln("visual.ln_post")},
-      "visual_projection": {"kernel": get("visual.proj")},
-      "text_projection": {"kernel": get("text_projection")},
-      "logit_scale": get("logit_scale").reshape(()),
+    "text_model": {
+      "embeddings": {
+        "token_embedding": {"embedding": get("token_embedding.weight")},
+        "position_embedding": {"embedding": get("positional_embedding")},
+      },
+      "encoder": encoder("transformer", config.text_config.num_hidden_layers),
+      "final_layer_norm": ln("ln_final"),
+    },
+    "vision_model": {
+      "embeddings": {
+        "class_embedding": get("visual.class_embedding"),
+        "patch_embedding": {"kernel": get("visual.conv1.weight").transpose(2, 3, 1, 0)},
+        "position_embedding": {"embedding": get("visual.positional_embedding")},
+      },
+      "pre_layrnorm": ln("visual.ln_pre"),
+      "encoder": encoder("visual.transformer", config.vision_config.num_hidden_layers),
+      "post_layernorm": ln("visual.ln_post"),
+    },
+    "visual_projection": {"kernel": get("visual.proj")},
+    "text_projection": {"kernel": get("text_projection")},
+    "logit_scale": get("logit_scale").reshape(()),
   }
   left = sorted(set(sd) - used - {"input_resolution", "context_length", "vocab_size"})
   if left:
@@ -160,8 +190,12 @@ def load(path: str) -> Clip:
   if path and os.path.isdir(path):
     model, params = _load_dir(path)
     return Clip(model, jax.tree.map(jnp.asarray, params), dir_sha256(path))
-  obj = torch_legacy.load_weights(path, "CLIP", "give a directory with a saved transformers CLIP (save_pretrained) "
-                                  "or OpenAI's ViT-B-32.pt (README: \"The paper's configuration\")")
+  obj = torch_legacy.load_weights(
+    path,
+    "CLIP",
+    "give a directory with a saved transformers CLIP (save_pretrained) "
+    "or OpenAI's ViT-B-32.pt (README: \"The paper's configuration\")",
+  )
   with torch_legacy.converting(path, "OpenAI CLIP checkpoint"):
     sd = torch_legacy.script_state_dict(obj) if isinstance(obj, dict) else {}
     config, params = convert_openai_state_dict(sd)
@@ -171,9 +205,18 @@ def load(path: str) -> Clip:
 
 
 # Sane ranges of the architecture fields a transformers CLIP config.json declares (ViT-bigG is well inside).
-_CONFIG_RANGES = {"vocab_size": (1, 1 << 20), "hidden_size": (1, 16384), "intermediate_size": (1, 1 << 16),
-                  "num_hidden_layers": (1, 128), "num_attention_heads": (1, 256), "max_position_embeddings": (1, 1 << 16),
-                  "image_size": (1, 4096), "patch_size": (1, 4096), "num_channels": (1, 16), "projection_dim": (1, 16384)}
+_CONFIG_RANGES = {
+  "vocab_size": (1, 1 << 20),
+  "hidden_size": (1, 16384),
+  "intermediate_size": (1, 1 << 16),
+  "num_hidden_layers": (1, 128),
+  "num_attention_heads": (1, 256),
+  "max_position_embeddings": (1, 1 << 16),
+  "image_size": (1, 4096),
+  "patch_size": (1, 4096),
+  "num_channels": (1, 16),
+  "projection_dim": (1, 16384),
+}
 _WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors")
 
 
@@ -184,10 +227,14 @@ def _load_dir(path: str) -> tuple[Any, dict]:
   from transformers import CLIPConfig, FlaxCLIPModel
 
   untrusted.check_directory(path)
-  weights = next((os.path.join(path, w) for w in _WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None)
+  weights = next(
+    (os.path.join(path, w) for w in _WEIGHT_FILES if os.path.isfile(os.path.join(path, w))), None
+  )
   if weights is None:
-    fail(f"{path} holds no {' or '.join(_WEIGHT_FILES)}: save the model with FlaxCLIPModel.save_pretrained, or give "
-         "OpenAI's ViT-B-32.pt")
+    fail(
+      f"{path} holds no {' or '.join(_WEIGHT_FILES)}: save the model with FlaxCLIPModel.save_pretrained, or give "
+      "OpenAI's ViT-B-32.pt"
+    )
   raw = untrusted.read_json(os.path.join(path, "config.json"))
   if not isinstance(raw, dict):
     fail(f"{path}/config.json is not a transformers CLIP config")
@@ -198,15 +245,19 @@ def _load_dir(path: str) -> tuple[Any, dict]:
     for name, (lo, hi) in _CONFIG_RANGES.items():
       value = fields.get(name)
       if value is not None and not (type(value) is int and lo <= value <= hi):
-        fail(f"{path}/config.json: {tower}.{name} = {str(value)[:40]}; a CLIP has an integer in [{lo}, {hi}] there")
+        fail(
+          f"{path}/config.json: {tower}.{name} = {str(value)[:40]}; a CLIP has an integer in [{lo}, {hi}] there"
+        )
   with torch_legacy.converting(os.path.join(path, "config.json"), "transformers CLIP config"):
     model = FlaxCLIPModel(CLIPConfig.from_dict(raw), _do_init=False)
     expected = _init_shapes(model)
   declared = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(expected))
   size = os.path.getsize(weights)
   if declared > size + (1 << 20):
-    fail(f"{path}/config.json declares {declared / 2**20:.1f} MiB of parameters but {weights} holds "
-         f"{size / 2**20:.1f} MiB: the config is not the weights' (re-save the model)")
+    fail(
+      f"{path}/config.json declares {declared / 2**20:.1f} MiB of parameters but {weights} holds "
+      f"{size / 2**20:.1f} MiB: the config is not the weights' (re-save the model)"
+    )
   try:  # every file in `path` was checked to be regular above
     model, params = FlaxCLIPModel.from_pretrained(path, local_files_only=True, _do_init=False)
   except (OSError, ValueError, TypeError, KeyError, EnvironmentError) as e:
@@ -229,9 +280,10 @@ def load_tokenizer(path: str, hint: str) -> Any:
 
 def dir_sha256(path: str) -> str:
   """sha256 of the weights file in a saved transformers model directory."""
-  files = os.listdir(path)
-  names = sorted(f for f in files if f.endswith((".msgpack", ".safetensors", ".bin"))) or sorted(
-      f for f in files if f.endswith(".json"))
+  entries = os.listdir(path)
+  names = sorted(f for f in entries if f.endswith((".msgpack", ".safetensors", ".bin"))) or sorted(
+    f for f in entries if f.endswith(".json")
+  )
   return files.sha256(os.path.join(path, names[0])) if names else ""
 
 
@@ -247,7 +299,9 @@ def cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     t = x - x0
     for j, d in zip(range(x0 - 1, x0 + 3), (1 + t, t, 1 - t, 2 - t)):
       d = abs(d)
-      w = ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+      w = (
+        ((a + 2) * d - (a + 3)) * d * d + 1 if d <= 1 else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+      )
       m[i, min(max(j, 0), n_in - 1)] += w
   return m.astype(np.float32)
 
