@@ -91,6 +91,10 @@ def test_a_preset_prints_its_optimisation_and_stops_in_one_line_without_data(tmp
   assert "global batch 50 per update, learning rate 0.00025 " in out.stderr, out.stderr[-3000:]
   errors = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
   assert len(errors) == 1, out.stderr[-3000:]
+  # dogs: configs/rarm/dogs.yaml:2 (5e-4, --scale_lr false), 50 per GPU x 2 accumulated
+  assert training.optimisation_line(repo_config("imagenet_rarm", "dogs")).startswith(
+    "global batch 100 per update, learning rate 0.0005 "
+  )
 
 
 @pytest.mark.parametrize(
