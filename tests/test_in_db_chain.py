@@ -19,6 +19,7 @@ from test_imagenet_chain import MOCK, N_MOCK, assets, overrides  # noqa: E402,F4
 from rdm_jax.data import store  # noqa: E402
 
 
+@pytest.mark.slow  # 50 s of five jobs; make test's 20 minutes on 2 cores have no room left for it
 def test_the_in_db_preset_retrieves_from_its_own_training_images(assets):  # noqa: F811  (the fixture imported above)
   """encode, embed, index, neighbours and train run unchanged with D = ImageNet train; as the original
   (which filters nothing out of its searcher's results), every training image's nearest entry
