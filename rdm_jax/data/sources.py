@@ -44,10 +44,22 @@ from rdm_jax.data import store
 from rdm_jax.errors import fail
 
 FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")  # label 0..9, as Zalando's dataset card names them
-_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_CLASSES = (
+  "T-shirt/top",
+  "Trouser",
+  "Pullover",
+  "Dress",
+  "Coat",
+  "Sandal",
+  "Shirt",
+  "Sneaker",
+  "Bag",
+  "Ankle boot",
+)  # label 0..9, as Zalando's dataset card names them
+_IDX_FILES = {
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -60,7 +72,10 @@ def read_idx(path: str, max_bytes: int | None = None) -> np.ndarray:
   """
   reinstall = "reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
   try:
-    with untrusted.open_regular(path) as raw, (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw) as f:
+    with (
+      untrusted.open_regular(path) as raw,
+      gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw as f,
+    ):
       head = f.read(4)
       if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
         fail(f"{path} is not an IDX file (bad magic number)")
@@ -73,8 +88,10 @@ def read_idx(path: str, max_bytes: int | None = None) -> np.ndarray:
       expected = math.prod(dims) * dtype.itemsize
       limit = max_bytes if max_bytes is not None else untrusted.memory_budget()
       if expected > limit:
-        fail(f"{path} declares {list(dims)} {dtype} ({expected / 2**30:.1f} GiB), more than the "
-             f"{limit / 2**30:.1f} GiB it may take; it is not the dataset file it claims to be")
+        fail(
+          f"{path} declares {list(dims)} {dtype} ({expected / 2**30:.1f} GiB), more than the "
+          f"{limit / 2**30:.1f} GiB it may take; it is not the dataset file it claims to be"
+        )
       body = f.read(expected)
       padded = bool(f.read(1))
   except (OSError, EOFError, zlib.error) as e:
@@ -89,8 +106,10 @@ def _find(idx_dir: str, stem: str) -> str:
     path = os.path.join(idx_dir, name)
     if os.path.isfile(path):
       return path
-  fail(f"{stem}(.gz) not found in {idx_dir}: `apt-get install dataset-fashion-mnist` "
-       "or set config.dataset.idx_dir")
+  fail(
+    f"{stem}(.gz) not found in {idx_dir}: `apt-get install dataset-fashion-mnist` "
+    "or set config.dataset.idx_dir"
+  )
 
 
 def load_idx_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -105,11 +124,16 @@ def load_idx_split(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   import tensorflow_datasets as tfds
+
   try:
-    ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1, download=False))  # never fetched at run time
+    ds = tfds.as_numpy(
+      tfds.load(name, split=split, batch_size=-1, download=False)
+    )  # never fetched at run time
   except Exception as e:  # no local copy
-    fail(f"TFDS {name}/{split} is not prepared locally ({type(e).__name__}); prepare it once with "
-         f"`tfds build {name}` (or set TFDS_DATA_DIR), or install the IDX files (apt-get install dataset-fashion-mnist)")
+    fail(
+      f"TFDS {name}/{split} is not prepared locally ({type(e).__name__}); prepare it once with "
+      f"`tfds build {name}` (or set TFDS_DATA_DIR), or install the IDX files (apt-get install dataset-fashion-mnist)"
+    )
   return ds["image"], ds["label"].astype(np.int32)
 
 
@@ -147,7 +171,11 @@ def image_files(path: str) -> list[str]:
     dirs.sort()
     for name in sorted(names):
       full = os.path.join(root, name)
-      if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full) and os.path.realpath(full) not in seen:
+      if (
+        name.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(full)
+        and os.path.realpath(full) not in seen
+      ):
         seen.add(os.path.realpath(full))
         files.append(full)
   return sorted(files)
@@ -168,8 +196,10 @@ def read_file_list(list_file: str, what: str) -> list[str]:
     fail(f"{what}: {list_file} is not UTF-8 text (one relative image path per line)")
   bad = [n for n in names if os.path.isabs(n) or n.split(os.sep)[0] == ".."]
   if bad or not names:
-    fail(f"{what}: {list_file} must list image paths relative to the folder, one per line "
-         f"({'e.g. ' + bad[0] + ' is not' if bad else 'it lists none'})")
+    fail(
+      f"{what}: {list_file} must list image paths relative to the folder, one per line "
+      f"({'e.g. ' + bad[0] + ' is not' if bad else 'it lists none'})"
+    )
   if len(set(names)) != len(names):
     fail(f"{what}: {list_file} lists {len(names) - len(set(names))} paths twice; each image once")
   return names
@@ -181,8 +211,10 @@ def listed_files(usable: list[str], list_file: str, what: str) -> list[str]:
   have = set(usable)
   missing = [n for n in names if n not in have]
   if missing:
-    fail(f"{what}: {len(missing)} of the {len(names)} images {list_file} lists are not usable images of the "
-         f"folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); complete the folder or fix the list")
+    fail(
+      f"{what}: {len(missing)} of the {len(names)} images {list_file} lists are not usable images of the "
+      f"folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); complete the folder or fix the list"
+    )
   return names
 
 
@@ -190,16 +222,24 @@ def folder_settings(dataset: Any, split: str, file_list: str = "") -> dict[str, 
   """What a "folder:PATH" split's pixels depend on: the folder, its usable files (names and sizes,
   digested; files PIL cannot open or over `folder.max_pixels` are skipped and listed) or those a
   `file_list` names (in its order), and the size, channels and background they are converted to."""
-  path = split[len(FOLDER):]
+  path = split[len(FOLDER) :]
   if not os.path.isdir(path):
-    fail(f"{path} is not a folder of images (split {split!r}); "
-         "e.g. `apt-get install openclipart-png` gives folder:/usr/share/openclipart/png")
+    fail(
+      f"{path} is not a folder of images (split {split!r}); "
+      "e.g. `apt-get install openclipart-png` gives folder:/usr/share/openclipart/png"
+    )
   f = dataset.get("folder", None) or {}
-  size, channels, background = f.get("image_size", 0), f.get("channels", 0), f.get("background", "white")
+  size, channels, background = (
+    f.get("image_size", 0),
+    f.get("channels", 0),
+    f.get("background", "white"),
+  )
   max_pixels = f.get("max_pixels", 0) or untrusted.MAX_IMAGE_PIXELS
   if size < 1 or channels not in (1, 3) or background not in BACKGROUNDS:
-    fail(f"config.dataset.folder = {dict(f)}: give image_size > 0, channels 1 or 3 and background "
-         f"{' or '.join(BACKGROUNDS)} (what the folder's images are converted to)")
+    fail(
+      f"config.dataset.folder = {dict(f)}: give image_size > 0, channels 1 or 3 and background "
+      f"{' or '.join(BACKGROUNDS)} (what the folder's images are converted to)"
+    )
   files, skipped, digest = folder_listing(path, max_pixels)
   if not files:
     fail(f"{path} holds no usable {', '.join(IMAGE_EXTENSIONS)} images ({len(skipped)} skipped)")
@@ -207,20 +247,38 @@ def folder_settings(dataset: Any, split: str, file_list: str = "") -> dict[str, 
   if file_list:
     files = listed_files(files, file_list, f"split {split!r}")
     digest = _files_digest(path, files)
-    listing = {"file_list": os.path.realpath(file_list), "file_list_sha256": store.file_sha256(file_list)}
-  record = {"images_from": os.path.realpath(path), "image_size": int(size), "channels": int(channels),
-            "background": background, "max_pixels": int(max_pixels), "files": len(files),
-            "files_sha256": digest, "skipped": skipped, "classes": list(folder_classes(files)), **listing}
+    listing = {
+      "file_list": os.path.realpath(file_list),
+      "file_list_sha256": store.file_sha256(file_list),
+    }
+  record = {
+    "images_from": os.path.realpath(path),
+    "image_size": int(size),
+    "channels": int(channels),
+    "background": background,
+    "max_pixels": int(max_pixels),
+    "files": len(files),
+    "files_sha256": digest,
+    "skipped": skipped,
+    "classes": list(folder_classes(files)),
+    **listing,
+  }
   captions = os.path.join(path, f.get("captions", CAPTIONS_FILE) or CAPTIONS_FILE)
   if os.path.isfile(captions):
-    record.update(captions_file=os.path.realpath(captions), captions_sha256=store.file_sha256(captions))
+    record.update(
+      captions_file=os.path.realpath(captions), captions_sha256=store.file_sha256(captions)
+    )
   return record
 
 
-CAPTIONS_FILE = "captions.jsonl"  # an image folder's captions: {"file": relative path, "caption": text} per line
+CAPTIONS_FILE = (
+  "captions.jsonl"  # an image folder's captions: {"file": relative path, "caption": text} per line
+)
 
 
-_MAX_CAPTION_LINE = 8 * untrusted.MAX_CAPTION_CHARS + 4096  # bytes: a caption's UTF-8 and JSON escapes, a path
+_MAX_CAPTION_LINE = (
+  8 * untrusted.MAX_CAPTION_CHARS + 4096
+)  # bytes: a caption's UTF-8 and JSON escapes, a path
 
 
 def folder_captions(settings: dict[str, Any], files: list[str]) -> np.ndarray | None:
@@ -236,13 +294,19 @@ def folder_captions(settings: dict[str, Any], files: list[str]) -> np.ndarray | 
   with untrusted.open_regular(path) as fh:
     for n, line in enumerate(iter(lambda: fh.readline(_MAX_CAPTION_LINE + 1), b""), 1):
       if len(line) > _MAX_CAPTION_LINE:
-        fail(f"{path}:{n} is longer than {_MAX_CAPTION_LINE} bytes; captions may have at most "
-             f"{untrusted.MAX_CAPTION_CHARS} characters: shorten it")
+        fail(
+          f"{path}:{n} is longer than {_MAX_CAPTION_LINE} bytes; captions may have at most "
+          f"{untrusted.MAX_CAPTION_CHARS} characters: shorten it"
+        )
       if not line.strip():
         continue
       entry = untrusted.parse_json(line, f"{path}:{n}")
-      if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "caption" not in entry:
-        fail(f"{path}:{n} is not a JSON object with \"file\" and \"caption\"; fix that line")
+      if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("file"), str)
+        or "caption" not in entry
+      ):
+        fail(f'{path}:{n} is not a JSON object with "file" and "caption"; fix that line')
       by_file[os.path.normpath(entry["file"])] = untrusted.caption(entry["caption"], f"{path}:{n}")
   return np.array([by_file.get(os.path.normpath(f), "") for f in files] + [None], dtype=object)[:-1]
 
@@ -281,7 +345,9 @@ def folder_classes(files: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def folder_labels(files: list[str] | tuple[str, ...]) -> np.ndarray:
   """int32 labels of relative file paths: the index of the top-level subfolder, -1 at the top."""
   classes = folder_classes(files)
-  return np.array([classes.index(f.split(os.sep)[0]) if os.sep in f else -1 for f in files], np.int32)
+  return np.array(
+    [classes.index(f.split(os.sep)[0]) if os.sep in f else -1 for f in files], np.int32
+  )
 
 
 def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
@@ -306,6 +372,7 @@ def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
 def _open_image(name: str, channels: int, fill: int, max_pixels: int = untrusted.MAX_IMAGE_PIXELS):
   """A PIL image in mode L or RGB, transparency composited on `fill`; raises untrusted.UnreadableImage."""
   from PIL import Image
+
   with untrusted.image(name, max_pixels) as im:
     im.load()
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
@@ -314,11 +381,18 @@ def _open_image(name: str, channels: int, fill: int, max_pixels: int = untrusted
     return im.convert("L" if channels == 1 else "RGB")
 
 
-def _folder_image(name: str, size: int, channels: int, fill: int, lenient: bool = False,
-                  max_pixels: int = untrusted.MAX_IMAGE_PIXELS) -> np.ndarray | str:
+def _folder_image(
+  name: str,
+  size: int,
+  channels: int,
+  fill: int,
+  lenient: bool = False,
+  max_pixels: int = untrusted.MAX_IMAGE_PIXELS,
+) -> np.ndarray | str:
   """One image file as uint8 [size, size, channels] (see the module docstring); an unreadable
   file is one line, or with `lenient` the str saying why."""
   from PIL import Image
+
   try:
     im = _open_image(name, channels, fill, max_pixels)
   except untrusted.UnreadableImage as e:
@@ -346,15 +420,21 @@ def folder_files(settings: dict[str, Any]) -> list[str]:
   files, _, digest = folder_listing(path, settings["max_pixels"])
   if settings.get("file_list"):
     list_file = settings["file_list"]
-    if not os.path.isfile(list_file) or store.file_sha256(list_file) != settings.get("file_list_sha256"):
-      fail(f"the file list {list_file} changed or went away since the stores were made from it; embed the folder "
-           "again")
+    if not os.path.isfile(list_file) or store.file_sha256(list_file) != settings.get(
+      "file_list_sha256"
+    ):
+      fail(
+        f"the file list {list_file} changed or went away since the stores were made from it; embed the folder "
+        "again"
+      )
     usable = set(files)
     files = [f for f in read_file_list(list_file, f"folder {path}") if f in usable]
     digest = _files_digest(path, files)
   if digest != settings["files_sha256"]:
-    fail(f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): the "
-         "stores made from it no longer match; embed the folder again")
+    fail(
+      f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): the "
+      "stores made from it no longer match; embed the folder again"
+    )
   return files
 
 
@@ -374,7 +454,11 @@ def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndar
     def read_file(i):
       name = os.path.join(source["images_from"], files[i])
       try:
-        a = np.asarray(_open_image(name, source["channels"], BACKGROUNDS[source["background"]], source["max_pixels"]))
+        a = np.asarray(
+          _open_image(
+            name, source["channels"], BACKGROUNDS[source["background"]], source["max_pixels"]
+          )
+        )
       except untrusted.UnreadableImage as e:
         return f"{files[i]}: {str(e)[:200]}"
       return a[..., None] if a.ndim == 2 else a
@@ -411,7 +495,7 @@ TFDS = "tfds:"
 def tfds_name_split(dataset: Any, split: str) -> tuple[str, str] | None:
   """(TFDS name, split) when a part's split is read from TFDS, else None."""
   if split.startswith(TFDS):
-    name, _, sub = split[len(TFDS):].partition("/")
+    name, _, sub = split[len(TFDS) :].partition("/")
     if not name or not sub:
       fail(f"split {split!r}: write tfds:NAME/SPLIT, e.g. tfds:imagenet2012/train")
     return name, sub
@@ -432,12 +516,15 @@ def label_set(label_range: Any) -> np.ndarray | None:
 
 def _tfds_builder(name: str, data_dir: str):
   import tensorflow_datasets as tfds
+
   try:
     return tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # unknown name, no local copy
-    fail(f"TFDS dataset {name!r} is not available ({type(e).__name__}: {str(e)[:200]}); prepare it once with "
-         f"`tfds build {name}` (ImageNet: put the tar files in ~/tensorflow_datasets/downloads/manual) or set "
-         "config.dataset.tfds_data_dir")
+    fail(
+      f"TFDS dataset {name!r} is not available ({type(e).__name__}: {str(e)[:200]}); prepare it once with "
+      f"`tfds build {name}` (ImageNet: put the tar files in ~/tensorflow_datasets/downloads/manual) or set "
+      "config.dataset.tfds_data_dir"
+    )
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -446,19 +533,26 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
   if not size or min(image.shape[:2]) == size:
     return image
   from PIL import Image
+
   h, w = image.shape[:2]
   scale = size / min(h, w)
   im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-  a = np.asarray(im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC))
+  a = np.asarray(
+    im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+  )
   return a[..., None] if a.ndim == 2 else a
 
 
 class TfdsReader:
   """Streams a TFDS split in file order (no shuffling), decoding only the examples asked for."""
 
-  def __init__(self, name: str, split: str, data_dir: str, image_size: int, caption_feature: str = "auto"):
+  def __init__(
+    self, name: str, split: str, data_dir: str, image_size: int, caption_feature: str = "auto"
+  ):
     if image_size < 1:
-      fail(f"TFDS source {name}/{split}: set config.dataset.image_size (e.g. 256) to size its images")
+      fail(
+        f"TFDS source {name}/{split}: set config.dataset.image_size (e.g. 256) to size its images"
+      )
     self.name, self.split, self.data_dir, self.image_size = name, split, data_dir, image_size
     self.caption_feature = caption_feature
     self._it: Iterator | None = None
@@ -467,15 +561,21 @@ class TfdsReader:
   def _dataset(self, decode_images: bool):
     import tensorflow as tf
     import tensorflow_datasets as tfds
+
     tf.config.set_visible_devices([], "GPU")
     builder = _tfds_builder(self.name, self.data_dir)
     try:
-      return builder.as_dataset(split=self.split, shuffle_files=False, read_config=tfds.ReadConfig(
-          interleave_cycle_length=1, add_tfds_id=False), decoders=None if decode_images else {
-              "image": tfds.decode.SkipDecoding()})
+      return builder.as_dataset(
+        split=self.split,
+        shuffle_files=False,
+        read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False),
+        decoders=None if decode_images else {"image": tfds.decode.SkipDecoding()},
+      )
     except Exception as e:
-      fail(f"TFDS {self.name}/{self.split} is not prepared locally ({type(e).__name__}: {str(e)[:200]}); "
-           f"run `tfds build {self.name}` once or set config.dataset.tfds_data_dir")
+      fail(
+        f"TFDS {self.name}/{self.split} is not prepared locally ({type(e).__name__}: {str(e)[:200]}); "
+        f"run `tfds build {self.name}` once or set config.dataset.tfds_data_dir"
+      )
 
   @functools.cached_property
   def _index(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -487,7 +587,9 @@ class TfdsReader:
       labels.append(int(ex["label"]) if has_label else -1)
       if path:
         captions.append(_caption_of(ex, path))
-    return np.array(labels, np.int32), (np.array(captions + [None], dtype=object)[:-1] if path else None)
+    return np.array(labels, np.int32), (
+      np.array(captions + [None], dtype=object)[:-1] if path else None
+    )
 
   @property
   def labels(self) -> np.ndarray:
@@ -502,13 +604,14 @@ class TfdsReader:
   def _image(self, image: np.ndarray) -> np.ndarray:
     a, s = resize_shorter_side(image, self.image_size), self.image_size
     top, left = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
-    return a[top:top + s, left:left + s]
+    return a[top : top + s, left : left + s]
 
   def read(self, ids: np.ndarray, raw: bool = False, lenient: bool = False) -> np.ndarray | list:
     """uint8 images [len(ids), s, s, C] of the examples at file positions `ids` (ascending); with
     `raw`, the list of decoded images at their own sizes. A record that does not decode is one
     line naming it, or with `lenient` (a list is returned) the str saying why, in its place."""
     import tensorflow as tf
+
     ids = np.asarray(ids, np.int64)
     if len(ids) and (np.any(np.diff(ids) <= 0) or ids[0] < 0):
       raise ValueError("TfdsReader.read takes ascending, unique positions")
@@ -541,21 +644,32 @@ class TfdsReader:
 
 
 @functools.lru_cache(maxsize=8)
-def _tfds_reader(name: str, split: str, data_dir: str, image_size: int, caption_feature: str = "auto") -> TfdsReader:
+def _tfds_reader(
+  name: str, split: str, data_dir: str, image_size: int, caption_feature: str = "auto"
+) -> TfdsReader:
   return TfdsReader(name, split, data_dir, image_size, caption_feature)
 
 
 def _source_tfds_reader(source: dict[str, Any]) -> TfdsReader:
-  return _tfds_reader(source["tfds_name"], source["tfds_split"], source.get("tfds_data_dir", ""),
-                      source["image_size"], source.get("caption_feature", "auto"))
+  return _tfds_reader(
+    source["tfds_name"],
+    source["tfds_split"],
+    source.get("tfds_data_dir", ""),
+    source["image_size"],
+    source.get("caption_feature", "auto"),
+  )
 
 
-CAPTION_FEATURES = ("caption", "captions/text")  # what "auto" looks for, in order (coco_captions: the second)
+CAPTION_FEATURES = (
+  "caption",
+  "captions/text",
+)  # what "auto" looks for, in order (coco_captions: the second)
 
 
 def caption_path(spec: Any, feature: str, what: str) -> str:
   """The caption feature of a TFDS element spec: `feature` ("a/b" for nested features; "" = none;
   "auto" = the first of CAPTION_FEATURES present, else none)."""
+
   def present(path):
     node = spec
     for key in path.split("/"):
@@ -567,8 +681,10 @@ def caption_path(spec: Any, feature: str, what: str) -> str:
   if feature == "auto":
     return next((f for f in CAPTION_FEATURES if present(f)), "")
   if feature and not present(feature):
-    fail(f"{what} has no feature {feature!r} (config.dataset.caption_feature); it has "
-         f"{', '.join(sorted(spec))}; use \"\" for none")
+    fail(
+      f"{what} has no feature {feature!r} (config.dataset.caption_feature); it has "
+      f'{", ".join(sorted(spec))}; use "" for none'
+    )
   return feature
 
 
@@ -578,7 +694,9 @@ def _caption_of(example: dict, path: str) -> str:
     value = value[key]
   if isinstance(value, np.ndarray) and value.ndim:  # a list of captions: the first
     value = value[0] if len(value) else b""
-  return untrusted.caption(value.decode("utf-8", "replace") if isinstance(value, bytes) else value, "a TFDS caption")
+  return untrusted.caption(
+    value.decode("utf-8", "replace") if isinstance(value, bytes) else value, "a TFDS caption"
+  )
 
 
 @dataclasses.dataclass
@@ -590,7 +708,9 @@ class Part:
   ids: np.ndarray
   labels: np.ndarray
   read_ids: Callable[[np.ndarray], np.ndarray]
-  captions: np.ndarray | None = None  # str, one per id: TFDS caption features, an image folder's side file
+  captions: np.ndarray | None = (
+    None  # str, one per id: TFDS caption features, an image folder's side file
+  )
   read_lenient: Callable[[np.ndarray], list] | None = None  # an image or the str why not, per id
   image_shape: tuple[int, ...] = ()  # (H, W, C) of every image read
   # with dataset.augment: rows are (example, variant) pairs, example-major; readers take both
@@ -617,8 +737,11 @@ class Part:
     got = self.read_lenient(*self._args(a, b)) if self.read_lenient else list(self.images(a, b))
     shape = self.image_shape
     ok = np.array([not isinstance(g, str) for g in got], bool)
-    images = np.stack([np.zeros(shape, np.uint8) if isinstance(g, str) else g for g in got]) if got else \
-        np.zeros((0,) + tuple(shape), np.uint8)
+    images = (
+      np.stack([np.zeros(shape, np.uint8) if isinstance(g, str) else g for g in got])
+      if got
+      else np.zeros((0,) + tuple(shape), np.uint8)
+    )
     return images, ok, [g for g in got if isinstance(g, str)]
 
 
@@ -629,17 +752,23 @@ def open_part(dataset: Any, part: str) -> Part:
   split, start, stop = source["split"], source["start"], source["stop"]
   read, labels = source_reader(dataset, source)
   if not 0 <= start < stop <= len(labels):
-    fail(f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(labels)})")
+    fail(
+      f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(labels)})"
+    )
   ids = np.arange(start, stop, dtype=np.int64)
   keep = label_set(source.get("label_range"))
   if keep is not None:
     ids = ids[np.isin(labels[start:stop], keep)]
     if not len(ids):
-      fail(f"config.dataset.label_range={list(source['label_range'])} keeps no example of part {part}")
+      fail(
+        f"config.dataset.label_range={list(source['label_range'])} keeps no example of part {part}"
+      )
   captions = source_captions(source)
   if source.get("images_from") == "tfds" and "tfds_name" in source:
     lenient, _ = source_reader(dataset, source, lenient=True)
-    feature = _tfds_builder(source["tfds_name"], source.get("tfds_data_dir", "")).info.features["image"]
+    feature = _tfds_builder(source["tfds_name"], source.get("tfds_data_dir", "")).info.features[
+      "image"
+    ]
     shape = (source["image_size"], source["image_size"], int(feature.shape[-1] or 3))
   elif source.get("dataset") == "folder":
     lenient, _ = source_reader(dataset, source, lenient=True)
@@ -647,30 +776,51 @@ def open_part(dataset: Any, part: str) -> Part:
   else:  # in memory: every image is readable
     lenient, shape = (lambda i: list(read(i))), tuple(read(ids[:1]).shape[1:])
   if "augment" in source:
-    return _variant_part(source, ids, labels[ids], None if captions is None else captions[ids], shape)
-  return Part(source, ids, labels[ids], read, None if captions is None else captions[ids], lenient, shape)
-
-
-AUGMENTABLE = ("tfds",)  # where the original's random crop applies: images larger than the crop
+    return _variant_part(
+      source, ids, labels[ids], None if captions is None else captions[ids], shape
+    )
+  return Part(
+    source, ids, labels[ids], read, None if captions is None else captions[ids], lenient, shape
+  )
 
 
 def augment_settings(dataset: Any, part: str, source: dict[str, Any]) -> dict[str, Any] | None:
   """The train part's `dataset.augment` as its stores record it (None: one centre crop per image)."""
   a = dataset.get("augment", None) or {}
-  crops, flips, seed = int(a.get("crops", 0) or 0), bool(a.get("flips", False)), int(a.get("seed", 0))
+  crops, flips, seed = (
+    int(a.get("crops", 0) or 0),
+    bool(a.get("flips", False)),
+    int(a.get("seed", 0)),
+  )
   if part != "train" or (crops == 0 and not flips):
     return None
   if crops < 0 or crops > 64:
-    fail(f"config.dataset.augment.crops={crops}: give 1..64 random crops per image (0 = the centre crop only)")
-  if source.get("images_from") not in AUGMENTABLE:
-    fail(f"config.dataset.augment applies to TFDS sources (shorter side to image_size, then a random square: "
-         f"the original's ImageNet crop); part train is {source.get('dataset')!r} {source.get('split')!r}: "
-         "set augment.crops=0 and augment.flips=False")
-  return {"crops": crops, "flips": flips, "seed": seed, "variants": max(crops, 1) * (2 if flips else 1)}
+    fail(
+      f"config.dataset.augment.crops={crops}: give 1..64 random crops per image (0 = the centre crop only)"
+    )
+  if "tfds_name" not in source:  # streamed TFDS records: images larger than the crop
+    fail(
+      f"config.dataset.augment applies to TFDS sources (shorter side to image_size, then a random square: "
+      f"the original's ImageNet crop); part train is {source.get('dataset')!r} {source.get('split')!r}: "
+      "set augment.crops=0 and augment.flips=False"
+    )
+  return {
+    "crops": crops,
+    "flips": flips,
+    "seed": seed,
+    "variants": max(crops, 1) * (2 if flips else 1),
+  }
 
 
-def variant_box(height: int, width: int, size: int, seed: int, source_id: int, variant: int,
-                augment: dict[str, Any]) -> tuple[int, int, bool]:
+def variant_box(
+  height: int,
+  width: int,
+  size: int,
+  seed: int,
+  source_id: int,
+  variant: int,
+  augment: dict[str, Any],
+) -> tuple[int, int, bool]:
   """(top, left, flipped) of variant `variant` of example `source_id` in its image resized to
   shorter side `size` ([height, width]): crop c = variant // 2 (with flips; else variant) sits at a
   uniform offset along the longer side drawn from (seed, id, c) (crops=0: the centre), and flips
@@ -680,11 +830,20 @@ def variant_box(height: int, width: int, size: int, seed: int, source_id: int, v
   if augment["crops"] == 0:
     return (height - size) // 2, (width - size) // 2, bool(flipped)
   rng = np.random.default_rng([seed, int(source_id), crop])
-  return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1)), bool(flipped)
+  return (
+    int(rng.integers(0, height - size + 1)),
+    int(rng.integers(0, width - size + 1)),
+    bool(flipped),
+  )
 
 
-def _variant_part(source: dict[str, Any], ids: np.ndarray, labels: np.ndarray, captions: np.ndarray | None,
-                  shape: tuple[int, ...]) -> Part:
+def _variant_part(
+  source: dict[str, Any],
+  ids: np.ndarray,
+  labels: np.ndarray,
+  captions: np.ndarray | None,
+  shape: tuple[int, ...],
+) -> Part:
   """The train part as (example, variant) rows: each image's `augment["variants"]` crops, read
   from its decoded record (shorter side to image_size, then `variant_box`)."""
   aug, size = source["augment"], source["image_size"]
@@ -702,15 +861,22 @@ def _variant_part(source: dict[str, Any], ids: np.ndarray, labels: np.ndarray, c
         continue
       a = resize_shorter_side(image, size)
       top, left, flipped = variant_box(a.shape[0], a.shape[1], size, aug["seed"], i, var, aug)
-      crop = a[top:top + size, left:left + size]
+      crop = a[top : top + size, left : left + size]
       out.append(crop[:, ::-1] if flipped else crop)
     if lenient:
       return out
     return np.stack(out) if out else np.zeros((0,) + tuple(shape), np.uint8)
 
-  return Part(source, np.repeat(ids, v), np.repeat(labels, v), read,
-              None if captions is None else np.repeat(captions, v), lambda i, var: read(i, var, True), shape,
-              np.tile(np.arange(v, dtype=np.int32), len(ids)))
+  return Part(
+    source,
+    np.repeat(ids, v),
+    np.repeat(labels, v),
+    read,
+    None if captions is None else np.repeat(captions, v),
+    lambda i, var: read(i, var, True),
+    shape,
+    np.tile(np.arange(v, dtype=np.int32), len(ids)),
+  )
 
 
 def skipped_report(out: str, part_ids: np.ndarray, written_ids: np.ndarray) -> dict[str, Any]:
@@ -730,8 +896,9 @@ def source_captions(source: dict[str, Any]) -> np.ndarray | None:
   return None
 
 
-def source_reader(dataset: Any, source: dict[str, Any], lenient: bool = False
-                  ) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
+def source_reader(
+  dataset: Any, source: dict[str, Any], lenient: bool = False
+) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
   """(read(ids) -> uint8 images, labels of the whole split) of the split a store's `source` names.
   With `lenient`, read(ids) gives a list: an image per id, or the str saying why it is unreadable
   (a corrupt file or record), for the caller to skip and count."""
@@ -752,9 +919,15 @@ def source_reader(dataset: Any, source: dict[str, Any], lenient: bool = False
     labels = folder_labels(files)
 
     def read_files(ids):
-      out = _threaded(lambda i: _folder_image(os.path.join(path, files[int(i)]), size, channels, fill, lenient,
-                                              source["max_pixels"]), ids)
-      return out if lenient else np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
+      out = _threaded(
+        lambda i: _folder_image(
+          os.path.join(path, files[int(i)]), size, channels, fill, lenient, source["max_pixels"]
+        ),
+        ids,
+      )
+      return (
+        out if lenient else np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
+      )
 
     return read_files, labels
   images, labels = source_images(dataset, source)
@@ -778,16 +951,21 @@ def check_disjoint(dataset: Any) -> None:
   lists = [dataset.parts[p].get("files", "") for p in ("train", "database")]
   if tr_split != db_split or dataset.get("database_overlaps_train", False):
     return
-  if any(lists) and lists[0] != lists[1]:
-    shared = set(read_file_list(lists[0], "parts.train") if lists[0] else []) & set(
-        read_file_list(lists[1], "parts.database") if lists[1] else [])
-    overlap = bool(shared) or not all(lists)
+  if all(lists) and lists[0] != lists[1]:  # two lists over one folder: do they share a file?
+    train, database = (
+      set(read_file_list(f, f"parts.{p}")) for f, p in zip(lists, ("train", "database"))
+    )
+    overlap = bool(train & database)
+  elif lists[0] != lists[1]:  # one part listed, the other the whole folder
+    overlap = True
   else:
     overlap = tr_a < db_b and db_a < tr_b
   if overlap:
-    fail(f"config.dataset.parts: train [{tr_a}, {tr_b}) and database [{db_a}, {db_b}) of "
-         f"'{tr_split}' overlap; make them disjoint (or set config.dataset.database_overlaps_train=True to "
-         "retrieve from the training images, as RDM-IN does: configs/imagenet_rdm.py:in-db)")
+    fail(
+      f"config.dataset.parts: train [{tr_a}, {tr_b}) and database [{db_a}, {db_b}) of "
+      f"'{tr_split}' overlap; make them disjoint (or set config.dataset.database_overlaps_train=True to "
+      "retrieve from the training images, as RDM-IN does: configs/imagenet_rdm.py:in-db)"
+    )
 
 
 def part_source(dataset: Any, part: str) -> dict[str, Any]:
@@ -800,7 +978,14 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
   extra = {"label_range": label_range} if label_range else {}
   if split.startswith(FOLDER):
     folder = folder_settings(dataset, split, dataset.parts[part].get("files", ""))
-    record = {"dataset": "folder", "split": split, "start": start, "stop": stop or folder["files"], **folder, **extra}
+    record = {
+      "dataset": "folder",
+      "split": split,
+      "start": start,
+      "stop": stop or folder["files"],
+      **folder,
+      **extra,
+    }
     augment_settings(dataset, part, record)  # refused here, in one line
     return record
   tf = tfds_name_split(dataset, split)
@@ -809,15 +994,35 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
     captions = dataset.get("caption_feature", "auto")
     if captions != "auto":  # recorded when set: the stores' captions depend on it
       extra["caption_feature"] = captions
-    record = {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": "tfds",
-              "tfds_name": tf[0], "tfds_split": tf[1], "tfds_data_dir": data_dir,
-              "image_size": int(dataset.get("image_size", 0)), **extra}
+    record = {
+      "dataset": dataset.name,
+      "split": split,
+      "start": start,
+      "stop": stop,
+      "images_from": "tfds",
+      "tfds_name": tf[0],
+      "tfds_split": tf[1],
+      "tfds_data_dir": data_dir,
+      "image_size": int(dataset.get("image_size", 0)),
+      **extra,
+    }
     augment = augment_settings(dataset, part, record)
     return {**record, "augment": augment} if augment else record
   idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)  # as load_source_split resolves it
-  origin = os.path.realpath(idx_dir) if os.path.isdir(idx_dir) or not dataset.get("allow_tfds", True) else "tfds"
-  record = {"dataset": dataset.name, "split": split, "start": start, "stop": stop, "images_from": origin, **extra}
-  augment_settings(dataset, part, {"images_from": "idx", "dataset": dataset.name, "split": split})
+  origin = (
+    os.path.realpath(idx_dir)
+    if os.path.isdir(idx_dir) or not dataset.get("allow_tfds", True)
+    else "tfds"
+  )
+  record = {
+    "dataset": dataset.name,
+    "split": split,
+    "start": start,
+    "stop": stop,
+    "images_from": origin,
+    **extra,
+  }
+  augment_settings(dataset, part, record)  # refused here, in one line
   return record
 
 
@@ -825,8 +1030,10 @@ def source_images(dataset: Any, source: dict[str, Any]) -> tuple[np.ndarray, np.
   """The whole in-memory split a store's IDX `source` record names (image folders and TFDS are
   read by `source_reader`, file by file)."""
   if source.get("dataset") != dataset.name:
-    fail(f"the store comes from {source.get('dataset')!r} but config.dataset.name is {dataset.name!r}; "
-         "no image loader configured for it")
+    fail(
+      f"the store comes from {source.get('dataset')!r} but config.dataset.name is {dataset.name!r}; "
+      "no image loader configured for it"
+    )
   return load_source_split(dataset, source["split"])
 
 

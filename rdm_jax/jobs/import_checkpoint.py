@@ -156,7 +156,7 @@ def rarm_params(sd: dict[str, np.ndarray], model: rarm.RARM, abstract: dict, pat
 
 
 def network_weights(
-  sd: dict[str, np.ndarray], config, setup: training.TrainSetup, path: str
+  sd: dict[str, np.ndarray], setup: training.TrainSetup, path: str
 ) -> tuple[Any, Any]:
   """(parameters, their EMA) of config.model's network from the original's state dict."""
   model, abstract = setup.model, setup.abstract.params
@@ -259,7 +259,7 @@ def import_run(config, path: str, workdir: str) -> None:
   shape = training.latent_shape(config)
   setup = training.setup_training(config, shape, mesh_lib.from_config(config))
   tx, shardings = setup.tx, setup.state_sh
-  params, ema = network_weights(sd, config, setup, path)
+  params, ema = network_weights(sd, setup, path)
   step = obj.get("global_step", 0) if isinstance(obj, dict) else 0
   step = int(step) if isinstance(step, (int, np.integer)) and step >= 0 else 0
 
