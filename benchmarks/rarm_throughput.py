@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from rdm_jax import training  # noqa: E402
-from rdm_jax.models import rarm  # noqa: E402
-from rdm_jax.parallel import mesh as mesh_lib  # noqa: E402
+from rdm_jax.models import factory, rarm  # noqa: E402
+from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, allocator, cpu, load_config  # noqa: E402
@@ -86,7 +86,7 @@ def train_speed(config, steps: int) -> tuple[float, int]:
   """(train tokens/s, parameter count) of the jitted AdamW step on one device."""
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = [tuple(r) for r in config.sharding_rules]
-  model = training.make_model(config)
+  model = factory.make_model(config)
   setup = training.setup_training(config, (model.seq_len,), mesh)
   state, step = setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   b = config.train.batch_size
@@ -94,7 +94,7 @@ def train_speed(config, steps: int) -> tuple[float, int]:
   z = rng.integers(0, model.num_codes, (b, model.seq_len)).astype(np.int32)
   ctx = rng.normal(size=(b, config.k_train, 512)).astype(np.float32)
   with jax.set_mesh(mesh):
-    z, ctx = training.put_batch(mesh, rules, z, ctx)
+    z, ctx = sharding.put_batch(mesh, rules, z, ctx)
     state, m = step(state, z, ctx, jax.random.PRNGKey(1))
     jax.block_until_ready(m["loss"])
     t = time.perf_counter()
@@ -167,7 +167,7 @@ def torch_train_speed(model: rarm.RARM, batch: int, steps: int) -> tuple[float, 
 def main(argv):
   del argv
   config = config_for(_CASE.value, _BATCH.value)
-  model = training.make_model(config)
+  model = factory.make_model(config)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; "
     f"case {_CASE.value}: {model.heads} heads x "

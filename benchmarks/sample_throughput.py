@@ -26,8 +26,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from rdm_jax import training  # noqa: E402
 from rdm_jax.diffusion import samplers  # noqa: E402
+from rdm_jax.models import factory  # noqa: E402
+from rdm_jax import inference  # noqa: E402
 from common import allocator, cpu, diffusers_unet, load_config, patch_grid  # noqa: E402
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 16, "Images per timed run (one batch).")
@@ -43,14 +44,14 @@ SCALE = 2.0
 
 def time_jax(config, context: np.ndarray, sampler: str, steps: int) -> float:
   """Seconds for one guided sampling run of len(context) images (compiled beforehand)."""
-  model = training.make_model(config)
+  model = factory.make_model(config)
   params = nn.meta.unbox(
-    model.init(jax.random.PRNGKey(0), *training.example_inputs(config, 1, LATENT, config.k_train))[
+    model.init(jax.random.PRNGKey(0), *factory.example_inputs(config, 1, LATENT, config.k_train))[
       "params"
     ]
   )
   config.sample.update(sampler=sampler, num_steps=steps, guidance_scale=SCALE, eta=0.0, clip_x0=0.0)
-  fn = training.make_sampler(model, training.make_schedule(config), LATENT, config.sample)
+  fn = inference.make_sampler(model, factory.make_schedule(config), LATENT, config.sample)
   jax.block_until_ready(fn(params, context, jax.random.PRNGKey(1)))
   t = time.perf_counter()
   jax.block_until_ready(fn(params, context, jax.random.PRNGKey(2)))
@@ -62,7 +63,7 @@ def time_torch(config, context: np.ndarray, sampler: str, steps: int) -> float:
   import torch
   from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-  betas = np.asarray(training.make_schedule(config).betas)
+  betas = np.asarray(factory.make_schedule(config).betas)
   if sampler == "ddim":
     sch = DDIMScheduler(
       num_train_timesteps=len(betas),

@@ -55,9 +55,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from rdm_jax import training  # noqa: E402
-from rdm_jax import aot  # noqa: E402
-from rdm_jax.parallel import flops as flops_lib, mesh as mesh_lib  # noqa: E402
+from rdm_jax import aot, training  # noqa: E402
+from rdm_jax.parallel import flops as flops_lib, mesh as mesh_lib, sharding  # noqa: E402
+from rdm_jax.models import factory  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import allocator, cpu, diffusers_unet, load_config, patch_grid  # noqa: E402
@@ -138,7 +138,7 @@ def jax_runner(
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(b,) + latent_shape).astype(np.float32)
   ctx = rng.normal(size=(b, config.k_train, config.retrieval.embed_dim)).astype(np.float32)
-  z0, ctx = training.put_batch(mesh, rules, z0, ctx)
+  z0, ctx = sharding.put_batch(mesh, rules, z0, ctx)
   key = jax.random.PRNGKey(1)
   box = {"state": perturbed(setup.init_state(jax.random.PRNGKey(0)))}
 
@@ -196,7 +196,7 @@ def torch_runner(config, latent_shape, same_step: bool) -> tuple[Runner, int]:
       params, lr=o.lr, betas=(o.b1, o.b2), weight_decay=o.weight_decay, eps=o.get("eps", 1e-8)
     )
     alphas = torch.tensor(
-      np.asarray(training.make_schedule(config).alphas_cumprod), dtype=torch.float32
+      np.asarray(factory.make_schedule(config).alphas_cumprod), dtype=torch.float32
     ).to(dev)
     prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
     gamma = float(d.get("min_snr_gamma", 5.0))

@@ -26,6 +26,7 @@ import os
 
 import ml_collections as mlc
 
+from rdm_jax import config_base
 from rdm_jax.config_base import config_file
 
 
@@ -39,7 +40,7 @@ def get_config() -> mlc.ConfigDict:
   )
   c.first_stage.palette_size = 16
   c.first_stage.palette_factor = 2
-  c.model = mlc.ConfigDict(dict(family="rarm", heads=4, dim_head=32, depth=4, dtype="float32"))
+  c.model = config_base.rarm_model(heads=4, dim_head=32, depth=4, dtype="float32")
   c.optim.update(
     lr=1e-3, warmup_steps=100, b1=0.9, b2=0.95, weight_decay=0.01, grad_clip=1.0, ema_decay=0.999
   )

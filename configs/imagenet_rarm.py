@@ -46,6 +46,7 @@ import os
 
 import ml_collections as mlc
 
+from rdm_jax import config_base
 from rdm_jax.config_base import config_file
 
 
@@ -70,7 +71,7 @@ def get_config(arg: str = "dogs") -> mlc.ConfigDict:
     weights="models/first_stage_models/vq-f16/model.ckpt",
     scale_factor=1.0,
   )
-  c.model = mlc.ConfigDict(dict(family="rarm", heads=12, dim_head=64, depth=18, dtype="bfloat16"))
+  c.model = config_base.rarm_model(heads=12, dim_head=64, depth=18, dtype="bfloat16")
   c.k_train = 4
   lr, batch = OPTIMISATION[subset]
   c.optim.update(

@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdm_jax import training
-from rdm_jax.diffusion import ddim
+from rdm_jax import config_base, training
+from rdm_jax.diffusion import ddim, schedule as schedule_lib
 from rdm_jax.errors import fail
 from rdm_jax.parallel import flops as flops_lib, hlo, mesh as mesh_lib, sharding, topology
+from rdm_jax.models import factory
 
 GIB = 1024**3
 
@@ -97,15 +98,15 @@ def levers(config: Any) -> dict[str, Any]:
   """The config's accelerator levers (RARM: compute and Adam-moment dtypes; the others are the UNet's)."""
   m, o = config.model, config.optim
   out = {
-    "dtype": m.get("dtype", "float32"),
-    "mu_dtype": o.get("mu_dtype", "") or m.get("param_dtype", "float32"),
+    "dtype": m.dtype,
+    "mu_dtype": o.mu_dtype or m.param_dtype,
   }
-  if training.family(config) == "unet":
+  if config_base.model_family(config) == "unet":
     out.update(
-      param_dtype=m.get("param_dtype", "float32"),
-      remat=m.get("remat", "none"),
-      attention=m.get("attention", "xla"),
-      flash_min_seq_len=int(m.get("flash_min_seq_len", 1024)),
+      param_dtype=m.param_dtype,
+      remat=m.remat,
+      attention=m.attention,
+      flash_min_seq_len=int(m.flash_min_seq_len),
     )
   return out
 
@@ -133,7 +134,7 @@ def report(
       fail(
         f"{what} {b} is not divisible by the {n_batch} devices of the batch axes; choose a multiple"
       )
-  shape = training.latent_shape(config)
+  shape = factory.latent_shape(config)
   setup = training.setup_training(config, shape, mesh)
   hbm = s.chip.hbm_gib * GIB
   per_example = model_flops_per_example(config, setup)
@@ -165,7 +166,7 @@ def report(
       / (flops_lib.TRAIN_MULTIPLIER * per_example),
     )
     out["train"] = r
-  if "sample" in steps and training.family(config) == "unet":
+  if "sample" in steps and config_base.model_family(config) == "unet":
     out["sample"] = _sample_step(config, setup, sample_batch, mesh, hbm, per_example, s)
   return out
 
@@ -184,7 +185,7 @@ def _sample_step(
   model, sched, scale = setup.model, setup.sched, float(config.sample.guidance_scale)
 
   def step(params, z, t, context):
-    return ddim.guided_eps(training.eps_fn(model, params, sched), z, t, context, scale)
+    return ddim.guided_eps(schedule_lib.eps_fn(model, params, sched), z, t, context, scale)
 
   state = setup.state_specs()
   z, c, _ = setup.batch_specs(config, batch)

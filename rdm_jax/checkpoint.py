@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rdm_jax import files, training
+from rdm_jax import config_base, files, training
 from rdm_jax.data import store
 from rdm_jax.errors import (
   UserError,
@@ -233,7 +233,7 @@ def function_record(config: Any) -> dict[str, Any]:
   """The config fields that change what a trained UNet's parameters compute without changing their
   shapes (a checkpoint restored under other values would load and sample noise): model_info.json
   records them, and `check_function` holds later jobs to them. Empty for the RARM."""
-  if training.family(config) != "unet":
+  if config_base.model_family(config) != "unet":
     return {}
   d = config.diffusion
   return {

@@ -261,7 +261,7 @@ def text_conditioning(
   its k-1 nearest database entries after it; "caption": the text embedding alone (k = 1);
   "neighbors": its k nearest database entries alone."""
   database = open_database(config, encoder) if database is None else database
-  mode = mode or config.sample.get("text_mode", TEXT_MODES[0])
+  mode = mode or config.sample.text_mode
   if mode not in TEXT_MODES:
     fail(f"config.sample.text_mode={mode!r}; use {', '.join(TEXT_MODES)}")
   if not prompts:
@@ -403,7 +403,7 @@ def class_conditioning(
   s = config.sample
   database = open_database(config, encoder) if database is None else database
   names_or_ids = s.classes if classes is None else classes
-  mode = s.get("class_context", CLASS_CONTEXTS[0])
+  mode = s.class_context
   if mode not in CLASS_CONTEXTS:
     fail(f"config.sample.class_context={mode!r}; use {' or '.join(CLASS_CONTEXTS)}")
   drawn = k - 1 if mode == "prompt_and_pool" else k
@@ -413,7 +413,7 @@ def class_conditioning(
       + (f"k={k}" if drawn == k else f"k-1={drawn} (the prompt takes one of the k={k} slots)")
     )
   prompts = None
-  if s.get("class_prompt", ""):
+  if s.class_prompt:
     if "{}" not in s.class_prompt:
       fail(f"config.sample.class_prompt={s.class_prompt!r} needs a {{}} where the class name goes")
     labels, names = prompt_classes(names_or_ids, sources.class_names(config.dataset))

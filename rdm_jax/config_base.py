@@ -10,6 +10,8 @@ import os
 
 import ml_collections as mlc
 
+from rdm_jax.errors import fail
+
 # Logical axis -> mesh axes. Activations' batch goes over data and fsdp; FSDP shards the
 # input side of weights, tensor parallelism the output features / heads / MLP width.
 DEFAULT_SHARDING_RULES = (
@@ -25,6 +27,35 @@ DEFAULT_SHARDING_RULES = (
 )
 
 
+# A dataset part: `split` of the dataset (a TFDS split, "folder:PATH", or an IDX split), examples
+# [start, stop) of it (stop 0 = to the end); `files`: a text file of relative paths, for folders.
+PART = dict(split="", start=0, stop=0, files="")
+
+# Accelerator levers of either model family (same parameters, same results up to rounding;
+# rdm_jax.compile reports them).
+LEVERS = dict(
+  dtype="float32",  # compute
+  param_dtype="float32",  # parameters, gradients, EMA
+  remat="none",  # none | full (the original's use_checkpoint) | dots (matmul outputs kept)
+  attention="xla",  # xla | dot_product (jax.nn's, XLA) | cudnn (cuDNN flash, GPU) | flash (Pallas TPU)
+  flash_min_seq_len=1024,  # flash: self-attention over at least this many tokens; shorter: dot_product
+  conv="xla",  # xla | onednn (oneDNN custom calls, CPU) | auto (onednn on one CPU device if built)
+)
+
+
+def part(split: str, start: int = 0, stop: int = 0, files: str = "") -> dict:
+  """One entry of config.dataset.parts, every field of PART given."""
+  return dict(split=split, start=start, stop=stop, files=files)
+
+
+def rarm_model(**fields) -> mlc.ConfigDict:
+  """config.model of the autoregressive family (rdm_jax/models/rarm.py): a transformer of `depth`
+  blocks, `heads` x `dim_head` wide, over the first stage's VQ tokens; the levers as LEVERS."""
+  m = mlc.ConfigDict(dict(family="rarm", heads=8, dim_head=64, depth=8, **LEVERS))
+  m.update(**fields)
+  return m
+
+
 def base_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.data_dir = "data/experiment"
@@ -35,7 +66,9 @@ def base_config() -> mlc.ConfigDict:
       name="",
       idx_dir="",
       allow_tfds=True,
+      # part name (train, test, database) -> {split, start, stop, files}: fields as PART
       parts={},
+      class_names=(),  # the labels' names ("" = the known ones: Fashion-MNIST's, ImageNet-1k's)
       # TFDS splits ("tfds:NAME/SPLIT", or any split of a dataset other than
       # fashion_mnist): shorter side to image_size, centre crop; prepared locally
       image_size=0,
@@ -78,6 +111,9 @@ def base_config() -> mlc.ConfigDict:
       weights="",
       scale_factor=1.0,
       batch_size=16,
+      chunk_size=8192,  # latents per resumable unit of the encode job
+      palette_size=16,  # name=palette: colours in the codebook
+      palette_factor=2,  # name=palette: pixels per token side
       arch=dict(
         ch=0,
         ch_mult=(),
@@ -143,6 +179,7 @@ def base_config() -> mlc.ConfigDict:
 
   c.model = mlc.ConfigDict(
     dict(
+      family="unet",  # unet (an RDM, rdm_jax/models/unet.py) | rarm (see rarm_model)
       model_channels=64,
       channel_mult=(1, 2, 2),
       num_res_blocks=2,
@@ -150,16 +187,10 @@ def base_config() -> mlc.ConfigDict:
       num_head_channels=32,
       transformer_depth=1,
       dropout=0.0,
-      dtype="float32",
       patch_size=1,
-      # Accelerator levers (same parameters, same results up to rounding; rdm_jax.compile reports them):
-      param_dtype="float32",  # parameters, gradients, EMA (dtype above = compute)
-      remat="none",  # none | full (the original's use_checkpoint) | dots (matmul outputs kept)
-      attention="xla",  # xla | dot_product (jax.nn's, XLA) | cudnn (cuDNN flash, GPU) | flash (Pallas TPU)
-      flash_min_seq_len=1024,  # flash: self-attention over at least this many tokens; shorter: dot_product
-      conv="xla",
+      **LEVERS,
     )
-  )  # xla | onednn (oneDNN custom calls, CPU) | auto (onednn on one CPU device if built)
+  )
   c.diffusion = mlc.ConfigDict(
     dict(
       num_timesteps=1000,
@@ -294,9 +325,16 @@ def config_file(path: str, *args: str) -> mlc.ConfigDict:
   return module.get_config(*args)
 
 
+FAMILIES = ("unet", "rarm")
+
+
 def model_family(config: mlc.ConfigDict) -> str:
-  """ "unet" (an RDM: latents stores) or "rarm" (the autoregressive transformer: token stores)."""
-  return config.model.get("family", "unet")
+  """config.model.family: "unet" (an RDM: latents stores) or "rarm" (the autoregressive
+  transformer: token stores)."""
+  name = config.model.family
+  if name not in FAMILIES:
+    fail(f"config.model.family={name!r}; use {' or '.join(FAMILIES)}")
+  return name
 
 
 def paths(config: mlc.ConfigDict) -> dict[str, str]:

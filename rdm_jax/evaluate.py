@@ -237,7 +237,7 @@ def main(argv):
     for w in r.get("warnings", []):
       print(f"note ({name}): {w}")
   print(f"wrote {files.join(out_dir, 'metrics.json')} and metrics.md")
-  held, failed = check_expected(rows, cfg.get("expect", ()))
+  held, failed = check_expected(rows, cfg.expect)
   if failed:
     fail(
       f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The model did not "

@@ -21,13 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from rdm_jax import checkpoint, conditioning, training
+from rdm_jax import checkpoint, conditioning
 from rdm_jax.data import visualize
+from rdm_jax.diffusion import samplers, schedule as schedule_lib
 from rdm_jax.errors import fail
-from rdm_jax.models import first_stage
-from rdm_jax.parallel import mesh as mesh_lib
+from rdm_jax.models import factory, first_stage, rarm
+from rdm_jax.parallel import mesh as mesh_lib, sharding
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class RDM:
   def __init__(self, config: Any, workdir: str, step: int | None = None):
     self.config = config
     self.model, self.params, self.info, self.step = checkpoint.load_trained(config, workdir, step)
-    self._sampler = training.make_sampler(
-      self.model, training.make_schedule(config), self.info["latent_shape"], config.sample
+    self._sampler = make_sampler(
+      self.model, factory.make_schedule(config), self.info["latent_shape"], config.sample
     )
     self.database = conditioning.open_database(config, self.info["encoder"])
     self.mesh = mesh_lib.from_config(config)
@@ -144,7 +148,7 @@ class RDM:
       return self.embeddings(queries[:n])
     if s.condition == "text":
       prompts = list(s.prompts) or (
-        conditioning.part_captions(self.config, s.prompts_from)[:n] if s.get("prompts_from") else []
+        conditioning.part_captions(self.config, s.prompts_from)[:n] if s.prompts_from else []
       )
       return self.text([prompts[i % len(prompts)] for i in range(n)] if prompts else [])
     if s.condition == "zeros":
@@ -171,7 +175,7 @@ class RDM:
     self, context: np.ndarray, seed: int | None = None, first_index: int = 0
   ) -> np.ndarray:
     """Latents [N, h, w, c] for context [N, k, d] (see `sample`)."""
-    return training.sample_in_batches(
+    return sample_in_batches(
       self._sampler,
       self.params,
       context,
@@ -194,3 +198,107 @@ class RDM:
     return visualize.neighbor_panel(
       conditioning.context_images(samples.conditioning, self.config.dataset, n), samples.images[:n]
     )
+
+
+def make_sampler(model: Any, sched: schedule_lib.Schedule, latent_shape, sample_config: Any):
+  """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with guidance, set up by
+  `config.sample` (sampler, num_steps, guidance_scale, eta, timestep_spacing, clip_x0: 0 = none).
+  A sampler, spacing or step count that does not exist is a UserError here, before compiling."""
+  s = sample_config
+  if isinstance(model, rarm.RARM):  # tokens [B, S], one position at a time with the KV cache
+    if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
+      fail(
+        f"config.sample: temperature={s.temperature} (> 0), top_k={s.top_k} (>= 0, 0 = all), "
+        f"top_p={s.top_p} (in (0, 1]) for RARM sampling"
+      )
+    return jax.jit(
+      lambda params, context, keys: rarm.sample(
+        model,
+        params,
+        context,
+        keys,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        guidance_scale=s.guidance_scale,
+      )
+    )
+  if s.final_step not in ("abar0", "x0"):
+    fail(
+      f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 (the last step's "
+      "predicted z_0)"
+    )
+  try:
+    samplers.timesteps(s.sampler, sched, s.num_steps, s.timestep_spacing)
+  except ValueError as e:
+    fail(f"{e} (config.sample)")
+
+  def sample(params, context, rng):
+    return samplers.sample(
+      schedule_lib.eps_fn(model, params, sched),
+      sched,
+      context,
+      (context.shape[0],) + tuple(latent_shape),
+      rng,
+      sampler=s.sampler,
+      num_steps=s.num_steps,
+      guidance_scale=s.guidance_scale,
+      eta=s.eta,
+      clip_x0=s.clip_x0 or None,
+      timestep_spacing=s.timestep_spacing,
+      final_x0=s.final_step == "x0",
+    )
+
+  return jax.jit(sample)
+
+
+def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
+  """Per-sample keys fold_in(rng, i) for sample indices i: a sample's noise depends on the seed
+  and its index alone, not on the batch, device or process that draws it."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def sample_in_batches(
+  sampler,
+  params,
+  context: np.ndarray,
+  batch_size: int,
+  rng: jax.Array,
+  first_index: int = 0,
+  mesh: Mesh | None = None,
+  rules=None,
+) -> np.ndarray:
+  """Latents for every context row, `batch_size` rows at a time; row i is sample first_index + i
+  and uses key fold_in(rng, first_index + i) (`sample_keys`). The last batch is padded so one
+  compiled shape serves all.
+
+  With a mesh, each batch is sharded over the axes of the 'batch' rule across all processes
+  (every process passes the same context; the batch is rounded up to a multiple of those
+  devices) and the latents are gathered to every process.
+  """
+  if not len(context):
+    raise ValueError("no context rows to sample from")
+  n_dev = 1 if mesh is None else sharding.batch_devices(mesh, rules)
+  size = (
+    -(-min(batch_size, len(context)) // n_dev) * n_dev
+  )  # one batch: no more padding than needed
+  out = []
+  for a in range(0, len(context), size):
+    c = context[a : a + size]
+    n = len(c)
+    index = first_index + a + np.arange(size)
+    if n < size:
+      c = np.concatenate([c, np.zeros((size - n,) + c.shape[1:], c.dtype)])
+    keys = np.asarray(sample_keys(rng, index))
+    if mesh is None:
+      z = sampler(params, jnp.asarray(c), jnp.asarray(keys))
+    else:
+      c, keys = (
+        jax.make_array_from_callback(
+          x.shape, sharding.batch_sharding(mesh, rules, x.ndim), lambda i, x=x: x[i]
+        )
+        for x in (c, keys)
+      )
+      z = multihost_utils.process_allgather(sampler(params, c, keys), tiled=True)
+    out.append(np.asarray(jax.device_get(z))[:n])
+  return np.concatenate(out)

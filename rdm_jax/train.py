@@ -19,7 +19,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E402
 
-from rdm_jax import checkpoint, conditioning, errors, files, preemption, step_watch, training  # noqa: E402
+from rdm_jax import (
+  checkpoint,
+  conditioning,
+  errors,
+  files,
+  inference,
+  preemption,
+  step_watch,
+  training,
+)  # noqa: E402
 from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
@@ -43,7 +52,7 @@ def make_sample_writer(config, workdir, model, sched, latent_shape, image_hw, en
     config.sample.include_query,
   )
   neighbors = conditioning.context_images(cond, config.dataset)
-  sampler = training.make_sampler(model, sched, latent_shape, config.sample)
+  sampler = inference.make_sampler(model, sched, latent_shape, config.sample)
   context = jnp.asarray(cond.context)
   out = files.join(workdir, "samples")
 
@@ -189,7 +198,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   ):  # a stop for any reason completes a save in flight
     for step in range(start_step + 1, num_steps + 1):
       z0, context = next(batches)
-      z0, context = training.put_batch(mesh, rules, z0, context)
+      z0, context = sharding.put_batch(mesh, rules, z0, context)
       state, metrics = train_step(state, z0, context, rng)
       losses.append(metrics["loss"])
       watch.add(step, metrics)

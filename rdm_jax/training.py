@@ -15,18 +15,14 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rdm_jax import config_base
-from rdm_jax.data import pipeline
-from rdm_jax.diffusion import samplers, schedule as schedule_lib
+from rdm_jax.diffusion import schedule as schedule_lib
 from rdm_jax.errors import fail
-from rdm_jax.models import first_stage, rarm, unet as unet_lib
+from rdm_jax.models import factory, rarm
 from rdm_jax.models.unet import UNet
-from rdm_jax.ops import conv_choice, onednn
 from rdm_jax.parallel import fsdp, sharding
 
 
@@ -72,116 +68,6 @@ class TrainState:
   losses: LossWindow
 
 
-FAMILIES = ("unet", "rarm")
-
-
-def family(config: Any) -> str:
-  """config.model.family: "unet" (the RDM, default) or "rarm" (the autoregressive transformer)."""
-  name = config_base.model_family(config)
-  if name not in FAMILIES:
-    fail(f"config.model.family={name!r}; use {' or '.join(FAMILIES)}")
-  return name
-
-
-def make_model(
-  config: Any, devices: Any = None, latents: tuple[int, ...] | None = None
-) -> UNet | rarm.RARM:
-  """The config's network for `devices` (the mesh's; default this process's). With
-  config.model.conv="auto" on one CPU device the convolutions of its train step (per-device
-  batch config.train.batch_size, latents of shape `latents`, default `latent_shape(config)`)
-  decide between XLA and oneDNN by measurement (`rdm_jax.ops.conv_choice`)."""
-  m = config.model
-  if family(config) == "rarm":
-    return rarm.from_config(config)
-  rules = dict((k, v) for k, v in config.sharding_rules)
-  impl, remat = m.get("attention", "xla"), m.get("remat", "none")
-  if impl not in unet_lib.ATTENTION_IMPLS or remat not in unet_lib.REMAT_POLICIES:
-    fail(
-      f"config.model: attention={impl!r} (one of {', '.join(unet_lib.ATTENTION_IMPLS)}), "
-      f"remat={remat!r} (one of {', '.join(unet_lib.REMAT_POLICIES)})"
-    )
-  if impl == "cudnn" and jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
-    fail(
-      f"config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 or float16, and "
-      f"config.model.dtype is {m.dtype!r}; set --config.model.dtype=bfloat16 or use attention=xla"
-    )
-  attention = unet_lib.AttentionOptions(
-    impl,
-    int(m.get("flash_min_seq_len", 1024)),
-    _axes(rules.get("batch")),
-    _axes(rules.get("heads")),
-  )
-  conv = m.get("conv", "xla")
-  try:
-    resolved = onednn.resolve(conv, devices)
-  except (ValueError, RuntimeError) as e:
-    fail(str(e))
-  model = UNet(
-    model_channels=m.model_channels,
-    channel_mult=tuple(m.channel_mult),
-    num_res_blocks=m.num_res_blocks,
-    attention_resolutions=tuple(m.attention_resolutions),
-    num_head_channels=m.num_head_channels,
-    transformer_depth=m.transformer_depth,
-    out_channels=config.first_stage.latent_channels,
-    dropout=m.dropout,
-    dtype=jnp.dtype(m.dtype),
-    patch_size=int(m.get("patch_size", 1)),
-    param_dtype=jnp.dtype(m.get("param_dtype", "float32")),
-    remat=remat,
-    attention=attention,
-    conv="xla",
-  )
-  if conv == "auto" and resolved == "onednn":  # oneDNN can run here: is it faster for this model?
-    inputs = example_inputs(
-      config, int(config.train.batch_size), latents or latent_shape(config), config.k_train
-    )
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs)["params"])
-    resolved = conv_choice.resolve_auto(lambda p: model.apply({"params": p}, *inputs), (params,))
-  return model.clone(conv=resolved)
-
-
-def latent_shape(config: Any) -> tuple[int, ...]:
-  """The per-example training input the data jobs would make: latents [H, W, C] of the first
-  stage at config.dataset.image_size (or first_stage.pad_to), or RARM's token sequence [S]."""
-  fs = config.first_stage
-  side = int(fs.get("pad_to", 0) or 0) or int(config.dataset.image_size or 0)
-  if not side:
-    fail("set --config.dataset.image_size (or first_stage.pad_to): the latent size follows from it")
-  if fs.name == "identity":
-    return side, side, int(fs.latent_channels)
-  factor = first_stage.spec(fs).factor
-  if side % factor:
-    fail(f"image size {side} is not a multiple of the first stage's factor {factor}")
-  if family(config) == "rarm":
-    return ((side // factor) ** 2,)
-  return side // factor, side // factor, int(fs.latent_channels)
-
-
-def _axes(axes: Any) -> Any:
-  """A sharding rule's mesh axes as a hashable value (lists from JSON configs become tuples)."""
-  return tuple(axes) if isinstance(axes, (list, tuple)) else axes
-
-
-def make_schedule(config: Any) -> schedule_lib.Schedule:
-  """The noise schedule and what the UNet predicts (config.diffusion.prediction: eps | v | x0)."""
-  d = config.diffusion
-  prediction, weighting = d.get("prediction", "eps"), d.get("loss_weighting", "uniform")
-  if prediction not in schedule_lib.PREDICTIONS or weighting not in schedule_lib.WEIGHTINGS:
-    fail(
-      f"config.diffusion: prediction={prediction!r} (one of {', '.join(schedule_lib.PREDICTIONS)}), "
-      f"loss_weighting={weighting!r} (one of {', '.join(schedule_lib.WEIGHTINGS)})"
-    )
-  return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end, prediction)
-
-
-def eps_fn(model: UNet, params: Any, sched: schedule_lib.Schedule):
-  """(z_t, t, context) -> the eps the UNet's output means (converted from v or x0)."""
-  return lambda z_t, t, c: schedule_lib.eps_of(
-    sched, model.apply({"params": params}, z_t, t, c), z_t, t
-  )
-
-
 # LDM's LambdaLinearScheduler as the RDM configs set it (f_start 1e-6, f_max = f_min = 1;
 # CompVis RDM configs/rdm/imagenet.yaml, latent-diffusion ldm/lr_scheduler.py): the factor of
 # update n (from 0) is f_start + (1 - f_start) n / warm_up_steps, then 1.
@@ -195,13 +81,13 @@ def _after_warmup(config: Any) -> optax.Schedule:
   """The rate after the warm-up: constant (`optim.decay="none"`, LDM's) or a cosine from `optim.lr`
   down to `optim.min_lr_ratio` of it at `train.num_steps` (Loshchilov & Hutter 2017, no restarts)."""
   o = config.optim
-  decay = o.get("decay", "none")
+  decay = o.decay
   if decay not in DECAYS:
     fail(f"config.optim.decay={decay!r}; use one of {', '.join(DECAYS)}")
   if decay == "none":
     return optax.constant_schedule(o.lr)
   steps = max(int(config.train.num_steps) - max(o.warmup_steps, 1), 1)
-  return optax.cosine_decay_schedule(o.lr, steps, alpha=float(o.get("min_lr_ratio", 0.0)))
+  return optax.cosine_decay_schedule(o.lr, steps, alpha=float(o.min_lr_ratio))
 
 
 def optimisation_line(config: Any) -> str:
@@ -236,9 +122,9 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
     [max(o.warmup_steps, 1)],
   )
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  mu_dtype = o.get("mu_dtype", "") or None  # Adam's first moment; None = the parameters' dtype
+  mu_dtype = o.mu_dtype or None  # Adam's first moment; None = the parameters' dtype
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
-  eps, update_clip = float(o.get("eps", 1e-8)), float(o.get("update_clip", 0.0))
+  eps, update_clip = float(o.eps), float(o.update_clip)
   if (
     update_clip > 0
   ):  # adamw's own chain with the clip after Adam's scaling (opt_state[1][0] stays Adam's)
@@ -257,20 +143,6 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def example_inputs(
-  config: Any, batch: int, latent_shape: tuple[int, ...], k: int
-) -> tuple[jax.Array, ...]:
-  """The model's init inputs: (latents, timesteps, context) for the UNet, (tokens, context) for RARM."""
-  context = jnp.zeros((batch, k, config.retrieval.embed_dim), jnp.float32)
-  if family(config) == "rarm":
-    return jnp.zeros((batch,) + tuple(latent_shape), jnp.int32), context
-  return (
-    jnp.zeros((batch,) + tuple(latent_shape), jnp.float32),
-    jnp.zeros((batch,), jnp.int32),
-    context,
-  )
-
-
 SPIKE_MODES = ("warn", "skip", "stop")
 
 
@@ -278,9 +150,9 @@ def spike_settings(config: Any) -> tuple[str, float, int]:
   """(on_spike, spike_factor, spike_window) of config.train, checked."""
   t = config.train
   mode, factor, window = (
-    t.get("on_spike", "warn"),
-    float(t.get("spike_factor", 5.0)),
-    int(t.get("spike_window", 200)),
+    t.on_spike,
+    float(t.spike_factor),
+    int(t.spike_window),
   )
   if mode not in SPIKE_MODES or not factor > 1 or window < 8:
     fail(
@@ -364,8 +236,8 @@ def make_train_step(
   on_spike, spike_factor, _ = spike_settings(config)
   decay = config.optim.ema_decay
   autoregressive = isinstance(model, rarm.RARM)
-  weighting = config.diffusion.get("loss_weighting", "uniform")
-  gamma = float(config.diffusion.get("min_snr_gamma", 5.0))
+  weighting = config.diffusion.loss_weighting
+  gamma = float(config.diffusion.min_snr_gamma)
 
   def step(state: TrainState, z0, context, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -478,7 +350,7 @@ def fsdp_layout(
     return None
   if any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in batch_axes):
     return None
-  dtype = jnp.dtype(config.model.get("dtype", "float32"))
+  dtype = jnp.dtype(config.model.dtype)
   cast = fsdp.cast_before_gather(
     lambda p, *xs: model.apply({"params": p}, *xs), abstract_params, inputs, dtype
   )
@@ -539,7 +411,7 @@ class TrainSetup:
   def batch_specs(self, config: Any, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Abstract (z0, context, rng) of a global batch with the step's input shardings."""
     z_sh, c_sh, rng_sh = batch_shardings(self.mesh, self.rules, 1 + len(self.latent_shape))
-    z_dtype = jnp.int32 if family(config) == "rarm" else jnp.float32
+    z_dtype = jnp.int32 if config_base.model_family(config) == "rarm" else jnp.float32
     z = jax.ShapeDtypeStruct((batch,) + tuple(self.latent_shape), z_dtype, sharding=z_sh)
     c = jax.ShapeDtypeStruct(
       (batch, config.k_train, config.retrieval.embed_dim), jnp.float32, sharding=c_sh
@@ -566,9 +438,10 @@ def setup_training(
   (restoring a checkpoint needs the same abstract state and shardings). `tx` replaces
   `make_optimizer(config)` (tests pin the update rule)."""
   rules = [tuple(r) for r in config.sharding_rules]
-  model, sched = make_model(config, list(mesh.devices.flat), latent_shape), make_schedule(config)
+  model = factory.make_model(config, list(mesh.devices.flat), latent_shape)
+  sched = factory.make_schedule(config)
   tx = make_optimizer(config) if tx is None else tx
-  inputs = example_inputs(config, 1, latent_shape, config.k_train)
+  inputs = factory.example_inputs(config, 1, latent_shape, config.k_train)
   abstract, state_sh = state_shardings(model, tx, inputs, mesh, rules, spike_settings(config)[2])
   layout = fsdp_layout(config, model, inputs, mesh, rules, abstract.params, state_sh.params)
   step = jit_train_step(
@@ -576,210 +449,4 @@ def setup_training(
   )
   return TrainSetup(
     model, tx, sched, inputs, abstract, state_sh, step, tuple(latent_shape), mesh, rules, layout
-  )
-
-
-def make_sampler(model: UNet, sched: schedule_lib.Schedule, latent_shape, sample_config: Any):
-  """A jitted (params, context [B,k,d], rng) -> latents [B, H, W, C] with guidance, set up by
-  `config.sample` (sampler, num_steps, guidance_scale, eta, timestep_spacing, clip_x0: 0 = none).
-  A sampler, spacing or step count that does not exist is a UserError here, before compiling."""
-  s = sample_config
-  if isinstance(model, rarm.RARM):  # tokens [B, S], one position at a time with the KV cache
-    if s.temperature <= 0 or not 0 < s.top_p <= 1 or s.top_k < 0:
-      fail(
-        f"config.sample: temperature={s.temperature} (> 0), top_k={s.top_k} (>= 0, 0 = all), "
-        f"top_p={s.top_p} (in (0, 1]) for RARM sampling"
-      )
-    return jax.jit(
-      lambda params, context, keys: rarm.sample(
-        model,
-        params,
-        context,
-        keys,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-        guidance_scale=s.guidance_scale,
-      )
-    )
-  if s.get("final_step", "abar0") not in ("abar0", "x0"):
-    fail(
-      f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 (the last step's "
-      "predicted z_0)"
-    )
-  try:
-    samplers.timesteps(s.sampler, sched, s.num_steps, s.timestep_spacing)
-  except ValueError as e:
-    fail(f"{e} (config.sample)")
-
-  def sample(params, context, rng):
-    return samplers.sample(
-      eps_fn(model, params, sched),
-      sched,
-      context,
-      (context.shape[0],) + tuple(latent_shape),
-      rng,
-      sampler=s.sampler,
-      num_steps=s.num_steps,
-      guidance_scale=s.guidance_scale,
-      eta=s.eta,
-      clip_x0=s.clip_x0 or None,
-      timestep_spacing=s.timestep_spacing,
-      final_x0=s.get("final_step", "abar0") == "x0",
-    )
-
-  return jax.jit(sample)
-
-
-def sample_keys(rng: jax.Array, indices: np.ndarray) -> jax.Array:
-  """Per-sample keys fold_in(rng, i) for sample indices i: a sample's noise depends on the seed
-  and its index alone, not on the batch, device or process that draws it."""
-  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(indices, jnp.uint32))
-
-
-def sample_in_batches(
-  sampler,
-  params,
-  context: np.ndarray,
-  batch_size: int,
-  rng: jax.Array,
-  first_index: int = 0,
-  mesh: Mesh | None = None,
-  rules=None,
-) -> np.ndarray:
-  """Latents for every context row, `batch_size` rows at a time; row i is sample first_index + i
-  and uses key fold_in(rng, first_index + i) (`sample_keys`). The last batch is padded so one
-  compiled shape serves all.
-
-  With a mesh, each batch is sharded over the axes of the 'batch' rule across all processes
-  (every process passes the same context; the batch is rounded up to a multiple of those
-  devices) and the latents are gathered to every process.
-  """
-  if not len(context):
-    raise ValueError("no context rows to sample from")
-  n_dev = 1 if mesh is None else sharding.batch_devices(mesh, rules)
-  size = (
-    -(-min(batch_size, len(context)) // n_dev) * n_dev
-  )  # one batch: no more padding than needed
-  out = []
-  for a in range(0, len(context), size):
-    c = context[a : a + size]
-    n = len(c)
-    index = first_index + a + np.arange(size)
-    if n < size:
-      c = np.concatenate([c, np.zeros((size - n,) + c.shape[1:], c.dtype)])
-    keys = np.asarray(sample_keys(rng, index))
-    if mesh is None:
-      z = sampler(params, jnp.asarray(c), jnp.asarray(keys))
-    else:
-      c, keys = (
-        jax.make_array_from_callback(
-          x.shape, sharding.batch_sharding(mesh, rules, x.ndim), lambda i, x=x: x[i]
-        )
-        for x in (c, keys)
-      )
-      z = multihost_utils.process_allgather(sampler(params, c, keys), tiled=True)
-    out.append(np.asarray(jax.device_get(z))[:n])
-  return np.concatenate(out)
-
-
-CONTEXTS = ("true_neighbors", "zeros_context", "shuffled_neighbors")
-
-
-def context_losses(
-  model,
-  params,
-  sched,
-  data: pipeline.RetrievalData,
-  k: int,
-  num_examples: int,
-  repeats: int,
-  batch: int = 256,
-  seed: int = 0,
-  noise_buckets: int = 10,
-) -> dict[str, Any]:
-  """Held-out losses of the model with each context (CONTEXTS: the true k neighbours, zeros, the
-  neighbours of other examples of the batch) over the first `num_examples` of `data`, in whole
-  batches (a last partial batch would shuffle among fewer examples): `examples` says how many.
-
-  Diffusion: the eps-MSE (paper Eq. 3, unweighted, whatever the network predicts), t ~ U{0..T-1}
-  and the noise drawn as the training loss draws them; also ("x0_mse") the MSE of the clean
-  latent the prediction implies, x0 = (z_t - sqrt(1 - a) eps) / sqrt(a), unclipped; and
-  ("by_noise") both in `noise_buckets` equal ranges of t. An x0 error weighs sqrt(SNR) times
-  more in eps, so the eps-MSE is ruled by the low-noise steps, where the image shows through the
-  noise, and the x0-MSE by the high-noise steps, where the neighbours are most of what the
-  model knows. RARM: next-token NLL in nats per token (no noise, so its repeats agree).
-  """
-  n = min(num_examples, data.num_examples)
-  autoregressive = isinstance(model, rarm.RARM)
-
-  @jax.jit
-  def losses(z0, context, perm, rng):
-    """-> (t [B] or None, per-context per-example eps-MSE (RARM: NLL) [3, B], x0-MSE [3, B] or None)."""
-    contexts = (context, jnp.zeros_like(context), context[perm])
-    if autoregressive:
-
-      def nll(ctx):
-        logp = jax.nn.log_softmax(model.apply({"params": params}, z0, ctx), axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, z0[..., None], axis=-1)[..., 0], axis=-1)
-
-      return None, jnp.stack([nll(c) for c in contexts]), None
-    t, noise = schedule_lib.draw_t_and_noise(sched, z0.shape, rng)
-    z_t = schedule_lib.q_sample(sched, z0, t, noise)
-    a = sched.alphas_cumprod[t].reshape((-1,) + (1,) * (z0.ndim - 1))
-    mean = lambda x: jnp.mean(jnp.square(x), axis=tuple(range(1, z0.ndim)))  # noqa: E731
-    predict_eps = eps_fn(model, params, sched)
-    eps_mse, x0_mse = [], []
-    for c in contexts:
-      eps = predict_eps(z_t, t, c)
-      x0 = schedule_lib.x0_from_eps(z_t, eps, a)
-      eps_mse.append(mean(eps - noise))
-      x0_mse.append(mean(x0 - z0.astype(jnp.float32)))
-    return t, jnp.stack(eps_mse), jnp.stack(x0_mse)
-
-  num_t = getattr(sched, "num_timesteps", 1)
-  sums = np.zeros((2, 3, noise_buckets))  # (eps, x0) x context x bucket
-  counts = np.zeros(noise_buckets)
-  count = 0
-  for r in range(repeats):
-    for a in range(0, n - batch + 1, batch):
-      rows = np.arange(a, a + batch)
-      z0, context = pipeline.load_batch(data, rows, k, "first")
-      perm = np.random.default_rng([seed, r, a]).permutation(batch)
-      t, eps_mse, x0_mse = losses(
-        jnp.asarray(z0),
-        jnp.asarray(context),
-        jnp.asarray(perm),
-        jax.random.PRNGKey(seed * 1000003 + r * 7919 + a),
-      )
-      bucket = np.zeros(batch, np.int64) if t is None else np.asarray(t) * noise_buckets // num_t
-      for i, per_example in enumerate((eps_mse, x0_mse)):
-        if per_example is not None:  # [3, B] into the [3, buckets] sums, by each example's bucket
-          np.add.at(sums[i], (slice(None), bucket), np.asarray(per_example, np.float64))
-      np.add.at(counts, bucket, 1)
-      count += batch
-  if count == 0:
-    fail(f"need at least {batch} test examples, have {n}")
-  total = sums.sum(axis=2) / count
-  result = {**dict(zip(CONTEXTS, total[0])), "examples": count // repeats, "repeats": repeats}
-  if not autoregressive:
-    result["x0_mse"] = dict(zip(CONTEXTS, total[1]))
-    result["by_noise"] = [
-      {
-        "t_start": -(-b * num_t // noise_buckets),
-        "t_stop": -(-(b + 1) * num_t // noise_buckets),
-        "samples": int(counts[b]),
-        "eps_mse": dict(zip(CONTEXTS, sums[0, :, b] / max(counts[b], 1))),
-        "x0_mse": dict(zip(CONTEXTS, sums[1, :, b] / max(counts[b], 1))),
-      }
-      for b in range(noise_buckets)
-    ]
-  return result
-
-
-def put_batch(mesh: Mesh, rules, *local_arrays):
-  """Process-local numpy batches -> global jax.Arrays sharded over the batch axes."""
-  return tuple(
-    jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, a.ndim), a)
-    for a in local_arrays
   )

@@ -30,6 +30,7 @@ from rdm_jax import checkpoint, training
 from rdm_jax.data import pipeline, store
 from rdm_jax.errors import UserError
 from rdm_jax.parallel import mesh as mesh_lib
+from rdm_jax.models import factory
 
 
 def _run(cmd):
@@ -167,11 +168,11 @@ def test_a_nonfinite_step_changes_nothing_but_the_step(tiny_data):
   """In process: the step on a batch with a NaN keeps params, EMA and Adam state, counts the step."""
   config = tiny_config(tiny_data["data_dir"])
   model, tx, sched = (
-    training.make_model(config),
+    factory.make_model(config),
     training.make_optimizer(config),
-    training.make_schedule(config),
+    factory.make_schedule(config),
   )
-  inputs = training.example_inputs(config, 1, (8, 8, 1), 4)
+  inputs = factory.example_inputs(config, 1, (8, 8, 1), 4)
   mesh = mesh_lib.from_config(config, jax.devices()[:1])
   window = training.spike_settings(config)[2]
   abstract, sh = training.state_shardings(

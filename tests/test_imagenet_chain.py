@@ -27,6 +27,7 @@ from test_clip_retriever import openai_clip_module  # noqa: E402
 from test_first_stage import TINY, TorchAutoencoder, nhwc, save_lightning_ckpt  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
+from rdm_jax.models import factory  # noqa: E402
 
 MOCK = os.path.join(REPO, "tests", "with_mock_tfds.py")
 N_MOCK = 24  # examples in every mocked split
@@ -291,7 +292,7 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
   """The trained run as the original's model.ckpt: model.diffusion_model.* (here 2x the EMA, so that
   importing the raw weights instead of the EMA would sample other images), model_ema.* (LitEma's
   dot-less names), first_stage_model.*, and the DDPM's betas buffer (float32, as LDM registers it)."""
-  from rdm_jax import checkpoint, training
+  from rdm_jax import checkpoint
   from rdm_jax.models import torch_convert, unet
 
   config = config_of(root)
@@ -303,7 +304,7 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
     sd["model_ema.diffusion_model" + key.replace(".", "")] = torch.from_numpy(np.array(value))
   sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(2)})
   sd.update({"first_stage_model." + k: v for k, v in vq.state_dict().items()})
-  sd["betas"] = torch.tensor(np.asarray(training.make_schedule(config).betas), dtype=torch.float32)
+  sd["betas"] = torch.tensor(np.asarray(factory.make_schedule(config).betas), dtype=torch.float32)
   save_lightning_ckpt(path, sd)
 
 

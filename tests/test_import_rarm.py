@@ -138,7 +138,7 @@ def test_a_released_rarm_imports_and_samples_the_originals_tokens(released):
   import jax
   import jax.numpy as jnp
 
-  from rdm_jax import checkpoint, training
+  from rdm_jax import checkpoint, config_base
   from rdm_jax.jobs import import_checkpoint
   from rdm_jax.models import first_stage, rarm
 
@@ -176,7 +176,7 @@ def test_a_released_rarm_imports_and_samples_the_originals_tokens(released):
     ref.double()
   want_images = (np.clip(nhwc(decoded), -1, 1) + 1) * 127.5
   assert images.dtype == np.uint8 and np.abs(images - want_images).max() <= 0.51
-  assert training.family(config) == "rarm" and not checkpoint.function_record(config)
+  assert config_base.model_family(config) == "rarm" and not checkpoint.function_record(config)
 
 
 def test_another_architecture_or_family_is_one_line_and_writes_nothing(released):

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rdm_jax import training
 from rdm_jax.errors import UserError
-from rdm_jax.models import unet as unet_lib
+from rdm_jax.models import factory, unet as unet_lib
 from rdm_jax.parallel import mesh as mesh_lib
 from conftest import repo_config
 
@@ -71,11 +71,11 @@ def _assert_close(got, want, rtol, atol):
 
 def test_remat_policies_change_nothing_but_memory():
   inputs = _inputs(2, 8)
-  plain = training.make_model(_config(channel_mult=(1,)))
+  plain = factory.make_model(_config(channel_mult=(1,)))
   params = _params(plain, inputs)
   want = _loss_and_grads(plain, params, inputs)
   for policy in ("full", "dots"):
-    model = training.make_model(_config(remat=policy, channel_mult=(1,)))
+    model = factory.make_model(_config(remat=policy, channel_mult=(1,)))
     assert jax.tree.structure(
       model.init(jax.random.PRNGKey(0), *inputs)["params"]
     ) == jax.tree.structure(params)
@@ -84,7 +84,7 @@ def test_remat_policies_change_nothing_but_memory():
   jaxpr = str(
     jax.make_jaxpr(
       lambda p: _loss_and_grads(
-        training.make_model(_config(remat="full", channel_mult=(1,))), p, inputs
+        factory.make_model(_config(remat="full", channel_mult=(1,))), p, inputs
       )
     )(params)
   )
@@ -93,9 +93,9 @@ def test_remat_policies_change_nothing_but_memory():
 
 def test_dot_product_attention_equals_the_einsum_softmax():
   inputs = _inputs(2, 8)
-  plain = training.make_model(_config(channel_mult=(1,)))
+  plain = factory.make_model(_config(channel_mult=(1,)))
   params = _params(plain, inputs)
-  model = training.make_model(_config(attention="dot_product", channel_mult=(1,)))
+  model = factory.make_model(_config(attention="dot_product", channel_mult=(1,)))
   _assert_close(
     _loss_and_grads(model, params, inputs),
     _loss_and_grads(plain, params, inputs),
@@ -111,7 +111,7 @@ def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
   float32 model's as the plain bfloat16 model's are (the GPU run of benchmarks/train_throughput.py
   compares cuDNN itself)."""
   inputs = _inputs(2)
-  plain = training.make_model(_config())
+  plain = factory.make_model(_config())
   params = _params(plain, inputs)
   calls, real = [], jax.nn.dot_product_attention
 
@@ -121,7 +121,7 @@ def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
   got = _loss_and_grads(
-    training.make_model(_config(dtype="bfloat16", attention="cudnn")), params, inputs
+    factory.make_model(_config(dtype="bfloat16", attention="cudnn")), params, inputs
   )
   top, mid = (
     ((2, 256, 1, 32),) * 2,
@@ -135,7 +135,7 @@ def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
   )
   want, bf16 = (
     _loss_and_grads(plain, params, inputs),
-    _loss_and_grads(training.make_model(_config(dtype="bfloat16")), params, inputs),
+    _loss_and_grads(factory.make_model(_config(dtype="bfloat16")), params, inputs),
   )
   flat = lambda x: np.concatenate(
     [np.ravel(np.asarray(a, np.float32)) for a in jax.tree.leaves(x[1])]
@@ -146,7 +146,7 @@ def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
   )
   assert np.all(np.array(error(got)) <= 2 * np.array(error(bf16)) + 1e-3)
   with pytest.raises(UserError, match="takes bfloat16 or float16.*'float32'"):
-    training.make_model(_config(attention="cudnn"))
+    factory.make_model(_config(attention="cudnn"))
 
 
 def test_pallas_flash_attention_equals_xla_attention(monkeypatch):
@@ -155,10 +155,10 @@ def test_pallas_flash_attention_equals_xla_attention(monkeypatch):
   (Pallas' interpret mode does not finish a sharded backward pass on 8 CPU devices in minutes).
   The 64-token level (mid block) and cross-attention stay on XLA (flash_min_seq_len)."""
   inputs = _inputs(2)
-  plain = training.make_model(_config())
+  plain = factory.make_model(_config())
   params = _params(plain, inputs)
   flash_config = _config(attention="flash", flash_min_seq_len=256)
-  model = training.make_model(flash_config)
+  model = factory.make_model(flash_config)
   assert model.attention.batch_axes == ("data", "fsdp")
   calls = []
   kernel = unet_lib.flash_attention
@@ -186,9 +186,9 @@ def test_pallas_flash_attention_equals_xla_attention(monkeypatch):
 
 def test_param_dtype_bfloat16_is_the_model_with_rounded_parameters():
   inputs = _inputs()
-  plain = training.make_model(_config())
+  plain = factory.make_model(_config())
   params = _params(plain, inputs)
-  model = training.make_model(_config(param_dtype="bfloat16"))
+  model = factory.make_model(_config(param_dtype="bfloat16"))
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs)["params"])
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
   rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
@@ -250,9 +250,9 @@ def test_platform_check(monkeypatch):
   with pytest.raises(UserError, match="Pallas TPU kernel"):
     mesh_lib.check_platform(_config(attention="flash"), training=False)
   with pytest.raises(UserError, match="attention='splash'"):
-    training.make_model(_config(attention="splash"))
+    factory.make_model(_config(attention="splash"))
   with pytest.raises(UserError, match="remat='some'"):
-    training.make_model(_config(remat="some"))
+    factory.make_model(_config(remat="some"))
 
 
 @pytest.mark.skipif(

@@ -15,7 +15,8 @@ from rdm_jax import training
 from rdm_jax.errors import UserError
 from rdm_jax.models.unet import UNet
 from rdm_jax.ops import onednn
-from rdm_jax.parallel import mesh as mesh_lib
+from rdm_jax.parallel import mesh as mesh_lib, sharding
+from rdm_jax.models import factory
 from conftest import REPO, repo_config, subprocess_env
 
 pytestmark = pytest.mark.skipif(
@@ -158,12 +159,12 @@ def test_config_choice():
   with pytest.raises(ValueError, match="xla, onednn, auto"):
     onednn.resolve("cudnn")
   c = repo_config("fashion_mnist_rdm")
-  assert c.model.conv == "auto" and training.make_model(c).conv == "xla"
+  assert c.model.conv == "auto" and factory.make_model(c).conv == "xla"
   c.model.conv = "onednn"
-  assert training.make_model(c).conv == "onednn"
+  assert factory.make_model(c).conv == "onednn"
   c.model.conv = "mkl"
   with pytest.raises(UserError, match="config.model.conv='mkl'"):
-    training.make_model(c)
+    factory.make_model(c)
 
 
 def test_missing_library_is_explained(tmp_path):
@@ -197,7 +198,7 @@ def test_train_steps_on_a_sharded_mesh_match_xla():
     setup = training.setup_training(c, (32, 32, 1), mesh)
     state = setup.init_state(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    z0, ctx = training.put_batch(
+    z0, ctx = sharding.put_batch(
       mesh,
       rules,
       rng.normal(size=(8, 32, 32, 1)).astype(np.float32),

@@ -13,8 +13,8 @@ from conftest import repo_config
 from jax.sharding import PartitionSpec as P
 
 from rdm_jax import training
-from rdm_jax.models import rarm
-from rdm_jax.parallel import mesh as mesh_lib
+from rdm_jax.models import factory, rarm
+from rdm_jax.parallel import mesh as mesh_lib, sharding
 
 
 def _tiny_config():
@@ -45,7 +45,7 @@ def _run(config, mesh_axes, tx, devices=None, steps=3):
   losses = []
   with jax.set_mesh(mesh):
     for z, ctx in _batches(config, steps):
-      state, metrics = step(state, *training.put_batch(mesh, rules, z, ctx), jax.random.PRNGKey(1))
+      state, metrics = step(state, *sharding.put_batch(mesh, rules, z, ctx), jax.random.PRNGKey(1))
       losses.append(float(metrics["loss"]))
   return model, state, losses
 
@@ -95,7 +95,7 @@ def test_sharded_steps_equal_one_device():
 def test_the_original_configs_sizes():
   """configs/imagenet_rarm.py: VQ-f16 tokens of 256-px images, 16384 codes + mask + start,
   12 x 64 heads, depth 18 (the original's RetrievalPatchTransformer)."""
-  model = training.make_model(repo_config("imagenet_rarm"))
+  model = factory.make_model(repo_config("imagenet_rarm"))
   assert (model.num_codes, model.seq_len, model.heads, model.dim_head, model.depth) == (
     16384,
     256,
@@ -169,7 +169,7 @@ def test_bad_token_stores_are_refused_in_one_line(tmp_path):
 
 def test_the_demo_config_models_palette_tokens():
   """configs/fashion_mnist_rarm.py: 14 x 14 palette tokens of 16 grey levels per 28-px image."""
-  model = training.make_model(repo_config("fashion_mnist_rarm"))
+  model = factory.make_model(repo_config("fashion_mnist_rarm"))
   assert (model.num_codes, model.seq_len, model.heads * model.dim_head, model.depth) == (
     16,
     196,

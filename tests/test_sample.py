@@ -25,11 +25,12 @@ from conftest import (
   tiny_config,
 )
 
-from rdm_jax import checkpoint, conditioning, config_base, inference, training
+from rdm_jax import checkpoint, conditioning, config_base, inference
 from rdm_jax.data import store
 from rdm_jax.errors import UserError
 from rdm_jax.retrieval import proposal
 from rdm_jax.training import sample_in_batches
+from rdm_jax.models import factory
 
 FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
@@ -233,7 +234,7 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   assert all(
     np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params))
   )
-  sampler = training.make_sampler(model, training.make_schedule(config), (8, 8, 1), config.sample)
+  sampler = inference.make_sampler(model, factory.make_schedule(config), (8, 8, 1), config.sample)
   context = np.asarray(db)[got["neighbor_rows"]]
   rng = jax.random.PRNGKey(config.train.seed + 7)  # the default seed; sample i uses fold_in(rng, i)
   np.testing.assert_allclose(
@@ -507,8 +508,8 @@ def test_training_writes_samples_of_its_ema_weights_every_sample_every_steps(tra
   ]
   for step in (2, 4):
     state = _restore(data_dir, workdir, step)
-    sampler = training.make_sampler(
-      training.make_model(config), training.make_schedule(config), (8, 8, 1), config.sample
+    sampler = inference.make_sampler(
+      factory.make_model(config), factory.make_schedule(config), (8, 8, 1), config.sample
     )
     z = sampler(state.ema_params, cond.context, jax.random.PRNGKey(config.train.seed + 1))
     images = first_stage.decode(config.first_stage, np.asarray(z), (8, 8))

@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from rdm_jax import training
 from rdm_jax.data import pipeline
 from rdm_jax.errors import UserError
-from rdm_jax.parallel import mesh as mesh_lib
+from rdm_jax.parallel import mesh as mesh_lib, sharding
+from rdm_jax.models import factory
 from conftest import tiny_config
 
 
@@ -24,7 +25,7 @@ def _run(config, mesh_axes, steps=3, devices=None, tx=None):
   with jax.set_mesh(mesh):
     for s in range(steps):
       rows = pipeline.example_indices(0, s, config.train.batch_size, data.num_examples)
-      z0, ctx = training.put_batch(
+      z0, ctx = sharding.put_batch(
         mesh, rules, *pipeline.load_batch(data, rows, config.k_train, "first")
       )
       state, metrics = step(state, z0, ctx, jax.random.PRNGKey(1))
@@ -164,8 +165,8 @@ def test_which_parameters_are_gathered_in_the_compute_dtype():
   c = repo_config("imagenet_rarm")
   c.model.update(depth=1, heads=2, dim_head=8, dtype="bfloat16")
   mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
-  model = training.make_model(c, list(mesh.devices.flat), training.latent_shape(c))
-  inputs = training.example_inputs(c, 1, training.latent_shape(c), c.k_train)
+  model = factory.make_model(c, list(mesh.devices.flat), factory.latent_shape(c))
+  inputs = factory.example_inputs(c, 1, factory.latent_shape(c), c.k_train)
   abstract, sh = training.state_shardings(
     model, optax.sgd(0.1), inputs, mesh, [tuple(r) for r in c.sharding_rules], 4
   )

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from rdm_jax import training
+from rdm_jax.models import factory
 
 torch = pytest.importorskip("torch")
 
@@ -84,7 +85,7 @@ def run_jax(cfg, steps: int, seed: int = 0):
   record.clear()
   tx = training.make_optimizer(cfg)
   state = training.new_state(params, tx, 200)
-  step = jax.jit(training.make_train_step(cfg, model, tx, training.make_schedule(cfg)))
+  step = jax.jit(training.make_train_step(cfg, model, tx, factory.make_schedule(cfg)))
   states, losses, seen = [state], [], []
   for i in range(steps):
     state, metrics = step(state, jnp.asarray(z0[i]), jnp.asarray(ctx[i]), jax.random.PRNGKey(7))

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import repo_config
-from rdm_jax import training
 from rdm_jax.models.unet import UNet
+from rdm_jax.models import factory
 from torch_references import reference
 
 
@@ -137,7 +137,7 @@ def _compare(config, latent_shape, batch=2, dtype=jnp.float32):
   """(ours, reference) eps predictions for the config's UNet on shared random inputs and weights."""
   import torch
 
-  model = training.make_model(config).clone(dtype=dtype)
+  model = factory.make_model(config).clone(dtype=dtype)
   in_ch, k, d = latent_shape[-1], config.k_train, config.retrieval.embed_dim
   rng = np.random.default_rng(7)
   x = rng.normal(size=(batch,) + tuple(latent_shape)).astype(np.float32)
@@ -210,7 +210,7 @@ def test_original_state_dict_names_agree_with_diffusers_ldm_converter():
 
   convert = reference("diffusers.loaders.single_file_utils").convert_ldm_unet_checkpoint
   config, latent_shape = _imagenet_config()
-  model = training.make_model(config)
+  model = factory.make_model(config)
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2,) + latent_shape).astype(np.float32)
   t = np.array([3, 861], np.int32)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from rdm_jax import untrusted
+from rdm_jax import config_base, untrusted
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 
@@ -150,7 +150,7 @@ def imagenet_classes() -> tuple[str, ...]:
 def class_names(dataset: Any) -> tuple[str, ...]:
   """The names of the dataset's labels 0..C-1 (config.dataset.class_names, or the known ones:
   Fashion-MNIST's, ImageNet-1k's)."""
-  names = tuple(dataset.get("class_names", ()) or ())
+  names = tuple(dataset.class_names or ())
   if not names and dataset.name == "fashion_mnist":
     names = FASHION_MNIST_CLASSES
   if not names and dataset.name == "imagenet2012":
@@ -228,13 +228,9 @@ def folder_settings(dataset: Any, split: str, file_list: str = "") -> dict[str, 
       f"{path} is not a folder of images (split {split!r}); "
       "e.g. `apt-get install openclipart-png` gives folder:/usr/share/openclipart/png"
     )
-  f = dataset.get("folder", None) or {}
-  size, channels, background = (
-    f.get("image_size", 0),
-    f.get("channels", 0),
-    f.get("background", "white"),
-  )
-  max_pixels = f.get("max_pixels", 0) or untrusted.MAX_IMAGE_PIXELS
+  f = dataset.folder
+  size, channels, background = f.image_size, f.channels, f.background
+  max_pixels = f.max_pixels or untrusted.MAX_IMAGE_PIXELS
   if size < 1 or channels not in (1, 3) or background not in BACKGROUNDS:
     fail(
       f"config.dataset.folder = {dict(f)}: give image_size > 0, channels 1 or 3 and background "
@@ -263,7 +259,7 @@ def folder_settings(dataset: Any, split: str, file_list: str = "") -> dict[str, 
     "classes": list(folder_classes(files)),
     **listing,
   }
-  captions = os.path.join(path, f.get("captions", CAPTIONS_FILE) or CAPTIONS_FILE)
+  captions = os.path.join(path, f.captions or CAPTIONS_FILE)
   if os.path.isfile(captions):
     record.update(
       captions_file=os.path.realpath(captions), captions_sha256=store.file_sha256(captions)
@@ -481,10 +477,10 @@ def source_class_names(dataset: Any, source: dict[str, Any]) -> tuple[str, ...]:
 
 def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
   """A whole in-memory split of the raw dataset named by `dataset.name` ("fashion_mnist")."""
-  idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)
+  idx_dir = dataset.idx_dir
   if os.path.isdir(idx_dir):
     return load_idx_split(idx_dir, source_split)
-  if dataset.get("allow_tfds", True):
+  if dataset.allow_tfds:
     return load_tfds("fashion_mnist", source_split)
   fail(f"{idx_dir} does not exist: `apt-get install dataset-fashion-mnist`")
 
@@ -786,12 +782,8 @@ def open_part(dataset: Any, part: str) -> Part:
 
 def augment_settings(dataset: Any, part: str, source: dict[str, Any]) -> dict[str, Any] | None:
   """The train part's `dataset.augment` as its stores record it (None: one centre crop per image)."""
-  a = dataset.get("augment", None) or {}
-  crops, flips, seed = (
-    int(a.get("crops", 0) or 0),
-    bool(a.get("flips", False)),
-    int(a.get("seed", 0)),
-  )
+  a = dataset.augment
+  crops, flips, seed = int(a.crops), bool(a.flips), int(a.seed)
   if part != "train" or (crops == 0 and not flips):
     return None
   if crops < 0 or crops > 64:
@@ -936,10 +928,22 @@ def source_reader(
   return (lambda ids: images[np.asarray(ids, np.int64)]), labels
 
 
+def part_spec(dataset: Any, part: str) -> dict[str, Any]:
+  """config.dataset.parts[part] with every field of `config_base.PART` (the ones it leaves out at
+  their defaults); a part the config lacks, or a field PART does not declare, is one line."""
+  if part not in dataset.parts:
+    fail(f"config.dataset.parts has no {part!r} part (it has {', '.join(dataset.parts) or 'none'})")
+  given = dict(dataset.parts[part])
+  unknown = sorted(set(given) - set(config_base.PART))
+  if unknown:
+    fail(f"config.dataset.parts.{part} sets {', '.join(unknown)}; a part takes {', '.join(config_base.PART)}")
+  return {**config_base.PART, **given}
+
+
 def split_range(dataset: Any, part: str) -> tuple[str, int, int]:
   """(source split, start, stop) of a part: 'train' | 'database' | 'test'."""
-  spec = dataset.parts[part]
-  return spec.split, spec.start, spec.stop
+  spec = part_spec(dataset, part)
+  return spec["split"], spec["start"], spec["stop"]
 
 
 def check_disjoint(dataset: Any) -> None:
@@ -948,8 +952,8 @@ def check_disjoint(dataset: Any) -> None:
   Parts of one folder named by file lists overlap when the lists share a file."""
   tr_split, tr_a, tr_b = split_range(dataset, "train")
   db_split, db_a, db_b = split_range(dataset, "database")
-  lists = [dataset.parts[p].get("files", "") for p in ("train", "database")]
-  if tr_split != db_split or dataset.get("database_overlaps_train", False):
+  lists = [part_spec(dataset, p)["files"] for p in ("train", "database")]
+  if tr_split != db_split or dataset.database_overlaps_train:
     return
   if all(lists) and lists[0] != lists[1]:  # two lists over one folder: do they share a file?
     train, database = (
@@ -974,10 +978,10 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
   conversion), the label range: every field that changes the data, so a store made from other
   files is never reused."""
   split, start, stop = split_range(dataset, part)
-  label_range = [int(x) for x in (dataset.get("label_range", ()) or ())]
+  label_range = [int(x) for x in (dataset.label_range or ())]
   extra = {"label_range": label_range} if label_range else {}
   if split.startswith(FOLDER):
-    folder = folder_settings(dataset, split, dataset.parts[part].get("files", ""))
+    folder = folder_settings(dataset, split, part_spec(dataset, part)["files"])
     record = {
       "dataset": "folder",
       "split": split,
@@ -990,8 +994,8 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
     return record
   tf = tfds_name_split(dataset, split)
   if tf is not None:
-    data_dir = dataset.get("tfds_data_dir", "") or os.environ.get("TFDS_DATA_DIR", "")
-    captions = dataset.get("caption_feature", "auto")
+    data_dir = dataset.tfds_data_dir or os.environ.get("TFDS_DATA_DIR", "")
+    captions = dataset.caption_feature
     if captions != "auto":  # recorded when set: the stores' captions depend on it
       extra["caption_feature"] = captions
     record = {
@@ -1003,15 +1007,15 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
       "tfds_name": tf[0],
       "tfds_split": tf[1],
       "tfds_data_dir": data_dir,
-      "image_size": int(dataset.get("image_size", 0)),
+      "image_size": int(dataset.image_size),
       **extra,
     }
     augment = augment_settings(dataset, part, record)
     return {**record, "augment": augment} if augment else record
-  idx_dir = dataset.get("idx_dir", FASHION_MNIST_IDX_DIR)  # as load_source_split resolves it
+  idx_dir = dataset.idx_dir  # as load_source_split resolves it
   origin = (
     os.path.realpath(idx_dir)
-    if os.path.isdir(idx_dir) or not dataset.get("allow_tfds", True)
+    if os.path.isdir(idx_dir) or not dataset.allow_tfds
     else "tfds"
   )
   record = {

@@ -11,7 +11,7 @@ diffusers' "sample"); samplers always see eps (`eps_of`). The loss may weight ti
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -160,3 +160,8 @@ def eps_loss(
     reduce: mean over everything (True) or per-example means [B] (False).
   """
   return diffusion_loss(eps_fn, schedule.replace(prediction="eps"), z0, rng, reduce=reduce)
+
+
+def eps_fn(model: Any, params: Any, sched: Schedule):
+  """(z_t, t, context) -> the eps the UNet's output means (converted from v or x0)."""
+  return lambda z_t, t, c: eps_of(sched, model.apply({"params": params}, z_t, t, c), z_t, t)

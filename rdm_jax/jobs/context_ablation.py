@@ -7,7 +7,7 @@ differs: the true k_train neighbours, an all-zeros context (the unconditional br
 or the neighbours of other test examples (shuffled within the batch). A diffusion model gets
 the eps-MSE (paper Eq. 3) and the x0-MSE of the clean latent it implies, overall and by noise
 level (`--noise_buckets` ranges of t): the eps-MSE shows the low-noise steps, the x0-MSE the
-high-noise ones, where the neighbours matter most (see `training.context_losses`). RARM gets
+high-noise ones, where the neighbours matter most (see `context_ablation.context_losses`). RARM gets
 its next-token NLL. Writes <workdir>/context_ablation.json.
 """
 
@@ -17,10 +17,12 @@ import json
 
 from absl import flags
 
-from rdm_jax import checkpoint, files, training
+from rdm_jax import checkpoint, files
 from rdm_jax.data import pipeline
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
+from rdm_jax.metrics import context_ablation
+from rdm_jax.models import factory
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
 _EXAMPLES = flags.DEFINE_integer("num_examples", 2048, "Test examples to average over.")
@@ -42,10 +44,10 @@ def main(argv):
   cli.check_platform(config)
   model, params, info, step = checkpoint.load_trained(config, workdir)
   data = pipeline.load_retrieval_data(config, "test", encoder=info["encoder"])
-  result = training.context_losses(
+  result = context_ablation.context_losses(
     model,
     params,
-    training.make_schedule(config),
+    factory.make_schedule(config),
     data,
     config.k_train,
     _EXAMPLES.value,

@@ -48,7 +48,7 @@ def embed_part(
   config, part: str, encode=None, process_index: int = 0, process_count: int = 1
 ) -> store.Store | None:
   """Writes one part's store (None: another process merges it)."""
-  if part == "database" and crops.enabled(config.get("database_build")):
+  if part == "database" and crops.enabled(config.database_build):
     return crops.build_database(config, encode, process_index, process_count)
   out, kind = output(config, part)
   identity = encoders.encoder_identity(config.retrieval)

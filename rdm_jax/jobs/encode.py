@@ -66,7 +66,7 @@ def encode_part(
     out,
     "latents",
     len(p),
-    chunk_size=config.first_stage.get("chunk_size", 8192),
+    chunk_size=config.first_stage.chunk_size,
     compute=compute,
     finalize=lambda arrays: sources.skipped_report(out, p.ids, arrays["ids"]),
     variable_rows=True,

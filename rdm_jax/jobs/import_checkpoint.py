@@ -35,11 +35,19 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from rdm_jax import checkpoint, files, training
+from rdm_jax import checkpoint, config_base, files, training
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
-from rdm_jax.models import autoencoder, first_stage, rarm, torch_convert, torch_legacy, unet
+from rdm_jax.models import (
+  autoencoder,
+  factory,
+  first_stage,
+  rarm,
+  torch_convert,
+  torch_legacy,
+  unet,
+)
 from rdm_jax.parallel import mesh as mesh_lib
 from rdm_jax.retrieval import encoders
 
@@ -80,7 +88,7 @@ def check_schedule(sd: dict[str, np.ndarray], config, path: str) -> None:
   if "betas" not in sd:
     logging.warning("%s holds no noise schedule (betas); assuming config.diffusion's", path)
     return
-  ours = np.asarray(training.make_schedule(config).betas, np.float64)
+  ours = np.asarray(factory.make_schedule(config).betas, np.float64)
   theirs = sd["betas"]
   if (
     not isinstance(theirs, np.ndarray)
@@ -183,7 +191,7 @@ def network_weights(
 
 def read_state_dict(path: str, config) -> tuple[Any, dict[str, np.ndarray]]:
   """(the file's object, its state dict), checked to hold config.model.family's network."""
-  autoregressive = training.family(config) == "rarm"
+  autoregressive = config_base.model_family(config) == "rarm"
   prefix, kind = (RARM_PREFIX, "RARM") if autoregressive else (UNET_PREFIX, "RDM")
   obj = torch_legacy.load_weights(
     path,
@@ -205,7 +213,7 @@ def read_state_dict(path: str, config) -> tuple[Any, dict[str, np.ndarray]]:
     )
     fail(
       f"{path} holds no {kind} state dict (no {prefix}* keys; config.model.family="
-      f"{training.family(config)!r}): {hint}"
+      f"{config_base.model_family(config)!r}): {hint}"
     )
   network = [
     v
@@ -252,11 +260,11 @@ def import_run(config, path: str, workdir: str) -> None:
     return
 
   obj, sd = read_state_dict(path, config)
-  if training.family(config) == "unet":
+  if config_base.model_family(config) == "unet":
     check_schedule(sd, config, path)
   check_first_stage(sd, config, path)
 
-  shape = training.latent_shape(config)
+  shape = factory.latent_shape(config)
   setup = training.setup_training(config, shape, mesh_lib.from_config(config))
   tx, shardings = setup.tx, setup.state_sh
   params, ema = network_weights(sd, setup, path)

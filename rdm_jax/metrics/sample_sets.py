@@ -139,7 +139,7 @@ def read_reference(config: Any, spec: str, limit: int = 0) -> tuple[np.ndarray, 
   """(uint8 images, source description) of the reference set named by config.eval.reference: its
   first `limit` images (0: all); a dataset part reads only those (ImageNet's train split is not
   loaded whole)."""
-  if spec in config.dataset.get("parts", {}):
+  if spec in config.dataset.parts:
     part = sources.open_part(config.dataset, spec)
     images, ok, unreadable = part.readable(0, limit or None)
     for why in unreadable:
@@ -153,7 +153,7 @@ def read_reference(config: Any, spec: str, limit: int = 0) -> tuple[np.ndarray, 
     _, images, _ = read_samples(spec)
     return images, {"path": os.path.realpath(spec)}
   fail(
-    f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.get('parts', {}))}), "
+    f"config.eval.reference={spec!r}: use a dataset part ({', '.join(config.dataset.parts)}), "
     "tfds:NAME/SPLIT, a folder of images or an .npz with 'images'"
   )
 

@@ -69,7 +69,7 @@ def spec(cfg: Any) -> autoencoder.Spec | palette.Spec:
     return palette.spec(cfg)
   if name not in autoencoder.PRESETS:
     fail(f"config.first_stage.name={name!r}; available: identity, {', '.join(autoencoder.PRESETS)}")
-  arch = {k: v for k, v in dict(cfg.get("arch", {})).items() if v not in (None, 0, (), [])}
+  arch = {k: v for k, v in dict(cfg.arch).items() if v not in (None, 0, (), [])}
   unknown = sorted(set(arch) - set(ARCH_FIELDS))
   if unknown:
     fail(f"config.first_stage.arch has unknown fields {unknown}; known: {', '.join(ARCH_FIELDS)}")
@@ -173,16 +173,16 @@ def _load(cfg_json: str) -> FirstStage:
   cfg = json.loads(cfg_json)
   s = spec(cfg)
   what = f"first stage {cfg['name']}"
-  sd = load_state_dict(cfg.get("weights", ""), what)
+  sd = load_state_dict(cfg.weights, what)
   try:
     params = autoencoder.convert_state_dict(sd, s)
   except ValueError as e:
     fail(f"{what}: {cfg['weights']} is not a checkpoint of this architecture ({s}): {e}")
-  if cfg.get("latent_channels", s.embed_dim) != s.embed_dim:
+  if cfg.latent_channels != s.embed_dim:
     fail(f"config.first_stage.latent_channels={cfg['latent_channels']} but {cfg['name']} makes "
          f"{s.embed_dim}-channel latents; set latent_channels={s.embed_dim}")
-  return FirstStage(cfg["name"], s, jax.tree.map(jnp.asarray, params), float(cfg.get("scale_factor", 1.0)),
-                    int(cfg.get("pad_to", 0)), int(cfg.get("batch_size", 16)), files.sha256(cfg["weights"]))
+  return FirstStage(cfg["name"], s, jax.tree.map(jnp.asarray, params), float(cfg.scale_factor),
+                    int(cfg.pad_to), int(cfg.batch_size), files.sha256(cfg["weights"]))
 
 
 def load(cfg: Any) -> FirstStage:

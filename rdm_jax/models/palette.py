@@ -31,7 +31,7 @@ class Spec:
 
 
 def spec(cfg) -> Spec:
-  k, f = int(cfg.get("palette_size", 16)), int(cfg.get("palette_factor", 2))
+  k, f = int(cfg.palette_size), int(cfg.palette_factor)
   if k < 2 or f < 1:
     fail(f"config.first_stage: palette_size={k} (>= 2) and palette_factor={f} (>= 1)")
   return Spec(n_embed=k, factor=f, channels=int(cfg["latent_channels"]))

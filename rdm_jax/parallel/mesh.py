@@ -82,20 +82,20 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
   warnings = []
   m = config.model
   if platform == "cpu" and "bfloat16" in (
-    m.get("dtype", "float32"),
-    m.get("param_dtype", "float32"),
+    m.dtype,
+    m.param_dtype,
   ):
     warnings.append(
       "config.model asks for bfloat16 on CPU, where it is emulated and slower than float32; "
       "--config.model.dtype=float32 for CPU runs"
     )
-  if m.get("attention", "xla") == "flash" and platform != "tpu":
+  if m.attention == "flash" and platform != "tpu":
     fail(
       f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
       "--config.model.attention="
       + ("cudnn (cuDNN's flash attention)" if platform == "gpu" else "dot_product")
     )
-  if m.get("attention", "xla") == "cudnn" and platform != "gpu":
+  if m.attention == "cudnn" and platform != "gpu":
     fail(
       f"config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this is {platform}; use "
       "--config.model.attention="
@@ -107,7 +107,7 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
       f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
       "`make demo` and `make test` do)"
     )
-  if training and m.get("remat", "none") != "none" and platform == "cpu":
+  if training and m.remat != "none" and platform == "cpu":
     warnings.append(
       f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
       "slows training (--config.model.remat=none)"

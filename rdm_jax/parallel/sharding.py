@@ -65,3 +65,11 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
   """Shards the leading (batch) dimension over the axes the 'batch' rule names."""
   axes = dict((k, v) for k, v in rules).get("batch")
   return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def put_batch(mesh: Mesh, rules, *local_arrays):
+  """Process-local numpy batches -> global jax.Arrays sharded over the batch axes."""
+  return tuple(
+    jax.make_array_from_process_local_data(batch_sharding(mesh, rules, a.ndim), a)
+    for a in local_arrays
+  )

@@ -28,8 +28,8 @@ def settings(cfg: Any) -> dict[str, int]:
   s = {
     "crop_size": int(cfg.crop_size),
     "crops_per_image": int(cfg.crops_per_image),
-    "resize_to": int(cfg.get("resize_to", 0)),
-    "seed": int(cfg.get("seed", 0)),
+    "resize_to": int(cfg.resize_to),
+    "seed": int(cfg.seed),
   }
   if s["crop_size"] < 1 or s["crops_per_image"] < 1 or s["resize_to"] < 0:
     fail(
@@ -40,7 +40,7 @@ def settings(cfg: Any) -> dict[str, int]:
 
 
 def enabled(cfg: Any) -> bool:
-  return cfg is not None and int(cfg.get("crops_per_image", 0)) > 0
+  return cfg is not None and int(cfg.crops_per_image) > 0
 
 
 def boxes(h: int, w: int, s: dict[str, int], image_id: int, what: str) -> np.ndarray:

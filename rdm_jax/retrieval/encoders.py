@@ -46,7 +46,7 @@ class Encoder:
 
 def _features(cfg: Any) -> tuple[str, int]:
   """(layer, grid) of config.retrieval; configs from before these fields mean ("head", 1)."""
-  return cfg.get("features", "head"), int(cfg.get("grid", 1))
+  return cfg.features, int(cfg.grid)
 
 
 def _efficientnet(cfg: Any, load: bool) -> Encoder:
@@ -162,7 +162,7 @@ def embed_text(cfg: Any, texts: list[str] | tuple[str, ...]) -> np.ndarray:
   enc = _get(cfg, load=True)
   if enc.text is None:
     fail(f"config.retrieval.encoder={cfg.encoder!r} has no text tower; use clip_vit_b32")
-  path = cfg.get("tokenizer", "") or (cfg.weights if os.path.isdir(cfg.weights) else "")
+  path = cfg.tokenizer or (cfg.weights if os.path.isdir(cfg.weights) else "")
   if not path or not os.path.isdir(path):
     fail(
       "config.retrieval.tokenizer: give a directory with a saved CLIPTokenizer (OpenAI's .pt holds none)"
