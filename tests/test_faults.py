@@ -27,7 +27,7 @@ from conftest import (
   train_command,
 )
 from rdm_jax import checkpoint, training
-from rdm_jax.data import pipeline, store
+from rdm_jax.data import lock, pipeline, store
 from rdm_jax.errors import UserError
 from rdm_jax.parallel import mesh as mesh_lib
 from rdm_jax.models import factory
@@ -489,15 +489,15 @@ def test_a_lock_of_another_host_goes_stale_in_minutes_and_its_holder_keeps_it_fr
   path = str(tmp_path / "db")
   with open(path + ".lock", "w") as f:
     json.dump({"pid": 1, "host": "another-host", "start": None, "token": "t"}, f)
-  old = time.time() - store.LOCK_STALE_S - 60
+  old = time.time() - lock.STALE_S - 60
   os.utime(path + ".lock", (old, old))
-  lock = store.Lock(path).acquire(wait=False)  # broken at once: no wait for an hour
+  held = lock.Lock(path).acquire(wait=False)  # broken at once: no wait for an hour
   try:
     assert json.load(open(path + ".lock"))["pid"] == os.getpid()
   finally:
-    lock.release()
+    held.release()
   assert not os.path.exists(path + ".lock")
-  fresh = store.Lock(path, heartbeat_s=0.05).acquire()
+  fresh = lock.Lock(path, heartbeat_s=0.05).acquire()
   try:
     os.utime(path + ".lock", (old, old))
     _wait_for(
@@ -505,7 +505,7 @@ def test_a_lock_of_another_host_goes_stale_in_minutes_and_its_holder_keeps_it_fr
     )
   finally:
     fresh.release()
-  assert store.LOCK_STALE_S <= 600 and store.LOCK_HEARTBEAT_S * 3 <= store.LOCK_STALE_S
+  assert lock.STALE_S <= 600 and lock.HEARTBEAT_S * 3 <= lock.STALE_S
 
 
 def test_outputs_are_checked_before_any_work(tmp_path):

@@ -28,7 +28,7 @@ from conftest import (
   train_command,
   trained_log,
 )
-from rdm_jax.data import store
+from rdm_jax.data import lock
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
 
@@ -137,9 +137,7 @@ def test_every_process_follows_process_0s_workdir_verdict_given_before_any_write
   for d in ("shared", "empty", "stray"):
     os.makedirs(tmp_path / d)
   (tmp_path / "stray" / "notes.txt").write_text("not a training run")
-  held = store.Lock(str(tmp_path / "held")).acquire(
-    wait=False
-  )  # another launch's, alive: this test
+  held = lock.Lock(str(tmp_path / "held")).acquire(wait=False)  # another launch's, alive: this test
   outs = run_processes(
     lambda port, i: [sys.executable, "-c", _VERDICT_SCRIPT, str(port), str(i), str(tmp_path)],
     2,

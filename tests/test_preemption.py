@@ -144,14 +144,14 @@ CHUNKED = """
 import sys
 import numpy as np
 from rdm_jax import errors, preemption
-from rdm_jax.data import store
+from rdm_jax.data import chunked, store
 
 def compute(start, stop):
   return {"x": np.arange(start, stop, dtype=np.int64) ** 2}
 
 def main(argv):
   preemption.install()
-  store.write_chunked(sys.argv[1], "test_rows", 10, chunk_size=3, compute=compute, log=print)
+  chunked.write_chunked(sys.argv[1], "test_rows", 10, chunk_size=3, compute=compute, log=print)
   print("finished")
 
 errors.run_main(main)(sys.argv)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from rdm_jax.data import pipeline, store
+from rdm_jax.data import chunked, pipeline, store
 from rdm_jax.errors import UserError
 from conftest import tiny_config
 
@@ -22,13 +22,13 @@ def test_write_chunked_is_atomic_and_resumes(tmp_path):
     return {"x": np.arange(a, b, dtype=np.float32)[:, None] * 2}
 
   with pytest.raises(KeyboardInterrupt):
-    store.write_chunked(
+    chunked.write_chunked(
       out, "thing", 10, 3, lambda a, b: compute(a, b, fail_at=6), log=lambda m: None
     )
   assert not os.path.exists(out)  # nothing half-written under the final name
   assert os.path.isdir(out + ".partial")
   calls.clear()
-  s = store.write_chunked(out, "thing", 10, 3, compute, log=lambda m: None)
+  s = chunked.write_chunked(out, "thing", 10, 3, compute, log=lambda m: None)
   assert calls == [6, 9]  # resumed: chunks 0 and 3 were not recomputed
   np.testing.assert_array_equal(s["x"][:, 0], np.arange(10) * 2)
   assert s.manifest["count"] == 10 and not os.path.exists(out + ".partial")
@@ -182,8 +182,8 @@ def test_resume_never_mixes_chunks_of_other_inputs(tmp_path):
         raise KeyboardInterrupt
       return {"x": np.full((b - a, 1), 1.0)}
 
-    store.write_chunked(out, "thing", 8, 4, boom, log=lambda m: None, encoder={"name": "old"})
-  s = store.write_chunked(
+    chunked.write_chunked(out, "thing", 8, 4, boom, log=lambda m: None, encoder={"name": "old"})
+  s = chunked.write_chunked(
     out,
     "thing",
     8,
@@ -193,8 +193,8 @@ def test_resume_never_mixes_chunks_of_other_inputs(tmp_path):
     encoder={"name": "new"},
   )
   np.testing.assert_array_equal(s["x"][:, 0], 2.0)  # the old encoder's chunk was not reused
-  assert store.reusable(out, "thing", "h", encoder={"name": "new"}) is not None
-  assert store.reusable(out, "thing", "h", encoder={"name": "other"}) is None
+  assert store.read_if_current(out, "thing", "h", encoder={"name": "new"}) is not None
+  assert store.read_if_current(out, "thing", "h", encoder={"name": "other"}) is None
 
 
 def test_read_rows_equals_the_memory_mapped_slice(tmp_path):

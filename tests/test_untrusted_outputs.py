@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
 
 from rdm_jax import checkpoint, files, untrusted
-from rdm_jax.data import sources, store
+from rdm_jax.data import chunked, sources, store
 from rdm_jax.retrieval import original_database
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
@@ -143,7 +143,7 @@ def test_writers_refuse_a_directory_of_user_files(tmp_path):
     return {"x": np.zeros((b - a, 1))}
 
   with pytest.raises(UserError, match="not a 'thing' store; refusing to replace it"):
-    store.write_chunked(user, "thing", 10, 5, compute, log=lambda m: None)
+    chunked.write_chunked(user, "thing", 10, 5, compute, log=lambda m: None)
   assert computed == []  # refused before any work
   with pytest.raises(UserError, match="refusing"):
     store.write(user + "/", "thing", {"x": np.zeros(3)})
@@ -172,7 +172,7 @@ def test_a_job_killed_while_recording_its_inputs_resumes(tmp_path):
   partial = tmp_path / "s.partial"
   os.makedirs(partial)
   (partial / "inputs.json.0123abcd.tmp").write_text('{"half": ')
-  out = store.write_chunked(
+  out = chunked.write_chunked(
     str(tmp_path / "s"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None
   )
   np.testing.assert_array_equal(out["x"], np.arange(10))
@@ -181,7 +181,7 @@ def test_a_job_killed_while_recording_its_inputs_resumes(tmp_path):
   (tmp_path / "t.partial" / "inputs.json.0123abcd.tmp").write_text("")
   (tmp_path / "t.partial" / "notes.txt").write_text("mine")
   with pytest.raises(UserError, match="not an unfinished"):
-    store.write_chunked(
+    chunked.write_chunked(
       str(tmp_path / "t"), "thing", 10, 5, lambda a, b: {"x": np.arange(a, b)}, log=lambda m: None
     )
   assert (tmp_path / "t.partial" / "notes.txt").read_text() == "mine"
@@ -350,7 +350,7 @@ def test_chunks_of_other_inputs_never_enter_a_store(tmp_path):
     computed.append(a)
     return {"x": np.full((b - a, 1), 2.0)}
 
-  s = store.write_chunked(out, "thing", 8, 4, compute, log=log, encoder="b")
+  s = chunked.write_chunked(out, "thing", 8, 4, compute, log=log, encoder="b")
   assert computed == [0, 4]
   np.testing.assert_array_equal(s["x"][:, 0], 2.0)
 
@@ -400,7 +400,9 @@ def test_reads_verify_checksums(tmp_path, monkeypatch):
   finally:
     store.verify_all_stores(False)
   monkeypatch.undo()
-  assert store.reusable(path, "thing", "h") is None  # a changed store is recomputed, not reused
+  assert (
+    store.read_if_current(path, "thing", "h") is None
+  )  # a changed store is recomputed, not reused
 
 
 def test_array_names_in_a_manifest_cannot_leave_the_store(tmp_path):

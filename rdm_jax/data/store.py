@@ -12,8 +12,8 @@ What a job may write or delete (nothing the user owns is ever removed):
 - a job refuses, before computing anything, an output path that holds anything but a store
   of the kind it writes, and a `<dir>.partial` that is not a partial store (`check_output`);
 - one process at a time publishes a store (`Lock`: `<dir>.lock` holds pid, host and process
-  start time, and its holder touches it every `LOCK_HEARTBEAT_S`; a lock whose process is gone,
-  or on another host not refreshed for `LOCK_STALE_S`, is broken); a single-process job holds it
+  start time, and its holder touches it every `lock.HEARTBEAT_S`; a lock whose process is gone,
+  or on another host not refreshed for `lock.STALE_S`, is broken: rdm_jax/data/lock.py); a single-process job holds it
   from start to end, so a second copy of the same job waits and then reuses the first one's
   result;
 - publishing renames the old store aside, moves the new one in, then deletes the old one
@@ -38,8 +38,6 @@ import hashlib
 import json
 import os
 import re
-import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,7 +45,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rdm_jax import files, preemption, untrusted
+from rdm_jax import files, untrusted
+from rdm_jax.data.lock import Lock
 from rdm_jax.errors import UserError, fail
 
 FORMAT_VERSION = 1
@@ -55,8 +54,6 @@ MANIFEST = "manifest.json"
 INPUTS = "inputs.json"    # in <store>.partial/: what the chunks there were computed from
 ARRAY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 VERIFY_BELOW_BYTES = 1 << 30  # stores up to this size are checksummed whenever they are read (~0.6 s/GiB)
-LOCK_HEARTBEAT_S = 60.0       # a held lock's file is touched this often, by a thread of its holder
-LOCK_STALE_S = 300.0          # a lock on another host that was not refreshed for this long is stale
 _verify_all = False
 
 
@@ -85,7 +82,7 @@ remove_own_temporaries, atomic_savez, atomic_write_text = (files.remove_own_temp
 file_sha256 = files.sha256
 
 
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
+def save_npy(path: str, array: np.ndarray) -> None:
   files.atomic_write(path, lambda f: np.save(f, array), size=array.nbytes + 4096)  # + the .npy header
 
 
@@ -191,7 +188,7 @@ def exists(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def _manifest_kind(path: str) -> str | None:
+def manifest_kind(path: str) -> str | None:
   """The kind named by the manifest at `path`, or None if there is no readable manifest."""
   try:
     manifest = untrusted.read_json(os.path.join(path, MANIFEST))
@@ -303,8 +300,8 @@ def check_output(path: str, kind: str) -> str:
   the same kind of job wrote.
   """
   path = normalize(path)
-  if os.path.lexists(path) and _manifest_kind(path) != kind:
-    what = f"a {_manifest_kind(path)!r} store" if _manifest_kind(path) else "files that are not a store"
+  if os.path.lexists(path) and manifest_kind(path) != kind:
+    what = f"a {manifest_kind(path)!r} store" if manifest_kind(path) else "files that are not a store"
     fail(f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another output path "
          "(or move it away)")
   if os.path.lexists(path):
@@ -321,149 +318,7 @@ def check_output(path: str, kind: str) -> str:
   return path
 
 
-class Lock:
-  """An exclusive lock on writing the store at `path`: the file `<path>.lock`.
-
-  The file holds the pid, host and process start time of its holder, and a thread of the holder
-  touches it every `heartbeat_s` seconds while it is held. It is stale, and is broken, when that
-  process is gone (same host) or when it was not touched for `stale_s` seconds (another host:
-  a killed holder there, or a host that went away). `acquire` waits for a live holder, or with
-  `wait=False` refuses it in one line naming it.
-  """
-
-  def __init__(self, path: str, log: Callable[[str], None] = print, stale_s: float = LOCK_STALE_S,
-               poll_s: float = 0.2, heartbeat_s: float = LOCK_HEARTBEAT_S):
-    self.file = normalize(path) + ".lock"
-    self.log, self.stale_s, self.poll_s, self.heartbeat_s = log, stale_s, poll_s, heartbeat_s
-    self._stop = threading.Event()
-    self.text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-                            "token": uuid.uuid4().hex})
-
-  @staticmethod
-  def holder(file: str) -> dict | None:
-    """The lock's contents, {} if it vanished or is being written, None if it is not one of ours."""
-    try:
-      with untrusted.open_regular(file, "r", encoding="utf-8") as f:
-        text = f.read(4096)
-    except FileNotFoundError:
-      return {}
-    except (OSError, UserError, UnicodeDecodeError):  # not a regular file, not text: not a lock of ours
-      return None
-    if not text:
-      return {}  # created, not yet written
-    try:
-      info = json.loads(text)
-    except ValueError:
-      return None
-    return info if isinstance(info, dict) and {"pid", "host", "token"} <= set(info) else None
-
-  def _stale(self, info: dict) -> bool:
-    try:
-      age = time.time() - os.stat(self.file).st_mtime
-    except FileNotFoundError:
-      return False
-    if not info:  # still empty long after it was created: its creator died before writing it
-      return age > 30
-    if info.get("host") == socket.gethostname():
-      return not _alive(info["pid"], info.get("start"))
-    return age > self.stale_s
-
-  def _break(self, info: dict) -> None:
-    aside = f"{self.file}.{uuid.uuid4().hex[:8]}.stale"
-    try:
-      os.rename(self.file, aside)
-    except FileNotFoundError:
-      return
-    if Lock.holder(aside) != info:  # a fresh lock appeared between the check and the rename: give it back
-      try:
-        os.link(aside, self.file)
-      except FileExistsError:
-        pass
-    os.remove(aside)
-
-  def acquire(self, wait: bool = True, busy: str = "") -> "Lock":
-    """Takes the lock, waiting for a live holder; with `wait=False` a live holder stops the job with
-    one line naming it, followed by `busy` (what to do)."""
-    try:
-      os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
-    except OSError as e:
-      fail(f"cannot create {os.path.dirname(self.file)} ({e.strerror or e}); choose another output path")
-    last_note = 0.0
-    while True:
-      try:
-        fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        info = Lock.holder(self.file)
-        if info is None:
-          fail(f"{self.file} exists but is not a lock of ours; move it away")
-        if self._stale(info):
-          self.log(f"{self.file}: breaking the stale lock of pid {info.get('pid')} on {info.get('host')}")
-          self._break(info)
-          continue
-        if info and not wait:
-          fail(f"{self.file}: pid {info['pid']} on {info['host']} (started {info.get('start') or '?'}) holds it{busy}")
-        if info and time.monotonic() - last_note > 60:
-          self.log(f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; waiting for it "
-                   "(its result is reused when it matches)")
-          last_note = time.monotonic()
-        time.sleep(self.poll_s)
-        continue
-      with os.fdopen(fd, "w") as f:
-        f.write(self.text)
-      self._stop.clear()
-      threading.Thread(target=self._heartbeat, name=f"heartbeat {self.file}", daemon=True).start()
-      return self
-
-  def _heartbeat(self) -> None:
-    while not self._stop.wait(self.heartbeat_s):
-      self.refresh()
-
-  def refresh(self) -> None:
-    """Marks the lock as alive (a holder on another host is judged by this time)."""
-    try:
-      os.utime(self.file)
-    except FileNotFoundError:
-      pass
-
-  def release(self) -> None:
-    self._stop.set()
-    try:
-      with untrusted.open_regular(self.file, "r", encoding="utf-8") as f:
-        mine = f.read(4096) == self.text
-    except (OSError, UserError, UnicodeDecodeError):
-      return
-    if mine:
-      os.remove(self.file)
-
-  def __enter__(self) -> "Lock":
-    return self.acquire()
-
-  def __exit__(self, *exc) -> None:
-    self.release()
-
-
-def _process_start(pid: int) -> str | None:
-  """The start time of a process (Linux /proc), so a reused pid is not mistaken for the holder."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[19]
-  except (OSError, IndexError):
-    return None
-
-
-def _alive(pid: Any, start: Any) -> bool:
-  if type(pid) is not int or pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return start is None or _process_start(pid) in (None, start)
-
-
-def reusable(path: str, kind: str, hint: str, **expected: Any) -> Store | None:
+def read_if_current(path: str, kind: str, hint: str, **expected: Any) -> Store | None:
   """The complete store at `path` if its manifest matches `expected`, else None (recompute).
 
   Lets a rerun job skip finished work, but never reuse a store made from other inputs
@@ -550,7 +405,7 @@ def changed_array(s: Store) -> str | None:
   return None
 
 
-def _check_array_names(names) -> None:
+def check_array_names(names) -> None:
   bad = [n for n in names if not ARRAY_NAME.fullmatch(n)]
   if bad:
     raise ValueError(f"array names {bad}: use letters, digits and '_'")
@@ -559,13 +414,13 @@ def _check_array_names(names) -> None:
 def write(path: str, kind: str, arrays: Mapping[str, np.ndarray], **manifest_fields: Any) -> Store:
   """Writes a complete store atomically (all arrays, then the manifest, then rename)."""
   path = check_output(path, kind)
-  _check_array_names(arrays)
+  check_array_names(arrays)
   inputs = {"kind": kind, **manifest_fields}
   with Lock(path):
     partial = open_partial(path, inputs)
     for name, arr in arrays.items():
-      _atomic_save_npy(os.path.join(partial, name + ".npy"), np.asarray(arr))
-    return _finish(path, kind, list(arrays), manifest_fields, inputs_digest(inputs))
+      save_npy(os.path.join(partial, name + ".npy"), np.asarray(arr))
+    return seal(path, kind, list(arrays), manifest_fields, inputs_digest(inputs))
 
 
 def publish(partial: str, path: str, kind: str) -> None:
@@ -577,7 +432,7 @@ def publish(partial: str, path: str, kind: str) -> None:
   """
   path = normalize(path)
   for old in glob.glob(glob.escape(path) + ".replaced-*"):  # left by a crash between the renames below
-    if re.fullmatch(r"\.replaced-[0-9a-f]{8}", old[len(path):]) and _manifest_kind(old) == kind:
+    if re.fullmatch(r"\.replaced-[0-9a-f]{8}", old[len(path):]) and manifest_kind(old) == kind:
       _remove_aside(old)
   if not os.path.lexists(path):
     os.replace(partial, path)
@@ -600,7 +455,7 @@ def _remove_aside(aside: str) -> None:
     print(f"kept the replaced store: {e}")
 
 
-def _finish(path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any], digest: str) -> Store:
+def seal(path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any], digest: str) -> Store:
   """Writes the manifest of `<path>.partial` (checksums read back from its files) and publishes it."""
   partial = path + ".partial"
   arrays = {n: untrusted.load_npy(os.path.join(partial, n + ".npy"), mmap=True) for n in names}
@@ -659,142 +514,6 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
   return partial
 
 
-def process_block(items: Sequence[int], process_index: int, process_count: int) -> Sequence[int]:
-  """The `process_index`-th of `process_count` contiguous blocks of `items`."""
-  if not 0 <= process_index < process_count:
-    fail(f"process index {process_index} is outside [0, {process_count})")
-  n = len(items)
-  return items[process_index * n // process_count:(process_index + 1) * n // process_count]
-
-
-def _published(path: str, kind: str, digest: str) -> Store | None:
-  """The store at `path` if it is complete and was made from the inputs with this digest."""
-  if exists(path) and _manifest_kind(path) == kind:
-    s = read(path, kind, hint="(this job)", verify=False)
-    if s.manifest.get("inputs_sha256") == digest:
-      return s
-  return None
-
-
-def write_chunked(path: str, kind: str, count: int, chunk_size: int,
-                  compute: Callable[[int, int], Mapping[str, np.ndarray]],
-                  log: Callable[[str], None] = print, process_index: int = 0, process_count: int = 1,
-                  finalize: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None,
-                  variable_rows: bool = False, **manifest_fields: Any) -> Store | None:
-  """Runs `compute(start, stop)` over [0, count) in chunks and writes a store, resumably.
-
-  Each finished chunk is saved under `<path>.partial/chunk_<inputs digest>_<start>_<name>.npy`;
-  a rerun after an interruption skips the chunks that exist. With `process_count` > 1
-  (processes or hosts sharing the filesystem), process p computes the p-th contiguous block of
-  chunks, and the process that finds every chunk done merges them (under the store's lock)
-  into the final arrays, streaming through memory-mapped files so RAM stays at one chunk;
-  `finalize(arrays)` may then add manifest fields (e.g. a quality check of the merged result).
-  With `variable_rows`, a chunk of inputs [start, stop) may give any number of rows (the same
-  for all its arrays; e.g. several crops per image, none for an unreadable one).
-  A single process holds the lock throughout, so a second copy of the job waits and reuses
-  its result. It returns the Store; a process that leaves the merge to another returns None.
-  """
-  if count <= 0:
-    fail(f"nothing to write for {path}: the input has {count} examples")
-  path = check_output(path, kind)
-  inputs = {"count": count, "chunk_size": chunk_size, **manifest_fields}
-  digest = inputs_digest(inputs)
-  alone = process_count == 1
-  lock = Lock(path, log)
-  if alone:
-    lock.acquire()
-  try:
-    if alone and (done := _published(path, kind, digest)) is not None:
-      log(f"{path} was written by another run from the same inputs; reusing it")
-      return done
-    partial = open_partial(path, inputs, log, owner=process_index == 0)
-    if alone and exists(partial) and _manifest_kind(partial) == kind:  # finished, not yet published (crash)
-      publish(partial, path, kind)
-      return read(path, kind, hint="(this job)")
-    starts = range(0, count, chunk_size)
-
-    def chunk(start, name=None):
-      return os.path.join(partial, f"chunk_{digest}_{start:012d}" + (f"_{name}.npy" if name else ".done"))
-
-    todo = [s for s in process_block(starts, process_index, process_count) if not os.path.exists(chunk(s))]
-    for start in todo:
-      stop = min(start + chunk_size, count)
-      out = compute(start, stop)
-      _check_array_names(out)
-      rows = {np.shape(arr)[0] for arr in out.values()}
-      for name, arr in out.items():
-        arr = np.asarray(arr)
-        if (arr.shape[0] != stop - start and not variable_rows) or len(rows) > 1:
-          raise ValueError(f"chunk {start}:{stop} of {name} has {arr.shape[0]} rows")
-        _atomic_save_npy(chunk(start, name), arr)
-      atomic_write_text(chunk(start), ",".join(out))
-      if start == todo[0]:  # the first chunk computed tells the size of a row: is there room for the rest?
-        _need_room_for_rest(partial, out, stop - start, sum(min(s + chunk_size, count) - s for s in todo[1:])
-                            + (count if alone else 0))
-      lock.refresh()
-      log(f"{path}: rows {start}:{stop} done ({stop - start} of {count})")
-      if preemption.requested():  # SIGTERM (jobs arm it: preemption.install); the chunks so far are kept
-        preemption.stop(f"{path}: rows to {stop} of this process's block are saved in {partial}")
-    missing = [s for s in starts if not os.path.exists(chunk(s))]
-    if missing:
-      log(f"{path}: {len(starts) - len(missing)}/{len(starts)} chunks done; the process that "
-          "finishes the last chunk merges them")
-      return None
-    if not alone:
-      lock.acquire()
-      if _published(path, kind, digest) is not None or not os.path.exists(chunk(starts[0])):
-        log(f"{path}: another process merged the chunks")
-        return None
-    with untrusted.open_regular(chunk(starts[0]), "r", encoding="utf-8") as f:
-      names = f.read(1 << 16).split(",")
-    _check_array_names(names)
-    arrays = {}
-    sizes = [untrusted.load_npy(chunk(s, names[0]), mmap=True).shape[0] for s in starts]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-    if offsets[-1] == 0:
-      fail(f"nothing to write for {path}: no input gave a row")
-    for name in names:
-      first = untrusted.load_npy(chunk(starts[0], name), mmap=True)
-      final = os.path.join(partial, name + ".npy")
-      tmp = _tmp_name(final)
-      merged = _preallocated_npy(tmp, final, first.dtype, (int(offsets[-1]),) + first.shape[1:])
-      for i, start in enumerate(starts):
-        merged[offsets[i]:offsets[i + 1]] = untrusted.load_npy(chunk(start, name), mmap=True)
-      merged.flush()
-      del merged
-      os.replace(tmp, final)
-      arrays[name] = untrusted.load_npy(final, mmap=True)
-      lock.refresh()
-    extra = dict(finalize(arrays)) if finalize else {}
-    del arrays
-    return _finish(path, kind, names, {**manifest_fields, **extra}, digest)
-  finally:
-    lock.release()
-
-
-def _need_room_for_rest(partial: str, first: Mapping[str, np.ndarray], first_rows: int, rows_left: int) -> None:
-  """Stops a store job in one line, after its first chunk and before the others, when the rows it
-  still has to write (its chunks, then the merged arrays) will not fit on the disk."""
-  row_bytes = sum(np.asarray(a).nbytes for a in first.values()) / max(1, first_rows)
-  files.need_room(partial, int(row_bytes * rows_left) + (1 << 20), "the rest of this store (its chunks, then the "
-                  "merged arrays)")
-
-
-def _preallocated_npy(path: str, final: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
-  """A writable memory-mapped .npy at `path` (to be renamed `final`) whose blocks are allocated on
-  disk first: on a full disk that is one line here, where writing through the map of a sparse file
-  would end the process (SIGBUS)."""
-  files.need_room(final, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + 4096)
-  np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()  # the header, a sparse body
-  try:
-    with open(path, "r+b") as f:
-      os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-  except OSError as e:
-    os.remove(path)
-    files.write_failed(e, final)
-  return np.lib.format.open_memmap(path, mode="r+")
-
-
 def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: Any) -> Store:
   """A store around a user's [N, d] float `.npy` file (bring-your-own embeddings), without a copy.
 
@@ -810,7 +529,7 @@ def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: 
     fail(f"{npy_path} holds {emb.dtype}{list(emb.shape)}; embeddings must be a 2-D float array [N, d]")
   st = os.stat(real)
   source = {"file": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-  done = reusable(path, kind, hint, source=source)
+  done = read_if_current(path, kind, hint, source=source)
   if done is not None:
     return done
   path = normalize(path)
@@ -822,5 +541,5 @@ def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: 
     if os.path.lexists(link):
       os.remove(link)
     os.symlink(real, link)
-    _atomic_save_npy(os.path.join(partial, "ids.npy"), np.arange(len(emb), dtype=np.int64))
-    return _finish(path, kind, ["embeddings", "ids"], fields, inputs_digest(inputs))
+    save_npy(os.path.join(partial, "ids.npy"), np.arange(len(emb), dtype=np.int64))
+    return seal(path, kind, ["embeddings", "ids"], fields, inputs_digest(inputs))

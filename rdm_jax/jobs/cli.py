@@ -127,7 +127,7 @@ def check_platform(config) -> None:
       print(f"warning: {warning}")
 
 
-_HELD: dict = {}  # output path -> the store.Lock this process holds on it until it exits
+_HELD: dict = {}  # output path -> the Lock this process holds on it until it exits
 
 
 OUTPUT_ROOM = 1 << 20  # the least free space a run directory starts with (records, logs, PNGs)
@@ -143,7 +143,7 @@ def hold_output(path: str, what: str, create: bool = True) -> None:
   import atexit
 
   from rdm_jax import errors, files
-  from rdm_jax.data import store
+  from rdm_jax.data.lock import Lock
 
   files.prepare_output_dir(path, what, create)
   files.need_room(path, OUTPUT_ROOM, what)
@@ -152,7 +152,7 @@ def hold_output(path: str, what: str, create: bool = True) -> None:
   def lock() -> None:
     if files.is_uri(path) or path in _HELD:  # held: a job run in-process again
       return
-    _HELD[path] = store.Lock(path).acquire(
+    _HELD[path] = Lock(path).acquire(
       wait=False,
       busy=f": another launch of this job is writing {what} "
       f"{path}; wait for it to finish, or choose another path",

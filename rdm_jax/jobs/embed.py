@@ -19,7 +19,7 @@ from __future__ import annotations
 from absl import flags
 
 from rdm_jax import config_base, preemption
-from rdm_jax.data import sources, store
+from rdm_jax.data import chunked, sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.retrieval import crops, encoders
 
@@ -52,7 +52,7 @@ def embed_part(
     return crops.build_database(config, encode, process_index, process_count)
   out, kind = output(config, part)
   identity = encoders.encoder_identity(config.retrieval)
-  done = store.reusable(
+  done = store.read_if_current(
     out,
     kind,
     "rdm_jax.jobs.embed",
@@ -73,7 +73,7 @@ def embed_part(
     rows = {"embeddings": encode(images)[ok], **{k: v[ok] for k, v in p.rows(a, b).items()}}
     return {**rows, "captions": p.captions[a:b][ok].astype(f"<U{width}")} if width else rows
 
-  result = store.write_chunked(
+  result = chunked.write_chunked(
     out,
     kind,
     len(p),

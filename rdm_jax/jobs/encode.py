@@ -15,7 +15,7 @@ import os
 from absl import flags
 
 from rdm_jax import config_base, preemption
-from rdm_jax.data import sources, store
+from rdm_jax.data import chunked, sources, store
 from rdm_jax.jobs import cli
 from rdm_jax.models import first_stage, palette
 
@@ -40,7 +40,7 @@ def encode_part(
   fit_palette(config)
   tokens = config_base.model_family(config) == "rarm"  # RARM trains on the VQ's code indices
   kind = {"tokens": True} if tokens else {}
-  done = store.reusable(
+  done = store.read_if_current(
     out,
     "latents",
     "rdm_jax.jobs.encode",
@@ -62,7 +62,7 @@ def encode_part(
       **{k: v[ok] for k, v in p.rows(a, b).items()},
     }
 
-  result = store.write_chunked(
+  result = chunked.write_chunked(
     out,
     "latents",
     len(p),

@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags
 
 from rdm_jax import config_base, preemption
-from rdm_jax.data import pipeline, store
+from rdm_jax.data import chunked, pipeline, store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
 from rdm_jax.jobs import index as index_job
@@ -107,11 +107,11 @@ def find_neighbors(
     num_neighbors=k,
     exclusion=excl.describe(),
   )
-  done = store.reusable(out, "neighbors", NEIGHBORS_HINT, **inputs)
+  done = store.read_if_current(out, "neighbors", NEIGHBORS_HINT, **inputs)
   if done is not None:
     return done
   q_ids, db_ids = queries["ids"], database["ids"]
-  starts = store.process_block(range(0, len(q_emb), r.chunk_size), process_index, process_count)
+  starts = chunked.process_block(range(0, len(q_emb), r.chunk_size), process_index, process_count)
   if len(starts):  # validate this process's queries before any work is saved
     index.check_embeddings(queries, f"queries {queries.path}", starts[0], starts[-1] + r.chunk_size)
   if excl.active:
@@ -150,7 +150,7 @@ def find_neighbors(
     print(f"{out}: recall@{k} against exact search on {n} random queries: {recall:.4f}")
     return {"recall_at_k": round(recall, 6), "recall_sample": n}
 
-  return store.write_chunked(
+  return chunked.write_chunked(
     out,
     "neighbors",
     len(q_emb),
@@ -173,7 +173,7 @@ def find_neighbors(
 def write_proposal(config, neighbors: store.Store, database: store.Store, path: str) -> store.Store:
   """p_D of the training part's neighbours (k = config.retrieval.proposal_k or k_train)."""
   k = config.retrieval.proposal_k or config.k_train
-  done = store.reusable(
+  done = store.read_if_current(
     path, proposal.KIND, NEIGHBORS_HINT, neighbors_fingerprint=neighbors.fingerprint, k=k
   )
   if done is not None:

@@ -172,7 +172,7 @@ def cached_features(
   }
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(config.data_dir, "eval_cache", f"{extractor.identity['name']}_{digest}")
-  cached = store.reusable(path, "eval_features", "python -m rdm_jax.evaluate", **key)
+  cached = store.read_if_current(path, "eval_features", "python -m rdm_jax.evaluate", **key)
   if cached is None:
     out = extractor(images, what=f"reference images {source}")
     cached = store.write(path, "eval_features", out, made_by="rdm_jax.evaluate", **key)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rdm_jax import config_base
-from rdm_jax.data import sources, store
+from rdm_jax.data import chunked, sources, store
 from rdm_jax.errors import fail
 from rdm_jax.retrieval import encoders
 
@@ -101,7 +101,7 @@ def build_database(
     fail(f"config.database_build.embeddings_dtype={dtype!r}; use float16 or float32")
   source = sources.part_source(config.dataset, "database")
   fields = dict(source=source, encoder=identity, crops=cs, embeddings_dtype=dtype)
-  done = store.reusable(out, kind, "rdm_jax.jobs.embed", **fields)
+  done = store.read_if_current(out, kind, "rdm_jax.jobs.embed", **fields)
   if done is not None:
     return done
   p = sources.open_part(config.dataset, "database")
@@ -135,7 +135,7 @@ def build_database(
     }
 
   images_per_chunk = max(1, config.retrieval.chunk_size // cs["crops_per_image"])
-  result = store.write_chunked(
+  result = chunked.write_chunked(
     out,
     kind,
     len(p),

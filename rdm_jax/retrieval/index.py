@@ -55,6 +55,7 @@ import numpy as np
 
 from rdm_jax import files, untrusted
 from rdm_jax.data import store
+from rdm_jax.data.lock import Lock
 from rdm_jax.errors import UserError, fail
 from rdm_jax.retrieval import exact
 
@@ -411,7 +412,7 @@ def build(
     shards=shards,
     search_target=search_target(cfg),
   )
-  with store.Lock(path, log) as lock:
+  with Lock(path, log) as lock:
     partial = store.open_partial(path, fields, log)
     log(
       f"{path}: {len(shards)} shard(s) of {database.path} [{n}, {d}]: "

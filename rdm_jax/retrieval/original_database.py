@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from rdm_jax import config_base, files
-from rdm_jax.data import store
+from rdm_jax.data import chunked, store
 from rdm_jax.errors import fail
 from rdm_jax.retrieval import encoders
 
@@ -116,7 +116,7 @@ def import_database(config, spec: list[str]) -> store.Store:
     ],
   }
   out = config_base.paths(config)["database"]
-  result = store.write_chunked(
+  result = chunked.write_chunked(
     out,
     "database",
     sum(rows),
