@@ -24,7 +24,7 @@ def process_block(items: Sequence[int], process_index: int, process_count: int) 
   if not 0 <= process_index < process_count:
     fail(f"process index {process_index} is outside [0, {process_count})")
   n = len(items)
-  return items[process_index * n // process_count:(process_index + 1) * n // process_count]
+  return items[process_index * n // process_count : (process_index + 1) * n // process_count]
 
 
 def _complete_store(path: str, kind: str, digest: str) -> store.Store | None:
@@ -36,11 +36,19 @@ def _complete_store(path: str, kind: str, digest: str) -> store.Store | None:
   return None
 
 
-def write_chunked(path: str, kind: str, count: int, chunk_size: int,
-                  compute: Callable[[int, int], Mapping[str, np.ndarray]],
-                  log: Callable[[str], None] = print, process_index: int = 0, process_count: int = 1,
-                  finalize: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None,
-                  variable_rows: bool = False, **manifest_fields: Any) -> store.Store | None:
+def write_chunked(
+  path: str,
+  kind: str,
+  count: int,
+  chunk_size: int,
+  compute: Callable[[int, int], Mapping[str, np.ndarray]],
+  log: Callable[[str], None] = print,
+  process_index: int = 0,
+  process_count: int = 1,
+  finalize: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]] | None = None,
+  variable_rows: bool = False,
+  **manifest_fields: Any,
+) -> store.Store | None:
   """Runs `compute(start, stop)` over [0, count) in chunks and writes a store, resumably.
 
   Each finished chunk is saved under `<path>.partial/chunk_<inputs digest>_<start>_<name>.npy`;
@@ -68,15 +76,21 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
       log(f"{path} was written by another run from the same inputs; reusing it")
       return done
     partial = store.open_partial(path, inputs, log, owner=process_index == 0)
-    if alone and store.exists(partial) and store.manifest_kind(partial) == kind:  # finished, not yet published (crash)
+    if (
+      alone and store.exists(partial) and store.manifest_kind(partial) == kind
+    ):  # finished, not yet published (crash)
       store.publish(partial, path, kind)
       return store.read(path, kind, hint="(this job)")
     starts = range(0, count, chunk_size)
 
     def chunk(start, name=None):
-      return os.path.join(partial, f"chunk_{digest}_{start:012d}" + (f"_{name}.npy" if name else ".done"))
+      return os.path.join(
+        partial, f"chunk_{digest}_{start:012d}" + (f"_{name}.npy" if name else ".done")
+      )
 
-    todo = [s for s in process_block(starts, process_index, process_count) if not os.path.exists(chunk(s))]
+    todo = [
+      s for s in process_block(starts, process_index, process_count) if not os.path.exists(chunk(s))
+    ]
     for start in todo:
       stop = min(start + chunk_size, count)
       out = compute(start, stop)
@@ -88,17 +102,27 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
           raise ValueError(f"chunk {start}:{stop} of {name} has {arr.shape[0]} rows")
         store.save_npy(chunk(start, name), arr)
       files.atomic_write_text(chunk(start), ",".join(out))
-      if start == todo[0]:  # the first chunk computed tells the size of a row: is there room for the rest?
-        _need_room_for_rest(partial, out, stop - start, sum(min(s + chunk_size, count) - s for s in todo[1:])
-                            + (count if alone else 0))
+      if (
+        start == todo[0]
+      ):  # the first chunk computed tells the size of a row: is there room for the rest?
+        _need_room_for_rest(
+          partial,
+          out,
+          stop - start,
+          sum(min(s + chunk_size, count) - s for s in todo[1:]) + (count if alone else 0),
+        )
       lock.refresh()
       log(f"{path}: rows {start}:{stop} done ({stop - start} of {count})")
-      if preemption.requested():  # SIGTERM (jobs arm it: preemption.install); the chunks so far are kept
+      if (
+        preemption.requested()
+      ):  # SIGTERM (jobs arm it: preemption.install); the chunks so far are kept
         preemption.stop(f"{path}: rows to {stop} of this process's block are saved in {partial}")
     missing = [s for s in starts if not os.path.exists(chunk(s))]
     if missing:
-      log(f"{path}: {len(starts) - len(missing)}/{len(starts)} chunks done; the process that "
-          "finishes the last chunk merges them")
+      log(
+        f"{path}: {len(starts) - len(missing)}/{len(starts)} chunks done; the process that "
+        "finishes the last chunk merges them"
+      )
       return None
     if not alone:
       lock.acquire()
@@ -119,7 +143,7 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
       tmp = files.tmp_name(final)
       merged = _preallocated_npy(tmp, final, first.dtype, (int(offsets[-1]),) + first.shape[1:])
       for i, start in enumerate(starts):
-        merged[offsets[i]:offsets[i + 1]] = untrusted.load_npy(chunk(start, name), mmap=True)
+        merged[offsets[i] : offsets[i + 1]] = untrusted.load_npy(chunk(start, name), mmap=True)
       merged.flush()
       del merged
       os.replace(tmp, final)
@@ -132,12 +156,17 @@ def write_chunked(path: str, kind: str, count: int, chunk_size: int,
     lock.release()
 
 
-def _need_room_for_rest(partial: str, first: Mapping[str, np.ndarray], first_rows: int, rows_left: int) -> None:
+def _need_room_for_rest(
+  partial: str, first: Mapping[str, np.ndarray], first_rows: int, rows_left: int
+) -> None:
   """Stops a store job in one line, after its first chunk and before the others, when the rows it
   still has to write (its chunks, then the merged arrays) will not fit on the disk."""
   row_bytes = sum(np.asarray(a).nbytes for a in first.values()) / max(1, first_rows)
-  files.need_room(partial, int(row_bytes * rows_left) + (1 << 20), "the rest of this store (its chunks, then the "
-                  "merged arrays)")
+  files.need_room(
+    partial,
+    int(row_bytes * rows_left) + (1 << 20),
+    "the rest of this store (its chunks, then the merged arrays)",
+  )
 
 
 def _preallocated_npy(path: str, final: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
@@ -145,7 +174,9 @@ def _preallocated_npy(path: str, final: str, dtype: np.dtype, shape: tuple) -> n
   disk first: on a full disk that is one line here, where writing through the map of a sparse file
   would end the process (SIGBUS)."""
   files.need_room(final, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + 4096)
-  np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()  # the header, a sparse body
+  np.lib.format.open_memmap(
+    path, mode="w+", dtype=dtype, shape=shape
+  ).flush()  # the header, a sparse body
   try:
     with open(path, "r+b") as f:
       os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)

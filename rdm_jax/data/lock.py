@@ -33,15 +33,27 @@ class Lock:
   `wait=False` refuses it in one line naming it.
   """
 
-  def __init__(self, path: str, log: Callable[[str], None] = print, stale_s: float = STALE_S,
-               poll_s: float = 0.2, heartbeat_s: float = HEARTBEAT_S):
+  def __init__(
+    self,
+    path: str,
+    log: Callable[[str], None] = print,
+    stale_s: float = STALE_S,
+    poll_s: float = 0.2,
+    heartbeat_s: float = HEARTBEAT_S,
+  ):
     if files.is_uri(path):
       fail(f"{path}: a lock needs a filesystem, not a bucket; give a local or mounted path")
     self.file = files.normpath(str(path)) + ".lock"
     self.log, self.stale_s, self.poll_s, self.heartbeat_s = log, stale_s, poll_s, heartbeat_s
     self._stop = threading.Event()
-    self.text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-                            "token": uuid.uuid4().hex})
+    self.text = json.dumps(
+      {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _process_start(os.getpid()),
+        "token": uuid.uuid4().hex,
+      }
+    )
 
   @staticmethod
   def holder(file: str) -> dict | None:
@@ -51,7 +63,11 @@ class Lock:
         text = f.read(4096)
     except FileNotFoundError:
       return {}
-    except (OSError, UserError, UnicodeDecodeError):  # not a regular file, not text: not a lock of ours
+    except (
+      OSError,
+      UserError,
+      UnicodeDecodeError,
+    ):  # not a regular file, not text: not a lock of ours
       return None
     if not text:
       return {}  # created, not yet written
@@ -78,7 +94,9 @@ class Lock:
       os.rename(self.file, aside)
     except FileNotFoundError:
       return
-    if Lock.holder(aside) != info:  # a fresh lock appeared between the check and the rename: give it back
+    if (
+      Lock.holder(aside) != info
+    ):  # a fresh lock appeared between the check and the rename: give it back
       try:
         os.link(aside, self.file)
       except FileExistsError:
@@ -91,7 +109,9 @@ class Lock:
     try:
       os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
     except OSError as e:
-      fail(f"cannot create {os.path.dirname(self.file)} ({e.strerror or e}); choose another output path")
+      fail(
+        f"cannot create {os.path.dirname(self.file)} ({e.strerror or e}); choose another output path"
+      )
     last_note = 0.0
     while True:
       try:
@@ -101,14 +121,20 @@ class Lock:
         if info is None:
           fail(f"{self.file} exists but is not a lock of ours; move it away")
         if self._stale(info):
-          self.log(f"{self.file}: breaking the stale lock of pid {info.get('pid')} on {info.get('host')}")
+          self.log(
+            f"{self.file}: breaking the stale lock of pid {info.get('pid')} on {info.get('host')}"
+          )
           self._break(info)
           continue
         if info and not wait:
-          fail(f"{self.file}: pid {info['pid']} on {info['host']} (started {info.get('start') or '?'}) holds it{busy}")
+          fail(
+            f"{self.file}: pid {info['pid']} on {info['host']} (started {info.get('start') or '?'}) holds it{busy}"
+          )
         if info and time.monotonic() - last_note > 60:
-          self.log(f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; waiting for it "
-                   "(its result is reused when it matches)")
+          self.log(
+            f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; waiting for it "
+            "(its result is reused when it matches)"
+          )
           last_note = time.monotonic()
         time.sleep(self.poll_s)
         continue

@@ -936,7 +936,9 @@ def part_spec(dataset: Any, part: str) -> dict[str, Any]:
   given = dict(dataset.parts[part])
   unknown = sorted(set(given) - set(config_base.PART))
   if unknown:
-    fail(f"config.dataset.parts.{part} sets {', '.join(unknown)}; a part takes {', '.join(config_base.PART)}")
+    fail(
+      f"config.dataset.parts.{part} sets {', '.join(unknown)}; a part takes {', '.join(config_base.PART)}"
+    )
   return {**config_base.PART, **given}
 
 
@@ -1013,11 +1015,7 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
     augment = augment_settings(dataset, part, record)
     return {**record, "augment": augment} if augment else record
   idx_dir = dataset.idx_dir  # as load_source_split resolves it
-  origin = (
-    os.path.realpath(idx_dir)
-    if os.path.isdir(idx_dir) or not dataset.allow_tfds
-    else "tfds"
-  )
+  origin = os.path.realpath(idx_dir) if os.path.isdir(idx_dir) or not dataset.allow_tfds else "tfds"
   record = {
     "dataset": dataset.name,
     "split": split,

@@ -51,9 +51,11 @@ from rdm_jax.errors import UserError, fail
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-INPUTS = "inputs.json"    # in <store>.partial/: what the chunks there were computed from
+INPUTS = "inputs.json"  # in <store>.partial/: what the chunks there were computed from
 ARRAY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-VERIFY_BELOW_BYTES = 1 << 30  # stores up to this size are checksummed whenever they are read (~0.6 s/GiB)
+VERIFY_BELOW_BYTES = (
+  1 << 30
+)  # stores up to this size are checksummed whenever they are read (~0.6 s/GiB)
 _verify_all = False
 
 
@@ -69,26 +71,35 @@ def normalize(path: str) -> str:
   if not path or not str(path).strip():
     fail("an output path is empty; name a directory")
   if files.is_uri(path):
-    fail(f"{path}: stores (config.data_dir, config.database, indexes) need a filesystem, not a bucket "
-         "(they are memory-mapped, renamed into place and locked): mount the bucket with gcsfuse or use a "
-         "shared filesystem (NFS, Filestore) and give its path; run directories (--workdir) may be gs://")
+    fail(
+      f"{path}: stores (config.data_dir, config.database, indexes) need a filesystem, not a bucket "
+      "(they are memory-mapped, renamed into place and locked): mount the bucket with gcsfuse or use a "
+      "shared filesystem (NFS, Filestore) and give its path; run directories (--workdir) may be gs://"
+    )
   return files.normpath(str(path))  # `~/data` given quoted means the home directory's
 
 
 # atomic writes and digests: the one file layer's (local paths here: stores are on POSIX filesystems)
 _tmp_name, _tmp_pattern = files.tmp_name, files.tmp_pattern
-remove_own_temporaries, atomic_savez, atomic_write_text = (files.remove_own_temporaries, files.atomic_savez,
-                                                          files.atomic_write_text)
+remove_own_temporaries, atomic_savez, atomic_write_text = (
+  files.remove_own_temporaries,
+  files.atomic_savez,
+  files.atomic_write_text,
+)
 file_sha256 = files.sha256
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-  files.atomic_write(path, lambda f: np.save(f, array), size=array.nbytes + 4096)  # + the .npy header
+  files.atomic_write(
+    path, lambda f: np.save(f, array), size=array.nbytes + 4096
+  )  # + the .npy header
 
 
 def inputs_digest(inputs: Mapping[str, Any]) -> str:
   """16 hex digits of sha256 over what a store is computed from (its chunk files carry it)."""
-  return hashlib.sha256(json.dumps(dict(inputs), sort_keys=True, default=str).encode()).hexdigest()[:16]
+  return hashlib.sha256(json.dumps(dict(inputs), sort_keys=True, default=str).encode()).hexdigest()[
+    :16
+  ]
 
 
 def checksum(array: np.ndarray, block_bytes: int = 1 << 26) -> str:
@@ -100,7 +111,7 @@ def checksum(array: np.ndarray, block_bytes: int = 1 << 26) -> str:
   flat = array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
   rows = max(1, block_bytes // max(1, flat[:1].nbytes))
   for a in range(0, len(flat), rows):
-    h.update(np.ascontiguousarray(flat[a:a + rows]).data)
+    h.update(np.ascontiguousarray(flat[a : a + rows]).data)
   return h.hexdigest()[:16]
 
 
@@ -158,8 +169,11 @@ def describe_stores(record: Any) -> str:
   set's `trained_on`; '' when there is none (imported weights, runs from before the record)."""
   if not isinstance(record, dict):
     return ""
-  return ", ".join(f"{part} {r.get('path')} ({r.get('fingerprint')})" for part, r in record.items()
-                   if isinstance(r, dict))
+  return ", ".join(
+    f"{part} {r.get('path')} ({r.get('fingerprint')})"
+    for part, r in record.items()
+    if isinstance(r, dict)
+  )
 
 
 def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
@@ -178,8 +192,10 @@ def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
     f.seek(start * row_items * arr.dtype.itemsize, os.SEEK_CUR)
     out = np.fromfile(f, dtype=arr.dtype, count=(stop - start) * row_items)
   if out.size != (stop - start) * row_items:
-    fail(f"{os.path.join(s.path, name + '.npy')} ends before row {stop} of the {len(arr)} its manifest says: it "
-         f"was truncated while this job read it; rebuild {s.path} and rerun")
+    fail(
+      f"{os.path.join(s.path, name + '.npy')} ends before row {stop} of the {len(arr)} its manifest says: it "
+      f"was truncated while this job read it; rebuild {s.path} and rerun"
+    )
   return out.reshape((stop - start,) + arr.shape[1:])
 
 
@@ -200,8 +216,10 @@ def manifest_kind(path: str) -> str | None:
 _TMP = r"(\.[0-9a-f]{8}\.tmp)?"  # files.tmp_name's suffix
 # What our jobs write into `<dir>.partial/`: the inputs record, chunks, merged arrays, the manifest,
 # an index's per-shard search settings; and index shard directories holding ScaNN's files.
-_PARTIAL_FILE = re.compile(r"(inputs\.json|manifest\.json|chunk_[0-9a-f]{16}_\d{12}(_[A-Za-z_]\w{0,63}\.npy|\.done)"
-                           r"|[A-Za-z_]\w{0,63}\.npy|shard_\d{5}\.search\.json)" + _TMP)
+_PARTIAL_FILE = re.compile(
+  r"(inputs\.json|manifest\.json|chunk_[0-9a-f]{16}_\d{12}(_[A-Za-z_]\w{0,63}\.npy|\.done)"
+  r"|[A-Za-z_]\w{0,63}\.npy|shard_\d{5}\.search\.json)" + _TMP
+)
 _SHARD_DIR = re.compile(r"shard_\d{5}(\.tmp)?")
 _SHARD_FILE = re.compile(r"[a-z0-9_]{1,64}\.(pb|pbtxt|npy)")
 
@@ -211,7 +229,9 @@ def _unknown_files(directory: str, manifest: Mapping[str, Any] | None) -> list[s
   (None: the names our jobs write there) that no job of ours wrote, as relative paths."""
   if manifest is not None:
     arrays = manifest.get("arrays") if isinstance(manifest.get("arrays"), dict) else {}
-    shard_files = manifest.get("shard_files") if isinstance(manifest.get("shard_files"), dict) else {}
+    shard_files = (
+      manifest.get("shard_files") if isinstance(manifest.get("shard_files"), dict) else {}
+    )
     own_file = lambda n: n in (MANIFEST, INPUTS) or (n.endswith(".npy") and n[:-4] in arrays)  # noqa: E731
     own_dir = lambda d: d in shard_files and isinstance(shard_files[d], dict)  # noqa: E731
     own_inner = lambda d, n: n in shard_files[d]  # noqa: E731
@@ -227,8 +247,11 @@ def _unknown_files(directory: str, manifest: Mapping[str, Any] | None) -> list[s
     elif not own_dir(entry.name):
       unknown.append(entry.name + "/")
     else:
-      unknown += [f"{entry.name}/{e.name}" for e in os.scandir(entry.path)
-                  if e.is_dir(follow_symlinks=False) or not own_inner(entry.name, e.name)]
+      unknown += [
+        f"{entry.name}/{e.name}"
+        for e in os.scandir(entry.path)
+        if e.is_dir(follow_symlinks=False) or not own_inner(entry.name, e.name)
+      ]
   return sorted(unknown)
 
 
@@ -245,17 +268,25 @@ def check_own(directory: str, store: bool = True) -> None:
   files no job of ours wrote there: they are the user's, and a job must not delete them."""
   unknown = _unknown_files(directory, _store_manifest(directory) if store else None)
   if unknown:
-    fail(f"{directory} holds files no job of ours wrote ({', '.join(unknown[:5])}"
-         f"{', ...' if len(unknown) > 5 else ''}); refusing to replace or delete it: move them away "
-         "or choose another output path")
+    fail(
+      f"{directory} holds files no job of ours wrote ({', '.join(unknown[:5])}"
+      f"{', ...' if len(unknown) > 5 else ''}); refusing to replace or delete it: move them away "
+      "or choose another output path"
+    )
 
 
 def remove_shard_dir(path: str) -> None:
   """Deletes an index shard directory inside a `<dir>.partial` (ScaNN's files only, else refused)."""
-  unknown = [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False) or not _SHARD_FILE.fullmatch(e.name)]
+  unknown = [
+    e.name
+    for e in os.scandir(path)
+    if e.is_dir(follow_symlinks=False) or not _SHARD_FILE.fullmatch(e.name)
+  ]
   if unknown:
-    fail(f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); refusing to delete it: "
-         "move them away")
+    fail(
+      f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); refusing to delete it: "
+      "move them away"
+    )
   _remove_flat_dir(path)
 
 
@@ -287,8 +318,11 @@ def _is_partial_store(partial: str) -> bool:
   if os.path.islink(partial) or not os.path.isdir(partial):
     return False
   names = os.listdir(partial)
-  return (all(_INPUTS_TMP.fullmatch(n) for n in names) or os.path.isfile(os.path.join(partial, INPUTS))
-          or exists(partial)) and not _unknown_files(partial, None)
+  return (
+    all(_INPUTS_TMP.fullmatch(n) for n in names)
+    or os.path.isfile(os.path.join(partial, INPUTS))
+    or exists(partial)
+  ) and not _unknown_files(partial, None)
 
 
 def check_output(path: str, kind: str) -> str:
@@ -301,17 +335,31 @@ def check_output(path: str, kind: str) -> str:
   """
   path = normalize(path)
   if os.path.lexists(path) and manifest_kind(path) != kind:
-    what = f"a {manifest_kind(path)!r} store" if manifest_kind(path) else "files that are not a store"
-    fail(f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another output path "
-         "(or move it away)")
+    what = (
+      f"a {manifest_kind(path)!r} store" if manifest_kind(path) else "files that are not a store"
+    )
+    fail(
+      f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another output path "
+      "(or move it away)"
+    )
   if os.path.lexists(path):
     check_own(path)
   partial = path + ".partial"
   if os.path.lexists(partial) and not _is_partial_store(partial):
-    unknown = _unknown_files(partial, None) if os.path.isdir(partial) and not os.path.islink(partial) else []
-    holds = f" (it holds {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})" if unknown else ""
-    fail(f"{partial} exists but is not an unfinished {kind!r} store{holds}; refusing to touch it: move it away "
-         "or choose another output path")
+    unknown = (
+      _unknown_files(partial, None)
+      if os.path.isdir(partial) and not os.path.islink(partial)
+      else []
+    )
+    holds = (
+      f" (it holds {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})"
+      if unknown
+      else ""
+    )
+    fail(
+      f"{partial} exists but is not an unfinished {kind!r} store{holds}; refusing to touch it: move it away "
+      "or choose another output path"
+    )
   lock = path + ".lock"
   if os.path.lexists(lock) and Lock.holder(lock) is None:
     fail(f"{lock} exists but is not a lock of ours; move it away or choose another output path")
@@ -354,8 +402,11 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
   path = normalize(path)
   manifest_path = os.path.join(path, MANIFEST)
   if not os.path.isfile(manifest_path):
-    partial = " (an interrupted run left " + path + ".partial; rerun to resume)" if os.path.isdir(
-        path + ".partial") else ""
+    partial = (
+      " (an interrupted run left " + path + ".partial; rerun to resume)"
+      if os.path.isdir(path + ".partial")
+      else ""
+    )
     fail(f"no {kind} store at {path}{partial}: run `{hint}` first")
   try:
     manifest = untrusted.read_json(manifest_path)
@@ -364,14 +415,20 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
   if not isinstance(manifest, dict) or not isinstance(manifest.get("arrays"), dict):
     fail(f"{manifest_path} is not a store manifest; delete {path} and rerun `{hint}`")
   if manifest.get("kind") != kind:
-    fail(f"{path} holds a {manifest.get('kind')!r} store, expected {kind!r}; check the path or rerun `{hint}`")
+    fail(
+      f"{path} holds a {manifest.get('kind')!r} store, expected {kind!r}; check the path or rerun `{hint}`"
+    )
   if manifest.get("format_version") != FORMAT_VERSION:
-    fail(f"{path} has store format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; rerun `{hint}`")
+    fail(
+      f"{path} has store format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; rerun `{hint}`"
+    )
   arrays, states = {}, {}
   for name, spec in manifest["arrays"].items():
     if not ARRAY_NAME.fullmatch(name) or not isinstance(spec, dict):
-      fail(f"{manifest_path} names an array {name[:80]!r}; array names are letters, digits and '_'. "
-           f"Delete {path} and rerun `{hint}`")
+      fail(
+        f"{manifest_path} names an array {name[:80]!r}; array names are letters, digits and '_'. "
+        f"Delete {path} and rerun `{hint}`"
+      )
     file = os.path.join(path, name + ".npy")
     if not os.path.lexists(file):
       fail(f"{file} is missing; delete {path} and rerun `{hint}`")
@@ -380,14 +437,18 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
     except UserError as e:
       fail(f"{e}; delete {path} and rerun `{hint}`")
     if list(arr.shape) != list(spec.get("shape", [])) or str(arr.dtype) != spec.get("dtype"):
-      fail(f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says {spec.get('dtype')}{spec.get('shape')}; "
-           f"delete {path} and rerun `{hint}`")
+      fail(
+        f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says {spec.get('dtype')}{spec.get('shape')}; "
+        f"delete {path} and rerun `{hint}`"
+      )
     arrays[name] = arr
     states[name] = file_state(file)
   s = Store(path=path, manifest=manifest, arrays=arrays, states=states)
   if _should_verify(arrays, verify) and (changed := changed_array(s)):
-    fail(f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: it changed after "
-         f"it was written; delete {path} and rerun `{hint}`")
+    fail(
+      f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: it changed after "
+      f"it was written; delete {path} and rerun `{hint}`"
+    )
   return s
 
 
@@ -431,16 +492,20 @@ def publish(partial: str, path: str, kind: str) -> None:
   Call it holding the path's `Lock`.
   """
   path = normalize(path)
-  for old in glob.glob(glob.escape(path) + ".replaced-*"):  # left by a crash between the renames below
-    if re.fullmatch(r"\.replaced-[0-9a-f]{8}", old[len(path):]) and manifest_kind(old) == kind:
+  for old in glob.glob(
+    glob.escape(path) + ".replaced-*"
+  ):  # left by a crash between the renames below
+    if re.fullmatch(r"\.replaced-[0-9a-f]{8}", old[len(path) :]) and manifest_kind(old) == kind:
       _remove_aside(old)
   if not os.path.lexists(path):
     os.replace(partial, path)
     return
   check_output(path, kind)
   if os.path.islink(path):
-    fail(f"{path} is a symbolic link; refusing to replace it (the new store is complete in {partial}): "
-         "remove the link or choose another output path")
+    fail(
+      f"{path} is a symbolic link; refusing to replace it (the new store is complete in {partial}): "
+      "remove the link or choose another output path"
+    )
   aside = f"{path}.replaced-{uuid.uuid4().hex[:8]}"
   os.replace(path, aside)
   os.replace(partial, path)
@@ -455,26 +520,37 @@ def _remove_aside(aside: str) -> None:
     print(f"kept the replaced store: {e}")
 
 
-def seal(path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any], digest: str) -> Store:
+def seal(
+  path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any], digest: str
+) -> Store:
   """Writes the manifest of `<path>.partial` (checksums read back from its files) and publishes it."""
   partial = path + ".partial"
   arrays = {n: untrusted.load_npy(os.path.join(partial, n + ".npy"), mmap=True) for n in names}
   manifest = dict(kind=kind, format_version=FORMAT_VERSION, **fields)
   manifest["count"] = int(len(next(iter(arrays.values()))))
   manifest["inputs_sha256"] = digest
-  manifest["arrays"] = {n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": checksum(a)}
-                        for n, a in arrays.items()}
+  manifest["arrays"] = {
+    n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": checksum(a)}
+    for n, a in arrays.items()
+  }
   del arrays
   atomic_write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
   for leftover in os.listdir(partial):
-    if _PARTIAL_FILE.fullmatch(leftover) and (leftover.startswith("chunk_") or leftover.endswith(".tmp")):
+    if _PARTIAL_FILE.fullmatch(leftover) and (
+      leftover.startswith("chunk_") or leftover.endswith(".tmp")
+    ):
       os.remove(os.path.join(partial, leftover))
   publish(partial, path, kind)
   return read(path, kind, hint="(just written)", verify=False)
 
 
-def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None] = print,
-                 owner: bool = True, wait_s: float = 600.0) -> str:
+def open_partial(
+  path: str,
+  inputs: Mapping[str, Any],
+  log: Callable[[str], None] = print,
+  owner: bool = True,
+  wait_s: float = 600.0,
+) -> str:
   """Prepares `<path>.partial/` for a resumable job whose work depends on `inputs`.
 
   Work left there by a run with the same inputs is kept (resume); work from other inputs is
@@ -498,8 +574,10 @@ def open_partial(path: str, inputs: Mapping[str, Any], log: Callable[[str], None
     deadline = time.monotonic() + wait_s
     while current() != text:
       if time.monotonic() > deadline:
-        fail(f"{partial} was not prepared for these inputs by process 0 within {wait_s:.0f} s; "
-             "start process 0 with the same config and flags")
+        fail(
+          f"{partial} was not prepared for these inputs by process 0 within {wait_s:.0f} s; "
+          "start process 0 with the same config and flags"
+        )
       time.sleep(0.5)
     return partial
   if os.path.lexists(partial) and not _is_partial_store(partial):
@@ -526,14 +604,20 @@ def link_npy(npy_path: str, path: str, kind: str, hint: str, **manifest_fields: 
     fail(f"{npy_path} does not exist")
   emb = untrusted.load_npy(real, mmap=True)
   if emb.ndim != 2 or not np.issubdtype(emb.dtype, np.floating):
-    fail(f"{npy_path} holds {emb.dtype}{list(emb.shape)}; embeddings must be a 2-D float array [N, d]")
+    fail(
+      f"{npy_path} holds {emb.dtype}{list(emb.shape)}; embeddings must be a 2-D float array [N, d]"
+    )
   st = os.stat(real)
   source = {"file": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
   done = read_if_current(path, kind, hint, source=source)
   if done is not None:
     return done
   path = normalize(path)
-  fields = {"source": source, "encoder": {"name": "external", "embed_dim": int(emb.shape[1])}, **manifest_fields}
+  fields = {
+    "source": source,
+    "encoder": {"name": "external", "embed_dim": int(emb.shape[1])},
+    **manifest_fields,
+  }
   inputs = {"kind": kind, **fields}
   with Lock(path):
     partial = open_partial(path, inputs)

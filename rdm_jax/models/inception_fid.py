@@ -36,8 +36,14 @@ class BasicConv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features, tuple(self.kernel), strides=(self.stride, self.stride),
-                padding=[(p, p) for p in self.padding], use_bias=False, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      tuple(self.kernel),
+      strides=(self.stride, self.stride),
+      padding=[(p, p) for p in self.padding],
+      use_bias=False,
+      name="conv",
+    )(x)
     return nn.relu(BatchNormInference(eps=1e-3, name="bn")(x))
 
 
@@ -63,7 +69,8 @@ class InceptionA(nn.Module):
     b1 = _conv(64, 1, name="branch1x1")(x)
     b5 = _conv(64, 5, padding=2, name="branch5x5_2")(_conv(48, 1, name="branch5x5_1")(x))
     b3 = _conv(96, 3, padding=1, name="branch3x3dbl_3")(
-        _conv(96, 3, padding=1, name="branch3x3dbl_2")(_conv(64, 1, name="branch3x3dbl_1")(x)))
+      _conv(96, 3, padding=1, name="branch3x3dbl_2")(_conv(64, 1, name="branch3x3dbl_1")(x))
+    )
     bp = _conv(self.pool_features, 1, name="branch_pool")(_avg_pool_3x3(x))
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
@@ -73,7 +80,8 @@ class InceptionB(nn.Module):
   def __call__(self, x):
     b3 = _conv(384, 3, stride=2, name="branch3x3")(x)
     bd = _conv(96, 3, stride=2, name="branch3x3dbl_3")(
-        _conv(96, 3, padding=1, name="branch3x3dbl_2")(_conv(64, 1, name="branch3x3dbl_1")(x)))
+      _conv(96, 3, padding=1, name="branch3x3dbl_2")(_conv(64, 1, name="branch3x3dbl_1")(x))
+    )
     return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
 
 
@@ -114,13 +122,26 @@ class InceptionE(nn.Module):
   def __call__(self, x):
     b1 = _conv(320, 1, name="branch1x1")(x)
     b3 = _conv(384, 1, name="branch3x3_1")(x)
-    b3 = jnp.concatenate([_conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-                          _conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3)], axis=-1)
+    b3 = jnp.concatenate(
+      [
+        _conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+        _conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+      ],
+      axis=-1,
+    )
     bd = _conv(384, 3, padding=1, name="branch3x3dbl_2")(_conv(448, 1, name="branch3x3dbl_1")(x))
-    bd = jnp.concatenate([_conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-                          _conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd)], axis=-1)
-    pooled = (nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1))) if self.max_pool
-              else _avg_pool_3x3(x))
+    bd = jnp.concatenate(
+      [
+        _conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+        _conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+      ],
+      axis=-1,
+    )
+    pooled = (
+      nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+      if self.max_pool
+      else _avg_pool_3x3(x)
+    )
     bp = _conv(192, 1, name="branch_pool")(pooled)
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
@@ -170,7 +191,10 @@ def convert_state_dict(sd: dict[str, np.ndarray]) -> dict[str, Any]:
       continue
     value = np.asarray(value, np.float32)
     if path[-1] == "conv" and leaf == "weight":
-      leaf, value = "kernel", np.transpose(value, (2, 3, 1, 0))  # [out, in, kh, kw] -> [kh, kw, in, out]
+      leaf, value = (
+        "kernel",
+        np.transpose(value, (2, 3, 1, 0)),
+      )  # [out, in, kh, kw] -> [kh, kw, in, out]
     elif path[-1] == "bn":
       leaf = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}[leaf]
     elif path == ["fc"]:
@@ -185,14 +209,19 @@ def convert_state_dict(sd: dict[str, np.ndarray]) -> dict[str, Any]:
 def load_params(path: str) -> dict[str, Any]:
   """Flax params from pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a local file)."""
   if not path or not os.path.isfile(path):
-    fail(f"FID Inception weights not found at {path!r}: download pytorch-fid's "
-         "pt_inception-2015-12-05-6726825d.pth once and set config.eval.weights to its path")
+    fail(
+      f"FID Inception weights not found at {path!r}: download pytorch-fid's "
+      "pt_inception-2015-12-05-6726825d.pth once and set config.eval.weights to its path"
+    )
   try:
     params = convert_state_dict(torch_legacy.load(path))
   except Exception as e:  # corrupt or foreign file
     fail(f"could not read FID Inception weights from {path} ({e})")
-  expected = jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0), jnp.zeros((1, 299, 299, 3)))["params"]
+  expected = jax.eval_shape(
+    FIDInceptionV3().init, jax.random.PRNGKey(0), jnp.zeros((1, 299, 299, 3))
+  )["params"]
   if jax.tree.structure(params) != jax.tree.structure(expected) or any(
-      jax.tree.leaves(jax.tree.map(lambda a, b: a.shape != b.shape, params, expected))):
+    jax.tree.leaves(jax.tree.map(lambda a, b: a.shape != b.shape, params, expected))
+  ):
     fail(f"{path} is not pytorch-fid's FID Inception checkpoint (other layers or shapes)")
   return params

@@ -41,7 +41,9 @@ def pooled(images: np.ndarray, factor: int) -> np.ndarray:
   """uint8 [B, H, W, C] -> float32 [B, H/f, W/f, C] in [-1, 1], averaged over f x f blocks."""
   b, h, w, c = images.shape
   if h % factor or w % factor:
-    fail(f"images of {h}x{w} do not split into {factor}x{factor} blocks (config.first_stage.palette_factor)")
+    fail(
+      f"images of {h}x{w} do not split into {factor}x{factor} blocks (config.first_stage.palette_factor)"
+    )
   x = images.astype(np.float32).reshape(b, h // factor, factor, w // factor, factor, c).mean((2, 4))
   return x / 127.5 - 1.0
 
@@ -65,12 +67,20 @@ def fit(images: np.ndarray, cfg, iterations: int = 30, max_pixels: int = 500_000
 def load(path: str, cfg) -> np.ndarray:
   s = spec(cfg)
   if not path or not os.path.isfile(path):
-    fail(f"palette {path!r} not found: the encode job fits it from the train part "
-         "(python -m rdm_jax.jobs.encode --config=...), or set config.first_stage.weights")
+    fail(
+      f"palette {path!r} not found: the encode job fits it from the train part "
+      "(python -m rdm_jax.jobs.encode --config=...), or set config.first_stage.weights"
+    )
   palette = untrusted.load_npy(path)
-  if palette.shape != (s.n_embed, s.channels) or palette.dtype != np.float32 or not np.isfinite(palette).all():
-    fail(f"{path} holds {palette.dtype}{list(palette.shape)}; a palette of config.first_stage is float32 "
-         f"[{s.n_embed}, {s.channels}]: delete it and rerun the encode job to fit it again")
+  if (
+    palette.shape != (s.n_embed, s.channels)
+    or palette.dtype != np.float32
+    or not np.isfinite(palette).all()
+  ):
+    fail(
+      f"{path} holds {palette.dtype}{list(palette.shape)}; a palette of config.first_stage is float32 "
+      f"[{s.n_embed}, {s.channels}]: delete it and rerun the encode job to fit it again"
+    )
   return palette
 
 
@@ -89,6 +99,6 @@ def encode(images: np.ndarray, palette: np.ndarray, factor: int) -> np.ndarray:
 def decode(tokens: np.ndarray, palette: np.ndarray, factor: int) -> np.ndarray:
   """int tokens [B, S] (S a square) -> float images [B, H, W, C] in [-1, 1]."""
   b, n = tokens.shape
-  side = int(round(n ** 0.5))
+  side = int(round(n**0.5))
   x = palette[tokens.reshape(b, side, side)]
   return x.repeat(factor, axis=1).repeat(factor, axis=2)

@@ -44,9 +44,13 @@ NEG_INF = -1e30
 
 
 def _ln(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+  return nn.LayerNorm(
+    epsilon=1e-5,
+    dtype=jnp.float32,
+    name=name,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+  )
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -126,8 +130,13 @@ class Block(nn.Module):
     x = x + self.attn1.out(attend(self.attn1.q(h), k, v, causal))
     return self._rest(x, cross)
 
-  def step(self, x: jax.Array, pos: jax.Array, cache: tuple[jax.Array, jax.Array],
-           cross: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  def step(
+    self,
+    x: jax.Array,
+    pos: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
+    cross: tuple[jax.Array, jax.Array],
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One position x [B, 1, C] at `pos`; the self-attention cache [B, S, H, D] (k, v) gets its keys
     and values, and positions after `pos` are masked."""
     h = self.norm1(x).astype(self.dtype)
@@ -159,10 +168,16 @@ class RARM(nn.Module):
 
   def setup(self):
     inner = self.heads * self.dim_head
-    self.tok_emb = nn.Embed(self.num_codes + 2, inner, embedding_init=nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ("vocab", "embed")))
-    self.pos_emb = self.param("pos_emb", nn.with_logical_partitioning(nn.initializers.normal(inner ** -0.5),
-                                                                      (None, "embed")), (self.seq_len, inner))
+    self.tok_emb = nn.Embed(
+      self.num_codes + 2,
+      inner,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+    )
+    self.pos_emb = self.param(
+      "pos_emb",
+      nn.with_logical_partitioning(nn.initializers.normal(inner**-0.5), (None, "embed")),
+      (self.seq_len, inner),
+    )
     self.blocks = [Block(self.heads, self.dim_head, self.dtype) for _ in range(self.depth)]
     self.proj_out = Dense(self.num_codes, ("embed", "vocab"), dtype=self.dtype)
 
@@ -187,7 +202,9 @@ class RARM(nn.Module):
     shape = (batch, self.seq_len, self.heads, self.dim_head)
     return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.depth)]
 
-  def decode_step(self, token: jax.Array, pos: jax.Array, cache: list, cross: list) -> tuple[jax.Array, list]:
+  def decode_step(
+    self, token: jax.Array, pos: jax.Array, cache: list, cross: list
+  ) -> tuple[jax.Array, list]:
     """(logits [B, num_codes] of position `pos`, the updated cache) given the input token [B] at
     `pos` (sos at 0, else z[pos - 1])."""
     x = self._embed(token[:, None], jnp.reshape(pos, (1,)))
@@ -202,14 +219,23 @@ def from_config(config: Any) -> RARM:
   """The RARM of config.model over the first stage's tokens (codes = its codebook size, sequence =
   its latent grid at config.dataset.image_size)."""
   from rdm_jax.models import first_stage
+
   m = config.model
   spec = first_stage.spec(config.first_stage)
   if spec.kind != "vq":
-    fail(f"config.model.family='rarm' models VQ tokens but config.first_stage.name={config.first_stage.name!r} "
-         "is not a VQ model (use vq_f16, the original's, or vqgan_f16, its released weights')")
+    fail(
+      f"config.model.family='rarm' models VQ tokens but config.first_stage.name={config.first_stage.name!r} "
+      "is not a VQ model (use vq_f16, the original's, or vqgan_f16, its released weights')"
+    )
   side = config.dataset.image_size // spec.factor
-  return RARM(num_codes=spec.n_embed, seq_len=side * side, heads=m.heads, dim_head=m.dim_head,
-              depth=m.depth, dtype=jnp.dtype(m.dtype))
+  return RARM(
+    num_codes=spec.n_embed,
+    seq_len=side * side,
+    heads=m.heads,
+    dim_head=m.dim_head,
+    depth=m.depth,
+    dtype=jnp.dtype(m.dtype),
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,13 +259,23 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
     drop_sorted = before >= top_p
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    drop = (
+      jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    )
     logits = jnp.where(drop, NEG_INF, logits)
   return logits
 
 
-def sample(model: RARM, params: Any, context: jax.Array, keys: jax.Array, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, guidance_scale: float = 1.0) -> jax.Array:
+def sample(
+  model: RARM,
+  params: Any,
+  context: jax.Array,
+  keys: jax.Array,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  guidance_scale: float = 1.0,
+) -> jax.Array:
   """Tokens [B, S] drawn one position at a time with the KV cache, in one lax.fori_loop.
 
   keys: [B] PRNG keys, one per sample (sample i's tokens depend only on its key and context);
@@ -254,7 +290,9 @@ def sample(model: RARM, params: Any, context: jax.Array, keys: jax.Array, temper
 
   def body(t, carry):
     tokens, cache = carry
-    prev = jnp.where(t == 0, model.sos_token, jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), 1, False))
+    prev = jnp.where(
+      t == 0, model.sos_token, jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(t - 1, 0), 1, False)
+    )
     inp = jnp.concatenate([prev, prev]) if guided else prev
     logits, cache = model.apply(variables, inp, t, cache, cross, method=RARM.decode_step)
     if guided:
@@ -296,7 +334,7 @@ def torch_names(params: Any) -> dict[tuple[str, ...], str]:
     top, *inner, leaf = parts
     leaf_name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
     if top.startswith("blocks_"):
-      segments = ["transformer_blocks." + top[len("blocks_"):]]
+      segments = ["transformer_blocks." + top[len("blocks_") :]]
       for parent, part in zip([top] + inner, inner):
         segments.append(_TORCH_FF[part] if parent == "ff" else _TORCH_INNER.get(part, part))
       key = ".".join(segments + [leaf_name])

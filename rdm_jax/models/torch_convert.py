@@ -23,8 +23,10 @@ Path = tuple[str, ...]
 
 def flat_shapes(tree: Any) -> dict[Path, tuple[int, ...]]:
   """{path: shape} of a (possibly abstract) parameter tree, paths as tuples of names."""
-  return {tuple(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    tuple(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _to_flax_layout(path: Path, a: np.ndarray) -> np.ndarray:
@@ -44,12 +46,20 @@ def _to_torch_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _listing(name: str, items: list[str]) -> str:
-  return f"{len(items)} {name} ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})" if items else ""
+  return (
+    f"{len(items)} {name} ({', '.join(items[:6])}{', ...' if len(items) > 6 else ''})"
+    if items
+    else ""
+  )
 
 
-def to_flax(state_dict: Mapping[str, np.ndarray], expected: Mapping[Path, tuple[int, ...]],
-            names: Mapping[Path, str], ignored_prefixes: Iterable[str] = (),
-            dtype: Any = np.float32) -> dict[str, Any]:
+def to_flax(
+  state_dict: Mapping[str, np.ndarray],
+  expected: Mapping[Path, tuple[int, ...]],
+  names: Mapping[Path, str],
+  ignored_prefixes: Iterable[str] = (),
+  dtype: Any = np.float32,
+) -> dict[str, Any]:
   """The nested Flax params of `expected` (path -> shape) from `state_dict`, renamed by `names`
   (path -> torch key). Keys starting with an ignored prefix are left out; any other difference
   raises ValueError listing the missing, unexpected and misshapen keys."""
@@ -65,16 +75,27 @@ def to_flax(state_dict: Mapping[str, np.ndarray], expected: Mapping[Path, tuple[
       continue
     a = _to_flax_layout(path, np.asarray(given[key], dtype))
     if a.shape != tuple(expected[path]):
-      misshapen.append(f"{key} {list(np.shape(given[key]))} (expected "
-                       f"{list(_to_torch_shape(path, tuple(expected[path])))})")
+      misshapen.append(
+        f"{key} {list(np.shape(given[key]))} (expected "
+        f"{list(_to_torch_shape(path, tuple(expected[path])))})"
+      )
       continue
     node = params
     for p in path[:-1]:
       node = node.setdefault(p, {})
     node[path[-1]] = a
   if missing or extra or misshapen:
-    raise ValueError("; ".join(x for x in (_listing("missing", missing), _listing("unexpected", extra),
-                                            _listing("of another shape", misshapen)) if x))
+    raise ValueError(
+      "; ".join(
+        x
+        for x in (
+          _listing("missing", missing),
+          _listing("unexpected", extra),
+          _listing("of another shape", misshapen),
+        )
+        if x
+      )
+    )
   return params
 
 

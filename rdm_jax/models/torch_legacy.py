@@ -64,9 +64,16 @@ from rdm_jax.errors import UserError, fail
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+  "FloatStorage": np.float32,
+  "DoubleStorage": np.float64,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 _STORAGE_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
 _MAX_DEPTH = 64  # nesting of containers in a checkpoint object
@@ -125,7 +132,9 @@ class _LazyTensor:
 
   __slots__ = ("storage", "offset", "size", "stride", "numel")
 
-  def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
+  def __init__(
+    self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]
+  ):
     self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
     self.numel = math.prod(size)
 
@@ -135,7 +144,8 @@ class _LazyTensor:
       raise CheckpointError(f"storage {self.storage.key} is referenced but its data is missing")
     item = data.dtype.itemsize
     return np.lib.stride_tricks.as_strided(
-        data[self.offset:], shape=self.size, strides=[s * item for s in self.stride]).copy()
+      data[self.offset :], shape=self.size, strides=[s * item for s in self.stride]
+    ).copy()
 
 
 def _is_int(x: Any) -> bool:
@@ -146,20 +156,31 @@ def _rebuild_tensor(storage, offset, size, stride, *rest) -> _LazyTensor:
   """torch._utils._rebuild_tensor(_v2): a view, bounds-checked against the declared storage."""
   if type(storage) is not _Storage:
     raise CheckpointError("a tensor is rebuilt from something other than a storage")
-  if not (_is_int(offset) and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
-          and all(map(_is_int, size + stride))):
-    raise CheckpointError(f"tensor on storage {storage.key} has a malformed view "
-                          f"(offset {offset!r}, size {size!r}, stride {stride!r})")
+  if not (
+    _is_int(offset)
+    and type(size) is tuple
+    and type(stride) is tuple
+    and len(size) == len(stride)
+    and all(map(_is_int, size + stride))
+  ):
+    raise CheckpointError(
+      f"tensor on storage {storage.key} has a malformed view "
+      f"(offset {offset!r}, size {size!r}, stride {stride!r})"
+    )
   if offset < 0 or min(size + stride, default=0) < 0:
     raise CheckpointError(f"tensor on storage {storage.key} has a negative offset, size or stride")
   numel = math.prod(size)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else offset - 1
   if last >= storage.numel or offset > storage.numel:
-    raise CheckpointError(f"tensor {list(size)} (offset {offset}, stride {list(stride)}) reaches past the "
-                          f"end of storage {storage.key} ({storage.numel} elements)")
+    raise CheckpointError(
+      f"tensor {list(size)} (offset {offset}, stride {list(stride)}) reaches past the "
+      f"end of storage {storage.key} ({storage.numel} elements)"
+    )
   if numel > storage.numel:
-    raise CheckpointError(f"tensor {list(size)} has {numel} elements but storage {storage.key} holds only "
-                          f"{storage.numel}; views larger than their storage are refused")
+    raise CheckpointError(
+      f"tensor {list(size)} has {numel} elements but storage {storage.key} holds only "
+      f"{storage.numel}; views larger than their storage are refused"
+    )
   if rest[:1] and type(rest[0]) is not bool:  # requires_grad
     raise CheckpointError("malformed tensor (requires_grad is not a bool)")
   if len(rest) > 1 and rest[1]:  # backward hooks: code, never in a weights file
@@ -174,19 +195,22 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *rest) -> _LazyTenso
   return data
 
 
-_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-            ("collections", "OrderedDict"): collections.OrderedDict}
+_GLOBALS = {
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("collections", "OrderedDict"): collections.OrderedDict,
+}
 _CALLABLE = (_rebuild_tensor, _rebuild_parameter, collections.OrderedDict)
 
 # Opcodes that only build data (or go through the checks below); everything else is refused.
 _DATA_OPCODES = (
-    "MARK STOP POP POP_MARK DUP FLOAT INT BININT BININT1 LONG BININT2 NONE PERSID BINPERSID STRING "
-    "BINSTRING SHORT_BINSTRING UNICODE BINUNICODE APPEND GLOBAL DICT EMPTY_DICT APPENDS GET BINGET "
-    "LONG_BINGET LIST EMPTY_LIST PUT BINPUT LONG_BINPUT SETITEM TUPLE EMPTY_TUPLE SETITEMS BINFLOAT "
-    "PROTO TUPLE1 TUPLE2 TUPLE3 NEWTRUE NEWFALSE LONG1 LONG4 BINBYTES SHORT_BINBYTES SHORT_BINUNICODE "
-    "BINUNICODE8 BINBYTES8 EMPTY_SET ADDITEMS FROZENSET STACK_GLOBAL MEMOIZE FRAME").split()
+  "MARK STOP POP POP_MARK DUP FLOAT INT BININT BININT1 LONG BININT2 NONE PERSID BINPERSID STRING "
+  "BINSTRING SHORT_BINSTRING UNICODE BINUNICODE APPEND GLOBAL DICT EMPTY_DICT APPENDS GET BINGET "
+  "LONG_BINGET LIST EMPTY_LIST PUT BINPUT LONG_BINPUT SETITEM TUPLE EMPTY_TUPLE SETITEMS BINFLOAT "
+  "PROTO TUPLE1 TUPLE2 TUPLE3 NEWTRUE NEWFALSE LONG1 LONG4 BINBYTES SHORT_BINBYTES SHORT_BINUNICODE "
+  "BINUNICODE8 BINBYTES8 EMPTY_SET ADDITEMS FROZENSET STACK_GLOBAL MEMOIZE FRAME"
+).split()
 _OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in __import__("pickletools").opcodes}
 
 
@@ -198,17 +222,23 @@ def _hashable_key(k: Any) -> bool:
 def _check_keys(keys) -> None:
   for k in keys:
     if not _hashable_key(k):
-      raise CheckpointError(f"a dict key or set item of type {type(k).__name__} "
-                            f"({str(k)[:40]}); checkpoints key by str or small int")
+      raise CheckpointError(
+        f"a dict key or set item of type {type(k).__name__} "
+        f"({str(k)[:40]}); checkpoints key by str or small int"
+      )
 
 
 class _Dispatch(dict):
   def __missing__(self, code: int):
     name = _OPCODE_NAMES.get(code, f"unknown opcode {code:#x}")
-    raise pickle.UnpicklingError(f"refusing pickle opcode {name} (it can construct arbitrary objects)")
+    raise pickle.UnpicklingError(
+      f"refusing pickle opcode {name} (it can construct arbitrary objects)"
+    )
 
 
-class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode table is ours to restrict
+class _SafeUnpickler(
+  pickle._Unpickler
+):  # the pure-Python unpickler: its opcode table is ours to restrict
   """Unpickles only data, tensors, storages and OrderedDicts (see the module docstring)."""
 
   def __init__(self, file, storages: dict[str, _Storage], zip_storage=None):
@@ -265,12 +295,16 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcod
     args = self.stack.pop()
     cls = self.stack[-1]
     if type(cls) is not _ScriptClass or args != ():
-      raise pickle.UnpicklingError(f"refusing to construct {str(cls)[:100]} while unpickling a checkpoint")
+      raise pickle.UnpicklingError(
+        f"refusing to construct {str(cls)[:100]} while unpickling a checkpoint"
+      )
     self.stack[-1] = _ScriptObject(cls)
 
   def load_build(self):
     state = self.stack.pop()
-    if type(self.stack[-1]) is _ScriptObject:  # a TorchScript module's attributes: stored, nothing set
+    if (
+      type(self.stack[-1]) is _ScriptObject
+    ):  # a TorchScript module's attributes: stored, nothing set
       if type(state) is not dict or self.stack[-1].attrs is not None:
         raise pickle.UnpicklingError("malformed TorchScript object state")
       self.stack[-1].attrs = state
@@ -280,10 +314,21 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcod
       raise pickle.UnpicklingError(f"refusing to set the state of {type(self.stack[-1]).__name__}")
 
   def persistent_load(self, pid: Any) -> _Storage:
-    if not (type(pid) is tuple and len(pid) == self.pid_length and pid[0] == "storage"
-            and type(pid[1]) is _StorageType and type(pid[2]) is str and _STORAGE_KEY.fullmatch(pid[2])
-            and type(pid[3]) is str and _is_int(pid[4]) and pid[4] >= 0 and pid[5:] in ((), (None,))):
-      raise pickle.UnpicklingError(f"refusing persistent id {str(pid)[:100]} (not a plain torch storage)")
+    if not (
+      type(pid) is tuple
+      and len(pid) == self.pid_length
+      and pid[0] == "storage"
+      and type(pid[1]) is _StorageType
+      and type(pid[2]) is str
+      and _STORAGE_KEY.fullmatch(pid[2])
+      and type(pid[3]) is str
+      and _is_int(pid[4])
+      and pid[4] >= 0
+      and pid[5:] in ((), (None,))
+    ):
+      raise pickle.UnpicklingError(
+        f"refusing persistent id {str(pid)[:100]} (not a plain torch storage)"
+      )
     _, storage_type, key, _location, numel = pid[:5]
     if key in self.storages:
       storage = self.storages[key]
@@ -292,17 +337,26 @@ class _SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcod
       return storage
     storage = self.storages[key] = _Storage(key, storage_type.dtype, numel)
     if self.zip_storage is not None:
-      storage.data = np.frombuffer(self.zip_storage(key, storage.dtype.itemsize * numel), dtype=storage.dtype)
+      storage.data = np.frombuffer(
+        self.zip_storage(key, storage.dtype.itemsize * numel), dtype=storage.dtype
+      )
     return storage
 
 
-dispatch = _Dispatch({getattr(pickle, n)[0]: pickle._Unpickler.dispatch[getattr(pickle, n)[0]]
-                      for n in _DATA_OPCODES})
+dispatch = _Dispatch(
+  {getattr(pickle, n)[0]: pickle._Unpickler.dispatch[getattr(pickle, n)[0]] for n in _DATA_OPCODES}
+)
 dispatch[pickle.REDUCE[0]] = _SafeUnpickler.load_reduce
 dispatch[pickle.BUILD[0]] = _SafeUnpickler.load_build
 dispatch[pickle.NEWOBJ[0]] = _SafeUnpickler.load_newobj
-for _name, _method in (("SETITEM", "load_setitem"), ("SETITEMS", "load_setitems"), ("DICT", "load_dict"),
-                       ("ADDITEMS", "load_additems"), ("FROZENSET", "load_frozenset"), ("PUT", "load_put")):
+for _name, _method in (
+  ("SETITEM", "load_setitem"),
+  ("SETITEMS", "load_setitems"),
+  ("DICT", "load_dict"),
+  ("ADDITEMS", "load_additems"),
+  ("FROZENSET", "load_frozenset"),
+  ("PUT", "load_put"),
+):
   dispatch[getattr(pickle, _name)[0]] = getattr(_SafeUnpickler, _method)
 _SafeUnpickler.dispatch = dispatch
 del dispatch
@@ -324,7 +378,7 @@ class _Bounded(io.RawIOBase):
   def readinto(self, b) -> int:
     n = min(len(b), self._left())
     data = self.f.read(n)
-    b[:len(data)] = data
+    b[: len(data)] = data
     return len(data)
 
   def read(self, n: int = -1) -> bytes:
@@ -354,8 +408,10 @@ class _Materializer:
 
   def _charge(self, cost: int) -> None:
     if cost > self.left:
-      raise CheckpointError("its objects and tensors together are much larger than the data stored in the file "
-                            "(shared objects or views repeated)")
+      raise CheckpointError(
+        "its objects and tensors together are much larger than the data stored in the file "
+        "(shared objects or views repeated)"
+      )
 
   def _convert(self, obj: Any, depth: int) -> tuple[Any, int]:
     if id(obj) in self.memo:
@@ -408,7 +464,9 @@ def _member(zf: zipfile.ZipFile, name: str, size: int | None = None) -> bytes:
   except KeyError:
     raise CheckpointError(f"the archive has no {name}") from None
   if info.compress_type != zipfile.ZIP_STORED:
-    raise CheckpointError(f"{name} is compressed; torch.save writes uncompressed archives (re-save it)")
+    raise CheckpointError(
+      f"{name} is compressed; torch.save writes uncompressed archives (re-save it)"
+    )
   if size is not None and info.file_size != size:
     raise CheckpointError(f"{name} holds {info.file_size} bytes but its tensors declare {size}")
   return zf.read(info)
@@ -424,8 +482,9 @@ def _load_zip(f, size: int) -> tuple[Any, dict[str, _Storage], int]:
       raise CheckpointError("it was saved on a big-endian machine; not supported")
     data_pkl = _member(zf, f"{root}/data.pkl")
     storages: dict[str, _Storage] = {}
-    obj = _SafeUnpickler(io.BytesIO(data_pkl), storages,
-                         lambda key, nbytes: _member(zf, f"{root}/data/{key}", nbytes)).load()
+    obj = _SafeUnpickler(
+      io.BytesIO(data_pkl), storages, lambda key, nbytes: _member(zf, f"{root}/data/{key}", nbytes)
+    ).load()
     return obj, storages, len(data_pkl)
 
 
@@ -454,11 +513,14 @@ def _load_legacy(raw, size: int) -> tuple[Any, dict[str, _Storage], int]:
     (numel,) = struct.unpack("<q", header)
     storage = storages[key]
     if numel != storage.numel:
-      raise CheckpointError(f"storage {key} holds {numel} elements but its tensors declare {storage.numel}")
+      raise CheckpointError(
+        f"storage {key} holds {numel} elements but its tensors declare {storage.numel}"
+      )
     nbytes = numel * storage.dtype.itemsize
     if nbytes > size - raw.tell():
-      raise CheckpointError(f"it is truncated (storage {key} needs {nbytes} bytes, "
-                            f"{size - raw.tell()} are left)")
+      raise CheckpointError(
+        f"it is truncated (storage {key} needs {nbytes} bytes, {size - raw.tell()} are left)"
+      )
     storage.data = np.frombuffer(raw.read(nbytes), dtype=storage.dtype)
   return obj, storages, pickle_bytes
 
@@ -484,17 +546,37 @@ def load(path: str) -> Any:
   try:
     with untrusted.open_regular(path) as f:
       size = os.fstat(f.fileno()).st_size
-      obj, storages, pickle_bytes = _load_zip(f, size) if zipfile.is_zipfile(f) else _load_legacy(f, size)
+      obj, storages, pickle_bytes = (
+        _load_zip(f, size) if zipfile.is_zipfile(f) else _load_legacy(f, size)
+      )
     stored = sum(s.numel * s.dtype.itemsize for s in storages.values())
     return _Materializer(2 * stored + _NODE_BYTES * pickle_bytes + (1 << 20))(obj)
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
   except UserError as e:
     raise CheckpointError(str(e)) from None
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-          struct.error, zipfile.BadZipFile, RecursionError, MemoryError, UnicodeDecodeError, RuntimeError,
-          NotImplementedError, OverflowError, OSError, zlib.error) as e:
-    raise CheckpointError(f"{path}: refused or unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    struct.error,
+    zipfile.BadZipFile,
+    RecursionError,
+    MemoryError,
+    UnicodeDecodeError,
+    RuntimeError,
+    NotImplementedError,
+    OverflowError,
+    OSError,
+    zlib.error,
+  ) as e:
+    raise CheckpointError(
+      f"{path}: refused or unreadable ({type(e).__name__}: {str(e)[:200]})"
+    ) from None
 
 
 def load_weights(path: str, what: str, hint: str) -> Any:

@@ -97,27 +97,55 @@ def _conv_function(impl: Any) -> Callable | None:
   return functools.partial(onednn.conv_general_dilated_where, frozenset(impl))
 
 
-def Conv(features: int, kernel_size: int = 3, stride: int = 1, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, name: str | None = None, padding: Any = None,
-         param_dtype: Dtype = jnp.float32, impl: Any = "xla") -> nn.Conv:
+def Conv(
+  features: int,
+  kernel_size: int = 3,
+  stride: int = 1,
+  zero_init: bool = False,
+  dtype: Dtype = jnp.float32,
+  name: str | None = None,
+  padding: Any = None,
+  param_dtype: Dtype = jnp.float32,
+  impl: Any = "xla",
+) -> nn.Conv:
   """2-D conv with logical axis names; torch-style symmetric padding (k // 2) unless given.
   impl "onednn" runs it through `rdm_jax.ops.onednn` (same parameters, CPU only); a frozenset of
   geometries (`onednn.signature`) runs those on oneDNN and the rest on XLA."""
   p = kernel_size // 2
-  return nn.Conv(features, (kernel_size,) * 2, strides=(stride,) * 2, padding=padding or ((p, p), (p, p)),
-                 dtype=dtype, param_dtype=param_dtype, name=name,
-                 conv_general_dilated=_conv_function(impl),
-                 kernel_init=_kernel((None, None, "conv_in", "conv_out"),
-                                     _zeros if zero_init else _default_kernel_init),
-                 bias_init=_bias())
+  return nn.Conv(
+    features,
+    (kernel_size,) * 2,
+    strides=(stride,) * 2,
+    padding=padding or ((p, p), (p, p)),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    conv_general_dilated=_conv_function(impl),
+    kernel_init=_kernel(
+      (None, None, "conv_in", "conv_out"), _zeros if zero_init else _default_kernel_init
+    ),
+    bias_init=_bias(),
+  )
 
 
-def Dense(features: int, names: tuple[str | None, str | None] = ("embed", "mlp"),
-          use_bias: bool = True, dtype: Dtype = jnp.float32, name: str | None = None,
-          param_dtype: Dtype = jnp.float32) -> nn.Dense:
+def Dense(
+  features: int,
+  names: tuple[str | None, str | None] = ("embed", "mlp"),
+  use_bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  name: str | None = None,
+  param_dtype: Dtype = jnp.float32,
+) -> nn.Dense:
   """Dense layer whose kernel carries the logical axis names `names`."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=_kernel(names), bias_init=_bias())
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+    kernel_init=_kernel(names),
+    bias_init=_bias(),
+  )
 
 
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "flash")
@@ -150,8 +178,13 @@ class ResBlock(nn.Module):
     norm = functools.partial(GroupNorm, param_dtype=self.param_dtype)
     h = norm(name="in_norm", silu=True)(x)
     h = conv(self.out_channels, name="in_conv")(h)
-    e = Dense(self.out_channels, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
-              name="emb_proj")(nn.silu(emb))
+    e = Dense(
+      self.out_channels,
+      ("embed", "mlp"),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="emb_proj",
+    )(nn.silu(emb))
     h = h + e[:, None, None, :]
     h = norm(name="out_norm", silu=True)(h)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
@@ -161,8 +194,9 @@ class ResBlock(nn.Module):
     return x + h
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
-                    batch_axes=None, heads_axis=None) -> jax.Array:
+def flash_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, scale: float, batch_axes=None, heads_axis=None
+) -> jax.Array:
   """Pallas TPU flash attention (jax.experimental.pallas.ops.tpu.flash_attention) on [B, S, H, D].
 
   Under a mesh (jax.set_mesh) the kernel runs per shard through shard_map: the batch split
@@ -171,6 +205,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
   (`pltpu.force_tpu_interpret_mode()`), which the tests use to check it on CPU.
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+
   kernel = functools.partial(pallas_flash.flash_attention, sm_scale=scale)
   q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # the kernel's [B, H, S, D]
   mesh = jax.sharding.get_abstract_mesh()
@@ -191,7 +226,9 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale
   p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v).astype(jnp.float32) / p.sum(axis=-1, keepdims=True)
+  out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v).astype(jnp.float32) / p.sum(
+    axis=-1, keepdims=True
+  )
   return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 
@@ -238,10 +275,12 @@ class Attention(nn.Module):
     v = dense(inner, ctx_names, use_bias=False, name="to_v")(context)
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.dim_head))
     q, k, v = split(q), split(k), split(v)
-    scale = self.dim_head ** -0.5
+    scale = self.dim_head**-0.5
     o = self.options
     if o.impl not in ATTENTION_IMPLS:
-      raise ValueError(f"config.model.attention={o.impl!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+      raise ValueError(
+        f"config.model.attention={o.impl!r}; use one of {', '.join(ATTENTION_IMPLS)}"
+      )
     if o.impl == "flash" and self_attention and x.shape[1] >= o.flash_min_seq_len:
       out = flash_attention(q, k, v, scale, o.batch_axes, o.heads_axis)
     elif o.impl == "cudnn" and self_attention:
@@ -250,7 +289,9 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, scale=scale)
     else:
       out = _softmax_attention(q, k, v, scale)
-    return dense(x.shape[-1], ("heads", "embed"), name="to_out")(out.reshape(x.shape[:2] + (inner,)))
+    return dense(x.shape[-1], ("heads", "embed"), name="to_out")(
+      out.reshape(x.shape[:2] + (inner,))
+    )
 
 
 class GEGLUFeedForward(nn.Module):
@@ -281,13 +322,22 @@ class TransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name=name,
-                                   scale_init=_bias(nn.initializers.ones_init()), bias_init=_bias())
-    attn = functools.partial(Attention, self.heads, self.dim_head, self.dtype, self.param_dtype, self.attention)
+    ln = lambda name: nn.LayerNorm(
+      epsilon=1e-5,
+      dtype=jnp.float32,
+      param_dtype=self.param_dtype,
+      name=name,
+      scale_init=_bias(nn.initializers.ones_init()),
+      bias_init=_bias(),
+    )
+    attn = functools.partial(
+      Attention, self.heads, self.dim_head, self.dtype, self.param_dtype, self.attention
+    )
     x = x + attn(name="attn1")(ln("norm1")(x).astype(x.dtype))
     x = x + attn(name="attn2")(ln("norm2")(x).astype(x.dtype), context)
     x = x + GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(
-        ln("norm3")(x).astype(x.dtype))
+      ln("norm3")(x).astype(x.dtype)
+    )
     return x
 
 
@@ -306,14 +356,16 @@ class SpatialTransformer(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     inner = self.heads * self.dim_head
-    conv = functools.partial(Conv, kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype,
-                             impl=self.conv)
+    conv = functools.partial(
+      Conv, kernel_size=1, dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv
+    )
     y = GroupNorm(eps=1e-6, param_dtype=self.param_dtype, name="norm")(x)
     y = conv(inner, name="proj_in")(y)
     y = y.reshape(b, h * w, inner)
     for i in range(self.depth):
-      y = TransformerBlock(self.heads, self.dim_head, self.dtype, self.param_dtype, self.attention,
-                           name=f"block_{i}")(y, context)
+      y = TransformerBlock(
+        self.heads, self.dim_head, self.dtype, self.param_dtype, self.attention, name=f"block_{i}"
+      )(y, context)
     y = y.reshape(b, h, w, inner)
     y = conv(c, zero_init=True, name="proj_out")(y)
     return x + y
@@ -324,8 +376,14 @@ def space_to_depth(x: jax.Array, p: int) -> jax.Array:
   channel) order (torch's pixel_unshuffle for C = 1)."""
   b, h, w, c = x.shape
   if h % p or w % p:
-    raise ValueError(f"latents of {h}x{w} do not split into {p}x{p} patches (config.model.patch_size)")
-  return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // p, w // p, p * p * c)
+    raise ValueError(
+      f"latents of {h}x{w} do not split into {p}x{p} patches (config.model.patch_size)"
+    )
+  return (
+    x.reshape(b, h // p, p, w // p, p, c)
+    .transpose(0, 1, 3, 2, 4, 5)
+    .reshape(b, h // p, w // p, p * p * c)
+  )
 
 
 def depth_to_space(x: jax.Array, p: int) -> jax.Array:
@@ -359,11 +417,14 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str = "none"  # none | full | dots
   attention: AttentionOptions = AttentionOptions()
-  conv: Any = "xla"  # xla | onednn (rdm_jax.ops.onednn's custom calls; CPU, one device) | frozenset: see Conv
+  conv: Any = (
+    "xla"  # xla | onednn (rdm_jax.ops.onednn's custom calls; CPU, one device) | frozenset: see Conv
+  )
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array,
-               deterministic: bool = True) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, t: jax.Array, context: jax.Array, deterministic: bool = True
+  ) -> jax.Array:
     mc = self.model_channels
     dt, pdt = self.dtype, self.param_dtype
     conv = functools.partial(Conv, dtype=dt, param_dtype=pdt, impl=self.conv)
@@ -371,12 +432,21 @@ class UNet(nn.Module):
     res_cls, attn_cls = ResBlock, SpatialTransformer
     if self.remat != "none":
       policy = remat_policy(self.remat)
-      res_cls = nn.remat(ResBlock, policy=policy, static_argnums=(3,))  # (self, x, emb, deterministic)
+      res_cls = nn.remat(
+        ResBlock, policy=policy, static_argnums=(3,)
+      )  # (self, x, emb, deterministic)
       attn_cls = nn.remat(SpatialTransformer, policy=policy)
     res = lambda ch, name: res_cls(ch, self.dropout, dt, pdt, self.conv, name=name)
-    attn = lambda ch, name: attn_cls(ch // self.num_head_channels, self.num_head_channels,
-                                     self.transformer_depth, dt, pdt, self.attention, self.conv,
-                                     name=name)
+    attn = lambda ch, name: attn_cls(
+      ch // self.num_head_channels,
+      self.num_head_channels,
+      self.transformer_depth,
+      dt,
+      pdt,
+      self.attention,
+      self.conv,
+      name=name,
+    )
 
     emb = timestep_embedding(t, mc)
     emb = dense(4 * mc, ("norm", "mlp"), name="time_embed_0")(emb)
@@ -385,7 +455,9 @@ class UNet(nn.Module):
 
     p = self.patch_size
     out_ch = self.out_channels or x.shape[-1]
-    if p > 1:  # Simple Diffusion's patching (Hoogeboom et al. 2023, Sec. 3.3): the grid shrinks p x p
+    if (
+      p > 1
+    ):  # Simple Diffusion's patching (Hoogeboom et al. 2023, Sec. 3.3): the grid shrinks p x p
       x = space_to_depth(x, p)
     h = conv(mc, name="conv_in")(x.astype(dt))
     skips = [h]
@@ -431,22 +503,38 @@ class UNet(nn.Module):
 # inside a ResBlock (in_layers = GroupNorm, SiLU, conv; emb_layers = SiLU, Linear;
 # out_layers = GroupNorm, SiLU, Dropout, conv) and a transformer block (to_out = Linear,
 # Dropout; ff.net = GEGLU(proj), Dropout, Linear)
-_LDM_INNER = {"in_norm": "in_layers.0", "in_conv": "in_layers.2", "emb_proj": "emb_layers.1",
-              "out_norm": "out_layers.0", "out_conv": "out_layers.3", "skip": "skip_connection",
-              "to_out": "to_out.0"}
+_LDM_INNER = {
+  "in_norm": "in_layers.0",
+  "in_conv": "in_layers.2",
+  "emb_proj": "emb_layers.1",
+  "out_norm": "out_layers.0",
+  "out_conv": "out_layers.3",
+  "skip": "skip_connection",
+  "to_out": "to_out.0",
+}
 _LDM_FF = {"proj_in": "net.0.proj", "proj_out": "net.2"}
 
 
 def ldm_prefixes(model: UNet) -> dict[str, str]:
   """Our top-level module names -> the original's module paths (input_blocks / middle_block /
   output_blocks numbered as openaimodel.UNetModel builds them with use_spatial_transformer)."""
-  p = {"time_embed_0": "time_embed.0", "time_embed_1": "time_embed.2", "conv_in": "input_blocks.0.0",
-       "mid_res_0": "middle_block.0", "mid_attn": "middle_block.1", "mid_res_1": "middle_block.2",
-       "out_norm": "out.0", "conv_out": "out.2"}
+  p = {
+    "time_embed_0": "time_embed.0",
+    "time_embed_1": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "mid_res_0": "middle_block.0",
+    "mid_attn": "middle_block.1",
+    "mid_res_1": "middle_block.2",
+    "out_norm": "out.0",
+    "conv_out": "out.2",
+  }
   levels, n, ds = len(model.channel_mult), 1, 1
   for level in range(levels):
     for i in range(model.num_res_blocks):
-      p[f"down_{level}_res_{i}"], p[f"down_{level}_attn_{i}"] = f"input_blocks.{n}.0", f"input_blocks.{n}.1"
+      p[f"down_{level}_res_{i}"], p[f"down_{level}_attn_{i}"] = (
+        f"input_blocks.{n}.0",
+        f"input_blocks.{n}.1",
+      )
       n += 1
     if level != levels - 1:
       p[f"down_{level}_downsample"] = f"input_blocks.{n}.0.op"
@@ -454,9 +542,14 @@ def ldm_prefixes(model: UNet) -> dict[str, str]:
   m = 0
   for level in reversed(range(levels)):
     for i in range(model.num_res_blocks + 1):
-      p[f"up_{level}_res_{i}"], p[f"up_{level}_attn_{i}"] = f"output_blocks.{m}.0", f"output_blocks.{m}.1"
+      p[f"up_{level}_res_{i}"], p[f"up_{level}_attn_{i}"] = (
+        f"output_blocks.{m}.0",
+        f"output_blocks.{m}.1",
+      )
       if level and i == model.num_res_blocks:  # Upsample comes after the block's attention, if any
-        p[f"up_{level}_upsample"] = f"output_blocks.{m}.{2 if ds in model.attention_resolutions else 1}.conv"
+        p[f"up_{level}_upsample"] = (
+          f"output_blocks.{m}.{2 if ds in model.attention_resolutions else 1}.conv"
+        )
       m += 1
     ds //= 2 if level else 1
   return p
@@ -471,7 +564,7 @@ def ldm_names(model: UNet, params: Any) -> dict[tuple[str, ...], str]:
     parts = [prefixes[top]]
     for parent, part in zip([top] + inner, inner):
       if part.startswith("block_"):
-        parts.append("transformer_blocks." + part[len("block_"):])
+        parts.append("transformer_blocks." + part[len("block_") :])
       else:
         parts.append(_LDM_FF[part] if parent == "ff" else _LDM_INNER.get(part, part))
     parts.append({"kernel": "weight", "scale": "weight"}.get(leaf, leaf))
