@@ -253,6 +253,23 @@ def repo_config(name: str, *args: str):
   return config_file(os.path.join(REPO, "configs", f"{name}.py"), *args)
 
 
+def config_section(section_name: str, /, **fields):
+  """config_base's defaults of the config section `section_name` (first_stage, retrieval, ...) with
+  `fields` set (a dict merged into a sub-section: folder=dict(image_size=4) keeps folder's other
+  fields): a section a test builds carries every field the library reads."""
+  import ml_collections as mlc
+
+  from rdm_jax import config_base
+
+  section = config_base.base_config()[section_name]
+  for key, value in fields.items():
+    if isinstance(section.get(key), mlc.ConfigDict) and isinstance(value, dict):
+      section[key].update(value)
+    else:
+      section[key] = value
+  return section
+
+
 def with_overrides(config, overrides):
   """`config` with command-line overrides (--config.a.b=value) applied as the jobs apply them."""
   import ast

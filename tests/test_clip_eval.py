@@ -194,14 +194,14 @@ def test_text_conditioning_is_the_caption_then_its_nearest_database_entries(tiny
   """condition=text: context row 0 is the caption's CLIP text embedding (transformers' FlaxCLIPModel
   and tokenizer called directly), rows 1..k-1 the database entries nearest to it by cosine
   (numpy brute force); the captions travel with the conditioning."""
-  import ml_collections as mlc
   from transformers import CLIPTokenizer, FlaxCLIPModel
 
-  from rdm_jax import conditioning
+  from rdm_jax import conditioning, config_base
   from rdm_jax.data import store
   from rdm_jax.retrieval import encoders
 
-  c = mlc.ConfigDict(
+  c = config_base.base_config()
+  c.update(
     dict(
       data_dir=str(tmp_path),
       database=str(tmp_path / "database"),

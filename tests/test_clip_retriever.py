@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib.util
 import os
 
-import ml_collections as mlc
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from conftest import config_section  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 from rdm_jax.errors import UserError  # noqa: E402
@@ -129,8 +130,13 @@ def test_retriever_preprocessing_is_torch_bicubic_with_align_corners():
 
 
 def retrieval_config(weights, **kw):
-  c = mlc.ConfigDict(
-    dict(encoder="clip_vit_b32", weights=weights, image_size=SIZE, embed_dim=48, batch_size=8)
+  c = config_section(
+    "retrieval",
+    encoder="clip_vit_b32",
+    weights=weights,
+    image_size=SIZE,
+    embed_dim=48,
+    batch_size=8,
   )
   c.update(kw)
   return c
@@ -175,7 +181,12 @@ def test_clip_settings_and_files_that_do_not_fit_are_one_line(openai, tmp_path):
     clip.load(str(tmp_path / "other.pt"))
   with pytest.raises(UserError, match="has no text tower"):
     encoders.make_text_encoder(
-      mlc.ConfigDict(
-        dict(encoder="efficientnet_lite0", weights="", image_size=32, embed_dim=1280, batch_size=8)
+      config_section(
+        "retrieval",
+        encoder="efficientnet_lite0",
+        weights="",
+        image_size=32,
+        embed_dim=1280,
+        batch_size=8,
       )
     )

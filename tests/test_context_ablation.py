@@ -16,7 +16,7 @@ import pytest
 
 from rdm_jax.data.pipeline import RetrievalData
 from rdm_jax.diffusion.schedule import Schedule
-from rdm_jax.training import context_losses
+from rdm_jax.metrics.context_ablation import context_losses
 
 
 class OracleModel:

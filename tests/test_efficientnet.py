@@ -9,6 +9,8 @@ efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
 
 import jax.numpy as jnp  # noqa: E402
 
+from conftest import config_section  # noqa: E402
+
 from rdm_jax.models import efficientnet_lite, torch_legacy  # noqa: E402
 
 
@@ -122,7 +124,6 @@ def test_grid_features_match_the_reference_layers_pooled_by_torch(
   grid cells by torch's adaptive_avg_pool2d, flattened cell by cell (channels last), is what the
   retrieval encoder returns for the same uint8 images; the map's side and the embedding's width
   are the hand-worked ones (96 px: stem 48, strides 2 at blocks 1, 3, 5, 11 -> 6 after block 10)."""
-  import ml_collections as mlc
   from rdm_jax.retrieval import encoders
 
   model = efficientnet_lite_pytorch.EfficientNet.from_pretrained(
@@ -146,16 +147,15 @@ def test_grid_features_match_the_reference_layers_pooled_by_torch(
     .numpy()
   )
 
-  cfg = mlc.ConfigDict(
-    dict(
-      encoder="efficientnet_lite0",
-      weights="",
-      image_size=image_size,
-      features=layer,
-      grid=grid,
-      embed_dim=channels * grid * grid,
-      batch_size=2,
-    )
+  cfg = config_section(
+    "retrieval",
+    encoder="efficientnet_lite0",
+    weights="",
+    image_size=image_size,
+    features=layer,
+    grid=grid,
+    embed_dim=channels * grid * grid,
+    batch_size=2,
   )
   got = encoders.make_encoder(cfg)(images)
   assert got.shape == (3, channels * grid * grid)
@@ -165,19 +165,24 @@ def test_grid_features_match_the_reference_layers_pooled_by_torch(
 
 
 def test_the_default_features_keep_their_identity_and_bad_grids_are_refused(weights_path):
-  """The pooled head (features="head", grid=1, or a config from before these fields) names the same
-  embedding space as before, so existing stores and runs stay valid; a grid that does not divide
-  the map, an unknown layer and CLIP with a layer are refused with what to set."""
+  """The pooled head (features="head", grid=1: the defaults) names the embedding space by the
+  fields it had before there were others (name, weights, image size, width), so existing stores
+  and runs stay valid; a grid that does not divide the map, an unknown layer and CLIP with a
+  layer are refused with what to set."""
   import ml_collections as mlc
   from rdm_jax.errors import UserError
   from rdm_jax.retrieval import encoders
 
-  old = mlc.ConfigDict(
-    dict(encoder="efficientnet_lite0", weights="", image_size=96, embed_dim=1280, batch_size=8)
+  old = config_section(
+    "retrieval",
+    encoder="efficientnet_lite0",
+    weights="",
+    image_size=96,
+    embed_dim=1280,
+    batch_size=8,
   )
-  new = mlc.ConfigDict(dict(old.to_dict(), features="head", grid=1))
-  assert encoders.encoder_identity(old) == encoders.encoder_identity(new)
-  assert set(encoders.encoder_identity(new)) == {
+  assert (old.features, old.grid) == ("head", 1)
+  assert set(encoders.encoder_identity(old)) == {
     "name",
     "weights_sha256",
     "image_size",
@@ -193,5 +198,5 @@ def test_the_default_features_keep_their_identity_and_bad_grids_are_refused(weig
     encoders.make_encoder(grid)
   with pytest.raises(UserError, match="embeds whole images only"):
     encoders.encoder_identity(
-      mlc.ConfigDict(dict(encoder="clip_vit_b32", weights="", features="block_3", grid=1))
+      config_section("retrieval", encoder="clip_vit_b32", weights="", features="block_3", grid=1)
     )

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TRAIN_CONFIG, subprocess_env
+from conftest import REPO, TRAIN_CONFIG, config_section, subprocess_env
 
 from rdm_jax.data import store
 from rdm_jax.models import efficientnet_lite
@@ -90,11 +90,10 @@ def test_embed_job_equals_embedding_each_image_alone(tmp_path):
 def test_identity_first_stage_by_hand():
   """27x26 pixels in a 32x32 latent: padded (2, 3) rows and (3, 3) columns with -1 (black); decode
   crops the same window, rounds and clips; latents out of [-1, 1] come back clipped."""
-  import ml_collections as mlc
   from rdm_jax.errors import UserError
   from rdm_jax.models import first_stage
 
-  cfg = mlc.ConfigDict(dict(name="identity", pad_to=32))
+  cfg = config_section("first_stage", name="identity", pad_to=32)
   images = np.random.default_rng(0).integers(0, 256, (2, 27, 26, 1), dtype=np.uint8)
   z = first_stage.encode(cfg, images)
   assert z.shape == (2, 32, 32, 1) and z.dtype == np.float32
@@ -114,7 +113,7 @@ def test_identity_first_stage_by_hand():
   with pytest.raises(
     UserError, match="weights file '' not found"
   ):  # LDM autoencoders need their checkpoint
-    first_stage.encode(mlc.ConfigDict(dict(name="vq_f4", pad_to=256, weights="")), images)
+    first_stage.encode(config_section("first_stage", name="vq_f4", pad_to=256, weights=""), images)
 
 
 def test_embed_job_keeps_a_folders_captions_and_sampling_can_prompt_with_them(tmp_path):

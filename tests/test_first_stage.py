@@ -23,6 +23,8 @@ torch = pytest.importorskip("torch")
 taming_model = pytest.importorskip("taming.modules.diffusionmodules.model")
 taming_quantize = pytest.importorskip("taming.modules.vqvae.quantize")
 
+from conftest import config_section  # noqa: E402
+
 from rdm_jax.errors import UserError  # noqa: E402
 from rdm_jax.models import autoencoder, first_stage  # noqa: E402
 
@@ -232,16 +234,15 @@ def save_lightning_ckpt(path, state_dict):
 
 
 def first_stage_config(name, weights, **kw):
-  c = mlc.ConfigDict(
-    dict(
-      name=name,
-      pad_to=0,
-      latent_channels=TINY[name]["embed_dim"],
-      weights=str(weights),
-      scale_factor=1.0,
-      batch_size=8,
-      arch=dict(TINY[name]),
-    )
+  c = config_section(
+    "first_stage",
+    name=name,
+    pad_to=0,
+    latent_channels=TINY[name]["embed_dim"],
+    weights=str(weights),
+    scale_factor=1.0,
+    batch_size=8,
+    arch=dict(TINY[name]),
   )
   c.update(kw)
   return c

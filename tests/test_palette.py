@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import ml_collections as mlc
 import numpy as np
 import pytest
+
+from conftest import config_section
 
 from rdm_jax.errors import UserError
 from rdm_jax.models import first_stage, palette
 
 
 def _cfg(path="", k=3, f=2):
-  return mlc.ConfigDict(
-    dict(
-      name="palette",
-      pad_to=0,
-      latent_channels=1,
-      weights=str(path),
-      palette_size=k,
-      palette_factor=f,
-    )
+  return config_section(
+    "first_stage",
+    name="palette",
+    pad_to=0,
+    latent_channels=1,
+    weights=str(path),
+    palette_size=k,
+    palette_factor=f,
   )
 
 

@@ -29,7 +29,7 @@ from rdm_jax import checkpoint, conditioning, config_base, inference
 from rdm_jax.data import store
 from rdm_jax.errors import UserError
 from rdm_jax.retrieval import proposal
-from rdm_jax.training import sample_in_batches
+from rdm_jax.inference import sample_in_batches
 from rdm_jax.models import factory
 
 FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -538,7 +538,7 @@ def test_sample_job_with_an_image_folder_swapped_in_as_the_database(trained, tmp
       )
   config = tiny_config(data_dir)
   config.dataset.parts.database = dict(split=f"folder:{tmp_path}/art", start=0, stop=0)
-  config.dataset.folder = dict(image_size=8, channels=1, background="white", max_pixels=100)
+  config.dataset.folder.update(image_size=8, channels=1, background="white", max_pixels=100)
   source = sources.part_source(config.dataset, "database")
   encoder = store.read(os.path.join(data_dir, "database"), "database", hint="").manifest["encoder"]
   emb = np.random.default_rng(3).normal(size=(12, 16)).astype(np.float32)

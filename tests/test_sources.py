@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import config_section
+
 from rdm_jax.data import sources
 from rdm_jax.errors import UserError
 
@@ -44,17 +46,15 @@ def test_idx_by_hand_and_truncation(tmp_path):
 
 
 def test_overlapping_parts_are_refused():
-  import ml_collections as mlc
 
-  ds = mlc.ConfigDict(
-    dict(
-      name="fashion_mnist",
-      parts=dict(
-        train=dict(split="train", start=0, stop=100),
-        database=dict(split="train", start=50, stop=200),
-        test=dict(split="test", start=0, stop=10),
-      ),
-    )
+  ds = config_section(
+    "dataset",
+    name="fashion_mnist",
+    parts=dict(
+      train=dict(split="train", start=0, stop=100),
+      database=dict(split="train", start=50, stop=200),
+      test=dict(split="test", start=0, stop=10),
+    ),
   )
   with pytest.raises(UserError, match="overlap"):
     sources.check_disjoint(ds)
@@ -63,14 +63,12 @@ def test_overlapping_parts_are_refused():
 
 
 def _folder_dataset(path, size=4, channels=1, max_pixels=8, stop=0):
-  import ml_collections as mlc
 
-  return mlc.ConfigDict(
-    dict(
-      name="fashion_mnist",
-      parts=dict(database=dict(split=f"folder:{path}", start=0, stop=stop)),
-      folder=dict(image_size=size, channels=channels, background="white", max_pixels=max_pixels),
-    )
+  return config_section(
+    "dataset",
+    name="fashion_mnist",
+    parts=dict(database=dict(split=f"folder:{path}", start=0, stop=stop)),
+    folder=dict(image_size=size, channels=channels, background="white", max_pixels=max_pixels),
   )
 
 
@@ -123,7 +121,6 @@ def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
   with `files` reads exactly the listed images, in the list's order (grey levels worked by hand);
   a listed file the folder lacks, a path leaving it, or a list changed after the stores were made
   is one line; two lists over one folder overlap only when they share a file."""
-  import ml_collections as mlc
   from PIL import Image
 
   for i in range(5):
@@ -152,14 +149,13 @@ def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
   with pytest.raises(UserError, match="file list .*train.txt changed or went away"):
     sources.folder_files(source)
   split = f"folder:{tmp_path}"
-  parts = mlc.ConfigDict(
-    dict(
-      name="ffhq",
-      parts=dict(
-        train=dict(split=split, start=0, stop=0, files=str(tmp_path / "train.txt")),
-        database=dict(split=split, start=0, stop=0, files=str(tmp_path / "val.txt")),
-      ),
-    )
+  parts = config_section(
+    "dataset",
+    name="ffhq",
+    parts=dict(
+      train=dict(split=split, start=0, stop=0, files=str(tmp_path / "train.txt")),
+      database=dict(split=split, start=0, stop=0, files=str(tmp_path / "val.txt")),
+    ),
   )
   sources.check_disjoint(parts)
   (tmp_path / "val.txt").write_text("00001.png\n00003.png\n")
@@ -185,17 +181,15 @@ def test_tfds_parts_stream_rows_and_keep_a_label_range(tmp_path):
   """A mocked TFDS split read by row ranges in any order equals the whole split read at once, the
   label range keeps exactly the examples whose label is in it, and a dataset that is not there
   is one line."""
-  import ml_collections as mlc
   import tensorflow_datasets as tfds
 
-  ds = mlc.ConfigDict(
-    dict(
-      name="imagenet2012",
-      image_size=12,
-      tfds_data_dir="",
-      label_range=(),
-      parts=dict(train=dict(split="train", start=2, stop=14)),
-    )
+  ds = config_section(
+    "dataset",
+    name="imagenet2012",
+    image_size=12,
+    tfds_data_dir="",
+    label_range=(),
+    parts=dict(train=dict(split="train", start=2, stop=14)),
   )
   with tfds.testing.mock_data(num_examples=16):
     part = sources.open_part(ds, "train")
@@ -284,18 +278,16 @@ def _captioned_builder(data_dir: str):
 def test_tfds_captions_are_the_first_caption_of_each_example(tmp_path):
   """A locally prepared TFDS dataset captioned like coco_captions: a part's captions are each
   example's first `captions/text` ("" for none), aligned with its images in file order."""
-  import ml_collections as mlc
 
   builder = _captioned_builder(str(tmp_path))
-  ds = mlc.ConfigDict(
-    dict(
-      name=builder.name,
-      image_size=4,
-      tfds_data_dir=str(tmp_path),
-      label_range=(),
-      caption_feature="auto",
-      parts=dict(test=dict(split="val", start=3, stop=9)),
-    )
+  ds = config_section(
+    "dataset",
+    name=builder.name,
+    image_size=4,
+    tfds_data_dir=str(tmp_path),
+    label_range=(),
+    caption_feature="auto",
+    parts=dict(test=dict(split="val", start=3, stop=9)),
   )
   part = sources.open_part(ds, "test")
   means = part.images().reshape(6, -1).mean(-1)  # the images say which example each row is

@@ -16,7 +16,7 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from rdm_jax import training
+from rdm_jax import config_base, training
 from rdm_jax.models import factory
 
 torch = pytest.importorskip("torch")
@@ -53,7 +53,8 @@ def config(
   update_clip: float = 0.0,
   decay: str = "none",
 ) -> mlc.ConfigDict:
-  return mlc.ConfigDict(
+  c = config_base.base_config()
+  c.update(
     dict(
       train=dict(p_uncond=p_uncond, num_steps=8),
       optim=dict(
@@ -71,6 +72,7 @@ def config(
       diffusion=dict(num_timesteps=1000, beta_start=1.5e-3, beta_end=1.95e-2),
     )
   )
+  return c
 
 
 def run_jax(cfg, steps: int, seed: int = 0):

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 
 from rdm_jax import files
@@ -199,7 +200,7 @@ class FirstStage:
 
 @functools.lru_cache(maxsize=4)
 def _load(cfg_json: str) -> FirstStage:
-  cfg = json.loads(cfg_json)
+  cfg = mlc.ConfigDict(json.loads(cfg_json))
   s = spec(cfg)
   what = f"first stage {cfg['name']}"
   sd = load_state_dict(cfg.weights, what)
