@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
@@ -33,16 +33,19 @@ from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli
 from rdm_jax.metrics import extractors, sample_sets
 
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "The training run's directory (samples in, eval/ out)."
+_WORKDIR = cli.define_once(
+  flags.DEFINE_string, "workdir", None, "The training run's directory (samples in, eval/ out)."
 )
-_SAMPLES = flags.DEFINE_list(
+_SAMPLES = cli.define_once(
+  flags.DEFINE_list,
   "samples",
   None,
   "Sample sets: .npz files, directories of .npz shards or "
   "image folders (default: the sample job's sets in <workdir>/samples).",
 )
-_OUT = flags.DEFINE_string("out", None, "Output directory (default <workdir>/eval).")
+_OUT = cli.define_once(
+  flags.DEFINE_string, "out", None, "Output directory (default <workdir>/eval)."
+)
 
 
 MADE_BY = "rdm_jax.evaluate"
@@ -153,19 +156,22 @@ def check_expected(rows: dict[str, dict[str, Any]], expect: Any) -> tuple[list[s
   return held, failed
 
 
-def main(argv):
-  del argv
-  config = cli.CONFIG.value
+def evaluate(
+  config: Any, workdir: str = "", samples: Sequence[str] = (), out: str = ""
+) -> dict[str, Any]:
+  """config.eval's metrics of the sample sets `samples` (default: every set under
+  <workdir>/samples) against the reference set, written to `out` (default <workdir>/eval) as
+  metrics.json and metrics.md; a figure outside config.eval.expect fails. Returns metrics.json's
+  content."""
   cfg = config.eval
-  workdir = _WORKDIR.value
-  paths = _SAMPLES.value or sample_sets.default_sample_sets(
+  paths = list(samples) or sample_sets.default_sample_sets(
     workdir or fail("--workdir or --samples is required")
   )
   if not paths:
     fail(
       f"no sample sets in {workdir}/samples; run `python -m rdm_jax.sample` first or pass --samples"
     )
-  out_dir = files.normpath(_OUT.value or files.join(workdir or ".", "eval"))
+  out_dir = files.normpath(out or files.join(workdir or ".", "eval"))
   cli.hold_output(out_dir, "--out")  # created and checked writable before any work; one writer
   check_output_dir(out_dir)
   unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
@@ -246,6 +252,12 @@ def main(argv):
     )
   if held:
     print(f"within this recipe's expected band (config.eval.expect): {'; '.join(held)}")
+  return result
+
+
+def main(argv):
+  del argv
+  evaluate(cli.CONFIG.value, _WORKDIR.value or "", _SAMPLES.value or (), _OUT.value or "")
 
 
 if __name__ == "__main__":

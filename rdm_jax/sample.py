@@ -54,10 +54,13 @@ from rdm_jax.data import store, visualize
 from rdm_jax.errors import UserError, fail
 from rdm_jax.jobs import cli, distributed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_OUT = flags.DEFINE_string(
-  "out", None, "The sample set's directory (default <workdir>/samples/<condition>)."
+_WORKDIR = cli.define_once(flags.DEFINE_string, "workdir", None, "The training run's directory.")
+_STEP = cli.define_once(flags.DEFINE_integer, "step", None, "Checkpoint step (default: latest).")
+_OUT = cli.define_once(
+  flags.DEFINE_string,
+  "out",
+  None,
+  "The sample set's directory (default <workdir>/samples/<condition>).",
 )
 
 
@@ -210,24 +213,20 @@ def write_shard(path: str, rdm: inference.RDM, cond, rows: np.ndarray, z: np.nda
   return images
 
 
-def main(argv):
-  del argv
-  distributed.initialize()
-  preemption.install()  # SIGTERM: finish the shard, exit 75 (all processes after the same shard)
-  config = cli.CONFIG.value
-  workdir = _WORKDIR.value or fail("--workdir is required")
+def sample_set(config: Any, workdir: str, out: str = "", step: int | None = None) -> str:
+  """Writes config.sample's sample set of the run in `workdir` (checkpoint `step`, default the
+  latest) to `out` (default <workdir>/samples/<condition>), resuming a killed run's shards; every
+  process of a distributed run calls it alike. Returns the directory."""
   cli.check_platform(config)
   s = config.sample
   if s.shard_size < 1:
     fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")
-  out = files.normpath(_OUT.value or files.join(workdir, "samples", s.condition))
+  out = files.normpath(out or files.join(workdir, "samples", s.condition))
   errors.checked_by_process_0(
     lambda: check_out_dir(out, None)
   )  # files of others: refused before any work
   cli.hold_output(out, "--out", create=False)  # checked writable before any work; one writer
-  rdm = inference.RDM(
-    config, workdir, _STEP.value
-  )  # checks the sampler settings before any retrieval
+  rdm = inference.RDM(config, workdir, step)  # checks the sampler settings before any retrieval
   cond = rdm.from_config()  # every process: the same conditioning of all N samples
   n = len(cond.context)
   num_shards = -(-n // s.shard_size)
@@ -300,6 +299,15 @@ def main(argv):
     if trained_on := store.describe_stores(rdm.info.get("trained_on")):
       print(f"the model was trained on {trained_on}")
   multihost_utils.sync_global_devices("rdm_jax.sample done")
+  return out
+
+
+def main(argv):
+  del argv
+  distributed.initialize()
+  preemption.install()  # SIGTERM: finish the shard, exit 75 (all processes after the same shard)
+  workdir = _WORKDIR.value or fail("--workdir is required")
+  sample_set(cli.CONFIG.value, workdir, _OUT.value or "", _STEP.value)
 
 
 if __name__ == "__main__":

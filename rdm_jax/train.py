@@ -33,7 +33,8 @@ from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string(
+_WORKDIR = cli.define_once(
+  flags.DEFINE_string,
   "workdir",
   None,
   "Directory for checkpoints, logs and samples (shared by all processes of a multi-host run).",

@@ -14,6 +14,7 @@ its next-token NLL. Writes <workdir>/context_ablation.json.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from absl import flags
 
@@ -24,23 +25,32 @@ from rdm_jax.jobs import cli
 from rdm_jax.metrics import context_ablation
 from rdm_jax.models import factory
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory.")
-_EXAMPLES = flags.DEFINE_integer("num_examples", 2048, "Test examples to average over.")
-_REPEATS = flags.DEFINE_integer("repeats", 4, "Noise draws per example.")
-_BATCH = flags.DEFINE_integer(
-  "batch", 256, "Examples per batch (the shuffled context is shuffled within one)."
+_WORKDIR = cli.define_once(flags.DEFINE_string, "workdir", None, "The training run's directory.")
+_EXAMPLES = cli.define_once(
+  flags.DEFINE_integer, "num_examples", 2048, "Test examples to average over."
 )
-_BUCKETS = flags.DEFINE_integer(
-  "noise_buckets", 10, "Ranges of t the diffusion losses are also reported in."
+_REPEATS = cli.define_once(flags.DEFINE_integer, "repeats", 4, "Noise draws per example.")
+_BATCH = cli.define_once(
+  flags.DEFINE_integer,
+  "batch",
+  256,
+  "Examples per batch (the shuffled context is shuffled within one).",
+)
+_BUCKETS = cli.define_once(
+  flags.DEFINE_integer,
+  "noise_buckets",
+  10,
+  "Ranges of t the diffusion losses are also reported in.",
 )
 
 
-def main(argv):
-  del argv
-  config = cli.CONFIG.value
-  workdir = _WORKDIR.value or fail("--workdir is required")
-  if _BUCKETS.value < 1:
-    fail(f"--noise_buckets={_BUCKETS.value}: give at least 1")
+def run(
+  config: Any, workdir: str, examples: int, repeats: int, batch: int, noise_buckets: int
+) -> dict[str, Any]:
+  """The ablation of the run in `workdir` (its latest checkpoint) on the test part's first
+  `examples`, written to <workdir>/context_ablation.json and returned."""
+  if noise_buckets < 1:
+    fail(f"--noise_buckets={noise_buckets}: give at least 1")
   cli.check_platform(config)
   model, params, info, step = checkpoint.load_trained(config, workdir)
   data = pipeline.load_retrieval_data(config, "test", encoder=info["encoder"])
@@ -50,15 +60,24 @@ def main(argv):
     factory.make_schedule(config),
     data,
     config.k_train,
-    _EXAMPLES.value,
-    _REPEATS.value,
-    batch=_BATCH.value,
+    examples,
+    repeats,
+    batch=batch,
     seed=config.train.seed,
-    noise_buckets=_BUCKETS.value,
+    noise_buckets=noise_buckets,
   )
   result["checkpoint_step"] = step
   files.atomic_write_text(
     files.join(workdir, "context_ablation.json"), json.dumps(result, indent=1)
+  )
+  return result
+
+
+def main(argv):
+  del argv
+  workdir = _WORKDIR.value or fail("--workdir is required")
+  result = run(
+    cli.CONFIG.value, workdir, _EXAMPLES.value, _REPEATS.value, _BATCH.value, _BUCKETS.value
   )
   print(report(result))
 

@@ -5,17 +5,24 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-DISTRIBUTED = flags.DEFINE_bool(
+from rdm_jax.jobs import cli
+
+DISTRIBUTED = cli.define_once(
+  flags.DEFINE_bool,
   "distributed",
   False,
   "Call jax.distributed.initialize (multi-host). "
   "On TPU pods and SLURM the cluster is detected; elsewhere give the flags below.",
 )
-COORDINATOR = flags.DEFINE_string(
-  "coordinator_address", None, "host:port of process 0 (multi-host)."
+COORDINATOR = cli.define_once(
+  flags.DEFINE_string, "coordinator_address", None, "host:port of process 0 (multi-host)."
 )
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+NUM_PROCESSES = cli.define_once(
+  flags.DEFINE_integer, "num_processes", None, "Number of processes (multi-host)."
+)
+PROCESS_ID = cli.define_once(
+  flags.DEFINE_integer, "process_id", None, "This process's index (multi-host)."
+)
 
 
 def initialize() -> None:

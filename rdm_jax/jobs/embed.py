@@ -16,6 +16,8 @@ logged, skipped and counted in the manifest. Resumable by chunk; --num_processes
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 from absl import flags
 
 from rdm_jax import config_base, preemption
@@ -92,16 +94,23 @@ def embed_part(
   return result
 
 
+def embed_parts(
+  config: Any, parts: Sequence[str], process_id: int = 0, num_processes: int = 1
+) -> None:
+  """The embeddings store of each part (the database store for "database"), resumably; process
+  `process_id` of `num_processes` embeds its block of each store's chunks."""
+  sources.check_disjoint(config.dataset)
+  for part in parts:  # every output is safe to write before any work starts
+    store.check_output(*output(config, part))
+  encode = _Lazy(lambda: encoders.make_encoder(config.retrieval))  # skipped parts load no weights
+  for part in parts:
+    embed_part(config, part, encode, process_id, num_processes)
+
+
 def main(argv):
   del argv
   preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
-  config = cli.CONFIG.value
-  sources.check_disjoint(config.dataset)
-  for part in _PARTS.value:  # every output is safe to write before any work starts
-    store.check_output(*output(config, part))
-  encode = _Lazy(lambda: encoders.make_encoder(config.retrieval))  # skipped parts load no weights
-  for part in _PARTS.value:
-    embed_part(config, part, encode, _PROCESS_ID.value, _NUM_PROCESSES.value)
+  embed_parts(cli.CONFIG.value, _PARTS.value, _PROCESS_ID.value, _NUM_PROCESSES.value)
 
 
 class _Lazy:

@@ -11,6 +11,7 @@ order; the manifest says tokens: true).
 from __future__ import annotations
 
 import os
+from typing import Any, Sequence
 
 from absl import flags
 
@@ -100,15 +101,22 @@ def fit_palette(config) -> None:
   print(f"fitted a {len(colours)}-colour palette on {int(ok.sum())} train images: {cfg.weights}")
 
 
+def encode_parts(
+  config: Any, parts: Sequence[str], process_id: int = 0, num_processes: int = 1
+) -> None:
+  """The latents store of each part, resumably; process `process_id` of `num_processes` encodes
+  its block of each store's chunks."""
+  sources.check_disjoint(config.dataset)
+  for part in parts:  # every output is safe to write before any work starts
+    store.check_output(config_base.paths(config)[f"latents_{part}"], "latents")
+  for part in parts:
+    encode_part(config, part, process_id, num_processes)
+
+
 def main(argv):
   del argv
   preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
-  config = cli.CONFIG.value
-  sources.check_disjoint(config.dataset)
-  for part in _PARTS.value:  # every output is safe to write before any work starts
-    store.check_output(config_base.paths(config)[f"latents_{part}"], "latents")
-  for part in _PARTS.value:
-    encode_part(config, part, _PROCESS_ID.value, _NUM_PROCESSES.value)
+  encode_parts(cli.CONFIG.value, _PARTS.value, _PROCESS_ID.value, _NUM_PROCESSES.value)
 
 
 if __name__ == "__main__":

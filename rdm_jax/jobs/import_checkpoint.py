@@ -51,10 +51,15 @@ from rdm_jax.models import (
 from rdm_jax.parallel import mesh as mesh_lib
 from rdm_jax.retrieval import encoders
 
-_CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, 'The original\'s Lightning model.ckpt (README: "The published checkpoints").'
+_CHECKPOINT = cli.define_once(
+  flags.DEFINE_string,
+  "checkpoint",
+  None,
+  'The original\'s Lightning model.ckpt (README: "The published checkpoints").',
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "A new or empty directory for the imported run.")
+_WORKDIR = cli.define_once(
+  flags.DEFINE_string, "workdir", None, "A new or empty directory for the imported run."
+)
 
 UNET_PREFIX = "model.diffusion_model."
 RARM_PREFIX = rarm.TORCH_PREFIX

@@ -27,8 +27,11 @@ from rdm_jax.retrieval import original_database
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
 
-_NPZ = flags.DEFINE_list(
-  "npz", None, "The original's database: a directory of *.npz parts, or .npz files."
+_NPZ = cli.define_once(
+  flags.DEFINE_list,
+  "npz",
+  None,
+  "The original's database: a directory of *.npz parts, or .npz files.",
 )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 from absl import flags
 
@@ -20,7 +21,8 @@ from rdm_jax.data import pipeline, store
 from rdm_jax.jobs import cli
 from rdm_jax.retrieval import index
 
-_DATABASE = flags.DEFINE_string(
+_DATABASE = cli.define_once(
+  flags.DEFINE_string,
   "database",
   None,
   "Database store directory or an [N, d] float .npy file (bring-your-own embeddings); "
@@ -50,15 +52,20 @@ def database_and_index_paths(config) -> tuple[store.Store, str]:
   return store.read(paths["database"], "database", hint=EMBED_HINT), paths["index"]
 
 
-def main(argv):
-  del argv
-  config = cli.CONFIG.value
+def build(config: Any) -> index.Index:
+  """The index over config.database (built, or the one there when it is current)."""
   database, path = database_and_index_paths(config)
   built = index.ensure(database, config.retrieval.index, config.retrieval.num_neighbors, path)
   print(
     f"index {built.path}: {built.size} vectors in {len(built.shards)} shard(s), "
     + ", ".join(sorted({s["recipe"]["kind"] for s in built.shards}))
   )
+  return built
+
+
+def main(argv):
+  del argv
+  build(cli.CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ one that finishes last merges.
 from __future__ import annotations
 
 import os
+from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
@@ -37,12 +38,13 @@ from rdm_jax.retrieval import encoders, exact, exclusion, index, proposal
 _PARTS = cli.define_once(
   flags.DEFINE_list, "parts", ["train", "test"], "Query parts to search for."
 )
-_QUERIES = flags.DEFINE_string(
+_QUERIES = cli.define_once(
+  flags.DEFINE_string,
   "queries",
   None,
   "Query embeddings (store directory or [N, d] .npy) instead of the config's parts; needs --out.",
 )
-_OUT = flags.DEFINE_string("out", None, "Output store for --queries.")
+_OUT = cli.define_once(flags.DEFINE_string, "out", None, "Output store for --queries.")
 _PROCESS_ID = cli.define_once(
   flags.DEFINE_integer, "process_id", 0, "This process's index in [0, --num_processes)."
 )
@@ -187,23 +189,30 @@ def write_proposal(config, neighbors: store.Store, database: store.Store, path: 
   return result
 
 
-def main(argv):
-  del argv
-  preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
-  config = cli.CONFIG.value
+def run(
+  config: Any,
+  parts: Sequence[str] = ("train", "test"),
+  queries: str = "",
+  out: str = "",
+  process_id: int = 0,
+  num_processes: int = 1,
+) -> None:
+  """The neighbours in config.database of each part's embeddings (and, for train, the proposal
+  p_D), or of the embeddings store `queries` into the neighbours store `out`; process
+  `process_id` of `num_processes` takes its block of every store's chunks."""
   database, index_path = index_job.database_and_index_paths(config)
   idx = index.load(
     index_path, database, config.retrieval.index
   )  # none there: says to run the index job
-  pid, count = _PROCESS_ID.value, _NUM_PROCESSES.value
-  if _QUERIES.value:
-    out = store.normalize(
-      _OUT.value or fail("--queries needs --out (the neighbours store to write)")
-    )
-    queries = index_job.open_embeddings(
-      config, _QUERIES.value, "embeddings", "(your query embeddings)"
-    )
-    jobs = [(queries, out, out + "_proposal")]
+  if queries:
+    out = store.normalize(out or fail("--queries needs --out (the neighbours store to write)"))
+    jobs = [
+      (
+        index_job.open_embeddings(config, queries, "embeddings", "(your query embeddings)"),
+        out,
+        out + "_proposal",
+      )
+    ]
   else:
     paths = config_base.paths(config)
     jobs = [
@@ -214,22 +223,35 @@ def main(argv):
         paths[f"neighbors_{part}"],
         paths["proposal"] if part == "train" else None,
       )
-      for part in _PARTS.value
+      for part in parts
     ]
-  for _, out, proposal_path in jobs:  # every output is safe to write before any work starts
-    store.check_output(out, "neighbors")
+  for _, path, proposal_path in jobs:  # every output is safe to write before any work starts
+    store.check_output(path, "neighbors")
     if proposal_path:
       store.check_output(proposal_path, proposal.KIND)
-  for queries, out, proposal_path in jobs:
-    result = find_neighbors(config, queries, database, idx, out, pid, count)
+  for embeddings, path, proposal_path in jobs:
+    result = find_neighbors(config, embeddings, database, idx, path, process_id, num_processes)
     if result is None:
       continue
     print(
-      f"{out}: neighbor_ids {result['neighbor_ids'].shape}, recall@K "
+      f"{path}: neighbor_ids {result['neighbor_ids'].shape}, recall@K "
       f"{result.manifest.get('recall_at_k', 'not checked')}"
     )
     if proposal_path:
       write_proposal(config, result, database, proposal_path)
+
+
+def main(argv):
+  del argv
+  preemption.install()  # SIGTERM: the chunk under way is finished and kept, exit 75
+  run(
+    cli.CONFIG.value,
+    _PARTS.value,
+    _QUERIES.value or "",
+    _OUT.value or "",
+    _PROCESS_ID.value,
+    _NUM_PROCESSES.value,
+  )
 
 
 if __name__ == "__main__":
