@@ -106,7 +106,7 @@ def train_speed(config, steps: int) -> tuple[float, int]:
 
 
 def torch_train_speed(model: rarm.RARM, batch: int, steps: int) -> tuple[float, int]:
-  """The same transformer in PyTorch (diffusers' blocks, as tests/test_rarm.py checks it), AdamW."""
+  """The same transformer in PyTorch (diffusers' blocks, as tests/models/test_rarm.py checks it), AdamW."""
   import torch
 
   sys.path.insert(0, os.path.join(REPO, "tests"))

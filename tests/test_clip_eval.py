@@ -12,8 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, subprocess_env
-from torch_references import reference
+from tests.conftest import REPO, subprocess_env
+from tests.torch_references import reference
 
 from rdm_jax import metrics
 from rdm_jax.errors import UserError

@@ -14,7 +14,7 @@ from rdm_jax import aot, training
 from rdm_jax.errors import UserError
 from rdm_jax.parallel import flops, hlo, mesh as mesh_lib, topology
 from rdm_jax.models import factory
-from conftest import REPO, repo_config, subprocess_env
+from tests.conftest import REPO, repo_config, subprocess_env
 
 
 def test_slices_by_their_booking_names():

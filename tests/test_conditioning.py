@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_tiny_stores, tiny_config
+from tests.conftest import make_tiny_stores, tiny_config
 
 from rdm_jax import conditioning, config_base
 from rdm_jax.data import store

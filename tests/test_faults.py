@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (
+from tests.conftest import (
   REPO,
   TRAINED_STEPS,
   final_state,
@@ -126,7 +126,7 @@ def test_training_resumes_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_pa
 
 def test_sample_names_the_steps_that_exist_and_the_samplers(trained):
   data_dir, workdir = trained
-  from conftest import TINY_OVERRIDES, TRAIN_CONFIG
+  from tests.conftest import TINY_OVERRIDES, TRAIN_CONFIG
 
   line = one_line_error(
     [

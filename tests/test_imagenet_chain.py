@@ -18,13 +18,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
-from test_clip_retriever import openai_clip_module  # noqa: E402
-from test_first_stage import TINY, TorchAutoencoder, nhwc, save_lightning_ckpt  # noqa: E402
+from tests.retrieval.test_clip_retriever import openai_clip_module  # noqa: E402
+from tests.models.test_first_stage import TINY, TorchAutoencoder, nhwc, save_lightning_ckpt  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 from rdm_jax.models import factory  # noqa: E402
@@ -310,7 +310,7 @@ def _export_in_the_original_format(root: str, vq, path: str) -> None:
 
 def config_of(root: str, rarm: bool = False):
   """The config the jobs run with: the file's, with the overrides applied as --config.a.b=value."""
-  from conftest import repo_config, with_overrides
+  from tests.conftest import repo_config, with_overrides
 
   return with_overrides(
     repo_config("imagenet_rarm", "mammals") if rarm else repo_config("imagenet_rdm"),

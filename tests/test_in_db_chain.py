@@ -9,12 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
-from test_imagenet_chain import MOCK, N_MOCK, assets, overrides  # noqa: E402,F401  (assets: the fixture)
+from tests.test_imagenet_chain import MOCK, N_MOCK, assets, overrides  # noqa: E402,F401  (assets: the fixture)
 
 from rdm_jax.data import store  # noqa: E402
 

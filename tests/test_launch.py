@@ -4,7 +4,7 @@ import os
 import shlex
 import subprocess
 
-from conftest import REPO
+from tests.conftest import REPO
 
 
 def _dry(script, *args, **env):

@@ -18,7 +18,7 @@ from rdm_jax import training
 from rdm_jax.errors import UserError
 from rdm_jax.models import factory, unet as unet_lib
 from rdm_jax.parallel import mesh as mesh_lib
-from conftest import repo_config
+from tests.conftest import repo_config
 
 
 def _config(**model):

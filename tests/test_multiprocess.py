@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (
+from tests.conftest import (
   REPO,
   TINY_OVERRIDES,
   TRAIN_CONFIG,

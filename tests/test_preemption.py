@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import (
+from tests.conftest import (
   REPO,
   TINY_OVERRIDES,
   TRAIN_CONFIG,
@@ -29,7 +29,7 @@ from conftest import (
   train_command,
 )
 from rdm_jax import checkpoint, preemption
-from test_multiprocess import run_processes
+from tests.test_multiprocess import run_processes
 
 
 def _run(cmd, devices=None):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, repo_config, subprocess_env
+from tests.conftest import REPO, repo_config, subprocess_env
 from rdm_jax import training
 
 

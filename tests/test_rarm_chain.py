@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
-from test_first_stage import TINY, nhwc  # noqa: E402
-from test_imagenet_chain import assets, config_of, mock_images, run  # noqa: E402,F401  (assets: the fixture)
+from tests.models.test_first_stage import TINY, nhwc  # noqa: E402
+from tests.test_imagenet_chain import assets, config_of, mock_images, run  # noqa: E402,F401  (assets: the fixture)
 
 from rdm_jax.data import store  # noqa: E402
 

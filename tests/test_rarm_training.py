@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import repo_config
+from tests.conftest import repo_config
 from jax.sharding import PartitionSpec as P
 
 from rdm_jax import training
@@ -120,7 +120,7 @@ def test_bad_token_stores_are_refused_in_one_line(tmp_path):
   import pytest
 
   pytest.importorskip("torch")  # the tiny VQ checkpoint is written with it
-  from test_first_stage import TINY, TorchAutoencoder, save_lightning_ckpt
+  from tests.models.test_first_stage import TINY, TorchAutoencoder, save_lightning_ckpt
 
   from rdm_jax.data import pipeline, store
   from rdm_jax.errors import UserError
@@ -198,7 +198,7 @@ RARM_TINY = [
 def tiny_token_run(tmp_path) -> list[str]:
   """configs/fashion_mnist_rarm.py shrunk: random palette tokens (4 x 4 of 16 codes) in tiny stores;
   the train command's arguments after the module."""
-  from conftest import make_tiny_stores, repo_config
+  from tests.conftest import make_tiny_stores, repo_config
 
   from rdm_jax.models import first_stage
 
@@ -225,7 +225,7 @@ def tiny_token_run(tmp_path) -> list[str]:
 
 def rarm_final_state(args: list[str], workdir: str, step: int):
   """The whole train state of the tiny RARM run at `step` (the config its job ran with)."""
-  from conftest import final_state, repo_config, with_overrides
+  from tests.conftest import final_state, repo_config, with_overrides
 
   return final_state(with_overrides(repo_config("fashion_mnist_rarm"), args), workdir, (16,), step)
 
@@ -234,7 +234,7 @@ def _train(args, workdir, kill_at=0):
   import subprocess
   import sys
 
-  from conftest import REPO, killable, subprocess_env
+  from tests.conftest import REPO, killable, subprocess_env
 
   cmd = killable([sys.executable, "-m", "rdm_jax.train", f"--workdir={workdir}", *args], kill_at)
   return subprocess.run(
@@ -261,7 +261,7 @@ def test_rarm_training_killed_while_checkpointing_resumes_to_the_uninterrupted_s
   tests/test_kill_jobs.py."""
   import signal
 
-  from conftest import assert_same_state
+  from tests.conftest import assert_same_state
 
   from rdm_jax import checkpoint
 
@@ -283,8 +283,8 @@ def test_the_python_api_samples_rarm_from_every_conditioning_source(rarm_run):
   fold_in(PRNGKey(seed), i) whatever the batch size, and images that are the palette's colour of
   each token blown up 2 x 2 (worked by hand). Text conditioning is the same path from CLIP's
   text embedding (tests/test_clip_eval.py); it needs a CLIP encoder, which the tiny stores lack."""
-  from conftest import final_state, repo_config, with_overrides
-  from test_sample import brute_force_neighbors
+  from tests.conftest import final_state, repo_config, with_overrides
+  from tests.test_sample import brute_force_neighbors
 
   from rdm_jax import config_base, inference
   from rdm_jax.data import store

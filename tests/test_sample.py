@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import (
+from tests.conftest import (
   FMNIST_DB_START,
   REPO,
   TINY_OVERRIDES,
@@ -96,7 +96,7 @@ def _fmnist_train_rows(rows, path=FMNIST_TRAIN):
   not os.path.exists(FMNIST_TRAIN), reason="needs dataset-fashion-mnist (make data)"
 )
 def test_database_images_follow_the_stores_ids_to_the_source_pixels(tmp_path):
-  from conftest import make_tiny_stores
+  from tests.conftest import make_tiny_stores
 
   make_tiny_stores(str(tmp_path / "data"), fmnist_database=True)
   config = tiny_config(str(tmp_path / "data"))
@@ -114,7 +114,7 @@ def test_exemplar_conditioning_can_put_the_query_itself_first(tmp_path):
   """include_query (the original's omit_query=False): the query's own embedding, then its k-1
   nearest; the panel shows the query image in its slot (row -1), read from the query's source.
   k = 1 is the query alone (the original's caption-only mode)."""
-  from conftest import make_tiny_stores
+  from tests.conftest import make_tiny_stores
 
   make_tiny_stores(str(tmp_path / "data"), fmnist_database=True)
   config = tiny_config(str(tmp_path / "data"))
@@ -227,7 +227,7 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   # the samples are those of the checkpoint's EMA weights, not of its raw weights
   config.sample.num_steps, config.sample.batch_size, config.sample.sampler = 3, 2, "dpm_solver++"
   model, params, info, step = checkpoint.load_trained(config, workdir)
-  from test_faults import _restore
+  from tests.test_faults import _restore
 
   state = _restore(data_dir, workdir)
   assert step == int(state.step) == 4
@@ -493,7 +493,7 @@ def test_training_writes_samples_of_its_ema_weights_every_sample_every_steps(tra
   from PIL import Image
   from rdm_jax.data import visualize
   from rdm_jax.models import first_stage
-  from test_faults import _restore
+  from tests.test_faults import _restore
 
   data_dir, workdir = trained
   config = tiny_config(data_dir)

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from conftest import (
+from tests.conftest import (
   REPO,
   TRAINED_STEPS,
   assert_same_state,

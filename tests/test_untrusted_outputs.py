@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
+from tests.conftest import REPO, make_tiny_stores, subprocess_env, tiny_config, train_command
 
 from rdm_jax import checkpoint, files, untrusted
 from rdm_jax.data import chunked, sources, store

@@ -16,7 +16,7 @@ pixel-space models. Per-step coefficients are computed once in float64 NumPy fro
   where DDIM ends and where Lu et al.'s discrete-time solver stops (t = 1/N), not at sigma = 0,
   whose last step would be a plain denoising step (E[x0 | z_t] from t ~ T/S, far off the ODE's
   solution at few steps). It equals diffusers' `DPMSolverMultistepScheduler` with
-  `final_sigmas_type="sigma_min"` step for step on the same timesteps (tests/test_samplers.py).
+  `final_sigmas_type="sigma_min"` step for step on the same timesteps (tests/diffusion/test_samplers.py).
   On Gaussian data, where the exact solution is known, 20 log-SNR steps are 8x closer to it
   than DDIM's 100.
 """

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import repo_config
+from tests.conftest import repo_config
 from rdm_jax import training
 from rdm_jax.ops import conv_choice, onednn
 from rdm_jax.parallel import mesh as mesh_lib

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 from rdm_jax import conditioning
 from rdm_jax.data import store

@@ -8,7 +8,7 @@ local pt_inception-2015-12-05-6726825d.pth would be.
 
 import numpy as np
 import pytest
-from torch_references import reference
+from tests.torch_references import reference
 
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import extractors

@@ -9,7 +9,7 @@ efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
 
 import jax.numpy as jnp  # noqa: E402
 
-from conftest import config_section  # noqa: E402
+from tests.conftest import config_section  # noqa: E402
 
 from rdm_jax.models import efficientnet_lite, torch_legacy  # noqa: E402
 
@@ -75,7 +75,7 @@ def test_preprocess_matches_the_reference_transforms(size, channels):
   two may differ by one grey level (1/255/std in normalised units), on average far less.
   """
   from PIL import Image
-  from torch_references import reference
+  from tests.torch_references import reference
 
   transforms = reference("torchvision.transforms")
   tf = transforms.Compose(

@@ -17,7 +17,7 @@ from rdm_jax.models.unet import UNet
 from rdm_jax.ops import onednn
 from rdm_jax.parallel import mesh as mesh_lib, sharding
 from rdm_jax.models import factory
-from conftest import REPO, repo_config, subprocess_env
+from tests.conftest import REPO, repo_config, subprocess_env
 
 pytestmark = pytest.mark.skipif(
   not onednn.available(), reason="oneDNN convolutions not built: run `make onednn`"

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from torch_references import reference
+from tests.torch_references import reference
 
 from rdm_jax import metrics
 from rdm_jax.errors import UserError

@@ -19,7 +19,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_OVERRIDES, TRAIN_CONFIG, assert_same_state, killable, subprocess_env
+from tests.conftest import (
+  REPO,
+  TINY_OVERRIDES,
+  TRAIN_CONFIG,
+  assert_same_state,
+  killable,
+  subprocess_env,
+)
 
 from rdm_jax.retrieval import index
 
@@ -221,7 +228,7 @@ def killed_trainings_resume(train, final, tmp_path, steps: int, seed: int) -> No
 
 
 def test_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tiny_data, tmp_path):
-  from test_train_job import _final_state
+  from tests.test_train_job import _final_state
 
   data_dir = tiny_data["data_dir"]
   args = [
@@ -277,7 +284,7 @@ def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupt
 
 def test_rarm_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tmp_path):
   """The tiny RARM run of tests/test_rarm_training.py, killed at seeded commit points."""
-  from test_rarm_training import rarm_final_state, tiny_token_run
+  from tests.test_rarm_training import rarm_final_state, tiny_token_run
 
   args = [a for a in tiny_token_run(tmp_path) if not a.startswith("--config=")]
   args += ["--config.train.num_steps=6", "--config.train.keep_checkpoints=10"]

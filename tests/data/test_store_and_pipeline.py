@@ -8,7 +8,7 @@ import pytest
 
 from rdm_jax.data import chunked, pipeline, store
 from rdm_jax.errors import UserError
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 def test_write_chunked_is_atomic_and_resumes(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rdm_jax.diffusion import ddim, samplers, schedule
-from torch_references import reference
+from tests.torch_references import reference
 
 MU, SD = 0.5, 0.3
 SCHED = schedule.linear_schedule()

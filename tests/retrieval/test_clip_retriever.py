@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import config_section  # noqa: E402
+from tests.conftest import config_section  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 from rdm_jax.errors import UserError  # noqa: E402

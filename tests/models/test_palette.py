@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import config_section
+from tests.conftest import config_section
 
 from rdm_jax.errors import UserError
 from rdm_jax.models import first_stage, palette

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 taming_model = pytest.importorskip("taming.modules.diffusionmodules.model")
 taming_quantize = pytest.importorskip("taming.modules.vqvae.quantize")
 
-from conftest import config_section  # noqa: E402
+from tests.conftest import config_section  # noqa: E402
 
 from rdm_jax.errors import UserError  # noqa: E402
 from rdm_jax.models import autoencoder, first_stage  # noqa: E402
@@ -369,7 +369,7 @@ def test_kl_autoencoder_matches_diffusers_autoencoder_kl():
   LDM state dict through diffusers' own converter (`convert_ldm_vae_checkpoint`), strictly. Its
   blocks have attention only in the middle, as the published kl-f8 / kl-f16 (attn_resolutions [])."""
   import jax.numpy as jnp
-  from torch_references import reference
+  from tests.torch_references import reference
 
   diffusers = reference("diffusers")
   convert = reference("diffusers.loaders.single_file_utils").convert_ldm_vae_checkpoint

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(
-  0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-)
+from tests.conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import label_agreement as la  # noqa: E402
 
 # neighbour labels, nearest first; what each row's majority label is, and how it splits

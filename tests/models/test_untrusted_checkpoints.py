@@ -512,7 +512,7 @@ def test_a_zero_d_or_empty_tensor_where_a_kernel_or_schedule_belongs_is_one_line
   from rdm_jax.errors import UserError
   from rdm_jax.jobs import import_checkpoint
   from rdm_jax.models import efficientnet_lite
-  from conftest import repo_config
+  from tests.conftest import repo_config
 
   config = repo_config("imagenet_rdm")
   for betas in (np.float32(0.1), np.zeros(0, np.float32), np.zeros((2, 3), np.float32)):
@@ -534,7 +534,7 @@ def test_clip_config_declaring_billions_of_parameters_is_refused_before_any_is_m
   process of its own to measure its peak memory."""
   import json
   import sys
-  from conftest import REPO, subprocess_env
+  from tests.conftest import REPO, subprocess_env
 
   from transformers import CLIPConfig, FlaxCLIPModel
 

@@ -201,7 +201,7 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
   2023, Sec. 3.4); and eps_of turns the true v or x0 back into the noise."""
   pytest.importorskip("torch")
   import torch
-  from torch_references import define_missing_torchvision_ops
+  from tests.torch_references import define_missing_torchvision_ops
 
   define_missing_torchvision_ops()
   from diffusers import DDPMScheduler

@@ -74,7 +74,7 @@ def test_a_variants_crop_worked_by_hand():
     lefts.append(sources.variant_box(4, 8, 4, 7, source_id, 0, aug)[1])
   assert stats.chisquare(np.bincount(lefts, minlength=5)).pvalue > 0.01
   assert sources.variant_box(4, 8, 4, 7, 0, 1, {"crops": 0, "flips": True}) == (0, 2, True)
-  from conftest import repo_config
+  from tests.conftest import repo_config
   from rdm_jax.errors import UserError
 
   config = repo_config("fashion_mnist_rdm")  # 28 px IDX images: no longer side to crop along
@@ -109,7 +109,7 @@ def test_each_crop_is_encoded_embedded_and_searched_as_itself(tmp_path):
   with its own neighbours."""
   tfds = pytest.importorskip("tensorflow_datasets")
   import ml_collections as mlc
-  from conftest import repo_config
+  from tests.conftest import repo_config
 
   from rdm_jax import config_base
   from rdm_jax.jobs import embed, encode, neighbors

@@ -24,9 +24,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
-from conftest import repo_config  # noqa: E402
-from test_first_stage import TINY, TorchAutoencoder, nhwc, save_lightning_ckpt  # noqa: E402
-from torch_references import reference  # noqa: E402
+from tests.conftest import repo_config  # noqa: E402
+from tests.models.test_first_stage import TINY, TorchAutoencoder, nhwc, save_lightning_ckpt  # noqa: E402
+from tests.torch_references import reference  # noqa: E402
 
 from rdm_jax.errors import UserError  # noqa: E402
 

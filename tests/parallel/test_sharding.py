@@ -12,7 +12,7 @@ from rdm_jax.data import pipeline
 from rdm_jax.errors import UserError
 from rdm_jax.parallel import mesh as mesh_lib, sharding
 from rdm_jax.models import factory
-from conftest import tiny_config
+from tests.conftest import tiny_config
 
 
 def _run(config, mesh_axes, steps=3, devices=None, tx=None):
@@ -160,7 +160,7 @@ def test_which_parameters_are_gathered_in_the_compute_dtype():
   assert cast == {"a": True, "b": False, "c": True, "d": False, "e": False}
   assert not any(jax.tree.leaves(fsdp.cast_before_gather(apply, params, (x,), jnp.float32)))
 
-  from conftest import repo_config
+  from tests.conftest import repo_config
 
   c = repo_config("imagenet_rarm")
   c.model.update(depth=1, heads=2, dim_head=8, dtype="bfloat16")

@@ -40,7 +40,7 @@ def model_and_params():
 def _torch_reference(params, tokens, ctx):
   """Logits [B, S, V] of the reference stack."""
   torch = pytest.importorskip("torch")
-  from torch_references import reference
+  from tests.torch_references import reference
 
   attention = reference("diffusers.models.attention")
   inner = TINY["heads"] * TINY["dim_head"]

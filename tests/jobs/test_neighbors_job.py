@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, make_tiny_stores, subprocess_env, tiny_config
+from tests.conftest import REPO, make_tiny_stores, subprocess_env, tiny_config
 
 from rdm_jax import conditioning, config_base
 from rdm_jax.data import pipeline, store

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import config_section
+from tests.conftest import config_section
 
 from rdm_jax.data import sources
 from rdm_jax.errors import UserError

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import repo_config
+from tests.conftest import repo_config
 from rdm_jax.models.unet import UNet
 from rdm_jax.models import factory
-from torch_references import reference
+from tests.torch_references import reference
 
 
 def _diffusers_unet(model: UNet, in_channels: int, context_dim: int):

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TRAIN_CONFIG, config_section, subprocess_env
+from tests.conftest import REPO, TRAIN_CONFIG, config_section, subprocess_env
 
 from rdm_jax.data import store
 from rdm_jax.models import efficientnet_lite
@@ -123,7 +123,7 @@ def test_embed_job_keeps_a_folders_captions_and_sampling_can_prompt_with_them(tm
 
   from PIL import Image
 
-  from conftest import repo_config
+  from tests.conftest import repo_config
   from rdm_jax import conditioning
 
   folder = tmp_path / "captioned"
