@@ -248,6 +248,9 @@ def _captioned_builder(data_dir: str):
   import tensorflow_datasets as tfds
 
   class CaptionedSquares(tfds.core.GeneratorBasedBuilder):
+    # a one-segment module name: TFDS then looks for no code beside the class (inside a package
+    # it would go through importlib_resources, which tensorflow-datasets does not install)
+    __module__ = "captioned_squares"
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
