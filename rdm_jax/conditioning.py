@@ -442,7 +442,7 @@ def class_conditioning(
       )
     classes = class_ids(
       names_or_ids,
-      sources.source_class_names(config.dataset, database.manifest["source"]),
+      sources.open_source(config.dataset, database.manifest["source"]).class_names(),
       np.asarray(database["labels"]),
     )
     labels = classes
@@ -481,12 +481,12 @@ def database_images(database: store.Store, dataset: Any, rows: np.ndarray) -> np
     return np.full(rows.shape + (8, 8, 3), 128, np.uint8)
   ids = np.asarray(database["ids"])[rows.reshape(-1)]
   if "boxes" in database.arrays:  # a database of crops: show the crop each entry is
-    raw = sources.source_raw_reader(dataset, database.manifest["source"])(ids)
+    raw = sources.open_source(dataset, database.manifest["source"]).raw_reader()(ids)
     images = crops.crop_pixels(
       raw, np.asarray(database["boxes"])[rows.reshape(-1)], database.manifest["crops"]
     )
   else:
-    read, _ = sources.source_reader(dataset, database.manifest["source"])
+    read, _ = sources.open_source(dataset, database.manifest["source"]).reader()
     images = read(ids)
   return images.reshape(rows.shape + images.shape[1:])
 

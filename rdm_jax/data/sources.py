@@ -440,41 +440,6 @@ def has_pixels(source: dict[str, Any]) -> bool:
   return not source.get("file")
 
 
-def source_raw_reader(dataset: Any, source: dict[str, Any]) -> Callable[[np.ndarray], list]:
-  """read(ids) -> for each id its image at full resolution (uint8 [H, W, C]; an image folder's file
-  as the folder's channels and background make it, no resizing), or a str saying why it cannot be
-  read (an unreadable file: counted and skipped by the caller)."""
-  if source.get("dataset") == "folder":
-    files = folder_files(source)
-
-    def read_file(i):
-      name = os.path.join(source["images_from"], files[i])
-      try:
-        a = np.asarray(
-          _open_image(
-            name, source["channels"], BACKGROUNDS[source["background"]], source["max_pixels"]
-          )
-        )
-      except untrusted.UnreadableImage as e:
-        return f"{files[i]}: {str(e)[:200]}"
-      return a[..., None] if a.ndim == 2 else a
-
-    return lambda ids: _threaded(read_file, [int(i) for i in ids])
-  if source.get("images_from") == "tfds" and "tfds_name" in source:
-    reader = _source_tfds_reader(source)
-    return lambda ids: reader.read(np.asarray(ids, np.int64), raw=True, lenient=True)
-  images, _ = source_images(dataset, source)
-  return lambda ids: [images[int(i)] for i in ids]
-
-
-def source_class_names(dataset: Any, source: dict[str, Any]) -> tuple[str, ...]:
-  """The names of labels 0..C-1 of a store's entries: an image folder's subfolders as its record
-  lists them, else the dataset's (`class_names`)."""
-  if source.get("dataset") == "folder":
-    return tuple(source.get("classes", ()))
-  return class_names(dataset)
-
-
 def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
   """A whole in-memory split of the raw dataset named by `dataset.name` ("fashion_mnist")."""
   idx_dir = dataset.idx_dir
@@ -646,14 +611,151 @@ def _tfds_reader(
   return TfdsReader(name, split, data_dir, image_size, caption_feature)
 
 
-def _source_tfds_reader(source: dict[str, Any]) -> TfdsReader:
-  return _tfds_reader(
-    source["tfds_name"],
-    source["tfds_split"],
-    source.get("tfds_data_dir", ""),
-    source["image_size"],
-    source.get("caption_feature", "auto"),
-  )
+class Source:
+  """The split a store's `source` record names, as images, labels and captions: one subclass per
+  kind of record (an in-memory IDX split, a TFDS split, an image folder); `open_source` picks it.
+  Records are read back from manifests, so a subclass trusts only the fields its kind writes."""
+
+  def __init__(self, dataset: Any, record: dict[str, Any]):
+    self.dataset, self.record = dataset, record
+
+  def reader(self, lenient: bool = False) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
+    """(read(ids) -> uint8 images [n, H, W, C], labels of the whole split). With `lenient`,
+    read(ids) gives a list: an image per id, or the str saying why it is unreadable (a corrupt
+    file or record), for the caller to skip and count."""
+    raise NotImplementedError
+
+  def raw_reader(self) -> Callable[[np.ndarray], list]:
+    """read(ids) -> for each id its image at full resolution (uint8 [H, W, C], not resized), or
+    a str saying why it cannot be read."""
+    read, _ = self.reader(lenient=True)
+    return read
+
+  def captions(self) -> np.ndarray | None:
+    """Captions of the whole split (str [N]), or None when it has none."""
+    return None
+
+  def class_names(self) -> tuple[str, ...]:
+    """The names of labels 0..C-1 (the dataset's `class_names`)."""
+    return class_names(self.dataset)
+
+  def image_shape(self, read: Callable[[np.ndarray], np.ndarray], ids: np.ndarray) -> tuple:
+    """(H, W, C) of every image `read` gives."""
+    return tuple(read(ids[:1]).shape[1:])
+
+
+class IdxSource(Source):
+  """A whole split held in memory: Fashion-MNIST's IDX files (or its TFDS copy)."""
+
+  def _split(self) -> tuple[np.ndarray, np.ndarray]:
+    if self.record.get("dataset") != self.dataset.name:
+      fail(
+        f"the store comes from {self.record.get('dataset')!r} but config.dataset.name is "
+        f"{self.dataset.name!r}; no image loader configured for it"
+      )
+    return load_source_split(self.dataset, self.record["split"])
+
+  def reader(self, lenient: bool = False) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
+    images, labels = self._split()
+    if lenient:  # in memory: every image is readable
+      return (lambda ids: list(images[np.asarray(ids, np.int64)])), labels
+    return (lambda ids: images[np.asarray(ids, np.int64)]), labels
+
+
+class TfdsSource(Source):
+  """A TFDS split, streamed by row (shorter side to image_size, centre crop)."""
+
+  def tfds_reader(self) -> TfdsReader:
+    """The split's streaming reader (shared by every Source of the same split)."""
+    r = self.record
+    return _tfds_reader(
+      r["tfds_name"],
+      r["tfds_split"],
+      r.get("tfds_data_dir", ""),
+      r["image_size"],
+      r.get("caption_feature", "auto"),
+    )
+
+  def reader(self, lenient: bool = False) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
+    tfds_reader = self.tfds_reader()
+
+    def read(ids):
+      ids = np.asarray(ids, np.int64)
+      order, inverse = np.unique(ids, return_inverse=True)
+      images = tfds_reader.read(order, lenient=lenient)
+      return [images[j] for j in inverse.reshape(-1)] if lenient else images[inverse.reshape(-1)]
+
+    return read, tfds_reader.labels
+
+  def raw_reader(self) -> Callable[[np.ndarray], list]:
+    tfds_reader = self.tfds_reader()
+    return lambda ids: tfds_reader.read(np.asarray(ids, np.int64), raw=True, lenient=True)
+
+  def captions(self) -> np.ndarray | None:
+    return self.tfds_reader().captions
+
+  def image_shape(self, read: Callable[[np.ndarray], np.ndarray], ids: np.ndarray) -> tuple:
+    r = self.record
+    feature = _tfds_builder(r["tfds_name"], r.get("tfds_data_dir", "")).info.features["image"]
+    return (r["image_size"], r["image_size"], int(feature.shape[-1] or 3))
+
+
+class FolderSource(Source):
+  """An image folder: only the files asked for are decoded, converted as the record says
+  (channels, background, size); labels are the top-level subfolders."""
+
+  def reader(self, lenient: bool = False) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
+    r = self.record
+    files = folder_files(r)
+    path, size, channels = r["images_from"], r["image_size"], r["channels"]
+    fill = BACKGROUNDS[r["background"]]
+
+    def read_files(ids):
+      out = _threaded(
+        lambda i: _folder_image(
+          os.path.join(path, files[int(i)]), size, channels, fill, lenient, r["max_pixels"]
+        ),
+        ids,
+      )
+      return (
+        out if lenient else np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
+      )
+
+    return read_files, folder_labels(files)
+
+  def raw_reader(self) -> Callable[[np.ndarray], list]:
+    r = self.record
+    files = folder_files(r)
+
+    def read_file(i):
+      name = os.path.join(r["images_from"], files[i])
+      try:
+        a = np.asarray(
+          _open_image(name, r["channels"], BACKGROUNDS[r["background"]], r["max_pixels"])
+        )
+      except untrusted.UnreadableImage as e:
+        return f"{files[i]}: {str(e)[:200]}"
+      return a[..., None] if a.ndim == 2 else a
+
+    return lambda ids: _threaded(read_file, [int(i) for i in ids])
+
+  def captions(self) -> np.ndarray | None:
+    return folder_captions(self.record, folder_files(self.record))
+
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.record.get("classes", ()))
+
+  def image_shape(self, read: Callable[[np.ndarray], np.ndarray], ids: np.ndarray) -> tuple:
+    return (self.record["image_size"], self.record["image_size"], self.record["channels"])
+
+
+def open_source(dataset: Any, record: dict[str, Any]) -> Source:
+  """The Source of the kind a store's `source` record names."""
+  if record.get("dataset") == "folder":
+    return FolderSource(dataset, record)
+  if record.get("images_from") == "tfds" and "tfds_name" in record:
+    return TfdsSource(dataset, record)
+  return IdxSource(dataset, record)
 
 
 CAPTION_FEATURES = (
@@ -746,7 +848,8 @@ def open_part(dataset: Any, part: str) -> Part:
   `dataset.label_range` when set), read lazily."""
   source = part_source(dataset, part)
   split, start, stop = source["split"], source["start"], source["stop"]
-  read, labels = source_reader(dataset, source)
+  src = open_source(dataset, source)
+  read, labels = src.reader()
   if not 0 <= start < stop <= len(labels):
     fail(
       f"config.dataset.parts.{part} = [{start}, {stop}) is outside '{split}' (size {len(labels)})"
@@ -759,22 +862,11 @@ def open_part(dataset: Any, part: str) -> Part:
       fail(
         f"config.dataset.label_range={list(source['label_range'])} keeps no example of part {part}"
       )
-  captions = source_captions(source)
-  if source.get("images_from") == "tfds" and "tfds_name" in source:
-    lenient, _ = source_reader(dataset, source, lenient=True)
-    feature = _tfds_builder(source["tfds_name"], source.get("tfds_data_dir", "")).info.features[
-      "image"
-    ]
-    shape = (source["image_size"], source["image_size"], int(feature.shape[-1] or 3))
-  elif source.get("dataset") == "folder":
-    lenient, _ = source_reader(dataset, source, lenient=True)
-    shape = (source["image_size"], source["image_size"], source["channels"])
-  else:  # in memory: every image is readable
-    lenient, shape = (lambda i: list(read(i))), tuple(read(ids[:1]).shape[1:])
+  captions = src.captions()
+  lenient, _ = src.reader(lenient=True)
+  shape = src.image_shape(read, ids)
   if "augment" in source:
-    return _variant_part(
-      source, ids, labels[ids], None if captions is None else captions[ids], shape
-    )
+    return _variant_part(src, ids, labels[ids], None if captions is None else captions[ids], shape)
   return Part(
     source, ids, labels[ids], read, None if captions is None else captions[ids], lenient, shape
   )
@@ -830,7 +922,7 @@ def variant_box(
 
 
 def _variant_part(
-  source: dict[str, Any],
+  src: TfdsSource,
   ids: np.ndarray,
   labels: np.ndarray,
   captions: np.ndarray | None,
@@ -838,9 +930,10 @@ def _variant_part(
 ) -> Part:
   """The train part as (example, variant) rows: each image's `augment["variants"]` crops, read
   from its decoded record (shorter side to image_size, then `variant_box`)."""
+  source = src.record
   aug, size = source["augment"], source["image_size"]
   v = aug["variants"]
-  reader = _source_tfds_reader(source)
+  reader = src.tfds_reader()
 
   def read(row_ids, row_variants, lenient=False):
     unique = np.unique(np.asarray(row_ids, np.int64))
@@ -877,55 +970,6 @@ def skipped_report(out: str, part_ids: np.ndarray, written_ids: np.ndarray) -> d
   if len(missing):
     print(f"{out}: {len(missing)} unreadable images skipped (ids {missing[:10].tolist()}...)")
   return {"unreadable_images": int(len(missing)), "unreadable_ids": missing[:1000].tolist()}
-
-
-def source_captions(source: dict[str, Any]) -> np.ndarray | None:
-  """Captions of the whole split a store's `source` names (str [N]), or None when it has none."""
-  if source.get("images_from") == "tfds" and "tfds_name" in source:
-    return _source_tfds_reader(source).captions
-  if source.get("dataset") == "folder":
-    return folder_captions(source, folder_files(source))
-  return None
-
-
-def source_reader(
-  dataset: Any, source: dict[str, Any], lenient: bool = False
-) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
-  """(read(ids) -> uint8 images, labels of the whole split) of the split a store's `source` names.
-  With `lenient`, read(ids) gives a list: an image per id, or the str saying why it is unreadable
-  (a corrupt file or record), for the caller to skip and count."""
-  if source.get("images_from") == "tfds" and "tfds_name" in source:
-    reader = _source_tfds_reader(source)
-
-    def read(ids):
-      ids = np.asarray(ids, np.int64)
-      order, inverse = np.unique(ids, return_inverse=True)
-      images = reader.read(order, lenient=lenient)
-      return [images[j] for j in inverse.reshape(-1)] if lenient else images[inverse.reshape(-1)]
-
-    return read, reader.labels
-  if source.get("dataset") == "folder":  # decode only the files asked for
-    files = folder_files(source)
-    path, size, channels = source["images_from"], source["image_size"], source["channels"]
-    fill = BACKGROUNDS[source["background"]]
-    labels = folder_labels(files)
-
-    def read_files(ids):
-      out = _threaded(
-        lambda i: _folder_image(
-          os.path.join(path, files[int(i)]), size, channels, fill, lenient, source["max_pixels"]
-        ),
-        ids,
-      )
-      return (
-        out if lenient else np.stack(out) if out else np.zeros((0, size, size, channels), np.uint8)
-      )
-
-    return read_files, labels
-  images, labels = source_images(dataset, source)
-  if lenient:
-    return (lambda ids: list(images[np.asarray(ids, np.int64)])), labels
-  return (lambda ids: images[np.asarray(ids, np.int64)]), labels
 
 
 def part_spec(dataset: Any, part: str) -> dict[str, Any]:
@@ -1026,17 +1070,6 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
   }
   augment_settings(dataset, part, record)  # refused here, in one line
   return record
-
-
-def source_images(dataset: Any, source: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-  """The whole in-memory split a store's IDX `source` record names (image folders and TFDS are
-  read by `source_reader`, file by file)."""
-  if source.get("dataset") != dataset.name:
-    fail(
-      f"the store comes from {source.get('dataset')!r} but config.dataset.name is {dataset.name!r}; "
-      "no image loader configured for it"
-    )
-  return load_source_split(dataset, source["split"])
 
 
 def load_part(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -105,7 +105,7 @@ def build_database(
   if done is not None:
     return done
   p = sources.open_part(config.dataset, "database")
-  raw = sources.source_raw_reader(config.dataset, p.source)
+  raw = sources.open_source(config.dataset, p.source).raw_reader()
   encode = encode or encoders.make_encoder(config.retrieval)
   where = p.source["split"]
 
