@@ -83,8 +83,7 @@ class DepthwiseConv(nn.Module):
   """Depthwise k x k conv, SAME padding, no bias; kernel [k, k, 1, C] as nn.Conv's.
 
   `impl="shift"` sums k*k shifted, scaled copies of the input: the same arithmetic as the
-  grouped convolution, ~7x faster under XLA on CPU (measured here), where grouped
-  convolutions are slow. "auto" uses it on CPU and the grouped conv elsewhere.
+  grouped convolution, which XLA runs slowly on CPU (benchmarks/RESULTS.md). "auto" uses it on CPU and the grouped conv elsewhere.
   """
 
   kernel_size: int

@@ -66,8 +66,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
 def per_token(layer, x: jax.Array) -> jax.Array:
   """layer(x) for a per-token layer (Dense, the feed-forward) applied on x [..., C] flattened to
   [N, C]. XLA:CPU otherwise transposes the output gradient of a dot over [B, T, C] into
-  [C_out, B, T] for the kernel's gradient (the 16384-way logits: 128 MB at batch 8), which
-  made the RARM train step ~1.4x slower (benchmarks/RESULTS.md, "RARM")."""
+  [C_out, B, T] for the kernel's gradient, a full copy of the 16384-way logits' gradient
+  (benchmarks/RESULTS.md, "RARM")."""
   y = layer(x.reshape(-1, x.shape[-1]))
   return y.reshape(x.shape[:-1] + y.shape[-1:])
 

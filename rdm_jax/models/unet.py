@@ -221,7 +221,7 @@ def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -
   Heads go first ([B, H, N, D]) and the softmax's division is applied to the output, [B, H, N, D],
   instead of the weights, [B, H, N, M] (as flash attention does). Both are exact rewrites; on
   XLA:CPU the einsums on [B, N, H, D] and the full-size division each cost more than the matmuls
-  (256 tokens, 2 heads of 64: forward + backward 18.1 -> 9.2 ms, benchmarks/RESULTS.md).
+  (benchmarks/RESULTS.md).
   """
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) * scale

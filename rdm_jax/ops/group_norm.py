@@ -12,8 +12,9 @@ JAX, is as fast as a hand-written gradient here, so the transformer blocks keep 
 
 Statistics are float32 whatever x's dtype, mean and variance in two passes (as torch's
 GroupNorm: no E[x^2] - E[x]^2 cancellation); the result has x's dtype. They are reduced per
-channel over the spatial axes first, then per group: XLA's CPU backend runs that ~10x faster
-than reducing a [B, HW, G, C/G] view over two non-adjacent axes.
+channel over the spatial axes first, then per group: XLA's CPU backend reduces over adjacent
+axes far faster than over the two non-adjacent axes of a [B, HW, G, C/G] view
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ def _to_channels(v: jax.Array, channels: int) -> jax.Array:
   """[B, G] per-group values -> [B, C], each group's value on its channels.
 
   On CPU a matmul with a 0/1 matrix (exact), which XLA:CPU runs as its own op: the repeat's
-  index arithmetic would otherwise be fused into every full-size loop that reads the result,
-  halving their speed (0.62 against 0.29 ms for GroupNorm + SiLU on [32, 16, 16, 96], one
-  core). Elsewhere the repeat, which fuses well on TPU and GPU."""
+  index arithmetic would otherwise be fused into every full-size loop that reads the result
+  and slow each of them down. Elsewhere the repeat, which fuses well on TPU and GPU."""
   groups = v.shape[-1]
 
   def by_matmul(v):

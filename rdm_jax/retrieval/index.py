@@ -62,9 +62,9 @@ from rdm_jax.retrieval import exact
 KIND = "index"
 INDEX_HINT = "python -m rdm_jax.jobs.index --config=<this config>"
 # Peak bytes per database float (element) while one shard's ScaNN index is built (our
-# normalised copy, then ScaNN's copies while it trains: 13.0 measured) and while it is
-# loaded for search (float data for reordering + hashes: 4.8 measured); 1M x 512 tree
-# index, benchmarks/RESULTS.md. With a margin.
+# normalised copy, then ScaNN's copies while it trains) and while it is loaded for search
+# (float data for reordering + hashes): benchmarks/neighbors_scale.py's figures on a 1M x 512
+# tree index (benchmarks/RESULTS.md), with a margin.
 BUILD_BYTES_PER_FLOAT = 14.0
 LOADED_BYTES_PER_FLOAT = 5.5
 # Candidates re-scored exactly per neighbour asked for. The original used 2 (reorder 2K):
