@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdm_jax.models import torch_convert
-from rdm_jax.models.unet import Conv, GroupNorm
+from rdm_jax.models.layers import Conv, GroupNorm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from rdm_jax.errors import fail
 from rdm_jax.models import torch_convert
-from rdm_jax.models.unet import Dense, GEGLUFeedForward
+from rdm_jax.models.layers import Dense, GEGLUFeedForward
 
 Dtype = Any
 NEG_INF = -1e30

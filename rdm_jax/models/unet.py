@@ -36,28 +36,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from rdm_jax.ops import group_norm as group_norm_lib, onednn
+from rdm_jax.models.layers import Conv, Dense, Dtype, GEGLUFeedForward, GroupNorm, logical_bias_init
 from rdm_jax.parallel import sharding
-
-Dtype = Any
-
-_default_kernel_init = nn.initializers.lecun_normal()
-_zeros = nn.initializers.zeros_init()
-
-
-def _kernel(names: tuple[str | None, ...], init=_default_kernel_init):
-  return nn.with_logical_partitioning(init, names)
-
-
-def _bias(init=_zeros):
-  return nn.with_logical_partitioning(init, ("norm",))
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -69,83 +56,6 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   if dim % 2:
     emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
   return emb
-
-
-class GroupNorm(nn.Module):
-  """GroupNorm32 of the original: statistics in float32, 32 groups, x: [B, ..., C]; with
-  `silu`, SiLU of the result (the original's nn.Sequential(normalization(ch), nn.SiLU())) in
-  the same op. rdm_jax.ops.group_norm computes it, with a gradient that keeps only x."""
-
-  eps: float = 1e-5
-  num_groups: int = 32
-  param_dtype: Dtype = jnp.float32
-  silu: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", _bias(nn.initializers.ones_init()), (c,), self.param_dtype)
-    bias = self.param("bias", _bias(), (c,), self.param_dtype)
-    return group_norm_lib.group_norm(x, scale, bias, self.num_groups, self.eps, self.silu)
-
-
-def _conv_function(impl: Any) -> Callable | None:
-  if impl == "xla":
-    return None
-  if impl == "onednn":
-    return onednn.conv_general_dilated
-  return functools.partial(onednn.conv_general_dilated_where, frozenset(impl))
-
-
-def Conv(
-  features: int,
-  kernel_size: int = 3,
-  stride: int = 1,
-  zero_init: bool = False,
-  dtype: Dtype = jnp.float32,
-  name: str | None = None,
-  padding: Any = None,
-  param_dtype: Dtype = jnp.float32,
-  impl: Any = "xla",
-) -> nn.Conv:
-  """2-D conv with logical axis names; torch-style symmetric padding (k // 2) unless given.
-  impl "onednn" runs it through `rdm_jax.ops.onednn` (same parameters, CPU only); a frozenset of
-  geometries (`onednn.signature`) runs those on oneDNN and the rest on XLA."""
-  p = kernel_size // 2
-  return nn.Conv(
-    features,
-    (kernel_size,) * 2,
-    strides=(stride,) * 2,
-    padding=padding or ((p, p), (p, p)),
-    dtype=dtype,
-    param_dtype=param_dtype,
-    name=name,
-    conv_general_dilated=_conv_function(impl),
-    kernel_init=_kernel(
-      (None, None, "conv_in", "conv_out"), _zeros if zero_init else _default_kernel_init
-    ),
-    bias_init=_bias(),
-  )
-
-
-def Dense(
-  features: int,
-  names: tuple[str | None, str | None] = ("embed", "mlp"),
-  use_bias: bool = True,
-  dtype: Dtype = jnp.float32,
-  name: str | None = None,
-  param_dtype: Dtype = jnp.float32,
-) -> nn.Dense:
-  """Dense layer whose kernel carries the logical axis names `names`."""
-  return nn.Dense(
-    features,
-    use_bias=use_bias,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    name=name,
-    kernel_init=_kernel(names),
-    bias_init=_bias(),
-  )
 
 
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "flash")
@@ -294,23 +204,6 @@ class Attention(nn.Module):
     )
 
 
-class GEGLUFeedForward(nn.Module):
-  """FeedForward(glu=True): Linear(c, 2*4c) -> a * gelu(gate) -> Linear(4c, c)."""
-
-  mult: int = 4
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    inner = x.shape[-1] * self.mult
-    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(2 * inner, ("embed", "mlp"), name="proj_in")(x)
-    a, gate = jnp.split(h, 2, axis=-1)
-    h = a * nn.gelu(gate, approximate=False)
-    return dense(x.shape[-1], ("mlp", "embed"), name="proj_out")(h)
-
-
 class TransformerBlock(nn.Module):
   """BasicTransformerBlock: self-attention, cross-attention to the context, GEGLU FF."""
 
@@ -327,8 +220,8 @@ class TransformerBlock(nn.Module):
       dtype=jnp.float32,
       param_dtype=self.param_dtype,
       name=name,
-      scale_init=_bias(nn.initializers.ones_init()),
-      bias_init=_bias(),
+      scale_init=logical_bias_init(nn.initializers.ones_init()),
+      bias_init=logical_bias_init(),
     )
     attn = functools.partial(
       Attention, self.heads, self.dim_head, self.dtype, self.param_dtype, self.attention
