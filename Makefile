@@ -10,8 +10,8 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DNNL_HEADER := /usr/include/oneapi/dnnl/dnnl.hpp
 ONEDNN_SO := rdm_jax/ops/_onednn_conv.so
 # tcmalloc for every job and test: with glibc's malloc, XLA:CPU maps a fresh temporary buffer for
-# each step and the kernel zeroes its pages on first touch (0.55 of the 2.5 CPU seconds of a
-# scaled-down ImageNet step); tcmalloc keeps freed memory for reuse (benchmarks/RESULTS.md).
+# each step and the kernel zeroes its pages on first touch; tcmalloc keeps freed memory for reuse
+# (benchmarks/RESULTS.md has what it saves).
 TCMALLOC := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
 RUN := LD_PRELOAD=$(TCMALLOC) $(PY)
 
