@@ -186,6 +186,7 @@ def mock_images(split, n, size):
   return np.stack(out)
 
 
+@pytest.mark.slow  # CI's budget: see README, Tests
 def test_the_imagenet_config_runs_end_to_end_on_mock_imagenet(assets):
   root, vq, clip_model = assets
   data = f"{root}/data"

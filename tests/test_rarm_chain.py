@@ -17,6 +17,7 @@ from tests.test_imagenet_chain import assets, config_of, mock_images, run  # noq
 from rdm_jax.data import store  # noqa: E402
 
 
+@pytest.mark.slow  # CI's budget: see README, Tests
 def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):  # noqa: F811  (the fixture imported above)
   """configs/imagenet_rarm.py on the tiny VQ: the encode job writes its tokens (taming's indices of
   the same images), the neighbour, train and sample jobs run unchanged; training stopped at its

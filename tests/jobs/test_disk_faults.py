@@ -136,6 +136,7 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_training(data_dir,
   assert _checkpoints(os.path.join(disk, "run")) == []
 
 
+@pytest.mark.slow  # CI's budget: see README, Tests
 def test_a_store_written_to_during_training_stops_it_before_any_checkpoint_of_it(data_dir):
   """Latents zeroed in place through a memory map after step 7: the run stops in one line before
   checkpoint 10; the changed store is then refused by its checksum; with the original back (a
