@@ -347,6 +347,7 @@ def _spiking_run(tmp_path, mode):
   return cmd, workdir, step, int(np.asarray(lat["ids"])[bad[0]])
 
 
+@pytest.mark.slow  # CI's budget: test_nonfinite_loss[stop] keeps the stop-before-checkpoint path
 def test_a_loss_spike_stops_the_run_before_any_checkpoint_of_it(tmp_path):
   cmd, workdir, step, bad_id = _spiking_run(tmp_path, "stop")
   line = one_line_error(cmd)
