@@ -43,11 +43,6 @@ LEVERS = dict(
 )
 
 
-def part(split: str, start: int = 0, stop: int = 0, files: str = "") -> dict:
-  """One entry of config.dataset.parts, every field of PART given."""
-  return dict(split=split, start=start, stop=stop, files=files)
-
-
 def rarm_model(**fields) -> mlc.ConfigDict:
   """config.model of the autoregressive family (rdm_jax/models/rarm.py): a transformer of `depth`
   blocks, `heads` x `dim_head` wide, over the first stage's VQ tokens; the levers as LEVERS."""

@@ -1,9 +1,9 @@
 """Image sources: IDX files (Fashion-MNIST / MNIST layout), TFDS datasets, image folders.
 
-`load_split(cfg, split)` returns uint8 images [N, H, W, C] and int labels [N] of the named
-part of a dataset ("train" | "database" | "test" for the embedded default), together with
-`source` metadata written into manifests so any store can point back to its pixels
-(neighbour provenance).
+`open_part(dataset, part)` gives the examples of a named part of a dataset ("train" |
+"database" | "test"), with the `source` record written into manifests so any store can point
+back to its pixels (neighbour provenance); `open_source(dataset, record)` reads that split again
+from a store's record (one `Source` class per kind: IDX, TFDS, image folder).
 
 A part whose split is "folder:PATH" comes from every PNG/JPEG under PATH (sorted; linked folders
 not entered), e.g. the openclipart-png package's clip art as a new database: transparency
@@ -647,7 +647,9 @@ class Source:
 class IdxSource(Source):
   """A whole split held in memory: Fashion-MNIST's IDX files (or its TFDS copy)."""
 
-  def _split(self) -> tuple[np.ndarray, np.ndarray]:
+  @functools.cached_property
+  def _images_and_labels(self) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of the whole split, loaded once per Source."""
     if self.record.get("dataset") != self.dataset.name:
       fail(
         f"the store comes from {self.record.get('dataset')!r} but config.dataset.name is "
@@ -656,7 +658,7 @@ class IdxSource(Source):
     return load_source_split(self.dataset, self.record["split"])
 
   def reader(self, lenient: bool = False) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
-    images, labels = self._split()
+    images, labels = self._images_and_labels
     if lenient:  # in memory: every image is readable
       return (lambda ids: list(images[np.asarray(ids, np.int64)])), labels
     return (lambda ids: images[np.asarray(ids, np.int64)]), labels
@@ -704,9 +706,13 @@ class FolderSource(Source):
   """An image folder: only the files asked for are decoded, converted as the record says
   (channels, background, size); labels are the top-level subfolders."""
 
+  @functools.cached_property
+  def files(self) -> list[str]:
+    """The folder's files as the record lists them, checked against the folder once per Source."""
+    return folder_files(self.record)
+
   def reader(self, lenient: bool = False) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
-    r = self.record
-    files = folder_files(r)
+    r, files = self.record, self.files
     path, size, channels = r["images_from"], r["image_size"], r["channels"]
     fill = BACKGROUNDS[r["background"]]
 
@@ -724,8 +730,7 @@ class FolderSource(Source):
     return read_files, folder_labels(files)
 
   def raw_reader(self) -> Callable[[np.ndarray], list]:
-    r = self.record
-    files = folder_files(r)
+    r, files = self.record, self.files
 
     def read_file(i):
       name = os.path.join(r["images_from"], files[i])
@@ -740,7 +745,7 @@ class FolderSource(Source):
     return lambda ids: _threaded(read_file, [int(i) for i in ids])
 
   def captions(self) -> np.ndarray | None:
-    return folder_captions(self.record, folder_files(self.record))
+    return folder_captions(self.record, self.files)
 
   def class_names(self) -> tuple[str, ...]:
     return tuple(self.record.get("classes", ()))
