@@ -1,5 +1,5 @@
 """configs/imagenet_rdm.py:in-db (RDM-IN) on mock ImageNet: the database is the train split itself
-(the RDM chain's assets and commands, tests/test_imagenet_chain.py; its own file so that it runs
+(the RDM chain's assets and commands, tests/chains/conftest.py; its own file so that it runs
 on another worker)."""
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from tests.conftest import REPO, subprocess_env
 torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
-from tests.test_imagenet_chain import MOCK, N_MOCK, assets, overrides  # noqa: E402,F401  (assets: the fixture)
+from tests.chains.conftest import MOCK, N_MOCK, overrides  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 
 
 @pytest.mark.slow  # 50 s of five jobs; make test's 20 minutes on 2 cores have no room left for it
-def test_the_in_db_preset_retrieves_from_its_own_training_images(assets):  # noqa: F811  (the fixture imported above)
-  """encode, embed, index, neighbours and train run unchanged with D = ImageNet train; as the original
-  (which filters nothing out of its searcher's results), every training image's nearest entry
-  is itself; `retrieval.exclude=auto`, ours, would drop it."""
+def test_the_in_db_preset_retrieves_from_its_own_training_images(assets):
+  """encode, embed, index, neighbours and train run unchanged with D = ImageNet train; as the
+  original (which filters nothing out of its searcher's results), every training image's nearest
+  entry is itself; `retrieval.exclude=auto`, ours, would drop it."""
   from rdm_jax.retrieval import exclusion
 
   root, _, _ = assets

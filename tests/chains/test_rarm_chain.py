@@ -1,5 +1,6 @@
-"""configs/imagenet_rarm.py:mammals end to end on mock ImageNet (the RDM chain's assets and commands,
-tests/test_imagenet_chain.py; its own file so that the two chains run on different workers)."""
+"""configs/imagenet_rarm.py:mammals end to end on mock ImageNet (the RDM chain's assets and
+commands, tests/chains/conftest.py; its own file so that the two chains run on different
+workers)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
 from tests.models.test_first_stage import TINY, nhwc  # noqa: E402
-from tests.test_imagenet_chain import assets, config_of, mock_images, run  # noqa: E402,F401  (assets: the fixture)
+
+from tests.chains.conftest import config_of, mock_images, run  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 
 
 @pytest.mark.slow  # CI's budget: see README, Tests
-def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):  # noqa: F811  (the fixture imported above)
+def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):
   """configs/imagenet_rarm.py on the tiny VQ: the encode job writes its tokens (taming's indices of
   the same images), the neighbour, train and sample jobs run unchanged; training stopped at its
   checkpoint and resumed ends where an uninterrupted run ends, bit for bit; samples are tokens
