@@ -1,4 +1,5 @@
-"""What the benchmarks share: the repo's configs, and our UNet rebuilt as diffusers' PyTorch UNet."""
+"""What the benchmarks share: the repo's configs, and our UNet rebuilt as diffusers' PyTorch
+UNet."""
 
 from __future__ import annotations
 
@@ -43,11 +44,13 @@ def patch_grid(config, latent_shape):
 
 
 def diffusers_unet(config, latent_shape):
-  """Our UNet as diffusers' UNet2DConditionModel (torch, CPU, random weights, same parameter count)."""
+  """Our UNet as diffusers' UNet2DConditionModel (torch, CPU, random weights, same parameter
+  count)."""
   sys.path.insert(0, os.path.join(REPO, "tests"))
   from torch_references import define_missing_torchvision_ops
 
-  define_missing_torchvision_ops()  # the --no-deps torchvision of `make setup-test` breaks `import diffusers`
+  # the --no-deps torchvision of `make setup-test` breaks `import diffusers`
+  define_missing_torchvision_ops()
   from diffusers import UNet2DConditionModel
 
   m = config.model

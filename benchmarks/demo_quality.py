@@ -85,8 +85,9 @@ class Classifier(nn.Module):
 def train_classifier(
   images: np.ndarray, labels: np.ndarray, epochs: int = 8, batch: int = 128, seed: int = 0
 ):
-  """Params of `Classifier` after `epochs` of Adam (lr 1e-3, cosine decay to 0) on uint8 [N, 28, 28, 1]
-  images, each flipped left-right with probability 1/2 (garments are mirror-symmetric classes)."""
+  """Params of `Classifier` after `epochs` of Adam (lr 1e-3, cosine decay to 0) on uint8
+  [N, 28, 28, 1] images, each flipped left-right with probability 1/2 (garments are
+  mirror-symmetric classes)."""
   model = Classifier()
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28, 1), jnp.uint8))
   tx = optax.adam(optax.cosine_decay_schedule(1e-3, epochs * (len(images) // batch)))
@@ -141,7 +142,8 @@ def read_set(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def neighbor_labels_of_test_images(train_y: np.ndarray) -> np.ndarray:
-  """[N, k]: the true labels of the k neighbours the neighbour job found for the first N test images.
+  """[N, k]: the true labels of the k neighbours the neighbour job found
+  for the first N test images.
   The classifier's labels of those real images agree with them as a perfect model's samples
   would (the classifier's and the retrieval's errors)."""
   from rdm_jax import config_base
@@ -201,7 +203,8 @@ def main(argv):
   test_got = predict(model, params, test_x)
   print(
     f"classifier: test accuracy {float((test_got == test_y).mean()):.4f} on {len(test_y)} images "
-    f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; {time.perf_counter() - t0:.0f} s)"
+    f"(trained on train rows 0..{TRAIN_STOP}, or read from {cache}; "
+    f"{time.perf_counter() - t0:.0f} s)"
   )
   real_nb = neighbor_labels_of_test_images(train_y)
   real_got = test_got[: len(real_nb)]
@@ -271,17 +274,20 @@ def main(argv):
     f"queries): {first:.3f}, {first_one:.3f} where unanimous ({first_share:.0%})"
   )
   print(
-    f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the real test images'"
+    f"pixels in grey levels 1..15 (near black, not black): {near_black(test_x):.3f} of the "
+    "real test images'"
   )
   print(
-    "| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | precision | recall "
+    "| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | "
+    "precision | recall "
     "| FD | pixels in grey 1..15 |"
   )
   print("|---|---|---|---|---|---|---|---|---|")
   for name, rs in rows.items():
     for seed, n, agree, p, r, fd, grey, agree_one, share_one in rs:
       print(
-        f"| {name} | {seed} | {n} | {agree:.3f} | {agree_one:.3f} ({share_one:.0%}) | {p:.3f} | {r:.3f} "
+        f"| {name} | {seed} | {n} | {agree:.3f} | {agree_one:.3f} ({share_one:.0%}) | "
+        f"{p:.3f} | {r:.3f} "
         f"| {fd:.1f} | {grey:.3f} |"
       )
   for name, rs in rows.items():
@@ -309,7 +315,8 @@ def main(argv):
       share, agree, any_top = got_kind[:, 0].mean(), *np.nanmean(got_kind[:, 1:], axis=0)
       r = real_split.get(kind, absent)
       print(
-        f"| {name} | {kind} | {share:.0%} | {agree:.3f} | {any_top:.3f} | {r[0]:.0%} | {r[1]:.3f} | {r[2]:.3f} |"
+        f"| {name} | {kind} | {share:.0%} | {agree:.3f} | {any_top:.3f} | {r[0]:.0%} | "
+        f"{r[1]:.3f} | {r[2]:.3f} |"
       )
 
 

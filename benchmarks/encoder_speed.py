@@ -83,7 +83,8 @@ def main():
   quant_conv = torch.nn.Conv2d(3, 3, 1)
   sd = {f"encoder.{k}": v.numpy() for k, v in enc.state_dict().items()}
   sd.update({f"quant_conv.{k}": v.numpy() for k, v in quant_conv.state_dict().items()})
-  # the decoder and codebook are not timed; give them their shapes so the converter sees a whole model
+  # the decoder and codebook are not timed; give them their shapes so the
+  # converter sees a whole model
   shapes = autoencoder.init_shapes(spec)
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     key = autoencoder.torch_name([str(getattr(p, "key", p)) for p in path])
@@ -150,7 +151,8 @@ def main():
     ours = timed(lambda: f(p, ij), args.steps, jsync)
     if dev == "cpu" and tdtype == torch.float16:
       print(
-        f"CLIP ViT-B/32 {jnp.dtype(dtype).name}: rdm_jax {b / ours:.1f} img/s (no float16 torch on CPU)"
+        f"CLIP ViT-B/32 {jnp.dtype(dtype).name}: rdm_jax {b / ours:.1f} img/s (no float16 "
+        "torch on CPU)"
       )
       continue
     tmd = tm.to(dev).float()
@@ -172,8 +174,10 @@ def main():
       with torch.no_grad():
         ref = timed(ref_embed, args.steps, tsync)
       print(
-        f"CLIP ViT-B/32 retriever 256->224px, batch {b}: rdm_jax {jnp.dtype(dtype).name} {b / ours:.1f} img/s, "
-        f"torch {str(tdtype).split('.')[-1]}{' (TF32 matmuls)' if tf32 else ''} {b / ref:.1f} img/s, "
+        f"CLIP ViT-B/32 retriever 256->224px, batch {b}: rdm_jax {jnp.dtype(dtype).name} "
+        f"{b / ours:.1f} img/s, "
+        f"torch {str(tdtype).split('.')[-1]}{' (TF32 matmuls)' if tf32 else ''} "
+        f"{b / ref:.1f} img/s, "
         f"ratio {ref / ours:.2f}x"
       )
     torch.backends.cuda.matmul.allow_tf32 = False

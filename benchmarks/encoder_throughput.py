@@ -65,7 +65,8 @@ def main(argv):
       ref.extract_features(xt).mean(dim=(2, 3))
     torch_rate = _REPEATS.value * len(x) / (time.perf_counter() - t)
   print(
-    f"torch reference: {torch_rate:.0f} images/s -> rdm_jax (shift) x{rates['shift'] / torch_rate:.2f}, "
+    f"torch reference: {torch_rate:.0f} images/s -> rdm_jax (shift) "
+    f"x{rates['shift'] / torch_rate:.2f}, "
     f"(conv) x{rates['conv'] / torch_rate:.2f}"
   )
 

@@ -107,7 +107,8 @@ def main(argv):
   )
   ref_s = time.perf_counter() - t
   print(
-    f"torch-fidelity (batched 'part' variant): {ref_s:.1f} s -> {ref}; rdm_jax x{ref_s / ours_s:.2f} faster"
+    f"torch-fidelity (batched 'part' variant): {ref_s:.1f} s -> {ref}; rdm_jax "
+    f"x{ref_s / ours_s:.2f} faster"
   )
 
 

@@ -1,4 +1,5 @@
-"""Label agreement of demo_quality.py: does a sample show the label its conditioning neighbours carry?
+"""Label agreement of demo_quality.py: does a sample show the label its
+conditioning neighbours carry?
 
 Plain numpy on integer labels (no flags, no model), so that tests can check it by hand-worked cases.
 """
@@ -18,7 +19,8 @@ def counts(labels: np.ndarray, size: int = 0) -> np.ndarray:
 
 
 def majority(labels: np.ndarray) -> np.ndarray:
-  """[N, k] -> [N]: the most frequent label per row; a tie goes to the earliest neighbour's label."""
+  """[N, k] -> [N]: the most frequent label per row; a tie goes to the earliest neighbour's
+  label."""
   c = counts(labels)
   top = np.take_along_axis(c, labels, axis=1) == c.max(
     1, keepdims=True

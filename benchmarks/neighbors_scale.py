@@ -2,7 +2,8 @@ r"""Neighbour search at scale: the job's queries/s and recall@K against raw ScaN
 index and exact JAX search on the same data, plus peak memory of the index build and of
 the job per million database vectors.
 
-  python benchmarks/neighbors_scale.py [--n=1000000] [--d=512] [--num_queries=50000] [--workdir=/tmp/nbench]
+  python benchmarks/neighbors_scale.py [--n=1000000] [--d=512] [--num_queries=50000] \
+      [--workdir=/tmp/nbench]
 
 Data: `rdm_jax.retrieval.synthetic.clustered_unit_vectors` (N / 500 clusters, noise 0.6),
 queries near random database points (not in the database: no exclusion). Each phase runs
@@ -290,7 +291,8 @@ def main(argv):
   )
   print(
     f"build: {r['build']['build_s']:.1f} s, peak {r['build']['peak_gib']:.2f} GiB "
-    f"({(r['build']['peak_gib'] - base) * per_m:.2f} GiB per 1M vectors above the {base:.2f} GiB baseline)"
+    f"({(r['build']['peak_gib'] - base) * per_m:.2f} GiB per 1M vectors above the "
+    f"{base:.2f} GiB baseline)"
   )
   for name, tuned in r["build"]["search"].items():
     print(
@@ -309,10 +311,12 @@ def main(argv):
     )
   print(
     f"job:   {job_qps:.0f} queries/s, recall@{k} {recall(job_ids[:nq], exact_ids):.4f}, peak "
-    f"{r['job']['peak_gib']:.2f} GiB ({(r['job']['peak_gib'] - base) * per_m:.2f} GiB per 1M above baseline)"
+    f"{r['job']['peak_gib']:.2f} GiB ({(r['job']['peak_gib'] - base) * per_m:.2f} GiB per "
+    "1M above baseline)"
   )
   print(
-    f"exact JAX: {exact_qps:.0f} queries/s (recall 1 by definition); job / exact: {job_qps / exact_qps:.1f}x"
+    f"exact JAX: {exact_qps:.0f} queries/s (recall 1 by definition); job / exact: "
+    f"{job_qps / exact_qps:.1f}x"
   )
   size = sum(
     os.path.getsize(os.path.join(dp, f))
@@ -325,7 +329,8 @@ def main(argv):
   raw_ids = np.load(os.path.join(c.data_dir, "raw_ids.npy"))
   raw_qps = q / r["raw"]["raw_s"]
   print(
-    f"raw ScaNN (same index): {raw_qps:.0f} queries/s, recall@{k} {recall(raw_ids[:nq], exact_ids):.4f}"
+    f"raw ScaNN (same index): {raw_qps:.0f} queries/s, recall@{k} "
+    f"{recall(raw_ids[:nq], exact_ids):.4f}"
   )
   cmp = r["compare"]
   print(

@@ -106,7 +106,8 @@ def train_speed(config, steps: int) -> tuple[float, int]:
 
 
 def torch_train_speed(model: rarm.RARM, batch: int, steps: int) -> tuple[float, int]:
-  """The same transformer in PyTorch (diffusers' blocks, as tests/models/test_rarm.py checks it), AdamW."""
+  """The same transformer in PyTorch (diffusers' blocks, as tests/models/test_rarm.py checks it),
+  AdamW."""
   import torch
 
   sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -169,9 +170,11 @@ def main(argv):
   config = config_for(_CASE.value, _BATCH.value)
   model = factory.make_model(config)
   print(
-    f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, {cpu()}, {allocator()}; "
+    f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, "
+    f"{cpu()}, {allocator()}; "
     f"case {_CASE.value}: {model.heads} heads x "
-    f"{model.dim_head}, depth {model.depth}, {model.seq_len} tokens of {model.num_codes} codes, batch {_BATCH.value}"
+    f"{model.dim_head}, depth {model.depth}, {model.seq_len} tokens of {model.num_codes} "
+    f"codes, batch {_BATCH.value}"
   )
   params = jax.jit(model.init)(
     jax.random.PRNGKey(0), jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1, 4, 512))

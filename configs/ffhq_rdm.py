@@ -1,11 +1,12 @@
-"""The paper's FFHQ RDM (Sec. 4.1, Tab. 3: "an exact replicate of our ImageNet RDM-OI on FFHQ";
+r"""The paper's FFHQ RDM (Sec. 4.1, Tab. 3: "an exact replicate of our ImageNet RDM-OI on FFHQ";
 CompVis configs/rdm/ffhq.yaml and the released models/rdm/ffhq/config.yaml).
 
-  python -m rdm_jax.jobs.encode    --config=configs/ffhq_rdm.py   # VQ-f4 latents of the 60k train faces
-  python -m rdm_jax.jobs.embed     --config=configs/ffhq_rdm.py   # CLIP queries (the database is RDM-OI's)
+  python -m rdm_jax.jobs.encode    --config=configs/ffhq_rdm.py  # VQ-f4 latents, 60k train faces
+  python -m rdm_jax.jobs.embed     --config=configs/ffhq_rdm.py  # CLIP queries (D: RDM-OI's)
   python -m rdm_jax.jobs.neighbors --config=configs/ffhq_rdm.py
   python -m rdm_jax.train          --config=configs/ffhq_rdm.py --workdir=$WORKDIR
-  python -m rdm_jax.sample         --config=configs/ffhq_rdm.py --workdir=$WORKDIR --config.sample.condition=proposal
+  python -m rdm_jax.sample         --config=configs/ffhq_rdm.py --workdir=$WORKDIR \
+      --config.sample.condition=proposal
 
 What differs from configs/imagenet_rdm.py, each as the original's file has it:
 - UNet: 224 channels, mult (1, 2, 3, 4) (configs/rdm/ffhq.yaml:41, 47-51); attention at 8/4/2,

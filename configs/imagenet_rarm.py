@@ -1,4 +1,5 @@
-"""The paper's RARM on ImageNet subsets (Sec. 3.2.2, Eq. 4; CompVis configs/rarm/{dogs,mammals,animals}.yaml).
+"""The paper's RARM on ImageNet subsets (Sec. 3.2.2, Eq. 4; CompVis
+configs/rarm/{dogs,mammals,animals}.yaml).
 
   --config=configs/imagenet_rarm.py           # dogs, labels 151..280 (the default)
   --config=configs/imagenet_rarm.py:mammals   # 147..388

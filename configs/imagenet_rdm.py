@@ -1,4 +1,5 @@
-"""The paper's ImageNet RDM (Blattmann et al. 2022, Sec. 4; DESIGN.md "Facts from the original code").
+"""The paper's ImageNet RDM (Blattmann et al. 2022, Sec. 4; DESIGN.md
+"Facts from the original code").
 
 UNet: 192 channels, mult (1, 2, 3, 5), 2 res blocks per level, attention at downsampling
 factors 2/4/8 (32/16/8 px of the 3x64x64 VQ-f4 latent) and in the middle block, head dim
@@ -92,7 +93,8 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
       patch_size=1,
     )
   )
-  # diffusion (T=1000, linear 1.5e-3..1.95e-2) and sampling (DDIM 100, guidance 2.0) are the defaults
+  # diffusion (T=1000, linear 1.5e-3..1.95e-2) and sampling (DDIM 100,
+  # guidance 2.0) are the defaults
   c.optim.lr = 1e-4
   c.optim.warmup_steps = (
     100  # CompVis RDM configs/rdm/imagenet.yaml: LambdaLinearScheduler warm_up_steps 100
@@ -115,8 +117,8 @@ def get_config(arg: str = "") -> mlc.ConfigDict:
   # Class-conditional samples (condition=class, Sec. 3.3, Fig. 10): the OpenImages database has no
   # labels, so each class's pool is the l entries nearest to the CLIP text embedding of this prompt
   # with the class's name (labels name ImageNet's classes: --config.sample.classes=207 is "golden
-  # retriever"). The paper gives no l (class_pool_size); class_context="prompt_and_pool" is Fig. 10's
-  # caption (the prompt's embedding and k-1 pool entries), "pool" Sec. 3.3's k pool entries.
+  # retriever"). The paper gives no l (class_pool_size); class_context="prompt_and_pool" is Fig.
+  # 10's caption (the prompt's embedding and k-1 pool entries), "pool" Sec. 3.3's k pool entries.
   c.sample.class_prompt = "An image of a {}."
   c.sample.top_m = 0.01  # the paper's top-m for unconditional samples
   c.sample.top_m_of = (

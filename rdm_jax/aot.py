@@ -95,7 +95,8 @@ def model_flops_per_example(config: Any, setup: training.TrainSetup) -> int:
 
 
 def levers(config: Any) -> dict[str, Any]:
-  """The config's accelerator levers (RARM: compute and Adam-moment dtypes; the others are the UNet's)."""
+  """The config's accelerator levers (RARM: compute and Adam-moment dtypes; the others are the
+  UNet's)."""
   m, o = config.model, config.optim
   out = {
     "dtype": m.dtype,

@@ -86,8 +86,8 @@ def record_digests(mngr: ocp.CheckpointManager) -> None:
 
 
 def _damage(mngr: ocp.CheckpointManager, step: int) -> str | None:
-  """Why checkpoint `step` no longer matches the digests recorded when it was written (None: it does,
-  or it has none)."""
+  """Why checkpoint `step` no longer matches the digests recorded when it was written (None: it
+  does, or it has none)."""
   path = files.join(_digest_dir(mngr), f"{step}.json")
   if not files.isfile(path):
     return None
@@ -174,7 +174,8 @@ def restore(
         why, saved = f"its metadata does not read ({type(e).__name__}: {str(e)[:120]})", None
       if saved is not None and saved != want_shapes:
         fail(
-          f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays have other "
+          f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays "
+          "have other "
           "shapes); use the config it was trained with or a new --workdir"
         )
     if why is None:
@@ -224,7 +225,8 @@ def check_workdir(workdir: str) -> None:
     and not any(files.exists(files.join(workdir, f)) for f in RUN_FILES)
   ):
     fail(
-      f"--workdir={workdir} holds files but no training run (no {' or '.join(RUN_FILES)}); refusing to "
+      f"--workdir={workdir} holds files but no training run (no {' or '.join(RUN_FILES)}); "
+      "refusing to "
       "write into it: choose a new or empty --workdir"
     )
 
@@ -272,14 +274,16 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
     before = files.read_json(path)
   except (OSError, UserError) as e:
     fail(
-      f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it or use a new --workdir"
+      f"{path} is unreadable ({e}); it describes the checkpoints in {workdir}: restore it "
+      "or use a new --workdir"
     )
   for field, what in (("database_fingerprint", "database"), ("encoder", "retrieval encoder")):
     if field == "database_fingerprint" and before.get("imported_from"):
       continue  # imported weights (jobs/import_checkpoint.py) are not tied to a database of ours
     if before.get(field) != info[field]:
       fail(
-        f"the checkpoints in {workdir} were trained with another {what} ({field} {before.get(field)} in "
+        f"the checkpoints in {workdir} were trained with another {what} ({field} "
+        f"{before.get(field)} in "
         f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "
         f"{what} of that run ({before.get('database')})"
       )
@@ -376,7 +380,8 @@ def check_saves(mngr: ocp.CheckpointManager, collective: bool = True) -> None:
 
 @contextlib.contextmanager
 def _save_errors(mngr: ocp.CheckpointManager, step: int | None = None):
-  """A failed checkpoint write -> one line: what failed, which checkpoints are intact, what to do."""
+  """A failed checkpoint write -> one line: what failed, which checkpoints are intact, what to
+  do."""
   try:
     yield
   except UserError:
@@ -386,7 +391,8 @@ def _save_errors(mngr: ocp.CheckpointManager, step: int | None = None):
     saving = f"checkpoint {step}" if step is not None else "a checkpoint"
     fail(
       f"writing {saving} to {mngr.directory} failed: {io_error_line(e, str(mngr.directory))}. "
-      f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; fix that and rerun: training resumes "
+      f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; fix that and rerun: "
+      "training resumes "
       "from the newest"
     )
 
@@ -410,7 +416,8 @@ def check_space(
   free = free_bytes(directory)
   if free is not None and need > free:
     fail(
-      f"{directory}: the run's checkpoints need about {size_text(need)} more (up to {keep + 1} checkpoints of "
+      f"{directory}: the run's checkpoints need about {size_text(need)} more (up to "
+      f"{keep + 1} checkpoints of "
       f"{size_text(one)} at once) but {size_text(free)} is free there; free space, lower "
       "config.train.keep_checkpoints, or choose a --workdir on another disk"
     )
@@ -480,7 +487,8 @@ def recorded_inputs(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | 
   )
   if not ok:
     fail(
-      f"checkpoint {step} in {mngr.directory} has a malformed record of its training data; move that "
+      f"checkpoint {step} in {mngr.directory} has a malformed record of its training data; "
+      "move that "
       "checkpoint away to go on without it"
     )
   return record
@@ -503,15 +511,18 @@ def check_inputs(mngr: ocp.CheckpointManager, step: int, data: Any) -> None:
     if was["fingerprint"] != s.fingerprint:
       fail(
         f"checkpoint {step} in {mngr.directory} was trained on the {part} store {was.get('path')} "
-        f"(fingerprint {was['fingerprint']}); {s.path} is now {s.fingerprint}: resuming would mix two "
+        f"(fingerprint {was['fingerprint']}); {s.path} is now {s.fingerprint}: resuming "
+        "would mix two "
         "data sets. Put that store back, or train on this one with a new --workdir"
       )
     if was["files"] != s.states:  # both {array: [inode, size, mtime_ns]}
       changed = store.changed_array(s)
       if changed:
         fail(
-          f"{s.path}/{changed}.npy changed after checkpoint {step} in {mngr.directory} was trained on it "
-          f"(its sha256 no longer matches the store's manifest); rebuild or restore {s.path}, then rerun"
+          f"{s.path}/{changed}.npy changed after checkpoint {step} in {mngr.directory} was "
+          "trained on it "
+          "(its sha256 no longer matches the store's manifest); rebuild or restore "
+          f"{s.path}, then rerun"
         )
       logging.info(
         "%s was touched since checkpoint %d; its arrays match their checksums", s.path, step
@@ -528,7 +539,8 @@ def load_trained(config, workdir: str, step: int | None = None):
   info = files.read_json(info_path)
   if not isinstance(info, dict) or not isinstance(info.get("latent_shape"), list):
     fail(
-      f"{info_path} is not a model record of rdm_jax.train (no latent_shape); restore it or train again"
+      f"{info_path} is not a model record of rdm_jax.train (no latent_shape); restore it or "
+      "train again"
     )
   check_function(info, function_record(config), workdir)
   setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.from_config(config))

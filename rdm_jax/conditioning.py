@@ -65,7 +65,8 @@ def open_database(config: Any, encoder: dict | None = None) -> store.Store:
   if width != config.retrieval.embed_dim:
     fail(
       f"database {database.path} holds {width}-d embeddings but the model takes "
-      f"config.retrieval.embed_dim={config.retrieval.embed_dim}-d context; use a database of the model's encoder"
+      f"config.retrieval.embed_dim={config.retrieval.embed_dim}-d context; use a database "
+      "of the model's encoder"
     )
   return database
 
@@ -155,7 +156,8 @@ def proposal_conditioning(
   )
   if p.manifest["database_fingerprint"] != database.fingerprint:
     fail(
-      f"proposal {p.path} was computed for another database than {database.path}; rerun the neighbour "
+      f"proposal {p.path} was computed for another database than {database.path}; rerun the "
+      "neighbour "
       "job for this database, or sample with --config.sample.condition=exemplar"
     )
   s = config.sample
@@ -172,7 +174,8 @@ def proposal_conditioning(
 
 
 def load_query_embeddings(path: str, database: store.Store) -> np.ndarray:
-  """float32 [N, d] query embeddings from a .npy, checked against the database's width (no pickle)."""
+  """float32 [N, d] query embeddings from a .npy, checked against the database's width (no
+  pickle)."""
   if not os.path.isfile(path):
     fail(f"config.sample.embeddings_path={path!r}: no such file")
   try:
@@ -182,7 +185,8 @@ def load_query_embeddings(path: str, database: store.Store) -> np.ndarray:
   d = database["embeddings"].shape[1]
   if queries.ndim != 2 or queries.shape[1] != d or queries.dtype.kind != "f":
     fail(
-      f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the database's "
+      f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from "
+      "the database's "
       f"encoder {database.manifest['encoder'].get('name')}"
     )
   return np.asarray(queries, np.float32)
@@ -235,13 +239,15 @@ def part_captions(config: Any, part: str) -> list[str]:
   """The captions of a part's embeddings store, in row order (config.sample.prompts_from)."""
   if part not in ("train", "test"):
     fail(
-      f"config.sample.prompts_from={part!r}; use train or test (a part whose embeddings store has captions)"
+      f"config.sample.prompts_from={part!r}; use train or test (a part whose embeddings "
+      "store has captions)"
     )
   path = config_base.paths(config)[f"embeddings_{part}"]
   queries = store.read(path, "embeddings", hint="run `python -m rdm_jax.jobs.embed` first")
   if "captions" not in queries.arrays:
     fail(
-      f"{path} has no captions: its source has none (a TFDS caption feature, config.dataset.caption_feature, "
+      f"{path} has no captions: its source has none (a TFDS caption feature, "
+      "config.dataset.caption_feature, "
       "or an image folder's captions.jsonl); give --config.sample.prompts instead"
     )
   return [str(c) for c in queries["captions"]]
@@ -266,7 +272,8 @@ def text_conditioning(
     fail(f"config.sample.text_mode={mode!r}; use {', '.join(TEXT_MODES)}")
   if not prompts:
     fail(
-      "config.sample.condition=text needs captions: --config.sample.prompts=\"('a red dress','a sneaker')\", "
+      "config.sample.condition=text needs captions: --config.sample.prompts=\"('a red "
+      "dress','a sneaker')\", "
       "or --config.sample.prompts_from=test (the test part's own captions)"
     )
   queries = text_queries(config, database, list(prompts))
@@ -294,7 +301,8 @@ def text_conditioning(
 
 
 def class_ids(names_or_ids: str, names: tuple[str, ...], labels: np.ndarray) -> list[int]:
-  """ "Dress,7" -> [3, 7]: class names (any case) or label ids, comma-separated; "" = every label."""
+  """Class names (any case) or label ids, comma-separated, as label ids ("Dress,7" -> [3, 7]);
+  "" = every label."""
   present = sorted(set(np.unique(labels).tolist()) - {-1})  # -1: unlabelled
   if not names_or_ids.strip():
     return present
@@ -356,7 +364,8 @@ def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int]
   items = [x.strip() for x in names_or_ids.split(",") if x.strip()]
   if not items and not names:
     fail(
-      "config.sample.classes: name the classes for the class prompt, comma-separated (this dataset has no "
+      "config.sample.classes: name the classes for the class prompt, comma-separated (this "
+      "dataset has no "
       "class names to take them from: config.dataset.class_names)"
     )
   if not items:
@@ -368,7 +377,8 @@ def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int]
       c = int(item)
       if not 0 <= c < len(names):
         fail(
-          f"class {item} in config.sample.classes: the class prompt needs its name, and the dataset names "
+          f"class {item} in config.sample.classes: the class prompt needs its name, and the "
+          "dataset names "
           f"{len(names)} classes"
           + (f" (0..{len(names) - 1})" if names else "; give names instead of labels")
         )
@@ -419,7 +429,8 @@ def class_conditioning(
     labels, names = prompt_classes(names_or_ids, sources.class_names(config.dataset))
     if s.class_pool_size > database["embeddings"].shape[0]:
       fail(
-        f"sample.class_pool_size={s.class_pool_size} exceeds the database's {database['embeddings'].shape[0]} entries"
+        f"sample.class_pool_size={s.class_pool_size} exceeds the database's "
+        f"{database['embeddings'].shape[0]} entries"
       )
     texts = [s.class_prompt.format(c) for c in names]
     queries = text_queries(config, database, texts)
@@ -432,7 +443,8 @@ def class_conditioning(
   else:
     if mode == "prompt_and_pool":
       fail(
-        "config.sample.class_context='prompt_and_pool' puts the class prompt's text embedding in the context: "
+        "config.sample.class_context='prompt_and_pool' puts the class prompt's text "
+        "embedding in the context: "
         'set config.sample.class_prompt (e.g. "An image of a {}.") with a CLIP retriever'
       )
     if "labels" not in database.arrays:

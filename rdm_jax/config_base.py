@@ -37,8 +37,9 @@ LEVERS = dict(
   dtype="float32",  # compute
   param_dtype="float32",  # parameters, gradients, EMA
   remat="none",  # none | full (the original's use_checkpoint) | dots (matmul outputs kept)
-  attention="xla",  # xla | dot_product (jax.nn's, XLA) | cudnn (cuDNN flash, GPU) | flash (Pallas TPU)
-  flash_min_seq_len=1024,  # flash: self-attention over at least this many tokens; shorter: dot_product
+  # xla | dot_product (jax.nn's, XLA) | cudnn (cuDNN flash, GPU) | flash (Pallas TPU)
+  attention="xla",
+  flash_min_seq_len=1024,  # flash: self-attention over this many tokens or more; fewer: dot_product
   conv="xla",  # xla | onednn (oneDNN custom calls, CPU) | auto (onednn on one CPU device if built)
 )
 
@@ -125,9 +126,10 @@ def base_config() -> mlc.ConfigDict:
     dict(
       encoder="efficientnet_lite0",  # or clip_vit_b32 (the paper's; text tower too)
       weights="",  # local checkpoint; "" = the installed weights package
-      tokenizer="",  # clip_vit_b32 text: a saved CLIPTokenizer directory ("" = weights, if a directory)
+      tokenizer="",  # clip_vit_b32 text: a saved CLIPTokenizer dir ("" = weights, if a dir)
       image_size=96,
-      features="head",  # efficientnet_lite0: head (pooled, the classifier's input) | block_N (N < 16)
+      # efficientnet_lite0: head (pooled, the classifier's input) | block_N (N < 16)
+      features="head",
       grid=1,  # ... that layer's map averaged over grid x grid cells (embed_dim = C * grid^2)
       embed_dim=1280,
       batch_size=256,
@@ -162,7 +164,8 @@ def base_config() -> mlc.ConfigDict:
       shard_size=0,  # 0 = derived from max_memory_gb
       threads=0,  # search threads, and training threads when not deterministic; 0 = all cores
       deterministic=True,  # train on one thread: same index and neighbours on every run
-      target_recall=0.97,  # widen each shard's search until recall@K (exact search) reaches this; 0 = off
+      # widen each shard's search until recall@K (against exact search) reaches this; 0 = off
+      target_recall=0.97,
       tune_queries=1000,  # shard rows used as queries to measure it
       tune_seed=0,
       max_reorder=0,  # widest reorder the tuning may choose; 0 = 100 per neighbour
@@ -192,7 +195,8 @@ def base_config() -> mlc.ConfigDict:
       beta_start=1.5e-3,
       beta_end=1.95e-2,
       prediction="eps",  # what the UNet outputs: eps (the paper's) | v (Salimans & Ho 2022) | x0
-      loss_weighting="uniform",  # uniform (Eq. 3) | min_snr: min(SNR, gamma)-weighted (Hang et al. 2023)
+      # uniform (Eq. 3) | min_snr: min(SNR, gamma)-weighted (Hang et al. 2023)
+      loss_weighting="uniform",
       min_snr_gamma=5.0,
     )
   )
@@ -209,9 +213,9 @@ def base_config() -> mlc.ConfigDict:
       update_clip=0.0,  # > 0: each tensor's Adam update clipped to this RMS (StableAdamW)
       decay="none",  # after the warm-up: none (LDM's constant rate) | cosine
       min_lr_ratio=0.0,  # cosine: the rate at train.num_steps, as a fraction of lr
-      mu_dtype="",
+      mu_dtype="",  # Adam's first moment dtype; "" = the parameters'; bfloat16 halves it
     )
-  )  # Adam's first moment dtype; "" = the parameters'; bfloat16 halves it
+  )
 
   c.train = mlc.ConfigDict(
     dict(
@@ -224,12 +228,16 @@ def base_config() -> mlc.ConfigDict:
       keep_checkpoints=3,
       sample_every=0,
       num_sample_images=16,
-      nonfinite="stop",  # a step with NaN/inf loss or gradients: stop (before any checkpoint) | skip it
-      on_spike="warn",  # a loss or gradient norm above spike_factor x its median over the last spike_window steps:
-      spike_factor=5.0,  # warn (train on it) | skip (the step changes nothing) | stop (before any
+      # a step with NaN/inf loss or gradients: stop (before any checkpoint) | skip it
+      nonfinite="stop",
+      # a loss or gradient norm above spike_factor x its median over the last spike_window steps:
+      # warn (train on it) | skip (the step changes nothing) | stop (before any checkpoint of it);
+      # each names the step and its batch's example ids
+      on_spike="warn",
+      spike_factor=5.0,
       spike_window=200,
     )
-  )  # checkpoint of it); each names the step and its batch's example ids
+  )
   c.input = mlc.ConfigDict(dict(prefetch=4, num_parallel_calls=-1))  # -1 = tf.data.AUTOTUNE
   c.sample = mlc.ConfigDict(
     dict(
@@ -246,60 +254,65 @@ def base_config() -> mlc.ConfigDict:
       seed=-1,  # sample i's noise: fold_in(PRNGKey(seed), i), and the proposal / class
       # draws; -1 = train.seed + 7
       shard_size=1024,  # samples per .npz shard of the sample job (its unit of resumption)
-      timestep_spacing="logsnr",  # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
-      condition="exemplar",  # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m) |
+      # dpm_solver++: logsnr (uniform in log-SNR) | linspace (diffusers')
+      timestep_spacing="logsnr",
+      # exemplar: queries from query_part | proposal: x~ ~ p_D (top-m) |
       # class: k adjacent entries of a class pool | embeddings: a .npy |
       # text: CLIP text embeddings of `prompts` (the caption, then its k-1 neighbours) |
       # zeros: one all-zeros entry (the unconditional branch alone)
+      condition="exemplar",
       prompts=(),  # text: captions, cycled over the samples
-      prompts_from="",  # text: "train" | "test" = the captions of that part's embeddings store, in order
-      text_mode="caption_and_neighbors",  # text: caption_and_neighbors | caption (alone, k=1) | neighbors (its k)
+      prompts_from="",  # text: "train" | "test" = the captions of that part's embeddings store
+      # text: caption_and_neighbors | caption (alone, k=1) | neighbors (its k)
+      text_mode="caption_and_neighbors",
       query_part="test",
-      classes="",
-      class_pool_size=16,  # class: names or labels, comma-separated ("" = all); pool size l (the
-      # paper states none, only k <= l; the original code has no class sampling)
-      class_prompt="",  # class: "An image of a {}." = pools from CLIP text (Sec. 3.3); "" = from labels
-      class_context="pool",  # class: pool = k adjacent pool entries (Sec. 3.3) | prompt_and_pool = the
-      # prompt's text embedding + k-1 adjacent pool entries (Fig. 10's caption)
+      classes="",  # class: names or labels, comma-separated ("" = all)
+      # class: pool size l (the paper states none, only k <= l; the original has no class sampling)
+      class_pool_size=16,
+      # class: "An image of a {}." = pools from CLIP text (Sec. 3.3); "" = from labels
+      class_prompt="",
+      # class: pool = k adjacent pool entries (Sec. 3.3) | prompt_and_pool = the prompt's text
+      # embedding + k-1 adjacent pool entries (Fig. 10's caption)
+      class_context="pool",
       embeddings_path="",  # embeddings: float [N, d] queries from the database's encoder
-      include_query=False,  # exemplar, embeddings: the query's own embedding + its k-1 neighbours (the
-      # original's default, omit_query=False) instead of k neighbours
-      top_m=0.01,
-      top_count=0,  # proposal: the top fraction m of D by p_D (or the top count)
-      top_m_of="database",  # m of all of D (Sec. 3.3) | "retrieved": of the entries with p_D > 0 (original code)
+      # exemplar, embeddings: the query's own embedding + its k-1 neighbours (the original's
+      # default, omit_query=False) instead of k neighbours
+      include_query=False,
+      top_m=0.01,  # proposal: the top fraction m of D by p_D (or the top count)
+      top_count=0,
+      # m of all of D (Sec. 3.3) | "retrieved": of the entries with p_D > 0 (original code)
+      top_m_of="database",
       proposal_weighted=False,  # proposal: draw by p_D within the top set (else uniformly)
       clip_x0=0.0,  # clip_x0 > 0: pixel-space clipping
+      # ddim, dpm_solver++: end at alpha_bar_0 (the original) | x0: the last step returns its
+      # predicted z_0 (no leftover noise; pixel-space models)
       final_step="abar0",
     )
-  )  # ddim, dpm_solver++: end at alpha_bar_0 (the original) | x0: the last
-  # step returns its predicted z_0 (no leftover noise; pixel-space models)
+  )
 
   # rdm_jax.evaluate: metrics of sample sets against a reference set, on one extractor's features.
   c.eval = mlc.ConfigDict(
     dict(
-      extractor="efficientnet_lite0",  # | inception_v3_fid (FID; weights: pytorch-fid's .pth, local path)
+      # efficientnet_lite0 | inception_v3_fid (FID; weights: pytorch-fid's .pth, local path)
       # | clip_image (CLIP-FID, CLIP score; weights: a saved transformers CLIP dir)
+      extractor="efficientnet_lite0",
       weights="",
       image_size=224,
       batch_size=256,  # inception_v3_fid: image_size 299
-      resize="pytorch_fid",  # inception_v3_fid: pytorch_fid (bilinear) | clean (clean-fid's PIL bicubic)
+      # inception_v3_fid: pytorch_fid (bilinear) | clean (clean-fid's PIL bicubic)
+      resize="pytorch_fid",
       reference="test",  # a dataset part | tfds:NAME/SPLIT | image folder | .npz with images
       num_reference=0,  # 0 = all reference images
       baseline_part="train",  # real images scored like a sample set ("" = skip)
-      metrics=(
-        "fd",
-        "precision_recall",
-        "is",
-        "kid",
-        "clip_score",
-      ),  # clip_score: samples with captions
+      metrics=("fd", "precision_recall", "is", "kid", "clip_score"),  # clip_score: with captions
       k=3,
       is_splits=10,
       kid_subsets=100,
       kid_subset_size=1000,
+      # (set, metric, low, high) bands a recipe's figures must fall in: outside, the job fails
       expect=(),
     )
-  )  # (set, metric, low, high) bands a recipe's figures must fall in: outside, the job fails
+  )
 
   # fsdp_outer: FSDP gathers each weight in two stages, within fsdp_outer groups of the fsdp axis
   # and then across them (parallel/fsdp.py: split_mesh); 0 = on accelerators, the split whose

@@ -51,8 +51,12 @@ def checked_by_process_0(check: Callable[[], object]) -> None:
     fail(bytes(message[1:]).rstrip(b"\0").decode("utf-8", "replace"))
 
 
-RESUME = "free space (or point the job at a larger disk) and rerun: what is finished is kept and the job resumes"
-_IO_KINDS = (  # errno, what the libraries' messages say instead of an errno, what it means, what to do
+RESUME = (
+  "free space (or point the job at a larger disk) and rerun: what is finished is kept and the "
+  "job resumes"
+)
+# errno, what the libraries' messages say instead of an errno, what it means, what to do
+_IO_KINDS = (
   (
     errno.ENOSPC,
     ("No space left on device", "os_error_code='28'", "os_error_code=28"),
@@ -196,7 +200,7 @@ def run_main(
         raise
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
-    except Exception as e:  # noqa: BLE001  only filesystem failures become one line; others propagate
+    except Exception as e:  # only filesystem failures become one line; others propagate
       if verbose() or io_failure(e) is None:
         raise
       print(f"error: {io_error_line(e)}; {io_remedy(e)}", file=sys.stderr)

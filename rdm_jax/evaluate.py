@@ -64,7 +64,8 @@ def check_output_dir(out_dir: str) -> None:
     ours = False
   if not ours:
     fail(
-      f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to overwrite "
+      f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; "
+      "refusing to overwrite "
       "them: choose another --out"
     )
 
@@ -73,7 +74,8 @@ def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> No
   if images.shape[1:] != reference.shape[1:]:
     fail(
       f"{what} images are {'x'.join(map(str, images.shape[1:]))} but the reference images are "
-      f"{'x'.join(map(str, reference.shape[1:]))} (H x W x C): evaluate at the reference's size and "
+      f"{'x'.join(map(str, reference.shape[1:]))} (H x W x C): evaluate at the reference's "
+      "size and "
       "channels (crop, resize or convert the samples first)"
     )
 
@@ -177,7 +179,8 @@ def evaluate(
   unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
   if unknown:
     fail(
-      f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, kid, "
+      f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, "
+      "precision_recall, is, kid, "
       "clip_score"
     )
 
@@ -231,7 +234,8 @@ def evaluate(
     "extractor": extractor.identity,
     "reference": {**ref_source, "count": len(ref_images)},
     "sets": rows,
-    "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception FID/IS"
+    "note": f"FD, IS and KID computed on {extractor.name} features: not comparable with Inception "
+    "FID/IS"
     if extractor.identity["name"] != "inception_v3_fid"
     else "",
   }
@@ -246,8 +250,10 @@ def evaluate(
   held, failed = check_expected(rows, cfg.expect)
   if failed:
     fail(
-      f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The model did not "
-      "train as this config should: read the training log's warnings, the loss curve (TensorBoard) and the "
+      f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The "
+      "model did not "
+      "train as this config should: read the training log's warnings, the loss curve "
+      "(TensorBoard) and the "
       f"sample PNGs before using it; the metrics are in {out_dir}"
     )
   if held:

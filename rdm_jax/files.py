@@ -1,4 +1,5 @@
-"""The one file layer: local paths and bucket URIs (gs://, s3://; etils.epath over tf.io.gfile) alike.
+"""The one file layer: local paths and bucket URIs (gs://, s3://;
+etils.epath over tf.io.gfile) alike.
 
 Run directories go through it: --workdir (checkpoints, config.json, model_info.json, TensorBoard
 logs, training-time sample grids), sample sets and evaluation outputs, so that on TPU VMs they
@@ -61,7 +62,8 @@ def _reachable(fn: Callable) -> Callable:
       if type(e).__name__ == "NotFoundError":
         raise FileNotFoundError(str(path)) from None
       fail(
-        f"{path}: cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the bucket "
+        f"{path}: cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+        "check the bucket "
         "name, the network and the credentials, or use a local path"
       )
 
@@ -156,7 +158,8 @@ def prepare_output_dir(path: str, what: str, create: bool = True) -> None:
     os.remove(probe)
   except OSError as e:
     fail(
-      f"{what} {path} cannot be written ({e.strerror or e}); choose another path or fix its permissions"
+      f"{what} {path} cannot be written ({e.strerror or e}); choose another path or fix its "
+      "permissions"
     )
 
 
@@ -170,7 +173,8 @@ def remove(path: str) -> None:
 
 @_reachable
 def open_file(path: str, mode: str = "r") -> IO:
-  """A file opened in `mode`; a local file read must be a regular file (`untrusted.open_regular`)."""
+  """A file opened in `mode`; a local file read must be a regular file
+  (`untrusted.open_regular`)."""
   if is_uri(path):
     return _epath(path).open(mode)
   if any(c in mode for c in "wax+"):
@@ -191,7 +195,8 @@ def read_text(path: str, max_bytes: int = untrusted.MAX_JSON_BYTES) -> str:
 
 
 def read_json(path: str) -> Any:
-  """The JSON in a record or settings file (local or in a bucket); anything malformed is one line."""
+  """The JSON in a record or settings file (local or in a bucket); anything malformed is one
+  line."""
   return untrusted.parse_json(read_text(path), path)
 
 
@@ -227,7 +232,8 @@ def walk_sizes(folder: str) -> dict[str, int]:
 
 @_reachable
 def sha256(path: str) -> str:
-  """sha256 (16 hex digits) of a file's bytes, read in blocks: identifies weights and checkpoint files."""
+  """sha256 (16 hex digits) of a file's bytes, read in blocks: identifies weights and checkpoint
+  files."""
   h = hashlib.sha256()
   with open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -246,7 +252,8 @@ def tmp_pattern(name: str) -> re.Pattern:
 
 def need_room(path: str, size: int, what: str = "this write", remedy: str = errors.RESUME) -> None:
   """Stops the job in one line, before it writes, when the disk that holds `path` has fewer than
-  `size` bytes free for `what`; the line ends with `remedy` (local paths; a bucket is not checked)."""
+  `size` bytes free for `what`; the line ends with `remedy` (local
+  paths; a bucket is not checked)."""
   if is_uri(path):
     return
   free = errors.free_bytes(os.path.dirname(os.path.abspath(path)))
@@ -332,7 +339,8 @@ def remove_own_temporaries(path: str) -> None:
 
 
 def move(src: str, dst: str) -> None:
-  """Moves a file or directory to a new name (in a bucket: copied object by object, then removed)."""
+  """Moves a file or directory to a new name (in a bucket: copied object by object, then
+  removed)."""
   if not is_uri(src):
     os.replace(src, dst)
     return

@@ -7,8 +7,8 @@
   out = rdm.sample(rdm.proposal(8))                         # unconditional: p_D, top-m (Eq. 6)
   out = rdm.sample(rdm.embeddings(q, include_query=True))   # your own query embeddings [N, d]
   out.images                                                # uint8 [N, H, W, C]
-  out.conditioning.neighbor_rows                            # the database rows that conditioned each
-  rdm.panel(out)                                            # uint8 image: neighbours | sample, per row
+  out.conditioning.neighbor_rows                            # the database rows behind each
+  rdm.panel(out)                                            # uint8: neighbours | sample, per row
 
 Sampling follows `config.sample` (sampler, steps, guidance, eta, batch size) as the sample job
 does; `rdm_jax.sample` is this class plus files.
@@ -100,7 +100,8 @@ class RDM:
     )
 
   def classes(self, n: int, classes: str | None = None, seed: int = 0):
-    """n samples cycling over `classes` (names or labels, comma-separated; default config.sample.classes)."""
+    """n samples cycling over `classes` (names or labels, comma-separated; default
+    config.sample.classes)."""
     return conditioning.class_conditioning(
       self.config,
       n,
@@ -154,7 +155,8 @@ class RDM:
     if s.condition == "zeros":
       return conditioning.zeros_conditioning(self.database, n)
     fail(
-      f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings, text or zeros"
+      f"config.sample.condition={s.condition!r}; use exemplar, proposal, class, embeddings, "
+      "text or zeros"
     )
 
   def sample(
@@ -225,7 +227,8 @@ def make_sampler(model: Any, sched: schedule_lib.Schedule, latent_shape, sample_
     )
   if s.final_step not in ("abar0", "x0"):
     fail(
-      f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 (the last step's "
+      f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 "
+      "(the last step's "
       "predicted z_0)"
     )
   try:

@@ -1,4 +1,5 @@
-r"""Sample from a trained RDM: queries -> neighbours in config.database -> DDIM/DDPM/DPM-Solver++ + guidance.
+r"""Sample from a trained RDM: queries -> neighbours in config.database ->
+DDIM/DDPM/DPM-Solver++ + guidance.
 
 Queries are embedded held-out images (`--config.sample.condition=exemplar`, default),
 pseudo-queries drawn from the proposal p_D with top-m truncation (`=proposal`,
@@ -20,16 +21,16 @@ or an all-zeros context (`=zeros`: the unconditional branch alone, the original 
        --config.sample.text_mode=caption_and_neighbors]  # | caption | neighbors
       [--config.sample.condition=class --config.sample.classes=cat,dog
        --config.sample.class_prompt="An image of a {}."]  # pools from CLIP text
-       [--config.sample.class_context=prompt_and_pool]  # Fig. 10: the prompt's embedding + k-1 pool entries
+       [--config.sample.class_context=prompt_and_pool]  # Fig. 10: prompt + k-1 pool entries
       [--config.sample.sampler=dpm_solver++ --config.sample.num_steps=20]  # or ddim (eta) | ddpm
       [--distributed ...]  # one program over every process: each batch is sharded over all devices
 
 Writes the sample set to DIR (default <workdir>/samples/<condition>):
   shard-NNNNN-of-MMMMM.npz  config.sample.shard_size samples each: uint8 `images`, `latents`, the
-                            database rows (`neighbor_rows`) and ids (`neighbor_ids`) that conditioned
-                            each, `query_rows`, `sample_index` and `seed` (sample i's noise is
-                            fold_in(PRNGKey(seed), i), so an image does not depend on the batch size
-                            or the number of processes), and the sampler settings;
+                            database rows (`neighbor_rows`) and ids (`neighbor_ids`) that
+                            conditioned each, `query_rows`, `sample_index` and `seed` (sample i's
+                            noise is fold_in(PRNGKey(seed), i), so an image does not depend on the
+                            batch size or the number of processes), and the sampler settings;
   settings.json             every setting, the checkpoint step and a digest of the conditioning;
   samples.png, neighbors_and_samples.png  the first 16 samples, and each beside its k neighbours.
 A killed run, rerun with the same command, keeps the shards it finished and makes the rest (the

@@ -72,13 +72,16 @@ class StepWatch:
         if self.nonfinite == "stop":
           fail(
             f"step {step}: the loss or the gradients are not finite (NaN/inf); stopped before any "
-            f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower config.optim.lr, check those "
-            "examples, or set --config.train.nonfinite=skip to skip such steps; rerunning resumes from the "
+            f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower "
+            "config.optim.lr, check those "
+            "examples, or set --config.train.nonfinite=skip to skip such steps; rerunning "
+            "resumes from the "
             "newest checkpoint"
           )
         self.skipped += 1
         logging.warning(
-          "step %d: non-finite loss or gradients; update skipped (%d so far). Batch example ids: %s",
+          "step %d: non-finite loss or gradients; update skipped (%d so far). Batch example "
+          "ids: %s",
           step,
           self.skipped,
           self._shown(step),
@@ -87,13 +90,15 @@ class StepWatch:
         self.spikes.append(step)
         what = (
           f"step {step}: spike: loss {float(m['loss']):.4g} against the window's median "
-          f"{float(m['loss_median']):.4g} ({float(m['loss']) / float(m['loss_median']):.1f}x), gradient norm "
+          f"{float(m['loss_median']):.4g} "
+          f"({float(m['loss']) / float(m['loss_median']):.1f}x), gradient norm "
           f"{float(m['grad_norm']):.4g} against {float(m['grad_norm_median']):.4g} "
           f"({float(m['grad_norm']) / float(m['grad_norm_median']):.1f}x)"
         )
         if self.on_spike == "stop":
           fail(
-            f"{what}; stopped before any checkpoint of it (config.train.on_spike=stop). Batch example ids: "
+            f"{what}; stopped before any checkpoint of it (config.train.on_spike=stop). "
+            "Batch example ids: "
             f"{self._shown(step)}. Lower config.optim.lr, check those examples, or set "
             "--config.train.on_spike=skip; rerunning resumes from the newest checkpoint"
           )
@@ -116,7 +121,8 @@ class StepWatch:
       shown = ", ".join(map(str, self.spikes[:10])) + (", ..." if len(self.spikes) > 10 else "")
       lines.append(
         f"{len(self.spikes)} spike(s) of the loss or gradient norm at step(s) {shown} "
-        f"({'skipped' if self.on_spike == 'skip' else 'trained on'}; the warnings above name their batches)"
+        f"({'skipped' if self.on_spike == 'skip' else 'trained on'}; the warnings above "
+        "name their batches)"
       )
     if len(self.means) >= 3:
       best_step, best = min(self.means[:-1], key=lambda sm: sm[1])

@@ -79,7 +79,8 @@ DECAYS = ("none", "cosine")
 
 def _after_warmup(config: Any) -> optax.Schedule:
   """The rate after the warm-up: constant (`optim.decay="none"`, LDM's) or a cosine from `optim.lr`
-  down to `optim.min_lr_ratio` of it at `train.num_steps` (Loshchilov & Hutter 2017, no restarts)."""
+  down to `optim.min_lr_ratio` of it at `train.num_steps` (Loshchilov
+  & Hutter 2017, no restarts)."""
   o = config.optim
   decay = o.decay
   if decay not in DECAYS:
@@ -98,8 +99,10 @@ def optimisation_line(config: Any) -> str:
     f", {o.decay} decay to {o.lr * o.min_lr_ratio:g}" if o.decay != "none" else ", then constant"
   )
   return (
-    f"global batch {t.batch_size} per update, learning rate {o.lr:g} (AdamW b1 {o.b1:g} b2 {o.b2:g}, "
-    f"weight decay {o.weight_decay:g}) after {o.warmup_steps} warm-up steps{decay}, {t.num_steps} steps"
+    f"global batch {t.batch_size} per update, learning rate {o.lr:g} (AdamW b1 {o.b1:g} b2 "
+    f"{o.b2:g}, "
+    f"weight decay {o.weight_decay:g}) after {o.warmup_steps} warm-up steps{decay}, "
+    f"{t.num_steps} steps"
   )
 
 
@@ -156,7 +159,8 @@ def spike_settings(config: Any) -> tuple[str, float, int]:
   )
   if mode not in SPIKE_MODES or not factor > 1 or window < 8:
     fail(
-      f"config.train: on_spike={mode!r} (one of {', '.join(SPIKE_MODES)}), spike_factor={factor} (> 1), "
+      f"config.train: on_spike={mode!r} (one of {', '.join(SPIKE_MODES)}), "
+      f"spike_factor={factor} (> 1), "
       f"spike_window={window} (>= 8 steps)"
     )
   return mode, factor, window

@@ -78,8 +78,10 @@ class Budget:
   def charge(self, nbytes: int, path: str, detail: str = "") -> None:
     if nbytes > self.limit - self.used:
       fail(
-        f"{path}: {detail + ' ' if detail else ''}declares {_size(nbytes)}, more than the {_size(self.limit - self.used)} "
-        f"{self.what} may still take from its input files (of {_size(self.limit)}): the file is not what it "
+        f"{path}: {detail + ' ' if detail else ''}declares {_size(nbytes)}, more than the "
+        f"{_size(self.limit - self.used)} "
+        f"{self.what} may still take from its input files (of {_size(self.limit)}): the "
+        "file is not what it "
         "claims to be, or set RDM_MEMORY_BUDGET (bytes) higher"
       )
     self.used += nbytes
@@ -114,7 +116,8 @@ def open_regular(path: str, mode: str = "rb", encoding: str | None = None) -> IO
     kind = os.fstat(fd).st_mode
     if not stat.S_ISREG(kind):
       fail(
-        f"{path} is {_file_kind(kind)}, not a regular file; refusing to read it (replace it with a file)"
+        f"{path} is {_file_kind(kind)}, not a regular file; refusing to read it (replace it "
+        "with a file)"
       )
     os.set_blocking(fd, True)
     return os.fdopen(fd, mode, encoding=encoding) if "b" not in mode else os.fdopen(fd, mode)
@@ -138,7 +141,8 @@ def check_directory(path: str) -> None:
 
 
 def parse_json(data: bytes | str, what: str) -> Any:
-  """JSON of a file or a line (`what` names it): invalid UTF-8, bad syntax and deep nesting are one line."""
+  """JSON of a file or a line (`what` names it): invalid UTF-8, bad syntax and deep nesting are one
+  line."""
   try:
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     return json.loads(text)
@@ -164,7 +168,8 @@ def caption(text: Any, what: str) -> str:
   text = str(text)
   if len(text) > MAX_CAPTION_CHARS:
     fail(
-      f"{what}: a caption of {len(text)} characters; captions may have at most {MAX_CAPTION_CHARS} (CLIP reads "
+      f"{what}: a caption of {len(text)} characters; captions may have at most "
+      f"{MAX_CAPTION_CHARS} (CLIP reads "
       "the first 77 tokens): shorten it"
     )
   return text
@@ -246,7 +251,8 @@ class Npz:
       if not info.filename.endswith(".npy"):
         self.close()
         fail(
-          f"{path}: member {info.filename[:80]!r} is not an array; np.savez writes only .npy members"
+          f"{path}: member {info.filename[:80]!r} is not an array; np.savez writes only "
+          ".npy members"
         )
       shape, dtype, nbytes = self._header(info, name)
       self.headers[name], self._infos[name] = (shape, dtype), info
@@ -271,7 +277,8 @@ class Npz:
     if dtype.hasobject or header + nbytes != info.file_size:
       self.close()
       fail(
-        f"{self.path}: {name} declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a member of {info.file_size} "
+        f"{self.path}: {name} declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a "
+        f"member of {info.file_size} "
         "bytes; rewrite it with np.savez"
       )
     return tuple(shape), dtype, nbytes
@@ -321,7 +328,8 @@ def load_npy(path: str, budget: Budget | None = None, mmap: bool = False) -> np.
       fail(f"{path} holds Python objects (a pickle), which are never loaded; save a numeric array")
     if f.tell() + nbytes != size:
       fail(
-        f"{path} is truncated or corrupt: it declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a file of "
+        f"{path} is truncated or corrupt: it declares {dtype}{list(shape)[:8]} "
+        f"({_size(nbytes)}) in a file of "
         f"{size} bytes"
       )
     if mmap:

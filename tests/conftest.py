@@ -218,7 +218,8 @@ def killable(cmd: list[str], kill_at: int | str = 0, count_file: str = "") -> li
 
 
 def one_line_error(cmd: list[str], env: dict | None = None) -> str:
-  """Runs a job that must fail on bad input: exit status 2, no traceback, exactly one `error: ` line."""
+  """Runs a job that must fail on bad input: exit status 2, no traceback, exactly one `error: `
+  line."""
   import subprocess
 
   out = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, cwd=REPO)
@@ -247,7 +248,8 @@ def tiny_data(tmp_path):
 
 
 def repo_config(name: str, *args: str):
-  """`configs/<name>.py`'s get_config(*args) (the part after ':' in --config=configs/<name>.py:arg)."""
+  """`configs/<name>.py`'s get_config(*args) (the part after ':' in
+  --config=configs/<name>.py:arg)."""
   from rdm_jax.config_base import config_file
 
   return config_file(os.path.join(REPO, "configs", f"{name}.py"), *args)
@@ -328,9 +330,11 @@ def tiny_config(data_dir: str):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-  """(data_dir, workdir) of one tiny training run (TRAINED_ARGS: a (data=4, fsdp=2) mesh, checkpoints
-  and training-time samples at steps 2 and 4, 4 images, 2 DDIM steps), its database sourced from
-  Fashion-MNIST rows. Its stderr is `trained_log(workdir)`. Shared: tests copy it before changing it."""
+  """(data_dir, workdir) of one tiny training run (TRAINED_ARGS: a (data=4, fsdp=2) mesh,
+  checkpoints and training-time samples at steps 2 and 4, 4 images, 2 DDIM
+  steps), its database sourced from
+  Fashion-MNIST rows. Its stderr is `trained_log(workdir)`. Shared:
+  tests copy it before changing it."""
   import subprocess
 
   root = tmp_path_factory.mktemp("trained")
@@ -356,10 +360,10 @@ def trained_log(workdir: str) -> str:
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """mount(size, read_only=False) -> the path of a fresh tmpfs of `size` (e.g. "64m") under tmp_path,
-  unmounted at the end; resize(path, size) and read_only(path, on) remount it. Skips where this user
-  may not mount (a tmpfs is how a test gets a disk that really fills up or is really read-only:
-  root ignores file permissions)."""
+  """mount(size, read_only=False) -> the path of a fresh tmpfs of `size` (e.g. "64m") under
+  tmp_path, unmounted at the end; resize(path, size) and read_only(path, on) remount it. Skips where
+  this user may not mount (a tmpfs is how a test gets a disk that really fills up or is really
+  read-only: root ignores file permissions)."""
   import subprocess
 
   mounted = []

@@ -1,8 +1,10 @@
-"""Runs a job module and SIGKILLs it at its N-th commit: the N-th call of `os.replace` or `os.rename`.
+"""Runs a job module and SIGKILLs it at its N-th commit: the N-th call of
+`os.replace` or `os.rename`.
 
   python tests/kill_at.py N COUNT_FILE MODULE [ARGS...]
-  python tests/kill_at.py path:TEXT COUNT_FILE MODULE [ARGS...]   (the first commit to a path with TEXT)
-  python tests/kill_at.py term:N COUNT_FILE MODULE [ARGS...]      (SIGTERM, see below)
+  python tests/kill_at.py path:TEXT COUNT_FILE MODULE [ARGS...]  (the first commit to a path
+                                                                  with TEXT)
+  python tests/kill_at.py term:N COUNT_FILE MODULE [ARGS...]     (SIGTERM, see below)
 
 Every file the jobs commit goes through one of the two (our stores, index shards, sample
 sets, metrics and checkpoint digests through `os.replace`; Orbax's checkpoint directories
@@ -59,7 +61,8 @@ def _terminate_at(n: int, wait: float = 0.0) -> None:
 
 
 def _wait_for_commits(folder: str, timeout: float = 120.0) -> None:
-  """Until no checkpoint is being written under `folder` (orbax writes `<step>.orbax-checkpoint-tmp`)."""
+  """Until no checkpoint is being written under `folder` (orbax writes
+  `<step>.orbax-checkpoint-tmp`)."""
   deadline = time.monotonic() + timeout
   while any(".orbax-checkpoint-tmp" in name for _, dirs, _ in os.walk(folder) for name in dirs):
     if time.monotonic() > deadline:

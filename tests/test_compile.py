@@ -105,7 +105,8 @@ def test_model_flops_are_the_compilers_matmul_share():
 
 
 def _cpu_step_collectives(axes):
-  """The tiny config's train step (batch 16) compiled on the 8 CPU devices: (setup, its collectives)."""
+  """The tiny config's train step (batch 16) compiled on the 8 CPU devices: (setup, its
+  collectives)."""
   c = _tiny_config()
   mesh = mesh_lib.make_mesh(axes)
   setup = training.setup_training(c, factory.latent_shape(c), mesh)
@@ -154,11 +155,13 @@ def test_fsdp_gradients_are_reduce_scattered_on_cpu():
 def test_collectives_parser_on_hlo_lines():
   text = "\n".join(
     [
-      # the computation an all-reduce-scatter fusion calls: its all-reduce is the fusion's, counted there
+      # the computation an all-reduce-scatter fusion calls: its all-reduce
+      # is the fusion's, counted there
       "%all-reduce-scatter.1 (input_0: f32[64,64]) -> f32[16,64] {",
       "  %input_0 = f32[64,64]{1,0} parameter(0)",
       "  %all-reduce.3 = f32[64,64]{1,0} all-reduce(f32[64,64]{1,0} %input_0), replica_groups={}",
-      "  ROOT %ds = f32[16,64]{1,0} dynamic-slice(%all-reduce.3, %i, %j), dynamic_slice_sizes={16,64}",
+      "  ROOT %ds = f32[16,64]{1,0} dynamic-slice(%all-reduce.3, %i, %j), "
+      "dynamic_slice_sizes={16,64}",
       "}",
       "",
       "ENTRY %main (p: f32[128,4]) -> f32[128,4] {",
@@ -167,7 +170,8 @@ def test_collectives_parser_on_hlo_lines():
       "  %ag.done = bf16[64]{0} all-gather-done((bf16[16]{0}, bf16[64]{0}) %ag)",
       "  %rs = (f32[8]{0}, s32[2]{0}) reduce-scatter(f32[32]{0} %a, s32[8]{0} %b), dimensions={0}",
       "  %add = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)",
-      "  %fusion.9 = (f32[16,64]{1,0:T(8,128)S(1)}, f32[8]{0}) fusion(%all-reduce.3), kind=kOutput, "
+      "  %fusion.9 = (f32[16,64]{1,0:T(8,128)S(1)}, f32[8]{0}) fusion(%all-reduce.3), "
+      "kind=kOutput, "
       "calls=%all-reduce-scatter.1",
     ]
   )
@@ -224,7 +228,8 @@ def test_compile_tool_for_a_v5e_slice(tmp_path):
     m["total_bytes"] == m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
   )
   # the donated state: every output but the metrics aliases an argument
-  # the donated state (params, EMA, two Adam moments: f32, half of each on a chip) aliases the outputs
+  # the donated state (params, EMA, two Adam moments: f32, half of each
+  # on a chip) aliases the outputs
   assert (
     0 < m["alias_bytes"] <= m["output_bytes"]
     and m["argument_bytes"] >= 4 * 4 * r["params"] / 2 * 0.9

@@ -165,7 +165,8 @@ def _first_step_with(row: int, seed: int, batch: int, n: int) -> int:
 
 
 def test_a_nonfinite_step_changes_nothing_but_the_step(tiny_data):
-  """In process: the step on a batch with a NaN keeps params, EMA and Adam state, counts the step."""
+  """In process: the step on a batch with a NaN keeps params, EMA and Adam state, counts the
+  step."""
   config = tiny_config(tiny_data["data_dir"])
   model, tx, sched = (
     factory.make_model(config),

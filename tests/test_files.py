@@ -42,7 +42,8 @@ _CALLS = (
 
 @pytest.fixture
 def fake_bucket(tmp_path):
-  """gs://bucket/... served from tmp_path/gcs/bucket/... through epath's backend; yields the local root."""
+  """gs://bucket/... served from tmp_path/gcs/bucket/... through epath's backend; yields the local
+  root."""
   from etils.epath import gpath, testing
 
   root = str(tmp_path / "gcs")

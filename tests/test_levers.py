@@ -105,11 +105,11 @@ def test_dot_product_attention_equals_the_einsum_softmax():
 
 
 def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
-  """attention=cudnn: every self-attention goes to jax.nn.dot_product_attention(implementation="cudnn"),
-  cross-attention to the 4 neighbours stays on the einsum softmax. cuDNN needs a GPU, so here the
-  call runs XLA's implementation of the same function; loss and gradients are as close to the
-  float32 model's as the plain bfloat16 model's are (the GPU run of benchmarks/train_throughput.py
-  compares cuDNN itself)."""
+  """attention=cudnn: every self-attention goes to
+  jax.nn.dot_product_attention(implementation="cudnn"), cross-attention to the 4 neighbours stays on
+  the einsum softmax. cuDNN needs a GPU, so here the call runs XLA's implementation of the same
+  function; loss and gradients are as close to the float32 model's as the plain bfloat16 model's are
+  (the GPU run of benchmarks/train_throughput.py compares cuDNN itself)."""
   inputs = _inputs(2)
   plain = factory.make_model(_config())
   params = _params(plain, inputs)
@@ -243,7 +243,8 @@ def test_platform_check(monkeypatch):
     match="cuDNN's flash attention on NVIDIA GPUs, and this is cpu.*attention=dot_product",
   ):
     mesh_lib.check_platform(_config(attention="cudnn", dtype="bfloat16"))
-  # the sample and ablation jobs (training=False): no train-step warnings (allocator, remat); bfloat16 and flash still
+  # the sample and ablation jobs (training=False): no train-step warnings (allocator, remat);
+  # bfloat16 and flash still
   (warning,) = mesh_lib.check_platform(_config(dtype="bfloat16", remat="full"), training=False)[1]
   assert "bfloat16 on CPU" in warning
   assert mesh_lib.check_platform(_config(remat="full"), training=False) == (line, [])
@@ -260,7 +261,8 @@ def test_platform_check(monkeypatch):
   reason="libtcmalloc-minimal4 is not installed (make setup installs it)",
 )
 def test_tcmalloc_detected_in_a_fresh_process():
-  """The allocator check reads what the dynamic loader really mapped: on with LD_PRELOAD, off without."""
+  """The allocator check reads what the dynamic loader really mapped: on with LD_PRELOAD, off
+  without."""
   probe = [
     sys.executable,
     "-c",

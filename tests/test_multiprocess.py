@@ -163,9 +163,9 @@ def test_every_process_follows_process_0s_workdir_verdict_given_before_any_write
 
 def test_sampling_is_the_same_on_two_processes_and_after_a_kill(trained, tmp_path):
   """6 samples in shards of 4 (DDIM eta=1: fresh noise at every step), each batch sharded over 8
-  devices: two processes write the same shards as one (to float rounding); a run SIGKILLed just before its second
-  shard, rerun, keeps the first and writes the same second; other settings in that directory
-  are refused; the evaluate job refuses an unfinished set."""
+  devices: two processes write the same shards as one (to float rounding); a run SIGKILLed just
+  before its second shard, rerun, keeps the first and writes the same second; other settings in that
+  directory are refused; the evaluate job refuses an unfinished set."""
   data_dir, workdir = trained
 
   def cmd(out, *extra):

@@ -61,7 +61,8 @@ def test_sigterm_saves_the_step_exits_75_and_the_rerun_ends_as_the_uninterrupted
   assert_same_state(_state(data_dir, workdir), _state(data_dir, straight), 4)
 
 
-@pytest.mark.slow  # four processes compiling: 80 s alone, over 200 s beside the rest of the suite on 2 cores
+# four processes compiling: 80 s alone, over 200 s beside the rest of the suite on 2 cores
+@pytest.mark.slow
 def test_two_processes_stop_at_one_step_on_a_sigterm_to_either(trained, tmp_path):
   """SIGTERM to process 1 only, at its step 2: JAX's sync manager tells both processes the same
   step to stop at; both save it (one Orbax checkpoint) and exit 75; rerun on two processes, the

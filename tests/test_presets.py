@@ -1,5 +1,6 @@
 """The paper's presets against the original's files (CompVis/retrieval-augmented-diffusion-models):
-each value worked out here by hand from the original's configs and main.py, not read back from ours."""
+each value worked out here by hand from the original's configs and
+main.py, not read back from ours."""
 
 import os
 import subprocess
@@ -21,7 +22,8 @@ def _lightning_lr(
 
 # (base_learning_rate, data batch_size per GPU, accumulate_grad_batches, --scale_lr), one GPU:
 # configs/rarm/dogs.yaml:2 (5e-4, "run with --scale_lr false"), :90, :154;
-# configs/rarm/mammals.yaml:2, :89, :153 and animals.yaml:2, :92, :156 (main.py's default --scale_lr)
+# configs/rarm/mammals.yaml:2, :89, :153 and animals.yaml:2, :92, :156 (main.py's default
+# --scale_lr)
 ORIGINAL_RARM = {
   "dogs": (5e-4, 50, 2, False),
   "mammals": (5e-6, 50, 1, True),

@@ -36,7 +36,7 @@ FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
 def brute_force_neighbors(queries, database, k):
-  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   sims = unit(np.asarray(queries, np.float64)) @ unit(np.asarray(database, np.float64)).T
   return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
@@ -52,7 +52,7 @@ def test_sample_in_batches_pads_the_last_batch_and_gives_each_sample_its_key():
 
   context = np.arange(7 * 2 * 3, dtype=np.float32).reshape(7, 2, 3)
   rng = jax.random.PRNGKey(5)
-  noise = lambda i: float(jax.random.uniform(jax.random.fold_in(rng, i), ()))  # noqa: E731
+  noise = lambda i: float(jax.random.uniform(jax.random.fold_in(rng, i), ()))
   got = sample_in_batches(sampler, 10.0, context, 3, rng, first_index=100)
   assert shapes == [(3, 2, 3)] * 3  # one compiled shape for every batch
   want = context.sum(axis=(1, 2)) * 10.0 + np.array([noise(100 + i) for i in range(7)])
@@ -365,7 +365,8 @@ def test_jobs_that_run_the_model_refuse_a_lever_this_platform_lacks_before_readi
   tmp_path, module
 ):
   """`model.attention=flash` is a TPU kernel: on CPU the sample and ablation jobs stop with the
-  platform check's message (as the train job does) before they open the workdir, and create nothing."""
+  platform check's message (as the train job does) before they open the
+  workdir, and create nothing."""
   workdir = tmp_path / "run"
   cmd = [
     sys.executable,

@@ -337,7 +337,7 @@ def test_chunks_of_other_inputs_never_enter_a_store(tmp_path):
   """A process started with another config (digest A) leaves chunks in the partial store of
   config B; B's merge uses only chunks named with its own inputs digest."""
   out = str(tmp_path / "s")
-  log = lambda m: None  # noqa: E731
+  log = lambda m: None
   inputs_b = {"count": 8, "chunk_size": 4, "encoder": "b"}
   partial = store.open_partial(out, inputs_b, log)
   digest_a = store.inputs_digest({"count": 8, "chunk_size": 4, "encoder": "a"})
@@ -716,7 +716,8 @@ def test_links_to_devices_are_refused_not_read(tmp_path):
 
 
 def test_images_never_make_a_program_run(tmp_path, monkeypatch):
-  """A PostScript file named .png: PIL would hand it to Ghostscript. A fake `gs` on PATH records a call."""
+  """A PostScript file named .png: PIL would hand it to Ghostscript. A fake `gs` on PATH records a
+  call."""
   from PIL import EpsImagePlugin
 
   sentinel = tmp_path / "gs_ran"
@@ -889,7 +890,8 @@ def test_fuzzed_npz_files_load_or_fail_in_one_line(tmp_path):
 
 
 def test_saved_transformers_directories_with_special_files_are_refused(tmp_path):
-  """transformers opens a model's or tokenizer's files by name: a FIFO among them is refused first."""
+  """transformers opens a model's or tokenizer's files by name: a FIFO among them is refused
+  first."""
   from transformers import CLIPConfig, FlaxCLIPModel
 
   from rdm_jax.models import clip

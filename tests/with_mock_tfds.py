@@ -1,6 +1,7 @@
-"""Runs a job module, as its command line would, with TFDS datasets mocked (tests only).
+r"""Runs a job module, as its command line would, with TFDS datasets mocked (tests only).
 
-  python tests/with_mock_tfds.py NUM_EXAMPLES rdm_jax.jobs.encode --config=configs/imagenet_rdm.py ...
+  python tests/with_mock_tfds.py NUM_EXAMPLES rdm_jax.jobs.encode \
+      --config=configs/imagenet_rdm.py ...
 
 `tfds.testing.mock_data` makes every split of every dataset (imagenet2012 too) a
 deterministic stream of NUM_EXAMPLES random examples with the dataset's real features, so the

@@ -110,7 +110,8 @@ class Lock:
       os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
     except OSError as e:
       fail(
-        f"cannot create {os.path.dirname(self.file)} ({e.strerror or e}); choose another output path"
+        f"cannot create {os.path.dirname(self.file)} ({e.strerror or e}); choose another "
+        "output path"
       )
     last_note = 0.0
     while True:
@@ -128,11 +129,13 @@ class Lock:
           continue
         if info and not wait:
           fail(
-            f"{self.file}: pid {info['pid']} on {info['host']} (started {info.get('start') or '?'}) holds it{busy}"
+            f"{self.file}: pid {info['pid']} on {info['host']} (started "
+            f"{info.get('start') or '?'}) holds it{busy}"
           )
         if info and time.monotonic() - last_note > 60:
           self.log(
-            f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; waiting for it "
+            f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; "
+            "waiting for it "
             "(its result is reused when it matches)"
           )
           last_note = time.monotonic()

@@ -132,7 +132,8 @@ def load_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   except Exception as e:  # no local copy
     fail(
       f"TFDS {name}/{split} is not prepared locally ({type(e).__name__}); prepare it once with "
-      f"`tfds build {name}` (or set TFDS_DATA_DIR), or install the IDX files (apt-get install dataset-fashion-mnist)"
+      f"`tfds build {name}` (or set TFDS_DATA_DIR), or install the IDX files (apt-get "
+      "install dataset-fashion-mnist)"
     )
   return ds["image"], ds["label"].astype(np.int32)
 
@@ -142,7 +143,8 @@ IMAGENET_CLASSES_FILE = os.path.join(os.path.dirname(__file__), "imagenet2012_cl
 
 @functools.lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[str, ...]:
-  """ImageNet-1k's 1000 class names in TFDS imagenet2012's label order ("tench", ..., "toilet tissue")."""
+  """ImageNet-1k's 1000 class names in TFDS imagenet2012's label order ("tench", ..., "toilet
+  tissue")."""
   with open(IMAGENET_CLASSES_FILE, encoding="utf-8") as f:
     return tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
 
@@ -212,8 +214,10 @@ def listed_files(usable: list[str], list_file: str, what: str) -> list[str]:
   missing = [n for n in names if n not in have]
   if missing:
     fail(
-      f"{what}: {len(missing)} of the {len(names)} images {list_file} lists are not usable images of the "
-      f"folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); complete the folder or fix the list"
+      f"{what}: {len(missing)} of the {len(names)} images {list_file} lists are not usable "
+      "images of the "
+      f"folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); complete "
+      "the folder or fix the list"
     )
   return names
 
@@ -366,7 +370,8 @@ def usable_images(path: str, max_pixels: int) -> tuple[list[str], list[str]]:
 
 
 def _open_image(name: str, channels: int, fill: int, max_pixels: int = untrusted.MAX_IMAGE_PIXELS):
-  """A PIL image in mode L or RGB, transparency composited on `fill`; raises untrusted.UnreadableImage."""
+  """A PIL image in mode L or RGB, transparency composited on `fill`; raises
+  untrusted.UnreadableImage."""
   from PIL import Image
 
   with untrusted.image(name, max_pixels) as im:
@@ -420,7 +425,8 @@ def folder_files(settings: dict[str, Any]) -> list[str]:
       "file_list_sha256"
     ):
       fail(
-        f"the file list {list_file} changed or went away since the stores were made from it; embed the folder "
+        f"the file list {list_file} changed or went away since the stores were made from "
+        "it; embed the folder "
         "again"
       )
     usable = set(files)
@@ -428,7 +434,8 @@ def folder_files(settings: dict[str, Any]) -> list[str]:
     digest = _files_digest(path, files)
   if digest != settings["files_sha256"]:
     fail(
-      f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): the "
+      f"the images in {path} changed ({len(files)} usable files now, {settings['files']} "
+      "then): the "
       "stores made from it no longer match; embed the folder again"
     )
   return files
@@ -466,7 +473,8 @@ def tfds_name_split(dataset: Any, split: str) -> tuple[str, str] | None:
 
 
 def label_set(label_range: Any) -> np.ndarray | None:
-  """The labels `dataset.label_range` keeps (None: all), as `rdm.data.base.SubsetSampler` reads it."""
+  """The labels `dataset.label_range` keeps (None: all), as `rdm.data.base.SubsetSampler` reads
+  it."""
   r = [int(x) for x in (label_range or ())]
   if not r:
     return None
@@ -482,8 +490,10 @@ def _tfds_builder(name: str, data_dir: str):
     return tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # unknown name, no local copy
     fail(
-      f"TFDS dataset {name!r} is not available ({type(e).__name__}: {str(e)[:200]}); prepare it once with "
-      f"`tfds build {name}` (ImageNet: put the tar files in ~/tensorflow_datasets/downloads/manual) or set "
+      f"TFDS dataset {name!r} is not available ({type(e).__name__}: {str(e)[:200]}); "
+      "prepare it once with "
+      f"`tfds build {name}` (ImageNet: put the tar files in "
+      "~/tensorflow_datasets/downloads/manual) or set "
       "config.dataset.tfds_data_dir"
     )
 
@@ -534,7 +544,8 @@ class TfdsReader:
       )
     except Exception as e:
       fail(
-        f"TFDS {self.name}/{self.split} is not prepared locally ({type(e).__name__}: {str(e)[:200]}); "
+        f"TFDS {self.name}/{self.split} is not prepared locally ({type(e).__name__}: "
+        f"{str(e)[:200]}); "
         f"run `tfds build {self.name}` once or set config.dataset.tfds_data_dir"
       )
 
@@ -554,7 +565,8 @@ class TfdsReader:
 
   @property
   def labels(self) -> np.ndarray:
-    """Every example's label (-1 when the dataset has none), in file order: one pass, images skipped."""
+    """Every example's label (-1 when the dataset has none), in file order: one pass, images
+    skipped."""
     return self._index[0]
 
   @property
@@ -593,7 +605,10 @@ class TfdsReader:
       try:  # decoded here, one record at a time, so that a corrupt one is skipped, not fatal
         image = feature.decode_example(tf.constant(encoded)).numpy()
       except (tf.errors.InvalidArgumentError, ValueError) as e:
-        why = f"TFDS {self.name}/{self.split} example {i}: {type(e).__name__}: {' '.join(str(e).split())[:100]}"
+        why = (
+          f"TFDS {self.name}/{self.split} example {i}: {type(e).__name__}: "
+          f"{' '.join(str(e).split())[:100]}"
+        )
         if not lenient:
           fail(f"cannot decode {why}")
         out.append(why)
@@ -878,19 +893,23 @@ def open_part(dataset: Any, part: str) -> Part:
 
 
 def augment_settings(dataset: Any, part: str, source: dict[str, Any]) -> dict[str, Any] | None:
-  """The train part's `dataset.augment` as its stores record it (None: one centre crop per image)."""
+  """The train part's `dataset.augment` as its stores record it (None: one centre crop per
+  image)."""
   a = dataset.augment
   crops, flips, seed = int(a.crops), bool(a.flips), int(a.seed)
   if part != "train" or (crops == 0 and not flips):
     return None
   if crops < 0 or crops > 64:
     fail(
-      f"config.dataset.augment.crops={crops}: give 1..64 random crops per image (0 = the centre crop only)"
+      f"config.dataset.augment.crops={crops}: give 1..64 random crops per image (0 = the "
+      "centre crop only)"
     )
   if "tfds_name" not in source:  # streamed TFDS records: images larger than the crop
     fail(
-      f"config.dataset.augment applies to TFDS sources (shorter side to image_size, then a random square: "
-      f"the original's ImageNet crop); part train is {source.get('dataset')!r} {source.get('split')!r}: "
+      "config.dataset.augment applies to TFDS sources (shorter side to image_size, then a "
+      "random square: "
+      f"the original's ImageNet crop); part train is {source.get('dataset')!r} "
+      f"{source.get('split')!r}: "
       "set augment.crops=0 and augment.flips=False"
     )
   return {
@@ -986,7 +1005,8 @@ def part_spec(dataset: Any, part: str) -> dict[str, Any]:
   unknown = sorted(set(given) - set(config_base.PART))
   if unknown:
     fail(
-      f"config.dataset.parts.{part} sets {', '.join(unknown)}; a part takes {', '.join(config_base.PART)}"
+      f"config.dataset.parts.{part} sets {', '.join(unknown)}; a part takes "
+      f"{', '.join(config_base.PART)}"
     )
   return {**config_base.PART, **given}
 
@@ -1018,7 +1038,8 @@ def check_disjoint(dataset: Any) -> None:
   if overlap:
     fail(
       f"config.dataset.parts: train [{tr_a}, {tr_b}) and database [{db_a}, {db_b}) of "
-      f"'{tr_split}' overlap; make them disjoint (or set config.dataset.database_overlaps_train=True to "
+      f"'{tr_split}' overlap; make them disjoint (or set "
+      "config.dataset.database_overlaps_train=True to "
       "retrieve from the training images, as RDM-IN does: configs/imagenet_rdm.py:in-db)"
     )
 

@@ -13,9 +13,9 @@ What a job may write or delete (nothing the user owns is ever removed):
   of the kind it writes, and a `<dir>.partial` that is not a partial store (`check_output`);
 - one process at a time publishes a store (`Lock`: `<dir>.lock` holds pid, host and process
   start time, and its holder touches it every `lock.HEARTBEAT_S`; a lock whose process is gone,
-  or on another host not refreshed for `lock.STALE_S`, is broken: rdm_jax/data/lock.py); a single-process job holds it
-  from start to end, so a second copy of the same job waits and then reuses the first one's
-  result;
+  or on another host not refreshed for `lock.STALE_S`, is broken: rdm_jax/data/lock.py); a
+  single-process job holds it from start to end, so a second copy of the same job waits and then
+  reuses the first one's result;
 - publishing renames the old store aside, moves the new one in, then deletes the old one
   (a crash in between leaves both on disk);
 - a job deletes only files it can prove it wrote (`remove_own`): a store's manifest names its
@@ -73,13 +73,16 @@ def normalize(path: str) -> str:
   if files.is_uri(path):
     fail(
       f"{path}: stores (config.data_dir, config.database, indexes) need a filesystem, not a bucket "
-      "(they are memory-mapped, renamed into place and locked): mount the bucket with gcsfuse or use a "
-      "shared filesystem (NFS, Filestore) and give its path; run directories (--workdir) may be gs://"
+      "(they are memory-mapped, renamed into place and locked): mount the bucket with "
+      "gcsfuse or use a "
+      "shared filesystem (NFS, Filestore) and give its path; run directories (--workdir) "
+      "may be gs://"
     )
   return files.normpath(str(path))  # `~/data` given quoted means the home directory's
 
 
-# atomic writes and digests: the one file layer's (local paths here: stores are on POSIX filesystems)
+# atomic writes and digests: the one file layer's (local paths here:
+# stores are on POSIX filesystems)
 _tmp_name, _tmp_pattern = files.tmp_name, files.tmp_pattern
 remove_own_temporaries, atomic_savez, atomic_write_text = (
   files.remove_own_temporaries,
@@ -193,7 +196,8 @@ def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
     out = np.fromfile(f, dtype=arr.dtype, count=(stop - start) * row_items)
   if out.size != (stop - start) * row_items:
     fail(
-      f"{os.path.join(s.path, name + '.npy')} ends before row {stop} of the {len(arr)} its manifest says: it "
+      f"{os.path.join(s.path, name + '.npy')} ends before row {stop} of the {len(arr)} its "
+      "manifest says: it "
       f"was truncated while this job read it; rebuild {s.path} and rerun"
     )
   return out.reshape((stop - start,) + arr.shape[1:])
@@ -232,13 +236,13 @@ def _unknown_files(directory: str, manifest: Mapping[str, Any] | None) -> list[s
     shard_files = (
       manifest.get("shard_files") if isinstance(manifest.get("shard_files"), dict) else {}
     )
-    own_file = lambda n: n in (MANIFEST, INPUTS) or (n.endswith(".npy") and n[:-4] in arrays)  # noqa: E731
-    own_dir = lambda d: d in shard_files and isinstance(shard_files[d], dict)  # noqa: E731
-    own_inner = lambda d, n: n in shard_files[d]  # noqa: E731
+    own_file = lambda n: n in (MANIFEST, INPUTS) or (n.endswith(".npy") and n[:-4] in arrays)
+    own_dir = lambda d: d in shard_files and isinstance(shard_files[d], dict)
+    own_inner = lambda d, n: n in shard_files[d]
   else:
-    own_file = lambda n: bool(_PARTIAL_FILE.fullmatch(n))  # noqa: E731
-    own_dir = lambda d: bool(_SHARD_DIR.fullmatch(d))  # noqa: E731
-    own_inner = lambda d, n: bool(_SHARD_FILE.fullmatch(n))  # noqa: E731
+    own_file = lambda n: bool(_PARTIAL_FILE.fullmatch(n))
+    own_dir = lambda d: bool(_SHARD_DIR.fullmatch(d))
+    own_inner = lambda d, n: bool(_SHARD_FILE.fullmatch(n))
   unknown = []
   for entry in os.scandir(directory):
     if not entry.is_dir(follow_symlinks=False):
@@ -276,7 +280,8 @@ def check_own(directory: str, store: bool = True) -> None:
 
 
 def remove_shard_dir(path: str) -> None:
-  """Deletes an index shard directory inside a `<dir>.partial` (ScaNN's files only, else refused)."""
+  """Deletes an index shard directory inside a `<dir>.partial` (ScaNN's files only, else
+  refused)."""
   unknown = [
     e.name
     for e in os.scandir(path)
@@ -284,14 +289,16 @@ def remove_shard_dir(path: str) -> None:
   ]
   if unknown:
     fail(
-      f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); refusing to delete it: "
+      f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); "
+      "refusing to delete it: "
       "move them away"
     )
   _remove_flat_dir(path)
 
 
 def _remove_flat_dir(path: str) -> None:
-  """Removes a directory of files (links removed, not followed), checked to be ours by the caller."""
+  """Removes a directory of files (links removed, not followed), checked to be ours by the
+  caller."""
   for entry in os.scandir(path):
     os.remove(entry.path)
   os.rmdir(path)
@@ -339,7 +346,8 @@ def check_output(path: str, kind: str) -> str:
       f"a {manifest_kind(path)!r} store" if manifest_kind(path) else "files that are not a store"
     )
     fail(
-      f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another output path "
+      f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another "
+      "output path "
       "(or move it away)"
     )
   if os.path.lexists(path):
@@ -357,7 +365,8 @@ def check_output(path: str, kind: str) -> str:
       else ""
     )
     fail(
-      f"{partial} exists but is not an unfinished {kind!r} store{holds}; refusing to touch it: move it away "
+      f"{partial} exists but is not an unfinished {kind!r} store{holds}; refusing to touch "
+      "it: move it away "
       "or choose another output path"
     )
   lock = path + ".lock"
@@ -416,11 +425,13 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
     fail(f"{manifest_path} is not a store manifest; delete {path} and rerun `{hint}`")
   if manifest.get("kind") != kind:
     fail(
-      f"{path} holds a {manifest.get('kind')!r} store, expected {kind!r}; check the path or rerun `{hint}`"
+      f"{path} holds a {manifest.get('kind')!r} store, expected {kind!r}; check the path or "
+      f"rerun `{hint}`"
     )
   if manifest.get("format_version") != FORMAT_VERSION:
     fail(
-      f"{path} has store format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; rerun `{hint}`"
+      f"{path} has store format {manifest.get('format_version')}, this code reads "
+      f"{FORMAT_VERSION}; rerun `{hint}`"
     )
   arrays, states = {}, {}
   for name, spec in manifest["arrays"].items():
@@ -438,7 +449,8 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
       fail(f"{e}; delete {path} and rerun `{hint}`")
     if list(arr.shape) != list(spec.get("shape", [])) or str(arr.dtype) != spec.get("dtype"):
       fail(
-        f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says {spec.get('dtype')}{spec.get('shape')}; "
+        f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says "
+        f"{spec.get('dtype')}{spec.get('shape')}; "
         f"delete {path} and rerun `{hint}`"
       )
     arrays[name] = arr
@@ -446,7 +458,8 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
   s = Store(path=path, manifest=manifest, arrays=arrays, states=states)
   if _should_verify(arrays, verify) and (changed := changed_array(s)):
     fail(
-      f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: it changed after "
+      f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: "
+      "it changed after "
       f"it was written; delete {path} and rerun `{hint}`"
     )
   return s
@@ -503,7 +516,8 @@ def publish(partial: str, path: str, kind: str) -> None:
   check_output(path, kind)
   if os.path.islink(path):
     fail(
-      f"{path} is a symbolic link; refusing to replace it (the new store is complete in {partial}): "
+      f"{path} is a symbolic link; refusing to replace it (the new store is complete in "
+      f"{partial}): "
       "remove the link or choose another output path"
     )
   aside = f"{path}.replaced-{uuid.uuid4().hex[:8]}"
@@ -513,7 +527,8 @@ def publish(partial: str, path: str, kind: str) -> None:
 
 
 def _remove_aside(aside: str) -> None:
-  """Deletes a replaced store of ours; one that gained files of the user's meanwhile is kept, and said."""
+  """Deletes a replaced store of ours; one that gained files of the user's meanwhile is kept, and
+  said."""
   try:
     remove_own(aside)
   except UserError as e:
@@ -523,7 +538,8 @@ def _remove_aside(aside: str) -> None:
 def seal(
   path: str, kind: str, names: Sequence[str], fields: Mapping[str, Any], digest: str
 ) -> Store:
-  """Writes the manifest of `<path>.partial` (checksums read back from its files) and publishes it."""
+  """Writes the manifest of `<path>.partial` (checksums read back from its files) and publishes
+  it."""
   partial = path + ".partial"
   arrays = {n: untrusted.load_npy(os.path.join(partial, n + ".npy"), mmap=True) for n in names}
   manifest = dict(kind=kind, format_version=FORMAT_VERSION, **fields)

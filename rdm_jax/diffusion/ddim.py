@@ -34,7 +34,8 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
 def per_sample_keys(rng: jax.Array, n: int) -> jax.Array:
   """[n] PRNG keys, one per sample: `rng` itself when it already is n keys (raw uint32 [n, 2] or
-  typed [n]), else split(rng, n). Per-sample keys make a sample independent of the batch it is in."""
+  typed [n]), else split(rng, n). Per-sample keys make a sample
+  independent of the batch it is in."""
   typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
   if rng.ndim == (1 if typed else 2):
     if rng.shape[0] != n:

@@ -16,7 +16,8 @@ pixel-space models. Per-step coefficients are computed once in float64 NumPy fro
   where DDIM ends and where Lu et al.'s discrete-time solver stops (t = 1/N), not at sigma = 0,
   whose last step would be a plain denoising step (E[x0 | z_t] from t ~ T/S, far off the ODE's
   solution at few steps). It equals diffusers' `DPMSolverMultistepScheduler` with
-  `final_sigmas_type="sigma_min"` step for step on the same timesteps (tests/diffusion/test_samplers.py).
+  `final_sigmas_type="sigma_min"` step for step on the same timesteps
+  (tests/diffusion/test_samplers.py).
   On Gaussian data, where the exact solution is known, 20 log-SNR steps are 8x closer to it
   than DDIM's 100.
 """
@@ -88,7 +89,8 @@ DPM_SPACINGS = ("logsnr", "linspace")
 
 
 def dpm_solver_timesteps(a_bar: np.ndarray, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
-  """The S timesteps where DPM-Solver++ calls the model, descending from T-1; the solve ends at abar_0.
+  """The S timesteps where DPM-Solver++ calls the model, descending from
+  T-1; the solve ends at abar_0.
 
   "logsnr": uniform in lambda = log(alpha / sigma) from lambda(T-1) to lambda(0) (Lu et al.'s
   choice for low resolutions), rounded to the nearest timestep and kept strictly decreasing.
@@ -186,7 +188,8 @@ def dpm_solver_pp_sample(
 def timesteps(
   sampler: str, schedule: Schedule, num_steps: int, spacing: str = "logsnr"
 ) -> np.ndarray:
-  """The timesteps where the named sampler calls the model, descending; ValueError names what is wrong."""
+  """The timesteps where the named sampler calls the model, descending; ValueError names what is
+  wrong."""
   if sampler == "ddim":
     return ddim.ddim_timesteps(schedule.num_timesteps, num_steps)[::-1]
   if sampler == "ddpm":
@@ -215,8 +218,8 @@ def sample(
 
   eta applies to DDIM only (eta = 1 is DDPM's posterior noise on the DDIM timesteps), and
   timestep_spacing to DPM-Solver++ only. final_x0: DDIM and DPM-Solver++ return the last step's
-  predicted z_0 instead of stopping at abar_0 (DDPM always ends at z_0). rng: one key, or one per sample ([B] keys): then sample
-  b's noise comes from rng[b] alone, whatever batch it is drawn in.
+  predicted z_0 instead of stopping at abar_0 (DDPM always ends at z_0). rng: one key, or one per
+  sample ([B] keys): then sample b's noise comes from rng[b] alone, whatever batch it is drawn in.
   """
   timesteps(sampler, schedule, num_steps, timestep_spacing)  # a bad choice fails here, in one line
   if sampler == "ddim":

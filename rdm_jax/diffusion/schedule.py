@@ -6,7 +6,8 @@ Forward process (Ho et al. Eq. 4): z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_
 
 The network predicts eps (the paper's and the original code's choice, `prediction="eps"`) or
 v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0 (Salimans & Ho 2022, `"v"`) or z_0 itself (`"x0"`,
-diffusers' "sample"); samplers always see eps (`eps_of`). The loss may weight timesteps by min-SNR-gamma (Hang et al. 2023).
+diffusers' "sample"); samplers always see eps (`eps_of`). The loss may weight timesteps by
+min-SNR-gamma (Hang et al. 2023).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ VERBOSE = flags.DEFINE_bool(
 
 
 def define_once(define, name: str, default, help_text: str):
-  """`define(name, default, help_text)` (a flags.DEFINE_*), or the flag of that name when another job
+  """`define(name, default, help_text)` (a flags.DEFINE_*), or the flag
+  of that name when another job
   module imported into the same program defined it: the data jobs share --parts, --process_id and
   --num_processes, and a program (a test) may call several jobs' functions; a job's own command line
   is parsed by its entry point, whose module defines its flags first."""

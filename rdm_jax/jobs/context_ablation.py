@@ -1,6 +1,7 @@
 r"""Does the model use its neighbours? Held-out losses with true, zeros and shuffled context.
 
-  python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+  python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py \
+      --workdir=runs/fmnist
 
 The three losses share the same test examples, timesteps and noise; only the context
 differs: the true k_train neighbours, an all-zeros context (the unconditional branch),

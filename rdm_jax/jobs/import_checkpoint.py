@@ -1,4 +1,5 @@
-r"""Imports a published RDM or RARM checkpoint (the original's Lightning `model.ckpt`) as a training run.
+r"""Imports a published RDM or RARM checkpoint (the original's Lightning
+`model.ckpt`) as a training run.
 
   python -m rdm_jax.jobs.import_checkpoint --config=configs/imagenet_rdm.py \
       --checkpoint=models/rdm/imagenet/model.ckpt --workdir=runs/rdm_imagenet_released
@@ -73,7 +74,8 @@ def ema_key(key: str) -> str:
 
 
 def unet_params(sd: dict[str, np.ndarray], model: unet.UNet, abstract: dict, ema: bool) -> dict:
-  """The UNet's parameters (or their EMA) from the original's state dict; ValueError on a mismatch."""
+  """The UNet's parameters (or their EMA) from the original's state dict; ValueError on a
+  mismatch."""
   names = unet.ldm_names(model, abstract)
   shapes = torch_convert.flat_shapes(abstract)
   if ema:
@@ -103,30 +105,36 @@ def check_schedule(sd: dict[str, np.ndarray], config, path: str) -> None:
   ):
     fail(
       f"{path}: its noise schedule (betas) is {getattr(theirs, 'dtype', type(theirs).__name__)}"
-      f"{list(np.shape(theirs))}; a schedule is a float vector of T betas: the file is damaged or not an RDM"
+      f"{list(np.shape(theirs))}; a schedule is a float vector of T betas: the file is "
+      "damaged or not an RDM"
     )
   theirs = theirs.astype(np.float64)
   if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-5, atol=0):
     fail(
-      f"{path} was trained with another noise schedule than config.diffusion's ({theirs.shape[0]} steps, "
-      f"betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, {ours[0]:.6g}..{ours[-1]:.6g}): "
+      f"{path} was trained with another noise schedule than config.diffusion's "
+      f"({theirs.shape[0]} steps, "
+      f"betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, "
+      f"{ours[0]:.6g}..{ours[-1]:.6g}): "
       "set --config.diffusion.num_timesteps / beta_start / beta_end to the checkpoint's"
     )
 
 
 def check_first_stage(sd: dict[str, np.ndarray], config, path: str) -> None:
-  """Its first stage must be config.first_stage's: same architecture, and same weights if we have them."""
+  """Its first stage must be config.first_stage's: same architecture, and same weights if we have
+  them."""
   fs = {k[len(FIRST_STAGE_PREFIX) :]: v for k, v in sd.items() if k.startswith(FIRST_STAGE_PREFIX)}
   if not all(isinstance(v, np.ndarray) for v in fs.values()):
     fail(
-      f"{path}: its {FIRST_STAGE_PREFIX}* entries are not all tensors; the file is damaged or not an RDM"
+      f"{path}: its {FIRST_STAGE_PREFIX}* entries are not all tensors; the file is damaged "
+      "or not an RDM"
     )
   if not fs:
     logging.warning("%s holds no first stage; assuming config.first_stage's", path)
     return
   if config.first_stage.name == "identity":
     fail(
-      f"{path} was trained on the latents of a neural first stage but config.first_stage.name='identity': "
+      f"{path} was trained on the latents of a neural first stage but "
+      "config.first_stage.name='identity': "
       "use a config with the checkpoint's first stage (configs/imagenet_rdm.py: vq_f4)"
     )
   try:
@@ -156,14 +164,16 @@ def rarm_params(sd: dict[str, np.ndarray], model: rarm.RARM, abstract: dict, pat
       fail(f"{path}: its {name} is not one integer; the file is damaged or not a RARM")
     if int(theirs.reshape(())) != ours:
       fail(
-        f"{path}: its {name} is {int(theirs.reshape(()))} but a RARM over {model.num_codes} codes has {ours}; "
+        f"{path}: its {name} is {int(theirs.reshape(()))} but a RARM over {model.num_codes} "
+        f"codes has {ours}; "
         "config.first_stage's codebook size differs from the checkpoint's"
       )
   try:
     return rarm.from_torch(sd, abstract)
   except ValueError as e:
     fail(
-      f"{path}: its transformer is not config.model's ({e}); set config.model's depth, heads and dim_head "
+      f"{path}: its transformer is not config.model's ({e}); set config.model's depth, "
+      "heads and dim_head "
       "to the checkpoint's (configs/imagenet_rarm.py is the released RARMs')"
     )
 
@@ -180,7 +190,8 @@ def network_weights(
     params = unet_params(sd, model, abstract, ema=False)
   except ValueError as e:
     fail(
-      f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's architecture "
+      f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's "
+      "architecture "
       "(configs/imagenet_rdm.py is the released ImageNet RDM's)"
     )
   if not any(k.startswith("model_ema.") for k in sd):
@@ -228,7 +239,8 @@ def read_state_dict(path: str, config) -> tuple[Any, dict[str, np.ndarray]]:
   ]
   if not all(isinstance(v, np.ndarray) for v in network):
     fail(
-      f"{path}: its {prefix}* and model_ema.* entries are not all tensors; the file is damaged or not a {kind}"
+      f"{path}: its {prefix}* and model_ema.* entries are not all tensors; the file is "
+      f"damaged or not a {kind}"
     )
   return obj, sd
 
@@ -256,11 +268,13 @@ def import_run(config, path: str, workdir: str) -> None:
     before = before if isinstance(before, dict) else {}
     if before.get("sha256") != digest:
       fail(
-        f"--workdir={workdir} already holds another run; importing would mix the two: choose a new or "
+        f"--workdir={workdir} already holds another run; importing would mix the two: "
+        "choose a new or "
         "empty --workdir"
       )
     print(
-      f"{workdir} already holds {path} (imported at step {before.get('global_step')}); nothing to do"
+      f"{workdir} already holds {path} (imported at step {before.get('global_step')}); "
+      "nothing to do"
     )
     return
 
@@ -308,7 +322,8 @@ def import_run(config, path: str, workdir: str) -> None:
     )
     files.atomic_write_text(files.join(workdir, "model_info.json"), json.dumps(info, indent=1))
   print(
-    f"imported {path} (step {step}, {'EMA and raw' if ema is not params else 'raw'} weights) into {workdir}"
+    f"imported {path} (step {step}, {'EMA and raw' if ema is not params else 'raw'} "
+    f"weights) into {workdir}"
   )
 
 

@@ -33,7 +33,8 @@ EMBED_HINT = f"{pipeline.EMBED_HINT} --parts=database"
 
 
 def open_embeddings(config, path: str, kind: str, hint: str) -> store.Store:
-  """A database / embeddings store, or a user's .npy file wrapped as one (under data_dir/imported)."""
+  """A database / embeddings store, or a user's .npy file wrapped as one (under
+  data_dir/imported)."""
   if path.endswith(".npy"):
     real = os.path.realpath(path)
     name = f"{kind}_{os.path.basename(real)[:-4]}_{hashlib.sha256(real.encode()).hexdigest()[:8]}"

@@ -122,8 +122,10 @@ def find_neighbors(
   if idx.shards_in_memory < scann_shards:
     print(
       f"{out}: {idx.shards_in_memory} of {scann_shards} index shards fit in "
-      f"{idx.budget / 2**30:g} GiB (retrieval.index.search_memory_gb, else max_memory_gb) at once, so "
-      f"every chunk of {r.chunk_size} queries reloads shards; a larger retrieval.chunk_size amortises that"
+      f"{idx.budget / 2**30:g} GiB (retrieval.index.search_memory_gb, else max_memory_gb) "
+      "at once, so "
+      f"every chunk of {r.chunk_size} queries reloads shards; a larger retrieval.chunk_size "
+      "amortises that"
     )
 
   def search(a, b):
@@ -146,7 +148,7 @@ def find_neighbors(
       return {}
     rows = np.sort(np.random.default_rng(0).choice(len(q_emb), n, replace=False))
     q = exact.l2_normalize(q_emb[rows], f"queries {queries.path}")
-    exact_search = lambda qq, kk: exact.exact_search(qq, db_emb, kk, normalize_database=True)  # noqa: E731
+    exact_search = lambda qq, kk: exact.exact_search(qq, db_emb, kk, normalize_database=True)
     _, truth = exclusion.search_excluding(exact_search, q, k, excl, np.asarray(q_ids)[rows], db_ids)
     recall = recall_at_k(np.asarray(arrays["neighbor_ids"][rows]), truth)
     print(f"{out}: recall@{k} against exact search on {n} random queries: {recall:.4f}")

@@ -137,7 +137,8 @@ def _blocks(n: int, size: int):
 
 
 def _kth_radii(f: np.ndarray, k: int, row_batch: int, col_batch: int) -> np.ndarray:
-  """Each row's squared distance to its k-th nearest other row (itself at distance 0 counted first)."""
+  """Each row's squared distance to its k-th nearest other row (itself at distance 0 counted
+  first)."""
   if len(f) <= k:
     fail(f"precision/recall with k={k} needs more than {k} samples per set, got {len(f)}")
   out = np.empty(len(f), np.float32)
@@ -249,7 +250,8 @@ def clip_score(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> flo
   b = _features(text_embeddings, "text embeddings")
   if a.shape != b.shape:
     fail(
-      f"image embeddings {list(a.shape)} and text embeddings {list(b.shape)} must pair up row by row"
+      f"image embeddings {list(a.shape)} and text embeddings {list(b.shape)} must pair up "
+      "row by row"
     )
   na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
   if (na == 0).any() or (nb == 0).any():

@@ -47,7 +47,8 @@ def context_losses(
 
   @jax.jit
   def losses(z0, context, perm, rng):
-    """-> (t [B] or None, per-context per-example eps-MSE (RARM: NLL) [3, B], x0-MSE [3, B] or None)."""
+    """-> (t [B] or None, per-context per-example eps-MSE (RARM: NLL) [3, B], x0-MSE [3, B] or
+    None)."""
     contexts = (context, jnp.zeros_like(context), context[perm])
     if autoregressive:
 
@@ -59,7 +60,7 @@ def context_losses(
     t, noise = schedule_lib.draw_t_and_noise(sched, z0.shape, rng)
     z_t = schedule_lib.q_sample(sched, z0, t, noise)
     a = sched.alphas_cumprod[t].reshape((-1,) + (1,) * (z0.ndim - 1))
-    mean = lambda x: jnp.mean(jnp.square(x), axis=tuple(range(1, z0.ndim)))  # noqa: E731
+    mean = lambda x: jnp.mean(jnp.square(x), axis=tuple(range(1, z0.ndim)))
     predict_eps = schedule_lib.eps_fn(model, params, sched)
     eps_mse, x0_mse = [], []
     for c in contexts:

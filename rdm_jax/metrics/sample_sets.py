@@ -16,8 +16,9 @@ from rdm_jax.errors import fail
 
 
 def read_image_folder(path: str, budget: untrusted.Budget | None = None) -> np.ndarray:
-  """All PNG/JPEG images under `path` (see `sources.image_files`), as uint8 [N, H, W, 1|3]; sizes must
-  agree. Each image's pixels are charged to the job's budget from its header, before it is decoded."""
+  """All PNG/JPEG images under `path` (see `sources.image_files`), as uint8 [N, H, W, 1|3]; sizes
+  must agree. Each image's pixels are charged to the job's budget from its
+  header, before it is decoded."""
   budget = budget or untrusted.Budget(f"reading {path}")
   files = sources.image_files(path)
   if not files:
@@ -63,7 +64,8 @@ def check_complete(path: str, shards: list[str]) -> None:
     )
   if not isinstance(expected, int) or len(shards) != expected:
     fail(
-      f"{path} holds {len(shards)} of {expected} shards: its sample run did not finish; rerun the same "
+      f"{path} holds {len(shards)} of {expected} shards: its sample run did not finish; "
+      "rerun the same "
       "`python -m rdm_jax.sample` command to complete it"
     )
 
@@ -123,7 +125,8 @@ def read_sample_sets(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str,
 
 def trained_on(paths: list[str], sets: dict[str, np.ndarray]) -> dict[str, str]:
   """{row name: the training data of the model that made the set} for sets made by the sample job
-  (its settings.json records the model's `trained_on`); rows named as `read_sample_sets` names them."""
+  (its settings.json records the model's `trained_on`); rows named as
+  `read_sample_sets` names them."""
   out = {}
   for path, name in zip(paths, sets):
     settings = files.join(path, "settings.json")

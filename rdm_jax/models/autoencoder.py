@@ -331,7 +331,8 @@ IGNORED_PREFIXES = (
 def torch_name(path: Sequence[str]) -> str:
   """Flax parameter path -> the original state-dict key."""
   *mods, leaf = path
-  # list indices: down_0 -> down.0, block_1 -> block.1, except mid's named block_1 / attn_1 / block_2
+  # list indices: down_0 -> down.0, block_1 -> block.1, except mid's
+  # named block_1 / attn_1 / block_2
   name = ".".join(
     m if prev == "mid" else re.sub(r"^(down|up|block|attn)_(\d+)$", r"\1.\2", m)
     for prev, m in zip([""] + mods, mods)

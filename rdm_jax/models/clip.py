@@ -66,7 +66,8 @@ def _openai_config(sd: dict[str, np.ndarray]):
 
   if "visual.conv1.weight" not in sd or "visual.proj" not in sd:
     fail(
-      "not an OpenAI CLIP ViT checkpoint (no visual.conv1.weight / visual.proj; the ResNet CLIPs are "
+      "not an OpenAI CLIP ViT checkpoint (no visual.conv1.weight / visual.proj; the ResNet "
+      "CLIPs are "
       "not supported)"
     )
 
@@ -171,7 +172,8 @@ def convert_openai_state_dict(sd: dict[str, np.ndarray]) -> tuple[Any, dict[str,
 
 
 def _init_shapes(model) -> Any:
-  """The parameter tree a FlaxCLIPModel would initialise, as ShapeDtypeStructs (nothing allocated)."""
+  """The parameter tree a FlaxCLIPModel would initialise, as ShapeDtypeStructs (nothing
+  allocated)."""
   return jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
 
 
@@ -184,7 +186,8 @@ def _check_shapes(model, params, what: str, expected: Any = None) -> None:
 
 
 def load(path: str) -> Clip:
-  """A CLIP from a saved transformers directory or an OpenAI checkpoint file (see the module doc)."""
+  """A CLIP from a saved transformers directory or an OpenAI checkpoint file (see the module
+  doc)."""
   from transformers import FlaxCLIPModel
 
   if path and os.path.isdir(path):
@@ -204,7 +207,8 @@ def load(path: str) -> Clip:
   return Clip(model, jax.tree.map(jnp.asarray, params), files.sha256(path))
 
 
-# Sane ranges of the architecture fields a transformers CLIP config.json declares (ViT-bigG is well inside).
+# Sane ranges of the architecture fields a transformers CLIP config.json
+# declares (ViT-bigG is well inside).
 _CONFIG_RANGES = {
   "vocab_size": (1, 1 << 20),
   "hidden_size": (1, 16384),
@@ -232,7 +236,8 @@ def _load_dir(path: str) -> tuple[Any, dict]:
   )
   if weights is None:
     fail(
-      f"{path} holds no {' or '.join(_WEIGHT_FILES)}: save the model with FlaxCLIPModel.save_pretrained, or give "
+      f"{path} holds no {' or '.join(_WEIGHT_FILES)}: save the model with "
+      "FlaxCLIPModel.save_pretrained, or give "
       "OpenAI's ViT-B-32.pt"
     )
   raw = untrusted.read_json(os.path.join(path, "config.json"))
@@ -246,7 +251,8 @@ def _load_dir(path: str) -> tuple[Any, dict]:
       value = fields.get(name)
       if value is not None and not (type(value) is int and lo <= value <= hi):
         fail(
-          f"{path}/config.json: {tower}.{name} = {str(value)[:40]}; a CLIP has an integer in [{lo}, {hi}] there"
+          f"{path}/config.json: {tower}.{name} = {str(value)[:40]}; a CLIP has an integer "
+          f"in [{lo}, {hi}] there"
         )
   with torch_legacy.converting(os.path.join(path, "config.json"), "transformers CLIP config"):
     model = FlaxCLIPModel(CLIPConfig.from_dict(raw), _do_init=False)

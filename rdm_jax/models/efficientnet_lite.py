@@ -83,7 +83,8 @@ class DepthwiseConv(nn.Module):
   """Depthwise k x k conv, SAME padding, no bias; kernel [k, k, 1, C] as nn.Conv's.
 
   `impl="shift"` sums k*k shifted, scaled copies of the input: the same arithmetic as the
-  grouped convolution, which XLA runs slowly on CPU (benchmarks/RESULTS.md). "auto" uses it on CPU and the grouped conv elsewhere.
+  grouped convolution, which XLA runs slowly on CPU (benchmarks/RESULTS.md). "auto" uses it on CPU
+  and the grouped conv elsewhere.
   """
 
   kernel_size: int
@@ -167,7 +168,8 @@ def grid_pool(feature_map: jax.Array, grid: int) -> jax.Array:
 
 
 class EfficientNetLite0(nn.Module):
-  """images [B, H, W, 3] normalised with ImageNet mean/std -> (features [B, 1280], logits [B, 1000]).
+  """images [B, H, W, 3] normalised with ImageNet mean/std -> (features
+  [B, 1280], logits [B, 1000]).
 
   feature_map="block_N" returns the output [B, h, w, C] of MBConv block N alone, and runs nothing
   after it (the later blocks' and the head's parameters go unused); "head" returns the head's

@@ -36,7 +36,8 @@ def make_model(
     )
   if impl == "cudnn" and jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
     fail(
-      f"config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 or float16, and "
+      "config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 "
+      "or float16, and "
       f"config.model.dtype is {m.dtype!r}; set --config.model.dtype=bfloat16 or use attention=xla"
     )
   attention = unet_lib.AttentionOptions(
@@ -103,7 +104,8 @@ def make_schedule(config: Any) -> schedule_lib.Schedule:
   prediction, weighting = d.prediction, d.loss_weighting
   if prediction not in schedule_lib.PREDICTIONS or weighting not in schedule_lib.WEIGHTINGS:
     fail(
-      f"config.diffusion: prediction={prediction!r} (one of {', '.join(schedule_lib.PREDICTIONS)}), "
+      f"config.diffusion: prediction={prediction!r} (one of "
+      f"{', '.join(schedule_lib.PREDICTIONS)}), "
       f"loss_weighting={weighting!r} (one of {', '.join(schedule_lib.WEIGHTINGS)})"
     )
   return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end, prediction)
@@ -112,7 +114,8 @@ def make_schedule(config: Any) -> schedule_lib.Schedule:
 def example_inputs(
   config: Any, batch: int, latent_shape: tuple[int, ...], k: int
 ) -> tuple[jax.Array, ...]:
-  """The model's init inputs: (latents, timesteps, context) for the UNet, (tokens, context) for RARM."""
+  """The model's init inputs: (latents, timesteps, context) for the UNet, (tokens, context) for
+  RARM."""
   context = jnp.zeros((batch, k, config.retrieval.embed_dim), jnp.float32)
   if config_base.model_family(config) == "rarm":
     return jnp.zeros((batch,) + tuple(latent_shape), jnp.int32), context

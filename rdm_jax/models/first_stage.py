@@ -152,7 +152,8 @@ class FirstStage:
   def _images(self, images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.dtype != np.uint8:
       fail(
-        f"first stage {self.name}: expected uint8 images [B, H, W, C], got {images.dtype} {list(images.shape)}"
+        f"first stage {self.name}: expected uint8 images [B, H, W, C], got {images.dtype} "
+        f"{list(images.shape)}"
       )
     x = _to_unit(images, self.pad_to)
     if x.shape[-1] == 1 and self.spec.in_channels == 3:
@@ -161,13 +162,15 @@ class FirstStage:
     if x.shape[1] % f or x.shape[2] % f or x.shape[-1] != self.spec.in_channels:
       fail(
         f"first stage {self.name} takes images whose sides are multiples of {f} with "
-        f"{self.spec.in_channels} channels, got {list(x.shape[1:])}; set config.dataset's image size "
+        f"{self.spec.in_channels} channels, got {list(x.shape[1:])}; set config.dataset's "
+        "image size "
         "(or config.first_stage.pad_to)"
       )
     return x
 
   def encode(self, images: np.ndarray) -> np.ndarray:
-    """uint8 images [B, H, W, C] -> float32 latents [B, H/f, W/f, embed_dim] (times scale_factor)."""
+    """uint8 images [B, H, W, C] -> float32 latents [B, H/f, W/f, embed_dim] (times
+    scale_factor)."""
     return self._fns["encode"](self._images(images), what="images")
 
   def decode(self, latents: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
@@ -270,7 +273,8 @@ def encode_tokens(cfg: Any, images: np.ndarray) -> np.ndarray:
   """VQ first stage: uint8 images [B, H, W, C] -> int32 tokens [B, (H/f)(W/f)] in raster order."""
   if cfg.name == "identity":
     fail(
-      "config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage (vq_f16 or vqgan_f16)"
+      "config.first_stage.name='identity' has no tokens; RARM needs a VQ first stage "
+      "(vq_f16 or vqgan_f16)"
     )
   if cfg.name == "palette":
     return palette.encode(images, palette.load(cfg.weights, cfg), palette.spec(cfg).factor)

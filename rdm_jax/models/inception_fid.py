@@ -172,7 +172,8 @@ class FIDInceptionV3(nn.Module):
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-  """uint8 [B, H, W, 1|3] -> [B, 299, 299, 3] in [-1, 1], as pytorch-fid (bilinear, no antialias)."""
+  """uint8 [B, H, W, 1|3] -> [B, 299, 299, 3] in [-1, 1], as pytorch-fid (bilinear, no
+  antialias)."""
   x = images.astype(jnp.float32) / 255.0
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)

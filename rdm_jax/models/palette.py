@@ -1,4 +1,5 @@
-"""A palette tokenizer, the offline demo's first stage for RARM (config.first_stage.name = "palette").
+"""A palette tokenizer, the offline demo's first stage for RARM
+(config.first_stage.name = "palette").
 
 No pretrained VQ model ships offline, so the demo tokenises images as ImageGPT does (Chen et
 al. 2020): average-pool by `factor`, then map every pixel to the nearest of `palette_size`
@@ -42,7 +43,8 @@ def pooled(images: np.ndarray, factor: int) -> np.ndarray:
   b, h, w, c = images.shape
   if h % factor or w % factor:
     fail(
-      f"images of {h}x{w} do not split into {factor}x{factor} blocks (config.first_stage.palette_factor)"
+      f"images of {h}x{w} do not split into {factor}x{factor} blocks "
+      "(config.first_stage.palette_factor)"
     )
   x = images.astype(np.float32).reshape(b, h // factor, factor, w // factor, factor, c).mean((2, 4))
   return x / 127.5 - 1.0
@@ -78,7 +80,8 @@ def load(path: str, cfg) -> np.ndarray:
     or not np.isfinite(palette).all()
   ):
     fail(
-      f"{path} holds {palette.dtype}{list(palette.shape)}; a palette of config.first_stage is float32 "
+      f"{path} holds {palette.dtype}{list(palette.shape)}; a palette of config.first_stage "
+      "is float32 "
       f"[{s.n_embed}, {s.channels}]: delete it and rerun the encode job to fit it again"
     )
   return palette

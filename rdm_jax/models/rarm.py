@@ -101,7 +101,8 @@ class Projections(nn.Module):
 
 
 class Block(nn.Module):
-  """BasicTransformerBlock(causal=True): x + attn1(norm1 x), + attn2(norm2 x, ctx), + ff(norm3 x)."""
+  """BasicTransformerBlock(causal=True): x + attn1(norm1 x), + attn2(norm2 x, ctx), + ff(norm3
+  x)."""
 
   heads: int
   dim_head: int
@@ -224,7 +225,8 @@ def from_config(config: Any) -> RARM:
   spec = first_stage.spec(config.first_stage)
   if spec.kind != "vq":
     fail(
-      f"config.model.family='rarm' models VQ tokens but config.first_stage.name={config.first_stage.name!r} "
+      "config.model.family='rarm' models VQ tokens but "
+      f"config.first_stage.name={config.first_stage.name!r} "
       "is not a VQ model (use vq_f16, the original's, or vqgan_f16, its released weights')"
     )
   side = config.dataset.image_size // spec.factor
@@ -323,8 +325,9 @@ _TORCH_FF = {"proj_in": "net.0.proj", "proj_out": "net.2"}
 def torch_names(params: Any) -> dict[tuple[str, ...], str]:
   """{our parameter path: the original's state-dict key} for every leaf of `params`:
   tok_emb -> transformer.proj_in (nn.Embedding), pos_emb -> transformer.positional_encoding,
-  blocks_i -> transformer.transformer_blocks.i (norm1..3, attn1/attn2 to_q/k/v/to_out.0, ff.net.0.proj
-  and ff.net.2: ldm's CrossAttention and FeedForward), proj_out -> transformer.proj_out (Conv1d)."""
+  blocks_i -> transformer.transformer_blocks.i (norm1..3, attn1/attn2 to_q/k/v/to_out.0,
+  ff.net.0.proj and ff.net.2: ldm's CrossAttention and FeedForward), proj_out ->
+  transformer.proj_out (Conv1d)."""
   names = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
     parts = tuple(str(getattr(k, "key", k)) for k in path)

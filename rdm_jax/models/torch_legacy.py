@@ -208,14 +208,16 @@ _DATA_OPCODES = (
   "MARK STOP POP POP_MARK DUP FLOAT INT BININT BININT1 LONG BININT2 NONE PERSID BINPERSID STRING "
   "BINSTRING SHORT_BINSTRING UNICODE BINUNICODE APPEND GLOBAL DICT EMPTY_DICT APPENDS GET BINGET "
   "LONG_BINGET LIST EMPTY_LIST PUT BINPUT LONG_BINPUT SETITEM TUPLE EMPTY_TUPLE SETITEMS BINFLOAT "
-  "PROTO TUPLE1 TUPLE2 TUPLE3 NEWTRUE NEWFALSE LONG1 LONG4 BINBYTES SHORT_BINBYTES SHORT_BINUNICODE "
+  "PROTO TUPLE1 TUPLE2 TUPLE3 NEWTRUE NEWFALSE LONG1 LONG4 BINBYTES SHORT_BINBYTES "
+  "SHORT_BINUNICODE "
   "BINUNICODE8 BINBYTES8 EMPTY_SET ADDITEMS FROZENSET STACK_GLOBAL MEMOIZE FRAME"
 ).split()
 _OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in __import__("pickletools").opcodes}
 
 
 def _hashable_key(k: Any) -> bool:
-  """Keys whose hashes cannot be made to collide: str (randomised hashing), small ints, None, bool."""
+  """Keys whose hashes cannot be made to collide: str (randomised hashing), small ints, None,
+  bool."""
   return isinstance(k, str) or k is None or (type(k) in (int, bool) and -_MAX_KEY < k < _MAX_KEY)
 
 

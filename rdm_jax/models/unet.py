@@ -156,8 +156,8 @@ class AttentionOptions:
 class Attention(nn.Module):
   """Multi-head (cross-)attention of ldm.modules.attention.CrossAttention.
 
-  `options.impl` (config.model.attention) chooses how softmax(q k^T / sqrt(d)) v is computed, with the
-  same parameters and the same result: "xla" (einsums, float32 softmax), "dot_product"
+  `options.impl` (config.model.attention) chooses how softmax(q k^T / sqrt(d)) v is computed, with
+  the same parameters and the same result: "xla" (einsums, float32 softmax), "dot_product"
   (`jax.nn.dot_product_attention` with its default implementation, which is XLA's on every
   platform in jax 0.10-0.11), "cudnn" (the same function's cuDNN fused flash attention for the
   self-attentions, GPU only, bfloat16/float16 compute; cross-attention to the k neighbours keeps

@@ -1,10 +1,10 @@
 """oneDNN convolutions for XLA's CPU backend, as a drop-in `conv_general_dilated` for nn.Conv.
 
 XLA:CPU runs the UNet's 3x3 convolutions and their gradients slower than oneDNN (the library
-PyTorch's CPU convolutions call; benchmarks/RESULTS.md has the figures per CPU). `conv_general_dilated`
-here sends float32 NHWC/HWIO convolutions without dilation or groups to three oneDNN custom
-calls (forward, input gradient, kernel gradient: `onednn_conv.cc`, built by `make onednn`)
-and everything else to `jax.lax.conv_general_dilated`, so a model may use it everywhere.
+PyTorch's CPU convolutions call; benchmarks/RESULTS.md has the figures per CPU).
+`conv_general_dilated` here sends float32 NHWC/HWIO convolutions without dilation or groups to three
+oneDNN custom calls (forward, input gradient, kernel gradient: `onednn_conv.cc`, built by `make
+onednn`) and everything else to `jax.lax.conv_general_dilated`, so a model may use it everywhere.
 
 The custom calls are opaque to XLA's SPMD partitioner, which would run them replicated on a
 multi-device mesh: `resolve("auto")` therefore allows oneDNN only on a single CPU device, and

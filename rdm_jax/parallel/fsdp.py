@@ -1,4 +1,5 @@
-"""FSDP's gradients reduce-scattered: the loss under `jax.shard_map`, parameters all-gathered by hand.
+"""FSDP's gradients reduce-scattered: the loss under `jax.shard_map`,
+parameters all-gathered by hand.
 
 Left to GSPMD, XLA chooses how the gradient of an fsdp-sharded parameter crosses the chips, and
 it all-reduces some at full size (combined with the replicated parameters' all-reduce and sliced
@@ -41,7 +42,8 @@ def _respec(spec: P, axes_for: Callable[[str], tuple[str, ...]]) -> P:
 
 
 def manual_spec(spec: P, manual: Sequence[str]) -> P:
-  """`spec` with only the mesh axes in `manual` kept (shard_map's in/out specs name manual axes only)."""
+  """`spec` with only the mesh axes in `manual` kept (shard_map's in/out specs name manual axes
+  only)."""
   return _respec(spec, lambda a: (a,) if a in manual else ())
 
 
@@ -93,7 +95,7 @@ def _split(
   if split is None or split[1] <= 1:
     return mesh, manual, specs
   mesh, names = split_mesh(mesh, *split)
-  axes_for = lambda a: names if a == split[0] else (a,)  # noqa: E731
+  axes_for = lambda a: names if a == split[0] else (a,)
   manual = tuple(a for b in manual for a in axes_for(b))
   return (
     mesh,
@@ -123,7 +125,7 @@ def all_reduce_bytes(
   gathered as `value_and_grad` gathers it (`params` abstract). The replicated parameters' sums
   are left out: they are the same at every split."""
   manual = tuple(batch_axes)
-  is_sharding = lambda s: isinstance(s, NamedSharding)  # noqa: E731
+  is_sharding = lambda s: isinstance(s, NamedSharding)
   kinds = {
     (tuple(p.shape), jnp.dtype(p.dtype).name, spec, bool(c)): None
     for p, s, c in zip(
@@ -242,7 +244,7 @@ def value_and_grad(
   parameters are. Replicated parameters are not cast: their gradients are summed in float32.
   `split` = (axis, outer) gathers over that batch axis in two stages (`split_mesh`)."""
   manual = tuple(batch_axes)
-  is_sharding = lambda s: isinstance(s, NamedSharding)  # noqa: E731
+  is_sharding = lambda s: isinstance(s, NamedSharding)
   specs = jax.tree.map(lambda s: manual_spec(s.spec, manual), param_shardings, is_leaf=is_sharding)
   if cast is None or mesh.devices.flat[0].platform == "cpu":
     # XLA:CPU (jaxlib 0.10.2) aborts compiling a bf16 reduce-scatter ("Invalid binary

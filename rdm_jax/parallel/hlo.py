@@ -28,7 +28,8 @@ _BYTES = {
 }
 _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-# TPU emits reduce-scatter as a fusion of this name (an all-reduce whose result each chip keeps a slice of)
+# TPU emits reduce-scatter as a fusion of this name (an all-reduce whose
+# result each chip keeps a slice of)
 _FUSED_REDUCE_SCATTER = re.compile(r"=\s*(.*?)\sfusion\(.*calls=%all-reduce-scatter")
 
 

@@ -97,13 +97,15 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
     )
   if m.attention == "cudnn" and platform != "gpu":
     fail(
-      f"config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this is {platform}; use "
+      "config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this "
+      f"is {platform}; use "
       "--config.model.attention="
       + ("flash (the Pallas TPU kernel)" if platform == "tpu" else "dot_product")
     )
   if training and platform == "cpu" and tcmalloc_loaded() is False:
     warnings.append(
-      "glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a quarter of "
+      "glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a "
+      "quarter of "
       f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
       "`make demo` and `make test` do)"
     )

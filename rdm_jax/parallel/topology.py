@@ -61,7 +61,8 @@ def _shape(chips: int, dims: int) -> tuple[int, ...]:
 
 
 def parse(name: str) -> Slice:
-  """ "v5e-64" / "v4-8" / "v5p-128" / "v6e-256" (or "v5litepod-64") -> the slice and its chip grid."""
+  """ "v5e-64" / "v4-8" / "v5p-128" / "v6e-256" (or "v5litepod-64") -> the slice and its chip
+  grid."""
   m = re.fullmatch(r"(v\d+[a-z]*|trillium)-(\d+)", name.strip().lower())
   if not m:
     fail(f"--topology={name!r}: give an accelerator type such as v5e-64, v4-8, v5p-128 or v6e-256")
@@ -89,7 +90,8 @@ def devices(s: Slice) -> list:
     import libtpu  # noqa: F401
   except ImportError:
     fail(
-      "compiling for TPU needs libtpu: pip install -e '.[tpu]' (or pip install \"jax[tpu]==$(python -c "
+      "compiling for TPU needs libtpu: pip install -e '.[tpu]' (or pip install "
+      '"jax[tpu]==$(python -c '
       "'import jax; print(jax.__version__)')\")"
     )
   from jax.experimental import topologies

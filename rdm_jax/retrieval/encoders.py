@@ -57,7 +57,8 @@ def _efficientnet(cfg: Any, load: bool) -> Encoder:
   side, channels = efficientnet_lite.feature_map_shape(layer, cfg.image_size)
   if grid < 1 or side % grid:
     fail(
-      f"config.retrieval.grid={grid}: {layer}'s feature map is {side}x{side} at image_size={cfg.image_size}; "
+      f"config.retrieval.grid={grid}: {layer}'s feature map is {side}x{side} at "
+      f"image_size={cfg.image_size}; "
       f"use a grid that divides {side}"
     )
   identity = {
@@ -110,7 +111,9 @@ def _clip(cfg: Any, load: bool) -> Encoder:
     "weights_sha256": model.weights_sha256,
     "image_size": model.image_size,
     "embed_dim": model.embed_dim,
-    "preprocess": f"rdm retriever: [-1, 1], bicubic align_corners {model.image_size}, clip mean/std",
+    "preprocess": (
+      f"rdm retriever: [-1, 1], bicubic align_corners {model.image_size}, clip mean/std"
+    ),
   }
 
   def apply(params, images):
@@ -139,7 +142,8 @@ def make_encoder(cfg: Any) -> Callable[[np.ndarray], np.ndarray]:
   enc = _get(cfg, load=True)
   if cfg.embed_dim != enc.identity["embed_dim"]:
     fail(
-      f"config.retrieval.embed_dim={cfg.embed_dim} but {cfg.encoder} embeds to {enc.identity['embed_dim']}"
+      f"config.retrieval.embed_dim={cfg.embed_dim} but {cfg.encoder} embeds to "
+      f"{enc.identity['embed_dim']}"
     )
   run = BatchedApply(enc.apply, enc.params, cfg.batch_size)
   return lambda images: run(images, what="images").astype(np.float32)
@@ -165,7 +169,8 @@ def embed_text(cfg: Any, texts: list[str] | tuple[str, ...]) -> np.ndarray:
   path = cfg.tokenizer or (cfg.weights if os.path.isdir(cfg.weights) else "")
   if not path or not os.path.isdir(path):
     fail(
-      "config.retrieval.tokenizer: give a directory with a saved CLIPTokenizer (OpenAI's .pt holds none)"
+      "config.retrieval.tokenizer: give a directory with a saved CLIPTokenizer (OpenAI's "
+      ".pt holds none)"
     )
   tok = clip.load_tokenizer(
     path, "save one there (CLIPTokenizer.save_pretrained) and set config.retrieval.tokenizer"

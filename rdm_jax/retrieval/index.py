@@ -195,7 +195,8 @@ def training_threads(cfg: Any) -> int:
 
 
 def scann_search_args(leaves: int, reorder: int, k: int) -> dict[str, int]:
-  """ScaNN `search_batched_parallel` keywords for k neighbours with leaves searched / reorder (0: as built)."""
+  """ScaNN `search_batched_parallel` keywords for k neighbours with leaves searched / reorder (0: as
+  built)."""
   args = {"final_num_neighbors": k}
   if leaves:
     args["leaves_to_search"] = leaves
@@ -205,7 +206,8 @@ def scann_search_args(leaves: int, reorder: int, k: int) -> dict[str, int]:
 
 
 def _search_scann(searcher, queries: np.ndarray, k: int, leaves: int, reorder: int) -> np.ndarray:
-  """Database rows [Q, k] of a ScaNN search with explicit leaves searched / reorder (0: as built)."""
+  """Database rows [Q, k] of a ScaNN search with explicit leaves searched / reorder (0: as
+  built)."""
   rows, _ = searcher.search_batched_parallel(queries, **scann_search_args(leaves, reorder, k))
   return np.asarray(rows, np.int64)
 
@@ -284,13 +286,16 @@ def tune_search(
     steps = [s for s in steps if s != (leaves, reorder)]
     if not steps:
       table = "\n".join(
-        f"  leaves {a:>6} reorder {b:>6}: recall@{k} {v['recall']:.4f}, {v['ms_per_query']:.3f} ms/query"
+        f"  leaves {a:>6} reorder {b:>6}: recall@{k} {v['recall']:.4f}, "
+        f"{v['ms_per_query']:.3f} ms/query"
         for (a, b), v in sorted(tried.items())
       )
       fail(
         f"{what}: recall@{k} against exact search stays below retrieval.index.target_recall="
-        f"{cfg.target_recall} within the search budget (leaves searched <= num_leaves={max_leaves}, "
-        f"reorder <= max_reorder={max_reorder}):\n{table}\nRaise retrieval.index.max_reorder, use a finer "
+        f"{cfg.target_recall} within the search budget (leaves searched <= "
+        f"num_leaves={max_leaves}, "
+        f"reorder <= max_reorder={max_reorder}):\n{table}\nRaise "
+        "retrieval.index.max_reorder, use a finer "
         "quantisation (dims_per_block=1) or more leaves (num_leaves), or lower target_recall."
       )
     leaves, reorder = max(steps, key=lambda s: (measure(*s), -s[0] * s[1]))
@@ -546,7 +551,7 @@ def _check_shards(path: str, m: dict) -> None:
   there, and `scann_assets.pbtxt` names the files ScaNN opens.
   """
   bad = lambda why: fail(
-    f"index {path} is damaged or was not written by the index job ({why}); "  # noqa: E731
+    f"index {path} is damaged or was not written by the index job ({why}); "
     f"delete it and rebuild: `{INDEX_HINT}`"
   )
   shards, files = m.get("shards"), m.get("shard_files")
@@ -617,19 +622,22 @@ def _check_shard_dir(path: str, name: str, recorded: Any, bad: Callable[[str], N
 
 
 def load(path: str, database: store.Store, cfg: Any) -> "Index":
-  """Opens the index at `path` and checks it was built on exactly this database, by the index job."""
+  """Opens the index at `path` and checks it was built on exactly this database, by the index
+  job."""
   s = store.read(path, KIND, hint=INDEX_HINT)
   m = s.manifest
   if m.get("database_fingerprint") != database.fingerprint:
     fail(
       f"index {path} was built on another database ({m.get('database_path')}, fingerprint "
-      f"{m.get('database_fingerprint')}) than {database.path} ({database.fingerprint}); rebuild it: "
+      f"{m.get('database_fingerprint')}) than {database.path} ({database.fingerprint}); "
+      "rebuild it: "
       f"`{INDEX_HINT}`"
     )
   n, d = database["embeddings"].shape
   if (m["count"], m.get("dim")) != (n, d):
     fail(
-      f"index {path} covers [{m['count']}, {m.get('dim')}] but the database is [{n}, {d}]; rebuild it"
+      f"index {path} covers [{m['count']}, {m.get('dim')}] but the database is [{n}, {d}]; "
+      "rebuild it"
     )
   _check_shards(s.path, m)
   return Index(s.path, m, database, cfg.search_memory_gb or cfg.max_memory_gb, cfg.threads)

@@ -127,6 +127,7 @@ def import_database(config, spec: list[str]) -> store.Store:
     made_by="rdm_jax.jobs.import_database",
   )
   print(
-    f"wrote {out}: embeddings {result['embeddings'].shape} {result['embeddings'].dtype} from {len(parts_files)} files"
+    f"wrote {out}: embeddings {result['embeddings'].shape} {result['embeddings'].dtype} "
+    f"from {len(parts_files)} files"
   )
   return result

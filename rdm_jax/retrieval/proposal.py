@@ -73,7 +73,8 @@ def draw(
     "database":  all of D: ceil(m |D|) rows (at least one), as Sec. 3.3 defines m;
     "retrieved": the entries with p_D > 0 only: int(m |supp p_D|) rows (at least one), as the
                  original's `get_qids` reads m (memsize times its nn_memory, which holds the
-                 entries retrieved at least once, most frequent first; rdm/models/diffusion/ddpm.py).
+                 entries retrieved at least once, most frequent first;
+                 rdm/models/diffusion/ddpm.py).
   Rows with p_D = 0 are never drawn. `weighted` draws proportionally to p_D within the
   candidates, otherwise uniformly.
   """
@@ -86,7 +87,8 @@ def draw(
   else:
     if not 0 < top_m <= 1:
       fail(
-        f"config.sample.top_m={top_m}: choose a fraction in (0, 1] (or a row count with sample.top_count)"
+        f"config.sample.top_m={top_m}: choose a fraction in (0, 1] (or a row count with "
+        "sample.top_count)"
       )
     if top_m_of == "database":
       size = max(1, math.ceil(top_m * len(counts)))

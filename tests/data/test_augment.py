@@ -87,7 +87,8 @@ def test_a_variants_crop_worked_by_hand():
 def _original_crop(
   image: np.ndarray, size: int, seed: int, source_id: int, variant: int, flips: bool
 ):
-  """taming's SmallestMaxSize + RandomCrop, by hand with PIL, at the offset drawn for (seed, id, crop)."""
+  """taming's SmallestMaxSize + RandomCrop, by hand with PIL, at the offset drawn for (seed, id,
+  crop)."""
   from PIL import Image
 
   h, w = image.shape[:2]

@@ -1,4 +1,5 @@
-"""IDX reading of the real Fashion-MNIST files (Debian dataset-fashion-mnist) and bad-file errors."""
+"""IDX reading of the real Fashion-MNIST files (Debian dataset-fashion-mnist) and bad-file
+errors."""
 
 import gzip
 import os
@@ -244,7 +245,8 @@ def test_image_folder_captions_come_from_its_side_file(tmp_path):
 
 
 def _captioned_builder(data_dir: str):
-  """A tiny TFDS dataset prepared locally, captioned as coco_captions is (`captions/text`, a list)."""
+  """A tiny TFDS dataset prepared locally, captioned as coco_captions is (`captions/text`, a
+  list)."""
   import tensorflow_datasets as tfds
 
   class CaptionedSquares(tfds.core.GeneratorBasedBuilder):

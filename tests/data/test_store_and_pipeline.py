@@ -1,4 +1,5 @@
-"""Stores (atomic, resumable, validated) and the input pipeline (order, per-process split, gather)."""
+"""Stores (atomic, resumable, validated) and the input pipeline (order, per-process split,
+gather)."""
 
 import json
 import os

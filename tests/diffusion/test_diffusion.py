@@ -142,8 +142,9 @@ def test_clipped_ddim_step_by_hand():
 
 def _gaussian_ddim_moments(s, mu, sd, eta, num_steps):
   """Exact mean and variance of DDIM's z_0 (Song et al. 2021, Eq. 12 with sigma of Eq. 16) for data
-  N(mu, sd^2), whose optimal eps(z_t) = sqrt(1-a)(z_t - sqrt(a) mu)/(a sd^2 + 1 - a) is affine in z_t,
-  so every step maps N(m, v) to N(A m + B, A^2 v + sigma^2); z_T ~ N(0, 1). Float64 recurrence."""
+  N(mu, sd^2), whose optimal eps(z_t) = sqrt(1-a)(z_t - sqrt(a) mu)/(a sd^2 + 1 - a) is affine in
+  z_t, so every step maps N(m, v) to N(A m + B, A^2 v + sigma^2); z_T ~
+  N(0, 1). Float64 recurrence."""
   a_all = np.asarray(s.alphas_cumprod, np.float64)
   taus = ddim.ddim_timesteps(len(a_all), num_steps)[::-1]
   m, v = 0.0, 1.0
@@ -160,8 +161,9 @@ def _gaussian_ddim_moments(s, mu, sd, eta, num_steps):
 
 
 def test_stochastic_ddim_moments_on_gaussian_data():
-  """eta > 0 adds the noise of Eq. 16: on 1-D Gaussian data with the exact eps, the samples' mean and
-  variance match the closed-form recurrence (5 steps, where eta 0, 0.5 and 1 give variances 0.0231,
+  """eta > 0 adds the noise of Eq. 16: on 1-D Gaussian data with the exact eps, the samples' mean
+  and variance match the closed-form recurrence (5 steps, where eta 0, 0.5
+  and 1 give variances 0.0231,
   0.0218 and 0.0143 apart by more than the 2% allowed; 1e5 samples: standard error 0.45%)."""
   s = schedule.linear_schedule()
   mu, sd, n = 0.5, 0.3, 100_000

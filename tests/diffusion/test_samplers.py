@@ -41,7 +41,8 @@ def _flow(z, a_start, a_end, mu=MU):
 
 
 def ldm_make_ddim_timesteps(num_ddim_timesteps, num_ddpm_timesteps):
-  """LDM's make_ddim_timesteps("uniform", ...) as written in ldm/modules/diffusionmodules/util.py."""
+  """LDM's make_ddim_timesteps("uniform", ...) as written in
+  ldm/modules/diffusionmodules/util.py."""
   c = num_ddpm_timesteps // num_ddim_timesteps
   ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
   return ddim_timesteps + 1
@@ -343,7 +344,7 @@ def test_each_sample_draws_its_noise_from_its_own_key(sampler, eta):
       SCHED,
       c,
       (len(c), 2, 2, 1),
-      k,  # noqa: E731
+      k,
       sampler=sampler,
       num_steps=6,
       guidance_scale=2.0,

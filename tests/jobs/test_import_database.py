@@ -18,7 +18,8 @@ from rdm_jax.retrieval import encoders
 
 
 def _parts(root, d=16, sizes=(7, 12)):
-  """Two parts as the original writes them (the second np.savez_compressed), the rows the store must hold."""
+  """Two parts as the original writes them (the second np.savez_compressed), the rows the store must
+  hold."""
   rng = np.random.default_rng(0)
   want = {"embedding": [], "img_id": [], "patch_coords": []}
   os.makedirs(root, exist_ok=True)

@@ -1,10 +1,12 @@
-"""Importing the original's RARM checkpoint (rdm_jax/jobs/import_checkpoint.py, configs/imagenet_rarm.py:
+"""Importing the original's RARM checkpoint (rdm_jax/jobs/import_checkpoint.py,
+configs/imagenet_rarm.py:
 <subset>,released) against an independent PyTorch reference of the original model.
 
 The reference is the original's LatentImageRETRO as its state dict names it: `transformer` is
-RetrievalPatchTransformer(continuous=False, positional_encodings=True, causal=True, cross_attend=True)
-transcribed from rdm/modules/attention.py:199-272 (nn.Embedding proj_in, the [inner, S]
-positional_encoding parameter added in [b, c, t] layout, Conv1d proj_out), its blocks diffusers'
+RetrievalPatchTransformer(continuous=False, positional_encodings=True, causal=True,
+cross_attend=True) transcribed from rdm/modules/attention.py:199-272 (nn.Embedding proj_in, the
+[inner, S] positional_encoding parameter added in [b, c, t] layout, Conv1d
+proj_out), its blocks diffusers'
 BasicTransformerBlock (the same parameter names as ldm's: attn1/attn2 to_q/to_k/to_v/to_out.0,
 ff.net.0.proj, ff.net.2, norm1..3) with an additive causal mask on the self-attention;
 `first_stage_model` is taming's VQGAN (its Encoder, Decoder and VectorQuantizer2), and the
@@ -25,7 +27,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
 from tests.conftest import repo_config  # noqa: E402
-from tests.models.test_first_stage import TINY, TorchAutoencoder, nhwc, save_lightning_ckpt  # noqa: E402
+
+from tests.models.test_first_stage import (  # noqa: E402
+  TINY,
+  TorchAutoencoder,
+  nhwc,
+  save_lightning_ckpt,
+)
 from tests.torch_references import reference  # noqa: E402
 
 from rdm_jax.errors import UserError  # noqa: E402
@@ -166,7 +174,8 @@ def test_a_released_rarm_imports_and_samples_the_originals_tokens(released):
   want_tokens = ref.greedy(ctx64).numpy()
   np.testing.assert_array_equal(sampled, want_tokens)
   assert len(np.unique(want_tokens)) > 4  # not one code everywhere
-  # the first stage comes out of the same model.ckpt (first_stage_model.*) and decodes them as taming does
+  # the first stage comes out of the same model.ckpt (first_stage_model.*)
+  # and decodes them as taming does
   images = first_stage.decode(config.first_stage, sampled, (32, 32))
   with torch.no_grad():
     fs = ref.first_stage_model.float()

@@ -111,7 +111,8 @@ def kill_points(count: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The data pipeline run uninterrupted in one directory: (that data dir, snapshots, {job: commits}).
+  """The data pipeline run uninterrupted in one directory: (that data
+  dir, snapshots, {job: commits}).
 
   Every run of this module uses the same data directory (manifests record absolute paths, and
   the neighbour job's inputs include the index's), restored from the snapshot taken before
@@ -159,7 +160,8 @@ def test_sample_and_evaluate_killed_at_seeded_commits_then_rerun_equal_uninterru
   np.savez(tmp_path / "ref.npz", images=ref_images)
 
   def fresh(name, samples_from=None):
-    """A copy of the trained run and of its data (the evaluate job caches features in the data dir)."""
+    """A copy of the trained run and of its data (the evaluate job caches features in the data
+    dir)."""
     shutil.copytree(original, str(tmp_path / name / "run"))
     shutil.copytree(data_dir, str(tmp_path / name / "data"))
     if samples_from:

@@ -1,4 +1,5 @@
-"""The neighbour job: exact results, self-exclusion, resume, several processes, own .npy, bad input."""
+"""The neighbour job: exact results, self-exclusion, resume, several processes, own .npy, bad
+input."""
 
 import os
 import subprocess

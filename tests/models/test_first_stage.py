@@ -367,7 +367,8 @@ def test_presets_are_the_published_architectures():
 def test_kl_autoencoder_matches_diffusers_autoencoder_kl():
   """A second, independent reference (the issue's): diffusers' AutoencoderKL, loaded from the same
   LDM state dict through diffusers' own converter (`convert_ldm_vae_checkpoint`), strictly. Its
-  blocks have attention only in the middle, as the published kl-f8 / kl-f16 (attn_resolutions [])."""
+  blocks have attention only in the middle, as the published kl-f8 /
+  kl-f16 (attn_resolutions [])."""
   import jax.numpy as jnp
   from tests.torch_references import reference
 

@@ -118,7 +118,8 @@ def _to_torch_layout(value: np.ndarray):
 
 
 def _random_params(model: UNet, x, t, ctx, seed: int):
-  """Every parameter random and non-zero: N(0, 1/fan_in) kernels, N(1, 0.1) scales, N(0, 0.1) biases."""
+  """Every parameter random and non-zero: N(0, 1/fan_in) kernels, N(1, 0.1) scales, N(0, 0.1)
+  biases."""
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, ctx)
   params = nn.meta.unbox(shapes)["params"]
   rng = np.random.default_rng(seed)

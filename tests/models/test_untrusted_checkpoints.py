@@ -167,10 +167,11 @@ def handmade_attacks(sentinel: str) -> dict[str, bytes]:
     "NEWOBJ_EX": b"\x80\x04\x8c\x0bcollections\x94\x8c\x0bOrderedDict\x94\x93\x94)}\x92.",
     "BUILD_on_a_list": b"\x80\x02]q\x00}q\x01X\x01\x00\x00\x00aq\x02K\x01sb.",
     "EXT1": b"\x80\x02\x82\x01.",
-    "foreign_persistent_id": b"\x80\x02(X\x06\x00\x00\x00moduleX\x02\x00\x00\x00osX\x06\x00\x00\x00systemtQ.",
+    "foreign_persistent_id": b"\x80\x02(X\x06\x00\x00\x00moduleX\x02\x00\x00\x00os"
+    b"X\x06\x00\x00\x00systemtQ.",
     "string_persistent_id": b"Pos.system\n.",
-    "persistent_id_with_os_system": b"\x80\x02(X\x07\x00\x00\x00storagecos\nsystem\nX\x01\x00\x00\x000"
-    b"X\x03\x00\x00\x00cpuK\x01tQ.",
+    "persistent_id_with_os_system": b"\x80\x02(X\x07\x00\x00\x00storagecos\nsystem\n"
+    b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ.",
   }
 
 
@@ -317,7 +318,8 @@ def test_real_torch_saves_still_load_bit_for_bit(tmp_path):
 
 
 def _dag_pickle(levels: int) -> bytes:
-  """x0 = [0]; x_i = [x_{i-1}, x_{i-1}]: `levels` lists referenced twice each, 2**levels leaves as a tree."""
+  """x0 = [0]; x_i = [x_{i-1}, x_{i-1}]: `levels` lists referenced twice each, 2**levels leaves as a
+  tree."""
   out = b"\x80\x02]q\x00K\x00a"
   for i in range(1, levels + 1):
     out += b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i])
@@ -350,7 +352,8 @@ def _long1(n: int) -> bytes:
 
 @pytest.mark.parametrize("container", ["dict", "set"])
 def test_keys_that_all_hash_alike_are_refused(tmp_path, container):
-  """k * (2**61 - 1) all hash to 0: inserting 20000 of them is quadratic (seconds); refused at the first."""
+  """k * (2**61 - 1) all hash to 0: inserting 20000 of them is quadratic (seconds); refused at the
+  first."""
   p = 2**61 - 1
   items = b"".join(
     _long1(k * p) + (b"K\x00" if container == "dict" else b"") for k in range(1, 20001)
@@ -459,7 +462,8 @@ def _overlapping_zip(path, n: int, payload: bytes) -> tuple[str, int]:
 
 
 def test_overlapping_zip_members_are_refused_before_any_is_read(tmp_path):
-  """100 nested members over one 256 KiB payload declare 25 MiB; a 4 MiB file so built declares GiBs."""
+  """100 nested members over one 256 KiB payload declare 25 MiB; a 4 MiB file so built declares
+  GiBs."""
   import tracemalloc
 
   path, declared = _overlapping_zip(tmp_path / "overlap.pth", 100, os.urandom(256 << 10))
@@ -566,7 +570,8 @@ def test_clip_config_declaring_billions_of_parameters_is_refused_before_any_is_m
   (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
   script = (
     "import resource, sys\nfrom rdm_jax.models import clip\nfrom rdm_jax.errors import UserError\n"
-    "try:\n  clip.load(sys.argv[1]); print('LOADED')\nexcept UserError as e:\n  print('REFUSED', e)\n"
+    "try:\n  clip.load(sys.argv[1]); print('LOADED')\nexcept UserError as e:\n  "
+    "print('REFUSED', e)\n"
     "print('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
   )
   out = subprocess.run(

@@ -99,7 +99,8 @@ def test_a_file_that_is_not_a_cache_is_measured_around_and_left_as_it_is(tmp_pat
   r = conv_choice.choose(geoms, lambda g, impl: {"xla": 1.0, "onednn": 2.0}[impl], str(path))
   assert r["choice"] == "xla" and not r["cached"] and "not a readable cache" in caplog.text
   assert path.read_text() == "{not json"
-  # a JSON object with a malformed entry under this key: the entry is not trusted, the others are kept
+  # a JSON object with a malformed entry under this key: the entry is not
+  # trusted, the others are kept
   path.write_text(
     json.dumps({conv_choice.key(geoms): {"choice": "rm -rf /", "onednn": []}, "other": [1]})
   )

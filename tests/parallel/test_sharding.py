@@ -52,7 +52,8 @@ def test_fsdp_and_tensor_shardings_follow_the_rules(tiny_data):
   assert _spec(state, "down_0_res_0/in_conv/kernel") == P(None, None, "fsdp", "tensor")
   # first conv has 1 input channel: fsdp=2 cannot divide it, so that dimension stays replicated
   assert _spec(state, "conv_in/kernel") == P(None, None, None, "tensor")
-  # attention: q (embed -> fsdp, heads -> tensor); cross-attention k (context -> fsdp, heads -> tensor)
+  # attention: q (embed -> fsdp, heads -> tensor); cross-attention k
+  # (context -> fsdp, heads -> tensor)
   assert _spec(state, "mid_attn/block_0/attn1/to_q/kernel") == P("fsdp", "tensor")
   assert _spec(state, "mid_attn/block_0/attn2/to_k/kernel") == P("fsdp", "tensor")
   assert _spec(state, "mid_attn/block_0/attn2/to_out/kernel") == P("tensor", "fsdp")

@@ -342,7 +342,7 @@ def test_index_resumes_shard_by_shard_and_is_reused(tmp_path, monkeypatch):
   for name in want:
     if name != "manifest.json":
       assert got[name] == want[name], name
-  strip = lambda m: {k: v for k, v in m.items() if k != "build_seconds"}  # noqa: E731
+  strip = lambda m: {k: v for k, v in m.items() if k != "build_seconds"}
   assert strip(resumed.manifest) == strip(straight.manifest)
   np.testing.assert_array_equal(resumed.search(x[:50], 10)[1], straight.search(x[:50], 10)[1])
   logs = []

@@ -1,5 +1,5 @@
-"""benchmarks/label_agreement.py, demo_quality.py's judge of whether samples follow their neighbours,
-on hand-worked rows of k = 4 neighbour labels."""
+"""benchmarks/label_agreement.py, demo_quality.py's judge of whether samples follow their
+neighbours, on hand-worked rows of k = 4 neighbour labels."""
 
 import os
 import sys
