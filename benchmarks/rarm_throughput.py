@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from rdm_jax import training  # noqa: E402
+from rdm_jax import train_step  # noqa: E402
 from rdm_jax.models import factory, rarm  # noqa: E402
 from rdm_jax.parallel import mesh as mesh_lib, sharding  # noqa: E402
 
@@ -87,7 +87,7 @@ def train_speed(config, steps: int) -> tuple[float, int]:
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   rules = [tuple(r) for r in config.sharding_rules]
   model = factory.make_model(config)
-  setup = training.setup_training(config, (model.seq_len,), mesh)
+  setup = train_step.setup_training(config, (model.seq_len,), mesh)
   state, step = setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   b = config.train.batch_size
   rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ Every rdm_jax variant starts from the same state, batch and key, so their first 
 gradient norm agree up to the compute dtype's rounding; the run prints how far they differ.
 
 Timed for each case, in the same process:
-  rdm_jax, conv=C   our full train step (training.setup_training) for each C in --conv
+  rdm_jax, conv=C   our full train step (train_step.setup_training) for each C in --conv
                     (config.model.conv: auto = oneDNN custom calls on a single CPU device when
                     `make onednn` has built them, xla = XLA's own convolution)
   torch, same step  the same UNet as diffusers' UNet2DConditionModel doing the work our step does:
@@ -57,7 +57,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from rdm_jax import aot, training  # noqa: E402
+from rdm_jax import aot, train_step  # noqa: E402
 from rdm_jax.parallel import flops as flops_lib, mesh as mesh_lib, sharding  # noqa: E402
 from rdm_jax.models import factory  # noqa: E402
 
@@ -114,7 +114,7 @@ def on_gpu() -> bool:
 
 
 @jax.jit
-def perturbed(state: training.TrainState) -> training.TrainState:
+def perturbed(state: train_step.TrainState) -> train_step.TrainState:
   """The initial state with N(0, 0.01^2) added to every parameter (EMA alike): LDM's
   zero-initialised output layers (every res block's second conv, every transformer's proj_out, the
   UNet's last conv) would otherwise hide the attention from the first step's loss and gradients that
@@ -129,12 +129,12 @@ def perturbed(state: training.TrainState) -> training.TrainState:
 
 def jax_runner(
   config, latent_shape
-) -> tuple[Runner, int, str, dict[str, float], training.TrainSetup]:
+) -> tuple[Runner, int, str, dict[str, float], train_step.TrainSetup]:
   """Our train step on the config's mesh: (runner, parameter count, the convolution the model runs,
   the first step's loss and gradient norm, the setup)."""
   mesh = mesh_lib.from_config(config)
   rules = [tuple(r) for r in config.sharding_rules]
-  setup = training.setup_training(config, latent_shape, mesh)
+  setup = train_step.setup_training(config, latent_shape, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(setup.state_specs().params))
   b = config.train.batch_size
   rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 (a TPU slice from `topology`), and what the compiled programs say: memory per chip against
 HBM, FLOPs (the compiler's and the model's), collectives by kind and bytes, compile time.
 
-The programs are the ones `rdm_jax.train` runs: the same `training.setup_training` builds the
+The programs are the ones `rdm_jax.train` runs: the same `train_step.setup_training` builds the
 model, the abstract state, its shardings and the jitted step; only the devices differ.
 """
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdm_jax import config_base, training
+from rdm_jax import config_base, train_step
 from rdm_jax.diffusion import ddim, schedule as schedule_lib
 from rdm_jax.errors import fail
 from rdm_jax.parallel import flops as flops_lib, hlo, mesh as mesh_lib, sharding, topology
@@ -83,7 +83,7 @@ def _compile(fn, args, mesh, hbm_bytes: float) -> dict[str, Any]:
   }
 
 
-def model_flops_per_example(config: Any, setup: training.TrainSetup) -> int:
+def model_flops_per_example(config: Any, setup: train_step.TrainSetup) -> int:
   """Forward FLOPs of the model on one example (matmuls and convs, `flops`), independent of the
   levers: counted on the plain model (XLA attention, no remat)."""
   model = setup.model
@@ -136,7 +136,7 @@ def report(
         f"{what} {b} is not divisible by the {n_batch} devices of the batch axes; choose a multiple"
       )
   shape = factory.latent_shape(config)
-  setup = training.setup_training(config, shape, mesh)
+  setup = train_step.setup_training(config, shape, mesh)
   hbm = s.chip.hbm_gib * GIB
   per_example = model_flops_per_example(config, setup)
   out: dict[str, Any] = {
@@ -174,7 +174,7 @@ def report(
 
 def _sample_step(
   config,
-  setup: training.TrainSetup,
+  setup: train_step.TrainSetup,
   batch: int,
   mesh,
   hbm: float,

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from rdm_jax import config_base, files, training
+from rdm_jax import config_base, files, train_step
 from rdm_jax.data import store
 from rdm_jax.errors import (
   UserError,
@@ -543,7 +543,9 @@ def load_trained(config, workdir: str, step: int | None = None):
       "train again"
     )
   check_function(info, function_record(config), workdir)
-  setup = training.setup_training(config, tuple(info["latent_shape"]), mesh_lib.from_config(config))
+  setup = train_step.setup_training(
+    config, tuple(info["latent_shape"]), mesh_lib.from_config(config)
+  )
   state = restore(manager(workdir, create=False), setup.abstract, setup.state_sh, step)
   if state is None:
     fail(f"no checkpoint in {workdir}/checkpoints: train first")

@@ -5,7 +5,7 @@ r"""Compile the train and sampling steps for a TPU slice on this host, before bo
 
 libtpu's compile-only client (`pip install -e '.[tpu]'`) compiles for the slice here (on a
 CPU host too), exactly the programs `rdm_jax.train` would run there: same model, state
-shardings and jitted step (`training.setup_training`). It prints, and writes as JSON with
+shardings and jitted step (`train_step.setup_training`). It prints, and writes as JSON with
 --out: memory per chip (arguments, temporaries, outputs, aliased) against the chip's HBM, or
 the compiler's out-of-memory message in one line; FLOPs per step from the compiler and from
 the model's matmuls and convolutions; the collectives by kind with their bytes; compile time.

@@ -160,15 +160,15 @@ def proposal_conditioning(
       "neighbour "
       "job for this database, or sample with --config.sample.condition=exemplar"
     )
-  s = config.sample
+  sample_cfg = config.sample
   rows = proposal.draw(
     p,
     n,
     rng,
-    top_m=s.top_m,
-    top_count=s.top_count,
-    weighted=s.proposal_weighted,
-    top_m_of=s.top_m_of,
+    top_m=sample_cfg.top_m,
+    top_count=sample_cfg.top_count,
+    weighted=sample_cfg.proposal_weighted,
+    top_m_of=sample_cfg.top_m_of,
   )
   return _retrieve(config, database, database, rows, k, search=search)
 
@@ -410,32 +410,35 @@ def class_conditioning(
   entries after it (with l = k-1 exactly "its k-1 nearest neighbors"). `query_rows` are the
   classes' labels (a named class the dataset does not name: its position in `classes`); with a
   prompt, each sample's prompt is its caption (the evaluate job's CLIP score reads it)."""
-  s = config.sample
+  sample_cfg = config.sample
   database = open_database(config, encoder) if database is None else database
-  names_or_ids = s.classes if classes is None else classes
-  mode = s.class_context
+  names_or_ids = sample_cfg.classes if classes is None else classes
+  mode = sample_cfg.class_context
   if mode not in CLASS_CONTEXTS:
     fail(f"config.sample.class_context={mode!r}; use {' or '.join(CLASS_CONTEXTS)}")
   drawn = k - 1 if mode == "prompt_and_pool" else k
-  if not drawn <= s.class_pool_size:
+  if not drawn <= sample_cfg.class_pool_size:
     fail(
-      f"sample.class_pool_size={s.class_pool_size} must be at least "
+      f"sample.class_pool_size={sample_cfg.class_pool_size} must be at least "
       + (f"k={k}" if drawn == k else f"k-1={drawn} (the prompt takes one of the k={k} slots)")
     )
   prompts = None
-  if s.class_prompt:
-    if "{}" not in s.class_prompt:
-      fail(f"config.sample.class_prompt={s.class_prompt!r} needs a {{}} where the class name goes")
-    labels, names = prompt_classes(names_or_ids, sources.class_names(config.dataset))
-    if s.class_pool_size > database["embeddings"].shape[0]:
+  if sample_cfg.class_prompt:
+    if "{}" not in sample_cfg.class_prompt:
       fail(
-        f"sample.class_pool_size={s.class_pool_size} exceeds the database's "
+        f"config.sample.class_prompt={sample_cfg.class_prompt!r} needs a {{}} where the "
+        "class name goes"
+      )
+    labels, names = prompt_classes(names_or_ids, sources.class_names(config.dataset))
+    if sample_cfg.class_pool_size > database["embeddings"].shape[0]:
+      fail(
+        f"sample.class_pool_size={sample_cfg.class_pool_size} exceeds the database's "
         f"{database['embeddings'].shape[0]} entries"
       )
-    texts = [s.class_prompt.format(c) for c in names]
+    texts = [sample_cfg.class_prompt.format(c) for c in names]
     queries = text_queries(config, database, texts)
     _, nearest = open_search(config, database)(
-      exact.l2_normalize(queries, "class prompts"), s.class_pool_size
+      exact.l2_normalize(queries, "class prompts"), sample_cfg.class_pool_size
     )
     classes = list(range(len(names)))  # positions here; labels below
     pools = {i: np.asarray(nearest[i]) for i in classes}
@@ -458,9 +461,9 @@ def class_conditioning(
       np.asarray(database["labels"]),
     )
     labels = classes
-    pools = {c: class_pool(database, c, s.class_pool_size) for c in classes}
+    pools = {c: class_pool(database, c, sample_cfg.class_pool_size) for c in classes}
   which = [classes[i % len(classes)] for i in range(n)]
-  starts = rng.integers(0, s.class_pool_size - drawn + 1, size=n)
+  starts = rng.integers(0, sample_cfg.class_pool_size - drawn + 1, size=n)
   rows = np.stack([pools[c][a : a + drawn] for c, a in zip(which, starts)]).reshape(n, drawn)
   context = _gather(database, rows)
   label_of = dict(zip(classes, labels))

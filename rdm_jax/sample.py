@@ -219,10 +219,13 @@ def sample_set(config: Any, workdir: str, out: str = "", step: int | None = None
   latest) to `out` (default <workdir>/samples/<condition>), resuming a killed run's shards; every
   process of a distributed run calls it alike. Returns the directory."""
   cli.check_platform(config)
-  s = config.sample
-  if s.shard_size < 1:
-    fail(f"config.sample.shard_size={s.shard_size}; give a positive number of samples per shard")
-  out = files.normpath(out or files.join(workdir, "samples", s.condition))
+  sample_cfg = config.sample
+  if sample_cfg.shard_size < 1:
+    fail(
+      f"config.sample.shard_size={sample_cfg.shard_size}; give a positive number of samples "
+      "per shard"
+    )
+  out = files.normpath(out or files.join(workdir, "samples", sample_cfg.condition))
   errors.checked_by_process_0(
     lambda: check_out_dir(out, None)
   )  # files of others: refused before any work
@@ -230,7 +233,7 @@ def sample_set(config: Any, workdir: str, out: str = "", step: int | None = None
   rdm = inference.RDM(config, workdir, step)  # checks the sampler settings before any retrieval
   cond = rdm.from_config()  # every process: the same conditioning of all N samples
   n = len(cond.context)
-  num_shards = -(-n // s.shard_size)
+  num_shards = -(-n // sample_cfg.shard_size)
   settings = settings_of(rdm, cond, num_shards)
   resumed = check_out_dir(out, settings)  # every process: all refuse alike
   lead = jax.process_index() == 0
@@ -258,13 +261,13 @@ def sample_set(config: Any, workdir: str, out: str = "", step: int | None = None
   errors.checked_by_process_0(
     lambda: files.need_room(
       files.join(out, shard_name(0, num_shards)),
-      int((~done).sum()) * s.shard_size * row + (4 << 20),
+      int((~done).sum()) * sample_cfg.shard_size * row + (4 << 20),
     )
   )
   shown, written = [], 0
   for i in range(num_shards):
     path = files.join(out, shard_name(i, num_shards))
-    rows = np.arange(i * s.shard_size, min(n, (i + 1) * s.shard_size))
+    rows = np.arange(i * sample_cfg.shard_size, min(n, (i + 1) * sample_cfg.shard_size))
     if done[i]:
       if lead and sum(map(len, shown)) < NUM_SHOWN:
         with files.load_npz(path) as z:
@@ -288,12 +291,14 @@ def sample_set(config: Any, workdir: str, out: str = "", step: int | None = None
       panel_png, rdm.panel(inference.Samples(images, None, cond), len(images)), scale=2
     )
     how = (
-      f"tokens with temperature {s.temperature}, top-k {s.top_k or 'off'}, top-p {s.top_p}"
+      f"tokens with temperature {sample_cfg.temperature}, top-k "
+      f"{sample_cfg.top_k or 'off'}, top-p {sample_cfg.top_p}"
       if config_base.model_family(config) == "rarm"
-      else f"{s.sampler}, {s.num_steps} steps"
+      else f"{sample_cfg.sampler}, {sample_cfg.num_steps} steps"
     )
     print(
-      f"step {rdm.step}: {n} {s.condition}-conditioned samples with guidance {s.guidance_scale}, "
+      f"step {rdm.step}: {n} {sample_cfg.condition}-conditioned samples with guidance "
+      f"{sample_cfg.guidance_scale}, "
       f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
       f"(rows: the {rdm.k} conditioning entries | sample)"
     )

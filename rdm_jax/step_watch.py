@@ -1,5 +1,5 @@
 """What the train loop checks of each step's metrics without waiting on the device every step:
-non-finite steps, loss and gradient-norm spikes (judged in the step, `training.make_train_step`),
+non-finite steps, loss and gradient-norm spikes (judged in the step, `train_step.make_train_step`),
 and, at the end, a loss that never came back down."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class StepWatch:
   Non-finite loss or gradients (`nonfinite`): "stop": an error naming the step and its examples
   (the step itself changed nothing; the newest checkpoint is from before it); "skip": a warning,
   training goes on. A spike of the loss or the gradient norm (`on_spike`, judged in the step:
-  training.make_train_step): a warning with the step, both against the window's medians and the
+  train_step.make_train_step): a warning with the step, both against the window's medians and the
   batch's example ids; "skip" says the step changed nothing; "stop" ends the run as a non-finite
   step does. `summary()` is the run's last word on them, and on a loss that never came back down.
   """

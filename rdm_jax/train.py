@@ -27,7 +27,7 @@ from rdm_jax import (
   inference,
   preemption,
   step_watch,
-  training,
+  train_step,
 )  # noqa: E402
 from rdm_jax.data import pipeline, visualize  # noqa: E402
 from rdm_jax.models import first_stage  # noqa: E402
@@ -85,7 +85,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   calls it in-process)."""
   platform_line, platform_warnings = mesh_lib.check_platform(config)
   logging.info(platform_line)
-  logging.info(training.optimisation_line(config))
+  logging.info(train_step.optimisation_line(config))
   for w in platform_warnings:
     logging.warning(w)
   workdir = files.normpath(workdir)
@@ -119,7 +119,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   )
 
   # --------------------------------------------------------------------------- Model
-  setup = training.setup_training(config, latent_shape, mesh)
+  setup = train_step.setup_training(config, latent_shape, mesh)
   model, sched = setup.model, setup.sched
   if setup.layout is not None and setup.layout.fsdp_outer > 1:
     logging.info(
@@ -165,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> None:
   parameter_overview.log_parameter_overview(state.params)
 
   # --------------------------------------------------------------------------- Update step
-  train_step = setup.train_step
+  step_fn = setup.train_step
   rng = jax.random.PRNGKey(config.train.seed + 2)
 
   # --------------------------------------------------------------------------- Train loop
@@ -186,7 +186,7 @@ def train_and_evaluate(config, workdir: str) -> None:
     )
   watch = step_watch.StepWatch(
     config.train.nonfinite,
-    training.spike_settings(config)[0],
+    train_step.spike_settings(config)[0],
     data.latents_store["ids"],
     config.train.seed,
     config.train.batch_size,
@@ -200,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> None:
     for step in range(start_step + 1, num_steps + 1):
       z0, context = next(batches)
       z0, context = sharding.put_batch(mesh, rules, z0, context)
-      state, metrics = train_step(state, z0, context, rng)
+      state, metrics = step_fn(state, z0, context, rng)
       losses.append(metrics["loss"])
       watch.add(step, metrics)
       progress(step)

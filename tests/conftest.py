@@ -294,10 +294,10 @@ def with_overrides(config, overrides):
 def final_state(config, workdir: str, latent_shape: tuple, step: int | None = None):
   """The whole train state (step, params, optimizer state, EMA) of a run's checkpoint at `step`
   (None: the latest), restored as `rdm_jax.train` restores it."""
-  from rdm_jax import checkpoint, training
+  from rdm_jax import checkpoint, train_step
   from rdm_jax.parallel import mesh as mesh_lib
 
-  setup = training.setup_training(config, latent_shape, mesh_lib.from_config(config))
+  setup = train_step.setup_training(config, latent_shape, mesh_lib.from_config(config))
   return checkpoint.restore(
     checkpoint.manager(workdir, create=False), setup.abstract, setup.state_sh, step
   )

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rdm_jax import aot, training
+from rdm_jax import aot, train_step
 from rdm_jax.errors import UserError
 from rdm_jax.parallel import flops, hlo, mesh as mesh_lib, topology
 from rdm_jax.models import factory
@@ -90,7 +90,7 @@ def test_model_flops_are_the_compilers_matmul_share():
   the element-wise work: norms, activations, softmax)."""
   c = _tiny_config()
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  setup = training.setup_training(c, factory.latent_shape(c), mesh)
+  setup = train_step.setup_training(c, factory.latent_shape(c), mesh)
   ours = aot.model_flops_per_example(c, setup)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), setup.abstract.params)
   xs = [jnp.zeros(x.shape, x.dtype) for x in setup.inputs]
@@ -109,7 +109,7 @@ def _cpu_step_collectives(axes):
   collectives)."""
   c = _tiny_config()
   mesh = mesh_lib.make_mesh(axes)
-  setup = training.setup_training(c, factory.latent_shape(c), mesh)
+  setup = train_step.setup_training(c, factory.latent_shape(c), mesh)
   with jax.set_mesh(mesh):
     compiled = setup.train_step.lower(setup.state_specs(), *setup.batch_specs(c, 16)).compile()
   return setup, hlo.collectives(compiled.as_text())
@@ -260,7 +260,7 @@ def test_fsdp_over_a_square_slice_gathers_in_two_stages():
   c.model.dtype = "bfloat16"
   c.mesh.update(data=1, fsdp=-1)
   mesh = mesh_lib.from_config(c, topology.devices(topology.parse("v5e-16")))
-  setup = training.setup_training(c, factory.latent_shape(c), mesh)
+  setup = train_step.setup_training(c, factory.latent_shape(c), mesh)
   layout = setup.layout
   assert layout is not None and layout.fsdp_outer in (2, 4, 8), layout
   params = jax.tree.leaves(setup.abstract.params)

@@ -26,7 +26,7 @@ from tests.conftest import (
   tiny_config,
   train_command,
 )
-from rdm_jax import checkpoint, training
+from rdm_jax import checkpoint, train_step
 from rdm_jax.data import lock, pipeline, store
 from rdm_jax.errors import UserError
 from rdm_jax.parallel import mesh as mesh_lib
@@ -170,17 +170,17 @@ def test_a_nonfinite_step_changes_nothing_but_the_step(tiny_data):
   config = tiny_config(tiny_data["data_dir"])
   model, tx, sched = (
     factory.make_model(config),
-    training.make_optimizer(config),
+    train_step.make_optimizer(config),
     factory.make_schedule(config),
   )
   inputs = factory.example_inputs(config, 1, (8, 8, 1), 4)
   mesh = mesh_lib.from_config(config, jax.devices()[:1])
-  window = training.spike_settings(config)[2]
-  abstract, sh = training.state_shardings(
+  window = train_step.spike_settings(config)[2]
+  abstract, sh = train_step.state_shardings(
     model, tx, inputs, mesh, [tuple(r) for r in config.sharding_rules], window
   )
-  state = training.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh, window)
-  step = jax.jit(training.make_train_step(config, model, tx, sched))
+  state = train_step.init_state(model, tx, inputs, jax.random.PRNGKey(0), sh, window)
+  step = jax.jit(train_step.make_train_step(config, model, tx, sched))
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(8, 8, 8, 1)).astype(np.float32)
   ctx = rng.normal(size=(8, 4, 16)).astype(np.float32)
@@ -263,7 +263,7 @@ def test_a_loss_spike_is_judged_against_the_median_of_the_window(tiny_data, mode
   config = tiny_config(tiny_data["data_dir"])
   config.train.spike_window, config.train.on_spike = 8, mode
   mesh = mesh_lib.from_config(config, jax.devices()[:1])
-  setup = training.setup_training(config, (8, 8, 1), mesh)
+  setup = train_step.setup_training(config, (8, 8, 1), mesh)
   state = setup.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   ctx = rng.normal(size=(8, 4, 16)).astype(np.float32)
@@ -295,7 +295,7 @@ def test_either_the_loss_or_the_gradient_norm_makes_a_spike(tiny_data):
   config = tiny_config(tiny_data["data_dir"])
   config.train.spike_window = 8
   mesh = mesh_lib.from_config(config, jax.devices()[:1])
-  setup = training.setup_training(config, (8, 8, 1), mesh)
+  setup = train_step.setup_training(config, (8, 8, 1), mesh)
   rng = np.random.default_rng(1)
   z0 = rng.uniform(-1, 1, size=(8, 8, 8, 1)).astype(np.float32)
   ctx = rng.normal(size=(8, 4, 16)).astype(np.float32)
@@ -303,7 +303,7 @@ def test_either_the_loss_or_the_gradient_norm_makes_a_spike(tiny_data):
   for loss_window, grad_window, want in [(high, low, True), (low, high, True), (high, high, False)]:
     state = setup.init_state(jax.random.PRNGKey(0))
     state = state.replace(
-      losses=training.LossWindow(
+      losses=train_step.LossWindow(
         loss=jax.numpy.asarray(loss_window),
         grad_norm=jax.numpy.asarray(grad_window),
         count=jax.numpy.asarray(8, jax.numpy.int32),

@@ -14,7 +14,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rdm_jax import training
+from rdm_jax import train_step
 from rdm_jax.errors import UserError
 from rdm_jax.models import factory, unet as unet_lib
 from rdm_jax.parallel import mesh as mesh_lib
@@ -208,7 +208,7 @@ def test_adam_first_moment_dtype():
   for mu_dtype in ("", "bfloat16"):
     c = _config()
     c.optim.update(mu_dtype=mu_dtype, warmup_steps=1, lr=1e-3)
-    tx = training.make_optimizer(c)
+    tx = train_step.make_optimizer(c)
     state, p = tx.init(params), params
     for g in grads:
       updates, state = tx.update(g, state, p)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, repo_config, subprocess_env
-from rdm_jax import training
+from rdm_jax import train_step
 
 
 def _lightning_lr(
@@ -119,7 +119,7 @@ def test_a_preset_prints_its_optimisation_and_stops_in_one_line_without_data(
   assert len([x for x in out.stderr.splitlines() if x.startswith("error: ")]) == 1, out.stderr[
     -3000:
   ]
-  assert training.optimisation_line(repo_config("imagenet_rarm", "dogs")).startswith(
+  assert train_step.optimisation_line(repo_config("imagenet_rarm", "dogs")).startswith(
     "global batch 100 per update, learning rate 0.0005 "
   )
 

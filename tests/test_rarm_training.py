@@ -1,4 +1,4 @@
-"""RARM training steps (training.make_train_step with config.model.family = "rarm"): the
+"""RARM training steps (train_step.make_train_step with config.model.family = "rarm"): the
 configs/imagenet_rarm.py config shrunk to a toy, on 8 fake devices with a tensor axis of 2
 against one device; the loss against the cross-entropy of the logits computed directly."""
 
@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import repo_config
 from jax.sharding import PartitionSpec as P
 
-from rdm_jax import training
+from rdm_jax import train_step
 from rdm_jax.models import factory, rarm
 from rdm_jax.parallel import mesh as mesh_lib, sharding
 
@@ -40,7 +40,7 @@ def _batches(config, steps):
 def _run(config, mesh_axes, tx, devices=None, steps=3):
   mesh = mesh_lib.make_mesh(mesh_axes, devices)
   rules = [tuple(r) for r in config.sharding_rules]
-  setup = training.setup_training(config, (16,), mesh, tx)
+  setup = train_step.setup_training(config, (16,), mesh, tx)
   model, state, step = setup.model, setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   losses = []
   with jax.set_mesh(mesh):

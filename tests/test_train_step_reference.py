@@ -1,6 +1,6 @@
 """The train step against a hand-written PyTorch reference of LDM's training recipe.
 
-`training.make_train_step` runs on a tiny linear eps-model; the reference repeats each step
+`train_step.make_train_step` runs on a tiny linear eps-model; the reference repeats each step
 in float64 PyTorch from what the model saw (t, z_t and the context after dropout, taken
 with `jax.debug.callback`): the noise from the closed form of q(z_t | z_0) (Eq. 3), the
 eps-MSE, autograd, `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW` under a
@@ -16,7 +16,7 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from rdm_jax import config_base, training
+from rdm_jax import config_base, train_step
 from rdm_jax.models import factory
 
 torch = pytest.importorskip("torch")
@@ -85,9 +85,9 @@ def run_jax(cfg, steps: int, seed: int = 0):
     jax.random.PRNGKey(seed), jnp.asarray(z0[0]), jnp.zeros((B,), jnp.int32), jnp.asarray(ctx[0])
   )["params"]
   record.clear()
-  tx = training.make_optimizer(cfg)
-  state = training.new_state(params, tx, 200)
-  step = jax.jit(training.make_train_step(cfg, model, tx, factory.make_schedule(cfg)))
+  tx = train_step.make_optimizer(cfg)
+  state = train_step.new_state(params, tx, 200)
+  step = jax.jit(train_step.make_train_step(cfg, model, tx, factory.make_schedule(cfg)))
   states, losses, seen = [state], [], []
   for i in range(steps):
     state, metrics = step(state, jnp.asarray(z0[i]), jnp.asarray(ctx[i]), jax.random.PRNGKey(7))

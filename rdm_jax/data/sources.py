@@ -17,7 +17,8 @@ downloaded at run time), streamed in file order: the shorter side resized to
 `dataset.image_size` (PIL bicubic, antialiased), then centre-cropped square, as the ImageNet
 loaders of the original (taming's ImagePaths: SmallestMaxSize + CenterCrop) without their
 random crop. `open_part` gives a part's ids, labels and an image reader that loads only the
-rows asked for, so a 1.28M-image split never sits in memory.
+rows asked for, so a 1.28M-image split never sits in memory. `part_arrays` reads a small part (a
+demo's, a test's) into memory whole.
 
 `dataset.label_range` keeps the examples whose label is in the range, read as the original
 `SubsetSampler` reads it: two values [a, b] that are not neighbours mean every label from
@@ -447,7 +448,7 @@ def has_pixels(source: dict[str, Any]) -> bool:
   return not source.get("file")
 
 
-def load_source_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
+def fashion_mnist_split(dataset: Any, source_split: str) -> tuple[np.ndarray, np.ndarray]:
   """A whole in-memory split of the raw dataset named by `dataset.name` ("fashion_mnist")."""
   idx_dir = dataset.idx_dir
   if os.path.isdir(idx_dir):
@@ -620,7 +621,7 @@ class TfdsReader:
 
 
 @functools.lru_cache(maxsize=8)
-def _tfds_reader(
+def _cached_tfds_reader(
   name: str, split: str, data_dir: str, image_size: int, caption_feature: str = "auto"
 ) -> TfdsReader:
   return TfdsReader(name, split, data_dir, image_size, caption_feature)
@@ -670,7 +671,7 @@ class IdxSource(Source):
         f"the store comes from {self.record.get('dataset')!r} but config.dataset.name is "
         f"{self.dataset.name!r}; no image loader configured for it"
       )
-    return load_source_split(self.dataset, self.record["split"])
+    return fashion_mnist_split(self.dataset, self.record["split"])
 
   def reader(self, lenient: bool = False) -> tuple[Callable[[np.ndarray], Any], np.ndarray]:
     images, labels = self._images_and_labels
@@ -685,7 +686,7 @@ class TfdsSource(Source):
   def tfds_reader(self) -> TfdsReader:
     """The split's streaming reader (shared by every Source of the same split)."""
     r = self.record
-    return _tfds_reader(
+    return _cached_tfds_reader(
       r["tfds_name"],
       r["tfds_split"],
       r.get("tfds_data_dir", ""),
@@ -1084,7 +1085,7 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
     }
     augment = augment_settings(dataset, part, record)
     return {**record, "augment": augment} if augment else record
-  idx_dir = dataset.idx_dir  # as load_source_split resolves it
+  idx_dir = dataset.idx_dir  # as fashion_mnist_split resolves it
   origin = os.path.realpath(idx_dir) if os.path.isdir(idx_dir) or not dataset.allow_tfds else "tfds"
   record = {
     "dataset": dataset.name,
@@ -1098,7 +1099,7 @@ def part_source(dataset: Any, part: str) -> dict[str, Any]:
   return record
 
 
-def load_part(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def part_arrays(dataset: Any, part: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """(images uint8 [N, H, W, C], labels [N], source metadata) of a configured part, in memory."""
   p = open_part(dataset, part)
   return p.images(), p.labels, p.source

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from rdm_jax import checkpoint, config_base, files, training
+from rdm_jax import checkpoint, config_base, files, train_step
 from rdm_jax.data import store
 from rdm_jax.errors import fail
 from rdm_jax.jobs import cli
@@ -179,7 +179,7 @@ def rarm_params(sd: dict[str, np.ndarray], model: rarm.RARM, abstract: dict, pat
 
 
 def network_weights(
-  sd: dict[str, np.ndarray], setup: training.TrainSetup, path: str
+  sd: dict[str, np.ndarray], setup: train_step.TrainSetup, path: str
 ) -> tuple[Any, Any]:
   """(parameters, their EMA) of config.model's network from the original's state dict."""
   model, abstract = setup.model, setup.abstract.params
@@ -284,20 +284,20 @@ def import_run(config, path: str, workdir: str) -> None:
   check_first_stage(sd, config, path)
 
   shape = factory.latent_shape(config)
-  setup = training.setup_training(config, shape, mesh_lib.from_config(config))
+  setup = train_step.setup_training(config, shape, mesh_lib.from_config(config))
   tx, shardings = setup.tx, setup.state_sh
   params, ema = network_weights(sd, setup, path)
   step = obj.get("global_step", 0) if isinstance(obj, dict) else 0
   step = int(step) if isinstance(step, (int, np.integer)) and step >= 0 else 0
 
   put = lambda tree, sh: jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), tree, sh)
-  state = training.TrainState(
+  state = train_step.TrainState(
     step=jax.device_put(np.asarray(step, np.int32), shardings.step),
     params=put(params, shardings.params),
     ema_params=put(ema, shardings.ema_params),
     opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(put(params, shardings.params)),
     losses=jax.device_put(
-      training.LossWindow.empty(training.spike_settings(config)[2]), shardings.losses
+      train_step.LossWindow.empty(train_step.spike_settings(config)[2]), shardings.losses
     ),
   )
   info = {

@@ -24,45 +24,46 @@ def make_model(
   config.model.conv="auto" on one CPU device the convolutions of its train step (per-device
   batch config.train.batch_size, latents of shape `latents`, default `latent_shape(config)`)
   decide between XLA and oneDNN by measurement (`rdm_jax.ops.conv_choice`)."""
-  m = config.model
+  model_cfg = config.model
   if config_base.model_family(config) == "rarm":
     return rarm.from_config(config)
   rules = dict((k, v) for k, v in config.sharding_rules)
-  impl, remat = m.attention, m.remat
+  impl, remat = model_cfg.attention, model_cfg.remat
   if impl not in unet_lib.ATTENTION_IMPLS or remat not in unet_lib.REMAT_POLICIES:
     fail(
       f"config.model: attention={impl!r} (one of {', '.join(unet_lib.ATTENTION_IMPLS)}), "
       f"remat={remat!r} (one of {', '.join(unet_lib.REMAT_POLICIES)})"
     )
-  if impl == "cudnn" and jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
+  if impl == "cudnn" and jnp.dtype(model_cfg.dtype) not in (jnp.bfloat16, jnp.float16):
     fail(
       "config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 "
       "or float16, and "
-      f"config.model.dtype is {m.dtype!r}; set --config.model.dtype=bfloat16 or use attention=xla"
+      f"config.model.dtype is {model_cfg.dtype!r}; set --config.model.dtype=bfloat16 or use "
+      "attention=xla"
     )
   attention = unet_lib.AttentionOptions(
     impl,
-    int(m.flash_min_seq_len),
+    int(model_cfg.flash_min_seq_len),
     _axes(rules.get("batch")),
     _axes(rules.get("heads")),
   )
-  conv = m.conv
+  conv = model_cfg.conv
   try:
     resolved = onednn.resolve(conv, devices)
   except (ValueError, RuntimeError) as e:
     fail(str(e))
   model = UNet(
-    model_channels=m.model_channels,
-    channel_mult=tuple(m.channel_mult),
-    num_res_blocks=m.num_res_blocks,
-    attention_resolutions=tuple(m.attention_resolutions),
-    num_head_channels=m.num_head_channels,
-    transformer_depth=m.transformer_depth,
+    model_channels=model_cfg.model_channels,
+    channel_mult=tuple(model_cfg.channel_mult),
+    num_res_blocks=model_cfg.num_res_blocks,
+    attention_resolutions=tuple(model_cfg.attention_resolutions),
+    num_head_channels=model_cfg.num_head_channels,
+    transformer_depth=model_cfg.transformer_depth,
     out_channels=config.first_stage.latent_channels,
-    dropout=m.dropout,
-    dtype=jnp.dtype(m.dtype),
-    patch_size=int(m.patch_size),
-    param_dtype=jnp.dtype(m.param_dtype),
+    dropout=model_cfg.dropout,
+    dtype=jnp.dtype(model_cfg.dtype),
+    patch_size=int(model_cfg.patch_size),
+    param_dtype=jnp.dtype(model_cfg.param_dtype),
     remat=remat,
     attention=attention,
     conv="xla",

@@ -221,7 +221,7 @@ def from_config(config: Any) -> RARM:
   its latent grid at config.dataset.image_size)."""
   from rdm_jax.models import first_stage
 
-  m = config.model
+  model_cfg = config.model
   spec = first_stage.spec(config.first_stage)
   if spec.kind != "vq":
     fail(
@@ -233,10 +233,10 @@ def from_config(config: Any) -> RARM:
   return RARM(
     num_codes=spec.n_embed,
     seq_len=side * side,
-    heads=m.heads,
-    dim_head=m.dim_head,
-    depth=m.depth,
-    dtype=jnp.dtype(m.dtype),
+    heads=model_cfg.heads,
+    dim_head=model_cfg.dim_head,
+    depth=model_cfg.depth,
+    dtype=jnp.dtype(model_cfg.dtype),
   )
 
 

@@ -80,22 +80,22 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
     f"process(es), jax {jax.__version__}"
   )
   warnings = []
-  m = config.model
+  model_cfg = config.model
   if platform == "cpu" and "bfloat16" in (
-    m.dtype,
-    m.param_dtype,
+    model_cfg.dtype,
+    model_cfg.param_dtype,
   ):
     warnings.append(
       "config.model asks for bfloat16 on CPU, where it is emulated and slower than float32; "
       "--config.model.dtype=float32 for CPU runs"
     )
-  if m.attention == "flash" and platform != "tpu":
+  if model_cfg.attention == "flash" and platform != "tpu":
     fail(
       f"config.model.attention='flash' is the Pallas TPU kernel, and this is {platform}; use "
       "--config.model.attention="
       + ("cudnn (cuDNN's flash attention)" if platform == "gpu" else "dot_product")
     )
-  if m.attention == "cudnn" and platform != "gpu":
+  if model_cfg.attention == "cudnn" and platform != "gpu":
     fail(
       "config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this "
       f"is {platform}; use "
@@ -109,9 +109,10 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
       f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
       "`make demo` and `make test` do)"
     )
-  if training and m.remat != "none" and platform == "cpu":
+  if training and model_cfg.remat != "none" and platform == "cpu":
     warnings.append(
-      f"config.model.remat={m.remat!r} trades compute for accelerator memory; on CPU it only "
+      f"config.model.remat={model_cfg.remat!r} trades compute for accelerator memory; on "
+      "CPU it only "
       "slows training (--config.model.remat=none)"
     )
   return line, warnings

@@ -93,7 +93,7 @@ def test_image_folder_source_worked_by_hand(tmp_path):
   Image.fromarray(np.zeros((3, 3), np.uint8)).save(tmp_path / "a" / "big.png")  # 9 pixels > 8
   (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
 
-  images, labels, source = sources.load_part(_folder_dataset(tmp_path), "database")
+  images, labels, source = sources.part_arrays(_folder_dataset(tmp_path), "database")
   assert source["files"] == 3 and source["stop"] == 3 and source["classes"] == ["a", "b"]
   assert sorted(source["skipped"]) == [
     "a/big.png: 3x3 pixels",
@@ -105,7 +105,7 @@ def test_image_folder_source_worked_by_hand(tmp_path):
   want = np.full((4, 4), 255)
   want[1:3, :2] = 0
   np.testing.assert_array_equal(images[1, ..., 0], want)
-  rgb, _, _ = sources.load_part(_folder_dataset(tmp_path, channels=3), "database")
+  rgb, _, _ = sources.part_arrays(_folder_dataset(tmp_path, channels=3), "database")
   np.testing.assert_array_equal(rgb[1], np.repeat(want[..., None], 3, axis=2))
 
   Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "b" / "new.png")
@@ -114,7 +114,7 @@ def test_image_folder_source_worked_by_hand(tmp_path):
   ):
     sources.folder_files(source)
   with pytest.raises(UserError, match="give image_size > 0, channels 1 or 3"):
-    sources.load_part(_folder_dataset(tmp_path, channels=2), "database")
+    sources.part_arrays(_folder_dataset(tmp_path, channels=2), "database")
 
 
 def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
@@ -130,7 +130,7 @@ def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
   (tmp_path / "val.txt").write_text("00001.png\n")
   ds = _folder_dataset(tmp_path, max_pixels=100)
   ds.parts.database.files = str(tmp_path / "train.txt")
-  images, _, source = sources.load_part(ds, "database")
+  images, _, source = sources.part_arrays(ds, "database")
   assert source["files"] == 3 and source["stop"] == 3 and source["file_list_sha256"]
   np.testing.assert_array_equal(images[:, 0, 0, 0], [30, 0, 40])
   assert (
@@ -145,7 +145,7 @@ def test_a_file_list_names_a_folders_images_in_its_order(tmp_path):
     (tmp_path / "bad.txt").write_text(text)
     ds.parts.database.files = str(tmp_path / "bad.txt")
     with pytest.raises(UserError, match=says):
-      sources.load_part(ds, "database")
+      sources.part_arrays(ds, "database")
   (tmp_path / "train.txt").write_text("00003.png\n")
   with pytest.raises(UserError, match="file list .*train.txt changed or went away"):
     sources.folder_files(source)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import repo_config
-from rdm_jax import training
+from rdm_jax import train_step
 from rdm_jax.ops import conv_choice, onednn
 from rdm_jax.parallel import mesh as mesh_lib
 
@@ -149,10 +149,10 @@ def test_auto_in_the_train_setup_follows_the_measurement(tmp_path, monkeypatch):
     want = (
       frozenset({(16, 16, 4, 3, 3, 32, (1, 1), ((1, 1), (1, 1)))}) if faster == "mixed" else faster
     )
-    assert training.setup_training(c, (32, 32, 1), one).model.conv == want
+    assert train_step.setup_training(c, (32, 32, 1), one).model.conv == want
   # the measured set is the model's own, at the train batch: its input conv among them
   assert first in seen
   # several devices: XLA without measuring (the custom calls are opaque to the partitioner)
   eight = mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   n = len(seen)
-  assert training.setup_training(c, (32, 32, 1), eight).model.conv == "xla" and len(seen) == n
+  assert train_step.setup_training(c, (32, 32, 1), eight).model.conv == "xla" and len(seen) == n

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdm_jax import training
+from rdm_jax import train_step
 from rdm_jax.errors import UserError
 from rdm_jax.models.unet import UNet
 from rdm_jax.ops import onednn
@@ -195,7 +195,7 @@ def test_train_steps_on_a_sharded_mesh_match_xla():
     c.mesh.update(data=4, fsdp=2)
     mesh = mesh_lib.from_config(c)
     rules = [tuple(r) for r in c.sharding_rules]
-    setup = training.setup_training(c, (32, 32, 1), mesh)
+    setup = train_step.setup_training(c, (32, 32, 1), mesh)
     state = setup.init_state(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     z0, ctx = sharding.put_batch(

@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rdm_jax import training
+from rdm_jax import train_step
 from rdm_jax.data import pipeline
 from rdm_jax.errors import UserError
 from rdm_jax.parallel import mesh as mesh_lib, sharding
@@ -19,7 +19,7 @@ def _run(config, mesh_axes, steps=3, devices=None, tx=None):
   mesh = mesh_lib.make_mesh(mesh_axes, devices)
   rules = [tuple(r) for r in config.sharding_rules]
   data = pipeline.load_retrieval_data(config, "train")
-  setup = training.setup_training(config, data.latents.shape[1:], mesh, tx)
+  setup = train_step.setup_training(config, data.latents.shape[1:], mesh, tx)
   state, step = setup.init_state(jax.random.PRNGKey(0)), setup.train_step
   losses = []
   with jax.set_mesh(mesh):
@@ -168,10 +168,10 @@ def test_which_parameters_are_gathered_in_the_compute_dtype():
   mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
   model = factory.make_model(c, list(mesh.devices.flat), factory.latent_shape(c))
   inputs = factory.example_inputs(c, 1, factory.latent_shape(c), c.k_train)
-  abstract, sh = training.state_shardings(
+  abstract, sh = train_step.state_shardings(
     model, optax.sgd(0.1), inputs, mesh, [tuple(r) for r in c.sharding_rules], 4
   )
-  layout = training.fsdp_layout(
+  layout = train_step.fsdp_layout(
     c, model, inputs, mesh, c.sharding_rules, abstract.params, sh.params
   )
   assert layout is not None and layout.batch_axes == ("data", "fsdp")
@@ -185,9 +185,9 @@ def test_which_parameters_are_gathered_in_the_compute_dtype():
   # no explicit layout beside tensor parallelism, or without fsdp
   for axes in ({"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8, "fsdp": 1, "tensor": 1}):
     m = mesh_lib.make_mesh(axes)
-    a, s = training.state_shardings(
+    a, s = train_step.state_shardings(
       model, optax.sgd(0.1), inputs, m, [tuple(r) for r in c.sharding_rules], 4
     )
     assert (
-      training.fsdp_layout(c, model, inputs, m, c.sharding_rules, a.params, s.params) is None
+      train_step.fsdp_layout(c, model, inputs, m, c.sharding_rules, a.params, s.params) is None
     ), axes

@@ -81,14 +81,14 @@ def _after_warmup(config: Any) -> optax.Schedule:
   """The rate after the warm-up: constant (`optim.decay="none"`, LDM's) or a cosine from `optim.lr`
   down to `optim.min_lr_ratio` of it at `train.num_steps` (Loshchilov
   & Hutter 2017, no restarts)."""
-  o = config.optim
-  decay = o.decay
+  optim = config.optim
+  decay = optim.decay
   if decay not in DECAYS:
     fail(f"config.optim.decay={decay!r}; use one of {', '.join(DECAYS)}")
   if decay == "none":
-    return optax.constant_schedule(o.lr)
-  steps = max(int(config.train.num_steps) - max(o.warmup_steps, 1), 1)
-  return optax.cosine_decay_schedule(o.lr, steps, alpha=float(o.min_lr_ratio))
+    return optax.constant_schedule(optim.lr)
+  steps = max(int(config.train.num_steps) - max(optim.warmup_steps, 1), 1)
+  return optax.cosine_decay_schedule(optim.lr, steps, alpha=float(optim.min_lr_ratio))
 
 
 def optimisation_line(config: Any) -> str:
@@ -116,32 +116,34 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   update divided by max(1, RMS(update) / update_clip) is bounded by the rate, whatever the
   gradient did. (optax.clip_by_block_rms; Adafactor, Shazeer & Stern 2018, Sec. 6, does the same.)
   """
-  o = config.optim
+  optim = config.optim
   lr = optax.join_schedules(
     [
-      optax.linear_schedule(o.lr * WARMUP_START, o.lr, max(o.warmup_steps, 1)),
+      optax.linear_schedule(optim.lr * WARMUP_START, optim.lr, max(optim.warmup_steps, 1)),
       _after_warmup(config),
     ],
-    [max(o.warmup_steps, 1)],
+    [max(optim.warmup_steps, 1)],
   )
-  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-  mu_dtype = o.mu_dtype or None  # Adam's first moment; None = the parameters' dtype
+  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+  mu_dtype = optim.mu_dtype or None  # Adam's first moment; None = the parameters' dtype
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
-  eps, update_clip = float(o.eps), float(o.update_clip)
+  eps, update_clip = float(optim.eps), float(optim.update_clip)
   if (
     update_clip > 0
   ):  # adamw's own chain with the clip after Adam's scaling (opt_state[1][0] stays Adam's)
     parts.append(
       optax.chain(
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=eps, mu_dtype=mu_dtype),
+        optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=eps, mu_dtype=mu_dtype),
         optax.clip_by_block_rms(update_clip),
-        optax.add_decayed_weights(o.weight_decay),
+        optax.add_decayed_weights(optim.weight_decay),
         optax.scale_by_learning_rate(lr),
       )
     )
   else:
     parts.append(
-      optax.adamw(lr, b1=o.b1, b2=o.b2, eps=eps, weight_decay=o.weight_decay, mu_dtype=mu_dtype)
+      optax.adamw(
+        lr, b1=optim.b1, b2=optim.b2, eps=eps, weight_decay=optim.weight_decay, mu_dtype=mu_dtype
+      )
     )
   return optax.chain(*parts)
 
@@ -151,11 +153,11 @@ SPIKE_MODES = ("warn", "skip", "stop")
 
 def spike_settings(config: Any) -> tuple[str, float, int]:
   """(on_spike, spike_factor, spike_window) of config.train, checked."""
-  t = config.train
+  train_cfg = config.train
   mode, factor, window = (
-    t.on_spike,
-    float(t.spike_factor),
-    int(t.spike_window),
+    train_cfg.on_spike,
+    float(train_cfg.spike_factor),
+    int(train_cfg.spike_window),
   )
   if mode not in SPIKE_MODES or not factor > 1 or window < 8:
     fail(
