@@ -62,8 +62,8 @@ def main() -> None:
     nb = neighbors.find_neighbors(config, queries, database, idx, paths["neighbors_train"])
     rows = len(latents["ids"])
     print(
-      f"measured on {rows} rows (8 images x "
-      f"{latents.manifest['source']['augment']['variants']} variants):"
+      f"measured on {rows} rows (8 images x {latents.manifest['source']['augment']['variants']} "
+      "variants):"
     )
     per = {}
     for label, s in (("latents", latents), ("embeddings", queries), ("neighbours", nb)):
@@ -93,9 +93,8 @@ def main() -> None:
   for k, v in imagenet.items():
     print(f"  {k:34s} {v:9.0f} bytes/image  {v * IMAGENET_TRAIN / 2**30:7.2f} GiB")
   print(
-    f"  {'total':34s} {total:9.0f} bytes/image  {total * IMAGENET_TRAIN / 2**30:7.2f} GiB "
-    "per variant "
-    f"(x8 for 4 crops with flips: {8 * total * IMAGENET_TRAIN / 2**30:.0f} GiB)"
+    f"  {'total':34s} {total:9.0f} bytes/image  {total * IMAGENET_TRAIN / 2**30:7.2f} GiB per "
+    f"variant (x8 for 4 crops with flips: {8 * total * IMAGENET_TRAIN / 2**30:.0f} GiB)"
   )
 
 

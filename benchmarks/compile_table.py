@@ -67,9 +67,9 @@ def table_row(row: str, r: dict) -> str:
   gib = 2**30
   return (
     f"| {r['topology']} | {mesh} | {remat} | {per_chip} | {m['total_bytes'] / gib:.1f} of "
-    f"{r['hbm_gib_per_chip']:g} "
-    f"(args {m['argument_bytes'] / gib:.1f}, temps {m['temp_bytes'] / gib:.1f}) | "
-    f"{t['model_flops_per_chip'] / 1e12:.1f} ({t['compiler_flops_per_chip'] / 1e12:.1f}) | "
+    f"{r['hbm_gib_per_chip']:g} (args {m['argument_bytes'] / gib:.1f}, temps "
+    f"{m['temp_bytes'] / gib:.1f}) | {t['model_flops_per_chip'] / 1e12:.1f} "
+    f"({t['compiler_flops_per_chip'] / 1e12:.1f}) | "
     f"{t['best_case_examples_per_second_per_chip']:.0f} | {t['compile_seconds']:.0f} |"
   )
 
@@ -89,9 +89,8 @@ def main() -> None:
   a = p.parse_args()
   os.makedirs(a.reports, exist_ok=True)
   print(
-    "| slice | mesh | remat | batch per chip | GiB per chip (HBM) | model TFLOP per chip "
-    "per step (compiler's) "
-    "| best-case images/s per chip (bf16 peak, upper bound) | compile s |"
+    "| slice | mesh | remat | batch per chip | GiB per chip (HBM) | model TFLOP per chip per "
+    "step (compiler's) | best-case images/s per chip (bf16 peak, upper bound) | compile s |"
   )
   print("|---|---|---|---|---|---|---|---|")
   for row in a.rows.split(","):

@@ -279,16 +279,14 @@ def main(argv):
   )
   print(
     "| set | seed | samples | label agreement | unanimous neighbours: agreement (share) | "
-    "precision | recall "
-    "| FD | pixels in grey 1..15 |"
+    "precision | recall | FD | pixels in grey 1..15 |"
   )
   print("|---|---|---|---|---|---|---|---|---|")
   for name, rs in rows.items():
     for seed, n, agree, p, r, fd, grey, agree_one, share_one in rs:
       print(
-        f"| {name} | {seed} | {n} | {agree:.3f} | {agree_one:.3f} ({share_one:.0%}) | "
-        f"{p:.3f} | {r:.3f} "
-        f"| {fd:.1f} | {grey:.3f} |"
+        f"| {name} | {seed} | {n} | {agree:.3f} | {agree_one:.3f} ({share_one:.0%}) | {p:.3f} | "
+        f"{r:.3f} | {fd:.1f} | {grey:.3f} |"
       )
   for name, rs in rows.items():
     cols = np.array([r[2:5] + r[7:8] for r in rs], np.float64)

@@ -160,20 +160,17 @@ def main(argv):
       print(json.dumps(cell), flush=True)
   print(f"CPU: {cpu_name()}; overrides: {' '.join(_OVERRIDES.value) or 'none'}")
   print(
-    "| variant | seed | final loss (lowest) | spikes | s/step | exemplar agreement / "
-    "precision / recall | "
-    "proposal agreement / precision / recall | goals |"
+    "| variant | seed | final loss (lowest) | spikes | s/step | exemplar agreement / precision / "
+    "recall | proposal agreement / precision / recall | goals |"
   )
   print("|---|---|---|---|---|---|---|---|")
   for c in results:
     print(
       f"| {c['variant']} | {c['seed']} | {c['final_loss']:.4f} ({c['lowest_loss']:.4f}) | "
-      f"{c['spikes']} | "
-      f"{c['step_s']:.3f} | {c.get('exemplar_agreement', 0):.3f} / "
-      f"{c.get('exemplar_precision', 0):.3f} / "
-      f"{c.get('exemplar_recall', 0):.3f} | {c.get('proposal_agreement', 0):.3f} / "
-      f"{c.get('proposal_precision', 0):.3f} / {c.get('proposal_recall', 0):.3f} | "
-      f"{'met' if c['goals'] else 'MISSED'} |"
+      f"{c['spikes']} | {c['step_s']:.3f} | {c.get('exemplar_agreement', 0):.3f} / "
+      f"{c.get('exemplar_precision', 0):.3f} / {c.get('exemplar_recall', 0):.3f} | "
+      f"{c.get('proposal_agreement', 0):.3f} / {c.get('proposal_precision', 0):.3f} / "
+      f"{c.get('proposal_recall', 0):.3f} | {'met' if c['goals'] else 'MISSED'} |"
     )
 
 

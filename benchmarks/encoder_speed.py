@@ -175,9 +175,8 @@ def main():
         ref = timed(ref_embed, args.steps, tsync)
       print(
         f"CLIP ViT-B/32 retriever 256->224px, batch {b}: rdm_jax {jnp.dtype(dtype).name} "
-        f"{b / ours:.1f} img/s, "
-        f"torch {str(tdtype).split('.')[-1]}{' (TF32 matmuls)' if tf32 else ''} "
-        f"{b / ref:.1f} img/s, "
+        f"{b / ours:.1f} img/s, torch "
+        f"{str(tdtype).split('.')[-1]}{' (TF32 matmuls)' if tf32 else ''} {b / ref:.1f} img/s, "
         f"ratio {ref / ours:.2f}x"
       )
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -66,8 +66,7 @@ def main(argv):
     torch_rate = _REPEATS.value * len(x) / (time.perf_counter() - t)
   print(
     f"torch reference: {torch_rate:.0f} images/s -> rdm_jax (shift) "
-    f"x{rates['shift'] / torch_rate:.2f}, "
-    f"(conv) x{rates['conv'] / torch_rate:.2f}"
+    f"x{rates['shift'] / torch_rate:.2f}, (conv) x{rates['conv'] / torch_rate:.2f}"
   )
 
 

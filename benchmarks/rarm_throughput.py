@@ -171,10 +171,8 @@ def main(argv):
   model = factory.make_model(config)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, "
-    f"{cpu()}, {allocator()}; "
-    f"case {_CASE.value}: {model.heads} heads x "
-    f"{model.dim_head}, depth {model.depth}, {model.seq_len} tokens of {model.num_codes} "
-    f"codes, batch {_BATCH.value}"
+    f"{cpu()}, {allocator()}; case {_CASE.value}: {model.heads} heads x {model.dim_head}, depth "
+    f"{model.depth}, {model.seq_len} tokens of {model.num_codes} codes, batch {_BATCH.value}"
   )
   params = jax.jit(model.init)(
     jax.random.PRNGKey(0), jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1, 4, 512))

@@ -102,8 +102,8 @@ def main(argv):
   del argv
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, {cpu()}, "
-    f"{allocator()}; demo UNet, "
-    f"{_NUM_IMAGES.value} images per run, guidance {SCALE} (doubled batch)"
+    f"{allocator()}; demo UNet, {_NUM_IMAGES.value} images per run, guidance {SCALE} (doubled "
+    "batch)"
   )
   config = load_config("fashion_mnist_rdm")
   context = (

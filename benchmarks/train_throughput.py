@@ -289,10 +289,8 @@ def main(argv):
   peak = PEAK_BF16_TFLOPS.get(dev.device_kind) if on_gpu() else None
   print(
     f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}) x{jax.device_count()}, "
-    f"{os.cpu_count()} CPUs, "
-    f"{cpu()}, "
-    f"{allocator()}; {_ROUNDS.value} interleaved rounds of {_STEPS.value} steps, median "
-    "round (range)",
+    f"{os.cpu_count()} CPUs, {cpu()}, {allocator()}; {_ROUNDS.value} interleaved rounds of "
+    f"{_STEPS.value} steps, median round (range)",
     flush=True,
   )
   for name, (config, latent_shape) in cases().items():

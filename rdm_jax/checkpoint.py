@@ -174,9 +174,8 @@ def restore(
         why, saved = f"its metadata does not read ({type(e).__name__}: {str(e)[:120]})", None
       if saved is not None and saved != want_shapes:
         fail(
-          f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays "
-          "have other "
-          "shapes); use the config it was trained with or a new --workdir"
+          f"checkpoint {s} in {mngr.directory} does not fit this config's model (its arrays have "
+          "other shapes); use the config it was trained with or a new --workdir"
         )
     if why is None:
       try:
@@ -226,8 +225,7 @@ def check_workdir(workdir: str) -> None:
   ):
     fail(
       f"--workdir={workdir} holds files but no training run (no {' or '.join(RUN_FILES)}); "
-      "refusing to "
-      "write into it: choose a new or empty --workdir"
+      "refusing to write into it: choose a new or empty --workdir"
     )
 
 
@@ -256,8 +254,7 @@ def check_function(before: dict[str, Any], now: dict[str, Any], workdir: str) ->
       + ", ".join(f"{k}={v!r}" for k, v in diff.items())
       + " but this config has "
       + ", ".join(f"{k}={now[k]!r}" for k in diff)
-      + ": the same weights would "
-      "compute something else. Use the config it was trained with ("
+      + ": the same weights would compute something else. Use the config it was trained with ("
       + files.join(workdir, "config.json")
       + ") or pass "
       + " ".join(f"--config.{k}={v}" for k, v in diff.items())
@@ -283,9 +280,8 @@ def check_resume(mngr: ocp.CheckpointManager, workdir: str, info: dict[str, Any]
     if before.get(field) != info[field]:
       fail(
         f"the checkpoints in {workdir} were trained with another {what} ({field} "
-        f"{before.get(field)} in "
-        f"{path}, now {info[field]}); resuming would mix the two: use a new --workdir, or the "
-        f"{what} of that run ({before.get('database')})"
+        f"{before.get(field)} in {path}, now {info[field]}); resuming would mix the two: use a "
+        f"new --workdir, or the {what} of that run ({before.get('database')})"
       )
   check_function(before, info["function"], workdir)
 
@@ -391,9 +387,8 @@ def _save_errors(mngr: ocp.CheckpointManager, step: int | None = None):
     saving = f"checkpoint {step}" if step is not None else "a checkpoint"
     fail(
       f"writing {saving} to {mngr.directory} failed: {io_error_line(e, str(mngr.directory))}. "
-      f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; fix that and rerun: "
-      "training resumes "
-      "from the newest"
+      f"Intact checkpoints: {', '.join(map(str, intact)) or 'none'}; fix that and rerun: training "
+      "resumes from the newest"
     )
 
 
@@ -416,10 +411,9 @@ def check_space(
   free = free_bytes(directory)
   if free is not None and need > free:
     fail(
-      f"{directory}: the run's checkpoints need about {size_text(need)} more (up to "
-      f"{keep + 1} checkpoints of "
-      f"{size_text(one)} at once) but {size_text(free)} is free there; free space, lower "
-      "config.train.keep_checkpoints, or choose a --workdir on another disk"
+      f"{directory}: the run's checkpoints need about {size_text(need)} more (up to {keep + 1} "
+      f"checkpoints of {size_text(one)} at once) but {size_text(free)} is free there; free space, "
+      "lower config.train.keep_checkpoints, or choose a --workdir on another disk"
     )
 
 
@@ -487,9 +481,8 @@ def recorded_inputs(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | 
   )
   if not ok:
     fail(
-      f"checkpoint {step} in {mngr.directory} has a malformed record of its training data; "
-      "move that "
-      "checkpoint away to go on without it"
+      f"checkpoint {step} in {mngr.directory} has a malformed record of its training data; move "
+      "that checkpoint away to go on without it"
     )
   return record
 
@@ -511,17 +504,15 @@ def check_inputs(mngr: ocp.CheckpointManager, step: int, data: Any) -> None:
     if was["fingerprint"] != s.fingerprint:
       fail(
         f"checkpoint {step} in {mngr.directory} was trained on the {part} store {was.get('path')} "
-        f"(fingerprint {was['fingerprint']}); {s.path} is now {s.fingerprint}: resuming "
-        "would mix two "
-        "data sets. Put that store back, or train on this one with a new --workdir"
+        f"(fingerprint {was['fingerprint']}); {s.path} is now {s.fingerprint}: resuming would mix "
+        "two data sets. Put that store back, or train on this one with a new --workdir"
       )
     if was["files"] != s.states:  # both {array: [inode, size, mtime_ns]}
       changed = store.changed_array(s)
       if changed:
         fail(
           f"{s.path}/{changed}.npy changed after checkpoint {step} in {mngr.directory} was "
-          "trained on it "
-          "(its sha256 no longer matches the store's manifest); rebuild or restore "
+          "trained on it (its sha256 no longer matches the store's manifest); rebuild or restore "
           f"{s.path}, then rerun"
         )
       logging.info(

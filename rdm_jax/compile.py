@@ -52,8 +52,8 @@ _SERIALIZE = cli.define_once(
   flags.DEFINE_string,
   "serialize",
   "",
-  "Also write the compiled train step here "
-  "(jax.experimental.serialize_executable; loads only with the same jax and libtpu).",
+  "Also write the compiled train step here (jax.experimental.serialize_executable; loads only "
+  "with the same jax and libtpu).",
 )
 
 

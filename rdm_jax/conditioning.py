@@ -157,8 +157,7 @@ def proposal_conditioning(
   if p.manifest["database_fingerprint"] != database.fingerprint:
     fail(
       f"proposal {p.path} was computed for another database than {database.path}; rerun the "
-      "neighbour "
-      "job for this database, or sample with --config.sample.condition=exemplar"
+      "neighbour job for this database, or sample with --config.sample.condition=exemplar"
     )
   sample_cfg = config.sample
   rows = proposal.draw(
@@ -185,9 +184,8 @@ def load_query_embeddings(path: str, database: store.Store) -> np.ndarray:
   d = database["embeddings"].shape[1]
   if queries.ndim != 2 or queries.shape[1] != d or queries.dtype.kind != "f":
     fail(
-      f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from "
-      "the database's "
-      f"encoder {database.manifest['encoder'].get('name')}"
+      f"{path}: {queries.dtype} {queries.shape}; expected float [N, {d}] embeddings from the "
+      f"database's encoder {database.manifest['encoder'].get('name')}"
     )
   return np.asarray(queries, np.float32)
 
@@ -247,8 +245,8 @@ def part_captions(config: Any, part: str) -> list[str]:
   if "captions" not in queries.arrays:
     fail(
       f"{path} has no captions: its source has none (a TFDS caption feature, "
-      "config.dataset.caption_feature, "
-      "or an image folder's captions.jsonl); give --config.sample.prompts instead"
+      "config.dataset.caption_feature, or an image folder's captions.jsonl); give "
+      "--config.sample.prompts instead"
     )
   return [str(c) for c in queries["captions"]]
 
@@ -365,8 +363,7 @@ def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int]
   if not items and not names:
     fail(
       "config.sample.classes: name the classes for the class prompt, comma-separated (this "
-      "dataset has no "
-      "class names to take them from: config.dataset.class_names)"
+      "dataset has no class names to take them from: config.dataset.class_names)"
     )
   if not items:
     return list(range(len(names))), list(names)
@@ -378,8 +375,7 @@ def prompt_classes(names_or_ids: str, names: tuple[str, ...]) -> tuple[list[int]
       if not 0 <= c < len(names):
         fail(
           f"class {item} in config.sample.classes: the class prompt needs its name, and the "
-          "dataset names "
-          f"{len(names)} classes"
+          f"dataset names {len(names)} classes"
           + (f" (0..{len(names) - 1})" if names else "; give names instead of labels")
         )
       labels.append(c)

@@ -64,9 +64,8 @@ def check_output_dir(out_dir: str) -> None:
     ours = False
   if not ours:
     fail(
-      f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; "
-      "refusing to overwrite "
-      "them: choose another --out"
+      f"{out_dir} holds {' or '.join(OUTPUTS)} that rdm_jax.evaluate did not write; refusing to "
+      "overwrite them: choose another --out"
     )
 
 
@@ -74,9 +73,8 @@ def check_comparable(what: str, images: np.ndarray, reference: np.ndarray) -> No
   if images.shape[1:] != reference.shape[1:]:
     fail(
       f"{what} images are {'x'.join(map(str, images.shape[1:]))} but the reference images are "
-      f"{'x'.join(map(str, reference.shape[1:]))} (H x W x C): evaluate at the reference's "
-      "size and "
-      "channels (crop, resize or convert the samples first)"
+      f"{'x'.join(map(str, reference.shape[1:]))} (H x W x C): evaluate at the reference's size "
+      "and channels (crop, resize or convert the samples first)"
     )
 
 
@@ -179,9 +177,8 @@ def evaluate(
   unknown = set(cfg.metrics) - {"fd", "precision_recall", "is", "kid", "clip_score"}
   if unknown:
     fail(
-      f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, "
-      "precision_recall, is, kid, "
-      "clip_score"
+      f"config.eval.metrics has unknown {sorted(unknown)}; choose from fd, precision_recall, is, "
+      "kid, clip_score"
     )
 
   sets, captions = sample_sets.read_sample_sets(paths)
@@ -250,11 +247,9 @@ def evaluate(
   held, failed = check_expected(rows, cfg.expect)
   if failed:
     fail(
-      f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The "
-      "model did not "
-      "train as this config should: read the training log's warnings, the loss curve "
-      "(TensorBoard) and the "
-      f"sample PNGs before using it; the metrics are in {out_dir}"
+      f"outside this recipe's expected band (config.eval.expect): {'; '.join(failed)}. The model "
+      "did not train as this config should: read the training log's warnings, the loss curve "
+      f"(TensorBoard) and the sample PNGs before using it; the metrics are in {out_dir}"
     )
   if held:
     print(f"within this recipe's expected band (config.eval.expect): {'; '.join(held)}")

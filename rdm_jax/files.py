@@ -62,9 +62,8 @@ def _reachable(fn: Callable) -> Callable:
       if type(e).__name__ == "NotFoundError":
         raise FileNotFoundError(str(path)) from None
       fail(
-        f"{path}: cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-        "check the bucket "
-        "name, the network and the credentials, or use a local path"
+        f"{path}: cannot be reached ({type(e).__name__}: {' '.join(str(e).split())[:200]}); check "
+        "the bucket name, the network and the credentials, or use a local path"
       )
 
   return wrapped
@@ -75,12 +74,21 @@ def normpath(path: str) -> str:
   and no trailing `/` (os.path.normpath would turn gs://b into gs:/b)."""
   path = str(path)
   if not is_uri(path):
-    return os.path.normpath(
-      os.path.expanduser(path)
-    )  # `~/runs` given quoted means the home directory
+    # `~/runs` given quoted means the home directory
+    return os.path.normpath(os.path.expanduser(path))
   scheme, rest = path.split(":", 1)
   rest = "/".join(p for p in rest.split("/") if p not in ("", "."))
   return f"{scheme}://{rest}"
+
+
+def filesystem_path(path: str, why: str) -> str:
+  """`normpath` of a path that must be on a filesystem (memory-mapped, renamed into place or
+  locked): an empty path or a bucket URI is one line, the latter ending with `why`."""
+  if not path or not str(path).strip():
+    fail("an output path is empty; name a directory")
+  if is_uri(path):
+    fail(f"{path}: {why}")
+  return normpath(str(path))
 
 
 def join(base: str, *parts: str) -> str:

@@ -227,9 +227,8 @@ def make_sampler(model: Any, sched: schedule_lib.Schedule, latent_shape, sample_
     )
   if s.final_step not in ("abar0", "x0"):
     fail(
-      f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 "
-      "(the last step's "
-      "predicted z_0)"
+      f"config.sample.final_step={s.final_step!r}; use abar0 (the original's end) or x0 (the last "
+      "step's predicted z_0)"
     )
   try:
     samplers.timesteps(s.sampler, sched, s.num_steps, s.timestep_spacing)

@@ -298,9 +298,8 @@ def sample_set(config: Any, workdir: str, out: str = "", step: int | None = None
     )
     print(
       f"step {rdm.step}: {n} {sample_cfg.condition}-conditioned samples with guidance "
-      f"{sample_cfg.guidance_scale}, "
-      f"{how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  {panel_png}  "
-      f"(rows: the {rdm.k} conditioning entries | sample)"
+      f"{sample_cfg.guidance_scale}, {how}, in {num_shards} shards\n  {out}\n  {grid_png}\n  "
+      f"{panel_png}  (rows: the {rdm.k} conditioning entries | sample)"
     )
     if trained_on := store.describe_stores(rdm.info.get("trained_on")):
       print(f"the model was trained on {trained_on}")

@@ -72,11 +72,9 @@ class StepWatch:
         if self.nonfinite == "stop":
           fail(
             f"step {step}: the loss or the gradients are not finite (NaN/inf); stopped before any "
-            f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower "
-            "config.optim.lr, check those "
-            "examples, or set --config.train.nonfinite=skip to skip such steps; rerunning "
-            "resumes from the "
-            "newest checkpoint"
+            f"checkpoint of it. Batch example ids: {self._shown(step)}. Lower config.optim.lr, "
+            "check those examples, or set --config.train.nonfinite=skip to skip such steps; "
+            "rerunning resumes from the newest checkpoint"
           )
         self.skipped += 1
         logging.warning(
@@ -90,17 +88,15 @@ class StepWatch:
         self.spikes.append(step)
         what = (
           f"step {step}: spike: loss {float(m['loss']):.4g} against the window's median "
-          f"{float(m['loss_median']):.4g} "
-          f"({float(m['loss']) / float(m['loss_median']):.1f}x), gradient norm "
-          f"{float(m['grad_norm']):.4g} against {float(m['grad_norm_median']):.4g} "
+          f"{float(m['loss_median']):.4g} ({float(m['loss']) / float(m['loss_median']):.1f}x), "
+          f"gradient norm {float(m['grad_norm']):.4g} against {float(m['grad_norm_median']):.4g} "
           f"({float(m['grad_norm']) / float(m['grad_norm_median']):.1f}x)"
         )
         if self.on_spike == "stop":
           fail(
-            f"{what}; stopped before any checkpoint of it (config.train.on_spike=stop). "
-            "Batch example ids: "
-            f"{self._shown(step)}. Lower config.optim.lr, check those examples, or set "
-            "--config.train.on_spike=skip; rerunning resumes from the newest checkpoint"
+            f"{what}; stopped before any checkpoint of it (config.train.on_spike=stop). Batch "
+            f"example ids: {self._shown(step)}. Lower config.optim.lr, check those examples, or "
+            "set --config.train.on_spike=skip; rerunning resumes from the newest checkpoint"
           )
         logging.warning(
           "%s; %s (%d so far). Batch example ids: %s",

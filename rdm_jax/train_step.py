@@ -100,8 +100,7 @@ def optimisation_line(config: Any) -> str:
   )
   return (
     f"global batch {t.batch_size} per update, learning rate {o.lr:g} (AdamW b1 {o.b1:g} b2 "
-    f"{o.b2:g}, "
-    f"weight decay {o.weight_decay:g}) after {o.warmup_steps} warm-up steps{decay}, "
+    f"{o.b2:g}, weight decay {o.weight_decay:g}) after {o.warmup_steps} warm-up steps{decay}, "
     f"{t.num_steps} steps"
   )
 
@@ -161,9 +160,8 @@ def spike_settings(config: Any) -> tuple[str, float, int]:
   )
   if mode not in SPIKE_MODES or not factor > 1 or window < 8:
     fail(
-      f"config.train: on_spike={mode!r} (one of {', '.join(SPIKE_MODES)}), "
-      f"spike_factor={factor} (> 1), "
-      f"spike_window={window} (>= 8 steps)"
+      f"config.train: on_spike={mode!r} (one of {', '.join(SPIKE_MODES)}), spike_factor={factor} "
+      f"(> 1), spike_window={window} (>= 8 steps)"
     )
   return mode, factor, window
 

@@ -79,10 +79,9 @@ class Budget:
     if nbytes > self.limit - self.used:
       fail(
         f"{path}: {detail + ' ' if detail else ''}declares {_size(nbytes)}, more than the "
-        f"{_size(self.limit - self.used)} "
-        f"{self.what} may still take from its input files (of {_size(self.limit)}): the "
-        "file is not what it "
-        "claims to be, or set RDM_MEMORY_BUDGET (bytes) higher"
+        f"{_size(self.limit - self.used)} {self.what} may still take from its input files (of "
+        f"{_size(self.limit)}): the file is not what it claims to be, or set RDM_MEMORY_BUDGET "
+        "(bytes) higher"
       )
     self.used += nbytes
 
@@ -169,8 +168,7 @@ def caption(text: Any, what: str) -> str:
   if len(text) > MAX_CAPTION_CHARS:
     fail(
       f"{what}: a caption of {len(text)} characters; captions may have at most "
-      f"{MAX_CAPTION_CHARS} (CLIP reads "
-      "the first 77 tokens): shorten it"
+      f"{MAX_CAPTION_CHARS} (CLIP reads the first 77 tokens): shorten it"
     )
   return text
 
@@ -277,9 +275,8 @@ class Npz:
     if dtype.hasobject or header + nbytes != info.file_size:
       self.close()
       fail(
-        f"{self.path}: {name} declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a "
-        f"member of {info.file_size} "
-        "bytes; rewrite it with np.savez"
+        f"{self.path}: {name} declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) in a member of "
+        f"{info.file_size} bytes; rewrite it with np.savez"
       )
     return tuple(shape), dtype, nbytes
 
@@ -328,9 +325,8 @@ def load_npy(path: str, budget: Budget | None = None, mmap: bool = False) -> np.
       fail(f"{path} holds Python objects (a pickle), which are never loaded; save a numeric array")
     if f.tell() + nbytes != size:
       fail(
-        f"{path} is truncated or corrupt: it declares {dtype}{list(shape)[:8]} "
-        f"({_size(nbytes)}) in a file of "
-        f"{size} bytes"
+        f"{path} is truncated or corrupt: it declares {dtype}{list(shape)[:8]} ({_size(nbytes)}) "
+        f"in a file of {size} bytes"
       )
     if mmap:
       return np.memmap(

@@ -171,8 +171,7 @@ def test_collectives_parser_on_hlo_lines():
       "  %rs = (f32[8]{0}, s32[2]{0}) reduce-scatter(f32[32]{0} %a, s32[8]{0} %b), dimensions={0}",
       "  %add = f32[4]{0} add(f32[4]{0} %a, f32[4]{0} %b)",
       "  %fusion.9 = (f32[16,64]{1,0:T(8,128)S(1)}, f32[8]{0}) fusion(%all-reduce.3), "
-      "kind=kOutput, "
-      "calls=%all-reduce-scatter.1",
+      "kind=kOutput, calls=%all-reduce-scatter.1",
     ]
   )
   assert hlo.collectives(text) == {

@@ -123,10 +123,8 @@ def test_reads_are_found():
   """The scan sees reads on `config`, on sections passed in and on local aliases (a hand-made
   module: if the scan missed these, the tests below could not fail)."""
   src = (
-    "def f(config, first_cfg, x):\n"
-    "  m, o = config.model, config.optim\n"
-    "  t = config.train\n"
-    "  return m.heads, o.get('eps', 1.0), t.nope, first_cfg.get('weights', ''), x.get('a', 1)\n"
+    "def f(config, first_cfg, x):\n  m, o = config.model, config.optim\n  t = config.train\n  "
+    "return m.heads, o.get('eps', 1.0), t.nope, first_cfg.get('weights', ''), x.get('a', 1)\n"
   )
   reads = {(p, tuple(n), g) for _, p, n, g in _config_reads(ast.parse(src))}
   assert ((), ("model",), False) in reads and ((), ("optim",), False) in reads

@@ -41,9 +41,8 @@ class Lock:
     poll_s: float = 0.2,
     heartbeat_s: float = HEARTBEAT_S,
   ):
-    if files.is_uri(path):
-      fail(f"{path}: a lock needs a filesystem, not a bucket; give a local or mounted path")
-    self.file = files.normpath(str(path)) + ".lock"
+    why = "a lock needs a filesystem, not a bucket; give a local or mounted path"
+    self.file = files.filesystem_path(path, why) + ".lock"
     self.log, self.stale_s, self.poll_s, self.heartbeat_s = log, stale_s, poll_s, heartbeat_s
     self._stop = threading.Event()
     self.text = json.dumps(
@@ -134,9 +133,8 @@ class Lock:
           )
         if info and time.monotonic() - last_note > 60:
           self.log(
-            f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; "
-            "waiting for it "
-            "(its result is reused when it matches)"
+            f"{self.file}: pid {info['pid']} on {info['host']} is writing this store; waiting for "
+            "it (its result is reused when it matches)"
           )
           last_note = time.monotonic()
         time.sleep(self.poll_s)

@@ -103,8 +103,7 @@ def load_retrieval_data(
   elif latents.manifest.get("tokens"):
     fail(
       f"{latents.path} holds VQ tokens (made for RARM) but config.model is an RDM's; encode "
-      "latents with "
-      f"this config (`{ENCODE_HINT} --parts={part}`) into another config.data_dir"
+      f"latents with this config (`{ENCODE_HINT} --parts={part}`) into another config.data_dir"
     )
   d = database["embeddings"].shape[1]
   if d != config.retrieval.embed_dim:
@@ -150,9 +149,8 @@ def check_variants(latents: store.Store, neighbors: store.Store, part: str) -> i
       f"{latents.path} holds "
       f"{'crops ' + str(augment) if augment else 'one centre crop per image'} but "
       f"{neighbors.path} was searched for "
-      f"{'crops ' + str(theirs) if theirs else 'one centre crop per image'}; "
-      f"encode and embed with the same config.dataset.augment, then rerun `{NEIGHBORS_HINT} "
-      f"--parts={part}`"
+      f"{'crops ' + str(theirs) if theirs else 'one centre crop per image'}; encode and embed "
+      f"with the same config.dataset.augment, then rerun `{NEIGHBORS_HINT} --parts={part}`"
     )
   if not augment:
     return 1
@@ -165,9 +163,8 @@ def check_variants(latents: store.Store, neighbors: store.Store, part: str) -> i
     or not np.array_equal(np.asarray(neighbors["query_variants"]), got)
   ):
     fail(
-      f"{latents.path} and {neighbors.path} do not hold the {v} variants of every example "
-      "in order; "
-      f"rerun `{ENCODE_HINT} --parts={part}` and the embed and neighbour jobs"
+      f"{latents.path} and {neighbors.path} do not hold the {v} variants of every example in "
+      f"order; rerun `{ENCODE_HINT} --parts={part}` and the embed and neighbour jobs"
     )
   ids = np.asarray(latents["ids"])
   if not np.array_equal(ids, np.repeat(ids[::v], v)):
@@ -186,34 +183,30 @@ def check_tokens(config: Any, latents: store.Store) -> None:
   model = rarm.from_config(config)  # the model fixes S and the codebook size
   if not latents.manifest.get("tokens"):
     fail(
-      f"{latents.path} holds continuous latents, not VQ tokens; config.model.family='rarm' "
-      "trains on "
-      f"tokens: encode them with this config (`{ENCODE_HINT}`) into another config.data_dir"
+      f"{latents.path} holds continuous latents, not VQ tokens; config.model.family='rarm' trains "
+      f"on tokens: encode them with this config (`{ENCODE_HINT}`) into another config.data_dir"
     )
   if latents.manifest.get("first_stage") != first_stage.identity(config.first_stage):
     fail(
       f"{latents.path} was encoded by another first stage "
-      f"({latents.manifest.get('first_stage', {}).get('name')}, "
-      f"weights {latents.manifest.get('first_stage', {}).get('weights_sha256')}) than "
-      "config.first_stage's; "
-      f"its token ids mean other codes: rerun `{ENCODE_HINT}`"
+      f"({latents.manifest.get('first_stage', {}).get('name')}, weights "
+      f"{latents.manifest.get('first_stage', {}).get('weights_sha256')}) than "
+      f"config.first_stage's; its token ids mean other codes: rerun `{ENCODE_HINT}`"
     )
   z = latents["latents"]
   if z.ndim != 2 or z.dtype.kind not in "iu" or z.shape[1] != model.seq_len:
     side = int(model.seq_len**0.5)
     fail(
       f"{latents.path} holds {z.dtype}{list(z.shape[1:])} per image, but the model reads "
-      f"{model.seq_len} "
-      f"tokens ({side} x {side}: config.dataset.image_size={config.dataset.image_size} over "
-      "the first "
-      "stage's factor); encode at the config's image size"
+      f"{model.seq_len} tokens ({side} x {side}: "
+      f"config.dataset.image_size={config.dataset.image_size} over the first stage's factor); "
+      "encode at the config's image size"
     )
   lo, hi = (int(z.min()), int(z.max())) if z.size else (0, 0)
   if lo < 0 or hi >= model.num_codes:
     fail(
-      f"{latents.path} holds token ids in [{lo}, {hi}] but the codebook has "
-      f"{model.num_codes} codes "
-      f"(ids 0..{model.num_codes - 1}); the store is damaged or from another first stage: "
+      f"{latents.path} holds token ids in [{lo}, {hi}] but the codebook has {model.num_codes} "
+      f"codes (ids 0..{model.num_codes - 1}); the store is damaged or from another first stage: "
       f"rerun `{ENCODE_HINT}`"
     )
 

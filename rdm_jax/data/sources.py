@@ -215,9 +215,8 @@ def listed_files(usable: list[str], list_file: str, what: str) -> list[str]:
   missing = [n for n in names if n not in have]
   if missing:
     fail(
-      f"{what}: {len(missing)} of the {len(names)} images {list_file} lists are not usable "
-      "images of the "
-      f"folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); complete "
+      f"{what}: {len(missing)} of the {len(names)} images {list_file} lists are not usable images "
+      f"of the folder ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); complete "
       "the folder or fix the list"
     )
   return names
@@ -426,18 +425,16 @@ def folder_files(settings: dict[str, Any]) -> list[str]:
       "file_list_sha256"
     ):
       fail(
-        f"the file list {list_file} changed or went away since the stores were made from "
-        "it; embed the folder "
-        "again"
+        f"the file list {list_file} changed or went away since the stores were made from it; "
+        "embed the folder again"
       )
     usable = set(files)
     files = [f for f in read_file_list(list_file, f"folder {path}") if f in usable]
     digest = _files_digest(path, files)
   if digest != settings["files_sha256"]:
     fail(
-      f"the images in {path} changed ({len(files)} usable files now, {settings['files']} "
-      "then): the "
-      "stores made from it no longer match; embed the folder again"
+      f"the images in {path} changed ({len(files)} usable files now, {settings['files']} then): "
+      "the stores made from it no longer match; embed the folder again"
     )
   return files
 
@@ -491,11 +488,9 @@ def _tfds_builder(name: str, data_dir: str):
     return tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # unknown name, no local copy
     fail(
-      f"TFDS dataset {name!r} is not available ({type(e).__name__}: {str(e)[:200]}); "
-      "prepare it once with "
-      f"`tfds build {name}` (ImageNet: put the tar files in "
-      "~/tensorflow_datasets/downloads/manual) or set "
-      "config.dataset.tfds_data_dir"
+      f"TFDS dataset {name!r} is not available ({type(e).__name__}: {str(e)[:200]}); prepare it "
+      f"once with `tfds build {name}` (ImageNet: put the tar files in "
+      "~/tensorflow_datasets/downloads/manual) or set config.dataset.tfds_data_dir"
     )
 
 
@@ -546,8 +541,7 @@ class TfdsReader:
     except Exception as e:
       fail(
         f"TFDS {self.name}/{self.split} is not prepared locally ({type(e).__name__}: "
-        f"{str(e)[:200]}); "
-        f"run `tfds build {self.name}` once or set config.dataset.tfds_data_dir"
+        f"{str(e)[:200]}); run `tfds build {self.name}` once or set config.dataset.tfds_data_dir"
       )
 
   @functools.cached_property
@@ -907,11 +901,9 @@ def augment_settings(dataset: Any, part: str, source: dict[str, Any]) -> dict[st
     )
   if "tfds_name" not in source:  # streamed TFDS records: images larger than the crop
     fail(
-      "config.dataset.augment applies to TFDS sources (shorter side to image_size, then a "
-      "random square: "
-      f"the original's ImageNet crop); part train is {source.get('dataset')!r} "
-      f"{source.get('split')!r}: "
-      "set augment.crops=0 and augment.flips=False"
+      "config.dataset.augment applies to TFDS sources (shorter side to image_size, then a random "
+      f"square: the original's ImageNet crop); part train is {source.get('dataset')!r} "
+      f"{source.get('split')!r}: set augment.crops=0 and augment.flips=False"
     )
   return {
     "crops": crops,

@@ -68,17 +68,12 @@ def verify_all_stores(enabled: bool = True) -> None:
 def normalize(path: str) -> str:
   """The canonical spelling of a store path (`out/` and `out/.` name the store `out`); a bucket URI
   is refused: stores are memory-mapped, renamed into place and locked, which needs a filesystem."""
-  if not path or not str(path).strip():
-    fail("an output path is empty; name a directory")
-  if files.is_uri(path):
-    fail(
-      f"{path}: stores (config.data_dir, config.database, indexes) need a filesystem, not a bucket "
-      "(they are memory-mapped, renamed into place and locked): mount the bucket with "
-      "gcsfuse or use a "
-      "shared filesystem (NFS, Filestore) and give its path; run directories (--workdir) "
-      "may be gs://"
-    )
-  return files.normpath(str(path))  # `~/data` given quoted means the home directory's
+  return files.filesystem_path(
+    path,
+    "stores (config.data_dir, config.database, indexes) need a filesystem, not a bucket (they are "
+    "memory-mapped, renamed into place and locked): mount the bucket with gcsfuse or use a shared "
+    "filesystem (NFS, Filestore) and give its path; run directories (--workdir) may be gs://",
+  )
 
 
 # atomic writes and digests: the one file layer's (local paths here:
@@ -197,8 +192,7 @@ def read_rows(s: Store, name: str, start: int, stop: int) -> np.ndarray:
   if out.size != (stop - start) * row_items:
     fail(
       f"{os.path.join(s.path, name + '.npy')} ends before row {stop} of the {len(arr)} its "
-      "manifest says: it "
-      f"was truncated while this job read it; rebuild {s.path} and rerun"
+      f"manifest says: it was truncated while this job read it; rebuild {s.path} and rerun"
     )
   return out.reshape((stop - start,) + arr.shape[1:])
 
@@ -289,9 +283,8 @@ def remove_shard_dir(path: str) -> None:
   ]
   if unknown:
     fail(
-      f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); "
-      "refusing to delete it: "
-      "move them away"
+      f"{path} holds files ScaNN does not write ({', '.join(sorted(unknown)[:5])}); refusing to "
+      "delete it: move them away"
     )
   _remove_flat_dir(path)
 
@@ -346,9 +339,8 @@ def check_output(path: str, kind: str) -> str:
       f"a {manifest_kind(path)!r} store" if manifest_kind(path) else "files that are not a store"
     )
     fail(
-      f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another "
-      "output path "
-      "(or move it away)"
+      f"{path} holds {what}, not a {kind!r} store; refusing to replace it: choose another output "
+      "path (or move it away)"
     )
   if os.path.lexists(path):
     check_own(path)
@@ -365,9 +357,8 @@ def check_output(path: str, kind: str) -> str:
       else ""
     )
     fail(
-      f"{partial} exists but is not an unfinished {kind!r} store{holds}; refusing to touch "
-      "it: move it away "
-      "or choose another output path"
+      f"{partial} exists but is not an unfinished {kind!r} store{holds}; refusing to touch it: "
+      "move it away or choose another output path"
     )
   lock = path + ".lock"
   if os.path.lexists(lock) and Lock.holder(lock) is None:
@@ -450,17 +441,15 @@ def read(path: str, kind: str, hint: str, mmap: bool = True, verify: bool | None
     if list(arr.shape) != list(spec.get("shape", [])) or str(arr.dtype) != spec.get("dtype"):
       fail(
         f"{file} is {arr.dtype}{list(arr.shape)} but the manifest says "
-        f"{spec.get('dtype')}{spec.get('shape')}; "
-        f"delete {path} and rerun `{hint}`"
+        f"{spec.get('dtype')}{spec.get('shape')}; delete {path} and rerun `{hint}`"
       )
     arrays[name] = arr
     states[name] = file_state(file)
   s = Store(path=path, manifest=manifest, arrays=arrays, states=states)
   if _should_verify(arrays, verify) and (changed := changed_array(s)):
     fail(
-      f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: "
-      "it changed after "
-      f"it was written; delete {path} and rerun `{hint}`"
+      f"{os.path.join(path, changed + '.npy')} does not match the checksum in its manifest: it "
+      f"changed after it was written; delete {path} and rerun `{hint}`"
     )
   return s
 
@@ -517,8 +506,7 @@ def publish(partial: str, path: str, kind: str) -> None:
   if os.path.islink(path):
     fail(
       f"{path} is a symbolic link; refusing to replace it (the new store is complete in "
-      f"{partial}): "
-      "remove the link or choose another output path"
+      f"{partial}): remove the link or choose another output path"
     )
   aside = f"{path}.replaced-{uuid.uuid4().hex[:8]}"
   os.replace(path, aside)

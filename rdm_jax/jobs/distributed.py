@@ -11,8 +11,8 @@ DISTRIBUTED = cli.define_once(
   flags.DEFINE_bool,
   "distributed",
   False,
-  "Call jax.distributed.initialize (multi-host). "
-  "On TPU pods and SLURM the cluster is detected; elsewhere give the flags below.",
+  "Call jax.distributed.initialize (multi-host). On TPU pods and SLURM the cluster is detected; "
+  "elsewhere give the flags below.",
 )
 COORDINATOR = cli.define_once(
   flags.DEFINE_string, "coordinator_address", None, "host:port of process 0 (multi-host)."

@@ -28,8 +28,8 @@ _NUM_PROCESSES = cli.define_once(
   flags.DEFINE_integer,
   "num_processes",
   1,
-  "Processes (or hosts sharing the "
-  "filesystem) splitting the rows by range; the last to finish merges.",
+  "Processes (or hosts sharing the filesystem) splitting the rows by range; the last to finish "
+  "merges.",
 )
 
 

@@ -111,11 +111,10 @@ def check_schedule(sd: dict[str, np.ndarray], config, path: str) -> None:
   theirs = theirs.astype(np.float64)
   if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-5, atol=0):
     fail(
-      f"{path} was trained with another noise schedule than config.diffusion's "
-      f"({theirs.shape[0]} steps, "
-      f"betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, "
-      f"{ours[0]:.6g}..{ours[-1]:.6g}): "
-      "set --config.diffusion.num_timesteps / beta_start / beta_end to the checkpoint's"
+      f"{path} was trained with another noise schedule than config.diffusion's ({theirs.shape[0]} "
+      f"steps, betas {theirs[0]:.6g}..{theirs[-1]:.6g}; the config has {ours.shape[0]}, "
+      f"{ours[0]:.6g}..{ours[-1]:.6g}): set --config.diffusion.num_timesteps / beta_start / "
+      "beta_end to the checkpoint's"
     )
 
 
@@ -134,8 +133,8 @@ def check_first_stage(sd: dict[str, np.ndarray], config, path: str) -> None:
   if config.first_stage.name == "identity":
     fail(
       f"{path} was trained on the latents of a neural first stage but "
-      "config.first_stage.name='identity': "
-      "use a config with the checkpoint's first stage (configs/imagenet_rdm.py: vq_f4)"
+      "config.first_stage.name='identity': use a config with the checkpoint's first stage "
+      "(configs/imagenet_rdm.py: vq_f4)"
     )
   try:
     theirs = autoencoder.convert_state_dict(fs, first_stage.spec(config.first_stage))
@@ -164,17 +163,15 @@ def rarm_params(sd: dict[str, np.ndarray], model: rarm.RARM, abstract: dict, pat
       fail(f"{path}: its {name} is not one integer; the file is damaged or not a RARM")
     if int(theirs.reshape(())) != ours:
       fail(
-        f"{path}: its {name} is {int(theirs.reshape(()))} but a RARM over {model.num_codes} "
-        f"codes has {ours}; "
-        "config.first_stage's codebook size differs from the checkpoint's"
+        f"{path}: its {name} is {int(theirs.reshape(()))} but a RARM over {model.num_codes} codes "
+        f"has {ours}; config.first_stage's codebook size differs from the checkpoint's"
       )
   try:
     return rarm.from_torch(sd, abstract)
   except ValueError as e:
     fail(
-      f"{path}: its transformer is not config.model's ({e}); set config.model's depth, "
-      "heads and dim_head "
-      "to the checkpoint's (configs/imagenet_rarm.py is the released RARMs')"
+      f"{path}: its transformer is not config.model's ({e}); set config.model's depth, heads and "
+      "dim_head to the checkpoint's (configs/imagenet_rarm.py is the released RARMs')"
     )
 
 
@@ -191,8 +188,7 @@ def network_weights(
   except ValueError as e:
     fail(
       f"{path}: its UNet is not config.model's ({e}); set config.model to the checkpoint's "
-      "architecture "
-      "(configs/imagenet_rdm.py is the released ImageNet RDM's)"
+      "architecture (configs/imagenet_rdm.py is the released ImageNet RDM's)"
     )
   if not any(k.startswith("model_ema.") for k in sd):
     logging.warning(
@@ -268,9 +264,8 @@ def import_run(config, path: str, workdir: str) -> None:
     before = before if isinstance(before, dict) else {}
     if before.get("sha256") != digest:
       fail(
-        f"--workdir={workdir} already holds another run; importing would mix the two: "
-        "choose a new or "
-        "empty --workdir"
+        f"--workdir={workdir} already holds another run; importing would mix the two: choose a "
+        "new or empty --workdir"
       )
     print(
       f"{workdir} already holds {path} (imported at step {before.get('global_step')}); "

@@ -122,10 +122,9 @@ def find_neighbors(
   if idx.shards_in_memory < scann_shards:
     print(
       f"{out}: {idx.shards_in_memory} of {scann_shards} index shards fit in "
-      f"{idx.budget / 2**30:g} GiB (retrieval.index.search_memory_gb, else max_memory_gb) "
-      "at once, so "
-      f"every chunk of {r.chunk_size} queries reloads shards; a larger retrieval.chunk_size "
-      "amortises that"
+      f"{idx.budget / 2**30:g} GiB (retrieval.index.search_memory_gb, else max_memory_gb) at "
+      f"once, so every chunk of {r.chunk_size} queries reloads shards; a larger "
+      "retrieval.chunk_size amortises that"
     )
 
   def search(a, b):

@@ -64,9 +64,8 @@ def check_complete(path: str, shards: list[str]) -> None:
     )
   if not isinstance(expected, int) or len(shards) != expected:
     fail(
-      f"{path} holds {len(shards)} of {expected} shards: its sample run did not finish; "
-      "rerun the same "
-      "`python -m rdm_jax.sample` command to complete it"
+      f"{path} holds {len(shards)} of {expected} shards: its sample run did not finish; rerun the "
+      "same `python -m rdm_jax.sample` command to complete it"
     )
 
 

@@ -66,9 +66,8 @@ def _openai_config(sd: dict[str, np.ndarray]):
 
   if "visual.conv1.weight" not in sd or "visual.proj" not in sd:
     fail(
-      "not an OpenAI CLIP ViT checkpoint (no visual.conv1.weight / visual.proj; the ResNet "
-      "CLIPs are "
-      "not supported)"
+      "not an OpenAI CLIP ViT checkpoint (no visual.conv1.weight / visual.proj; the ResNet CLIPs "
+      "are not supported)"
     )
 
   def layers(prefix):
@@ -237,8 +236,7 @@ def _load_dir(path: str) -> tuple[Any, dict]:
   if weights is None:
     fail(
       f"{path} holds no {' or '.join(_WEIGHT_FILES)}: save the model with "
-      "FlaxCLIPModel.save_pretrained, or give "
-      "OpenAI's ViT-B-32.pt"
+      "FlaxCLIPModel.save_pretrained, or give OpenAI's ViT-B-32.pt"
     )
   raw = untrusted.read_json(os.path.join(path, "config.json"))
   if not isinstance(raw, dict):

@@ -36,10 +36,9 @@ def make_model(
     )
   if impl == "cudnn" and jnp.dtype(model_cfg.dtype) not in (jnp.bfloat16, jnp.float16):
     fail(
-      "config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 "
-      "or float16, and "
-      f"config.model.dtype is {model_cfg.dtype!r}; set --config.model.dtype=bfloat16 or use "
-      "attention=xla"
+      "config.model.attention='cudnn' runs cuDNN's flash attention, which takes bfloat16 or "
+      f"float16, and config.model.dtype is {model_cfg.dtype!r}; set --config.model.dtype=bfloat16 "
+      "or use attention=xla"
     )
   attention = unet_lib.AttentionOptions(
     impl,
@@ -106,8 +105,8 @@ def make_schedule(config: Any) -> schedule_lib.Schedule:
   if prediction not in schedule_lib.PREDICTIONS or weighting not in schedule_lib.WEIGHTINGS:
     fail(
       f"config.diffusion: prediction={prediction!r} (one of "
-      f"{', '.join(schedule_lib.PREDICTIONS)}), "
-      f"loss_weighting={weighting!r} (one of {', '.join(schedule_lib.WEIGHTINGS)})"
+      f"{', '.join(schedule_lib.PREDICTIONS)}), loss_weighting={weighting!r} (one of "
+      f"{', '.join(schedule_lib.WEIGHTINGS)})"
     )
   return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end, prediction)
 

@@ -162,9 +162,8 @@ class FirstStage:
     if x.shape[1] % f or x.shape[2] % f or x.shape[-1] != self.spec.in_channels:
       fail(
         f"first stage {self.name} takes images whose sides are multiples of {f} with "
-        f"{self.spec.in_channels} channels, got {list(x.shape[1:])}; set config.dataset's "
-        "image size "
-        "(or config.first_stage.pad_to)"
+        f"{self.spec.in_channels} channels, got {list(x.shape[1:])}; set config.dataset's image "
+        "size (or config.first_stage.pad_to)"
       )
     return x
 

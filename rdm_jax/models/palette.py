@@ -80,9 +80,8 @@ def load(path: str, cfg) -> np.ndarray:
     or not np.isfinite(palette).all()
   ):
     fail(
-      f"{path} holds {palette.dtype}{list(palette.shape)}; a palette of config.first_stage "
-      "is float32 "
-      f"[{s.n_embed}, {s.channels}]: delete it and rerun the encode job to fit it again"
+      f"{path} holds {palette.dtype}{list(palette.shape)}; a palette of config.first_stage is "
+      f"float32 [{s.n_embed}, {s.channels}]: delete it and rerun the encode job to fit it again"
     )
   return palette
 

@@ -97,22 +97,19 @@ def check_platform(config, devices=None, training: bool = True) -> tuple[str, li
     )
   if model_cfg.attention == "cudnn" and platform != "gpu":
     fail(
-      "config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this "
-      f"is {platform}; use "
-      "--config.model.attention="
+      "config.model.attention='cudnn' is cuDNN's flash attention on NVIDIA GPUs, and this is "
+      f"{platform}; use --config.model.attention="
       + ("flash (the Pallas TPU kernel)" if platform == "tpu" else "dot_product")
     )
   if training and platform == "cpu" and tcmalloc_loaded() is False:
     warnings.append(
       "glibc malloc: XLA:CPU maps and zeroes a fresh temporary buffer every step (about a "
-      "quarter of "
-      f"a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's libtcmalloc-minimal4; "
-      "`make demo` and `make test` do)"
+      f"quarter of a train step's CPU time); run with LD_PRELOAD={TCMALLOC} (Debian's "
+      "libtcmalloc-minimal4; `make demo` and `make test` do)"
     )
   if training and model_cfg.remat != "none" and platform == "cpu":
     warnings.append(
-      f"config.model.remat={model_cfg.remat!r} trades compute for accelerator memory; on "
-      "CPU it only "
-      "slows training (--config.model.remat=none)"
+      f"config.model.remat={model_cfg.remat!r} trades compute for accelerator memory; on CPU it "
+      "only slows training (--config.model.remat=none)"
     )
   return line, warnings

@@ -58,8 +58,7 @@ def _efficientnet(cfg: Any, load: bool) -> Encoder:
   if grid < 1 or side % grid:
     fail(
       f"config.retrieval.grid={grid}: {layer}'s feature map is {side}x{side} at "
-      f"image_size={cfg.image_size}; "
-      f"use a grid that divides {side}"
+      f"image_size={cfg.image_size}; use a grid that divides {side}"
     )
   identity = {
     "name": cfg.encoder,

@@ -291,11 +291,10 @@ def tune_search(
         for (a, b), v in sorted(tried.items())
       )
       fail(
-        f"{what}: recall@{k} against exact search stays below retrieval.index.target_recall="
-        f"{cfg.target_recall} within the search budget (leaves searched <= "
-        f"num_leaves={max_leaves}, "
-        f"reorder <= max_reorder={max_reorder}):\n{table}\nRaise "
-        "retrieval.index.max_reorder, use a finer "
+        f"{what}: recall@{k} against exact search stays below "
+        f"retrieval.index.target_recall={cfg.target_recall} within the search budget (leaves "
+        f"searched <= num_leaves={max_leaves}, reorder <= "
+        f"max_reorder={max_reorder}):\n{table}\nRaise retrieval.index.max_reorder, use a finer "
         "quantisation (dims_per_block=1) or more leaves (num_leaves), or lower target_recall."
       )
     leaves, reorder = max(steps, key=lambda s: (measure(*s), -s[0] * s[1]))
@@ -629,9 +628,8 @@ def load(path: str, database: store.Store, cfg: Any) -> "Index":
   if m.get("database_fingerprint") != database.fingerprint:
     fail(
       f"index {path} was built on another database ({m.get('database_path')}, fingerprint "
-      f"{m.get('database_fingerprint')}) than {database.path} ({database.fingerprint}); "
-      "rebuild it: "
-      f"`{INDEX_HINT}`"
+      f"{m.get('database_fingerprint')}) than {database.path} ({database.fingerprint}); rebuild "
+      f"it: `{INDEX_HINT}`"
     )
   n, d = database["embeddings"].shape
   if (m["count"], m.get("dim")) != (n, d):

@@ -569,10 +569,10 @@ def test_clip_config_declaring_billions_of_parameters_is_refused_before_any_is_m
     )
   (tmp_path / "clip" / "config.json").write_text(json.dumps(config))
   script = (
-    "import resource, sys\nfrom rdm_jax.models import clip\nfrom rdm_jax.errors import UserError\n"
-    "try:\n  clip.load(sys.argv[1]); print('LOADED')\nexcept UserError as e:\n  "
-    "print('REFUSED', e)\n"
-    "print('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    "import resource, sys\nfrom rdm_jax.models import clip\nfrom rdm_jax.errors import "
+    "UserError\ntry:\n  clip.load(sys.argv[1]); print('LOADED')\nexcept UserError as e:\n  "
+    "print('REFUSED', e)\nprint('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // "
+    "1024)\n"
   )
   out = subprocess.run(
     [sys.executable, "-c", script, str(tmp_path / "clip")],
