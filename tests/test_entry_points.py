@@ -80,3 +80,23 @@ def test_main_calls_one_library_function(path):
       if isinstance(n, ast.Attribute) and n.attr == "value" and ast.unparse(n.value).isupper()
     ]
     assert not flags_read, f"{path}: {target} reads {flags_read}"
+
+
+def test_a_shared_flag_has_the_default_and_help_of_the_job_being_run():
+  """--parts is defined by encode (train,test) and embed (database,train,test): run as the main
+  module after encode was imported into the same program, embed's --help and default are its own,
+  as its command line (python -m rdm_jax.jobs.embed) documents them."""
+  code = (
+    "import runpy, sys\n"
+    "import rdm_jax.jobs.encode\n"
+    "sys.argv = ['embed', '--helpfull']\n"
+    "runpy.run_module('rdm_jax.jobs.embed', run_name='__main__')\n"
+  )
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+  )
+  lines = (out.stdout + out.stderr).splitlines()
+  i = next(i for i, line in enumerate(lines) if line.strip().startswith("--parts:"))
+  assert lines[i].strip() == "--parts: Dataset parts to embed.", lines[i]
+  assert lines[i + 1].strip() == "(default: 'database,train,test')", lines[i + 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,15 +27,26 @@ VERBOSE = flags.DEFINE_bool(
 )
 
 
+_OWN: dict[str, dict[str, tuple[Any, str]]] = {}  # module -> flag -> (its default, its help)
+
+
 def define_once(define, name: str, default, help_text: str):
-  """`define(name, default, help_text)` (a flags.DEFINE_*), or the flag
-  of that name when another job
-  module imported into the same program defined it: the data jobs share --parts, --process_id and
-  --num_processes, and a program (a test) may call several jobs' functions; a job's own command line
-  is parsed by its entry point, whose module defines its flags first."""
+  """`define(name, default, help_text)` (a flags.DEFINE_*), or the flag of that name when another
+  job module imported into the same program defined it first: the data jobs share --parts,
+  --process_id and --num_processes, and a program (a test) may import several jobs. Each module's
+  default and help are kept; `parse_flags` gives the shared flags those of the job being run."""
+  module = sys._getframe(1).f_globals.get("__name__", "")
+  _OWN.setdefault(module, {})[name] = (default, help_text)
   if name in flags.FLAGS:
     return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
   return define(name, default, help_text)
+
+
+def _own_defaults(module: str) -> None:
+  """The shared flags take the default and help of `module`'s definitions (the job being run)."""
+  for name, (default, help_text) in _OWN.get(module, {}).items():
+    flags.FLAGS.set_default(name, default)
+    flags.FLAGS[name].help = help_text
 
 
 class _QuietLibraries(logging.Filter):
@@ -72,6 +84,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing where a missing or broken config file, an override of an unknown field
   (with ml_collections' "did you mean"), or a bad flag value is one line and exit status 2."""
   verbose = "--verbose" in argv
+  _own_defaults("__main__")
 
   def stop(message: str):
     if verbose:
