@@ -65,7 +65,7 @@ demo: setup data
 test: setup-test data
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(RUN) -m pytest -q -n 2 --dist loadfile
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(RUN) -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf data runs

@@ -15,9 +15,8 @@ import os
 import shutil
 import tempfile
 
-if (
-  "RDM_JAX_TESTS_TMPDIR" not in os.environ
-):  # the controlling process: one temporary folder for the session
+# the controlling process: one temporary folder for the session
+if "RDM_JAX_TESTS_TMPDIR" not in os.environ:
   # What the code under test puts in the temporary folder goes there and is removed at the end: TFDS
   # leaves an empty mkdtemp folder behind each time it looks for a mocked dataset's info in its
   # bucket (about 60 per run). pytest's own tmp_path folders stay where they were.
@@ -27,9 +26,8 @@ if (
   )
 else:
   _TMP = None
-os.environ["RDM_JAX_CACHE"] = os.path.join(
-  os.environ["RDM_JAX_TESTS_TMPDIR"], "rdm_jax_cache"
-)  # conv=auto's choices
+# conv=auto's choices
+os.environ["RDM_JAX_CACHE"] = os.path.join(os.environ["RDM_JAX_TESTS_TMPDIR"], "rdm_jax_cache")
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -41,9 +39,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   )
 else:
   _CACHE = None
-if os.environ.get(
-  "PYTEST_XDIST_WORKER"
-):  # a pytest-xdist worker: its own cache inside the session's
+# a pytest-xdist worker: its own compilation cache inside the session's
+if os.environ.get("PYTEST_XDIST_WORKER"):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
     os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]
   )
@@ -329,27 +326,36 @@ def tiny_config(data_dir: str):
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def trained():
   """(data_dir, workdir) of one tiny training run (TRAINED_ARGS: a (data=4, fsdp=2) mesh,
-  checkpoints and training-time samples at steps 2 and 4, 4 images, 2 DDIM
-  steps), its database sourced from
-  Fashion-MNIST rows. Its stderr is `trained_log(workdir)`. Shared:
+  checkpoints and training-time samples at steps 2 and 4, 4 images, 2 DDIM steps), its database
+  sourced from Fashion-MNIST rows. Its stderr is `trained_log(workdir)`.
+
+  One run for the whole session: the first pytest-xdist worker to ask trains it in the session's
+  temporary folder under a file lock, the other waits for it and reads the same files. Shared:
   tests copy it before changing it."""
+  import fcntl
   import subprocess
 
-  root = tmp_path_factory.mktemp("trained")
-  data_dir = str(root / "data")
-  make_tiny_stores(data_dir, fmnist_database=True)
-  workdir = str(root / "run")
-  out = subprocess.run(
-    train_command(data_dir, workdir, *TRAINED_ARGS),
-    env=subprocess_env(),
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  (root / "train.stderr").write_text(out.stderr)
+  root = os.path.join(os.environ["RDM_JAX_TESTS_TMPDIR"], "trained")
+  data_dir, workdir = os.path.join(root, "data"), os.path.join(root, "run")
+  done = os.path.join(root, "train.stderr")
+  with open(root + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not os.path.exists(done):
+      shutil.rmtree(root, ignore_errors=True)  # a build that failed part-way
+      make_tiny_stores(data_dir, fmnist_database=True)
+      out = subprocess.run(
+        train_command(data_dir, workdir, *TRAINED_ARGS),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+      )
+      assert out.returncode == 0, out.stderr[-3000:]
+      with open(done + ".tmp", "w") as f:
+        f.write(out.stderr)
+      os.replace(done + ".tmp", done)
   return data_dir, workdir
 
 
