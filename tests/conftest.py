@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices (sharding tests need a multi-axis mesh) and tiny stores.
+"""Test set-up: 8 fake CPU devices (sharding tests need a multi-axis mesh), tiny stores and runs,
+and the helpers tests in several folders share.
 
 The temporary files of the tests and of the jobs they start go to one fresh folder for the
 session (TMPDIR), removed at the end.
@@ -13,6 +14,9 @@ about one core busy.
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 
 # the controlling process: one temporary folder for the session
@@ -192,7 +196,6 @@ TRAINED_ARGS = (
 
 def train_command(data_dir: str, workdir: str, *overrides: str) -> list[str]:
   """`python -m rdm_jax.train` on the tiny stores with the tiny model, plus `overrides`."""
-  import sys
 
   return [
     sys.executable,
@@ -217,7 +220,6 @@ def killable(cmd: list[str], kill_at: int | str = 0, count_file: str = "") -> li
 def one_line_error(cmd: list[str], env: dict | None = None) -> str:
   """Runs a job that must fail on bad input: exit status 2, no traceback, exactly one `error: `
   line."""
-  import subprocess
 
   out = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 2, out.stderr[-3000:]
@@ -335,7 +337,6 @@ def trained():
   temporary folder under a file lock, the other waits for it and reads the same files. Shared:
   tests copy it before changing it."""
   import fcntl
-  import subprocess
 
   root = os.path.join(os.environ["RDM_JAX_TESTS_TMPDIR"], "trained")
   data_dir, workdir = os.path.join(root, "data"), os.path.join(root, "run")
@@ -370,7 +371,6 @@ def small_disk(tmp_path):
   tmp_path, unmounted at the end; resize(path, size) and read_only(path, on) remount it. Skips where
   this user may not mount (a tmpfs is how a test gets a disk that really fills up or is really
   read-only: root ignores file permissions)."""
-  import subprocess
 
   mounted = []
 
@@ -397,3 +397,100 @@ def small_disk(tmp_path):
   yield mount
   for path in mounted:
     subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def tiny_token_run(tmp_path) -> list[str]:
+  """configs/fashion_mnist_rarm.py shrunk: random palette tokens (4 x 4 of 16 codes) in tiny stores;
+  the train command's arguments after the module."""
+
+  from rdm_jax.models import first_stage
+
+  palette = str(tmp_path / "palette_16.npy")
+  np.save(palette, np.linspace(-1, 1, 16, dtype=np.float32)[:, None])
+  config = repo_config("fashion_mnist_rarm")
+  config.first_stage.weights = palette
+  data_dir = str(tmp_path / "data")
+  make_tiny_stores(
+    data_dir,
+    tokens={
+      "first_stage": first_stage.identity(config.first_stage),
+      "seq_len": 16,
+      "num_codes": 16,
+    },
+  )
+  return [
+    "--config=configs/fashion_mnist_rarm.py",
+    f"--config.data_dir={data_dir}",
+    f"--config.first_stage.weights={palette}",
+    *RARM_TINY,
+  ]
+
+
+def rarm_final_state(args: list[str], workdir: str, step: int):
+  """The whole train state of the tiny RARM run at `step` (the config its job ran with)."""
+
+  return final_state(with_overrides(repo_config("fashion_mnist_rarm"), args), workdir, (16,), step)
+
+
+def run_processes(
+  make_cmd, num_processes: int, env: dict, tries: int = 3
+) -> list[tuple[subprocess.Popen, str]]:
+  """Runs `make_cmd(port, process_id)` for every process; (process, stderr) of each.
+
+  A port found free can be taken by someone else before the coordinator (process 0) binds
+  it; the coordinator then dies with "Failed to add port". That attempt is stopped and run
+  again on another port, so the test never depends on what else runs on the machine.
+  """
+  for _ in range(tries):
+    port = free_port()
+    procs = [
+      subprocess.Popen(
+        make_cmd(port, i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+      for i in range(num_processes)
+    ]
+    _, err0 = procs[0].communicate(timeout=600)
+    if procs[0].returncode != 0 and "Failed to add port" in err0:
+      for p in procs[1:]:
+        p.kill()
+        p.communicate()
+      continue
+    return [(procs[0], err0)] + [(p, p.communicate(timeout=600)[1]) for p in procs[1:]]
+  raise AssertionError(f"no free port for the coordinator in {tries} tries")
+
+
+def brute_force_neighbors(queries, database, k):
+  """[N, k]: each query's k nearest database rows by cosine similarity, in float64 (ties: lower
+  row first)."""
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  sims = unit(np.asarray(queries, np.float64)) @ unit(np.asarray(database, np.float64)).T
+  return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def tiny_run_state(data_dir: str, workdir: str, step: int | None = None):
+  """`final_state` of a run of `tiny_config(data_dir)` (8x8x1 latents)."""
+  return final_state(tiny_config(data_dir), workdir, (8, 8, 1), step)
+
+
+RARM_TINY = [
+  "--config.dataset.image_size=8",
+  "--config.model.heads=2",
+  "--config.model.dim_head=8",
+  "--config.model.depth=1",
+  "--config.retrieval.embed_dim=16",
+  "--config.k_train=4",
+  "--config.train.batch_size=8",
+  "--config.optim.warmup_steps=2",
+  "--config.train.log_every=1",
+  "--config.train.num_steps=4",
+  "--config.train.checkpoint_every=2",
+  "--config.mesh.data=4",
+  "--config.mesh.fsdp=2",
+]
+
+
+def free_port() -> int:
+  """A TCP port free on localhost now (another process may take it before it is used)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]

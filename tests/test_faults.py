@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import (
+  tiny_run_state,
   REPO,
   TRAINED_STEPS,
   final_state,
@@ -35,10 +36,6 @@ from rdm_jax.models import factory
 
 def _run(cmd):
   return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
-
-
-def _restore(data_dir, workdir, step=None):
-  return final_state(tiny_config(data_dir), workdir, (8, 8, 1), step)
 
 
 def _largest_array_file(workdir, step):
@@ -74,7 +71,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(
   trained, tmp_path, damage, caplog
 ):
   data_dir, original = trained
-  intact2, intact4 = _restore(data_dir, original, 2), _restore(data_dir, original, 4)
+  intact2, intact4 = tiny_run_state(data_dir, original, 2), tiny_run_state(data_dir, original, 4)
   workdir = _copy(original, tmp_path)
   if damage == "truncate":
     f = _largest_array_file(workdir, 4)
@@ -87,11 +84,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(
   else:
     with open(os.path.join(workdir, "checkpoints", "4", "default", "_METADATA"), "w") as fh:
       fh.write("{not json")
-  state = _restore(data_dir, workdir)
+  state = tiny_run_state(data_dir, workdir)
   assert int(state.step) == 2 and _leaves_equal(state, intact2)
   assert "checkpoint(s) 4" in caplog.text and "damaged" in caplog.text
   with pytest.raises(UserError, match=r"checkpoint 4 .* is damaged .*rm -r .*checkpoints/4"):
-    _restore(data_dir, workdir, 4)
+    tiny_run_state(data_dir, workdir, 4)
   assert not _leaves_equal(intact2, intact4)
 
 
@@ -105,7 +102,7 @@ def test_every_checkpoint_damaged_says_what_to_delete(trained, tmp_path):
     UserError,
     match=r"no intact checkpoint is left \(steps 4, 2\).*rm -r \S+checkpoints/4 \S+checkpoints/2",
   ):
-    _restore(data_dir, workdir)
+    tiny_run_state(data_dir, workdir)
 
 
 def test_training_resumes_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_path):
@@ -121,7 +118,7 @@ def test_training_resumes_past_a_damaged_checkpoint_and_keeps_it(trained, tmp_pa
     name.startswith("4.") and not name.endswith(".json") for name in aside
   )  # kept, not deleted
   # the retrained step 4 is the uninterrupted run's step 4 (same data order, same keys)
-  assert _leaves_equal(_restore(data_dir, workdir, 4), _restore(data_dir, original, 4))
+  assert _leaves_equal(tiny_run_state(data_dir, workdir, 4), tiny_run_state(data_dir, original, 4))
 
 
 def test_sample_names_the_steps_that_exist_and_the_samplers(trained):
@@ -244,7 +241,7 @@ def test_nonfinite_loss(tmp_path, mode):
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"step {bad_step}: non-finite loss or gradients; update skipped" in out.stderr
   before, at, after = (
-    _restore(data_dir, workdir, s) for s in (bad_step - 1, bad_step, bad_step + 1)
+    tiny_run_state(data_dir, workdir, s) for s in (bad_step - 1, bad_step, bad_step + 1)
   )
   assert int(at.step) == bad_step
   assert _leaves_equal(before.params, at.params) and _leaves_equal(before.ema_params, at.ema_params)

@@ -8,7 +8,6 @@ image, those of one process, and those of a run killed after its first shard and
 
 import os
 import re
-import socket
 import subprocess
 
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import (
+  run_processes,
   REPO,
   TINY_OVERRIDES,
   TRAIN_CONFIG,
@@ -31,39 +31,6 @@ from tests.conftest import (
 from rdm_jax.data import lock
 from rdm_jax.errors import UserError
 from rdm_jax.metrics import sample_sets
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def run_processes(
-  make_cmd, num_processes: int, env: dict, tries: int = 3
-) -> list[tuple[subprocess.Popen, str]]:
-  """Runs `make_cmd(port, process_id)` for every process; (process, stderr) of each.
-
-  A port found free can be taken by someone else before the coordinator (process 0) binds
-  it; the coordinator then dies with "Failed to add port". That attempt is stopped and run
-  again on another port, so the test never depends on what else runs on the machine.
-  """
-  for _ in range(tries):
-    port = _free_port()
-    procs = [
-      subprocess.Popen(
-        make_cmd(port, i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-      )
-      for i in range(num_processes)
-    ]
-    _, err0 = procs[0].communicate(timeout=600)
-    if procs[0].returncode != 0 and "Failed to add port" in err0:
-      for p in procs[1:]:
-        p.kill()
-        p.communicate()
-      continue
-    return [(procs[0], err0)] + [(p, p.communicate(timeout=600)[1]) for p in procs[1:]]
-  raise AssertionError(f"no free port for the coordinator in {tries} tries")
 
 
 def _losses(log: str) -> list[float]:

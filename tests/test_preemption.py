@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import (
+  run_processes,
   REPO,
   TINY_OVERRIDES,
   TRAIN_CONFIG,
@@ -29,7 +30,6 @@ from tests.conftest import (
   train_command,
 )
 from rdm_jax import checkpoint, preemption
-from tests.test_multiprocess import run_processes
 
 
 def _run(cmd, devices=None):

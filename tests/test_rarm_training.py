@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tests.conftest import repo_config
+from tests.conftest import brute_force_neighbors, rarm_final_state, repo_config, tiny_token_run
 from jax.sharding import PartitionSpec as P
 
 from rdm_jax import train_step
@@ -120,7 +120,7 @@ def test_bad_token_stores_are_refused_in_one_line(tmp_path):
   import pytest
 
   pytest.importorskip("torch")  # the tiny VQ checkpoint is written with it
-  from tests.models.test_first_stage import TINY, TorchAutoencoder, save_lightning_ckpt
+  from tests.taming_reference import TINY, TorchAutoencoder, save_lightning_ckpt
 
   from rdm_jax.data import pipeline, store
   from rdm_jax.errors import UserError
@@ -178,58 +178,6 @@ def test_the_demo_config_models_palette_tokens():
   )
 
 
-RARM_TINY = [
-  "--config.dataset.image_size=8",
-  "--config.model.heads=2",
-  "--config.model.dim_head=8",
-  "--config.model.depth=1",
-  "--config.retrieval.embed_dim=16",
-  "--config.k_train=4",
-  "--config.train.batch_size=8",
-  "--config.optim.warmup_steps=2",
-  "--config.train.log_every=1",
-  "--config.train.num_steps=4",
-  "--config.train.checkpoint_every=2",
-  "--config.mesh.data=4",
-  "--config.mesh.fsdp=2",
-]
-
-
-def tiny_token_run(tmp_path) -> list[str]:
-  """configs/fashion_mnist_rarm.py shrunk: random palette tokens (4 x 4 of 16 codes) in tiny stores;
-  the train command's arguments after the module."""
-  from tests.conftest import make_tiny_stores, repo_config
-
-  from rdm_jax.models import first_stage
-
-  palette = str(tmp_path / "palette_16.npy")
-  np.save(palette, np.linspace(-1, 1, 16, dtype=np.float32)[:, None])
-  config = repo_config("fashion_mnist_rarm")
-  config.first_stage.weights = palette
-  data_dir = str(tmp_path / "data")
-  make_tiny_stores(
-    data_dir,
-    tokens={
-      "first_stage": first_stage.identity(config.first_stage),
-      "seq_len": 16,
-      "num_codes": 16,
-    },
-  )
-  return [
-    "--config=configs/fashion_mnist_rarm.py",
-    f"--config.data_dir={data_dir}",
-    f"--config.first_stage.weights={palette}",
-    *RARM_TINY,
-  ]
-
-
-def rarm_final_state(args: list[str], workdir: str, step: int):
-  """The whole train state of the tiny RARM run at `step` (the config its job ran with)."""
-  from tests.conftest import final_state, repo_config, with_overrides
-
-  return final_state(with_overrides(repo_config("fashion_mnist_rarm"), args), workdir, (16,), step)
-
-
 def _train(args, workdir, kill_at=0):
   import subprocess
   import sys
@@ -284,7 +232,6 @@ def test_the_python_api_samples_rarm_from_every_conditioning_source(rarm_run):
   each token blown up 2 x 2 (worked by hand). Text conditioning is the same path from CLIP's
   text embedding (tests/test_clip_eval.py); it needs a CLIP encoder, which the tiny stores lack."""
   from tests.conftest import final_state, repo_config, with_overrides
-  from tests.test_sample import brute_force_neighbors
 
   from rdm_jax import config_base, inference
   from rdm_jax.data import store

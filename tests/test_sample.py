@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 from tests.conftest import (
+  brute_force_neighbors,
+  tiny_run_state,
   FMNIST_DB_START,
   REPO,
   TINY_OVERRIDES,
@@ -33,12 +35,6 @@ from rdm_jax.inference import sample_in_batches
 from rdm_jax.models import factory
 
 FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
-
-
-def brute_force_neighbors(queries, database, k):
-  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  sims = unit(np.asarray(queries, np.float64)) @ unit(np.asarray(database, np.float64)).T
-  return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
 
 def test_sample_in_batches_pads_the_last_batch_and_gives_each_sample_its_key():
@@ -227,9 +223,8 @@ def test_sample_job_uses_the_ema_weights_and_writes_every_sample(trained, tmp_pa
   # the samples are those of the checkpoint's EMA weights, not of its raw weights
   config.sample.num_steps, config.sample.batch_size, config.sample.sampler = 3, 2, "dpm_solver++"
   model, params, info, step = checkpoint.load_trained(config, workdir)
-  from tests.test_faults import _restore
 
-  state = _restore(data_dir, workdir)
+  state = tiny_run_state(data_dir, workdir)
   assert step == int(state.step) == 4
   assert all(
     np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params))
@@ -494,7 +489,6 @@ def test_training_writes_samples_of_its_ema_weights_every_sample_every_steps(tra
   from PIL import Image
   from rdm_jax.data import visualize
   from rdm_jax.models import first_stage
-  from tests.test_faults import _restore
 
   data_dir, workdir = trained
   config = tiny_config(data_dir)
@@ -508,7 +502,7 @@ def test_training_writes_samples_of_its_ema_weights_every_sample_every_steps(tra
     "samples_0000004.png",
   ]
   for step in (2, 4):
-    state = _restore(data_dir, workdir, step)
+    state = tiny_run_state(data_dir, workdir, step)
     sampler = inference.make_sampler(
       factory.make_model(config), factory.make_schedule(config), (8, 8, 1), config.sample
     )

@@ -9,14 +9,13 @@ import sys
 import numpy as np
 
 from tests.conftest import (
+  tiny_run_state,
   REPO,
   TRAINED_STEPS,
   assert_same_state,
-  final_state,
   killable,
   one_line_error,
   subprocess_env,
-  tiny_config,
   train_command,
 )
 from rdm_jax import checkpoint
@@ -31,10 +30,6 @@ def _train_cmd(data_dir, workdir, steps, *extra):
     "--config.train.keep_checkpoints=100",
     *extra,
   )
-
-
-def _final_state(data_dir, workdir, step):
-  return final_state(tiny_config(data_dir), workdir, (8, 8, 1), step)
 
 
 def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
@@ -58,7 +53,7 @@ def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
   out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step 2" in out.stderr
-  assert_same_state(_final_state(data_dir, workdir, 4), _final_state(data_dir, original, 4), 4)
+  assert_same_state(tiny_run_state(data_dir, workdir, 4), tiny_run_state(data_dir, original, 4), 4)
 
 
 def test_imagenet_without_latents_names_the_job_to_run(tmp_path):

@@ -1,4 +1,5 @@
-"""Imports the PyTorch reference implementations (pytorch-fid, torch-fidelity) for parity tests.
+"""Imports the PyTorch reference implementations (pytorch-fid, torch-fidelity, OpenAI's CLIP)
+for parity tests.
 
 Both import torchvision for its pure-Python model code. The torchvision wheel on PyPI links
 CUDA libraries, so on CPU-only torch its C extension does not load; torchvision then still
@@ -9,6 +10,7 @@ when the packages are missing (`make setup-test` installs them).
 
 import importlib
 import importlib.util
+import os
 
 import pytest
 
@@ -37,3 +39,16 @@ def reference(module: str):
       pytest.skip(f"{package} is not installed (make setup-test installs it)")
   define_missing_torchvision_ops()
   return importlib.import_module(module)
+
+
+def openai_clip_module():
+  """OpenAI's CLIP model code (clip-anytorch's model.py, loaded alone: its package imports
+  torchvision)."""
+  spec = importlib.util.find_spec("clip")
+  if spec is None:
+    pytest.skip("needs clip-anytorch (make setup-test)")
+  path = os.path.join(os.path.dirname(spec.origin), "model.py")
+  s = importlib.util.spec_from_file_location("openai_clip_model", path)
+  module = importlib.util.module_from_spec(s)
+  s.loader.exec_module(module)
+  return module

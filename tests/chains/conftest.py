@@ -31,7 +31,7 @@ RARM_OVERRIDES = [  # configs/imagenet_rarm.py:mammals on the same tiny VQ (its 
 
 def overrides(root: str, rarm: bool = False) -> list[str]:
   """The size overrides of every job's command line (RDM, or the RARM preset's with `rarm`)."""
-  from tests.models.test_first_stage import TINY
+  from tests.taming_reference import TINY
 
   a = TINY["vq_f4"]
   model = (
@@ -116,8 +116,8 @@ def assets(tmp_path_factory):
   """(root, the PyTorch VQ, the TorchScript CLIP) of one module's chain."""
   import torch
   from PIL import Image
-  from tests.models.test_first_stage import TINY, TorchAutoencoder, save_lightning_ckpt
-  from tests.retrieval.test_clip_retriever import openai_clip_module
+  from tests.taming_reference import TINY, TorchAutoencoder, save_lightning_ckpt
+  from tests.torch_references import openai_clip_module
 
   root = tmp_path_factory.mktemp("imagenet_chain")
   vq = TorchAutoencoder("vq", TINY["vq_f4"], seed=7)

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
 from tests.chains.conftest import MOCK, N_MOCK, config_of, mock_images, overrides, run  # noqa: E402
-from tests.models.test_first_stage import nhwc, save_lightning_ckpt  # noqa: E402
+from tests.taming_reference import nhwc, save_lightning_ckpt  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 from rdm_jax.models import factory  # noqa: E402

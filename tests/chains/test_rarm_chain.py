@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("taming.modules.diffusionmodules.model")
 
-from tests.models.test_first_stage import TINY, nhwc  # noqa: E402
+from tests.taming_reference import TINY, nhwc  # noqa: E402
 
 from tests.chains.conftest import config_of, mock_images, run  # noqa: E402
 

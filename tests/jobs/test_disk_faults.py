@@ -217,7 +217,7 @@ def test_every_data_job_on_a_full_disk_is_one_line_and_resumes_to_the_reference(
   """encode, embed, index and neighbours, each with half its output's room on a real tmpfs: one
   line naming a path on that disk and what to do; with the room back, the rerun writes what an
   uninterrupted run on a large disk wrote (test_kill_jobs' comparison)."""
-  from tests.jobs.test_kill_jobs import PIPELINE, SMALL, assert_same_files, run
+  from tests.jobs.conftest import PIPELINE, SMALL, assert_same_files, run
 
   disk = small_disk("16m")
   data = os.path.join(disk, "data")  # one path for every run: manifests and input digests hold it
@@ -309,7 +309,7 @@ def test_every_output_on_a_read_only_filesystem_is_one_line(trained, small_disk,
   """All eight outputs (encode, embed, index, neighbours into config.data_dir; train's and import's
   --workdir; sample's and evaluate's --out) on a tmpfs mounted read-only: one line each that says
   so, and nothing computed first."""
-  from tests.jobs.test_kill_jobs import PIPELINE, SMALL, run
+  from tests.jobs.conftest import PIPELINE, SMALL, run
 
   data_dir, workdir = trained
   disk = small_disk("16m")

@@ -28,7 +28,7 @@ pytest.importorskip("taming.modules.diffusionmodules.model")
 
 from tests.conftest import repo_config  # noqa: E402
 
-from tests.models.test_first_stage import (  # noqa: E402
+from tests.taming_reference import (  # noqa: E402
   TINY,
   TorchAutoencoder,
   nhwc,

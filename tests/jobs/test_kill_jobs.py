@@ -10,7 +10,6 @@ Training, killed at seeded commits too (checkpoints, digests), must resume to th
 run's final state. Slow (about 45 subprocess runs): `-m slow`.
 """
 
-import filecmp
 import json
 import os
 import shutil
@@ -19,10 +18,13 @@ import sys
 
 import numpy as np
 import pytest
+from tests.jobs.conftest import PIPELINE, SMALL, assert_same_files, run
 from tests.conftest import (
+  rarm_final_state,
+  tiny_run_state,
+  tiny_token_run,
   REPO,
   TINY_OVERRIDES,
-  TRAIN_CONFIG,
   assert_same_state,
   killable,
   subprocess_env,
@@ -38,66 +40,14 @@ pytestmark = [
   ),
 ]
 
-SMALL = [  # 96 train, 40 test, 80 database images: several chunks and a padded last batch
-  "--config.dataset.parts.train.stop=96",
-  "--config.dataset.parts.test.stop=40",
-  "--config.dataset.parts.database.start=40000",
-  "--config.dataset.parts.database.stop=40080",
-  "--config.retrieval.batch_size=32",
-  "--config.retrieval.chunk_size=40",
-  "--config.retrieval.image_size=48",
-  "--config.retrieval.recall_sample=20",
-  "--config.retrieval.index.kind=brute",
-  "--config.retrieval.index.shard_size=32",  # 3 ScaNN shards
-  "--config.retrieval.index.tune_queries=20",
-]
-PIPELINE = [  # (job, the stores it writes)
-  ("rdm_jax.jobs.encode", ["latents_train", "latents_test"]),
-  ("rdm_jax.jobs.embed", ["database", "embeddings_train", "embeddings_test"]),
-  ("rdm_jax.jobs.index", ["database_index"]),
-  ("rdm_jax.jobs.neighbors", ["neighbors_train", "neighbors_test", "proposal"]),
-]
 POINTS_PER_JOB = int(
   os.environ.get("KILL_POINTS_PER_JOB", "2")
 )  # a large number: every commit point
 
 
-def run(module, args, kill_at=0, count_file=""):
-  cmd = killable(
-    [sys.executable, "-m", module, f"--config={TRAIN_CONFIG}", *args], kill_at, count_file
-  )
-  return subprocess.run(
-    cmd, env=subprocess_env(devices=2), capture_output=True, text=True, cwd=REPO, timeout=600
-  )
-
-
 def _json(path, root):
   """A JSON file with the run's directory written as ROOT and the measured times left out."""
   return index.without_timings(json.loads(open(path).read().replace(root, "ROOT")))
-
-
-def assert_same_files(got_root, got, want_root, want):
-  """Every file under `want` is under `got` with the same bytes; JSON with ROOT for the run's
-  directory and without measured times (an index manifest's build time and ms per query); .npz
-  by its arrays (zip members carry the time they were written)."""
-  for dirpath, _, files in os.walk(want):
-    for name in files:
-      a = os.path.join(got, os.path.relpath(os.path.join(dirpath, name), want))
-      b = os.path.join(dirpath, name)
-      assert os.path.isfile(a), f"{a} missing after the rerun"
-      if name.endswith(".json"):
-        assert _json(a, got_root) == _json(b, want_root), a
-      elif name.endswith(".npz"):
-        with np.load(a) as x, np.load(b) as y:
-          assert sorted(x.files) == sorted(y.files), a
-          for key in x.files:
-            assert np.array_equal(x[key], y[key]) or str(x[key]).replace(got_root, "ROOT") == str(
-              y[key]
-            ).replace(want_root, "ROOT"), (a, key)
-      else:
-        assert filecmp.cmp(a, b, shallow=False), f"{a} differs from the uninterrupted run's"
-  leftovers = [f for _, _, fs in os.walk(got) for f in fs if ".tmp" in f or ".partial" in f]
-  assert not leftovers, leftovers
 
 
 def kill_points(count: int, seed: int) -> list[int]:
@@ -230,7 +180,6 @@ def killed_trainings_resume(train, final, tmp_path, steps: int, seed: int) -> No
 
 
 def test_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tiny_data, tmp_path):
-  from tests.test_train_job import _final_state
 
   data_dir = tiny_data["data_dir"]
   args = [
@@ -242,7 +191,7 @@ def test_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(ti
   ]
   killed_trainings_resume(
     lambda workdir, **kill: run("rdm_jax.train", [f"--workdir={workdir}", *args], **kill),
-    lambda workdir: _final_state(data_dir, workdir, 6),
+    lambda workdir: tiny_run_state(data_dir, workdir, 6),
     tmp_path,
     6,
     seed=20,
@@ -286,7 +235,6 @@ def test_database_of_crops_killed_at_seeded_commits_then_rerun_equal_uninterrupt
 
 def test_rarm_training_killed_at_seeded_commits_resumes_to_the_uninterrupted_state(tmp_path):
   """The tiny RARM run of tests/test_rarm_training.py, killed at seeded commit points."""
-  from tests.test_rarm_training import rarm_final_state, tiny_token_run
 
   args = [a for a in tiny_token_run(tmp_path) if not a.startswith("--config=")]
   args += ["--config.train.num_steps=6", "--config.train.keep_checkpoints=10"]

@@ -11,8 +11,6 @@ which is torch's `F.interpolate`) written with torch.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.conftest import config_section  # noqa: E402
+from tests.torch_references import openai_clip_module  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 from rdm_jax.errors import UserError  # noqa: E402
@@ -27,17 +26,6 @@ from rdm_jax.models import clip  # noqa: E402
 from rdm_jax.retrieval import encoders  # noqa: E402
 
 VOCAB, CONTEXT, SIZE = 100, 16, 32
-
-
-def openai_clip_module():
-  spec = importlib.util.find_spec("clip")
-  if spec is None:
-    pytest.skip("needs clip-anytorch (make setup-test)")
-  path = os.path.join(os.path.dirname(spec.origin), "model.py")
-  s = importlib.util.spec_from_file_location("openai_clip_model", path)
-  module = importlib.util.module_from_spec(s)
-  s.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
