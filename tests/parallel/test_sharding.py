@@ -65,20 +65,16 @@ def test_fsdp_and_tensor_shardings_follow_the_rules(tiny_data):
   assert state.ema_params["conv_in"]["kernel"].sharding.spec == P(None, None, None, "tensor")
 
 
-def test_layouts_compute_the_same_training_steps(tiny_data):
-  """Same losses and parameters as one device. SGD here: Adam's first updates are ~lr * sign(g),
-  which turns reduction-order rounding of near-zero gradients into lr-sized differences."""
-  config = tiny_config(tiny_data["data_dir"])
+def _same_training_steps(data_dir, layouts):
+  """Each (mesh axes, fsdp_outer) layout trains to the same losses and parameters as one device.
+  SGD here: Adam's first updates are ~lr * sign(g), which turns reduction-order rounding of
+  near-zero gradients into lr-sized differences."""
+  config = tiny_config(data_dir)
   sgd = optax.sgd(1e-3)
   ref_state, ref_losses = _run(
     config, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1], tx=sgd
   )
-  # (pure data parallelism is the data axis of both; one compile fewer than testing it alone);
-  # FSDP's gathers in two stages (fsdp_outer=2: parallel.fsdp.split_mesh)
-  for axes, outer in (
-    ({"data": 2, "fsdp": 4, "tensor": 1}, 2),
-    ({"data": 2, "fsdp": 2, "tensor": 2}, 0),
-  ):
+  for axes, outer in layouts:
     config.mesh.fsdp_outer = outer
     state, losses = _run(config, axes, tx=sgd)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=str(axes))
@@ -86,6 +82,17 @@ def test_layouts_compute_the_same_training_steps(tiny_data):
       np.testing.assert_allclose(
         np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=str(axes)
       )
+
+
+def test_layouts_compute_the_same_training_steps(tiny_data):
+  """Data parallel x FSDP x tensor parallel (pure data parallelism is the data axis of it)."""
+  _same_training_steps(tiny_data["data_dir"], [({"data": 2, "fsdp": 2, "tensor": 2}, 0)])
+
+
+@pytest.mark.slow  # 45 s; the two-stage gather itself is checked in make test (next test)
+def test_fsdp_gathered_in_two_stages_computes_the_same_training_steps(tiny_data):
+  """FSDP's gathers in two stages (fsdp_outer=2: parallel.fsdp.split_mesh) inside the step."""
+  _same_training_steps(tiny_data["data_dir"], [({"data": 2, "fsdp": 4, "tensor": 1}, 2)])
 
 
 def test_a_two_stage_gather_is_the_array_and_its_transpose_the_summed_shard():
