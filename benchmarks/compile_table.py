@@ -1,5 +1,5 @@
-r"""The README's pod table: `rdm_jax.compile` for configs/imagenet_rdm.py at the paper's batch on
-several TPU slices, data parallel against FSDP, remat off and on.
+r"""docs/training.md's pod table: `rdm_jax.compile` for configs/imagenet_rdm.py at the paper's batch
+on several TPU slices, data parallel against FSDP, remat off and on.
 
   python benchmarks/compile_table.py [--rows=v5e-64:dp:none,v5e-64:fsdp:full] [--reports=DIR]
 

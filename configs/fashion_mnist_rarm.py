@@ -5,7 +5,7 @@ No pretrained VQ model ships offline, so the first stage is the palette tokenize
 levels that k-means fits on the train images (the encode job writes the palette once), i.e.
 14 x 14 = 196 tokens of 16 codes per image. The data, retrieval encoder, database and
 neighbours are the RDM demo's (configs/fashion_mnist_rdm.py), in their own data_dir, except that
-EfficientNet-Lite0 embeds at 64 px (the RDM demo's went to 96): the figures in the README were
+EfficientNet-Lite0 embeds at 64 px (the RDM demo's went to 96): the figures in docs/rarm.md were
 measured with those neighbours.
 
   python -m rdm_jax.jobs.encode    --config=configs/fashion_mnist_rarm.py  # palette and tokens
@@ -35,7 +35,7 @@ def get_config() -> mlc.ConfigDict:
   c = config_file(os.path.join(os.path.dirname(__file__), "fashion_mnist_rdm.py"))
   c.data_dir = "data/fashion_mnist_rarm"
   c.dataset.image_size = 28  # the token grid: 28 / 2 = 14 per side
-  c.retrieval.image_size = 64  # the neighbours the README's RARM figures were measured with
+  c.retrieval.image_size = 64  # the neighbours docs/rarm.md's figures were measured with
   c.first_stage.update(
     name="palette", pad_to=0, latent_channels=1, weights="data/fashion_mnist_rarm/palette_16.npy"
   )

@@ -111,9 +111,9 @@ def get_config() -> mlc.ConfigDict:
   c.sample.final_step = "x0"  # the last step returns its predicted image (see above)
   c.sample.num_images = 256  # the evaluation's sample sets (PNGs show the first 16)
   c.sample.top_m = 0.1  # proposal sampling: pseudo-queries from the top 10% of D by p_D
-  c.eval.image_size = 64  # EfficientNet-Lite0 features of 64 px inputs (every figure in the README)
+  c.eval.image_size = 64  # EfficientNet-Lite0 features of 64 px inputs (every figure in the docs)
   c.eval.reference = "test"  # the 10k held-out test images
-  # what this recipe gives (README, benchmarks/RESULTS.md "The demo in 15 minutes on AVX2"): a
+  # what this recipe gives (docs, benchmarks/RESULTS.md "The demo in 15 minutes on AVX2"): a
   # figure outside these bands fails the evaluate job, so a broken model
   # never passes for a trained one
   c.eval.expect = (

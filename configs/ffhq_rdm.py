@@ -17,8 +17,9 @@ What differs from configs/imagenet_rdm.py, each as the original's file has it:
   FFHQ column in our copy): on a pod raise --config.train.batch_size.
 - Data: the original's FFHQ split (taming's FFHQTrain / FFHQValidation, rdm/data/faces.py:1-12):
   the images under data/ffhq named by data/ffhqtrain.txt (60,000) and data/ffhqvalidation.txt
-  (10,000), the two lists of the original repository (fetch them with the images; README), each
-  resized to 256 (FFHQ is square, so SmallestMaxSize + CenterCrop is a resize; ours is Lanczos).
+  (10,000), the two lists of the original repository (fetch them with the images;
+  docs/paper_configuration.md), each resized to 256 (FFHQ is square, so SmallestMaxSize + CenterCrop
+  is a resize; ours is Lanczos).
 - Database: RDM-OI's OpenImages crops (models/rdm/ffhq/config.yaml:96, saved_embeddings
   database/openimages): `config.database` is the ImageNet preset's store, made once for both.
 - Evaluation: CLIP-FID / precision / recall on CLIP image features (Tab. 3 measures FFHQ with

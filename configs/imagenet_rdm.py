@@ -30,7 +30,7 @@ query's own entry and its near-duplicates (cosine >= retrieval.duplicate_score) 
 the model never sees its target's own embedding in training; sampling from D's pseudo-queries
 then conditions on entries the pseudo-query is not among. Its stores live in data/imagenet_in-db.
 
-Needs, as local files (README: "The paper's configuration"): ImageNet prepared for TFDS
+Needs, as local files (docs/paper_configuration.md): ImageNet prepared for TFDS
 (`tfds build imagenet2012`), OpenImages' train images unpacked under data/openimages/train (the
 database: 10 random 256-px crops per image resized to 1200 px, embedded as float16), LDM's
 vq-f4 model.ckpt and OpenAI's ViT-B-32.pt at the paths below. Animal subsets as the RARM

@@ -2,7 +2,7 @@
 
 References: the steps and example ids are worked out from the data order
 (`pipeline.example_indices`) and the damage is done by hand to the files orbax wrote; what
-each job must do is the README's Reliability table.
+each job must do is the Reliability table of docs/security_and_reliability.md.
 """
 
 import glob

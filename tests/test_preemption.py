@@ -42,7 +42,7 @@ def _state(data_dir, workdir, step=None):
   return final_state(tiny_config(data_dir), workdir, (8, 8, 1), step)
 
 
-@pytest.mark.slow  # CI's budget: see README, Tests
+@pytest.mark.slow  # CI's budget: see docs/development.md, Tests
 def test_sigterm_saves_the_step_exits_75_and_the_rerun_ends_as_the_uninterrupted_run(
   trained, tmp_path
 ):

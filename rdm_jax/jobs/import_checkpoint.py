@@ -56,7 +56,7 @@ _CHECKPOINT = cli.define_once(
   flags.DEFINE_string,
   "checkpoint",
   None,
-  'The original\'s Lightning model.ckpt (README: "The published checkpoints").',
+  "The original's Lightning model.ckpt (docs/paper_configuration.md).",
 )
 _WORKDIR = cli.define_once(
   flags.DEFINE_string, "workdir", None, "A new or empty directory for the imported run."
@@ -208,7 +208,7 @@ def read_state_dict(path: str, config) -> tuple[Any, dict[str, np.ndarray]]:
   obj = torch_legacy.load_weights(
     path,
     f"{kind} checkpoint",
-    'download it as the README says ("The published checkpoints") and give its local path',
+    "download it as docs/paper_configuration.md says and give its local path",
   )
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if not isinstance(sd, dict) or not any(str(k).startswith(prefix) for k in sd):

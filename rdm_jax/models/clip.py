@@ -196,7 +196,7 @@ def load(path: str) -> Clip:
     path,
     "CLIP",
     "give a directory with a saved transformers CLIP (save_pretrained) "
-    "or OpenAI's ViT-B-32.pt (README: \"The paper's configuration\")",
+    "or OpenAI's ViT-B-32.pt (docs/paper_configuration.md)",
   )
   with torch_legacy.converting(path, "OpenAI CLIP checkpoint"):
     sd = torch_legacy.script_state_dict(obj) if isinstance(obj, dict) else {}

@@ -102,7 +102,7 @@ def load_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
   obj = torch_legacy.load_weights(
     path,
     what,
-    'set config.first_stage.weights to the local .ckpt (README: "The paper\'s configuration")',
+    "set config.first_stage.weights to the local .ckpt (docs/paper_configuration.md)",
   )
   sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
   if isinstance(sd, dict) and not any(str(k).startswith("encoder.") for k in sd):

@@ -30,7 +30,7 @@ from rdm_jax.data import store  # noqa: E402
 from rdm_jax.models import factory  # noqa: E402
 
 
-@pytest.mark.slow  # CI's budget: see README, Tests
+@pytest.mark.slow  # CI's budget: see docs/development.md, Tests
 def test_the_imagenet_config_runs_end_to_end_on_mock_imagenet(assets):
   root, vq, clip_model = assets
   data = f"{root}/data"

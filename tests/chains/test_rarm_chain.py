@@ -19,7 +19,7 @@ from tests.chains.conftest import config_of, mock_images, run  # noqa: E402
 from rdm_jax.data import store  # noqa: E402
 
 
-@pytest.mark.slow  # CI's budget: see README, Tests
+@pytest.mark.slow  # CI's budget: see docs/development.md, Tests
 def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):
   """configs/imagenet_rarm.py on the tiny VQ: the encode job writes its tokens (taming's indices of
   the same images), the neighbour, train and sample jobs run unchanged; training stopped at its

@@ -4,8 +4,9 @@ changes; and checkpoints that know the data they were trained on.
 The disks are real: a tmpfs of a few MiB (`small_disk`) fills up for real and a read-only
 remount refuses writes even to root. The faults are done at a job's N-th step by
 `tests/kill_at.py` (fill:N, fill-at-save:N, edit:N, truncate:N). What each job must do is
-the README's Reliability table: one line that names the path and what to do, nothing committed
-lost, and a rerun after the fault is mended that goes on from where the job stopped.
+the Reliability table (docs/security_and_reliability.md): one line that names the path and what to
+do, nothing committed lost, and a rerun after the fault is mended that goes on from where the job
+stopped.
 """
 
 import os
@@ -136,7 +137,7 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_training(data_dir,
   assert _checkpoints(os.path.join(disk, "run")) == []
 
 
-@pytest.mark.slow  # CI's budget: see README, Tests
+@pytest.mark.slow  # CI's budget: see docs/development.md, Tests
 def test_a_store_written_to_during_training_stops_it_before_any_checkpoint_of_it(data_dir):
   """Latents zeroed in place through a memory map after step 7: the run stops in one line before
   checkpoint 10; the changed store is then refused by its checksum; with the original back (a
