@@ -402,7 +402,6 @@ def small_disk(tmp_path):
 def tiny_token_run(tmp_path) -> list[str]:
   """configs/fashion_mnist_rarm.py shrunk: random palette tokens (4 x 4 of 16 codes) in tiny stores;
   the train command's arguments after the module."""
-
   from rdm_jax.models import first_stage
 
   palette = str(tmp_path / "palette_16.npy")
@@ -494,3 +493,15 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
+
+
+def job_modules() -> set[str]:
+  """Repo-relative paths of the job entry points: the modules of rdm_jax/ and rdm_jax/jobs/ with a
+  `main(argv)`."""
+  found = set()
+  for folder in ("rdm_jax", "rdm_jax/jobs"):
+    for name in os.listdir(os.path.join(REPO, folder)):
+      path = f"{folder}/{name}"
+      if name.endswith(".py") and "def main(argv" in open(os.path.join(REPO, path)).read():
+        found.add(path)
+  return found

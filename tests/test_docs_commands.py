@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from tests.conftest import REPO
+from tests.conftest import REPO, job_modules
 
 from rdm_jax.config_base import config_file
 
@@ -39,11 +39,7 @@ COMMANDS = _commands()
 
 def _flags_of_every_job() -> set[str]:
   """The names of the flags the job modules define, from one program that imports them all."""
-  modules = sorted(
-    p[len(REPO) + 1 : -3].replace("/", ".")
-    for p in glob.glob(f"{REPO}/rdm_jax/*.py") + glob.glob(f"{REPO}/rdm_jax/jobs/*.py")
-    if "def main(argv" in open(p).read()
-  )
+  modules = sorted(p[:-3].replace("/", ".") for p in job_modules())
   code = (
     "import importlib, json\n"
     f"for m in {modules!r}: importlib.import_module(m)\n"
@@ -63,10 +59,9 @@ def test_the_pages_have_commands():
 
 
 def test_every_command_runs_a_job_with_flags_it_defines():
-  known = _flags_of_every_job()
+  known, jobs = _flags_of_every_job(), job_modules()
   for page, module, args in COMMANDS:
-    path = os.path.join(REPO, *module.split(".")) + ".py"
-    assert os.path.isfile(path) and "def main(argv" in open(path).read(), (page, module)
+    assert module.replace(".", "/") + ".py" in jobs, f"{page}: {module} is not a job"
     for name in re.findall(r"(?<![\w.])--(\w+)", args):
       assert name in known, f"{page}: python -m {module} --{name}: no job defines it"
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from tests.conftest import REPO, job_modules
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = {
   "rdm_jax/train.py": "train_and_evaluate",
   "rdm_jax/sample.py": "sample_set",
@@ -30,13 +30,7 @@ ALLOWED = {"fail", "cli.fail", "preemption.install", "distributed.initialize", "
 
 
 def test_every_job_module_is_listed():
-  found = set()
-  for folder in ("rdm_jax", "rdm_jax/jobs"):
-    for name in os.listdir(os.path.join(REPO, folder)):
-      path = f"{folder}/{name}"
-      if name.endswith(".py") and "def main(argv" in open(os.path.join(REPO, path)).read():
-        found.add(path)
-  assert found == set(ENTRY_POINTS)
+  assert job_modules() == set(ENTRY_POINTS)
 
 
 def test_all_job_modules_import_into_one_program():
