@@ -13,9 +13,11 @@ import os
 import re
 import shutil
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, TypeVar
 
 from rdm_jax import preemption
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -26,22 +28,23 @@ def fail(message: str) -> NoReturn:
   raise UserError(message)
 
 
-def checked_by_process_0(check: Callable[[], object]) -> None:
+def checked_by_process_0(check: Callable[[], T]) -> T | None:
   """Runs `check` on process 0 alone, for every process of a multi-process job: a `UserError`
   it raises fails every process with its message. It is also a barrier: no process goes on (to
-  write where process 0 is looking) before process 0 has checked. With one process, runs `check`."""
+  write where process 0 is looking) before process 0 has checked. With one process, runs `check`.
+  Returns what `check` returned on process 0, None on the others."""
   import jax
 
   if jax.process_count() == 1:
-    check()
-    return
+    return check()
   import numpy as np
   from jax.experimental import multihost_utils
 
   message = np.zeros(4096, np.uint8)  # [0]: failed; then the message, UTF-8
+  result = None
   if jax.process_index() == 0:
     try:
-      check()
+      result = check()
     except UserError as e:
       encoded = str(e).encode("utf-8")[: message.size - 1]
       message[0] = 1
@@ -49,6 +52,7 @@ def checked_by_process_0(check: Callable[[], object]) -> None:
   message = np.asarray(multihost_utils.broadcast_one_to_all(message))
   if message[0]:
     fail(bytes(message[1:]).rstrip(b"\0").decode("utf-8", "replace"))
+  return result
 
 
 RESUME = (

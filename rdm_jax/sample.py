@@ -235,8 +235,9 @@ def sample_set(config: Any, workdir: str, out: str = "", step: int | None = None
   n = len(cond.context)
   num_shards = -(-n // sample_cfg.shard_size)
   settings = settings_of(rdm, cond, num_shards)
-  resumed = check_out_dir(out, settings)  # every process: all refuse alike
   lead = jax.process_index() == 0
+  # process 0 alone reads the directory it writes next; another process could see it half made
+  resumed = errors.checked_by_process_0(lambda: check_out_dir(out, settings))
   if lead:
     files.makedirs(out)
     for name in [

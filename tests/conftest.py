@@ -458,6 +458,16 @@ def run_processes(
   raise AssertionError(f"no free port for the coordinator in {tries} tries")
 
 
+def processes_said(outs: list[tuple[subprocess.Popen, str]], chars: int = 2500) -> str:
+  """Each process's exit status and the end of its stderr without stack frames: a process killed
+  because another died prints a thread dump that would hide the first process's error."""
+  said = []
+  for i, (p, err) in enumerate(outs):
+    lines = [line for line in err.splitlines() if not line.startswith("  File ")]
+    said.append(f"--- process {i}: exit status {p.returncode}\n" + "\n".join(lines)[-chars:])
+  return "\n".join(said)
+
+
 def brute_force_neighbors(queries, database, k):
   """[N, k]: each query's k nearest database rows by cosine similarity, in float64 (ties: lower
   row first)."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import (
+  processes_said,
   run_processes,
   REPO,
   TINY_OVERRIDES,
@@ -87,14 +88,15 @@ def test_two_processes_stop_at_one_step_on_a_sigterm_to_either(trained, tmp_path
 
   outs = run_processes(lambda port, i: cmd(port, i, True), 2, subprocess_env(4))
   lines = []
+  assert all(p.returncode == preemption.EXIT_STATUS for p, _ in outs), processes_said(outs)
   for p, err in outs:
-    assert p.returncode == preemption.EXIT_STATUS, err[-3000:]
     lines.append(err.strip().splitlines()[-1])
   assert lines[0] == lines[1] and lines[0].startswith("preempted (SIGTERM): saved step "), lines
   step = int(lines[0].split("saved step ")[1].split()[0])
   assert 2 <= step < 4 and checkpoint.steps(checkpoint.manager(workdir, create=False))[-1] == step
-  for p, err in run_processes(lambda port, i: cmd(port, i, False), 2, subprocess_env(4)):
-    assert p.returncode == 0, err[-3000:]
+  outs = run_processes(lambda port, i: cmd(port, i, False), 2, subprocess_env(4))
+  assert all(p.returncode == 0 for p, _ in outs), processes_said(outs)
+  for p, err in outs:
     assert f"resumed from step {step}" in err
   got, want = _state(data_dir, workdir), _state(data_dir, straight)
   assert int(got.step) == int(want.step) == 4
