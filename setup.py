@@ -24,6 +24,7 @@ setup(
     "scipy",
     "pillow",
     "absl-py",
+    "matplotlib>=3.11",
   ],
   # Accelerators, pinned to our jax: `pip install -e .[tpu]` (libtpu; also what rdm_jax.compile
   # needs on any host) or `pip install -e .[cuda12]` (CUDA 12 plugin, cuDNN, NCCL from pip).

@@ -333,6 +333,27 @@ def config_file(path: str, *args: str) -> mlc.ConfigDict:
   return module.get_config(*args)
 
 
+def with_overrides(config: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
+  """`config` changed in place by overrides written as the jobs take them on the command line,
+  `--config.a.b=value` (a Python literal, else a string), and returned; other arguments are
+  skipped. For notebooks and scripts that load a config as a job would."""
+  import ast
+
+  for override in overrides:
+    if not override.startswith("--config."):
+      continue
+    key, value = override[len("--config.") :].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
 FAMILIES = ("unet", "rarm")
 
 

@@ -15,7 +15,8 @@ weights hash, preprocessing) and the count, and reused by later runs.
 A row "real (<baseline part>)" evaluates as many real images from `config.eval.baseline_part`
 as the largest sample set has: what a perfect model would score at that sample count.
 
-Writes <workdir>/eval/metrics.json and <workdir>/eval/metrics.md (the table it prints).
+Writes <workdir>/eval/metrics.json, <workdir>/eval/metrics.md (the table it prints) and
+<workdir>/eval/metrics.png (precision and recall of each set as bars, and FD).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ _OUT = cli.define_once(
 
 
 MADE_BY = "rdm_jax.evaluate"
-OUTPUTS = ("metrics.json", "metrics.md")
+OUTPUTS = ("metrics.json", "metrics.md", "metrics.png")
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -59,7 +60,7 @@ def check_output_dir(out_dir: str) -> None:
   try:
     ours = files.read_json(files.join(out_dir, OUTPUTS[0])).get("made_by") == MADE_BY
   except FileNotFoundError:
-    ours = not files.exists(files.join(out_dir, OUTPUTS[1]))
+    ours = not any(files.exists(files.join(out_dir, name)) for name in OUTPUTS[1:])
   except (OSError, UserError, AttributeError):
     ours = False
   if not ours:
@@ -132,6 +133,36 @@ def table(rows: dict[str, dict[str, Any]], extractor: str, reference: str) -> st
       f"| {name} | " + " | ".join(fmt.format(r[k]) if k in r else "" for k, _, fmt in cols) + " |"
     )
   return "\n".join(lines)
+
+
+def chart(rows: dict[str, dict[str, Any]], extractor: str, reference: str):
+  """A matplotlib Figure of the table's key numbers: precision and recall (k=3) of each set as
+  bars from 0 to 1, and its FD beside them (the metrics the rows have)."""
+  from matplotlib.figure import Figure
+
+  names = list(rows)
+  pr = [m for m in ("precision", "recall") if any(m in r for r in rows.values())]
+  fd = any("fd" in r for r in rows.values())
+  panels = [p for p in (pr, ["fd"] if fd else []) if p]
+  fig = Figure(figsize=(1.2 + 1.4 * len(names) * len(panels), 3.6), dpi=100)
+  axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+  x = np.arange(len(names))
+  for ax, metrics_shown in zip(axes, panels):
+    width = 0.8 / len(metrics_shown)
+    for i, m in enumerate(metrics_shown):
+      values = [float(rows[n].get(m, np.nan)) for n in names]
+      bars = ax.bar(x + (i - (len(metrics_shown) - 1) / 2) * width, values, width, label=m)
+      ax.bar_label(bars, fmt="%.3f" if m != "fd" else "%.1f", fontsize=7)
+    ax.set_xticks(x, [n if len(n) <= 14 else n[:13] + "..." for n in names], fontsize=8)
+    if metrics_shown == ["fd"]:
+      ax.set_title({"Inception": "FID", "CLIP": "CLIP-FID"}.get(extractor, f"FD ({extractor})"))
+    else:
+      ax.set_ylim(0, 1.1)
+      ax.set_title("precision and recall (k=3)")
+      ax.legend(fontsize=7, loc="lower right")
+  fig.suptitle(f"against {reference}", fontsize=9)
+  fig.tight_layout()
+  return fig
 
 
 def check_expected(rows: dict[str, dict[str, Any]], expect: Any) -> tuple[list[str], list[str]]:
@@ -239,11 +270,14 @@ def evaluate(
   for name, text in (("metrics.json", json.dumps(result, indent=1)), ("metrics.md", md + "\n")):
     files.remove_own_temporaries(files.join(out_dir, name))  # of a run killed while writing it
     files.atomic_write_text(files.join(out_dir, name), text)
+  files.remove_own_temporaries(files.join(out_dir, OUTPUTS[2]))
+  figure = chart(rows, extractor.name, ref_label)
+  files.atomic_write(files.join(out_dir, OUTPUTS[2]), lambda f: figure.savefig(f, format="png"))
   print(md)
   for name, r in rows.items():
     for w in r.get("warnings", []):
       print(f"note ({name}): {w}")
-  print(f"wrote {files.join(out_dir, 'metrics.json')} and metrics.md")
+  print(f"wrote {files.join(out_dir, 'metrics.json')}, metrics.md and metrics.png")
   held, failed = check_expected(rows, cfg.expect)
   if failed:
     fail(

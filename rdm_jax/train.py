@@ -166,6 +166,7 @@ def train_and_evaluate(config, workdir: str) -> None:
 
   # --------------------------------------------------------------------------- Update step
   step_fn = setup.train_step
+  learning_rate = train_step.learning_rate(config)  # logged beside the loss
   rng = jax.random.PRNGKey(config.train.seed + 2)
 
   # --------------------------------------------------------------------------- Train loop
@@ -232,6 +233,7 @@ def train_and_evaluate(config, workdir: str) -> None:
           {
             "loss": mean,
             "grad_norm": float(jax.device_get(metrics["grad_norm"])),
+            "learning_rate": float(learning_rate(step - 1)),  # of this step's update
             "loss_spikes": len(watch.spikes),
           },
         )

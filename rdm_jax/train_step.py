@@ -105,6 +105,19 @@ def optimisation_line(config: Any) -> str:
   )
 
 
+def learning_rate(config: Any) -> optax.Schedule:
+  """The rate of update n (n = 0 for the first): LDM's linear warm-up from `WARMUP_START` of
+  `optim.lr` over `optim.warmup_steps` updates, then `_after_warmup`."""
+  optim = config.optim
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(optim.lr * WARMUP_START, optim.lr, max(optim.warmup_steps, 1)),
+      _after_warmup(config),
+    ],
+    [max(optim.warmup_steps, 1)],
+  )
+
+
 def make_optimizer(config: Any) -> optax.GradientTransformation:
   """AdamW with LDM's linear warm-up to a constant rate, optional global-norm clipping of the
   gradients, and optional RMS clipping of each tensor's Adam update (`optim.update_clip`).
@@ -116,13 +129,7 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   gradient did. (optax.clip_by_block_rms; Adafactor, Shazeer & Stern 2018, Sec. 6, does the same.)
   """
   optim = config.optim
-  lr = optax.join_schedules(
-    [
-      optax.linear_schedule(optim.lr * WARMUP_START, optim.lr, max(optim.warmup_steps, 1)),
-      _after_warmup(config),
-    ],
-    [max(optim.warmup_steps, 1)],
-  )
+  lr = learning_rate(config)
   parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
   mu_dtype = optim.mu_dtype or None  # Adam's first moment; None = the parameters' dtype
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None

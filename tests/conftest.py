@@ -7,7 +7,7 @@ session (TMPDIR), removed at the end.
 The tests and the jobs they start share one XLA compilation cache for the session (a fresh
 temporary directory, removed at the end): many tests run the same tiny train step or sampler
 in new processes, and a cached program is the program XLA would compile again. It makes the
-jobs they start faster (test_train_job.py: 161 -> 119 s here). `make test` runs the suite on two
+jobs they start faster. `make test` runs the suite on two
 pytest-xdist workers (`-n 2 --dist loadfile`): most tests wait on job subprocesses that keep
 about one core busy.
 """
@@ -43,15 +43,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   )
 else:
   _CACHE = None
-# a pytest-xdist worker: its own compilation cache inside the session's
-if os.environ.get("PYTEST_XDIST_WORKER"):
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-    os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]
-  )
-  os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
+# One cache for both pytest-xdist workers and every job they start. A size limit is what makes
+# JAX take a file lock around each read and write of an entry (jax/_src/lru_cache.py): without
+# it a process could read an entry another is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
 
 
 def pytest_sessionfinish(session, exitstatus):
+  for builder in _BUILDER:  # a session stopped early (-x) does not wait for the shared run
+    if builder.poll() is None:
+      os.killpg(builder.pid, 9)  # its train job too
+    builder.wait()
   for folder in (_CACHE, _TMP):
     if folder is not None:
       shutil.rmtree(folder, ignore_errors=True)
@@ -271,25 +273,6 @@ def config_section(section_name: str, /, **fields):
   return section
 
 
-def with_overrides(config, overrides):
-  """`config` with command-line overrides (--config.a.b=value) applied as the jobs apply them."""
-  import ast
-
-  for override in overrides:
-    if not override.startswith("--config."):
-      continue
-    key, value = override[len("--config.") :].split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
-  return config
-
-
 def final_state(config, workdir: str, latent_shape: tuple, step: int | None = None):
   """The whole train state (step, params, optimizer state, EMA) of a run's checkpoint at `step`
   (None: the latest), restored as `rdm_jax.train` restores it."""
@@ -327,15 +310,9 @@ def tiny_config(data_dir: str):
   return c
 
 
-@pytest.fixture(scope="session")
-def trained():
-  """(data_dir, workdir) of one tiny training run (TRAINED_ARGS: a (data=4, fsdp=2) mesh,
-  checkpoints and training-time samples at steps 2 and 4, 4 images, 2 DDIM steps), its database
-  sourced from Fashion-MNIST rows. Its stderr is `trained_log(workdir)`.
-
-  One run for the whole session: the first pytest-xdist worker to ask trains it in the session's
-  temporary folder under a file lock, the other waits for it and reads the same files. Shared:
-  tests copy it before changing it."""
+def build_trained() -> tuple[str, str]:
+  """(data_dir, workdir) of the shared run (the `trained` fixture), trained under a file lock in
+  the session's temporary folder by the first process to ask; the others wait and read it."""
   import fcntl
 
   root = os.path.join(os.environ["RDM_JAX_TESTS_TMPDIR"], "trained")
@@ -358,6 +335,39 @@ def trained():
         f.write(out.stderr)
       os.replace(done + ".tmp", done)
   return data_dir, workdir
+
+
+@pytest.fixture(scope="session")
+def trained():
+  """(data_dir, workdir) of one tiny training run (TRAINED_ARGS: a (data=4, fsdp=2) mesh,
+  checkpoints and training-time samples at steps 2 and 4, 4 images, 2 DDIM steps), its database
+  sourced from Fashion-MNIST rows. Its stderr is `trained_log(workdir)`.
+
+  One run for the whole session (`build_trained`), started in the background as the session
+  starts when a test needs it (`pytest_collection_modifyitems`), so no worker waits idle for it.
+  Shared: tests copy it before changing it."""
+  return build_trained()
+
+
+_BUILDER: list[subprocess.Popen] = []
+
+
+def pytest_collection_modifyitems(session, config, items):
+  """The first (or only) worker starts building the shared run in a subprocess when any selected
+  test needs it; the tests keep running meanwhile and `trained` waits on the build's lock."""
+  if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or _BUILDER:
+    return
+  if any("trained" in getattr(item, "fixturenames", ()) for item in items):
+    _BUILDER.append(
+      subprocess.Popen(
+        [sys.executable, "-c", "from tests.conftest import build_trained; build_trained()"],
+        env=subprocess_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # one process group with its train job
+      )
+    )
 
 
 def trained_log(workdir: str) -> str:
@@ -427,6 +437,7 @@ def tiny_token_run(tmp_path) -> list[str]:
 
 def rarm_final_state(args: list[str], workdir: str, step: int):
   """The whole train state of the tiny RARM run at `step` (the config its job ran with)."""
+  from rdm_jax.config_base import with_overrides
 
   return final_state(with_overrides(repo_config("fashion_mnist_rarm"), args), workdir, (16,), step)
 
@@ -466,6 +477,26 @@ def processes_said(outs: list[tuple[subprocess.Popen, str]], chars: int = 2500) 
     lines = [line for line in err.splitlines() if not line.startswith("  File ")]
     said.append(f"--- process {i}: exit status {p.returncode}\n" + "\n".join(lines)[-chars:])
   return "\n".join(said)
+
+
+def tensorboard_events(logdir: str) -> tuple[dict[str, dict[int, float]], dict[str, set[int]]]:
+  """What the event files in `logdir` hold, read with TensorFlow's own reader: ({scalar tag:
+  {step: value}}, {image tag: steps})."""
+  import glob
+
+  import tensorflow as tf
+
+  scalars, images = {}, {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        plugin = v.metadata.plugin_data.plugin_name
+        if plugin == "images":
+          images.setdefault(v.tag, set()).add(event.step)
+        elif plugin == "scalars" or v.HasField("simple_value"):
+          value = v.simple_value if v.HasField("simple_value") else tf.make_ndarray(v.tensor)
+          scalars.setdefault(v.tag, {})[event.step] = float(value)
+  return scalars, images
 
 
 def brute_force_neighbors(queries, database, k):

@@ -112,11 +112,32 @@ def test_evaluate_job_writes_table_and_caches_reference(tmp_path):
     rel=1e-3,
   )
   assert "not comparable with Inception" in result["note"]
+  from PIL import Image
+
+  with Image.open(tmp_path / "eval" / "metrics.png") as chart:  # beside the table
+    assert chart.format == "PNG" and chart.width > 200
   second = run_evaluate(tmp_path, *args)
   assert (
     second.returncode == 0 and "exists and matches" in second.stdout
   )  # cached reference features
   assert json.load(open(tmp_path / "eval" / "metrics.json"))["sets"]["proposal"]["fd"] == row["fd"]
+
+
+def test_the_chart_has_each_sets_precision_recall_and_fd():
+  """evaluate.chart's bars are the rows' numbers, left to right: each set's precision then recall
+  (0 to 1), and its FD in a panel of its own, titled with the extractor."""
+  from rdm_jax import evaluate
+
+  rows = {
+    "exemplar": {"precision": 0.5, "recall": 0.25, "fd": 100.0},
+    "proposal": {"precision": 0.75, "recall": 0.125, "fd": 50.0},
+  }
+  pr, fd = evaluate.chart(rows, "EfficientNet-Lite0", "test, 80 images").axes
+  bars = sorted((b.get_x(), b.get_height()) for b in pr.patches)
+  assert [h for _, h in bars] == [0.5, 0.25, 0.75, 0.125]
+  assert [b.get_height() for b in sorted(fd.patches, key=lambda b: b.get_x())] == [100.0, 50.0]
+  assert fd.get_title() == "FD (EfficientNet-Lite0)" and pr.get_ylim() == (0, 1.1)
+  assert [t.get_text() for t in fd.get_xticklabels()] == ["exemplar", "proposal"]
 
 
 @pytest.mark.parametrize(

@@ -231,7 +231,8 @@ def test_the_python_api_samples_rarm_from_every_conditioning_source(rarm_run):
   fold_in(PRNGKey(seed), i) whatever the batch size, and images that are the palette's colour of
   each token blown up 2 x 2 (worked by hand). Text conditioning is the same path from CLIP's
   text embedding (tests/test_clip_eval.py); it needs a CLIP encoder, which the tiny stores lack."""
-  from tests.conftest import final_state, repo_config, with_overrides
+  from rdm_jax.config_base import with_overrides
+  from tests.conftest import final_state, repo_config
 
   from rdm_jax import config_base, inference
   from rdm_jax.data import store

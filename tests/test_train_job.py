@@ -1,6 +1,7 @@
 """The train job end to end on tiny stores: kill-and-resume equals an uninterrupted run, and bad
 input stops with one line that says what to do (no traceback)."""
 
+import math
 import os
 import signal
 import subprocess
@@ -16,9 +17,32 @@ from tests.conftest import (
   killable,
   one_line_error,
   subprocess_env,
+  tensorboard_events,
   train_command,
 )
 from rdm_jax import checkpoint
+
+
+def test_tensorboard_has_the_loss_the_rate_the_grad_norm_and_the_sample_panels(trained):
+  """The shared run's event files, read with TensorFlow's reader: each step's loss and gradient
+  norm; the rate of that step's update, worked by hand from the demo's schedule as the tiny run
+  sets it (2 warm-up steps from 1e-6 of lr = 1e-3, then a cosine to 0.1 lr at step 4); the samples
+  and their neighbour panels at the sample steps 2 and 4."""
+  scalars, images = tensorboard_events(trained[1])
+  lr = 1e-3
+  want = {
+    1: lr * 1e-6,  # update 0: the warm-up's start
+    2: lr * 1e-6 + (lr - lr * 1e-6) / 2,  # halfway
+    3: lr,  # the cosine's start
+    4: lr * (0.9 * 0.5 * (1 + math.cos(math.pi / 2)) + 0.1),  # halfway down the cosine
+  }
+  assert scalars["learning_rate"].keys() == want.keys()
+  for step, rate in want.items():
+    # float32 schedule arithmetic: 2 units in the last place of lr apart at most
+    assert math.isclose(scalars["learning_rate"][step], rate, rel_tol=1e-6, abs_tol=2.5e-10), step
+  for tag in ("loss", "grad_norm"):
+    assert scalars[tag].keys() == want.keys() and all(v > 0 for v in scalars[tag].values())
+  assert images["samples"] == images["neighbors_and_samples"] == {2, 4}
 
 
 def _train_cmd(data_dir, workdir, steps, *extra):

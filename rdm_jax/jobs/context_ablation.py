@@ -9,7 +9,8 @@ or the neighbours of other test examples (shuffled within the batch). A diffusio
 the eps-MSE (paper Eq. 3) and the x0-MSE of the clean latent it implies, overall and by noise
 level (`--noise_buckets` ranges of t): the eps-MSE shows the low-noise steps, the x0-MSE the
 high-noise ones, where the neighbours matter most (see `context_ablation.context_losses`). RARM gets
-its next-token NLL. Writes <workdir>/context_ablation.json.
+its next-token NLL. Writes <workdir>/context_ablation.json, and the overall figures as TensorBoard
+scalars (context_ablation/<measure>/<context>) at the checkpoint's step, beside the training's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 from typing import Any
 
 from absl import flags
+from clu import metric_writers
 
 from rdm_jax import checkpoint, files
 from rdm_jax.data import pipeline
@@ -71,7 +73,24 @@ def run(
   files.atomic_write_text(
     files.join(workdir, "context_ablation.json"), json.dumps(result, indent=1)
   )
+  writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+  writer.write_scalars(step, scalars(result))
+  writer.close()
   return result
+
+
+CONTEXTS = ("true_neighbors", "zeros_context", "shuffled_neighbors")
+
+
+def scalars(result: dict[str, Any]) -> dict[str, float]:
+  """The overall losses by context as TensorBoard scalars: context_ablation/eps_mse/<context>
+  and context_ablation/x0_mse/<context> of a diffusion model, context_ablation/nll/<context> of
+  RARM."""
+  diffusion = "x0_mse" in result
+  out = {f"context_ablation/{'eps_mse' if diffusion else 'nll'}/{k}": result[k] for k in CONTEXTS}
+  if diffusion:
+    out.update({f"context_ablation/x0_mse/{k}": result["x0_mse"][k] for k in CONTEXTS})
+  return {k: float(v) for k, v in out.items()}
 
 
 def main(argv):

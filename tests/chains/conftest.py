@@ -179,7 +179,8 @@ def mock_images(split, n, size):
 
 def config_of(root: str, rarm: bool = False):
   """The config the jobs run with: the file's, with the overrides applied as --config.a.b=value."""
-  from tests.conftest import repo_config, with_overrides
+  from rdm_jax.config_base import with_overrides
+  from tests.conftest import repo_config
 
   return with_overrides(
     repo_config("imagenet_rarm", "mammals") if rarm else repo_config("imagenet_rdm"),

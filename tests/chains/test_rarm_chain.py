@@ -15,6 +15,7 @@ pytest.importorskip("taming.modules.diffusionmodules.model")
 from tests.taming_reference import TINY, nhwc  # noqa: E402
 
 from tests.chains.conftest import config_of, mock_images, run  # noqa: E402
+from tests.conftest import tensorboard_events  # noqa: E402
 
 from rdm_jax.data import store  # noqa: E402
 
@@ -65,6 +66,10 @@ def test_rarm_trains_resumes_and_samples_through_the_same_jobs(assets):
     ablation = json.load(f)
   for key in ("true_neighbors", "zeros_context", "shuffled_neighbors"):  # NLL in nats per token
     assert 0 < ablation[key] < 2 * np.log(TINY["vq_f4"]["n_embed"]), ablation
+  scalars, _ = tensorboard_events(f"{root}/rarm_a")  # beside the training's, at its step
+  for key in ("true_neighbors", "zeros_context", "shuffled_neighbors"):
+    assert scalars[f"context_ablation/nll/{key}"] == {4: pytest.approx(ablation[key], rel=1e-6)}
+  assert 4 in scalars["learning_rate"]
   run(root, "rdm_jax.sample", f"--workdir={root}/rarm_a", rarm=True)
   shards = [f for f in os.listdir(f"{root}/rarm_a/samples/exemplar") if f.startswith("shard-")]
   with np.load(f"{root}/rarm_a/samples/exemplar/{shards[0]}") as z:

@@ -122,3 +122,23 @@ def test_context_losses_by_noise_level():
   ]
   assert got["x0_mse"]["shuffled_neighbors"] == pytest.approx(float(np.mean(shuffled)), rel=1e-5)
   assert got["x0_mse"]["shuffled_neighbors"] > 0.5
+
+
+def test_the_job_writes_its_figures_to_the_runs_tensorboard(trained, tmp_path):
+  """The job on a copy of the shared run: TensorBoard scalars of the figures it returns, at the
+  checkpoint's step, read back with TensorFlow's reader."""
+  import shutil
+
+  from rdm_jax.jobs import context_ablation
+  from tests.conftest import tensorboard_events, tiny_config
+
+  data_dir, run = trained
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run, workdir)
+  result = context_ablation.run(tiny_config(data_dir), workdir, 8, 1, 4, 2)
+  scalars, _ = tensorboard_events(workdir)
+  for key in ("true_neighbors", "zeros_context", "shuffled_neighbors"):
+    assert scalars[f"context_ablation/eps_mse/{key}"] == {4: pytest.approx(result[key], rel=1e-6)}
+    assert scalars[f"context_ablation/x0_mse/{key}"] == {
+      4: pytest.approx(result["x0_mse"][key], rel=1e-6)
+    }
