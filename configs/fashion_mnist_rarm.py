@@ -4,9 +4,8 @@ No pretrained VQ model ships offline, so the first stage is the palette tokenize
 (rdm_jax/models/palette.py, as ImageGPT): 2x2 average pooling and the nearest of 16 grey
 levels that k-means fits on the train images (the encode job writes the palette once), i.e.
 14 x 14 = 196 tokens of 16 codes per image. The data, retrieval encoder, database and
-neighbours are the RDM demo's (configs/fashion_mnist_rdm.py), in their own data_dir, except that
-EfficientNet-Lite0 embeds at 64 px (the RDM demo's went to 96): the figures in docs/rarm.md were
-measured with those neighbours.
+neighbours are the RDM demo's (configs/fashion_mnist_rdm.py: EfficientNet-Lite0's block-10 map
+at 96 px in 3 x 3 cells), in their own data_dir.
 
   python -m rdm_jax.jobs.encode    --config=configs/fashion_mnist_rarm.py  # palette and tokens
   python -m rdm_jax.jobs.embed     --config=configs/fashion_mnist_rarm.py
@@ -35,7 +34,6 @@ def get_config() -> mlc.ConfigDict:
   c = config_file(os.path.join(os.path.dirname(__file__), "fashion_mnist_rdm.py"))
   c.data_dir = "data/fashion_mnist_rarm"
   c.dataset.image_size = 28  # the token grid: 28 / 2 = 14 per side
-  c.retrieval.image_size = 64  # the neighbours docs/rarm.md's figures were measured with
   c.first_stage.update(
     name="palette", pad_to=0, latent_channels=1, weights="data/fashion_mnist_rarm/palette_16.npy"
   )

@@ -29,7 +29,7 @@ Swap the database at sample time, e.g. for Debian's clip art (apt-get install op
       --config.database=data/fashion_mnist/openclipart --out=runs/fmnist/samples/openclipart
 
 Departures from the paper's recipe (configs/imagenet_rdm.py keeps it), for a model that learns
-in about 10 minutes of 2 CPU cores; what each gave is measured in benchmarks/RESULTS.md:
+in a short run on 2 CPU cores; what each gave is measured in benchmarks/RESULTS.md:
 - first_stage identity on pixels padded to 32 x 32: no autoencoder ships offline.
 - retrieval: EfficientNet-Lite0 (installs offline) stands in for CLIP, at 96 px, its block-10
   map averaged on a 3 x 3 grid (1008-d): neighbours that share the image's label more often.
@@ -39,7 +39,7 @@ in about 10 minutes of 2 CPU cores; what each gave is measured in benchmarks/RES
   predictions leave a grid pattern or a grey background.
 - optim: lr 1e-3, 100 warm-up steps, cosine decay to 1e-4, EMA 0.999, 3600 steps: a short run
   that a constant rate can break on some CPUs' rounding.
-- train.batch_size=16: `make demo` within 15 minutes on AVX2-only CPUs too.
+- train.batch_size=16: the step time of 2 cores, AVX2-only CPUs included.
 - train.p_uncond=0.1 and guidance 3: a trained unconditional branch for guidance; 3 keeps
   label agreement above 0.85.
 - sample.eta=1 is the paper's; sample.final_step="x0": the last DDIM step returns its predicted

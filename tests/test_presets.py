@@ -177,3 +177,14 @@ def test_imagenet_class_prompts_name_the_classes_in_tfds_label_order():
     [207, 281, 2],
     ["golden retriever", "Tabby", "unicorn"],
   )
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist_rdm", "fashion_mnist_rarm"])
+def test_the_demo_configs_retrieval_encoder_gives_the_context_width_they_declare(name):
+  """The offline demos' EfficientNet-Lite0 settings as the embed job reads them (its grid divides
+  the feature map at the config's input size) make embeddings of retrieval.embed_dim: a config
+  that inherits another's grid with its own input size is refused before any data is read."""
+  from rdm_jax.retrieval import encoders
+
+  config = repo_config(name)
+  assert encoders.encoder_identity(config.retrieval)["embed_dim"] == config.retrieval.embed_dim
