@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/fashion_mnist_rdm.py
 WORKDIR ?= runs/fashion_mnist
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+RARM_CONFIG := configs/fashion_mnist_rarm.py
+RARM_WORKDIR ?= runs/fmnist_rarm
+OPENCLIPART := /usr/share/openclipart/png
 DNNL_HEADER := /usr/include/oneapi/dnnl/dnnl.hpp
 ONEDNN_SO := rdm_jax/ops/_onednn_conv.so
 # tcmalloc for every job and test: with glibc's malloc, XLA:CPU maps a fresh temporary buffer for
@@ -15,7 +18,7 @@ ONEDNN_SO := rdm_jax/ops/_onednn_conv.so
 TCMALLOC := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
 RUN := LD_PRELOAD=$(TCMALLOC) $(PY)
 
-.PHONY: demo test setup setup-test data onednn clean
+.PHONY: demo rarm-demo figures test setup setup-test data onednn clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -61,6 +64,24 @@ demo: setup data
 	$(RUN) -m rdm_jax.jobs.context_ablation --config=$(CONFIG) --workdir=$(WORKDIR)
 	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, $(WORKDIR)/eval/metrics.md, TensorBoard logs in $(WORKDIR)"
 	$(RUN) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# The RARM demo (configs/fashion_mnist_rarm.py's commands): tokens, the RDM demo's neighbours at
+# 64 px, 1500 training steps, its context ablation and samples
+rarm-demo: setup data
+	$(RUN) -m rdm_jax.jobs.encode --config=$(RARM_CONFIG)
+	$(RUN) -m rdm_jax.jobs.embed --config=$(RARM_CONFIG)
+	$(RUN) -m rdm_jax.jobs.index --config=$(RARM_CONFIG)
+	$(RUN) -m rdm_jax.jobs.neighbors --config=$(RARM_CONFIG)
+	$(RUN) -m rdm_jax.train --config=$(RARM_CONFIG) --workdir=$(RARM_WORKDIR)
+	$(RUN) -m rdm_jax.jobs.context_ablation --config=$(RARM_CONFIG) --workdir=$(RARM_WORKDIR)
+	$(RUN) -m rdm_jax.sample --config=$(RARM_CONFIG) --workdir=$(RARM_WORKDIR)
+
+$(OPENCLIPART):
+	(apt-get install -y -q openclipart-png || (apt-get update -q && apt-get install -y -q openclipart-png)) > /dev/null
+
+# Every picture and demo table in the docs, from both demos' runs (benchmarks/figures.py)
+figures: demo rarm-demo $(OPENCLIPART)
+	$(RUN) benchmarks/figures.py --workdir=$(WORKDIR) --rarm_workdir=$(RARM_WORKDIR) --openclipart=$(OPENCLIPART)
 
 test: setup-test data
 	$(VENV)/bin/lint-imports --no-cache

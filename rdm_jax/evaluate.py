@@ -153,13 +153,13 @@ def chart(rows: dict[str, dict[str, Any]], extractor: str, reference: str):
       values = [float(rows[n].get(m, np.nan)) for n in names]
       bars = ax.bar(x + (i - (len(metrics_shown) - 1) / 2) * width, values, width, label=m)
       ax.bar_label(bars, fmt="%.3f" if m != "fd" else "%.1f", fontsize=7)
-    ax.set_xticks(x, [n if len(n) <= 14 else n[:13] + "..." for n in names], fontsize=8)
+    ax.set_xticks(x, [n if len(n) <= 20 else n[:19] + "..." for n in names], fontsize=8)
     if metrics_shown == ["fd"]:
       ax.set_title({"Inception": "FID", "CLIP": "CLIP-FID"}.get(extractor, f"FD ({extractor})"))
     else:
       ax.set_ylim(0, 1.1)
       ax.set_title("precision and recall (k=3)")
-      ax.legend(fontsize=7, loc="lower right")
+      ax.legend(fontsize=7, loc="upper left", ncols=2)
   fig.suptitle(f"against {reference}", fontsize=9)
   fig.tight_layout()
   return fig

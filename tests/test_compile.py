@@ -244,6 +244,7 @@ def test_compile_tool_for_a_v5e_slice(tmp_path):
   assert "train step (batch 32):" in proc.stdout and "of 16 GiB per chip" in proc.stdout
 
 
+@pytest.mark.slow  # CI's budget: test_compile_tool_for_a_v5e_slice keeps the TPU compile
 def test_fsdp_over_a_square_slice_gathers_in_two_stages():
   """On a v5e-16 (4 x 4 chips) TPU's compiler lowers a reduce-scatter over all 16 chips as a
   full-size all-reduce and a slice: the tiny UNet's gathers in one stage (compiled alone, one

@@ -431,7 +431,9 @@ def _wait_for(predicate, what: str, timeout: float = 300.0) -> None:
     time.sleep(0.2)
 
 
-@pytest.mark.parametrize("when", ["at_start", "after_a_checkpoint"])
+@pytest.mark.parametrize(
+  "when", [pytest.param("at_start", marks=pytest.mark.slow), "after_a_checkpoint"]
+)  # CI's budget
 def test_two_trainers_on_one_workdir_one_is_refused(tmp_path, when):
   """Run A trains (a long run, killed at the end of the test); run B on the same --workdir,
   another seed when A has just taken the run directory, the same config once A has a checkpoint:

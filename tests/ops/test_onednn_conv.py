@@ -175,6 +175,7 @@ def test_missing_library_is_explained(tmp_path):
   assert "make onednn" in onednn.problem(str(bad))
 
 
+@pytest.mark.slow  # CI's budget: "auto" keeps XLA's convolutions on a mesh
 def test_train_steps_on_a_sharded_mesh_match_xla():
   """conv="onednn" on a (data=4, fsdp=2) mesh: XLA's partitioner runs the opaque custom calls
   replicated, slower than XLA's own convolution there but the same training (which is why
