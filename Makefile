@@ -62,7 +62,7 @@ demo: setup data
 	$(RUN) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(RUN) -m rdm_jax.sample --config=$(CONFIG) --workdir=$(WORKDIR) --config.sample.condition=proposal
 	$(RUN) -m rdm_jax.jobs.context_ablation --config=$(CONFIG) --workdir=$(WORKDIR)
-	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, $(WORKDIR)/eval/metrics.md, TensorBoard logs in $(WORKDIR)"
+	@echo "demo outputs: $(WORKDIR)/samples (PNG grids), $(WORKDIR)/context_ablation.json, $(WORKDIR)/eval/metrics.md and metrics.png, TensorBoard logs in $(WORKDIR)"
 	$(RUN) -m rdm_jax.evaluate --config=$(CONFIG) --workdir=$(WORKDIR)
 
 # The RARM demo (configs/fashion_mnist_rarm.py's commands): tokens, the RDM demo's neighbours at

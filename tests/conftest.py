@@ -353,11 +353,14 @@ _BUILDER: list[subprocess.Popen] = []
 
 
 def pytest_collection_modifyitems(session, config, items):
-  """The first (or only) worker starts building the shared run in a subprocess when any selected
-  test needs it; the tests keep running meanwhile and `trained` waits on the build's lock."""
+  """The tests that need the shared run go last (the order is otherwise kept), and the first (or
+  only) worker starts building it in a subprocess when any selected test needs it: the other
+  tests run meanwhile, and `trained` waits on the build's lock."""
+  needs = lambda item: "trained" in getattr(item, "fixturenames", ())  # noqa: E731
+  items.sort(key=needs)  # stable
   if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" or _BUILDER:
     return
-  if any("trained" in getattr(item, "fixturenames", ()) for item in items):
+  if any(needs(item) for item in items):
     _BUILDER.append(
       subprocess.Popen(
         [sys.executable, "-c", "from tests.conftest import build_trained; build_trained()"],

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import (
   tiny_run_state,
@@ -56,6 +57,8 @@ def _train_cmd(data_dir, workdir, steps, *extra):
   )
 
 
+@pytest.mark.slow  # CI's budget: test_rarm_training's kill while checkpointing, and test_faults'
+# resume past a damaged checkpoint, keep a killed and resumed run in make test
 def test_kill_and_resume_equals_uninterrupted(trained, tmp_path):
   """The shared run's training, without its sampling, killed (SIGKILL, no cleanup: a preemption)
   just as its last checkpoint is being committed, then rerun: it resumes from step 2 and ends in
