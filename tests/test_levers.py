@@ -69,6 +69,7 @@ def _assert_close(got, want, rtol, atol):
     )
 
 
+@pytest.mark.slow  # CI's budget: an accelerator memory lever
 def test_remat_policies_change_nothing_but_memory():
   inputs = _inputs(2, 8)
   plain = factory.make_model(_config(channel_mult=(1,)))
@@ -104,6 +105,7 @@ def test_dot_product_attention_equals_the_einsum_softmax():
   )
 
 
+@pytest.mark.slow  # CI's budget: a GPU lever, lowered on CPU
 def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
   """attention=cudnn: every self-attention goes to
   jax.nn.dot_product_attention(implementation="cudnn"), cross-attention to the 4 neighbours stays on
@@ -149,6 +151,7 @@ def test_cudnn_attention_sends_the_self_attentions_to_cudnn(monkeypatch):
     factory.make_model(_config(attention="cudnn"))
 
 
+@pytest.mark.slow  # CI's budget: a TPU kernel, interpreted on CPU
 def test_pallas_flash_attention_equals_xla_attention(monkeypatch):
   """The TPU kernel (Pallas interpret mode on CPU) for the 256-token self-attentions: loss and
   gradients on one device; the forward per shard through shard_map on a (data=4, fsdp=2) mesh
