@@ -111,9 +111,14 @@ def compute_metrics(
   return out
 
 
+def fd_name(extractor: str) -> str:
+  """The Frechet distance's name on an extractor's features: FID only on the FID Inception's."""
+  return {"Inception": "FID", "CLIP": "CLIP-FID"}.get(extractor, f"FD ({extractor})")
+
+
 def table(rows: dict[str, dict[str, Any]], extractor: str, reference: str) -> str:
   """A markdown table of the results, metric names labelled with the extractor."""
-  fd = {"Inception": "FID", "CLIP": "CLIP-FID"}.get(extractor, f"FD ({extractor})")
+  fd = fd_name(extractor)
   cols = [
     ("num_samples", "samples", "{:d}"),
     ("fd", fd, "{:.2f}"),
@@ -155,7 +160,7 @@ def chart(rows: dict[str, dict[str, Any]], extractor: str, reference: str):
       ax.bar_label(bars, fmt="%.3f" if m != "fd" else "%.1f", fontsize=7)
     ax.set_xticks(x, [n if len(n) <= 20 else n[:19] + "..." for n in names], fontsize=8)
     if metrics_shown == ["fd"]:
-      ax.set_title({"Inception": "FID", "CLIP": "CLIP-FID"}.get(extractor, f"FD ({extractor})"))
+      ax.set_title(fd_name(extractor))
     else:
       ax.set_ylim(0, 1.1)
       ax.set_title("precision and recall (k=3)")

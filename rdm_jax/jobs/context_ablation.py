@@ -109,11 +109,7 @@ def report(result: dict) -> str:
     f"held-out {what} at step {result['checkpoint_step']} ({result['examples']} test examples x "
     f"{result['repeats']} noise draws):"
   ]
-  names = {
-    "true_neighbors": "true neighbours",
-    "zeros_context": "zeros context",
-    "shuffled_neighbors": "shuffled neighbours",
-  }
+  names = dict(zip(CONTEXTS, ("true neighbours", "zeros context", "shuffled neighbours")))
   for key, name in names.items():
     lines.append(
       f"  {name:20s}{result[key]:.4f}"
