@@ -79,10 +79,28 @@ def main(argv):
   train_and_evaluate(cli.CONFIG.value, workdir)
 
 
+TRAIN_COUNTS = {  # config.train's counts: the least each may be, and what it counts
+  "num_steps": (1, "the step to train to"),
+  "log_every": (1, "the steps between logged losses"),
+  "checkpoint_every": (1, "the steps between checkpoints; the last step always saves one"),
+  "keep_checkpoints": (1, "how many checkpoints to keep"),
+  "sample_every": (0, "the steps between sample grids; 0: none"),
+}
+
+
+def check_train_counts(train) -> None:
+  """Refuses, in one line and before any work, a config.train count the loop cannot run with."""
+  for name, (least, meaning) in TRAIN_COUNTS.items():
+    value = train[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      cli.fail(f"config.train.{name}={value!r} must be a whole number >= {least} ({meaning})")
+
+
 def train_and_evaluate(config, workdir: str) -> None:
   """Trains config's model in `workdir` to config.train.num_steps, resuming from its newest
   checkpoint, with logs, periodic samples and checkpoints there (the job; a test or a notebook
   calls it in-process)."""
+  check_train_counts(config.train)
   platform_line, platform_warnings = mesh_lib.check_platform(config)
   logging.info(platform_line)
   logging.info(train_step.optimisation_line(config))

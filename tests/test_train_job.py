@@ -106,3 +106,32 @@ def test_bad_train_inputs_are_one_line_errors(tiny_data, tmp_path):
     np.zeros((3, 8, 8, 1), np.float32),
   )
   assert "manifest says" in one_line_error(base)
+
+
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("checkpoint_every", 0),
+    ("log_every", 0),
+    ("num_steps", -1),
+    ("keep_checkpoints", 0),
+    ("log_every", True),
+    ("sample_every", -1),
+  ],
+)
+def test_train_counts_the_loop_cannot_divide_by_are_refused_before_any_work(field, value):
+  """One line naming the field, not a ZeroDivisionError from `step % checkpoint_every`."""
+  from rdm_jax import config_base, errors, train
+
+  config = config_base.base_config()
+  config.train[field] = value
+  with pytest.raises(errors.UserError, match=rf"config\.train\.{field}={value!r} must be"):
+    train.train_and_evaluate(config, "/nonexistent/never/written")
+
+
+def test_zero_sample_grids_is_a_valid_count():
+  from rdm_jax import config_base, train
+
+  config = config_base.base_config()
+  config.train.sample_every = 0
+  train.check_train_counts(config.train)  # no error
