@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -40,6 +41,10 @@ RDM_CONFIG, RARM_CONFIG = "configs/fashion_mnist_rdm.py", "configs/fashion_mnist
 MARKER = re.compile(r"(<!-- figure: ([\w-]+) -->\n)(.*?)(<!-- /figure -->)", re.S)
 CLASSES = "Trouser,Dress,Sneaker,Bag"
 TOP_M = ("0.01", "0.1", "1")  # 0.1: the demo's proposal set
+DOCS_WORKDIR, DOCS_OPENCLIPART = (
+  "runs/fashion_mnist",
+  "/usr/share/openclipart/png",
+)  # as written there
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist", "The RDM demo's run (make demo).")
 _RARM_WORKDIR = flags.DEFINE_string(
@@ -75,15 +80,30 @@ def blocks(text: str) -> dict[str, str]:
   return {m.group(2): m.group(3) for m in MARKER.finditer(text)}
 
 
-def job(config: str, workdir: str | None, module: str, *args: str) -> float:
-  """Runs one job to completion; its seconds. A failure stops this script with the job's end."""
-  run = [f"--workdir={workdir}"] if workdir else []
-  cmd = [sys.executable, "-m", module, f"--config={config}", *run, *args]
+def docs_commands(page: str, name: str) -> list[list[str]]:
+  """The commands of the code block of docs/<page> marked `<!-- run by: make figures (name) -->`,
+  each as its argument list (continued lines joined, comments dropped)."""
+  text = open(os.path.join(DOCS, page)).read()
+  marker = f"<!-- run by: make figures ({name}) -->\n```bash\n"
+  if marker not in text:
+    sys.exit(f"docs/{page} has no code block marked {marker.splitlines()[0]}")
+  block = text.split(marker, 1)[1].split("```", 1)[0].replace("\\\n", " ")
+  return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def run(cmd: list[str]) -> float:
+  """Runs one command to completion; its seconds. A failure stops this script with its end."""
   t = time.perf_counter()
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   if out.returncode:
     sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
   return time.perf_counter() - t
+
+
+def job(config: str, workdir: str | None, module: str, *args: str) -> float:
+  """Runs one job (`python -m module --config=config [--workdir=workdir] args`) to completion."""
+  workdir_flag = [f"--workdir={workdir}"] if workdir else []
+  return run([sys.executable, "-m", module, f"--config={config}", *workdir_flag, *args])
 
 
 def side_by_side(paths: list[str], out: str, gap: int = 8) -> None:
@@ -186,18 +206,15 @@ def rdm_figures(workdir: str) -> tuple[dict[str, str], dict[str, str]]:
     ],
     top_m,
   )
-  clipart = "data/fashion_mnist/openclipart"  # as docs/sampling.md's commands
-  job(
-    RDM_CONFIG,
-    None,
-    "rdm_jax.jobs.embed",
-    "--parts=database",
-    f"--config.dataset.parts.database.split=folder:{_OPENCLIPART.value}",
-    "--config.dataset.parts.database.start=0",
-    "--config.dataset.parts.database.stop=0",
-    f"--config.database={clipart}",
-  )
-  sample(f"--config.database={clipart}", f"--out={samples}/openclipart")
+  swap_out = ""
+  for cmd in docs_commands("sampling.md", "openclipart"):  # the database swap, as the docs say
+    assert cmd[0] == "python", cmd
+    cmd = [
+      a.replace(DOCS_OPENCLIPART, _OPENCLIPART.value).replace(DOCS_WORKDIR, workdir)
+      for a in [sys.executable, *cmd[1:]]
+    ]
+    run(cmd)
+    swap_out = next((a.split("=", 1)[1] for a in cmd if a.startswith("--out=")), swap_out)
 
   # each set's sampling time as first measured: a rerun reuses the complete set in seconds
   timings = os.path.join(samples, "quality", "sample_job_seconds.json")
@@ -235,9 +252,7 @@ def rdm_figures(workdir: str) -> tuple[dict[str, str], dict[str, str]]:
     "proposal_samples.png": os.path.join(demo, "proposal", "samples.png"),
     "class_samples.png": os.path.join(samples, "class", "samples.png"),
     "proposal_top_m.png": top_m,
-    "openclipart_neighbors_and_samples.png": os.path.join(
-      samples, "openclipart", "neighbors_and_samples.png"
-    ),
+    "openclipart_neighbors_and_samples.png": os.path.join(swap_out, "neighbors_and_samples.png"),
   }
   tables = {
     "demo-evaluation": evaluation_table(metrics(os.path.join(workdir, "eval"))),

@@ -7,26 +7,20 @@ D is the last 20k images of the train split, disjoint from the 40k training imag
 
 Run the whole chain (what `make demo` does):
 
-  python -m rdm_jax.jobs.encode    --config=configs/fashion_mnist_rdm.py
-  python -m rdm_jax.jobs.embed     --config=configs/fashion_mnist_rdm.py
-  python -m rdm_jax.jobs.index     --config=configs/fashion_mnist_rdm.py
+  python -m rdm_jax.jobs.encode --config=configs/fashion_mnist_rdm.py
+  python -m rdm_jax.jobs.embed --config=configs/fashion_mnist_rdm.py
+  python -m rdm_jax.jobs.index --config=configs/fashion_mnist_rdm.py
   python -m rdm_jax.jobs.neighbors --config=configs/fashion_mnist_rdm.py
-  python -m rdm_jax.train          --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
-  python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
-  python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
+  python -m rdm_jax.train --config=configs/fashion_mnist_rdm.py --workdir=runs/fashion_mnist
+  python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fashion_mnist
+  python -m rdm_jax.sample --config=configs/fashion_mnist_rdm.py --workdir=runs/fashion_mnist \
       --config.sample.condition=proposal
   python -m rdm_jax.jobs.context_ablation --config=configs/fashion_mnist_rdm.py \
-      --workdir=runs/fmnist
-  python -m rdm_jax.evaluate       --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist
+      --workdir=runs/fashion_mnist
+  python -m rdm_jax.evaluate --config=configs/fashion_mnist_rdm.py --workdir=runs/fashion_mnist
 
-Swap the database at sample time, e.g. for Debian's clip art (apt-get install openclipart-png):
-
-  python -m rdm_jax.jobs.embed     --config=configs/fashion_mnist_rdm.py --parts=database \
-      --config.dataset.parts.database.split=folder:/usr/share/openclipart/png \
-      --config.dataset.parts.database.start=0 --config.dataset.parts.database.stop=0 \
-      --config.database=data/fashion_mnist/openclipart
-  python -m rdm_jax.sample         --config=configs/fashion_mnist_rdm.py --workdir=runs/fmnist \
-      --config.database=data/fashion_mnist/openclipart --out=runs/fmnist/samples/openclipart
+Swap the database at sample time (Debian's clip art, for example): docs/sampling.md, "Another
+database at sample time".
 
 Departures from the paper's recipe (configs/imagenet_rdm.py keeps it), for a model that learns
 in a short run on 2 CPU cores; what each gave is measured in benchmarks/RESULTS.md:

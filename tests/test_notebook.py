@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -18,6 +19,14 @@ from tests.conftest import (
 )
 
 NOTEBOOK = os.path.join(REPO, "notebooks", "quickstart.ipynb")
+SAMPLING_PAGE = os.path.join(REPO, "docs", "sampling.md")  # its Python example runs here too
+
+
+def _docs() -> str:
+  with open(SAMPLING_PAGE) as f:
+    return f.read()
+
+
 N = 4
 
 
@@ -60,12 +69,19 @@ def test_the_quickstart_notebook_runs_on_a_trained_run(trained, tmp_path):
       f"N = {N}",
     ]
   )
+  # docs/sampling.md's Python example, in the notebook's kernel (`config` is the notebook's)
+  [example] = re.findall(
+    r"<!-- run by: tests/test_notebook.py -->\n```python\n(.*?)```", _docs(), re.S
+  )
+  example = example.replace('"runs/fashion_mnist"', "WORKDIR").replace('"Dress,Sneaker"', "CLASSES")
+  nb.cells.append(nbformat.v4.new_code_cell(example))
   report = (
     "import json\n"
     "print(json.dumps({'exemplar': exemplar.neighbor_rows.tolist(),"
     " 'swapped': swapped_exemplar.neighbor_rows.tolist(),"
     " 'images': [s.images.shape for s in"
-    " (exemplar_samples, proposal_samples, class_samples, swapped_samples)]}))"
+    " (exemplar_samples, proposal_samples, class_samples, swapped_samples)],"
+    " 'docs': [out.images.shape, out.conditioning.neighbor_rows.shape, panel.shape]}))"
   )
   nb.cells.append(nbformat.v4.new_code_cell(report))
   nbclient.NotebookClient(
@@ -73,7 +89,7 @@ def test_the_quickstart_notebook_runs_on_a_trained_run(trained, tmp_path):
   ).execute()
 
   shown = [
-    o for c in nb.cells[:-1] for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    o for c in nb.cells[:-2] for o in c.get("outputs", []) if "image/png" in o.get("data", {})
   ]
   assert len(shown) == 4  # exemplar, proposal, class, swapped database
   got = json.loads(nb.cells[-1].outputs[0]["text"])
@@ -87,3 +103,5 @@ def test_the_quickstart_notebook_runs_on_a_trained_run(trained, tmp_path):
     )
   for shape in got["images"]:
     assert shape[0] == N and shape[-1] == 1
+  images, neighbor_rows, panel = got["docs"]  # the docs' example: 8 samples of k = 4 neighbours
+  assert images[0] == 8 and images[-1] == 1 and neighbor_rows == [8, 4] and len(panel) == 3
