@@ -140,6 +140,7 @@ def test_config_files_and_overrides_exist(page, module, args):
       node = node[part]
 
 
+# what a line of a bash block may start with (after VAR=value assignments)
 SHELL_COMMANDS = {
   "python",
   "python3.11",
@@ -167,7 +168,7 @@ def test_every_command_block_says_what_runs_it():
     if kind == "not run here":
       assert len(who.split()) >= 2, f"{page}: say why it is not run here: {who!r}"
     elif who == "make demo":
-      pass  # test_the_demo_commands_are_what_make_demo_runs
+      assert [_argv(line) for line in _lines(text) if _argv(line)] == _makefile_recipe("demo"), page
     elif m := re.fullmatch(r"make figures \((\w+)\)", who):
       assert f'docs_commands("{name}", "{m.group(1)}")' in figures, (page, who)
     elif who.startswith("tests/"):
@@ -191,12 +192,11 @@ def test_every_shell_line_starts_with_a_command():
 
 
 def test_the_demo_commands_are_what_make_demo_runs():
-  """getting_started's block and the demo configs' docstrings, command for command, are the
-  Makefile's demo and rarm-demo recipes."""
+  """The demo configs' docstrings, command for command, are the Makefile's demo and rarm-demo
+  recipes (a block marked `make demo` is checked against it above)."""
   demo = _makefile_recipe("demo")
   assert len(demo) == 9 and demo[4][:3] == ["python", "-m", "rdm_jax.train"]
-  page = _marked("docs/getting_started.md", "make demo")[0]
-  assert [_argv(line) for line in _lines(page) if _argv(line)] == demo
+  assert _marked("docs/getting_started.md", "make demo")
   for config, target in ((DEMO_CONFIG, "demo"), ("configs/fashion_mnist_rarm.py", "rarm-demo")):
     lines = [line.strip() for line in _lines(_docstring(config)) if "python -m" in line]
     assert [_argv(line) for line in lines] == _makefile_recipe(target), config
