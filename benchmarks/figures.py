@@ -41,10 +41,9 @@ RDM_CONFIG, RARM_CONFIG = "configs/fashion_mnist_rdm.py", "configs/fashion_mnist
 MARKER = re.compile(r"(<!-- figure: ([\w-]+) -->\n)(.*?)(<!-- /figure -->)", re.S)
 CLASSES = "Trouser,Dress,Sneaker,Bag"
 TOP_M = ("0.01", "0.1", "1")  # 0.1: the demo's proposal set
-DOCS_WORKDIR, DOCS_OPENCLIPART = (
-  "runs/fashion_mnist",
-  "/usr/share/openclipart/png",
-)  # as written there
+# the paths docs/sampling.md's swap commands name, replaced by this script's flags when they differ
+DOCS_WORKDIR = "runs/fashion_mnist"
+DOCS_OPENCLIPART = "/usr/share/openclipart/png"
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/fashion_mnist", "The RDM demo's run (make demo).")
 _RARM_WORKDIR = flags.DEFINE_string(

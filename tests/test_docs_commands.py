@@ -150,8 +150,9 @@ SHELL_COMMANDS = {
   "sbatch",
   "mkdir",
   "wget",
+  "for",
+  "cd",
 }
-SHELL_COMMANDS |= {"for", "cd"}
 
 
 def test_every_command_block_says_what_runs_it():
