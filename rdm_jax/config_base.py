@@ -198,6 +198,9 @@ def base_config() -> mlc.ConfigDict:
       # uniform (Eq. 3) | min_snr: min(SNR, gamma)-weighted (Hang et al. 2023)
       loss_weighting="uniform",
       min_snr_gamma=5.0,
+      # > 0 with prediction x0: no error where the target is on the data's bound +-x0_bound and the
+      # prediction beyond it (sample.clip_x0 maps both to the bound); 0 = the plain MSE
+      x0_bound=0.0,
     )
   )
   c.optim = mlc.ConfigDict(

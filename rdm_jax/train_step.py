@@ -249,6 +249,7 @@ def make_train_step(
   autoregressive = isinstance(model, rarm.RARM)
   weighting = config.diffusion.loss_weighting
   gamma = float(config.diffusion.min_snr_gamma)
+  x0_bound = float(config.diffusion.x0_bound)
 
   def step(state: TrainState, z0, context, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -268,6 +269,7 @@ def make_train_step(
         weighting,
         gamma,
         draws=draws,
+        x0_bound=x0_bound,
       )
 
     batch = (

@@ -135,3 +135,18 @@ def test_zero_sample_grids_is_a_valid_count():
   config = config_base.base_config()
   config.train.sample_every = 0
   train.check_train_counts(config.train)  # no error
+
+
+@pytest.mark.parametrize("prediction,bound", [("eps", 1.0), ("v", 1.0), ("x0", -1.0)])
+def test_a_censored_loss_without_x0_prediction_is_refused(prediction, bound):
+  """diffusion.x0_bound censors x0 errors; with eps or v predictions (or a negative bound) it
+  would mean nothing, so the schedule's check names the field and the fix."""
+  from rdm_jax import config_base, errors
+  from rdm_jax.models import factory
+
+  config = config_base.base_config()
+  config.diffusion.update(prediction=prediction, x0_bound=bound)
+  with pytest.raises(errors.UserError, match=r"config\.diffusion\.x0_bound=.*prediction=x0"):
+    factory.make_schedule(config)
+  config.diffusion.update(prediction="x0", x0_bound=1.0)
+  assert factory.make_schedule(config).prediction == "x0"

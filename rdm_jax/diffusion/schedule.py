@@ -112,6 +112,7 @@ def diffusion_loss(
   min_snr_gamma: float = 5.0,
   reduce: bool = True,
   draws: tuple[jax.Array, jax.Array] | None = None,
+  x0_bound: float = 0.0,
 ) -> jax.Array:
   """The training loss: E_{t, eps} w(t) || target - model(z_t, t) ||^2, t ~ U{0..T-1}.
 
@@ -119,6 +120,11 @@ def diffusion_loss(
   (Hang et al. 2023, Eq. 9 and Sec. 3.4): min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1)
   for v, min(SNR, gamma) for x0, i.e. the x0-MSE weighted by min(SNR, gamma) in every case.
   `draws`: (t, noise) drawn already (`draw_t_and_noise` of the whole batch; rng unused).
+
+  x0_bound > 0 (x0 prediction only): a censored loss for data that lives in [-b, b] with mass on
+  the bounds (black backgrounds). Where the target sits on a bound and the prediction lies
+  beyond it, the error is zero: the sampler clips x0 to [-b, b] (`sample.clip_x0`), so such a
+  prediction samples exactly the target. Elsewhere the error is the plain one.
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r}; choose from {WEIGHTINGS}")
@@ -133,9 +139,13 @@ def diffusion_loss(
     target = _bcast(jnp.sqrt(a), z0) * noise - _bcast(jnp.sqrt(1.0 - a), z0) * z0.astype(
       jnp.float32
     )
-  per_example = jnp.mean(
-    jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, z0.ndim))
-  )
+  err = pred.astype(jnp.float32) - target
+  if x0_bound:
+    if schedule.prediction != "x0":
+      raise ValueError(f"x0_bound needs prediction='x0', not {schedule.prediction!r}")
+    beyond = ((target <= -x0_bound) & (err < 0)) | ((target >= x0_bound) & (err > 0))
+    err = jnp.where(beyond, 0.0, err)
+  per_example = jnp.mean(jnp.square(err), axis=tuple(range(1, z0.ndim)))
   if weighting == "min_snr":
     s = snr(schedule, t)
     per_example = (

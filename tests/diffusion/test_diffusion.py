@@ -249,3 +249,26 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
       s, jnp.asarray(target, jnp.float32), jnp.asarray(z_t, jnp.float32), jnp.asarray(t)
     )
     np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-4)
+
+
+def test_the_censored_x0_loss_by_hand():
+  """x0_bound=1: a pixel whose target is on the bound (-1 or 1) and whose prediction lies beyond
+  it counts no error; every other pixel counts its plain squared error. Worked by hand on four
+  pixels with a model that ignores its input."""
+  s = schedule.linear_schedule(prediction="x0")
+  z0 = jnp.asarray([-1.0, 1.0, 0.5, -1.0, -0.5, 1.0]).reshape(1, 1, 6, 1)
+  pred = jnp.asarray([-1.3, 1.2, 0.2, -0.9, -1.3, 0.8]).reshape(1, 1, 6, 1)
+  draws = (jnp.asarray([500]), jnp.zeros_like(z0))
+
+  def loss(bound):
+    return float(
+      schedule.diffusion_loss(lambda z_t, t: pred, s, z0, None, draws=draws, x0_bound=bound)
+    )
+
+  # beyond the bound: pixels 0 and 1; inside: 0.3^2, 0.1^2, 0.8^2 (target -0.5 is not on it), 0.2^2
+  assert loss(1.0) == pytest.approx((0.09 + 0.01 + 0.64 + 0.04) / 6, rel=1e-6)
+  assert loss(0.0) == pytest.approx((0.09 + 0.04 + 0.09 + 0.01 + 0.64 + 0.04) / 6, rel=1e-6)
+  with pytest.raises(ValueError, match="x0_bound needs prediction='x0'"):
+    schedule.diffusion_loss(
+      lambda z_t, t: pred, schedule.linear_schedule(), z0, None, draws=draws, x0_bound=1.0
+    )
