@@ -29,6 +29,7 @@ def context_losses(
   batch: int = 256,
   seed: int = 0,
   noise_buckets: int = 10,
+  clip_x0: float | None = None,
 ) -> dict[str, Any]:
   """Held-out losses of the model with each context (CONTEXTS: the true k neighbours, zeros, the
   neighbours of other examples of the batch) over the first `num_examples` of `data`, in whole
@@ -36,7 +37,9 @@ def context_losses(
 
   Diffusion: the eps-MSE (paper Eq. 3, unweighted, whatever the network predicts), t ~ U{0..T-1}
   and the noise drawn as the training loss draws them; also ("x0_mse") the MSE of the clean
-  latent the prediction implies, x0 = (z_t - sqrt(1 - a) eps) / sqrt(a), unclipped; and
+  latent the prediction implies, x0 = (z_t - sqrt(1 - a) eps) / sqrt(a); with `clip_x0` (the
+  sampler's config.sample.clip_x0) both of the prediction the sampler steps with: x0 clipped to
+  [-clip_x0, clip_x0] and eps re-derived from it; and
   ("by_noise") both in `noise_buckets` equal ranges of t. An x0 error weighs sqrt(SNR) times
   more in eps, so the eps-MSE is ruled by the low-noise steps, where the image shows through the
   noise, and the x0-MSE by the high-noise steps, where the neighbours are most of what the
@@ -66,6 +69,9 @@ def context_losses(
     for c in contexts:
       eps = predict_eps(z_t, t, c)
       x0 = schedule_lib.x0_from_eps(z_t, eps, a)
+      if clip_x0:
+        x0 = jnp.clip(x0, -clip_x0, clip_x0)
+        eps = schedule_lib.eps_from_x0(z_t, x0, a)
       eps_mse.append(mean(eps - noise))
       x0_mse.append(mean(x0 - z0.astype(jnp.float32)))
     return t, jnp.stack(eps_mse), jnp.stack(x0_mse)

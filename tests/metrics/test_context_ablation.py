@@ -142,3 +142,36 @@ def test_the_job_writes_its_figures_to_the_runs_tensorboard(trained, tmp_path):
     assert scalars[f"context_ablation/x0_mse/{key}"] == {
       4: pytest.approx(result["x0_mse"][key], rel=1e-6)
     }
+
+
+def test_context_losses_of_the_clipped_prediction():
+  """clip_x0=1 scores the prediction the sampler steps with. Latents of +-1 and a context of twice
+  each latent: the oracle's x0 is 2 z0, an error of z0 (x0-MSE 1, eps-MSE a / (1 - a) = 1 at
+  alpha_bar 1/2) unclipped, and clipped to [-1, 1] exactly z0 (both 0). The zeros context's x0 = 0
+  lies inside the range, so clipping leaves its losses at 1."""
+  rng = np.random.default_rng(2)
+  n = 8
+  z0 = rng.choice([-1.0, 1.0], size=(n, 2, 2, 1)).astype(np.float32)
+  data = RetrievalData(
+    latents=z0,
+    neighbor_ids=np.arange(n)[:, None],
+    database=2.0 * z0.reshape(n, 4),
+    latents_store=None,
+    neighbors_store=None,
+    database_store=None,
+  )
+  half = Schedule(betas=jnp.zeros(10), alphas_cumprod=jnp.full(10, 0.5))
+
+  def run(clip):
+    return context_losses(
+      OracleModel(half), {}, half, data, k=1, num_examples=n, repeats=1, batch=4, clip_x0=clip
+    )
+
+  plain, clipped = run(None), run(1.0)
+  assert plain["true_neighbors"] == pytest.approx(1.0, rel=1e-5)
+  assert plain["x0_mse"]["true_neighbors"] == pytest.approx(1.0, rel=1e-5)
+  assert clipped["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
+  assert clipped["x0_mse"]["true_neighbors"] == pytest.approx(0.0, abs=1e-10)
+  for got in (plain, clipped):
+    assert got["zeros_context"] == pytest.approx(1.0, rel=1e-5)
+    assert got["x0_mse"]["zeros_context"] == pytest.approx(1.0, rel=1e-5)
