@@ -68,7 +68,7 @@ def run(
     batch=batch,
     seed=config.train.seed,
     noise_buckets=noise_buckets,
-    clip_x0=config.sample.get("clip_x0") or None,
+    clip_x0=config.sample.clip_x0 or None,
   )
   result["checkpoint_step"] = step
   files.atomic_write_text(
