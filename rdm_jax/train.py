@@ -21,6 +21,7 @@ from clu import metric_writers, periodic_actions, parameter_overview  # noqa: E4
 
 from rdm_jax import (
   checkpoint,
+  config_base,
   conditioning,
   errors,
   files,
@@ -96,11 +97,26 @@ def check_train_counts(train) -> None:
       cli.fail(f"config.train.{name}={value!r} must be a whole number >= {least} ({meaning})")
 
 
+def check_x0_bound(config) -> None:
+  """Refuses, before any work, a censored x0 loss (config.diffusion.x0_bound) on a diffusion model
+  that does not predict x0, or a negative bound."""
+  d = config.diffusion
+  if config_base.model_family(config) == "unet" and (
+    d.x0_bound < 0 or (d.x0_bound and d.prediction != "x0")
+  ):
+    cli.fail(
+      f"config.diffusion.x0_bound={d.x0_bound}: the censored loss is for prediction='x0' (this "
+      f"config predicts {d.prediction!r}); set it to the data's bound (1.0 for pixels in [-1, 1]) "
+      "and predict x0, or set it to 0"
+    )
+
+
 def train_and_evaluate(config, workdir: str) -> None:
   """Trains config's model in `workdir` to config.train.num_steps, resuming from its newest
   checkpoint, with logs, periodic samples and checkpoints there (the job; a test or a notebook
   calls it in-process)."""
   check_train_counts(config.train)
+  check_x0_bound(config)
   platform_line, platform_warnings = mesh_lib.check_platform(config)
   logging.info(platform_line)
   logging.info(train_step.optimisation_line(config))

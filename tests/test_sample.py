@@ -339,6 +339,7 @@ def test_a_run_refuses_a_config_that_changes_what_its_weights_compute(trained, t
     "--config.mesh.fsdp=2",
     "--config.train.num_steps=6",
     "--config.diffusion.prediction=eps",
+    "--config.diffusion.x0_bound=0",  # the censored loss is for x0 predictions only
   ]
   out = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=REPO)
   assert out.returncode != 0 and "--config.diffusion.prediction=x0" in out.stderr + out.stdout, (

@@ -140,13 +140,13 @@ def test_zero_sample_grids_is_a_valid_count():
 @pytest.mark.parametrize("prediction,bound", [("eps", 1.0), ("v", 1.0), ("x0", -1.0)])
 def test_a_censored_loss_without_x0_prediction_is_refused(prediction, bound):
   """diffusion.x0_bound censors x0 errors; with eps or v predictions (or a negative bound) it
-  would mean nothing, so the schedule's check names the field and the fix."""
-  from rdm_jax import config_base, errors
-  from rdm_jax.models import factory
+  would mean nothing, so the train job names the field and the fix before any work. Sampling
+  does not read it (it changes training, not what the weights compute)."""
+  from rdm_jax import config_base, errors, train
 
   config = config_base.base_config()
   config.diffusion.update(prediction=prediction, x0_bound=bound)
-  with pytest.raises(errors.UserError, match=r"config\.diffusion\.x0_bound=.*prediction=x0"):
-    factory.make_schedule(config)
+  with pytest.raises(errors.UserError, match=r"config\.diffusion\.x0_bound=.*predict x0"):
+    train.train_and_evaluate(config, "/nonexistent/never/written")
   config.diffusion.update(prediction="x0", x0_bound=1.0)
-  assert factory.make_schedule(config).prediction == "x0"
+  train.check_x0_bound(config)  # no error

@@ -108,12 +108,6 @@ def make_schedule(config: Any) -> schedule_lib.Schedule:
       f"{', '.join(schedule_lib.PREDICTIONS)}), loss_weighting={weighting!r} (one of "
       f"{', '.join(schedule_lib.WEIGHTINGS)})"
     )
-  if d.x0_bound < 0 or (d.x0_bound and prediction != "x0"):
-    fail(
-      f"config.diffusion.x0_bound={d.x0_bound}: the censored loss is for prediction='x0' (this "
-      f"config predicts {prediction!r}); set it to the data's bound (1.0 for pixels in [-1, 1]) "
-      "with --config.diffusion.prediction=x0, or to 0"
-    )
   return schedule_lib.linear_schedule(d.num_timesteps, d.beta_start, d.beta_end, prediction)
 
 
