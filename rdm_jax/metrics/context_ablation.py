@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdm_jax.data import pipeline
-from rdm_jax.diffusion import schedule as schedule_lib
+from rdm_jax.diffusion import ddim, schedule as schedule_lib
 from rdm_jax.errors import fail
 from rdm_jax.models import rarm
 
@@ -68,10 +68,7 @@ def context_losses(
     eps_mse, x0_mse = [], []
     for c in contexts:
       eps = predict_eps(z_t, t, c)
-      x0 = schedule_lib.x0_from_eps(z_t, eps, a)
-      if clip_x0:
-        x0 = jnp.clip(x0, -clip_x0, clip_x0)
-        eps = schedule_lib.eps_from_x0(z_t, x0, a)
+      x0, eps = ddim.x0_and_eps(z_t, eps, a, clip_x0)
       eps_mse.append(mean(eps - noise))
       x0_mse.append(mean(x0 - z0.astype(jnp.float32)))
     return t, jnp.stack(eps_mse), jnp.stack(x0_mse)

@@ -253,7 +253,7 @@ def test_the_loss_against_diffusers_targets_and_min_snr_weights(prediction, weig
 
 def test_the_censored_x0_loss_by_hand():
   """x0_bound=1: a pixel whose target is on the bound (-1 or 1) and whose prediction lies beyond
-  it counts no error; every other pixel counts its plain squared error. Worked by hand on four
+  it counts no error; every other pixel counts its plain squared error. Worked by hand on six
   pixels with a model that ignores its input."""
   s = schedule.linear_schedule(prediction="x0")
   z0 = jnp.asarray([-1.0, 1.0, 0.5, -1.0, -0.5, 1.0]).reshape(1, 1, 6, 1)
